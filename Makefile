@@ -1,0 +1,79 @@
+# kproxy: build, install and test. `make test` and `make demo` do every set-up step themselves on a
+# fresh Debian machine as root: Debian packages, a virtualenv, the package with its BPF objects.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLANG ?= $(shell command -v clang-19 || command -v clang)
+BPF_CFLAGS := -O2 -g -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -Wall -Werror -Wno-unused-function -I bpfsrc -I bpfsrc/include
+BPF_OBJ_DIR := kproxy/bpf/obj
+BPF_SRCS := $(wildcard bpfsrc/*.bpf.c)
+BPF_OBJS := $(patsubst bpfsrc/%.bpf.c,$(BPF_OBJ_DIR)/%.bpf.o,$(BPF_SRCS))
+BPF_HDRS := $(shell find bpfsrc -name '*.h')
+DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nftables iperf3 \
+	python3-venv python3-dev gcc make procps psmisc util-linux wrk
+PYTEST_ARGS ?=
+
+.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak
+
+all: install
+
+# Debian packages, installed only when missing so repeated runs cost nothing.
+deps: .stamp-deps
+.stamp-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+bpf: $(BPF_OBJS)
+
+$(BPF_OBJ_DIR)/%.bpf.o: bpfsrc/%.bpf.c $(BPF_HDRS) | .stamp-deps
+	@mkdir -p $(BPF_OBJ_DIR)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+venv: $(VENV)/.stamp-venv
+$(VENV)/.stamp-venv: pyproject.toml | .stamp-deps
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kproxy needs Python >= 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: venv bpf
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit tests/abi $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m kproxy.lab.demo
+
+lint: install
+	$(VENV)/bin/ruff check kproxy tests bench
+	$(VENV)/bin/ruff format --check kproxy tests bench
+	$(VENV)/bin/mypy kproxy
+
+wheel: install
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
+bench: install
+	$(PY) -m bench.run --quick
+
+bench-full: install
+	$(PY) -m bench.run --full
+
+DURATION ?= 600
+soak: install
+	$(PY) -m bench.soak --duration $(DURATION)
+
+clean:
+	rm -rf $(BPF_OBJ_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,190 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * kproxy map ABI: every key, value, flag and size shared between the BPF
+ * programs and the agent. This file is the one source of truth; the Python
+ * mirror lives in kproxy/bpf/abi.py and tests/abi/ checks every size and
+ * field offset of that mirror against the BTF of the built object.
+ *
+ * Rules: fixed-width fields, explicit padding, no bitfields. Each field says
+ * its byte order: NBO = network byte order, HBO = host byte order.
+ * A layout change gets a new map name (bump _vN) and a migration, never an
+ * in-place edit of a pinned map.
+ */
+#ifndef KPROXY_ABI_H
+#define KPROXY_ABI_H
+
+#include <linux/types.h>
+
+/* ---- map names (<= 15 characters, carry the layout version) ---- */
+#define KP_MAP_SVC4     kp_svc4_v1   /* frontend (VIP, port, proto, scope, slot) -> service / backend slot */
+#define KP_MAP_BE4      kp_be4_v1    /* backend id -> backend address */
+#define KP_MAP_CT4      kp_ct4_v1    /* LRU conntrack, one entry per direction */
+#define KP_MAP_AFF4     kp_aff4_v1   /* LRU sessionAffinity ClientIP (client, service) -> backend */
+#define KP_MAP_CFG      kp_cfg_v1    /* array[1]: node settings changeable at run time */
+#define KP_MAP_STATS    kp_stats_v1  /* per-CPU array of counters, indexed by enum kp_stat */
+
+/* ---- default capacities (overridable at load time) ---- */
+#define KP_SVC4_MAX     262144
+#define KP_BE4_MAX      262144
+#define KP_CT4_MAX      262144
+#define KP_AFF4_MAX     65536
+
+/* ---- service map ---- */
+enum kp_scope {
+	KP_SCOPE_EXT = 0,   /* traffic from outside the cluster (and all traffic of one-scope services) */
+	KP_SCOPE_INT = 1,   /* traffic from pods, when KP_SVC_F_TWO_SCOPES is set */
+};
+
+struct kp_svc4_key {
+	__be32 addr;        /* NBO frontend address (ClusterIP, node address, LB or external IP) */
+	__be16 port;        /* NBO frontend port */
+	__u16  slot;        /* HBO 0 = the service entry; 1..count = backend slots */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   scope;       /* enum kp_scope */
+	__u8   pad[2];      /* zero */
+};
+
+/* slot-0 flags */
+#define KP_SVC_F_NODEPORT      0x0001  /* frontend is a NodePort on a node address */
+#define KP_SVC_F_LOADBALANCER  0x0002  /* frontend is a LoadBalancer ingress IP */
+#define KP_SVC_F_EXTERNAL_IP   0x0004  /* frontend is a spec.externalIPs address */
+#define KP_SVC_F_AFFINITY      0x0008  /* sessionAffinity ClientIP, timeout in affinity_timeout */
+#define KP_SVC_F_ETP_LOCAL     0x0010  /* externalTrafficPolicy: Local */
+#define KP_SVC_F_ITP_LOCAL     0x0020  /* internalTrafficPolicy: Local */
+#define KP_SVC_F_TWO_SCOPES    0x0040  /* a KP_SCOPE_INT entry exists: pods look that one up */
+#define KP_SVC_F_SRC_RANGES    0x0080  /* loadBalancerSourceRanges apply (checked by a later map) */
+#define KP_SVC_F_NO_LOCAL_DROP 0x0100  /* count == 0 because no local endpoint: drop, do not reject */
+
+struct kp_svc4_val {
+	__u32 backend_id;        /* HBO slot > 0: backend id (kp_be4_v1 key); slot 0: 0 */
+	__u32 svc_id;            /* HBO service-port id shared by all frontends of one Service port */
+	__u16 count;             /* HBO slot 0: number of active backend slots (1..count) */
+	__u16 flags;             /* HBO slot 0: KP_SVC_F_* */
+	__u32 affinity_timeout;  /* HBO slot 0: sessionAffinity timeout in seconds, 0 = none */
+};
+
+/* ---- backend map ---- */
+#define KP_BE_F_LOCAL        0x01  /* backend runs on this node */
+#define KP_BE_F_TERMINATING  0x02  /* endpoint is terminating: keeps its flows, gets no new ones */
+
+struct kp_be4_val {
+	__be32 addr;        /* NBO backend (pod) address */
+	__be16 port;        /* NBO backend port */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   flags;       /* KP_BE_F_* */
+	__be32 node_addr;   /* NBO address of the node running the backend, 0 if unknown */
+};
+
+/* ---- conntrack ---- */
+enum kp_ct_dir {
+	KP_CT_DIR_FWD = 0,    /* key: client -> frontend tuple, as the client sent it */
+	KP_CT_DIR_REPLY = 1,  /* key: backend -> client tuple, as the backend sends it */
+};
+
+enum kp_ct_state {
+	KP_CT_SYN_SENT = 1,     /* TCP: SYN seen, no reply yet */
+	KP_CT_ESTABLISHED = 2,  /* TCP: reply seen */
+	KP_CT_CLOSING = 3,      /* TCP: FIN seen */
+	KP_CT_CLOSED = 4,       /* TCP: RST seen */
+	KP_CT_UDP = 5,          /* UDP flow */
+};
+
+#define KP_CT_F_SEEN_REPLY  0x01  /* a packet of the reply direction was seen */
+#define KP_CT_F_LOCAL_BE    0x02  /* backend is local to this node */
+#define KP_CT_F_EXTERNAL    0x04  /* flow entered through a netdev (from outside) */
+
+struct kp_ct4_key {
+	__be32 saddr;       /* NBO source address */
+	__be32 daddr;       /* NBO destination address */
+	__be16 sport;       /* NBO source port */
+	__be16 dport;       /* NBO destination port */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   dir;         /* enum kp_ct_dir */
+	__u8   pad[2];      /* zero */
+};
+
+struct kp_ct4_val {
+	__u64  expires_ns;  /* HBO CLOCK_MONOTONIC (bpf_ktime_get_ns) time after which the entry is dead */
+	__u32  backend_id;  /* HBO backend chosen for the flow */
+	__u32  svc_id;      /* HBO service-port id */
+	__be32 nat_addr;    /* NBO FWD: backend address to DNAT to; REPLY: frontend address to restore */
+	__be16 nat_port;    /* NBO FWD: backend port; REPLY: frontend port */
+	__u8   state;       /* enum kp_ct_state */
+	__u8   flags;       /* KP_CT_F_* */
+};
+
+/* Entries are rewritten at most this often per flow unless the state changes. */
+#define KP_CT_REFRESH_NS  1000000000ULL
+
+/* ---- session affinity ---- */
+struct kp_aff4_key {
+	__be32 client_addr; /* NBO client address */
+	__u32  svc_id;      /* HBO service-port id */
+};
+
+struct kp_aff4_val {
+	__u64 last_used_ns; /* HBO CLOCK_MONOTONIC time of the last new connection */
+	__u32 backend_id;   /* HBO backend chosen */
+	__u32 pad;          /* zero */
+};
+
+/* ---- run-time config (array of one) ---- */
+enum kp_dsr_mode {
+	KP_DSR_OFF = 0,
+	KP_DSR_OPT = 1,   /* IPv4 option carries the service address */
+	KP_DSR_IPIP = 2,  /* BPF-made IPIP encapsulation */
+};
+
+struct kp_config {
+	__be32 node_addr;        /* NBO this node's primary address (SNAT source, DSR) */
+	__u32  flags;            /* HBO reserved, zero */
+	__u32  dsr_mode;         /* HBO enum kp_dsr_mode */
+	__u32  ct_syn_timeout;   /* HBO seconds, TCP before a reply is seen */
+	__u32  ct_tcp_timeout;   /* HBO seconds, established TCP */
+	__u32  ct_fin_timeout;   /* HBO seconds, TCP after FIN or RST */
+	__u32  ct_udp_timeout;   /* HBO seconds, UDP */
+	__u32  pad;              /* zero */
+	__u64  reserved[4];      /* zero, room for later settings */
+};
+
+#define KP_CT_SYN_TIMEOUT_DEFAULT  60
+#define KP_CT_TCP_TIMEOUT_DEFAULT  21600
+#define KP_CT_FIN_TIMEOUT_DEFAULT  10
+#define KP_CT_UDP_TIMEOUT_DEFAULT  60
+
+/* ---- counters ---- */
+struct kp_counter {
+	__u64 packets;      /* HBO */
+	__u64 bytes;        /* HBO */
+};
+
+enum kp_stat {
+	/* packets seen per program */
+	KP_STAT_FROM_POD = 0,
+	KP_STAT_TO_POD = 1,
+	KP_STAT_FROM_NETDEV = 2,
+	KP_STAT_TO_NETDEV = 3,
+	/* decisions */
+	KP_STAT_DNAT = 8,             /* forward packets translated to a backend */
+	KP_STAT_REVNAT = 9,           /* reply packets translated back to the frontend */
+	KP_STAT_CT_NEW = 10,          /* new flows */
+	KP_STAT_AFFINITY_HIT = 11,    /* new flows sent to the backend remembered by affinity */
+	KP_STAT_ICMP_REVNAT = 12,     /* ICMP errors translated back to the frontend */
+	KP_STAT_REJECT = 13,          /* service without backends answered with ICMP unreachable */
+	KP_STAT_PASS_FRAGMENT = 14,   /* IPv4 fragments passed untouched */
+	KP_STAT_CT_REOPEN = 15,       /* flows re-balanced because their backend vanished or the tuple was reused */
+	/* drops, by reason */
+	KP_DROP_NO_LOCAL_BACKEND = 32,  /* externalTrafficPolicy Local and no local endpoint */
+	KP_DROP_CT_FULL = 33,           /* conntrack entry could not be written */
+	KP_DROP_REJECT_FAILED = 34,     /* building the ICMP unreachable failed */
+	KP_DROP_NAT_FAILED = 35,        /* a packet rewrite helper failed */
+	KP_DROP_BACKEND_MISSING = 36,   /* a slot named a backend id the backend map lacks */
+	KP_DROP_SRC_RANGE = 37,         /* source not in loadBalancerSourceRanges */
+	KP_STAT_MAX = 64,
+};
+
+/* ---- test-run context ---- */
+/* sizeof(struct __sk_buff) on this kernel, for BPF_PROG_TEST_RUN ctx_in. */
+#define KP_SKB_CTX_SIZE 192
+
+#endif /* KPROXY_ABI_H */

@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Connection tracking: two LRU entries per translated flow.
+ *   FWD   key (client -> frontend, as the client sends it),  val.nat = backend
+ *   REPLY key (backend -> client, as the backend sends it),  val.nat = frontend
+ * Each key is derivable from the other entry's key + value, so a hit on either side can rewrite
+ * both without a second lookup. Entries are written only on a state change or when their expiry
+ * moved by more than KP_CT_REFRESH_NS: no per-packet map writes.
+ */
+#ifndef KPROXY_LIB_CT_H
+#define KPROXY_LIB_CT_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include "maps.h"
+#include "lib/parse.h"
+
+#define KP_NS_PER_SEC 1000000000ULL
+
+static __always_inline struct kp_config *kp_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&kp_cfg_v1, &zero);
+}
+
+static __always_inline __u64 kp_ct_timeout_ns(__u8 state)
+{
+	struct kp_config *cfg = kp_config();
+	__u32 secs = 0;
+
+	switch (state) {
+	case KP_CT_SYN_SENT:
+		secs = cfg ? cfg->ct_syn_timeout : 0;
+		if (!secs)
+			secs = KP_CT_SYN_TIMEOUT_DEFAULT;
+		break;
+	case KP_CT_ESTABLISHED:
+		secs = cfg ? cfg->ct_tcp_timeout : 0;
+		if (!secs)
+			secs = KP_CT_TCP_TIMEOUT_DEFAULT;
+		break;
+	case KP_CT_CLOSING:
+	case KP_CT_CLOSED:
+		secs = cfg ? cfg->ct_fin_timeout : 0;
+		if (!secs)
+			secs = KP_CT_FIN_TIMEOUT_DEFAULT;
+		break;
+	default:
+		secs = cfg ? cfg->ct_udp_timeout : 0;
+		if (!secs)
+			secs = KP_CT_UDP_TIMEOUT_DEFAULT;
+		break;
+	}
+	return (__u64)secs * KP_NS_PER_SEC;
+}
+
+/* A live entry or NULL: expired entries stay in the map until the agent sweeps them or LRU evicts. */
+static __always_inline struct kp_ct4_val *kp_ct_lookup(const struct kp_ct4_key *key, __u64 now)
+{
+	struct kp_ct4_val *val = bpf_map_lookup_elem(&kp_ct4_v1, key);
+
+	if (val && val->expires_ns < now)
+		return NULL;
+	return val;
+}
+
+static __always_inline void kp_ct_key_of_pkt(struct kp_ct4_key *key, const struct kp_pkt *p, __u8 dir)
+{
+	key->saddr = p->saddr;
+	key->daddr = p->daddr;
+	key->sport = p->sport;
+	key->dport = p->dport;
+	key->proto = p->proto;
+	key->dir = dir;
+	key->pad[0] = 0;
+	key->pad[1] = 0;
+}
+
+/* The FWD entry matching a REPLY entry. */
+static __always_inline void kp_ct_fwd_of_reply(const struct kp_ct4_key *rk, const struct kp_ct4_val *rv,
+					       struct kp_ct4_key *fk, struct kp_ct4_val *fv)
+{
+	fk->saddr = rk->daddr;
+	fk->daddr = rv->nat_addr;
+	fk->sport = rk->dport;
+	fk->dport = rv->nat_port;
+	fk->proto = rk->proto;
+	fk->dir = KP_CT_DIR_FWD;
+	fk->pad[0] = 0;
+	fk->pad[1] = 0;
+	*fv = *rv;
+	fv->nat_addr = rk->saddr;
+	fv->nat_port = rk->sport;
+}
+
+/* Write both entries of a flow, described by its FWD side. */
+static __always_inline int kp_ct_write(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv)
+{
+	struct kp_ct4_key rk = {
+		.saddr = fv->nat_addr,
+		.daddr = fk->saddr,
+		.sport = fv->nat_port,
+		.dport = fk->sport,
+		.proto = fk->proto,
+		.dir = KP_CT_DIR_REPLY,
+	};
+	struct kp_ct4_val rv = *fv;
+
+	rv.nat_addr = fk->daddr;
+	rv.nat_port = fk->dport;
+	/* REPLY first: once FWD exists, replies of the flow must find their way back. */
+	if (bpf_map_update_elem(&kp_ct4_v1, &rk, &rv, BPF_ANY))
+		return -1;
+	if (bpf_map_update_elem(&kp_ct4_v1, fk, fv, BPF_ANY))
+		return -1;
+	return 0;
+}
+
+static __always_inline __u8 kp_ct_next_state(__u8 state, __u8 proto, __u8 tcp_flags, int reply)
+{
+	if (proto != IPPROTO_TCP)
+		return KP_CT_UDP;
+	if (tcp_flags & KP_TCP_RST)
+		return KP_CT_CLOSED;
+	if (tcp_flags & KP_TCP_FIN)
+		return state == KP_CT_CLOSED ? KP_CT_CLOSED : KP_CT_CLOSING;
+	if (reply && state == KP_CT_SYN_SENT)
+		return KP_CT_ESTABLISHED;
+	return state;
+}
+
+/* A fresh SYN on a closing or closed flow reuses the tuple: it is a new connection. */
+static __always_inline int kp_ct_tuple_reused(__u8 state, __u8 tcp_flags)
+{
+	return (tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN &&
+	       (state == KP_CT_CLOSING || state == KP_CT_CLOSED);
+}
+
+/*
+ * Account one packet of a tracked flow (fv is a copy of its FWD value): rewrite both entries
+ * only on a state/flag change or when the expiry moves by more than KP_CT_REFRESH_NS.
+ */
+static __always_inline void kp_ct_touch(const struct kp_ct4_key *fk, struct kp_ct4_val *fv, __u8 state,
+					__u8 flags, __u64 now)
+{
+	__u64 expires = now + kp_ct_timeout_ns(state);
+
+	if (state == fv->state && flags == fv->flags &&
+	    (__s64)(expires - fv->expires_ns) <= (__s64)KP_CT_REFRESH_NS)
+		return;
+	fv->state = state;
+	fv->flags = flags;
+	fv->expires_ns = expires;
+	/* A failed refresh keeps the old entries, which still translate until they expire. */
+	kp_ct_write(fk, fv);
+}
+
+#endif /* KPROXY_LIB_CT_H */

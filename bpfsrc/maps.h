@@ -1,0 +1,66 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of kproxy, each pinned by name under the agent's bpffs directory. */
+#ifndef KPROXY_MAPS_H
+#define KPROXY_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "include/kproxy/abi.h"
+
+/* Frontends: slot 0 describes the service port, slots 1..count name its active backends. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct kp_svc4_key);
+	__type(value, struct kp_svc4_val);
+	__uint(max_entries, KP_SVC4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svc4_v1 SEC(".maps");
+
+/* Backends by stable id: the same (address, port, protocol) keeps its id across updates and restarts. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct kp_be4_val);
+	__uint(max_entries, KP_BE4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_be4_v1 SEC(".maps");
+
+/* Connection tracking: one entry per direction of each translated flow. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_ct4_key);
+	__type(value, struct kp_ct4_val);
+	__uint(max_entries, KP_CT4_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_ct4_v1 SEC(".maps");
+
+/* sessionAffinity ClientIP: the backend a client was last sent to, per service port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_aff4_key);
+	__type(value, struct kp_aff4_val);
+	__uint(max_entries, KP_AFF4_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_aff4_v1 SEC(".maps");
+
+/* Node settings the agent may change at run time (DSR mode, timeouts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_cfg_v1 SEC(".maps");
+
+/* Packet and drop counters, indexed by enum kp_stat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_counter);
+	__uint(max_entries, KP_STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_stats_v1 SEC(".maps");
+
+#endif /* KPROXY_MAPS_H */

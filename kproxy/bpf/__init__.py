@@ -1,0 +1,1 @@
+"""BPF side of kproxy: ABI mirror, libbpf binding, pinned maps, loader and link following."""

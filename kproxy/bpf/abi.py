@@ -1,0 +1,234 @@
+"""ctypes mirror of bpfsrc/include/kproxy/abi.h.
+
+abi.h is the source of truth. tests/abi/ compares every structure below, size and field offsets,
+with the BTF of the built object, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import socket
+import struct
+
+# ---- map names ----
+MAP_SVC4 = "kp_svc4_v1"
+MAP_BE4 = "kp_be4_v1"
+MAP_CT4 = "kp_ct4_v1"
+MAP_AFF4 = "kp_aff4_v1"
+MAP_CFG = "kp_cfg_v1"
+MAP_STATS = "kp_stats_v1"
+ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS)
+
+# ---- default capacities ----
+SVC4_MAX = 262144
+BE4_MAX = 262144
+CT4_MAX = 262144
+AFF4_MAX = 65536
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMP = 1
+
+
+class Scope(enum.IntEnum):
+    EXT = 0
+    INT = 1
+
+
+class SvcFlag(enum.IntFlag):
+    NODEPORT = 0x0001
+    LOADBALANCER = 0x0002
+    EXTERNAL_IP = 0x0004
+    AFFINITY = 0x0008
+    ETP_LOCAL = 0x0010
+    ITP_LOCAL = 0x0020
+    TWO_SCOPES = 0x0040
+    SRC_RANGES = 0x0080
+    NO_LOCAL_DROP = 0x0100
+
+
+class BackendFlag(enum.IntFlag):
+    LOCAL = 0x01
+    TERMINATING = 0x02
+
+
+class CtDir(enum.IntEnum):
+    FWD = 0
+    REPLY = 1
+
+
+class CtState(enum.IntEnum):
+    SYN_SENT = 1
+    ESTABLISHED = 2
+    CLOSING = 3
+    CLOSED = 4
+    UDP = 5
+
+
+class CtFlag(enum.IntFlag):
+    SEEN_REPLY = 0x01
+    LOCAL_BE = 0x02
+    EXTERNAL = 0x04
+
+
+class DsrMode(enum.IntEnum):
+    OFF = 0
+    OPT = 1
+    IPIP = 2
+
+
+CT_REFRESH_NS = 1_000_000_000
+CT_SYN_TIMEOUT_DEFAULT = 60
+CT_TCP_TIMEOUT_DEFAULT = 21600
+CT_FIN_TIMEOUT_DEFAULT = 10
+CT_UDP_TIMEOUT_DEFAULT = 60
+
+SKB_CTX_SIZE = 192
+
+
+class Stat(enum.IntEnum):
+    FROM_POD = 0
+    TO_POD = 1
+    FROM_NETDEV = 2
+    TO_NETDEV = 3
+    DNAT = 8
+    REVNAT = 9
+    CT_NEW = 10
+    AFFINITY_HIT = 11
+    ICMP_REVNAT = 12
+    REJECT = 13
+    PASS_FRAGMENT = 14
+    CT_REOPEN = 15
+    DROP_NO_LOCAL_BACKEND = 32
+    DROP_CT_FULL = 33
+    DROP_REJECT_FAILED = 34
+    DROP_NAT_FAILED = 35
+    DROP_BACKEND_MISSING = 36
+    DROP_SRC_RANGE = 37
+
+
+STAT_MAX = 64
+
+
+class Svc4Key(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),  # NBO
+        ("port", ctypes.c_uint16),  # NBO
+        ("slot", ctypes.c_uint16),  # HBO
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class Svc4Val(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("svc_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("affinity_timeout", ctypes.c_uint32),
+    ]
+
+
+class Be4Val(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),  # NBO
+        ("port", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("node_addr", ctypes.c_uint32),  # NBO
+    ]
+
+
+class Ct4Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),  # NBO
+        ("daddr", ctypes.c_uint32),  # NBO
+        ("sport", ctypes.c_uint16),  # NBO
+        ("dport", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class Ct4Val(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("svc_id", ctypes.c_uint32),
+        ("nat_addr", ctypes.c_uint32),  # NBO
+        ("nat_port", ctypes.c_uint16),  # NBO
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+    ]
+
+
+class Aff4Key(ctypes.Structure):
+    _fields_ = [
+        ("client_addr", ctypes.c_uint32),  # NBO
+        ("svc_id", ctypes.c_uint32),
+    ]
+
+
+class Aff4Val(ctypes.Structure):
+    _fields_ = [
+        ("last_used_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("node_addr", ctypes.c_uint32),  # NBO
+        ("flags", ctypes.c_uint32),
+        ("dsr_mode", ctypes.c_uint32),
+        ("ct_syn_timeout", ctypes.c_uint32),
+        ("ct_tcp_timeout", ctypes.c_uint32),
+        ("ct_fin_timeout", ctypes.c_uint32),
+        ("ct_udp_timeout", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint64 * 4),
+    ]
+
+
+class Counter(ctypes.Structure):
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
+# BTF type name of each mirrored structure, for the ABI check.
+BTF_NAMES: dict[str, type[ctypes.Structure]] = {
+    "kp_svc4_key": Svc4Key,
+    "kp_svc4_val": Svc4Val,
+    "kp_be4_val": Be4Val,
+    "kp_ct4_key": Ct4Key,
+    "kp_ct4_val": Ct4Val,
+    "kp_aff4_key": Aff4Key,
+    "kp_aff4_val": Aff4Val,
+    "kp_config": Config,
+    "kp_counter": Counter,
+}
+
+
+# ---- address helpers: the one place that converts between text and NBO integers ----
+def ip_to_nbo(address: str) -> int:
+    """'10.96.0.1' -> the u32 whose in-memory bytes are the address in network order."""
+    return int(struct.unpack("=I", socket.inet_aton(address))[0])
+
+
+def nbo_to_ip(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def port_to_nbo(port: int) -> int:
+    return socket.htons(port)
+
+
+def nbo_to_port(value: int) -> int:
+    return socket.ntohs(value)

@@ -1,0 +1,376 @@
+"""Load the kproxy TC object, pin its maps, attach its programs to interfaces, upgrade, clean up.
+
+Maps are pinned by name under the agent's bpffs directory and re-used by the next load, so the
+service tables and conntrack survive agent restarts and upgrades. Programs are attached with tcx
+links (kernel >= 6.6) pinned at {bpffs}/links/{ifname}:{direction}: they keep running while the
+agent is down, and a new agent swaps its programs in with an atomic link update. Kernels without
+tcx get a clsact qdisc and a direct-action cls_bpf filter at a fixed priority and handle, which
+`tc filter replace` swaps just as atomically. Never detach-then-attach: that drops packets.
+
+Everything here acts on the network namespace of the calling thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.resources
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.maps import KproxyMaps, is_bpffs
+
+log = logging.getLogger("kproxy.loader")
+
+PROG_FROM_POD = "kp_from_pod"
+PROG_TO_POD = "kp_to_pod"
+PROG_FROM_NETDEV = "kp_from_netdev"
+PROG_TO_NETDEV = "kp_to_netdev"
+PROGRAMS = (PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETDEV, PROG_TO_NETDEV)
+
+Direction = Literal["ingress", "egress"]
+DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
+_TCX_TYPE = {"ingress": lb.BPF_TCX_INGRESS, "egress": lb.BPF_TCX_EGRESS}
+_TCX_DIR = {lb.BPF_TCX_INGRESS: "ingress", lb.BPF_TCX_EGRESS: "egress"}
+
+# cls_bpf fallback: one filter per direction at this priority and handle, replaced in place.
+TC_PRIO = 0x4B50  # "KP"
+TC_HANDLE = 1
+_TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+
+LINKS_DIR = "links"
+
+
+def pin_name(ifname: str, direction: str) -> str:
+    """File name of an interface's link pin. bpffs refuses names with a dot (EPERM: reserved for the
+    kernel's own files), so a dot in an interface name (eth0.100) is escaped, as is the escape itself."""
+    return ifname.replace("%", "%25").replace(".", "%2E") + ":" + direction
+
+
+def parse_pin_name(name: str) -> tuple[str, str]:
+    ifname, _, direction = name.rpartition(":")
+    return ifname.replace("%2E", ".").replace("%25", "%"), direction
+
+
+class LoaderError(RuntimeError):
+    """Loading or attaching failed for a reason the operator can fix; the message says how."""
+
+
+class MapParamsMismatch(LoaderError):
+    """A pinned map exists with parameters (e.g. max_entries) other than the ones requested."""
+
+
+def default_object_path() -> str:
+    return str(importlib.resources.files("kproxy.bpf").joinpath("obj", "kproxy_tc.bpf.o"))
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifname: str
+    direction: Direction
+    mode: Literal["tcx", "tc"]
+    program: str  # program name as the kernel reports it (truncated to 15 characters)
+    prog_id: int
+    link_id: int  # 0 for cls_bpf
+    ifindex: int  # 0: the interface is gone (stale pinned link)
+    pin: str | None
+
+    @property
+    def alive(self) -> bool:
+        return self.ifindex != 0
+
+
+def _ifindex(iface: str | int) -> tuple[str, int]:
+    if isinstance(iface, int):
+        try:
+            return socket.if_indextoname(iface), iface
+        except OSError as exc:
+            raise LoaderError(f"no interface with index {iface} in this network namespace") from exc
+    try:
+        return iface, socket.if_nametoindex(iface)
+    except OSError as exc:
+        raise LoaderError(f"no interface {iface!r} in this network namespace") from exc
+
+
+def _check_direction(direction: str) -> Direction:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
+    return direction  # type: ignore[return-value]
+
+
+class Loader:
+    """Loads the TC object with maps pinned under `bpffs_dir`, and manages its attachments."""
+
+    def __init__(
+        self,
+        bpffs_dir: str | os.PathLike[str],
+        object_path: str | os.PathLike[str] | None = None,
+        map_sizes: dict[str, int] | None = None,
+        mode: Literal["auto", "tcx", "tc"] = "auto",
+    ) -> None:
+        self.bpffs_dir = os.path.abspath(os.fspath(bpffs_dir))
+        self.object_path = os.fspath(object_path) if object_path is not None else default_object_path()
+        self.map_sizes = dict(map_sizes or {})
+        self.mode = mode
+        self.obj: lb.BpfObject | None = None
+        self._tcx_ok: bool | None = None if mode == "auto" else mode == "tcx"
+        self._tc_attached: dict[tuple[str, Direction], Attachment] = {}
+
+    @property
+    def links_dir(self) -> str:
+        return os.path.join(self.bpffs_dir, LINKS_DIR)
+
+    # ---- load ----
+    def _ensure_bpffs(self) -> None:
+        d = self.bpffs_dir
+        if not os.path.isdir(d):
+            parent = os.path.dirname(d)
+            if os.path.isdir(parent) and is_bpffs(parent):
+                os.makedirs(d, exist_ok=True)
+            else:
+                raise LoaderError(
+                    f"bpffs directory {d} does not exist: mount one with "
+                    f"`mkdir -p {d} && mount -t bpf bpf {d}`, or pass --bpffs a directory on a bpf filesystem"
+                )
+        if not is_bpffs(d):
+            raise LoaderError(f"{d} is not on a bpf filesystem: mount one with `mount -t bpf bpf {d}`")
+
+    def _check_pinned_params(self, obj: lb.BpfObject) -> None:
+        # libbpf refuses a pinned map whose parameters differ with a bare EINVAL; say which and how.
+        for name in obj.map_names():
+            path = os.path.join(self.bpffs_dir, name)
+            if not os.path.exists(path):
+                continue
+            want = obj.map_params(name)
+            with lb.Map.open_pinned(path) as pinned:
+                have = pinned.info()
+            diffs = [
+                f"{field} {getattr(have, field)} pinned vs {getattr(want, field)} requested"
+                for field in ("type", "key_size", "value_size", "max_entries", "map_flags")
+                if getattr(have, field) != getattr(want, field)
+            ]
+            if diffs:
+                raise MapParamsMismatch(
+                    f"pinned map {name} at {path} does not match the object: {', '.join(diffs)}. "
+                    f"Keep the pinned size (--map-size {name}={have.max_entries}) or remove the pins "
+                    f"(`kproxy cleanup --bpffs {self.bpffs_dir}`, drops conntrack) and restart"
+                )
+
+    def load(self) -> lb.BpfObject:
+        """Open and load the object; maps are pinned by name, existing pins are re-used."""
+        if self.obj is not None:
+            return self.obj
+        self._ensure_bpffs()
+        obj = lb.BpfObject.open(self.object_path, pin_root_path=self.bpffs_dir, map_sizes=self.map_sizes)
+        try:
+            self._check_pinned_params(obj)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        self.obj = obj
+        return obj
+
+    def program(self, name: str) -> lb.Program:
+        return self.load().program(name)
+
+    def open_maps(self) -> KproxyMaps:
+        self.load()
+        return KproxyMaps.open(self.bpffs_dir)
+
+    def close(self) -> None:
+        """Release the object; pinned maps and links (and so the attached programs) stay."""
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- attach ----
+    def link_pin(self, ifname: str, direction: Direction) -> str:
+        return os.path.join(self.links_dir, pin_name(ifname, direction))
+
+    def attach(self, iface: str | int, direction: str, program: str) -> Attachment:
+        """Run `program` on `direction` of the interface; replaces what kproxy attached there before."""
+        d = _check_direction(direction)
+        ifname, ifindex = _ifindex(iface)
+        prog = self.program(program)
+        if self._tcx_ok is not False:
+            try:
+                return self._attach_tcx(ifname, ifindex, d, prog)
+            except lb.LibbpfError as exc:
+                if self._tcx_ok is None and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    log.info("tcx links unavailable (%s); falling back to clsact + cls_bpf", exc.strerror)
+                    self._tcx_ok = False
+                else:
+                    raise
+        return self._attach_tc(ifname, ifindex, d, prog)
+
+    def _attach_tcx(self, ifname: str, ifindex: int, d: Direction, prog: lb.Program) -> Attachment:
+        pin = self.link_pin(ifname, d)
+        if os.path.exists(pin):
+            with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+                info = lb.link_info(link.fd, f"pinned link {pin}")
+                if info.ifindex == ifindex and info.attach_type == _TCX_TYPE[d]:
+                    new_id = prog.info().id
+                    if info.prog_id != new_id:
+                        lb.link_update(link.fd, prog.fd, what=pin)
+                        log.info("upgraded %s %s: program id %d -> %d", ifname, d, info.prog_id, new_id)
+                    self._tcx_ok = True
+                    return self._describe_pin(pin, ifname, d)
+            # The interface the link was made for is gone (or was re-created): the link does nothing.
+            log.info(
+                "removing stale link pin %s (link ifindex %d, %s is now %d)",
+                pin,
+                info.ifindex,
+                ifname,
+                ifindex,
+            )
+            os.unlink(pin)
+        os.makedirs(self.links_dir, exist_ok=True)
+        with lb.link_create(prog.fd, ifindex, _TCX_TYPE[d], what=f"tcx {d} of {ifname}") as link:
+            self._tcx_ok = True
+            link.pin(pin)
+        log.info("attached %s to %s %s (tcx, pinned at %s)", prog.name, ifname, d, pin)
+        return self._describe_pin(pin, ifname, d)
+
+    def _describe_pin(self, pin: str, ifname: str, d: Direction) -> Attachment:
+        with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+            info = lb.link_info(link.fd, f"pinned link {pin}")
+        name = ""
+        try:
+            with lb.prog_by_id(info.prog_id) as p:
+                name = lb.prog_info(p.fd).name
+        except lb.LibbpfError:
+            pass
+        return Attachment(ifname, d, "tcx", name, info.prog_id, info.id, info.ifindex, pin)
+
+    def _attach_tc(self, ifname: str, ifindex: int, d: Direction, prog: lb.Program) -> Attachment:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise LoaderError(f"cannot add clsact qdisc to {ifname}: {exc}") from exc
+            try:
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    TC_HANDLE,
+                    fd=prog.fd,
+                    name=prog.name,
+                    parent=_TC_PARENT[d],
+                    prio=TC_PRIO,
+                    direct_action=True,
+                )
+            except NetlinkError as exc:
+                raise LoaderError(f"cannot attach {prog.name} to {ifname} {d} with cls_bpf: {exc}") from exc
+        info = prog.info()
+        att = Attachment(ifname, d, "tc", info.name, info.id, 0, ifindex, None)
+        self._tc_attached[(ifname, d)] = att
+        log.info("attached %s to %s %s (cls_bpf prio %d)", prog.name, ifname, d, TC_PRIO)
+        return att
+
+    # ---- detach / list / reconcile / cleanup ----
+    def detach(self, iface: str | int, direction: str | None = None) -> int:
+        """Remove kproxy's programs from the interface (one or both directions); returns how many."""
+        if isinstance(iface, int):
+            ifname, ifindex = _ifindex(iface)
+        else:
+            ifname = iface
+            try:
+                ifindex = socket.if_nametoindex(iface)
+            except OSError:
+                ifindex = 0
+        dirs = DIRECTIONS if direction is None else (_check_direction(direction),)
+        removed = 0
+        for d in dirs:
+            pin = self.link_pin(ifname, d)
+            if os.path.exists(pin):
+                self._detach_pin(pin)
+                removed += 1
+            if self._tc_attached.pop((ifname, d), None) is not None and ifindex:
+                self._detach_tc(ifindex, d)
+                removed += 1
+        return removed
+
+    def _detach_pin(self, pin: str) -> None:
+        try:
+            with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+                lb.link_detach(link.fd, what=pin)
+        except lb.LibbpfError as exc:
+            # A link whose interface is gone is already detached; removing the pin is all that is left.
+            if exc.errno not in (errno.ENOLINK, errno.EINVAL, errno.ENOENT):
+                raise
+        os.unlink(pin)
+
+    def _detach_tc(self, ifindex: int, d: Direction) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=_TC_PARENT[d], prio=TC_PRIO)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise
+
+    def attached(self) -> list[Attachment]:
+        """Every pinned tcx link of this bpffs directory (alive or stale), and the cls_bpf filters this
+        process attached."""
+        result: list[Attachment] = []
+        if os.path.isdir(self.links_dir):
+            for entry in sorted(os.listdir(self.links_dir)):
+                ifname, d = parse_pin_name(entry)
+                if d not in DIRECTIONS:
+                    continue
+                result.append(self._describe_pin(os.path.join(self.links_dir, entry), ifname, d))  # type: ignore[arg-type]
+        result.extend(self._tc_attached.values())
+        return result
+
+    def reconcile(self) -> list[str]:
+        """Unpin links whose interface is gone (device deleted, namespace gone); returns their pins."""
+        removed = []
+        for att in self.attached():
+            if att.pin is not None and not att.alive:
+                log.info("interface %s is gone: removing its link pin %s", att.ifname, att.pin)
+                self._detach_pin(att.pin)
+                removed.append(att.pin)
+        return removed
+
+    def cleanup(self) -> None:
+        """Detach every program, unpin every link and map, remove the directories kproxy made."""
+        for att in self.attached():
+            if att.pin is not None:
+                self._detach_pin(att.pin)
+            elif att.ifindex:
+                self._detach_tc(att.ifindex, att.direction)
+        self._tc_attached.clear()
+        names = set(abi.ALL_MAPS)
+        if self.obj is not None:
+            names.update(self.obj.map_names())
+        self.close()
+        for name in sorted(names):
+            path = os.path.join(self.bpffs_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        for d in (self.links_dir, self.bpffs_dir):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # A bpffs mount point cannot be removed, and other tools' pins may live next to ours.
+                log.debug("left directory %s in place: %s", d, exc.strerror)

@@ -1,0 +1,126 @@
+"""The interface every map store offers to sync and the CLI, and its in-memory twin.
+
+The real implementation is kproxy.bpf.maps.PinnedMap (pinned BPF maps through libbpf); the twin,
+MemoryMap, holds the same bytes in a dict so sync logic can be unit-tested without root. Both speak
+ctypes structures from kproxy.bpf.abi and nothing else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from kproxy.bpf import abi
+
+K = TypeVar("K", bound=ctypes.Structure | ctypes._SimpleCData)  # type: ignore[name-defined]
+V = TypeVar("V", bound=ctypes.Structure)
+
+
+class MapFullError(OSError):
+    """A map has no room left for an entry (E2BIG/ENOSPC from the kernel)."""
+
+    def __init__(self, map_name: str, capacity: int, needed: int) -> None:
+        super().__init__(
+            f"map {map_name} is full: capacity {capacity} entries, {needed} more needed; "
+            f"raise its size (agent --map-size {map_name}=N) or remove objects"
+        )
+        self.map_name = map_name
+        self.capacity = capacity
+        self.needed = needed
+
+
+class MapOps(Protocol[K, V]):
+    name: str
+    key_type: type[K]
+    value_type: type[V]
+    max_entries: int
+
+    def get(self, key: K) -> V | None: ...
+
+    def put_many(self, items: Sequence[tuple[K, V]]) -> None:
+        """Insert or replace all items; one batch where the kernel allows it."""
+
+    def delete_many(self, keys: Sequence[K]) -> int:
+        """Delete keys, ignoring ones already absent; return how many were deleted."""
+
+    def items(self) -> Iterator[tuple[K, V]]: ...
+
+    def __len__(self) -> int: ...
+
+
+class MemoryMap(Generic[K, V]):
+    """In-memory twin of a BPF hash map, for unit tests of sync logic."""
+
+    def __init__(self, name: str, key_type: type[K], value_type: type[V], max_entries: int) -> None:
+        self.name = name
+        self.key_type = key_type
+        self.value_type = value_type
+        self.max_entries = max_entries
+        self.data: dict[bytes, bytes] = {}
+        self.writes = 0  # number of put_many/delete_many calls, to check batching in tests
+
+    def get(self, key: K) -> V | None:
+        raw = self.data.get(bytes(key))
+        return None if raw is None else self.value_type.from_buffer_copy(raw)
+
+    def put_many(self, items: Sequence[tuple[K, V]]) -> None:
+        self.writes += 1
+        new = sum(1 for k, _ in items if bytes(k) not in self.data)
+        if len(self.data) + new > self.max_entries:
+            raise MapFullError(self.name, self.max_entries, len(self.data) + new - self.max_entries)
+        for k, v in items:
+            self.data[bytes(k)] = bytes(v)
+
+    def delete_many(self, keys: Sequence[K]) -> int:
+        self.writes += 1
+        n = 0
+        for k in keys:
+            if self.data.pop(bytes(k), None) is not None:
+                n += 1
+        return n
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for k, v in list(self.data.items()):
+            yield self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class MemoryMapSet:
+    """The map set sync works on (the attributes of kproxy.bpf.maps.KproxyMaps), all in memory."""
+
+    def __init__(
+        self,
+        svc4_max: int | None = None,
+        be4_max: int | None = None,
+        ct4_max: int | None = None,
+        aff4_max: int | None = None,
+    ) -> None:
+        self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
+            abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
+        )
+        self.be4: MemoryMap[ctypes.c_uint32, abi.Be4Val] = MemoryMap(
+            abi.MAP_BE4, ctypes.c_uint32, abi.Be4Val, be4_max or abi.BE4_MAX
+        )
+        self.ct4: MemoryMap[abi.Ct4Key, abi.Ct4Val] = MemoryMap(
+            abi.MAP_CT4, abi.Ct4Key, abi.Ct4Val, ct4_max or abi.CT4_MAX
+        )
+        self.aff4: MemoryMap[abi.Aff4Key, abi.Aff4Val] = MemoryMap(
+            abi.MAP_AFF4, abi.Aff4Key, abi.Aff4Val, aff4_max or abi.AFF4_MAX
+        )
+        self.cfg: MemoryMap[ctypes.c_uint32, abi.Config] = MemoryMap(
+            abi.MAP_CFG, ctypes.c_uint32, abi.Config, 1
+        )
+
+    def read_config(self) -> abi.Config:
+        value = self.cfg.get(ctypes.c_uint32(0))
+        return value if value is not None else abi.Config()
+
+    def write_config(self, config: abi.Config) -> None:
+        self.cfg.put_many([(ctypes.c_uint32(0), config)])
+
+
+def as_pairs(items: Iterable[tuple[K, V]]) -> list[tuple[K, V]]:
+    return list(items)

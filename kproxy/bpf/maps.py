@@ -1,0 +1,364 @@
+"""Pinned BPF maps as typed MapOps (see kproxy.bpf.mapapi), plus the set of all kproxy maps.
+
+Writes go through the kernel's batch operations with contiguous buffers built once per chunk:
+about 5x faster than one syscall per element (DESIGN.md). Keys and values are the ctypes structures
+of kproxy.bpf.abi; sizes are checked against the kernel's map when a map is opened.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.mapapi import MapFullError
+
+K = TypeVar("K")
+V = TypeVar("V", bound=ctypes.Structure)
+
+BPFFS_MAGIC = 0xCAFE4A11
+BATCH_CHUNK = 16384
+_BATCH_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+_FULL = (errno.E2BIG, errno.ENOSPC)
+
+_TYPE_NAMES = {
+    lb.BPF_MAP_TYPE_HASH: "hash",
+    lb.BPF_MAP_TYPE_ARRAY: "array",
+    lb.BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+    lb.BPF_MAP_TYPE_LRU_HASH: "lru_hash",
+}
+
+
+class MapLayoutError(RuntimeError):
+    """A pinned map does not have the type or key/value sizes this kproxy version expects."""
+
+
+class MapsNotFoundError(FileNotFoundError):
+    """The bpffs directory or a pinned map in it is missing."""
+
+
+def _check_layout(m: lb.Map, where: str, map_type: int | None, key_type: Any, value_type: Any) -> None:
+    want_k, want_v = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
+    problems = []
+    if map_type is not None and m.type != map_type:
+        problems.append(
+            f"type {_TYPE_NAMES.get(m.type, m.type)} (expected {_TYPE_NAMES.get(map_type, map_type)})"
+        )
+    if m.key_size != want_k:
+        problems.append(f"key size {m.key_size} (expected {want_k}, {key_type.__name__})")
+    if m.value_size != want_v:
+        problems.append(f"value size {m.value_size} (expected {want_v}, {value_type.__name__})")
+    if problems:
+        raise MapLayoutError(
+            f"map {m.name} at {where} has " + ", ".join(problems) + ": it was created by a different kproxy "
+            "version; run `kproxy cleanup` (or remove the pin) and restart the agent"
+        )
+
+
+class PinnedMap(Generic[K, V]):
+    """A HASH, LRU_HASH or ARRAY map as MapOps: typed get/put_many/delete_many/items/len."""
+
+    def __init__(self, m: lb.Map, key_type: type[K], value_type: type[V], path: str | None = None) -> None:
+        _check_layout(m, path or "fd", None, key_type, value_type)
+        self.map = m
+        self.name = m.name
+        self.key_type = key_type
+        self.value_type = value_type
+        self.max_entries = m.max_entries
+        self.path = path
+        self._ks = ctypes.sizeof(key_type)  # type: ignore[arg-type]
+        self._vs = ctypes.sizeof(value_type)
+        self._batch = True
+
+    @classmethod
+    def open(
+        cls, path: str, key_type: type[K], value_type: type[V], map_type: int | None = None
+    ) -> PinnedMap[K, V]:
+        m = lb.Map.open_pinned(path)
+        try:
+            _check_layout(m, path, map_type, key_type, value_type)
+            return cls(m, key_type, value_type, path)
+        except BaseException:
+            m.close()
+            raise
+
+    def close(self) -> None:
+        self.map.close()
+
+    def __enter__(self) -> PinnedMap[K, V]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- MapOps ----
+    def get(self, key: K) -> V | None:
+        out = self.value_type()
+        return out if self.map.lookup_into(key, out) else None
+
+    def put(self, key: K, value: V) -> None:
+        self.put_many([(key, value)])
+
+    def put_many(self, items: Sequence[tuple[K, V]]) -> None:
+        for start in range(0, len(items), BATCH_CHUNK):
+            chunk = items[start : start + BATCH_CHUNK]
+            keys = b"".join(bytes(k) for k, _ in chunk)  # type: ignore[call-overload]
+            values = b"".join(bytes(v) for _, v in chunk)
+            self._put_chunk(keys, values, len(chunk))
+
+    def _put_chunk(self, keys: bytes, values: bytes, n: int) -> None:
+        if self._batch:
+            try:
+                self.map.update_batch(keys, values, n)
+                return
+            except lb.LibbpfError as exc:
+                done = getattr(exc, "done", 0)
+                if exc.errno in _FULL:
+                    raise MapFullError(self.name, self.max_entries, n - done) from exc
+                if not (exc.errno in _BATCH_UNSUPPORTED and done == 0):
+                    raise
+                self._batch = False  # kernel without batch ops for this map type
+        ks, vs = self._ks, self._vs
+        for i in range(n):
+            try:
+                self.map.update(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs])
+            except lb.LibbpfError as exc:
+                if exc.errno in _FULL:
+                    raise MapFullError(self.name, self.max_entries, n - i) from exc
+                raise
+
+    def delete_many(self, keys: Sequence[K]) -> int:
+        if self.map.type == lb.BPF_MAP_TYPE_ARRAY:
+            raise TypeError(
+                f"map {self.name} is an array: its entries cannot be deleted, write zeroes instead"
+            )
+        deleted = 0
+        for start in range(0, len(keys), BATCH_CHUNK):
+            chunk = keys[start : start + BATCH_CHUNK]
+            raw = b"".join(bytes(k) for k in chunk)  # type: ignore[call-overload]
+            deleted += self._delete_chunk(ctypes.create_string_buffer(raw), len(chunk))
+        return deleted
+
+    def _delete_chunk(self, buf: ctypes.Array[ctypes.c_char], n: int) -> int:
+        ks = self._ks
+        deleted = 0
+        offset = 0
+        while offset < n and self._batch:
+            view = (ctypes.c_char * ((n - offset) * ks)).from_buffer(buf, offset * ks)
+            try:
+                done = self.map.delete_batch(view, n - offset)
+            except lb.LibbpfError as exc:
+                if not (exc.errno in _BATCH_UNSUPPORTED and getattr(exc, "done", 0) == 0):
+                    raise
+                self._batch = False
+                break
+            deleted += done
+            offset += done
+            if offset < n:
+                # The batch stopped at an absent key (ENOENT): skip it and go on with the rest.
+                offset += 1
+        raw = buf.raw
+        for i in range(offset, n):
+            if self.map.delete(raw[i * ks : (i + 1) * ks]):
+                deleted += 1
+        return deleted
+
+    def _raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        if self._batch:
+            try:
+                it = self.map.lookup_batch()
+                first = next(it, None)
+            except lb.LibbpfError as exc:
+                if exc.errno not in _BATCH_UNSUPPORTED:
+                    raise
+                self._batch = False
+            else:
+                if first is not None:
+                    yield first
+                    yield from it
+                return
+        for key in self.map.iter_keys():
+            value = self.map.lookup(key)
+            if value is not None:  # deleted meanwhile
+                yield key, value
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        kt, vt = self.key_type, self.value_type
+        for k, v in self._raw_items():
+            yield kt.from_buffer_copy(k), vt.from_buffer_copy(v)  # type: ignore[attr-defined]
+
+    def keys(self) -> Iterator[K]:
+        for k, _ in self.items():
+            yield k
+
+    def __len__(self) -> int:
+        if self.map.type == lb.BPF_MAP_TYPE_ARRAY:
+            return self.max_entries
+        return sum(1 for _ in self._raw_items())
+
+    def clear(self) -> int:
+        """Delete every entry (hash maps); returns how many were deleted."""
+        return self.delete_many([k for k, _ in self.items()])
+
+
+class PerCpuArray(Generic[V]):
+    """A PERCPU_ARRAY map: one value per possible CPU, each padded to 8 bytes, summed on request."""
+
+    def __init__(self, m: lb.Map, value_type: type[V], path: str | None = None) -> None:
+        _check_layout(m, path or "fd", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, value_type)
+        self.map = m
+        self.name = m.name
+        self.value_type = value_type
+        self.max_entries = m.max_entries
+        self.ncpus = m.ncpus
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str, value_type: type[V]) -> PerCpuArray[V]:
+        m = lb.Map.open_pinned(path)
+        try:
+            return cls(m, value_type, path)
+        except BaseException:
+            m.close()
+            raise
+
+    def close(self) -> None:
+        self.map.close()
+
+    def __enter__(self) -> PerCpuArray[V]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _split(self, raw: bytes) -> list[V]:
+        stride = self.map.value_stride
+        return [self.value_type.from_buffer_copy(raw, i * stride) for i in range(self.ncpus)]
+
+    def per_cpu(self, index: int) -> list[V]:
+        raw = self.map.lookup(ctypes.c_uint32(index))
+        if raw is None:
+            raise IndexError(f"map {self.name} has no index {index} (max_entries {self.max_entries})")
+        return self._split(raw)
+
+    def all_per_cpu(self) -> dict[int, list[V]]:
+        result: dict[int, list[V]] = {}
+        try:
+            for k, v in self.map.lookup_batch(chunk=self.max_entries):
+                result[int.from_bytes(k, "little")] = self._split(v)
+        except lb.LibbpfError as exc:
+            if exc.errno not in _BATCH_UNSUPPORTED:
+                raise
+            result = {i: self.per_cpu(i) for i in range(self.max_entries)}
+        return result
+
+    def totals(self) -> dict[int, tuple[int, ...]]:
+        """index -> field-wise sum over CPUs; for kp_counter that is (packets, bytes)."""
+        fields = [f[0] for f in self.value_type._fields_]  # type: ignore[attr-defined]
+        return {
+            index: tuple(sum(getattr(v, f) for v in values) for f in fields)
+            for index, values in sorted(self.all_per_cpu().items())
+        }
+
+    def reset(self) -> None:
+        zero = bytes(self.map.user_value_size)
+        for i in range(self.max_entries):
+            self.map.update(ctypes.c_uint32(i), zero)
+
+
+def _statfs_type(path: str) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64; f_type comes first
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def is_bpffs(path: str) -> bool:
+    return _statfs_type(path) == BPFFS_MAGIC
+
+
+# name -> (attribute, map type, key type, value type)
+MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
+    abi.MAP_SVC4: ("svc4", lb.BPF_MAP_TYPE_HASH, abi.Svc4Key, abi.Svc4Val),
+    abi.MAP_BE4: ("be4", lb.BPF_MAP_TYPE_HASH, ctypes.c_uint32, abi.Be4Val),
+    abi.MAP_CT4: ("ct4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Ct4Key, abi.Ct4Val),
+    abi.MAP_AFF4: ("aff4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Aff4Key, abi.Aff4Val),
+    abi.MAP_CFG: ("cfg", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Config),
+    abi.MAP_STATS: ("stats", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
+}
+
+
+class KproxyMaps:
+    """All pinned kproxy maps of one bpffs directory, typed. Implements the MapSet used by sync."""
+
+    svc4: PinnedMap[abi.Svc4Key, abi.Svc4Val]
+    be4: PinnedMap[ctypes.c_uint32, abi.Be4Val]
+    ct4: PinnedMap[abi.Ct4Key, abi.Ct4Val]
+    aff4: PinnedMap[abi.Aff4Key, abi.Aff4Val]
+    cfg: PinnedMap[ctypes.c_uint32, abi.Config]
+    stats: PerCpuArray[abi.Counter]
+
+    def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
+        self.bpffs_dir = bpffs_dir
+        self.by_name = maps
+        for name, m in maps.items():
+            setattr(self, MAP_LAYOUT[name][0], m)
+
+    @classmethod
+    def open(cls, bpffs_dir: str | os.PathLike[str]) -> KproxyMaps:
+        d = os.fspath(bpffs_dir)
+        hint = f"is the agent running with --bpffs {d}?"
+        if not os.path.isdir(d):
+            raise MapsNotFoundError(
+                errno.ENOENT, f"no kproxy maps in {d}: the directory does not exist; {hint}"
+            )
+        if not is_bpffs(d):
+            raise MapsNotFoundError(
+                errno.ENOENT,
+                f"no kproxy maps in {d}: it is not a bpf filesystem (mount -t bpf bpf {d}); {hint}",
+            )
+        missing = [n for n in abi.ALL_MAPS if not os.path.exists(os.path.join(d, n))]
+        if len(missing) == len(abi.ALL_MAPS):
+            raise MapsNotFoundError(errno.ENOENT, f"no kproxy maps in {d}: {hint}")
+        if missing:
+            raise MapsNotFoundError(
+                errno.ENOENT,
+                f"kproxy maps in {d} are incomplete, missing {', '.join(missing)}: restart the agent "
+                f"(it re-creates them) or run `kproxy cleanup --bpffs {d}`",
+            )
+        opened: dict[str, Any] = {}
+        try:
+            for name, (_, map_type, kt, vt) in MAP_LAYOUT.items():
+                path = os.path.join(d, name)
+                if map_type == lb.BPF_MAP_TYPE_PERCPU_ARRAY:
+                    opened[name] = PerCpuArray.open(path, vt)
+                else:
+                    opened[name] = PinnedMap.open(path, kt, vt, map_type)
+        except BaseException:
+            for m in opened.values():
+                m.close()
+            raise
+        return cls(d, opened)
+
+    def close(self) -> None:
+        for m in self.by_name.values():
+            m.close()
+
+    def __enter__(self) -> KproxyMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_config(self) -> abi.Config:
+        value = self.cfg.get(ctypes.c_uint32(0))
+        return value if value is not None else abi.Config()
+
+    def write_config(self, config: abi.Config) -> None:
+        self.cfg.put_many([(ctypes.c_uint32(0), config)])

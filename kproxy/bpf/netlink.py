@@ -1,0 +1,210 @@
+"""Follow network interfaces matching a glob, live, through rtnetlink link events.
+
+A LinkFollower subscribes to RTMGRP_LINK *before* listing the existing interfaces, so an interface
+created in between is never missed, then turns RTM_NEWLINK/RTM_DELLINK into "added"/"removed"
+events for matching names (a rename is a removal plus an addition; link flag changes are not events).
+It uses a plain non-blocking netlink socket, so it plugs into asyncio with loop.add_reader (`follow`)
+or into a thread with select (`LinkFollower.wait`), and shuts down by closing the socket.
+
+Acts on the network namespace of the thread that opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fnmatch
+import logging
+import select
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger("kproxy.netlink")
+
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 1
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+NLMSG_ERROR = 2
+NLMSG_OVERRUN = 4
+IFLA_IFNAME = 3
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_RTATTR = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    kind: Literal["added", "removed"]
+    ifname: str
+    ifindex: int
+
+
+def parse_link_messages(data: bytes) -> list[tuple[int, int, str | None]]:
+    """(message type, ifindex, ifname) of each RTM_NEWLINK/RTM_DELLINK message in one datagram."""
+    out = []
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            break
+        if mtype in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSGHDR.size + _IFINFOMSG.size:
+            body = offset + _NLMSGHDR.size
+            _family, _type, index, _ifflags, _change = _IFINFOMSG.unpack_from(data, body)
+            name = None
+            pos = body + _IFINFOMSG.size
+            end = offset + length
+            while pos + _RTATTR.size <= end:
+                rta_len, rta_type = _RTATTR.unpack_from(data, pos)
+                if rta_len < _RTATTR.size:
+                    break
+                if rta_type & 0x3FFF == IFLA_IFNAME:
+                    name = (
+                        data[pos + _RTATTR.size : pos + rta_len].split(b"\0", 1)[0].decode(errors="replace")
+                    )
+                pos += (rta_len + 3) & ~3
+            out.append((mtype, index, name))
+        offset += (length + 3) & ~3
+    return out
+
+
+class LinkFollower:
+    """Interfaces whose name matches any of `patterns` (fnmatch globs), as a stream of events."""
+
+    def __init__(self, patterns: str | Iterable[str]) -> None:
+        if isinstance(patterns, str):
+            patterns = [p for p in patterns.split(",") if p]
+        self.patterns = list(patterns)
+        if not self.patterns:
+            raise ValueError("LinkFollower needs at least one interface glob, e.g. 'veth*'")
+        self.known: dict[int, str] = {}  # ifindex -> name, matching interfaces only
+        self.sock: socket.socket | None = None
+
+    def matches(self, ifname: str) -> bool:
+        return any(fnmatch.fnmatchcase(ifname, p) for p in self.patterns)
+
+    def open(self) -> list[LinkEvent]:
+        """Subscribe, then return an "added" event for every matching interface that exists now."""
+        if self.sock is not None:
+            raise RuntimeError("LinkFollower is already open")
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            sock.bind((0, RTMGRP_LINK))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        return self._resync()
+
+    def _resync(self) -> list[LinkEvent]:
+        """Diff the known set against the kernel's current list (start, and after a lost event)."""
+        now = {idx: name for idx, name in socket.if_nameindex() if self.matches(name)}
+        events = [LinkEvent("removed", name, idx) for idx, name in self.known.items() if now.get(idx) != name]
+        events += [
+            LinkEvent("added", name, idx) for idx, name in sorted(now.items()) if self.known.get(idx) != name
+        ]
+        self.known = now
+        return events
+
+    def fileno(self) -> int:
+        if self.sock is None:
+            raise RuntimeError("LinkFollower is not open")
+        return self.sock.fileno()
+
+    def read(self) -> list[LinkEvent]:
+        """Events from every datagram queued on the socket (non-blocking; [] when none)."""
+        if self.sock is None:
+            return []
+        events: list[LinkEvent] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return events
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    # The kernel dropped events because we were slow: the list is the truth.
+                    log.warning("netlink link events overran the socket buffer; re-listing interfaces")
+                    events.extend(self._resync())
+                    continue
+                raise
+            for mtype, index, name in parse_link_messages(data):
+                events.extend(self._apply(mtype, index, name))
+
+    def _apply(self, mtype: int, index: int, name: str | None) -> list[LinkEvent]:
+        old = self.known.get(index)
+        if mtype == RTM_DELLINK:
+            if old is None:
+                return []
+            del self.known[index]
+            return [LinkEvent("removed", old, index)]
+        if name is None or name == old:
+            return []
+        events = []
+        if old is not None:
+            del self.known[index]
+            events.append(LinkEvent("removed", old, index))
+        if self.matches(name):
+            self.known[index] = name
+            events.append(LinkEvent("added", name, index))
+        return events
+
+    def wait(self, timeout: float | None = None) -> list[LinkEvent]:
+        """Block up to `timeout` seconds for events (thread use); [] on timeout or after close()."""
+        if self.sock is None:
+            return []
+        try:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+        except (OSError, ValueError):  # closed by another thread
+            return []
+        return self.read() if ready else []
+
+    def close(self) -> None:
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            sock.close()
+
+    def __enter__(self) -> LinkFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def follow(
+    patterns: str | Iterable[str], stop: asyncio.Event | None = None
+) -> AsyncIterator[LinkEvent]:
+    """Existing matching interfaces as "added", then live events, until `stop` is set or the
+    consumer stops iterating (aclose/cancel); the socket is always closed."""
+    loop = asyncio.get_running_loop()
+    follower = LinkFollower(patterns)
+    ready = asyncio.Event()
+    stopper: asyncio.Future[Any] | None = None
+    try:
+        for ev in follower.open():
+            yield ev
+        loop.add_reader(follower.fileno(), ready.set)
+        if stop is not None:
+            stopper = asyncio.ensure_future(stop.wait())
+        while stop is None or not stop.is_set():
+            waiter = asyncio.ensure_future(ready.wait())
+            waits: set[asyncio.Future[Any]] = {waiter}
+            if stopper is not None:
+                waits.add(stopper)
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            ready.clear()
+            for ev in follower.read():
+                yield ev
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+        if follower.sock is not None:
+            loop.remove_reader(follower.fileno())
+        follower.close()

@@ -1,0 +1,155 @@
+"""The ctypes mirror (kproxy/bpf/abi.py) against the BTF and map definitions of the built objects.
+
+The probe object (tests/abi/probe_maps.bpf.c: bpfsrc/maps.h plus every ABI type) is always checked;
+the real kproxy_tc.bpf.o too once it is built. No root needed: nothing is loaded into the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.loader import PROGRAMS
+from kproxy.bpf.maps import MAP_LAYOUT
+
+TC_OBJECT = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"
+OBJECTS = [
+    "probe",
+    pytest.param("tc", marks=pytest.mark.skipif(not TC_OBJECT.exists(), reason="make bpf first")),
+]
+
+BPF_F_NO_PREALLOC = 1
+MAP_DEFAULTS = {
+    abi.MAP_SVC4: (abi.SVC4_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_BE4: (abi.BE4_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_CT4: (abi.CT4_MAX, 0),
+    abi.MAP_AFF4: (abi.AFF4_MAX, 0),
+    abi.MAP_CFG: (1, 0),
+    abi.MAP_STATS: (abi.STAT_MAX, 0),
+}
+ENUMS: dict[str, Any] = {
+    "kp_scope": abi.Scope,
+    "kp_ct_dir": abi.CtDir,
+    "kp_ct_state": abi.CtState,
+    "kp_dsr_mode": abi.DsrMode,
+}
+
+
+@pytest.fixture(params=OBJECTS)
+def obj_path(request: pytest.FixtureRequest, probe_object: Path) -> Path:
+    return probe_object if request.param == "probe" else TC_OBJECT
+
+
+class Btf:
+    def __init__(self, path: Path) -> None:
+        out = subprocess.run(
+            ["bpftool", "-j", "btf", "dump", "file", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        self.types = {t["id"]: t for t in json.loads(out)["types"]}
+
+    def named(self, kind: str, name: str) -> dict[str, Any]:
+        found = [t for t in self.types.values() if t["kind"] == kind and t.get("name") == name]
+        assert found, f"{kind} {name} is not in the BTF"
+        return found[0]
+
+    def size(self, type_id: int) -> int:
+        t = self.types[type_id]
+        if t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
+            return self.size(t["type_id"])
+        if t["kind"] == "ARRAY":
+            return int(t["nr_elems"]) * self.size(t["type_id"])
+        return int(t["size"])
+
+
+@pytest.fixture
+def btf(obj_path: Path) -> Btf:
+    return Btf(obj_path)
+
+
+@pytest.mark.parametrize("name", sorted(abi.BTF_NAMES))
+def test_struct_layout_matches_btf(btf: Btf, name: str) -> None:
+    mirror = abi.BTF_NAMES[name]
+    struct = btf.named("STRUCT", name)
+    assert struct["size"] == ctypes.sizeof(mirror), f"struct {name}: C size vs ctypes {mirror.__name__}"
+    c_members = [(m["name"], m["bits_offset"] // 8, btf.size(m["type_id"])) for m in struct["members"]]
+    for m in struct["members"]:
+        assert m["bits_offset"] % 8 == 0, f"{name}.{m['name']} is a bitfield: the ABI forbids them"
+    py_members = [(f, getattr(mirror, f).offset, getattr(mirror, f).size) for f, *_ in mirror._fields_]
+    assert py_members == c_members, f"struct {name}: (field, offset, size) differ between abi.h and abi.py"
+
+
+def test_enums_match_btf(probe_object: Path) -> None:
+    btf = Btf(probe_object)
+    for name, py in ENUMS.items():
+        c = {v["name"]: v["val"] for v in btf.named("ENUM", name)["values"]}
+        prefix = {
+            "kp_scope": "KP_SCOPE_",
+            "kp_ct_dir": "KP_CT_DIR_",
+            "kp_ct_state": "KP_CT_",
+            "kp_dsr_mode": "KP_DSR_",
+        }
+        assert {k.removeprefix(prefix[name]): v for k, v in c.items()} == {m.name: m.value for m in py}, name
+    stats = {v["name"]: v["val"] for v in btf.named("ENUM", "kp_stat")["values"]}
+    assert stats.pop("KP_STAT_MAX") == abi.STAT_MAX
+    py_stats = {
+        ("KP_" + m.name if m.name.startswith("DROP_") else "KP_STAT_" + m.name): m.value for m in abi.Stat
+    }
+    assert stats == py_stats
+
+
+def test_maps_match_abi(obj_path: Path) -> None:
+    with lb.BpfObject.open(obj_path, pin_root_path="/kpt-pin-root") as obj:
+        assert set(abi.ALL_MAPS) <= set(obj.map_names())
+        for name in abi.ALL_MAPS:
+            _, map_type, key_type, value_type = MAP_LAYOUT[name]
+            p = obj.map_params(name)
+            max_entries, flags = MAP_DEFAULTS[name]
+            assert (p.type, p.key_size, p.value_size) == (
+                map_type,
+                ctypes.sizeof(key_type),
+                ctypes.sizeof(value_type),
+            ), name
+            assert (p.max_entries, p.map_flags) == (max_entries, flags), name
+            assert obj.pin_path(name) == f"/kpt-pin-root/{name}", f"{name} must be pinned by name"
+
+
+def test_programs_present(obj_path: Path) -> None:
+    with lb.BpfObject.open(obj_path) as obj:
+        assert set(PROGRAMS) <= set(obj.program_names())
+
+
+def test_skb_ctx_size_matches_kernel() -> None:
+    # struct __sk_buff of the uapi headers the objects are compiled against.
+    src = "#include <linux/bpf.h>\nstruct __sk_buff probe_skb;\n"
+    btf_obj = Path(__file__).parent / ".skb_probe.o"
+    try:
+        subprocess.run(
+            [
+                "clang-19",
+                "-g",
+                "-target",
+                "bpf",
+                "-I/usr/include/x86_64-linux-gnu",
+                "-x",
+                "c",
+                "-c",
+                "-",
+                "-o",
+                str(btf_obj),
+            ],
+            input=src,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+        btf = Btf(btf_obj)
+        assert btf.named("STRUCT", "__sk_buff")["size"] == abi.SKB_CTX_SIZE
+    finally:
+        btf_obj.unlink(missing_ok=True)

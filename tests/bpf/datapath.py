@@ -1,0 +1,155 @@
+"""A loaded kproxy_tc object with typed helpers to set maps up, run programs and read results.
+
+Loads the object with its maps pinned in a private bpffs mount (never /sys/fs/bpf) through the
+project's libbpf binding, so these tests exercise the same loading path as the agent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kproxy.bpf import abi
+from kproxy.bpf.libbpf import BpfObject, Map, TestRun, prog_test_run
+
+OBJECT = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"
+PROGRAMS = ("kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev")
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: int
+    addr: str
+    port: int
+    flags: int = 0
+
+
+def ct_key(saddr: str, daddr: str, sport: int, dport: int, proto: int, direction: abi.CtDir) -> abi.Ct4Key:
+    k = abi.Ct4Key()
+    k.saddr, k.daddr = abi.ip_to_nbo(saddr), abi.ip_to_nbo(daddr)
+    k.sport, k.dport = abi.port_to_nbo(sport), abi.port_to_nbo(dport)
+    k.proto, k.dir = proto, direction
+    return k
+
+
+@contextmanager
+def private_bpffs() -> Iterator[str]:
+    """A bpffs instance of our own in a temporary directory, unmounted and removed afterwards."""
+    path = tempfile.mkdtemp(prefix="kpt-bpffs-")
+    subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=False)
+        os.rmdir(path)
+
+
+class Datapath:
+    def __init__(self, obj: BpfObject) -> None:
+        self.obj = obj
+        self.svc4 = obj.map(abi.MAP_SVC4)
+        self.be4 = obj.map(abi.MAP_BE4)
+        self.ct4 = obj.map(abi.MAP_CT4)
+        self.aff4 = obj.map(abi.MAP_AFF4)
+        self.cfg = obj.map(abi.MAP_CFG)
+        self.stats = obj.map(abi.MAP_STATS)
+        self.progs = {name: obj.program(name).fd for name in PROGRAMS}
+
+    # ---- set-up ----
+    def reset(self) -> None:
+        for m in (self.svc4, self.be4, self.ct4, self.aff4):
+            for key in list(m.iter_keys()):
+                m.delete(key)
+        self.cfg.update(ctypes.c_uint32(0), abi.Config())
+        zero = bytes(self.stats.user_value_size)
+        for i in range(abi.STAT_MAX):
+            self.stats.update(ctypes.c_uint32(i), zero)
+
+    def add_backends(self, backends: Iterable[Backend], proto: int) -> None:
+        for b in backends:
+            v = abi.Be4Val(abi.ip_to_nbo(b.addr), abi.port_to_nbo(b.port), proto, b.flags, 0)
+            self.be4.update(ctypes.c_uint32(b.id), v)
+
+    def add_service(
+        self,
+        addr: str,
+        port: int,
+        proto: int,
+        backends: list[Backend],
+        *,
+        flags: int = 0,
+        svc_id: int = 1,
+        scope: abi.Scope = abi.Scope.EXT,
+        affinity_timeout: int = 0,
+    ) -> None:
+        """Frontend slot 0 + slots 1..n + the backends, in the agent's write order."""
+        self.add_backends(backends, proto)
+        for slot, b in enumerate(backends, start=1):
+            self.svc4.update(self.svc_key(addr, port, proto, scope, slot), abi.Svc4Val(b.id, svc_id, 0, 0, 0))
+        val = abi.Svc4Val(0, svc_id, len(backends), flags, affinity_timeout)
+        self.svc4.update(self.svc_key(addr, port, proto, scope, 0), val)
+
+    @staticmethod
+    def svc_key(addr: str, port: int, proto: int, scope: abi.Scope, slot: int) -> abi.Svc4Key:
+        k = abi.Svc4Key()
+        k.addr, k.port, k.slot, k.proto, k.scope = (
+            abi.ip_to_nbo(addr),
+            abi.port_to_nbo(port),
+            slot,
+            proto,
+            scope,
+        )
+        return k
+
+    # ---- running ----
+    def run(self, prog: str, frame: bytes) -> TestRun:
+        return prog_test_run(self.progs[prog], frame)
+
+    # ---- results ----
+    def ct(self, key: abi.Ct4Key) -> abi.Ct4Val | None:
+        raw = self.ct4.lookup(key)
+        return abi.Ct4Val.from_buffer_copy(raw) if raw is not None else None
+
+    def put_ct(self, key: abi.Ct4Key, val: abi.Ct4Val) -> None:
+        self.ct4.update(key, val)
+
+    def ct_entries(self) -> dict[bytes, abi.Ct4Val]:
+        return {k: abi.Ct4Val.from_buffer_copy(self.ct4.lookup(k) or b"") for k in self.ct4.iter_keys()}
+
+    def aff(self, client: str, svc_id: int) -> abi.Aff4Val | None:
+        raw = self.aff4.lookup(abi.Aff4Key(abi.ip_to_nbo(client), svc_id))
+        return abi.Aff4Val.from_buffer_copy(raw) if raw is not None else None
+
+    def stat(self, stat: abi.Stat) -> tuple[int, int]:
+        """(packets, bytes) of one counter summed over CPUs."""
+        raw = self.stats.lookup(ctypes.c_uint32(stat)) or b""
+        stride = self.stats.value_stride
+        packets = bytes_ = 0
+        for cpu in range(self.stats.ncpus):
+            c = abi.Counter.from_buffer_copy(raw, cpu * stride)
+            packets += c.packets
+            bytes_ += c.bytes
+        return packets, bytes_
+
+
+def open_datapath(bpffs: str, path: Path = OBJECT) -> tuple[BpfObject, Datapath]:
+    obj = BpfObject.open(path, pin_root_path=bpffs)
+    try:
+        obj.load()
+        return obj, Datapath(obj)
+    except BaseException:
+        obj.close()
+        raise
+
+
+__all__ = ["Backend", "Datapath", "Map", "ct_key", "open_datapath", "private_bpffs"]

@@ -1,0 +1,218 @@
+"""kproxy.bpf.loader against the real kernel, in throw-away network namespaces.
+
+Attach/detach run in a subprocess entered into the namespace with nsenter (a netns switch affects
+only the calling thread; the agent itself runs that way), sharing the test's private bpffs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.loader import Loader, LoaderError, MapParamsMismatch, parse_pin_name, pin_name
+
+pytestmark = pytest.mark.root
+
+
+def in_ns(ns: Any, body: str, **params: Any) -> Any:
+    """Run `body` in the namespace with `loader` = Loader(**params); it sets `out`, returned as JSON."""
+    code = (
+        "import json\nfrom kproxy.bpf.loader import Loader\n"
+        f"loader = Loader(**{params!r})\nout = None\n" + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
+    )
+    proc = ns.python(code)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bpffs_files(bpffs: Path) -> set[str]:
+    # progs.debug and maps.debug belong to the bpffs mount itself.
+    return {str(p.relative_to(bpffs)) for p in bpffs.rglob("*")} - {"progs.debug", "maps.debug"}
+
+
+def test_pin_names_escape_dots() -> None:
+    assert pin_name("eth0.100", "ingress") == "eth0%2E100:ingress"
+    assert "." not in pin_name("a.b%c", "egress")
+    assert parse_pin_name(pin_name("a.b%2Ec", "egress")) == ("a.b%2Ec", "egress")
+
+
+def test_tcx_attach_upgrade_readopt_cleanup(
+    netns: Callable[[], Any], bpffs: Path, probe_object: Path
+) -> None:
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(probe_object)}
+    first = in_ns(
+        ns,
+        """
+        loader.load()
+        a = loader.attach("kpv0", "ingress", "kp_from_pod")
+        b = loader.attach("kpv0", "egress", "kp_to_pod")
+        out = [a.mode, a.program, a.prog_id, a.link_id, b.program, sorted(x.pin for x in loader.attached())]
+        """,
+        **params,
+    )
+    mode, prog, prog_id, link_id, egress_prog, pins = first
+    assert (mode, prog, egress_prog) == ("tcx", "kp_from_pod", "kp_to_pod")
+    assert pins == [str(bpffs / "links" / "kpv0:egress"), str(bpffs / "links" / "kpv0:ingress")]
+    assert {abi.MAP_SVC4, "links/kpv0:ingress", "links/kpv0:egress"} <= bpffs_files(bpffs)
+
+    # The first process is gone; its pinned links keep the programs attached. A second process
+    # (a restarted or upgraded agent) adopts the link and swaps the program in place.
+    second = in_ns(
+        ns,
+        """
+        loader.load()
+        before = {a.direction: (a.link_id, a.prog_id, a.program) for a in loader.attached()}
+        a = loader.attach("kpv0", "ingress", "kp_to_pod")
+        out = [before["ingress"], a.link_id, a.prog_id, a.program]
+        """,
+        **params,
+    )
+    assert second[0] == [link_id, prog_id, "kp_from_pod"]
+    assert second[1] == link_id, "an upgrade must update the existing link, not create a new one"
+    assert second[2] != prog_id and second[3] == "kp_to_pod"
+
+    removed = in_ns(ns, "out = loader.detach('kpv0', 'egress')", **params)
+    assert removed == 1
+    assert "links/kpv0:egress" not in bpffs_files(bpffs)
+
+    in_ns(ns, "loader.load(); loader.cleanup()", **params)
+    assert bpffs_files(bpffs) == set()
+
+
+def test_stale_link_of_deleted_interface_is_reconciled(
+    netns: Callable[[], Any], bpffs: Path, probe_object: Path
+) -> None:
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    ns.veth("kpw0", "kpw1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(probe_object)}
+    in_ns(
+        ns,
+        """
+        loader.attach("kpv0", "ingress", "kp_from_pod")
+        loader.attach("kpw0", "ingress", "kp_from_pod")
+        """,
+        **params,
+    )
+    ns.ip("link", "del", "kpv0")
+    out = in_ns(
+        ns,
+        """
+        alive = {a.ifname: a.alive for a in loader.attached()}
+        removed = loader.reconcile()
+        out = [alive, removed, [a.ifname for a in loader.attached()]]
+        """,
+        **params,
+    )
+    assert out[0] == {"kpv0": False, "kpw0": True}
+    assert out[1] == [str(bpffs / "links" / "kpv0:ingress")]
+    assert out[2] == ["kpw0"]
+
+
+def test_recreated_interface_gets_a_new_link(
+    netns: Callable[[], Any], bpffs: Path, probe_object: Path
+) -> None:
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(probe_object)}
+    first = in_ns(ns, "out = loader.attach('kpv0', 'ingress', 'kp_from_pod').link_id", **params)
+    ns.ip("link", "del", "kpv0")
+    ns.veth("kpv0", "kpv1")
+    second = in_ns(
+        ns, "a = loader.attach('kpv0', 'ingress', 'kp_from_pod'); out = [a.link_id, a.alive]", **params
+    )
+    assert second[0] != first and second[1] is True
+
+
+def test_cls_bpf_fallback_replaces_in_place(
+    netns: Callable[[], Any], bpffs: Path, probe_object: Path
+) -> None:
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(probe_object), "mode": "tc"}
+    out = in_ns(
+        ns,
+        """
+        import subprocess
+        show = lambda: subprocess.run(["tc", "filter", "show", "dev", "kpv0", "ingress"],
+                                      capture_output=True, text=True).stdout
+        a = loader.attach("kpv0", "ingress", "kp_from_pod")
+        s1 = show()
+        b = loader.attach("kpv0", "ingress", "kp_to_pod")
+        s2 = show()
+        n = loader.detach("kpv0")
+        out = [a.mode, s1, s2, n, show()]
+        """,
+        **params,
+    )
+    mode, s1, s2, n, s3 = out
+    assert mode == "tc"
+    assert "kp_from_pod" in s1 and "direct-action" in s1
+    assert "kp_to_pod" in s2 and "kp_from_pod" not in s2
+    assert s2.count("handle 0x1") == 1, "replace must not add a second filter"
+    assert n == 1 and "bpf" not in s3
+
+
+def test_map_size_mismatch_names_map_and_sizes(bpffs: Path, probe_object: Path) -> None:
+    with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 4096}) as loader:
+        loader.load()
+    with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 8192}) as loader:
+        with pytest.raises(MapParamsMismatch) as exc:
+            loader.load()
+    text = str(exc.value)
+    assert "kp_ct4_v1" in text and "max_entries 4096 pinned vs 8192 requested" in text
+    assert "--map-size kp_ct4_v1=4096" in text
+    # the pinned size is accepted
+    with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 4096}) as loader:
+        loader.load()
+        with loader.open_maps() as km:
+            assert km.ct4.max_entries == 4096
+
+
+def test_load_refuses_non_bpffs_directory(tmp_path: Path, probe_object: Path) -> None:
+    with pytest.raises(LoaderError, match="not on a bpf filesystem"):
+        Loader(tmp_path, probe_object).load()
+    with pytest.raises(LoaderError, match="does not exist"):
+        Loader(tmp_path / "a" / "b", probe_object).load()
+
+
+def test_load_creates_subdirectory_on_bpffs(bpffs: Path, probe_object: Path) -> None:
+    sub = bpffs / "kproxy"
+    loader = Loader(sub, probe_object)
+    loader.load()
+    assert (sub / abi.MAP_SVC4).exists()
+    loader.cleanup()
+    assert not sub.exists()
+
+
+def test_attach_unknown_interface_is_clear(bpffs: Path, probe_object: Path) -> None:
+    with Loader(bpffs, probe_object) as loader, pytest.raises(LoaderError, match="no interface 'kpt-nope'"):
+        loader.attach("kpt-nope", "ingress", "kp_from_pod")
+
+
+def test_loader_closes_its_fds(bpffs: Path, probe_object: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with Loader(bpffs, probe_object) as loader:
+            loader.load()
+            loader.program("kp_from_pod")
+    assert len(os.listdir("/proc/self/fd")) == before
+    Loader(bpffs, probe_object).cleanup()
+
+
+def test_real_object_loads(bpffs: Path, tc_object: Path) -> None:
+    with Loader(bpffs, tc_object) as loader:
+        obj = loader.load()
+        for name in ("kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev"):
+            assert lb.prog_info(obj.program(name).fd).name == name
+    Loader(bpffs, tc_object).cleanup()
+    assert bpffs_files(bpffs) == set()
