@@ -15,6 +15,8 @@ DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nf
 	python3-venv python3-dev gcc make procps psmisc util-linux wrk
 PYTEST_ARGS ?=
 
+include mk/helm.mk
+
 .PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak
 
 all: install
@@ -47,7 +49,7 @@ $(VENV)/.stamp-venv: pyproject.toml | .stamp-deps
 
 install: venv bpf
 
-test: install
+test: install helm
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
