@@ -1,0 +1,1 @@
+"""Operability: health endpoints (health.py), Prometheus metrics (metrics.py) and map inspection."""

@@ -1,0 +1,61 @@
+"""The agent's metadata file: what the BPF maps cannot say (service names, port names).
+
+The maps know a frontend only by address, port and a numeric svc_id. The agent writes
+`services.json` mapping each svc_id to its Service ("namespace/name"), port name and protocol, so the
+CLI can print names. A bpffs directory cannot hold regular files, so the file lives in a state
+directory derived from the bpffs path:
+
+    /run/kproxy/<first 16 hex of sha256(real path of the bpffs dir)>/services.json
+
+(KPROXY_STATE_ROOT overrides /run/kproxy). The file is replaced atomically after every sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_ROOT_ENV = "KPROXY_STATE_ROOT"
+DEFAULT_STATE_ROOT = "/run/kproxy"
+FILE_NAME = "services.json"
+
+
+def state_dir(bpffs: str | Path) -> Path:
+    root = Path(os.environ.get(STATE_ROOT_ENV, DEFAULT_STATE_ROOT))
+    digest = hashlib.sha256(os.path.realpath(bpffs).encode()).hexdigest()[:16]
+    return root / digest
+
+
+def metadata_path(bpffs: str | Path) -> Path:
+    return state_dir(bpffs) / FILE_NAME
+
+
+def write_metadata(bpffs: str | Path, node: str, services: dict[int, dict[str, Any]]) -> Path:
+    """services: svc_id -> {"service": "ns/name", "port_name": ..., "protocol": ...}."""
+    path = metadata_path(bpffs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "version": 1,
+        "bpffs": os.path.realpath(bpffs),
+        "node": node,
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "services": {str(k): v for k, v in sorted(services.items())},
+    }
+    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.rename(tmp, path)
+    return path
+
+
+def read_metadata(bpffs: str | Path) -> dict[int, dict[str, Any]]:
+    """svc_id -> metadata; empty when the agent never wrote the file (names then print as '?')."""
+    try:
+        doc = json.loads(metadata_path(bpffs).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {int(k): v for k, v in doc.get("services", {}).items()}

@@ -1,0 +1,331 @@
+"""Service + EndpointSlices + this node -> the frontends to program. Pure: no I/O, no clock, no logging.
+
+Every Kubernetes rule kproxy implements lives here, following kube-proxy (pkg/proxy, topology.go's
+CategorizeEndpoints):
+- ClusterIP frontends on every IPv4 spec.clusterIPs entry; NodePort frontends on the node addresses
+  selected by the nodeport-addresses CIDRs (default: the node's InternalIPs); LoadBalancer ingress
+  IPs; spec.externalIPs.
+- Endpoints: ready ones; when none is ready anywhere, serving+terminating ones (KEP-1669). Local
+  traffic policies use this node's ready endpoints, else its serving+terminating ones.
+- externalTrafficPolicy Local: the external frontends' EXT scope gets the local endpoints, and pods
+  (INT scope) get all cluster endpoints, as kube-proxy short-circuits pod -> external traffic.
+- internalTrafficPolicy Local: ClusterIP frontends get the local endpoints only.
+- A local-policy scope with no local endpoint while others exist drops (NO_LOCAL_DROP) instead of
+  rejecting, as kube-proxy does.
+- Topology hints (trafficDistribution, or the topology-mode annotation set to Auto) are used only
+  when every ready endpoint has zone hints and some are for this node's zone.
+- Endpoints listed but not eligible for new connections (terminating, not ready) are `retained`:
+  their backend entries stay so flows already going to them continue.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kproxy.bpf.abi import Scope, SvcFlag
+from kproxy.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    HEADLESS_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    TOPOLOGY_HINTS_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION,
+    BackendRef,
+    EndpointSlice,
+    Frontend,
+    NodeInfo,
+    Service,
+    ServicePort,
+)
+
+MAX_BACKENDS_PER_FRONTEND = 65535  # slot-0 count is a u16
+_EXT = int(Scope.EXT)
+_INT = int(Scope.INT)
+
+
+class TranslateError(ValueError):
+    """A Service that parsed but cannot be programmed. `reason` is a short label for counters."""
+
+    def __init__(self, service: str, reason: str, message: str) -> None:
+        super().__init__(f"Service {service} skipped: {message}")
+        self.service = service
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TranslateConfig:
+    """The agent settings translate depends on."""
+
+    # CIDRs selecting the node addresses NodePorts listen on; empty = the node's InternalIPs.
+    nodeport_addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def from_cidrs(cls, cidrs: Iterable[str]) -> TranslateConfig:
+        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
+
+
+def _is_v4(address: str) -> bool:
+    # ipaddress is slow; the model already validated the syntax, so a dot without a colon is IPv4.
+    return "." in address and ":" not in address
+
+
+def skip_reason(svc: Service) -> str | None:
+    """Why kproxy serves none of this Service, or None. The values are counters' reasons."""
+    labels = svc.metadata.labels
+    if SERVICE_PROXY_NAME_LABEL in labels:
+        return "other_proxy"
+    if HEADLESS_LABEL in labels:
+        return "headless"
+    spec = svc.spec
+    if spec.type == "ExternalName":
+        return "external_name"
+    first = spec.cluster_ips[0] if spec.cluster_ips else spec.cluster_ip
+    if first == "None":
+        return "headless"
+    return None
+
+
+def nodeport_addresses(node: NodeInfo, cfg: TranslateConfig) -> list[str]:
+    """The IPv4 node addresses NodePorts are served on."""
+    v4 = [a for a in node.addresses if _is_v4(a)]
+    if not cfg.nodeport_addresses:
+        return v4
+    return [a for a in v4 if any(ipaddress.ip_address(a) in net for net in cfg.nodeport_addresses)]
+
+
+class _Ep(NamedTuple):
+    ref: BackendRef
+    ready: bool
+    serving: bool
+    terminating: bool
+    zone_hints: frozenset[str] | None
+
+
+def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: NodeInfo) -> list[_Ep]:
+    """Endpoints of one Service port, merged over slices and de-duplicated by address and port."""
+    by_addr: dict[tuple[str, int], _Ep] = {}
+    for es in slices:
+        if es.address_type != "IPv4":
+            continue
+        port = None
+        for p in es.ports:
+            if p.name == sp.name and p.protocol == sp.protocol:
+                port = p.port
+                break
+        if port is None:
+            continue
+        node_name_here = node.name
+        protocol = sp.protocol
+        for ep in es.endpoints:
+            address = ep.addresses[0]  # the API says addresses are fungible; kube-proxy uses the first
+            c = ep.conditions
+            ready = c.ready is None or c.ready
+            key = (address, port)
+            old = by_addr.get(key)
+            if old is not None and (old.ready or not ready):
+                continue  # keep the first copy unless this one is ready and the first is not
+            hints = None
+            if ep.hints is not None and ep.hints.for_zones:
+                hints = frozenset(z.name for z in ep.hints.for_zones)
+            terminating = bool(c.terminating)
+            node_name = ep.node_name
+            ref = BackendRef(
+                address, port, protocol, node_name, node_name is not None and node_name == node_name_here,
+                terminating, ep.zone,
+            )  # fmt: skip
+            by_addr[key] = _Ep(ref, ready, c.serving is None or c.serving, terminating, hints)
+    # sorted once here so every list filtered from it is sorted too (stable slot order)
+    return [by_addr[k] for k in sorted(by_addr)]
+
+
+def _use_topology(svc: Service, eps: list[_Ep], node: NodeInfo) -> bool:
+    if svc.spec.traffic_distribution is None:
+        ann = svc.metadata.annotations
+        mode = ann.get(TOPOLOGY_MODE_ANNOTATION) or ann.get(TOPOLOGY_HINTS_ANNOTATION)
+        if mode not in ("Auto", "auto"):
+            return False
+    if not node.zone:
+        return False
+    has_zone = False
+    for ep in eps:
+        if not ep.ready:
+            continue
+        if not ep.zone_hints:
+            return False
+        if node.zone in ep.zone_hints:
+            has_zone = True
+    return has_zone
+
+
+def _categorize(
+    svc: Service, eps: list[_Ep], node: NodeInfo, uses_cluster: bool, uses_local: bool
+) -> tuple[list[BackendRef], list[BackendRef], bool]:
+    """kube-proxy's CategorizeEndpoints: (cluster endpoints, local endpoints, any usable endpoint)."""
+    cluster: list[BackendRef] = []
+    local: list[BackendRef] = []
+    has_any = False
+    if uses_cluster:
+        topo = _use_topology(svc, eps, node)
+        cluster = [
+            e.ref
+            for e in eps
+            if e.ready and (not topo or (e.zone_hints is not None and node.zone in e.zone_hints))
+        ]
+        if not cluster:
+            cluster = [e.ref for e in eps if e.serving and e.terminating]
+        has_any = bool(cluster)
+    if uses_local:
+        local = [e.ref for e in eps if e.ready and e.ref.local]
+        if not local:
+            local = [e.ref for e in eps if not e.ready and e.serving and e.terminating and e.ref.local]
+        if not has_any:
+            has_any = any(e.ready or (e.serving and e.terminating) for e in eps)
+    return cluster, local, has_any
+
+
+def _sorted(refs: list[BackendRef]) -> tuple[BackendRef, ...]:
+    return tuple(refs)  # already in address order: filtered from _endpoints_for_port's sorted list
+
+
+def translate_service(
+    svc: Service,
+    slices: Iterable[EndpointSlice],
+    node: NodeInfo,
+    cfg: TranslateConfig,
+    skipped: Counter[str] | None = None,
+) -> list[Frontend]:
+    """The frontends of one Service on this node. `skipped` (if given) counts what was left out, by reason.
+
+    Raises TranslateError for a Service that cannot be programmed at all.
+    """
+    if skipped is None:
+        skipped = Counter()
+    reason = skip_reason(svc)
+    if reason is not None:
+        skipped[reason] += 1
+        return []
+    key = svc.key
+    spec = svc.spec
+    slice_list = sorted(slices, key=lambda s: s.metadata.name)
+    for es in slice_list:
+        if es.address_type != "IPv4":
+            skipped[f"endpointslice_{es.address_type.lower()}"] += 1
+
+    cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
+    cluster_v4 = []
+    for ip in cluster_ips:
+        if _is_v4(ip):
+            cluster_v4.append(ip)
+        elif ip:
+            skipped["ipv6_address"] += 1
+    external_ips = []
+    for ip in spec.external_ips:
+        if _is_v4(ip):
+            external_ips.append(ip)
+        else:
+            skipped["ipv6_address"] += 1
+    lb_ips: list[str] = []
+    src_ranges = 0
+    if spec.type == "LoadBalancer":
+        for ing in svc.status.load_balancer.ingress:
+            if not ing.ip:
+                continue
+            if _is_v4(ing.ip):
+                lb_ips.append(ing.ip)
+            else:
+                skipped["ipv6_address"] += 1
+        if spec.load_balancer_source_ranges:
+            src_ranges = SvcFlag.SRC_RANGES
+    has_node_ports = spec.type in ("NodePort", "LoadBalancer") and any(p.node_port for p in spec.ports)
+    node_addrs = nodeport_addresses(node, cfg) if has_node_ports else []
+
+    affinity_flag = 0
+    affinity_timeout = 0
+    if spec.session_affinity == "ClientIP":
+        affinity_flag = SvcFlag.AFFINITY
+        conf = spec.session_affinity_config
+        t = conf.client_ip.timeout_seconds if conf and conf.client_ip else None
+        affinity_timeout = t or DEFAULT_AFFINITY_TIMEOUT
+
+    itp_local = spec.internal_traffic_policy == "Local"
+    externally_accessible = has_node_ports or bool(lb_ips or external_ips)
+    etp_local = externally_accessible and spec.external_traffic_policy == "Local"
+    # kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints
+    uses_cluster = not itp_local or externally_accessible
+    uses_local = itp_local or etp_local
+
+    out: list[Frontend] = []
+    seen: set[tuple[str, int, str, int]] = set()
+
+    def emit(fe: Frontend) -> None:
+        k = (fe.address, fe.port, fe.protocol, fe.scope)
+        if k in seen:
+            skipped["duplicate_frontend"] += 1
+            return
+        seen.add(k)
+        out.append(fe)
+
+    for sp in spec.ports:
+        if sp.protocol == "SCTP":
+            skipped["sctp_port"] += 1
+            continue
+        eps = _endpoints_for_port(sp, slice_list, node)
+        cluster, local, has_any = _categorize(svc, eps, node, uses_cluster, uses_local)
+        internal = local if itp_local else cluster
+        external = local if etp_local else cluster
+        if max(len(internal), len(external), len(cluster)) > MAX_BACKENDS_PER_FRONTEND:
+            raise TranslateError(
+                key,
+                "too_many_backends",
+                f"port {sp.name or sp.port} has more than {MAX_BACKENDS_PER_FRONTEND} usable endpoints",
+            )
+        active = {(r.address, r.port) for r in internal}
+        active.update((r.address, r.port) for r in external)
+        if etp_local:
+            active.update((r.address, r.port) for r in cluster)
+        retained = _sorted([e.ref for e in eps if (e.ref.address, e.ref.port) not in active])
+        internal_t = _sorted(internal)
+        external_t = _sorted(external)
+        cluster_t = _sorted(cluster) if etp_local else external_t
+
+        int_flags = affinity_flag | (SvcFlag.ITP_LOCAL if itp_local else 0)
+        if itp_local and not internal and has_any:
+            int_flags |= SvcFlag.NO_LOCAL_DROP
+        for ip in cluster_v4:
+            emit(
+                Frontend(
+                    key, sp.name, "ClusterIP", ip, sp.port, sp.protocol, _EXT,
+                    int(int_flags), affinity_timeout, internal_t, retained,
+                )
+            )  # fmt: skip
+
+        ext_base = affinity_flag | (SvcFlag.ETP_LOCAL | SvcFlag.TWO_SCOPES if etp_local else 0)
+        ext_drop = SvcFlag.NO_LOCAL_DROP if etp_local and not external and has_any else 0
+        externals: list[tuple[str, int, str, int]] = []
+        if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
+            externals += [("NodePort", SvcFlag.NODEPORT, ip, sp.node_port) for ip in node_addrs]
+        elif spec.type == "NodePort" or (
+            spec.type == "LoadBalancer" and spec.allocate_load_balancer_node_ports is not False
+        ):
+            skipped["nodeport_unallocated"] += 1
+        externals += [("LoadBalancer", SvcFlag.LOADBALANCER | src_ranges, ip, sp.port) for ip in lb_ips]
+        externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in external_ips]
+        for ftype, type_flag, address, port in externals:
+            flags = int(ext_base | type_flag)
+            emit(
+                Frontend(
+                    key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]
+                    int(flags | ext_drop), affinity_timeout, external_t, retained,
+                )
+            )  # fmt: skip
+            if etp_local:
+                emit(
+                    Frontend(
+                        key, sp.name, ftype, address, port, sp.protocol, _INT,  # type: ignore[arg-type]
+                        flags, affinity_timeout, cluster_t, retained,
+                    )
+                )  # fmt: skip
+    return out

@@ -1,0 +1,137 @@
+"""ClusterStore: indexing, dirty tracking, malformed input, full re-listing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from unit_objects import NODE, ep, slice_raw, svc_raw
+
+from kproxy.model import NodeInfo
+from kproxy.store import ClusterStore
+
+
+def test_upsert_marks_dirty_and_indexes_slices_by_service_label():
+    st = ClusterStore(NODE)
+    assert st.upsert_service(svc_raw())
+    assert st.upsert_slice(slice_raw(name="web-1"))
+    assert st.upsert_slice(slice_raw(name="web-2"))
+    assert st.upsert_slice(slice_raw(service="api", name="api-1"))
+    assert st.take_dirty() == {"default/web", "default/api"}
+    svc, slices = st.view("default/web")
+    assert svc is not None and sorted(s.metadata.name for s in slices) == ["web-1", "web-2"]
+    assert st.take_dirty() == set()
+
+
+def test_unchanged_upsert_is_not_dirty():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw())
+    st.upsert_slice(slice_raw())
+    st.take_dirty()
+    st.upsert_service(svc_raw())
+    st.upsert_slice(slice_raw())
+    assert st.take_dirty() == set()
+
+
+def test_slice_moving_to_other_service_dirties_both():
+    st = ClusterStore(NODE)
+    st.upsert_slice(slice_raw(service="a", name="s"))
+    st.take_dirty()
+    st.upsert_slice(slice_raw(service="b", name="s"))
+    assert st.take_dirty() == {"default/a", "default/b"}
+    assert st.slices_of("default/a") == [] and len(st.slices_of("default/b")) == 1
+
+
+def test_deletes():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw())
+    st.upsert_slice(slice_raw())
+    st.take_dirty()
+    assert st.delete_slice("default", "web-abc")
+    assert st.take_dirty() == {"default/web"} and st.slices_of("default/web") == []
+    assert st.delete_service("default", "web")
+    assert st.take_dirty() == {"default/web"}
+    assert not st.delete_service("default", "web") and st.take_dirty() == set()
+
+
+def test_malformed_is_logged_counted_and_previous_version_kept(caplog):
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw())
+    st.take_dirty()
+    bad = svc_raw()
+    bad["spec"]["ports"][0]["port"] = 0
+    with caplog.at_level(logging.WARNING):
+        assert not st.upsert_service(bad, origin="/m/web.yaml")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert "Service default/web in /m/web.yaml" in lines[0] and "spec.ports[0].port" in lines[0]
+    assert st.skipped[("Service", "invalid")] == 1
+    assert st.services["default/web"].spec.ports[0].port == 80
+    assert st.take_dirty() == set()
+    assert "Service default/web" in st.last_error
+
+
+def test_slice_without_service_label_skipped():
+    st = ClusterStore(NODE)
+    raw = slice_raw()
+    raw["metadata"]["labels"] = {}
+    assert not st.upsert_slice(raw)
+    assert st.skipped[("EndpointSlice", "no_service_label")] == 1 and st.slices == {}
+
+
+def test_set_node_dirties_every_service():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw(name="a"))
+    st.upsert_service(svc_raw(name="b"))
+    st.take_dirty()
+    st.set_node(NODE)
+    assert st.take_dirty() == set()
+    st.set_node(NodeInfo("node-a", ("192.168.1.11",)))
+    assert st.take_dirty() == {"default/a", "default/b"}
+
+
+def test_replace_all_removes_absent_objects():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw(name="a"))
+    st.upsert_service(svc_raw(name="b"))
+    st.upsert_slice(slice_raw(service="a", name="a-1"))
+    st.upsert_slice(slice_raw(service="b", name="b-1"))
+    st.take_dirty()
+    st.replace_all([svc_raw(name="a")], [slice_raw(service="a", name="a-1", endpoints=[ep("10.0.0.9")])])
+    assert set(st.services) == {"default/a"} and set(st.slices) == {"default/a-1"}
+    assert st.take_dirty() == {"default/a", "default/b"}
+
+
+def test_replace_all_keeps_previous_version_of_invalid_object():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw(name="a"))
+    bad = svc_raw(name="a")
+    bad["spec"]["clusterIP"] = "nope"
+    st.replace_all([bad], [])
+    assert "default/a" in st.services
+
+
+def test_event_and_listener_wake_the_sync_task():
+    async def main() -> None:
+        st = ClusterStore(NODE)
+        woke: list[int] = []
+        st.add_listener(lambda: woke.append(1))
+        ev = st.event
+        assert not ev.is_set()
+        st.upsert_service(svc_raw())
+        assert ev.is_set() and woke
+        ev.clear()
+        st.mark_initial_sync_done()
+        assert st.initial_sync_done and ev.is_set()
+
+    asyncio.run(main())
+
+
+def test_dirty_times_are_first_change():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw())
+    t1 = st.take_dirty_with_times()["default/web"]
+    st.upsert_slice(slice_raw())
+    st.upsert_slice(slice_raw(endpoints=[ep("10.0.0.7")]))
+    times = st.take_dirty_with_times()
+    assert times["default/web"] >= t1

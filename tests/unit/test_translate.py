@@ -1,0 +1,373 @@
+"""translate_service: every Kubernetes rule kproxy implements, case by case."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from unit_objects import NODE, ep, es, slice_raw, svc
+
+from kproxy.bpf.abi import Scope, SvcFlag
+from kproxy.model import Frontend, NodeInfo, parse_endpoint_slice
+from kproxy.translate import TranslateConfig, TranslateError, translate_service
+
+CFG = TranslateConfig()
+
+
+def tr(service, slices=(), node=NODE, cfg=CFG, skipped=None):
+    return translate_service(service, list(slices), node, cfg, skipped)
+
+
+def addrs(fe: Frontend) -> list[tuple[str, int]]:
+    return [(b.address, b.port) for b in fe.backends]
+
+
+def by_type(fes: list[Frontend], t: str) -> list[Frontend]:
+    return [f for f in fes if f.type == t]
+
+
+# ---- types ----
+
+
+def test_cluster_ip_resolves_named_target_port_from_slice():
+    (fe,) = tr(svc(), [es()])
+    assert (fe.service, fe.port_name, fe.type, fe.address, fe.port, fe.protocol) == (
+        "default/web", "http", "ClusterIP", "10.96.0.10", 80, "TCP",
+    )  # fmt: skip
+    assert fe.scope == Scope.EXT and fe.flags == 0 and fe.affinity_timeout == 0
+    assert addrs(fe) == [("10.0.0.1", 8080), ("10.0.0.2", 8080)]
+
+
+def test_all_ipv4_cluster_ips_and_ipv6_skipped_and_counted():
+    s = svc(cluster_ip="10.96.0.10", clusterIPs=["10.96.0.10", "fd00::10", "10.96.0.11"])
+    skipped: Counter[str] = Counter()
+    fes = tr(s, [es()], skipped=skipped)
+    assert [f.address for f in fes] == ["10.96.0.10", "10.96.0.11"]
+    assert skipped["ipv6_address"] == 1
+
+
+def test_nodeport_on_node_internal_ips_by_default():
+    node = NodeInfo("node-a", ("192.168.1.10", "10.1.0.5", "fd00::5"))
+    s = svc(type="NodePort", ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
+    fes = tr(s, [es()], node=node)
+    nps = by_type(fes, "NodePort")
+    assert [(f.address, f.port) for f in nps] == [("192.168.1.10", 30080), ("10.1.0.5", 30080)]
+    assert all(f.flags == SvcFlag.NODEPORT for f in nps)
+    assert len(by_type(fes, "ClusterIP")) == 1
+
+
+def test_nodeport_addresses_cidrs_select_node_addresses():
+    node = NodeInfo("node-a", ("192.168.1.10", "10.1.0.5"))
+    s = svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}])
+    cfg = TranslateConfig.from_cidrs(["10.0.0.0/8"])
+    nps = by_type(tr(s, [es()], node=node, cfg=cfg), "NodePort")
+    assert [f.address for f in nps] == ["10.1.0.5"]
+
+
+def test_nodeport_without_allocated_port_is_counted():
+    skipped: Counter[str] = Counter()
+    fes = tr(svc(type="NodePort"), [es()], skipped=skipped)
+    assert by_type(fes, "NodePort") == []
+    assert skipped["nodeport_unallocated"] == 1
+
+
+def test_loadbalancer_ingress_ips_and_nodeports():
+    s = svc(
+        type="LoadBalancer",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+        lb_ips=["203.0.113.7"],
+        loadBalancerSourceRanges=["198.51.100.0/24"],
+    )
+    fes = tr(s, [es()])
+    (lb,) = by_type(fes, "LoadBalancer")
+    assert (lb.address, lb.port) == ("203.0.113.7", 80)
+    assert lb.flags == SvcFlag.LOADBALANCER | SvcFlag.SRC_RANGES
+    assert len(by_type(fes, "NodePort")) == 1
+
+
+def test_loadbalancer_without_node_ports():
+    s = svc(
+        type="LoadBalancer", allocateLoadBalancerNodePorts=False, lb_ips=["203.0.113.7"],
+        ports=[{"name": "http", "port": 80}],
+    )  # fmt: skip
+    skipped: Counter[str] = Counter()
+    fes = tr(s, [es()], skipped=skipped)
+    assert by_type(fes, "NodePort") == [] and len(by_type(fes, "LoadBalancer")) == 1
+    assert skipped["nodeport_unallocated"] == 0
+
+
+def test_lb_ingress_of_non_loadbalancer_service_ignored():
+    fes = tr(svc(lb_ips=["203.0.113.7"]), [es()])
+    assert by_type(fes, "LoadBalancer") == []
+
+
+def test_external_ips():
+    fes = tr(svc(externalIPs=["198.51.100.5", "2001:db8::5"]), [es()])
+    (x,) = by_type(fes, "ExternalIP")
+    assert (x.address, x.port, x.flags) == ("198.51.100.5", 80, SvcFlag.EXTERNAL_IP)
+
+
+def test_several_ports_each_resolved_by_name_and_protocol():
+    s = svc(
+        ports=[
+            {"name": "http", "port": 80, "targetPort": "web"},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        ]
+    )
+    sl = es(ports=[{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}])
+    fes = tr(s, [sl])
+    got = {(f.port_name, f.port, f.protocol): addrs(f) for f in fes}
+    assert got[("http", 80, "TCP")] == [("10.0.0.1", 8080), ("10.0.0.2", 8080)]
+    assert got[("dns", 53, "UDP")] == [("10.0.0.1", 5353), ("10.0.0.2", 5353)]
+    assert all(b.protocol == "UDP" for b in fes[1].backends)
+
+
+def test_slice_port_with_other_protocol_does_not_match():
+    s = svc(ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])
+    (fe,) = tr(s, [es(ports=[{"name": "dns", "port": 53, "protocol": "TCP"}])])
+    assert fe.backends == ()
+
+
+def test_named_target_port_resolved_per_slice():
+    # two slices of one Service resolve the same port name to different numbers (rolling update)
+    a = es(name="web-a", endpoints=[ep("10.0.0.1")], ports=[{"name": "http", "port": 8080}])
+    b = es(name="web-b", endpoints=[ep("10.0.0.2")], ports=[{"name": "http", "port": 9090}])
+    (fe,) = tr(svc(), [a, b])
+    assert addrs(fe) == [("10.0.0.1", 8080), ("10.0.0.2", 9090)]
+
+
+def test_slices_merged_and_deduplicated():
+    a = es(name="web-a", endpoints=[ep("10.0.0.1"), ep("10.0.0.2")])
+    b = es(name="web-b", endpoints=[ep("10.0.0.2"), ep("10.0.0.3")])
+    (fe,) = tr(svc(), [a, b])
+    assert addrs(fe) == [("10.0.0.1", 8080), ("10.0.0.2", 8080), ("10.0.0.3", 8080)]
+
+
+def test_duplicate_prefers_ready_copy():
+    a = es(name="web-a", endpoints=[ep("10.0.0.2", ready=False)])
+    b = es(name="web-b", endpoints=[ep("10.0.0.2", ready=True)])
+    (fe,) = tr(svc(), [a, b])
+    assert addrs(fe) == [("10.0.0.2", 8080)]
+
+
+def test_ipv6_and_fqdn_slices_ignored():
+    v6 = parse_endpoint_slice(slice_raw(name="web-v6", address_type="IPv6", endpoints=[ep("fd00::1")]))
+    skipped: Counter[str] = Counter()
+    (fe,) = tr(svc(), [v6, es()], skipped=skipped)
+    assert len(fe.backends) == 2 and skipped["endpointslice_ipv6"] == 1
+
+
+# ---- endpoint conditions ----
+
+
+def test_only_ready_endpoints_get_slots_others_are_retained():
+    sl = es(
+        endpoints=[ep("10.0.0.1"), ep("10.0.0.2", ready=False), ep("10.0.0.3", ready=False, terminating=True)]
+    )
+    (fe,) = tr(svc(), [sl])
+    assert addrs(fe) == [("10.0.0.1", 8080)]
+    assert [b.address for b in fe.retained] == ["10.0.0.2", "10.0.0.3"]
+    assert [b.terminating for b in fe.retained] == [False, True]
+
+
+def test_ready_missing_means_ready():
+    (fe,) = tr(svc(), [es(endpoints=[ep("10.0.0.1", ready=None)])])
+    assert addrs(fe) == [("10.0.0.1", 8080)]
+
+
+def test_terminating_fallback_when_none_ready():
+    sl = es(
+        endpoints=[
+            ep("10.0.0.1", ready=False, serving=True, terminating=True),
+            ep("10.0.0.2", ready=False, serving=False, terminating=True),
+            ep("10.0.0.3", ready=False),
+        ]
+    )
+    (fe,) = tr(svc(), [sl])
+    assert addrs(fe) == [("10.0.0.1", 8080)]
+    assert fe.backends[0].terminating
+    assert [b.address for b in fe.retained] == ["10.0.0.2", "10.0.0.3"]
+
+
+def test_no_fallback_while_one_is_ready():
+    sl = es(endpoints=[ep("10.0.0.1", ready=False, serving=True, terminating=True), ep("10.0.0.2")])
+    (fe,) = tr(svc(), [sl])
+    assert addrs(fe) == [("10.0.0.2", 8080)]
+
+
+def test_no_endpoints_gives_empty_frontend_that_rejects():
+    (fe,) = tr(svc(), [])
+    assert fe.backends == () and not fe.flags & SvcFlag.NO_LOCAL_DROP
+
+
+# ---- skipped Services ----
+
+
+@pytest.mark.parametrize(
+    "service, reason",
+    [
+        (dict(cluster_ip="None"), "headless"),
+        (dict(type="ExternalName", cluster_ip=None, externalName="example.com"), "external_name"),
+        (dict(labels={"service.kubernetes.io/service-proxy-name": "other"}), "other_proxy"),
+        (dict(labels={"service.kubernetes.io/headless": ""}), "headless"),
+    ],
+)
+def test_skipped_services(service, reason):
+    skipped: Counter[str] = Counter()
+    assert tr(svc(**service), [es()], skipped=skipped) == []
+    assert skipped[reason] == 1
+
+
+def test_sctp_port_skipped_and_counted():
+    s = svc(ports=[{"name": "http", "port": 80}, {"name": "sctp", "port": 9, "protocol": "SCTP"}])
+    skipped: Counter[str] = Counter()
+    fes = tr(s, [es()], skipped=skipped)
+    assert [f.port_name for f in fes] == ["http"] and skipped["sctp_port"] == 1
+
+
+# ---- affinity ----
+
+
+def test_session_affinity_default_timeout():
+    (fe,) = tr(svc(sessionAffinity="ClientIP"), [es()])
+    assert fe.flags == SvcFlag.AFFINITY and fe.affinity_timeout == 10800
+
+
+def test_session_affinity_configured_timeout():
+    s = svc(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})
+    (fe,) = tr(s, [es()])
+    assert fe.affinity_timeout == 30
+
+
+# ---- traffic policies ----
+
+
+def local_mix():
+    return es(endpoints=[ep("10.0.0.1", node="node-a"), ep("10.0.0.2", node="node-b")])
+
+
+def test_external_traffic_policy_local_two_scopes():
+    s = svc(
+        type="NodePort",
+        externalTrafficPolicy="Local",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
+    fes = tr(s, [local_mix()])
+    (cip,) = by_type(fes, "ClusterIP")
+    assert addrs(cip) == [("10.0.0.1", 8080), ("10.0.0.2", 8080)] and cip.flags == 0
+    ext = {f.scope: f for f in by_type(fes, "NodePort")}
+    assert addrs(ext[Scope.EXT]) == [("10.0.0.1", 8080)]
+    assert ext[Scope.EXT].backends[0].local
+    assert ext[Scope.EXT].flags == SvcFlag.NODEPORT | SvcFlag.ETP_LOCAL | SvcFlag.TWO_SCOPES
+    assert addrs(ext[Scope.INT]) == [("10.0.0.1", 8080), ("10.0.0.2", 8080)]
+    assert ext[Scope.INT].flags & SvcFlag.TWO_SCOPES
+
+
+def test_external_traffic_policy_local_without_local_endpoint_drops():
+    s = svc(type="LoadBalancer", externalTrafficPolicy="Local", lb_ips=["203.0.113.7"],
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}])  # fmt: skip
+    fes = tr(s, [es(endpoints=[ep("10.0.0.2", node="node-b")])])
+    for f in by_type(fes, "LoadBalancer") + by_type(fes, "NodePort"):
+        if f.scope == Scope.EXT:
+            assert f.backends == () and f.flags & SvcFlag.NO_LOCAL_DROP
+        else:
+            assert len(f.backends) == 1 and not f.flags & SvcFlag.NO_LOCAL_DROP
+
+
+def test_external_traffic_policy_local_without_any_endpoint_rejects():
+    s = svc(
+        type="NodePort",
+        externalTrafficPolicy="Local",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
+    for f in by_type(tr(s, []), "NodePort"):
+        assert f.backends == () and not f.flags & SvcFlag.NO_LOCAL_DROP
+
+
+def test_external_policy_local_ignored_for_cluster_ip_only_service():
+    (fe,) = tr(svc(externalTrafficPolicy="Local"), [local_mix()])
+    assert fe.flags == 0 and len(fe.backends) == 2
+
+
+def test_internal_traffic_policy_local():
+    (fe,) = tr(svc(internalTrafficPolicy="Local"), [local_mix()])
+    assert addrs(fe) == [("10.0.0.1", 8080)] and fe.flags == SvcFlag.ITP_LOCAL
+    assert [b.address for b in fe.retained] == ["10.0.0.2"]
+
+
+def test_internal_traffic_policy_local_without_local_endpoint_drops():
+    (fe,) = tr(svc(internalTrafficPolicy="Local"), [es(endpoints=[ep("10.0.0.2", node="node-b")])])
+    assert fe.backends == () and fe.flags == SvcFlag.ITP_LOCAL | SvcFlag.NO_LOCAL_DROP
+
+
+def test_local_policy_falls_back_to_local_serving_terminating():
+    sl = es(
+        endpoints=[
+            ep("10.0.0.1", node="node-a", ready=False, serving=True, terminating=True),
+            ep("10.0.0.2", node="node-b"),
+        ]
+    )
+    (fe,) = tr(svc(internalTrafficPolicy="Local"), [sl])
+    assert addrs(fe) == [("10.0.0.1", 8080)]
+
+
+# ---- topology ----
+
+
+def zoned():
+    return es(
+        endpoints=[
+            ep("10.0.0.1", zone="zone-a", hints=["zone-a"]),
+            ep("10.0.0.2", zone="zone-b", hints=["zone-b"]),
+            ep("10.0.0.3", zone="zone-a", hints=["zone-a"]),
+        ]
+    )
+
+
+def test_topology_hints_used_with_traffic_distribution():
+    (fe,) = tr(svc(trafficDistribution="PreferClose"), [zoned()])
+    assert [b.address for b in fe.backends] == ["10.0.0.1", "10.0.0.3"]
+
+
+def test_topology_hints_used_with_annotation_auto():
+    (fe,) = tr(svc(annotations={"service.kubernetes.io/topology-mode": "Auto"}), [zoned()])
+    assert [b.address for b in fe.backends] == ["10.0.0.1", "10.0.0.3"]
+
+
+def test_topology_hints_ignored_without_opt_in():
+    (fe,) = tr(svc(), [zoned()])
+    assert len(fe.backends) == 3
+
+
+def test_topology_hints_ignored_when_one_endpoint_lacks_hints():
+    sl = es(endpoints=[ep("10.0.0.1", hints=["zone-a"]), ep("10.0.0.2")])
+    (fe,) = tr(svc(trafficDistribution="PreferClose"), [sl])
+    assert len(fe.backends) == 2
+
+
+def test_topology_hints_ignored_when_none_for_this_zone():
+    sl = es(endpoints=[ep("10.0.0.1", hints=["zone-b"]), ep("10.0.0.2", hints=["zone-c"])])
+    (fe,) = tr(svc(trafficDistribution="PreferClose"), [sl])
+    assert len(fe.backends) == 2
+
+
+def test_topology_hints_ignored_when_node_has_no_zone():
+    (fe,) = tr(svc(trafficDistribution="PreferClose"), [zoned()], node=NodeInfo("node-a", ("192.168.1.10",)))
+    assert len(fe.backends) == 3
+
+
+# ---- errors ----
+
+
+def test_too_many_backends_raises_typed_error(monkeypatch):
+    import kproxy.translate as t
+
+    monkeypatch.setattr(t, "MAX_BACKENDS_PER_FRONTEND", 1)
+    with pytest.raises(TranslateError) as ei:
+        tr(svc(), [es()])
+    assert ei.value.reason == "too_many_backends" and "default/web" in str(ei.value)
+
+
+def test_translate_is_deterministic_and_pure():
+    s, sl = svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}]), [local_mix()]
+    assert tr(s, sl) == tr(s, list(reversed(sl)))
