@@ -16,6 +16,7 @@ DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nf
 PYTEST_ARGS ?=
 
 include mk/helm.mk
+include mk/bench.mk
 
 .PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak
 
@@ -66,16 +67,16 @@ lint: install
 wheel: install
 	$(PY) -m pip wheel -q --no-deps -w dist .
 
-bench: install
+bench: install loadgen
 	$(PY) -m bench.run --quick
 
-bench-full: install
+bench-full: install loadgen
 	$(PY) -m bench.run --full
 
 DURATION ?= 600
-soak: install
+soak: install loadgen
 	$(PY) -m bench.soak --duration $(DURATION)
 
-clean:
+clean: clean-loadgen
 	rm -rf $(BPF_OBJ_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

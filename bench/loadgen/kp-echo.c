@@ -1,0 +1,150 @@
+/* kp-echo: the backends' server for the benchmarks. Accepts, reads one request, writes its identity
+ * and a newline, closes (the server closes first, so TIME_WAIT stays on the server side and the
+ * client's ports are free again at once). One epoll loop per process; -P N forks N processes sharing
+ * the listening ports with SO_REUSEPORT so the server is never the bottleneck.
+ *
+ *   kp-echo -l 0.0.0.0:8080 [-l ADDR:PORT ...] [-i IDENTITY] [-P PROCS]
+ *
+ * Without -i the identity is the local address:port the connection arrived at, so one process
+ * serving several backend addresses still tells them apart.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_LISTEN 16
+
+static int listen_fds[MAX_LISTEN], nlisten;
+static const char *identity;
+
+static int open_listener(const char *spec)
+{
+	char host[64];
+	const char *colon = strrchr(spec, ':');
+	if (!colon || (size_t)(colon - spec) >= sizeof(host)) {
+		fprintf(stderr, "kp-echo: -l %s: expected ADDR:PORT\n", spec);
+		exit(2);
+	}
+	memcpy(host, spec, (size_t)(colon - spec));
+	host[colon - spec] = 0;
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1)) };
+	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+		fprintf(stderr, "kp-echo: -l %s: %s is not an IPv4 address\n", spec, host);
+		exit(2);
+	}
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	setsockopt(fd, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4096) < 0) {
+		fprintf(stderr, "kp-echo: cannot listen on %s: %s\n", spec, strerror(errno));
+		exit(1);
+	}
+	return fd;
+}
+
+static void reply(int fd)
+{
+	char buf[4096], id[128];
+	ssize_t n = recv(fd, buf, sizeof(buf), 0);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return; /* request not here yet; epoll calls again */
+	if (n > 0) {
+		int len;
+		if (identity) {
+			len = snprintf(id, sizeof(id), "%s\n", identity);
+		} else {
+			struct sockaddr_in sa;
+			socklen_t sl = sizeof(sa);
+			char ip[INET_ADDRSTRLEN] = "?";
+			getsockname(fd, (struct sockaddr *)&sa, &sl);
+			inet_ntop(AF_INET, &sa.sin_addr, ip, sizeof(ip));
+			len = snprintf(id, sizeof(id), "%s:%u\n", ip, ntohs(sa.sin_port));
+		}
+		send(fd, id, (size_t)len, MSG_NOSIGNAL);
+	}
+	close(fd);
+}
+
+static void serve(void)
+{
+	int ep = epoll_create1(EPOLL_CLOEXEC);
+	for (int i = 0; i < nlisten; i++) {
+		struct epoll_event ev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.fd = -1 - i };
+		epoll_ctl(ep, EPOLL_CTL_ADD, listen_fds[i], &ev);
+	}
+	struct epoll_event evs[256];
+	for (;;) {
+		int n = epoll_wait(ep, evs, 256, -1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		for (int i = 0; i < n; i++) {
+			int tag = evs[i].data.fd;
+			if (tag >= 0) {
+				reply(tag);
+				continue;
+			}
+			for (;;) {
+				int c = accept4(listen_fds[-1 - tag], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+				if (c < 0)
+					break;
+				/* Usually the request is already queued: answer without an epoll round trip. */
+				char peek;
+				if (recv(c, &peek, 1, MSG_PEEK) == 1) {
+					reply(c);
+					continue;
+				}
+				struct epoll_event ev = { .events = EPOLLIN | EPOLLONESHOT, .data.fd = c };
+				epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+			}
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	int procs = 1, opt;
+	while ((opt = getopt(argc, argv, "l:i:P:")) != -1) {
+		switch (opt) {
+		case 'l':
+			if (nlisten == MAX_LISTEN) {
+				fprintf(stderr, "kp-echo: at most %d -l\n", MAX_LISTEN);
+				return 2;
+			}
+			listen_fds[nlisten++] = open_listener(optarg);
+			break;
+		case 'i': identity = optarg; break;
+		case 'P': procs = atoi(optarg); break;
+		default:
+			fprintf(stderr, "usage: kp-echo -l ADDR:PORT [-l ...] [-i IDENTITY] [-P PROCS]\n");
+			return 2;
+		}
+	}
+	if (!nlisten) {
+		fprintf(stderr, "usage: kp-echo -l ADDR:PORT [-l ...] [-i IDENTITY] [-P PROCS]\n");
+		return 2;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	/* Children die with the parent (the harness kills the parent by pid). */
+	for (int i = 1; i < procs; i++) {
+		pid_t pid = fork();
+		if (pid == 0) {
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			serve();
+		}
+	}
+	serve();
+	return 0;
+}
