@@ -38,8 +38,8 @@ int kp_from_pod(struct __sk_buff *skb)
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
 		if (svc)
-			return kp_lb4_forward(skb, &p, &svc_key, svc, 0);
-		return kp_revnat4(skb, &p);
+			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
+		return kp_revnat4(skb, &p, 1);
 	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
 	}
@@ -55,27 +55,79 @@ int kp_to_pod(struct __sk_buff *skb)
 	kp_count(KP_STAT_TO_POD, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_L4:
-		return kp_revnat4(skb, &p);
+		return kp_revnat4(skb, &p, 0);
 	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
 	}
 	return TC_ACT_OK;
 }
 
-/* Hook: tc ingress of a node's external interface. Direction: outside -> node (NodePort, LB, ExternalIP). */
+/* An ICMP error about a SNATed flow, translated by kp_icmp_snat(), forwarded to the client. */
+static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const struct kp_pkt *p)
+{
+	struct bpf_fib_lookup fib;
+	__be32 dst = 0, src = 0;
+	int res;
+
+	res = kp_icmp_snat(skb, p, &dst, &src);
+	if (res == 0)
+		return TC_ACT_OK;
+	if (res < 0) {
+		kp_count(KP_DROP_NAT_FAILED, p->len);
+		return TC_ACT_SHOT;
+	}
+	res = kp_fib_lookup(skb, &fib, src, dst, 0);
+	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
+		kp_count(KP_DROP_FIB, p->len);
+		return TC_ACT_SHOT;
+	}
+	kp_count(KP_STAT_ICMP_SNAT, p->len);
+	return kp_fib_redirect(skb, &fib, res);
+}
+
+/*
+ * Hook: tc ingress of a node's external interface. Direction: outside -> node.
+ *   NodePort / LoadBalancer / ExternalIP frontends (scope EXT): DNAT, and SNAT or DSR to remote backends
+ *   IPIP to this node, or the DSR option: DSR from an ingress node to a local backend
+ *   replies of SNATed flows and ICMP errors about them: back to the client
+ */
 SEC("tc")
 int kp_from_netdev(struct __sk_buff *skb)
 {
 	struct kp_svc4_key svc_key;
 	struct kp_svc4_val *svc;
+	struct kp_config *cfg;
 	struct kp_pkt p;
+	int ret;
 
 	kp_count(KP_STAT_FROM_NETDEV, skb->len);
-	if (kp_parse_counted(skb, &p) != KP_PARSE_L4)
-		return TC_ACT_OK;
-	svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
-	if (svc)
-		return kp_lb4_forward(skb, &p, &svc_key, svc, KP_CT_F_EXTERNAL);
+	switch (kp_parse_counted(skb, &p)) {
+	case KP_PARSE_IPIP:
+		cfg = kp_config();
+		if (!cfg || !cfg->node_addr || p.daddr != cfg->node_addr || p.ip_hlen != sizeof(struct iphdr))
+			return TC_ACT_OK;
+		if (kp_ipip_pop(skb)) {
+			kp_count(KP_DROP_ENCAP_FAILED, p.len);
+			return TC_ACT_SHOT;
+		}
+		if (kp_parse4(skb, &p) != KP_PARSE_L4)
+			return TC_ACT_OK;
+		ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_IPIP);
+		return ret < 0 ? TC_ACT_OK : ret;
+	case KP_PARSE_ICMP:
+		return kp_icmp_snat_forward(skb, &p);
+	case KP_PARSE_L4:
+		svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
+		if (svc)
+			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
+		if (p.ip_hlen > sizeof(struct iphdr)) {
+			ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_OPT);
+			if (ret >= 0)
+				return ret;
+		}
+		ret = kp_snat_revnat4(skb, &p);
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
 	return TC_ACT_OK;
 }
 

@@ -63,4 +63,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_stats_v1 SEC(".maps");
 
+/* SNAT of external flows sent to remote backends: the backend's reply tuple -> client and frontend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_snat4_key);
+	__type(value, struct kp_snat4_val);
+	__uint(max_entries, KP_SNAT4_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_snat4_v1 SEC(".maps");
+
 #endif /* KPROXY_MAPS_H */

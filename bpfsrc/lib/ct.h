@@ -3,6 +3,9 @@
  * Connection tracking: two LRU entries per translated flow.
  *   FWD   key (client -> frontend, as the client sends it),  val.nat = backend
  *   REPLY key (backend -> client, as the backend sends it),  val.nat = frontend
+ * SNATed flows (KP_CT_F_SNAT) keep their reply side in kp_snat4_v1 instead of a REPLY entry: the
+ * backend answers node:nat_port, not the client. Hairpin flows (KP_CT_F_HAIRPIN) answer the hairpin
+ * address, so their REPLY key carries it and REPLY snat_addr/port hold the client to restore.
  * Each key is derivable from the other entry's key + value, so a hit on either side can rewrite
  * both without a second lookup. Entries are written only on a state change or when their expiry
  * moved by more than KP_CT_REFRESH_NS: no per-packet map writes.
@@ -82,9 +85,11 @@ static __always_inline void kp_ct_key_of_pkt(struct kp_ct4_key *key, const struc
 static __always_inline void kp_ct_fwd_of_reply(const struct kp_ct4_key *rk, const struct kp_ct4_val *rv,
 					       struct kp_ct4_key *fk, struct kp_ct4_val *fv)
 {
-	fk->saddr = rk->daddr;
+	int hairpin = rv->flags & KP_CT_F_HAIRPIN;
+
+	fk->saddr = hairpin ? rv->snat_addr : rk->daddr;
 	fk->daddr = rv->nat_addr;
-	fk->sport = rk->dport;
+	fk->sport = hairpin ? rv->snat_port : rk->dport;
 	fk->dport = rv->nat_port;
 	fk->proto = rk->proto;
 	fk->dir = KP_CT_DIR_FWD;
@@ -93,26 +98,68 @@ static __always_inline void kp_ct_fwd_of_reply(const struct kp_ct4_key *rk, cons
 	*fv = *rv;
 	fv->nat_addr = rk->saddr;
 	fv->nat_port = rk->sport;
+	if (hairpin) {
+		fv->snat_addr = rk->daddr;
+		fv->snat_port = rk->dport;
+	}
 }
 
-/* Write both entries of a flow, described by its FWD side. */
+/* The kp_snat4_v1 entry of a SNATed flow, described by its FWD side. */
+static __always_inline void kp_snat_of_fwd(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
+					   struct kp_snat4_key *sk, struct kp_snat4_val *sv)
+{
+	sk->saddr = fv->nat_addr;
+	sk->daddr = fv->snat_addr;
+	sk->sport = fv->nat_port;
+	sk->dport = fv->snat_port;
+	sk->proto = fk->proto;
+	sk->pad[0] = 0;
+	sk->pad[1] = 0;
+	sk->pad[2] = 0;
+	sv->expires_ns = fv->expires_ns;
+	sv->client_addr = fk->saddr;
+	sv->front_addr = fk->daddr;
+	sv->client_port = fk->sport;
+	sv->front_port = fk->dport;
+	sv->state = fv->state;
+	sv->flags = fv->flags;
+	sv->pad[0] = 0;
+	sv->pad[1] = 0;
+}
+
+/* Write both sides of a flow, described by its FWD side. */
 static __always_inline int kp_ct_write(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv)
 {
-	struct kp_ct4_key rk = {
-		.saddr = fv->nat_addr,
-		.daddr = fk->saddr,
-		.sport = fv->nat_port,
-		.dport = fk->sport,
-		.proto = fk->proto,
-		.dir = KP_CT_DIR_REPLY,
-	};
-	struct kp_ct4_val rv = *fv;
+	int hairpin = fv->flags & KP_CT_F_HAIRPIN;
 
-	rv.nat_addr = fk->daddr;
-	rv.nat_port = fk->dport;
-	/* REPLY first: once FWD exists, replies of the flow must find their way back. */
-	if (bpf_map_update_elem(&kp_ct4_v1, &rk, &rv, BPF_ANY))
-		return -1;
+	/* The reply side first: once FWD exists, replies of the flow must find their way back. */
+	if (fv->flags & KP_CT_F_SNAT) {
+		struct kp_snat4_key sk;
+		struct kp_snat4_val sv;
+
+		kp_snat_of_fwd(fk, fv, &sk, &sv);
+		if (bpf_map_update_elem(&kp_snat4_v1, &sk, &sv, BPF_ANY))
+			return -1;
+	} else {
+		struct kp_ct4_key rk = {
+			.saddr = fv->nat_addr,
+			.daddr = hairpin ? fv->snat_addr : fk->saddr,
+			.sport = fv->nat_port,
+			.dport = hairpin ? fv->snat_port : fk->sport,
+			.proto = fk->proto,
+			.dir = KP_CT_DIR_REPLY,
+		};
+		struct kp_ct4_val rv = *fv;
+
+		rv.nat_addr = fk->daddr;
+		rv.nat_port = fk->dport;
+		if (hairpin) {
+			rv.snat_addr = fk->saddr;
+			rv.snat_port = fk->sport;
+		}
+		if (bpf_map_update_elem(&kp_ct4_v1, &rk, &rv, BPF_ANY))
+			return -1;
+	}
 	if (bpf_map_update_elem(&kp_ct4_v1, fk, fv, BPF_ANY))
 		return -1;
 	return 0;

@@ -36,7 +36,8 @@ struct kp_icmp_hdrs {
  * at (TCP check is at +16). The receiver accepts the CHECKSUM_PARTIAL skb as already verified;
  * our ICMP checksum is complete anyway.
  */
-static __always_inline int kp_icmp_reject(struct __sk_buff *skb, const struct kp_pkt *p)
+static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struct kp_pkt *p, __u8 code,
+					      __u16 mtu)
 {
 	__u32 quote[KP_ICMP_QUOTE_MAX / 4] = {};
 	struct kp_icmp_hdrs h = {};
@@ -68,7 +69,9 @@ static __always_inline int kp_icmp_reject(struct __sk_buff *skb, const struct kp
 	h.ip.daddr = p->saddr;
 	h.ip.check = kp_csum_fold(kp_csum_add(&h.ip, sizeof(h.ip), 0));
 	h.icmp.type = KP_ICMP_DEST_UNREACH;
-	h.icmp.code = KP_ICMP_PORT_UNREACH;
+	h.icmp.code = code;
+	/* Fragmentation needed: 16 unused bits, then the next-hop MTU (RFC 1191). */
+	h.icmp.rest = bpf_htonl((__u32)mtu);
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0))
@@ -81,11 +84,122 @@ static __always_inline int kp_icmp_reject(struct __sk_buff *skb, const struct kp
 		goto fail;
 	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth.h_dest, ETH_ALEN, 0))
 		goto fail;
-	kp_count(KP_STAT_REJECT, p->len);
+	kp_count(code == KP_ICMP_FRAG_NEEDED ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 	return bpf_redirect(skb->ifindex, 0);
 fail:
 	kp_count(KP_DROP_REJECT_FAILED, p->len);
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int kp_icmp_reject(struct __sk_buff *skb, const struct kp_pkt *p)
+{
+	return kp_icmp_send_error(skb, p, KP_ICMP_PORT_UNREACH, 0);
+}
+
+/* "Fragmentation needed, next-hop MTU mtu" for a DF packet that is too big once a DSR header is added. */
+static __always_inline int kp_icmp_frag_needed(struct __sk_buff *skb, const struct kp_pkt *p, __u16 mtu)
+{
+	return kp_icmp_send_error(skb, p, KP_ICMP_FRAG_NEEDED, mtu);
+}
+
+/*
+ * Rewrite one address (and port) of the packet quoted in an ICMP error: the quoted IPv4 header's
+ * checksum follows, and the ICMP checksum (no pseudo-header, covers every quoted byte) follows
+ * both. src selects the quoted source (1) or destination (0).
+ */
+static __always_inline int kp_icmp_quote_nat(struct __sk_buff *skb, __u32 icmp_csum_off, __u32 inner_ip_off,
+					     __u32 inner_l4_off, int src, __be32 old_addr, __be32 new_addr,
+					     __be16 old_port, __be16 new_port)
+{
+	__u32 check_off = inner_ip_off + offsetof(struct iphdr, check);
+	__u32 addr_off = inner_ip_off + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	__u32 port_off = inner_l4_off + (src ? 0 : sizeof(__be16));
+	__sum16 old_check, new_check;
+
+	if (old_addr != new_addr) {
+		if (bpf_skb_load_bytes(skb, check_off, &old_check, sizeof(old_check)))
+			return -1;
+		if (bpf_l3_csum_replace(skb, check_off, old_addr, new_addr, sizeof(new_addr)))
+			return -1;
+		if (bpf_skb_load_bytes(skb, check_off, &new_check, sizeof(new_check)))
+			return -1;
+		if (bpf_l4_csum_replace(skb, icmp_csum_off, old_check, new_check, sizeof(new_check)))
+			return -1;
+		if (bpf_l4_csum_replace(skb, icmp_csum_off, old_addr, new_addr, sizeof(new_addr)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, icmp_csum_off, old_port, new_port, sizeof(new_port)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+			return -1;
+	}
+	return 0;
+}
+
+/* Rewrite an address of the outer IPv4 header of an ICMP message (no pseudo-header in ICMPv4). */
+static __always_inline int kp_ip_addr_set(struct __sk_buff *skb, __u32 off, __be32 old_addr, __be32 new_addr)
+{
+	if (old_addr == new_addr)
+		return 0;
+	if (bpf_l3_csum_replace(skb, KP_IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_addr, sizeof(new_addr), 0);
+}
+
+/*
+ * Ingress node, from a netdev: an ICMP error about a SNATed flow (quoted: node:nat_port -> backend,
+ * sent by a router on the way or by the backend itself) is made about client -> frontend and
+ * addressed to the client. Returns 1 when translated (*dst, *src: the outer addresses it leaves
+ * with), 0 if not ours, -1 if a rewrite failed half-way.
+ */
+static __always_inline int kp_icmp_snat(struct __sk_buff *skb, const struct kp_pkt *p, __be32 *dst,
+					__be32 *src)
+{
+	__u32 inner_ip_off = p->l4_off + sizeof(struct kp_icmphdr);
+	__u32 icmp_csum_off = p->l4_off + offsetof(struct kp_icmphdr, checksum);
+	__u32 inner_l4_off;
+	struct kp_snat4_val *cur, sv;
+	struct kp_snat4_key sk = {};
+	struct iphdr inner;
+	__be16 ports[2];
+
+	if (p->icmp_type != KP_ICMP_DEST_UNREACH && p->icmp_type != KP_ICMP_TIME_EXCEEDED)
+		return 0;
+	if (bpf_skb_load_bytes(skb, inner_ip_off, &inner, sizeof(inner)))
+		return 0;
+	if (inner.version != 4 || inner.ihl < 5)
+		return 0;
+	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP)
+		return 0;
+	inner_l4_off = inner_ip_off + inner.ihl * 4;
+	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
+		return 0;
+	sk.saddr = inner.daddr;
+	sk.daddr = inner.saddr;
+	sk.sport = ports[1];
+	sk.dport = ports[0];
+	sk.proto = inner.protocol;
+	cur = bpf_map_lookup_elem(&kp_snat4_v1, &sk);
+	if (!cur || cur->expires_ns < bpf_ktime_get_ns())
+		return 0;
+	sv = *cur;
+	if (kp_icmp_quote_nat(skb, icmp_csum_off, inner_ip_off, inner_l4_off, 1, inner.saddr, sv.client_addr,
+			      ports[0], sv.client_port))
+		return -1;
+	if (kp_icmp_quote_nat(skb, icmp_csum_off, inner_ip_off, inner_l4_off, 0, inner.daddr, sv.front_addr,
+			      ports[1], sv.front_port))
+		return -1;
+	/* Sent by the backend itself: it must come from the frontend the client talked to. */
+	*src = p->saddr == inner.daddr ? sv.front_addr : p->saddr;
+	*dst = sv.client_addr;
+	if (kp_ip_addr_set(skb, KP_IP_SADDR_OFF, p->saddr, *src))
+		return -1;
+	if (kp_ip_addr_set(skb, KP_IP_DADDR_OFF, p->daddr, *dst))
+		return -1;
+	return 1;
 }
 
 /*

@@ -13,6 +13,9 @@
 #include "lib/nat.h"
 #include "lib/icmp.h"
 #include "lib/stats.h"
+#include "lib/fib.h"
+#include "lib/dsr.h"
+#include "lib/snat.h"
 
 /* Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds, used when the entry says 0. */
 #define KP_AFFINITY_TIMEOUT_DEFAULT 10800
@@ -101,21 +104,134 @@ remember:
 }
 
 /*
+ * How a new flow leaves this node, decided once at flow creation and kept in the CT FWD flags, so
+ * a DSR toggle (kp_config dsr_mode) applies to new flows only:
+ *   pod balanced to itself          HAIRPIN: source -> hairpin address, bounced back to the pod
+ *   from outside to a remote backend (externalTrafficPolicy Cluster, node address configured):
+ *                                   DSR_OPT, DSR_IPIP (needs the backend's node address), else SNAT
+ *   anything else                   plain DNAT, the kernel routes it
+ */
+static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp_svc4_val *svc,
+					 const struct kp_be4_val *be, const struct kp_config *cfg, int origin)
+{
+	if (origin == KP_ORIGIN_POD)
+		return be->addr == p->saddr ? KP_CT_F_HAIRPIN : 0;
+	if ((be->flags & KP_BE_F_LOCAL) || (svc->flags & KP_SVC_F_ETP_LOCAL) || !cfg || !cfg->node_addr)
+		return 0;
+	if (cfg->dsr_mode == KP_DSR_OPT)
+		return KP_CT_F_DSR_OPT;
+	if (cfg->dsr_mode == KP_DSR_IPIP && be->node_addr)
+		return KP_CT_F_DSR_IPIP;
+	return KP_CT_F_SNAT;
+}
+
+/*
+ * Translate a packet of a tracked flow (fk, fv) as its mode says. Flows BPF forwards itself (SNAT,
+ * DSR) are routed first, before anything is rewritten, so a packet too big for the route once the
+ * DSR option or IPIP header is added can still be answered with "fragmentation needed" about the
+ * packet the client sent. A too-big packet without DF is dropped (counted): its fragments could
+ * not carry the flow to the backend node's conntrack.
+ */
+static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_pkt *p,
+					const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
+					const struct kp_config *cfg)
+{
+	__u8 mode = fv->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
+	struct bpf_fib_lookup fib;
+	__u32 extra = 0, tot_len;
+	__be32 node_addr, fib_src, fib_dst;
+	int opt = 0, res;
+
+	if (!mode || ((mode & KP_CT_F_HAIRPIN) == 0 && !cfg)) {
+		if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port))
+			goto fail;
+		kp_count(KP_STAT_DNAT, p->len);
+		return TC_ACT_OK;
+	}
+	if (mode & KP_CT_F_HAIRPIN) {
+		if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) ||
+		    kp_nat4(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
+			goto fail;
+		kp_count(KP_STAT_DNAT, p->len);
+		kp_count(KP_STAT_HAIRPIN, p->len);
+		return kp_bounce(skb);
+	}
+
+	if (p->ttl <= 1)
+		return TC_ACT_OK;   /* the kernel answers time exceeded */
+	node_addr = cfg ? cfg->node_addr : 0;
+	fib_src = p->saddr;
+	fib_dst = fv->nat_addr;
+	if (mode & KP_CT_F_SNAT) {
+		fib_src = fv->snat_addr;
+	} else {
+		opt = kp_dsr_wants_opt(p);
+		extra = opt ? KP_DSR_OPT_LEN : 0;
+		if (mode & KP_CT_F_DSR_IPIP) {
+			extra += KP_IPIP_HLEN;
+			fib_src = node_addr;
+			fib_dst = fv->snat_addr;
+		}
+	}
+	tot_len = p->tot_len ? p->tot_len + extra : 0;
+	res = kp_fib_lookup(skb, &fib, fib_src, fib_dst, tot_len);
+	if (res == KP_FIB_FRAG_NEEDED) {
+		if (!p->df) {
+			kp_count(KP_DROP_DSR_TOO_BIG, p->len);
+			return TC_ACT_SHOT;
+		}
+		return kp_icmp_frag_needed(skb, p, fib.mtu_result - extra);
+	}
+	if (res == KP_FIB_FAIL) {
+		kp_count(KP_DROP_FIB, p->len);
+		return TC_ACT_SHOT;
+	}
+
+	if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) || kp_ttl_dec(skb, p->ttl))
+		goto fail;
+	kp_count(KP_STAT_DNAT, p->len);
+	if (mode & KP_CT_F_SNAT) {
+		if (kp_nat4(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
+			goto fail;
+		kp_count(KP_STAT_SNAT, p->len);
+		return kp_fib_redirect(skb, &fib, res);
+	}
+	if (opt && kp_dsr_opt_push(skb, fk->daddr, fk->dport))
+		goto fail_encap;
+	if (mode & KP_CT_F_DSR_IPIP) {
+		if (kp_ipip_push(skb, node_addr, fv->snat_addr))
+			goto fail_encap;
+		kp_count(KP_STAT_DSR_IPIP_TX, p->len);
+	} else {
+		kp_count(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
+	}
+	return kp_fib_redirect(skb, &fib, res);
+fail_encap:
+	kp_count(KP_DROP_ENCAP_FAILED, p->len);
+	return TC_ACT_SHOT;
+fail:
+	kp_count(KP_DROP_NAT_FAILED, p->len);
+	return TC_ACT_SHOT;
+}
+
+/*
  * A packet to a service frontend: follow its flow's backend, or pick one and track the flow,
- * then DNAT. No backend at all: ICMP port unreachable, or a drop when the agent asked for one.
+ * then translate. No backend at all: ICMP port unreachable, or a drop when the agent asked for one.
  */
 static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp_pkt *p,
 					  const struct kp_svc4_key *svc_key, const struct kp_svc4_val *svc,
-					  __u8 ct_flags)
+					  int origin)
 {
+	struct kp_config *cfg = kp_config();
 	struct kp_ct4_key fk;
 	struct kp_ct4_val fv = {};
 	struct kp_ct4_val *cur;
 	struct kp_be4_val be;
+	struct kp_be4_val *cur_be;
 	__u32 backend_id;
 	__u32 new_stat = KP_STAT_CT_NEW;
 	__u64 now = bpf_ktime_get_ns();
-	__u8 state;
+	__u8 state, mode;
 
 	if (svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
@@ -129,11 +245,11 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	cur = kp_ct_lookup(&fk, now);
 	if (cur) {
 		fv = *cur;
-		if (!kp_ct_tuple_reused(fv.state, p->tcp_flags) &&
-		    bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id)) {
+		cur_be = bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id);
+		if (!kp_ct_tuple_reused(fv.state, p->tcp_flags) && cur_be) {
 			kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags,
 				    now);
-			goto dnat;
+			goto xlate;
 		}
 		new_stat = KP_STAT_CT_REOPEN;
 	}
@@ -143,24 +259,90 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		return TC_ACT_SHOT;
 	}
 	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
+	mode = kp_flow_mode(p, svc, &be, cfg, origin);
 	fv.expires_ns = now + kp_ct_timeout_ns(state);
 	fv.backend_id = backend_id;
 	fv.svc_id = svc->svc_id;
 	fv.nat_addr = be.addr;
 	fv.nat_port = be.port;
 	fv.state = state;
-	fv.flags = ct_flags | ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
+	fv.flags = mode | (origin == KP_ORIGIN_NETDEV ? KP_CT_F_EXTERNAL : 0) |
+		   ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
+	fv.snat_addr = 0;
+	fv.snat_port = 0;
+	fv.pad[0] = 0;
+	fv.pad[1] = 0;
+	if (mode & KP_CT_F_HAIRPIN) {
+		fv.snat_addr = kp_hairpin_addr(cfg);
+		fv.snat_port = p->sport;
+	} else if (mode & KP_CT_F_DSR_IPIP) {
+		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
+	} else if ((mode & KP_CT_F_SNAT) && cfg) {
+		fv.snat_addr = cfg->node_addr;
+		if (kp_snat_alloc(&fk, &fv, cfg, now, p->len)) {
+			kp_count(KP_DROP_SNAT_NO_PORT, p->len);
+			return TC_ACT_SHOT;
+		}
+		kp_count(KP_STAT_SNAT_NEW, p->len);
+	}
 	if (kp_ct_write(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
 	}
 	kp_count(new_stat, p->len);
-dnat:
-	if (kp_nat4(skb, p, KP_NAT_DST, fv.nat_addr, fv.nat_port)) {
-		kp_count(KP_DROP_NAT_FAILED, p->len);
+xlate:
+	return kp_lb4_xlate(skb, p, &fk, &fv, cfg);
+}
+
+/*
+ * Backend node, from a netdev: a packet sent here by an ingress node in DSR mode (already DNATed to
+ * a local backend). If it carries the DSR option, strip it and track the flow so the backend's
+ * replies leave with the frontend as their source (kp_revnat4 in kp_from_pod); the kernel then
+ * delivers it to the backend with the client's address intact. Returns -1 without the option.
+ */
+static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __u8 how)
+{
+	struct kp_dsr_opt opt;
+	struct kp_ct4_key fk;
+	struct kp_ct4_val fv = {};
+	struct kp_ct4_val *cur;
+	__u64 now = bpf_ktime_get_ns();
+	__u8 state;
+
+	if (!kp_dsr_opt_read(skb, p, &opt))
+		return -1;
+	if (kp_dsr_opt_pop(skb, p, &opt)) {
+		kp_count(KP_DROP_ENCAP_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_DNAT, p->len);
+	fk.saddr = p->saddr;
+	fk.daddr = opt.addr;
+	fk.sport = p->sport;
+	fk.dport = opt.port;
+	fk.proto = p->proto;
+	fk.dir = KP_CT_DIR_FWD;
+	fk.pad[0] = 0;
+	fk.pad[1] = 0;
+	/* UDP carries the option on every datagram: a live entry of the same flow is only touched. */
+	cur = kp_ct_lookup(&fk, now);
+	if (cur && cur->nat_addr == p->daddr && cur->nat_port == p->dport &&
+	    !kp_ct_tuple_reused(cur->state, p->tcp_flags)) {
+		fv = *cur;
+		kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
+		kp_count(KP_STAT_DSR_RX, p->len);
+		return TC_ACT_OK;
+	}
+	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
+	fv.expires_ns = now + kp_ct_timeout_ns(state);
+	fv.nat_addr = p->daddr;
+	fv.nat_port = p->dport;
+	fv.state = state;
+	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
+	if (kp_ct_write(&fk, &fv)) {
+		kp_count(KP_DROP_CT_FULL, p->len);
+		return TC_ACT_SHOT;
+	}
+	kp_count(KP_STAT_DSR_RX, p->len);
 	return TC_ACT_OK;
 }
 

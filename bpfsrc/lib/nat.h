@@ -11,6 +11,8 @@
 #include "lib/parse.h"
 #include "lib/ct.h"
 #include "lib/stats.h"
+#include "lib/fib.h"
+#include "lib/dsr.h"
 
 enum kp_nat_side {
 	KP_NAT_SRC = 0,  /* rewrite saddr/sport (reverse NAT) */
@@ -53,13 +55,36 @@ static __always_inline int kp_nat4(struct __sk_buff *skb, const struct kp_pkt *p
 	return 0;
 }
 
-/* A reply of a translated flow (backend -> client): restore the frontend as its source. */
-static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt *p)
+static __always_inline __be32 kp_hairpin_addr(const struct kp_config *cfg)
 {
+	return cfg && cfg->hairpin_addr ? cfg->hairpin_addr : bpf_htonl(KP_HAIRPIN_ADDR_DEFAULT);
+}
+
+/* Largest MSS a client may send through a DSR IPIP flow: the LAN MTU minus both IPv4 headers and TCP. */
+static __always_inline __u16 kp_ipip_mss(const struct kp_config *cfg)
+{
+	__u32 mtu = cfg && cfg->lan_mtu ? cfg->lan_mtu : KP_LAN_MTU_DEFAULT;
+
+	return mtu - 2 * sizeof(struct iphdr) - sizeof(struct tcphdr);
+}
+
+/*
+ * A reply of a translated flow (backend -> client): restore the frontend as its source.
+ * from_pod: the reply leaves a local backend. Replies of flows from outside (local backend or DSR)
+ * and those whose restored source is this node's address are forwarded by BPF (kp_fib_*): the
+ * kernel would drop a local source arriving on a veth as a martian. Hairpin replies go straight
+ * back to the pod. A SYN-ACK of a DSR IPIP flow gets its MSS lowered so the client's segments fit
+ * the LAN once encapsulated.
+ */
+static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt *p, int from_pod)
+{
+	struct kp_config *cfg = kp_config();
+	struct bpf_fib_lookup fib;
 	struct kp_ct4_key rk, fk;
 	struct kp_ct4_val rv, fv;
 	struct kp_ct4_val *cur;
 	__u64 now = bpf_ktime_get_ns();
+	int fwd = 0, res = KP_FIB_FAIL;
 
 	kp_ct_key_of_pkt(&rk, p, KP_CT_DIR_REPLY);
 	cur = kp_ct_lookup(&rk, now);
@@ -69,12 +94,88 @@ static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt
 	kp_ct_fwd_of_reply(&rk, &rv, &fk, &fv);
 	kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 1),
 		    fv.flags | KP_CT_F_SEEN_REPLY, now);
-	if (kp_nat4(skb, p, KP_NAT_SRC, rv.nat_addr, rv.nat_port)) {
+	if (from_pod && !(rv.flags & KP_CT_F_HAIRPIN) &&
+	    ((rv.flags & KP_CT_F_EXTERNAL) || (cfg && cfg->node_addr && rv.nat_addr == cfg->node_addr)) &&
+	    p->ttl > 1) {
+		res = kp_fib_lookup(skb, &fib, rv.nat_addr, p->daddr, 0);
+		fwd = res == KP_FIB_OK || res == KP_FIB_NEIGH;
+	}
+	if (from_pod && (rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
+	    kp_mss_clamp(skb, p->l4_off, kp_l4_csum_off(p), kp_ipip_mss(cfg)))
+		kp_count(KP_STAT_MSS_CLAMP, p->len);
+	if (kp_nat4(skb, p, KP_NAT_SRC, rv.nat_addr, rv.nat_port))
+		goto fail;
+	if (rv.flags & KP_CT_F_HAIRPIN) {
+		if (kp_nat4(skb, p, KP_NAT_DST, rv.snat_addr, rv.snat_port))
+			goto fail;
+		kp_count(KP_STAT_REVNAT, p->len);
+		kp_count(KP_STAT_HAIRPIN, p->len);
+		return from_pod ? kp_bounce(skb) : TC_ACT_OK;
+	}
+	kp_count(KP_STAT_REVNAT, p->len);
+	if (!fwd)
+		return TC_ACT_OK;
+	if (kp_ttl_dec(skb, p->ttl))
+		goto fail;
+	return kp_fib_redirect(skb, &fib, res);
+fail:
+	kp_count(KP_DROP_NAT_FAILED, p->len);
+	return TC_ACT_SHOT;
+}
+
+/*
+ * Ingress node, from a netdev: a reply of a SNATed flow (backend -> node:nat_port). Restore
+ * client as destination and frontend as source, forward it to the client. Returns -1 if the packet
+ * is not such a reply.
+ */
+static __always_inline int kp_snat_revnat4(struct __sk_buff *skb, const struct kp_pkt *p)
+{
+	struct kp_snat4_key sk = {
+		.saddr = p->saddr,
+		.daddr = p->daddr,
+		.sport = p->sport,
+		.dport = p->dport,
+		.proto = p->proto,
+	};
+	struct kp_snat4_val *cur, sv;
+	struct bpf_fib_lookup fib;
+	struct kp_ct4_key fk;
+	struct kp_ct4_val *fcur, fv;
+	__u64 now = bpf_ktime_get_ns();
+	int res;
+
+	cur = bpf_map_lookup_elem(&kp_snat4_v1, &sk);
+	if (!cur || cur->expires_ns < now)
+		return -1;
+	sv = *cur;
+	fk.saddr = sv.client_addr;
+	fk.daddr = sv.front_addr;
+	fk.sport = sv.client_port;
+	fk.dport = sv.front_port;
+	fk.proto = p->proto;
+	fk.dir = KP_CT_DIR_FWD;
+	fk.pad[0] = 0;
+	fk.pad[1] = 0;
+	fcur = kp_ct_lookup(&fk, now);
+	if (fcur) {
+		fv = *fcur;
+		kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 1),
+			    fv.flags | KP_CT_F_SEEN_REPLY, now);
+	}
+	if (p->ttl <= 1)
+		return TC_ACT_OK;   /* the kernel answers time exceeded to the backend */
+	res = kp_fib_lookup(skb, &fib, sv.front_addr, sv.client_addr, 0);
+	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
+		kp_count(KP_DROP_FIB, p->len);
+		return TC_ACT_SHOT;
+	}
+	if (kp_nat4(skb, p, KP_NAT_DST, sv.client_addr, sv.client_port) ||
+	    kp_nat4(skb, p, KP_NAT_SRC, sv.front_addr, sv.front_port) || kp_ttl_dec(skb, p->ttl)) {
 		kp_count(KP_DROP_NAT_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_REVNAT, p->len);
-	return TC_ACT_OK;
+	kp_count(KP_STAT_SNAT_REVNAT, p->len);
+	return kp_fib_redirect(skb, &fib, res);
 }
 
 #endif /* KPROXY_LIB_NAT_H */

@@ -30,6 +30,7 @@
  * for -target bpf; the few ICMP definitions we need are restated here. */
 #define KP_ICMP_DEST_UNREACH   3
 #define KP_ICMP_PORT_UNREACH   3
+#define KP_ICMP_FRAG_NEEDED    4
 #define KP_ICMP_TIME_EXCEEDED  11
 
 struct kp_icmphdr {
@@ -52,7 +53,10 @@ enum kp_parse_result {
 	KP_PARSE_FRAG = 1,   /* IPv4 fragment: never translated */
 	KP_PARSE_L4 = 2,     /* TCP or UDP, ports valid */
 	KP_PARSE_ICMP = 3,   /* ICMP, type/code valid */
+	KP_PARSE_IPIP = 4,   /* IPv4-in-IPv4 (DSR dispatch), outer header fields valid */
 };
+
+#define KP_IP_DF         0x4000
 
 struct kp_pkt {
 	__u32  len;        /* HBO skb->len */
@@ -66,6 +70,9 @@ struct kp_pkt {
 	__u8   tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
 	__u8   icmp_type;  /* ICMP only */
 	__u8   icmp_code;  /* ICMP only */
+	__u8   ttl;        /* IPv4 TTL */
+	__u8   df;         /* 1 if the IPv4 DF bit is set */
+	__u16  tot_len;    /* HBO IPv4 total length, 0 for BIG TCP GSO packets */
 };
 
 static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
@@ -112,6 +119,9 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 	p->dport = 0;
 	p->icmp_type = 0;
 	p->icmp_code = 0;
+	p->ttl = ip->ttl;
+	p->df = !!(ip->frag_off & bpf_htons(KP_IP_DF));
+	p->tot_len = tot_len;
 	l4 = (void *)ip + ip_hlen;
 
 	switch (ip->protocol) {
@@ -147,6 +157,8 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 		p->icmp_code = icmp->code;
 		return KP_PARSE_ICMP;
 	}
+	case IPPROTO_IPIP:
+		return KP_PARSE_IPIP;
 	}
 	return KP_PARSE_PASS;
 }

@@ -18,13 +18,15 @@ MAP_CT4 = "kp_ct4_v1"
 MAP_AFF4 = "kp_aff4_v1"
 MAP_CFG = "kp_cfg_v1"
 MAP_STATS = "kp_stats_v1"
-ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS)
+MAP_SNAT4 = "kp_snat4_v1"
+ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4)
 
 # ---- default capacities ----
 SVC4_MAX = 262144
 BE4_MAX = 262144
 CT4_MAX = 262144
 AFF4_MAX = 65536
+SNAT4_MAX = 262144
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -70,6 +72,10 @@ class CtFlag(enum.IntFlag):
     SEEN_REPLY = 0x01
     LOCAL_BE = 0x02
     EXTERNAL = 0x04
+    SNAT = 0x08
+    DSR_OPT = 0x10
+    DSR_IPIP = 0x20
+    HAIRPIN = 0x40
 
 
 class DsrMode(enum.IntEnum):
@@ -83,6 +89,12 @@ CT_SYN_TIMEOUT_DEFAULT = 60
 CT_TCP_TIMEOUT_DEFAULT = 21600
 CT_FIN_TIMEOUT_DEFAULT = 10
 CT_UDP_TIMEOUT_DEFAULT = 60
+HAIRPIN_ADDR_DEFAULT = "169.254.42.1"
+SNAT_PORT_MIN_DEFAULT = 32768
+SNAT_PORT_MAX_DEFAULT = 65535
+LAN_MTU_DEFAULT = 1500
+DSR_OPT_TYPE = 0x9A
+DSR_OPT_LEN = 8
 
 SKB_CTX_SIZE = 192
 
@@ -100,12 +112,34 @@ class Stat(enum.IntEnum):
     REJECT = 13
     PASS_FRAGMENT = 14
     CT_REOPEN = 15
+    SNAT = 20
+    SNAT_REVNAT = 21
+    SNAT_NEW = 22
+    SNAT_RETRY = 23
+    DSR_OPT_TX = 24
+    DSR_IPIP_TX = 25
+    DSR_RX = 26
+    DSR_FWD = 27
+    HAIRPIN = 28
+    MSS_CLAMP = 29
+    FRAG_NEEDED = 30
+    ICMP_SNAT = 31
+    SOCK_CONNECT = 16
+    SOCK_SENDMSG = 17
+    SOCK_RECVMSG_REVNAT = 18
+    SOCK_GETPEERNAME_REVNAT = 19
     DROP_NO_LOCAL_BACKEND = 32
     DROP_CT_FULL = 33
     DROP_REJECT_FAILED = 34
     DROP_NAT_FAILED = 35
     DROP_BACKEND_MISSING = 36
     DROP_SRC_RANGE = 37
+    DROP_SNAT_NO_PORT = 40
+    DROP_FIB = 41
+    DROP_DSR_TOO_BIG = 42
+    DROP_ENCAP_FAILED = 43
+    DROP_SOCK_NO_BACKEND = 38
+    DROP_SOCK_REVNAT_FULL = 39
 
 
 STAT_MAX = 64
@@ -163,6 +197,9 @@ class Ct4Val(ctypes.Structure):
         ("nat_port", ctypes.c_uint16),  # NBO
         ("state", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
+        ("snat_addr", ctypes.c_uint32),  # NBO
+        ("snat_port", ctypes.c_uint16),  # NBO
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 
@@ -191,7 +228,47 @@ class Config(ctypes.Structure):
         ("ct_fin_timeout", ctypes.c_uint32),
         ("ct_udp_timeout", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint64 * 4),
+        ("hairpin_addr", ctypes.c_uint32),  # NBO, 0 = HAIRPIN_ADDR_DEFAULT
+        ("snat_port_min", ctypes.c_uint16),  # HBO, 0 = SNAT_PORT_MIN_DEFAULT
+        ("snat_port_max", ctypes.c_uint16),  # HBO, 0 = SNAT_PORT_MAX_DEFAULT
+        ("lan_mtu", ctypes.c_uint32),  # HBO, 0 = LAN_MTU_DEFAULT
+        ("pad2", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint64 * 2),
+    ]
+
+
+class Snat4Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),  # NBO backend address
+        ("daddr", ctypes.c_uint32),  # NBO SNAT address (node)
+        ("sport", ctypes.c_uint16),  # NBO backend port
+        ("dport", ctypes.c_uint16),  # NBO SNAT port
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Snat4Val(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),  # HBO CLOCK_MONOTONIC
+        ("client_addr", ctypes.c_uint32),  # NBO
+        ("front_addr", ctypes.c_uint32),  # NBO
+        ("client_port", ctypes.c_uint16),  # NBO
+        ("front_port", ctypes.c_uint16),  # NBO
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class DsrOpt(ctypes.Structure):
+    """Wire format of the DSR IPv4 option (no map holds it, so it is not in BTF_NAMES)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint8),
+        ("len", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),  # NBO service port
+        ("addr", ctypes.c_uint32),  # NBO service address
     ]
 
 
@@ -212,6 +289,8 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_aff4_key": Aff4Key,
     "kp_aff4_val": Aff4Val,
     "kp_config": Config,
+    "kp_snat4_key": Snat4Key,
+    "kp_snat4_val": Snat4Val,
     "kp_counter": Counter,
 }
 
@@ -232,3 +311,38 @@ def port_to_nbo(port: int) -> int:
 
 def nbo_to_port(value: int) -> int:
     return socket.ntohs(value)
+
+
+# ---- socket-level load balancing (bpfsrc/kproxy_sock.bpf.c) ----
+# Declared by kproxy_sock.bpf.o only (not in maps.h, so not in ALL_MAPS): agents without socket LB do not
+# preallocate it. SocketLB.cleanup() unpins it.
+MAP_SKNAT4 = "kp_sknat4_v1"
+SKNAT4_MAX = 65536
+SOCK_MAPS = (MAP_SKNAT4,)
+
+
+class Sknat4Key(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),  # HBO socket cookie
+        ("addr", ctypes.c_uint32),  # NBO backend address
+        ("port", ctypes.c_uint16),  # NBO backend port
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Sknat4Val(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32),  # NBO frontend address
+        ("port", ctypes.c_uint16),  # NBO frontend port
+        ("pad", ctypes.c_uint16),
+        ("svc_id", ctypes.c_uint32),
+        ("backend_id", ctypes.c_uint32),
+    ]
+
+
+# Checked against the BTF of kproxy_sock.bpf.o (tests/bpf/test_socklb.py); the probe and TC objects
+# do not carry these types.
+SOCK_BTF_NAMES: dict[str, type[ctypes.Structure]] = {
+    "kp_sknat4_key": Sknat4Key,
+    "kp_sknat4_val": Sknat4Val,
+}

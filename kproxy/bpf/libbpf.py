@@ -17,6 +17,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -868,3 +869,26 @@ def prog_test_run(
         ctx_out=ctx_out.raw[: opts.ctx_size_out] if ctx_out is not None else None,
         duration_ns=opts.duration,
     )
+
+
+# ---- cgroup links (socket-level load balancing, kproxy/bpf/socklb.py) ----
+BPF_LINK_TYPE_CGROUP = 3
+
+
+@dataclass(frozen=True)
+class CgroupLinkInfo:
+    id: int
+    prog_id: int
+    cgroup_id: int  # 0 once the cgroup is gone: the link then runs nowhere
+    attach_type: int
+
+
+def cgroup_link_info(fd: int, what: str = "link") -> CgroupLinkInfo:
+    """Link info of a cgroup link: its union member is {u64 cgroup_id; u32 attach_type}."""
+    i = _info(fd, _LinkInfo, what)
+    if i.type != BPF_LINK_TYPE_CGROUP:
+        raise LibbpfError(22, f"{what} is a link of type {i.type}, not a cgroup link")
+    raw = bytes(i)[_LinkInfo.u32_0.offset :]
+    cgroup_id = int.from_bytes(raw[0:8], sys.byteorder)
+    attach_type = int.from_bytes(raw[8:12], sys.byteorder)
+    return CgroupLinkInfo(i.id, i.prog_id, cgroup_id, attach_type)

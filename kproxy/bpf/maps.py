@@ -291,6 +291,7 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_AFF4: ("aff4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Aff4Key, abi.Aff4Val),
     abi.MAP_CFG: ("cfg", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Config),
     abi.MAP_STATS: ("stats", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
+    abi.MAP_SNAT4: ("snat4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat4Key, abi.Snat4Val),
 }
 
 
@@ -303,6 +304,7 @@ class KproxyMaps:
     aff4: PinnedMap[abi.Aff4Key, abi.Aff4Val]
     cfg: PinnedMap[ctypes.c_uint32, abi.Config]
     stats: PerCpuArray[abi.Counter]
+    snat4: PinnedMap[abi.Snat4Key, abi.Snat4Val]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

@@ -63,11 +63,12 @@ class Datapath:
         self.aff4 = obj.map(abi.MAP_AFF4)
         self.cfg = obj.map(abi.MAP_CFG)
         self.stats = obj.map(abi.MAP_STATS)
+        self.snat4 = obj.map(abi.MAP_SNAT4)
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
 
     # ---- set-up ----
     def reset(self) -> None:
-        for m in (self.svc4, self.be4, self.ct4, self.aff4):
+        for m in (self.svc4, self.be4, self.ct4, self.aff4, self.snat4):
             for key in list(m.iter_keys()):
                 m.delete(key)
         self.cfg.update(ctypes.c_uint32(0), abi.Config())

@@ -22,12 +22,14 @@
 #define KP_MAP_AFF4     kp_aff4_v1   /* LRU sessionAffinity ClientIP (client, service) -> backend */
 #define KP_MAP_CFG      kp_cfg_v1    /* array[1]: node settings changeable at run time */
 #define KP_MAP_STATS    kp_stats_v1  /* per-CPU array of counters, indexed by enum kp_stat */
+#define KP_MAP_SNAT4    kp_snat4_v1  /* LRU SNAT of external flows: backend reply tuple -> client, frontend */
 
 /* ---- default capacities (overridable at load time) ---- */
 #define KP_SVC4_MAX     262144
 #define KP_BE4_MAX      262144
 #define KP_CT4_MAX      262144
 #define KP_AFF4_MAX     65536
+#define KP_SNAT4_MAX    262144
 
 /* ---- service map ---- */
 enum kp_scope {
@@ -92,6 +94,10 @@ enum kp_ct_state {
 #define KP_CT_F_SEEN_REPLY  0x01  /* a packet of the reply direction was seen */
 #define KP_CT_F_LOCAL_BE    0x02  /* backend is local to this node */
 #define KP_CT_F_EXTERNAL    0x04  /* flow entered through a netdev (from outside) */
+#define KP_CT_F_SNAT        0x08  /* ingress node: source rewritten to snat_addr:snat_port (kp_snat4_v1) */
+#define KP_CT_F_DSR_OPT     0x10  /* DSR, IPv4 option: ingress node sent it so / backend node received it so */
+#define KP_CT_F_DSR_IPIP    0x20  /* DSR, BPF-made IPIP: ingress node sent it so / backend node received it so */
+#define KP_CT_F_HAIRPIN     0x40  /* pod balanced to itself: source rewritten to the hairpin address */
 
 struct kp_ct4_key {
 	__be32 saddr;       /* NBO source address */
@@ -111,6 +117,9 @@ struct kp_ct4_val {
 	__be16 nat_port;    /* NBO FWD: backend port; REPLY: frontend port */
 	__u8   state;       /* enum kp_ct_state */
 	__u8   flags;       /* KP_CT_F_* */
+	__be32 snat_addr;   /* NBO FWD of SNAT/HAIRPIN: source address toward the backend; REPLY of HAIRPIN: client address */
+	__be16 snat_port;   /* NBO FWD of SNAT/HAIRPIN: source port toward the backend; REPLY of HAIRPIN: client port */
+	__u8   pad[2];      /* zero */
 };
 
 /* Entries are rewritten at most this often per flow unless the state changes. */
@@ -144,13 +153,54 @@ struct kp_config {
 	__u32  ct_fin_timeout;   /* HBO seconds, TCP after FIN or RST */
 	__u32  ct_udp_timeout;   /* HBO seconds, UDP */
 	__u32  pad;              /* zero */
-	__u64  reserved[4];      /* zero, room for later settings */
+	__be32 hairpin_addr;     /* NBO source of a pod's packets balanced to itself; 0 = KP_HAIRPIN_ADDR_DEFAULT */
+	__u16  snat_port_min;    /* HBO first SNAT source port; 0 = KP_SNAT_PORT_MIN_DEFAULT */
+	__u16  snat_port_max;    /* HBO last SNAT source port; 0 = KP_SNAT_PORT_MAX_DEFAULT */
+	__u32  lan_mtu;          /* HBO MTU between nodes, for the DSR IPIP MSS clamp; 0 = KP_LAN_MTU_DEFAULT */
+	__u32  pad2;             /* zero */
+	__u64  reserved[2];      /* zero, room for later settings */
 };
 
 #define KP_CT_SYN_TIMEOUT_DEFAULT  60
 #define KP_CT_TCP_TIMEOUT_DEFAULT  21600
 #define KP_CT_FIN_TIMEOUT_DEFAULT  10
 #define KP_CT_UDP_TIMEOUT_DEFAULT  60
+#define KP_HAIRPIN_ADDR_DEFAULT    0xa9fe2a01  /* HBO 169.254.42.1 */
+#define KP_SNAT_PORT_MIN_DEFAULT   32768
+#define KP_SNAT_PORT_MAX_DEFAULT   65535
+#define KP_LAN_MTU_DEFAULT         1500
+
+/* ---- SNAT of external flows to remote backends (ingress node) ---- */
+/* Key: the reply tuple as the backend sends it (backend -> snat_addr:nat_port). */
+struct kp_snat4_key {
+	__be32 saddr;       /* NBO backend address */
+	__be32 daddr;       /* NBO SNAT address (this node's address) */
+	__be16 sport;       /* NBO backend port */
+	__be16 dport;       /* NBO SNAT port, from kp_config snat_port_min..max */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad[3];      /* zero */
+};
+
+struct kp_snat4_val {
+	__u64  expires_ns;  /* HBO CLOCK_MONOTONIC time after which the entry is dead (follows the CT FWD entry) */
+	__be32 client_addr; /* NBO original client address: destination restored on replies */
+	__be32 front_addr;  /* NBO frontend address: source restored on replies */
+	__be16 client_port; /* NBO original client port */
+	__be16 front_port;  /* NBO frontend port */
+	__u8   state;       /* enum kp_ct_state, copy of the CT FWD entry's */
+	__u8   flags;       /* KP_CT_F_*, copy of the CT FWD entry's */
+	__u8   pad[2];      /* zero */
+};
+
+/* DSR IPv4 option (as Cilium's DSR_IPV4_OPT_TYPE): copied-on-fragmentation bit | 0x1a. */
+#define KP_DSR_OPT_TYPE  0x9a
+#define KP_DSR_OPT_LEN   8
+struct kp_dsr_opt {
+	__u8   type;        /* KP_DSR_OPT_TYPE */
+	__u8   len;         /* KP_DSR_OPT_LEN */
+	__be16 port;        /* NBO service (frontend) port */
+	__be32 addr;        /* NBO service (frontend) address */
+};
 
 /* ---- counters ---- */
 struct kp_counter {
@@ -173,6 +223,23 @@ enum kp_stat {
 	KP_STAT_REJECT = 13,          /* service without backends answered with ICMP unreachable */
 	KP_STAT_PASS_FRAGMENT = 14,   /* IPv4 fragments passed untouched */
 	KP_STAT_CT_REOPEN = 15,       /* flows re-balanced because their backend vanished or the tuple was reused */
+	KP_STAT_SNAT = 20,            /* external packets SNATed to this node toward a remote backend */
+	KP_STAT_SNAT_REVNAT = 21,     /* replies of SNATed flows translated back to the client */
+	KP_STAT_SNAT_NEW = 22,        /* SNAT ports allocated (new SNATed flows) */
+	KP_STAT_SNAT_RETRY = 23,      /* SNAT port candidates found taken (allocation retries) */
+	KP_STAT_DSR_OPT_TX = 24,      /* packets sent to a remote backend with the DSR IPv4 option */
+	KP_STAT_DSR_IPIP_TX = 25,     /* packets sent to a remote backend's node IPIP-encapsulated */
+	KP_STAT_DSR_RX = 26,          /* DSR packets received for a local backend (option/encapsulation removed) */
+	KP_STAT_DSR_FWD = 27,         /* later packets of DSR flows forwarded without option or encapsulation */
+	KP_STAT_HAIRPIN = 28,         /* packets of pods balanced to themselves */
+	KP_STAT_MSS_CLAMP = 29,       /* SYN-ACKs of DSR IPIP flows whose MSS was lowered */
+	KP_STAT_FRAG_NEEDED = 30,     /* ICMP fragmentation-needed sent for packets too big after the DSR header */
+	KP_STAT_ICMP_SNAT = 31,       /* ICMP errors about SNATed flows translated to the client */
+	/* socket-level load balancing (cgroup hooks, bpfsrc/kproxy_sock.bpf.c); bytes stay 0 */
+	KP_STAT_SOCK_CONNECT = 16,            /* connect() to a frontend rewritten to a backend */
+	KP_STAT_SOCK_SENDMSG = 17,            /* unconnected UDP sendmsg() to a frontend rewritten */
+	KP_STAT_SOCK_RECVMSG_REVNAT = 18,     /* UDP recvmsg() source restored to the frontend */
+	KP_STAT_SOCK_GETPEERNAME_REVNAT = 19, /* getpeername() answered with the frontend */
 	/* drops, by reason */
 	KP_DROP_NO_LOCAL_BACKEND = 32,  /* externalTrafficPolicy Local and no local endpoint */
 	KP_DROP_CT_FULL = 33,           /* conntrack entry could not be written */
@@ -180,11 +247,41 @@ enum kp_stat {
 	KP_DROP_NAT_FAILED = 35,        /* a packet rewrite helper failed */
 	KP_DROP_BACKEND_MISSING = 36,   /* a slot named a backend id the backend map lacks */
 	KP_DROP_SRC_RANGE = 37,         /* source not in loadBalancerSourceRanges */
+	KP_DROP_SNAT_NO_PORT = 40,      /* no free SNAT port within KP_SNAT_MAX_RETRIES candidates */
+	KP_DROP_FIB = 41,               /* forwarding lookup failed for a packet only BPF may forward */
+	KP_DROP_DSR_TOO_BIG = 42,       /* packet without DF too big once the DSR option/header is added */
+	KP_DROP_ENCAP_FAILED = 43,      /* adding or removing the DSR option or IPIP header failed */
+	KP_DROP_SOCK_NO_BACKEND = 38,   /* connect()/sendmsg() to a frontend without backends refused */
+	KP_DROP_SOCK_REVNAT_FULL = 39,  /* UDP socket reverse-NAT entry could not be written: refused */
 	KP_STAT_MAX = 64,
 };
 
 /* ---- test-run context ---- */
 /* sizeof(struct __sk_buff) on this kernel, for BPF_PROG_TEST_RUN ctx_in. */
 #define KP_SKB_CTX_SIZE 192
+
+/* ---- socket-level load balancing (cgroup connect4/sendmsg4/recvmsg4/getpeername4) ---- */
+#define KP_MAP_SKNAT4   kp_sknat4_v1 /* LRU (socket, backend) -> frontend, to restore the peer address */
+#define KP_SKNAT4_MAX   65536
+
+/*
+ * The socket hooks rewrite the destination a socket asks for (the frontend) to a backend before the
+ * kernel routes it, so no packet carries the frontend. recvmsg4 and getpeername4 see the backend as
+ * the peer and look it up here, per socket, to report the frontend instead.
+ */
+struct kp_sknat4_key {
+	__u64  cookie;      /* HBO bpf_get_socket_cookie() of the client socket, unique per boot */
+	__be32 addr;        /* NBO backend address the socket was sent to */
+	__be16 port;        /* NBO backend port */
+	__u16  pad;         /* zero */
+};
+
+struct kp_sknat4_val {
+	__be32 addr;        /* NBO frontend address to report as the peer */
+	__be16 port;        /* NBO frontend port */
+	__u16  pad;         /* zero */
+	__u32  svc_id;      /* HBO service-port id of the frontend */
+	__u32  backend_id;  /* HBO backend id chosen (kp_be4_v1 key) */
+};
 
 #endif /* KPROXY_ABI_H */

@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Forwarding done by BPF: a FIB lookup, then a redirect out of the egress device. Needed for packets
+ * the kernel's own input path would refuse: a source that is a local address (SNAT to the node,
+ * the IPIP outer header, NodePort replies) is a martian on input, and DSR replies must not meet
+ * rp_filter on the pod's veth. Measured on 6.18 (DESIGN.md): works from TC ingress, wants
+ * tot_len = 0 for GSO packets, forwarding enabled on the ingress device, and NO_NEIGH handled by
+ * bpf_redirect_neigh (which resolves the neighbour itself).
+ */
+#ifndef KPROXY_LIB_FIB_H
+#define KPROXY_LIB_FIB_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "lib/parse.h"
+
+#define KP_AF_INET 2   /* <sys/socket.h> does not build for -target bpf */
+
+enum kp_fib_result {
+	KP_FIB_OK = 0,            /* fib->ifindex (and MACs, or a nexthop to resolve) valid */
+	KP_FIB_NEIGH = 1,         /* route found, neighbour unknown: bpf_redirect_neigh resolves it */
+	KP_FIB_FRAG_NEEDED = 2,   /* tot_len exceeds the route MTU, fib->mtu_result holds it */
+	KP_FIB_FAIL = 3,          /* no usable route: only the kernel could deal with it */
+};
+
+/*
+ * Route lookup for a packet that will leave with (saddr, daddr) and total IPv4 length tot_len.
+ * tot_len 0 skips the MTU check (GSO packets are segmented to gso_size later).
+ */
+static __always_inline int kp_fib_lookup(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __be32 saddr,
+					 __be32 daddr, __u32 tot_len)
+{
+	long rc;
+
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = KP_AF_INET;
+	fib->l4_protocol = 0;
+	fib->ipv4_src = saddr;
+	fib->ipv4_dst = daddr;
+	fib->ifindex = skb->ifindex;
+	fib->tot_len = skb->gso_size || tot_len > 0xffff ? 0 : tot_len;
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		return KP_FIB_OK;
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		return KP_FIB_NEIGH;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		return KP_FIB_FRAG_NEEDED;
+	}
+	return KP_FIB_FAIL;
+}
+
+/* Decrement the TTL as a router does (the caller checked it is > 1). */
+static __always_inline int kp_ttl_dec(struct __sk_buff *skb, __u8 ttl)
+{
+	/* TTL shares its 16-bit checksum word with the protocol byte. */
+	__be16 old = bpf_htons((__u16)ttl << 8), new = bpf_htons((__u16)(ttl - 1) << 8);
+	__u8 nttl = ttl - 1;
+
+	if (bpf_l3_csum_replace(skb, KP_IP_CSUM_OFF, old, new, sizeof(new)))
+		return -1;
+	return bpf_skb_store_bytes(skb, KP_IP_OFF + offsetof(struct iphdr, ttl), &nttl, 1, 0);
+}
+
+/* Send the packet out as kp_fib_lookup() found (KP_FIB_OK or KP_FIB_NEIGH). */
+static __always_inline int kp_fib_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int res)
+{
+	if (res == KP_FIB_NEIGH) {
+		struct bpf_redir_neigh nh = { .nh_family = KP_AF_INET, .ipv4_nh = fib->ipv4_dst };
+
+		return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+	}
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), fib->dmac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), fib->smac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+/* Swap the Ethernet addresses and send the packet back out of the interface it came in on. */
+static __always_inline int kp_bounce(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth.h_source, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth.h_dest, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+#endif /* KPROXY_LIB_FIB_H */

@@ -1,0 +1,305 @@
+"""Socket-level load balancing for clients in the node's own network namespace.
+
+Loads kproxy_sock.bpf.o (bpfsrc/kproxy_sock.bpf.c) with its maps pinned by name in the agent's bpffs
+directory, so it shares kp_svc4_v1, kp_be4_v1, kp_aff4_v1, kp_cfg_v1 and kp_stats_v1 with the TC
+object, and attaches its four programs to one cgroup v2 directory with cgroup links pinned at
+{bpffs}/links/cgroup:<hook>. The links keep working while the agent is down; a new agent swaps its
+programs in with an atomic link update. Programs attached to a cgroup apply to every process in it
+and in its descendants, whatever network namespace they use.
+
+Never the cgroup root: socket programs there would rewrite the connections of every process on the
+machine. attach() refuses any cgroup2 mount point (see docs/socket-lb.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.resources
+import logging
+import os
+from dataclasses import dataclass
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.loader import LINKS_DIR, LoaderError, MapParamsMismatch
+from kproxy.bpf.maps import _statfs_type, is_bpffs
+
+log = logging.getLogger("kproxy.socklb")
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+# uapi enum bpf_attach_type (checked against /usr/include/linux/bpf.h by tests/bpf/test_socklb.py)
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_INET4_GETPEERNAME = 29
+
+# hook name (pin suffix) -> (program, attach type)
+HOOKS: dict[str, tuple[str, int]] = {
+    "connect4": ("kp_sock_connect4", BPF_CGROUP_INET4_CONNECT),
+    "sendmsg4": ("kp_sock_sendmsg4", BPF_CGROUP_UDP4_SENDMSG),
+    "recvmsg4": ("kp_sock_recvmsg4", BPF_CGROUP_UDP4_RECVMSG),
+    "getpeername4": ("kp_sock_getpeername4", BPF_CGROUP_INET4_GETPEERNAME),
+}
+PIN_PREFIX = "cgroup:"
+
+
+class SocketLBError(LoaderError):
+    """Socket-level load balancing cannot be set up as asked; the message says what to do."""
+
+
+def default_object_path() -> str:
+    return str(importlib.resources.files("kproxy.bpf").joinpath("obj", "kproxy_sock.bpf.o"))
+
+
+@dataclass(frozen=True)
+class CgroupAttachment:
+    hook: str  # connect4, sendmsg4, recvmsg4, getpeername4
+    program: str  # as the kernel reports it (truncated to 15 characters)
+    prog_id: int
+    link_id: int
+    cgroup_id: int  # 0: the cgroup is gone and the link runs nowhere
+    attach_type: int
+    pin: str
+
+    @property
+    def alive(self) -> bool:
+        return self.cgroup_id != 0
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_cgroup2_mounts(mountinfo: str) -> list[str]:
+    """Mount points of every cgroup2 filesystem listed in a /proc/<pid>/mountinfo text."""
+    mounts = []
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        fstype = right.split()[0] if right.split() else ""
+        if fstype == "cgroup2" and len(fields) >= 5:
+            mounts.append(_unescape_mountinfo(fields[4]))
+    return mounts
+
+
+def cgroup2_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_cgroup2_mounts(f.read())
+
+
+def check_cgroup(path: str | os.PathLike[str]) -> str:
+    """The cgroup v2 directory to attach to, resolved; refuses anything that is not a child cgroup."""
+    p = os.path.realpath(os.fspath(path))
+    if not os.path.isdir(p):
+        raise SocketLBError(
+            f"cgroup {p} does not exist: create a child cgroup (`mkdir {p}`) and move the processes whose "
+            "sockets should be load-balanced into it (echo PID > cgroup.procs)"
+        )
+    if _statfs_type(p) != CGROUP2_SUPER_MAGIC:
+        raise SocketLBError(
+            f"{p} is not a cgroup v2 directory: pass a directory under a cgroup2 mount "
+            "(e.g. /sys/fs/cgroup/unified/kproxy-host)"
+        )
+    for mount in cgroup2_mounts():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(mount, p):
+                raise SocketLBError(
+                    f"refusing to attach socket load balancing to {p}: it is the root of a cgroup2 "
+                    "hierarchy, so every process on the machine would have its connections rewritten. "
+                    f"Create a child cgroup (`mkdir {p}/kproxy-host`), move the node processes meant "
+                    "to use it there, and pass that directory"
+                )
+    return p
+
+
+class SocketLB:
+    """The socket-level load balancer of one bpffs directory, attached to one cgroup."""
+
+    def __init__(
+        self,
+        bpffs_dir: str | os.PathLike[str],
+        cgroup_path: str | os.PathLike[str] | None,
+        object_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.bpffs_dir = os.path.abspath(os.fspath(bpffs_dir))
+        self.cgroup_path = os.fspath(cgroup_path) if cgroup_path is not None else None
+        self.object_path = os.fspath(object_path) if object_path is not None else default_object_path()
+        self.obj: lb.BpfObject | None = None
+
+    @property
+    def links_dir(self) -> str:
+        return os.path.join(self.bpffs_dir, LINKS_DIR)
+
+    def link_pin(self, hook: str) -> str:
+        return os.path.join(self.links_dir, PIN_PREFIX + hook)
+
+    # ---- load ----
+    def _adopt_pinned_params(self, obj: lb.BpfObject) -> None:
+        """Size every map like its pin, so this object re-uses the TC object's maps whatever
+        --map-size the agent gave; any other difference is a different layout and fails clearly."""
+        for name in obj.map_names():
+            path = os.path.join(self.bpffs_dir, name)
+            if not os.path.exists(path):
+                continue
+            want = obj.map_params(name)
+            with lb.Map.open_pinned(path) as pinned:
+                have = pinned.info()
+            diffs = [
+                f"{field} {getattr(have, field)} pinned vs {getattr(want, field)} in {self.object_path}"
+                for field in ("type", "key_size", "value_size", "map_flags")
+                if getattr(have, field) != getattr(want, field)
+            ]
+            if diffs:
+                raise MapParamsMismatch(
+                    f"pinned map {name} at {path} does not match the socket object: {', '.join(diffs)}. "
+                    f"Both objects must come from the same kproxy build; remove the pins "
+                    f"(`kproxy cleanup --bpffs {self.bpffs_dir}`) and restart"
+                )
+            if have.max_entries != want.max_entries:
+                obj.set_max_entries(name, have.max_entries)
+
+    def load(self) -> lb.BpfObject:
+        if self.obj is not None:
+            return self.obj
+        if not os.path.isdir(self.bpffs_dir) or not is_bpffs(self.bpffs_dir):
+            raise SocketLBError(
+                f"{self.bpffs_dir} is not a directory on a bpf filesystem: mount one "
+                f"(`mount -t bpf bpf {self.bpffs_dir}`) or pass the agent's --bpffs directory"
+            )
+        obj = lb.BpfObject.open(self.object_path, pin_root_path=self.bpffs_dir)
+        try:
+            self._adopt_pinned_params(obj)
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        self.obj = obj
+        return obj
+
+    def close(self) -> None:
+        """Release the object; pinned links (and so the attached programs) and maps stay."""
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self) -> SocketLB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- attach ----
+    def attach(self) -> list[CgroupAttachment]:
+        """Attach (or upgrade in place) all four programs on the cgroup; returns the attachments."""
+        if self.cgroup_path is None:
+            raise SocketLBError("no cgroup given: pass the cgroup v2 directory to balance sockets of")
+        cgroup = check_cgroup(self.cgroup_path)
+        cgroup_id = os.stat(cgroup).st_ino  # a cgroup v2 directory's inode number is its cgroup id
+        obj = self.load()
+        os.makedirs(self.links_dir, exist_ok=True)
+        created: list[str] = []
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook, (prog_name, attach_type) in HOOKS.items():
+                prog = obj.program(prog_name)
+                pin = self.link_pin(hook)
+                if os.path.exists(pin):
+                    if self._upgrade(pin, prog, cgroup_id, attach_type):
+                        continue
+                    self._detach_pin(pin)
+                with lb.link_create(prog.fd, cg_fd, attach_type, what=f"cgroup {hook} of {cgroup}") as link:
+                    link.pin(pin)
+                created.append(pin)
+                log.info("attached %s to cgroup %s (%s, pinned at %s)", prog_name, cgroup, hook, pin)
+        except BaseException:
+            # All four or none: a connect hook without its recvmsg twin would break UDP replies.
+            for pin in created:
+                with contextlib.suppress(Exception):
+                    self._detach_pin(pin)
+            raise
+        finally:
+            os.close(cg_fd)
+        return self.attached()
+
+    def _upgrade(self, pin: str, prog: lb.Program, cgroup_id: int, attach_type: int) -> bool:
+        """Swap the program of a pinned link on this cgroup; False when the link is for elsewhere."""
+        with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+            info = lb.cgroup_link_info(link.fd, f"pinned link {pin}")
+            if info.cgroup_id != cgroup_id or info.attach_type != attach_type:
+                log.info(
+                    "replacing link %s: it is on cgroup id %d (attach type %d), wanted %d (%d)",
+                    pin,
+                    info.cgroup_id,
+                    info.attach_type,
+                    cgroup_id,
+                    attach_type,
+                )
+                return False
+            new_id = prog.info().id
+            if info.prog_id != new_id:
+                lb.link_update(link.fd, prog.fd, what=pin)
+                log.info("upgraded %s: program id %d -> %d", pin, info.prog_id, new_id)
+        return True
+
+    def _detach_pin(self, pin: str) -> None:
+        try:
+            with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+                lb.link_detach(link.fd, what=pin)
+        except lb.LibbpfError as exc:
+            # The cgroup of the link is gone: it is detached already, only the pin is left.
+            if exc.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOLINK):
+                raise
+        os.unlink(pin)
+
+    def attached(self) -> list[CgroupAttachment]:
+        """The pinned cgroup links of this bpffs directory."""
+        result = []
+        for hook in HOOKS:
+            pin = self.link_pin(hook)
+            if not os.path.exists(pin):
+                continue
+            with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+                info = lb.cgroup_link_info(link.fd, f"pinned link {pin}")
+            name = ""
+            with contextlib.suppress(lb.LibbpfError), lb.prog_by_id(info.prog_id) as p:
+                name = lb.prog_info(p.fd).name
+            result.append(
+                CgroupAttachment(hook, name, info.prog_id, info.id, info.cgroup_id, info.attach_type, pin)
+            )
+        return result
+
+    def detach(self) -> int:
+        """Detach and unpin every cgroup link of this bpffs directory; returns how many."""
+        removed = 0
+        for hook in HOOKS:
+            pin = self.link_pin(hook)
+            if os.path.exists(pin):
+                self._detach_pin(pin)
+                removed += 1
+        return removed
+
+    def cleanup(self) -> None:
+        """Detach, unpin the links and the socket-only maps; the maps shared with the TC object stay
+        (Loader.cleanup removes those)."""
+        self.detach()
+        self.close()
+        for name in abi.SOCK_MAPS:
+            path = os.path.join(self.bpffs_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        # Missing, or the TC loader's links live there too.
+        with contextlib.suppress(OSError):
+            os.rmdir(self.links_dir)

@@ -1,0 +1,577 @@
+"""PROG_TEST_RUN tables for traffic from outside and across nodes (issue 4): SNAT, DSR (IPv4 option
+and IPIP), hairpin, pods reaching NodePorts, MTU handling and ICMP errors of translated flows.
+
+Paths that BPF forwards itself call bpf_fib_lookup, which uses the routing table of the calling
+thread's network namespace: those runs happen inside a private namespace (kpt-<hex>) holding a
+veth "node" interface with fixed routes and permanent neighbours, so verdicts and MACs are exact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from datapath import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Backend, Datapath, ct_key
+from frames import (
+    IP_DF,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    SYN_OPTIONS,
+    TCP_ACK,
+    TCP_SYN,
+    checksum_errors,
+    ether,
+    icmp,
+    ipv4,
+    parse,
+    swap_macs,
+    tcp,
+    udp,
+)
+
+from kproxy.bpf.abi import (
+    BackendFlag,
+    Be4Val,
+    Config,
+    CtDir,
+    CtFlag,
+    CtState,
+    DsrMode,
+    Snat4Key,
+    Snat4Val,
+    Stat,
+    SvcFlag,
+    ip_to_nbo,
+    nbo_to_ip,
+    nbo_to_port,
+    port_to_nbo,
+)
+from kproxy.bpf.libbpf import TestRun, prog_test_run
+
+pytestmark = pytest.mark.root
+
+CLIENT, CPORT = "203.0.113.9", 40000
+NODE, NODE2, NODEPORT = "192.168.1.10", "192.168.1.20", 30080
+GW = "192.168.1.1"
+LB_IP = "198.51.100.20"
+POD, POD_PORT = "10.244.1.5", 41000  # a pod on this node
+SVC, SPORT = "10.96.0.10", 80
+BE_REMOTE = Backend(1, "10.244.2.7", 8080)  # on NODE2
+BE_LOCAL = Backend(2, "10.244.1.9", 8080, BackendFlag.LOCAL)
+NODE2_MAC = bytes.fromhex("020000000020")
+GW_MAC = bytes.fromhex("020000000001")
+POD_MAC = bytes.fromhex("020000000105")
+IN_MAC_DST, IN_MAC_SRC = bytes.fromhex("02aaaaaaaaaa"), bytes.fromhex("02bbbbbbbbbb")
+HAIRPIN = "169.254.42.1"
+IPPROTO_IPIP = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+class Lab:
+    """A namespace with kpe0 = 192.168.1.10/24 (this node's LAN side), forwarding on."""
+
+    def __init__(self) -> None:
+        self.name = f"kpt-{secrets.token_hex(3)}"
+        _run("ip", "netns", "add", self.name)
+        ip = ("ip", "-n", self.name)
+        _run(*ip, "link", "set", "lo", "up")
+        _run(*ip, "link", "add", "kpe0", "type", "veth", "peer", "name", "kpe1")
+        _run(*ip, "link", "set", "kpe0", "up")
+        _run(*ip, "link", "set", "kpe1", "up")
+        _run(*ip, "addr", "add", f"{NODE}/24", "dev", "kpe0")
+        _run(*ip, "neigh", "replace", GW, "lladdr", GW_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        _run(*ip, "neigh", "replace", NODE2, "lladdr", NODE2_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        _run(*ip, "route", "add", "default", "via", GW)
+        _run(*ip, "route", "add", "10.244.2.0/24", "via", NODE2)
+        _run(*ip, "route", "add", "10.244.3.0/24", "via", "192.168.1.30")  # no neighbour: NO_NEIGH
+        _run(*ip, "route", "add", "10.244.1.0/24", "dev", "kpe0")
+        _run(*ip, "neigh", "replace", POD, "lladdr", POD_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        _run("nsenter", f"--net=/run/netns/{self.name}", "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
+        link = json.loads(_run(*ip, "-j", "link", "show", "kpe0"))[0]
+        self.ifindex = int(link["ifindex"])
+        self.mac = bytes.fromhex(link["address"].replace(":", ""))
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        """Run the calling thread in the namespace (setns changes only this thread)."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {self.name}")
+            try:
+                yield
+            finally:
+                if _libc.setns(home, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back to the test's namespace")
+        finally:
+            os.close(home)
+            os.close(target)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+def run_in(dp: Datapath, lab: Lab, prog: str, frame: bytes) -> TestRun:
+    """Run `prog` as if the frame arrived on kpe0 (struct __sk_buff ifindex at offset 40)."""
+    ctx = bytearray(192)
+    struct.pack_into("=I", ctx, 36, lab.ifindex)  # ingress_ifindex
+    struct.pack_into("=I", ctx, 40, lab.ifindex)  # ifindex
+    with lab.inside():
+        out = prog_test_run(dp.progs[prog], frame, bytes(ctx))
+    return out
+
+
+def set_cfg(dp: Datapath, node: str = NODE, dsr: DsrMode = DsrMode.OFF, **fields: int) -> None:
+    cfg = Config()
+    cfg.node_addr = ip_to_nbo(node)
+    cfg.dsr_mode = dsr
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    dp.cfg.update(ctypes.c_uint32(0), cfg)
+
+
+def add_be(dp: Datapath, be: Backend, proto: int, node: str = NODE2) -> None:
+    v = Be4Val(ip_to_nbo(be.addr), port_to_nbo(be.port), proto, be.flags, ip_to_nbo(node))
+    dp.be4.update(ctypes.c_uint32(be.id), v)
+
+
+def nodeport(dp: Datapath, be: Backend, proto: int = IPPROTO_TCP, flags: int = SvcFlag.NODEPORT) -> None:
+    dp.add_service(NODE, NODEPORT, proto, [be], flags=flags)
+    add_be(dp, be, proto)
+
+
+def frame(
+    src: str,
+    dst: str,
+    l4: bytes,
+    proto: int = IPPROTO_TCP,
+    *,
+    ttl: int = 64,
+    options: bytes = b"",
+    macs: tuple[bytes, bytes] = (IN_MAC_DST, IN_MAC_SRC),
+    flags_frag: int = IP_DF,
+) -> bytes:
+    return ether(
+        ipv4(src, dst, proto, l4, ttl=ttl, options=options, flags_frag=flags_frag), dst=macs[0], src=macs[1]
+    )
+
+
+def syn_seg(src: str, dst: str, sport: int, dport: int, flags: int = TCP_SYN, payload: bytes = b"") -> bytes:
+    opts = SYN_OPTIONS if flags & TCP_SYN else b""
+    return tcp(src, dst, sport, dport, flags, options=opts, payload=payload)
+
+
+def dsr_opt(addr: str, port: int) -> bytes:
+    return struct.pack("!BBH4s", 0x9A, 8, port, bytes(map(int, addr.split("."))))
+
+
+def client_syn(flags: int = TCP_SYN, sport: int = CPORT) -> bytes:
+    return frame(CLIENT, NODE, syn_seg(CLIENT, NODE, sport, NODEPORT, flags))
+
+
+def ok(out: TestRun, verdict: int) -> None:
+    assert out.retval == verdict
+    assert checksum_errors(out.data_out) == []
+
+
+# ---- SNAT ----
+def test_snat_first_packet_allocates_port_and_forwards(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    port = parse(out.data_out).sport
+    assert 32768 <= port <= 65535
+    expected = frame(
+        NODE, BE_REMOTE.addr, syn_seg(NODE, BE_REMOTE.addr, port, 8080), ttl=63, macs=(NODE2_MAC, lab.mac)
+    )
+    assert out.data_out.hex() == expected.hex()
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.flags & CtFlag.SNAT and fwd.flags & CtFlag.EXTERNAL
+    assert (nbo_to_ip(fwd.snat_addr), nbo_to_port(fwd.snat_port)) == (NODE, port)
+    # The reply side lives in the NAT map, not in a REPLY conntrack entry.
+    assert dp.ct(ct_key(BE_REMOTE.addr, CLIENT, 8080, CPORT, IPPROTO_TCP, CtDir.REPLY)) is None
+    nat = snat_entry(dp, port)
+    assert nat is not None
+    assert (nbo_to_ip(nat.client_addr), nbo_to_port(nat.client_port)) == (CLIENT, CPORT)
+    assert (nbo_to_ip(nat.front_addr), nbo_to_port(nat.front_port)) == (NODE, NODEPORT)
+    assert nat.expires_ns == fwd.expires_ns
+    assert dp.stat(Stat.SNAT)[0] == 1 and dp.stat(Stat.SNAT_NEW)[0] == 1
+
+    # Later packets reuse the port; the reply is translated back and sent to the client.
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK))
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == port
+    reply = frame(BE_REMOTE.addr, NODE, syn_seg(BE_REMOTE.addr, NODE, 8080, port, TCP_SYN | TCP_ACK), ttl=63)
+    out = run_in(dp, lab, "kp_from_netdev", reply)
+    ok(out, TC_ACT_REDIRECT)
+    expected = frame(
+        NODE,
+        CLIENT,
+        syn_seg(NODE, CLIENT, NODEPORT, CPORT, TCP_SYN | TCP_ACK),
+        ttl=62,
+        macs=(GW_MAC, lab.mac),
+    )
+    assert out.data_out.hex() == expected.hex()
+    assert dp.stat(Stat.SNAT_REVNAT)[0] == 1 and dp.stat(Stat.SNAT_NEW)[0] == 1
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.state == CtState.ESTABLISHED
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.state == CtState.ESTABLISHED
+
+
+def snat_entry(dp: Datapath, port: int, be: Backend = BE_REMOTE, proto: int = IPPROTO_TCP) -> Snat4Val | None:
+    raw = dp.snat4.lookup(snat_key(port, be, proto))
+    return Snat4Val.from_buffer_copy(raw) if raw is not None else None
+
+
+def snat_key(port: int, be: Backend = BE_REMOTE, proto: int = IPPROTO_TCP) -> Snat4Key:
+    k = Snat4Key()
+    k.saddr, k.daddr = ip_to_nbo(be.addr), ip_to_nbo(NODE)
+    k.sport, k.dport, k.proto = port_to_nbo(be.port), port_to_nbo(port), proto
+    return k
+
+
+def test_snat_udp_both_ways(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    q = frame(CLIENT, NODE, udp(CLIENT, NODE, CPORT, NODEPORT, b"query"), IPPROTO_UDP)
+    out = run_in(dp, lab, "kp_from_netdev", q)
+    ok(out, TC_ACT_REDIRECT)
+    port = parse(out.data_out).sport
+    assert (
+        out.data_out.hex()
+        == frame(
+            NODE,
+            BE_REMOTE.addr,
+            udp(NODE, BE_REMOTE.addr, port, 8080, b"query"),
+            IPPROTO_UDP,
+            ttl=63,
+            macs=(NODE2_MAC, lab.mac),
+        ).hex()
+    )
+    a = frame(BE_REMOTE.addr, NODE, udp(BE_REMOTE.addr, NODE, 8080, port, b"answer"), IPPROTO_UDP)
+    out = run_in(dp, lab, "kp_from_netdev", a)
+    ok(out, TC_ACT_REDIRECT)
+    assert (
+        out.data_out.hex()
+        == frame(
+            NODE,
+            CLIENT,
+            udp(NODE, CLIENT, NODEPORT, CPORT, b"answer"),
+            IPPROTO_UDP,
+            ttl=63,
+            macs=(GW_MAC, lab.mac),
+        ).hex()
+    )
+
+
+def test_snat_port_range_exhausted_is_counted(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    taken = Snat4Val(time.monotonic_ns() + 60 * 10**9, ip_to_nbo("203.0.113.99"), ip_to_nbo(NODE), 1, 2, 1, 8)
+    dp.snat4.update(snat_key(40000), taken)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    assert out.retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
+    assert dp.stat(Stat.SNAT_RETRY)[0] == 32
+    assert dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD)) is None
+    # The other flow's entry is untouched.
+    kept = snat_entry(dp, 40000)
+    assert kept is not None and bytes(kept) == bytes(taken)
+
+
+def test_snat_takes_over_a_dead_entry(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    dead = Snat4Val(time.monotonic_ns() - 10**9, ip_to_nbo("203.0.113.99"), ip_to_nbo(NODE), 1, 2, 1, 8)
+    dp.snat4.update(snat_key(40000), dead)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == 40000
+    nat = snat_entry(dp, 40000)
+    assert nat is not None and nbo_to_ip(nat.client_addr) == CLIENT
+
+
+@pytest.mark.parametrize("flags", [0, SvcFlag.ETP_LOCAL], ids=["local-backend", "etp-local"])
+def test_no_snat_for_local_backends_and_etp_local(dp: Datapath, lab: Lab, flags: int) -> None:
+    set_cfg(dp)
+    be = BE_LOCAL if not flags else BE_REMOTE
+    nodeport(dp, be, flags=SvcFlag.NODEPORT | flags)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_OK)
+    assert out.data_out.hex() == frame(CLIENT, be.addr, syn_seg(CLIENT, be.addr, CPORT, 8080)).hex()
+    assert dp.stat(Stat.SNAT)[0] == 0 and len(list(dp.snat4.iter_keys())) == 0
+
+
+def test_local_backend_reply_to_outside_is_forwarded_by_bpf(dp: Datapath, lab: Lab) -> None:
+    """The restored source is the node's own address: the kernel would drop it as a martian."""
+    set_cfg(dp)
+    nodeport(dp, BE_LOCAL)
+    run_in(dp, lab, "kp_from_netdev", client_syn())
+    reply = frame(BE_LOCAL.addr, CLIENT, syn_seg(BE_LOCAL.addr, CLIENT, 8080, CPORT, TCP_SYN | TCP_ACK))
+    out = run_in(dp, lab, "kp_from_pod", reply)
+    ok(out, TC_ACT_REDIRECT)
+    assert (
+        out.data_out.hex()
+        == frame(
+            NODE,
+            CLIENT,
+            syn_seg(NODE, CLIENT, NODEPORT, CPORT, TCP_SYN | TCP_ACK),
+            ttl=63,
+            macs=(GW_MAC, lab.mac),
+        ).hex()
+    )
+
+
+def test_snat_icmp_errors_reach_the_client_translated(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    sent = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out)
+    port = sent.sport
+    # A router between the nodes: frag needed about node:port -> backend.
+    err = frame(NODE2, NODE, icmp(3, 4, 1400, sent.l3 + sent.l4[:8]), IPPROTO_ICMP)
+    out = run_in(dp, lab, "kp_from_netdev", err)
+    ok(out, TC_ACT_REDIRECT)
+    got = parse(out.data_out)
+    assert (got.src, got.dst) == (NODE2, CLIENT)
+    inner = got.l4[8:]
+    assert inner[12:20] == bytes(map(int, CLIENT.split("."))) + bytes(map(int, NODE.split(".")))
+    assert struct.unpack("!HH", inner[20:24]) == (CPORT, NODEPORT)
+    assert dp.stat(Stat.ICMP_SNAT)[0] == 1
+    # The backend itself: the message must come from the frontend.
+    err = frame(BE_REMOTE.addr, NODE, icmp(3, 3, 0, sent.l3 + sent.l4[:8]), IPPROTO_ICMP)
+    out = run_in(dp, lab, "kp_from_netdev", err)
+    ok(out, TC_ACT_REDIRECT)
+    assert (parse(out.data_out).src, parse(out.data_out).dst) == (NODE, CLIENT)
+    assert port == sent.sport
+
+
+# ---- DSR ----
+def test_dsr_opt_ingress_and_backend_node(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp, dsr=DsrMode.OPT)
+    nodeport(dp, BE_REMOTE)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    seg = syn_seg(CLIENT, BE_REMOTE.addr, CPORT, 8080)
+    sent = frame(
+        CLIENT, BE_REMOTE.addr, seg, ttl=63, options=dsr_opt(NODE, NODEPORT), macs=(NODE2_MAC, lab.mac)
+    )
+    assert out.data_out.hex() == sent.hex()
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.flags & CtFlag.DSR_OPT and not fwd.flags & CtFlag.SNAT
+    assert dp.stat(Stat.DSR_OPT_TX)[0] == 1
+    # Later packets: no option.
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK))
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).ihl == 20 and dp.stat(Stat.DSR_FWD)[0] == 1
+
+    # The backend's node (same maps, now configured as NODE2): strips the option, tracks the flow.
+    dp.reset()
+    set_cfg(dp, node=NODE2, dsr=DsrMode.OPT)
+    out = run_in(dp, lab, "kp_from_netdev", sent)
+    ok(out, TC_ACT_OK)
+    assert out.data_out.hex() == frame(CLIENT, BE_REMOTE.addr, seg, ttl=63, macs=(NODE2_MAC, lab.mac)).hex()
+    rep = dp.ct(ct_key(BE_REMOTE.addr, CLIENT, 8080, CPORT, IPPROTO_TCP, CtDir.REPLY))
+    assert rep is not None and rep.flags & CtFlag.DSR_OPT
+    assert (nbo_to_ip(rep.nat_addr), nbo_to_port(rep.nat_port)) == (NODE, NODEPORT)
+    assert dp.stat(Stat.DSR_RX)[0] == 1
+    # The backend's reply leaves with the service address, straight to the client.
+    synack = frame(BE_REMOTE.addr, CLIENT, syn_seg(BE_REMOTE.addr, CLIENT, 8080, CPORT, TCP_SYN | TCP_ACK))
+    out = run_in(dp, lab, "kp_from_pod", synack)
+    ok(out, TC_ACT_REDIRECT)
+    assert (
+        out.data_out.hex()
+        == frame(
+            NODE,
+            CLIENT,
+            syn_seg(NODE, CLIENT, NODEPORT, CPORT, TCP_SYN | TCP_ACK),
+            ttl=63,
+            macs=(GW_MAC, lab.mac),
+        ).hex()
+    )
+
+
+def test_dsr_opt_udp_every_datagram(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp, dsr=DsrMode.OPT)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    for _ in range(2):
+        q = frame(CLIENT, NODE, udp(CLIENT, NODE, CPORT, NODEPORT, b"q"), IPPROTO_UDP)
+        out = run_in(dp, lab, "kp_from_netdev", q)
+        ok(out, TC_ACT_REDIRECT)
+        assert (
+            out.data_out.hex()
+            == frame(
+                CLIENT,
+                BE_REMOTE.addr,
+                udp(CLIENT, BE_REMOTE.addr, CPORT, 8080, b"q"),
+                IPPROTO_UDP,
+                ttl=63,
+                options=dsr_opt(NODE, NODEPORT),
+                macs=(NODE2_MAC, lab.mac),
+            ).hex()
+        )
+    assert dp.stat(Stat.DSR_OPT_TX)[0] == 2
+
+
+def ipip(outer_src: str, outer_dst: str, inner: bytes, macs: tuple[bytes, bytes]) -> bytes:
+    inner_ip = inner[14:]
+    return ether(
+        ipv4(outer_src, outer_dst, IPPROTO_IPIP, inner_ip, ident=0, ttl=64), dst=macs[0], src=macs[1]
+    )
+
+
+def test_dsr_ipip_ingress_and_backend_node(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp, dsr=DsrMode.IPIP)
+    nodeport(dp, BE_REMOTE)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    seg = syn_seg(CLIENT, BE_REMOTE.addr, CPORT, 8080)
+    inner = frame(CLIENT, BE_REMOTE.addr, seg, ttl=63, options=dsr_opt(NODE, NODEPORT))
+    sent = ipip(NODE, NODE2, inner, (NODE2_MAC, lab.mac))
+    assert out.data_out.hex() == sent.hex()
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.flags & CtFlag.DSR_IPIP and nbo_to_ip(fwd.snat_addr) == NODE2
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK))
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).proto == IPPROTO_IPIP and len(out.data_out) == len(client_syn(TCP_ACK)) + 20
+    assert dp.stat(Stat.DSR_IPIP_TX)[0] == 2
+
+    dp.reset()
+    set_cfg(dp, node=NODE2, dsr=DsrMode.IPIP)
+    out = run_in(dp, lab, "kp_from_netdev", sent)
+    ok(out, TC_ACT_OK)
+    assert out.data_out.hex() == frame(CLIENT, BE_REMOTE.addr, seg, ttl=63, macs=(NODE2_MAC, lab.mac)).hex()
+    rep = dp.ct(ct_key(BE_REMOTE.addr, CLIENT, 8080, CPORT, IPPROTO_TCP, CtDir.REPLY))
+    assert rep is not None and rep.flags & CtFlag.DSR_IPIP
+    # SYN-ACK: service address as source, MSS lowered to fit the client's segments in IPIP.
+    synack = frame(BE_REMOTE.addr, CLIENT, syn_seg(BE_REMOTE.addr, CLIENT, 8080, CPORT, TCP_SYN | TCP_ACK))
+    out = run_in(dp, lab, "kp_from_pod", synack)
+    ok(out, TC_ACT_REDIRECT)
+    clamped = SYN_OPTIONS[:2] + struct.pack("!H", 1440) + SYN_OPTIONS[4:]
+    want = tcp(NODE, CLIENT, NODEPORT, CPORT, TCP_SYN | TCP_ACK, options=clamped)
+    assert out.data_out.hex() == frame(NODE, CLIENT, want, ttl=63, macs=(GW_MAC, lab.mac)).hex()
+    assert dp.stat(Stat.MSS_CLAMP)[0] == 1
+    # IPIP to another node is not ours.
+    other = ipip(NODE, "192.168.1.77", inner, (NODE2_MAC, lab.mac))
+    out = run_in(dp, lab, "kp_from_netdev", other)
+    assert (out.retval, out.data_out) == (TC_ACT_OK, other)
+
+
+@pytest.mark.parametrize("df", [True, False], ids=["df", "no-df"])
+def test_dsr_too_big_for_the_lan(dp: Datapath, lab: Lab, df: bool) -> None:
+    set_cfg(dp, dsr=DsrMode.IPIP)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    payload = b"x" * (1500 - 20 - 8 - 10)  # fits the LAN, not with 8 + 20 more bytes
+    q = frame(
+        CLIENT, NODE, udp(CLIENT, NODE, CPORT, NODEPORT, payload), IPPROTO_UDP, flags_frag=IP_DF if df else 0
+    )
+    out = run_in(dp, lab, "kp_from_netdev", q)
+    if not df:
+        assert out.retval == TC_ACT_SHOT and dp.stat(Stat.DROP_DSR_TOO_BIG)[0] == 1
+        return
+    ok(out, TC_ACT_REDIRECT)
+    p = parse(q)
+    want = ipv4(NODE, CLIENT, IPPROTO_ICMP, icmp(3, 4, 1500 - 28, p.l3 + p.l4[:8]), ident=0, flags_frag=0)
+    assert out.data_out.hex() == (swap_macs(q[:14]) + want).hex()
+    assert dp.stat(Stat.FRAG_NEEDED)[0] == 1
+
+
+def test_dsr_toggle_keeps_existing_flows(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    first = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out)
+    assert first.src == NODE
+    set_cfg(dp, dsr=DsrMode.OPT)
+    later = parse(run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK)).data_out)
+    assert (later.src, later.sport) == (NODE, first.sport)  # still SNAT
+    new = parse(run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT + 1)).data_out)
+    assert new.src == CLIENT and new.ihl == 28  # DSR with the option
+    set_cfg(dp)
+    still = parse(run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK, sport=CPORT + 1)).data_out)
+    assert still.src == CLIENT  # the DSR flow stays DSR
+
+
+# ---- pods ----
+def test_hairpin(dp: Datapath) -> None:
+    me = Backend(9, POD, 8080, BackendFlag.LOCAL)
+    dp.add_service(SVC, SPORT, IPPROTO_TCP, [me])
+    out = dp.run("kp_from_pod", frame(POD, SVC, syn_seg(POD, SVC, POD_PORT, SPORT)))
+    ok(out, TC_ACT_REDIRECT)
+    sent = frame(HAIRPIN, POD, syn_seg(HAIRPIN, POD, POD_PORT, 8080), macs=(IN_MAC_SRC, IN_MAC_DST))
+    assert out.data_out.hex() == sent.hex()
+    reply = frame(POD, HAIRPIN, syn_seg(POD, HAIRPIN, 8080, POD_PORT, TCP_SYN | TCP_ACK))
+    out = dp.run("kp_from_pod", reply)
+    ok(out, TC_ACT_REDIRECT)
+    back = frame(
+        SVC, POD, syn_seg(SVC, POD, SPORT, POD_PORT, TCP_SYN | TCP_ACK), macs=(IN_MAC_SRC, IN_MAC_DST)
+    )
+    assert out.data_out.hex() == back.hex()
+    fwd = dp.ct(ct_key(POD, SVC, POD_PORT, SPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.flags & CtFlag.HAIRPIN and fwd.state == CtState.ESTABLISHED
+    assert dp.stat(Stat.HAIRPIN)[0] == 2
+
+
+def test_pod_to_own_nodeport_local_backend(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_LOCAL)
+    out = run_in(dp, lab, "kp_from_pod", frame(POD, NODE, syn_seg(POD, NODE, POD_PORT, NODEPORT)))
+    ok(out, TC_ACT_OK)
+    assert parse(out.data_out).dst == BE_LOCAL.addr and parse(out.data_out).src == POD
+    reply = frame(BE_LOCAL.addr, POD, syn_seg(BE_LOCAL.addr, POD, 8080, POD_PORT, TCP_SYN | TCP_ACK))
+    out = run_in(dp, lab, "kp_from_pod", reply)
+    ok(out, TC_ACT_REDIRECT)  # source = node address: forwarded by BPF, not the kernel
+    assert (
+        out.data_out.hex()
+        == frame(
+            NODE,
+            POD,
+            syn_seg(NODE, POD, NODEPORT, POD_PORT, TCP_SYN | TCP_ACK),
+            ttl=63,
+            macs=(POD_MAC, lab.mac),
+        ).hex()
+    )
+
+
+@pytest.mark.parametrize(
+    "dst,port,flags", [(NODE, NODEPORT, SvcFlag.NODEPORT), (LB_IP, 80, SvcFlag.LOADBALANCER)]
+)
+def test_pod_to_nodeport_or_lb_remote_backend_is_plain_dnat(
+    dp: Datapath, lab: Lab, dst: str, port: int, flags: int
+) -> None:
+    set_cfg(dp, dsr=DsrMode.OPT)
+    dp.add_service(dst, port, IPPROTO_TCP, [BE_REMOTE], flags=flags)
+    add_be(dp, BE_REMOTE, IPPROTO_TCP)
+    out = run_in(dp, lab, "kp_from_pod", frame(POD, dst, syn_seg(POD, dst, POD_PORT, port)))
+    ok(out, TC_ACT_OK)
+    assert (
+        out.data_out.hex() == frame(POD, BE_REMOTE.addr, syn_seg(POD, BE_REMOTE.addr, POD_PORT, 8080)).hex()
+    )
+    assert dp.stat(Stat.SNAT)[0] == 0 and dp.stat(Stat.DSR_OPT_TX)[0] == 0

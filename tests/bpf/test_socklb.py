@@ -1,0 +1,444 @@
+"""Socket-level load balancing (bpfsrc/kproxy_sock.bpf.c, kproxy/bpf/socklb.py) with real sockets.
+
+Each root test makes a child cgroup of /sys/fs/cgroup/unified (never the root), a private bpffs and
+a network namespace whose lo carries three backend addresses with TCP and UDP servers. Clients run
+inside that namespace, inside (or, to show it is untouched, outside) the child cgroup. The service
+address exists nowhere: only the socket programs can make it reach anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.bpf import abi
+from kproxy.bpf import libbpf as lb
+from kproxy.bpf.maps import KproxyMaps, PinnedMap
+from kproxy.bpf.socklb import (
+    HOOKS,
+    PIN_PREFIX,
+    SocketLB,
+    SocketLBError,
+    check_cgroup,
+    parse_cgroup2_mounts,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SOCK_OBJECT = REPO / "kproxy" / "bpf" / "obj" / "kproxy_sock.bpf.o"
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+
+VIP = "10.96.0.10"
+NODE_ADDR = "192.168.77.2"  # a node address of the namespace, for NodePort frontends
+BACKENDS = ["10.244.7.11", "10.244.7.12", "10.244.7.13"]
+BE_TCP_PORT = 8080
+BE_UDP_PORT = 5353
+TCP, UDP = abi.IPPROTO_TCP, abi.IPPROTO_UDP
+
+SERVER = rf"""
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for a in sys.argv[1:]:
+    t = socket.socket()
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((a, {BE_TCP_PORT}))
+    t.listen(256)
+    sel.register(t, selectors.EVENT_READ, ("tcp", a))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind((a, {BE_UDP_PORT}))
+    sel.register(u, selectors.EVENT_READ, ("udp", a))
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        kind, a = key.data
+        if kind == "tcp":
+            c, _ = key.fileobj.accept()
+            c.sendall(a.encode())
+            c.close()
+        else:
+            data, peer = key.fileobj.recvfrom(2048)
+            key.fileobj.sendto(a.encode() + b" " + data, peer)
+"""
+
+# Client helpers; each returns a dict, errors by errno name so a refusal and a timeout differ.
+PRELUDE = r"""
+import errno, json, socket
+
+def _err(e):
+    return errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
+
+def tcp(addr, port):
+    s = socket.socket()
+    s.settimeout(10)
+    try:
+        s.connect((addr, port))
+        peer = list(s.getpeername())
+        data = b""
+        while chunk := s.recv(100):
+            data += chunk
+    except TimeoutError:
+        return {"error": "timeout"}
+    except OSError as e:
+        return {"error": _err(e)}
+    finally:
+        s.close()
+    return {"backend": data.decode(), "peer": peer}
+
+def udp(addr, port, connected=False):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(10)
+    peer = None
+    try:
+        if connected:
+            s.connect((addr, port))
+            peer = list(s.getpeername())
+            s.send(b"ping")
+        else:
+            s.sendto(b"ping", (addr, port))
+        data, src = s.recvfrom(2048)
+    except TimeoutError:
+        return {"error": "timeout"}
+    except OSError as e:
+        return {"error": _err(e)}
+    finally:
+        s.close()
+    return {"backend": data.decode().split()[0], "src": list(src), "peer": peer}
+"""
+
+
+# ---- unit tests (no root) ----
+def test_attach_types_match_uapi_header() -> None:
+    header = Path("/usr/include/linux/bpf.h")
+    if not header.exists():
+        pytest.skip("no uapi linux/bpf.h")
+    body = re.search(r"enum bpf_attach_type \{(.*?)\}", header.read_text(), re.S)
+    assert body is not None
+    names = [ln.strip().rstrip(",") for ln in body.group(1).splitlines() if ln.strip().startswith("BPF_")]
+    want = {
+        "connect4": "BPF_CGROUP_INET4_CONNECT",
+        "sendmsg4": "BPF_CGROUP_UDP4_SENDMSG",
+        "recvmsg4": "BPF_CGROUP_UDP4_RECVMSG",
+        "getpeername4": "BPF_CGROUP_INET4_GETPEERNAME",
+    }
+    assert {hook: names[attach_type] for hook, (_, attach_type) in HOOKS.items()} == want
+
+
+def test_parse_cgroup2_mounts() -> None:
+    text = (
+        "24 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
+        "30 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "35 24 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "36 24 0:31 / /sys/fs/cgroup/systemd rw shared:10 - cgroup cgroup rw,name=systemd\n"
+        "37 30 0:30 / /mnt/my\\040cg rw shared:11 - cgroup2 none rw\n"
+    )
+    assert parse_cgroup2_mounts(text) == ["/sys/fs/cgroup/unified", "/mnt/my cg"]
+
+
+def test_check_cgroup_refuses_a_plain_directory(tmp_path: Path) -> None:
+    with pytest.raises(SocketLBError, match="not a cgroup v2 directory"):
+        check_cgroup(tmp_path)
+    with pytest.raises(SocketLBError, match="does not exist"):
+        check_cgroup(tmp_path / "missing")
+
+
+@pytest.fixture
+def sock_object() -> Path:
+    if not SOCK_OBJECT.exists():
+        pytest.fail(f"{SOCK_OBJECT} is missing: run `make bpf`")
+    return SOCK_OBJECT
+
+
+@pytest.mark.parametrize("name", sorted(abi.SOCK_BTF_NAMES))
+def test_sknat_layout_matches_btf(sock_object: Path, name: str) -> None:
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", str(sock_object)], capture_output=True, text=True, check=True
+    ).stdout
+    types = {t["id"]: t for t in json.loads(out)["types"]}
+
+    def size(type_id: int) -> int:
+        t = types[type_id]
+        if t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
+            return size(t["type_id"])
+        return int(t["size"])
+
+    (struct,) = [t for t in types.values() if t["kind"] == "STRUCT" and t.get("name") == name]
+    mirror = abi.SOCK_BTF_NAMES[name]
+    assert struct["size"] == ctypes.sizeof(mirror)
+    c_members = [(m["name"], m["bits_offset"] // 8, size(m["type_id"])) for m in struct["members"]]
+    py_members = [(f, getattr(mirror, f).offset, getattr(mirror, f).size) for f, *_ in mirror._fields_]
+    assert py_members == c_members
+
+
+def test_sock_object_maps_and_programs(sock_object: Path) -> None:
+    with lb.BpfObject.open(sock_object, pin_root_path="/kpt-pin-root") as obj:
+        assert {p for p, _ in HOOKS.values()} == set(obj.program_names())
+        assert set(abi.ALL_MAPS) | {abi.MAP_SKNAT4} <= set(obj.map_names())
+        p = obj.map_params(abi.MAP_SKNAT4)
+        assert (p.type, p.key_size, p.value_size, p.max_entries) == (
+            lb.BPF_MAP_TYPE_LRU_HASH,
+            ctypes.sizeof(abi.Sknat4Key),
+            ctypes.sizeof(abi.Sknat4Val),
+            abi.SKNAT4_MAX,
+        )
+        assert obj.pin_path(abi.MAP_SKNAT4) == f"/kpt-pin-root/{abi.MAP_SKNAT4}"
+
+
+# ---- the lab ----
+def _cgroup2_available() -> bool:
+    try:
+        return "cgroup2" in {
+            line.split(" - ")[1].split()[0]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if f" {CGROUP_ROOT} " in line
+        }
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture
+def child_cgroup() -> Iterator[Path]:
+    """A fresh child cgroup of CGROUP_ROOT; its processes go back to the parent before rmdir."""
+    if not _cgroup2_available():
+        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
+    cg = CGROUP_ROOT / f"kpt-{secrets.token_hex(4)}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # exited meanwhile
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+        cg.rmdir()
+
+
+@dataclass
+class SockLab:
+    ns: Any
+    cgroup: Path
+    bpffs: Path
+    slb: SocketLB
+    maps: KproxyMaps
+    sknat: PinnedMap[abi.Sknat4Key, abi.Sknat4Val]
+    _next_be: int = 1
+    _be_ids: dict[tuple[str, int, int], int] = field(default_factory=dict)
+
+    def backend(self, addr: str, port: int, proto: int) -> int:
+        key = (addr, port, proto)
+        if key not in self._be_ids:
+            self._be_ids[key] = self._next_be
+            self._next_be += 1
+            val = abi.Be4Val(addr=abi.ip_to_nbo(addr), port=abi.port_to_nbo(port), proto=proto)
+            self.maps.be4.put_many([(ctypes.c_uint32(self._be_ids[key]), val)])
+        return self._be_ids[key]
+
+    def service(
+        self,
+        addr: str,
+        port: int,
+        proto: int,
+        backends: list[str],
+        svc_id: int = 1,
+        flags: int = 0,
+        affinity_timeout: int = 0,
+        scope: int = abi.Scope.EXT,
+    ) -> None:
+        be_port = BE_TCP_PORT if proto == TCP else BE_UDP_PORT
+        ids = [self.backend(b, be_port, proto) for b in backends]
+
+        def key(slot: int) -> abi.Svc4Key:
+            return abi.Svc4Key(
+                addr=abi.ip_to_nbo(addr), port=abi.port_to_nbo(port), slot=slot, proto=proto, scope=scope
+            )
+
+        items = [(key(i + 1), abi.Svc4Val(backend_id=b, svc_id=svc_id)) for i, b in enumerate(ids)]
+        items.append(
+            (
+                key(0),
+                abi.Svc4Val(svc_id=svc_id, count=len(ids), flags=flags, affinity_timeout=affinity_timeout),
+            )
+        )
+        self.maps.svc4.put_many(items)
+
+    def _run(self, argv_prefix: list[str], body: str) -> Any:
+        code = PRELUDE + "\nprint(json.dumps(" + body + "))\n"
+        proc = subprocess.run(
+            [*argv_prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def client(self, body: str) -> Any:
+        """Evaluate `body` in a client process inside the child cgroup and the namespace."""
+        enter = f'echo $$ > {self.cgroup}/cgroup.procs && exec "$0" "$@"'
+        return self._run(["nsenter", f"--net={self.ns.path}", "sh", "-c", enter], body)
+
+    def outsider(self, body: str) -> Any:
+        """The same, in the namespace but in the cgroup this test runs in."""
+        return self._run(["nsenter", f"--net={self.ns.path}"], body)
+
+    def stat(self, s: abi.Stat) -> int:
+        return self.maps.stats.totals()[int(s)][0]
+
+
+@pytest.fixture
+def socklab(
+    bpffs: Path, netns: Callable[[], Any], child_cgroup: Path, sock_object: Path
+) -> Iterator[SockLab]:
+    ns = netns()
+    for a in [*BACKENDS, NODE_ADDR]:
+        ns.ip("addr", "add", f"{a}/32", "dev", "lo")
+    server = subprocess.Popen(
+        ["nsenter", f"--net={ns.path}", sys.executable, "-c", SERVER, *BACKENDS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    slb = SocketLB(bpffs, child_cgroup, SOCK_OBJECT)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready", server.stderr.read() if server.stderr else ""
+        slb.attach()
+        with (
+            KproxyMaps.open(bpffs) as maps,
+            PinnedMap.open(str(bpffs / abi.MAP_SKNAT4), abi.Sknat4Key, abi.Sknat4Val) as sknat,
+        ):
+            yield SockLab(ns, child_cgroup, bpffs, slb, maps, sknat)
+    finally:
+        slb.cleanup()
+        server.kill()
+        server.wait()
+
+
+# ---- root tests ----
+@pytest.mark.root
+def test_tcp_connect_reaches_a_backend_and_getpeername_shows_the_service(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    r = socklab.client(f"tcp({VIP!r}, 80)")
+    assert r == {"backend": BACKENDS[0], "peer": [VIP, 80]}
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 1
+    assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 1
+    entries = [(k, v) for k, v in socklab.sknat.items()]
+    assert len(entries) == 1
+    k, v = entries[0]
+    assert (abi.nbo_to_ip(k.addr), abi.nbo_to_port(k.port)) == (BACKENDS[0], BE_TCP_PORT)
+    assert (abi.nbo_to_ip(v.addr), abi.nbo_to_port(v.port), v.svc_id) == (VIP, 80, 1)
+
+
+@pytest.mark.root
+def test_udp_replies_come_from_the_service(socklab: SockLab) -> None:
+    socklab.service(VIP, 53, UDP, BACKENDS[1:2], svc_id=2)
+    r = socklab.client(f"[udp({VIP!r}, 53), udp({VIP!r}, 53, connected=True)]")
+    assert r[0] == {"backend": BACKENDS[1], "src": [VIP, 53], "peer": None}
+    assert r[1] == {"backend": BACKENDS[1], "src": [VIP, 53], "peer": [VIP, 53]}
+    assert socklab.stat(abi.Stat.SOCK_SENDMSG) == 1
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 1
+    assert socklab.stat(abi.Stat.SOCK_RECVMSG_REVNAT) == 2
+    assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 1
+
+
+@pytest.mark.root
+def test_service_without_backends_is_refused_at_once(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, [])
+    socklab.service(VIP, 53, UDP, [], svc_id=2)
+    r = socklab.client(f"[tcp({VIP!r}, 80), udp({VIP!r}, 53), udp({VIP!r}, 53, connected=True)]")
+    # A refusal, not a timeout: the client's 10 s timeout would say "timeout".
+    assert r == [{"error": "ECONNREFUSED"}] * 3
+    assert socklab.stat(abi.Stat.DROP_SOCK_NO_BACKEND) == 3
+    assert len(socklab.sknat) == 0
+
+
+@pytest.mark.root
+def test_connections_spread_over_all_backends(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, BACKENDS)
+    r = socklab.client(f"[tcp({VIP!r}, 80) for _ in range(60)]")
+    assert all(x["peer"] == [VIP, 80] for x in r), r
+    # Each backend is missed by 60 uniform picks with probability (2/3)^60 < 1e-10.
+    assert {x["backend"] for x in r} == set(BACKENDS)
+
+
+@pytest.mark.root
+def test_session_affinity_keeps_the_backend(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, BACKENDS, flags=abi.SvcFlag.AFFINITY, affinity_timeout=600)
+    r = socklab.client(f"[tcp({VIP!r}, 80) for _ in range(30)]")
+    backends = {x["backend"] for x in r}
+    assert len(backends) == 1, r
+    assert socklab.stat(abi.Stat.AFFINITY_HIT) == 29
+    (key, val), *rest = list(socklab.maps.aff4.items())
+    assert not rest and key.svc_id == 1
+    assert abi.nbo_to_ip(socklab.maps.be4.get(ctypes.c_uint32(val.backend_id)).addr) in backends
+
+
+@pytest.mark.root
+def test_nodeport_on_a_node_address_and_internal_scope(socklab: SockLab) -> None:
+    # NodePort with externalTrafficPolicy Local and no local endpoint: EXT says drop, INT has the
+    # cluster-wide backends. A node-local client is internal, like a pod.
+    flags = abi.SvcFlag.NODEPORT | abi.SvcFlag.ETP_LOCAL | abi.SvcFlag.TWO_SCOPES
+    socklab.service(NODE_ADDR, 30080, TCP, BACKENDS[2:], scope=abi.Scope.INT, flags=flags)
+    socklab.service(NODE_ADDR, 30080, TCP, [], flags=flags | abi.SvcFlag.NO_LOCAL_DROP)
+    r = socklab.client(f"tcp({NODE_ADDR!r}, 30080)")
+    assert r == {"backend": BACKENDS[2], "peer": [NODE_ADDR, 30080]}
+    # Without socket LB nothing listens there.
+    assert socklab.outsider(f"tcp({NODE_ADDR!r}, 30080)") == {"error": "ECONNREFUSED"}
+
+
+@pytest.mark.root
+def test_client_outside_the_cgroup_is_not_affected(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, BACKENDS)
+    socklab.service(VIP, 53, UDP, BACKENDS)
+    r = socklab.outsider(f"[tcp({VIP!r}, 80), udp({VIP!r}, 53), tcp({BACKENDS[0]!r}, {BE_TCP_PORT})]")
+    assert r[0] == {"error": "ENETUNREACH"}  # the service address is routed nowhere in this namespace
+    assert r[1] == {"error": "ENETUNREACH"}
+    assert r[2] == {"backend": BACKENDS[0], "peer": [BACKENDS[0], BE_TCP_PORT]}
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 0
+    assert socklab.stat(abi.Stat.SOCK_SENDMSG) == 0
+
+
+@pytest.mark.root
+def test_reattach_upgrades_in_place_and_cleanup_detaches(socklab: SockLab) -> None:
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    before = {a.hook: a for a in socklab.slb.attached()}
+    assert set(before) == set(HOOKS) and all(a.alive for a in before.values())
+    assert all(a.cgroup_id == os.stat(socklab.cgroup).st_ino for a in before.values())
+
+    # A restarted agent: a second object, same pins -> same links, new programs, no gap.
+    with SocketLB(socklab.bpffs, socklab.cgroup, SOCK_OBJECT) as again:
+        after = {a.hook: a for a in again.attach()}
+    assert {h: a.link_id for h, a in after.items()} == {h: a.link_id for h, a in before.items()}
+    assert all(after[h].prog_id != before[h].prog_id for h in HOOKS)
+    assert socklab.client(f"tcp({VIP!r}, 80)") == {"backend": BACKENDS[0], "peer": [VIP, 80]}
+
+    socklab.slb.cleanup()
+    assert socklab.slb.attached() == []
+    assert not any(p.name.startswith(PIN_PREFIX) for p in (socklab.bpffs / "links").glob("*"))
+    assert not (socklab.bpffs / abi.MAP_SKNAT4).exists()
+    assert socklab.client(f"tcp({VIP!r}, 80)") == {"error": "ENETUNREACH"}
+
+
+@pytest.mark.root
+def test_refuses_the_cgroup_root(bpffs: Path) -> None:
+    if not _cgroup2_available():
+        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
+    for path in (CGROUP_ROOT, Path(f"{CGROUP_ROOT}/."), CGROUP_ROOT / ".." / CGROUP_ROOT.name):
+        slb = SocketLB(bpffs, path, SOCK_OBJECT)
+        with pytest.raises(SocketLBError, match="root of a cgroup2 hierarchy"):
+            slb.attach()
+        slb.close()
+    assert not (bpffs / "links").exists() or not list((bpffs / "links").iterdir())
+    # Nothing of ours got attached anywhere: no cgroup link refers to a kproxy socket program.
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.strip():
+        for link in json.loads(out.stdout):
+            if link.get("type") == "cgroup":
+                with lb.prog_by_id(link["prog_id"]) as p:
+                    assert not lb.prog_info(p.fd).name.startswith("kp_sock_")
