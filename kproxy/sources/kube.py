@@ -1,0 +1,780 @@
+"""The Kubernetes source: kopf watches the cluster, a paginated LIST proves the view is whole.
+
+kopf runs standalone and cluster-wide with `@kopf.on.event` handlers only, so it writes nothing to
+the objects it watches (no finalizers, annotations, status or events). It is tuned as measured in
+issue 3: async handlers, its logger at WARNING, no-op diff-base and progress storages (kopf would
+otherwise deep-copy every body for cause detection), a short worker idle timeout and chunked lists.
+
+kopf lacks three things a node proxy needs, and this module adds them:
+
+- Completeness. kopf never says "the initial listing is complete". KubeSource does its own paginated
+  LIST of Services and EndpointSlices (plus this Node and the settings ConfigMap), feeds the store
+  page by page and calls `store.mark_initial_sync_done()` only after the last page.
+- Deletions during a gap. After a 410 Gone kopf re-lists and re-delivers every object but never
+  reports the ones deleted meanwhile. KubeSource LISTs again whenever kopf re-lists (noticed as a
+  second initial-listing event for the same object), after kopf restarts, and periodically; whatever
+  it holds that the LIST no longer has (and that is not newer than the LIST) is deleted.
+- Supervision. An ERROR event in a watch stream stops kopf. kopf runs in its own thread and event
+  loop (so its shutdown, which cancels every task of its loop, and its signal handlers never touch
+  the agent) under a supervisor that restarts it. The store and the maps are left alone meanwhile:
+  the dataplane keeps serving the last known state.
+
+Every object carries a resourceVersion; KubeSource keeps the last one applied per object and ignores
+anything not newer, so the LIST and the watch can race freely and re-listings cost no store work and
+no log line. Events are handed from kopf's thread to the agent's loop with call_soon_threadsafe; the
+store is only ever touched from the agent's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import kopf
+import yaml
+
+from kproxy.model import NodeInfo
+
+log = logging.getLogger("kproxy.sources.kube")
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+SERVICES = ("", "v1", "services")
+SLICES = ("discovery.k8s.io", "v1", "endpointslices")
+
+
+class Store(Protocol):
+    """What KubeSource needs from kproxy.store.ClusterStore."""
+
+    def upsert_service(self, raw: dict[str, Any], origin: str | None = None) -> Any: ...
+    def delete_service(self, namespace: str, name: str) -> Any: ...
+    def upsert_slice(self, raw: dict[str, Any], origin: str | None = None) -> Any: ...
+    def delete_slice(self, namespace: str, name: str) -> Any: ...
+    def set_node(self, node: NodeInfo) -> Any: ...
+    def mark_initial_sync_done(self) -> Any: ...
+
+
+class SourceMetrics(Protocol):
+    """The counters KubeSource reports (kproxy.observe.metrics.Metrics implements them)."""
+
+    def object_skipped(self, kind: str, reason: str) -> None: ...
+    def source_event(self, kind: str, event_type: str) -> None: ...
+    def source_relist(self, reason: str) -> None: ...
+    def source_restart(self) -> None: ...
+
+
+@dataclasses.dataclass
+class KubeSourceConfig:
+    """Settings of the Kubernetes source (the agent maps its CLI flags onto these).
+
+    settings_configmap: "namespace/name" of the agent's ConfigMap with runtime settings.
+    resync_interval: seconds between full LISTs that catch deletions kopf missed (0 disables).
+    """
+
+    node_name: str
+    kubeconfig: str | None = None
+    api_server: str | None = None
+    settings_configmap: str | None = "kube-system/kproxy"
+    resync_interval: float = 300.0
+    list_chunk_size: int = 500
+    kopf_idle_timeout: float = 0.5
+    kopf_restart_delay: float = 1.0
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> KubeSourceConfig:
+        """Build from an agent config object that has (some of) these attribute names."""
+        if isinstance(cfg, KubeSourceConfig):
+            return cfg
+        names = [f.name for f in dataclasses.fields(cls)]
+        aliases = {
+            "api_server": ("k8s_api_server", "api_server"),
+            "settings_configmap": ("configmap", "settings_configmap"),
+        }
+        values: dict[str, Any] = {}
+        for name in names:
+            for attr in aliases.get(name, (name,)):
+                if getattr(cfg, attr, None) is not None:
+                    values[name] = getattr(cfg, attr)
+                    break
+        if "node_name" not in values:
+            raise ValueError("the Kubernetes source needs the node name: pass --node-name or set NODE_NAME")
+        return cls(**values)
+
+
+# ---- credentials ----
+
+
+class CredentialsError(RuntimeError):
+    pass
+
+
+def resolve_connection(
+    kubeconfig: str | None = None,
+    api_server: str | None = None,
+    env: Mapping[str, str] | None = None,
+    sa_dir: str = SA_DIR,
+) -> kopf.ConnectionInfo:
+    """Find how to reach the API server, in the order a node agent without kube-proxy needs.
+
+    1. --kubeconfig FILE (its server replaced by --k8s-api-server when both are given);
+    2. --k8s-api-server URL, with the service account's token and CA when running in a pod;
+    3. KUBECONFIG;
+    4. in-cluster: KUBERNETES_SERVICE_HOST/_PORT and the service account. A kube-proxy replacement
+       cannot use the `kubernetes` ClusterIP kubelet puts there by default, so the DaemonSet sets
+       them to the real API server address;
+    5. ~/.kube/config.
+    """
+    env = os.environ if env is None else env
+    if kubeconfig:
+        return _override_server(_from_kubeconfig(kubeconfig), api_server)
+    if api_server:
+        return _in_cluster(_normalize_server(api_server), sa_dir, required=False)
+    if env.get("KUBECONFIG"):
+        return _from_kubeconfig(env["KUBECONFIG"])
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if host and os.path.exists(os.path.join(sa_dir, "token")):
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        return _in_cluster(f"https://{host}:{port or '443'}", sa_dir, required=True)
+    home_config = os.path.expanduser("~/.kube/config")
+    if os.path.exists(home_config):
+        return _from_kubeconfig(home_config)
+    raise CredentialsError(
+        "no Kubernetes credentials: pass --kubeconfig FILE or --k8s-api-server URL, set KUBECONFIG, "
+        "or run in a pod with a service account and KUBERNETES_SERVICE_HOST/_PORT naming the API server"
+    )
+
+
+def _normalize_server(server: str) -> str:
+    return server if "://" in server else f"https://{server}"
+
+
+def _override_server(info: kopf.ConnectionInfo, api_server: str | None) -> kopf.ConnectionInfo:
+    return info if not api_server else dataclasses.replace(info, server=_normalize_server(api_server))
+
+
+def _in_cluster(server: str, sa_dir: str, required: bool) -> kopf.ConnectionInfo:
+    token_path, ca_path = os.path.join(sa_dir, "token"), os.path.join(sa_dir, "ca.crt")
+    token = None
+    if os.path.exists(token_path):
+        with open(token_path, encoding="utf-8") as f:
+            token = f.read().strip() or None
+    elif required:
+        raise CredentialsError(f"service account token {token_path} is missing")
+    namespace = None
+    ns_path = os.path.join(sa_dir, "namespace")
+    if os.path.exists(ns_path):
+        with open(ns_path, encoding="utf-8") as f:
+            namespace = f.read().strip() or None
+    return kopf.ConnectionInfo(
+        server=server,
+        ca_path=ca_path if os.path.exists(ca_path) else None,
+        token=token,
+        default_namespace=namespace,
+    )
+
+
+def _from_kubeconfig(paths: str) -> kopf.ConnectionInfo:
+    contexts: dict[str, Any] = {}
+    clusters: dict[str, Any] = {}
+    users: dict[str, Any] = {}
+    current: str | None = None
+    for path in [os.path.expanduser(p.strip()) for p in paths.split(os.pathsep) if p.strip()]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CredentialsError(f"cannot read kubeconfig {path}: {e}") from e
+        base = os.path.dirname(os.path.abspath(path))
+        current = current or config.get("current-context")
+        for item in config.get("contexts") or []:
+            contexts.setdefault(item["name"], item.get("context") or {})
+        for item in config.get("clusters") or []:
+            cluster = dict(item.get("cluster") or {})
+            if cluster.get("certificate-authority"):
+                cluster["certificate-authority"] = os.path.join(base, cluster["certificate-authority"])
+            clusters.setdefault(item["name"], cluster)
+        for item in config.get("users") or []:
+            user = dict(item.get("user") or {})
+            for key in ("client-certificate", "client-key", "tokenFile"):
+                if user.get(key):
+                    user[key] = os.path.join(base, user[key])
+            users.setdefault(item["name"], user)
+    if not current or current not in contexts:
+        raise CredentialsError(f"kubeconfig {paths}: current-context {current!r} is not defined")
+    context = contexts[current]
+    cluster = clusters.get(context.get("cluster"), {})
+    user = users.get(context.get("user"), {})
+    if not cluster.get("server"):
+        raise CredentialsError(f"kubeconfig {paths}: cluster {context.get('cluster')!r} has no server")
+    token = user.get("token")
+    if not token and user.get("tokenFile"):
+        with open(user["tokenFile"], encoding="utf-8") as f:
+            token = f.read().strip()
+    return kopf.ConnectionInfo(
+        server=cluster["server"],
+        ca_path=cluster.get("certificate-authority"),
+        ca_data=cluster.get("certificate-authority-data"),
+        insecure=cluster.get("insecure-skip-tls-verify"),
+        certificate_path=user.get("client-certificate"),
+        certificate_data=user.get("client-certificate-data"),
+        private_key_path=user.get("client-key"),
+        private_key_data=user.get("client-key-data"),
+        username=user.get("username"),
+        password=user.get("password"),
+        token=token,
+        default_namespace=context.get("namespace"),
+    )
+
+
+def _http_session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
+    headers = dict(info.as_http_headers())
+    if info.username and info.password and "Authorization" not in headers:
+        raw = f"{info.username}:{info.password}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+    headers["User-Agent"] = "kproxy"
+    ssl_context = info.as_ssl_context() if info.server.startswith("https") else None
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context or False), headers=headers)
+
+
+# ---- kopf tuning ----
+
+
+class NoDiffBaseStorage(kopf.DiffBaseStorage):
+    """on.event handlers need no diff base: skip kopf's deep copy of every body."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> Any:
+        return {}
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        pass
+
+
+class NoProgressStorage(kopf.ProgressStorage):
+    """on.event handlers keep no progress: nothing is ever written to the objects."""
+
+    def fetch(self, *, key: Any, body: Any) -> Any:
+        return None
+
+    def store(self, *, key: Any, record: Any, body: Any, patch: Any) -> None:
+        pass
+
+    def purge(self, *, key: Any, body: Any, patch: Any) -> None:
+        pass
+
+    def touch(self, *, body: Any, patch: Any, value: Any) -> None:
+        pass
+
+    def clear(self, *, essence: Any) -> Any:
+        return essence
+
+
+def kopf_settings(cfg: KubeSourceConfig, namespace: str | None, cm_name: str | None) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False
+    settings.persistence.diffbase_storage = NoDiffBaseStorage()
+    settings.persistence.progress_storage = NoProgressStorage()
+    settings.queueing.idle_timeout = cfg.kopf_idle_timeout
+    settings.watching.chunk_size = cfg.list_chunk_size
+    # Retry API errors quickly (a proxy wants to be back soon after an outage), give up never:
+    # after the last backoff kopf's watcher reconnects from the start anyway.
+    settings.networking.error_backoffs = (0.5, 1, 1, 2, 2, 3, 3, 5)
+    settings.networking.connect_timeout = 5
+    # The agent decides when to exit; kopf must never SIGKILL it.
+    settings.process.ultimate_exiting_timeout = None
+    # Only the built-in resources below are watched: no CRD or namespace scanning (and no RBAC for it).
+    settings.scanning.disabled = True
+    settings.watching.field_selectors["v1", "nodes"] = f"metadata.name={cfg.node_name}"
+    if cm_name:
+        settings.watching.field_selectors["v1", "configmaps"] = f"metadata.name={cm_name}"
+    del namespace  # the ConfigMap's namespace is checked in the handler
+    return settings
+
+
+def _quiet_kopf() -> None:
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    # kopf warns that it ignores OS signals outside the main thread: that is what we want.
+    logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
+
+
+# ---- the source ----
+
+
+def _rv(raw: Mapping[str, Any]) -> int | None:
+    meta = raw.get("metadata")
+    value = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # opaque versions: always apply
+
+
+def _ns_name(raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return None
+    ns = meta.get("namespace")
+    return (ns if isinstance(ns, str) and ns else "default", meta["name"])
+
+
+def node_info(raw: Mapping[str, Any]) -> NodeInfo:
+    meta = raw.get("metadata") or {}
+    labels = {k: v for k, v in (meta.get("labels") or {}).items() if isinstance(v, str)}
+    addresses = tuple(
+        a["address"]
+        for a in ((raw.get("status") or {}).get("addresses") or [])
+        if isinstance(a, dict) and a.get("type") == "InternalIP" and isinstance(a.get("address"), str)
+    )
+    return NodeInfo(
+        name=meta.get("name", ""),
+        addresses=addresses,
+        zone=labels.get(ZONE_LABEL),
+        labels=tuple(sorted(labels.items())),
+    )
+
+
+def node_eligible(raw: Mapping[str, Any]) -> bool:
+    """kube-proxy's /healthz rule: a node being deleted or drained by the autoscaler is not eligible."""
+    if (raw.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    taints = (raw.get("spec") or {}).get("taints") or []
+    return not any(isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT for t in taints)
+
+
+class KubeSource:
+    """Feeds the store from the Kubernetes API. `await run()` until cancelled (or `await stop()`).
+
+    store: the ClusterStore (upsert_service/delete_service/upsert_slice/delete_slice/set_node/
+        mark_initial_sync_done), only ever called from the loop that runs `run()`.
+    config: a KubeSourceConfig or an agent config with the same attribute names.
+    on_settings: called with the settings ConfigMap's `data` (an empty dict when it is deleted)
+        whenever it changes, e.g. {"dsr-mode": "ipip"}.
+    on_node_eligible: called with False when this Node is being deleted or tainted
+        ToBeDeletedByClusterAutoscaler (kube-proxy then fails /healthz), True otherwise.
+    metrics: optional SourceMetrics.
+    connection: explicit credentials (tests); otherwise resolve_connection(config).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: Any,
+        *,
+        on_settings: Callable[[dict[str, str]], None] | None = None,
+        on_node_eligible: Callable[[bool], None] | None = None,
+        metrics: SourceMetrics | None = None,
+        connection: kopf.ConnectionInfo | None = None,
+    ) -> None:
+        self.store = store
+        self.cfg = KubeSourceConfig.from_any(config)
+        self.on_settings = on_settings
+        self.on_node_eligible = on_node_eligible
+        self.metrics = metrics
+        self._connection = connection
+        cm = self.cfg.settings_configmap
+        self._cm_ns, _, self._cm_name = cm.partition("/") if cm else ("", "", "")
+        if cm and not self._cm_name:
+            self._cm_ns, self._cm_name = "kube-system", cm
+        # resourceVersion last applied per (kind, namespace, name); None for opaque versions.
+        self._seen: dict[tuple[str, str, str], int | None] = {}
+        # Deletions seen by the watch, so that an older LIST page cannot resurrect the object.
+        self._tombstones: dict[tuple[str, str, str], int] = {}
+        self._last_kopf_listing = 0.0  # monotonic time of the last listing event from kopf
+        self._settings: dict[str, str] | None = None
+        self._node_eligible: bool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resync_wanted = asyncio.Event()
+        self._resync_reasons: set[str] = set()
+        self._stop_kopf = threading.Event()
+        self._kopf_stopper: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._kopf_thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.initial_sync_done = asyncio.Event()
+        self.kopf_runs = 0
+        self.lists_done = 0
+        self.last_list_time: float | None = None
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        """Start in the background; returns at once. Wait for `initial_sync_done` if needed."""
+        self._task = asyncio.create_task(self.run(), name="kube source")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        _quiet_kopf()
+        self._loop = asyncio.get_running_loop()
+        info = self._connection or resolve_connection(self.cfg.kubeconfig, self.cfg.api_server)
+        self._connection = info
+        log.info("watching Kubernetes at %s as node %s", info.server, self.cfg.node_name)
+        self._stop_kopf.clear()
+        try:
+            async with _http_session(info) as session:
+                await self._resync_loop(session, info)
+        finally:
+            self._stop_kopf_now()
+            thread = self._kopf_thread
+            if thread is not None:
+                await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
+                if thread.is_alive():
+                    log.error("kopf did not stop within 30 s; leaving its daemon thread behind")
+            self._kopf_thread = None
+
+    # ---- kopf (its own thread and event loop) ----
+    def _kopf_thread_main(self, info: kopf.ConnectionInfo) -> None:
+        registry = self._registry(info)
+        backoff = self.cfg.kopf_restart_delay
+        while not self._stop_kopf.is_set():
+            self.kopf_runs += 1
+            started = time.monotonic()
+            try:
+                asyncio.run(self._kopf_operator(registry))
+            except BaseException as e:  # noqa: BLE001 - any kopf failure means: restart it
+                if self._stop_kopf.is_set():
+                    break
+                log.warning(
+                    "kopf stopped (%s: %s); restarting it, the dataplane keeps its state", type(e).__name__, e
+                )
+            else:
+                if self._stop_kopf.is_set():
+                    break
+                log.warning("kopf exited unexpectedly; restarting it, the dataplane keeps its state")
+            if self.metrics is not None:
+                self.metrics.source_restart()
+            # A restarted kopf re-lists; deletions during its absence need our own LIST.
+            self._request_resync_threadsafe("kopf restarted")
+            backoff = self.cfg.kopf_restart_delay if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            self._stop_kopf.wait(backoff)
+
+    async def _kopf_operator(self, registry: kopf.OperatorRegistry) -> None:
+        settings = kopf_settings(self.cfg, self._cm_ns, self._cm_name)
+        loop = asyncio.get_running_loop()
+        # kopf's failed watchers leave "exception never retrieved" tasks behind: already reported.
+        loop.set_exception_handler(lambda _loop, ctx: log.debug("kopf: %s", ctx.get("message")))
+        task = asyncio.current_task()
+        assert task is not None
+        self._kopf_stopper = (loop, task)
+        if self._stop_kopf.is_set():
+            return
+        try:
+            # Stopped by cancelling this task: kopf then cancels its own tasks at once instead of
+            # giving them seconds to finish (nothing of ours runs in this loop).
+            await kopf.operator(registry=registry, settings=settings, standalone=True, clusterwide=True)
+        finally:
+            self._kopf_stopper = None
+
+    def _stop_kopf_now(self) -> None:
+        self._stop_kopf.set()
+        stopper = self._kopf_stopper
+        if stopper is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed
+                stopper[0].call_soon_threadsafe(stopper[1].cancel)
+
+    def _registry(self, info: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+        post = self._post_threadsafe
+
+        @kopf.on.login(registry=registry)
+        async def login(**_: Any) -> kopf.ConnectionInfo:
+            return info
+
+        @kopf.on.event("v1", "services", registry=registry)
+        async def on_service(event: Any, **_: Any) -> None:
+            post("Service", event)
+
+        @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)
+        async def on_slice(event: Any, **_: Any) -> None:
+            post("EndpointSlice", event)
+
+        @kopf.on.event("v1", "nodes", registry=registry)
+        async def on_node(event: Any, **_: Any) -> None:
+            post("Node", event)
+
+        if self._cm_name:
+
+            @kopf.on.event("v1", "configmaps", registry=registry)
+            async def on_configmap(event: Any, **_: Any) -> None:
+                post("ConfigMap", event)
+
+        return registry
+
+    def _post_threadsafe(self, kind: str, event: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), event.get("object"))
+
+    def _request_resync_threadsafe(self, reason: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.request_resync, reason)
+
+    # ---- events (agent loop) ----
+    def request_resync(self, reason: str) -> None:
+        """Ask for a full LIST soon (coalesced)."""
+        self._resync_reasons.add(reason)
+        self._resync_wanted.set()
+
+    def _on_event(self, kind: str, etype: str | None, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            return
+        ident = _ns_name(raw)
+        if ident is None:
+            log.warning("%s without metadata.name in a watch event skipped", kind)
+            self._count_skipped(kind, "missing_name")
+            return
+        if self.metrics is not None:
+            self.metrics.source_event(kind, etype or "LISTED")
+        if kind == "Node":
+            if ident[1] == self.cfg.node_name:
+                self._apply_node(raw, deleted=etype == "DELETED")
+            return
+        if kind == "ConfigMap":
+            if ident == (self._cm_ns, self._cm_name):
+                self._apply_settings({} if etype == "DELETED" else raw.get("data") or {})
+            return
+        key = (kind, ident[0], ident[1])
+        if etype is None and self.initial_sync_done.is_set():
+            # kopf is (re-)listing: after a 410 or an outage, or its first listing finishing after
+            # ours. Its listing never reports what was deleted before its snapshot and after ours
+            # (or during the gap): our own LIST, once kopf's listing is over, will.
+            self._last_kopf_listing = time.monotonic()
+            self.request_resync("kopf re-listed")
+        if etype == "DELETED":
+            self._apply_delete(key, _rv(raw), quiet=False)
+        else:
+            self._apply_upsert(key, raw, quiet=not self.initial_sync_done.is_set())
+
+    def _apply_upsert(self, key: tuple[str, str, str], raw: dict[str, Any], quiet: bool) -> bool:
+        rv = _rv(raw)
+        if rv is not None:
+            last = self._seen.get(key)
+            if last is not None and last >= rv:
+                return False  # already applied (a re-listing, or the LIST raced the watch)
+            gone = self._tombstones.get(key)
+            if gone is not None and gone >= rv:
+                return False  # an older copy of an object the watch saw deleted
+        existed = key in self._seen
+        self._seen[key] = rv
+        self._tombstones.pop(key, None)
+        kind, ns, name = key
+        try:
+            if kind == "Service":
+                self.store.upsert_service(raw, origin="kubernetes")
+            else:
+                self.store.upsert_slice(raw, origin="kubernetes")
+        except ValueError as e:  # kproxy.model.ModelError and friends: the store names the problem
+            log.warning("%s", e)
+            self._count_skipped(kind, getattr(e, "reason", "invalid"))
+            return True
+        if not quiet:
+            log.info("%s %s/%s %s", kind, ns, name, "updated" if existed else "added")
+        return True
+
+    def _apply_delete(self, key: tuple[str, str, str], rv: int | None, quiet: bool) -> None:
+        if rv is not None:
+            last = self._seen.get(key)
+            if last is not None and last > rv:
+                return
+            self._tombstones[key] = rv
+        if key not in self._seen:
+            return
+        del self._seen[key]
+        kind, ns, name = key
+        if kind == "Service":
+            self.store.delete_service(ns, name)
+        else:
+            self.store.delete_slice(ns, name)
+        if not quiet:
+            log.info("%s %s/%s deleted", kind, ns, name)
+
+    def _apply_node(self, raw: dict[str, Any], deleted: bool) -> None:
+        if deleted:
+            eligible = False
+        else:
+            self.store.set_node(node_info(raw))
+            eligible = node_eligible(raw)
+        if eligible != self._node_eligible:
+            self._node_eligible = eligible
+            if not eligible:
+                log.warning("node %s is being deleted or drained: /healthz will fail", self.cfg.node_name)
+            if self.on_node_eligible is not None:
+                self.on_node_eligible(eligible)
+
+    def _apply_settings(self, data: dict[str, Any]) -> None:
+        settings = {str(k): str(v) for k, v in data.items()}
+        if settings == self._settings:
+            return
+        self._settings = settings
+        log.info(
+            "runtime settings from ConfigMap %s/%s: %s", self._cm_ns, self._cm_name, settings or "defaults"
+        )
+        if self.on_settings is not None:
+            try:
+                self.on_settings(settings)
+            except Exception:
+                log.exception("applying runtime settings %s failed; keeping the previous ones", settings)
+
+    def _count_skipped(self, kind: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.object_skipped(kind, reason)
+
+    # ---- our own LIST (agent loop) ----
+    def _start_kopf(self, info: kopf.ConnectionInfo) -> None:
+        self._kopf_thread = threading.Thread(
+            target=self._kopf_thread_main, args=(info,), name="kproxy-kopf", daemon=True
+        )
+        self._kopf_thread.start()
+
+    async def _resync_loop(self, session: aiohttp.ClientSession, info: kopf.ConnectionInfo) -> None:
+        reason = "initial"
+        while True:
+            await self._full_list(session, reason)
+            if self._kopf_thread is None:
+                # kopf starts only now: its listing would otherwise compete with ours (and the first
+                # sync) for the CPU. Whatever changed in between, its listing delivers; whatever was
+                # deleted in between, the LIST that follows its listing removes.
+                self._start_kopf(info)
+            interval = self.cfg.resync_interval if self.cfg.resync_interval > 0 else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync_wanted.wait(), interval)
+            # Let kopf finish its listing (no listing event for a moment) before listing ourselves.
+            await asyncio.sleep(0.2)
+            while time.monotonic() - self._last_kopf_listing < 0.5:
+                await asyncio.sleep(0.2)
+            self._resync_wanted.clear()
+            reason = ", ".join(sorted(self._resync_reasons)) or "periodic"
+            self._resync_reasons.clear()
+
+    async def _full_list(self, session: aiohttp.ClientSession, reason: str) -> None:
+        started = time.monotonic()
+        backoff = 0.2
+        while True:
+            try:
+                counts = await self._list_once(session)
+                break
+            except (aiohttp.ClientError, TimeoutError, _ApiError) as e:
+                log.warning("listing the cluster (%s) failed: %s; retrying in %.1f s", reason, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.lists_done += 1
+        self.last_list_time = time.time()
+        if self.metrics is not None:
+            self.metrics.source_relist(reason.split(",")[0])
+        added, deleted = counts
+        took = time.monotonic() - started
+        if not self.initial_sync_done.is_set():
+            self.store.mark_initial_sync_done()
+            self.initial_sync_done.set()
+            log.info(
+                "initial listing complete in %.2f s: %d Services, %d EndpointSlices",
+                took,
+                sum(1 for k in self._seen if k[0] == "Service"),
+                sum(1 for k in self._seen if k[0] == "EndpointSlice"),
+            )
+        elif added or deleted:
+            log.info(
+                "full listing (%s) in %.2f s found %d changed and %d deleted objects",
+                reason,
+                took,
+                added,
+                deleted,
+            )
+        else:
+            log.debug("full listing (%s) in %.2f s: no difference", reason, took)
+
+    async def _list_once(self, session: aiohttp.ClientSession) -> tuple[int, int]:
+        node = await self._get(session, f"/api/v1/nodes/{self.cfg.node_name}")
+        if node is None:
+            log.warning(
+                "node %s not found in the API: NodePorts and local endpoints wait for it", self.cfg.node_name
+            )
+        else:
+            self._apply_node(node, deleted=False)
+        if self._cm_name:
+            cm = await self._get(session, f"/api/v1/namespaces/{self._cm_ns}/configmaps/{self._cm_name}")
+            self._apply_settings((cm or {}).get("data") or {})
+        changed = deleted = 0
+        quiet = not self.initial_sync_done.is_set()
+        for kind, (group, version, plural) in (("Service", SERVICES), ("EndpointSlice", SLICES)):
+            base = f"/api/{version}/{plural}" if not group else f"/apis/{group}/{version}/{plural}"
+            listed: set[tuple[str, str, str]] = set()
+            list_rv: int | None = None
+            async for items, rv in self._pages(session, base):
+                list_rv = rv if list_rv is None else list_rv
+                for raw in items:
+                    ident = _ns_name(raw) if isinstance(raw, dict) else None
+                    if ident is None:
+                        continue
+                    key = (kind, ident[0], ident[1])
+                    listed.add(key)
+                    if self._apply_upsert(key, raw, quiet=quiet):
+                        changed += 1
+                await asyncio.sleep(0)  # let watch events in between pages
+            for key, seen_rv in list(self._seen.items()):
+                if key[0] != kind or key in listed:
+                    continue
+                if list_rv is not None and seen_rv is not None and seen_rv > list_rv:
+                    continue  # created after the LIST's snapshot
+                self._apply_delete(key, list_rv, quiet=quiet)
+                deleted += 1
+            for key, gone_rv in list(self._tombstones.items()):
+                if key[0] == kind and list_rv is not None and gone_rv <= list_rv:
+                    del self._tombstones[key]
+        return changed, deleted
+
+    async def _get(self, session: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
+        assert self._connection is not None
+        url = self._connection.server.rstrip("/") + path
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status >= 400:
+                raise _ApiError(f"GET {path}: HTTP {resp.status} {(await resp.text())[:200]}")
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    async def _pages(self, session: aiohttp.ClientSession, path: str) -> Any:
+        """Yield (items, list resourceVersion) per page; a 410 on `continue` restarts the list."""
+        token = ""
+        while True:
+            query = f"?limit={self.cfg.list_chunk_size}" + (f"&continue={token}" if token else "")
+            assert self._connection is not None
+            url = self._connection.server.rstrip("/") + path + query
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+                if resp.status == 410 and token:
+                    raise _ApiError(f"LIST {path}: continue token expired (410), listing again")
+                if resp.status >= 400:
+                    raise _ApiError(f"LIST {path}: HTTP {resp.status} {(await resp.text())[:200]}")
+                body = await resp.json()
+            meta = body.get("metadata") or {}
+            try:
+                rv: int | None = int(meta.get("resourceVersion"))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                rv = None
+            yield body.get("items") or [], rv
+            token = meta.get("continue") or ""
+            if not token:
+                return
+
+
+class _ApiError(Exception):
+    pass
