@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 include mk/helm.mk
 include mk/bench.mk
 
-.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak
+.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak fuzz
 
 all: install
 
@@ -76,6 +76,10 @@ bench-full: install loadgen
 DURATION ?= 600
 soak: install loadgen
 	$(PY) -m bench.soak --duration $(DURATION)
+
+# At least a million random and mutated frames through every TC program (a smaller run is in make test).
+fuzz: install
+	KPROXY_FUZZ_FRAMES=1000000 $(PY) -m pytest -q tests/bpf/test_fuzz.py
 
 clean: clean-loadgen
 	rm -rf $(BPF_OBJ_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

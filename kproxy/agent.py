@@ -2,13 +2,16 @@
 
 Start-up order matters for restarts without packet loss:
   1. load the object with maps pinned under --bpffs (existing pins, and so services and conntrack, are
-     re-used), write kp_cfg_v1;
+     re-used), write kp_cfg_v1 (node address, conntrack timeouts, initial DSR mode);
   2. attach to the netdevs and to every pod interface matching --pod-ifaces (a pinned tcx link that
-     exists already is updated in place: an atomic program swap, never detach-then-attach);
-  3. start the source, wait until it reports its initial listing complete, adopt the pinned maps and
-     apply the whole view once (only the diff is written), then apply dirty Services as they come,
-     all dirty ones in one batch.
+     exists already is updated in place: an atomic program swap, never detach-then-attach), then the
+     socket programs to --socket-lb-cgroup when given (their cgroup links are updated in place too);
+  3. start the health and metrics servers and the source, wait until the source reports its initial
+     listing complete, adopt the pinned maps and apply the whole view once (only the diff is
+     written), then apply dirty Services as they come, all dirty ones in one batch.
 Pod interfaces are followed through netlink link events; a conntrack sweeper deletes expired entries.
+The Kubernetes source also reports the agent ConfigMap: its `dsr-mode` key is written into kp_cfg_v1
+live (flows keep the mode they began with; the datapath records it in conntrack).
 SIGTERM/SIGINT stop the agent and leave pins and links: the programs keep running until the next agent
 adopts them (`kproxy cleanup` removes everything).
 """
@@ -17,52 +20,105 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import fnmatch
 import logging
 import signal
+import socket
+import struct
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from kproxy.config import DSR_MODES, AgentConfig, split_hostport
+
 log = logging.getLogger("kproxy.agent")
+
+SIOCGIFADDR = 0x8915
 
 
 class AgentError(RuntimeError):
     """The agent cannot start; the message says what to fix."""
 
 
-@dataclass
-class AgentConfig:
-    source_dir: str
-    node_name: str
-    node_ip: str
-    netdevs: list[str] = field(default_factory=list)
-    pod_ifaces: list[str] = field(default_factory=lambda: ["lxc*"])
-    bpffs: str = "/sys/fs/bpf/kproxy"
-    map_sizes: dict[str, int] = field(default_factory=dict)
-    ct_timeouts: tuple[int, int, int, int] = (0, 0, 0, 0)  # syn, tcp, fin, udp seconds; 0 = default
-    sweep_interval: float = 5.0
-    object_path: str | None = None
-    nodeport_cidrs: list[str] = field(default_factory=list)
+# ---- netdev autodetection ----
+def default_route_ifaces(route_table: str) -> list[str]:
+    """Interfaces of IPv4 default routes in a /proc/net/route text."""
+    out = []
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000" and fields[0] not in out:
+            out.append(fields[0])
+    return out
+
+
+def _iface_ipv4(ifname: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(res[20:24])
+
+
+def detect_netdevs(node_ips: Iterable[str], pod_globs: Iterable[str]) -> list[str]:
+    """Interfaces with a default route or holding a node IP, minus loopback and pod interfaces.
+
+    Only the primary IPv4 address of each interface is checked (SIOCGIFADDR): the node IP the
+    kubelet reports is that address on every common setup.
+    """
+    try:
+        with open("/proc/net/route") as f:
+            found = default_route_ifaces(f.read())
+    except OSError:
+        found = []
+    ips = set(node_ips)
+    for _, name in socket.if_nameindex():
+        if name not in found and _iface_ipv4(name) in ips:
+            found.append(name)
+    globs = list(pod_globs)
+    return [n for n in found if n != "lo" and not any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, *, connection: Any = None) -> None:
         self.cfg = cfg
+        self.connection = connection  # explicit Kubernetes credentials (tests)
         self.loader: Any = None
         self.maps: Any = None
+        self.socklb: Any = None
         self.store: Any = None
         self.syncer: Any = None
         self.source: Any = None
+        self.health: Any = None
+        self.service_health: Any = None
+        self.metrics: Any = None
+        self.netdevs: list[str] = list(cfg.netdevs)
+        self.dsr_mode: str = cfg.dsr_mode
         self.stop = asyncio.Event()
         self.synced = asyncio.Event()  # first full apply done
         self.attached_pods: set[str] = set()
 
+    @property
+    def node_ip(self) -> str:
+        ip = self.cfg.primary_ipv4
+        if ip is None:
+            raise AgentError("the agent needs this node's IPv4 address: pass --node-ip")
+        return ip
+
     # ---- data plane set-up ----
+    def write_config(self) -> None:
+        from kproxy.sync import write_config
+
+        t = self.cfg.conntrack
+        write_config(
+            self.maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
+            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode],
+        )  # fmt: skip
+
     def setup_dataplane(self) -> None:
         from kproxy.bpf.libbpf import LibbpfError
         from kproxy.bpf.loader import PROG_FROM_NETDEV, PROG_TO_NETDEV, Loader, LoaderError
-        from kproxy.sync import write_config
 
         cfg = self.cfg
         self.loader = Loader(cfg.bpffs, cfg.object_path, cfg.map_sizes)
@@ -71,19 +127,39 @@ class Agent:
             self.maps = self.loader.open_maps()
         except (LoaderError, LibbpfError, FileNotFoundError) as e:
             raise AgentError(f"cannot load the BPF object into {cfg.bpffs}: {e}") from e
-        syn, tcp, fin, udp = cfg.ct_timeouts
-        write_config(
-            self.maps, cfg.node_ip, syn_timeout=syn, tcp_timeout=tcp, fin_timeout=fin, udp_timeout=udp
-        )
+        self.write_config()
         for pin in self.loader.reconcile():
             log.info("removed stale link %s", pin)
-        for dev in cfg.netdevs:
+        if not self.netdevs:
+            self.netdevs = detect_netdevs(cfg.node_ips, cfg.pod_ifaces)
+            if not self.netdevs:
+                log.warning(
+                    "no netdev found (no default route, no interface with %s): NodePort and LoadBalancer "
+                    "traffic from outside is not served; pass --netdev IFACE", ",".join(cfg.node_ips) or "-",
+                )  # fmt: skip
+            else:
+                log.info("autodetected netdevs: %s", ",".join(self.netdevs))
+        for dev in self.netdevs:
             try:
                 self.loader.attach(dev, "ingress", PROG_FROM_NETDEV)
                 self.loader.attach(dev, "egress", PROG_TO_NETDEV)
             except (LoaderError, LibbpfError, OSError) as e:
                 raise AgentError(f"cannot attach to netdev {dev}: {e}") from e
             log.info("attached %s/%s to netdev %s", PROG_FROM_NETDEV, PROG_TO_NETDEV, dev)
+        if cfg.socket_lb_cgroup:
+            self.setup_socket_lb(cfg.socket_lb_cgroup)
+
+    def setup_socket_lb(self, cgroup: str) -> None:
+        from kproxy.bpf.libbpf import LibbpfError
+        from kproxy.bpf.loader import LoaderError
+        from kproxy.bpf.socklb import SocketLB
+
+        self.socklb = SocketLB(self.cfg.bpffs, cgroup)
+        try:
+            attached = self.socklb.attach()
+        except (LoaderError, LibbpfError, OSError) as e:
+            raise AgentError(f"cannot attach socket load balancing to cgroup {cgroup}: {e}") from e
+        log.info("socket load balancing on cgroup %s: %s", cgroup, ", ".join(a.hook for a in attached))
 
     def attach_pod(self, ifname: str) -> None:
         from kproxy.bpf.loader import PROG_FROM_POD, PROG_TO_POD
@@ -111,6 +187,21 @@ class Agent:
         else:
             log.info("pod interface %s is gone: removed its link pins", ifname)
 
+    # ---- runtime settings (the agent ConfigMap, through the Kubernetes source) ----
+    def apply_settings(self, settings: dict[str, str]) -> None:
+        # A deleted key (or ConfigMap) means the mode the agent was started with.
+        mode = settings.get("dsr-mode", self.cfg.dsr_mode).strip().lower() or "off"
+        if mode not in DSR_MODES:
+            log.error(
+                "ConfigMap key dsr-mode=%r is not one of off, opt, ipip: keeping %s", mode, self.dsr_mode
+            )
+            return
+        if mode == self.dsr_mode:
+            return
+        old, self.dsr_mode = self.dsr_mode, mode
+        self.write_config()
+        log.info("DSR mode %s -> %s (new flows only; flows in progress keep their mode)", old, mode)
+
     # ---- tasks ----
     async def follow_pods(self) -> None:
         from kproxy.bpf.netlink import follow
@@ -123,10 +214,9 @@ class Agent:
 
     async def sync_loop(self) -> None:
         from kproxy.sync import Syncer, sync_dirty
-        from kproxy.translate import TranslateConfig
 
         store = self.store
-        tcfg = TranslateConfig.from_cidrs(self.cfg.nodeport_cidrs)
+        tcfg = self.cfg.translate_config()
         self.syncer = Syncer(self.maps)
         while not store.initial_sync_done:
             store.event.clear()
@@ -137,7 +227,7 @@ class Agent:
         self.syncer.adopt()
         store.event.clear()
         report = sync_dirty(store, self.syncer, tcfg, full=True)
-        self.after_apply(report, t0, full=True)
+        await self.after_apply(report, t0, full=True)
         self.synced.set()
         while True:
             await store.event.wait()
@@ -148,9 +238,9 @@ class Agent:
                 continue
             t0 = time.monotonic()
             report = sync_dirty(store, self.syncer, tcfg)
-            self.after_apply(report, t0)
+            await self.after_apply(report, t0)
 
-    def after_apply(self, report: Any, t0: float, full: bool = False) -> None:
+    async def after_apply(self, report: Any, t0: float, full: bool = False) -> None:
         from kproxy.observe.metadata import write_metadata
 
         ms = (time.monotonic() - t0) * 1000
@@ -162,10 +252,21 @@ class Agent:
         for svc, why in report.failed.items():
             log.error("service %s not programmed: %s", svc, why)
         write_metadata(self.cfg.bpffs, self.cfg.node_name, self.service_metadata())
+        if self.metrics is not None:
+            self.metrics.observe_sync(report, t0, getattr(report, "first_change", None), full=full)
+        if self.health is not None:
+            # Services that cannot be programmed (a conflict, a full map) are logged and counted; the
+            # proxy itself is working, so they do not fail /healthz (and restart the agent for nothing).
+            self.health.update(True)
+        if self.service_health is not None:
+            from kproxy.observe.health import health_check_services
+
+            await self.service_health.sync(health_check_services(self.store))
 
     def service_metadata(self) -> dict[int, dict[str, Any]]:
         from kproxy.observe.inspect import proto_name
 
+        # Syncer has no public accessor for the id table yet (only svc_id(service, port, proto)).
         ids: dict[tuple[str, str, int], int] = getattr(self.syncer, "_svc_ids", {})
         return {
             sid: {"service": svc, "port_name": port, "protocol": proto_name(proto)}
@@ -186,10 +287,74 @@ class Agent:
                 log.debug("swept %d expired conntrack entries", n)
 
     async def run_source(self) -> None:
-        from kproxy.sources.files import FileSource
+        source_dir = self.cfg.source_dir
+        if source_dir is not None:
+            from kproxy.sources.files import FileSource
 
-        self.source = FileSource(self.cfg.source_dir, self.store)
-        await self.source.run()
+            self.source = FileSource(source_dir, self.store)
+            await self.source.run()
+            return
+        await self.make_kube_source().run()
+
+    def make_kube_source(self) -> Any:
+        try:
+            from kproxy.sources.kube import KubeSource, KubeSourceConfig
+        except ImportError as e:
+            raise AgentError(
+                f"--source kubernetes is not available: {e}; install kproxy with its Kubernetes "
+                "dependencies (kopf, aiohttp) or use --source file:DIR"
+            ) from e
+        kcfg = KubeSourceConfig(
+            node_name=self.cfg.node_name,
+            kubeconfig=self.cfg.kubeconfig,
+            api_server=self.cfg.k8s_api_server,
+            settings_configmap=self.cfg.settings_configmap,
+        )
+        self.source = KubeSource(
+            self.store,
+            kcfg,
+            on_settings=self.apply_settings,
+            on_node_eligible=self.health.set_node_eligible if self.health is not None else None,
+            metrics=self.metrics,
+            connection=self.connection,
+        )
+        return self.source
+
+    async def start_servers(self) -> None:
+        from kproxy.observe.health import HealthServer, ServiceHealthServers
+        from kproxy.observe.metrics import Metrics
+
+        host, port = split_hostport(self.cfg.health_bind)
+        self.health = HealthServer(host, port)
+        self.store.add_listener(self.health.queued)
+        try:
+            await self.health.start()
+        except OSError as e:
+            raise AgentError(
+                f"cannot serve /healthz on {self.cfg.health_bind}: {e}; pass --health-bind-address"
+            ) from e
+        self.service_health = ServiceHealthServers(self.health.is_healthy)
+        self.metrics = Metrics()
+        self.metrics.bind(maps=self.maps, store=self.store)
+        host, port = split_hostport(self.cfg.metrics_bind)
+        try:
+            await self.metrics.start(host, port)
+        except OSError as e:
+            raise AgentError(
+                f"cannot serve metrics on {self.cfg.metrics_bind}: {e}; pass --metrics-bind-address"
+            ) from e
+
+    async def stop_servers(self) -> None:
+        for what, obj, method in (
+            ("healthCheckNodePort listeners", self.service_health, "close"),
+            ("health server", self.health, "stop"),
+            ("metrics server", self.metrics, "stop"),
+        ):
+            if obj is not None:
+                try:
+                    await getattr(obj, method)()
+                except Exception as e:
+                    log.warning("stopping the %s failed: %s", what, e)
 
     # ---- main ----
     async def run(self) -> None:
@@ -199,23 +364,27 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        self.setup_dataplane()
-        self.store = ClusterStore(NodeInfo(name=self.cfg.node_name, addresses=(self.cfg.node_ip,)))
-        tasks = {
-            asyncio.create_task(self._guard("pod follower", self.follow_pods)),
-            asyncio.create_task(self._guard("source", self.run_source)),
-            asyncio.create_task(self._guard("sync", self.sync_loop)),
-            asyncio.create_task(self._guard("conntrack sweeper", self.sweep_loop)),
-        }
-        log.info(
-            "agent %s up: node %s, bpffs %s, netdevs %s, pod interfaces %s, source file:%s",
-            self.cfg.node_name, self.cfg.node_ip, self.cfg.bpffs, ",".join(self.cfg.netdevs) or "-",
-            ",".join(self.cfg.pod_ifaces), self.cfg.source_dir,
-        )  # fmt: skip
+        tasks: set[asyncio.Task[Any]] = set()
         stopper = asyncio.create_task(self.stop.wait())
         failed: list[asyncio.Task[Any]] = []
-        pending: set[asyncio.Task[Any]] = set(tasks)
         try:
+            _ = self.node_ip
+            self.setup_dataplane()
+            self.store = ClusterStore(NodeInfo(name=self.cfg.node_name, addresses=tuple(self.cfg.node_ips)))
+            await self.start_servers()
+            tasks = {
+                asyncio.create_task(self._guard("pod follower", self.follow_pods)),
+                asyncio.create_task(self._guard("source", self.run_source)),
+                asyncio.create_task(self._guard("sync", self.sync_loop)),
+                asyncio.create_task(self._guard("conntrack sweeper", self.sweep_loop)),
+            }
+            log.info(
+                "agent %s up: node %s, bpffs %s, netdevs %s, pod interfaces %s, source %s, dsr %s, "
+                "socket LB %s", self.cfg.node_name, self.node_ip, self.cfg.bpffs,
+                ",".join(self.netdevs) or "-", ",".join(self.cfg.pod_ifaces), self.cfg.source, self.dsr_mode,
+                self.cfg.socket_lb_cgroup or "off",
+            )  # fmt: skip
+            pending: set[asyncio.Task[Any]] = set(tasks)
             while not failed and not stopper.done():
                 done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(stopper)
@@ -227,18 +396,26 @@ class Agent:
             if self.source is not None and hasattr(self.source, "close"):
                 with contextlib.suppress(Exception):
                     self.source.close()
+            await self.stop_servers()
+            if self.socklb is not None:
+                self.socklb.close()  # links stay pinned: local clients keep their Services
             if self.maps is not None:
                 self.maps.close()
             if self.loader is not None:
                 self.loader.close()  # pins stay: the programs keep running
         if failed:
-            raise AgentError(f"agent task failed: {failed[0].exception()}")
+            exc = failed[0].exception()
+            if isinstance(exc, AgentError):
+                raise exc
+            raise AgentError(f"agent task failed: {exc}")
         log.info("agent stopped; programs stay attached (pins under %s)", self.cfg.bpffs)
 
     async def _guard(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         try:
             await fn()
         except asyncio.CancelledError:
+            raise
+        except AgentError:
             raise
         except Exception:
             log.exception("%s failed", name)

@@ -10,6 +10,7 @@ Exit codes scripts can test:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,24 +57,7 @@ class Cli:
             )
 
     def check_bpffs(self) -> None:
-        from kproxy.bpf.maps import is_bpffs
-
-        if not os.path.isdir(self.bpffs):
-            raise CliError(
-                f"bpffs directory {self.bpffs} does not exist: "
-                f"is the agent running with --bpffs {self.bpffs}?",
-                EXIT_NO_BPFFS,
-            )
-        try:
-            ok = is_bpffs(self.bpffs)
-        except OSError as e:
-            raise CliError(f"cannot inspect {self.bpffs}: {e.strerror}", EXIT_NO_BPFFS) from e
-        if not ok:
-            raise CliError(
-                f"{self.bpffs} is not on a bpf filesystem (mount -t bpf bpf {self.bpffs}); "
-                "pass the agent's --bpffs",
-                EXIT_NO_BPFFS,
-            )
+        _bpffs_ok(self.bpffs, f"is the agent running with --bpffs {self.bpffs}?")
 
     def open_maps(self, what: str) -> Any:
         self.require_root(what)
@@ -120,18 +104,21 @@ def inspect_options(fn: F) -> F:
     )(fn)  # fmt: skip
     fn = click.option(
         "--bpffs", default=DEFAULT_BPFFS, show_default=True, expose_value=False, callback=set_bpffs,
-        envvar="KPROXY_BPFFS", help="The agent's bpffs directory (its --bpffs).",
+        envvar="KPROXY_BPFFS", metavar="DIR", help="The agent's bpffs directory (its --bpffs).",
     )(fn)  # fmt: skip
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+# A fixed width: --help reads the same in every terminal, so docs/cli.md (kproxy.cli_docs) matches it.
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
+)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """kproxy: a pure-eBPF replacement for kube-proxy.
 
     Run `kproxy agent` on each node; inspect what it programmed with `kproxy services`,
-    `backends`, `conntrack`, `affinity` and `stats`.
+    `backends`, `conntrack`, `affinity`, `nat` and `stats`; toggle DSR with `kproxy dsr`.
     """
     ctx.obj = Cli()
 
@@ -144,9 +131,13 @@ def _parse_sizes(values: tuple[str, ...]) -> dict[str, int]:
     for v in values:
         name, sep, n = v.partition("=")
         if not sep or not n.isdigit() or int(n) <= 0:
-            raise click.BadParameter(f"{v!r}: expected NAME=N with N > 0, e.g. {abi.MAP_CT4}=524288")
+            raise click.BadParameter(
+                f"{v!r}: expected NAME=N with N > 0, e.g. {abi.MAP_CT4}=524288", param_hint="--map-size"
+            )
         if name not in abi.ALL_MAPS:
-            raise click.BadParameter(f"{name!r} is not a kproxy map; one of {', '.join(abi.ALL_MAPS)}")
+            raise click.BadParameter(
+                f"{name!r} is not a kproxy map; one of {', '.join(abi.ALL_MAPS)}", param_hint="--map-size"
+            )
         sizes[name] = int(n)
     return sizes
 
@@ -155,75 +146,122 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
     return [x.strip() for v in values for x in v.split(",") if x.strip()]
 
 
+def _configmap_ref(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def configmap_options(fn: F) -> F:
+    """--namespace and --configmap: where the agent's ConfigMap (runtime settings) lives."""
+    from kproxy.config import DEFAULT_CONFIGMAP, DEFAULT_NAMESPACE
+
+    fn = click.option(
+        "--configmap", default=DEFAULT_CONFIGMAP, show_default=True, envvar="KPROXY_CONFIGMAP",
+        metavar="NAME",
+        help="Name of the agent ConfigMap holding runtime settings (key dsr-mode).",
+    )(fn)  # fmt: skip
+    fn = click.option(
+        "--namespace", default=DEFAULT_NAMESPACE, show_default=True, envvar="KPROXY_NAMESPACE", metavar="NS",
+        help="Namespace of the agent ConfigMap.",
+    )(fn)  # fmt: skip
+    return fn
+
+
+def _bpffs_ok(bpffs: str, hint: str) -> None:
+    """Exit 3 unless BPFFS is a directory on a bpf filesystem."""
+    from kproxy.bpf.maps import is_bpffs
+
+    if not os.path.isdir(bpffs):
+        raise CliError(f"bpffs directory {bpffs} does not exist: {hint}", EXIT_NO_BPFFS)
+    try:
+        ok = is_bpffs(bpffs)
+    except OSError as e:
+        raise CliError(f"cannot inspect {bpffs}: {e.strerror}", EXIT_NO_BPFFS) from e
+    if not ok:
+        raise CliError(
+            f"{bpffs} is not on a bpf filesystem (mount -t bpf bpf {bpffs}); {hint}", EXIT_NO_BPFFS
+        )
+
+
 @main.command()
 @click.option(
-    "--source",
-    required=True,
-    metavar="file:DIR",
-    help="Where Services and EndpointSlices come from: file:DIR reads YAML/JSON manifests in DIR.",
-)
+    "--source", default="kubernetes", show_default=True, metavar="kubernetes|file:DIR",
+    help="Where Services and EndpointSlices come from: the API server (kubernetes), or file:DIR, "
+    "YAML/JSON manifests in DIR followed live.",
+)  # fmt: skip
 @click.option(
-    "--node-name",
-    default=lambda: os.uname().nodename,
-    show_default="host name",
+    "--node-name", default=lambda: os.uname().nodename, show_default="host name", metavar="NAME",
     help="This node's name, as in EndpointSlice nodeName (marks local backends).",
-)
-@click.option("--node-ip", required=True, help="This node's address: NodePort frontends listen on it.")
+)  # fmt: skip
 @click.option(
-    "--netdev",
-    "netdevs",
-    multiple=True,
-    metavar="IFACE[,IFACE]",
-    help="External interfaces: NodePort/LoadBalancer/externalIP traffic enters here.",
-)
+    "--node-ip", "node_ips", multiple=True, metavar="IP[,IP]",
+    help="This node's addresses (one IPv4 at least): NodePort frontends listen on them. Required.",
+)  # fmt: skip
 @click.option(
-    "--pod-ifaces",
-    "pod_ifaces",
-    multiple=True,
-    default=("lxc*",),
-    show_default=True,
-    metavar="GLOB[,GLOB]",
+    "--netdev", "netdevs", multiple=True, metavar="IF[,IF]",
+    help="External interfaces where NodePort/LoadBalancer/externalIP traffic enters. Absent: the "
+    "interfaces with a default route or the node IP, minus loopback and pod interfaces.",
+)  # fmt: skip
+@click.option(
+    "--pod-ifaces", "pod_ifaces", multiple=True, default=("lxc*",), show_default=True, metavar="GLOB[,GLOB]",
     help="Host-side pod interfaces, followed live as they come and go.",
-)
+)  # fmt: skip
 @click.option(
-    "--bpffs",
-    default=DEFAULT_BPFFS,
-    show_default=True,
-    envvar="KPROXY_BPFFS",
+    "--bpffs", default=DEFAULT_BPFFS, show_default=True, envvar="KPROXY_BPFFS", metavar="DIR",
     help="Directory on a bpf filesystem for the pinned maps and links.",
-)
+)  # fmt: skip
 @click.option(
-    "--map-size",
-    "map_sizes",
-    multiple=True,
-    metavar="NAME=N",
-    help="Capacity of a map at first load, e.g. kp_ct4_v1=524288 (must match existing pins).",
-)
-@click.option("--ct-timeout-syn", type=click.IntRange(0), default=0, help="Seconds, TCP before a reply [60].")
-@click.option("--ct-timeout-tcp", type=click.IntRange(0), default=0, help="Seconds, established TCP [21600].")
-@click.option("--ct-timeout-fin", type=click.IntRange(0), default=0, help="Seconds, TCP after FIN/RST [10].")
-@click.option("--ct-timeout-udp", type=click.IntRange(0), default=0, help="Seconds, UDP [60].")
+    "--map-size", "map_sizes", multiple=True, metavar="NAME=N",
+    help="Capacity of a map at first load, by pinned name, e.g. kp_ct4_v1=524288 (repeatable; must match "
+    "existing pins).",
+)  # fmt: skip
+@click.option("--ct-timeout-syn", type=click.IntRange(0), default=0, metavar="SECONDS",
+              help="TCP before a reply; 0: the datapath default (60).")  # fmt: skip
+@click.option("--ct-timeout-tcp", type=click.IntRange(0), default=0, metavar="SECONDS",
+              help="Established TCP; 0: default (21600).")  # fmt: skip
+@click.option("--ct-timeout-fin", type=click.IntRange(0), default=0, metavar="SECONDS",
+              help="TCP after FIN/RST; 0: default (10).")  # fmt: skip
+@click.option("--ct-timeout-udp", type=click.IntRange(0), default=0, metavar="SECONDS",
+              help="UDP; 0: default (60).")  # fmt: skip
 @click.option(
-    "--ct-sweep-interval",
-    type=click.FloatRange(0.1),
-    default=5.0,
-    show_default=True,
+    "--ct-sweep-interval", type=click.FloatRange(0.1), default=5.0, show_default=True, metavar="SECONDS",
     help="Seconds between sweeps of expired conntrack entries.",
-)
-@click.option(
-    "--object",
-    "object_path",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="BPF object to load instead of the packaged one (upgrades are atomic).",
-)
+)  # fmt: skip
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
+@click.option("--k8s-api-server", metavar="URL", help="API server to use instead of the in-cluster address.")
+@click.option("--kubeconfig", metavar="PATH", help="kubeconfig file (default: in-cluster service account).")
+@configmap_options
+@click.option(
+    "--nodeport-addresses", "nodeport_addresses", multiple=True, metavar="CIDR[,CIDR]",
+    help="Only node addresses in these CIDRs accept NodePort traffic (default: all node addresses).",
+)  # fmt: skip
+@click.option(
+    "--metrics-bind-address", default="127.0.0.1:10249", show_default=True, metavar="ADDR:PORT",
+    help="Where /metrics (Prometheus) is served.",
+)  # fmt: skip
+@click.option(
+    "--health-bind-address", default="0.0.0.0:10256", show_default=True, metavar="ADDR:PORT",
+    help="Where /healthz and /livez are served.",
+)  # fmt: skip
+@click.option(
+    "--dsr-mode", type=click.Choice(["off", "opt", "ipip"]), default="off", show_default=True,
+    help="Initial DSR mode, written to kp_cfg_v1; with --source kubernetes the agent then follows the "
+    "ConfigMap key dsr-mode.",
+)  # fmt: skip
+@click.option(
+    "--socket-lb-cgroup", metavar="PATH",
+    help="cgroup v2 directory (never a hierarchy root) whose processes get socket-level load balancing; "
+    "absent: off.",
+)  # fmt: skip
+@click.option(
+    "--object", "object_path", type=click.Path(exists=True, dir_okay=False), default=None,
+    help="BPF object to load instead of the packaged one (upgrades are atomic).",
+)  # fmt: skip
 def agent(
     source: str,
     node_name: str,
-    node_ip: str,
+    node_ips: tuple[str, ...],
     netdevs: tuple[str, ...],
     pod_ifaces: tuple[str, ...],
     bpffs: str,
@@ -233,8 +271,17 @@ def agent(
     ct_timeout_fin: int,
     ct_timeout_udp: int,
     ct_sweep_interval: float,
-    object_path: str | None,
     log_level: str,
+    k8s_api_server: str | None,
+    kubeconfig: str | None,
+    namespace: str,
+    configmap: str,
+    nodeport_addresses: tuple[str, ...],
+    metrics_bind_address: str,
+    health_bind_address: str,
+    dsr_mode: str,
+    socket_lb_cgroup: str | None,
+    object_path: str | None,
 ) -> None:
     """Run the node agent: load and attach the BPF programs and keep the maps equal to the Services.
 
@@ -243,31 +290,49 @@ def agent(
     cleanly and leaves everything attached (use `kproxy cleanup` to remove it). Service and port
     names for the inspection commands go to /run/kproxy/<hash of the bpffs path>/services.json.
     """
-    import ipaddress
+    from pydantic import ValidationError
 
-    from kproxy.agent import AgentConfig, AgentError, run_agent
+    from kproxy.agent import AgentError, run_agent
+    from kproxy.config import AgentConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kind, _, where = source.partition(":")
-    if kind != "file" or not where:
-        raise click.BadParameter(f"{source!r}: only file:DIR is supported", param_hint="--source")
     try:
-        ipaddress.IPv4Address(node_ip)
-    except ValueError:
-        raise click.BadParameter(f"{node_ip!r} is not an IPv4 address", param_hint="--node-ip") from None
-    cfg = AgentConfig(
-        source_dir=where,
-        node_name=node_name,
-        node_ip=node_ip,
-        netdevs=_split_list(netdevs),
-        pod_ifaces=_split_list(pod_ifaces),
-        bpffs=bpffs,
-        map_sizes=_parse_sizes(map_sizes),
-        ct_timeouts=(ct_timeout_syn, ct_timeout_tcp, ct_timeout_fin, ct_timeout_udp),
-        sweep_interval=ct_sweep_interval,
-        object_path=object_path,
-    )
+        cfg = AgentConfig.model_validate(
+            {
+                "source": source,
+                "node_name": node_name,
+                "node_ips": _split_list(node_ips),
+                "netdevs": _split_list(netdevs),
+                "pod_ifaces": _split_list(pod_ifaces),
+                "bpffs": bpffs,
+                "map_sizes": _parse_sizes(map_sizes),
+                "conntrack": {
+                    "syn": ct_timeout_syn,
+                    "tcp": ct_timeout_tcp,
+                    "fin": ct_timeout_fin,
+                    "udp": ct_timeout_udp,
+                },
+                "sweep_interval": ct_sweep_interval,
+                "log_level": log_level,
+                "k8s_api_server": k8s_api_server,
+                "kubeconfig": kubeconfig,
+                "settings_configmap": _configmap_ref(namespace, configmap),
+                "nodeport_addresses": _split_list(nodeport_addresses),
+                "metrics_bind": metrics_bind_address,
+                "health_bind": health_bind_address,
+                "dsr_mode": dsr_mode,
+                "socket_lb_cgroup": socket_lb_cgroup,
+                "object_path": object_path,
+            }
+        )
+    except ValidationError as e:
+        raise click.UsageError(
+            "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        ) from None
+    if cfg.primary_ipv4 is None:
+        raise click.UsageError("--node-ip: pass this node's IPv4 address (NodePorts and SNAT use it)")
     Cli().require_root("kproxy agent")
+    _bpffs_ok(bpffs, "mount one (`mount -t bpf bpf DIR`) and pass it as --bpffs")
     try:
         run_agent(cfg)
     except AgentError as e:
@@ -394,8 +459,263 @@ def stats(cli: Cli, include_zero: bool) -> None:
 @main.command()
 @inspect_options
 @click.pass_obj
+def nat(cli: Cli) -> None:
+    """List SNAT entries: external flows to remote backends, SNATed to this node's address.
+
+    Each row: protocol, the backend and the node address:port its replies come back to, the client
+    and the frontend it connected to, state and seconds left.
+    """
+    from kproxy.bpf import abi
+
+    if getattr(abi, "MAP_SNAT4", None) is None:
+        raise CliError("SNAT map not present in this layout: this kproxy build has no SNAT")
+    with cli.open_maps("kproxy nat") as maps:
+        snat4 = getattr(maps, "snat4", None)
+        if snat4 is None:
+            raise CliError(f"SNAT map {abi.MAP_SNAT4} not present in {cli.bpffs}")
+        rows = snat_rows(snat4.items())
+    cli.emit(rows, lambda rs: insp.table(rs, [
+        ("PROTO", "protocol"), ("BACKEND", "backend"), ("NODE", "snat"), ("CLIENT", "client"),
+        ("FRONTEND", "frontend"), ("STATE", "state"), ("LEFT(s)", "seconds_left")]))  # fmt: skip
+
+
+def snat_rows(items: Any, now_ns: int | None = None) -> list[dict[str, Any]]:
+    """kp_snat4_v1 entries as rows, live ones only, sorted by backend."""
+    import time
+
+    from kproxy.bpf.abi import CtState, nbo_to_ip, nbo_to_port
+
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    rows = []
+    for k, v in items:
+        if v.expires_ns <= now:
+            continue  # expired: ignored by the datapath, swept by the agent
+        try:
+            state = CtState(v.state).name
+        except ValueError:
+            state = str(v.state)
+        rows.append({
+            "protocol": insp.proto_name(k.proto),
+            "backend": f"{nbo_to_ip(k.saddr)}:{nbo_to_port(k.sport)}",
+            "snat": f"{nbo_to_ip(k.daddr)}:{nbo_to_port(k.dport)}",
+            "client": f"{nbo_to_ip(v.client_addr)}:{nbo_to_port(v.client_port)}",
+            "frontend": f"{nbo_to_ip(v.front_addr)}:{nbo_to_port(v.front_port)}",
+            "state": state,
+            "seconds_left": round((v.expires_ns - now) / 1e9, 1),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["backend"], r["snat"]))
+
+
+# ---------------------------------------------------------------- dsr
+DSR_KEY = "dsr-mode"
+
+
+@dataclass
+class DsrTarget:
+    """Where `kproxy dsr` reads and writes the mode: one node's kp_cfg_v1, or the agent ConfigMap."""
+
+    bpffs: str
+    cluster: bool
+    kubeconfig: str | None
+    api_server: str | None
+    namespace: str
+    configmap: str
+    output: str
+
+    @property
+    def configmap_ref(self) -> str:
+        return f"{self.namespace}/{self.configmap}"
+
+
+def _in_cluster() -> bool:
+    try:
+        from kproxy.sources.kube import SA_DIR
+    except ImportError:  # no Kubernetes dependencies: standalone only
+        return False
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(os.path.join(SA_DIR, "token"))
+
+
+def dsr_options(fn: F) -> F:
+    """Where `kproxy dsr` acts: one node (--bpffs) or the cluster (--kubeconfig, in-cluster)."""
+
+    def target(ctx: click.Context, kw: dict[str, Any]) -> DsrTarget:
+        explicit_bpffs = ctx.get_parameter_source("bpffs") in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        )
+        cluster = bool(kw["kubeconfig"] or kw["k8s_api_server"]) or (not explicit_bpffs and _in_cluster())
+        return DsrTarget(
+            kw.pop("bpffs"), cluster, kw.pop("kubeconfig"), kw.pop("k8s_api_server"), kw.pop("namespace"),
+            kw.pop("configmap"), kw.pop("output"),
+        )  # fmt: skip
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        return fn(target(click.get_current_context(), kw), *args, **kw)
+
+    wrapped: Any = wrapper
+    for opt in reversed([
+        click.option(
+            "--bpffs", default=DEFAULT_BPFFS, show_default=True, envvar="KPROXY_BPFFS", metavar="DIR",
+            help="Standalone mode: the agent's bpffs directory, whose kp_cfg_v1 holds the mode.",
+        ),
+        click.option(
+            "--kubeconfig", metavar="PATH",
+            help="Cluster mode: patch the agent ConfigMap with these credentials.",
+        ),
+        click.option(
+            "--k8s-api-server", metavar="URL",
+            help="Cluster mode: the API server (with the in-cluster token).",
+        ),
+        configmap_options,
+        click.option(
+            "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+            help="Output format.",
+        ),
+    ]):  # fmt: skip
+        wrapped = opt(wrapped)
+    return wrapped  # type: ignore[no-any-return]
+
+
+@main.group()
+def dsr() -> None:
+    """Direct server return for external traffic: enable, disable, status.
+
+    Cluster mode (--kubeconfig, --k8s-api-server, or running in a pod): patch the key dsr-mode of the
+    agent ConfigMap; every agent follows it live. Standalone mode (the default otherwise, or when
+    --bpffs is given): write dsr_mode in kp_cfg_v1 of the node whose agent uses --bpffs (a restarted
+    agent goes back to its --dsr-mode). Flows in progress keep the mode they began with.
+    """
+
+
+def _dsr_set(t: DsrTarget, mode: str) -> dict[str, Any]:
+    if t.cluster:
+        _configmap_call(t, "PATCH", {"data": {DSR_KEY: mode}})
+        return {"where": f"configmap {t.configmap_ref}", "dsr_mode": mode}
+    from kproxy.config import DSR_MODES
+
+    cli = Cli(bpffs=t.bpffs, output=t.output)
+    with cli.open_maps("kproxy dsr") as maps:
+        cfg = maps.read_config()
+        cfg.dsr_mode = int(DSR_MODES[mode])
+        maps.write_config(cfg)
+        got = _mode_name(maps.read_config().dsr_mode)
+    return {"where": f"bpffs {t.bpffs}", "dsr_mode": got}
+
+
+def _mode_name(value: int) -> str:
+    from kproxy.config import DSR_MODES
+
+    return next((name for name, v in DSR_MODES.items() if int(v) == value), f"unknown ({value})")
+
+
+def _dsr_emit(t: DsrTarget, result: dict[str, Any]) -> None:
+    Cli(output=t.output).emit(result, lambda r: f"dsr {r['dsr_mode']} ({r['where']})")
+
+
+@dsr.command("enable")
+@click.option(
+    "--mode", type=click.Choice(["opt", "ipip"]), default="opt", show_default=True,
+    help="opt: an IPv4 option carries the service address; ipip: IPv4-in-IPv4 encapsulation.",
+)  # fmt: skip
+@dsr_options
+def dsr_enable(t: DsrTarget, mode: str) -> None:
+    """Turn DSR on (new flows only)."""
+    _dsr_emit(t, _dsr_set(t, mode))
+
+
+@dsr.command("disable")
+@dsr_options
+def dsr_disable(t: DsrTarget) -> None:
+    """Turn DSR off: new flows to remote backends are SNATed again."""
+    _dsr_emit(t, _dsr_set(t, "off"))
+
+
+@dsr.command("status")
+@dsr_options
+def dsr_status(t: DsrTarget) -> None:
+    """Print the DSR mode (off, opt or ipip)."""
+    if t.cluster:
+        cm = _configmap_call(t, "GET", None)
+        mode = ((cm.get("data") or {}).get(DSR_KEY) or "off").strip()
+        result = {"where": f"configmap {t.configmap_ref}", "dsr_mode": mode}
+    else:
+        cli = Cli(bpffs=t.bpffs, output=t.output)
+        with cli.open_maps("kproxy dsr status") as maps:
+            result = {"where": f"bpffs {t.bpffs}", "dsr_mode": _mode_name(maps.read_config().dsr_mode)}
+    _dsr_emit(t, result)
+
+
+def _configmap_call(t: DsrTarget, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """GET or merge-PATCH the agent ConfigMap with the resolved credentials."""
+    import asyncio
+
+    import aiohttp
+
+    from kproxy.sources.kube import CredentialsError, resolve_connection
+
+    try:
+        info = resolve_connection(t.kubeconfig, t.api_server)
+    except CredentialsError as e:
+        raise CliError(str(e)) from e
+    path = f"/api/v1/namespaces/{t.namespace}/configmaps/{t.configmap}"
+
+    async def call() -> dict[str, Any]:
+        headers = dict(info.as_http_headers())
+        if info.username and info.password and "Authorization" not in headers:
+            import base64
+
+            raw = f"{info.username}:{info.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        headers["User-Agent"] = "kproxy-cli"
+        ssl = info.as_ssl_context() if info.server.startswith("https") else False
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl), headers=headers) as s:
+            kw: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=30)}
+            if body is not None:
+                kw["data"] = json.dumps(body)
+                kw["headers"] = {"Content-Type": "application/merge-patch+json"}
+            async with s.request(method, info.server.rstrip("/") + path, **kw) as resp:
+                text = await resp.text()
+                if resp.status == 404:
+                    raise CliError(
+                        f"ConfigMap {t.configmap_ref} not found: is kproxy installed there? "
+                        "(pass --namespace/--configmap)"
+                    )
+                if resp.status >= 400:
+                    raise CliError(f"{method} ConfigMap {t.configmap_ref}: HTTP {resp.status} {text[:200]}")
+                result: dict[str, Any] = json.loads(text or "{}")
+                return result
+
+    try:
+        return asyncio.run(call())
+    except aiohttp.ClientError as e:
+        raise CliError(f"cannot reach the API server {info.server}: {e}") from e
+
+
+# ---------------------------------------------------------------- cleanup
+@main.command("cleanup-kube-proxy")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+def cleanup_kube_proxy_cmd(dry_run: bool) -> None:
+    """Remove kube-proxy's iptables, ip6tables and nftables rules, as `kube-proxy --cleanup` does.
+
+    Works on the current network namespace; delete the kube-proxy DaemonSet first or it puts its rules
+    back. Exits 1 when any removal failed.
+    """
+    from kproxy.cleanup_kube_proxy import cleanup_kube_proxy
+
+    report = cleanup_kube_proxy(dry_run=dry_run)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(EXIT_ERROR)
+
+
+@main.command()
+@inspect_options
+@click.pass_obj
 def cleanup(cli: Cli) -> None:
     """Detach every kproxy program and unpin every map and link under --bpffs.
+
+    This includes the socket load balancing cgroup links (`kproxy agent --socket-lb-cgroup`).
 
     Run it in the network namespace of the interfaces (cls_bpf fallback filters live there). Stop
     the agent first, or it attaches again. Service traffic then falls back to whatever else handles it.
@@ -409,12 +729,30 @@ def cleanup(cli: Cli) -> None:
 
     loader = Loader(cli.bpffs)
     detached = [f"{a.ifname}.{a.direction}" for a in loader.attached()]
+    detached += _cleanup_socket_lb(cli.bpffs)
     loader.cleanup()
     shutil.rmtree(state_dir(cli.bpffs), ignore_errors=True)
     cli.emit(
         {"bpffs": cli.bpffs, "detached": detached},
         lambda r: f"removed kproxy from {r['bpffs']}; detached: {', '.join(r['detached']) or 'nothing'}",
     )
+
+
+def _cleanup_socket_lb(bpffs: str) -> list[str]:
+    """Detach and unpin the socket LB's cgroup links and its own maps; returns what was attached."""
+    from kproxy.bpf.libbpf import LibbpfError
+    from kproxy.bpf.socklb import SocketLB
+
+    slb = SocketLB(bpffs, None)
+    try:
+        hooks = [f"cgroup.{a.hook}" for a in slb.attached()]
+    except (LibbpfError, OSError):
+        hooks = []  # listed or not, cleanup() below removes the pins
+    try:
+        slb.cleanup()
+    except (LibbpfError, OSError) as e:
+        raise CliError(f"cannot remove the socket load balancing links under {bpffs}: {e}") from e
+    return hooks
 
 
 @main.command()

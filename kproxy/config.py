@@ -1,50 +1,47 @@
-"""Agent settings, validated once at start-up (the CLI maps its flags onto AgentConfig)."""
+"""Agent settings, validated once at start-up: `kproxy agent` maps its flags onto AgentConfig.
+
+This is the one configuration object of the agent. Map sizes are keyed by pinned map name (the
+chart's --map-size NAME=N); an absent name keeps the size compiled into the BPF object. Conntrack
+timeouts are seconds, 0 meaning the datapath default (what kp_cfg_v1 takes).
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kproxy.bpf import abi
-from kproxy.translate import TranslateConfig
+
+if TYPE_CHECKING:
+    from kproxy.translate import TranslateConfig
 
 DEFAULT_BPFFS = "/sys/fs/bpf/kproxy"
+DEFAULT_POD_IFACES = ("lxc*",)
+DEFAULT_NAMESPACE = "kube-system"
+DEFAULT_CONFIGMAP = "kproxy-config"
+MAP_SIZE_MIN = 16
+MAP_SIZE_MAX = 1 << 26
 
-
-class MapSizes(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    svc4: int = Field(default=abi.SVC4_MAX, ge=16, le=1 << 26)
-    be4: int = Field(default=abi.BE4_MAX, ge=16, le=1 << 26)
-    ct4: int = Field(default=abi.CT4_MAX, ge=16, le=1 << 26)
-    aff4: int = Field(default=abi.AFF4_MAX, ge=16, le=1 << 26)
-
-    def by_map_name(self) -> dict[str, int]:
-        """Sizes keyed by pinned map name, as kproxy.bpf.loader.Loader(map_sizes=...) takes them."""
-        return {
-            abi.MAP_SVC4: self.svc4,
-            abi.MAP_BE4: self.be4,
-            abi.MAP_CT4: self.ct4,
-            abi.MAP_AFF4: self.aff4,
-        }
+DsrModeName = Literal["off", "opt", "ipip"]
+DSR_MODES: dict[str, abi.DsrMode] = {"off": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
 
 
 class ConntrackTimeouts(BaseModel):
-    """Seconds; written to kp_cfg_v1."""
+    """Seconds; written to kp_cfg_v1. 0 = the datapath's default (abi.CT_*_TIMEOUT_DEFAULT)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    syn: int = Field(default=abi.CT_SYN_TIMEOUT_DEFAULT, ge=1)
-    tcp: int = Field(default=abi.CT_TCP_TIMEOUT_DEFAULT, ge=1)
-    fin: int = Field(default=abi.CT_FIN_TIMEOUT_DEFAULT, ge=1)
-    udp: int = Field(default=abi.CT_UDP_TIMEOUT_DEFAULT, ge=1)
+    syn: int = Field(default=0, ge=0)
+    tcp: int = Field(default=0, ge=0)
+    fin: int = Field(default=0, ge=0)
+    udp: int = Field(default=0, ge=0)
 
 
 def _check_hostport(value: str, what: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{what} {value!r} must be HOST:PORT, e.g. 127.0.0.1:10249")
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -53,21 +50,33 @@ def _check_hostport(value: str, what: str) -> str:
     return value
 
 
+def split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     node_name: str = Field(min_length=1)
     node_ips: list[str] = Field(default_factory=list)
-    netdevs: list[str] = Field(default_factory=list)
-    pod_iface_glob: str | None = None
+    netdevs: list[str] = Field(default_factory=list)  # empty: autodetect
+    pod_ifaces: list[str] = Field(default_factory=lambda: list(DEFAULT_POD_IFACES))
     bpffs: str = DEFAULT_BPFFS
     source: str = "kubernetes"
     nodeport_addresses: list[str] = Field(default_factory=list)
-    map_sizes: MapSizes = Field(default_factory=MapSizes)
+    map_sizes: dict[str, int] = Field(default_factory=dict)
     conntrack: ConntrackTimeouts = Field(default_factory=ConntrackTimeouts)
     metrics_bind: str = "127.0.0.1:10249"
     health_bind: str = "0.0.0.0:10256"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    dsr_mode: DsrModeName = "off"
+    socket_lb_cgroup: str | None = None
+    k8s_api_server: str | None = None
+    kubeconfig: str | None = None
+    settings_configmap: str | None = f"{DEFAULT_NAMESPACE}/{DEFAULT_CONFIGMAP}"  # "namespace/name"
+    sweep_interval: float = Field(default=5.0, gt=0)
+    object_path: str | None = None
 
     @field_validator("node_ips")
     @classmethod
@@ -91,6 +100,16 @@ class AgentConfig(BaseModel):
                 ) from None
         return v
 
+    @field_validator("map_sizes")
+    @classmethod
+    def _sizes(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, n in v.items():
+            if name not in abi.ALL_MAPS:
+                raise ValueError(f"--map-size {name!r} is not a kproxy map; one of {', '.join(abi.ALL_MAPS)}")
+            if not MAP_SIZE_MIN <= n <= MAP_SIZE_MAX:
+                raise ValueError(f"--map-size {name}={n}: use {MAP_SIZE_MIN}..{MAP_SIZE_MAX} entries")
+        return v
+
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
@@ -106,7 +125,14 @@ class AgentConfig(BaseModel):
     @field_validator("health_bind")
     @classmethod
     def _health(cls, v: str) -> str:
-        return _check_hostport(v, "--healthz-bind-address")
+        return _check_hostport(v, "--health-bind-address")
+
+    @field_validator("pod_ifaces")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("--pod-ifaces needs at least one glob, e.g. 'veth*'")
+        return v
 
     @property
     def source_dir(self) -> str | None:
@@ -116,5 +142,11 @@ class AgentConfig(BaseModel):
     def primary_ipv4(self) -> str | None:
         return next((ip for ip in self.node_ips if ipaddress.ip_address(ip).version == 4), None)
 
+    @property
+    def dsr_mode_value(self) -> abi.DsrMode:
+        return DSR_MODES[self.dsr_mode]
+
     def translate_config(self) -> TranslateConfig:
+        from kproxy.translate import TranslateConfig
+
         return TranslateConfig.from_cidrs(self.nodeport_addresses)

@@ -491,6 +491,18 @@ class Lab:
                 time.sleep(0.05)
 
     # ---- traffic ----
+    def run_in(
+        self, host: Host, argv: Sequence[str], cgroup: str | Path | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ARGV in HOST's network namespace; with CGROUP, as a process of that cgroup v2 directory
+        (e.g. a node process under `kproxy agent --socket-lb-cgroup`)."""
+        argv_ns = ["nsenter", f"--net={netns_path(host.ns)}"]
+        if cgroup is not None:
+            # The shell moves itself into the cgroup, then becomes the command: nothing runs outside it.
+            argv_ns += ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup)]
+        return subprocess.run([*argv_ns, *argv], capture_output=True, text=True, timeout=timeout)
+
+    # ---- traffic ----
     def in_ns(self, host: Host, fn: Callable[[], T]) -> T:
         return in_netns(host.ns, fn)
 

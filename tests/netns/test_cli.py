@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from kproxy.bpf import abi
 from kproxy.bpf.mapapi import MemoryMap
@@ -153,3 +157,295 @@ def test_lab_up_status_down_leaves_nothing(tc_object: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(prefix)]
     assert prefix not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.root
+def test_agent_exit_code_3_without_bpffs(tmp_path: Path) -> None:
+    args = ["agent", "--source", f"file:{tmp_path}", "--node-ip", "192.0.2.1", "--netdev", "lo"]
+    missing = kproxy(*args, "--bpffs", str(tmp_path / "nope"))
+    assert missing.returncode == 3 and "does not exist" in missing.stderr, missing.stderr
+    not_bpffs = kproxy(*args, "--bpffs", str(tmp_path))
+    assert not_bpffs.returncode == 3 and "not on a bpf filesystem" in not_bpffs.stderr, not_bpffs.stderr
+
+
+def test_agent_rejects_a_bad_flag_value_with_a_usage_error(tmp_path: Path) -> None:
+    bad = kproxy("agent", "--source", "files", "--node-ip", "192.0.2.1", "--bpffs", str(tmp_path))
+    assert bad.returncode == 2 and "'kubernetes' or 'file:DIR'" in bad.stderr, bad.stderr
+    bad = kproxy("agent", "--node-ip=192.0.2.1", "--map-size=kp_nope=10", f"--bpffs={tmp_path}")
+    assert bad.returncode == 2 and "kp_nope" in bad.stderr, bad.stderr
+
+
+# ---- DSR ----
+@pytest.mark.root
+def test_dsr_standalone_round_trip(lab: Lab) -> None:
+    from kproxy.bpf.maps import KproxyMaps
+
+    bpffs = lab.node("n2").bpffs
+    try:
+        for mode, value in (("ipip", abi.DsrMode.IPIP), ("opt", abi.DsrMode.OPT)):
+            on = kproxy("dsr", "enable", "--mode", mode, "--bpffs", bpffs, "-o", "json")
+            assert on.returncode == 0, on.stderr
+            assert json.loads(on.stdout)["dsr_mode"] == mode
+            with KproxyMaps.open(bpffs) as maps:
+                cfg = maps.read_config()
+            assert cfg.dsr_mode == value and cfg.node_addr == abi.ip_to_nbo(lab.node("n2").ip)
+            status = kproxy("dsr", "status", f"--bpffs={bpffs}")
+            assert status.returncode == 0 and status.stdout.startswith(f"dsr {mode} "), status.stdout
+    finally:
+        off = kproxy("dsr", "disable", "--bpffs", bpffs, "-o", "json")
+    assert off.returncode == 0 and json.loads(off.stdout)["dsr_mode"] == "off", off.stderr
+    with KproxyMaps.open(bpffs) as maps:
+        assert maps.read_config().dsr_mode == abi.DsrMode.OFF
+
+
+class FakeApiServer:
+    """A tiny API server in a thread: serves one ConfigMap, records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.data: dict[str, str] = {"dsr-mode": "off"}
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.text()
+        self.requests.append({
+            "method": request.method, "path": request.path, "auth": request.headers.get("Authorization"),
+            "content_type": request.headers.get("Content-Type"), "body": body,
+        })  # fmt: skip
+        if request.path != "/api/v1/namespaces/kp-ns/configmaps/kp-cm":
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        if request.method == "PATCH":
+            self.data.update(json.loads(body)["data"])
+        return web.json_response({"kind": "ConfigMap", "data": self.data})
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> FakeApiServer:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_dsr_cluster_mode_patches_the_configmap(tmp_path: Path) -> None:
+    with FakeApiServer() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "t",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{api.port}"}}],
+            "users": [{"name": "u", "user": {"token": "sekret"}}],
+            "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}],
+        }))  # fmt: skip
+        common = ["--kubeconfig", str(kubeconfig), "--namespace", "kp-ns", "--configmap", "kp-cm"]
+        common += ["-o", "json"]
+        on = kproxy("dsr", "enable", "--mode", "ipip", *common)
+        assert on.returncode == 0, on.stderr
+        assert json.loads(on.stdout) == {"where": "configmap kp-ns/kp-cm", "dsr_mode": "ipip"}
+        status = kproxy("dsr", "status", *common)
+        assert status.returncode == 0 and json.loads(status.stdout)["dsr_mode"] == "ipip", status.stderr
+        off = kproxy("dsr", "disable", *common)
+        assert off.returncode == 0 and api.data["dsr-mode"] == "off", off.stderr
+        missing = kproxy("dsr", "status", "--kubeconfig", str(kubeconfig), "--namespace", "other")
+        assert missing.returncode == 1 and "ConfigMap other/kproxy-config not found" in missing.stderr
+    patch = api.requests[0]
+    assert (patch["method"], patch["path"]) == ("PATCH", "/api/v1/namespaces/kp-ns/configmaps/kp-cm")
+    assert patch["content_type"] == "application/merge-patch+json"
+    assert json.loads(patch["body"]) == {"data": {"dsr-mode": "ipip"}}
+    assert patch["auth"] == "Bearer sekret"
+    assert [r["method"] for r in api.requests[:3]] == ["PATCH", "GET", "PATCH"]
+
+
+# ---- stats, nat, cleanup ----
+@pytest.mark.root
+def test_stats_json_lists_every_abi_stat(lab: Lab) -> None:
+    out = kproxy("stats", "--all", "-o", "json", "--bpffs", lab.node("n1").bpffs)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["counter"] for r in rows] == [s.name.lower() for s in abi.Stat]
+    assert all(isinstance(r["packets"], int) and r["kind"] in ("program", "decision", "drop") for r in rows)
+
+
+@pytest.mark.root
+def test_nat_lists_snat_entries(lab: Lab) -> None:
+    out = kproxy("nat", "-o", "json", "--bpffs", lab.node("n1").bpffs)
+    assert out.returncode == 0, out.stderr
+    assert isinstance(json.loads(out.stdout), list)
+
+
+def test_snat_rows_decode_live_entries_only() -> None:
+    from kproxy.cli import snat_rows
+
+    def entry(expires: int) -> tuple[abi.Snat4Key, abi.Snat4Val]:
+        k = abi.Snat4Key(
+            saddr=abi.ip_to_nbo("10.244.2.11"), daddr=abi.ip_to_nbo("192.168.77.11"),
+            sport=abi.port_to_nbo(8080), dport=abi.port_to_nbo(40000), proto=abi.IPPROTO_TCP,
+        )  # fmt: skip
+        v = abi.Snat4Val(
+            expires_ns=expires, client_addr=abi.ip_to_nbo("192.168.77.100"),
+            front_addr=abi.ip_to_nbo("192.168.77.11"), client_port=abi.port_to_nbo(51000),
+            front_port=abi.port_to_nbo(30080), state=abi.CtState.ESTABLISHED,
+        )  # fmt: skip
+        return k, v
+
+    rows = snat_rows([entry(5_000_000_000), entry(10)], now_ns=1_000_000_000)
+    assert rows == [{
+        "protocol": "TCP", "backend": "10.244.2.11:8080", "snat": "192.168.77.11:40000",
+        "client": "192.168.77.100:51000", "frontend": "192.168.77.11:30080", "state": "ESTABLISHED",
+        "seconds_left": 4.0,
+    }]  # fmt: skip
+
+
+@pytest.fixture
+def child_cgroup() -> Iterator[Path]:
+    root = Path("/sys/fs/cgroup/unified")
+    if "cgroup2" not in Path("/proc/self/mounts").read_text() or not root.is_dir():
+        pytest.skip("no cgroup2 at /sys/fs/cgroup/unified")
+    cg = root / f"kpt-cli-{os.getpid()}-{secrets.token_hex(3)}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        cg.rmdir()
+
+
+@pytest.mark.root
+def test_cleanup_removes_socket_lb_links(empty_bpffs: Path, child_cgroup: Path, tc_object: Path) -> None:
+    from kproxy.bpf.loader import Loader
+    from kproxy.bpf.socklb import HOOKS, SocketLB
+
+    with Loader(str(empty_bpffs)) as loader:
+        loader.load()
+    with SocketLB(empty_bpffs, child_cgroup) as slb:
+        assert len(slb.attach()) == len(HOOKS)
+    assert {f"cgroup:{h}" for h in HOOKS} <= set(os.listdir(empty_bpffs / "links"))
+    assert len(_cgroup_progs(child_cgroup)) == len(HOOKS)
+    out = kproxy("cleanup", "--bpffs", str(empty_bpffs), "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert {f"cgroup.{h}" for h in HOOKS} <= set(json.loads(out.stdout)["detached"])
+    assert set(os.listdir(empty_bpffs)) <= {"progs.debug", "maps.debug"}  # the bpffs root's own files
+    assert _cgroup_progs(child_cgroup) == []
+
+
+def _cgroup_progs(cgroup: Path) -> list[Any]:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    progs: list[Any] = json.loads(out.stdout.strip() or "[]")
+    return progs
+
+
+@pytest.mark.root
+def test_cleanup_kube_proxy_dry_run_in_a_namespace() -> None:
+    ns = f"kpt-ckp-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "kproxy", "cleanup-kube-proxy", "--dry-run"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("inspected: ") and "would remove" not in out.stdout
+
+
+@pytest.mark.root
+def test_agent_serves_healthz_and_metrics(lab: Lab, program: Program) -> None:
+    import urllib.request
+
+    from kproxy.observe.metrics import scrape_value
+
+    program("cli-metrics", "10.96.2.3", ["n1p1"])
+    n1 = lab.node("n1")
+
+    def get(url: str) -> tuple[int, str]:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+
+    status, body = lab.in_ns(n1, lambda: get(f"http://{n1.ip}:10256/healthz"))
+    assert status == 200 and "lastUpdated" in json.loads(body)
+    status, text = lab.in_ns(n1, lambda: get("http://127.0.0.1:10249/metrics"))
+    assert status == 200
+    assert (scrape_value(text, "kproxy_map_entries", {"map": abi.MAP_SVC4}) or 0) >= 2
+    assert scrape_value(text, "kproxy_map_capacity", {"map": abi.MAP_CT4}) == abi.CT4_MAX
+    assert (scrape_value(text, "kproxy_sync_duration_seconds_count", {"kind": "full"}) or 0) >= 1
+    assert (scrape_value(text, "kproxy_network_programming_duration_seconds_count") or 0) >= 1
+
+
+# ---- agent wiring, in memory (no root) ----
+def test_agent_follows_the_configmap_dsr_mode() -> None:
+    from kproxy.agent import Agent
+    from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.config import AgentConfig
+    from kproxy.sync import write_config
+
+    agent = Agent(AgentConfig(node_name="n1", node_ips=["192.0.2.1"], dsr_mode="opt"))
+    agent.maps = MemoryMapSet()
+    write_config(agent.maps, "192.0.2.1")
+    agent.apply_settings({"dsr-mode": "ipip"})
+    assert agent.maps.read_config().dsr_mode == abi.DsrMode.IPIP
+    agent.apply_settings({"dsr-mode": "sideways"})  # invalid: logged, ignored
+    assert agent.maps.read_config().dsr_mode == abi.DsrMode.IPIP
+    agent.apply_settings({})  # key deleted: back to the --dsr-mode the agent started with
+    cfg = agent.maps.read_config()
+    assert cfg.dsr_mode == abi.DsrMode.OPT and cfg.node_addr == abi.ip_to_nbo("192.0.2.1")
+
+
+def test_agent_builds_the_kube_source_from_its_config() -> None:
+    from kproxy.agent import Agent
+    from kproxy.config import AgentConfig
+    from kproxy.store import ClusterStore
+
+    cfg = AgentConfig(
+        node_name="n1", node_ips=["192.0.2.1"], kubeconfig="/k", k8s_api_server="https://10.0.0.1:6443",
+        settings_configmap="kp-ns/kp-cm",
+    )  # fmt: skip
+    agent = Agent(cfg)
+    agent.store = ClusterStore()
+    src = agent.make_kube_source()
+    assert (src.cfg.node_name, src.cfg.kubeconfig) == ("n1", "/k")
+    assert src.cfg.api_server == "https://10.0.0.1:6443"
+    assert src.cfg.settings_configmap == "kp-ns/kp-cm" and src.on_settings == agent.apply_settings
+
+
+def test_netdev_autodetection_reads_default_routes() -> None:
+    from kproxy.agent import default_route_ifaces
+
+    table = (
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        "eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "bond0\t00000000\t0102A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0\n"
+    )
+    assert default_route_ifaces(table) == ["eth0", "bond0"]
+
+
+def test_agent_accepts_every_flag_the_chart_passes() -> None:
+    from kproxy.cli import agent
+
+    chart_flags = {
+        "--source", "--node-name", "--node-ip", "--netdev", "--pod-ifaces", "--bpffs", "--map-size",
+        "--ct-timeout-syn", "--ct-timeout-tcp", "--ct-timeout-fin", "--ct-timeout-udp", "--log-level",
+        "--k8s-api-server", "--kubeconfig", "--nodeport-addresses", "--metrics-bind-address",
+        "--health-bind-address", "--dsr-mode", "--socket-lb-cgroup",
+    }  # fmt: skip
+    have = {o for p in agent.params for o in p.opts}
+    assert chart_flags - have == set()

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 from pydantic import ValidationError
 
-from kproxy.config import AgentConfig
+from kproxy.bpf import abi
+from kproxy.config import AgentConfig, split_hostport
 
 
 def test_defaults():
@@ -15,7 +16,11 @@ def test_defaults():
     assert c.bpffs == "/sys/fs/bpf/kproxy" and c.source == "kubernetes" and c.source_dir is None
     assert (c.metrics_bind, c.health_bind) == ("127.0.0.1:10249", "0.0.0.0:10256")
     assert c.primary_ipv4 == "192.168.1.10"
-    assert c.map_sizes.by_map_name()["kp_ct4_v1"] == 262144
+    assert c.map_sizes == {}  # the object's compiled sizes
+    assert (c.conntrack.syn, c.conntrack.udp) == (0, 0)  # 0: the datapath default
+    assert c.dsr_mode == "off" and c.dsr_mode_value == abi.DsrMode.OFF
+    assert c.socket_lb_cgroup is None and c.netdevs == []
+    assert c.settings_configmap == "kube-system/kproxy-config"
     assert c.translate_config().nodeport_addresses == ()
 
 
@@ -25,6 +30,16 @@ def test_file_source_and_nodeport_cidrs():
     assert c.translate_config().nodeport_addresses == (ipaddress.ip_network("10.0.0.0/8"),)
 
 
+def test_map_sizes_by_pinned_name_and_dsr_mode():
+    c = AgentConfig(node_name="n1", map_sizes={abi.MAP_CT4: 524288}, dsr_mode="ipip")
+    assert c.map_sizes == {"kp_ct4_v1": 524288} and c.dsr_mode_value == abi.DsrMode.IPIP
+
+
+def test_split_hostport():
+    assert split_hostport("[::1]:10249") == ("::1", 10249)
+    assert split_hostport("0.0.0.0:10256") == ("0.0.0.0", 10256)
+
+
 @pytest.mark.parametrize(
     "kw, expect",
     [
@@ -32,8 +47,12 @@ def test_file_source_and_nodeport_cidrs():
         (dict(source="files"), "'kubernetes' or 'file:DIR'"),
         (dict(nodeport_addresses=["10.0.0.0/33"]), "is not a CIDR"),
         (dict(metrics_bind="localhost"), "HOST:PORT"),
+        (dict(health_bind="example.org:10256"), "--health-bind-address"),
         (dict(node_name=""), "node_name"),
-        (dict(map_sizes={"ct4": 1}), "ct4"),
+        (dict(map_sizes={"ct4": 1024}), "'ct4' is not a kproxy map"),
+        (dict(map_sizes={abi.MAP_CT4: 1}), "kp_ct4_v1=1"),
+        (dict(dsr_mode="on"), "dsr_mode"),
+        (dict(pod_ifaces=[]), "--pod-ifaces"),
     ],
 )
 def test_invalid(kw, expect):

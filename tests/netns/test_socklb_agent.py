@@ -1,0 +1,134 @@
+"""The agent with --socket-lb-cgroup: node processes in that cgroup reach ClusterIPs, others do not.
+
+A one-node lab whose agent attaches the socket programs to a fresh child cgroup of
+/sys/fs/cgroup/unified (never the root; removed after the module, once the lab is down). Clients run
+in the node's network namespace, inside or outside that cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.bpf.socklb import HOOKS, default_object_path
+from kproxy.lab import Lab
+
+pytestmark = pytest.mark.root
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+
+TCP_CLIENT = """
+import json, socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+try:
+    s = socket.create_connection((addr, port), timeout=3)
+except OSError as e:
+    print(json.dumps({"error": e.strerror or str(e)}))
+    raise SystemExit(0)
+buf = b""
+while not buf.endswith(b"\\n"):
+    buf += s.recv(4096)
+print(json.dumps({"reply": json.loads(buf), "peer": "%s:%d" % s.getpeername()}))
+"""
+
+UDP_CLIENT = """
+import json, socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"hello", (addr, port))
+data, src = s.recvfrom(65536)
+print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src}))
+"""
+
+
+def _cgroup2_mounted() -> bool:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            if left.split()[4:5] == [str(CGROUP_ROOT)] and right.startswith("cgroup2 "):
+                return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def cgroup() -> Iterator[Path]:
+    """A fresh child cgroup; its processes go back to the parent before rmdir."""
+    if not _cgroup2_mounted():
+        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
+    cg = CGROUP_ROOT / f"kpt-slb-{secrets.token_hex(4)}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # exited meanwhile
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+        cg.rmdir()
+
+
+@pytest.fixture(scope="module")
+def lab(tc_object: Path, cgroup: Path) -> Iterator[Lab]:
+    """This module's lab: one node, two pods, the agent balancing the sockets of CGROUP."""
+    if not os.path.exists(default_object_path()):
+        pytest.fail(f"{default_object_path()} is missing: run `make bpf`")
+    with Lab(nodes=1, pods_per_node=2, agent_args=["--socket-lb-cgroup", str(cgroup)]) as lb:
+        yield lb
+
+
+def client(lab: Lab, script: str, addr: str, port: int, cgroup: Path | None) -> dict[str, Any]:
+    proc = lab.run_in(lab.node("n1"), [sys.executable, "-c", script, addr, str(port)], cgroup=cgroup)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_agent_pins_the_cgroup_links(lab: Lab, cgroup: Path) -> None:
+    links = Path(lab.node("n1").bpffs) / "links"
+    assert {f"cgroup:{h}" for h in HOOKS} <= set(os.listdir(links))
+    assert "socket load balancing on cgroup" in lab.log("agent-n1")
+
+
+def test_node_process_in_the_cgroup_reaches_a_clusterip(lab: Lab, program: Any, cgroup: Path) -> None:
+    program("slb-tcp", "10.96.5.1", ["n1p1", "n1p2"])
+    seen = set()
+    for _ in range(6):
+        r = client(lab, TCP_CLIENT, "10.96.5.1", 80, cgroup)
+        assert "error" not in r, r
+        assert r["peer"] == "10.96.5.1:80"  # getpeername shows the service, not the backend
+        seen.add(r["reply"]["pod"])
+    assert seen <= {"n1p1", "n1p2"} and seen
+
+
+def test_udp_reply_comes_from_the_service_address(lab: Lab, program: Any, cgroup: Path) -> None:
+    program("slb-udp", "10.96.5.2", ["n1p2"], port=53, target=9090, protocol="UDP")
+    r = client(lab, UDP_CLIENT, "10.96.5.2", 53, cgroup)
+    assert r["reply"]["pod"] == "n1p2" and r["reply"]["echo"] == "hello"
+    assert r["src"] == "10.96.5.2:53"
+
+
+def test_node_process_outside_the_cgroup_is_untouched(lab: Lab, program: Any) -> None:
+    program("slb-outside", "10.96.5.3", ["n1p1"])
+    r = client(lab, TCP_CLIENT, "10.96.5.3", 80, None)
+    assert "error" in r, r  # the node has no route to the service range: nothing translated it
+
+
+def test_links_keep_working_while_the_agent_restarts(lab: Lab, program: Any, cgroup: Path) -> None:
+    program("slb-restart", "10.96.5.4", ["n1p2"])
+    lab.stop_agent("n1")
+    try:
+        r = client(lab, TCP_CLIENT, "10.96.5.4", 80, cgroup)
+        assert r.get("reply", {}).get("pod") == "n1p2", r
+    finally:
+        lab.start_agent("n1")
+        lab.wait_agent("n1")
+    r = client(lab, TCP_CLIENT, "10.96.5.4", 80, cgroup)
+    assert r.get("reply", {}).get("pod") == "n1p2", r
