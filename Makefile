@@ -74,7 +74,7 @@ bench-full: install loadgen
 	$(PY) -m bench.run --full
 
 DURATION ?= 600
-soak: install loadgen
+soak: install
 	$(PY) -m bench.soak --duration $(DURATION)
 
 # At least a million random and mutated frames through every TC program (a smaller run is in make test).

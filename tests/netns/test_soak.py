@@ -1,0 +1,37 @@
+"""The churn soak as a correctness test: 60 s of Service/backend churn with two kill -9 of both agents.
+
+No timing assertion: zero wrong answers and zero failed probes beyond the programming window, zero
+broken long-lived streams, the maps back to their baseline once churn ends, both restarts succeeded.
+The rate is lower than `make soak`'s 200 changes/s (KPROXY_SOAK_RATE, default 100) so that the lab,
+the probes and the agents fit on a 2-core machine next to the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import soak
+
+pytestmark = pytest.mark.root
+
+DURATION = os.environ.get("KPROXY_SOAK_DURATION", "60")
+RATE = os.environ.get("KPROXY_SOAK_RATE", "100")
+
+
+def test_churn_soak(tc_object: Path) -> None:
+    res = soak.run(
+        ["--duration", DURATION, "--rate", RATE, "--services", "9", "--background", "91"], write=False
+    )
+    summary = soak.markdown(res)
+    print(summary)
+    assert not res["restart_errors"], res["restart_errors"]
+    assert len(res["restart_gaps_s"]) == 2, f"expected two agent restarts: {res['restart_gaps_s']}"
+    assert res["wrong_answers"] == 0, "\n".join(res["wrong_examples"]) + "\n" + summary
+    assert res["failed_probes"] == 0, "\n".join(res["failed_examples"]) + "\n" + summary
+    assert res["streams"] > 0 and res["streams_broken"] == 0, "\n".join(res["stream_breaks"])
+    assert not res["maps_leak"], f"maps not back to baseline: {res['maps_leak']}\n{summary}"
+    assert res["answers_ok"] > 0 and res["ttfp_count"] > 0, summary
+    assert not any(res["agent_errors"].values()), res["agent_errors"]
