@@ -1,9 +1,14 @@
 """Kubernetes objects kproxy reads, and the desired-state types translate produces.
 
-The pydantic models accept exactly what the API server (or a manifest file) gives us: unknown fields
-are ignored, and anything kproxy relies on is validated here so that translate can trust it. A
-validation failure becomes a ModelError whose message names the object, where it came from and
-what is wrong with which field.
+The pydantic schema (_S* classes) defines exactly what is accepted from the API server (or a
+manifest file): unknown fields are ignored, and anything kproxy relies on is validated here so that
+translate can trust it. A validation failure becomes a ModelError whose message names the object,
+where it came from and what is wrong with which field.
+
+What parse_service / parse_endpoint_slice return, and the store keeps, is a compact NamedTuple form
+with the same attribute names (Service, EndpointSlice, ...): about a fifth of the memory. Common
+objects are read straight from the dicts by a fast path that accepts only what the schema would
+accept unchanged; everything else goes through the schema (see "the compact form" below).
 
 Frontend and BackendRef are the desired state: frozen slots dataclasses because sync creates and
 compares hundreds of thousands of them.
@@ -12,6 +17,8 @@ compares hundreds of thousands of them.
 from __future__ import annotations
 
 import ipaddress
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -48,7 +55,7 @@ def _check_ip(value: str, what: str) -> str:
     return value
 
 
-class ObjectMeta(_Model):
+class _SObjectMeta(_Model):
     name: str = Field(min_length=1)
     namespace: str = Field(default="default", min_length=1)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -60,10 +67,10 @@ class ObjectMeta(_Model):
         return {} if v is None else v
 
 
-# ---- Service v1 ----
+# ---- Service v1 (validation schema) ----
 
 
-class ServicePort(_Model):
+class _SServicePort(_Model):
     name: str = ""
     protocol: Protocol = "TCP"
     port: int = Field(ge=1, le=65535)
@@ -83,23 +90,23 @@ class ServicePort(_Model):
         return v
 
 
-class ClientIPConfig(_Model):
+class _SClientIPConfig(_Model):
     timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_AFFINITY_TIMEOUT)
 
 
-class SessionAffinityConfig(_Model):
-    client_ip: ClientIPConfig | None = Field(default=None, alias="clientIP")
+class _SSessionAffinityConfig(_Model):
+    client_ip: _SClientIPConfig | None = Field(default=None, alias="clientIP")
 
 
-class ServiceSpec(_Model):
+class _SServiceSpec(_Model):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str | None = Field(default=None, alias="clusterIP")
     cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
-    ports: list[ServicePort] = Field(default_factory=list)
+    ports: list[_SServicePort] = Field(default_factory=list)
     external_ips: list[str] = Field(default_factory=list, alias="externalIPs")
     session_affinity: Literal["None", "ClientIP"] = "None"
-    session_affinity_config: SessionAffinityConfig | None = None
+    session_affinity_config: _SSessionAffinityConfig | None = None
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     health_check_node_port: int | None = Field(default=None, ge=0, le=65535)
@@ -154,7 +161,7 @@ class ServiceSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _ports_consistent(self) -> ServiceSpec:
+    def _ports_consistent(self) -> _SServiceSpec:
         if len(self.ports) > MAX_SERVICE_PORTS:
             raise ValueError(
                 f"{len(self.ports)} ports; kproxy accepts at most {MAX_SERVICE_PORTS} per Service"
@@ -173,7 +180,7 @@ class ServiceSpec(_Model):
         return self
 
 
-class LoadBalancerIngress(_Model):
+class _SLoadBalancerIngress(_Model):
     ip: str | None = None
     hostname: str | None = None
 
@@ -183,8 +190,8 @@ class LoadBalancerIngress(_Model):
         return v if not v else _check_ip(v, "status.loadBalancer.ingress ip")
 
 
-class LoadBalancerStatus(_Model):
-    ingress: list[LoadBalancerIngress] = Field(default_factory=list)
+class _SLoadBalancerStatus(_Model):
+    ingress: list[_SLoadBalancerIngress] = Field(default_factory=list)
 
     @field_validator("ingress", mode="before")
     @classmethod
@@ -192,8 +199,8 @@ class LoadBalancerStatus(_Model):
         return [] if v is None else v
 
 
-class ServiceStatus(_Model):
-    load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
+class _SServiceStatus(_Model):
+    load_balancer: _SLoadBalancerStatus = Field(default_factory=_SLoadBalancerStatus)
 
     @field_validator("load_balancer", mode="before")
     @classmethod
@@ -201,11 +208,11 @@ class ServiceStatus(_Model):
         return {} if v is None else v
 
 
-class Service(_Model):
+class _SService(_Model):
     kind: Literal["Service"] = "Service"
-    metadata: ObjectMeta
-    spec: ServiceSpec = Field(default_factory=ServiceSpec)
-    status: ServiceStatus = Field(default_factory=ServiceStatus)
+    metadata: _SObjectMeta
+    spec: _SServiceSpec = Field(default_factory=_SServiceSpec)
+    status: _SServiceStatus = Field(default_factory=_SServiceStatus)
 
     @field_validator("spec", "status", mode="before")
     @classmethod
@@ -220,18 +227,18 @@ class Service(_Model):
 # ---- EndpointSlice discovery.k8s.io/v1 ----
 
 
-class EndpointConditions(_Model):
+class _SEndpointConditions(_Model):
     ready: bool | None = None
     serving: bool | None = None
     terminating: bool | None = None
 
 
-class ForZone(_Model):
+class _SForZone(_Model):
     name: str
 
 
-class EndpointHints(_Model):
-    for_zones: list[ForZone] = Field(default_factory=list)
+class _SEndpointHints(_Model):
+    for_zones: list[_SForZone] = Field(default_factory=list)
 
     @field_validator("for_zones", mode="before")
     @classmethod
@@ -239,12 +246,12 @@ class EndpointHints(_Model):
         return [] if v is None else v
 
 
-class Endpoint(_Model):
+class _SEndpoint(_Model):
     addresses: list[str] = Field(min_length=1)
-    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    conditions: _SEndpointConditions = Field(default_factory=_SEndpointConditions)
     node_name: str | None = None
     zone: str | None = None
-    hints: EndpointHints | None = None
+    hints: _SEndpointHints | None = None
 
     @field_validator("conditions", mode="before")
     @classmethod
@@ -252,7 +259,7 @@ class Endpoint(_Model):
         return {} if v is None else v
 
 
-class EndpointPort(_Model):
+class _SEndpointPort(_Model):
     name: str = ""
     port: int | None = Field(default=None, ge=1, le=65535)
     protocol: Protocol = "TCP"
@@ -263,12 +270,12 @@ class EndpointPort(_Model):
         return "" if v is None else v
 
 
-class EndpointSlice(_Model):
+class _SEndpointSlice(_Model):
     kind: Literal["EndpointSlice"] = "EndpointSlice"
-    metadata: ObjectMeta
+    metadata: _SObjectMeta
     address_type: Literal["IPv4", "IPv6", "FQDN"]
-    endpoints: list[Endpoint] = Field(default_factory=list)
-    ports: list[EndpointPort] = Field(default_factory=list)
+    endpoints: list[_SEndpoint] = Field(default_factory=list)
+    ports: list[_SEndpointPort] = Field(default_factory=list)
 
     @field_validator("endpoints", "ports", mode="before")
     @classmethod
@@ -276,12 +283,14 @@ class EndpointSlice(_Model):
         return [] if v is None else v
 
     @model_validator(mode="after")
-    def _addresses(self) -> EndpointSlice:
+    def _addresses(self) -> _SEndpointSlice:
         if self.address_type == "FQDN":
             return self
         version = 4 if self.address_type == "IPv4" else 6
         for i, ep in enumerate(self.endpoints):
             for addr in ep.addresses:
+                if version == 4 and _V4(addr) is not None:
+                    continue
                 try:
                     ok = ipaddress.ip_address(addr).version == version
                 except ValueError:
@@ -373,7 +382,7 @@ def _meta_of(raw: Any) -> tuple[str | None, str | None]:
     )
 
 
-def _parse(model: type[_Model], kind: str, raw: Any, origin: str | None) -> Any:
+def _validate(model: type[_Model], kind: str, raw: Any, origin: str | None) -> Any:
     ns, name = _meta_of(raw)
     if not isinstance(raw, dict):
         raise ModelError(kind, ns, name, [f"expected a mapping, got {type(raw).__name__}"], origin)
@@ -384,13 +393,536 @@ def _parse(model: type[_Model], kind: str, raw: Any, origin: str | None) -> Any:
 
 
 def parse_service(raw: Any, origin: str | None = None) -> Service:
-    svc: Service = _parse(Service, "Service", raw, origin)
+    """A Service in its compact form; raises ModelError naming the object, origin and problem."""
+    svc = _fast_service(raw) if type(raw) is dict else None
+    if svc is None:  # unusual or invalid: the schema decides, and words the error
+        svc = _service_from_schema(_validate(_SService, "Service", raw, origin))
     return svc
 
 
 def parse_endpoint_slice(raw: Any, origin: str | None = None) -> EndpointSlice:
-    es: EndpointSlice = _parse(EndpointSlice, "EndpointSlice", raw, origin)
+    """An EndpointSlice in its compact form; raises ModelError naming the object, origin and problem."""
+    es = _fast_slice(raw) if type(raw) is dict else None
+    if es is None:
+        es = _slice_from_schema(_validate(_SEndpointSlice, "EndpointSlice", raw, origin))
     return es
+
+
+# ---- the compact form the store keeps ----
+#
+# The pydantic schema above costs about 1 KB per endpoint once validated; the store keeps these
+# NamedTuples instead (same attribute names, so translate and other readers do not care): about 200
+# bytes per endpoint, conditions shared, node names interned. Parsing goes through _fast_service /
+# _fast_slice, plain dict reads that accept only the common, unambiguous shapes; anything else (an
+# error, a quoted number, a snake_case key, an IPv6 address...) returns None and goes through the
+# schema, which either rejects it with its message or accepts it, converted by *_from_schema. Both
+# routes give equal objects (tests/unit/test_model.py checks this).
+
+
+class ObjectMeta(NamedTuple):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = {}  # noqa: RUF012 -- shared empty default, never mutated
+    annotations: dict[str, str] = {}  # noqa: RUF012
+
+
+class ServicePort(NamedTuple):
+    name: str = ""
+    protocol: str = "TCP"
+    port: int = 0
+    target_port: int | str | None = None
+    node_port: int | None = None
+
+
+class ClientIPConfig(NamedTuple):
+    timeout_seconds: int | None = None
+
+
+class SessionAffinityConfig(NamedTuple):
+    client_ip: ClientIPConfig | None = None
+
+
+class ServiceSpec(NamedTuple):
+    type: str = "ClusterIP"
+    cluster_ip: str | None = None
+    cluster_ips: list[str] = []  # noqa: RUF012
+    ip_families: list[str] = []  # noqa: RUF012
+    ports: list[ServicePort] = []  # noqa: RUF012
+    external_ips: list[str] = []  # noqa: RUF012
+    session_affinity: str = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    external_traffic_policy: str = "Cluster"
+    internal_traffic_policy: str = "Cluster"
+    health_check_node_port: int | None = None
+    load_balancer_source_ranges: list[str] = []  # noqa: RUF012
+    allocate_load_balancer_node_ports: bool | None = None
+    traffic_distribution: str | None = None
+    external_name: str | None = None
+
+
+class LoadBalancerIngress(NamedTuple):
+    ip: str | None = None
+    hostname: str | None = None
+
+
+class LoadBalancerStatus(NamedTuple):
+    ingress: list[LoadBalancerIngress] = []  # noqa: RUF012
+
+
+class ServiceStatus(NamedTuple):
+    load_balancer: LoadBalancerStatus = LoadBalancerStatus()
+
+
+class Service(NamedTuple):
+    metadata: ObjectMeta
+    spec: ServiceSpec = ServiceSpec()
+    status: ServiceStatus = ServiceStatus()
+
+    @property
+    def kind(self) -> str:
+        return "Service"
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+class EndpointConditions(NamedTuple):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class ForZone(NamedTuple):
+    name: str
+
+
+class EndpointHints(NamedTuple):
+    for_zones: list[ForZone] = []  # noqa: RUF012
+
+
+class Endpoint(NamedTuple):
+    addresses: list[str]
+    conditions: EndpointConditions = EndpointConditions()
+    node_name: str | None = None
+    zone: str | None = None
+    hints: EndpointHints | None = None
+
+
+class EndpointPort(NamedTuple):
+    name: str = ""
+    port: int | None = None
+    protocol: str = "TCP"
+
+
+class EndpointSlice(NamedTuple):
+    metadata: ObjectMeta
+    address_type: str
+    endpoints: list[Endpoint] = []  # noqa: RUF012
+    ports: list[EndpointPort] = []  # noqa: RUF012
+
+    @property
+    def kind(self) -> str:
+        return "EndpointSlice"
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    @property
+    def service_name(self) -> str | None:
+        return self.metadata.labels.get(SERVICE_NAME_LABEL) or None
+
+    @property
+    def service_key(self) -> str | None:
+        name = self.service_name
+        return None if name is None else f"{self.metadata.namespace}/{name}"
+
+
+_intern = sys.intern
+# the 27 possible condition triples, shared by every endpoint
+_CONDS: dict[tuple[bool | None, bool | None, bool | None], EndpointConditions] = {
+    (r, s, t): EndpointConditions(r, s, t)
+    for r in (None, True, False)
+    for s in (None, True, False)
+    for t in (None, True, False)
+}
+_COND_DEFAULT = _CONDS[(None, None, None)]
+# IPv4 exactly as ipaddress accepts it (no leading zeros, ASCII digits); anything else: the schema
+_V4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+).fullmatch
+_PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
+_SVC_TYPES = frozenset(("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"))
+_POLICY = {None: "Cluster", "": "Cluster", "Global": "Cluster", "Cluster": "Cluster", "Local": "Local"}
+_ADDRESS_TYPES = frozenset(("IPv4", "IPv6", "FQDN"))
+
+
+def _is_bool_or_none(v: Any) -> bool:
+    return v is None or v is True or v is False
+
+
+def _str_dict(d: Any) -> dict[str, str] | None:
+    """A copy of a str -> str mapping (None -> the shared empty one); None if it is anything else."""
+    if d is None or d == {}:
+        return _EMPTY_DICT
+    if type(d) is not dict:
+        return None
+    for k, v in d.items():
+        if type(k) is not str or type(v) is not str:
+            return None
+    return dict(d)
+
+
+_EMPTY_DICT: dict[str, str] = ObjectMeta.__new__.__defaults__[1]  # type: ignore[index]
+
+
+def _fast_meta(meta: Any) -> ObjectMeta | None:
+    if type(meta) is not dict:
+        return None
+    name = meta.get("name")
+    ns = meta.get("namespace", "default")
+    if type(name) is not str or not name or type(ns) is not str or not ns:
+        return None
+    labels = _str_dict(meta.get("labels"))
+    annotations = _str_dict(meta.get("annotations"))
+    if labels is None or annotations is None:
+        return None
+    return ObjectMeta(name, _intern(ns), labels, annotations)
+
+
+def _is_ip(v: Any) -> bool:
+    return type(v) is str and _V4(v) is not None
+
+
+def _ip_list(v: Any) -> list[str] | None:
+    if v is None:
+        return []
+    if type(v) is not list:
+        return None
+    for ip in v:
+        if not _is_ip(ip):
+            return None
+    return v[:]
+
+
+def _port(v: Any, low: int = 1) -> bool:
+    return type(v) is int and low <= v <= 65535
+
+
+def _fast_service_port(p: Any) -> ServicePort | None:
+    if type(p) is not dict or "target_port" in p or "node_port" in p:
+        return None
+    name = p.get("name", "")
+    protocol = p.get("protocol", "TCP")
+    port = p.get("port")
+    if type(name) is not str or protocol not in _PROTOCOLS or not _port(port):
+        return None
+    tp = p.get("targetPort")
+    if tp is not None:
+        if type(tp) is str:
+            if tp.isdigit():
+                if not tp.isascii():
+                    return None
+                tp = int(tp)
+                if not 1 <= tp <= 65535:
+                    return None
+            elif not tp or len(tp) > 15:
+                return None
+            else:
+                tp = _intern(tp)
+        elif not _port(tp):
+            return None
+    np_ = p.get("nodePort")
+    if np_ is not None and not _port(np_, 0):
+        return None
+    return ServicePort(_intern(name), _intern(protocol), port, tp, np_)  # type: ignore[arg-type]
+
+
+def _fast_spec(spec: Any) -> ServiceSpec | None:
+    if spec is None or spec == {}:
+        return ServiceSpec()
+    if type(spec) is not dict:
+        return None
+    for k in spec:
+        if "_" in k:  # a snake_case field name the schema would also read
+            return None
+    g = spec.get
+    stype = g("type", "ClusterIP")
+    if stype not in _SVC_TYPES:
+        return None
+    cip = g("clusterIP")
+    if cip is not None and cip != "" and cip != "None" and not _is_ip(cip):
+        return None
+    cips = g("clusterIPs")
+    if cips is None:
+        cips = []
+    elif type(cips) is not list:
+        return None
+    else:
+        for ip in cips:
+            if ip != "" and ip != "None" and not _is_ip(ip):
+                return None
+        cips = cips[:]
+    fams = g("ipFamilies")
+    if fams is None:
+        fams = []
+    elif type(fams) is not list or any(f != "IPv4" and f != "IPv6" for f in fams):
+        return None
+    else:
+        fams = [_intern(f) for f in fams]
+    raw_ports = g("ports")
+    ports: list[ServicePort] = []
+    if raw_ports is not None:
+        if type(raw_ports) is not list or len(raw_ports) > MAX_SERVICE_PORTS:
+            return None
+        seen_port = set()
+        seen_name = set()
+        for rp in raw_ports:
+            sp = _fast_service_port(rp)
+            if sp is None:
+                return None
+            if (sp.port, sp.protocol) in seen_port or sp.name in seen_name:
+                return None
+            seen_port.add((sp.port, sp.protocol))
+            seen_name.add(sp.name)
+            ports.append(sp)
+        if len(ports) > 1 and "" in seen_name:
+            return None
+    ext = _ip_list(g("externalIPs"))
+    if ext is None:
+        return None
+    affinity = g("sessionAffinity", "None")
+    if affinity != "None" and affinity != "ClientIP":
+        return None
+    sac = g("sessionAffinityConfig")
+    if sac is not None:
+        if type(sac) is not dict:
+            return None
+        cic = sac.get("clientIP")
+        if cic is None:
+            sac = SessionAffinityConfig()
+        elif type(cic) is not dict:
+            return None
+        else:
+            t = cic.get("timeoutSeconds")
+            if t is not None and not (type(t) is int and 1 <= t <= MAX_AFFINITY_TIMEOUT):
+                return None
+            sac = SessionAffinityConfig(ClientIPConfig(t))
+    etp = _POLICY.get(g("externalTrafficPolicy"))
+    itp = _POLICY.get(g("internalTrafficPolicy"))
+    if etp is None or itp is None:
+        return None
+    hc = g("healthCheckNodePort")
+    if hc is not None and not _port(hc, 0):
+        return None
+    ranges = g("loadBalancerSourceRanges")
+    if ranges is None:
+        ranges = []
+    elif type(ranges) is not list:
+        return None
+    elif ranges:
+        for cidr in ranges:
+            if type(cidr) is not str:
+                return None
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                return None
+        ranges = ranges[:]
+    alloc = g("allocateLoadBalancerNodePorts")
+    td = g("trafficDistribution")
+    en = g("externalName")
+    if not _is_bool_or_none(alloc) or (td is not None and type(td) is not str):
+        return None
+    if en is not None and type(en) is not str:
+        return None
+    return ServiceSpec(
+        _intern(stype), cip, cips, fams, ports, ext, _intern(affinity), sac, etp, itp, hc, ranges,
+        alloc, td, en,
+    )  # fmt: skip
+
+
+def _fast_status(status: Any) -> ServiceStatus | None:
+    if status is None or status == {}:
+        return _STATUS_DEFAULT
+    if type(status) is not dict or "load_balancer" in status:
+        return None
+    lb = status.get("loadBalancer")
+    if lb is None or lb == {}:
+        return _STATUS_DEFAULT
+    if type(lb) is not dict:
+        return None
+    ing = lb.get("ingress")
+    if ing is None:
+        return _STATUS_DEFAULT
+    if type(ing) is not list:
+        return None
+    out = []
+    for i in ing:
+        if type(i) is not dict:
+            return None
+        ip = i.get("ip")
+        host = i.get("hostname")
+        if (ip is not None and ip != "" and not _is_ip(ip)) or (host is not None and type(host) is not str):
+            return None
+        out.append(LoadBalancerIngress(ip, host))
+    return ServiceStatus(LoadBalancerStatus(out))
+
+
+_STATUS_DEFAULT = ServiceStatus()
+
+
+def _fast_service(raw: dict[str, Any]) -> Service | None:
+    if raw.get("kind", "Service") != "Service":
+        return None
+    meta = _fast_meta(raw.get("metadata"))
+    if meta is None:
+        return None
+    spec = _fast_spec(raw.get("spec"))
+    if spec is None:
+        return None
+    status = _fast_status(raw.get("status"))
+    if status is None:
+        return None
+    return Service(meta, spec, status)
+
+
+def _fast_hints(h: Any) -> EndpointHints | None:
+    if type(h) is not dict or "for_zones" in h:
+        return None
+    fz = h.get("forZones")
+    if fz is None:
+        return EndpointHints([])
+    if type(fz) is not list:
+        return None
+    zones = []
+    for z in fz:
+        if type(z) is not dict or type(z.get("name")) is not str:
+            return None
+        zones.append(ForZone(_intern(z["name"])))
+    return EndpointHints(zones)
+
+
+def _fast_slice(raw: dict[str, Any]) -> EndpointSlice | None:
+    if raw.get("kind", "EndpointSlice") != "EndpointSlice" or "address_type" in raw:
+        return None
+    meta = _fast_meta(raw.get("metadata"))
+    if meta is None:
+        return None
+    at = raw.get("addressType")
+    if at != "IPv4" and at != "FQDN":
+        return None  # IPv6 and anything invalid: the schema checks those
+    v4 = at == "IPv4"
+    raw_eps = raw.get("endpoints")
+    endpoints: list[Endpoint] = []
+    if raw_eps is not None:
+        if type(raw_eps) is not list:
+            return None
+        conds = _CONDS
+        v4match = _V4
+        append = endpoints.append
+        for e in raw_eps:
+            if type(e) is not dict or "node_name" in e:
+                return None
+            addrs = e.get("addresses")
+            if type(addrs) is not list or not addrs:
+                return None
+            for a in addrs:
+                if type(a) is not str or (v4 and v4match(a) is None):
+                    return None
+            c = e.get("conditions")
+            if c is None:
+                cond = _COND_DEFAULT
+            elif type(c) is dict:
+                r, s, t = c.get("ready"), c.get("serving"), c.get("terminating")
+                if not (_is_bool_or_none(r) and _is_bool_or_none(s) and _is_bool_or_none(t)):
+                    return None
+                cond = conds[(r, s, t)]
+            else:
+                return None
+            node = e.get("nodeName")
+            if node is not None:
+                if type(node) is not str:
+                    return None
+                node = _intern(node)
+            zone = e.get("zone")
+            if zone is not None:
+                if type(zone) is not str:
+                    return None
+                zone = _intern(zone)
+            hints = e.get("hints")
+            if hints is not None:
+                hints = _fast_hints(hints)
+                if hints is None:
+                    return None
+            append(Endpoint(addrs[:], cond, node, zone, hints))
+    raw_ports = raw.get("ports")
+    ports: list[EndpointPort] = []
+    if raw_ports is not None:
+        if type(raw_ports) is not list:
+            return None
+        for p in raw_ports:
+            if type(p) is not dict:
+                return None
+            name = p.get("name")
+            port = p.get("port")
+            protocol = p.get("protocol", "TCP")
+            if name is None:
+                name = ""
+            elif type(name) is not str:
+                return None
+            if (port is not None and not _port(port)) or protocol not in _PROTOCOLS:
+                return None
+            ports.append(EndpointPort(_intern(name), port, _intern(protocol)))
+    return EndpointSlice(meta, _intern(at), endpoints, ports)
+
+
+# ---- schema -> compact (for what the fast path leaves to the schema) ----
+
+
+def _meta_from_schema(m: _SObjectMeta) -> ObjectMeta:
+    return ObjectMeta(
+        m.name, _intern(m.namespace), dict(m.labels) or _EMPTY_DICT, dict(m.annotations) or _EMPTY_DICT
+    )
+
+
+def _service_from_schema(m: _SService) -> Service:
+    s = m.spec
+    sac = None
+    if s.session_affinity_config is not None:
+        ci = s.session_affinity_config.client_ip
+        sac = SessionAffinityConfig(None if ci is None else ClientIPConfig(ci.timeout_seconds))
+    spec = ServiceSpec(
+        s.type, s.cluster_ip, list(s.cluster_ips), list(s.ip_families),
+        [ServicePort(p.name, p.protocol, p.port, p.target_port, p.node_port) for p in s.ports],
+        list(s.external_ips), s.session_affinity, sac, s.external_traffic_policy, s.internal_traffic_policy,
+        s.health_check_node_port, list(s.load_balancer_source_ranges), s.allocate_load_balancer_node_ports,
+        s.traffic_distribution, s.external_name,
+    )  # fmt: skip
+    ing = m.status.load_balancer.ingress
+    status = (
+        ServiceStatus(LoadBalancerStatus([LoadBalancerIngress(i.ip, i.hostname) for i in ing]))
+        if ing
+        else _STATUS_DEFAULT
+    )
+    return Service(_meta_from_schema(m.metadata), spec, status)
+
+
+def _slice_from_schema(m: _SEndpointSlice) -> EndpointSlice:
+    eps = []
+    for e in m.endpoints:
+        c = e.conditions
+        hints = None if e.hints is None else EndpointHints([ForZone(z.name) for z in e.hints.for_zones])
+        eps.append(
+            Endpoint(
+                list(e.addresses), _CONDS[(c.ready, c.serving, c.terminating)],
+                None if e.node_name is None else _intern(e.node_name),
+                None if e.zone is None else _intern(e.zone), hints,
+            )
+        )  # fmt: skip
+    ports = [EndpointPort(p.name, p.port, p.protocol) for p in m.ports]
+    return EndpointSlice(_meta_from_schema(m.metadata), m.address_type, eps, ports)
 
 
 # ---- node ----

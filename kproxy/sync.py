@@ -5,7 +5,13 @@ Ordering (DESIGN.md) so that a reader in the kernel never sees a frontend pointi
   2. new or changed backend slots 1..n          5. frontends that went away deleted (slot 0 first)
   3. slot-0 entries (count, flags, svc_id)      6. backend ids no longer referenced freed, last
 then UDP conntrack and affinity entries of backends that left a service are flushed (TCP flows are
-left to finish). Each step is one batch for all services of an apply.
+left to finish). Each step is one batch for all services of an apply (put_many calls of up to
+WRITE_CHUNK entries, each one kernel batch).
+
+Speed (10,000 Services x 10 backends cold, bench/bench_sync.py): translate runs lazily per Service
+while apply plans (_Translated), map keys and values are packed with struct into bytes (a frontend's
+slots as one blob) instead of ctypes objects, backends are ints, committed per-service sets become
+tuples, and sync_dirty runs with the cyclic GC paused (frozen afterwards, see store.gc_paused).
 
 Ids: backend ids are stable per (address, port, protocol) and monotonic: an id is never handed out
 twice, and after a restart counting resumes above every id the backend, conntrack and affinity maps
@@ -25,7 +31,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,8 +44,25 @@ from kproxy.translate import TranslateConfig, TranslateError, translate_service
 log = logging.getLogger(__name__)
 
 FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
-BKey = tuple[int, int, int]  # (addr NBO, port NBO, proto)
-BVal = tuple[int, int, int, int]  # kp_be4 value: (addr NBO, port NBO, proto, flags)
+# A backend as one int (a 32-byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
+# BKey = addr NBO | port NBO << 32 | proto << 48; BVal (its kp_be4 value) = BKey | flags << 56.
+BKey = int
+BVal = int
+_BK_MASK = (1 << 56) - 1
+
+
+def _bkey(addr: int, port: int, proto: int) -> BKey:
+    return addr | port << 32 | proto << 48
+
+
+def _bval_proto(val: BVal) -> int:
+    return (val >> 48) & 0xFF
+
+
+def _pack_be4(val: BVal) -> bytes:
+    return _PACK_BE4_VAL(val & 0xFFFFFFFF, (val >> 32) & 0xFFFF, (val >> 48) & 0xFF, val >> 56, 0)
+
+
 SvcPort = tuple[str, str, int]  # (service, port name, proto)
 
 _PROTO = {"TCP": abi.IPPROTO_TCP, "UDP": abi.IPPROTO_UDP}
@@ -54,6 +77,18 @@ def _nbo(address: str) -> int:
 
 
 _htons = socket.htons
+# Keys and values are packed straight into bytes: sync writes ~200,000 of them on a cold start, and a
+# ctypes structure per entry cost more than everything else sync does. MapOps implementations take
+# anything bytes() accepts (they join the bytes into one batch buffer). Layouts equal abi.h's,
+# checked below against the ctypes mirror.
+_PACK_SVC4_KEY = struct.Struct("=IHHBBxx").pack  # addr, port, slot, proto, scope, pad[2]
+_PACK_SVC4_VAL = struct.Struct("=IIHHI").pack  # backend_id, svc_id, count, flags, affinity_timeout
+_PACK_BE4_KEY = _PACK_U32 = struct.Struct("=I").pack
+_PACK_U16 = struct.Struct("=H").pack
+_PACK_BE4_VAL = struct.Struct("=IHBBI").pack  # addr, port, proto, flags, node_addr
+assert struct.calcsize("=IHHBBxx") == ctypes.sizeof(abi.Svc4Key)
+assert struct.calcsize("=IIHHI") == ctypes.sizeof(abi.Svc4Val)
+assert struct.calcsize("=IHBBI") == ctypes.sizeof(abi.Be4Val)
 _BE_LOCAL = int(abi.BackendFlag.LOCAL)
 _BE_TERMINATING = int(abi.BackendFlag.TERMINATING)
 
@@ -81,9 +116,17 @@ class _Fe:
 @dataclass(slots=True)
 class _Svc:
     frontends: dict[FKey, _Fe] = field(default_factory=dict)
-    backends: set[int] = field(default_factory=set)  # every id referenced: slots and retained
-    active: dict[int, set[int]] = field(default_factory=dict)  # svc_id -> ids in its slots
+    # every id referenced (slots and retained); a set while planned, a tuple once committed
+    backends: set[int] | tuple[int, ...] = field(default_factory=set)
+    # svc_id -> ids in its slots; sets while planned, tuples once committed
+    active: dict[int, set[int]] | dict[int, tuple[int, ...]] = field(default_factory=dict)
     svc_ports: set[SvcPort] = field(default_factory=set)
+
+    def compact(self) -> _Svc:
+        """The committed form: tuples take a sixth of the memory of small sets (10,000s of services)."""
+        self.backends = tuple(self.backends)
+        self.active = {sid: tuple(ids) for sid, ids in self.active.items()}
+        return self
 
 
 @dataclass(slots=True)
@@ -94,12 +137,14 @@ class _Plan:
     claimed: list[FKey] = field(default_factory=list)  # orphan frontends taken over
     be_puts: dict[int, BVal] = field(default_factory=dict)
     be_vals: dict[int, BVal] = field(default_factory=dict)
-    slot_puts: list[tuple[abi.Svc4Key, abi.Svc4Val]] = field(default_factory=list)
-    slot0_puts: list[tuple[abi.Svc4Key, abi.Svc4Val]] = field(default_factory=list)
-    slot_dels: list[abi.Svc4Key] = field(default_factory=list)
-    fe_dels: list[abi.Svc4Key] = field(default_factory=list)
-    undo_puts: list[tuple[abi.Svc4Key, abi.Svc4Val]] = field(default_factory=list)
-    new_svc4_keys: list[abi.Svc4Key] = field(default_factory=list)
+    # kp_svc4 keys and values packed by _PACK_*; an element may hold several consecutive entries
+    # (all slots of a new frontend in one keys blob and one values blob)
+    slot_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    slot0_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    slot_dels: list[bytes] = field(default_factory=list)
+    fe_dels: list[bytes] = field(default_factory=list)
+    undo_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    new_svc4_keys: list[bytes] = field(default_factory=list)
     svc4_added: int = 0
     svc4_removed: int = 0
     svc_ids: dict[SvcPort, int] = field(default_factory=dict)
@@ -129,8 +174,74 @@ class ApplyReport:
         return self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes
 
 
-def _key(fk: FKey, slot: int) -> abi.Svc4Key:
-    return abi.Svc4Key(fk[0], fk[1], slot, fk[2], fk[3])
+WRITE_CHUNK = 16384  # entries per put_many call (kproxy.bpf.maps.BATCH_CHUNK: one kernel batch each)
+_KS = ctypes.sizeof(abi.Svc4Key)
+_VS = ctypes.sizeof(abi.Svc4Val)
+
+
+def _put_entries(m: MapOps[Any, Any], blobs: list[tuple[bytes, bytes]]) -> int:
+    """Write kp_svc4 entries given as (keys, values) blobs; returns how many.
+
+    Plans keep blobs (two objects per frontend instead of three per entry until the write); the
+    per-entry (key, value) pairs put_many takes are made WRITE_CHUNK at a time, so the cold sync's
+    110,000 never exist at once (peak memory), in as many calls as the kernel batches anyway.
+    """
+    k = b"".join([k for k, _ in blobs])
+    v = b"".join([v for _, v in blobs])
+    n = len(k) // _KS
+    if n and _put_packed(m, k, v, n):
+        return n
+    for start in range(0, n, WRITE_CHUNK):
+        stop = min(n, start + WRITE_CHUNK)
+        m.put_many(
+            list(
+                zip(
+                    [k[i : i + _KS] for i in range(start * _KS, stop * _KS, _KS)],
+                    [v[i : i + _VS] for i in range(start * _VS, stop * _VS, _VS)],
+                    strict=True,
+                )
+            )
+        )
+    return n
+
+
+def _put_be4(m: MapOps[Any, Any], vals: dict[int, BVal]) -> None:
+    """Write kp_be4 entries (backend id -> value)."""
+    if not vals or _put_packed(
+        m, b"".join(map(_PACK_U32, vals)), b"".join(map(_pack_be4, vals.values())), len(vals)
+    ):
+        return
+    items = list(vals.items())
+    for start in range(0, len(items), WRITE_CHUNK):
+        m.put_many([(_PACK_U32(b), _pack_be4(v)) for b, v in items[start : start + WRITE_CHUNK]])
+
+
+def _put_packed(m: MapOps[Any, Any], keys: bytes, values: bytes, n: int) -> bool:
+    """Hand contiguous buffers to a map that takes them as they are (`put_packed(keys, values, n)`,
+    same semantics as put_many); False if it does not, and put_many it is."""
+    put_packed = getattr(m, "put_packed", None)
+    if put_packed is None:
+        return False
+    put_packed(keys, values, n)
+    return True
+
+
+def _keys(blobs: list[bytes]) -> list[bytes]:
+    """One kp_svc4 key per entry from key blobs."""
+    k = b"".join(blobs)
+    return [k[i : i + _KS] for i in range(0, len(k), _KS)]
+
+
+def _n_entries(pairs: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(k) for k, _ in pairs) // _KS
+
+
+def _n_keys(keys: list[bytes]) -> int:
+    return sum(len(k) for k in keys) // _KS
+
+
+def _key(fk: FKey, slot: int) -> bytes:
+    return _PACK_SVC4_KEY(fk[0], fk[1], slot, fk[2], fk[3])
 
 
 class Syncer:
@@ -144,7 +255,7 @@ class Syncer:
         self._waiting: dict[FKey, set[str]] = {}
         self._be_ids: dict[BKey, int] = {}
         self._be_vals: dict[int, BVal] = {}  # programmed kp_be4 values
-        self._be_refs: Counter[int] = Counter()
+        self._be_refs: dict[int, int] = {}  # backend id -> services referencing it
         self._next_be = 1
         self._svc_ids: dict[SvcPort, int] = {}
         self._svc_id_owner: dict[int, SvcPort] = {}
@@ -157,10 +268,15 @@ class Syncer:
         return [s for s in self._services if s != ORPHANS]
 
     def backend_id(self, address: str, port: int, protocol: str) -> int | None:
-        return self._be_ids.get((_nbo(address), _htons(port), _PROTO[protocol]))
+        return self._be_ids.get(_bkey(_nbo(address), _htons(port), _PROTO[protocol]))
 
     def svc_id(self, service: str, port_name: str, protocol: str) -> int | None:
         return self._svc_ids.get((service, port_name, _PROTO[protocol]))
+
+    def service_ports(self) -> dict[int, SvcPort]:
+        """svc_id -> (service "ns/name", port name, IP protocol number) of every programmed port
+        (what the CLI metadata file and metrics label service ids with)."""
+        return {sid: sp for sp, sid in self._svc_ids.items()}
 
     @property
     def orphan_frontends(self) -> int:
@@ -181,8 +297,9 @@ class Syncer:
         max_svc = 0
         for k, v in self.maps.be4.items():
             bid = int(k.value) if isinstance(k, ctypes.c_uint32) else int(k)
-            self._be_vals[bid] = (v.addr, v.port, v.proto, v.flags)
-            self._be_ids.setdefault((v.addr, v.port, v.proto), bid)
+            bk = _bkey(v.addr, v.port, v.proto)
+            self._be_vals[bid] = bk | v.flags << 56
+            self._be_ids.setdefault(bk, bid)
             max_be = max(max_be, bid)
         slot0: dict[FKey, abi.Svc4Val] = {}
         slots: dict[FKey, dict[int, int]] = {}
@@ -216,7 +333,7 @@ class Syncer:
         # Until the first full apply nothing adopted is proven stale: the orphans hold every backend.
         orphans.backends = set(self._be_vals)
         for bid in orphans.backends:
-            self._be_refs[bid] += 1
+            self._be_refs[bid] = self._be_refs.get(bid, 0) + 1
         self._services[ORPHANS] = orphans
         for _k, v in self.maps.ct4.items():
             max_be = max(max_be, v.backend_id)
@@ -254,31 +371,48 @@ class Syncer:
         plan.svc_ids[sp] = sid
         return sid
 
-    def _be_id(self, b: BackendRef, plan: _Plan) -> int:
-        flags = (_BE_LOCAL if b.local else 0) | (_BE_TERMINATING if b.terminating else 0)
-        val = (_UNPACK_U32(_inet_aton(b.address))[0], _htons(b.port), _PROTO[b.protocol], flags)
-        bk = val[:3]
-        bid = self._be_ids.get(bk)
-        if bid is None:
-            bid = self._be_ids[bk] = self._next_be
-            self._next_be += 1
+    def _be_ids_of(self, backends: Iterable[BackendRef], plan: _Plan) -> set[int]:
+        """The backend ids of `backends`, allocating new ones; records their kp_be4 values in the plan."""
+        ids = self._be_ids
+        programmed = self._be_vals
         be_vals = plan.be_vals
-        if bid not in be_vals:
-            be_vals[bid] = val
-            if self._be_vals.get(bid) != val:
-                plan.be_puts[bid] = val
-        return bid
+        be_puts = plan.be_puts
+        out = set()
+        next_be = self._next_be
+        try:
+            for address, port, protocol, _node, local, terminating, _zone in backends:
+                bk = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | _PROTO[protocol] << 48
+                bid = ids.get(bk)
+                if bid is None:  # a new id was never programmed: no need to compare
+                    bid = ids[bk] = next_be
+                    next_be += 1
+                    be_vals[bid] = be_puts[bid] = (
+                        bk | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                    )
+                elif bid not in be_vals:
+                    val = bk | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                    be_vals[bid] = val
+                    if programmed.get(bid) != val:
+                        be_puts[bid] = val
+                out.add(bid)
+        finally:
+            self._next_be = next_be
+        return out
 
     def _plan(self, service: str, frontends: Iterable[Frontend]) -> _Plan:
         old = self._services.get(service) or _Svc()
-        new = _Svc()
+        new_backends: set[int] = set()
+        new_active: dict[int, set[int]] = {}
+        new = _Svc(backends=new_backends, active=new_active)
         plan = _Plan(service, new, old)
         orphans = self._services.get(ORPHANS)
+        memo: dict[int, tuple[int, ...]] = {}  # id(fe.backends) -> slots; fe alive meanwhile
+        be_ids = self._be_ids_of
         for fe in frontends:
             proto = _PROTO.get(fe.protocol)
             if proto is None:
                 raise ValueError(f"frontend {fe.address}:{fe.port} has unsupported protocol {fe.protocol}")
-            fk = (_nbo(fe.address), _htons(fe.port), proto, int(fe.scope))
+            fk = (_UNPACK_U32(_inet_aton(fe.address))[0], _htons(fe.port), proto, int(fe.scope))
             owner = self._owner.get(fk)
             if owner is not None and owner != service and owner != ORPHANS:
                 plan.conflicts.append(fk)
@@ -286,19 +420,28 @@ class Syncer:
             if fk in new.frontends:
                 continue
             sp = (service, fe.port_name, proto)
-            sid = self._alloc_svc_id(sp, fk, plan, old)
+            sid = self._svc_ids.get(sp) or plan.svc_ids.get(sp) or self._alloc_svc_id(sp, fk, plan, old)
             new.svc_ports.add(sp)
-            ids = sorted({self._be_id(b, plan) for b in fe.backends})
-            for b in fe.retained:
-                new.backends.add(self._be_id(b, plan))
-            new.backends.update(ids)
-            new.active.setdefault(sid, set()).update(ids)
-            new.frontends[fk] = _Fe(sid, fe.flags, fe.affinity_timeout, tuple(ids))
+            backends = fe.backends
+            # translate hands the same backends tuple to several frontends (ClusterIP, NodePorts...)
+            ids_t = memo.get(id(backends))
+            if ids_t is None:
+                ids_t = memo[id(backends)] = tuple(sorted(be_ids(backends, plan)))
+            if fe.retained:
+                new_backends.update(be_ids(fe.retained, plan))
+            new_backends.update(ids_t)
+            act = new_active.get(sid)
+            if act is None:
+                new_active[sid] = set(ids_t)
+            else:
+                act.update(ids_t)
+            new.frontends[fk] = _Fe(sid, fe.flags, fe.affinity_timeout, ids_t)
             if owner == ORPHANS:
                 plan.claimed.append(fk)
         # diff against what is programmed (own frontends + orphans being claimed)
-        prev: dict[FKey, _Fe] = dict(old.frontends)
-        if orphans is not None:
+        prev: dict[FKey, _Fe] = old.frontends
+        if orphans is not None and plan.claimed:
+            prev = dict(prev)
             for fk in plan.claimed:
                 prev[fk] = orphans.frontends[fk]
         for fk, st in new.frontends.items():
@@ -306,13 +449,20 @@ class Syncer:
             n_new = len(st.slots)
             if o is None:
                 plan.svc4_added += 1 + n_new
-                k0 = _key(fk, 0)
+                a, p, pr, sc = fk
+                sid = st.svc_id
+                k0 = _PACK_SVC4_KEY(a, p, 0, pr, sc)
                 plan.new_svc4_keys.append(k0)
-                for i, bid in enumerate(st.slots, 1):
-                    k = _key(fk, i)
-                    plan.new_svc4_keys.append(k)
-                    plan.slot_puts.append((k, abi.Svc4Val(bid, st.svc_id, 0, 0, 0)))
-                plan.slot0_puts.append((k0, abi.Svc4Val(0, st.svc_id, n_new, st.flags, st.affinity_timeout)))
+                if n_new:
+                    # all slots at once: keys differ only in the u16 slot at offset 6, values only in
+                    # the u32 backend id at offset 0, so each blob is one join of C-packed pieces
+                    head, tail = k0[:6], k0[8:]
+                    keys = head + (tail + head).join(map(_PACK_U16, range(1, n_new + 1))) + tail
+                    rest = _PACK_SVC4_VAL(0, sid, 0, 0, 0)[4:]
+                    values = rest.join(map(_PACK_U32, st.slots)) + rest
+                    plan.new_svc4_keys.append(keys)
+                    plan.slot_puts.append((keys, values))
+                plan.slot0_puts.append((k0, _PACK_SVC4_VAL(0, sid, n_new, st.flags, st.affinity_timeout)))
                 continue
             n_old = len(o.slots)
             same_id = o.svc_id == st.svc_id
@@ -320,17 +470,18 @@ class Syncer:
                 if i <= n_old and same_id and o.slots[i - 1] == bid:
                     continue
                 k = _key(fk, i)
-                plan.slot_puts.append((k, abi.Svc4Val(bid, st.svc_id, 0, 0, 0)))
+                plan.slot_puts.append((k, _PACK_SVC4_VAL(bid, st.svc_id, 0, 0, 0)))
                 if i <= n_old:
-                    plan.undo_puts.append((k, abi.Svc4Val(o.slots[i - 1], o.svc_id, 0, 0, 0)))
+                    plan.undo_puts.append((k, _PACK_SVC4_VAL(o.slots[i - 1], o.svc_id, 0, 0, 0)))
                 else:
                     plan.new_svc4_keys.append(k)
                     plan.svc4_added += 1
             old0 = (o.svc_id, o.flags, o.affinity_timeout, n_old)
             if old0 != (st.svc_id, st.flags, st.affinity_timeout, n_new):
                 k0 = _key(fk, 0)
-                plan.slot0_puts.append((k0, abi.Svc4Val(0, st.svc_id, n_new, st.flags, st.affinity_timeout)))
-                plan.undo_puts.append((k0, abi.Svc4Val(0, o.svc_id, n_old, o.flags, o.affinity_timeout)))
+                v0 = _PACK_SVC4_VAL(0, st.svc_id, n_new, st.flags, st.affinity_timeout)
+                plan.slot0_puts.append((k0, v0))
+                plan.undo_puts.append((k0, _PACK_SVC4_VAL(0, o.svc_id, n_old, o.flags, o.affinity_timeout)))
             for i in range(n_new + 1, n_old + 1):
                 plan.slot_dels.append(_key(fk, i))
             plan.slot_dels.extend(_key(fk, i) for i in o.stale_slots)
@@ -433,62 +584,58 @@ class Syncer:
 
     def _write_batched(self, plans: list[_Plan], report: ApplyReport) -> None:
         be_puts: dict[int, BVal] = {}
-        slot_puts: list[tuple[abi.Svc4Key, abi.Svc4Val]] = []
-        slot0_puts: list[tuple[abi.Svc4Key, abi.Svc4Val]] = []
-        slot_dels: list[abi.Svc4Key] = []
-        fe_dels: list[abi.Svc4Key] = []
         for p in plans:
             be_puts.update(p.be_puts)
-            slot_puts += p.slot_puts
-            slot0_puts += p.slot0_puts
-            slot_dels += p.slot_dels
-            fe_dels += p.fe_dels
+        # one batch per map and step for all services (in WRITE_CHUNK pieces)
         m = self.maps
-        if be_puts:
-            m.be4.put_many([(ctypes.c_uint32(k), abi.Be4Val(*v, 0)) for k, v in be_puts.items()])
-        if slot_puts:
-            m.svc4.put_many(slot_puts)
-        if slot0_puts:
-            m.svc4.put_many(slot0_puts)
+        _put_be4(m.be4, be_puts)
+        n_slots = _put_entries(m.svc4, [e for p in plans for e in p.slot_puts])
+        n_slot0 = _put_entries(m.svc4, [e for p in plans for e in p.slot0_puts])
+        slot_dels = _keys([k for p in plans for k in p.slot_dels])
+        fe_dels = _keys([k for p in plans for k in p.fe_dels])
         if slot_dels:
             m.svc4.delete_many(slot_dels)
         if fe_dels:
             m.svc4.delete_many(fe_dels)
         report.be4_puts += len(be_puts)
-        report.svc4_puts += len(slot_puts) + len(slot0_puts)
+        report.svc4_puts += n_slots + n_slot0
         report.svc4_deletes += len(slot_dels) + len(fe_dels)
 
     def _count_writes(self, plans: list[_Plan], report: ApplyReport) -> None:
         report.be4_puts = len({b for p in plans for b in p.be_puts})
-        report.svc4_puts = sum(len(p.slot_puts) + len(p.slot0_puts) for p in plans)
-        report.svc4_deletes = sum(len(p.slot_dels) + len(p.fe_dels) for p in plans)
+        report.svc4_puts = sum(_n_entries(p.slot_puts) + _n_entries(p.slot0_puts) for p in plans)
+        report.svc4_deletes = sum(_n_keys(p.slot_dels) + _n_keys(p.fe_dels) for p in plans)
 
     def _undo(self, p: _Plan) -> None:
         """Take back what a failed plan may have written: new keys go, rewritten keys get their old value."""
         m = self.maps
         if p.new_svc4_keys:
-            m.svc4.delete_many(p.new_svc4_keys)
+            m.svc4.delete_many(_keys(p.new_svc4_keys))
         if p.undo_puts:
-            m.svc4.put_many(p.undo_puts)
+            _put_entries(m.svc4, p.undo_puts)
         new_ids = [b for b in p.be_puts if b not in self._be_vals]
         if new_ids:
-            m.be4.delete_many([ctypes.c_uint32(b) for b in new_ids])
+            m.be4.delete_many([_PACK_BE4_KEY(b) for b in new_ids])
         old_vals = [(b, self._be_vals[b]) for b in p.be_puts if b in self._be_vals]
         if old_vals:
-            m.be4.put_many([(ctypes.c_uint32(b), abi.Be4Val(*v, 0)) for b, v in old_vals])
+            m.be4.put_many([(_PACK_BE4_KEY(b), _pack_be4(v)) for b, v in old_vals])
 
     def _commit(self, plans: list[_Plan], report: ApplyReport) -> set[int]:
         """Record admitted plans as programmed; return backend ids no longer referenced."""
         maybe_free: set[int] = set()
         orphans = self._services.get(ORPHANS)
+        refs = self._be_refs
+        refs_get = refs.get
         for p in plans:
-            for bid, val in p.be_puts.items():
-                self._be_vals[bid] = val
-            for bid in p.new.backends - p.old.backends:
-                self._be_refs[bid] += 1
-            for bid in p.old.backends - p.new.backends:
-                self._be_refs[bid] -= 1
-                if self._be_refs[bid] <= 0:
+            self._be_vals.update(p.be_puts)
+            old_be = p.old.backends
+            new_be = p.new.backends
+            for bid in new_be if not old_be else [b for b in new_be if b not in old_be]:
+                refs[bid] = refs_get(bid, 0) + 1
+            for bid in [b for b in old_be if b not in new_be]:
+                n = refs_get(bid, 0) - 1
+                refs[bid] = n
+                if n <= 0:
                     maybe_free.add(bid)
             for fk in p.old.frontends:
                 if fk not in p.new.frontends and self._owner.get(fk) == p.service:
@@ -511,7 +658,7 @@ class Syncer:
                     self._svc_id_owner[sid] = sp
             self._svc4_entries += p.svc4_added - p.svc4_removed
             if p.new.frontends or p.new.backends:
-                self._services[p.service] = p.new
+                self._services[p.service] = p.new.compact()
             else:
                 self._services.pop(p.service, None)
             if not p.empty:
@@ -521,9 +668,10 @@ class Syncer:
                     log.info(
                         "service %s: %d frontends, %d backends programmed (%d slot writes, %d deletes)",
                         p.service or "(adopted entries)", len(p.new.frontends), len(p.new.backends),
-                        len(p.slot_puts) + len(p.slot0_puts), len(p.slot_dels) + len(p.fe_dels),
+                        _n_entries(p.slot_puts) + _n_entries(p.slot0_puts),
+                        _n_keys(p.slot_dels) + _n_keys(p.fe_dels),
                     )  # fmt: skip
-        freed = {b for b in maybe_free if self._be_refs[b] <= 0}
+        freed = {b for b in maybe_free if refs_get(b, 0) <= 0}
         for b in freed:
             del self._be_refs[b]
         # ids allocated by plans that were not admitted, and never programmed, are forgotten
@@ -541,12 +689,12 @@ class Syncer:
             for b in freed:
                 val = self._be_vals.pop(b, None)
                 if val is not None:
-                    if self._be_ids.get(val[:3]) == b:
-                        del self._be_ids[val[:3]]
-                    if val[2] == abi.IPPROTO_UDP:
+                    if self._be_ids.get(val & _BK_MASK) == b:
+                        del self._be_ids[val & _BK_MASK]
+                    if _bval_proto(val) == abi.IPPROTO_UDP:
                         udp_freed.add(b)
                 aff_freed.add(b)
-            m.be4.delete_many([ctypes.c_uint32(b) for b in sorted(freed)])
+            m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
             report.be4_deletes += len(freed)
         # backends that left a service's slots but still exist: flush that service's UDP flows to them
         udp_pairs: set[tuple[int, int]] = set()
@@ -557,12 +705,12 @@ class Syncer:
                 if fe.flags & abi.SvcFlag.AFFINITY:
                     affinity_sids.add(fe.svc_id)
             for sid, ids in p.old.active.items():
-                gone = ids - p.new.active.get(sid, set())
+                gone = set(ids).difference(p.new.active.get(sid, ()))
                 for b in gone:
                     if b in freed:
                         continue
                     val = self._be_vals.get(b)
-                    if val is not None and val[2] == abi.IPPROTO_UDP:
+                    if val is not None and _bval_proto(val) == abi.IPPROTO_UDP:
                         udp_pairs.add((b, sid))
                     if sid in affinity_sids:
                         aff_pairs.add((b, sid))
@@ -631,23 +779,44 @@ def sync_dirty(
         return _sync_dirty(store, syncer, cfg, full)
 
 
-def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full: bool) -> ApplyReport:
-    dirty = store.take_dirty_with_times()
-    keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
-    node = store.node
-    desired: dict[str, list[Frontend]] = {}
-    for key in keys:
+class _Translated(Mapping[str, list[Frontend]]):
+    """service key -> its frontends, translated when apply asks for them: apply plans one Service at a
+    time, so the frontends and BackendRefs of one Service are garbage by the time the next is
+    translated instead of all of them being alive at once (the cold sync's peak memory)."""
+
+    def __init__(self, store: ClusterStore, keys: set[str], cfg: TranslateConfig) -> None:
+        self.store = store
+        self.keys_ = keys
+        self.cfg = cfg
+
+    def __getitem__(self, key: str) -> list[Frontend]:
+        if key not in self.keys_:
+            raise KeyError(key)
+        store = self.store
         svc, slices = store.view(key)
         if svc is None:
-            desired[key] = []
-            continue
+            return []
         try:
-            desired[key] = translate_service(svc, slices, node, cfg)
+            return translate_service(svc, slices, store.node, self.cfg)
         except TranslateError as err:
             store.skipped[("Service", err.reason)] += 1
             log.warning("%s", err)
-            desired[key] = []
-    report = syncer.apply(desired, full=full)
+            return []
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys_
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full: bool) -> ApplyReport:
+    dirty = store.take_dirty_with_times()
+    keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
+    report = syncer.apply(_Translated(store, keys, cfg), full=full)
     report.first_change = dirty
     if report.retry:
         store.mark_dirty(report.retry)

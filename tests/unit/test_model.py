@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from unit_objects import slice_raw, svc_raw
+from unit_objects import ep, slice_raw, svc_raw
 
 from kproxy.model import ModelError, parse_endpoint_slice, parse_service
 
@@ -104,3 +104,128 @@ def test_slice_service_key_and_null_lists():
     raw["endpoints"] = None
     s = parse_endpoint_slice(raw)
     assert s.service_key == "default/web" and s.endpoints == []
+
+
+# The store keeps a compact form built by a fast dict reader; whatever it is unsure of goes through the
+# pydantic schema. Both routes must give equal objects, and the fast one must leave errors to the schema.
+_SVC_CASES = [
+    svc_raw(),
+    svc_raw(ports=[{"port": 80}]),
+    svc_raw(
+        ports=[
+            {"name": "a", "port": 80, "targetPort": 8080},
+            {"name": "b", "port": 81, "protocol": "UDP"},
+        ]
+    ),
+    svc_raw(ports=[{"port": 80, "targetPort": "8080"}]),
+    svc_raw(
+        type="NodePort",
+        ports=[{"port": 80, "nodePort": 30080}],
+        externalTrafficPolicy="Local",
+        healthCheckNodePort=31000,
+    ),
+    svc_raw(
+        type="LoadBalancer",
+        lb_ips=["203.0.113.7"],
+        loadBalancerSourceRanges=["10.0.0.0/8"],
+        allocateLoadBalancerNodePorts=False,
+    ),
+    svc_raw(cluster_ip="None"),
+    svc_raw(cluster_ip="fd00::10", ipFamilies=["IPv6"]),
+    svc_raw(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
+    svc_raw(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": None}),
+    svc_raw(externalIPs=["198.51.100.1"], internalTrafficPolicy="Local", trafficDistribution="PreferClose"),
+    svc_raw(externalTrafficPolicy="Global", labels={"a": "b"}, annotations={"x": "y"}),
+    svc_raw(type="ExternalName", cluster_ip=None, externalName="example.com"),
+    svc_raw(ports=[{"port": 80, "target_port": 8080}]),  # snake_case: the schema reads it too
+    {"kind": "Service", "metadata": {"name": "x"}, "spec": None, "status": None},
+    {"metadata": {"name": "x", "labels": None}, "spec": {"ports": None, "clusterIPs": None}},
+]
+_SLICE_CASES = [
+    slice_raw(),
+    slice_raw(
+        endpoints=[
+            ep("10.0.0.1", ready=False, serving=True, terminating=True),
+            ep("10.0.0.2", node=None),
+        ]
+    ),
+    slice_raw(endpoints=[ep("10.0.0.1", zone="z", hints=["z", "y"]), {"addresses": ["10.0.0.3"]}]),
+    slice_raw(endpoints=[{"addresses": ["10.0.0.1"], "conditions": None, "hints": {"forZones": None}}]),
+    slice_raw(address_type="IPv6", endpoints=[ep("fd00::1")]),
+    slice_raw(address_type="FQDN", endpoints=[ep("db.example.com")]),
+    slice_raw(ports=[{"name": None, "port": 8080}, {"port": None, "protocol": "UDP", "name": "u"}]),
+    slice_raw(endpoints=[{"addresses": ["10.0.0.1"], "node_name": "n"}]),
+    {"metadata": {"name": "s", "namespace": "ns"}, "addressType": "IPv4", "endpoints": None, "ports": None},
+]
+
+
+@pytest.mark.parametrize("raw", _SVC_CASES)
+def test_fast_and_schema_routes_agree_on_services(raw):
+    from kproxy.model import _fast_service, _service_from_schema, _SService
+
+    fast = _fast_service(raw)
+    slow = _service_from_schema(_SService.model_validate(raw))
+    assert fast is None or fast == slow
+    assert parse_service(raw) == slow
+
+
+@pytest.mark.parametrize("raw", _SLICE_CASES)
+def test_fast_and_schema_routes_agree_on_slices(raw):
+    from kproxy.model import _fast_slice, _SEndpointSlice, _slice_from_schema
+
+    fast = _fast_slice(raw)
+    slow = _slice_from_schema(_SEndpointSlice.model_validate(raw))
+    assert fast is None or fast == slow
+    assert parse_endpoint_slice(raw) == slow
+
+
+def test_common_objects_take_the_fast_route():
+    from kproxy.model import _fast_service, _fast_slice
+
+    assert all(_fast_service(r) is not None for r in _SVC_CASES[:6])
+    assert all(_fast_slice(r) is not None for r in _SLICE_CASES[:4])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r["spec"]["ports"][0].update(port=0),
+        lambda r: r["spec"]["ports"][0].update(targetPort="0"),
+        lambda r: r["spec"]["ports"][0].update(targetPort="a-name-much-too-long"),
+        lambda r: r["spec"].update(clusterIP="10.96.0.300"),
+        lambda r: r["spec"].update(clusterIP="010.96.0.1"),
+        lambda r: r["spec"].update(type=None),
+        lambda r: r["metadata"].update(namespace=""),
+        lambda r: r["metadata"].update(labels={"a": 1}),
+        lambda r: r["spec"].update(loadBalancerSourceRanges=["nope"]),
+        lambda r: r["spec"].update(sessionAffinityConfig={"clientIP": {"timeoutSeconds": 86401}}),
+    ],
+)
+def test_fast_route_leaves_invalid_services_to_the_schema(mutate):
+    from kproxy.model import _fast_service
+
+    raw = svc_raw()
+    mutate(raw)
+    assert _fast_service(raw) is None
+    with pytest.raises(ModelError):
+        parse_service(raw)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        {"addresses": ["10.0.0.999"]},
+        {"addresses": ["10.0.0.01"]},
+        {"addresses": []},
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": "maybe"}},
+        {"addresses": ["10.0.0.1"], "nodeName": 7},
+        {"addresses": ["10.0.0.1"], "hints": {"forZones": [{}]}},
+    ],
+)
+def test_fast_route_leaves_invalid_slices_to_the_schema(endpoint):
+    from kproxy.model import _fast_slice
+
+    raw = slice_raw(endpoints=[endpoint])
+    assert _fast_slice(raw) is None
+    with pytest.raises(ModelError):
+        parse_endpoint_slice(raw)
