@@ -266,11 +266,9 @@ class Agent:
     def service_metadata(self) -> dict[int, dict[str, Any]]:
         from kproxy.observe.inspect import proto_name
 
-        # Syncer has no public accessor for the id table yet (only svc_id(service, port, proto)).
-        ids: dict[tuple[str, str, int], int] = getattr(self.syncer, "_svc_ids", {})
         return {
             sid: {"service": svc, "port_name": port, "protocol": proto_name(proto)}
-            for (svc, port, proto), sid in ids.items()
+            for sid, (svc, port, proto) in self.syncer.service_ports().items()
         }
 
     async def sweep_loop(self) -> None:

@@ -5,8 +5,8 @@ Ordering (DESIGN.md) so that a reader in the kernel never sees a frontend pointi
   2. new or changed backend slots 1..n          5. frontends that went away deleted (slot 0 first)
   3. slot-0 entries (count, flags, svc_id)      6. backend ids no longer referenced freed, last
 then UDP conntrack and affinity entries of backends that left a service are flushed (TCP flows are
-left to finish). Each step is one batch for all services of an apply (put_many calls of up to
-WRITE_CHUNK entries, each one kernel batch).
+left to finish). Each step is one batch for all services of an apply (the map splits it into
+kernel batches of kproxy.bpf.maps.BATCH_CHUNK entries).
 
 Speed (10,000 Services x 10 backends cold, bench/bench_sync.py): translate runs lazily per Service
 while apply plans (_Translated), map keys and values are packed with struct into bytes (a frontend's
@@ -174,7 +174,6 @@ class ApplyReport:
         return self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes
 
 
-WRITE_CHUNK = 16384  # entries per put_many call (kproxy.bpf.maps.BATCH_CHUNK: one kernel batch each)
 _KS = ctypes.sizeof(abi.Svc4Key)
 _VS = ctypes.sizeof(abi.Svc4Val)
 
@@ -182,48 +181,21 @@ _VS = ctypes.sizeof(abi.Svc4Val)
 def _put_entries(m: MapOps[Any, Any], blobs: list[tuple[bytes, bytes]]) -> int:
     """Write kp_svc4 entries given as (keys, values) blobs; returns how many.
 
-    Plans keep blobs (two objects per frontend instead of three per entry until the write); the
-    per-entry (key, value) pairs put_many takes are made WRITE_CHUNK at a time, so the cold sync's
-    110,000 never exist at once (peak memory), in as many calls as the kernel batches anyway.
+    Plans keep blobs (two objects per frontend instead of three per entry until the write), joined
+    into one buffer per map that the map writes in kernel-sized batches: no per-entry objects.
     """
     k = b"".join([k for k, _ in blobs])
     v = b"".join([v for _, v in blobs])
     n = len(k) // _KS
-    if n and _put_packed(m, k, v, n):
-        return n
-    for start in range(0, n, WRITE_CHUNK):
-        stop = min(n, start + WRITE_CHUNK)
-        m.put_many(
-            list(
-                zip(
-                    [k[i : i + _KS] for i in range(start * _KS, stop * _KS, _KS)],
-                    [v[i : i + _VS] for i in range(start * _VS, stop * _VS, _VS)],
-                    strict=True,
-                )
-            )
-        )
+    if n:
+        m.put_packed(k, v, n)
     return n
 
 
 def _put_be4(m: MapOps[Any, Any], vals: dict[int, BVal]) -> None:
     """Write kp_be4 entries (backend id -> value)."""
-    if not vals or _put_packed(
-        m, b"".join(map(_PACK_U32, vals)), b"".join(map(_pack_be4, vals.values())), len(vals)
-    ):
-        return
-    items = list(vals.items())
-    for start in range(0, len(items), WRITE_CHUNK):
-        m.put_many([(_PACK_U32(b), _pack_be4(v)) for b, v in items[start : start + WRITE_CHUNK]])
-
-
-def _put_packed(m: MapOps[Any, Any], keys: bytes, values: bytes, n: int) -> bool:
-    """Hand contiguous buffers to a map that takes them as they are (`put_packed(keys, values, n)`,
-    same semantics as put_many); False if it does not, and put_many it is."""
-    put_packed = getattr(m, "put_packed", None)
-    if put_packed is None:
-        return False
-    put_packed(keys, values, n)
-    return True
+    if vals:
+        m.put_packed(b"".join(map(_PACK_U32, vals)), b"".join(map(_pack_be4, vals.values())), len(vals))
 
 
 def _keys(blobs: list[bytes]) -> list[bytes]:
@@ -586,7 +558,7 @@ class Syncer:
         be_puts: dict[int, BVal] = {}
         for p in plans:
             be_puts.update(p.be_puts)
-        # one batch per map and step for all services (in WRITE_CHUNK pieces)
+        # one batch per map and step for all services
         m = self.maps
         _put_be4(m.be4, be_puts)
         n_slots = _put_entries(m.svc4, [e for p in plans for e in p.slot_puts])

@@ -1,8 +1,9 @@
 """The interface every map store offers to sync and the CLI, and its in-memory twin.
 
 The real implementation is kproxy.bpf.maps.PinnedMap (pinned BPF maps through libbpf); the twin,
-MemoryMap, holds the same bytes in a dict so sync logic can be unit-tested without root. Both speak
-ctypes structures from kproxy.bpf.abi and nothing else.
+MemoryMap, holds the same bytes in a dict so sync logic can be unit-tested without root. Keys and
+values are ctypes structures from kproxy.bpf.abi, or bytes packed in exactly their layout (sync packs
+with struct for speed); implementations must only rely on bytes(key) and bytes(value).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class MapOps(Protocol[K, V]):
     def put_many(self, items: Sequence[tuple[K, V]]) -> None:
         """Insert or replace all items; one batch where the kernel allows it."""
 
+    def put_packed(self, keys: bytes, values: bytes, n: int) -> None:
+        """put_many for n entries already packed back to back in the key and value layout."""
+
     def delete_many(self, keys: Sequence[K]) -> int:
         """Delete keys, ignoring ones already absent; return how many were deleted."""
 
@@ -72,6 +76,10 @@ class MemoryMap(Generic[K, V]):
         for k, v in items:
             self.data[bytes(k)] = bytes(v)
 
+    def put_packed(self, keys: bytes, values: bytes, n: int) -> None:
+        ks, vs = len(keys) // n if n else 0, len(values) // n if n else 0
+        self.put_many([(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(n)])  # type: ignore[misc]
+
     def delete_many(self, keys: Sequence[K]) -> int:
         self.writes += 1
         n = 0
@@ -82,7 +90,7 @@ class MemoryMap(Generic[K, V]):
 
     def items(self) -> Iterator[tuple[K, V]]:
         for k, v in list(self.data.items()):
-            yield self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v)
+            yield self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v)  # type: ignore[misc]
 
     def __len__(self) -> int:
         return len(self.data)

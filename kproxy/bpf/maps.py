@@ -110,6 +110,13 @@ class PinnedMap(Generic[K, V]):
             values = b"".join(bytes(v) for _, v in chunk)
             self._put_chunk(keys, values, len(chunk))
 
+    def put_packed(self, keys: bytes, values: bytes, n: int) -> None:
+        """put_many for n entries already packed back to back in the map's key and value layout."""
+        ks, vs = self._ks, self._vs
+        for start in range(0, n, BATCH_CHUNK):
+            end = min(n, start + BATCH_CHUNK)
+            self._put_chunk(keys[start * ks : end * ks], values[start * vs : end * vs], end - start)
+
     def _put_chunk(self, keys: bytes, values: bytes, n: int) -> None:
         if self._batch:
             try:
