@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark harness (bench/run.py) at one Service with tiny durations.
+
+It checks that every peer is programmed and carries traffic, that the kproxy agent's control-plane
+numbers are real (its maps held the Services and the endpoint change), and that the report files
+are written. It asserts no timing: the numbers are only checked to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+pytestmark = pytest.mark.root
+
+
+def _bench_netns() -> set[str]:
+    return (
+        {n for n in os.listdir("/run/netns") if n.startswith("kpb-")}
+        if os.path.isdir("/run/netns")
+        else set()
+    )
+
+
+def test_harness_at_one_service(tmp_path: Path) -> None:
+    before = _bench_netns()
+    if not (run.nb.LOADGEN.exists() and run.nb.ECHO.exists()):
+        run.nb.ensure_tools()
+    rc = run.main(
+        [
+            "--services",
+            "1",
+            "--duration",
+            "0.3",
+            "--iperf-seconds",
+            "0",
+            "--concurrency",
+            "4",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert result["baseline"]["direct"]["short_conns"]["connections"] > 0
+    peers = result["runs"]["1"]
+    assert set(peers) == {"iptables", "nftables", "kproxy"}
+    for name, res in peers.items():
+        sc = res["service"]["short_conns"]
+        assert sc["connections"] > 0 and sc["backends_reached"] >= 1, name
+        assert res["program"]["load_s"] is not None, name
+        assert res["program"]["endpoint_update_s"] is not None, name
+    prog = peers["kproxy"]["program"]
+    assert prog["svc4_entries"] == prog["svc4_entries_expected"]
+    assert prog["size"]["agent_rss_mb"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "1 Services" in md and "vs iptables" in md
+    for png in ("latency.png", "control-plane.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    # Nothing of the run is left behind: no namespace with the bench prefix.
+    assert _bench_netns() - before == set()
