@@ -131,10 +131,21 @@ int kp_from_netdev(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* Hook: tc egress of a node's external interface. Direction: node -> outside. Counts only (SNAT: issue 4). */
+/*
+ * Hook: tc egress of a node's external interface. Direction: node -> outside.
+ *   ICMP errors this node's own stack sends about a flow it delivers to a local backend (DSR, or a
+ *   NodePort/LB/external IP served here): e.g. fragmentation needed when the pod's veth has a smaller
+ *   MTU. They quote client -> backend; the client only knows client -> frontend, so the quote is
+ *   translated (found by the flow's REPLY entry, as kp_to_pod does for pod clients). Without this the
+ *   client never learns the path MTU of a DSR flow, whose packets never pass the ingress node again.
+ */
 SEC("tc")
 int kp_to_netdev(struct __sk_buff *skb)
 {
+	struct kp_pkt p;
+
 	kp_count(KP_STAT_TO_NETDEV, skb->len);
+	if (kp_parse_counted(skb, &p) == KP_PARSE_ICMP)
+		return kp_icmp_revnat(skb, &p);
 	return TC_ACT_OK;
 }

@@ -110,11 +110,46 @@ class Agent:
     def write_config(self) -> None:
         from kproxy.sync import write_config
 
-        t = self.cfg.conntrack
+        cfg = self.cfg
+        t = cfg.conntrack
+        # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
         write_config(
             self.maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
-            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode],
+            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
+            snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.lan_mtu,
         )  # fmt: skip
+
+    @property
+    def lan_mtu(self) -> int:
+        """--lan-mtu, else the MTU of the first netdev (0, the datapath default 1500, if unknown)."""
+        if self.cfg.lan_mtu:
+            return self.cfg.lan_mtu
+        for dev in self.netdevs[:1]:
+            with contextlib.suppress(OSError, ValueError), open(f"/sys/class/net/{dev}/mtu") as f:
+                return int(f.read())
+        return 0
+
+    def check_forwarding(self) -> list[str]:
+        """Netdevs on which IPv4 forwarding is off, each logged: traffic the kernel forwards between
+        netdevs and pods (NodePort to a local backend, replies the kernel routes) would be dropped.
+        Host sysctls are the admin's: the agent only warns."""
+        off = []
+        for dev in self.netdevs:
+            for path in ("/proc/sys/net/ipv4/ip_forward", f"/proc/sys/net/ipv4/conf/{dev}/forwarding"):
+                try:
+                    with open(path) as f:
+                        on = f.read().strip() != "0"
+                except OSError:
+                    continue
+                if not on:
+                    off.append(dev)
+                    log.warning(
+                        "IPv4 forwarding is off (%s = 0): external traffic through %s to pods will be "
+                        "dropped; enable it (sysctl -w net.ipv4.ip_forward=1 net.ipv4.conf.all.forwarding=1)",
+                        path, dev,
+                    )  # fmt: skip
+                    break
+        return off
 
     def setup_dataplane(self) -> None:
         from kproxy.bpf.libbpf import LibbpfError
@@ -127,7 +162,6 @@ class Agent:
             self.maps = self.loader.open_maps()
         except (LoaderError, LibbpfError, FileNotFoundError) as e:
             raise AgentError(f"cannot load the BPF object into {cfg.bpffs}: {e}") from e
-        self.write_config()
         for pin in self.loader.reconcile():
             log.info("removed stale link %s", pin)
         if not self.netdevs:
@@ -139,6 +173,9 @@ class Agent:
                 )  # fmt: skip
             else:
                 log.info("autodetected netdevs: %s", ",".join(self.netdevs))
+        # Before any attach: the lan MTU comes from the netdevs, and the programs read the config.
+        self.write_config()
+        self.check_forwarding()
         for dev in self.netdevs:
             try:
                 self.loader.attach(dev, "ingress", PROG_FROM_NETDEV)
@@ -154,7 +191,7 @@ class Agent:
         from kproxy.bpf.loader import LoaderError
         from kproxy.bpf.socklb import SocketLB
 
-        self.socklb = SocketLB(self.cfg.bpffs, cgroup)
+        self.socklb = SocketLB(self.cfg.bpffs, cgroup, allow_root=self.cfg.socket_lb_allow_root_cgroup)
         try:
             attached = self.socklb.attach()
         except (LoaderError, LibbpfError, OSError) as e:
@@ -166,10 +203,9 @@ class Agent:
 
         t0 = time.monotonic()
         try:
-            # Replies of a NodePort frontend are reverse-NATed at this ingress to the node's own address;
-            # without accept_local the routing that follows drops them as martians.
-            with open(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local", "w") as f:
-                f.write("1")
+            # No accept_local: replies whose restored source is this node's address (NodePort) or that
+            # belong to flows from outside are forwarded by kp_from_pod itself (FIB lookup + redirect),
+            # so the kernel's input path never sees a local source arriving on a pod veth.
             self.loader.attach(ifname, "ingress", PROG_FROM_POD)
             self.loader.attach(ifname, "egress", PROG_TO_POD)
         except Exception as e:  # the interface may vanish between the event and the attach
@@ -272,25 +308,40 @@ class Agent:
         }
 
     async def sweep_loop(self) -> None:
-        from kproxy.sync import sweep_conntrack
+        from kproxy.sync import sweep_conntrack, sweep_snat
 
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             try:
                 n = sweep_conntrack(self.maps.ct4)
+                snat4 = getattr(self.maps, "snat4", None)
+                ns = sweep_snat(snat4) if snat4 is not None else 0
             except OSError as e:
                 log.warning("conntrack sweep failed: %s", e)
                 continue
-            if n:
-                log.debug("swept %d expired conntrack entries", n)
+            if n or ns:
+                log.debug("swept %d expired conntrack and %d SNAT entries", n, ns)
 
     async def run_source(self) -> None:
         source_dir = self.cfg.source_dir
         if source_dir is not None:
-            from kproxy.sources.files import FileSource
+            from kproxy.sources import files
+            from kproxy.sources.nodes import NodeFiles
 
-            self.source = FileSource(source_dir, self.store)
-            await self.source.run()
+            self.source = files.FileSource(source_dir, self.store)
+            if "Node" in files.KINDS:  # the file source feeds the node table itself
+                await self.source.run()
+                return
+            # Node manifests first, so the first full sync already has every backend's node address.
+            nodes = NodeFiles(source_dir, self.store)
+            nodes.scan()
+            node_task = asyncio.create_task(nodes.run())
+            try:
+                await self.source.run()
+            finally:
+                node_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await node_task
             return
         await self.make_kube_source().run()
 

@@ -255,6 +255,24 @@ def _bpffs_ok(bpffs: str, hint: str) -> None:
     "absent: off.",
 )  # fmt: skip
 @click.option(
+    "--socket-lb-allow-root-cgroup", is_flag=True,
+    help="Allow --socket-lb-cgroup to be the root of a cgroup2 hierarchy: every process of the node gets "
+    "socket-level load balancing (what a cluster install wants; refused without this flag).",
+)  # fmt: skip
+@click.option(
+    "--snat-port-range", default="1024-29999", show_default=True, metavar="MIN-MAX",
+    help="Source ports for SNAT of external traffic to remote backends; keep it clear of the NodePort "
+    "range and of net.ipv4.ip_local_port_range.",
+)  # fmt: skip
+@click.option(
+    "--lan-mtu", type=click.IntRange(0, 65535), default=0, metavar="BYTES",
+    help="MTU between nodes, for the DSR IPIP MSS clamp; 0: the MTU of the first netdev.",
+)  # fmt: skip
+@click.option(
+    "--hairpin-address", metavar="IPv4",
+    help="Source address of a pod's packets balanced back to itself (default 169.254.42.1).",
+)  # fmt: skip
+@click.option(
     "--object", "object_path", type=click.Path(exists=True, dir_okay=False), default=None,
     help="BPF object to load instead of the packaged one (upgrades are atomic).",
 )  # fmt: skip
@@ -281,6 +299,10 @@ def agent(
     health_bind_address: str,
     dsr_mode: str,
     socket_lb_cgroup: str | None,
+    socket_lb_allow_root_cgroup: bool,
+    snat_port_range: str,
+    lan_mtu: int,
+    hairpin_address: str | None,
     object_path: str | None,
 ) -> None:
     """Run the node agent: load and attach the BPF programs and keep the maps equal to the Services.
@@ -296,6 +318,10 @@ def agent(
     from kproxy.config import AgentConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lo, sep, hi = snat_port_range.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise click.UsageError(f"--snat-port-range {snat_port_range!r} must be MIN-MAX, e.g. 1024-29999")
+    snat_min, snat_max = int(lo), int(hi)
     try:
         cfg = AgentConfig.model_validate(
             {
@@ -322,6 +348,11 @@ def agent(
                 "health_bind": health_bind_address,
                 "dsr_mode": dsr_mode,
                 "socket_lb_cgroup": socket_lb_cgroup,
+                "socket_lb_allow_root_cgroup": socket_lb_allow_root_cgroup,
+                "snat_port_min": snat_min,
+                "snat_port_max": snat_max,
+                "lan_mtu": lan_mtu,
+                "hairpin_address": hairpin_address,
                 "object_path": object_path,
             }
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kproxy.bpf import abi
 
@@ -23,6 +23,13 @@ DEFAULT_NAMESPACE = "kube-system"
 DEFAULT_CONFIGMAP = "kproxy-config"
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 1 << 26
+
+# SNAT source ports of external flows to remote backends. Below the NodePort range (30000-32767) and the
+# kernel's ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default): a reply to a port in
+# the NodePort range would be taken for a NodePort connection, and one the node's own sockets use
+# (kubelet probes, node processes talking to pods) would be taken for a SNATed flow's reply. Ports
+# are per (backend address, backend port): 28,976 concurrent flows per backend and ingress node.
+SNAT_PORT_RANGE_DEFAULT = (1024, 29999)
 
 DsrModeName = Literal["off", "opt", "ipip"]
 DSR_MODES: dict[str, abi.DsrMode] = {"off": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
@@ -72,6 +79,13 @@ class AgentConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     dsr_mode: DsrModeName = "off"
     socket_lb_cgroup: str | None = None
+    # Production opt-in: attach the socket programs to the root of a cgroup2 hierarchy (every process
+    # of the node), as Cilium does; refused without it (tests on a shared machine use a child cgroup).
+    socket_lb_allow_root_cgroup: bool = False
+    snat_port_min: int = Field(default=SNAT_PORT_RANGE_DEFAULT[0], ge=1, le=65535)
+    snat_port_max: int = Field(default=SNAT_PORT_RANGE_DEFAULT[1], ge=1, le=65535)
+    lan_mtu: int = Field(default=0, ge=0, le=65535)  # 0: the MTU of the first netdev
+    hairpin_address: str | None = None  # None: the datapath default 169.254.42.1
     k8s_api_server: str | None = None
     kubeconfig: str | None = None
     settings_configmap: str | None = f"{DEFAULT_NAMESPACE}/{DEFAULT_CONFIGMAP}"  # "namespace/name"
@@ -87,6 +101,26 @@ class AgentConfig(BaseModel):
             except ValueError:
                 raise ValueError(f"--node-ip {ip!r} is not an IP address") from None
         return v
+
+    @field_validator("hairpin_address")
+    @classmethod
+    def _hairpin(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ok = ipaddress.ip_address(v).version == 4
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"--hairpin-address {v!r} is not an IPv4 address (e.g. 169.254.42.1)")
+        return v
+
+    @model_validator(mode="after")
+    def _snat_range(self) -> AgentConfig:
+        if self.snat_port_min > self.snat_port_max:
+            raise ValueError(
+                f"--snat-port-range {self.snat_port_min}-{self.snat_port_max}: MIN must not exceed MAX"
+            )
+        return self
 
     @field_validator("nodeport_addresses")
     @classmethod

@@ -65,6 +65,9 @@ class ClusterStore:
         self._event: asyncio.Event | None = None
         self._listeners: list[Callable[[], None]] = []
         self.node_changed = False
+        # every node's name -> its IPv4 InternalIP, for kp_be4_val.node_addr (DSR IPIP sends there)
+        self.node_addrs: dict[str, str] = {}
+        self.node_addrs_version = 0  # bumped on every change, so sync re-reads the table only then
 
     # ---- waking the sync task ----
     @property
@@ -209,6 +212,49 @@ class ClusterStore:
         for key in self.services:
             self._mark(key, now)
         self._wake()
+
+    # ---- the cluster's nodes (name -> address of each node running endpoints) ----
+    def set_node_address(self, name: str, address: str | None) -> None:
+        """Record (or with None, forget) the IPv4 address of node NAME; the Services with endpoints on
+        it become dirty, as their backends carry that address."""
+        if self.node_addrs.get(name) == address:
+            return
+        if address is None:
+            self.node_addrs.pop(name, None)
+        else:
+            self.node_addrs[name] = address
+        self.node_addrs_version += 1
+        now = time.monotonic()
+        for skey, group in self._by_service.items():
+            if any(ep[2] == name for es in group.values() for ep in es.endpoints):
+                self._mark(skey, now)
+
+    def upsert_node(self, raw: Any, origin: str | None = None) -> bool:
+        """A Node object from a source: record its IPv4 InternalIP (False if it had no name)."""
+        from kproxy.sources.nodes import node_address
+
+        try:
+            name, addr = node_address(raw if isinstance(raw, dict) else {})
+        except ValueError as e:
+            self.skipped[("Node", "no_name")] += 1
+            log.warning("Node%s skipped: %s", f" from {origin}" if origin else "", e)
+            return False
+        if addr is None:
+            log.warning("Node %s has no IPv4 InternalIP: DSR IPIP cannot reach its backends", name)
+        self.set_node_address(name, addr)
+        return True
+
+    def delete_node(self, name: str) -> bool:
+        existed = name in self.node_addrs
+        self.set_node_address(name, None)
+        return existed
+
+    def replace_node_addresses(self, addrs: dict[str, str]) -> None:
+        """Make the node table exactly ADDRS (a complete listing)."""
+        for name in [n for n in self.node_addrs if n not in addrs]:
+            self.set_node_address(name, None)
+        for name, addr in addrs.items():
+            self.set_node_address(name, addr)
 
     # ---- full relist ----
     def replace_all(self, services: Iterable[Any], slices: Iterable[Any], origin: str | None = None) -> None:

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
 # A backend as one int (a 32-byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
-# BKey = addr NBO | port NBO << 32 | proto << 48; BVal (its kp_be4 value) = BKey | flags << 56.
+# BKey = addr NBO | port NBO << 32 | proto << 48; BVal (its kp_be4 value) = BKey | flags << 56 |
+# node_addr NBO << 64.
 BKey = int
 BVal = int
 _BK_MASK = (1 << 56) - 1
@@ -60,7 +61,9 @@ def _bval_proto(val: BVal) -> int:
 
 
 def _pack_be4(val: BVal) -> bytes:
-    return _PACK_BE4_VAL(val & 0xFFFFFFFF, (val >> 32) & 0xFFFF, (val >> 48) & 0xFF, val >> 56, 0)
+    return _PACK_BE4_VAL(
+        val & 0xFFFFFFFF, (val >> 32) & 0xFFFF, (val >> 48) & 0xFF, (val >> 56) & 0xFF, val >> 64
+    )
 
 
 SvcPort = tuple[str, str, int]  # (service, port name, proto)
@@ -70,6 +73,10 @@ ORPHANS = ""  # pseudo-service owning what adopt() found and no Service has clai
 
 _UNPACK_U32 = struct.Struct("=I").unpack
 _inet_aton = socket.inet_aton
+
+
+def _is_ipv4(address: str) -> bool:
+    return "." in address and ":" not in address
 
 
 def _nbo(address: str) -> int:
@@ -233,6 +240,25 @@ class Syncer:
         self._svc_id_owner: dict[int, SvcPort] = {}
         self._next_svc = 1
         self._svc4_entries = 0
+        # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
+        # node the table does not list (yet)
+        self.node_addrs: dict[str, int] = {}
+        self.local_node_addr = 0
+        self._node_addrs_version = -1
+
+    def set_nodes(self, addrs: Mapping[str, str], local_addr: str | None, version: int | None = None) -> bool:
+        """Take the cluster's node table (name -> IPv4); return whether it changed since the last call
+        with the same version (the store's node_addrs_version)."""
+        if (
+            version is not None
+            and version == self._node_addrs_version
+            and self.local_node_addr == (_nbo(local_addr) if local_addr else 0)
+        ):
+            return False
+        self._node_addrs_version = -1 if version is None else version
+        self.node_addrs = {n: _nbo(a) for n, a in addrs.items() if _is_ipv4(a)}
+        self.local_node_addr = _nbo(local_addr) if local_addr and _is_ipv4(local_addr) else 0
+        return True
 
     # ---- introspection (CLI, metrics, tests) ----
     @property
@@ -270,7 +296,7 @@ class Syncer:
         for k, v in self.maps.be4.items():
             bid = int(k.value) if isinstance(k, ctypes.c_uint32) else int(k)
             bk = _bkey(v.addr, v.port, v.proto)
-            self._be_vals[bid] = bk | v.flags << 56
+            self._be_vals[bid] = bk | v.flags << 56 | v.node_addr << 64
             self._be_ids.setdefault(bk, bid)
             max_be = max(max_be, bid)
         slot0: dict[FKey, abi.Svc4Val] = {}
@@ -351,18 +377,29 @@ class Syncer:
         be_puts = plan.be_puts
         out = set()
         next_be = self._next_be
+        node_addrs = self.node_addrs
+        local_addr = self.local_node_addr
         try:
-            for address, port, protocol, _node, local, terminating, _zone in backends:
+            for address, port, protocol, node, local, terminating, _zone in backends:
                 bk = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | _PROTO[protocol] << 48
                 bid = ids.get(bk)
+                naddr = node_addrs.get(node, 0) if node is not None else 0
+                if local and not naddr:
+                    naddr = local_addr
                 if bid is None:  # a new id was never programmed: no need to compare
                     bid = ids[bk] = next_be
                     next_be += 1
                     be_vals[bid] = be_puts[bid] = (
-                        bk | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                        bk
+                        | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                        | naddr << 64
                     )
                 elif bid not in be_vals:
-                    val = bk | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                    val = (
+                        bk
+                        | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                        | naddr << 64
+                    )
                     be_vals[bid] = val
                     if programmed.get(bid) != val:
                         be_puts[bid] = val
@@ -715,6 +752,14 @@ def sweep_conntrack(ct4: MapOps[Any, Any], now_ns: int | None = None) -> int:
     return ct4.delete_many(doomed) if doomed else 0
 
 
+def sweep_snat(snat4: MapOps[Any, Any], now_ns: int | None = None) -> int:
+    """Delete expired SNAT entries (their expiry follows their flow's conntrack entry); return how many.
+    The datapath ignores them already and takes their ports over; sweeping frees the map's room."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    doomed = [k for k, v in snat4.items() if v.expires_ns <= now]
+    return snat4.delete_many(doomed) if doomed else 0
+
+
 def write_config(
     maps: MapSet,
     node_addr: str | None,
@@ -724,8 +769,15 @@ def write_config(
     fin_timeout: int = 0,
     udp_timeout: int = 0,
     dsr_mode: int = abi.DsrMode.OFF,
+    hairpin_addr: str | None = None,
+    snat_port_min: int = 0,
+    snat_port_max: int = 0,
+    lan_mtu: int = 0,
 ) -> bool:
-    """Write kp_cfg_v1 (0 timeouts mean the datapath default); return whether it changed."""
+    """Write kp_cfg_v1 whole from these settings (0 / None = the datapath default); nothing of the
+    previous contents is kept. Return whether it changed."""
+    if not 0 <= snat_port_min <= snat_port_max <= 65535:
+        raise ValueError(f"SNAT port range {snat_port_min}-{snat_port_max}: need 0 <= MIN <= MAX <= 65535")
     cfg = abi.Config()
     cfg.node_addr = _nbo(node_addr) if node_addr else 0
     cfg.dsr_mode = int(dsr_mode)
@@ -733,6 +785,10 @@ def write_config(
     cfg.ct_tcp_timeout = tcp_timeout
     cfg.ct_fin_timeout = fin_timeout
     cfg.ct_udp_timeout = udp_timeout
+    cfg.hairpin_addr = _nbo(hairpin_addr) if hairpin_addr else 0
+    cfg.snat_port_min = snat_port_min
+    cfg.snat_port_max = snat_port_max
+    cfg.lan_mtu = lan_mtu
     if bytes(maps.read_config()) == bytes(cfg):
         return False
     maps.write_config(cfg)
@@ -786,6 +842,9 @@ class _Translated(Mapping[str, list[Frontend]]):
 
 
 def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full: bool) -> ApplyReport:
+    local = next((a for a in store.node.addresses if _is_ipv4(a)), None)
+    # Services with endpoints on a node whose address changed were marked dirty by the store.
+    syncer.set_nodes(store.node_addrs, local, store.node_addrs_version)
     dirty = store.take_dirty_with_times()
     keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
     report = syncer.apply(_Translated(store, keys, cfg), full=full)

@@ -7,8 +7,10 @@ object, and attaches its four programs to one cgroup v2 directory with cgroup li
 programs in with an atomic link update. Programs attached to a cgroup apply to every process in it
 and in its descendants, whatever network namespace they use.
 
-Never the cgroup root: socket programs there would rewrite the connections of every process on the
-machine. attach() refuses any cgroup2 mount point (see docs/socket-lb.md).
+The cgroup root only on explicit request: socket programs there rewrite the connections of every
+process on the machine. That is what a cluster install wants (Cilium attaches there too; the chart
+passes `--socket-lb-allow-root-cgroup`), and what a test on a shared machine must never do, so
+attach() refuses any cgroup2 mount point unless allow_root is set (see docs/socket-lb.md).
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ def cgroup2_mounts() -> list[str]:
         return parse_cgroup2_mounts(f.read())
 
 
-def check_cgroup(path: str | os.PathLike[str]) -> str:
-    """The cgroup v2 directory to attach to, resolved; refuses anything that is not a child cgroup."""
+def check_cgroup(path: str | os.PathLike[str], allow_root: bool = False) -> str:
+    """The cgroup v2 directory to attach to, resolved; refuses anything that is not a child cgroup
+    unless allow_root (the root of a hierarchy: every process of the machine)."""
     p = os.path.realpath(os.fspath(path))
     if not os.path.isdir(p):
         raise SocketLBError(
@@ -113,14 +116,15 @@ def check_cgroup(path: str | os.PathLike[str]) -> str:
             f"{p} is not a cgroup v2 directory: pass a directory under a cgroup2 mount "
             "(e.g. /sys/fs/cgroup/unified/kproxy-host)"
         )
-    for mount in cgroup2_mounts():
+    for mount in [] if allow_root else cgroup2_mounts():
         with contextlib.suppress(OSError):
             if os.path.samefile(mount, p):
                 raise SocketLBError(
                     f"refusing to attach socket load balancing to {p}: it is the root of a cgroup2 "
                     "hierarchy, so every process on the machine would have its connections rewritten. "
                     f"Create a child cgroup (`mkdir {p}/kproxy-host`), move the node processes meant "
-                    "to use it there, and pass that directory"
+                    "to use it there, and pass that directory; or, to balance every process of the node "
+                    "(a cluster install), pass --socket-lb-allow-root-cgroup"
                 )
     return p
 
@@ -133,7 +137,9 @@ class SocketLB:
         bpffs_dir: str | os.PathLike[str],
         cgroup_path: str | os.PathLike[str] | None,
         object_path: str | os.PathLike[str] | None = None,
+        allow_root: bool = False,
     ) -> None:
+        self.allow_root = allow_root
         self.bpffs_dir = os.path.abspath(os.fspath(bpffs_dir))
         self.cgroup_path = os.fspath(cgroup_path) if cgroup_path is not None else None
         self.object_path = os.fspath(object_path) if object_path is not None else default_object_path()
@@ -206,7 +212,7 @@ class SocketLB:
         """Attach (or upgrade in place) all four programs on the cgroup; returns the attachments."""
         if self.cgroup_path is None:
             raise SocketLBError("no cgroup given: pass the cgroup v2 directory to balance sockets of")
-        cgroup = check_cgroup(self.cgroup_path)
+        cgroup = check_cgroup(self.cgroup_path, self.allow_root)
         cgroup_id = os.stat(cgroup).st_ino  # a cgroup v2 directory's inode number is its cgroup id
         obj = self.load()
         os.makedirs(self.links_dir, exist_ok=True)

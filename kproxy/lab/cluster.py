@@ -43,6 +43,7 @@ LB_CIDR = "192.168.78.0/24"  # LoadBalancer ingress and external IPs, routed by 
 GATEWAY = "169.254.1.1"
 POD_PORTS = (8080, 9090)
 EXT_IP = f"{LAN_PREFIX}.100"
+CGROUP2_ROOT = Path(os.environ.get("KPROXY_LAB_CGROUP2", "/sys/fs/cgroup/unified"))
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Node(Host):
     index: int = 0
     pod_cidr: str = ""
     bpffs: str = ""
+    cgroup: str = ""  # child cgroup v2 of the node's processes under socket LB ("" = no socket LB)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class LabState:
     dir: str
     namespaces: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
     processes: dict[str, Proc] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
@@ -89,6 +92,7 @@ class LabState:
         st = cls(prefix=raw["prefix"], dir=raw["dir"])
         st.namespaces = raw.get("namespaces", [])
         st.mounts = raw.get("mounts", [])
+        st.cgroups = raw.get("cgroups", [])
         st.processes = {k: Proc(**v) for k, v in raw.get("processes", {}).items()}
         st.nodes = [Node(**n) for n in raw.get("nodes", [])]
         st.pods = [Pod(**p) for p in raw.get("pods", [])]
@@ -150,6 +154,7 @@ class Lab:
         manifests_from: str | Path | None = None,
         agent_args: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
+        socket_lb: bool = False,
     ) -> None:
         if not 1 <= nodes <= 9 or not 0 <= pods_per_node <= 9:
             raise LabError(
@@ -161,6 +166,9 @@ class Lab:
         self.manifests_from = Path(manifests_from) if manifests_from else None
         self.agent_args = list(agent_args)
         self.state_root = state_root
+        # One child cgroup per node under the cgroup2 mount (never its root), its agent's --socket-lb-cgroup:
+        # processes run in it with run_in(node, ..., cgroup=node.cgroup) are the node's own clients.
+        self.socket_lb = socket_lb
         self.st: LabState | None = None
 
     # ---- naming and state ----
@@ -283,6 +291,17 @@ class Lab:
                 if other is not node:
                     ip(node.ns, "route", "add", other.pod_cidr, "via", other.ip)
 
+        # Every node as a Node object: the agents' node table (backend -> node address, for DSR IPIP).
+        self.write_manifest("nodes", [mf.node(n.name, n.ip) for n in self.nodes])
+        if self.socket_lb:
+            for node in self.nodes:
+                cg = CGROUP2_ROOT / f"{prefix}-{node.name}"
+                self.state.cgroups.append(str(cg))
+                self.state.save()
+                cg.mkdir()
+                node.cgroup = str(cg)
+            self.state.save()
+
         ext_ns = self._ns("ext")
         self.state.ext = Host(name="ext", ns=ext_ns, ip=EXT_IP)
         self._lan_port(lan, "ext", ext_ns, EXT_IP)
@@ -404,6 +423,7 @@ class Lab:
             "--pod-ifaces", self.pod_ifaces_glob,
             "--bpffs", node.bpffs,
             "--log-level", "debug",
+            *(["--socket-lb-cgroup", node.cgroup] if node.cgroup else []),
             *self.agent_args,
         ]  # fmt: skip
 
@@ -627,6 +647,8 @@ def teardown(st: LabState) -> list[str]:
         del_netns(ns)
         if os.path.exists(netns_path(ns)):
             problems.append(f"namespace {ns} is still there")
+    for cg in st.cgroups:
+        problems += _remove_cgroup(Path(cg))
     for m in st.mounts:
         if os.path.ismount(m):
             r = run(["umount", m], check=False)
@@ -642,6 +664,21 @@ def teardown(st: LabState) -> list[str]:
             for node in st.nodes:
                 shutil.rmtree(metadata_path(node.bpffs).parent, ignore_errors=True)
     return problems
+
+
+def _remove_cgroup(cg: Path) -> list[str]:
+    """Move what is left in a lab cgroup to its parent, then remove it (its BPF links go with it)."""
+    if not cg.is_dir():
+        return []
+    with contextlib.suppress(OSError):
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (cg.parent / "cgroup.procs").write_text(pid)
+    try:
+        cg.rmdir()
+    except OSError as e:
+        return [f"cannot remove cgroup {cg}: {e}"]
+    return []
 
 
 def list_labs(state_root: Path = STATE_ROOT) -> list[LabState]:

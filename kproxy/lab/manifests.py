@@ -31,6 +31,7 @@ def service(
     external_ips: Iterable[str] = (),
     lb_ips: Iterable[str] = (),
     affinity_timeout: int | None = None,
+    external_traffic_policy: str | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "type": type,
@@ -52,6 +53,8 @@ def service(
         spec["ports"].append(entry)
     if external_ips:
         spec["externalIPs"] = list(external_ips)
+    if external_traffic_policy is not None:
+        spec["externalTrafficPolicy"] = external_traffic_policy
     if affinity_timeout is not None:
         spec["sessionAffinity"] = "ClientIP"
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
@@ -88,6 +91,16 @@ def endpoint_slice(
             {"addresses": [addr], "conditions": {"ready": True}, "nodeName": node} for addr, node in endpoints
         ],
         "ports": [{"name": p.name, "port": p.target, "protocol": p.protocol} for p in ports],
+    }
+
+
+def node(name: str, internal_ip: str) -> dict[str, Any]:
+    """A Node object as the agents' node table reads it: name and InternalIP."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal_ip}]},
     }
 
 

@@ -37,6 +37,7 @@ AGENT_FLAGS = {
     "--health-bind-address",
     "--dsr-mode",
     "--socket-lb-cgroup",
+    "--socket-lb-allow-root-cgroup",
 }
 
 AGENT_CAPS = ["BPF", "NET_ADMIN", "PERFMON"]
@@ -210,6 +211,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--metrics-bind-address=127.0.0.1:10249",
         "--pod-ifaces=veth*",
         "--socket-lb-cgroup=/run/kproxy/cgroupv2",
+        "--socket-lb-allow-root-cgroup",
     ]
 
 
@@ -250,6 +252,7 @@ def _dsr(mode: str) -> Any:
 
 def _socket_lb_off(docs: list[dict[str, Any]]) -> None:
     _no_flag("--socket-lb-cgroup")(docs)
+    assert "--socket-lb-allow-root-cgroup" not in agent_args(docs)
     assert "cgroup" not in {v["name"] for v in pod_spec(docs)["volumes"]}
 
 

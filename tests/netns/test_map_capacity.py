@@ -73,6 +73,24 @@ def failed_services(lab: Lab, map_name: str) -> set[str]:
     return set(pat.findall(lab.log(f"agent-{lab.nodes[0].name}")))
 
 
+def map_full_errors(lab: Lab) -> float:
+    """kproxy_sync_errors{reason="map_full"} scraped from the node's agent."""
+    import urllib.request
+
+    from kproxy.observe.metrics import scrape_value
+
+    def get() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:10249/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    text = lab.in_ns(lab.nodes[0], get)
+    return (
+        scrape_value(text, "kproxy_sync_errors_total", {"reason": "map_full"})
+        or scrape_value(text, "kproxy_sync_errors", {"reason": "map_full"})
+        or 0.0
+    )
+
+
 def test_svc4_full(small_lab: Lab) -> None:
     lab = small_lab
     p1, p2 = lab.pods
@@ -80,8 +98,10 @@ def test_svc4_full(small_lab: Lab) -> None:
     lab.wait_programmed("10.96.50.1", 80, [p1.ip])
     # 1 backend each: 2 svc4 entries per Service, so about 30 fit next to "keep"; 40 are written at once.
     objs = [o for i in range(40) for o in svc(lab, f"fill-{i}", f"10.96.51.{1 + i}", [p1.ip])]
+    before = map_full_errors(lab)
     lab.write_manifest("fill", objs)
     _wait("svc4-full errors in the agent log", lambda: failed_services(lab, "kp_svc4_v1"), 10)
+    assert map_full_errors(lab) > before, "a full kp_svc4_v1 must count kproxy_sync_errors{reason=map_full}"
     _wait("the apply to settle", lambda: len(map_state(lab)[0]) >= (SVC4_SIZE - 2) // 2, 10)
     failed = failed_services(lab, "kp_svc4_v1")
     fes, _ = map_state(lab)
@@ -119,8 +139,10 @@ def test_be4_full(small_lab: Lab) -> None:
     for i in range(10):
         fake = [f"10.244.1.{100 + 3 * i + j}" for j in range(3)]
         objs += svc(lab, f"befill-{i}", f"10.96.52.{1 + i}", fake)
+    before = map_full_errors(lab)
     lab.write_manifest("befill", objs)
     _wait("be4-full errors in the agent log", lambda: failed_services(lab, "kp_be4_v1"), 10)
+    assert map_full_errors(lab) > before, "a full kp_be4_v1 must count kproxy_sync_errors{reason=map_full}"
     failed = failed_services(lab, "kp_be4_v1")
     _, bes = map_state(lab)
     assert len(bes) <= BE4_SIZE

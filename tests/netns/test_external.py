@@ -1,0 +1,651 @@
+"""Traffic from outside and across nodes (issue 4), with real packets through one lab.
+
+Lab: nodes n1 (192.168.77.11) and n2 (.12) on a 1500-byte MTU LAN, pods n1p1 n1p2 n2p1 n2p2, an
+external client `ext` (.100) whose routes send LoadBalancer and external IPs (192.168.78.0/24) to n1.
+So n1 is always the ingress node: of the external client (NodePort on n1's address, LB IP, external
+IP), of pod clients (they run on n1), and of node clients (processes in n1's namespace and in n1's
+socket-LB cgroup). Every agent runs with socket LB on its own child cgroup and short conntrack
+timeouts.
+
+The matrix: {TCP, UDP} x {client kind} x {backend on n1, on n2} x {externalTrafficPolicy Cluster,
+Local} x {snat, dsr opt, dsr ipip}. Four Services (policy x backend place) are created once; the
+mode is a module-scoped fixture parameter, so pytest runs all cells of one mode together and toggles
+it three times, with `kproxy dsr enable/disable --bpffs` on every node (standalone mode).
+
+Each cell checks: the connection succeeds (or, where Kubernetes says it must, fails), which backend
+served it, the client address the backend saw, and which way the replies went, read from the
+datapath counters of both nodes (kp_stats_v1): replies of SNATed flows are translated on the ingress
+node (SNAT_REVNAT on n1); replies of DSR flows are translated on the backend's node (REVNAT on n2)
+and never return through n1 (n1's SNAT_REVNAT does not move).
+
+Cells that cannot apply are not generated; EXCLUDED says which and why, and the test of each such
+cell is a pytest.skip with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.bpf import abi
+from kproxy.bpf.maps import KproxyMaps
+from kproxy.lab import Lab
+from kproxy.lab import manifests as mf
+from kproxy.lab.cluster import CGROUP2_ROOT, Host, _readline, _wait
+from kproxy.lab.netns import in_netns
+
+pytestmark = pytest.mark.root
+
+MODES = ("snat", "opt", "ipip")
+POLICIES = ("Cluster", "Local")
+PLACES = ("same", "other")  # backend on the ingress node n1, or on n2
+CLIENTS = (
+    "clusterip-pod",
+    "nodeport-ext",
+    "lb-ext",
+    "externalip-ext",
+    "nodeport-pod",
+    "clusterip-host",
+    "nodeport-host",
+)
+PROTOS = ("TCP", "UDP")
+HAIRPIN_DEFAULT = "169.254.42.1"
+
+# Cells not generated, with the reason (printed as the skip reason of those cells).
+EXCLUDED: dict[tuple[str, str], str] = {}
+
+# Short timeouts: the "no NAT entries left" and exhaustion tests wait for flows to expire.
+AGENT_ARGS = [
+    "--ct-timeout-syn", "4", "--ct-timeout-fin", "2", "--ct-timeout-udp", "3",
+    "--ct-sweep-interval", "0.5", "--log-level", "info",
+]  # fmt: skip
+
+
+def _cgroup2_mounted() -> bool:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            if left.split()[4:5] == [str(CGROUP2_ROOT)] and right.startswith("cgroup2 "):
+                return True
+    return False
+
+
+# ---- services: one per (policy, place), TCP 80 and UDP 53 ----
+def svc_index(policy: str, place: str) -> int:
+    return 1 + POLICIES.index(policy) * 2 + PLACES.index(place)
+
+
+def svc_name(policy: str, place: str) -> str:
+    return f"x-{policy.lower()}-{place}"
+
+
+def cluster_ip(i: int) -> str:
+    return f"10.96.40.{i}"
+
+
+def lb_ip(i: int) -> str:
+    return f"192.168.78.{10 + i}"
+
+
+def ext_ip(i: int) -> str:
+    return f"192.168.78.{50 + i}"
+
+
+def node_port(i: int, proto: str) -> int:
+    return 31000 + 10 * i + (0 if proto == "TCP" else 1)
+
+
+def service_port(proto: str) -> int:
+    return 80 if proto == "TCP" else 53
+
+
+def backend_pod(place: str) -> str:
+    return "n1p2" if place == "same" else "n2p1"
+
+
+def ports(i: int) -> list[mf.Port]:
+    return [
+        mf.Port("tcp", 80, 8080, "TCP", node_port(i, "TCP")),
+        mf.Port("udp", 53, 9090, "UDP", node_port(i, "UDP")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def xlab(tc_object: Path) -> Iterator[Lab]:
+    if not _cgroup2_mounted():
+        pytest.skip(f"no cgroup2 mounted at {CGROUP2_ROOT} (node clients need a socket-LB cgroup)")
+    with Lab(nodes=2, pods_per_node=2, socket_lb=True, agent_args=AGENT_ARGS) as lab:
+        for policy in POLICIES:
+            for place in PLACES:
+                i = svc_index(policy, place)
+                pod = lab.pod(backend_pod(place))
+                name = svc_name(policy, place)
+                lab.write_manifest(
+                    name,
+                    [
+                        mf.service(
+                            name, ports(i), cluster_ip(i), type="LoadBalancer", lb_ips=[lb_ip(i)],
+                            external_ips=[ext_ip(i)], external_traffic_policy=policy,
+                        ),
+                        mf.endpoint_slice(name, [(pod.ip, pod.node)], ports(i)),
+                    ],
+                )  # fmt: skip
+        for policy in POLICIES:
+            for place in PLACES:
+                i = svc_index(policy, place)
+                pod = lab.pod(backend_pod(place))
+                lab.wait_programmed(cluster_ip(i), 80, [pod.ip])
+                # ETP Local: only the backend's node has it in the external scope
+                lab.wait_programmed(lb_ip(i), 53, [pod.ip], "UDP", nodes=[pod.node])
+        yield lab
+
+
+MODE_VALUES = {"snat": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
+
+
+def ensure_mode(lab: Lab, mode: str) -> None:
+    """set_mode() unless every node is in MODE already (other tests toggle it too)."""
+    for node in lab.nodes:
+        with KproxyMaps.open(node.bpffs) as m:
+            if m.read_config().dsr_mode != MODE_VALUES[mode]:
+                set_mode(lab, mode)
+                return
+
+
+def set_mode(lab: Lab, mode: str) -> None:
+    args = ["disable"] if mode == "snat" else ["enable", "--mode", mode]
+    for node in lab.nodes:
+        r = subprocess.run(
+            [sys.executable, "-m", "kproxy", "dsr", *args, "--bpffs", node.bpffs],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    for node in lab.nodes:
+        with KproxyMaps.open(node.bpffs) as m:
+            assert m.read_config().dsr_mode == MODE_VALUES[mode]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def mode(request: pytest.FixtureRequest, xlab: Lab) -> str:
+    set_mode(xlab, request.param)
+    return str(request.param)
+
+
+# ---- counters ----
+def counters(lab: Lab, node: str) -> dict[str, int]:
+    with KproxyMaps.open(lab.node(node).bpffs) as m:
+        totals = m.stats.totals()
+    out = {}
+    for stat in abi.Stat:
+        out[stat.name] = (totals.get(int(stat)) or (0, 0))[0]
+    return out
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+# ---- clients ----
+TCP_CLIENT = """
+import json, socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    s = socket.create_connection((addr, port), timeout=timeout)
+    buf = b""
+    while not buf.endswith(b"\\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+except OSError as e:
+    print(json.dumps({"error": e.strerror or str(e)}))
+    raise SystemExit(0)
+print(json.dumps(dict(json.loads(buf), peer="%s:%d" % s.getpeername())))
+"""
+
+UDP_CLIENT = """
+import json, socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+try:
+    s.sendto(b"ping", (addr, port))
+    data, src = s.recvfrom(65536)
+except OSError as e:
+    print(json.dumps({"error": e.strerror or str(e)}))
+    raise SystemExit(0)
+print(json.dumps(dict(json.loads(data), peer="%s:%d" % src)))
+"""
+
+
+def request(lab: Lab, host: Host, addr: str, port: int, proto: str, cgroup: str | None = None,
+            timeout: float = 2.0) -> dict[str, Any]:  # fmt: skip
+    """One connection (TCP) or datagram exchange (UDP): the pod server's answer plus "peer" (whom the
+    client saw answering), or {"error": ...}."""
+    if cgroup is not None:
+        script = TCP_CLIENT if proto == "TCP" else UDP_CLIENT
+        r = lab.run_in(host, [sys.executable, "-c", script, addr, str(port), str(timeout)], cgroup=cgroup)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    def do() -> dict[str, Any]:
+        try:
+            if proto == "TCP":
+                with socket.create_connection((addr, port), timeout=timeout) as s:
+                    reply = json.loads(_readline(s))
+                    peer = s.getpeername()
+                    return dict(reply, peer=f"{peer[0]}:{peer[1]}")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                s.sendto(b"ping", (addr, port))
+                data, src = s.recvfrom(65536)
+                return dict(json.loads(data), peer=f"{src[0]}:{src[1]}")
+        except OSError as e:
+            return {"error": e.strerror or str(e)}
+
+    return in_netns(host.ns, do)
+
+
+def target(client: str, i: int, proto: str, lab: Lab) -> tuple[str, int]:
+    if client.startswith("clusterip"):
+        return cluster_ip(i), service_port(proto)
+    if client.startswith("nodeport"):
+        return lab.node("n1").ip, node_port(i, proto)
+    if client == "lb-ext":
+        return lb_ip(i), service_port(proto)
+    return ext_ip(i), service_port(proto)
+
+
+def expectation(client: str, policy: str, place: str, mode: str, lab: Lab) -> dict[str, Any]:
+    """What the cell must see: ok, the source the backend saw, and how replies went ("ingress": through
+    n1's SNAT, "backend-node": DSR, straight from n2; "local": no translation across nodes)."""
+    external = client.endswith("-ext")
+    if client.endswith("-pod"):
+        return {"ok": True, "source": lab.pod("n1p1").ip, "replies": "local"}
+    if client.endswith("-host"):
+        # socket LB: the node's socket talks to the backend itself, from the node's address
+        return {"ok": True, "source": lab.node("n1").ip, "replies": "local"}
+    assert external
+    if policy == "Local" and place == "other":
+        return {"ok": False}  # n1 has no local endpoint: dropped, as kube-proxy does
+    if place == "same" or policy == "Local":
+        return {"ok": True, "source": lab.ext.ip, "replies": "local"}
+    if mode == "snat":
+        return {"ok": True, "source": lab.node("n1").ip, "replies": "ingress"}
+    return {"ok": True, "source": lab.ext.ip, "replies": "backend-node"}
+
+
+CELLS = [
+    (proto, client, place, policy)
+    for proto in PROTOS
+    for client in CLIENTS
+    for place in PLACES
+    for policy in POLICIES
+]
+
+
+@pytest.mark.parametrize(("proto", "client", "place", "policy"), CELLS)
+def test_matrix(xlab: Lab, mode: str, proto: str, client: str, place: str, policy: str) -> None:
+    reason = EXCLUDED.get((client, policy))
+    if reason:
+        pytest.skip(reason)
+    lab = xlab
+    ensure_mode(lab, mode)
+    i = svc_index(policy, place)
+    addr, port = target(client, i, proto, lab)
+    want = expectation(client, policy, place, mode, lab)
+    if client.endswith("-ext"):
+        host: Host = lab.ext
+    elif client.endswith("-pod"):
+        host = lab.pod("n1p1")
+    else:
+        host = lab.node("n1")
+    cgroup = lab.node("n1").cgroup if client.endswith("-host") else None
+    before = {n: counters(lab, n) for n in ("n1", "n2")}
+    got = request(lab, host, addr, port, proto, cgroup, timeout=2.0 if want["ok"] else 1.0)
+    after = {n: counters(lab, n) for n in ("n1", "n2")}
+    d1, d2 = delta(before["n1"], after["n1"]), delta(before["n2"], after["n2"])
+    where = f"{proto} {client} -> {addr}:{port} (backend {place}, policy {policy}, mode {mode})"
+    if not want["ok"]:
+        assert "error" in got, f"{where}: must be dropped, got {got}"
+        if client.endswith("-ext"):
+            assert d1.get("DROP_NO_LOCAL_BACKEND", 0) >= 1, f"{where}: drop not counted: n1 {d1}"
+        return
+    assert "error" not in got, f"{where}: {got}; n1 {d1}; n2 {d2}"
+    assert got["pod"] == backend_pod(place), f"{where}: served by {got['pod']}"
+    assert got["client"].split(":")[0] == want["source"], f"{where}: backend saw {got['client']}"
+    assert got["peer"] == f"{addr}:{port}", f"{where}: the client saw the answer from {got['peer']}"
+    if want["replies"] == "ingress":
+        assert d1.get("SNAT_REVNAT", 0) >= 1 and d1.get("SNAT_NEW", 0) >= 1, f"{where}: n1 {d1}"
+        assert d2.get("DSR_RX", 0) == 0, f"{where}: n2 {d2}"
+    elif want["replies"] == "backend-node":
+        tx = "DSR_OPT_TX" if mode == "opt" else "DSR_IPIP_TX"
+        assert d1.get(tx, 0) >= 1, f"{where}: n1 {d1}"
+        assert d1.get("SNAT_REVNAT", 0) == 0 and d1.get("SNAT_NEW", 0) == 0, f"{where}: n1 {d1}"
+        assert d2.get("DSR_RX", 0) >= 1 and d2.get("REVNAT", 0) >= 1, f"{where}: n2 {d2}"
+    else:
+        for k in ("SNAT_NEW", "DSR_OPT_TX", "DSR_IPIP_TX"):
+            assert d1.get(k, 0) == 0, f"{where}: n1 {d1}"
+        if client.endswith("-host"):
+            assert d1.get("SOCK_CONNECT", 0) + d1.get("SOCK_SENDMSG", 0) >= 1, f"{where}: n1 {d1}"
+        else:
+            assert d1.get("DNAT", 0) >= 1, f"{where}: n1 {d1}"
+
+
+# ---- beyond the matrix ----
+def test_pod_to_nodeport_on_the_other_node_and_lb_ip_from_inside(xlab: Lab) -> None:
+    lab = xlab
+    set_mode(lab, "snat")
+    client = lab.pod("n1p1")
+    for place in PLACES:
+        i = svc_index("Cluster", place)
+        for proto in PROTOS:
+            got = request(lab, client, lab.node("n2").ip, node_port(i, proto), proto)
+            assert got.get("pod") == backend_pod(place), (place, proto, got)
+            assert got["peer"] == f"{lab.node('n2').ip}:{node_port(i, proto)}"
+            # short-circuited on n1 (from_pod), as kube-proxy does: the backend sees the pod
+            got = request(lab, client, lb_ip(i), service_port(proto), proto)
+            assert got.get("pod") == backend_pod(place), (place, proto, got)
+            assert got["client"].split(":")[0] == client.ip
+            assert got["peer"] == f"{lb_ip(i)}:{service_port(proto)}"
+
+
+def test_hairpin(xlab: Lab) -> None:
+    lab = xlab
+    p = mf.Port("tcp", 80, 8080, "TCP")
+    u = mf.Port("udp", 53, 9090, "UDP")
+    pod = lab.pod("n1p1")
+    lab.write_manifest(
+        "hairpin",
+        [mf.service("hairpin", [p, u], "10.96.41.1"), mf.endpoint_slice("hairpin", [(pod.ip, "n1")], [p, u])],
+    )
+    lab.wait_programmed("10.96.41.1", 80, [pod.ip])
+    lab.wait_programmed("10.96.41.1", 53, [pod.ip], "UDP")
+    for proto in PROTOS:
+        got = request(lab, pod, "10.96.41.1", service_port(proto), proto)
+        assert got.get("pod") == "n1p1", got
+        assert got["client"].split(":")[0] == HAIRPIN_DEFAULT, got
+        assert got["peer"] == f"10.96.41.1:{service_port(proto)}"
+    with lab.stream(pod, "10.96.41.1", 80) as s:
+        for _ in range(20):
+            s.roundtrip(2000)
+
+
+def test_dsr_toggle_keeps_the_running_stream(xlab: Lab) -> None:
+    lab = xlab
+    set_mode(lab, "snat")
+    i = svc_index("Cluster", "other")
+    n1 = lab.node("n1")
+    with lab.stream(lab.ext, n1.ip, node_port(i, "TCP")) as s:
+        assert s.hello["client"].split(":")[0] == n1.ip  # SNAT
+        for mode in ("opt", "ipip", "snat", "opt"):
+            set_mode(lab, mode)
+            for _ in range(20):
+                s.roundtrip(3000)
+            fresh = request(lab, lab.ext, n1.ip, node_port(i, "TCP"), "TCP")
+            want = n1.ip if mode == "snat" else lab.ext.ip
+            assert fresh["client"].split(":")[0] == want, (mode, fresh)
+        # the stream kept the mode it began with
+        sport = int(s.sock.getsockname()[1])
+        with KproxyMaps.open(n1.bpffs) as m:
+            flags = [v.flags for k, v in m.ct4.items() if k.dir == 0 and socket.ntohs(k.sport) == sport]
+        assert flags and flags[0] & abi.CtFlag.SNAT, flags
+    set_mode(lab, "snat")
+
+
+def _bulk(lab: Lab, host: Host, addr: str, port: int, size: int) -> int:
+    def do() -> int:
+        with socket.create_connection((addr, port), timeout=10) as s:
+            s.settimeout(30)
+            _readline(s)
+            chunk = os.urandom(1 << 16)
+
+            def send() -> None:
+                n = 0
+                while n < size:
+                    s.sendall(chunk)
+                    n += len(chunk)
+
+            t = threading.Thread(target=send)
+            t.start()
+            got = 0
+            while got < size:
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                got += len(d)
+            t.join()
+            return got
+
+    return in_netns(host.ns, do)
+
+
+@pytest.mark.parametrize("bulk_mode", MODES)
+def test_100mb_through_each_mode(xlab: Lab, bulk_mode: str) -> None:
+    lab = xlab
+    n1 = lab.node("n1")
+    link = json.loads(subprocess.run(["ip", "-n", n1.ns, "-j", "link", "show", "eth0"], capture_output=True,
+                                     text=True, check=True).stdout)  # fmt: skip
+    assert link[0]["mtu"] == 1500
+    set_mode(lab, bulk_mode)
+    i = svc_index("Cluster", "other")
+    before = {n: counters(lab, n) for n in ("n1", "n2")}
+    size = 100 << 20
+    assert _bulk(lab, lab.ext, n1.ip, node_port(i, "TCP"), size) == size
+    d1 = delta(before["n1"], counters(lab, "n1"))
+    want = {"snat": "SNAT", "opt": "DSR_OPT_TX", "ipip": "DSR_IPIP_TX"}[bulk_mode]
+    assert d1.get(want, 0) >= 1, d1
+    if bulk_mode == "ipip":
+        # the backend node lowered the MSS of the SYN-ACK, so encapsulated segments fit 1500 bytes
+        d2 = delta(before["n2"], counters(lab, "n2"))
+        assert d2.get("MSS_CLAMP", 0) >= 1, d2
+    set_mode(lab, "snat")
+
+
+def test_no_nat_entries_left_after_1000_connections(xlab: Lab) -> None:
+    lab = xlab
+    set_mode(lab, "snat")
+    i = svc_index("Cluster", "other")
+    n1 = lab.node("n1")
+    port = node_port(i, "TCP")
+
+    def many() -> int:
+        ok = 0
+        for _ in range(1000):
+            with socket.create_connection((n1.ip, port), timeout=3) as s:
+                if json.loads(_readline(s))["pod"] == "n2p1":
+                    ok += 1
+        return ok
+
+    before = counters(lab, "n1")
+    assert lab.in_ns(lab.ext, many) == 1000
+    d1 = delta(before, counters(lab, "n1"))
+    assert d1.get("SNAT_NEW", 0) >= 1000, d1
+
+    def left() -> tuple[int, int]:
+        with KproxyMaps.open(n1.bpffs) as m:
+            nat = sum(1 for _, v in m.snat4.items() if socket.ntohs(v.front_port) == port)
+            ct = sum(1 for k, _ in m.ct4.items() if socket.ntohs(k.dport) == port)
+        return nat, ct
+
+    # fin timeout 2 s, sweep every 0.5 s
+    _wait("SNAT and conntrack entries to be swept", lambda: left() == (0, 0), 20, lambda: str(left()))
+
+
+def test_snat_port_exhaustion(xlab: Lab) -> None:
+    lab = xlab
+    set_mode(lab, "snat")
+    n1 = lab.node("n1")
+    lo, hi = 40000, 40003
+    lab.stop_agent("n1")
+    saved = list(lab.agent_args)
+    lab.agent_args = [*saved, "--snat-port-range", f"{lo}-{hi}"]
+    try:
+        lab.start_agent("n1")
+        lab.wait_agent("n1")
+        with KproxyMaps.open(n1.bpffs) as m:
+            cfg = m.read_config()
+            assert (cfg.snat_port_min, cfg.snat_port_max) == (lo, hi)
+        i = svc_index("Cluster", "other")
+        port = node_port(i, "TCP")
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(lab.stream(lab.ext, n1.ip, port)) for _ in range(hi - lo + 1)]
+            before = counters(lab, "n1")
+            got = request(lab, lab.ext, n1.ip, port, "TCP", timeout=1.0)
+            assert "error" in got, got
+            d1 = delta(before, counters(lab, "n1"))
+            assert d1.get("DROP_SNAT_NO_PORT", 0) >= 1, d1
+            for s in streams:  # no corruption: every flow still works
+                s.roundtrip(500)
+            with KproxyMaps.open(n1.bpffs) as m:
+                entries = [(k, v) for k, v in m.snat4.items() if socket.ntohs(v.front_port) == port]
+                fwd = {
+                    (k.saddr, k.sport): v
+                    for k, v in m.ct4.items()
+                    if k.dir == 0 and socket.ntohs(k.dport) == port
+                }
+            assert sorted(socket.ntohs(k.dport) for k, _ in entries) == list(range(lo, hi + 1))
+            for k, v in entries:
+                f = fwd.get((v.client_addr, v.client_port))
+                assert f is not None and f.snat_port == k.dport and f.nat_addr == k.saddr, (k, v)
+        # the closed flows' ports come free once their entries expire (fin timeout 2 s)
+        _wait(
+            "a port to come free",
+            lambda: "error" not in request(lab, lab.ext, n1.ip, port, "TCP", timeout=1.0),
+            15,
+        )
+    finally:
+        lab.stop_agent("n1")
+        lab.agent_args = saved
+        lab.start_agent("n1")
+        lab.wait_agent("n1")
+
+
+@pytest.mark.parametrize("err_mode", MODES)
+def test_udp_port_unreachable_reaches_the_client(xlab: Lab, err_mode: str) -> None:
+    """A UDP datagram to a backend port nobody listens on: the backend's ICMP port unreachable comes
+    back translated (the client's connected socket gets ECONNREFUSED)."""
+    lab = xlab
+    p = mf.Port("closed", 5353, 7777, "UDP", 31999)
+    pod = lab.pod("n2p1")
+    if lab.frontend_backends("n1", lab.node("n1").ip, 31999, "UDP") is None:
+        lab.write_manifest(
+            "closed", [mf.service("closed", [p], "10.96.41.2", type="NodePort"),
+                       mf.endpoint_slice("closed", [(pod.ip, "n2")], [p])]
+        )  # fmt: skip
+        lab.wait_programmed("10.96.41.2", 5353, [pod.ip], "UDP")
+    set_mode(lab, err_mode)
+    n1 = lab.node("n1")
+
+    def send() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.connect((n1.ip, 31999))
+            s.send(b"x")
+            try:
+                s.recv(100)
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+    assert lab.in_ns(lab.ext, send) == errno.ECONNREFUSED
+    set_mode(lab, "snat")
+
+
+@pytest.mark.parametrize("pmtu_mode", ["opt", "ipip"])
+def test_frag_needed_for_dsr_reaches_the_client(xlab: Lab, pmtu_mode: str) -> None:
+    """A full-size UDP datagram with DF cannot take the DSR option or IPIP header on a 1500-byte LAN: the
+    ingress node answers fragmentation-needed, and the client's kernel learns the smaller path MTU."""
+    lab = xlab
+    set_mode(lab, pmtu_mode)
+    n1 = lab.node("n1")
+    i = svc_index("Cluster", "other")
+    extra = abi.DSR_OPT_LEN + (20 if pmtu_mode == "ipip" else 0)
+    IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+
+    def probe() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            s.connect((n1.ip, node_port(i, "UDP")))
+            s.settimeout(1)
+            with contextlib.suppress(OSError):
+                s.send(b"x" * 1472)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+                if mtu < 1500:
+                    return int(mtu)
+                time.sleep(0.05)
+            return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+
+    try:
+        assert lab.in_ns(lab.ext, probe) == 1500 - extra
+
+        # a datagram of the learned size goes through to the backend's node (its echo would be too big
+        # to come back, so the counters tell)
+        def fits() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+                s.connect((n1.ip, node_port(i, "UDP")))
+                s.send(b"y" * (1500 - extra - 28))
+
+        before = {n: counters(lab, n) for n in ("n1", "n2")}
+        lab.in_ns(lab.ext, fits)
+        _wait(
+            "the datagram at the backend node",
+            lambda: counters(lab, "n2")["DSR_RX"] > before["n2"]["DSR_RX"],
+            3,
+        )
+        d1 = delta(before["n1"], counters(lab, "n1"))
+        assert d1.get("FRAG_NEEDED", 0) == 0 and d1.get("DROP_DSR_TOO_BIG", 0) == 0, d1
+    finally:
+        # forget the learned PMTU so later tests start from 1500
+        subprocess.run(["ip", "netns", "exec", lab.ext.ns, "ip", "route", "flush", "cache"], check=False)
+        set_mode(lab, "snat")
+
+
+@pytest.mark.parametrize("pmtu_mode", MODES)
+def test_frag_needed_from_the_backend_node_reaches_the_client(xlab: Lab, pmtu_mode: str) -> None:
+    """A smaller MTU on the backend's node (its pod veth at 1400): that node's kernel answers a full-size
+    datagram with fragmentation-needed, about the packet as it saw it (SNATed, or DNATed by DSR). The
+    client gets it about the packet it sent, and learns the path MTU."""
+    lab = xlab
+    set_mode(lab, pmtu_mode)
+    n1 = lab.node("n1")
+    pod = lab.pod("n2p1")
+    i = svc_index("Cluster", "other")
+    IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+
+    def probe() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            s.connect((n1.ip, node_port(i, "UDP")))
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    s.send(b"x" * 1440)
+                mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+                if mtu < 1500:
+                    return int(mtu)
+                time.sleep(0.2)
+            return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+
+    subprocess.run(["ip", "-n", lab.node("n2").ns, "link", "set", pod.host_if, "mtu", "1400"], check=True)
+    try:
+        assert lab.in_ns(lab.ext, probe) == 1400
+    finally:
+        subprocess.run(["ip", "-n", lab.node("n2").ns, "link", "set", pod.host_if, "mtu", "1500"], check=True)
+        subprocess.run(["ip", "netns", "exec", lab.ext.ns, "ip", "route", "flush", "cache"], check=False)
+        set_mode(lab, "snat")
