@@ -165,9 +165,11 @@ def test_cls_bpf_fallback_replaces_in_place(
 def test_map_size_mismatch_names_map_and_sizes(bpffs: Path, probe_object: Path) -> None:
     with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 4096}) as loader:
         loader.load()
-    with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 8192}) as loader:
-        with pytest.raises(MapParamsMismatch) as exc:
-            loader.load()
+    with (
+        Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 8192}) as loader,
+        pytest.raises(MapParamsMismatch) as exc,
+    ):
+        loader.load()
     text = str(exc.value)
     assert "kp_ct4_v1" in text and "max_entries 4096 pinned vs 8192 requested" in text
     assert "--map-size kp_ct4_v1=4096" in text
