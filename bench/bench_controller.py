@@ -1,7 +1,9 @@
 """Controller benchmark: 10,000 Services x 10 endpoints served by the API double.
 
 Measures, for the real KubeSource (kopf + its own LIST) -> store -> translate -> sync on the
-in-memory map twin (or real pinned maps with --bpffs DIR, as root):
+in-memory map twin, or real pinned maps (--real-maps: a private bpffs mounted on a temporary directory
+and unmounted at the end, as root; --bpffs DIR: an existing one) so that the maps' memory, which is the
+kernel's, is not counted in the process:
   - time from agent start to every Service programmed,
   - the agent process' RSS after that (and after kopf's own listing is over),
   - change -> programmed latency p50/p99 over 200 EndpointSlice changes, measured from just before
@@ -9,6 +11,11 @@ in-memory map twin (or real pinned maps with --bpffs DIR, as root):
 The API double runs in a separate process so it does not share the agent's CPU time or memory.
 
     .venv/bin/python -m bench.bench_controller [--services 10000] [--endpoints 10] [--changes 200]
+        [--real-maps] [--tracemalloc 25]
+
+--tracemalloc N traces Python allocations and prints the N source files holding the most memory
+once everything is programmed (tracing slows the start several times: use it to find where memory
+goes, not for the timings).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import logging
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +82,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         rss_before = rss_mb()
         t_start = time.monotonic()
         store = ClusterStore()
+        first_full = asyncio.Event()
         source = KubeSource(
             store,
             KubeSourceConfig(node_name="node-a", resync_interval=0),
             connection=kopf.ConnectionInfo(server=url),
+            kopf_gate=None if args.no_kopf_gate else first_full,
         )
         programmed: dict[str, float] = {}
         waiters: dict[str, asyncio.Event] = {}
-        first_full = asyncio.Event()
 
         async def sync_loop() -> None:
             while not store.initial_sync_done:
@@ -114,6 +124,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         # kopf keeps listing in its own thread after our LIST; measure again once it is quiet.
         await asyncio.sleep(args.settle)
         rss_settled = rss_mb()
+        top_files: list[tuple[str, float]] = []
+        if args.tracemalloc:
+            snap = tracemalloc.take_snapshot()
+            stats = snap.statistics("filename")
+            top_files = [(str(st.traceback[0].filename), round(st.size / 2**20, 1)) for st in stats]
+            top_files = top_files[: args.tracemalloc]
+            traced_mb = round(sum(st.size for st in stats) / 2**20, 1)
 
         latencies: list[float] = []
         async with aiohttp.ClientSession() as http:
@@ -136,6 +153,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        entries = (len(maps.svc4), len(maps.be4))
         if loader is not None:
             maps.close()
             loader.close()
@@ -144,8 +162,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "endpoints_per_service": args.endpoints,
             "start_to_programmed_s": round(t_programmed, 2),
             "services_programmed": services_programmed,
-            "svc4_entries": len(maps.svc4),
-            "be4_entries": len(maps.be4),
+            "svc4_entries": entries[0],
+            "be4_entries": entries[1],
             "rss_mb_before_start": round(rss_before, 1),
             "rss_mb_programmed": round(rss_programmed, 1),
             "rss_mb_after_kopf_listing": round(rss_settled, 1),
@@ -153,11 +171,31 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "change_to_programmed_ms_p99": round(pct(latencies, 99) * 1000, 2),
             "change_to_programmed_ms_max": round(max(latencies) * 1000, 2),
             "changes": len(latencies),
+            "maps": "pinned (kernel memory)" if loader is not None else "in-memory twin (counted in RSS)",
+            **(
+                {"tracemalloc_total_mb": traced_mb, "tracemalloc_top_files_mb": top_files}
+                if top_files
+                else {}
+            ),
         }
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def private_bpffs() -> Any:
+    """A bpf filesystem of our own on a temporary directory: unmounting it drops every pin."""
+    d = tempfile.mkdtemp(prefix="kpbench-bpffs-")
+    subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
+    try:
+        yield d
+    finally:
+        if subprocess.run(["umount", d], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", d], check=False)
+        with contextlib.suppress(OSError):
+            Path(d).rmdir()
 
 
 def main() -> None:
@@ -169,11 +207,25 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to let kopf finish listing")
     parser.add_argument("--bpffs", help="program real pinned maps in this bpffs directory (root)")
+    parser.add_argument(
+        "--real-maps",
+        action="store_true",
+        help="real pinned maps in a private bpffs mounted for the run (root)",
+    )
+    parser.add_argument("--no-kopf-gate", action="store_true", help="start kopf before the first sync")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="N", help="print the N biggest files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.path.insert(0, str(REPO))
-    result = asyncio.run(bench(args))
+    if args.tracemalloc:
+        tracemalloc.start()
+    if args.real_maps:
+        with private_bpffs() as d:
+            args.bpffs = d
+            result = asyncio.run(bench(args))
+    else:
+        result = asyncio.run(bench(args))
     if args.json:
         print(json.dumps(result))
         return

@@ -39,6 +39,7 @@ int kp_from_pod(struct __sk_buff *skb)
 		svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
 		if (svc)
 			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
+		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
 		return kp_revnat4(skb, &p, 1);
 	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
@@ -125,6 +126,7 @@ int kp_from_netdev(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
+		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
 		ret = kp_snat_revnat4(skb, &p);
 		return ret < 0 ? TC_ACT_OK : ret;
 	}

@@ -249,13 +249,6 @@ class ClusterStore:
         self.set_node_address(name, None)
         return existed
 
-    def replace_node_addresses(self, addrs: dict[str, str]) -> None:
-        """Make the node table exactly ADDRS (a complete listing)."""
-        for name in [n for n in self.node_addrs if n not in addrs]:
-            self.set_node_address(name, None)
-        for name, addr in addrs.items():
-            self.set_node_address(name, addr)
-
     # ---- full relist ----
     def replace_all(self, services: Iterable[Any], slices: Iterable[Any], origin: str | None = None) -> None:
         """Make the view exactly these objects (a complete listing): what is absent is removed.

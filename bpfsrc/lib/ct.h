@@ -18,6 +18,7 @@
 #include <bpf/bpf_helpers.h>
 #include "maps.h"
 #include "lib/parse.h"
+#include "lib/stats.h"
 
 #define KP_NS_PER_SEC 1000000000ULL
 
@@ -127,6 +128,136 @@ static __always_inline void kp_snat_of_fwd(const struct kp_ct4_key *fk, const st
 	sv->pad[1] = 0;
 }
 
+/* The REPLY key of a flow without SNAT, described by its FWD side. */
+static __always_inline void kp_ct_reply_key_of_fwd(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
+						   struct kp_ct4_key *rk)
+{
+	int hairpin = fv->flags & KP_CT_F_HAIRPIN;
+
+	rk->saddr = fv->nat_addr;
+	rk->daddr = hairpin ? fv->snat_addr : fk->saddr;
+	rk->sport = fv->nat_port;
+	rk->dport = hairpin ? fv->snat_port : fk->sport;
+	rk->proto = fk->proto;
+	rk->dir = KP_CT_DIR_REPLY;
+	rk->pad[0] = 0;
+	rk->pad[1] = 0;
+}
+
+static __always_inline int kp_ct_key_eq(const struct kp_ct4_key *a, const struct kp_ct4_key *b)
+{
+	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport && a->dport == b->dport &&
+	       a->proto == b->proto && a->dir == b->dir;
+}
+
+/*
+ * Delete the flow a REPLY entry (rk, rv) belongs to. Its FWD entry goes only if it still points at
+ * this REPLY's backend: the client may have re-used the FWD tuple for a new flow to another backend
+ * (KP_STAT_CT_REOPEN), which must survive.
+ */
+static __always_inline void kp_ct_forget_reply(const struct kp_ct4_key *rk, const struct kp_ct4_val *rv)
+{
+	struct kp_ct4_key fk;
+	struct kp_ct4_val fv;
+	struct kp_ct4_val *cur;
+
+	kp_ct_fwd_of_reply(rk, rv, &fk, &fv);
+	cur = bpf_map_lookup_elem(&kp_ct4_v1, &fk);
+	if (cur && cur->nat_addr == rk->saddr && cur->nat_port == rk->sport)
+		bpf_map_delete_elem(&kp_ct4_v1, &fk);
+	bpf_map_delete_elem(&kp_ct4_v1, rk);
+}
+
+static __always_inline int kp_ct_closing(__u8 state)
+{
+	return state == KP_CT_CLOSING || state == KP_CT_CLOSED;
+}
+
+/*
+ * A TCP SYN (no ACK) that is no Service's, from a client straight to a pod: if its reversed tuple is
+ * the REPLY key of a closing or closed Service flow (the client re-used the source port it had for
+ * that flow, now toward the backend itself), that entry would rewrite the backend's SYN-ACK to come
+ * from the frontend and the connection could never open. The client's kernel has moved on, so the
+ * old flow goes. A live (SYN_SENT, ESTABLISHED) flow is kept: the backend sees both connections as
+ * the same 4-tuple and cannot serve both; the older one keeps working. Per SYN only, never per packet.
+ */
+static __always_inline void kp_ct_direct_syn(const struct kp_pkt *p, __u64 now)
+{
+	struct kp_ct4_key rk = {
+		.saddr = p->daddr,
+		.daddr = p->saddr,
+		.sport = p->dport,
+		.dport = p->sport,
+		.proto = p->proto,
+		.dir = KP_CT_DIR_REPLY,
+	};
+	struct kp_ct4_val *cur, rv;
+
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) != KP_TCP_SYN)
+		return;
+	cur = kp_ct_lookup(&rk, now);
+	if (!cur || !kp_ct_closing(cur->state))
+		return;
+	rv = *cur;
+	kp_ct_forget_reply(&rk, &rv);
+	kp_count(KP_STAT_CT_TAKEOVER, p->len);
+}
+
+/*
+ * A new flow without SNAT (fk, fv) about to be written, whose REPLY key is held by a live entry of
+ * another flow: the same client address and port reach the same backend through another frontend
+ * (two Services sharing a backend, or a DSR flow entering through another node). The client's
+ * kernel re-used the port, so it considers the old connection gone (or, if it is alive, the backend
+ * sees both as one 4-tuple and only one can work): the new flow takes the REPLY entry over
+ * (kp_ct_write overwrites it) and the old FWD entry is deleted. Left alone, the old FWD entry would
+ * write its own REPLY value back on its next refresh and send the new flow's replies out from the
+ * old frontend. Whether the backend accepts the new SYN on a 4-tuple it holds in TIME_WAIT is its
+ * kernel's business (Linux does when the SYN's timestamp or sequence number is higher). One lookup
+ * per new flow.
+ */
+static __always_inline void kp_ct_claim_reply(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
+					      __u64 now, __u32 len)
+{
+	struct kp_ct4_key rk, ofk;
+	struct kp_ct4_val *cur, orv, ofv;
+
+	if (fv->flags & KP_CT_F_SNAT)
+		return;
+	kp_ct_reply_key_of_fwd(fk, fv, &rk);
+	cur = kp_ct_lookup(&rk, now);
+	if (!cur)
+		return;
+	orv = *cur;
+	kp_ct_fwd_of_reply(&rk, &orv, &ofk, &ofv);
+	if (kp_ct_key_eq(&ofk, fk))
+		return;   /* the same FWD tuple re-used: both entries are overwritten anyway */
+	kp_ct_forget_reply(&rk, &orv);
+	kp_count(KP_STAT_CT_TAKEOVER, len);
+}
+
+/*
+ * A flow re-opened on its FWD tuple (fk; fv its old value): delete the old REPLY entry if it is
+ * still this flow's. When the new flow picks another backend the old REPLY key differs and would
+ * otherwise live on for the fin timeout: a late packet of the old backend would refresh it and
+ * rewrite the FWD entry back to the old backend, and a direct connection to that backend from the
+ * same client port would have its replies rewritten.
+ */
+static __always_inline void kp_ct_drop_old_reply(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv)
+{
+	struct kp_ct4_key rk, ofk;
+	struct kp_ct4_val *cur, ofv;
+
+	if (fv->flags & KP_CT_F_SNAT)
+		return;
+	kp_ct_reply_key_of_fwd(fk, fv, &rk);
+	cur = bpf_map_lookup_elem(&kp_ct4_v1, &rk);
+	if (!cur)
+		return;
+	kp_ct_fwd_of_reply(&rk, cur, &ofk, &ofv);
+	if (kp_ct_key_eq(&ofk, fk))
+		bpf_map_delete_elem(&kp_ct4_v1, &rk);
+}
+
 /* Write both sides of a flow, described by its FWD side. */
 static __always_inline int kp_ct_write(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv)
 {
@@ -141,15 +272,10 @@ static __always_inline int kp_ct_write(const struct kp_ct4_key *fk, const struct
 		if (bpf_map_update_elem(&kp_snat4_v1, &sk, &sv, BPF_ANY))
 			return -1;
 	} else {
-		struct kp_ct4_key rk = {
-			.saddr = fv->nat_addr,
-			.daddr = hairpin ? fv->snat_addr : fk->saddr,
-			.sport = fv->nat_port,
-			.dport = hairpin ? fv->snat_port : fk->sport,
-			.proto = fk->proto,
-			.dir = KP_CT_DIR_REPLY,
-		};
+		struct kp_ct4_key rk;
 		struct kp_ct4_val rv = *fv;
+
+		kp_ct_reply_key_of_fwd(fk, fv, &rk);
 
 		rv.nat_addr = fk->daddr;
 		rv.nat_port = fk->dport;

@@ -252,6 +252,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 			goto xlate;
 		}
 		new_stat = KP_STAT_CT_REOPEN;
+		kp_ct_drop_old_reply(&fk, &fv);
 		/* The old flow is over (its tuple is reused, or its backend is gone): free its SNAT port now.
 		 * Left to expire, every reused client tuple held a second port for the fin timeout, and a
 		 * busy client re-using its ports (found with 5,000 connections/s in the lab) exhausted the
@@ -296,6 +297,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		}
 		kp_count(KP_STAT_SNAT_NEW, p->len);
 	}
+	kp_ct_claim_reply(&fk, &fv, now, p->len);
 	if (kp_ct_write(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
@@ -349,6 +351,9 @@ static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __
 	fv.nat_port = p->dport;
 	fv.state = state;
 	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
+	if (cur)
+		kp_ct_drop_old_reply(&fk, cur);
+	kp_ct_claim_reply(&fk, &fv, now, p->len);
 	if (kp_ct_write(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;

@@ -91,6 +91,20 @@ static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt
 	if (!cur)
 		return TC_ACT_OK;
 	rv = *cur;
+	/*
+	 * A SYN from the backend side on a closing or closed flow belongs to another connection: the
+	 * client re-used the port for a connection straight to the backend, whose SYN we did not see
+	 * (kp_ct_direct_syn normally removes the old flow then). Rewriting its SYN-ACK to come from the
+	 * frontend would make the client reset it, every retry. Passed as it is; the old flow goes, so
+	 * the new connection's later packets find nothing either. A SYN-ACK on an ESTABLISHED flow is
+	 * translated as before: the backend retransmits its SYN-ACK when the client's ACK was lost or
+	 * dropped (a full accept queue does that), and that is the same connection.
+	 */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) && kp_ct_closing(rv.state)) {
+		kp_ct_forget_reply(&rk, &rv);
+		kp_count(KP_STAT_CT_STALE_REPLY, p->len);
+		return TC_ACT_OK;
+	}
 	kp_ct_fwd_of_reply(&rk, &rv, &fk, &fv);
 	kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 1),
 		    fv.flags | KP_CT_F_SEEN_REPLY, now);

@@ -2,8 +2,14 @@
 /*
  * Source-port allocation for SNAT of external flows to remote backends (ingress node).
  * A port is taken by creating its kp_snat4_v1 entry with BPF_NOEXIST, so two CPUs can never hand
- * out the same (backend, node, port) tuple; each candidate is a fresh random port of the configured
- * range, at most KP_SNAT_MAX_RETRIES of them, then the packet is dropped and counted
+ * out the same (backend, node, port) tuple. Candidates come from one rotating cursor per loaded
+ * object (all CPUs, atomically advanced), not from random picks: a port comes back only after every
+ * other port of the range was handed out or found taken once, i.e. the port whose previous
+ * connection ended longest ago is tried first. The backend keeps a closed connection's 4-tuple in
+ * TIME_WAIT for 60 s; a random pick lands on a recently used port often (with half the range used in
+ * the last minute, every other pick) and its SYN then depends on the backend accepting a SYN into
+ * TIME_WAIT. The cursor starts at a random place so a restarted agent does not begin where the
+ * previous one began. At most KP_SNAT_MAX_RETRIES candidates, then the packet is dropped and counted
  * (KP_DROP_SNAT_NO_PORT). Entries live as long as their flow's conntrack entry: kp_ct_touch()
  * refreshes both, and a dead entry's port is taken over here.
  */
@@ -18,6 +24,17 @@
 #include "lib/stats.h"
 
 #define KP_SNAT_MAX_RETRIES 32
+
+/* Next SNAT port candidate (index into the range, modulo its size); 0 = not seeded yet. 64 bits:
+ * the BPF target of the build (no -mcpu=v3) has 64-bit atomics only. */
+static __u64 kp_snat_cursor;
+
+static __always_inline __u64 kp_snat_next(void)
+{
+	if (!kp_snat_cursor)
+		__sync_val_compare_and_swap(&kp_snat_cursor, 0, (__u64)bpf_get_prandom_u32() | 1);
+	return __sync_fetch_and_add(&kp_snat_cursor, 1);
+}
 
 /*
  * Give the new SNATed flow (fk, fv; fv->snat_addr set) a port: fills fv->snat_port and writes its
@@ -38,7 +55,7 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 	for (int i = 0; i < KP_SNAT_MAX_RETRIES; i++) {
 		struct kp_snat4_val *old;
 
-		fv->snat_port = bpf_htons((__u16)(lo + bpf_get_prandom_u32() % span));
+		fv->snat_port = bpf_htons((__u16)(lo + kp_snat_next() % span));
 		kp_snat_of_fwd(fk, fv, &sk, &sv);
 		if (!bpf_map_update_elem(&kp_snat4_v1, &sk, &sv, BPF_NOEXIST))
 			return 0;

@@ -124,6 +124,8 @@ class Stat(enum.IntEnum):
     MSS_CLAMP = 29
     FRAG_NEEDED = 30
     ICMP_SNAT = 31
+    CT_STALE_REPLY = 44
+    CT_TAKEOVER = 45
     SOCK_CONNECT = 16
     SOCK_SENDMSG = 17
     SOCK_RECVMSG_REVNAT = 18

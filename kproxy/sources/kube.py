@@ -8,8 +8,8 @@ otherwise deep-copy every body for cause detection), a short worker idle timeout
 kopf lacks three things a node proxy needs, and this module adds them:
 
 - Completeness. kopf never says "the initial listing is complete". KubeSource does its own paginated
-  LIST of Services and EndpointSlices (plus this Node and the settings ConfigMap), feeds the store
-  page by page and calls `store.mark_initial_sync_done()` only after the last page.
+  LIST of Nodes, Services and EndpointSlices (plus the settings ConfigMap), feeds the store page by
+  page and calls `store.mark_initial_sync_done()` only after the last page.
 - Deletions during a gap. After a 410 Gone kopf re-lists and re-delivers every object but never
   reports the ones deleted meanwhile. KubeSource LISTs again whenever kopf re-lists (noticed as a
   second initial-listing event for the same object), after kopf restarts, and periodically; whatever
@@ -18,6 +18,11 @@ kopf lacks three things a node proxy needs, and this module adds them:
   loop (so its shutdown, which cancels every task of its loop, and its signal handlers never touch
   the agent) under a supervisor that restarts it. The store and the maps are left alone meanwhile:
   the dataplane keeps serving the last known state.
+
+Nodes: this node's addresses and labels drive `store.set_node`; every node's name, InternalIP and
+zone go to the store's node table (`store.upsert_node`/`delete_node`, for the node address of remote
+backends). Node bodies are large (images, conditions): they are cut down to those fields in kopf's
+thread, before they cross to the agent's loop, and only the cut-down copy is ever kept.
 
 Every object carries a resourceVersion; KubeSource keeps the last one applied per object and ignores
 anything not newer, so the LIST and the watch can race freely and re-listings cost no store work and
@@ -50,6 +55,7 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
+NODES = ("", "v1", "nodes")
 SERVICES = ("", "v1", "services")
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
 
@@ -298,7 +304,7 @@ def kopf_settings(cfg: KubeSourceConfig, namespace: str | None, cm_name: str | N
     settings.process.ultimate_exiting_timeout = None
     # Only the built-in resources below are watched: no CRD or namespace scanning (and no RBAC for it).
     settings.scanning.disabled = True
-    settings.watching.field_selectors["v1", "nodes"] = f"metadata.name={cfg.node_name}"
+    # Every Node is watched (their addresses feed the node table), not only this one.
     if cm_name:
         settings.watching.field_selectors["v1", "configmaps"] = f"metadata.name={cm_name}"
     del namespace  # the ConfigMap's namespace is checked in the handler
@@ -347,6 +353,38 @@ def node_info(raw: Mapping[str, Any]) -> NodeInfo:
     )
 
 
+def slim_node(raw: Mapping[str, Any], this_node: str) -> dict[str, Any]:
+    """What the agent keeps of a Node: name, resourceVersion, InternalIPs and zone; for this node also
+    its labels, deletion mark and the autoscaler taint (set_node and /healthz need them)."""
+    def mapping(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    meta = mapping(raw.get("metadata"))
+    labels = mapping(meta.get("labels"))
+    status = mapping(raw.get("status"))
+    addresses = [
+        {"type": "InternalIP", "address": a["address"]}
+        for a in (status.get("addresses") or [])
+        if isinstance(a, dict) and a.get("type") == "InternalIP" and isinstance(a.get("address"), str)
+    ]
+    slim_meta: dict[str, Any] = {"name": meta.get("name"), "resourceVersion": meta.get("resourceVersion")}
+    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": slim_meta}
+    out["status"] = {"addresses": addresses}
+    if meta.get("name") == this_node:
+        slim_meta["labels"] = dict(labels)
+        if meta.get("deletionTimestamp"):
+            slim_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+        taints = (raw.get("spec") or {}).get("taints") if isinstance(raw.get("spec"), dict) else None
+        out["spec"] = {
+            "taints": [
+                t for t in (taints or []) if isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT
+            ]
+        }
+    elif isinstance(labels.get(ZONE_LABEL), str):
+        slim_meta["labels"] = {ZONE_LABEL: labels[ZONE_LABEL]}
+    return out
+
+
 def node_eligible(raw: Mapping[str, Any]) -> bool:
     """kube-proxy's /healthz rule: a node being deleted or drained by the autoscaler is not eligible."""
     if (raw.get("metadata") or {}).get("deletionTimestamp"):
@@ -367,6 +405,9 @@ class KubeSource:
         ToBeDeletedByClusterAutoscaler (kube-proxy then fails /healthz), True otherwise.
     metrics: optional SourceMetrics.
     connection: explicit credentials (tests); otherwise resolve_connection(config).
+    kopf_gate: when given, kopf starts only once it is set (the agent sets it after its first full
+        sync): kopf's own listing of every object then does not overlap the first sync, which keeps
+        the peak memory, and with it the RSS that stays afterwards, lower.
     """
 
     def __init__(
@@ -378,6 +419,7 @@ class KubeSource:
         on_node_eligible: Callable[[bool], None] | None = None,
         metrics: SourceMetrics | None = None,
         connection: kopf.ConnectionInfo | None = None,
+        kopf_gate: asyncio.Event | None = None,
     ) -> None:
         self.store = store
         self.cfg = KubeSourceConfig.from_any(config)
@@ -385,6 +427,7 @@ class KubeSource:
         self.on_node_eligible = on_node_eligible
         self.metrics = metrics
         self._connection = connection
+        self.kopf_gate = kopf_gate
         cm = self.cfg.settings_configmap
         self._cm_ns, _, self._cm_name = cm.partition("/") if cm else ("", "", "")
         if cm and not self._cm_name:
@@ -520,7 +563,10 @@ class KubeSource:
     def _post_threadsafe(self, kind: str, event: dict[str, Any]) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), event.get("object"))
+            raw = event.get("object")
+            if kind == "Node" and isinstance(raw, dict):
+                raw = slim_node(raw, self.cfg.node_name)
+            loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), raw)
 
     def _request_resync_threadsafe(self, reason: str) -> None:
         loop = self._loop
@@ -543,10 +589,8 @@ class KubeSource:
             return
         if self.metrics is not None:
             self.metrics.source_event(kind, etype or "LISTED")
-        if kind == "Node":
-            if ident[1] == self.cfg.node_name:
-                self._apply_node(raw, deleted=etype == "DELETED")
-            return
+        if kind == "Node" and ident[1] == self.cfg.node_name:
+            self._apply_node(raw, deleted=etype == "DELETED")
         if kind == "ConfigMap":
             if ident == (self._cm_ns, self._cm_name):
                 self._apply_settings({} if etype == "DELETED" else raw.get("data") or {})
@@ -579,6 +623,8 @@ class KubeSource:
         try:
             if kind == "Service":
                 self.store.upsert_service(raw, origin="kubernetes")
+            elif kind == "Node":
+                self.store.upsert_node(raw, origin="kubernetes")  # type: ignore[attr-defined]
             else:
                 self.store.upsert_slice(raw, origin="kubernetes")
         except ValueError as e:  # kproxy.model.ModelError and friends: the store names the problem
@@ -586,7 +632,12 @@ class KubeSource:
             self._count_skipped(kind, getattr(e, "reason", "invalid"))
             return True
         if not quiet:
-            log.info("%s %s/%s %s", kind, ns, name, "updated" if existed else "added")
+            log.info(
+                "%s %s %s",
+                kind,
+                name if kind == "Node" else f"{ns}/{name}",
+                "updated" if existed else "added",
+            )
         return True
 
     def _apply_delete(self, key: tuple[str, str, str], rv: int | None, quiet: bool) -> None:
@@ -601,10 +652,12 @@ class KubeSource:
         kind, ns, name = key
         if kind == "Service":
             self.store.delete_service(ns, name)
+        elif kind == "Node":
+            self.store.delete_node(name)  # type: ignore[attr-defined]
         else:
             self.store.delete_slice(ns, name)
         if not quiet:
-            log.info("%s %s/%s deleted", kind, ns, name)
+            log.info("%s %s deleted", kind, name if kind == "Node" else f"{ns}/{name}")
 
     def _apply_node(self, raw: dict[str, Any], deleted: bool) -> None:
         if deleted:
@@ -648,6 +701,9 @@ class KubeSource:
         reason = "initial"
         while True:
             await self._full_list(session, reason)
+            if self._kopf_thread is None and self.kopf_gate is not None and not self.kopf_gate.is_set():
+                await self.kopf_gate.wait()
+                self.request_resync("kopf started")  # whatever was deleted while kopf was not watching
             if self._kopf_thread is None:
                 # kopf starts only now: its listing would otherwise compete with ours (and the first
                 # sync) for the CPU. Whatever changed in between, its listing delivers; whatever was
@@ -702,19 +758,17 @@ class KubeSource:
             log.debug("full listing (%s) in %.2f s: no difference", reason, took)
 
     async def _list_once(self, session: aiohttp.ClientSession) -> tuple[int, int]:
-        node = await self._get(session, f"/api/v1/nodes/{self.cfg.node_name}")
-        if node is None:
-            log.warning(
-                "node %s not found in the API: NodePorts and local endpoints wait for it", self.cfg.node_name
-            )
-        else:
-            self._apply_node(node, deleted=False)
         if self._cm_name:
             cm = await self._get(session, f"/api/v1/namespaces/{self._cm_ns}/configmaps/{self._cm_name}")
             self._apply_settings((cm or {}).get("data") or {})
         changed = deleted = 0
         quiet = not self.initial_sync_done.is_set()
-        for kind, (group, version, plural) in (("Service", SERVICES), ("EndpointSlice", SLICES)):
+        this_node_found = False
+        for kind, (group, version, plural) in (
+            ("Node", NODES),
+            ("Service", SERVICES),
+            ("EndpointSlice", SLICES),
+        ):
             base = f"/api/{version}/{plural}" if not group else f"/apis/{group}/{version}/{plural}"
             listed: set[tuple[str, str, str]] = set()
             list_rv: int | None = None
@@ -724,11 +778,22 @@ class KubeSource:
                     ident = _ns_name(raw) if isinstance(raw, dict) else None
                     if ident is None:
                         continue
+                    if kind == "Node":
+                        raw = slim_node(raw, self.cfg.node_name)
+                        if ident[1] == self.cfg.node_name:
+                            this_node_found = True
+                            self._apply_node(raw, deleted=False)
                     key = (kind, ident[0], ident[1])
                     listed.add(key)
                     if self._apply_upsert(key, raw, quiet=quiet):
                         changed += 1
+                del items  # the page's raw bodies: only the compact model is kept
                 await asyncio.sleep(0)  # let watch events in between pages
+            if kind == "Node" and not this_node_found:
+                log.warning(
+                    "node %s not found in the API: NodePorts and local endpoints wait for it",
+                    self.cfg.node_name,
+                )
             for key, seen_rv in list(self._seen.items()):
                 if key[0] != kind or key in listed:
                     continue

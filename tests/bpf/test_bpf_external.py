@@ -339,6 +339,44 @@ def test_snat_reopened_tuple_frees_the_old_port(dp: Datapath, lab: Lab) -> None:
     assert live == [now], f"old port {first} still held: {live}"
 
 
+def test_snat_ports_rotate_through_the_range(dp: Datapath, lab: Lab) -> None:
+    """Bench finding (issue 4, snat row: 1-s SYN retries and timeouts): random picks re-used ports whose
+    previous connection the backend still held in TIME_WAIT. Ports now come from a rotating cursor:
+    the first `span` new flows get every port of the range exactly once, without a single retry, and
+    a port comes back only after the whole range was handed out (oldest use first)."""
+    lo, span = 40000, 16
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + span - 1)
+    nodeport(dp, BE_REMOTE)
+    ports = []
+    for i in range(span):
+        out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT + i))
+        ok(out, TC_ACT_REDIRECT)
+        ports.append(parse(out.data_out).sport)
+        # The flow ends at once: its port is free again (a random allocator would pick it again soon).
+        dp.snat4.delete(snat_key(ports[-1]))
+    assert sorted(ports) == list(range(lo, lo + span)), ports
+    assert dp.stat(Stat.SNAT_RETRY)[0] == 0
+    # Consecutive: each port is the one after the previous (modulo the range).
+    assert all((b - a) % span == 1 for a, b in zip(ports, ports[1:], strict=False)), ports
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT + span))
+    assert parse(out.data_out).sport == ports[0]
+
+
+def test_snat_cursor_skips_taken_ports(dp: Datapath, lab: Lab) -> None:
+    lo, span = 40000, 4
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + span - 1)
+    nodeport(dp, BE_REMOTE)
+    first = parse(run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT)).data_out).sport
+    # The next two ports are held by live flows of another client: the cursor moves past them.
+    taken = Snat4Val(time.monotonic_ns() + 60 * 10**9, ip_to_nbo("203.0.113.99"), ip_to_nbo(NODE), 1, 2, 1, 8)
+    for k in (1, 2):
+        dp.snat4.update(snat_key(lo + (first - lo + k) % span), taken)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT + 1))
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == lo + (first - lo + 3) % span
+    assert dp.stat(Stat.SNAT_RETRY)[0] == 2
+
+
 @pytest.mark.parametrize("flags", [0, SvcFlag.ETP_LOCAL], ids=["local-backend", "etp-local"])
 def test_no_snat_for_local_backends_and_etp_local(dp: Datapath, lab: Lab, flags: int) -> None:
     set_cfg(dp)

@@ -174,7 +174,7 @@ class FakeApiServer:
         self._snapshots: collections.OrderedDict[str, tuple[int, list[bytes]]] = collections.OrderedDict()
         self._down = False
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
         self._bookmarker: asyncio.Task[None] | None = None
         self.requests: collections.Counter[str] = collections.Counter()  # "LIST services", "WATCH nodes"
 
@@ -183,11 +183,19 @@ class FakeApiServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self, port: int = 0) -> str:
+    async def start(self, port: int = 0, sock: socket.socket | None = None) -> str:
+        """Serve on host:port, or on SOCK, a listening socket made elsewhere (e.g. inside a network
+        namespace: it stays there). A socket cannot be re-bound: go_down()/come_up() need host:port."""
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
+        if sock is not None:
+            self.host, self.port = sock.getsockname()[:2]
+            self._site = web.SockSite(self._runner, sock)
+            await self._site.start()
+            self._bookmarker = asyncio.create_task(self._bookmarks(), name="apiserver bookmarks")
+            return self.url
         if port == 0:
             # Pick the port ourselves so that going down and up again re-binds the same one.
             with socket.socket() as s:

@@ -80,10 +80,11 @@ class Harness:
     reports: list[Any] = field(default_factory=list)
     settings: list[dict[str, str]] = field(default_factory=list)
     resync_interval: float = 0.0
+    store_factory: Callable[[], ClusterStore] = ClusterStore
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     async def start(self) -> None:
-        self.store = ClusterStore()
+        self.store = self.store_factory()
         self.hc = ServiceHealthServers(self.health.is_healthy, addresses=("127.0.0.1",))
         self.metrics.bind(maps=self.maps, store=self.store)
         self.store.add_listener(self.health.queued)

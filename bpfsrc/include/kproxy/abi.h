@@ -235,6 +235,8 @@ enum kp_stat {
 	KP_STAT_MSS_CLAMP = 29,       /* SYN-ACKs of DSR IPIP flows whose MSS was lowered */
 	KP_STAT_FRAG_NEEDED = 30,     /* ICMP fragmentation-needed sent for packets too big after the DSR header */
 	KP_STAT_ICMP_SNAT = 31,       /* ICMP errors about SNATed flows translated to the client */
+	KP_STAT_CT_STALE_REPLY = 44,  /* SYN from a backend hit a closing/closed flow's REPLY entry: passed untranslated, flow deleted */
+	KP_STAT_CT_TAKEOVER = 45,     /* a new connection (direct SYN or new Service flow) took over another flow's REPLY tuple */
 	/* socket-level load balancing (cgroup hooks, bpfsrc/kproxy_sock.bpf.c); bytes stay 0 */
 	KP_STAT_SOCK_CONNECT = 16,            /* connect() to a frontend rewritten to a backend */
 	KP_STAT_SOCK_SENDMSG = 17,            /* unconnected UDP sendmsg() to a frontend rewritten */
