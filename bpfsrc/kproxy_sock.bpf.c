@@ -111,6 +111,9 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 		return KP_SOCK_REFUSE;
 	}
 	p.saddr = kp_sock_client(ctx, sendmsg);
+	/* loadBalancerSourceRanges hold for node processes too (kube-proxy's KUBE-FW sees OUTPUT). */
+	if (kp_src_range_drop(&svc_copy, &p))
+		return KP_SOCK_REFUSE;
 	if (kp_lb_select(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
 		kp_sock_count(KP_DROP_BACKEND_MISSING);
 		return KP_SOCK_REFUSE;

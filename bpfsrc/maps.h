@@ -72,4 +72,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_snat4_v1 SEC(".maps");
 
+/* loadBalancerSourceRanges: allowed source prefixes per service port (see struct kp_lbsrc4_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kp_lbsrc4_key);
+	__type(value, struct kp_lbsrc4_val);
+	__uint(max_entries, KP_LBSRC4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_lbsrc4_v1 SEC(".maps");
+
 #endif /* KPROXY_MAPS_H */

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import time
@@ -49,6 +50,27 @@ def gc_paused() -> Iterator[None]:
                 # during the batch would stay; nothing here makes cycles.
                 gc.freeze()
             gc.enable()
+
+
+_malloc_trim: Any = None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps what a burst freed (the cold sync's plans, kopf's listing of every object) as RSS
+    unless its free chunks happen to sit at the top of the heap. The trim takes a few milliseconds
+    with a big heap: call it after such bursts only.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 class ClusterStore:

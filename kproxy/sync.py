@@ -37,8 +37,9 @@ from typing import Any, Protocol
 
 from kproxy.bpf import abi
 from kproxy.bpf.mapapi import MapFullError, MapOps
+from kproxy.lbsrc import SourceRangeSync, Staged
 from kproxy.model import BackendRef, Frontend
-from kproxy.store import ClusterStore, gc_paused
+from kproxy.store import ClusterStore, gc_paused, trim_heap
 from kproxy.translate import TranslateConfig, TranslateError, translate_service
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,14 @@ log = logging.getLogger(__name__)
 FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
 # A backend as one int (a 32-byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
 # BKey = addr NBO | port NBO << 32 | proto << 48; BVal (its kp_be4 value) = BKey | flags << 56 |
-# node_addr NBO << 64.
+# node_addr NBO << 64. The programmed table (Syncer._be_vals) adds the number of services referencing
+# the backend above bit 96: one dict less (5 MB at 100,000 backends), in the same 40-byte int.
 BKey = int
 BVal = int
 _BK_MASK = (1 << 56) - 1
+_REFS_SHIFT = 96
+_REF1 = 1 << _REFS_SHIFT
+_VAL_MASK = _REF1 - 1
 
 
 def _bkey(addr: int, port: int, proto: int) -> BKey:
@@ -62,7 +67,11 @@ def _bval_proto(val: BVal) -> int:
 
 def _pack_be4(val: BVal) -> bytes:
     return _PACK_BE4_VAL(
-        val & 0xFFFFFFFF, (val >> 32) & 0xFFFF, (val >> 48) & 0xFF, (val >> 56) & 0xFF, val >> 64
+        val & 0xFFFFFFFF,
+        (val >> 32) & 0xFFFF,
+        (val >> 48) & 0xFF,
+        (val >> 56) & 0xFF,
+        (val >> 64) & 0xFFFFFFFF,
     )
 
 
@@ -105,6 +114,7 @@ class MapSet(Protocol):
     be4: MapOps[Any, Any]
     ct4: MapOps[Any, Any]
     aff4: MapOps[Any, Any]
+    lbsrc4: MapOps[Any, Any]
 
     def read_config(self) -> abi.Config: ...
 
@@ -127,12 +137,24 @@ class _Svc:
     backends: set[int] | tuple[int, ...] = field(default_factory=set)
     # svc_id -> ids in its slots; sets while planned, tuples once committed
     active: dict[int, set[int]] | dict[int, tuple[int, ...]] = field(default_factory=dict)
-    svc_ports: set[SvcPort] = field(default_factory=set)
+    svc_ports: set[SvcPort] | tuple[SvcPort, ...] = field(default_factory=set)  # a tuple once committed
 
     def compact(self) -> _Svc:
         """The committed form: tuples take a sixth of the memory of small sets (10,000s of services)."""
-        self.backends = tuple(self.backends)
-        self.active = {sid: tuple(ids) for sid, ids in self.active.items()}
+        # Most services' backends and active ids equal one frontend's slots: share that tuple.
+        by_len: dict[int, tuple[int, ...]] = {}
+        for fe in self.frontends.values():
+            by_len.setdefault(len(fe.slots), fe.slots)
+
+        def share(ids: set[int] | tuple[int, ...]) -> tuple[int, ...]:
+            if type(ids) is tuple:
+                return ids
+            t = by_len.get(len(ids))
+            return t if t is not None and ids.issuperset(t) else tuple(ids)  # type: ignore[union-attr]
+
+        self.backends = share(self.backends)
+        self.active = {sid: share(ids) for sid, ids in self.active.items()}
+        self.svc_ports = tuple(self.svc_ports)  # a set of one is 216 bytes
         return self
 
 
@@ -156,10 +178,21 @@ class _Plan:
     svc4_removed: int = 0
     svc_ids: dict[SvcPort, int] = field(default_factory=dict)
     conflicts: list[FKey] = field(default_factory=list)
+    src_ranges: dict[int, tuple[str, ...]] = field(default_factory=dict)  # svc_id -> CIDRs (kproxy.lbsrc)
 
     @property
     def empty(self) -> bool:
         return not (self.be_puts or self.slot_puts or self.slot0_puts or self.slot_dels or self.fe_dels)
+
+
+@dataclass(slots=True)
+class _Flush:
+    """Conntrack and affinity entries to flush once an apply's chunks are written."""
+
+    udp_freed: set[int] = field(default_factory=set)
+    aff_freed: set[int] = field(default_factory=set)
+    udp_pairs: set[tuple[int, int]] = field(default_factory=set)
+    aff_pairs: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -173,6 +206,7 @@ class ApplyReport:
     be4_deletes: int = 0
     ct_flushed: int = 0
     aff_flushed: int = 0
+    services: int = 0  # services applied (planned), changed or not
     # sync_dirty: monotonic time of each synced Service's first change (network programming latency)
     first_change: dict[str, float] = field(default_factory=dict)
 
@@ -180,6 +214,9 @@ class ApplyReport:
     def writes(self) -> int:
         return self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes
 
+
+# Services planned, written and committed per batch when an apply has more (see Syncer._apply)
+APPLY_CHUNK = 1000
 
 _KS = ctypes.sizeof(abi.Svc4Key)
 _VS = ctypes.sizeof(abi.Svc4Val)
@@ -233,13 +270,14 @@ class Syncer:
         self._owner: dict[FKey, str] = {}
         self._waiting: dict[FKey, set[str]] = {}
         self._be_ids: dict[BKey, int] = {}
-        self._be_vals: dict[int, BVal] = {}  # programmed kp_be4 values
-        self._be_refs: dict[int, int] = {}  # backend id -> services referencing it
+        # backend id -> programmed kp_be4 value | services referencing it << _REFS_SHIFT
+        self._be_vals: dict[int, BVal] = {}
         self._next_be = 1
         self._svc_ids: dict[SvcPort, int] = {}
         self._svc_id_owner: dict[int, SvcPort] = {}
         self._next_svc = 1
         self._svc4_entries = 0
+        self._lbsrc = SourceRangeSync(maps.lbsrc4)
         # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
         # node the table does not list (yet)
         self.node_addrs: dict[str, int] = {}
@@ -288,7 +326,6 @@ class Syncer:
         self._owner.clear()
         self._be_ids.clear()
         self._be_vals.clear()
-        self._be_refs.clear()
         self._svc_ids.clear()
         self._svc_id_owner.clear()
         max_be = 0
@@ -331,8 +368,9 @@ class Syncer:
         # Until the first full apply nothing adopted is proven stale: the orphans hold every backend.
         orphans.backends = set(self._be_vals)
         for bid in orphans.backends:
-            self._be_refs[bid] = self._be_refs.get(bid, 0) + 1
+            self._be_vals[bid] += _REF1
         self._services[ORPHANS] = orphans
+        self._lbsrc.adopt(fe.svc_id for fe in orphans.frontends.values())
         for _k, v in self.maps.ct4.items():
             max_be = max(max_be, v.backend_id)
             max_svc = max(max_svc, v.svc_id)
@@ -401,7 +439,8 @@ class Syncer:
                         | naddr << 64
                     )
                     be_vals[bid] = val
-                    if programmed.get(bid) != val:
+                    prev = programmed.get(bid)
+                    if prev is None or prev & _VAL_MASK != val:
                         be_puts[bid] = val
                 out.add(bid)
         finally:
@@ -430,7 +469,7 @@ class Syncer:
                 continue
             sp = (service, fe.port_name, proto)
             sid = self._svc_ids.get(sp) or plan.svc_ids.get(sp) or self._alloc_svc_id(sp, fk, plan, old)
-            new.svc_ports.add(sp)
+            new.svc_ports.add(sp)  # type: ignore[union-attr]  # a set while planned
             backends = fe.backends
             # translate hands the same backends tuple to several frontends (ClusterIP, NodePorts...)
             ids_t = memo.get(id(backends))
@@ -445,6 +484,8 @@ class Syncer:
             else:
                 act.update(ids_t)
             new.frontends[fk] = _Fe(sid, fe.flags, fe.affinity_timeout, ids_t)
+            if fe.source_ranges:
+                plan.src_ranges[sid] = fe.source_ranges
             if owner == ORPHANS:
                 plan.claimed.append(fk)
         # diff against what is programmed (own frontends + orphans being claimed)
@@ -516,21 +557,31 @@ class Syncer:
 
     def _apply(self, desired: Mapping[str, Iterable[Frontend]], full: bool) -> ApplyReport:
         report = ApplyReport()
-        plans: list[_Plan] = []
+        # Big applies (the cold start: 10,000s of Services) go in chunks of APPLY_CHUNK Services, each
+        # planned, written in DESIGN.md's order and committed before the next is planned: every
+        # Service's own writes stay ordered, and the plans' packed entries of one chunk are garbage
+        # before the next is built. One batch for all of them peaked ~50 MB higher, and the allocator
+        # keeps such a peak as RSS for good.
+        chunk: list[_Plan] = []
+        flush = _Flush()
         for service, frontends in desired.items():
             if service == ORPHANS:
                 continue
+            report.services += 1
             try:
-                plans.append(self._plan(service, frontends))
+                chunk.append(self._plan(service, frontends))
             except (ValueError, OverflowError) as err:
                 self.errors["invalid_frontend"] += 1
                 report.failed[service] = str(err)
                 log.error("service %s not programmed: %s", service, err)
+            if len(chunk) >= APPLY_CHUNK:
+                self._apply_plans(chunk, report, flush)
+                chunk = []
         if full:
             for service in list(self._services):
                 if service not in desired and service != ORPHANS:
-                    plans.append(self._plan(service, ()))
-        admitted = self._admit(plans, report)
+                    chunk.append(self._plan(service, ()))
+        admitted = self._admit(chunk, report)
         orphans = self._services.get(ORPHANS)
         if full and orphans is not None:
             # What adopt() found and no Service claimed is stale now that the view is complete.
@@ -538,24 +589,62 @@ class Syncer:
                 for fk in p.claimed:
                     orphans.frontends.pop(fk, None)
             admitted.append(self._plan(ORPHANS, ()))
+        self._apply_plans(admitted, report, flush, admitted=True)
+        self._flush(flush, report)
+        return report
+
+    def _apply_plans(
+        self, plans: list[_Plan], report: ApplyReport, flush: _Flush, admitted: bool = False
+    ) -> None:
+        """Admit (unless done), write, commit, then free and flush one batch of plans."""
+        if not admitted:
+            plans = self._admit(plans, report)
+        plans, ranges = self._stage_source_ranges(plans, report)
         try:
-            self._write_batched(admitted, report)
+            self._write_batched(plans, report)
         except MapFullError as err:
             log.error("batched map update failed (%s); applying service by service", err)
             self.errors["map_full"] += 1
             ok = []
-            for p in admitted:
+            for p in plans:
                 try:
                     self._write_batched([p], ApplyReport())
                     ok.append(p)
                 except MapFullError as err2:
                     self._undo(p)
                     self._fail(p, report, f"map {err2.map_name} is full", "map_full")
-            admitted = ok
-            self._count_writes(admitted, report)
-        freed = self._commit(admitted, report)
-        self._free_and_flush(admitted, freed, report)
-        return report
+            plans = ok
+            self._count_writes(plans, report)
+        self._lbsrc.finish(ranges, plans)
+        freed = self._commit(plans, report)
+        self._free_and_flush(plans, freed, report, flush)
+
+    def _stage_source_ranges(self, plans: list[_Plan], report: ApplyReport) -> tuple[list[_Plan], Staged]:
+        """kp_lbsrc4 entries the plans add, written before their slot-0 entries (see kproxy.lbsrc);
+        plans whose ranges cannot be written fail here, before anything of theirs is."""
+        track_old = bool(self._lbsrc.programmed)  # else no old range can go: skip listing svc ids
+        owner = self._svc_id_owner
+
+        def sids(p: _Plan) -> list[int]:
+            # not the ids another Service owns: adopted orphans may share one with the claiming Service
+            if not track_old:
+                return []
+            mine = (p.service,)
+            return [
+                f.svc_id
+                for s in (p.old, p.new)
+                for f in s.frontends.values()
+                if owner.get(f.svc_id, mine)[0] == p.service
+            ]
+
+        staged, refused = self._lbsrc.stage((p, p.src_ranges, sids(p)) for p in plans)
+        if refused:
+            for p, why in refused:
+                reason = "map_full" if "full" in why else "invalid_source_range"
+                self._fail(p, report, why, reason)  # type: ignore[arg-type]
+            bad = {id(p) for p, _ in refused}
+            plans = [p for p in plans if id(p) not in bad]
+        return plans, staged
 
     def _admit(self, plans: list[_Plan], report: ApplyReport) -> list[_Plan]:
         svc4_max = self.maps.svc4.max_entries
@@ -611,9 +700,9 @@ class Syncer:
         report.svc4_deletes += len(slot_dels) + len(fe_dels)
 
     def _count_writes(self, plans: list[_Plan], report: ApplyReport) -> None:
-        report.be4_puts = len({b for p in plans for b in p.be_puts})
-        report.svc4_puts = sum(_n_entries(p.slot_puts) + _n_entries(p.slot0_puts) for p in plans)
-        report.svc4_deletes = sum(_n_keys(p.slot_dels) + _n_keys(p.fe_dels) for p in plans)
+        report.be4_puts += len({b for p in plans for b in p.be_puts})
+        report.svc4_puts += sum(_n_entries(p.slot_puts) + _n_entries(p.slot0_puts) for p in plans)
+        report.svc4_deletes += sum(_n_keys(p.slot_dels) + _n_keys(p.fe_dels) for p in plans)
 
     def _undo(self, p: _Plan) -> None:
         """Take back what a failed plan may have written: new keys go, rewritten keys get their old value."""
@@ -633,19 +722,30 @@ class Syncer:
         """Record admitted plans as programmed; return backend ids no longer referenced."""
         maybe_free: set[int] = set()
         orphans = self._services.get(ORPHANS)
-        refs = self._be_refs
-        refs_get = refs.get
+        vals = self._be_vals
+        vals_get = vals.get
         for p in plans:
-            self._be_vals.update(p.be_puts)
+            puts = p.be_puts
+            if vals.keys().isdisjoint(puts):  # all new (the cold start): nothing to keep
+                vals.update(puts)
+            else:
+                for bid, v in puts.items():
+                    prev = vals_get(bid)
+                    vals[bid] = v if prev is None else v | (prev - (prev & _VAL_MASK))  # keeps the count
             old_be = p.old.backends
             new_be = p.new.backends
+            # every id a plan references is programmed or in its be_puts, so in vals by now
             for bid in new_be if not old_be else [b for b in new_be if b not in old_be]:
-                refs[bid] = refs_get(bid, 0) + 1
+                vals[bid] += _REF1
             for bid in [b for b in old_be if b not in new_be]:
-                n = refs_get(bid, 0) - 1
-                refs[bid] = n
-                if n <= 0:
+                cur = vals_get(bid)
+                if cur is None:
+                    continue
+                if cur < _REF1 * 2:  # this was the last reference
+                    vals[bid] = cur & _VAL_MASK
                     maybe_free.add(bid)
+                else:
+                    vals[bid] = cur - _REF1
             for fk in p.old.frontends:
                 if fk not in p.new.frontends and self._owner.get(fk) == p.service:
                     del self._owner[fk]
@@ -657,7 +757,7 @@ class Syncer:
             if orphans is not None and p.service != ORPHANS:
                 for fk in p.claimed:
                     orphans.frontends.pop(fk, None)
-            for sp in p.old.svc_ports - p.new.svc_ports:
+            for sp in [sp for sp in p.old.svc_ports if sp not in p.new.svc_ports]:
                 sid = self._svc_ids.pop(sp, None)
                 if sid is not None:
                     self._svc_id_owner.pop(sid, None)
@@ -680,20 +780,26 @@ class Syncer:
                         _n_entries(p.slot_puts) + _n_entries(p.slot0_puts),
                         _n_keys(p.slot_dels) + _n_keys(p.fe_dels),
                     )  # fmt: skip
-        freed = {b for b in maybe_free if refs_get(b, 0) <= 0}
-        for b in freed:
-            del self._be_refs[b]
+        freed = {b for b in maybe_free if vals_get(b, 0) < _REF1}
         # ids allocated by plans that were not admitted, and never programmed, are forgotten
         if len(self._be_ids) != len(self._be_vals):
             for bk, bid in list(self._be_ids.items()):
-                if bid not in self._be_vals and self._be_refs.get(bid, 0) <= 0:
+                if bid not in self._be_vals:
                     del self._be_ids[bk]
         return freed
 
-    def _free_and_flush(self, plans: list[_Plan], freed: set[int], report: ApplyReport) -> None:
+    def _free_and_flush(
+        self, plans: list[_Plan], freed: set[int], report: ApplyReport, flush: _Flush | None = None
+    ) -> None:
+        """Free backend ids no longer referenced, then flush UDP conntrack and affinity entries of
+        backends that left a service: now, or, given `flush`, once its caller's chunks are all done
+        (each flush walks the whole conntrack map)."""
         m = self.maps
-        udp_freed: set[int] = set()
-        aff_freed: set[int] = set()
+        later = flush is not None
+        if flush is None:
+            flush = _Flush()
+        udp_freed = flush.udp_freed
+        aff_freed = flush.aff_freed
         if freed:
             for b in freed:
                 val = self._be_vals.pop(b, None)
@@ -706,8 +812,8 @@ class Syncer:
             m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
             report.be4_deletes += len(freed)
         # backends that left a service's slots but still exist: flush that service's UDP flows to them
-        udp_pairs: set[tuple[int, int]] = set()
-        aff_pairs: set[tuple[int, int]] = set()
+        udp_pairs = flush.udp_pairs
+        aff_pairs = flush.aff_pairs
         affinity_sids: set[int] = set()
         for p in plans:
             for fe in p.old.frontends.values():
@@ -723,10 +829,15 @@ class Syncer:
                         udp_pairs.add((b, sid))
                     if sid in affinity_sids:
                         aff_pairs.add((b, sid))
-        if udp_freed or udp_pairs:
-            report.ct_flushed = flush_udp_conntrack(m.ct4, udp_freed, udp_pairs)
-        if aff_freed or aff_pairs:
-            report.aff_flushed = flush_affinity(m.aff4, aff_freed, aff_pairs)
+        if not later:
+            self._flush(flush, report)
+
+    def _flush(self, flush: _Flush, report: ApplyReport) -> None:
+        m = self.maps
+        if flush.udp_freed or flush.udp_pairs:
+            report.ct_flushed += flush_udp_conntrack(m.ct4, flush.udp_freed, flush.udp_pairs)
+        if flush.aff_freed or flush.aff_pairs:
+            report.aff_flushed += flush_affinity(m.aff4, flush.aff_freed, flush.aff_pairs)
 
 
 def flush_udp_conntrack(ct4: MapOps[Any, Any], backends: set[int], pairs: set[tuple[int, int]]) -> int:
@@ -804,7 +915,10 @@ def sync_dirty(
     removed from the maps, as it cannot be served. Services to retry are marked dirty again.
     """
     with gc_paused():
-        return _sync_dirty(store, syncer, cfg, full)
+        report = _sync_dirty(store, syncer, cfg, full)
+    if report.services >= APPLY_CHUNK:
+        trim_heap()  # what a big apply's plans freed, see trim_heap
+    return report
 
 
 class _Translated(Mapping[str, list[Frontend]]):

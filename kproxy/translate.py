@@ -16,6 +16,9 @@ CategorizeEndpoints):
   when every ready endpoint has zone hints and some are for this node's zone.
 - Endpoints listed but not eligible for new connections (terminating, not ready) are `retained`:
   their backend entries stay so flows already going to them continue.
+- loadBalancerSourceRanges restrict the LoadBalancer IP frontends only (kube-proxy's KUBE-FW chains:
+  NodePorts, ClusterIPs and external IPs stay open, and pods and the node get no exemption); see
+  lb_source_ranges.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from kproxy.model import (
     NodeInfo,
     Service,
     ServicePort,
+    endpoint_rows,
 )
 
 MAX_BACKENDS_PER_FRONTEND = 65535  # slot-0 count is a u16
@@ -97,6 +101,36 @@ def nodeport_addresses(node: NodeInfo, cfg: TranslateConfig) -> list[str]:
     return [a for a in v4 if any(ipaddress.ip_address(a) in net for net in cfg.nodeport_addresses)]
 
 
+def lb_source_ranges(
+    svc: Service, lb_ips: list[str], node: NodeInfo, skipped: Counter[str]
+) -> tuple[str, ...]:
+    """The sources allowed to open flows to the LoadBalancer IPs, as kube-proxy's firewall chain has them.
+
+    The IPv4 loadBalancerSourceRanges (IPv6 ones belong to the other family: counted and left out,
+    and a Service with IPv6 ranges only is not restricted for IPv4, as kube-proxy filters ranges by
+    family), plus the LoadBalancer IPs themselves as /32 when a range holds this node's primary
+    address: a VIP routed to the node locally loops back with itself as the source.
+    """
+    nets: set[ipaddress.IPv4Network] = set()
+    for cidr in svc.spec.load_balancer_source_ranges:
+        try:
+            net = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            raise TranslateError(
+                svc.key, "invalid_source_range", f"loadBalancerSourceRanges entry {cidr!r} is not a CIDR"
+            ) from None
+        if isinstance(net, ipaddress.IPv4Network):
+            nets.add(net)
+        else:
+            skipped["ipv6_source_range"] += 1
+    if not nets:
+        return ()
+    node_ip = next((a for a in node.addresses if _is_v4(a)), None)
+    if node_ip is not None and any(ipaddress.IPv4Address(node_ip) in n for n in nets):
+        nets.update(ipaddress.IPv4Network(f"{ip}/32") for ip in lb_ips)
+    return tuple(str(n) for n in sorted(nets))
+
+
 class _Ep(NamedTuple):
     ref: BackendRef
     ready: bool
@@ -125,8 +159,8 @@ def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: Node
             continue
         node_name_here = node.name
         protocol = sp.protocol
-        for addresses, c, node_name, zone, ep_hints in es.endpoints:
-            address = addresses[0]  # the API says addresses are fungible; kube-proxy uses the first
+        # the API says addresses are fungible; kube-proxy uses the first
+        for address, c, node_name, zone, ep_hints in endpoint_rows(es.endpoints):
             ready = c.ready is None or c.ready
             key = (address, port)
             old = by_addr.get(key)
@@ -235,6 +269,7 @@ def translate_service(
             skipped["ipv6_address"] += 1
     lb_ips: list[str] = []
     src_ranges = 0
+    lb_ranges: tuple[str, ...] = ()
     if spec.type == "LoadBalancer":
         for ing in svc.status.load_balancer.ingress:
             if not ing.ip:
@@ -243,8 +278,9 @@ def translate_service(
                 lb_ips.append(ing.ip)
             else:
                 skipped["ipv6_address"] += 1
-        if spec.load_balancer_source_ranges:
-            src_ranges = SvcFlag.SRC_RANGES
+        if spec.load_balancer_source_ranges and lb_ips:
+            lb_ranges = lb_source_ranges(svc, lb_ips, node, skipped)
+            src_ranges = SvcFlag.SRC_RANGES if lb_ranges else 0
     has_node_ports = spec.type in ("NodePort", "LoadBalancer") and any(p.node_port for p in spec.ports)
     node_addrs = nodeport_addresses(node, cfg) if has_node_ports else []
 
@@ -324,17 +360,18 @@ def translate_service(
         externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in external_ips]
         for ftype, type_flag, address, port in externals:
             flags = int(ext_base | type_flag)
+            ranges = lb_ranges if ftype == "LoadBalancer" else ()
             emit(
                 Frontend(
                     key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]
-                    int(flags | ext_drop), affinity_timeout, external_t, retained,
+                    int(flags | ext_drop), affinity_timeout, external_t, retained, ranges,
                 )
             )  # fmt: skip
             if etp_local:
                 emit(
                     Frontend(
                         key, sp.name, ftype, address, port, sp.protocol, _INT,  # type: ignore[arg-type]
-                        flags, affinity_timeout, cluster_t, retained,
+                        flags, affinity_timeout, cluster_t, retained, ranges,
                     )
                 )  # fmt: skip
     return out

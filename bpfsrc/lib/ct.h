@@ -105,7 +105,16 @@ static __always_inline void kp_ct_fwd_of_reply(const struct kp_ct4_key *rk, cons
 	}
 }
 
-/* The kp_snat4_v1 entry of a SNATed flow, described by its FWD side. */
+/* How long a closed SNATed flow keeps its port from other clients: the backend's TIME_WAIT (lib/snat.h). */
+#define KP_SNAT_TW_HOLD_NS (60 * KP_NS_PER_SEC)
+
+static __always_inline int kp_snat_closing(__u8 state)
+{
+	return state == KP_CT_CLOSING || state == KP_CT_CLOSED;
+}
+
+/* The kp_snat4_v1 entry of a SNATed flow, described by its FWD side. A closing flow's entry outlives
+ * it by KP_SNAT_TW_HOLD_NS, as a tombstone reserving the port (lib/snat.h). */
 static __always_inline void kp_snat_of_fwd(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
 					   struct kp_snat4_key *sk, struct kp_snat4_val *sv)
 {
@@ -117,7 +126,7 @@ static __always_inline void kp_snat_of_fwd(const struct kp_ct4_key *fk, const st
 	sk->pad[0] = 0;
 	sk->pad[1] = 0;
 	sk->pad[2] = 0;
-	sv->expires_ns = fv->expires_ns;
+	sv->expires_ns = fv->expires_ns + (kp_snat_closing(fv->state) ? KP_SNAT_TW_HOLD_NS : 0);
 	sv->client_addr = fk->saddr;
 	sv->front_addr = fk->daddr;
 	sv->client_port = fk->sport;

@@ -16,6 +16,7 @@
 #include "lib/fib.h"
 #include "lib/dsr.h"
 #include "lib/snat.h"
+#include "lib/srcrange.h"
 
 /* Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds, used when the entry says 0. */
 #define KP_AFFINITY_TIMEOUT_DEFAULT 10800
@@ -224,7 +225,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 {
 	struct kp_config *cfg = kp_config();
 	struct kp_ct4_key fk;
-	struct kp_ct4_val fv = {};
+	struct kp_ct4_val fv = {}, old = {};
 	struct kp_ct4_val *cur;
 	struct kp_be4_val be;
 	struct kp_be4_val *cur_be;
@@ -232,6 +233,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	__u32 new_stat = KP_STAT_CT_NEW;
 	__u64 now = bpf_ktime_get_ns();
 	__u8 state, mode;
+	int reopened = 0;
 
 	if (svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
@@ -253,19 +255,15 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		}
 		new_stat = KP_STAT_CT_REOPEN;
 		kp_ct_drop_old_reply(&fk, &fv);
-		/* The old flow is over (its tuple is reused, or its backend is gone): free its SNAT port now.
-		 * Left to expire, every reused client tuple held a second port for the fin timeout, and a
-		 * busy client re-using its ports (found with 5,000 connections/s in the lab) exhausted the
-		 * range with half of it held by dead flows. */
-		if (fv.flags & KP_CT_F_SNAT) {
-			struct kp_snat4_key old_sk;
-			struct kp_snat4_val old_sv;
-
-			kp_snat_of_fwd(&fk, &fv, &old_sk, &old_sv);
-			bpf_map_delete_elem(&kp_snat4_v1, &old_sk);
-		}
+		/* The old flow is over: kp_snat_alloc() gives its SNAT port to the new one when the
+		 * backend is the same (lib/snat.h: the backend's TIME_WAIT accepts the SYN then). */
+		old = fv;
+		reopened = 1;
 	}
 
+	/* New flows only: established ones passed the check when they started. */
+	if (kp_src_range_drop(svc, p))
+		return TC_ACT_SHOT;
 	if (kp_lb_select(svc_key, svc, p, now, &backend_id, &be)) {
 		kp_count(KP_DROP_BACKEND_MISSING, p->len);
 		return TC_ACT_SHOT;
@@ -291,7 +289,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
 	} else if ((mode & KP_CT_F_SNAT) && cfg) {
 		fv.snat_addr = cfg->node_addr;
-		if (kp_snat_alloc(&fk, &fv, cfg, now, p->len)) {
+		if (kp_snat_alloc(&fk, &fv, reopened ? &old : NULL, cfg, now, p->len)) {
 			kp_count(KP_DROP_SNAT_NO_PORT, p->len);
 			return TC_ACT_SHOT;
 		}

@@ -19,7 +19,8 @@ MAP_AFF4 = "kp_aff4_v1"
 MAP_CFG = "kp_cfg_v1"
 MAP_STATS = "kp_stats_v1"
 MAP_SNAT4 = "kp_snat4_v1"
-ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4)
+MAP_LBSRC4 = "kp_lbsrc4_v1"
+ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4)
 
 # ---- default capacities ----
 SVC4_MAX = 262144
@@ -27,6 +28,7 @@ BE4_MAX = 262144
 CT4_MAX = 262144
 AFF4_MAX = 65536
 SNAT4_MAX = 262144
+LBSRC4_MAX = 65536
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -263,6 +265,25 @@ class Snat4Val(ctypes.Structure):
     ]
 
 
+class LbSrc4Key(ctypes.Structure):
+    """kp_lbsrc4_v1 (LPM trie) key: prefixlen counts svc_id's 32 bits plus the range's prefix length."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),  # HBO LBSRC4_SVC_BITS + CIDR prefix length
+        ("svc_id", ctypes.c_uint32),  # HBO
+        ("addr", ctypes.c_uint32),  # NBO network address of the range
+    ]
+
+
+class LbSrc4Val(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),  # HBO reserved, zero: presence allows the range
+    ]
+
+
+LBSRC4_SVC_BITS = 32
+
+
 class DsrOpt(ctypes.Structure):
     """Wire format of the DSR IPv4 option (no map holds it, so it is not in BTF_NAMES)."""
 
@@ -293,6 +314,8 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_config": Config,
     "kp_snat4_key": Snat4Key,
     "kp_snat4_val": Snat4Val,
+    "kp_lbsrc4_key": LbSrc4Key,
+    "kp_lbsrc4_val": LbSrc4Val,
     "kp_counter": Counter,
 }
 

@@ -105,6 +105,7 @@ class MemoryMapSet:
         be4_max: int | None = None,
         ct4_max: int | None = None,
         aff4_max: int | None = None,
+        lbsrc4_max: int | None = None,
     ) -> None:
         self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
             abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
@@ -120,6 +121,10 @@ class MemoryMapSet:
         )
         self.cfg: MemoryMap[ctypes.c_uint32, abi.Config] = MemoryMap(
             abi.MAP_CFG, ctypes.c_uint32, abi.Config, 1
+        )
+        # LPM trie in the kernel; sync only puts, deletes and lists exact keys, as with a hash map
+        self.lbsrc4: MemoryMap[abi.LbSrc4Key, abi.LbSrc4Val] = MemoryMap(
+            abi.MAP_LBSRC4, abi.LbSrc4Key, abi.LbSrc4Val, lbsrc4_max or abi.LBSRC4_MAX
         )
 
     def read_config(self) -> abi.Config:

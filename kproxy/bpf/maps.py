@@ -25,11 +25,15 @@ BATCH_CHUNK = 16384
 _BATCH_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 _FULL = (errno.E2BIG, errno.ENOSPC)
 
+# not in kproxy.bpf.libbpf's constants (yet)
+BPF_MAP_TYPE_LPM_TRIE = 11
+
 _TYPE_NAMES = {
     lb.BPF_MAP_TYPE_HASH: "hash",
     lb.BPF_MAP_TYPE_ARRAY: "array",
     lb.BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     lb.BPF_MAP_TYPE_LRU_HASH: "lru_hash",
+    BPF_MAP_TYPE_LPM_TRIE: "lpm_trie",
 }
 
 
@@ -299,6 +303,7 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_CFG: ("cfg", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Config),
     abi.MAP_STATS: ("stats", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
     abi.MAP_SNAT4: ("snat4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat4Key, abi.Snat4Val),
+    abi.MAP_LBSRC4: ("lbsrc4", BPF_MAP_TYPE_LPM_TRIE, abi.LbSrc4Key, abi.LbSrc4Val),
 }
 
 
@@ -312,6 +317,7 @@ class KproxyMaps:
     cfg: PinnedMap[ctypes.c_uint32, abi.Config]
     stats: PerCpuArray[abi.Counter]
     snat4: PinnedMap[abi.Snat4Key, abi.Snat4Val]
+    lbsrc4: PinnedMap[abi.LbSrc4Key, abi.LbSrc4Val]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

@@ -30,6 +30,8 @@ struct kp_config probe_config;
 struct kp_counter probe_counter;
 struct kp_snat4_key probe_snat4_key;
 struct kp_snat4_val probe_snat4_val;
+struct kp_lbsrc4_key probe_lbsrc4_key;
+struct kp_lbsrc4_val probe_lbsrc4_val;
 enum kp_scope probe_scope;
 enum kp_ct_dir probe_ct_dir;
 enum kp_ct_state probe_ct_state;

@@ -34,6 +34,7 @@ MAP_DEFAULTS = {
     abi.MAP_CFG: (1, 0),
     abi.MAP_STATS: (abi.STAT_MAX, 0),
     abi.MAP_SNAT4: (abi.SNAT4_MAX, 0),
+    abi.MAP_LBSRC4: (abi.LBSRC4_MAX, BPF_F_NO_PREALLOC),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,

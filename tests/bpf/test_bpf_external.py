@@ -28,6 +28,7 @@ from frames import (
     SYN_OPTIONS,
     TCP_ACK,
     TCP_FIN,
+    TCP_RST,
     TCP_SYN,
     checksum_errors,
     ether,
@@ -321,29 +322,123 @@ def test_snat_takes_over_a_dead_entry(dp: Datapath, lab: Lab) -> None:
     assert nat is not None and nbo_to_ip(nat.client_addr) == CLIENT
 
 
-def test_snat_reopened_tuple_frees_the_old_port(dp: Datapath, lab: Lab) -> None:
-    """Bug found with real traffic (bench, 5,000 connections/s): a client re-using its source port
-    after a FIN got a new SNAT port while the finished flow's entry held the old one for the fin
-    timeout, so busy clients exhausted the range. A reopened flow frees its old port at once."""
+TW_HOLD_NS = 60 * 10**9  # KP_SNAT_TW_HOLD_NS: the backend's TIME_WAIT
+
+
+def foreign(expires_ns: int, state: int) -> Snat4Val:
+    """A kp_snat4_v1 value of another client's flow."""
+    return Snat4Val(expires_ns, ip_to_nbo("203.0.113.99"), ip_to_nbo(NODE), 1, 2, state, CtFlag.SNAT)
+
+
+@pytest.mark.parametrize("close", [TCP_ACK | TCP_FIN, TCP_RST], ids=["fin", "rst"])
+def test_snat_reopened_tuple_keeps_its_port(dp: Datapath, lab: Lab, close: int) -> None:
+    """Bench finding (snat collapse, ~50 conn/s): Linux clients draw their TCP timestamp offset per
+    4-tuple, so the backend's TIME_WAIT accepts a new SYN on node:port only when it comes from the same
+    client tuple. A client re-using its source port keeps its SNAT port (the old flow's entry is
+    overwritten, not doubled). The RST case is what a client sends after the backend answered a SYN
+    on a TIME_WAIT tuple with a bare ACK: its 1-s retry must keep the port, not draw another one."""
     set_cfg(dp, snat_port_min=40000, snat_port_max=40001)
     nodeport(dp, BE_REMOTE)
     first = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out).sport
-    ok(run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK | TCP_FIN)), TC_ACT_REDIRECT)
+    ok(run_in(dp, lab, "kp_from_netdev", client_syn(close)), TC_ACT_REDIRECT)
     fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
-    assert fwd is not None and fwd.state == CtState.CLOSING
+    assert fwd is not None and fwd.state in (CtState.CLOSING, CtState.CLOSED)
     out = run_in(dp, lab, "kp_from_netdev", client_syn())  # same tuple, a new connection
     ok(out, TC_ACT_REDIRECT)
     assert dp.stat(Stat.CT_REOPEN)[0] == 1
-    now = parse(out.data_out).sport
+    assert parse(out.data_out).sport == first
     live = [p for p in (40000, 40001) if snat_entry(dp, p) is not None]
-    assert live == [now], f"old port {first} still held: {live}"
+    assert live == [first], live
+    nat = snat_entry(dp, first)
+    assert nat is not None and nat.state == CtState.SYN_SENT and dp.stat(Stat.SNAT_RETRY)[0] == 0
+
+
+def test_snat_closed_flow_leaves_a_tombstone(dp: Datapath, lab: Lab) -> None:
+    """A closed flow's entry reserves its port for the backend's TIME_WAIT beyond the flow."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    port = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out).sport
+    ok(run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK | TCP_FIN)), TC_ACT_REDIRECT)
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    nat = snat_entry(dp, port)
+    assert fwd is not None and nat is not None and fwd.state == CtState.CLOSING
+    assert nat.expires_ns == fwd.expires_ns + TW_HOLD_NS
+
+
+def test_snat_cooling_port_goes_to_another_client_last(dp: Datapath, lab: Lab) -> None:
+    """Two ports: one cooling (its flow closed 1 s ago), one free. Whatever the cursor says, a new
+    client gets the free one; the cooling one stays reserved."""
+    lo = 40000
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 1)
+    nodeport(dp, BE_REMOTE)
+    now = time.monotonic_ns()
+    for cooling in (lo, lo + 1):
+        dp.snat4.delete(snat_key(lo))
+        dp.snat4.delete(snat_key(lo + 1))
+        tomb = foreign(now - 10**9 + TW_HOLD_NS, CtState.CLOSING)
+        dp.snat4.update(snat_key(cooling), tomb)
+        for sport in (CPORT + 10 + cooling - lo, CPORT + 20 + cooling - lo):
+            out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=sport))
+            ok(out, TC_ACT_REDIRECT)
+            free = lo + 1 if cooling == lo else lo
+            assert parse(out.data_out).sport == free
+            kept = snat_entry(dp, cooling)
+            assert kept is not None and bytes(kept) == bytes(tomb)
+            dp.snat4.delete(snat_key(free))
+
+
+def test_snat_all_cooling_takes_the_oldest(dp: Datapath, lab: Lab) -> None:
+    """No free or cold port: the tombstone whose flow ended longest ago is taken over (the client may
+    need one SYN retry there), not a drop; a live flow's port never."""
+    lo = 40000
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 2)
+    nodeport(dp, BE_REMOTE)
+    now = time.monotonic_ns()
+    dp.snat4.update(snat_key(lo), foreign(now - 5 * 10**9 + TW_HOLD_NS, CtState.CLOSED))
+    dp.snat4.update(snat_key(lo + 1), foreign(now - 30 * 10**9 + TW_HOLD_NS, CtState.CLOSING))
+    live = foreign(now + 3600 * 10**9, CtState.ESTABLISHED)
+    dp.snat4.update(snat_key(lo + 2), live)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == lo + 1
+    nat = snat_entry(dp, lo + 1)
+    assert nat is not None and nbo_to_ip(nat.client_addr) == CLIENT
+    kept = snat_entry(dp, lo + 2)
+    assert kept is not None and bytes(kept) == bytes(live)
+    assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 0
+
+
+def test_snat_closing_flow_port_is_not_taken(dp: Datapath, lab: Lab) -> None:
+    """A flow still within its fin timeout (FIN seen, final ACKs may still come) keeps its port."""
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    closing = foreign(time.monotonic_ns() + 5 * 10**9 + TW_HOLD_NS, CtState.CLOSING)
+    dp.snat4.update(snat_key(40000), closing)
+    assert run_in(dp, lab, "kp_from_netdev", client_syn()).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
+    kept = snat_entry(dp, 40000)
+    assert kept is not None and bytes(kept) == bytes(closing)
+
+
+def test_snat_own_tombstone_is_taken_at_once(dp: Datapath, lab: Lab) -> None:
+    """The same client tuple coming back after its conntrack entry expired may have its old port
+    while it cools: its timestamps continue there."""
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    mine = Snat4Val(time.monotonic_ns() - 10**9 + TW_HOLD_NS, ip_to_nbo(CLIENT), ip_to_nbo(NODE),
+                    port_to_nbo(CPORT), port_to_nbo(NODEPORT), CtState.CLOSED, CtFlag.SNAT)  # fmt: skip
+    dp.snat4.update(snat_key(40000), mine)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    nat = snat_entry(dp, 40000)
+    assert nat is not None and nat.state == CtState.SYN_SENT
 
 
 def test_snat_ports_rotate_through_the_range(dp: Datapath, lab: Lab) -> None:
     """Bench finding (issue 4, snat row: 1-s SYN retries and timeouts): random picks re-used ports whose
-    previous connection the backend still held in TIME_WAIT. Ports now come from a rotating cursor:
-    the first `span` new flows get every port of the range exactly once, without a single retry, and
-    a port comes back only after the whole range was handed out (oldest use first)."""
+    previous connection the backend still held in TIME_WAIT. One client's tuples now map to distinct
+    home ports (its port plus an offset): `span` consecutive client ports get every port of the range
+    exactly once, without a single retry, and the same client port maps to the same port again."""
     lo, span = 40000, 16
     set_cfg(dp, snat_port_min=lo, snat_port_max=lo + span - 1)
     nodeport(dp, BE_REMOTE)
@@ -362,19 +457,26 @@ def test_snat_ports_rotate_through_the_range(dp: Datapath, lab: Lab) -> None:
     assert parse(out.data_out).sport == ports[0]
 
 
-def test_snat_cursor_skips_taken_ports(dp: Datapath, lab: Lab) -> None:
+def test_snat_home_port_taken_falls_back_to_the_cursor(dp: Datapath, lab: Lab) -> None:
+    """A client tuple's home port (its first candidate) held by another client's live flow: the
+    cursor finds a free port; live flows' ports are never touched."""
     lo, span = 40000, 4
     set_cfg(dp, snat_port_min=lo, snat_port_max=lo + span - 1)
     nodeport(dp, BE_REMOTE)
-    first = parse(run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT)).data_out).sport
-    # The next two ports are held by live flows of another client: the cursor moves past them.
-    taken = Snat4Val(time.monotonic_ns() + 60 * 10**9, ip_to_nbo("203.0.113.99"), ip_to_nbo(NODE), 1, 2, 1, 8)
-    for k in (1, 2):
-        dp.snat4.update(snat_key(lo + (first - lo + k) % span), taken)
-    out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT + 1))
+    home = parse(run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT)).data_out).sport
+    dp.snat4.delete(snat_key(home))
+    dp.ct4.delete(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    taken = foreign(time.monotonic_ns() + 60 * 10**9, CtState.ESTABLISHED)
+    others = [lo + (home - lo + k) % span for k in (1, 2)]
+    for port in (home, *others):
+        dp.snat4.update(snat_key(port), taken)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn(sport=CPORT))
     ok(out, TC_ACT_REDIRECT)
-    assert parse(out.data_out).sport == lo + (first - lo + 3) % span
-    assert dp.stat(Stat.SNAT_RETRY)[0] == 2
+    assert parse(out.data_out).sport == lo + (home - lo + 3) % span
+    for port in (home, *others):
+        kept = snat_entry(dp, port)
+        assert kept is not None and bytes(kept) == bytes(taken)
+    assert dp.stat(Stat.SNAT_RETRY)[0] >= 1
 
 
 @pytest.mark.parametrize("flags", [0, SvcFlag.ETP_LOCAL], ids=["local-backend", "etp-local"])

@@ -442,3 +442,23 @@ def test_refuses_the_cgroup_root(bpffs: Path) -> None:
             if link.get("type") == "cgroup":
                 with lb.prog_by_id(link["prog_id"]) as p:
                     assert not lb.prog_info(p.fd).name.startswith("kp_sock_")
+
+
+@pytest.mark.root
+def test_load_balancer_source_ranges_hold_for_node_processes(socklab: SockLab) -> None:
+    # A node process connects from the node address (kp_cfg_v1), as kube-proxy's KUBE-FW sees it.
+    cfg = socklab.maps.read_config()
+    cfg.node_addr = abi.ip_to_nbo(NODE_ADDR)
+    socklab.maps.write_config(cfg)
+    lb_ip = "192.0.2.80"
+    socklab.service(
+        lb_ip, 443, TCP, BACKENDS[:1], svc_id=7, flags=abi.SvcFlag.LOADBALANCER | abi.SvcFlag.SRC_RANGES
+    )
+    # Only 203.0.113.0/24 may connect: the node is outside it.
+    allowed = abi.LbSrc4Key(prefixlen=abi.LBSRC4_SVC_BITS + 24, svc_id=7, addr=abi.ip_to_nbo("203.0.113.0"))
+    socklab.maps.lbsrc4.put_many([(allowed, abi.LbSrc4Val())])
+    assert socklab.client(f"tcp({lb_ip!r}, 443)") == {"error": "ECONNREFUSED"}
+    assert socklab.stat(abi.Stat.DROP_SRC_RANGE) == 1
+    node = abi.LbSrc4Key(prefixlen=abi.LBSRC4_SVC_BITS + 32, svc_id=7, addr=abi.ip_to_nbo(NODE_ADDR))
+    socklab.maps.lbsrc4.put_many([(node, abi.LbSrc4Val())])
+    assert socklab.client(f"tcp({lb_ip!r}, 443)") == {"backend": BACKENDS[0], "peer": [lb_ip, 443]}

@@ -182,7 +182,7 @@ struct kp_snat4_key {
 };
 
 struct kp_snat4_val {
-	__u64  expires_ns;  /* HBO CLOCK_MONOTONIC time after which the entry is dead (follows the CT FWD entry) */
+	__u64  expires_ns;  /* HBO CLOCK_MONOTONIC death time: the CT FWD expiry, + 60 s (TIME_WAIT hold) once closing/closed */
 	__be32 client_addr; /* NBO original client address: destination restored on replies */
 	__be32 front_addr;  /* NBO frontend address: source restored on replies */
 	__be16 client_port; /* NBO original client port */
@@ -284,6 +284,28 @@ struct kp_sknat4_val {
 	__u16  pad;         /* zero */
 	__u32  svc_id;      /* HBO service-port id of the frontend */
 	__u32  backend_id;  /* HBO backend id chosen (kp_be4_v1 key) */
+};
+
+/* ---- loadBalancerSourceRanges (LPM trie) ---- */
+#define KP_MAP_LBSRC4   kp_lbsrc4_v1 /* LPM trie (svc_id, source prefix) -> allowed, for KP_SVC_F_SRC_RANGES */
+#define KP_LBSRC4_MAX   65536
+
+/*
+ * One entry per (service port, allowed IPv4 source range). The trie's prefix covers svc_id in full
+ * and then the range's bits: prefixlen = KP_LBSRC4_SVC_BITS + CIDR length (0..32). A new flow to a
+ * frontend flagged KP_SVC_F_SRC_RANGES looks up (64, svc_id, source address): a miss drops it
+ * (KP_DROP_SRC_RANGE). The agent writes the ranges before the slot-0 flag, and deletes them after
+ * clearing it.
+ */
+#define KP_LBSRC4_SVC_BITS 32
+struct kp_lbsrc4_key {
+	__u32  prefixlen;   /* HBO KP_LBSRC4_SVC_BITS + CIDR prefix length */
+	__u32  svc_id;      /* HBO service-port id (kp_svc4_val.svc_id), always matched in full */
+	__be32 addr;        /* NBO network address of the range (host bits zero) */
+};
+
+struct kp_lbsrc4_val {
+	__u32 flags;        /* HBO reserved, zero: the entry's presence allows the range */
 };
 
 #endif /* KPROXY_ABI_H */

@@ -1,0 +1,191 @@
+"""What keeps the agent's memory low at scale: chunked applies, backend reference counts kept in the
+programmed values, packed EndpointSlice endpoints, kopf without per-object memories."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from typing import Any
+
+import pytest
+
+from kproxy import sync as sync_mod
+from kproxy.bpf import abi
+from kproxy.bpf.abi import Scope, ip_to_nbo
+from kproxy.bpf.mapapi import MemoryMapSet
+from kproxy.model import (
+    BackendRef,
+    Endpoint,
+    EndpointConditions,
+    Frontend,
+    PackedEndpoints,
+    endpoint_rows,
+    parse_endpoint_slice,
+)
+from kproxy.sync import Syncer
+
+
+def fe(service: str, address: str, backends: list[str], proto: str = "TCP") -> Frontend:
+    refs = tuple(BackendRef(a, 8080, proto) for a in backends)
+    return Frontend(service, "http", "ClusterIP", address, 80, proto, Scope.EXT, 0, 0, refs)
+
+
+def desired(gen: int) -> dict[str, list[Frontend]]:
+    """12 services; neighbours share backends, so references span chunks; gen moves some away."""
+    out = {}
+    for i in range(12):
+        bes = [f"10.1.0.{i}", f"10.1.0.{i + 1}"] + ([f"10.2.{gen}.{i}"] if i % 3 else [])
+        out[f"default/s{i}"] = [fe(f"default/s{i}", f"10.96.0.{i + 1}", bes, "UDP" if i % 2 else "TCP")]
+    return out
+
+
+def state(maps: MemoryMapSet) -> tuple[dict[Any, Any], set[str]]:
+    """Every frontend's backend addresses in slot order, and the set of backend addresses."""
+    out = {}
+    for k, v in maps.svc4.items():
+        if k.slot == 0:
+            addrs = []
+            for i in range(1, v.count + 1):
+                sv = maps.svc4.get(abi.Svc4Key(k.addr, k.port, i, k.proto, k.scope))
+                assert sv is not None
+                b = maps.be4.get(ctypes.c_uint32(sv.backend_id))
+                assert b is not None, "a slot points at a missing backend"
+                addrs.append(abi.nbo_to_ip(b.addr))
+            out[(k.addr, k.port, k.proto)] = addrs
+    bes = {abi.nbo_to_ip(v.addr) for _, v in maps.be4.items()}
+    return out, bes
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_apply_ends_like_one_batch(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", chunk)
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    r = s.apply(desired(0), full=True)
+    assert r.services == 12 and not r.failed
+    first, bes = state(maps)
+    assert len(first) == 12 and len(bes) == 13 + 8
+    r = s.apply(desired(1), full=True)
+    after, bes = state(maps)
+    s1 = (ip_to_nbo("10.96.0.2"), abi.port_to_nbo(80), abi.IPPROTO_UDP)
+    assert sorted(after[s1]) == ["10.1.0.1", "10.1.0.2", "10.2.1.1"]
+    # the gen-0 backends are gone from kp_be4, the shared ones stayed
+    assert not any(b.startswith("10.2.0.") for b in bes)
+    assert {f"10.1.0.{i}" for i in range(13)} <= bes
+    assert r.be4_deletes == 8
+    # removing one of two services sharing a backend keeps it; removing both frees it
+    d = desired(1)
+    d["default/s3"] = []
+    s.apply(d)
+    assert "10.1.0.3" in state(maps)[1] and "10.1.0.4" in state(maps)[1]
+    d["default/s2"] = []
+    s.apply(d)
+    assert "10.1.0.3" not in state(maps)[1]
+    assert len(s._be_vals) == len(maps.be4)
+
+
+def test_chunked_apply_flushes_udp_conntrack_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", 2)
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    s.apply(desired(0), full=True)
+    walks = []
+    orig = sync_mod.flush_udp_conntrack
+
+    def counting(ct4: Any, backends: set[int], pairs: set[tuple[int, int]]) -> int:
+        walks.append((set(backends), set(pairs)))
+        return orig(ct4, backends, pairs)
+
+    monkeypatch.setattr(sync_mod, "flush_udp_conntrack", counting)
+    s.apply(desired(1), full=True)
+    assert len(walks) == 1  # one walk of kp_ct4 for all chunks
+    assert len(walks[0][0]) == 4  # the freed UDP gen-0 backends of s1, s5, s7, s11
+
+
+def test_adopt_then_unchanged_full_apply_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", 4)
+    maps = MemoryMapSet()
+    Syncer(maps).apply(desired(0), full=True)
+    before = (dict(maps.svc4.data), dict(maps.be4.data))
+    s2 = Syncer(maps)
+    s2.adopt()
+    r = s2.apply(desired(0), full=True)
+    assert r.writes == 0
+    assert (dict(maps.svc4.data), dict(maps.be4.data)) == before
+    # the adopted backends' references moved from the orphans to the services
+    s2.apply({"default/s0": []})
+    assert "10.1.0.0" not in state(maps)[1] and "10.1.0.1" in state(maps)[1]
+
+
+def slice_raw(endpoints: list[dict[str, Any]], address_type: str = "IPv4") -> dict[str, Any]:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "addressType": address_type,
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }
+
+
+def test_common_slices_are_packed_and_read_back_equal() -> None:
+    eps = [
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "nodeName": "n1", "zone": "a"},
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": False, "terminating": True}, "nodeName": "n2"},
+        {"addresses": ["10.0.0.3"]},
+    ]
+    es = parse_endpoint_slice(slice_raw(eps))
+    assert type(es.endpoints) is PackedEndpoints
+    expected = [
+        Endpoint(["10.0.0.1"], EndpointConditions(True, None, None), "n1", "a"),
+        Endpoint(["10.0.0.2"], EndpointConditions(False, None, True), "n2", None),
+        Endpoint(["10.0.0.3"], EndpointConditions(), None, None),
+    ]
+    assert list(es.endpoints) == expected
+    assert es.endpoints == expected and expected == es.endpoints
+    assert es.endpoints[1] == expected[1] and es.endpoints[-1] == expected[2]
+    assert es.endpoints[0:2] == expected[0:2]
+    assert len(es.endpoints) == 3
+    with pytest.raises(IndexError):
+        es.endpoints[3]
+    assert list(endpoint_rows(es.endpoints)) == [
+        (e.addresses[0], e.conditions, e.node_name, e.zone, None) for e in expected
+    ]
+    # equal slices compare equal (the store skips unchanged objects), a changed one does not
+    assert parse_endpoint_slice(slice_raw(eps)) == es
+    eps[2]["conditions"] = {"ready": False}
+    assert parse_endpoint_slice(slice_raw(eps)) != es
+
+
+def test_uniform_node_is_stored_once_and_unusual_slices_stay_lists() -> None:
+    eps = [{"addresses": [f"10.0.0.{i}"], "nodeName": "n1"} for i in range(1, 5)]
+    es = parse_endpoint_slice(slice_raw(eps))
+    assert type(es.endpoints) is PackedEndpoints
+    assert [e.node_name for e in es.endpoints] == ["n1"] * 4
+    two = parse_endpoint_slice(slice_raw([{"addresses": ["10.0.0.1", "10.0.0.2"]}]))
+    assert type(two.endpoints) is list and two.endpoints[0].addresses == ["10.0.0.1", "10.0.0.2"]
+    hinted = parse_endpoint_slice(
+        slice_raw([{"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "a"}]}}])
+    )
+    assert type(hinted.endpoints) is list
+    fqdn = parse_endpoint_slice(slice_raw([{"addresses": ["a.example"]}], "FQDN"))
+    assert type(fqdn.endpoints) is list
+    empty = parse_endpoint_slice(slice_raw([]))
+    assert list(empty.endpoints) == []
+
+
+def test_kopf_keeps_no_memory_per_object() -> None:
+    from kproxy.sources.kube import EphemeralMemories
+
+    memories = EphemeralMemories()
+
+    async def recall_twice() -> tuple[Any, Any]:
+        body = {"metadata": {"uid": "u-1", "name": "web", "namespace": "default"}}
+        return await memories.recall(body), await memories.recall(body, noticed_by_listing=True)
+
+    first, second = asyncio.run(recall_twice())
+    assert first is not second and second.noticed_by_listing
+    assert list(memories.iter_all_memories()) == []
