@@ -71,7 +71,7 @@ bench: install loadgen
 	$(PY) -m bench.run --quick
 
 bench-full: install loadgen
-	$(PY) -m bench.run --full
+	$(PY) -m bench.run --full --external
 
 DURATION ?= 600
 soak: install
