@@ -213,35 +213,72 @@ static __always_inline void kp_ct_direct_syn(const struct kp_pkt *p, __u64 now)
 }
 
 /*
- * A new flow without SNAT (fk, fv) about to be written, whose REPLY key is held by a live entry of
- * another flow: the same client address and port reach the same backend through another frontend
- * (two Services sharing a backend, or a DSR flow entering through another node). The client's
- * kernel re-used the port, so it considers the old connection gone (or, if it is alive, the backend
- * sees both as one 4-tuple and only one can work): the new flow takes the REPLY entry over
- * (kp_ct_write overwrites it) and the old FWD entry is deleted. Left alone, the old FWD entry would
- * write its own REPLY value back on its next refresh and send the new flow's replies out from the
- * old frontend. Whether the backend accepts the new SYN on a 4-tuple it holds in TIME_WAIT is its
- * kernel's business (Linux does when the SYN's timestamp or sequence number is higher). One lookup
- * per new flow.
+ * Whether the REPLY key a new TCP flow fk without SNAT would have with backend be_addr:be_port (and the
+ * hairpin address as its client side when not 0) is held by a live ESTABLISHED flow with another FWD tuple: the same client address and port reach the same backend through another frontend
+ * (two Services sharing a backend, or a DSR flow entering through another node). Linux connect() re-uses
+ * a local port for another destination whenever the 4-tuple differs, so the client's kernel considers
+ * both connections alive; the backend sees them as one 4-tuple and can serve only one. The established
+ * one keeps it: taking it over would delete its FWD entry, and the backend's challenge ACK to the new
+ * SYN, answered by a RST of the new socket, resets the established connection on the backend.
  */
-static __always_inline void kp_ct_claim_reply(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
-					      __u64 now, __u32 len)
+static __always_inline int kp_ct_reply_held(const struct kp_ct4_key *fk, __be32 be_addr, __be16 be_port,
+					    __be32 hairpin_addr, __u64 now)
+{
+	struct kp_ct4_key rk = {
+		.saddr = be_addr,
+		.daddr = hairpin_addr ? hairpin_addr : fk->saddr,
+		.sport = be_port,
+		.dport = fk->sport,
+		.proto = fk->proto,
+		.dir = KP_CT_DIR_REPLY,
+	};
+	struct kp_ct4_val *cur;
+	__be32 client;
+	__be16 cport;
+
+	if (fk->proto != IPPROTO_TCP)
+		return 0;
+	cur = kp_ct_lookup(&rk, now);
+	if (!cur || cur->state != KP_CT_ESTABLISHED)
+		return 0;
+	/* the FWD tuple of the holder (kp_ct_fwd_of_reply) against ours */
+	client = (cur->flags & KP_CT_F_HAIRPIN) ? cur->snat_addr : rk.daddr;
+	cport = (cur->flags & KP_CT_F_HAIRPIN) ? cur->snat_port : rk.dport;
+	return !(client == fk->saddr && cport == fk->sport && cur->nat_addr == fk->daddr &&
+		 cur->nat_port == fk->dport);
+}
+
+/*
+ * A new flow without SNAT (fk, fv) about to be written, whose REPLY key is held by a live entry of
+ * another flow that is not ESTABLISHED (closing, closed, a SYN that got no answer, UDP): the client's
+ * kernel re-used the port, the new flow takes the REPLY entry over (kp_ct_write overwrites it) and the
+ * old FWD entry is deleted. Left alone, the old FWD entry would write its own REPLY value back on its
+ * next refresh and send the new flow's replies out from the old frontend. Whether the backend accepts
+ * the new SYN on a 4-tuple it holds in TIME_WAIT is its kernel's business (Linux does when the SYN's
+ * timestamp or sequence number is higher). An ESTABLISHED TCP flow is never taken over
+ * (kp_ct_reply_held): returns -1 then, and nothing changed. One lookup per new flow.
+ */
+static __always_inline int kp_ct_claim_reply(const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
+					     __u64 now, __u32 len)
 {
 	struct kp_ct4_key rk, ofk;
 	struct kp_ct4_val *cur, orv, ofv;
 
 	if (fv->flags & KP_CT_F_SNAT)
-		return;
+		return 0;
 	kp_ct_reply_key_of_fwd(fk, fv, &rk);
 	cur = kp_ct_lookup(&rk, now);
 	if (!cur)
-		return;
+		return 0;
 	orv = *cur;
 	kp_ct_fwd_of_reply(&rk, &orv, &ofk, &ofv);
 	if (kp_ct_key_eq(&ofk, fk))
-		return;   /* the same FWD tuple re-used: both entries are overwritten anyway */
+		return 0;   /* the same FWD tuple re-used: both entries are overwritten anyway */
+	if (fk->proto == IPPROTO_TCP && orv.state == KP_CT_ESTABLISHED)
+		return -1;
 	kp_ct_forget_reply(&rk, &orv);
 	kp_count(KP_STAT_CT_TAKEOVER, len);
+	return 0;
 }
 
 /*

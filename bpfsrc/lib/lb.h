@@ -126,6 +126,18 @@ static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp
 	return KP_CT_F_SNAT;
 }
 
+/* New flows draw again at most this many times when the drawn backend's REPLY tuple is held. */
+#define KP_HELD_TRIES 4
+
+/* Whether a new flow fk to `be` in `mode` would take the REPLY tuple of a live connection (lib/ct.h). */
+static __always_inline int kp_lb_reply_held(const struct kp_ct4_key *fk, const struct kp_be4_val *be, __u8 mode,
+					    const struct kp_config *cfg, __u64 now)
+{
+	if (mode & KP_CT_F_SNAT)
+		return 0;   /* its reply side is a kp_snat4_v1 entry of its own port */
+	return kp_ct_reply_held(fk, be->addr, be->port, (mode & KP_CT_F_HAIRPIN) ? kp_hairpin_addr(cfg) : 0, now);
+}
+
 /*
  * Translate a packet of a tracked flow (fk, fv) as its mode says. Flows BPF forwards itself (SNAT,
  * DSR) are routed first, before anything is rewritten, so a packet too big for the route once the
@@ -233,7 +245,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	__u32 new_stat = KP_STAT_CT_NEW;
 	__u64 now = bpf_ktime_get_ns();
 	__u8 state, mode;
-	int reopened = 0;
+	int reopened = 0, tries;
 
 	if (svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
@@ -264,12 +276,23 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	/* New flows only: established ones passed the check when they started. */
 	if (kp_src_range_drop(svc, p))
 		return TC_ACT_SHOT;
-	if (kp_lb_select(svc_key, svc, p, now, &backend_id, &be)) {
-		kp_count(KP_DROP_BACKEND_MISSING, p->len);
-		return TC_ACT_SHOT;
+	/* A backend whose REPLY tuple for this client port a live connection holds (kp_ct_reply_held)
+	 * cannot take the flow: another draw, at most KP_HELD_TRIES, then a drop (the client's SYN is
+	 * retransmitted and drawn again). */
+	for (tries = 0;; tries++) {
+		if (kp_lb_select(svc_key, svc, p, now, &backend_id, &be)) {
+			kp_count(KP_DROP_BACKEND_MISSING, p->len);
+			return TC_ACT_SHOT;
+		}
+		mode = kp_flow_mode(p, svc, &be, cfg, origin);
+		if (!kp_lb_reply_held(&fk, &be, mode, cfg, now))
+			break;
+		if (tries >= KP_HELD_TRIES - 1) {
+			kp_count(KP_DROP_TUPLE_HELD, p->len);
+			return TC_ACT_SHOT;
+		}
 	}
 	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	mode = kp_flow_mode(p, svc, &be, cfg, origin);
 	fv.expires_ns = now + kp_ct_timeout_ns(state);
 	fv.backend_id = backend_id;
 	fv.svc_id = svc->svc_id;
@@ -295,7 +318,10 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		}
 		kp_count(KP_STAT_SNAT_NEW, p->len);
 	}
-	kp_ct_claim_reply(&fk, &fv, now, p->len);
+	if (kp_ct_claim_reply(&fk, &fv, now, p->len)) {
+		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* held since the draw above */
+		return TC_ACT_SHOT;
+	}
 	if (kp_ct_write(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
@@ -351,7 +377,10 @@ static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __
 	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
 	if (cur)
 		kp_ct_drop_old_reply(&fk, cur);
-	kp_ct_claim_reply(&fk, &fv, now, p->len);
+	if (kp_ct_claim_reply(&fk, &fv, now, p->len)) {
+		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
+		return TC_ACT_SHOT;
+	}
 	if (kp_ct_write(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;

@@ -144,6 +144,7 @@ class Stat(enum.IntEnum):
     DROP_ENCAP_FAILED = 43
     DROP_SOCK_NO_BACKEND = 38
     DROP_SOCK_REVNAT_FULL = 39
+    DROP_TUPLE_HELD = 46
 
 
 STAT_MAX = 64

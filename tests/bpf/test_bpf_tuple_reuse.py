@@ -10,10 +10,10 @@ rewritten to come from the ClusterIP, so the client reset it, every retry.
 from __future__ import annotations
 
 import pytest
-from datapath import TC_ACT_OK, Backend, Datapath, ct_key
+from datapath import TC_ACT_OK, TC_ACT_SHOT, Backend, Datapath, ct_key
 from frames import IPPROTO_TCP, SYN_OPTIONS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, tcp_frame
 
-from kproxy.bpf.abi import CtDir, CtState, Stat
+from kproxy.bpf.abi import CtDir, CtState, Stat, ip_to_nbo
 
 pytestmark = pytest.mark.root
 
@@ -128,6 +128,44 @@ def test_new_flow_through_another_frontend_takes_the_reply_over(dp: Datapath) ->
     assert rep is not None and rep.svc_id == 2 and rep.state == CtState.SYN_SENT
     out = dp.run("kp_to_pod", from_backend(BE1, TCP_SYN | TCP_ACK))
     assert parse(out.data_out).src == SVC2
+
+
+def test_new_flow_never_takes_an_established_flows_reply(dp: Datapath) -> None:
+    """Linux connect() re-uses a local port for another destination: a probe from the port of a live
+    stream to another Service balanced to the stream's backend (soak: "stream-n1p4-0 to n1p1 broke:
+    ConnectionResetError"). Taking the REPLY entry over deleted the stream's FWD entry, and the backend's
+    challenge ACK to the probe's SYN, answered by the probe socket's RST, reset the stream on the
+    backend. The established flow keeps its entries; the new flow gets a backend whose tuple is free."""
+    dp.add_service(SVC, SPORT, IPPROTO_TCP, [BE1], svc_id=1)
+    dp.add_service(SVC2, SPORT, IPPROTO_TCP, [BE1, BE2], svc_id=2)
+    service_flow(dp, CtState.ESTABLISHED)
+    stream_fwd, stream_reply = bytes(dp.ct(fwd_key(SVC))), bytes(dp.ct(reply_key()))
+    for _ in range(20):  # a draw of BE1 four times in a row is dropped; the SYN is retransmitted
+        out = dp.run("kp_from_pod", from_client(SVC2, SPORT, TCP_SYN))
+        if out.data_out and parse(out.data_out).dst == BE2.addr:
+            break
+    else:
+        pytest.fail("the new flow never got the backend with a free reply tuple")
+    assert dp.stat(Stat.CT_TAKEOVER)[0] == 0
+    assert bytes(dp.ct(fwd_key(SVC))) == stream_fwd and bytes(dp.ct(reply_key())) == stream_reply
+    assert dp.ct(fwd_key(SVC2)).nat_addr == ip_to_nbo(BE2.addr)
+    # the stream goes on through its own frontend
+    out = dp.run("kp_from_pod", from_client(SVC, SPORT, TCP_ACK))
+    assert parse(out.data_out).dst == BE1.addr and dp.stat(Stat.CT_REOPEN)[0] == 0
+    out = dp.run("kp_to_pod", from_backend(BE1, TCP_ACK))
+    assert parse(out.data_out).src == SVC
+
+
+def test_new_flow_with_only_a_held_backend_is_dropped(dp: Datapath) -> None:
+    dp.add_service(SVC, SPORT, IPPROTO_TCP, [BE1], svc_id=1)
+    dp.add_service(SVC2, SPORT, IPPROTO_TCP, [BE1], svc_id=2)
+    service_flow(dp, CtState.ESTABLISHED)
+    stream_fwd, stream_reply = bytes(dp.ct(fwd_key(SVC))), bytes(dp.ct(reply_key()))
+    out = dp.run("kp_from_pod", from_client(SVC2, SPORT, TCP_SYN))
+    assert out.retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_TUPLE_HELD)[0] == 1 and dp.stat(Stat.CT_TAKEOVER)[0] == 0
+    assert dp.ct(fwd_key(SVC2)) is None
+    assert bytes(dp.ct(fwd_key(SVC))) == stream_fwd and bytes(dp.ct(reply_key())) == stream_reply
 
 
 def test_reopened_flow_drops_the_old_backends_reply(dp: Datapath) -> None:

@@ -459,3 +459,69 @@ def test_sync_dirty_invalid_update_keeps_programmed_state(full):
     assert not store.upsert_service(bad)
     sync_dirty(store, s, TranslateConfig(), full=full)
     assert snapshot(maps) == before
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+def test_restarts_under_churn_keep_a_kept_backends_id_and_entry(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Services sharing backends churn (retained terminating endpoints, two scopes, UDP next to TCP)
+    across applies and agent restarts (adopt + full apply of a changed view): a backend one Service
+    always keeps never changes id and its kp_be4 entry is never deleted (a conntrack entry naming a
+    missing id is re-balanced). Soak investigation, stream T: this held; the break was elsewhere."""
+    import random
+
+    import kproxy.sync as ks
+
+    monkeypatch.setattr(ks, "APPLY_CHUNK", chunk)
+    pool = [f"10.0.0.{i}" for i in range(1, 8)]
+    anchor = "10.0.0.1"
+
+    def desired(rng: random.Random, n: int) -> dict[str, list[Frontend]]:
+        d: dict[str, list[Frontend]] = {}
+        for i in range(n):
+            svc = f"ns/s{i}"
+            if i and rng.random() < 0.15:
+                continue
+            picks = [anchor, *(p for p in rng.sample(pool[1:], 2) if rng.random() < 0.5)] if i == 0 else (
+                rng.sample(pool, rng.randint(0, 3)))  # fmt: skip
+            proto = "UDP" if i % 5 == 4 else "TCP"
+            gone = [p for p in rng.sample(pool, rng.randint(0, 2)) if p not in picks] if i else []
+            addr = f"10.96.0.{10 + i}"
+            fes = [fe([be(p, proto=proto) for p in picks], service=svc, address=addr, proto=proto,
+                      retained=[be(p, proto=proto, terminating=True) for p in gone])]  # fmt: skip
+            if i % 3 == 1:
+                fes.append(fe([be(p, proto=proto) for p in picks[:1]], service=svc, address=addr, proto=proto,
+                              scope=Scope.INT, flags=SvcFlag.TWO_SCOPES))  # fmt: skip
+            d[svc] = fes
+        return d
+
+    for seed in range(100):
+        rng = random.Random(seed)
+        maps = MemoryMapSet()
+        s = Syncer(maps)
+        n = rng.randint(2, 8)
+        s.apply(desired(rng, n), full=True)
+        aid = s.backend_id(anchor, 8080, "TCP")
+        assert aid is not None
+        orig_del = maps.be4.delete_many
+
+        def delete(keys: Sequence[Any], _d=orig_del, _aid=aid, _seed=seed) -> int:
+            assert all(bytes(k) != bytes(ctypes.c_uint32(_aid)) for k in keys), f"seed {_seed}: deleted"
+            return _d(keys)
+
+        maps.be4.delete_many = delete  # type: ignore[method-assign]
+        for _ in range(30):
+            d = desired(rng, n)
+            if rng.random() < 0.3:
+                s = Syncer(maps)
+                s.adopt()
+                s.apply(d, full=True)
+            elif rng.random() < 0.2:
+                s.apply(d, full=True)
+            else:
+                sub = {k: d[k] for k in rng.sample(sorted(d), rng.randint(0, len(d)))}
+                sub.update({f"ns/s{i}": [] for i in range(n) if f"ns/s{i}" not in d and rng.random() < 0.5})
+                s.apply(sub)
+            assert s.backend_id(anchor, 8080, "TCP") == aid, f"seed {seed}"
+            assert maps.be4.get(ctypes.c_uint32(aid)) is not None, f"seed {seed}"

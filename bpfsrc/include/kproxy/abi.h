@@ -255,6 +255,8 @@ enum kp_stat {
 	KP_DROP_ENCAP_FAILED = 43,      /* adding or removing the DSR option or IPIP header failed */
 	KP_DROP_SOCK_NO_BACKEND = 38,   /* connect()/sendmsg() to a frontend without backends refused */
 	KP_DROP_SOCK_REVNAT_FULL = 39,  /* UDP socket reverse-NAT entry could not be written: refused */
+	KP_DROP_TUPLE_HELD = 46,        /* new TCP flow: every backend tried would reuse the reply tuple of a
+	                                 * live connection of the same client port (lib/ct.h) */
 	KP_STAT_MAX = 64,
 };
 
