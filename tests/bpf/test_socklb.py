@@ -31,6 +31,7 @@ from kproxy.bpf.socklb import (
     PIN_PREFIX,
     SocketLB,
     SocketLBError,
+    cgroup2_mounts,
     check_cgroup,
     parse_cgroup2_mounts,
 )
@@ -195,21 +196,10 @@ def test_sock_object_maps_and_programs(sock_object: Path) -> None:
 
 
 # ---- the lab ----
-def _cgroup2_available() -> bool:
-    try:
-        return "cgroup2" in {
-            line.split(" - ")[1].split()[0]
-            for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if f" {CGROUP_ROOT} " in line
-        }
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.fixture
 def child_cgroup() -> Iterator[Path]:
     """A fresh child cgroup of CGROUP_ROOT; its processes go back to the parent before rmdir."""
-    if not _cgroup2_available():
+    if str(CGROUP_ROOT) not in cgroup2_mounts():
         pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
     cg = CGROUP_ROOT / f"kpt-{secrets.token_hex(4)}"
     cg.mkdir()
@@ -427,7 +417,7 @@ def test_reattach_upgrades_in_place_and_cleanup_detaches(socklab: SockLab) -> No
 
 @pytest.mark.root
 def test_refuses_the_cgroup_root(bpffs: Path) -> None:
-    if not _cgroup2_available():
+    if str(CGROUP_ROOT) not in cgroup2_mounts():
         pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
     for path in (CGROUP_ROOT, Path(f"{CGROUP_ROOT}/."), CGROUP_ROOT / ".." / CGROUP_ROOT.name):
         slb = SocketLB(bpffs, path, SOCK_OBJECT)

@@ -41,6 +41,7 @@ import pytest
 
 from kproxy.bpf import abi
 from kproxy.bpf.maps import KproxyMaps
+from kproxy.bpf.socklb import cgroup2_mounts
 from kproxy.lab import Lab
 from kproxy.lab import manifests as mf
 from kproxy.lab.cluster import CGROUP2_ROOT, Host, _readline, _wait
@@ -71,15 +72,6 @@ AGENT_ARGS = [
     "--ct-timeout-syn", "4", "--ct-timeout-fin", "2", "--ct-timeout-udp", "3",
     "--ct-sweep-interval", "0.5", "--log-level", "info",
 ]  # fmt: skip
-
-
-def _cgroup2_mounted() -> bool:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            if left.split()[4:5] == [str(CGROUP2_ROOT)] and right.startswith("cgroup2 "):
-                return True
-    return False
 
 
 # ---- services: one per (policy, place), TCP 80 and UDP 53 ----
@@ -124,7 +116,7 @@ def ports(i: int) -> list[mf.Port]:
 
 @pytest.fixture(scope="module")
 def xlab(tc_object: Path) -> Iterator[Lab]:
-    if not _cgroup2_mounted():
+    if str(CGROUP2_ROOT) not in cgroup2_mounts():
         pytest.skip(f"no cgroup2 mounted at {CGROUP2_ROOT} (node clients need a socket-LB cgroup)")
     with Lab(nodes=2, pods_per_node=2, socket_lb=True, agent_args=AGENT_ARGS) as lab:
         for policy in POLICIES:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf.socklb import HOOKS, default_object_path
+from kproxy.bpf.socklb import HOOKS, cgroup2_mounts, default_object_path
 from kproxy.lab import Lab
 
 pytestmark = pytest.mark.root
@@ -50,19 +50,10 @@ print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src}))
 """
 
 
-def _cgroup2_mounted() -> bool:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            if left.split()[4:5] == [str(CGROUP_ROOT)] and right.startswith("cgroup2 "):
-                return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def cgroup() -> Iterator[Path]:
     """A fresh child cgroup; its processes go back to the parent before rmdir."""
-    if not _cgroup2_mounted():
+    if str(CGROUP_ROOT) not in cgroup2_mounts():
         pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
     cg = CGROUP_ROOT / f"kpt-slb-{secrets.token_hex(4)}"
     cg.mkdir()
