@@ -6,6 +6,7 @@ Tests marked `root` are skipped when not running as root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -166,3 +167,39 @@ def probe_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# ---- cgroups: children of the machine's cgroup2 mount only, never its root ----
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+@contextlib.contextmanager
+def _child_cgroup(prefix: str) -> Iterator[Path]:
+    """A fresh child cgroup of CGROUP_ROOT; its processes go back to the parent before rmdir."""
+    from kproxy.bpf.socklb import cgroup2_mounts
+
+    if str(CGROUP_ROOT) not in cgroup2_mounts():
+        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
+    cg = CGROUP_ROOT / f"{prefix}-{secrets.token_hex(4)}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # exited meanwhile
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+        cg.rmdir()
+
+
+@pytest.fixture
+def child_cgroup() -> Iterator[Path]:
+    """Name: child_cgroup. Scope: function. A throwaway child cgroup, removed afterwards."""
+    with _child_cgroup("kpt") as cg:
+        yield cg
+
+
+@pytest.fixture(scope="module")
+def module_child_cgroup() -> Iterator[Path]:
+    """Name: module_child_cgroup. Scope: module. A child cgroup shared by one module's tests."""
+    with _child_cgroup("kpt-slb") as cg:
+        yield cg

@@ -8,12 +8,10 @@ address exists nowhere: only the socket programs can make it reach anything.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -196,22 +194,6 @@ def test_sock_object_maps_and_programs(sock_object: Path) -> None:
 
 
 # ---- the lab ----
-@pytest.fixture
-def child_cgroup() -> Iterator[Path]:
-    """A fresh child cgroup of CGROUP_ROOT; its processes go back to the parent before rmdir."""
-    if str(CGROUP_ROOT) not in cgroup2_mounts():
-        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
-    cg = CGROUP_ROOT / f"kpt-{secrets.token_hex(4)}"
-    cg.mkdir()
-    try:
-        yield cg
-    finally:
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):  # exited meanwhile
-                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
-        cg.rmdir()
-
-
 @dataclass
 class SockLab:
     ns: Any

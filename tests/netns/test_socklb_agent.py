@@ -7,10 +7,8 @@ in the node's network namespace, inside or outside that cgroup.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf.socklb import HOOKS, cgroup2_mounts, default_object_path
+from kproxy.bpf.socklb import HOOKS, default_object_path
 from kproxy.lab import Lab
 
 pytestmark = pytest.mark.root
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 
 TCP_CLIENT = """
 import json, socket, sys
@@ -51,27 +48,16 @@ print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src}))
 
 
 @pytest.fixture(scope="module")
-def cgroup() -> Iterator[Path]:
-    """A fresh child cgroup; its processes go back to the parent before rmdir."""
-    if str(CGROUP_ROOT) not in cgroup2_mounts():
-        pytest.skip(f"no cgroup2 mounted at {CGROUP_ROOT}")
-    cg = CGROUP_ROOT / f"kpt-slb-{secrets.token_hex(4)}"
-    cg.mkdir()
-    try:
-        yield cg
-    finally:
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):  # exited meanwhile
-                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
-        cg.rmdir()
+def cgroup(module_child_cgroup: Path) -> Path:
+    return module_child_cgroup
 
 
 @pytest.fixture(scope="module")
-def lab(tc_object: Path, cgroup: Path) -> Iterator[Lab]:
+def lab(tc_object: Path, module_child_cgroup: Path) -> Iterator[Lab]:
     """This module's lab: one node, two pods, the agent balancing the sockets of CGROUP."""
     if not os.path.exists(default_object_path()):
         pytest.fail(f"{default_object_path()} is missing: run `make bpf`")
-    with Lab(nodes=1, pods_per_node=2, agent_args=["--socket-lb-cgroup", str(cgroup)]) as lb:
+    with Lab(nodes=1, pods_per_node=2, agent_args=["--socket-lb-cgroup", str(module_child_cgroup)]) as lb:
         yield lb
 
 
