@@ -66,7 +66,7 @@ int kp_to_pod(struct __sk_buff *skb)
 /* An ICMP error about a SNATed flow, translated by kp_icmp_snat(), forwarded to the client. */
 static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const struct kp_pkt *p)
 {
-	struct bpf_fib_lookup fib;
+	struct bpf_fib_lookup *fib;
 	__be32 dst = 0, src = 0;
 	int res;
 
@@ -77,13 +77,14 @@ static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const str
 		kp_count(KP_DROP_NAT_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
-	res = kp_fib_lookup(skb, &fib, src, dst, 0);
+	fib = kp_fib_room();
+	res = kp_fib_lookup(skb, fib, src, dst, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
 		kp_count(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
 	kp_count(KP_STAT_ICMP_SNAT, p->len);
-	return kp_fib_redirect(skb, &fib, res);
+	return kp_fib_redirect(skb, fib, res);
 }
 
 /*

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Every map of kproxy, each pinned by name under the agent's bpffs directory. */
+/* Every map of kproxy, each pinned by name under the agent's bpffs directory (but kp_scratch). */
 #ifndef KPROXY_MAPS_H
 #define KPROXY_MAPS_H
 
@@ -81,5 +81,21 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_lbsrc4_v1 SEC(".maps");
+
+/*
+ * Per-CPU room for structures too large for the 512-byte stack on the deepest path (kp_from_netdev
+ * forwarding a new SNATed flow: the verifier adds the TCP option walk's frame to it). Not pinned:
+ * nothing in it outlives one program run, and a TC program runs to its end on one CPU.
+ */
+struct kp_scratch {
+	struct bpf_fib_lookup fib;  /* kp_lb4_xlate's route lookup */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_scratch);
+	__uint(max_entries, 1);
+} kp_scratch SEC(".maps");
 
 #endif /* KPROXY_MAPS_H */

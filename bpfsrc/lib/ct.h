@@ -133,8 +133,7 @@ static __always_inline void kp_snat_of_fwd(const struct kp_ct4_key *fk, const st
 	sv->front_port = fk->dport;
 	sv->state = fv->state;
 	sv->flags = fv->flags;
-	sv->pad[0] = 0;
-	sv->pad[1] = 0;
+	sv->tw_key = fv->tw_key;
 }
 
 /* The REPLY key of a flow without SNAT, described by its FWD side. */
@@ -358,22 +357,30 @@ static __always_inline int kp_ct_tuple_reused(__u8 state, __u8 tcp_flags)
 }
 
 /*
- * Account one packet of a tracked flow (fv is a copy of its FWD value): rewrite both entries
- * only on a state/flag change or when the expiry moves by more than KP_CT_REFRESH_NS.
+ * Account one packet of a tracked flow (fv is a copy of its FWD value) whose state, flags and
+ * tw_key become these: rewrite both entries only when one of them changes or when the expiry moves
+ * by more than KP_CT_REFRESH_NS.
  */
-static __always_inline void kp_ct_touch(const struct kp_ct4_key *fk, struct kp_ct4_val *fv, __u8 state,
-					__u8 flags, __u64 now)
+static __always_inline void kp_ct_touch_tw(const struct kp_ct4_key *fk, struct kp_ct4_val *fv, __u8 state,
+					   __u8 flags, __u16 tw_key, __u64 now)
 {
 	__u64 expires = now + kp_ct_timeout_ns(state);
 
-	if (state == fv->state && flags == fv->flags &&
+	if (state == fv->state && flags == fv->flags && tw_key == fv->tw_key &&
 	    (__s64)(expires - fv->expires_ns) <= (__s64)KP_CT_REFRESH_NS)
 		return;
 	fv->state = state;
 	fv->flags = flags;
+	fv->tw_key = tw_key;
 	fv->expires_ns = expires;
 	/* A failed refresh keeps the old entries, which still translate until they expire. */
 	kp_ct_write(fk, fv);
+}
+
+static __always_inline void kp_ct_touch(const struct kp_ct4_key *fk, struct kp_ct4_val *fv, __u8 state,
+					__u8 flags, __u64 now)
+{
+	kp_ct_touch_tw(fk, fv, state, flags, fv->tw_key, now);
 }
 
 #endif /* KPROXY_LIB_CT_H */

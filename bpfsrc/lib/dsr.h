@@ -27,11 +27,6 @@
 /* BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (kernel >= 6.3) clears the GSO tunnel type of a GRO'd IPIP packet.
  * The 6.1 uapi headers this builds against lack it; drop the define when they have it. */
 #define KP_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
-/* Options the MSS walk looks at before giving up (Linux and most stacks put MSS first). */
-#define KP_TCP_OPT_WALK_MAX 8
-#define KP_TCPOPT_EOL 0
-#define KP_TCPOPT_NOP 1
-#define KP_TCPOPT_MSS 2
 
 /* First 32-bit word of an IPv4 header: version/ihl, tos, tot_len. */
 struct kp_ip_word0 {
@@ -158,59 +153,6 @@ static __always_inline int kp_ipip_pop(struct __sk_buff *skb)
 		return 0;
 	/* Kernels before 6.3 reject the decap flag; a plain shrink works there for non-GSO packets. */
 	return bpf_skb_adjust_room(skb, -KP_IPIP_HLEN, BPF_ADJ_ROOM_MAC, 0) ? -1 : 0;
-}
-
-/*
- * Lower the MSS option of a TCP SYN (or SYN-ACK) whose TCP header starts at l4_off to max_mss.
- * Returns 1 if lowered. The walk looks at most at KP_TCP_OPT_WALK_MAX options; malformed options
- * end it. A global (non-inlined) function: the verifier checks it once, on its own, instead of once
- * per caller path, and the loop stays a loop (unrolled, every option layout was its own path and
- * 6.18 hit the 1M-instruction limit).
- */
-__attribute__((noinline)) int kp_mss_clamp(struct __sk_buff *skb, __u32 l4_off, __u32 csum_off, __u32 max_mss)
-{
-	__u32 base = l4_off + sizeof(struct tcphdr);
-	__u32 optlen, i = 0;
-	__be16 old_mss = 0, new_mss;
-	__u8 doff_byte = 0, kl[2] = {};
-
-	if (!skb || bpf_skb_load_bytes(skb, l4_off + 12, &doff_byte, 1))
-		return 0;
-	optlen = (doff_byte >> 4) * 4;
-	if (optlen <= sizeof(struct tcphdr))
-		return 0;
-	optlen -= sizeof(struct tcphdr);
-	/* Option bytes are read through the helper (offsets checked at run time): a stack buffer indexed
-	 * by the walk loses its bounds in clang-19's output and the 6.18 verifier rejects it. */
-#pragma clang loop unroll(disable)
-	for (int n = 0; n < KP_TCP_OPT_WALK_MAX; n++) {
-		if (i >= optlen)
-			return 0;
-		if (bpf_skb_load_bytes(skb, base + i, kl, 1))
-			return 0;
-		if (kl[0] == KP_TCPOPT_EOL)
-			return 0;
-		if (kl[0] == KP_TCPOPT_NOP) {
-			i++;
-			continue;
-		}
-		if (i + 2 > optlen || bpf_skb_load_bytes(skb, base + i, kl, 2) || kl[1] < 2)
-			return 0;
-		if (kl[0] == KP_TCPOPT_MSS && kl[1] == 4 && i + 4 <= optlen) {
-			if (bpf_skb_load_bytes(skb, base + i + 2, &old_mss, sizeof(old_mss)))
-				return 0;
-			if (bpf_ntohs(old_mss) <= max_mss)
-				return 0;
-			new_mss = bpf_htons(max_mss);
-			if (bpf_l4_csum_replace(skb, csum_off, old_mss, new_mss, sizeof(new_mss)))
-				return 0;
-			if (bpf_skb_store_bytes(skb, base + i + 2, &new_mss, sizeof(new_mss), 0))
-				return 0;
-			return 1;
-		}
-		i += kl[1];
-	}
-	return 0;
 }
 
 #endif /* KPROXY_LIB_DSR_H */

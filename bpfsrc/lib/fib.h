@@ -16,6 +16,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "maps.h"
 #include "lib/parse.h"
 
 #define KP_AF_INET 2   /* <sys/socket.h> does not build for -target bpf */
@@ -27,14 +28,28 @@ enum kp_fib_result {
 	KP_FIB_FAIL = 3,          /* no usable route: only the kernel could deal with it */
 };
 
+/* Room for a route lookup (struct kp_scratch): 64 bytes the deepest paths cannot spare on the stack.
+ * NULL only if the map is broken; callers count a drop. */
+static __always_inline struct bpf_fib_lookup *kp_fib_room(void)
+{
+	__u32 zero = 0;
+	struct kp_scratch *scratch = bpf_map_lookup_elem(&kp_scratch, &zero);
+
+	return scratch ? &scratch->fib : NULL;
+}
+
 /*
- * Route lookup for a packet that will leave with (saddr, daddr) and total IPv4 length tot_len.
- * tot_len 0 skips the MTU check (GSO packets are segmented to gso_size later).
+ * Route lookup for a packet that will leave with (saddr, daddr) and total IPv4 length tot_len, into
+ * fib (from kp_fib_room(); NULL fails). tot_len 0 skips the MTU check (GSO packets are segmented to
+ * gso_size later).
  */
 static __always_inline int kp_fib_lookup(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __be32 saddr,
 					 __be32 daddr, __u32 tot_len)
 {
 	long rc;
+
+	if (!fib)
+		return KP_FIB_FAIL;
 
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = KP_AF_INET;

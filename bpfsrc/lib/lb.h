@@ -150,7 +150,7 @@ static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_p
 					const struct kp_config *cfg)
 {
 	__u8 mode = fv->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
-	struct bpf_fib_lookup fib;
+	struct bpf_fib_lookup *fib;
 	__u32 extra = 0, tot_len;
 	__be32 node_addr, fib_src, fib_dst;
 	int opt = 0, res;
@@ -187,13 +187,14 @@ static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_p
 		}
 	}
 	tot_len = p->tot_len ? p->tot_len + extra : 0;
-	res = kp_fib_lookup(skb, &fib, fib_src, fib_dst, tot_len);
+	fib = kp_fib_room();
+	res = kp_fib_lookup(skb, fib, fib_src, fib_dst, tot_len);
 	if (res == KP_FIB_FRAG_NEEDED) {
 		if (!p->df) {
 			kp_count(KP_DROP_DSR_TOO_BIG, p->len);
 			return TC_ACT_SHOT;
 		}
-		return kp_icmp_frag_needed(skb, p, fib.mtu_result - extra);
+		return kp_icmp_frag_needed(skb, p, fib->mtu_result - extra);
 	}
 	if (res == KP_FIB_FAIL) {
 		kp_count(KP_DROP_FIB, p->len);
@@ -207,7 +208,7 @@ static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_p
 		if (kp_nat4(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
 			goto fail;
 		kp_count(KP_STAT_SNAT, p->len);
-		return kp_fib_redirect(skb, &fib, res);
+		return kp_fib_redirect(skb, fib, res);
 	}
 	if (opt && kp_dsr_opt_push(skb, fk->daddr, fk->dport))
 		goto fail_encap;
@@ -218,7 +219,7 @@ static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_p
 	} else {
 		kp_count(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
 	}
-	return kp_fib_redirect(skb, &fib, res);
+	return kp_fib_redirect(skb, fib, res);
 fail_encap:
 	kp_count(KP_DROP_ENCAP_FAILED, p->len);
 	return TC_ACT_SHOT;
@@ -261,8 +262,11 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		fv = *cur;
 		cur_be = bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id);
 		if (!kp_ct_tuple_reused(fv.state, p->tcp_flags) && cur_be) {
-			kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags,
-				    now);
+			__u8 flags = fv.flags;
+			__u16 tw_key = kp_snat_tw_mark(skb, p, &fv, &flags);
+
+			kp_ct_touch_tw(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), flags,
+				       tw_key, now);
 			goto xlate;
 		}
 		new_stat = KP_STAT_CT_REOPEN;
@@ -303,16 +307,18 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		   ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
 	fv.snat_addr = 0;
 	fv.snat_port = 0;
-	fv.pad[0] = 0;
-	fv.pad[1] = 0;
+	fv.tw_key = 0;
 	if (mode & KP_CT_F_HAIRPIN) {
 		fv.snat_addr = kp_hairpin_addr(cfg);
 		fv.snat_port = p->sport;
 	} else if (mode & KP_CT_F_DSR_IPIP) {
 		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
 	} else if ((mode & KP_CT_F_SNAT) && cfg) {
+		__u64 syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN ?
+				    kp_tcp_mark(skb, p) : 0;
+
 		fv.snat_addr = cfg->node_addr;
-		if (kp_snat_alloc(&fk, &fv, reopened ? &old : NULL, cfg, now, p->len)) {
+		if (kp_snat_alloc(&fk, &fv, reopened ? &old : NULL, syn, cfg, now, p->len)) {
 			kp_count(KP_DROP_SNAT_NO_PORT, p->len);
 			return TC_ACT_SHOT;
 		}

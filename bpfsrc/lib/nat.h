@@ -13,6 +13,7 @@
 #include "lib/stats.h"
 #include "lib/fib.h"
 #include "lib/dsr.h"
+#include "lib/tcp.h"
 
 enum kp_nat_side {
 	KP_NAT_SRC = 0,  /* rewrite saddr/sport (reverse NAT) */
@@ -79,7 +80,7 @@ static __always_inline __u16 kp_ipip_mss(const struct kp_config *cfg)
 static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt *p, int from_pod)
 {
 	struct kp_config *cfg = kp_config();
-	struct bpf_fib_lookup fib;
+	struct bpf_fib_lookup *fib = NULL;
 	struct kp_ct4_key rk, fk;
 	struct kp_ct4_val rv, fv;
 	struct kp_ct4_val *cur;
@@ -111,7 +112,8 @@ static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt
 	if (from_pod && !(rv.flags & KP_CT_F_HAIRPIN) &&
 	    ((rv.flags & KP_CT_F_EXTERNAL) || (cfg && cfg->node_addr && rv.nat_addr == cfg->node_addr)) &&
 	    p->ttl > 1) {
-		res = kp_fib_lookup(skb, &fib, rv.nat_addr, p->daddr, 0);
+		fib = kp_fib_room();
+		res = kp_fib_lookup(skb, fib, rv.nat_addr, p->daddr, 0);
 		fwd = res == KP_FIB_OK || res == KP_FIB_NEIGH;
 	}
 	if (from_pod && (rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
@@ -131,7 +133,7 @@ static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt
 		return TC_ACT_OK;
 	if (kp_ttl_dec(skb, p->ttl))
 		goto fail;
-	return kp_fib_redirect(skb, &fib, res);
+	return kp_fib_redirect(skb, fib, res);
 fail:
 	kp_count(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
@@ -152,7 +154,7 @@ static __always_inline int kp_snat_revnat4(struct __sk_buff *skb, const struct k
 		.proto = p->proto,
 	};
 	struct kp_snat4_val *cur, sv;
-	struct bpf_fib_lookup fib;
+	struct bpf_fib_lookup *fib;
 	struct kp_ct4_key fk;
 	struct kp_ct4_val *fcur, fv;
 	__u64 now = bpf_ktime_get_ns();
@@ -178,7 +180,8 @@ static __always_inline int kp_snat_revnat4(struct __sk_buff *skb, const struct k
 	}
 	if (p->ttl <= 1)
 		return TC_ACT_OK;   /* the kernel answers time exceeded to the backend */
-	res = kp_fib_lookup(skb, &fib, sv.front_addr, sv.client_addr, 0);
+	fib = kp_fib_room();
+	res = kp_fib_lookup(skb, fib, sv.front_addr, sv.client_addr, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
 		kp_count(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
@@ -189,7 +192,7 @@ static __always_inline int kp_snat_revnat4(struct __sk_buff *skb, const struct k
 		return TC_ACT_SHOT;
 	}
 	kp_count(KP_STAT_SNAT_REVNAT, p->len);
-	return kp_fib_redirect(skb, &fib, res);
+	return kp_fib_redirect(skb, fib, res);
 }
 
 #endif /* KPROXY_LIB_NAT_H */

@@ -2,34 +2,38 @@
 /*
  * Source-port allocation for SNAT of external flows to remote backends (ingress node).
  *
- * Why ports must not be handed round quickly: the backend (which usually closes first) keeps each
- * closed connection's 4-tuple (node:port -> backend) in TIME_WAIT for 60 s, and a SYN on such a
- * tuple is accepted only if its TCP timestamp is not lower than the last one seen there (PAWS).
- * Linux clients draw a random timestamp offset per 4-tuple (measured on 6.18: two connections of
- * one client to one address from different ports carry unrelated timestamps), so a port that
- * carried client A's connection and now carries client B's (or A's from another source port) is
- * rejected half the time: the backend answers the SYN with a bare ACK, the client resets and tries
- * again after 1 s. Worse, that reset closed the flow, so the retried SYN was a new flow that got
- * yet another recently used port: connections took 1 + 2 s and timed out, and the lab's NodePort
- * fell from ~4,000 to ~50 connections/s whenever a burst came within a minute of the previous one.
+ * Why ports must not be handed round blindly: the backend (which usually closes first) keeps each
+ * closed connection's 4-tuple (node:port -> backend) in TIME_WAIT for 60 s. Linux
+ * (tcp_timewait_state_process) accepts a SYN on such a tuple as a new connection only if
+ *   - both connections use TCP timestamps and the SYN's TSval is above the last one the old
+ *     connection sent (PAWS rejects a lower one), or
+ *   - otherwise, its sequence number is beyond where the old connection ended.
+ * Any other SYN is answered with a bare ACK; the client resets and retries after 1 s. Linux clients
+ * draw a random timestamp offset and a random initial sequence number per 4-tuple (measured on
+ * 6.18), so a port that carried client A's connection and now carries client B's (or A's from another
+ * source port) is rejected half the time. Under load (the lab's NodePort, 2,000-connection bursts
+ * within a minute) those retries timed connections out.
  *
- * Hence three rules:
+ * Hence the rules:
  *  1. Sticky: a client re-opening its own tuple (same client address and port, same frontend and
- *     backend) keeps its port: its timestamps continue where they were, TIME_WAIT accepts the SYN.
+ *     backend) keeps its port: its timestamps and sequence numbers continue where they were.
  *     kp_snat_alloc() gets the old flow for that. A client coming back after the conntrack entry
  *     expired (fin timeout) is a new flow: its first candidate is its "home" port (kp_snat_home),
  *     the same for the same tuple, and its own tombstone there is taken over at once.
- *  2. Cooling: a closed flow's entry stays as a tombstone for KP_SNAT_TW_HOLD_NS beyond the flow
- *     (kp_snat_of_fwd writes expires_ns = flow expiry + hold for CLOSING/CLOSED flows; the agent
- *     sweeps it then). A port is handed to another client tuple only once it is free or cold.
- *  3. Other candidates come from one rotating cursor per loaded object (all CPUs, atomically advanced),
- *     not from random picks: a port comes back only after every other port was tried once, i.e.
- *     the one used longest ago first. At most KP_SNAT_MAX_RETRIES candidates; if none was free or
- *     cold, the tombstone among them whose flow ended longest ago is taken over (its SYN may cost
- *     the client one 1-s retry, never more: the retry keeps the port, rule 1). Beyond ~range/60 s
- *     new client tuples per second and backend (28,976 ports: ~480/s) that is unavoidable with one
- *     node address. No free port and no tombstone: the packet is dropped and counted
- *     (KP_DROP_SNAT_NO_PORT).
+ *  2. Tombstones: a closed flow's entry stays for KP_SNAT_TW_HOLD_NS beyond the flow (kp_snat_of_fwd
+ *     writes expires_ns = flow expiry + hold for CLOSING/CLOSED flows; the agent sweeps it then),
+ *     with tw_key: what the backend's TIME_WAIT holds against a new SYN there, recorded from the
+ *     client's FIN (kp_snat_tw_mark). Another client tuple gets a tombstone's port only once the flow
+ *     is over and only with a SYN that TIME_WAIT accepts (kp_snat_tw_accepts): half of the
+ *     candidates, whatever the load, and never a PAWS rejection. A flow that ended by a reset
+ *     leaves nothing in TIME_WAIT. Tombstones without a key (written by an older program, or a
+ *     flow the client never finished) are taken only when no candidate was better, the one whose
+ *     flow ended longest ago (at worst one 1-s retry for that client).
+ *  3. Other candidates come from one rotating cursor per loaded object (all CPUs, atomically
+ *     advanced), not from random picks: a port comes back only after every other port was tried
+ *     once, i.e. the one used longest ago first. At most KP_SNAT_MAX_RETRIES candidates; none
+ *     usable: the SYN is dropped and counted (KP_DROP_SNAT_NO_PORT), and its retransmission draws
+ *     again.
  *
  * A port is taken by creating its kp_snat4_v1 entry with BPF_NOEXIST (a dead or cold one is
  * deleted first), so two CPUs never hand out the same (backend, node, port) tuple.
@@ -43,6 +47,7 @@
 #include "maps.h"
 #include "lib/ct.h"
 #include "lib/stats.h"
+#include "lib/tcp.h"
 
 #define KP_SNAT_MAX_RETRIES 32
 
@@ -84,6 +89,64 @@ static __always_inline __u32 kp_snat_home(const struct kp_ct4_key *fk)
 	return (h ^ (h >> 16)) + bpf_ntohs(fk->sport);
 }
 
+/*
+ * tw_key: the upper 16 bits of the value a new SYN must exceed (the old connection's last TSval, or
+ * the sequence number after its FIN), plus one. A SYN whose value is at or beyond tw_key << 16 is
+ * beyond the old value in the backend's modular comparison; the price is refusing the SYNs less than
+ * 65,536 above it, 1 candidate in 65,536. A retransmitted FIN carries a TSval higher by its RTO,
+ * far less than that. 0 means "not known", so a key that comes to 0 becomes 1 (still beyond).
+ */
+static __always_inline __u16 kp_snat_tw_key_of(__u16 value_hi)
+{
+	__u16 key = value_hi + 1;
+
+	return key ? key : 1;
+}
+
+/*
+ * The client's FIN of a SNATed TCP flow (fv: a copy of its FWD value): the tw_key the flow gets, and
+ * KP_CT_F_TW_TS in *flags. The backend holds the tuple in TIME_WAIT when it closed first, and then
+ * the client's FIN is the last segment it saw from the client: its TSval (or its end sequence) is
+ * what a later SYN on the tuple must exceed. Recorded once, at the first FIN: per connection, not per
+ * packet.
+ */
+static __always_inline __u16 kp_snat_tw_mark(struct __sk_buff *skb, const struct kp_pkt *p,
+					     const struct kp_ct4_val *fv, __u8 *flags)
+{
+	__u64 m;
+
+	if (!(fv->flags & KP_CT_F_SNAT) || p->proto != IPPROTO_TCP || !(p->tcp_flags & KP_TCP_FIN) || fv->tw_key)
+		return fv->tw_key;
+	m = kp_tcp_mark(skb, p);
+	if (!m)
+		return 0;
+	if (m & KP_TCP_MARK_TS) {
+		*flags |= KP_CT_F_TW_TS;
+		return kp_snat_tw_key_of(KP_TCP_MARK_TS_HI(m));
+	}
+	*flags &= ~KP_CT_F_TW_TS;
+	return kp_snat_tw_key_of(KP_TCP_MARK_SEQ_HI(m));
+}
+
+/*
+ * Whether the backend's TIME_WAIT for the tombstone t accepts a SYN with mark syn (kp_tcp_mark; 0
+ * when the flow was not opened by a readable SYN). 1: yes, 0: no, -1: unknown (t has no key).
+ * (__s32)(v - (key << 16)) >= 0 is (__s16)((v >> 16) - key) >= 0: the upper halves are enough.
+ */
+static __always_inline int kp_snat_tw_accepts(const struct kp_snat4_val *t, __u64 syn)
+{
+	if (!t->tw_key)
+		return t->state == KP_CT_CLOSED ? 1 : -1;   /* reset: nothing in TIME_WAIT */
+	if (!syn)
+		return 0;
+	if (t->flags & KP_CT_F_TW_TS) {
+		/* Without a timestamp the SYN escapes PAWS but must pass the sequence test, against a
+		 * value we did not record. */
+		return (syn & KP_TCP_MARK_TS) && (__s16)(KP_TCP_MARK_TS_HI(syn) - t->tw_key) >= 0;
+	}
+	return (__s16)(KP_TCP_MARK_SEQ_HI(syn) - t->tw_key) >= 0;
+}
+
 /* Replace the entry at sk (seen dead, cold or ours) by sv; fails if another CPU got there first. */
 static __always_inline int kp_snat_take(const struct kp_snat4_key *sk, const struct kp_snat4_val *sv)
 {
@@ -94,11 +157,12 @@ static __always_inline int kp_snat_take(const struct kp_snat4_key *sk, const str
 /*
  * Give the new SNATed flow (fk, fv; fv->snat_addr and nat_* set) a port: fills fv->snat_port and
  * writes its kp_snat4_v1 entry. old: the flow this one re-opens on the same FWD tuple, or NULL.
+ * syn: the kp_tcp_mark of the flow's TCP SYN, or 0 (UDP, or a TCP flow not opened by a SYN).
  * Returns 0, or -1 when no port could be had.
  */
 static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_ct4_val *fv,
-					 const struct kp_ct4_val *old, const struct kp_config *cfg, __u64 now,
-					 __u32 len)
+					 const struct kp_ct4_val *old, __u64 syn,
+					 const struct kp_config *cfg, __u64 now, __u32 len)
 {
 	__u32 lo = cfg->snat_port_min ? cfg->snat_port_min : KP_SNAT_PORT_MIN_DEFAULT;
 	__u32 hi = cfg->snat_port_max ? cfg->snat_port_max : KP_SNAT_PORT_MAX_DEFAULT;
@@ -139,6 +203,7 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 	for (int i = 0; i < KP_SNAT_MAX_RETRIES; i++) {
 		struct kp_snat4_val *cur;
 		__u64 idx = i == 0 ? kp_snat_home(fk) : kp_snat_next();
+		int accepts;
 
 		fv->snat_port = bpf_htons((__u16)(lo + idx % span));
 		kp_snat_of_fwd(fk, fv, &sk, &sv);
@@ -146,11 +211,16 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 			return 0;
 		cur = bpf_map_lookup_elem(&kp_snat4_v1, &sk);
 		if (cur) {
-			/* Dead (flow timed out, not swept yet) or cold, or our own tombstone. */
-			if ((cur->expires_ns < now || (kp_snat_same_client(cur, fk) && kp_snat_flow_over(cur, now))) &&
+			/* Dead (flow timed out, not swept yet); or a tombstone whose flow is over, ours or
+			 * one whose TIME_WAIT at the backend takes this SYN. */
+			accepts = kp_snat_tw_accepts(cur, syn);
+			if ((cur->expires_ns < now ||
+			     (kp_snat_closing(cur->state) && kp_snat_flow_over(cur, now) &&
+			      (kp_snat_same_client(cur, fk) || accepts == 1))) &&
 			    !kp_snat_take(&sk, &sv))
 				return 0;
-			if (kp_snat_closing(cur->state) && kp_snat_flow_over(cur, now) && cur->expires_ns < best_exp) {
+			if (accepts < 0 && kp_snat_closing(cur->state) && kp_snat_flow_over(cur, now) &&
+			    cur->expires_ns < best_exp) {
 				best_exp = cur->expires_ns;
 				best = fv->snat_port;
 			}
@@ -158,7 +228,7 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 		kp_count(KP_STAT_SNAT_RETRY, len);
 	}
 	if (best) {
-		/* Every candidate cooling: the one closed longest ago. */
+		/* Only tombstones of unknown TIME_WAIT left: the one closed longest ago. */
 		fv->snat_port = best;
 		kp_snat_of_fwd(fk, fv, &sk, &sv);
 		if (!kp_snat_take(&sk, &sv))

@@ -78,6 +78,7 @@ class CtFlag(enum.IntFlag):
     DSR_OPT = 0x10
     DSR_IPIP = 0x20
     HAIRPIN = 0x40
+    TW_TS = 0x80
 
 
 class DsrMode(enum.IntEnum):
@@ -204,7 +205,7 @@ class Ct4Val(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("snat_addr", ctypes.c_uint32),  # NBO
         ("snat_port", ctypes.c_uint16),  # NBO
-        ("pad", ctypes.c_uint8 * 2),
+        ("tw_key", ctypes.c_uint16),  # HBO SNAT: what the backend's TIME_WAIT accepts beyond; 0 = unknown
     ]
 
 
@@ -262,7 +263,7 @@ class Snat4Val(ctypes.Structure):
         ("front_port", ctypes.c_uint16),  # NBO
         ("state", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("tw_key", ctypes.c_uint16),  # HBO copy of the CT FWD entry's
     ]
 
 

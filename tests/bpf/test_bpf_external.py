@@ -387,14 +387,15 @@ def test_snat_cooling_port_goes_to_another_client_last(dp: Datapath, lab: Lab) -
             dp.snat4.delete(snat_key(free))
 
 
-def test_snat_all_cooling_takes_the_oldest(dp: Datapath, lab: Lab) -> None:
-    """No free or cold port: the tombstone whose flow ended longest ago is taken over (the client may
-    need one SYN retry there), not a drop; a live flow's port never."""
+def test_snat_unknown_tombstones_take_the_oldest(dp: Datapath, lab: Lab) -> None:
+    """Tombstones without a TIME_WAIT key (written by an older program, or a flow the client never
+    finished) and no better candidate: the one whose flow ended longest ago is taken over (the client
+    may need one SYN retry there), not a drop; a live flow's port never."""
     lo = 40000
     set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 2)
     nodeport(dp, BE_REMOTE)
     now = time.monotonic_ns()
-    dp.snat4.update(snat_key(lo), foreign(now - 5 * 10**9 + TW_HOLD_NS, CtState.CLOSED))
+    dp.snat4.update(snat_key(lo), foreign(now - 5 * 10**9 + TW_HOLD_NS, CtState.CLOSING))
     dp.snat4.update(snat_key(lo + 1), foreign(now - 30 * 10**9 + TW_HOLD_NS, CtState.CLOSING))
     live = foreign(now + 3600 * 10**9, CtState.ESTABLISHED)
     dp.snat4.update(snat_key(lo + 2), live)
@@ -406,6 +407,158 @@ def test_snat_all_cooling_takes_the_oldest(dp: Datapath, lab: Lab) -> None:
     kept = snat_entry(dp, lo + 2)
     assert kept is not None and bytes(kept) == bytes(live)
     assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 0
+
+
+# ---- SNAT ports and the backend's TIME_WAIT (issue 10) ----
+TS_SYN = 0x5000_0000  # the SYN's TSval in the cases below
+SEQ_SYN = 0x7000_0000  # and its initial sequence number
+
+
+def ts_option(tsval: int, tsecr: int = 0) -> bytes:
+    return bytes([1, 1, 8, 10]) + struct.pack("!II", tsval, tsecr)
+
+
+def syn_with(tsval: int | None, seq: int, sport: int = CPORT) -> bytes:
+    """A client SYN as Linux sends it (MSS, SACK-permitted, timestamp, window scale), or without a
+    timestamp option when tsval is None."""
+    if tsval is None:
+        opts = bytes.fromhex("020405b4040201030307")
+        opts += b"\0" * (-len(opts) % 4)
+    else:
+        opts = bytes.fromhex("020405b40402080a") + struct.pack("!II", tsval, 0) + bytes.fromhex("01030307")
+    return frame(CLIENT, NODE, tcp(CLIENT, NODE, sport, NODEPORT, TCP_SYN, seq=seq, options=opts))
+
+
+def tombstone(key: int, ts: bool, state: int = CtState.CLOSING, ended_s: float = 1.0) -> Snat4Val:
+    """Another client's closed flow on a port, ended `ended_s` ago, whose FIN left tw_key."""
+    v = foreign(time.monotonic_ns() - int(ended_s * 10**9) + TW_HOLD_NS, state)
+    v.tw_key = key
+    v.flags |= CtFlag.TW_TS if ts else 0
+    return v
+
+
+@pytest.mark.parametrize(
+    ("kind", "tsval", "seq", "taken"),
+    [
+        # The old flow used timestamps: PAWS decides. The key stands for TSvals up to 0x3000ffff.
+        ("ts", TS_SYN, 1, True),
+        ("ts", 0x3000_FFFF, SEQ_SYN, False),  # equal to the old last TSval's range: PAWS or not beyond
+        ("ts", 0x2FFF_0000, SEQ_SYN, False),  # below: PAWS rejects it
+        ("ts", 0x3001_0000, SEQ_SYN, True),  # the first value the key admits
+        ("ts", 0x3000_0000 + 0x8001_0000, SEQ_SYN, False),  # more than 2^31 above is below (modular)
+        ("ts", None, 0x7FFF_FFFF, False),  # no timestamp: the sequence test, against a value not recorded
+        # The old flow had no timestamps: the sequence number must be beyond its FIN.
+        ("seq", None, 0x3001_0000, True),
+        ("seq", None, 0x2000_0000, False),
+        ("seq", TS_SYN, 0x3001_0000, True),
+        ("seq", TS_SYN, 0x3000_8000, False),
+    ],
+)
+def test_snat_tombstone_goes_only_to_a_syn_its_time_wait_accepts(
+    dp: Datapath, lab: Lab, kind: str, tsval: int | None, seq: int, taken: bool
+) -> None:
+    """Issue 10: a port the backend holds in TIME_WAIT for another client tuple may carry a new SYN only
+    if the backend will take it as a new connection (Linux tcp_timewait_state_process: a TSval above the
+    last one seen there when both use timestamps, else a sequence number beyond the old connection's
+    end). Otherwise the backend answers the SYN with a bare ACK (PAWS) and the client needs a 1-s retry.
+    One port in the range, holding a tombstone whose key stands for 0x3000xxxx."""
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    tomb = tombstone(0x3001, ts=kind == "ts")
+    dp.snat4.update(snat_key(40000), tomb)
+    out = run_in(dp, lab, "kp_from_netdev", syn_with(tsval, seq))
+    if taken:
+        ok(out, TC_ACT_REDIRECT)
+        assert parse(out.data_out).sport == 40000
+        nat = snat_entry(dp, 40000)
+        assert nat is not None and nbo_to_ip(nat.client_addr) == CLIENT and nat.tw_key == 0
+        assert nat.state == CtState.SYN_SENT
+    else:
+        assert out.retval == TC_ACT_SHOT
+        assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
+        kept = snat_entry(dp, 40000)
+        assert kept is not None and bytes(kept) == bytes(tomb)
+
+
+def test_snat_reset_flow_leaves_no_time_wait(dp: Datapath, lab: Lab) -> None:
+    """A flow that ended by a reset (CLOSED, no FIN recorded): the backend keeps nothing in TIME_WAIT, so
+    its port goes to the next client at once, before an older tombstone of unknown TIME_WAIT."""
+    lo = 40000
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 1)
+    nodeport(dp, BE_REMOTE)
+    unknown = tombstone(0, ts=False, state=CtState.CLOSING, ended_s=50)
+    dp.snat4.update(snat_key(lo), unknown)
+    dp.snat4.update(snat_key(lo + 1), tombstone(0, ts=False, state=CtState.CLOSED, ended_s=1))
+    out = run_in(dp, lab, "kp_from_netdev", syn_with(TS_SYN, SEQ_SYN))
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == lo + 1
+    kept = snat_entry(dp, lo)
+    assert kept is not None and bytes(kept) == bytes(unknown)
+
+
+def test_snat_keyed_tombstone_is_never_taken_by_a_syn_it_refuses(dp: Datapath, lab: Lab) -> None:
+    """The fallback to the oldest tombstone is for tombstones of unknown TIME_WAIT only: with every
+    candidate keyed against this SYN, the SYN is dropped (counted) and its retransmission draws again;
+    the backend never sees a SYN it would answer with PAWS."""
+    lo = 40000
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 1)
+    nodeport(dp, BE_REMOTE)
+    for port in (lo, lo + 1):
+        dp.snat4.update(snat_key(port), tombstone(0x6001, ts=True, ended_s=40))
+    assert run_in(dp, lab, "kp_from_netdev", syn_with(TS_SYN, SEQ_SYN)).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
+    assert dp.stat(Stat.SNAT_RETRY)[0] == 32
+
+
+@pytest.mark.parametrize("with_ts", [True, False], ids=["timestamps", "no-timestamps"])
+def test_snat_client_fin_records_the_time_wait_key(dp: Datapath, lab: Lab, with_ts: bool) -> None:
+    """The client's first FIN of a SNATed flow records what the backend's TIME_WAIT will hold against a
+    later SYN: its TSval, or the sequence number after the FIN (data and FIN counted), rounded up to
+    the next 64 Ki. In the conntrack FWD entry and in the SNAT entry the allocator reads; a later FIN
+    (a retransmission) does not move it."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    syn = syn_with(0x1234_5678 if with_ts else None, 10)
+    port = parse(run_in(dp, lab, "kp_from_netdev", syn).data_out).sport
+    tsval, seq, data = 0x1235_0000, 0x2000_FFF0, b"x" * 0x20
+
+    def fin(tsval: int) -> bytes:
+        opts = ts_option(tsval, 77) if with_ts else b""
+        flags = TCP_FIN | TCP_ACK
+        seg = tcp(CLIENT, NODE, CPORT, NODEPORT, flags, seq=seq, ack=5, options=opts, payload=data)
+        return frame(CLIENT, NODE, seg)
+
+    ok(run_in(dp, lab, "kp_from_netdev", fin(tsval)), TC_ACT_REDIRECT)
+    # TSval 0x1235_0000 -> key 0x1236; the sequence after the FIN, 0x2000_FFF0 + 0x20 + 1 = 0x2001_0011,
+    # -> key 0x2002
+    want_key, want_ts = (0x1236, CtFlag.TW_TS) if with_ts else (0x2002, 0)
+    fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+    nat = snat_entry(dp, port)
+    assert fwd is not None and nat is not None
+    assert (fwd.tw_key, fwd.flags & CtFlag.TW_TS, fwd.state) == (want_key, want_ts, CtState.CLOSING)
+    assert (nat.tw_key, nat.flags & CtFlag.TW_TS) == (want_key, want_ts)
+    ok(run_in(dp, lab, "kp_from_netdev", fin(tsval + 0x30_0000)), TC_ACT_REDIRECT)
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.tw_key == want_key
+    # The backend's replies keep the key (they rewrite the entries from the FWD side).
+    reply = frame(BE_REMOTE.addr, NODE, tcp(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK), ttl=63)
+    ok(run_in(dp, lab, "kp_from_netdev", reply), TC_ACT_REDIRECT)
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.tw_key == want_key and nat.flags & CtFlag.SEEN_REPLY
+
+
+def test_snat_fin_key_ignores_ethernet_padding(dp: Datapath, lab: Lab) -> None:
+    """A bare FIN in a minimum-size Ethernet frame carries padding after the IPv4 packet: the end
+    sequence comes from the IPv4 total length, not the frame length. Sequence 0x4000_FFFE: the FIN
+    ends at 0x4000_FFFF (key 0x4001); the 6 padding bytes counted as data would cross into 0x4001_xxxx."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    port = parse(run_in(dp, lab, "kp_from_netdev", syn_with(None, 10)).data_out).sport
+    seg = tcp(CLIENT, NODE, CPORT, NODEPORT, TCP_FIN | TCP_ACK, seq=0x4000_FFFE, ack=5)
+    padded = frame(CLIENT, NODE, seg) + b"\xee" * 6  # 54 bytes + 6 of padding = 60
+    assert run_in(dp, lab, "kp_from_netdev", padded).retval == TC_ACT_REDIRECT
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.tw_key == 0x4001
 
 
 def test_snat_closing_flow_port_is_not_taken(dp: Datapath, lab: Lab) -> None:

@@ -98,6 +98,7 @@ enum kp_ct_state {
 #define KP_CT_F_DSR_OPT     0x10  /* DSR, IPv4 option: ingress node sent it so / backend node received it so */
 #define KP_CT_F_DSR_IPIP    0x20  /* DSR, BPF-made IPIP: ingress node sent it so / backend node received it so */
 #define KP_CT_F_HAIRPIN     0x40  /* pod balanced to itself: source rewritten to the hairpin address */
+#define KP_CT_F_TW_TS       0x80  /* SNAT: tw_key is a TCP timestamp (else a sequence number) */
 
 struct kp_ct4_key {
 	__be32 saddr;       /* NBO source address */
@@ -119,7 +120,8 @@ struct kp_ct4_val {
 	__u8   flags;       /* KP_CT_F_* */
 	__be32 snat_addr;   /* NBO FWD of SNAT/HAIRPIN: source address toward the backend; REPLY of HAIRPIN: client address */
 	__be16 snat_port;   /* NBO FWD of SNAT/HAIRPIN: source port toward the backend; REPLY of HAIRPIN: client port */
-	__u8   pad[2];      /* zero */
+	__u16  tw_key;      /* HBO SNAT, once the client sent its FIN: what the backend's TIME_WAIT accepts a new
+	                     * SYN beyond (lib/snat.h); 0 = not known. Was zero padding: same layout. */
 };
 
 /* Entries are rewritten at most this often per flow unless the state changes. */
@@ -189,7 +191,7 @@ struct kp_snat4_val {
 	__be16 front_port;  /* NBO frontend port */
 	__u8   state;       /* enum kp_ct_state, copy of the CT FWD entry's */
 	__u8   flags;       /* KP_CT_F_*, copy of the CT FWD entry's */
-	__u8   pad[2];      /* zero */
+	__u16  tw_key;      /* HBO copy of the CT FWD entry's (lib/snat.h); was zero padding: same layout */
 };
 
 /* DSR IPv4 option (as Cilium's DSR_IPV4_OPT_TYPE): copied-on-fragmentation bit | 0x1a. */
