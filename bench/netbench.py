@@ -165,7 +165,7 @@ class Topology:
     def start_servers(self) -> None:
         self.spawn(self.backends, str(ECHO), "-l", f"0.0.0.0:{ECHO_PORT}", "-P", "2")
         self.spawn(self.backends, "iperf3", "-s", "-B", BACKEND_IPS[0], "-p", str(IPERF_PORT))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # only bounds a failure: a busy machine starts them slowly
         while time.monotonic() < deadline:
             out = self.ns(self.backends, "ss", "-Hltn").stdout
             if f":{ECHO_PORT}" in out and f":{IPERF_PORT}" in out:
@@ -175,7 +175,7 @@ class Topology:
                     err = p.stderr.read() if p.stderr else ""
                     raise RuntimeError(f"backend server exited: {p.args!r}: {err}")
             time.sleep(0.05)
-        raise RuntimeError(f"backend servers not listening in {self.backends} after 5 s")
+        raise RuntimeError(f"backend servers not listening in {self.backends} after 30 s")
 
     def close(self) -> None:
         for p in self.procs:

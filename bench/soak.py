@@ -133,6 +133,7 @@ class Soak:
         self.kills: list[float] = []
         self.restart_errors: list[str] = []
         self.restarts: list[tuple[float, float]] = []  # (kill, both agents synced again), monotonic
+        self.killers: list[threading.Thread] = []
         self.stop_probes = threading.Event()
         self.stop_streams = threading.Event()
         self.lock = threading.Lock()
@@ -191,15 +192,20 @@ class Soak:
         return {"apiVersion": "v1", "kind": "List", "items": [svc, mf.endpoint_slice(s.name, eps, [port])]}
 
     def write(self, s: Slot) -> None:
+        """Make the slot's current backend set the lab's, and log it as valid from just before the agents
+        can see it. Logged after the rename, a busy machine (this process's probe threads holding the
+        GIL) could delay the log by 100 ms and more, while the agents had already programmed the change:
+        probes answered by a just-added backend then counted as wrong answers."""
         assert self.lab is not None
         path = self.lab.manifests_dir / f"{s.name}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        if s.backends is not None:
+            tmp.write_text(json.dumps(self.objects(s)))
+        s.record(time.monotonic())
         if s.backends is None:
             path.unlink(missing_ok=True)
         else:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(self.objects(s)))
             os.rename(tmp, path)
-        s.record(time.monotonic())
 
     def random_backends(self, lo: int = 1) -> frozenset[str]:
         return frozenset(self.rng.sample(self.server_pods, self.rng.randint(lo, 3)))
@@ -235,7 +241,9 @@ class Soak:
         while (now := time.monotonic()) < until:
             if kill_at and now >= kill_at[0]:
                 kill_at.pop(0)
-                threading.Thread(target=self.kill_agents_guarded, daemon=True).start()
+                killer = threading.Thread(target=self.kill_agents_guarded, daemon=True)
+                killer.start()
+                self.killers.append(killer)
             if now < nxt:
                 time.sleep(nxt - now)
                 continue
@@ -439,6 +447,8 @@ class Soak:
             try:
                 self.churn(self.t_start + a.duration)
                 self.t_churn_end = time.monotonic()
+                for killer in self.killers:  # a restart still under way on a busy machine is waited for
+                    killer.join(timeout=180)
                 # Churn over: every churned Service goes away; the stable ones return to their anchors.
                 for s in self.slots:
                     s.backends = frozenset(ANCHORS) if s.stable else None

@@ -438,7 +438,7 @@ class Lab:
         p = self.state.processes.get(f"agent/{node}")
         return p if p and _alive(p) else None
 
-    def wait_agent(self, node: str, timeout: float = 30) -> None:
+    def wait_agent(self, node: str, timeout: float = 60) -> None:
         """Wait until the agent of NODE finished its first sync (it wrote its metadata file)."""
         from kproxy.observe.metadata import metadata_path
 
@@ -496,9 +496,11 @@ class Lab:
         backends: Iterable[str],
         protocol: str = "TCP",
         nodes: Iterable[str] | None = None,
-        timeout: float = 10,
+        timeout: float = 30,
     ) -> None:
-        """Wait until every node's maps (or NODES') hold frontend addr:port with exactly these backends."""
+        """Wait until every node's maps (or NODES') hold frontend addr:port with exactly these backends.
+        The deadline is generous: it is only reached when something is wrong, and a machine whose cores
+        are busy with other work may make an agent take seconds."""
         want = set(backends)
         deadline = time.monotonic() + timeout
         for node in nodes or [n.name for n in self.nodes]:
@@ -526,7 +528,7 @@ class Lab:
     def in_ns(self, host: Host, fn: Callable[[], T]) -> T:
         return in_netns(host.ns, fn)
 
-    def connect(self, host: Host, addr: str, port: int, timeout: float = 3.0) -> socket.socket:
+    def connect(self, host: Host, addr: str, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP socket in HOST's namespace connected to addr:port."""
 
         def do() -> socket.socket:
@@ -541,12 +543,12 @@ class Lab:
 
         return in_netns(host.ns, do)
 
-    def tcp_request(self, host: Host, addr: str, port: int, timeout: float = 3.0) -> dict[str, Any]:
+    def tcp_request(self, host: Host, addr: str, port: int, timeout: float = 10.0) -> dict[str, Any]:
         """Connect from HOST, return the pod server's greeting ({"pod", "ip", "client", ...})."""
         with self.connect(host, addr, port, timeout) as s:
             return json.loads(_readline(s))
 
-    def tcp_requests(self, host: Host, addr: str, port: int, count: int, timeout: float = 3.0) -> list[str]:
+    def tcp_requests(self, host: Host, addr: str, port: int, count: int, timeout: float = 10.0) -> list[str]:
         """COUNT separate connections from HOST; the pod name that answered each one."""
 
         def do() -> list[str]:
@@ -561,7 +563,7 @@ class Lab:
         return in_netns(host.ns, do)
 
     def udp_request(
-        self, host: Host, addr: str, port: int, payload: str = "ping", timeout: float = 3.0
+        self, host: Host, addr: str, port: int, payload: str = "ping", timeout: float = 10.0
     ) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,16 +19,25 @@ from bench import run
 pytestmark = pytest.mark.root
 
 
-def _bench_netns() -> set[str]:
+def _netns(prefix: str) -> set[str]:
     return (
-        {n for n in os.listdir("/run/netns") if n.startswith("kpb-")}
+        {n for n in os.listdir("/run/netns") if n.startswith(prefix)}
         if os.path.isdir("/run/netns")
         else set()
     )
 
 
-def test_harness_at_one_service(tmp_path: Path) -> None:
-    before = _bench_netns()
+def test_harness_at_one_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prefixes of this run's topologies: another run on the machine (its own prefixes) is no leak.
+    prefixes: list[str] = []
+    topology = run.nb.Topology
+
+    def recorded() -> Any:
+        topo = topology()
+        prefixes.append(topo.prefix)
+        return topo
+
+    monkeypatch.setattr(run.nb, "Topology", recorded)
     if not (run.nb.LOADGEN.exists() and run.nb.ECHO.exists()):
         run.nb.ensure_tools()
     rc = run.main(
@@ -61,5 +71,5 @@ def test_harness_at_one_service(tmp_path: Path) -> None:
     assert "1 Services" in md and "vs iptables" in md
     for png in ("latency.png", "control-plane.png"):
         assert (tmp_path / png).stat().st_size > 0
-    # Nothing of the run is left behind: no namespace with the bench prefix.
-    assert _bench_netns() - before == set()
+    # Nothing of the run is left behind: no namespace with the prefix of one of its topologies.
+    assert prefixes and all(_netns(p) == set() for p in prefixes), prefixes

@@ -58,7 +58,21 @@ def test_every_service_type_created_updated_deleted(mapset_factory: Any) -> None
             )
             api.put(service("ext", "10.96.0.13", externalIPs=["198.51.100.9"]))
             api.put(endpoint_slice("ext", ["10.128.0.5"]))
-            await h.wait_for("all four Services programmed", lambda: len(h.frontends()) >= 7)
+            # Services and their slices come through separate watches: wait for both, not for a count of
+            # frontends (Services without endpoints yet have frontends too).
+            want = {
+                ("10.96.0.10", 80, "TCP"): ["10.128.0.1:8080", "10.128.0.2:8080"],
+                (NODE_IP, 30080, "TCP"): ["10.128.0.3:8080"],
+                ("203.0.113.7", 53, "UDP"): ["10.128.0.4:5353"],
+                (NODE_IP, 30053, "UDP"): ["10.128.0.4:5353"],
+            }
+            await h.wait_for(
+                "all four Services and their endpoints programmed",
+                lambda: (
+                    all(h.backends_of(*fe) == bes for fe, bes in want.items())
+                    and bool(h.backends_of("198.51.100.9", 80))
+                ),
+            )
             await h.settled()
             fes = h.frontends()
             assert fes[("10.96.0.10", 80, "TCP", 0)]["backends"] == ["10.128.0.1:8080", "10.128.0.2:8080"]

@@ -328,10 +328,13 @@ def run_cleanup_in(ns: str, dry_run: bool = False) -> dict[str, Any]:
 
 
 def root_firewall() -> str:
-    """Read-only snapshot of the root namespace's nftables ruleset (iptables-nft lives there too)."""
+    """Read-only snapshot of the root namespace's nftables ruleset (iptables-nft lives there too),
+    stateless (-s): rule counters and set timeouts move with the host's own traffic."""
     if not shutil.which("nft"):
         return ""
-    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=False).stdout
+    return subprocess.run(
+        ["nft", "-s", "list", "ruleset"], capture_output=True, text=True, check=False
+    ).stdout
 
 
 @pytest.mark.root

@@ -84,9 +84,11 @@ def test_removed_backend_gets_no_new_connections(lab: Lab, program: Program) -> 
     client = lab.pod("n1p1")
     assert set(lab.tcp_requests(client, "10.96.1.8", 80, count=60)) == {"n1p2", "n2p1", "n2p2"}
     program("shrink", "10.96.1.8", ["n1p2", "n2p2"], wait=False)
-    time.sleep(1.0)
+    # Once the client's node has programmed the change (however long a busy machine takes), not one
+    # new connection may reach the removed backend.
+    lab.wait_programmed("10.96.1.8", 80, [lab.pod("n1p2").ip, lab.pod("n2p2").ip], nodes=["n1"])
     after = collections.Counter(lab.tcp_requests(client, "10.96.1.8", 80, count=60))
-    assert "n2p1" not in after, f"removed backend n2p1 still got connections 1 s after the change: {after}"
+    assert "n2p1" not in after, f"removed backend n2p1 still got connections after programming: {after}"
     assert set(after) == {"n1p2", "n2p2"}
 
 
@@ -241,13 +243,16 @@ def test_pod_created_after_agent_start_gets_programs(lab: Lab, program: Program)
     program("late-pod", "10.96.1.16", ["n2p1"])
     pod = lab.add_pod("n1")
     node = lab.node("n1")
-    from kproxy.bpf.loader import Loader
+    from kproxy.bpf.loader import DIRECTIONS, Loader
 
-    pin = Loader(node.bpffs).link_pin(pod.host_if, "ingress")
-    deadline = time.monotonic() + 5
-    while not os.path.exists(pin) and time.monotonic() < deadline:
+    # Both directions: the reply of the first connection needs kp_to_pod, attached after kp_from_pod.
+    # The deadline only bounds a failure (a busy machine may make the agent take seconds).
+    pins = [Loader(node.bpffs).link_pin(pod.host_if, d) for d in DIRECTIONS]
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(p) for p in pins) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert os.path.exists(pin), f"agent did not attach to {pod.host_if}:\n{lab.log('agent-n1')[-2000:]}"
+    missing = [p for p in pins if not os.path.exists(p)]
+    assert not missing, f"agent did not attach {missing}:\n{lab.log('agent-n1')[-2000:]}"
     reply = lab.tcp_request(pod, "10.96.1.16", 80)
     assert reply["pod"] == "n2p1"
     assert reply["client"].split(":")[0] == pod.ip

@@ -133,6 +133,11 @@ def test_healthz_answers_200_after_sync(klab: tuple[KubeLab, ApiInNamespace]) ->
     assert "lastUpdated" in body or "currentTime" in body or body, body
 
 
+def _answered_since(answers: list[tuple[float, float, str]], t0: float) -> int:
+    """Connections started after t0 and already answered (a list entry is added on completion)."""
+    return sum(1 for t, _, _ in answers if t > t0)
+
+
 def test_traffic_follows_endpointslice_scaling(klab: tuple[KubeLab, ApiInNamespace]) -> None:
     lab, api = klab
     n1 = lab.nodes[0]
@@ -147,8 +152,10 @@ def test_traffic_follows_endpointslice_scaling(klab: tuple[KubeLab, ApiInNamespa
     api.put(mf.service("scale", [PORT], VIP), slice_of(backends[:1]))
     lab.wait_programmed(VIP, PORT.port, [backends[0].ip])
 
-    # (connect start time, answering pod ip or "error: ...") of every connection of the client loop
-    answers: list[tuple[float, str]] = []
+    # (connect start, answer received, answering pod ip or "error: ...") of every connection of the
+    # client loop. A connection is judged by the window it lies in whole: on a busy machine the thread
+    # may stall between reading the clock and sending its SYN, past the next change.
+    answers: list[tuple[float, float, str]] = []
     stop = threading.Event()
 
     def client_loop() -> None:
@@ -156,12 +163,12 @@ def test_traffic_follows_endpointslice_scaling(klab: tuple[KubeLab, ApiInNamespa
             while not stop.is_set():
                 t = time.monotonic()
                 try:
-                    with socket.create_connection((VIP, PORT.port), timeout=2) as s:
-                        s.settimeout(2)
+                    with socket.create_connection((VIP, PORT.port), timeout=10) as s:
+                        s.settimeout(10)
                         line = s.makefile("rb").readline()
-                    answers.append((t, json.loads(line)["ip"]))
+                    answers.append((t, time.monotonic(), json.loads(line)["ip"]))
                 except (OSError, ValueError) as e:
-                    answers.append((t, f"error: {e}"))
+                    answers.append((t, time.monotonic(), f"error: {e}"))
 
         lab.in_ns(client, body)
 
@@ -173,14 +180,14 @@ def test_traffic_follows_endpointslice_scaling(klab: tuple[KubeLab, ApiInNamespa
         steps = [backends, backends[:2], backends[2:], backends, backends[1:2], backends[:1]]
         programmed_at, valid = time.monotonic(), {backends[0].ip}
         for pods in steps:
-            wait_until("client answers", lambda t0=programmed_at: sum(1 for t, _ in answers if t > t0) >= 20)
+            wait_until("client answers", lambda t0=programmed_at: _answered_since(answers, t0) >= 20)
             written_at = time.monotonic()
             windows.append((programmed_at, written_at, valid))
             api.put(slice_of(pods))
             valid = {p.ip for p in pods}
             lab.wait_programmed(VIP, PORT.port, valid)
             programmed_at = time.monotonic()
-        wait_until("client answers", lambda: sum(1 for t, _ in answers if t > programmed_at) >= 20)
+        wait_until("client answers", lambda: _answered_since(answers, programmed_at) >= 20)
         windows.append((programmed_at, time.monotonic(), valid))
     finally:
         stop.set()
@@ -188,12 +195,12 @@ def test_traffic_follows_endpointslice_scaling(klab: tuple[KubeLab, ApiInNamespa
 
     checked = 0
     for start, end, valid in windows:
-        inside = [a for t, a in answers if start <= t < end]
+        inside = [a for t, done, a in answers if start <= t and done < end]
         assert inside, f"no connection between {start} and {end}"
         wrong = [a for a in inside if a not in valid]
         assert not wrong, f"after the change to {sorted(valid)} was programmed, answers came from {wrong[:5]}"
         checked += len(inside)
-    seen = {a for _, a in answers if a in ip_of}
+    seen = {a for _, _, a in answers if a in ip_of}
     assert seen == set(ip_of), f"not every backend ever answered: {seen}"
     assert checked >= 20 * len(windows)
     assert "watching Kubernetes at " + api.url in lab.log(f"agent-{lab.nodes[0].name}")

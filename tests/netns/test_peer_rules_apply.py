@@ -43,7 +43,19 @@ def topo():  # type: ignore[no-untyped-def]
 
 def _connect(topo: nb.Topology, addr: str, port: int, n: int = 40) -> dict:
     out = topo.ns(
-        topo.client, str(nb.LOADGEN), "-a", addr, "-p", str(port), "-c", "4", "-n", str(n), "-i"
+        topo.client,
+        str(nb.LOADGEN),
+        "-a",
+        addr,
+        "-p",
+        str(port),
+        "-c",
+        "4",
+        "-n",
+        str(n),
+        "-i",
+        "-t",
+        "10000",
     ).stdout
     return json.loads(out)
 

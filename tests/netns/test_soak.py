@@ -3,7 +3,11 @@
 No timing assertion: zero wrong answers and zero failed probes beyond the programming window, zero
 broken long-lived streams, the maps back to their baseline once churn ends, both restarts succeeded.
 The rate is lower than `make soak`'s 200 changes/s (KPROXY_SOAK_RATE, default 100) so that the lab,
-the probes and the agents fit on a 2-core machine next to the rest of the suite.
+the probes and the agents fit on a 2-core machine next to the rest of the suite. The programming
+window is 5 s here (KPROXY_SOAK_WINDOW_MS), not `make soak`'s 1 s: on a machine whose cores are busy
+with other work the agents' lag has no bound a test may assume; an answer from a backend removed 5 s
+earlier is a defect (the file source rescans every 2 s even if a notification were lost), one 1.2 s
+after is a slow machine. The lag itself is measured and printed, never asserted.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ pytestmark = pytest.mark.root
 
 DURATION = os.environ.get("KPROXY_SOAK_DURATION", "60")
 RATE = os.environ.get("KPROXY_SOAK_RATE", "100")
+WINDOW_MS = os.environ.get("KPROXY_SOAK_WINDOW_MS", "5000")
 
 
 def test_churn_soak(tc_object: Path) -> None:
-    res = soak.run(
-        ["--duration", DURATION, "--rate", RATE, "--services", "9", "--background", "91"], write=False
-    )
+    args = ["--duration", DURATION, "--rate", RATE, "--services", "9", "--background", "91"]
+    res = soak.run([*args, "--window-ms", WINDOW_MS], write=False)
     summary = soak.markdown(res)
     print(summary)
     assert not res["restart_errors"], res["restart_errors"]

@@ -27,13 +27,16 @@ ROUNDS = 5
 
 def request_from(lab: Lab, host: Host, addr: str, port: int, sport: int) -> dict[str, str]:
     """One connection from HOST bound to source port SPORT; the client closes first, so the
-    backend keeps no TIME_WAIT for the tuple (the client does, which SO_REUSEADDR lets us bind over)."""
+    backend keeps no TIME_WAIT for the tuple (the client does, which SO_REUSEADDR lets us bind over).
+    It returns only once the backend closed its side too: a busy pod server still holding the tuple
+    (CLOSE_WAIT) would answer the next SYN on it with a challenge ACK and cost a 1-s retry. The timeout
+    leaves room for one such retry on a busy machine; the bug this guards made every retry fail."""
 
     def do() -> dict[str, str]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("0.0.0.0", sport))
-            s.settimeout(2.0)
+            s.settimeout(5.0)
             s.connect((addr, port))
             buf = b""
             while not buf.endswith(b"\n"):
@@ -41,6 +44,9 @@ def request_from(lab: Lab, host: Host, addr: str, port: int, sport: int) -> dict
                 if not chunk:
                     break
                 buf += chunk
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):  # until the backend's FIN
+                pass
             return dict(json.loads(buf))
 
     return lab.in_ns(host, do)
