@@ -45,7 +45,7 @@ def test_harness_at_one_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             "--services",
             "1",
             "--duration",
-            "0.3",
+            "1.0",  # long enough for a first connection on a busy machine
             "--iperf-seconds",
             "0",
             "--concurrency",

@@ -28,10 +28,12 @@ import dataclasses
 import itertools
 import json
 import logging
+import random
 import socket
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -143,6 +145,23 @@ def _merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _free_port_outside_ephemeral(host: str) -> int:
+    """A free port below the kernel's ephemeral range, so that going down and up again re-binds the same
+    one: while the server is down, no connect() elsewhere on the machine can be handed it as its local
+    port (which a port from bind(0) could be, failing the re-bind)."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, lo))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000-{lo} on {host}")
+
+
 class FakeApiServer:
     """The API double. Start it with `await start()`; its URL is in `.url`.
 
@@ -197,10 +216,7 @@ class FakeApiServer:
             self._bookmarker = asyncio.create_task(self._bookmarks(), name="apiserver bookmarks")
             return self.url
         if port == 0:
-            # Pick the port ourselves so that going down and up again re-binds the same one.
-            with socket.socket() as s:
-                s.bind((self.host, 0))
-                port = s.getsockname()[1]
+            port = _free_port_outside_ephemeral(self.host)
         self.port = port
         await self._listen()
         self._bookmarker = asyncio.create_task(self._bookmarks(), name="apiserver bookmarks")
