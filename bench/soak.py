@@ -349,7 +349,7 @@ class Soak:
                 msg = f"{label} {n:08d}\n".encode()
                 w.write(msg)
                 await w.drain()
-                got = await asyncio.wait_for(r.readexactly(len(msg)), 5)
+                got = await asyncio.wait_for(r.readexactly(len(msg)), 15)  # a break, not a slow machine
                 if got != msg:
                     raise ConnectionError("echo mismatch")
                 self.stream_roundtrips += 1

@@ -100,9 +100,9 @@ def test_svc4_full(small_lab: Lab) -> None:
     objs = [o for i in range(40) for o in svc(lab, f"fill-{i}", f"10.96.51.{1 + i}", [p1.ip])]
     before = map_full_errors(lab)
     lab.write_manifest("fill", objs)
-    _wait("svc4-full errors in the agent log", lambda: failed_services(lab, "kp_svc4_v1"), 10)
+    _wait("svc4-full errors in the agent log", lambda: failed_services(lab, "kp_svc4_v1"), 30)
     assert map_full_errors(lab) > before, "a full kp_svc4_v1 must count kproxy_sync_errors{reason=map_full}"
-    _wait("the apply to settle", lambda: len(map_state(lab)[0]) >= (SVC4_SIZE - 2) // 2, 10)
+    _wait("the apply to settle", lambda: len(map_state(lab)[0]) >= (SVC4_SIZE - 2) // 2, 30)
     failed = failed_services(lab, "kp_svc4_v1")
     fes, _ = map_state(lab)
     programmed = {i for i in range(40) if lab.frontend_backends(lab.nodes[0].name, f"10.96.51.{1 + i}", 80)}
@@ -122,7 +122,7 @@ def test_svc4_full(small_lab: Lab) -> None:
     _wait(
         "fillers removed",
         lambda: lab.frontend_backends(lab.nodes[0].name, f"10.96.51.{1 + some}", 80) is None,
-        10,
+        30,
     )
     lab.write_manifest("late", svc(lab, "late", "10.96.50.2", [p2.ip]))
     lab.wait_programmed("10.96.50.2", 80, [p2.ip])
@@ -141,7 +141,7 @@ def test_be4_full(small_lab: Lab) -> None:
         objs += svc(lab, f"befill-{i}", f"10.96.52.{1 + i}", fake)
     before = map_full_errors(lab)
     lab.write_manifest("befill", objs)
-    _wait("be4-full errors in the agent log", lambda: failed_services(lab, "kp_be4_v1"), 10)
+    _wait("be4-full errors in the agent log", lambda: failed_services(lab, "kp_be4_v1"), 30)
     assert map_full_errors(lab) > before, "a full kp_be4_v1 must count kproxy_sync_errors{reason=map_full}"
     failed = failed_services(lab, "kp_be4_v1")
     _, bes = map_state(lab)

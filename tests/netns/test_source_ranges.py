@@ -50,7 +50,7 @@ def programmed_ranges(lab: Lab) -> list[str]:
         )
 
 
-def wait_ranges(lab: Lab, want: list[str], timeout: float = 10) -> None:
+def wait_ranges(lab: Lab, want: list[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (have := programmed_ranges(lab)) != sorted(want):
         if time.monotonic() > deadline:
