@@ -29,7 +29,7 @@ enum kp_fib_result {
 };
 
 /* Room for a route lookup (struct kp_scratch): 64 bytes the deepest paths cannot spare on the stack.
- * NULL only if the map is broken; callers count a drop. */
+ * NULL only if the map is broken: kp_fib_lookup() then fails, as for a missing route. */
 static __always_inline struct bpf_fib_lookup *kp_fib_room(void)
 {
 	__u32 zero = 0;

@@ -24,18 +24,19 @@
  *     writes expires_ns = flow expiry + hold for CLOSING/CLOSED flows; the agent sweeps it then),
  *     with tw_key: what the backend's TIME_WAIT holds against a new SYN there, recorded from the
  *     client's FIN (kp_snat_tw_mark). Another client tuple gets a tombstone's port only once the flow
- *     is over and only with a SYN that TIME_WAIT accepts (kp_snat_tw_accepts): half of the
- *     candidates, whatever the load, and never a PAWS rejection. A flow that ended by a reset
- *     leaves nothing in TIME_WAIT. Tombstones without a key (written by an older program, or a
- *     flow the client never finished) are taken only when no candidate was better, the one whose
- *     flow ended longest ago (at worst one 1-s retry for that client).
+ *     is over and only with a SYN that TIME_WAIT accepts (kp_snat_tw_accepts): half of the SYNs
+ *     with timestamps, whatever the load, and never a PAWS rejection. A flow that ended by a reset
+ *     leaves nothing in TIME_WAIT. Tombstones of unknown TIME_WAIT (no key: written by an older
+ *     program, or a flow the client never finished; or a SYN without timestamps against a
+ *     timestamp key) are taken only when no candidate was better, the one whose flow ended longest
+ *     ago (at worst one 1-s retry for that client).
  *  3. Other candidates come from one rotating cursor per loaded object (all CPUs, atomically
  *     advanced), not from random picks: a port comes back only after every other port was tried
  *     once, i.e. the one used longest ago first. At most KP_SNAT_MAX_RETRIES candidates; none
  *     usable: the SYN is dropped and counted (KP_DROP_SNAT_NO_PORT), and its retransmission draws
  *     again.
  *
- * A port is taken by creating its kp_snat4_v1 entry with BPF_NOEXIST (a dead or cold one is
+ * A port is taken by creating its kp_snat4_v1 entry with BPF_NOEXIST (a dead one or a tombstone is
  * deleted first), so two CPUs never hand out the same (backend, node, port) tuple.
  */
 #ifndef KPROXY_LIB_SNAT_H
@@ -92,9 +93,8 @@ static __always_inline __u32 kp_snat_home(const struct kp_ct4_key *fk)
 /*
  * tw_key: the upper 16 bits of the value a new SYN must exceed (the old connection's last TSval, or
  * the sequence number after its FIN), plus one. A SYN whose value is at or beyond tw_key << 16 is
- * beyond the old value in the backend's modular comparison; the price is refusing the SYNs less than
- * 65,536 above it, 1 candidate in 65,536. A retransmitted FIN carries a TSval higher by its RTO,
- * far less than that. 0 means "not known", so a key that comes to 0 becomes 1 (still beyond).
+ * beyond the old value; the price is refusing the SYNs less than 65,536 above it, 1 candidate in
+ * 65,536. 0 means "not known", so a key that comes to 0 becomes 1 (still beyond).
  */
 static __always_inline __u16 kp_snat_tw_key_of(__u16 value_hi)
 {
@@ -104,50 +104,75 @@ static __always_inline __u16 kp_snat_tw_key_of(__u16 value_hi)
 }
 
 /*
- * The client's FIN of a SNATed TCP flow (fv: a copy of its FWD value): the tw_key the flow gets, and
+ * Linux takes the SYN as a new connection when its value v is above the old one T by 1 to 2^31
+ * ((__s32)(T - v) < 0). With the upper halves only: v >= key << 16 (> T) and v - (key << 16) below
+ * 0x7fff << 16, so that v - T stays under 2^31 (T is at most 2^16 below key << 16).
+ */
+static __always_inline int kp_snat_tw_beyond(__u16 value_hi, __u16 key)
+{
+	return (__u16)(value_hi - key) < 0x7fff;
+}
+
+/*
+ * A client FIN of a SNATed TCP flow (fv: a copy of its FWD value): the tw_key the flow gets, and
  * KP_CT_F_TW_TS in *flags. The backend holds the tuple in TIME_WAIT when it closed first, and then
- * the client's FIN is the last segment it saw from the client: its TSval (or its end sequence) is
- * what a later SYN on the tuple must exceed. Recorded once, at the first FIN: per connection, not per
- * packet.
+ * the client's FIN is the last segment it took from the client; a retransmitted FIN does not change
+ * what TIME_WAIT holds (it is not in sequence any more). But the first FIN may have been lost after
+ * this node, and the backend then kept a retransmission's TSval, higher by the RTO (more than 65,536
+ * with microsecond timestamps, tcp_usec_ts): so a later FIN raises the key, never lowers it. FINs
+ * only, a few per connection: the option walk is not per packet.
  */
 static __always_inline __u16 kp_snat_tw_mark(struct __sk_buff *skb, const struct kp_pkt *p,
 					     const struct kp_ct4_val *fv, __u8 *flags)
 {
+	__u16 key;
 	__u64 m;
 
-	if (!(fv->flags & KP_CT_F_SNAT) || p->proto != IPPROTO_TCP || !(p->tcp_flags & KP_TCP_FIN) || fv->tw_key)
+	if (!(fv->flags & KP_CT_F_SNAT) || p->proto != IPPROTO_TCP || !(p->tcp_flags & KP_TCP_FIN))
 		return fv->tw_key;
 	m = kp_tcp_mark(skb, p);
 	if (!m)
-		return 0;
-	if (m & KP_TCP_MARK_TS) {
-		*flags |= KP_CT_F_TW_TS;
-		return kp_snat_tw_key_of(KP_TCP_MARK_TS_HI(m));
+		return fv->tw_key;
+	key = kp_snat_tw_key_of((m & KP_TCP_MARK_TS) ? KP_TCP_MARK_TS_HI(m) : KP_TCP_MARK_SEQ_HI(m));
+	if (fv->tw_key) {
+		/* Keyed already: only a higher value of the same kind moves it. */
+		if (!!(m & KP_TCP_MARK_TS) != !!(fv->flags & KP_CT_F_TW_TS) || (__s16)(key - fv->tw_key) <= 0)
+			return fv->tw_key;
 	}
-	*flags &= ~KP_CT_F_TW_TS;
-	return kp_snat_tw_key_of(KP_TCP_MARK_SEQ_HI(m));
+	if (m & KP_TCP_MARK_TS)
+		*flags |= KP_CT_F_TW_TS;
+	else
+		*flags &= ~KP_CT_F_TW_TS;
+	return key;
 }
 
 /*
  * Whether the backend's TIME_WAIT for the tombstone t accepts a SYN with mark syn (kp_tcp_mark; 0
- * when the flow was not opened by a readable SYN). 1: yes, 0: no, -1: unknown (t has no key).
- * (__s32)(v - (key << 16)) >= 0 is (__s16)((v >> 16) - key) >= 0: the upper halves are enough.
+ * when the flow was not opened by a readable SYN). 1: yes, 0: no, -1: unknown.
+ * Unknown: t has no key (written by an older program, or the client never sent a FIN), or t is keyed
+ * by a timestamp and the SYN has none: the backend then skips PAWS and runs the sequence test,
+ * against a value not recorded (half of such SYNs pass). The caller takes an unknown tombstone only
+ * as the last resort, so that clients without timestamps (Windows by default) are not starved.
+ * A tombstone of a flow closed by a reset and never keyed holds nothing in TIME_WAIT: an in-window
+ * RST ends TIME_WAIT and FIN_WAIT2 (net.ipv4.tcp_rfc1337=0, the default). (The key can also be lost:
+ * a reply rewrites the entries from a copy read before the FIN wrote its key; the tombstone then
+ * counts as unknown, or as reset if a RST follows. Rare, and the cost is at most one 1-s retry.)
  */
 static __always_inline int kp_snat_tw_accepts(const struct kp_snat4_val *t, __u64 syn)
 {
 	if (!t->tw_key)
-		return t->state == KP_CT_CLOSED ? 1 : -1;   /* reset: nothing in TIME_WAIT */
+		return t->state == KP_CT_CLOSED ? 1 : -1;
 	if (!syn)
 		return 0;
 	if (t->flags & KP_CT_F_TW_TS) {
-		/* Without a timestamp the SYN escapes PAWS but must pass the sequence test, against a
-		 * value we did not record. */
-		return (syn & KP_TCP_MARK_TS) && (__s16)(KP_TCP_MARK_TS_HI(syn) - t->tw_key) >= 0;
+		if (!(syn & KP_TCP_MARK_TS))
+			return -1;
+		return kp_snat_tw_beyond(KP_TCP_MARK_TS_HI(syn), t->tw_key);
 	}
-	return (__s16)(KP_TCP_MARK_SEQ_HI(syn) - t->tw_key) >= 0;
+	return kp_snat_tw_beyond(KP_TCP_MARK_SEQ_HI(syn), t->tw_key);
 }
 
-/* Replace the entry at sk (seen dead, cold or ours) by sv; fails if another CPU got there first. */
+/* Replace the entry at sk (seen dead, or a tombstone the SYN may have) by sv; fails if another CPU got there first. */
 static __always_inline int kp_snat_take(const struct kp_snat4_key *sk, const struct kp_snat4_val *sv)
 {
 	bpf_map_delete_elem(&kp_snat4_v1, sk);
@@ -228,7 +253,9 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 		kp_count(KP_STAT_SNAT_RETRY, len);
 	}
 	if (best) {
-		/* Only tombstones of unknown TIME_WAIT left: the one closed longest ago. */
+		/* Only tombstones of unknown TIME_WAIT left: the one closed longest ago (its SYN may cost
+		 * the client one 1-s retry: the retry keeps the port, rule 1, and its reset ended the
+		 * TIME_WAIT). */
 		fv->snat_port = best;
 		kp_snat_of_fwd(fk, fv, &sk, &sv);
 		if (!kp_snat_take(&sk, &sv))

@@ -76,10 +76,11 @@ __attribute__((noinline)) __u32 kp_tcp_opt_off(struct __sk_buff *skb, __u32 l4_o
 #define KP_TCP_MARK_TS_HI(m)  ((__u16)((m) >> 16))
 #define KP_TCP_MARK_SEQ_HI(m) ((__u16)(m))
 
-/* The mark of the TCP segment p, or 0 if its header cannot be read. */
+/* The mark of the TCP segment p, or 0 if its header cannot be read or is malformed (a receiver
+ * drops such a segment, so it must not count). */
 static __always_inline __u64 kp_tcp_mark(struct __sk_buff *skb, const struct kp_pkt *p)
 {
-	__u32 ts_off, seg_len, seq_hbo;
+	__u32 ts_off, l4_len, hdr_len, seq_hbo;
 	__be32 seq, tsval;
 	__u8 doff_byte;
 	__u64 mark = KP_TCP_MARK_OK;
@@ -87,14 +88,15 @@ static __always_inline __u64 kp_tcp_mark(struct __sk_buff *skb, const struct kp_
 	if (bpf_skb_load_bytes(skb, p->l4_off + 4, &seq, sizeof(seq)) ||
 	    bpf_skb_load_bytes(skb, p->l4_off + 12, &doff_byte, 1))
 		return 0;
+	/* Where the segment ends: Ethernet padding is not data, the IPv4 total length says (0 for BIG
+	 * TCP: the skb does). */
+	l4_len = (p->tot_len ? ETH_HLEN + p->tot_len : p->len) - p->l4_off;
+	hdr_len = (doff_byte >> 4) * 4;
+	if (hdr_len < sizeof(struct tcphdr) || hdr_len > l4_len)
+		return 0;
 	seq_hbo = bpf_ntohl(seq);
-	if (p->tcp_flags & KP_TCP_FIN) {
-		/* The FIN takes one sequence number after the data. Ethernet padding is not data:
-		 * the IPv4 total length says where the segment ends (0 for BIG TCP: the skb does). */
-		seg_len = p->tot_len ? ETH_HLEN + p->tot_len : p->len;
-		seg_len -= p->l4_off + (doff_byte >> 4) * 4;
-		seq_hbo += seg_len + 1;
-	}
+	if (p->tcp_flags & KP_TCP_FIN)
+		seq_hbo += l4_len - hdr_len + 1;   /* the FIN takes one sequence number after the data */
 	mark |= seq_hbo >> 16;
 	ts_off = kp_tcp_opt_off(skb, p->l4_off, KP_TCPOPT_TS, KP_TCPOLEN_TS);
 	if (ts_off && !bpf_skb_load_bytes(skb, ts_off, &tsval, sizeof(tsval)))

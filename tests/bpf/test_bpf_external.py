@@ -445,11 +445,16 @@ def tombstone(key: int, ts: bool, state: int = CtState.CLOSING, ended_s: float =
         ("ts", 0x3000_FFFF, SEQ_SYN, False),  # equal to the old last TSval's range: PAWS or not beyond
         ("ts", 0x2FFF_0000, SEQ_SYN, False),  # below: PAWS rejects it
         ("ts", 0x3001_0000, SEQ_SYN, True),  # the first value the key admits
+        ("ts", 0xAFFF_FFFF, SEQ_SYN, True),  # at most 0x7FFF_0000 above the old value: in Linux's 2^31
+        ("ts", 0xB000_0000, SEQ_SYN, False),  # could be 2^31 and more above the old value: PAWS rejects
         ("ts", 0x3000_0000 + 0x8001_0000, SEQ_SYN, False),  # more than 2^31 above is below (modular)
-        ("ts", None, 0x7FFF_FFFF, False),  # no timestamp: the sequence test, against a value not recorded
+        # No timestamp: the backend skips PAWS and runs the sequence test against a value not recorded.
+        # Unknown, so taken only as the last resort (here the only port): such clients are not starved.
+        ("ts", None, 0x7FFF_FFFF, True),
         # The old flow had no timestamps: the sequence number must be beyond its FIN.
         ("seq", None, 0x3001_0000, True),
         ("seq", None, 0x2000_0000, False),
+        ("seq", None, 0xB000_0000, False),
         ("seq", TS_SYN, 0x3001_0000, True),
         ("seq", TS_SYN, 0x3000_8000, False),
     ],
@@ -496,6 +501,23 @@ def test_snat_reset_flow_leaves_no_time_wait(dp: Datapath, lab: Lab) -> None:
     assert kept is not None and bytes(kept) == bytes(unknown)
 
 
+def test_snat_syn_without_timestamps_prefers_a_tombstone_it_passes(dp: Datapath, lab: Lab) -> None:
+    """A SYN without timestamps against a timestamp key is a last resort only: a tombstone keyed by a
+    sequence number the SYN is beyond goes first, whatever the order of the candidates."""
+    lo = 40000
+    set_cfg(dp, snat_port_min=lo, snat_port_max=lo + 1)
+    nodeport(dp, BE_REMOTE)
+    for ts_port in (lo, lo + 1):
+        seq_port = lo + 1 if ts_port == lo else lo
+        dp.snat4.update(snat_key(ts_port), tombstone(0x3001, ts=True, ended_s=50))
+        passed = tombstone(0x3001, ts=False, ended_s=1)
+        dp.snat4.update(snat_key(seq_port), passed)
+        out = run_in(dp, lab, "kp_from_netdev", syn_with(None, 0x4000_0000))
+        ok(out, TC_ACT_REDIRECT)
+        assert parse(out.data_out).sport == seq_port
+        dp.ct4.delete(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+
+
 def test_snat_keyed_tombstone_is_never_taken_by_a_syn_it_refuses(dp: Datapath, lab: Lab) -> None:
     """The fallback to the oldest tombstone is for tombstones of unknown TIME_WAIT only: with every
     candidate keyed against this SYN, the SYN is dropped (counted) and its retransmission draws again;
@@ -512,10 +534,11 @@ def test_snat_keyed_tombstone_is_never_taken_by_a_syn_it_refuses(dp: Datapath, l
 
 @pytest.mark.parametrize("with_ts", [True, False], ids=["timestamps", "no-timestamps"])
 def test_snat_client_fin_records_the_time_wait_key(dp: Datapath, lab: Lab, with_ts: bool) -> None:
-    """The client's first FIN of a SNATed flow records what the backend's TIME_WAIT will hold against a
-    later SYN: its TSval, or the sequence number after the FIN (data and FIN counted), rounded up to
-    the next 64 Ki. In the conntrack FWD entry and in the SNAT entry the allocator reads; a later FIN
-    (a retransmission) does not move it."""
+    """The client's FIN of a SNATed flow records what the backend's TIME_WAIT will hold against a later
+    SYN: its TSval, or the sequence number after the FIN (data and FIN counted), rounded up to the next
+    64 Ki. In the conntrack FWD entry and in the SNAT entry the allocator reads. A later FIN with a
+    higher TSval (a retransmission of a FIN lost after this node: the backend keeps that one) raises
+    it; a lower one never lowers it."""
     set_cfg(dp)
     nodeport(dp, BE_REMOTE)
     syn = syn_with(0x1234_5678 if with_ts else None, 10)
@@ -537,14 +560,31 @@ def test_snat_client_fin_records_the_time_wait_key(dp: Datapath, lab: Lab, with_
     assert fwd is not None and nat is not None
     assert (fwd.tw_key, fwd.flags & CtFlag.TW_TS, fwd.state) == (want_key, want_ts, CtState.CLOSING)
     assert (nat.tw_key, nat.flags & CtFlag.TW_TS) == (want_key, want_ts)
+    raised = 0x1266 if with_ts else want_key  # the same sequence number without timestamps
     ok(run_in(dp, lab, "kp_from_netdev", fin(tsval + 0x30_0000)), TC_ACT_REDIRECT)
     nat = snat_entry(dp, port)
-    assert nat is not None and nat.tw_key == want_key
+    assert nat is not None and nat.tw_key == raised
+    ok(run_in(dp, lab, "kp_from_netdev", fin(tsval)), TC_ACT_REDIRECT)
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.tw_key == raised
+    want_key = raised
     # The backend's replies keep the key (they rewrite the entries from the FWD side).
     reply = frame(BE_REMOTE.addr, NODE, tcp(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK), ttl=63)
     ok(run_in(dp, lab, "kp_from_netdev", reply), TC_ACT_REDIRECT)
     nat = snat_entry(dp, port)
     assert nat is not None and nat.tw_key == want_key and nat.flags & CtFlag.SEEN_REPLY
+
+
+def test_snat_malformed_fin_records_nothing(dp: Datapath, lab: Lab) -> None:
+    """A FIN whose data offset points past the segment is dropped by the backend: it records no key."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    port = parse(run_in(dp, lab, "kp_from_netdev", syn_with(TS_SYN, 10)).data_out).sport
+    seg = bytearray(tcp(CLIENT, NODE, CPORT, NODEPORT, TCP_FIN | TCP_ACK, seq=0x4000_0000, ack=5))
+    seg[12] = 0xF0 | (seg[12] & 0x0F)  # 60-byte header in a 20-byte segment
+    run_in(dp, lab, "kp_from_netdev", frame(CLIENT, NODE, bytes(seg)))
+    nat = snat_entry(dp, port)
+    assert nat is not None and nat.tw_key == 0 and not nat.flags & CtFlag.TW_TS
 
 
 def test_snat_fin_key_ignores_ethernet_padding(dp: Datapath, lab: Lab) -> None:
