@@ -25,13 +25,22 @@ static __always_inline int kp_parse_counted(struct __sk_buff *skb, struct kp_pkt
 	return ret;
 }
 
-/* Hook: tc ingress of a pod's host-side veth. Direction: pod -> node (what the pod sends). */
+/*
+ * Hook: tc ingress of a pod's host-side veth. Direction: pod -> node (what the pod sends).
+ *   to a service frontend: DNAT (kp_lb4_forward, scope INT for TWO_SCOPES services)
+ *   a reply of a flow DNATed to this pod: the frontend restored as its source (kp_revnat4)
+ *   a reply to this node's address of a flow SNATed to this pod: the client restored, forwarded to it.
+ *     An ingress node SNATs to a backend it does not know as local (an EndpointSlice without nodeName
+ *     names a pod of this node), so that reply arrives here, not on the netdev.
+ */
 SEC("tc")
 int kp_from_pod(struct __sk_buff *skb)
 {
 	struct kp_svc4_key svc_key;
 	struct kp_svc4_val *svc;
+	struct kp_config *cfg;
 	struct kp_pkt p;
+	int ret;
 
 	kp_count(KP_STAT_FROM_POD, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
@@ -40,6 +49,12 @@ int kp_from_pod(struct __sk_buff *skb)
 		if (svc)
 			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
 		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
+		cfg = kp_config();
+		if (cfg && cfg->node_addr && p.daddr == cfg->node_addr) {
+			ret = kp_snat_revnat4(skb, &p);
+			if (ret >= 0)
+				return ret;
+		}
 		return kp_revnat4(skb, &p, 1);
 	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
@@ -136,6 +151,8 @@ int kp_from_netdev(struct __sk_buff *skb)
 
 /*
  * Hook: tc egress of a node's external interface. Direction: node -> outside.
+ *   replies of this node's own processes to flows DNATed to them (a hostNetwork backend on this node
+ *   behind a NodePort, LoadBalancer or external IP): the frontend restored as their source
  *   ICMP errors this node's own stack sends about a flow it delivers to a local backend (DSR, or a
  *   NodePort/LB/external IP served here): e.g. fragmentation needed when the pod's veth has a smaller
  *   MTU. They quote client -> backend; the client only knows client -> frontend, so the quote is
@@ -148,7 +165,11 @@ int kp_to_netdev(struct __sk_buff *skb)
 	struct kp_pkt p;
 
 	kp_count(KP_STAT_TO_NETDEV, skb->len);
-	if (kp_parse_counted(skb, &p) == KP_PARSE_ICMP)
+	switch (kp_parse_counted(skb, &p)) {
+	case KP_PARSE_L4:
+		return kp_revnat4(skb, &p, 0);
+	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
+	}
 	return TC_ACT_OK;
 }

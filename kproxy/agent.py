@@ -326,13 +326,20 @@ class Agent:
     async def run_source(self) -> None:
         source_dir = self.cfg.source_dir
         if source_dir is not None:
-            from kproxy.sources import files
-
-            # The file source also reads Node manifests into the store's node table.
-            self.source = files.FileSource(source_dir, self.store)
-            await self.source.run()
+            await self.make_file_source(source_dir).run()
             return
         await self.make_kube_source().run()
+
+    def make_file_source(self, source_dir: str) -> Any:
+        from kproxy.sources import files
+        from kproxy.sources.nodes import follow_local_node
+
+        # The file source also reads Node manifests into the store's node table; this node's manifest,
+        # if there is one, decides /healthz's nodeEligible (deletionTimestamp, autoscaler taint).
+        if self.health is not None:
+            follow_local_node(self.store, self.cfg.node_name, self.health.set_node_eligible)
+        self.source = files.FileSource(source_dir, self.store)
+        return self.source
 
     def make_kube_source(self) -> Any:
         try:
@@ -348,6 +355,8 @@ class Agent:
             api_server=self.cfg.k8s_api_server,
             settings_configmap=self.cfg.settings_configmap,
         )
+        if self.health is not None:
+            self.health.set_node_eligible(False)  # as kube-proxy: not eligible until its Node is seen
         self.source = KubeSource(
             self.store,
             kcfg,

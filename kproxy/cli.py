@@ -10,6 +10,7 @@ Exit codes scripts can test:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,8 @@ import click
 
 from kproxy.observe import inspect as insp
 
-DEFAULT_BPFFS = "/sys/fs/bpf/kproxy"
+BPFFS_ROOT = "/sys/fs/bpf"  # kproxy.bpf.loader.BPFFS_ROOT, without importing libbpf for --help
+DEFAULT_BPFFS = f"{BPFFS_ROOT}/kproxy"
 
 EXIT_ERROR = 1
 EXIT_NO_BPFFS = 3
@@ -167,11 +169,16 @@ def configmap_options(fn: F) -> F:
 
 
 def _bpffs_ok(bpffs: str, hint: str) -> None:
-    """Exit 3 unless BPFFS is a directory on a bpf filesystem."""
+    """Exit 3 unless BPFFS is a directory on a bpf filesystem. Only looks: the commands that call it
+    never mount or create anything (the agent does, see kproxy.bpf.loader.prepare_pin_dir)."""
     from kproxy.bpf.maps import is_bpffs
 
     if not os.path.isdir(bpffs):
-        raise CliError(f"bpffs directory {bpffs} does not exist: {hint}", EXIT_NO_BPFFS)
+        why = ""
+        with contextlib.suppress(OSError):
+            if os.path.abspath(bpffs).startswith(BPFFS_ROOT + "/") and not is_bpffs(BPFFS_ROOT):
+                why = f" (no bpf filesystem is mounted at {BPFFS_ROOT})"
+        raise CliError(f"bpffs directory {bpffs} does not exist{why}: {hint}", EXIT_NO_BPFFS)
     try:
         ok = is_bpffs(bpffs)
     except OSError as e:
@@ -207,7 +214,8 @@ def _bpffs_ok(bpffs: str, hint: str) -> None:
 )  # fmt: skip
 @click.option(
     "--bpffs", default=DEFAULT_BPFFS, show_default=True, envvar="KPROXY_BPFFS", metavar="DIR",
-    help="Directory on a bpf filesystem for the pinned maps and links.",
+    help=f"Directory on a bpf filesystem for the pinned maps and links; created if missing. Under "
+    f"{BPFFS_ROOT} (the default), a bpf filesystem is first mounted at {BPFFS_ROOT} when none is.",
 )  # fmt: skip
 @click.option(
     "--map-size", "map_sizes", multiple=True, metavar="NAME=N",
@@ -363,7 +371,12 @@ def agent(
     if cfg.primary_ipv4 is None:
         raise click.UsageError("--node-ip: pass this node's IPv4 address (NodePorts and SNAT use it)")
     Cli().require_root("kproxy agent")
-    _bpffs_ok(bpffs, "mount one (`mount -t bpf bpf DIR`) and pass it as --bpffs")
+    from kproxy.bpf.loader import BpffsError, prepare_pin_dir
+
+    try:
+        prepare_pin_dir(bpffs)
+    except BpffsError as e:
+        raise CliError(str(e), EXIT_NO_BPFFS) from e
     try:
         run_agent(cfg)
     except AgentError as e:

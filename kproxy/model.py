@@ -50,12 +50,59 @@ class _Model(BaseModel):
     )
 
 
+# Legacy IPv4 spellings: Kubernetes validated addresses with Go's net.ParseIP before Go 1.17, which
+# read "172.30.0.041" as decimal 172.30.0.41; objects written then are still served, and kube-proxy
+# parses them with netutils.ParseIPSloppy, as it always did. kproxy does the same: the address is
+# rewritten to its canonical form (never octal, as inet_aton would read it) and the object is counted.
+_SLOPPY_V4 = re.compile(r"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)").fullmatch
+
+# What the current parse rewrote (reset by parse_service / parse_endpoint_slice): "what 'old' -> new".
+_legacy_notes: list[str] = []
+
+
+def sloppy_ipv4(value: str) -> str | None:
+    """The canonical form of a dotted-quad IPv4 address written with leading zeros, read as decimal
+    (Go's ParseIPSloppy); None if `value` is not such an address."""
+    m = _SLOPPY_V4(value)
+    if m is None:
+        return None
+    octets = [int(g) for g in m.groups()]
+    if any(o > 255 for o in octets):
+        return None
+    return ".".join(map(str, octets))
+
+
 def _check_ip(value: str, what: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{what} {value!r} is not an IP address") from None
+        fixed = sloppy_ipv4(value) if isinstance(value, str) else None
+        if fixed is None:
+            raise ValueError(f"{what} {value!r} is not an IP address") from None
+        _legacy_notes.append(f"{what} {value!r} read as {fixed}")
+        return fixed
     return value
+
+
+def _check_cidr(value: str, what: str) -> str:
+    """A CIDR as ParseCIDRSloppy reads it: the address part may have leading zeros (canonicalized)."""
+    cidr = value.strip()
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+        return value
+    except ValueError:
+        addr, sep, bits = cidr.partition("/")
+        fixed = sloppy_ipv4(addr)
+        if fixed is not None and sep and bits.isdigit():
+            out = f"{fixed}/{int(bits)}"
+            try:
+                ipaddress.ip_network(out, strict=False)
+            except ValueError:
+                pass
+            else:
+                _legacy_notes.append(f"{what} {value!r} read as {out}")
+                return out
+        raise ValueError(f"{what} {value!r} is not a CIDR") from None
 
 
 class _SObjectMeta(_Model):
@@ -141,27 +188,17 @@ class _SServiceSpec(_Model):
     @field_validator("cluster_ips")
     @classmethod
     def _cluster_ips(cls, v: list[str]) -> list[str]:
-        for ip in v:
-            if ip not in ("", "None"):
-                _check_ip(ip, "clusterIPs entry")
-        return v
+        return [ip if ip in ("", "None") else _check_ip(ip, "clusterIPs entry") for ip in v]
 
     @field_validator("external_ips")
     @classmethod
     def _external_ips(cls, v: list[str]) -> list[str]:
-        for ip in v:
-            _check_ip(ip, "externalIPs entry")
-        return v
+        return [_check_ip(ip, "externalIPs entry") for ip in v]
 
     @field_validator("load_balancer_source_ranges")
     @classmethod
     def _ranges(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            try:
-                ipaddress.ip_network(cidr.strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"loadBalancerSourceRanges entry {cidr!r} is not a CIDR") from None
-        return v
+        return [_check_cidr(cidr, "loadBalancerSourceRanges entry") for cidr in v]
 
     @model_validator(mode="after")
     def _ports_consistent(self) -> _SServiceSpec:
@@ -186,6 +223,9 @@ class _SServiceSpec(_Model):
 class _SLoadBalancerIngress(_Model):
     ip: str | None = None
     hostname: str | None = None
+    # KEP-1860: "VIP" (the default) or "Proxy"; unknown values are kept and treated as VIP, as
+    # kube-proxy's IsVIPMode does for anything but "Proxy"
+    ip_mode: str | None = None
 
     @field_validator("ip")
     @classmethod
@@ -240,10 +280,15 @@ class _SForZone(_Model):
     name: str
 
 
+class _SForNode(_Model):
+    name: str
+
+
 class _SEndpointHints(_Model):
     for_zones: list[_SForZone] = Field(default_factory=list)
+    for_nodes: list[_SForNode] = Field(default_factory=list)  # trafficDistribution PreferSameNode
 
-    @field_validator("for_zones", mode="before")
+    @field_validator("for_zones", "for_nodes", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
         return [] if v is None else v
@@ -284,6 +329,31 @@ class _SEndpointSlice(_Model):
     @classmethod
     def _none(cls, v: Any) -> Any:
         return [] if v is None else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_addresses(cls, raw: Any) -> Any:
+        """IPv4 endpoint addresses written with leading zeros, in canonical form (see _check_ip)."""
+        if not isinstance(raw, dict) or raw.get("addressType") != "IPv4":
+            return raw
+        eps = raw.get("endpoints")
+        if not isinstance(eps, list):
+            return raw
+        new_eps = []
+        changed = False
+        for i, ep in enumerate(eps):
+            addrs = ep.get("addresses") if isinstance(ep, dict) else None
+            if isinstance(addrs, list) and any(isinstance(a, str) and _V4(a) is None for a in addrs):
+                fixed = []
+                for a in addrs:
+                    canon = sloppy_ipv4(a) if isinstance(a, str) and _V4(a) is None else None
+                    if canon is not None:
+                        _legacy_notes.append(f"endpoints[{i}] address {a!r} read as {canon}")
+                        changed = True
+                    fixed.append(a if canon is None else canon)
+                ep = {**ep, "addresses": fixed}
+            new_eps.append(ep)
+        return {**raw, "endpoints": new_eps} if changed else raw
 
     @model_validator(mode="after")
     def _addresses(self) -> _SEndpointSlice:
@@ -395,19 +465,36 @@ def _validate(model: type[_Model], kind: str, raw: Any, origin: str | None) -> A
         raise ModelError(kind, ns, name, _problems(err), origin) from None
 
 
-def parse_service(raw: Any, origin: str | None = None) -> Service:
-    """A Service in its compact form; raises ModelError naming the object, origin and problem."""
+def parse_service(raw: Any, origin: str | None = None, notes: list[str] | None = None) -> Service:
+    """A Service in its compact form; raises ModelError naming the object, origin and problem.
+    `notes` (if given) receives what was read in a legacy spelling ("clusterIP '10.0.0.010' read as
+    10.0.0.10")."""
     svc = _fast_service(raw) if type(raw) is dict else None
     if svc is None:  # unusual or invalid: the schema decides, and words the error
-        svc = _service_from_schema(_validate(_SService, "Service", raw, origin))
+        _legacy_notes.clear()
+        try:
+            svc = _service_from_schema(_validate(_SService, "Service", raw, origin))
+        finally:
+            if notes is not None:
+                notes.extend(_legacy_notes)
+            _legacy_notes.clear()
     return svc
 
 
-def parse_endpoint_slice(raw: Any, origin: str | None = None) -> EndpointSlice:
-    """An EndpointSlice in its compact form; raises ModelError naming the object, origin and problem."""
+def parse_endpoint_slice(
+    raw: Any, origin: str | None = None, notes: list[str] | None = None
+) -> EndpointSlice:
+    """An EndpointSlice in its compact form; raises ModelError naming the object, origin and problem.
+    `notes`: as for parse_service."""
     es = _fast_slice(raw) if type(raw) is dict else None
     if es is None:
-        es = _slice_from_schema(_validate(_SEndpointSlice, "EndpointSlice", raw, origin))
+        _legacy_notes.clear()
+        try:
+            es = _slice_from_schema(_validate(_SEndpointSlice, "EndpointSlice", raw, origin))
+        finally:
+            if notes is not None:
+                notes.extend(_legacy_notes)
+            _legacy_notes.clear()
     return es
 
 
@@ -464,8 +551,12 @@ class ServiceSpec(NamedTuple):
 
 
 class LoadBalancerIngress(NamedTuple):
+    """One status.loadBalancer.ingress entry. ip_mode "Proxy" (KEP-1860): the load balancer proxies
+    (PROXY protocol, TLS termination...), so its IP is not served on the node."""
+
     ip: str | None = None
     hostname: str | None = None
+    ip_mode: str | None = None
 
 
 class LoadBalancerStatus(NamedTuple):
@@ -500,8 +591,13 @@ class ForZone(NamedTuple):
     name: str
 
 
+class ForNode(NamedTuple):
+    name: str
+
+
 class EndpointHints(NamedTuple):
     for_zones: list[ForZone] = []  # noqa: RUF012
+    for_nodes: list[ForNode] = []  # noqa: RUF012
 
 
 class Endpoint(NamedTuple):
@@ -876,9 +972,12 @@ def _fast_status(status: Any) -> ServiceStatus | None:
             return None
         ip = i.get("ip")
         host = i.get("hostname")
+        mode = i.get("ipMode")
         if (ip is not None and ip != "" and not _is_ip(ip)) or (host is not None and type(host) is not str):
             return None
-        out.append(LoadBalancerIngress(ip, host))
+        if mode is not None and type(mode) is not str:
+            return None
+        out.append(LoadBalancerIngress(ip, host, mode))
     return ServiceStatus(LoadBalancerStatus(out))
 
 
@@ -901,19 +1000,23 @@ def _fast_service(raw: dict[str, Any]) -> Service | None:
 
 
 def _fast_hints(h: Any) -> EndpointHints | None:
-    if type(h) is not dict or "for_zones" in h:
+    if type(h) is not dict or "for_zones" in h or "for_nodes" in h:
         return None
     fz = h.get("forZones")
-    if fz is None:
-        return EndpointHints([])
-    if type(fz) is not list:
+    fn = h.get("forNodes")
+    if (fz is not None and type(fz) is not list) or (fn is not None and type(fn) is not list):
         return None
     zones = []
-    for z in fz:
+    for z in fz or ():
         if type(z) is not dict or type(z.get("name")) is not str:
             return None
         zones.append(ForZone(_intern(z["name"])))
-    return EndpointHints(zones)
+    nodes = []
+    for n in fn or ():
+        if type(n) is not dict or type(n.get("name")) is not str:
+            return None
+        nodes.append(ForNode(_intern(n["name"])))
+    return EndpointHints(zones, nodes)
 
 
 def _fast_slice(raw: dict[str, Any]) -> EndpointSlice | None:
@@ -1017,7 +1120,7 @@ def _service_from_schema(m: _SService) -> Service:
     )  # fmt: skip
     ing = m.status.load_balancer.ingress
     status = (
-        ServiceStatus(LoadBalancerStatus([LoadBalancerIngress(i.ip, i.hostname) for i in ing]))
+        ServiceStatus(LoadBalancerStatus([LoadBalancerIngress(i.ip, i.hostname, i.ip_mode) for i in ing]))
         if ing
         else _STATUS_DEFAULT
     )
@@ -1028,7 +1131,13 @@ def _slice_from_schema(m: _SEndpointSlice) -> EndpointSlice:
     eps = []
     for e in m.endpoints:
         c = e.conditions
-        hints = None if e.hints is None else EndpointHints([ForZone(z.name) for z in e.hints.for_zones])
+        hints = (
+            None
+            if e.hints is None
+            else EndpointHints(
+                [ForZone(z.name) for z in e.hints.for_zones], [ForNode(n.name) for n in e.hints.for_nodes]
+            )  # fmt: skip
+        )
         eps.append(
             Endpoint(
                 list(e.addresses), _CONDS[(c.ready, c.serving, c.terminating)],

@@ -9,6 +9,10 @@ and the problem), counted in `skipped` by kind and reason, and ignored. If an ea
 of the same object is in the view, that version stays: the dataplane keeps serving the last known
 good state rather than dropping a Service because of a bad edit (the API server never sends invalid
 objects; a half-saved manifest file does). Deleting the object, or removing its file, removes it.
+
+Legacy spellings: an address written with leading zeros ("172.30.0.041", accepted by Kubernetes before
+Go 1.17) is read as decimal, as kube-proxy reads it; such an object is used, counted in `normalized`
+by kind and reason, and logged once per version.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -83,6 +88,8 @@ class ClusterStore:
         self._dirty: dict[str, float] = {}  # service key -> monotonic time of its first unsynced change
         self.skipped: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> objects skipped
         self.last_error: dict[str, str] = {}  # "Kind ns/name" -> last validation problem
+        # (kind, reason) -> object versions used after reading a legacy spelling (see the docstring)
+        self.normalized: Counter[tuple[str, str]] = Counter()
         self.initial_sync_done = False
         self._event: asyncio.Event | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -90,6 +97,10 @@ class ClusterStore:
         # every node's name -> its IPv4 InternalIP, for kp_be4_val.node_addr (DSR IPIP sends there)
         self.node_addrs: dict[str, str] = {}
         self.node_addrs_version = 0  # bumped on every change, so sync re-reads the table only then
+        # The service address space (kube-proxy's service CIDRs): owner -> IPv4 CIDRs. Owners are
+        # ServiceCIDR objects ("ServiceCIDR/<name>") and the --service-cidr flag ("flag").
+        self._service_cidrs: dict[str, tuple[str, ...]] = {}
+        self.service_cidrs_version = 0  # bumped on every change
 
     # ---- waking the sync task ----
     @property
@@ -139,6 +150,12 @@ class ClusterStore:
     def view(self, service_key: str) -> tuple[Service | None, list[EndpointSlice]]:
         return self.services.get(service_key), self.slices_of(service_key)
 
+    def _normalized(self, kind: str, key: str, origin: str | None, notes: list[str]) -> None:
+        self.normalized[(kind, "legacy_ip")] += 1
+        where = f" in {origin}" if origin else ""
+        log.warning("%s %s%s: %s (leading zeros are decimal, as kube-proxy reads them)",
+                    kind, key, where, "; ".join(notes))  # fmt: skip
+
     def _skip(self, err: ModelError) -> None:
         self.skipped[(err.kind, err.reason)] += 1
         self.last_error[err.object_name] = err.describe()
@@ -147,11 +164,14 @@ class ClusterStore:
     # ---- Services ----
     def upsert_service(self, raw: Any, origin: str | None = None) -> bool:
         """Add or replace a Service; False if it was invalid (logged, counted, previous version kept)."""
+        notes: list[str] = []
         try:
-            svc = parse_service(raw, origin)
+            svc = parse_service(raw, origin, notes)
         except ModelError as err:
             self._skip(err)
             return False
+        if notes and self.services.get(svc.key) != svc:
+            self._normalized("Service", svc.key, origin, notes)
         self._put_service(svc)
         return True
 
@@ -173,11 +193,14 @@ class ClusterStore:
     # ---- EndpointSlices ----
     def upsert_slice(self, raw: Any, origin: str | None = None) -> bool:
         """Add or replace an EndpointSlice; False if it was invalid (logged, counted, previous kept)."""
+        notes: list[str] = []
         try:
-            es = parse_endpoint_slice(raw, origin)
+            es = parse_endpoint_slice(raw, origin, notes)
         except ModelError as err:
             self._skip(err)
             return False
+        if notes and self.slices.get(es.key) != es:
+            self._normalized("EndpointSlice", es.key, origin, notes)
         if es.service_key is None:
             unowned = ModelError(
                 "EndpointSlice",
@@ -270,6 +293,32 @@ class ClusterStore:
         existed = name in self.node_addrs
         self.set_node_address(name, None)
         return existed
+
+    # ---- the service address space ----
+    def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> None:
+        """Record the IPv4 service CIDRs of OWNER (a ServiceCIDR object, or "flag"); IPv6 ones are
+        left out (kproxy programs IPv4). Invalid entries raise ValueError naming them."""
+        nets = []
+        for c in cidrs:
+            net = ipaddress.ip_network(c.strip(), strict=False)
+            if net.version == 4:
+                nets.append(str(net))
+        new = tuple(sorted(set(nets)))
+        if self._service_cidrs.get(owner) == new:
+            return
+        self._service_cidrs[owner] = new
+        self.service_cidrs_version += 1
+        self._wake()
+
+    def delete_service_cidrs(self, owner: str) -> None:
+        if self._service_cidrs.pop(owner, None) is not None:
+            self.service_cidrs_version += 1
+            self._wake()
+
+    @property
+    def service_cidrs(self) -> list[str]:
+        """Every IPv4 service CIDR, de-duplicated and sorted."""
+        return sorted({c for cidrs in self._service_cidrs.values() for c in cidrs})
 
     # ---- full relist ----
     def replace_all(self, services: Iterable[Any], slices: Iterable[Any], origin: str | None = None) -> None:

@@ -13,11 +13,14 @@ while apply plans (_Translated), map keys and values are packed with struct into
 slots as one blob) instead of ctypes objects, backends are ints, committed per-service sets become
 tuples, and sync_dirty runs with the cyclic GC paused (frozen afterwards, see store.gc_paused).
 
-Ids: backend ids are stable per (address, port, protocol) and monotonic: an id is never handed out
+Ids: backend ids are stable per (address, port, protocol, nodeName) and monotonic: an id is never handed out
 twice, and after a restart counting resumes above every id the backend, conntrack and affinity maps
-still mention, so a conntrack entry can never point at a recycled id. Service ids are stable per
-(service, port name, protocol). adopt() rebuilds both tables and the programmed view from the maps,
-so re-applying an unchanged Service after a restart writes nothing.
+still mention, so a conntrack entry can never point at a recycled id. The node is part of a backend's
+identity because its kp_be4 value carries per-EndpointSlice facts (local, node address): the same pod
+port listed by two Services whose slices disagree (one without nodeName, which kube-proxy serves as a
+remote endpoint) gets one id per description, so each Service sees it as its own slice says. Service
+ids are stable per (service, port name, protocol). adopt() rebuilds both tables and the programmed view
+from the maps, so re-applying an unchanged Service after a restart writes nothing.
 
 A Service whose new entries would not fit a map is not written at all (its previous state stays
 programmed); the others still apply.
@@ -45,20 +48,29 @@ from kproxy.translate import TranslateConfig, TranslateError, translate_service
 log = logging.getLogger(__name__)
 
 FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
-# A backend as one int (a 32-byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
-# BKey = addr NBO | port NBO << 32 | proto << 48; BVal (its kp_be4 value) = BKey | flags << 56 |
-# node_addr NBO << 64. The programmed table (Syncer._be_vals) adds the number of services referencing
-# the backend above bit 96: one dict less (5 MB at 100,000 backends), in the same 40-byte int.
+# A backend as one int (a 32-44 byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
+# BKey = addr NBO | port NBO << 32 | proto << 48 | node << 56, `node` being the index of the
+# endpoint's nodeName in Syncer._node_idx (0: no nodeName); BVal (its kp_be4 value) = addr | port |
+# proto | flags << 56 | node_addr NBO << 64 | node << 96. The programmed table (Syncer._be_vals) adds
+# the number of services referencing the backend above bit 128: one dict less (5 MB at 100,000
+# backends), in the same int.
 BKey = int
 BVal = int
 _BK_MASK = (1 << 56) - 1
-_REFS_SHIFT = 96
+_NODE_SHIFT = 96
+_NODE_MASK = (1 << 32) - 1
+_PROG_MASK = (1 << _NODE_SHIFT) - 1  # the bits a kp_be4 entry holds
+_REFS_SHIFT = 128
 _REF1 = 1 << _REFS_SHIFT
 _VAL_MASK = _REF1 - 1
 
 
-def _bkey(addr: int, port: int, proto: int) -> BKey:
-    return addr | port << 32 | proto << 48
+def _bkey(addr: int, port: int, proto: int, node: int = 0) -> BKey:
+    return addr | port << 32 | proto << 48 | node << 56
+
+
+def _key_of_val(val: BVal) -> BKey:
+    return (val & _BK_MASK) | ((val >> _NODE_SHIFT) & _NODE_MASK) << 56
 
 
 def _bval_proto(val: BVal) -> int:
@@ -270,6 +282,11 @@ class Syncer:
         self._owner: dict[FKey, str] = {}
         self._waiting: dict[FKey, set[str]] = {}
         self._be_ids: dict[BKey, int] = {}
+        # node name -> its index in BKeys (never reused: an index names one node for the agent's life)
+        self._node_idx: dict[str, int] = {}
+        # ids adopt() found, by (address, port, protocol) (the maps do not hold node names): the first
+        # plan that wants such a backend takes the id over, so a restart keeps ids and flows
+        self._adopted: dict[BKey, list[int]] = {}
         # backend id -> programmed kp_be4 value | services referencing it << _REFS_SHIFT
         self._be_vals: dict[int, BVal] = {}
         self._next_be = 1
@@ -303,8 +320,20 @@ class Syncer:
     def services(self) -> list[str]:
         return [s for s in self._services if s != ORPHANS]
 
-    def backend_id(self, address: str, port: int, protocol: str) -> int | None:
-        return self._be_ids.get(_bkey(_nbo(address), _htons(port), _PROTO[protocol]))
+    def backend_id(self, address: str, port: int, protocol: str, node: str | None = None) -> int | None:
+        """The id of this backend as an EndpointSlice on `node` lists it; with node=None, the backend's
+        only id whatever its node (None if none or several)."""
+        base = _bkey(_nbo(address), _htons(port), _PROTO[protocol])
+        if node is not None:
+            idx = self._node_idx.get(node)
+            return None if idx is None else self._be_ids.get(base | idx << 56)
+        found = [bid for bk, bid in self._be_ids.items() if bk & _BK_MASK == base]
+        return found[0] if len(found) == 1 else None
+
+    def backend_ids(self, address: str, port: int, protocol: str) -> list[int]:
+        """Every id of this backend (one per node its EndpointSlices name for it)."""
+        base = _bkey(_nbo(address), _htons(port), _PROTO[protocol])
+        return sorted(bid for bk, bid in self._be_ids.items() if bk & _BK_MASK == base)
 
     def svc_id(self, service: str, port_name: str, protocol: str) -> int | None:
         return self._svc_ids.get((service, port_name, _PROTO[protocol]))
@@ -325,6 +354,7 @@ class Syncer:
         self._services.clear()
         self._owner.clear()
         self._be_ids.clear()
+        self._adopted.clear()
         self._be_vals.clear()
         self._svc_ids.clear()
         self._svc_id_owner.clear()
@@ -334,7 +364,7 @@ class Syncer:
             bid = int(k.value) if isinstance(k, ctypes.c_uint32) else int(k)
             bk = _bkey(v.addr, v.port, v.proto)
             self._be_vals[bid] = bk | v.flags << 56 | v.node_addr << 64
-            self._be_ids.setdefault(bk, bid)
+            self._adopted.setdefault(bk, []).append(bid)
             max_be = max(max_be, bid)
         slot0: dict[FKey, abi.Svc4Val] = {}
         slots: dict[FKey, dict[int, int]] = {}
@@ -407,6 +437,29 @@ class Syncer:
         plan.svc_ids[sp] = sid
         return sid
 
+    def _node_index(self, node: str) -> int:
+        idx = self._node_idx[node] = len(self._node_idx) + 1
+        return idx
+
+    def _claim_adopted(self, base: BKey, node: int, val: BVal) -> int | None:
+        """Take over an id adopt() found for this address, port and protocol: the one whose entry says
+        the same node address and locality as `val`, else any. Its programmed value gets `node`."""
+        cands = [b for b in self._adopted.get(base, ()) if b in self._be_vals]
+        if not cands:
+            self._adopted.pop(base, None)
+            return None
+        facts = (_BE_LOCAL << 56) | (_NODE_MASK << 64)
+        bid = next((b for b in cands if self._be_vals[b] & facts == val & facts), cands[0])
+        cands.remove(bid)
+        if cands:
+            self._adopted[base] = cands
+        else:
+            del self._adopted[base]
+        cur = self._be_vals[bid]
+        self._be_vals[bid] = cur & ~(_NODE_MASK << _NODE_SHIFT) | node << _NODE_SHIFT
+        self._be_ids[base | node << 56] = bid
+        return bid
+
     def _be_ids_of(self, backends: Iterable[BackendRef], plan: _Plan) -> set[int]:
         """The backend ids of `backends`, allocating new ones; records their kp_be4 values in the plan."""
         ids = self._be_ids
@@ -416,28 +469,34 @@ class Syncer:
         out = set()
         next_be = self._next_be
         node_addrs = self.node_addrs
+        node_idx = self._node_idx
         local_addr = self.local_node_addr
+        adopted = self._adopted
         try:
             for address, port, protocol, node, local, terminating, _zone in backends:
-                bk = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | _PROTO[protocol] << 48
-                bid = ids.get(bk)
-                naddr = node_addrs.get(node, 0) if node is not None else 0
+                base = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | _PROTO[protocol] << 48
+                if node is None:
+                    nidx = naddr = 0
+                else:
+                    nidx = node_idx.get(node) or self._node_index(node)
+                    naddr = node_addrs.get(node, 0)
                 if local and not naddr:
                     naddr = local_addr
+                val = (
+                    base
+                    | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
+                    | naddr << 64
+                    | nidx << _NODE_SHIFT
+                )
+                bk = base | nidx << 56
+                bid = ids.get(bk)
+                if bid is None and adopted:
+                    bid = self._claim_adopted(base, nidx, val)
                 if bid is None:  # a new id was never programmed: no need to compare
                     bid = ids[bk] = next_be
                     next_be += 1
-                    be_vals[bid] = be_puts[bid] = (
-                        bk
-                        | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
-                        | naddr << 64
-                    )
+                    be_vals[bid] = be_puts[bid] = val
                 elif bid not in be_vals:
-                    val = (
-                        bk
-                        | ((_BE_LOCAL if local else 0) | (_BE_TERMINATING if terminating else 0)) << 56
-                        | naddr << 64
-                    )
                     be_vals[bid] = val
                     prev = programmed.get(bid)
                     if prev is None or prev & _VAL_MASK != val:
@@ -591,6 +650,8 @@ class Syncer:
             admitted.append(self._plan(ORPHANS, ()))
         self._apply_plans(admitted, report, flush, admitted=True)
         self._flush(flush, report)
+        if full:
+            self._adopted.clear()  # every adopted id was claimed or freed with the orphans
         return report
 
     def _apply_plans(
@@ -804,8 +865,8 @@ class Syncer:
             for b in freed:
                 val = self._be_vals.pop(b, None)
                 if val is not None:
-                    if self._be_ids.get(val & _BK_MASK) == b:
-                        del self._be_ids[val & _BK_MASK]
+                    if self._be_ids.get(_key_of_val(val)) == b:
+                        del self._be_ids[_key_of_val(val)]
                     if _bval_proto(val) == abi.IPPROTO_UDP:
                         udp_freed.add(b)
                 aff_freed.add(b)

@@ -12,10 +12,15 @@ CategorizeEndpoints):
 - internalTrafficPolicy Local: ClusterIP frontends get the local endpoints only.
 - A local-policy scope with no local endpoint while others exist drops (NO_LOCAL_DROP) instead of
   rejecting, as kube-proxy does.
-- Topology hints (trafficDistribution, or the topology-mode annotation set to Auto) are used only
-  when every ready endpoint has zone hints and some are for this node's zone.
+- Topology (kube-proxy 1.36's topologyModeFromHints): the hints the EndpointSlice controller wrote
+  for the Service's trafficDistribution (PreferSameNode, PreferSameZone / PreferClose) or topology-mode
+  annotation decide, not the Service itself. Same-node when every ready endpoint has node hints and
+  one is for this node; else same-zone when every ready endpoint has zone hints and one is for this
+  node's zone; else every ready endpoint. Local traffic policies ignore topology.
 - Endpoints listed but not eligible for new connections (terminating, not ready) are `retained`:
   their backend entries stay so flows already going to them continue.
+- LoadBalancer ingress IPs with ipMode Proxy (KEP-1860) are not served: packets to them go to the load
+  balancer, which proxies them (kube-proxy's IsVIPMode).
 - loadBalancerSourceRanges restrict the LoadBalancer IP frontends only (kube-proxy's KUBE-FW chains:
   NodePorts, ClusterIPs and external IPs stay open, and pods and the node get no exemption); see
   lb_source_ranges.
@@ -35,8 +40,6 @@ from kproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
-    TOPOLOGY_HINTS_ANNOTATION,
-    TOPOLOGY_MODE_ANNOTATION,
     BackendRef,
     EndpointSlice,
     Frontend,
@@ -137,6 +140,7 @@ class _Ep(NamedTuple):
     serving: bool
     terminating: bool
     zone_hints: frozenset[str] | None
+    node_hints: frozenset[str] | None
 
 
 # NamedTuples built without their Python-level __new__ (4x cheaper; one per endpoint per translate)
@@ -166,36 +170,60 @@ def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: Node
             old = by_addr.get(key)
             if old is not None and (old.ready or not ready):
                 continue  # keep the first copy unless this one is ready and the first is not
-            hints = None
-            if ep_hints is not None and ep_hints.for_zones:
-                hints = frozenset(z.name for z in ep_hints.for_zones)
+            hints = node_hints = None
+            if ep_hints is not None:
+                if ep_hints.for_zones:
+                    hints = frozenset(z.name for z in ep_hints.for_zones)
+                if ep_hints.for_nodes:
+                    node_hints = frozenset(n.name for n in ep_hints.for_nodes)
             terminating = bool(c.terminating)
             ref = _new_ref((
                 address, port, protocol, node_name, node_name is not None and node_name == node_name_here,
                 terminating, zone,
             ))  # fmt: skip
-            by_addr[key] = _new_ep((ref, ready, c.serving is None or c.serving, terminating, hints))
+            serving = c.serving is None or c.serving
+            by_addr[key] = _new_ep((ref, ready, serving, terminating, hints, node_hints))
     # sorted once here so every list filtered from it is sorted too (stable slot order)
     return [by_addr[k] for k in sorted(by_addr)]
 
 
-def _use_topology(svc: Service, eps: list[_Ep], node: NodeInfo) -> bool:
-    if svc.spec.traffic_distribution is None:
-        ann = svc.metadata.annotations
-        mode = ann.get(TOPOLOGY_MODE_ANNOTATION) or ann.get(TOPOLOGY_HINTS_ANNOTATION)
-        if mode not in ("Auto", "auto"):
-            return False
-    if not node.zone:
-        return False
-    has_zone = False
+_SAME_NODE = "PreferSameNode"
+_SAME_ZONE = "PreferSameZone"
+
+
+def _topology_mode(eps: list[_Ep], node: NodeInfo) -> str | None:
+    """kube-proxy's topologyModeFromHints: PreferSameNode, PreferSameZone or None (no topology)."""
+    any_ready = False
+    all_node_hints = all_zone_hints = True
+    for_node = for_zone = False
+    name, zone = node.name, node.zone
     for ep in eps:
         if not ep.ready:
             continue
+        any_ready = True
+        if not ep.node_hints:
+            all_node_hints = False
+        elif name in ep.node_hints:
+            for_node = True
         if not ep.zone_hints:
-            return False
-        if node.zone in ep.zone_hints:
-            has_zone = True
-    return has_zone
+            all_zone_hints = False
+        elif zone and zone in ep.zone_hints:
+            for_zone = True
+    if not any_ready:
+        return None
+    if all_node_hints and for_node:
+        return _SAME_NODE
+    if all_zone_hints and for_zone:
+        return _SAME_ZONE
+    return None
+
+
+def _for_topology(ep: _Ep, mode: str | None, node: NodeInfo) -> bool:
+    if mode is None:
+        return True
+    if mode == _SAME_NODE:
+        return ep.node_hints is not None and node.name in ep.node_hints
+    return ep.zone_hints is not None and node.zone in ep.zone_hints
 
 
 def _categorize(
@@ -206,12 +234,11 @@ def _categorize(
     local: list[BackendRef] = []
     has_any = False
     if uses_cluster:
-        topo = _use_topology(svc, eps, node)
-        cluster = [
-            e.ref
-            for e in eps
-            if e.ready and (not topo or (e.zone_hints is not None and node.zone in e.zone_hints))
-        ]
+        topo = _topology_mode(eps, node)
+        if topo is None:
+            cluster = [e.ref for e in eps if e.ready]
+        else:
+            cluster = [e.ref for e in eps if e.ready and _for_topology(e, topo, node)]
         if not cluster:
             cluster = [e.ref for e in eps if e.serving and e.terminating]
         has_any = bool(cluster)
@@ -273,6 +300,11 @@ def translate_service(
     if spec.type == "LoadBalancer":
         for ing in svc.status.load_balancer.ingress:
             if not ing.ip:
+                continue
+            if ing.ip_mode == "Proxy":
+                # KEP-1860: the load balancer proxies (PROXY protocol, TLS...); traffic to its IP goes
+                # to it, also from pods and nodes of the cluster, as kube-proxy leaves it alone
+                skipped["lb_ip_mode_proxy"] += 1
                 continue
             if _is_v4(ing.ip):
                 lb_ips.append(ing.ip)

@@ -109,7 +109,7 @@ remember:
  * a DSR toggle (kp_config dsr_mode) applies to new flows only:
  *   pod balanced to itself          HAIRPIN: source -> hairpin address, bounced back to the pod
  *   from outside to a remote backend (externalTrafficPolicy Cluster, node address configured):
- *                                   DSR_OPT, DSR_IPIP (needs the backend's node address), else SNAT
+ *                                   DSR_OPT or DSR_IPIP (both need the backend's node address), else SNAT
  *   anything else                   plain DNAT, the kernel routes it
  */
 static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp_svc4_val *svc,
@@ -119,9 +119,14 @@ static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp
 		return be->addr == p->saddr ? KP_CT_F_HAIRPIN : 0;
 	if ((be->flags & KP_BE_F_LOCAL) || (svc->flags & KP_SVC_F_ETP_LOCAL) || !cfg || !cfg->node_addr)
 		return 0;
+	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table):
+	 * that node's kproxy must take the flow. Any other backend is SNATed, which works wherever it runs,
+	 * this node included (kp_from_pod translates the replies). */
+	if (!be->node_addr)
+		return KP_CT_F_SNAT;
 	if (cfg->dsr_mode == KP_DSR_OPT)
 		return KP_CT_F_DSR_OPT;
-	if (cfg->dsr_mode == KP_DSR_IPIP && be->node_addr)
+	if (cfg->dsr_mode == KP_DSR_IPIP)
 		return KP_CT_F_DSR_IPIP;
 	return KP_CT_F_SNAT;
 }

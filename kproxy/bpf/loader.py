@@ -12,17 +12,19 @@ Everything here acts on the network namespace of the calling thread.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib.resources
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
 
 from kproxy.bpf import abi
 from kproxy.bpf import libbpf as lb
-from kproxy.bpf.maps import KproxyMaps, is_bpffs
+from kproxy.bpf.maps import KproxyMaps, _statfs_type, is_bpffs
 
 log = logging.getLogger("kproxy.loader")
 
@@ -100,6 +102,134 @@ def _check_direction(direction: str) -> Direction:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
     return direction  # type: ignore[return-value]
+
+
+# ---- the agent's bpffs directory on a fresh host ----
+BPFFS_ROOT = "/sys/fs/bpf"  # where the kernel provides an empty directory for a bpf filesystem
+PIN_DIR_MODE = 0o700
+BPFFS_MOUNT_OPTIONS = "mode=0700"  # as systemd mounts it
+SYSFS_MAGIC = 0x62656572
+
+
+class BpffsError(LoaderError):
+    """The pin directory is not on a bpf filesystem and the agent may not make it so; says why and how."""
+
+
+def _on_bpffs(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and is_bpffs(path)
+    except OSError as exc:
+        raise BpffsError(f"cannot inspect {path}: {exc.strerror}") from exc
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_of(path: str) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount PATH is on, from /proc/self/mountinfo."""
+    real = os.path.realpath(path)
+    best = ("/", "unknown")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, sep, post = line.partition(" - ")
+            fields = pre.split()
+            if not sep or len(fields) < 5:
+                continue
+            point = _unescape_mountinfo(fields[4])
+            # Later lines are mounted on top of earlier ones at the same point: the last one wins.
+            if _under(real, point) and len(point) >= len(best[0]):
+                best = (point, post.split()[0])
+    return best
+
+
+def _mount_bpffs(root: str) -> None:
+    if not os.path.isdir(root):
+        raise BpffsError(
+            f"{root} does not exist: sysfs is not mounted at /sys or the kernel has no bpf filesystem "
+            "(CONFIG_BPF_SYSCALL); mount a bpf filesystem yourself (`mkdir -p DIR && mount -t bpf bpf DIR`) "
+            "and pass a directory on it as --bpffs"
+        )
+    try:
+        fs_type = _statfs_type(root)
+    except OSError as exc:
+        raise BpffsError(f"cannot inspect {root}: {exc.strerror}") from exc
+    if fs_type != SYSFS_MAGIC:
+        # Not the kernel's empty sysfs directory: something else is mounted there, and a bpf filesystem
+        # on top would hide it from whoever uses it.
+        point, name = mount_of(root)
+        raise BpffsError(
+            f"{root} is not a bpf filesystem but on the {name} mounted at {point}, which kproxy does not "
+            f"mount over: unmount it and mount a bpf filesystem there (`mount -t bpf bpf {root}`), or "
+            "pass --bpffs a directory on a bpf filesystem"
+        )
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    if libc.mount(b"bpf", os.fsencode(root), b"bpf", 0, BPFFS_MOUNT_OPTIONS.encode()) != 0:
+        err = ctypes.get_errno()
+        why = " (the agent needs CAP_SYS_ADMIN to mount)" if err == errno.EPERM else ""
+        raise BpffsError(
+            f"cannot mount a bpf filesystem at {root}: {os.strerror(err)}{why}; mount one as root "
+            f"(`mount -t bpf bpf {root}`), or with the Helm chart keep bpffs.autoMount=true"
+        )
+    if not _on_bpffs(root):
+        raise BpffsError(
+            f"mounted a bpf filesystem at {root}, but {root} is still not one: check `findmnt {root}`"
+        )
+
+
+def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROOT) -> list[str]:
+    """Make PIN_DIR a directory on a bpf filesystem, as the agent needs it on a fresh host. Returns what
+    was done, in the words it was logged with ("mounted a bpf filesystem at /sys/fs/bpf", "created
+    /sys/fs/bpf/kproxy"); nothing when PIN_DIR already is one.
+
+    As Cilium and Calico do: when PIN_DIR is BPFFS_ROOT or under it and no bpf filesystem is mounted
+    there (it is still the kernel's empty sysfs directory), mount one; then create PIN_DIR (mode 0700)
+    when its closest existing parent is on a bpf filesystem. Nothing is ever mounted over a directory
+    of another filesystem: those cases raise BpffsError naming the path and the fix. Acts in the
+    calling process's mount namespace. Read-only commands must not call this.
+    """
+    d = os.path.abspath(os.fspath(pin_dir))
+    root = os.path.abspath(bpffs_root)
+    done: list[str] = []
+    if _on_bpffs(d):
+        return done
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise BpffsError(f"--bpffs {d} is not a directory: pass a directory on a bpf filesystem")
+    if _under(d, root) and not _on_bpffs(root):
+        _mount_bpffs(root)
+        done.append(f"mounted a bpf filesystem at {root}")
+        log.info("%s", done[-1])
+        if _on_bpffs(d):
+            return done
+    parent = d
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not _on_bpffs(parent):
+        point, fs_type = mount_of(parent)
+        where = f"on the {fs_type} mounted at {point}"
+        fix = (
+            f"pass --bpffs a directory under {root} (the agent mounts a bpf filesystem there when none is), "
+            "or mount one yourself: "
+        )
+        if parent == d:
+            raise BpffsError(f"{d} is not on a bpf filesystem but {where}: {fix}`mount -t bpf bpf {d}`")
+        raise BpffsError(
+            f"bpffs directory {d} does not exist and {parent} is not on a bpf filesystem but {where}: "
+            f"{fix}`mkdir -p {d} && mount -t bpf bpf {d}`"
+        )
+    try:
+        os.makedirs(d, mode=PIN_DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise BpffsError(f"cannot create {d} on the bpf filesystem at {parent}: {exc.strerror}") from exc
+    done.append(f"created {d}")
+    log.info("%s", done[-1])
+    return done
 
 
 class Loader:

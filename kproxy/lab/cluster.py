@@ -409,6 +409,17 @@ class Lab:
             argv += ["--port", str(port)]
         self._spawn(f"pod/{pod.name}", pod.ns, argv, self.dir / "logs" / f"pod-{pod.name}.log")
 
+    def start_node_server(self, node: str, port: int, timeout: float = 20) -> None:
+        """A pod server in NODE's own namespace on its address (a hostNetwork backend), on PORT."""
+        n = self.node(node)
+        name = f"{n.name}host{port}"
+        ready = self.dir / "ready" / name
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "kproxy.lab.podserver", "--name", name, "--ip", n.ip,
+                "--port", str(port), "--ready-file", str(ready)]  # fmt: skip
+        self._spawn(f"host/{name}", n.ns, argv, self.dir / "logs" / f"host-{name}.log")
+        _wait(f"node server {name}", ready.exists, timeout, lambda: self.log(f"host-{name}"))
+
     def wait_podserver(self, pod: Pod, timeout: float = 20) -> None:
         ready = self.dir / "ready" / pod.name
         _wait(f"pod server {pod.name}", ready.exists, timeout, lambda: self.log(f"pod-{pod.name}"))

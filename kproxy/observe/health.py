@@ -1,18 +1,24 @@
-"""Health endpoints as kube-proxy serves them.
+"""Health endpoints as kube-proxy (v1.33 and later) serves them, byte for byte.
 
 HealthServer: `/healthz` and `/livez` (default 0.0.0.0:10256), following kube-proxy's
 pkg/proxy/healthcheck/proxy_health.go. The proxy is healthy while no change has waited longer than
 `health_timeout` (60 s, kube-proxy's default) to be programmed: it is healthy while starting up and
-whenever it is fully synced. `/healthz` is also 503 while this Node is being deleted or carries the
-ToBeDeletedByClusterAutoscaler taint (so load balancers drain the node); `/livez` ignores that.
-The body is kube-proxy's: {"lastUpdated": ..., "currentTime": ...[, "nodeEligible": ...]}, with
-times in Go's time.Time format; when healthy, lastUpdated is the current time (kube-proxy keeps that
-for compatibility).
+whenever it is fully synced. `/healthz` is also 503 while this Node is not eligible (being deleted,
+tainted ToBeDeletedByClusterAutoscaler, or not seen yet by the Kubernetes source: KEP-3836, so load
+balancers drain the node); `/livez` ignores the Node. Both bodies are kube-proxy's ProxyHealth as Go's
+encoding/json writes it (compact, times in RFC 3339 with nanoseconds):
+
+    {"lastUpdated":"…","currentTime":"…","nodeEligible":true,"healthy":true,
+     "status":{"IPv4":{"lastUpdated":"…","healthy":true}}}
+
+(one line; no nodeEligible in /livez; status once the sync loop has started, with the one family
+kproxy programs). When the answer is 200, the top-level lastUpdated is the current time (kube-proxy
+keeps that for compatibility); status keeps the real one.
 
 ServiceHealthServers: one HTTP listener per Service with externalTrafficPolicy Local on its
 healthCheckNodePort (kube-proxy's service_health.go): 200 when the Service has endpoints on this node
-and the proxy is healthy, else 503, both with the body
-{"service": {"namespace": ..., "name": ...}, "localEndpoints": N, "serviceProxyHealthy": bool}.
+and the proxy is healthy (the Node's eligibility does not count), else 503, both with kube-proxy's
+tab-indented body (service_health_body) and X-Load-Balancing-Endpoint-Weight: N.
 """
 
 from __future__ import annotations
@@ -31,16 +37,74 @@ from aiohttp import web
 log = logging.getLogger("kproxy.observe.health")
 
 DEFAULT_HEALTH_TIMEOUT = 60.0
+IP_FAMILY = "IPv4"  # the family kproxy programs: kube-proxy's per-family status has this one entry
 _HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"}
+# Go's http.Error / ServeMux answer for an unknown path.
+_NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
+_GO_ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
-def go_time(ts: float | None) -> str:
-    """Format like Go's time.Time.String() in UTC (what kube-proxy's %q prints, minus the monotonic part)."""
+def go_json_time(ts: float | None) -> str:
+    """A Unix time as Go's encoding/json writes a time.Time in UTC (RFC 3339, fraction without
+    trailing zeros; kube-proxy's image has no time zone, so UTC); None is Go's zero time."""
     if ts is None:
-        return "0001-01-01 00:00:00 +0000 UTC"
+        return _GO_ZERO_TIME
     dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    nanos = f"{dt.microsecond * 1000:09d}".rstrip("0")
-    return dt.strftime("%Y-%m-%d %H:%M:%S") + (f".{nanos}" if nanos else "") + " +0000 UTC"
+    fraction = f"{dt.microsecond:06d}".rstrip("0")
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
+
+
+def go_json(value: Any) -> bytes:
+    """`value` as Go's json.Marshal writes it, for the times, booleans and ASCII keys used here:
+    compact, keys in the order given."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+_GO_QUOTE_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+}
+
+
+def go_quote(s: str) -> str:
+    """Go's %q of a string (strconv.Quote). Namespaces and names are DNS labels, which it leaves as
+    they are; the rest is there so that no name can break the body."""
+    out = ['"']
+    for ch in s:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch in _GO_QUOTE_ESCAPES:
+            out.append(_GO_QUOTE_ESCAPES[ch])
+        elif ch.isprintable():  # Python's and Go's notions agree: not a control, format or separator
+            out.append(ch)
+        elif ord(ch) < 0x20 or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def service_health_body(namespace: str, name: str, local_endpoints: int, proxy_healthy: bool) -> bytes:
+    """kube-proxy's healthCheckNodePort body: a Sprintf template, dedented and trimmed of newlines,
+    so indented with tabs and without a final newline."""
+    return (
+        "{\n"
+        '\t"service": {\n'
+        f'\t\t"namespace": {go_quote(namespace)},\n'
+        f'\t\t"name": {go_quote(name)}\n'
+        "\t},\n"
+        f'\t"localEndpoints": {local_endpoints},\n'
+        f'\t"serviceProxyHealthy": {"true" if proxy_healthy else "false"}\n'
+        "}"
+    ).encode()
 
 
 class _Listener:
@@ -93,7 +157,10 @@ class HealthServer:
         self.last_updated: float | None = None
         self.oldest_pending: float | None = None
         self.last_sync_ok: bool | None = None
-        self.node_eligible = True  # until a Node event says otherwise, as kube-proxy does
+        # kube-proxy's nodeEligible: False until its Node is seen. Sources that know the Node call
+        # set_node_eligible(); the file source may have no Node manifest, hence True here (the agent
+        # sets False for the Kubernetes source until its Node is listed).
+        self.node_eligible = True
         self._listener: _Listener | None = None
 
     # ---- state ----
@@ -115,25 +182,35 @@ class HealthServer:
         self.node_eligible = eligible
 
     def is_healthy(self, now: float | None = None) -> bool:
-        """kube-proxy's rule, without the Node's state."""
-        if self.oldest_pending is None:
+        """kube-proxy's rule, without the Node's state: healthy before the sync loop started (nothing
+        updated yet), then while nothing has been pending for health_timeout or longer."""
+        if self.oldest_pending is None or self.last_updated is None:
             return True
         now = self.clock() if now is None else now
         return now - self.oldest_pending < self.health_timeout
 
     # ---- HTTP ----
-    def healthz(self) -> tuple[int, dict[str, Any]]:
-        now = self.clock()
-        healthy = self.is_healthy(now) and self.node_eligible
-        last = now if healthy else self.last_updated
-        body = {"lastUpdated": go_time(last), "currentTime": go_time(now), "nodeEligible": self.node_eligible}
-        return (200 if healthy else 503), body
-
-    def livez(self) -> tuple[int, dict[str, Any]]:
+    def _proxy_health(self, with_node: bool) -> tuple[int, dict[str, Any]]:
+        """kube-proxy's healthz/livez handler: status code and ProxyHealth, fields in its order."""
         now = self.clock()
         healthy = self.is_healthy(now)
-        last = now if healthy else self.last_updated
-        return (200 if healthy else 503), {"lastUpdated": go_time(last), "currentTime": go_time(now)}
+        ok = healthy and (self.node_eligible or not with_node)
+        body: dict[str, Any] = {
+            "lastUpdated": go_json_time(now if ok else self.last_updated),
+            "currentTime": go_json_time(now),
+        }
+        if with_node:
+            body["nodeEligible"] = self.node_eligible
+        body["healthy"] = healthy
+        if self.last_updated is not None:
+            body["status"] = {IP_FAMILY: {"lastUpdated": go_json_time(self.last_updated), "healthy": healthy}}
+        return (200 if ok else 503), body
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        return self._proxy_health(with_node=True)
+
+    def livez(self) -> tuple[int, dict[str, Any]]:
+        return self._proxy_health(with_node=False)
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         if request.path == "/healthz":
@@ -141,14 +218,17 @@ class HealthServer:
         elif request.path == "/livez":
             status, body = self.livez()
         else:
-            return web.Response(status=404, text="404 page not found\n")
-        # kube-proxy writes this exact shape with Fprintf; keep the key order.
-        return web.Response(status=status, text=json.dumps(body), headers=_HEADERS)
+            return web.Response(status=404, body=b"404 page not found\n", headers=_NOT_FOUND_HEADERS)
+        return web.Response(status=status, body=go_json(body), headers=_HEADERS)
 
     async def start(self) -> None:
         self._listener = _Listener(self._handle, self.host, self.port)
         await self._listener.start()
         self.port = self._listener.port
+        if self.last_updated is None:
+            # kube-proxy's sync loop marks its family updated as it starts ("in case Sync() never
+            # succeeds"); the agent starts its sync loop with this server.
+            self.last_updated = self.clock()
         log.info("serving /healthz and /livez on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -187,10 +267,17 @@ class ServiceHealthServers:
         }
         return (200 if count > 0 and healthy else 503), body
 
+    def response(self, service: tuple[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body exactly as kube-proxy's hcHandler writes them."""
+        status, body = self.answer(service)
+        count, healthy = body["localEndpoints"], body["serviceProxyHealthy"]
+        headers = {**_HEADERS, "X-Load-Balancing-Endpoint-Weight": str(count)}
+        return status, headers, service_health_body(service[0], service[1], count, healthy)
+
     def _handler(self, service: tuple[str, str]) -> Callable[[web.BaseRequest], Any]:
         async def handle(_request: web.BaseRequest) -> web.Response:
-            status, body = self.answer(service)
-            return web.Response(status=status, text=json.dumps(body, indent=2), headers=_HEADERS)
+            status, headers, body = self.response(service)
+            return web.Response(status=status, body=body, headers=headers)
 
         return handle
 

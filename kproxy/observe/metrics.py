@@ -78,6 +78,14 @@ class _MapCollector(Collector):
             for (kind, reason), n in sorted(getattr(store, "skipped", {}).items()):
                 skipped.add_metric([kind, reason], n)
             yield skipped
+            normalized = CounterMetricFamily(
+                "kproxy_objects_normalized",
+                "Object versions used after reading a legacy spelling (an IPv4 address with leading zeros).",
+                labels=["kind", "reason"],
+            )
+            for (kind, reason), n in sorted(getattr(store, "normalized", {}).items()):
+                normalized.add_metric([kind, reason], n)
+            yield normalized
 
     def _stats(self, maps: Any) -> Iterable[Any]:
         stats = getattr(maps, "stats", None)

@@ -195,7 +195,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--source=kubernetes",
         "--node-name=<spec.nodeName>",
         "--node-ip=<status.hostIP>",
-        "--bpffs=/sys/fs/bpf",
+        "--bpffs=/sys/fs/bpf/kproxy",
         "--dsr-mode=off",
         "--ct-timeout-fin=10",
         "--ct-timeout-syn=60",
@@ -213,6 +213,31 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--socket-lb-cgroup=/run/kproxy/cgroupv2",
         "--socket-lb-allow-root-cgroup",
     ]
+
+
+def test_agent_pins_in_its_own_directory_of_the_host_bpffs(render: Renderer) -> None:
+    from kproxy.cli import DEFAULT_BPFFS
+
+    docs = render()
+    pin_dir = flag_values(agent_args(docs), "--bpffs")
+    mounts = {m["name"]: m for m in container(docs, "agent")["volumeMounts"]}
+    volume = {v["name"]: v for v in pod_spec(docs)["volumes"]}["bpf-maps"]
+    # Under the host's bpffs volume, not at its root next to other tools' pins.
+    assert volume["hostPath"]["path"] == mounts["bpf-maps"]["mountPath"] == "/sys/fs/bpf"
+    assert pin_dir == ["/sys/fs/bpf/kproxy"]
+    # `kubectl exec ... kproxy services` in the agent container finds the pins without --bpffs, and no
+    # KPROXY_BPFFS in the environment turns `kproxy dsr` there into standalone mode.
+    assert pin_dir == [DEFAULT_BPFFS]
+    assert "KPROXY_BPFFS" not in {e["name"] for e in container(docs, "agent")["env"]}
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert 'kproxy cleanup --bpffs {{ include "kproxy.pinDir" . }}' in notes
+
+
+def test_no_chart_or_doc_file_pins_at_the_bpffs_root() -> None:
+    root_pins = re.compile(r"--bpffs[= ]/sys/fs/bpf(?![\w/])")
+    for path in [*CHART.rglob("*"), *(CHART.parents[1] / "docs").glob("*.md")]:
+        if path.is_file():
+            assert not root_pins.search(path.read_text()), f"{path} passes the bpffs root as --bpffs"
 
 
 def test_api_server_env_points_at_the_api_server_itself(render: Renderer) -> None:
@@ -527,9 +552,11 @@ def test_probes_use_the_real_health_port(render: Renderer, health_port: int) -> 
     named = {p["name"]: p["containerPort"] for p in agent["ports"]}
     (bind,) = flag_values(agent_args(docs), "--health-bind-address")
     assert bind.rsplit(":", 1)[1] == str(health_port)
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    # a drained or deleted Node makes /healthz 503 (KEP-3836): only readiness may follow it
+    probes = (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz"))
+    for probe, path in probes:
         get = agent[probe]["httpGet"]
-        assert get["path"] == "/healthz"
+        assert get["path"] == path, probe
         port = named[get["port"]] if isinstance(get["port"], str) else get["port"]
         assert port == health_port, probe
 

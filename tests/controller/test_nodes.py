@@ -7,10 +7,21 @@ contract is tested either way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import kopf
+
+from kproxy.agent import Agent
+from kproxy.config import AgentConfig
+from kproxy.model import NodeInfo
+from kproxy.observe.health import HealthServer
 from kproxy.store import ClusterStore
-from tests.controller.apiserver import node
+from tests.controller.apiserver import FakeApiServer, node
 from tests.controller.conftest import NODE, NODE_IP, Harness, new_api, run
 
 
@@ -103,6 +114,74 @@ def test_without_node_table_only_this_node_is_used(mapset_factory: Any) -> None:
             assert h.store.node.zone == "zone-a"
         finally:
             await h.stop()
+            await api.stop()
+
+    run(scenario())
+
+
+async def _health_answers(port: int) -> tuple[int, bool, int]:
+    """(/healthz status, its nodeEligible, /livez status)."""
+
+    async def get(path: str) -> tuple[int, dict[str, Any]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    status, body = await get("/healthz")
+    livez, _ = await get("/livez")
+    return status, body["nodeEligible"], livez
+
+
+async def _until(what: str, answers: Callable[[], Awaitable[Any]], want: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := await answers()) != want:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {got} instead of {want}")
+        await asyncio.sleep(0.02)
+
+
+def test_this_nodes_deletion_and_autoscaler_taint_fail_healthz_not_livez() -> None:
+    """KEP-3836 end to end through the agent's wiring: Node watch -> KubeSource -> health server."""
+
+    async def scenario() -> None:
+        api = FakeApiServer(bookmark_interval=0.5)  # this node does not exist yet
+        await api.start()
+        cfg = AgentConfig(node_name=NODE, node_ips=[NODE_IP], settings_configmap=None)
+        agent = Agent(cfg, connection=kopf.ConnectionInfo(server=api.url))
+        agent.store = ClusterStore(NodeInfo(name=NODE, addresses=(NODE_IP,)))
+        agent.health = HealthServer("127.0.0.1", 0)
+        await agent.health.start()
+        agent.synced.set()  # kopf may start watching at once (the agent sets this after its first sync)
+        task = asyncio.create_task(agent.make_kube_source().run())
+
+        def answers() -> Awaitable[tuple[int, bool, int]]:
+            return _health_answers(agent.health.port)
+
+        try:
+            while not agent.store.initial_sync_done:  # bounded by run()'s timeout
+                await asyncio.sleep(0.02)
+            # kube-proxy's nodeEligible is false while it has not seen its Node
+            assert await answers() == (503, False, 200)
+            api.put(node(NODE, NODE_IP))
+            await _until("the Node to appear", answers, (200, True, 200))
+            api.patch("Node", None, NODE, {"metadata": {"deletionTimestamp": "2023-11-14T22:13:20Z"}})
+            await _until("the deletion to fail /healthz only", answers, (503, False, 200))
+            api.patch("Node", None, NODE, {"metadata": {"deletionTimestamp": None}})
+            await _until("the deletion to be cancelled", answers, (200, True, 200))
+            taint = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+            api.patch("Node", None, NODE, {"spec": {"taints": [taint]}})
+            await _until("the autoscaler taint to fail /healthz only", answers, (503, False, 200))
+            api.patch("Node", None, NODE, {"spec": {"taints": [{**taint, "key": "example.com/other"}]}})
+            await _until("another taint to leave the node eligible", answers, (200, True, 200))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await agent.health.stop()
             await api.stop()
 
     run(scenario())

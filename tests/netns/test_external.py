@@ -336,6 +336,67 @@ def test_matrix(xlab: Lab, mode: str, proto: str, client: str, place: str, polic
             assert d1.get("DNAT", 0) >= 1, f"{where}: n1 {d1}"
 
 
+# ---- one pod in several Services; hostNetwork backends (issue 11) ----
+# Service -> (index, backend, node name its slice gives, expected backend answer name)
+SHARED = {
+    "sh-named": (20, "n1p2", "n1"),  # the pod with its nodeName
+    "sh-unnamed": (21, "n1p2", None),  # the same pod port, a slice without nodeName (kube-proxy: not local)
+    "sh-host1": (22, "n1host18080", "n1"),  # hostNetwork backend on the ingress node
+    "sh-host2": (23, "n2host18080", "n2"),  # hostNetwork backend on the other node
+}
+
+
+@pytest.fixture(scope="module")
+def shared(xlab: Lab) -> Lab:
+    lab = xlab
+    for node in ("n1", "n2"):
+        lab.start_node_server(node, 18080)
+    for name, (i, backend, node_name) in SHARED.items():
+        if backend.endswith("host18080"):
+            addr, target_port = lab.node(backend[:2]).ip, 18080
+        else:
+            addr, target_port = lab.pod(backend).ip, 8080
+        p = mf.Port("tcp", 80, target_port, "TCP", 31000 + 10 * i)
+        es = mf.endpoint_slice(name, [(addr, node_name or "")], [p])
+        if node_name is None:
+            del es["endpoints"][0]["nodeName"]
+        lab.write_manifest(
+            name,
+            [mf.service(name, [p], cluster_ip(i), type="LoadBalancer", lb_ips=[lb_ip(i)]), es],
+        )
+    for i, backend, _node in SHARED.values():
+        addr = lab.node(backend[:2]).ip if backend.endswith("host18080") else lab.pod(backend).ip
+        lab.wait_programmed(lb_ip(i), 80, [addr], nodes=["n1"])
+    return lab
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_pod_in_several_services_and_host_network_backends(shared: Lab, mode: str, name: str) -> None:
+    """Every NodePort and LoadBalancer connection from outside works, whatever the other Services
+    selecting the same pod say about it: 0 of 20 and 0 of 10 did when the last slice written decided
+    the pod's locality for every Service. A backend that is the node itself answers from its own stack:
+    its replies (leaving by the netdev) are translated too."""
+    lab = shared
+    ensure_mode(lab, mode)
+    i, backend, node_name = SHARED[name]
+    backend_node = backend[:2]
+    snat = node_name is None or (backend_node == "n2" and mode == "snat")
+    want_source = lab.node("n1").ip if snat else lab.ext.ip
+    results = []
+    for addr, port, count in ((lab.node("n1").ip, 31000 + 10 * i, 20), (lb_ip(i), 80, 10)):
+        for _ in range(count):
+            got = request(lab, lab.ext, addr, port, "TCP")
+            ok = (
+                "error" not in got
+                and got["pod"] == backend
+                and got["peer"] == f"{addr}:{port}"
+                and got["client"].split(":")[0] == want_source
+            )
+            results.append((addr, port, ok, got))
+    failed = [r for r in results if not r[2]]
+    assert not failed, f"{name} ({mode}): {len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
+
+
 # ---- beyond the matrix ----
 def test_pod_to_nodeport_on_the_other_node_and_lb_ip_from_inside(xlab: Lab) -> None:
     lab = xlab

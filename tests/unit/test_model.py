@@ -151,6 +151,14 @@ _SLICE_CASES = [
     ),
     slice_raw(endpoints=[ep("10.0.0.1", zone="z", hints=["z", "y"]), {"addresses": ["10.0.0.3"]}]),
     slice_raw(endpoints=[{"addresses": ["10.0.0.1"], "conditions": None, "hints": {"forZones": None}}]),
+    slice_raw(
+        endpoints=[
+            {
+                "addresses": ["10.0.0.1"],
+                "hints": {"forZones": [{"name": "z"}], "forNodes": [{"name": "n1"}, {"name": "n2"}]},
+            }
+        ]
+    ),
     slice_raw(address_type="IPv6", endpoints=[ep("fd00::1")]),
     slice_raw(address_type="FQDN", endpoints=[ep("db.example.com")]),
     slice_raw(ports=[{"name": None, "port": 8080}, {"port": None, "protocol": "UDP", "name": "u"}]),
@@ -193,7 +201,7 @@ def test_common_objects_take_the_fast_route():
         lambda r: r["spec"]["ports"][0].update(targetPort="0"),
         lambda r: r["spec"]["ports"][0].update(targetPort="a-name-much-too-long"),
         lambda r: r["spec"].update(clusterIP="10.96.0.300"),
-        lambda r: r["spec"].update(clusterIP="010.96.0.1"),
+        lambda r: r["spec"].update(clusterIP="10.96.0.1.2"),
         lambda r: r["spec"].update(type=None),
         lambda r: r["metadata"].update(namespace=""),
         lambda r: r["metadata"].update(labels={"a": 1}),
@@ -215,7 +223,8 @@ def test_fast_route_leaves_invalid_services_to_the_schema(mutate):
     "endpoint",
     [
         {"addresses": ["10.0.0.999"]},
-        {"addresses": ["10.0.0.01"]},
+        {"addresses": ["10.0.0.1.1"]},
+        {"addresses": ["10.0.0.1"], "hints": {"forNodes": [{"name": 3}]}},
         {"addresses": []},
         {"addresses": ["10.0.0.1"], "conditions": {"ready": "maybe"}},
         {"addresses": ["10.0.0.1"], "nodeName": 7},
@@ -229,3 +238,21 @@ def test_fast_route_leaves_invalid_slices_to_the_schema(endpoint):
     assert _fast_slice(raw) is None
     with pytest.raises(ModelError):
         parse_endpoint_slice(raw)
+
+
+def test_leading_zeros_go_to_the_schema_which_reads_them_as_decimal():
+    """Kubernetes accepted "010.96.0.1" before Go 1.17 and kube-proxy still parses it (ParseIPSloppy)."""
+    from kproxy.model import _fast_service, _fast_slice
+
+    raw = svc_raw(cluster_ip="010.096.000.001")
+    assert _fast_service(raw) is None
+    notes: list[str] = []
+    svc = parse_service(raw, notes=notes)
+    assert svc.spec.cluster_ip == "10.96.0.1" and svc.spec.cluster_ips == ["10.96.0.1"]
+    assert notes == ["clusterIP '010.096.000.001' read as 10.96.0.1",
+                     "clusterIPs entry '010.096.000.001' read as 10.96.0.1"]  # fmt: skip
+    sraw = slice_raw(endpoints=[ep("10.0.0.01"), ep("10.0.0.2")])
+    assert _fast_slice(sraw) is None
+    es = parse_endpoint_slice(sraw, notes=notes)
+    assert [e.addresses for e in es.endpoints] == [["10.0.0.1"], ["10.0.0.2"]]
+    assert parse_endpoint_slice(slice_raw(endpoints=[ep("10.0.0.1"), ep("10.0.0.2")])) == es

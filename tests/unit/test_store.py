@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
 from unit_objects import NODE, ep, slice_raw, svc_raw
 
 from kproxy.model import NodeInfo
@@ -135,3 +136,47 @@ def test_dirty_times_are_first_change():
     st.upsert_slice(slice_raw(endpoints=[ep("10.0.0.7")]))
     times = st.take_dirty_with_times()
     assert times["default/web"] >= t1
+
+
+# ---- legacy IPv4 spellings (issue 11): read as decimal like kube-proxy's ParseIPSloppy, counted ----
+def test_leading_zero_addresses_are_decimal_and_counted(caplog):
+    from kproxy.translate import TranslateConfig, translate_service
+
+    st = ClusterStore()
+    raw = svc_raw(
+        "legacy", type="LoadBalancer", cluster_ip="172.30.0.041", external_ips=["192.168.010.005"],
+        ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+        loadBalancerSourceRanges=["010.0.0.0/8"], lb_ips=["192.168.078.009"],
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert st.upsert_service(raw, origin="legacy.yaml")
+        assert st.upsert_slice(slice_raw("legacy", endpoints=[ep("10.244.001.011")],
+                                         ports=[{"name": "http", "port": 8080}]))  # fmt: skip
+    svc = st.services["default/legacy"]
+    assert svc.spec.cluster_ip == "172.30.0.41" and svc.spec.cluster_ips == ["172.30.0.41"]
+    assert svc.spec.external_ips == ["192.168.10.5"]
+    assert svc.spec.load_balancer_source_ranges == ["10.0.0.0/8"]
+    assert svc.status.load_balancer.ingress[0].ip == "192.168.78.9"
+    assert st.normalized == {("Service", "legacy_ip"): 1, ("EndpointSlice", "legacy_ip"): 1}
+    assert not st.skipped
+    assert (
+        "Service default/legacy in legacy.yaml: clusterIP '172.30.0.041' read as 172.30.0.41" in caplog.text
+    )
+    # not octal (inet_aton reads 041 as 33): the frontends and backends are the decimal addresses
+    fes = translate_service(svc, st.slices_of("default/legacy"), NODE, TranslateConfig())
+    assert {f.address for f in fes} == {"172.30.0.41", "192.168.10.5", "192.168.78.9", "192.168.1.10"}
+    assert {b.address for f in fes for b in f.backends} == {"10.244.1.11"}
+    # the same version again is not counted or logged again
+    caplog.clear()
+    assert st.upsert_service(raw)
+    assert st.normalized[("Service", "legacy_ip")] == 1 and "read as" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["172.30.0.256", "172.30.0.0256", "172.30.0", "172.30.0.1.2", "0x10.0.0.1", "172.30.0.-1", "1e1.0.0.1"],
+)
+def test_not_an_address_even_sloppily_is_still_skipped(bad):
+    st = ClusterStore()
+    assert not st.upsert_service(svc_raw("bad", cluster_ip=bad))
+    assert st.skipped == {("Service", "invalid"): 1} and not st.normalized

@@ -525,3 +525,68 @@ def test_restarts_under_churn_keep_a_kept_backends_id_and_entry(
                 s.apply(sub)
             assert s.backend_id(anchor, 8080, "TCP") == aid, f"seed {seed}"
             assert maps.be4.get(ctypes.c_uint32(aid)) is not None, f"seed {seed}"
+
+
+# ---- one pod port in several Services (issue 11): each Service sees it as its own slice says ----
+def test_same_pod_port_in_two_services_with_disagreeing_slices_gets_one_id_each():
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    s.set_nodes({"n1": "192.168.1.1", "n2": "192.168.1.2"}, "192.168.1.1")
+    here = be("10.0.0.5", node_name="n1", local=True)
+    unnamed = be("10.0.0.5")  # a slice without nodeName: kube-proxy serves it as not local
+    s.apply({
+        "a/web": [fe([here], service="a/web")],
+        "a/alt": [fe([unnamed], service="a/alt", address="10.96.0.11")],
+    })  # fmt: skip
+    ids = s.backend_ids("10.0.0.5", 8080, "TCP")
+    assert len(ids) == 2 and s.backend_id("10.0.0.5", 8080, "TCP") is None
+    local_id = s.backend_id("10.0.0.5", 8080, "TCP", node="n1")
+    unnamed_id = next(i for i in ids if i != local_id)
+    b_local = maps.be4.get(ctypes.c_uint32(local_id))
+    b_unnamed = maps.be4.get(ctypes.c_uint32(unnamed_id))
+    assert b_local.flags == abi.BackendFlag.LOCAL and abi.nbo_to_ip(b_local.node_addr) == "192.168.1.1"
+    assert b_unnamed.flags == 0 and b_unnamed.node_addr == 0
+    # each frontend's slot names its own description of the pod
+    for address, want in (("10.96.0.10", local_id), ("10.96.0.11", unnamed_id)):
+        v = maps.svc4.get(abi.Svc4Key(ip_to_nbo(address), port_to_nbo(80), 1, 6, 0))
+        assert v.backend_id == want, address
+    # writing the Services again in the other order changes nothing
+    r = s.apply({
+        "a/alt": [fe([unnamed], service="a/alt", address="10.96.0.11")],
+        "a/web": [fe([here], service="a/web")],
+    })  # fmt: skip
+    assert r.writes == 0
+    # one Service dropping the pod frees only its own description
+    s.apply({"a/alt": []})
+    assert s.backend_ids("10.0.0.5", 8080, "TCP") == [local_id] and len(maps.be4) == 1
+
+
+def test_same_pod_port_on_two_named_nodes_and_restart_keeps_both_ids():
+    """Two slices naming different nodes for one address (a stale slice during a pod move): two ids,
+    each with its node's address; after a restart both are re-adopted with no write."""
+    maps = MemoryMapSet()
+    s1 = Syncer(maps)
+    nodes = {"n1": "192.168.1.1", "n2": "192.168.1.2"}
+    s1.set_nodes(nodes, "192.168.1.1")
+    desired = {
+        "a/x": [fe([be("10.0.0.5", node_name="n2")], service="a/x")],
+        "a/y": [fe([be("10.0.0.5", node_name="n1", local=True)], service="a/y", address="10.96.0.11")],
+        "a/z": [fe([be("10.0.0.5")], service="a/z", address="10.96.0.12")],
+    }
+    s1.apply(desired, full=True)
+    ids = {n: s1.backend_id("10.0.0.5", 8080, "TCP", node=n) for n in ("n1", "n2")}
+    assert abi.nbo_to_ip(maps.be4.get(ctypes.c_uint32(ids["n2"])).node_addr) == "192.168.1.2"
+    all_ids = s1.backend_ids("10.0.0.5", 8080, "TCP")
+    assert len(all_ids) == 3
+    before = snapshot(maps)
+    s2 = Syncer(maps)
+    s2.set_nodes(nodes, "192.168.1.1")
+    s2.adopt()
+    r = s2.apply(desired, full=True)
+    assert r.writes == 0 and snapshot(maps) == before
+    assert {n: s2.backend_id("10.0.0.5", 8080, "TCP", node=n) for n in ids} == ids
+    assert s2.backend_ids("10.0.0.5", 8080, "TCP") == all_ids
+    # and freeing one after the restart removes exactly that one
+    s2.apply({"a/x": []})
+    assert maps.be4.get(ctypes.c_uint32(ids["n2"])) is None
+    assert maps.be4.get(ctypes.c_uint32(ids["n1"])) is not None

@@ -334,9 +334,11 @@ def test_topology_hints_used_with_annotation_auto():
     assert [b.address for b in fe.backends] == ["10.0.0.1", "10.0.0.3"]
 
 
-def test_topology_hints_ignored_without_opt_in():
+def test_topology_hints_decide_without_the_service_field():
+    """kube-proxy 1.36 reads only the hints (the EndpointSlice controller writes them for the Service's
+    trafficDistribution or topology-mode annotation; hints on a slice are used wherever they come from)."""
     (fe,) = tr(svc(), [zoned()])
-    assert len(fe.backends) == 3
+    assert [b.address for b in fe.backends] == ["10.0.0.1", "10.0.0.3"]
 
 
 def test_topology_hints_ignored_when_one_endpoint_lacks_hints():
@@ -371,3 +373,102 @@ def test_too_many_backends_raises_typed_error(monkeypatch):
 def test_translate_is_deterministic_and_pure():
     s, sl = svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}]), [local_mix()]
     assert tr(s, sl) == tr(s, list(reversed(sl)))
+
+
+# ---- trafficDistribution PreferSameNode / PreferSameZone (kube-proxy 1.36 topology_test.go cases) ----
+def hinted(*rows, ready=True):
+    """Endpoints 10.1.2.<i> with (zone hints, node hints) each; None = no hints of that kind."""
+    eps = []
+    for i, (zones, nodes) in enumerate(rows, start=3):
+        e = ep(f"10.1.2.{i}", ready=ready if not isinstance(ready, list) else ready[i - 3])
+        h = {}
+        if zones is not None:
+            h["forZones"] = [{"name": z} for z in zones]
+        if nodes is not None:
+            h["forNodes"] = [{"name": n} for n in nodes]
+        if h:
+            e["hints"] = h
+        eps.append(e)
+    return es(endpoints=eps)
+
+
+NODE1 = NodeInfo("node-1", ("192.168.1.10",), zone="zone-a")
+FOUR = [
+    (["zone-a"], ["node-1"]),
+    (["zone-b"], ["node-2"]),
+    (["zone-c"], ["node-3"]),
+    (["zone-a"], ["node-4"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "node", "want", "ready"),
+    [
+        ("PreferSameNode available", FOUR, NODE1, ["10.1.2.3"], True),
+        ("PreferSameNode ignored if some endpoints unhinted",
+         [FOUR[0], (None, None), FOUR[2], FOUR[3]], NODE1,
+         ["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"], True),
+        ("PreferSameNode falls back to PreferSameZone if no endpoint for node",
+         FOUR, NodeInfo("node-0", ("192.168.1.10",), zone="zone-a"), ["10.1.2.3", "10.1.2.6"], True),
+        ("zone hints only: same zone",
+         [(["zone-a"], None), (["zone-b"], None), (["zone-c"], None), (["zone-a"], None)], NODE1,
+         ["10.1.2.3", "10.1.2.6"], True),
+        ("node in different zone, no endpoint filtering", [(["zone-a"], None)],
+         NodeInfo("node-1", ("192.168.1.10",), zone="zone-b"), ["10.1.2.3"], True),
+        ("node without zone label, node hints still apply",
+         [(["zone-a"], ["node-1"]), (["zone-a"], ["node-2"])],
+         NodeInfo("node-1", ("192.168.1.10",)), ["10.1.2.3"], True),
+        ("unready endpoints' hints do not count",
+         [(["zone-a"], ["node-1"]), (["zone-b"], ["node-2"]), (None, None)], NODE1, ["10.1.2.3"],
+         [True, True, False]),
+        ("only unready endpoints for this node: no filtering",
+         [(["zone-b"], ["node-1"]), (["zone-b"], ["node-2"]), (["zone-c"], ["node-3"])], NODE1,
+         ["10.1.2.4", "10.1.2.5"], [False, True, True]),
+        ("multiple node hints per endpoint", [(["zone-a"], ["node-2", "node-1"]), (["zone-a"], ["node-2"])],
+         NODE1, ["10.1.2.3"], True),
+    ],
+)  # fmt: skip
+def test_traffic_distribution_from_hints(name, rows, node, want, ready):
+    (fe,) = tr(svc(trafficDistribution="PreferSameNode"), [hinted(*rows, ready=ready)], node=node)
+    assert [b.address for b in fe.backends] == want, name
+
+
+def test_prefer_same_node_is_not_applied_to_local_policies():
+    """externalTrafficPolicy Local: the EXT scope gets the local endpoints whatever the hints; the pods'
+    scope (cluster endpoints) follows them."""
+    raw = slice_raw(endpoints=[dict(e, nodeName="node-1") if i == 1 else dict(e, nodeName="node-9")
+                               for i, e in enumerate([ep("10.1.2.3"), ep("10.1.2.4")])])  # fmt: skip
+    raw["endpoints"][0]["hints"] = {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-1"}]}
+    raw["endpoints"][1]["hints"] = {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-2"}]}
+    s = svc(
+        type="NodePort",
+        externalTrafficPolicy="Local",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
+    fes = tr(s, [parse_endpoint_slice(raw)], node=NODE1)
+    ext = [f for f in fes if f.type == "NodePort" and f.scope == Scope.EXT][0]
+    internal = [f for f in fes if f.type == "NodePort" and f.scope == Scope.INT][0]
+    assert [b.address for b in ext.backends] == ["10.1.2.4"]  # local (node-1), not the hinted one
+    assert [b.address for b in internal.backends] == ["10.1.2.3"]  # cluster endpoints, same-node hint
+
+
+# ---- LoadBalancer ipMode (KEP-1860) ----
+def test_lb_ip_mode_proxy_is_not_served_vip_and_unset_are():
+    raw_ing = [{"ip": "203.0.113.7", "ipMode": "Proxy"}, {"ip": "203.0.113.8", "ipMode": "VIP"},
+               {"ip": "203.0.113.9"}]  # fmt: skip
+    from unit_objects import svc_raw
+
+    from kproxy.model import parse_service
+
+    raw = svc_raw(type="LoadBalancer", ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+                  loadBalancerSourceRanges=["198.51.100.0/24"])  # fmt: skip
+    raw["status"] = {"loadBalancer": {"ingress": raw_ing}}
+    skipped: Counter[str] = Counter()
+    fes = tr(parse_service(raw), [es()], skipped=skipped)
+    assert sorted(f.address for f in by_type(fes, "LoadBalancer")) == ["203.0.113.8", "203.0.113.9"]
+    assert skipped["lb_ip_mode_proxy"] == 1
+    assert len(by_type(fes, "NodePort")) == 1 and len(by_type(fes, "ClusterIP")) == 1
+    # only Proxy-mode IPs: no LoadBalancer frontend (and no source-range entries) at all
+    raw["status"] = {"loadBalancer": {"ingress": [raw_ing[0]]}}
+    fes = tr(parse_service(raw), [es()])
+    assert by_type(fes, "LoadBalancer") == []

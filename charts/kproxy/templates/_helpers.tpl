@@ -29,6 +29,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/*
+The agent's pin directory: its own directory on the host's bpffs (the bpf-maps volume, /sys/fs/bpf),
+never the bpffs root, where other tools (Cilium, Calico, systemd) keep their pins. It is the CLI's default
+--bpffs, so `kubectl exec` of `kproxy services`, `stats`... in the agent container needs no flag (and
+`kproxy dsr` there stays in cluster mode: an explicit --bpffs or KPROXY_BPFFS would make it standalone).
+*/}}
+{{- define "kproxy.pinDir" -}}/sys/fs/bpf/kproxy{{- end -}}
+
 {{/* Where the host's cgroup v2 directory is mounted inside the agent container. */}}
 {{- define "kproxy.cgroupMountPath" -}}/run/kproxy/cgroupv2{{- end -}}
 
