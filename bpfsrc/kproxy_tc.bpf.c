@@ -13,6 +13,7 @@
 #include "lib/nat.h"
 #include "lib/icmp.h"
 #include "lib/lb.h"
+#include "lib/svcnet.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -22,6 +23,12 @@ static __always_inline int kp_parse_counted(struct __sk_buff *skb, struct kp_pkt
 
 	if (ret == KP_PARSE_FRAG)
 		kp_count(KP_STAT_PASS_FRAGMENT, skb->len);
+	else if (ret == KP_PARSE_L4) {
+		__u32 frag = kp_frag_get();
+
+		if (frag)
+			kp_count(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
+	}
 	return ret;
 }
 
@@ -48,6 +55,11 @@ int kp_from_pod(struct __sk_buff *skb)
 		svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
 		if (svc)
 			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
+		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
+			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
+			if (ret >= 0)
+				return ret;
+		}
 		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
 		cfg = kp_config();
 		if (cfg && cfg->node_addr && p.daddr == cfg->node_addr) {
@@ -57,6 +69,11 @@ int kp_from_pod(struct __sk_buff *skb)
 		}
 		return kp_revnat4(skb, &p, 1);
 	case KP_PARSE_ICMP:
+		if (kp_svcnet_opens_flow(&p, KP_PARSE_ICMP)) {
+			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
+			if (ret >= 0)
+				return ret;
+		}
 		return kp_icmp_revnat(skb, &p);
 	}
 	return TC_ACT_OK;
@@ -102,9 +119,32 @@ static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const str
 	return kp_fib_redirect(skb, fib, res);
 }
 
+static __always_inline int kp_no_external_cluster_ip(void)
+{
+	struct kp_config *cfg = kp_config();
+
+	return cfg && (cfg->flags & KP_CFG_F_NO_EXTERNAL_CLUSTER_IP);
+}
+
+/* A flow-opening packet from outside that matched no frontend, to the service address space. With
+ * ClusterIPs closed to the outside, a ClusterIP's unknown port is dropped too, not answered. */
+static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct kp_pkt *p)
+{
+	__u32 action = kp_svcnet_action(p->daddr);
+
+	if (action == KP_SVCNET_REJECT && kp_no_external_cluster_ip()) {
+		kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
+		return TC_ACT_SHOT;
+	}
+	return kp_svcnet_enforce(skb, p, action);
+}
+
 /*
  * Hook: tc ingress of a node's external interface. Direction: outside -> node.
  *   NodePort / LoadBalancer / ExternalIP frontends (scope EXT): DNAT, and SNAT or DSR to remote backends
+ *   ClusterIPs routed to this node (BGP, static routes), as kube-proxy serves them, unless the agent
+ *   set KP_CFG_F_NO_EXTERNAL_CLUSTER_IP; their unknown ports rejected, unallocated service addresses
+ *   dropped (lib/svcnet.h)
  *   IPIP to this node, or the DSR option: DSR from an ingress node to a local backend
  *   replies of SNATed flows and ICMP errors about them: back to the client
  */
@@ -132,11 +172,26 @@ int kp_from_netdev(struct __sk_buff *skb)
 		ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_ICMP:
+		if (kp_svcnet_opens_flow(&p, KP_PARSE_ICMP)) {
+			ret = kp_netdev_svcnet(skb, &p);
+			if (ret >= 0)
+				return ret;
+		}
 		return kp_icmp_snat_forward(skb, &p);
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
-		if (svc)
+		if (svc) {
+			if (!(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
+				kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
+				return TC_ACT_SHOT;
+			}
 			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
+		}
+		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
+			ret = kp_netdev_svcnet(skb, &p);
+			if (ret >= 0)
+				return ret;
+		}
 		if (p.ip_hlen > sizeof(struct iphdr)) {
 			ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_OPT);
 			if (ret >= 0)

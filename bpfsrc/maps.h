@@ -82,6 +82,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_lbsrc4_v1 SEC(".maps");
 
+/* IPv4 fragments: the ports of a datagram, from its first fragment (see struct kp_frag4_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_frag4_key);
+	__type(value, struct kp_frag4_val);
+	__uint(max_entries, KP_FRAG4_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_frag4_v1 SEC(".maps");
+
+/* The service address space: ClusterIPs and service CIDRs (see struct kp_svcnet4_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kp_svcnet4_key);
+	__type(value, struct kp_svcnet4_val);
+	__uint(max_entries, KP_SVCNET4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svcnet4_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_svcnet_span);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svcnet_span_v1 SEC(".maps");
+
 /*
  * Per-CPU room for structures too large for the 512-byte stack on the deepest path (kp_from_netdev
  * forwarding a new SNATed flow: the verifier adds the TCP option walk's frame to it). Not pinned:
@@ -89,6 +116,7 @@ struct {
  */
 struct kp_scratch {
 	struct bpf_fib_lookup fib;  /* kp_lb4_xlate's route lookup */
+	__u32 frag;                 /* enum kp_frag of the packet being handled (lib/parse.h) */
 };
 
 struct {

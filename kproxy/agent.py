@@ -117,6 +117,7 @@ class Agent:
             self.maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.lan_mtu,
+            external_cluster_ip=cfg.external_cluster_ip,
         )  # fmt: skip
 
     @property
@@ -272,6 +273,9 @@ class Agent:
             await asyncio.sleep(0.001)
             store.event.clear()
             if not store.dirty_count:
+                # the service address space alone (a ServiceCIDR object) needs no Service translated
+                if store.service_cidrs_version != self.syncer.svcnet.cidrs_version:
+                    self.syncer.svcnet.sync(store)
                 continue
             t0 = time.monotonic()
             report = sync_dirty(store, self.syncer, tcfg)
@@ -420,6 +424,8 @@ class Agent:
             _ = self.node_ip
             self.setup_dataplane()
             self.store = ClusterStore(NodeInfo(name=self.cfg.node_name, addresses=tuple(self.cfg.node_ips)))
+            if self.cfg.service_cidrs:
+                self.store.set_service_cidrs("flag", self.cfg.service_cidrs)
             await self.start_servers()
             tasks = {
                 asyncio.create_task(self._guard("pod follower", self.follow_pods)),

@@ -245,6 +245,16 @@ def _bpffs_ok(bpffs: str, hint: str) -> None:
     help="Only node addresses in these CIDRs accept NodePort traffic (default: all node addresses).",
 )  # fmt: skip
 @click.option(
+    "--service-cidr", "service_cidrs", multiple=True, metavar="CIDR[,CIDR]",
+    help="The cluster's service CIDRs (the API server's --service-cluster-ip-range), added to those of "
+    "ServiceCIDR objects: packets to addresses no Service has there are dropped, as kube-proxy does.",
+)  # fmt: skip
+@click.option(
+    "--external-cluster-ip/--no-external-cluster-ip", default=True, show_default=True,
+    help="Serve ClusterIPs to clients outside the node whose packets are routed to it (a service CIDR "
+    "advertised by BGP, a static route), as kube-proxy does; off: such packets are dropped.",
+)  # fmt: skip
+@click.option(
     "--metrics-bind-address", default="127.0.0.1:10249", show_default=True, metavar="ADDR:PORT",
     help="Where /metrics (Prometheus) is served.",
 )  # fmt: skip
@@ -303,6 +313,8 @@ def agent(
     namespace: str,
     configmap: str,
     nodeport_addresses: tuple[str, ...],
+    service_cidrs: tuple[str, ...],
+    external_cluster_ip: bool,
     metrics_bind_address: str,
     health_bind_address: str,
     dsr_mode: str,
@@ -352,6 +364,8 @@ def agent(
                 "kubeconfig": kubeconfig,
                 "settings_configmap": _configmap_ref(namespace, configmap),
                 "nodeport_addresses": _split_list(nodeport_addresses),
+                "service_cidrs": _split_list(service_cidrs),
+                "external_cluster_ip": external_cluster_ip,
                 "metrics_bind": metrics_bind_address,
                 "health_bind": health_bind_address,
                 "dsr_mode": dsr_mode,

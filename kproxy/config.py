@@ -72,6 +72,8 @@ class AgentConfig(BaseModel):
     bpffs: str = DEFAULT_BPFFS
     source: str = "kubernetes"
     nodeport_addresses: list[str] = Field(default_factory=list)
+    service_cidrs: list[str] = Field(default_factory=list)
+    external_cluster_ip: bool = True
     map_sizes: dict[str, int] = Field(default_factory=dict)
     conntrack: ConntrackTimeouts = Field(default_factory=ConntrackTimeouts)
     metrics_bind: str = "127.0.0.1:10249"
@@ -132,6 +134,16 @@ class AgentConfig(BaseModel):
                 raise ValueError(
                     f"--nodeport-addresses entry {cidr!r} is not a CIDR (e.g. 10.0.0.0/8)"
                 ) from None
+        return v
+
+    @field_validator("service_cidrs")
+    @classmethod
+    def _service_cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"--service-cidr entry {cidr!r} is not a CIDR (e.g. 10.96.0.0/12)") from None
         return v
 
     @field_validator("map_sizes")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kproxy.model import EndpointSlice, ModelError, NodeInfo, Service, parse_endpoint_slice, parse_service
+from kproxy.translate import skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class ClusterStore:
         # ServiceCIDR objects ("ServiceCIDR/<name>") and the --service-cidr flag ("flag").
         self._service_cidrs: dict[str, tuple[str, ...]] = {}
         self.service_cidrs_version = 0  # bumped on every change
+        # IPv4 ClusterIP -> number of served Services on it; addresses whose count changed since
+        # sync last took them (take_cluster_ips_changed)
+        self.cluster_ips: Counter[str] = Counter()
+        self.cluster_ips_changed: set[str] = set()
 
     # ---- waking the sync task ----
     @property
@@ -177,18 +182,40 @@ class ClusterStore:
 
     def _put_service(self, svc: Service) -> None:
         key = svc.key
-        if self.services.get(key) == svc:
+        old = self.services.get(key)
+        if old == svc:
             return
         self.services[key] = svc
         self.last_error.pop(f"Service {key}", None)
+        self._count_cluster_ips(old, -1)
+        self._count_cluster_ips(svc, 1)
         self._mark(key)
 
     def delete_service(self, namespace: str, name: str) -> bool:
         key = f"{namespace}/{name}"
-        if self.services.pop(key, None) is None:
+        old = self.services.pop(key, None)
+        if old is None:
             return False
+        self._count_cluster_ips(old, -1)
         self._mark(key)
         return True
+
+    def _count_cluster_ips(self, svc: Service | None, delta: int) -> None:
+        """Keep cluster_ips (IPv4 ClusterIP -> Services kproxy serves on it) and note what changed."""
+        if svc is None or not svc.spec.ports or skip_reason(svc) is not None:
+            return
+        spec = svc.spec
+        ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
+        counts = self.cluster_ips
+        for ip in ips:
+            if "." not in ip or ":" in ip:
+                continue
+            n = counts[ip] + delta
+            if n > 0:
+                counts[ip] = n
+            else:
+                del counts[ip]
+            self.cluster_ips_changed.add(ip)
 
     # ---- EndpointSlices ----
     def upsert_slice(self, raw: Any, origin: str | None = None) -> bool:
@@ -310,10 +337,42 @@ class ClusterStore:
         self.service_cidrs_version += 1
         self._wake()
 
+    def upsert_service_cidr(self, raw: Any, origin: str | None = None) -> str | None:
+        """A ServiceCIDR object (networking.k8s.io/v1): record its spec.cidrs. Returns its name, or None
+        if it was invalid (logged naming it, counted; its previous version is kept)."""
+        meta = raw.get("metadata") if isinstance(raw, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        spec = raw.get("spec") if isinstance(raw, dict) else None
+        cidrs = spec.get("cidrs") if isinstance(spec, dict) else None
+        where = f" in {origin}" if origin else ""
+        problem = reason = None
+        if not isinstance(name, str) or not name:
+            problem, reason = "no metadata.name", "missing_name"
+        elif not isinstance(spec, dict):
+            problem, reason = "it has no spec", "missing_spec"
+        elif not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
+            problem, reason = "spec.cidrs is not a list of CIDRs", "invalid_cidrs"
+        else:
+            try:
+                self.set_service_cidrs(f"ServiceCIDR/{name}", cidrs)
+            except ValueError:
+                bad = next(c for c in cidrs if not _is_cidr(c))
+                problem, reason = f"spec.cidrs entry {bad!r} is not a CIDR", "invalid_cidr"
+        if problem is not None:
+            # the same reasons as the Kubernetes source's (kproxy.sources.kube)
+            self.skipped[("ServiceCIDR", reason or "invalid")] += 1
+            log.warning("ServiceCIDR %s%s skipped: %s", name or "?", where, problem)
+            return None
+        return name  # type: ignore[no-any-return]
+
     def delete_service_cidrs(self, owner: str) -> None:
         if self._service_cidrs.pop(owner, None) is not None:
             self.service_cidrs_version += 1
             self._wake()
+
+    def take_cluster_ips_changed(self) -> set[str]:
+        changed, self.cluster_ips_changed = self.cluster_ips_changed, set()
+        return changed
 
     @property
     def service_cidrs(self) -> list[str]:
@@ -354,6 +413,14 @@ class ClusterStore:
                 len(self.slices),
             )
         self._wake()
+
+
+def _is_cidr(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_key(raw: Any) -> str:

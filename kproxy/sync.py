@@ -43,6 +43,7 @@ from kproxy.bpf.mapapi import MapFullError, MapOps
 from kproxy.lbsrc import SourceRangeSync, Staged
 from kproxy.model import BackendRef, Frontend
 from kproxy.store import ClusterStore, gc_paused, trim_heap
+from kproxy.svcnet import ServiceSpaceSync
 from kproxy.translate import TranslateConfig, TranslateError, translate_service
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class MapSet(Protocol):
     ct4: MapOps[Any, Any]
     aff4: MapOps[Any, Any]
     lbsrc4: MapOps[Any, Any]
+    svcnet4: MapOps[Any, Any]
+    svcnet_span: MapOps[Any, Any]
 
     def read_config(self) -> abi.Config: ...
 
@@ -295,6 +298,7 @@ class Syncer:
         self._next_svc = 1
         self._svc4_entries = 0
         self._lbsrc = SourceRangeSync(maps.lbsrc4)
+        self.svcnet = ServiceSpaceSync(maps.svcnet4, maps.svcnet_span)
         # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
         # node the table does not list (yet)
         self.node_addrs: dict[str, int] = {}
@@ -401,6 +405,7 @@ class Syncer:
             self._be_vals[bid] += _REF1
         self._services[ORPHANS] = orphans
         self._lbsrc.adopt(fe.svc_id for fe in orphans.frontends.values())
+        self.svcnet.adopt()
         for _k, v in self.maps.ct4.items():
             max_be = max(max_be, v.backend_id)
             max_svc = max(max_svc, v.svc_id)
@@ -945,6 +950,7 @@ def write_config(
     snat_port_min: int = 0,
     snat_port_max: int = 0,
     lan_mtu: int = 0,
+    external_cluster_ip: bool = True,
 ) -> bool:
     """Write kp_cfg_v1 whole from these settings (0 / None = the datapath default); nothing of the
     previous contents is kept. Return whether it changed."""
@@ -961,6 +967,7 @@ def write_config(
     cfg.snat_port_min = snat_port_min
     cfg.snat_port_max = snat_port_max
     cfg.lan_mtu = lan_mtu
+    cfg.flags = 0 if external_cluster_ip else int(abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP)
     if bytes(maps.read_config()) == bytes(cfg):
         return False
     maps.write_config(cfg)
@@ -1023,6 +1030,8 @@ def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full:
     dirty = store.take_dirty_with_times()
     keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
     report = syncer.apply(_Translated(store, keys, cfg), full=full)
+    # after the frontends: a packet to a new frontend finds it before its ClusterIP's REJECT entry
+    syncer.svcnet.sync(store, full=full)
     report.first_change = dirty
     if report.retry:
         store.mark_dirty(report.retry)

@@ -38,6 +38,8 @@ struct kp_ip_word0 {
 /* Does this packet need the option: every UDP datagram, every TCP SYN (not SYN-ACK). */
 static __always_inline int kp_dsr_wants_opt(const struct kp_pkt *p)
 {
+	if (kp_frag_get())
+		return 0;   /* a fragment is full-sized: no room; its flow is tracked on the backend node already */
 	if (p->proto == IPPROTO_UDP)
 		return 1;
 	return (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN;

@@ -25,7 +25,7 @@
 
 enum kp_origin {
 	KP_ORIGIN_POD = 0,     /* packet from a local pod: INT scope for TWO_SCOPES services */
-	KP_ORIGIN_NETDEV = 1,  /* packet from outside: EXT scope, typed frontends only */
+	KP_ORIGIN_NETDEV = 1,  /* packet from outside: EXT scope (kp_from_netdev decides about ClusterIPs) */
 };
 
 /* Slot 0 of the frontend the packet is addressed to, or NULL. *key is left at that slot-0 key. */
@@ -45,7 +45,7 @@ static __always_inline struct kp_svc4_val *kp_svc_lookup(const struct kp_pkt *p,
 	if (!svc)
 		return NULL;
 	if (origin == KP_ORIGIN_NETDEV)
-		return (svc->flags & KP_SVC_F_TYPED) ? svc : NULL;
+		return svc;
 	if (svc->flags & KP_SVC_F_TWO_SCOPES) {
 		key->scope = KP_SCOPE_INT;
 		svc_int = bpf_map_lookup_elem(&kp_svc4_v1, key);
@@ -122,8 +122,8 @@ static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp
 	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table):
 	 * that node's kproxy must take the flow. Any other backend is SNATed, which works wherever it runs,
 	 * this node included (kp_from_pod translates the replies). */
-	if (!be->node_addr)
-		return KP_CT_F_SNAT;
+	if (!be->node_addr || kp_frag_get())
+		return KP_CT_F_SNAT;   /* a flow that starts fragmented: no room for DSR's bytes either */
 	if (cfg->dsr_mode == KP_DSR_OPT)
 		return KP_CT_F_DSR_OPT;
 	if (cfg->dsr_mode == KP_DSR_IPIP)

@@ -38,6 +38,14 @@ static __always_inline int kp_nat4(struct __sk_buff *skb, const struct kp_pkt *p
 	__u32 csum_off = kp_l4_csum_off(p);
 	__u64 l4_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
+	if (kp_frag_get() == KP_FRAG_LATER) {
+		/* No L4 header here: the first fragment's checksum covers the datagram and was updated. */
+		if (old_addr != new_addr &&
+		    (bpf_l3_csum_replace(skb, KP_IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+		     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
+			return -1;
+		return 0;
+	}
 	if (old_addr != new_addr) {
 		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
 					l4_flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))

@@ -16,6 +16,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "maps.h"
 
 #define KP_IP_OFF        ETH_HLEN                         /* IPv4 header right after Ethernet */
 #define KP_IP_CSUM_OFF   (KP_IP_OFF + offsetof(struct iphdr, check))
@@ -50,8 +51,8 @@ struct kp_icmphdr {
 
 enum kp_parse_result {
 	KP_PARSE_PASS = 0,   /* not ours: non-IPv4, truncated, other protocol */
-	KP_PARSE_FRAG = 1,   /* IPv4 fragment: never translated */
-	KP_PARSE_L4 = 2,     /* TCP or UDP, ports valid */
+	KP_PARSE_FRAG = 1,   /* IPv4 fragment whose datagram's ports are unknown: passed untouched */
+	KP_PARSE_L4 = 2,     /* TCP or UDP, ports valid (of the datagram, for a later fragment) */
 	KP_PARSE_ICMP = 3,   /* ICMP, type/code valid */
 	KP_PARSE_IPIP = 4,   /* IPv4-in-IPv4 (DSR dispatch), outer header fields valid */
 };
@@ -75,12 +76,58 @@ struct kp_pkt {
 	__u16  tot_len;    /* HBO IPv4 total length, 0 for BIG TCP GSO packets */
 };
 
+/*
+ * Whether the packet being handled is a fragment. Kept in the per-CPU scratch map, not in struct
+ * kp_pkt: the verifier would follow every path of the programs once per value, which the largest
+ * (kp_from_netdev) cannot afford; read from a map value it is unknown wherever it is tested.
+ */
+enum kp_frag {
+	KP_FRAG_NONE = 0,   /* a whole datagram */
+	KP_FRAG_FIRST = 1,  /* first fragment: has the L4 header */
+	KP_FRAG_LATER = 2,  /* later fragment: no L4 header; ports and flags from kp_frag4_v1, tcp_flags 0 */
+};
+
+static __always_inline void kp_frag_set(__u32 frag)
+{
+	__u32 zero = 0;
+	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
+
+	if (s)
+		s->frag = frag;
+}
+
+static __always_inline __u32 kp_frag_get(void)
+{
+	__u32 zero = 0;
+	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
+
+	return s ? s->frag : KP_FRAG_NONE;
+}
+
+static __always_inline void kp_frag_key(struct kp_frag4_key *k, const struct iphdr *ip)
+{
+	k->saddr = ip->saddr;
+	k->daddr = ip->daddr;
+	k->id = ip->id;
+	k->proto = ip->protocol;
+	k->pad = 0;
+}
+
+static __always_inline void kp_frag_record(const struct iphdr *ip, const struct kp_pkt *p)
+{
+	struct kp_frag4_key k;
+	struct kp_frag4_val v = { .sport = p->sport, .dport = p->dport };
+
+	kp_frag_key(&k, ip);
+	bpf_map_update_elem(&kp_frag4_v1, &k, &v, BPF_ANY);
+}
+
 static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 {
 	void *data, *data_end, *l4;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-	__u32 ip_hlen, tot_len;
+	__u32 ip_hlen, tot_len, frag = KP_FRAG_NONE;
 
 	/* GRO and frag_list skbs may carry headers outside the linear area; bring them in once. */
 	if (skb->data_end - skb->data < KP_PULL_LEN && skb->len > skb->data_end - skb->data)
@@ -98,8 +145,12 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 		return KP_PARSE_PASS;
 	if (ip->version != 4 || ip->ihl < 5)
 		return KP_PARSE_PASS;
-	if (ip->frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET))
-		return KP_PARSE_FRAG;
+	if (ip->frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET)) {
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return KP_PARSE_FRAG;
+		frag = (ip->frag_off & bpf_htons(KP_IP_OFFSET)) ? KP_FRAG_LATER : KP_FRAG_FIRST;
+	}
+	kp_frag_set(frag);
 
 	ip_hlen = ip->ihl * 4;
 	tot_len = bpf_ntohs(ip->tot_len);
@@ -124,6 +175,19 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 	p->tot_len = tot_len;
 	l4 = (void *)ip + ip_hlen;
 
+	if (frag == KP_FRAG_LATER) {
+		struct kp_frag4_key fk;
+		struct kp_frag4_val *fv;
+
+		kp_frag_key(&fk, ip);
+		fv = bpf_map_lookup_elem(&kp_frag4_v1, &fk);
+		if (!fv)
+			return KP_PARSE_FRAG;
+		p->sport = fv->sport;
+		p->dport = fv->dport;
+		return KP_PARSE_L4;
+	}
+
 	switch (ip->protocol) {
 	case IPPROTO_TCP: {
 		struct tcphdr *tcp = l4;
@@ -135,6 +199,8 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->tcp_flags = ((__u8 *)tcp)[13];
+		if (frag == KP_FRAG_FIRST)
+			kp_frag_record(ip, p);
 		return KP_PARSE_L4;
 	}
 	case IPPROTO_UDP: {
@@ -146,6 +212,8 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 			return KP_PARSE_PASS;
 		p->sport = udp->source;
 		p->dport = udp->dest;
+		if (frag == KP_FRAG_FIRST)
+			kp_frag_record(ip, p);
 		return KP_PARSE_L4;
 	}
 	case IPPROTO_ICMP: {

@@ -20,7 +20,13 @@ MAP_CFG = "kp_cfg_v1"
 MAP_STATS = "kp_stats_v1"
 MAP_SNAT4 = "kp_snat4_v1"
 MAP_LBSRC4 = "kp_lbsrc4_v1"
-ALL_MAPS = (MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4)
+MAP_SVCNET4 = "kp_svcnet4_v1"
+MAP_SVCNET_SPAN = "kp_svcnet_span_v1"
+MAP_FRAG4 = "kp_frag4_v1"
+ALL_MAPS = (
+    MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
+    MAP_SVCNET_SPAN, MAP_FRAG4,
+)  # fmt: skip
 
 # ---- default capacities ----
 SVC4_MAX = 262144
@@ -29,6 +35,8 @@ CT4_MAX = 262144
 AFF4_MAX = 65536
 SNAT4_MAX = 262144
 LBSRC4_MAX = 65536
+SVCNET4_MAX = 65536
+FRAG4_MAX = 16384
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -79,6 +87,15 @@ class CtFlag(enum.IntFlag):
     DSR_IPIP = 0x20
     HAIRPIN = 0x40
     TW_TS = 0x80
+
+
+class ConfigFlag(enum.IntFlag):
+    NO_EXTERNAL_CLUSTER_IP = 0x1  # drop packets to ClusterIPs from outside the node
+
+
+class SvcnetAction(enum.IntEnum):
+    REJECT = 1  # a ClusterIP: ports and protocols it does not serve are answered port unreachable
+    DROP = 2  # a service CIDR: addresses not allocated are dropped
 
 
 class DsrMode(enum.IntEnum):
@@ -146,6 +163,11 @@ class Stat(enum.IntEnum):
     DROP_SOCK_NO_BACKEND = 38
     DROP_SOCK_REVNAT_FULL = 39
     DROP_TUPLE_HELD = 46
+    SVCNET_REJECT = 47
+    DROP_SVCNET = 48
+    DROP_CLUSTER_IP_EXTERNAL = 49
+    FRAG_FIRST = 50
+    FRAG_LATER = 51
 
 
 STAT_MAX = 64
@@ -286,6 +308,47 @@ class LbSrc4Val(ctypes.Structure):
 LBSRC4_SVC_BITS = 32
 
 
+class Svcnet4Key(ctypes.Structure):
+    """kp_svcnet4_v1 (LPM trie) key: a ClusterIP (/32) or a service CIDR."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),  # HBO
+        ("addr", ctypes.c_uint32),  # NBO network address
+    ]
+
+
+class Svcnet4Val(ctypes.Structure):
+    _fields_ = [
+        ("action", ctypes.c_uint32),  # HBO SvcnetAction
+    ]
+
+
+class Frag4Key(ctypes.Structure):
+    """kp_frag4_v1 key: one IPv4 datagram being fragmented."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),  # NBO
+        ("daddr", ctypes.c_uint32),  # NBO
+        ("id", ctypes.c_uint16),  # NBO IPv4 identification
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Frag4Val(ctypes.Structure):
+    _fields_ = [
+        ("sport", ctypes.c_uint16),  # NBO
+        ("dport", ctypes.c_uint16),  # NBO
+    ]
+
+
+class SvcnetSpan(ctypes.Structure):
+    _fields_ = [
+        ("lo", ctypes.c_uint32),  # HBO lowest address any entry covers; lo > hi: no entry
+        ("hi", ctypes.c_uint32),  # HBO highest
+    ]
+
+
 class DsrOpt(ctypes.Structure):
     """Wire format of the DSR IPv4 option (no map holds it, so it is not in BTF_NAMES)."""
 
@@ -318,6 +381,11 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_snat4_val": Snat4Val,
     "kp_lbsrc4_key": LbSrc4Key,
     "kp_lbsrc4_val": LbSrc4Val,
+    "kp_svcnet4_key": Svcnet4Key,
+    "kp_svcnet4_val": Svcnet4Val,
+    "kp_svcnet_span": SvcnetSpan,
+    "kp_frag4_key": Frag4Key,
+    "kp_frag4_val": Frag4Val,
     "kp_counter": Counter,
 }
 

@@ -106,6 +106,7 @@ class MemoryMapSet:
         ct4_max: int | None = None,
         aff4_max: int | None = None,
         lbsrc4_max: int | None = None,
+        svcnet4_max: int | None = None,
     ) -> None:
         self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
             abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
@@ -125,6 +126,12 @@ class MemoryMapSet:
         # LPM trie in the kernel; sync only puts, deletes and lists exact keys, as with a hash map
         self.lbsrc4: MemoryMap[abi.LbSrc4Key, abi.LbSrc4Val] = MemoryMap(
             abi.MAP_LBSRC4, abi.LbSrc4Key, abi.LbSrc4Val, lbsrc4_max or abi.LBSRC4_MAX
+        )
+        self.svcnet4: MemoryMap[abi.Svcnet4Key, abi.Svcnet4Val] = MemoryMap(
+            abi.MAP_SVCNET4, abi.Svcnet4Key, abi.Svcnet4Val, svcnet4_max or abi.SVCNET4_MAX
+        )
+        self.svcnet_span: MemoryMap[ctypes.c_uint32, abi.SvcnetSpan] = MemoryMap(
+            abi.MAP_SVCNET_SPAN, ctypes.c_uint32, abi.SvcnetSpan, 1
         )
 
     def read_config(self) -> abi.Config:

@@ -304,6 +304,9 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_STATS: ("stats", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
     abi.MAP_SNAT4: ("snat4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat4Key, abi.Snat4Val),
     abi.MAP_LBSRC4: ("lbsrc4", BPF_MAP_TYPE_LPM_TRIE, abi.LbSrc4Key, abi.LbSrc4Val),
+    abi.MAP_SVCNET4: ("svcnet4", BPF_MAP_TYPE_LPM_TRIE, abi.Svcnet4Key, abi.Svcnet4Val),
+    abi.MAP_SVCNET_SPAN: ("svcnet_span", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.SvcnetSpan),
+    abi.MAP_FRAG4: ("frag4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Frag4Key, abi.Frag4Val),
 }
 
 
@@ -318,6 +321,9 @@ class KproxyMaps:
     stats: PerCpuArray[abi.Counter]
     snat4: PinnedMap[abi.Snat4Key, abi.Snat4Val]
     lbsrc4: PinnedMap[abi.LbSrc4Key, abi.LbSrc4Val]
+    svcnet4: PinnedMap[abi.Svcnet4Key, abi.Svcnet4Val]
+    svcnet_span: PinnedMap[ctypes.c_uint32, abi.SvcnetSpan]
+    frag4: PinnedMap[abi.Frag4Key, abi.Frag4Val]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

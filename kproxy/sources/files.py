@@ -7,8 +7,8 @@ place or removed is handled within a millisecond, and only that file is re-read)
 yet): a changed file is re-read, a removed file's objects are deleted. A file that cannot be parsed at
 all (for instance half-written) is logged and its previously read objects are kept; a malformed object
 is logged with its file and name by the store, counted and skipped, and everything else still applies.
-`kind: Node` objects go to the store's node table (every node's address, for DSR). Other kinds are
-ignored.
+`kind: Node` objects go to the store's node table (every node's address, for DSR), `kind: ServiceCIDR`
+objects (networking.k8s.io/v1) to the service address space. Other kinds are ignored.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from kproxy.store import ClusterStore, gc_paused, parse_key
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
-KINDS = ("Service", "EndpointSlice", "Node")
+KINDS = ("Service", "EndpointSlice", "Node", "ServiceCIDR")
 POLL_INTERVAL = 0.2  # without inotify
 SAFETY_POLL_INTERVAL = 2.0  # with inotify: a rescan that catches anything inotify could not report
 CREATE_GRACE = 0.1  # a file that appeared without being written and closed (a link) is read after this
@@ -276,6 +276,11 @@ class FileSource:
                 key = self._upsert_node(obj, path)
                 if key is None:
                     continue
+            elif kind == "ServiceCIDR":
+                meta = obj.get("metadata")
+                name = meta.get("name") if isinstance(meta, dict) else None
+                self.store.upsert_service_cidr(obj, origin=path)
+                key = ("ServiceCIDR", name if isinstance(name, str) else "")
             else:
                 key = (kind, parse_key(obj))
                 if kind == "Service":
@@ -318,6 +323,9 @@ class FileSource:
             delete_node = getattr(self.store, "delete_node", None)
             if delete_node is not None:
                 delete_node(nsname)
+            return
+        if kind == "ServiceCIDR":
+            self.store.delete_service_cidrs(f"ServiceCIDR/{nsname}")
             return
         ns, _, name = nsname.partition("/")
         if kind == "Service":

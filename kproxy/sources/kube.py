@@ -9,8 +9,8 @@ timeout and chunked lists.
 kopf lacks three things a node proxy needs, and this module adds them:
 
 - Completeness. kopf never says "the initial listing is complete". KubeSource does its own paginated
-  LIST of Nodes, Services and EndpointSlices (plus the settings ConfigMap), feeds the store page by
-  page and calls `store.mark_initial_sync_done()` only after the last page.
+  LIST of Nodes, ServiceCIDRs, Services and EndpointSlices (plus the settings ConfigMap), feeds the
+  store page by page and calls `store.mark_initial_sync_done()` only after the last page.
 - Deletions during a gap. After a 410 Gone kopf re-lists and re-delivers every object but never
   reports the ones deleted meanwhile. KubeSource LISTs again whenever kopf re-lists (noticed as a
   second initial-listing event for the same object), after kopf restarts, and periodically; whatever
@@ -24,6 +24,14 @@ Nodes: this node's addresses and labels drive `store.set_node`; every node's nam
 zone go to the store's node table (`store.upsert_node`/`delete_node`, for the node address of remote
 backends). Node bodies are large (images, conditions): they are cut down to those fields in kopf's
 thread, before they cross to the agent's loop, and only the cut-down copy is ever kept.
+
+ServiceCIDRs (networking.k8s.io/v1, GA in Kubernetes 1.33) give the cluster's service address ranges
+(`store.set_service_cidrs("ServiceCIDR/<name>", spec.cidrs)`). An API server that does not serve them
+(404: before 1.33, or the API disabled) or an agent not allowed to list them (403) is no reason to stop:
+one warning, the last known ranges stay, and every later full LIST tries again. kopf only watches them
+while our LIST can: kopf skips a resource missing from discovery, but a forbidden one fails its watcher
+and with it every other watcher (kopf stops and the supervisor restarts it, again and again). So kopf's
+registry is built per run from what the last LIST found, and kopf is restarted once when that changes.
 
 Every object carries a resourceVersion; KubeSource keeps the last one applied per object and ignores
 anything not newer, so the LIST and the watch can race freely and re-listings cost no store work and
@@ -41,7 +49,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -61,6 +70,8 @@ TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 NODES = ("", "v1", "nodes")
 SERVICES = ("", "v1", "services")
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
+SERVICE_CIDRS = ("networking.k8s.io", "v1", "servicecidrs")
+CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 
 
 class Store(Protocol):
@@ -71,7 +82,11 @@ class Store(Protocol):
     def upsert_slice(self, raw: dict[str, Any], origin: str | None = None) -> Any: ...
     def delete_slice(self, namespace: str, name: str) -> Any: ...
     def set_node(self, node: NodeInfo) -> Any: ...
+    def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> Any: ...
+    def delete_service_cidrs(self, owner: str) -> Any: ...
     def mark_initial_sync_done(self) -> Any: ...
+
+    skipped: Counter[tuple[str, str]]  # (kind, reason) -> objects skipped as invalid
 
 
 class SourceMetrics(Protocol):
@@ -361,6 +376,39 @@ def _ns_name(raw: Mapping[str, Any]) -> tuple[str, str] | None:
     return (ns if isinstance(ns, str) and ns else "default", meta["name"])
 
 
+def _display(kind: str, ns: str, name: str) -> str:
+    return f"{kind} {name}" if kind in CLUSTER_SCOPED else f"{kind} {ns}/{name}"
+
+
+class InvalidServiceCIDR(ValueError):
+    """A ServiceCIDR kproxy cannot use; `reason` is the label it is counted under."""
+
+    def __init__(self, name: str, problem: str, reason: str) -> None:
+        super().__init__(
+            f"ServiceCIDR {name} skipped: {problem}; an earlier valid version of it stays in use"
+        )
+        self.reason = reason
+
+
+def service_cidr_owner(name: str) -> str:
+    """The owner under which the store keeps the ranges of ServiceCIDR NAME."""
+    return f"ServiceCIDR/{name}"
+
+
+def service_cidrs_of(raw: Mapping[str, Any], name: str) -> list[str]:
+    """spec.cidrs of a ServiceCIDR, checked for shape (the store checks each CIDR)."""
+    spec = raw.get("spec")
+    if not isinstance(spec, dict):
+        raise InvalidServiceCIDR(name, "it has no spec", "missing_spec")
+    cidrs = spec.get("cidrs")
+    if not isinstance(cidrs, list) or not cidrs or not all(isinstance(c, str) for c in cidrs):
+        shown = repr(cidrs)[:200]
+        raise InvalidServiceCIDR(
+            name, f"spec.cidrs must be a list of 1 or 2 CIDRs, not {shown}", "invalid_cidrs"
+        )
+    return cidrs
+
+
 def node_info(raw: Mapping[str, Any]) -> NodeInfo:
     meta = raw.get("metadata") or {}
     labels = {k: v for k, v in (meta.get("labels") or {}).items() if isinstance(v, str)}
@@ -422,7 +470,8 @@ class KubeSource:
     """Feeds the store from the Kubernetes API. `await run()` until cancelled (or `await stop()`).
 
     store: the ClusterStore (upsert_service/delete_service/upsert_slice/delete_slice/set_node/
-        mark_initial_sync_done), only ever called from the loop that runs `run()`.
+        set_service_cidrs/delete_service_cidrs/mark_initial_sync_done), only ever called from the loop
+        that runs `run()`.
     config: a KubeSourceConfig or an agent config with the same attribute names.
     on_settings: called with the settings ConfigMap's `data` (an empty dict when it is deleted)
         whenever it changes, e.g. {"dsr-mode": "ipip"}.
@@ -470,6 +519,13 @@ class KubeSource:
         self._stop_kopf = threading.Event()
         self._kopf_stopper: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
         self._kopf_thread: threading.Thread | None = None
+        # Set to restart kopf with a registry built anew (what it watches changed); no backoff.
+        self._reload_kopf = threading.Event()
+        # Whether the registry of kopf's current run watches ServiceCIDRs (written by kopf's thread).
+        self.kopf_watches_service_cidrs = False
+        # Whether the API server lets us list ServiceCIDRs (None: not tried yet); why not, if not.
+        self.service_cidrs_available: bool | None = None
+        self._service_cidrs_problem: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.initial_sync_done = asyncio.Event()
         self.kopf_runs = 0
@@ -509,9 +565,10 @@ class KubeSource:
 
     # ---- kopf (its own thread and event loop) ----
     def _kopf_thread_main(self, info: kopf.ConnectionInfo) -> None:
-        registry = self._registry(info)
         backoff = self.cfg.kopf_restart_delay
         while not self._stop_kopf.is_set():
+            self._reload_kopf.clear()
+            registry = self._registry(info)  # per run: what it watches follows the last LIST
             self.kopf_runs += 1
             started = time.monotonic()
             try:
@@ -519,13 +576,22 @@ class KubeSource:
             except BaseException as e:  # noqa: BLE001 - any kopf failure means: restart it
                 if self._stop_kopf.is_set():
                     break
-                log.warning(
-                    "kopf stopped (%s: %s); restarting it, the dataplane keeps its state", type(e).__name__, e
-                )
+                if not self._reload_kopf.is_set():
+                    log.warning(
+                        "kopf stopped (%s: %s); restarting it, the dataplane keeps its state",
+                        type(e).__name__,
+                        e,
+                    )
             else:
                 if self._stop_kopf.is_set():
                     break
-                log.warning("kopf exited unexpectedly; restarting it, the dataplane keeps its state")
+                if not self._reload_kopf.is_set():
+                    log.warning("kopf exited unexpectedly; restarting it, the dataplane keeps its state")
+            if self._reload_kopf.is_set():
+                # Stopped on purpose to watch a different set of resources: back at once. Its listing
+                # delivers what changed meanwhile; the LIST after it, what was deleted.
+                self._request_resync_threadsafe("kopf reloaded")
+                continue
             if self.metrics is not None:
                 self.metrics.source_restart()
             # A restarted kopf re-lists; deletions during its absence need our own LIST.
@@ -541,7 +607,7 @@ class KubeSource:
         task = asyncio.current_task()
         assert task is not None
         self._kopf_stopper = (loop, task)
-        if self._stop_kopf.is_set():
+        if self._stop_kopf.is_set() or self._reload_kopf.is_set():
             return
         try:
             # Stopped by cancelling this task: kopf then cancels its own tasks at once instead of
@@ -558,6 +624,15 @@ class KubeSource:
 
     def _stop_kopf_now(self) -> None:
         self._stop_kopf.set()
+        self._cancel_kopf_run()
+
+    def _reload_kopf_now(self) -> None:
+        """Restart kopf with a new registry (its thread builds one before every run)."""
+        self._reload_kopf.set()
+        self._cancel_kopf_run()
+
+    def _cancel_kopf_run(self) -> None:
+        # Without a run in progress, the next one checks the flags as soon as it has a stopper.
         stopper = self._kopf_stopper
         if stopper is not None:
             with contextlib.suppress(RuntimeError):  # its loop just closed
@@ -589,6 +664,15 @@ class KubeSource:
             async def on_configmap(event: Any, **_: Any) -> None:
                 post("ConfigMap", event)
 
+        # Only when our LIST could read them: a forbidden resource fails kopf's watcher, and kopf with it.
+        watch_cidrs = self.service_cidrs_available is True
+        if watch_cidrs:
+
+            @kopf.on.event(*SERVICE_CIDRS, registry=registry)
+            async def on_service_cidr(event: Any, **_: Any) -> None:
+                post("ServiceCIDR", event)
+
+        self.kopf_watches_service_cidrs = watch_cidrs
         return registry
 
     def _post_threadsafe(self, kind: str, event: dict[str, Any]) -> None:
@@ -651,24 +735,31 @@ class KubeSource:
         self._seen[key] = rv
         self._tombstones.pop(key, None)
         kind, ns, name = key
+        detail = ""
         try:
             if kind == "Service":
                 self.store.upsert_service(raw, origin="kubernetes")
             elif kind == "Node":
                 self.store.upsert_node(raw, origin="kubernetes")  # type: ignore[attr-defined]
+            elif kind == "ServiceCIDR":
+                cidrs = service_cidrs_of(raw, name)
+                try:
+                    self.store.set_service_cidrs(service_cidr_owner(name), cidrs)
+                except ValueError as e:
+                    raise InvalidServiceCIDR(name, f"spec.cidrs {cidrs}: {e}", "invalid_cidr") from e
+                detail = ": " + ", ".join(cidrs)
             else:
                 self.store.upsert_slice(raw, origin="kubernetes")
+        except InvalidServiceCIDR as e:  # the store only raises: count it as it counts the others
+            log.warning("%s", e)
+            self.store.skipped[(kind, e.reason)] += 1
+            return True
         except ValueError as e:  # kproxy.model.ModelError and friends: the store names the problem
             log.warning("%s", e)
             self._count_skipped(kind, getattr(e, "reason", "invalid"))
             return True
         if not quiet:
-            log.info(
-                "%s %s %s",
-                kind,
-                name if kind == "Node" else f"{ns}/{name}",
-                "updated" if existed else "added",
-            )
+            log.info("%s %s%s", _display(kind, ns, name), "updated" if existed else "added", detail)
         return True
 
     def _apply_delete(self, key: tuple[str, str, str], rv: int | None, quiet: bool) -> None:
@@ -685,10 +776,12 @@ class KubeSource:
             self.store.delete_service(ns, name)
         elif kind == "Node":
             self.store.delete_node(name)  # type: ignore[attr-defined]
+        elif kind == "ServiceCIDR":
+            self.store.delete_service_cidrs(service_cidr_owner(name))
         else:
             self.store.delete_slice(ns, name)
         if not quiet:
-            log.info("%s %s deleted", kind, name if kind == "Node" else f"{ns}/{name}")
+            log.info("%s deleted", _display(kind, ns, name))
 
     def _apply_node(self, raw: dict[str, Any], deleted: bool) -> None:
         if deleted:
@@ -775,10 +868,13 @@ class KubeSource:
             self.store.mark_initial_sync_done()
             self.initial_sync_done.set()
             log.info(
-                "initial listing complete in %.2f s: %d Services, %d EndpointSlices",
+                "initial listing complete in %.2f s: %d Services, %d EndpointSlices, %s",
                 took,
                 sum(1 for k in self._seen if k[0] == "Service"),
                 sum(1 for k in self._seen if k[0] == "EndpointSlice"),
+                f"{sum(1 for k in self._seen if k[0] == 'ServiceCIDR')} ServiceCIDRs"
+                if self.service_cidrs_available
+                else "no ServiceCIDRs (see above)",
             )
         elif added or deleted:
             log.info(
@@ -797,48 +893,113 @@ class KubeSource:
             self._apply_settings((cm or {}).get("data") or {})
         changed = deleted = 0
         quiet = not self.initial_sync_done.is_set()
-        this_node_found = False
-        for kind, (group, version, plural) in (
+        for kind, gvr in (
             ("Node", NODES),
+            ("ServiceCIDR", SERVICE_CIDRS),
             ("Service", SERVICES),
             ("EndpointSlice", SLICES),
         ):
-            base = f"/api/{version}/{plural}" if not group else f"/apis/{group}/{version}/{plural}"
-            listed: set[tuple[str, str, str]] = set()
-            list_rv: int | None = None
-            async for items, rv in self._pages(session, base):
-                list_rv = rv if list_rv is None else list_rv
-                for raw in items:
-                    ident = _ns_name(raw) if isinstance(raw, dict) else None
-                    if ident is None:
-                        continue
-                    if kind == "Node":
-                        raw = slim_node(raw, self.cfg.node_name)
-                        if ident[1] == self.cfg.node_name:
-                            this_node_found = True
-                            self._apply_node(raw, deleted=False)
-                    key = (kind, ident[0], ident[1])
-                    listed.add(key)
-                    if self._apply_upsert(key, raw, quiet=quiet):
-                        changed += 1
-                del items  # the page's raw bodies: only the compact model is kept
-                await asyncio.sleep(0)  # let watch events in between pages
-            if kind == "Node" and not this_node_found:
-                log.warning(
-                    "node %s not found in the API: NodePorts and local endpoints wait for it",
-                    self.cfg.node_name,
-                )
-            for key, seen_rv in list(self._seen.items()):
-                if key[0] != kind or key in listed:
-                    continue
-                if list_rv is not None and seen_rv is not None and seen_rv > list_rv:
-                    continue  # created after the LIST's snapshot
-                self._apply_delete(key, list_rv, quiet=quiet)
-                deleted += 1
-            for key, gone_rv in list(self._tombstones.items()):
-                if key[0] == kind and list_rv is not None and gone_rv <= list_rv:
-                    del self._tombstones[key]
+            try:
+                kind_changed, kind_deleted = await self._list_kind(session, kind, gvr, quiet)
+            except _ApiError as e:
+                if kind != "ServiceCIDR" or e.status not in (403, 404):
+                    raise
+                self._service_cidrs_unavailable(e.status)
+                continue
+            if kind == "ServiceCIDR":
+                self._service_cidrs_listed()
+            changed += kind_changed
+            deleted += kind_deleted
         return changed, deleted
+
+    async def _list_kind(
+        self, session: aiohttp.ClientSession, kind: str, gvr: tuple[str, str, str], quiet: bool
+    ) -> tuple[int, int]:
+        """LIST every object of KIND into the store; delete what we hold that the LIST does not have."""
+        group, version, plural = gvr
+        base = f"/api/{version}/{plural}" if not group else f"/apis/{group}/{version}/{plural}"
+        changed = deleted = 0
+        this_node_found = False
+        listed: set[tuple[str, str, str]] = set()
+        list_rv: int | None = None
+        async for items, rv in self._pages(session, base):
+            list_rv = rv if list_rv is None else list_rv
+            for raw in items:
+                ident = _ns_name(raw) if isinstance(raw, dict) else None
+                if ident is None:
+                    continue
+                if kind == "Node":
+                    raw = slim_node(raw, self.cfg.node_name)
+                    if ident[1] == self.cfg.node_name:
+                        this_node_found = True
+                        self._apply_node(raw, deleted=False)
+                key = (kind, ident[0], ident[1])
+                listed.add(key)
+                if self._apply_upsert(key, raw, quiet=quiet):
+                    changed += 1
+            del items  # the page's raw bodies: only the compact model is kept
+            await asyncio.sleep(0)  # let watch events in between pages
+        if kind == "Node" and not this_node_found:
+            log.warning(
+                "node %s not found in the API: NodePorts and local endpoints wait for it",
+                self.cfg.node_name,
+            )
+        for key, seen_rv in list(self._seen.items()):
+            if key[0] != kind or key in listed:
+                continue
+            if list_rv is not None and seen_rv is not None and seen_rv > list_rv:
+                continue  # created after the LIST's snapshot
+            self._apply_delete(key, list_rv, quiet=quiet)
+            deleted += 1
+        for key, gone_rv in list(self._tombstones.items()):
+            if key[0] == kind and list_rv is not None and gone_rv <= list_rv:
+                del self._tombstones[key]
+        return changed, deleted
+
+    def _service_cidrs_unavailable(self, status: int | None) -> None:
+        """ServiceCIDRs cannot be listed: say so once, keep what we know, go on with the rest."""
+        if status == 404:
+            problem = (
+                "this API server does not serve ServiceCIDRs (networking.k8s.io/v1 servicecidrs, HTTP 404: "
+                "Kubernetes before 1.33, or the API is disabled)"
+            )
+        else:
+            problem = (
+                "listing ServiceCIDRs (networking.k8s.io/v1 servicecidrs) is forbidden (HTTP 403): give the "
+                "agent's ClusterRole list and watch on them (the Helm chart's does)"
+            )
+        known = sum(1 for k in self._seen if k[0] == "ServiceCIDR")
+        if problem != self._service_cidrs_problem:
+            log.warning(
+                "%s; going on %s, and trying again at every full listing",
+                problem,
+                f"with the service CIDRs of the {known} ServiceCIDRs listed before"
+                if known
+                else "without the cluster's service CIDRs",
+            )
+        else:
+            log.debug("ServiceCIDRs still unavailable: %s", problem)
+        self._service_cidrs_problem = problem
+        self.service_cidrs_available = False
+        self._sync_kopf_watches()
+
+    def _service_cidrs_listed(self) -> None:
+        if self._service_cidrs_problem is not None:
+            log.info("ServiceCIDRs can be listed now: watching them from now on")
+        self._service_cidrs_problem = None
+        self.service_cidrs_available = True
+        self._sync_kopf_watches()
+
+    def _sync_kopf_watches(self) -> None:
+        """Restart a running kopf whose registry does not match what can be watched now."""
+        if self._kopf_thread is None or self._reload_kopf.is_set():
+            return  # its next run builds its registry from what the LIST just found
+        if self.kopf_watches_service_cidrs != (self.service_cidrs_available is True):
+            log.info(
+                "restarting kopf to %s ServiceCIDRs",
+                "watch" if self.service_cidrs_available else "stop watching",
+            )
+            self._reload_kopf_now()
 
     async def _get(self, session: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
         assert self._connection is not None
@@ -862,7 +1023,8 @@ class KubeSource:
                 if resp.status == 410 and token:
                     raise _ApiError(f"LIST {path}: continue token expired (410), listing again")
                 if resp.status >= 400:
-                    raise _ApiError(f"LIST {path}: HTTP {resp.status} {(await resp.text())[:200]}")
+                    text = (await resp.text())[:200]
+                    raise _ApiError(f"LIST {path}: HTTP {resp.status} {text}", status=resp.status)
                 body = await resp.json()
             meta = body.get("metadata") or {}
             try:
@@ -876,4 +1038,6 @@ class KubeSource:
 
 
 class _ApiError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the API server answered

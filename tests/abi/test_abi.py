@@ -35,12 +35,16 @@ MAP_DEFAULTS = {
     abi.MAP_STATS: (abi.STAT_MAX, 0),
     abi.MAP_SNAT4: (abi.SNAT4_MAX, 0),
     abi.MAP_LBSRC4: (abi.LBSRC4_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_SVCNET4: (abi.SVCNET4_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_SVCNET_SPAN: (1, 0),
+    abi.MAP_FRAG4: (abi.FRAG4_MAX, 0),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,
     "kp_ct_dir": abi.CtDir,
     "kp_ct_state": abi.CtState,
     "kp_dsr_mode": abi.DsrMode,
+    "kp_svcnet_action": abi.SvcnetAction,
 }
 
 
@@ -96,6 +100,7 @@ def test_enums_match_btf(probe_object: Path) -> None:
             "kp_ct_dir": "KP_CT_DIR_",
             "kp_ct_state": "KP_CT_",
             "kp_dsr_mode": "KP_DSR_",
+            "kp_svcnet_action": "KP_SVCNET_",
         }
         assert {k.removeprefix(prefix[name]): v for k, v in c.items()} == {m.name: m.value for m in py}, name
     stats = {v["name"]: v["val"] for v in btf.named("ENUM", "kp_stat")["values"]}

@@ -7,6 +7,7 @@ project's libbpf binding, so these tests exercise the same loading path as the a
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import subprocess
 import tempfile
@@ -64,14 +65,17 @@ class Datapath:
         self.cfg = obj.map(abi.MAP_CFG)
         self.stats = obj.map(abi.MAP_STATS)
         self.snat4 = obj.map(abi.MAP_SNAT4)
+        self.svcnet4 = obj.map(abi.MAP_SVCNET4)
+        self.svcnet_span = obj.map(abi.MAP_SVCNET_SPAN)
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
 
     # ---- set-up ----
     def reset(self) -> None:
-        for m in (self.svc4, self.be4, self.ct4, self.aff4, self.snat4):
+        for m in (self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4):
             for key in list(m.iter_keys()):
                 m.delete(key)
         self.cfg.update(ctypes.c_uint32(0), abi.Config())
+        self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(0xFFFFFFFF, 0))
         zero = bytes(self.stats.user_value_size)
         for i in range(abi.STAT_MAX):
             self.stats.update(ctypes.c_uint32(i), zero)
@@ -99,6 +103,17 @@ class Datapath:
             self.svc4.update(self.svc_key(addr, port, proto, scope, slot), abi.Svc4Val(b.id, svc_id, 0, 0, 0))
         val = abi.Svc4Val(0, svc_id, len(backends), flags, affinity_timeout)
         self.svc4.update(self.svc_key(addr, port, proto, scope, 0), val)
+
+    def add_svcnet(self, cidr: str, action: abi.SvcnetAction) -> None:
+        """A service address space entry, the span widened to cover it (as kproxy.svcnet writes them)."""
+        net = ipaddress.IPv4Network(cidr)
+        self.svcnet4.update(
+            abi.Svcnet4Key(net.prefixlen, abi.ip_to_nbo(str(net.network_address))), abi.Svcnet4Val(action)
+        )
+        raw = self.svcnet_span.lookup(ctypes.c_uint32(0))
+        span = abi.SvcnetSpan.from_buffer_copy(raw) if raw else abi.SvcnetSpan(0xFFFFFFFF, 0)
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(min(span.lo, lo), max(span.hi, hi)))
 
     @staticmethod
     def svc_key(addr: str, port: int, proto: int, scope: abi.Scope, slot: int) -> abi.Svc4Key:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +29,14 @@ from frames import (
     TCP_PSH,
     TCP_RST,
     TCP_SYN,
+    addr,
     checksum_errors,
     ether,
     icmp,
     ipv4,
+    ones_sum_ok,
     parse,
+    pseudo_header,
     swap_macs,
     tcp,
     tcp_frame,
@@ -43,12 +48,14 @@ from kproxy.bpf.abi import (
     Aff4Key,
     Aff4Val,
     Config,
+    ConfigFlag,
     CtDir,
     CtFlag,
     CtState,
     Scope,
     Stat,
     SvcFlag,
+    SvcnetAction,
     ip_to_nbo,
     port_to_nbo,
 )
@@ -105,6 +112,23 @@ def icmp_reject(frame: bytes, quote_l4: int) -> bytes:
     quote = p.l3 + p.l4[:quote_l4]
     reply = ipv4(p.dst, p.src, IPPROTO_ICMP, icmp(3, 3, 0, quote), ident=0, flags_frag=0, ttl=64)
     return swap_macs(frame[:14]) + reply
+
+
+def service_space(*backends: Backend, flags: int = 0) -> Callable[[Datapath], None]:
+    """A TCP service SVC:SPORT, its ClusterIP as a REJECT entry and the service CIDR 10.96.0.0/16 as DROP."""
+
+    def setup(dp: Datapath) -> None:
+        dp.add_service(SVC, SPORT, IPPROTO_TCP, list(backends))
+        dp.add_svcnet("10.96.0.0/16", SvcnetAction.DROP)
+        dp.add_svcnet(f"{SVC}/32", SvcnetAction.REJECT)
+        if flags:
+            dp.cfg.update(ctypes.c_uint32(0), Config(flags=flags))
+
+    return setup
+
+
+def icmp_echo(src: str = CLIENT, dst: str = SVC) -> bytes:
+    return ether(ipv4(src, dst, IPPROTO_ICMP, icmp(8, 0, 0x12340001, b"ping payload")))
 
 
 @dataclass
@@ -191,15 +215,16 @@ CASES = [
     Case("ARP passes", tcp_service(BE1), "kp_from_pod", ether(b"\x00\x01" * 14, ETH_P_ARP), TC_ACT_OK),
     Case("IPv6 passes", tcp_service(BE1), "kp_from_pod", ether(bytes(60), ETH_P_IPV6), TC_ACT_OK),
     Case(
-        "first fragment (MF) to a service passes untouched",
+        "first fragment (MF) to a service is DNATed like a whole datagram, its ports recorded",
         tcp_service(BE1),
         "kp_from_pod",
         ether(ipv4(CLIENT, SVC, IPPROTO_TCP, tcp(CLIENT, SVC, CPORT, SPORT), flags_frag=IP_MF)),
         TC_ACT_OK,
-        counters={Stat.PASS_FRAGMENT: 1, Stat.DNAT: 0},
+        ether(ipv4(CLIENT, BE1.addr, IPPROTO_TCP, tcp(CLIENT, BE1.addr, CPORT, BE1.port), flags_frag=IP_MF)),
+        counters={Stat.FRAG_FIRST: 1, Stat.DNAT: 1, Stat.PASS_FRAGMENT: 0},
     ),
     Case(
-        "later fragment (offset 185) to a service passes untouched",
+        "later fragment (offset 185) whose first was never seen passes untouched",
         udp_service(BE1),
         "kp_from_pod",
         ether(ipv4(CLIENT, SVC, IPPROTO_UDP, udp(CLIENT, SVC, CPORT, SPORT, b"x" * 32), flags_frag=185)),
@@ -241,6 +266,108 @@ CASES = [
         TC_ACT_SHOT,
         counters={Stat.DROP_NO_LOCAL_BACKEND: 1, Stat.REJECT: 0},
     ),
+    # ---- the service address space (kube-proxy's cluster-ips-check) ----
+    Case(
+        "ClusterIP on a port the Service does not have: SYN answered port unreachable",
+        service_space(BE1),
+        "kp_from_pod",
+        syn(dport=81),
+        TC_ACT_REDIRECT,
+        icmp_reject(syn(dport=81), 20),
+        {Stat.SVCNET_REJECT: 1, Stat.REJECT: 1, Stat.DNAT: 0},
+    ),
+    Case(
+        "UDP to a TCP-only ClusterIP port: answered port unreachable",
+        service_space(BE1),
+        "kp_from_pod",
+        udp_frame(CLIENT, SVC, CPORT, SPORT, b"dns?"),
+        TC_ACT_REDIRECT,
+        icmp_reject(udp_frame(CLIENT, SVC, CPORT, SPORT, b"dns?"), 8),
+        {Stat.SVCNET_REJECT: 1},
+    ),
+    Case(
+        "ping to a ClusterIP: answered port unreachable (nftables kube-proxy rejects all protocols)",
+        service_space(BE1),
+        "kp_from_pod",
+        icmp_echo(),
+        TC_ACT_REDIRECT,
+        icmp_reject(icmp_echo(), 8),
+        {Stat.SVCNET_REJECT: 1},
+    ),
+    Case(
+        "an ACK to a ClusterIP's unknown port does not open a flow: passed, not judged",
+        service_space(BE1),
+        "kp_from_pod",
+        tcp_frame(CLIENT, SVC, CPORT, 81, TCP_ACK),
+        TC_ACT_OK,
+        counters={Stat.SVCNET_REJECT: 0, Stat.DROP_SVCNET: 0},
+    ),
+    Case(
+        "unallocated address of a service CIDR: dropped",
+        service_space(BE1),
+        "kp_from_pod",
+        syn(dst="10.96.7.7"),
+        TC_ACT_SHOT,
+        counters={Stat.DROP_SVCNET: 1, Stat.REJECT: 0},
+    ),
+    Case(
+        "UDP to an unallocated service address: dropped",
+        service_space(BE1),
+        "kp_from_pod",
+        udp_frame(CLIENT, "10.96.255.255", CPORT, 53, b"q"),
+        TC_ACT_SHOT,
+        counters={Stat.DROP_SVCNET: 1},
+    ),
+    Case(
+        "outside the service address space: passed untouched",
+        service_space(BE1),
+        "kp_from_pod",
+        syn(dst="10.97.0.1"),
+        TC_ACT_OK,
+        counters={Stat.DROP_SVCNET: 0, Stat.SVCNET_REJECT: 0},
+    ),
+    Case(
+        "from a netdev: a ClusterIP routed to the node is served (kube-proxy does)",
+        service_space(BE1),
+        "kp_from_netdev",
+        syn(src=EXT_CLIENT),
+        TC_ACT_OK,
+        syn(src=EXT_CLIENT, dst=BE1.addr, dport=BE1.port),
+        {Stat.DNAT: 1},
+    ),
+    Case(
+        "from a netdev, external ClusterIPs switched off: dropped",
+        service_space(BE1, flags=ConfigFlag.NO_EXTERNAL_CLUSTER_IP),
+        "kp_from_netdev",
+        syn(src=EXT_CLIENT),
+        TC_ACT_SHOT,
+        counters={Stat.DROP_CLUSTER_IP_EXTERNAL: 1, Stat.DNAT: 0},
+    ),
+    Case(
+        "from a netdev: a ClusterIP's unknown port rejected",
+        service_space(BE1),
+        "kp_from_netdev",
+        syn(src=EXT_CLIENT, dport=81),
+        TC_ACT_REDIRECT,
+        icmp_reject(syn(src=EXT_CLIENT, dport=81), 20),
+        {Stat.SVCNET_REJECT: 1},
+    ),
+    Case(
+        "from a netdev, external ClusterIPs off: a ClusterIP's unknown port dropped, not answered",
+        service_space(BE1, flags=ConfigFlag.NO_EXTERNAL_CLUSTER_IP),
+        "kp_from_netdev",
+        syn(src=EXT_CLIENT, dport=81),
+        TC_ACT_SHOT,
+        counters={Stat.DROP_CLUSTER_IP_EXTERNAL: 1, Stat.SVCNET_REJECT: 0},
+    ),
+    Case(
+        "from a netdev: unallocated service address dropped",
+        service_space(BE1),
+        "kp_from_netdev",
+        syn(src=EXT_CLIENT, dst="10.96.1.1"),
+        TC_ACT_SHOT,
+        counters={Stat.DROP_SVCNET: 1},
+    ),
     Case(
         "from a netdev: NodePort is DNATed",
         nodeport_and_clusterip,
@@ -249,14 +376,6 @@ CASES = [
         TC_ACT_OK,
         syn(src=EXT_CLIENT, dst=BE1.addr, dport=BE1.port),
         {Stat.FROM_NETDEV: 1, Stat.DNAT: 1},
-    ),
-    Case(
-        "from a netdev: ClusterIP is not served",
-        nodeport_and_clusterip,
-        "kp_from_netdev",
-        syn(src=EXT_CLIENT),
-        TC_ACT_OK,
-        counters={Stat.FROM_NETDEV: 1, Stat.DNAT: 0},
     ),
     Case(
         "TWO_SCOPES: a pod gets the INT backends",
@@ -600,3 +719,69 @@ def test_timeouts_come_from_config(dp: Datapath) -> None:
     udp_val = dp.ct(ct_key(CLIENT, SVC, CPORT, SPORT, IPPROTO_UDP, CtDir.FWD))
     assert tcp_val is not None and before + 5 * 10**9 <= tcp_val.expires_ns <= after + 5 * 10**9
     assert udp_val is not None and before + 7 * 10**9 <= udp_val.expires_ns <= after + 7 * 10**9
+
+
+# ---- IPv4 fragments: later fragments follow their first (kp_frag4_v1) ----
+def fragments(
+    src: str, dst: str, l4: bytes, proto: int = IPPROTO_UDP, ident: int = 0x4242, mtu: int = 1500
+) -> list[bytes]:
+    """Ethernet frames of the IPv4 datagram carrying `l4`, fragmented as Linux does for `mtu`."""
+    step = (mtu - 20) // 8 * 8
+    out = []
+    for off in range(0, len(l4), step):
+        more = off + step < len(l4)
+        ff = (IP_MF if more else 0) | off // 8
+        out.append(ether(ipv4(src, dst, proto, l4[off : off + step], ident=ident, flags_frag=ff)))
+    return out
+
+
+def reassemble(frames: list[bytes]) -> tuple[str, str, bytes]:
+    """(source, destination, L4 bytes) of fragments, checking their IPv4 headers."""
+    l4 = b""
+    srcs, dsts = set(), set()
+    for f in frames:
+        p = parse(f)
+        assert ones_sum_ok(p.l3), "fragment IPv4 header checksum"
+        srcs.add(p.l3[12:16])
+        dsts.add(p.l3[16:20])
+        l4 += p.l4
+    assert len(srcs) == len(dsts) == 1, "fragments of one datagram disagree on its addresses"
+    return socket.inet_ntoa(srcs.pop()), socket.inet_ntoa(dsts.pop()), l4
+
+
+def test_udp_datagram_of_8k_fragments_to_a_clusterip_and_its_reply(dp: Datapath) -> None:
+    """Every fragment of an 8 KB datagram reaches the backend with the translation of the first; the
+    backend's fragmented reply comes back from the Service address. The L4 checksum (in the first
+    fragment) verifies over the reassembled datagram, in both directions."""
+    dp.add_service(SVC, SPORT, IPPROTO_UDP, [BE1])
+    payload = bytes(range(256)) * 32  # 8 KB
+    request = fragments(CLIENT, SVC, udp(CLIENT, SVC, CPORT, SPORT, payload))
+    assert len(request) == 6
+    out = []
+    for f in request:
+        r = dp.run("kp_from_pod", f)
+        assert r.retval == TC_ACT_OK
+        out.append(r.data_out)
+    src, dst, l4 = reassemble(out)
+    assert (src, dst) == (CLIENT, BE1.addr)
+    assert struct.unpack("!HH", l4[:4]) == (CPORT, BE1.port) and l4[8:] == payload
+    assert ones_sum_ok(pseudo_header(addr(src), addr(dst), IPPROTO_UDP, len(l4)) + l4), "UDP checksum"
+    assert dp.stat(Stat.FRAG_FIRST)[0] == 1 and dp.stat(Stat.FRAG_LATER)[0] == 5
+    assert dp.stat(Stat.PASS_FRAGMENT)[0] == 0
+    # the reply, fragmented by the backend, through kp_to_pod of the client's node
+    reply = fragments(BE1.addr, CLIENT, udp(BE1.addr, CLIENT, BE1.port, CPORT, payload[::-1]), ident=0x77)
+    back = [dp.run("kp_to_pod", f) for f in reply]
+    assert all(r.retval == TC_ACT_OK for r in back)
+    src, dst, l4 = reassemble([r.data_out for r in back])
+    assert (src, dst) == (SVC, CLIENT) and struct.unpack("!HH", l4[:4]) == (SPORT, CPORT)
+    assert ones_sum_ok(pseudo_header(addr(src), addr(dst), IPPROTO_UDP, len(l4)) + l4), "reply UDP checksum"
+
+
+def test_later_fragment_to_a_service_without_backends_is_dropped_not_answered(dp: Datapath) -> None:
+    """The first fragment is answered port unreachable; the later ones have nothing a sender could
+    match an ICMP error to: dropped."""
+    dp.add_service(SVC, SPORT, IPPROTO_UDP, [])
+    first, later = fragments(CLIENT, SVC, udp(CLIENT, SVC, CPORT, SPORT, bytes(2000)))
+    assert dp.run("kp_from_pod", first).retval == TC_ACT_REDIRECT
+    assert dp.run("kp_from_pod", later).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.REJECT)[0] == 1 and dp.stat(Stat.DROP_REJECT_FAILED)[0] == 1

@@ -493,7 +493,7 @@ def test_every_top_level_value_has_an_option_case() -> None:
 # --- least privilege -----------------------------------------------------------------------------------
 
 
-def test_rbac_is_exactly_read_services_slices_nodes_and_own_configmap(render: Renderer) -> None:
+def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_and_own_configmap(render: Renderer) -> None:
     docs = render()
     cluster_rules = sorted(
         (tuple(r["apiGroups"]), tuple(sorted(r["resources"])), tuple(sorted(r["verbs"])))
@@ -502,6 +502,7 @@ def test_rbac_is_exactly_read_services_slices_nodes_and_own_configmap(render: Re
     assert cluster_rules == [
         (("",), ("nodes", "services"), ("get", "list", "watch")),
         (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch")),
+        (("networking.k8s.io",), ("servicecidrs",), ("list", "watch")),
     ]
     assert all(
         "resourceNames" not in r and "nonResourceURLs" not in r for r in one(docs, "ClusterRole")["rules"]

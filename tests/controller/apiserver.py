@@ -10,7 +10,10 @@ aiohttp server instead. It implements the part of the API that kopf and kproxy's
   code 410 (as the real server does) or, when configured, an HTTP 410;
 - create/replace/merge-patch/delete over HTTP (kubectl-like writes for tests in other processes);
 - fault injection: drop every open connection, go down (refuse connections) for a while, expire
-  the event history (the next watch from an old version gets 410), inject a non-410 ERROR event.
+  the event history (the next watch from an old version gets 410), inject a non-410 ERROR event;
+- access: a resource can be left unserved (absent from discovery, 404, as networking.k8s.io/v1
+  servicecidrs before Kubernetes 1.33) or forbidden (in discovery, but 403 to every request, as when
+  RBAC does not grant it), at construction or at run time (`set_access`).
 
 Objects are served from pre-encoded JSON so 10,000+ objects list in milliseconds. Test code in the
 server's event loop changes objects directly (`put`, `delete`, ...); other processes use HTTP or run
@@ -67,6 +70,7 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "namespaces", "Namespace", False, ("ns",)),
     ResourceType("", "v1", "events", "Event", True, ("ev",)),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
+    ResourceType("networking.k8s.io", "v1", "servicecidrs", "ServiceCIDR", False),
 )
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
@@ -169,6 +173,9 @@ class FakeApiServer:
     from a version older than the oldest kept event gets 410 Gone.
     bookmark_interval: seconds between BOOKMARK events on open watches (allowWatchBookmarks).
     gone_as_http: answer an expired resourceVersion with HTTP 410 instead of an ERROR event.
+    unserved: plurals the server does not serve: left out of discovery, 404 to every request.
+    forbidden: plurals in discovery that every request is refused with 403 (RBAC does not grant them).
+    Objects of unserved or forbidden resources can still be put and deleted from test code.
     """
 
     def __init__(
@@ -178,7 +185,11 @@ class FakeApiServer:
         bookmark_interval: float = 1.0,
         gone_as_http: bool = False,
         host: str = "127.0.0.1",
+        unserved: Iterable[str] = (),
+        forbidden: Iterable[str] = (),
     ) -> None:
+        self.unserved: set[str] = set(unserved)
+        self.forbidden: set[str] = set(forbidden)
         self.host = host
         self.port = 0
         self.history_limit = history
@@ -299,6 +310,20 @@ class FakeApiServer:
             watch.queue.put_nowait(line + b"\n")
             watch.queue.put_nowait(None)
 
+    def set_access(self, plural: str, *, served: bool = True, allowed: bool = True) -> None:
+        """Serve PLURAL or not (404, absent from discovery), allow it or not (403); open watches of a
+        resource that stops being served or allowed end (clients see it when they reconnect)."""
+        assert any(r.plural == plural for r in RESOURCES), plural
+        for names, on in ((self.unserved, not served), (self.forbidden, not allowed)):
+            if on:
+                names.add(plural)
+            else:
+                names.discard(plural)
+        if not served or not allowed:
+            for watch in list(self._watches):
+                if watch.rtype.plural == plural:
+                    watch.queue.put_nowait(None)
+
     def watch_count(self, plural: str | None = None) -> int:
         return sum(1 for w in self._watches if plural is None or w.rtype.plural == plural)
 
@@ -405,7 +430,12 @@ class FakeApiServer:
         if len(parts) == 2 and parts[0] == "api":
             return web.json_response(self._resource_list("", parts[1]))
         if len(parts) == 3 and parts[0] == "apis":
-            return web.json_response(self._resource_list(parts[1], parts[2]))
+            listing = self._resource_list(parts[1], parts[2])
+            if not listing["resources"]:
+                return _error(
+                    404, "NotFound", f"the server could not find the requested resource {request.path}"
+                )
+            return web.json_response(listing)
         if parts and parts[0] == "api":
             group, version, rest = "", parts[1] if len(parts) > 1 else "", parts[2:]
         elif parts and parts[0] == "apis" and len(parts) > 2:
@@ -416,8 +446,11 @@ class FakeApiServer:
         if len(rest) >= 3 and rest[0] == "namespaces" and (group, version, rest[2]) in BY_PATH:
             namespace, rest = rest[1], rest[2:]
         rtype = BY_PATH.get((group, version, rest[0] if rest else ""))
-        if rtype is None or len(rest) > 2:
+        if rtype is None or len(rest) > 2 or rtype.plural in self.unserved:
             return _error(404, "NotFound", f"the server could not find the requested resource {request.path}")
+        if rtype.plural in self.forbidden:
+            self.requests[f"FORBIDDEN {rtype.plural}"] += 1
+            return self._forbidden(request, rtype, len(rest) == 2)
         name = rest[1] if len(rest) == 2 else None
         if name is None:
             if request.method == "GET":
@@ -438,9 +471,25 @@ class FakeApiServer:
             return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
         return await self._write(request, rtype, namespace, name)
 
+    def _forbidden(self, request: web.Request, rtype: ResourceType, one: bool) -> web.Response:
+        """kube-apiserver's answer when RBAC does not grant the verb."""
+        verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+        if request.method == "GET":
+            verb = "get" if one else "watch" if request.query.get("watch") in ("true", "1") else "list"
+        else:
+            verb = verbs.get(request.method, request.method.lower())
+        what = f"{rtype.plural}.{rtype.group}" if rtype.group else rtype.plural
+        message = (
+            f'{what} is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot {verb} resource '
+            f'"{rtype.plural}" in API group "{rtype.group}" at the cluster scope'
+        )
+        return _error(403, "Forbidden", message)
+
     def _groups(self) -> dict[str, Any]:
         groups: dict[str, list[str]] = {}
         for r in RESOURCES:
+            if r.plural in self.unserved:
+                continue
             if r.group and r.version not in groups.setdefault(r.group, []):
                 groups[r.group].append(r.version)
         return {
@@ -459,7 +508,7 @@ class FakeApiServer:
     def _resource_list(self, group: str, version: str) -> dict[str, Any]:
         resources = []
         for r in RESOURCES:
-            if r.group != group or r.version != version:
+            if r.group != group or r.version != version or r.plural in self.unserved:
                 continue
             resources.append(
                 {
@@ -704,6 +753,17 @@ def node(name: str, address: str, *, zone: str | None = None) -> dict[str, Any]:
         "status": {
             "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}]
         },
+    }
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    """A ServiceCIDR (networking.k8s.io/v1): one CIDR per IP family, like the "kubernetes" one the API
+    server creates from --service-cluster-ip-range."""
+    return {
+        "kind": "ServiceCIDR",
+        "apiVersion": "networking.k8s.io/v1",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
     }
 
 

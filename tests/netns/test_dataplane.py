@@ -119,15 +119,16 @@ def test_nodeport_loadbalancer_externalip_from_outside(lab: Lab, program: Progra
         assert reply["client"].split(":")[0] == lab.ext.ip
 
 
-def test_clusterip_is_not_served_from_outside(lab: Lab, program: Program) -> None:
+def test_clusterip_routed_to_the_node_is_served_as_kube_proxy_does(lab: Lab, program: Program) -> None:
+    """A ClusterIP routed to a node from outside (BGP, a static route) is served, as kube-proxy serves it
+    (--no-external-cluster-ip turns that off: tests/bpf); the endpoint on that node sees the client."""
     program("inside-only", "10.96.1.11", ["n1p1"])
     from kproxy.lab.netns import ip
 
-    # Send it to node n1 anyway: kp_from_netdev must not DNAT a ClusterIP frontend.
     ip(lab.ext.ns, "route", "add", "10.96.1.11/32", "via", lab.node("n1").ip)
     try:
-        with pytest.raises(OSError):
-            lab.tcp_request(lab.ext, "10.96.1.11", 80, timeout=1)
+        reply = lab.tcp_request(lab.ext, "10.96.1.11", 80)
+        assert reply["pod"] == "n1p1" and reply["client"].split(":")[0] == lab.ext.ip
     finally:
         ip(lab.ext.ns, "route", "del", "10.96.1.11/32")
 

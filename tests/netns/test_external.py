@@ -415,6 +415,146 @@ def test_pod_to_nodeport_on_the_other_node_and_lb_ip_from_inside(xlab: Lab) -> N
             assert got["peer"] == f"{lb_ip(i)}:{service_port(proto)}"
 
 
+# ---- the service address space and ClusterIPs from outside (issue 11) ----
+SPACE_CIDR = "10.96.50.0/24"
+SPACE_IP = "10.96.50.1"  # TCP 80 -> n2p1 (the ingress node n1 SNATs to it)
+SPACE_LOCAL_IP = "10.96.50.2"  # TCP 80 -> n1p2 (local to the ingress node)
+
+
+@pytest.fixture(scope="module")
+def space(xlab: Lab) -> Lab:
+    lab = xlab
+    for name, ip, pod in (("space-remote", SPACE_IP, "n2p1"), ("space-local", SPACE_LOCAL_IP, "n1p2")):
+        p = mf.Port("tcp", 80, 8080, "TCP")
+        po = lab.pod(pod)
+        objs = [mf.service(name, [p], ip), mf.endpoint_slice(name, [(po.ip, po.node)], [p])]
+        lab.write_manifest(name, objs)
+    # the service CIDR, as the API server's ServiceCIDR object (networking.k8s.io/v1) says it
+    lab.write_manifest(
+        "space-cidr",
+        [{"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "space"},
+          "spec": {"cidrs": [SPACE_CIDR, "fd00:50::/112"]}}],
+    )  # fmt: skip
+    lab.wait_programmed(SPACE_IP, 80, [lab.pod("n2p1").ip])
+    lab.wait_programmed(SPACE_LOCAL_IP, 80, [lab.pod("n1p2").ip])
+    # the service CIDR routed to n1 from outside (as BGP or a static route would)
+    lab.run_in(lab.ext, ["ip", "route", "replace", SPACE_CIDR, "via", lab.node("n1").ip])
+    _wait_svcnet(lab, SPACE_CIDR)
+    return lab
+
+
+def _wait_svcnet(lab: Lab, cidr: str, timeout: float = 30) -> None:
+    net, plen = cidr.split("/")
+    deadline = time.monotonic() + timeout
+    for node in lab.nodes:
+        while True:
+            with KproxyMaps.open(node.bpffs) as m:
+                keys = {(abi.nbo_to_ip(k.addr), k.prefixlen) for k, _ in m.svcnet4.items()}
+            if (net, int(plen)) in keys:
+                break
+            assert time.monotonic() < deadline, f"{node.name}: {cidr} never reached kp_svcnet4_v1: {keys}"
+            time.sleep(0.05)
+
+
+def probe(lab: Lab, host: Host, addr: str, port: int, proto: str, timeout: float = 3.0) -> str:
+    """'ok' (a TCP connection, a UDP answer), 'refused' (ICMP port unreachable), or 'timeout'."""
+
+    def do() -> str:
+        kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((addr, port))
+                if proto == "UDP":
+                    s.send(b"ping")
+                    s.recv(4096)
+                else:
+                    _readline(s)
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+            return "ok"
+
+    return in_netns(host.ns, do)
+
+
+@pytest.mark.parametrize("client", ["pod", "ext"])
+def test_service_address_space_as_kube_proxy(space: Lab, client: str) -> None:
+    """kube-proxy's cluster-ips-check: a ClusterIP's unknown port or protocol is rejected, an unallocated
+    service address dropped; both used to leak untranslated toward the default gateway."""
+    lab = space
+    host = lab.pod("n1p1") if client == "pod" else lab.ext
+    before = counters(lab, "n1")
+    assert probe(lab, host, SPACE_IP, 80, "TCP", timeout=8) == "ok"
+    assert probe(lab, host, SPACE_IP, 81, "TCP") == "refused"
+    assert probe(lab, host, SPACE_IP, 80, "UDP") == "refused"  # UDP to a TCP-only Service port
+    assert probe(lab, host, "10.96.50.77", 80, "TCP", timeout=1.5) == "timeout"
+    assert probe(lab, host, "10.96.50.77", 53, "UDP", timeout=1.5) == "timeout"
+    d = delta(before, counters(lab, "n1"))
+    assert d.get("SVCNET_REJECT", 0) >= 2 and d.get("DROP_SVCNET", 0) >= 2, d
+
+
+def test_cluster_ip_from_outside_is_served(space: Lab, mode: str) -> None:
+    """A client outside the cluster whose packets to a ClusterIP are routed to a node is served, as by
+    kube-proxy: the answer comes from the ClusterIP; a backend on another node sees the ingress node
+    (SNAT, or the client with DSR), a backend on the ingress node sees the client."""
+    lab = space
+    ensure_mode(lab, mode)
+    for ip, pod in ((SPACE_IP, "n2p1"), (SPACE_LOCAL_IP, "n1p2")):
+        for _ in range(5):
+            got = request(lab, lab.ext, ip, 80, "TCP")
+            assert "error" not in got, (ip, mode, got)
+            assert got["pod"] == pod and got["peer"] == f"{ip}:80"
+            remote_snat = pod == "n2p1" and mode == "snat"
+            want = lab.node("n1").ip if remote_snat else lab.ext.ip
+            assert got["client"].split(":")[0] == want, (ip, mode, got)
+
+
+# ---- IPv4 fragments (issue 11): 8 KB UDP datagrams, fragmented on a 1500-byte path, both ways ----
+def big_udp(
+    lab: Lab, host: Host, addr: str, port: int, size: int = 8192, timeout: float = 5.0
+) -> dict[str, Any]:
+    """One UDP exchange of a SIZE-byte datagram (its reply is larger still): the pod server's answer and
+    whom the client saw answering, or {"error": ...}."""
+    payload = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+
+    def do() -> dict[str, Any]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.sendto(payload, (addr, port))
+                data, src = s.recvfrom(65536)
+            except OSError as e:
+                return {"error": e.strerror or str(e)}
+            reply = json.loads(data)
+            ok = reply.get("echo") == payload.decode()
+            return dict(reply, peer=f"{src[0]}:{src[1]}", echo_ok=ok, echo="...")
+
+    return in_netns(host.ns, do)
+
+
+@pytest.mark.parametrize("client", ["clusterip-pod", "nodeport-ext", "lb-ext"])
+@pytest.mark.parametrize("place", PLACES)
+def test_8k_udp_datagrams_through_a_service(xlab: Lab, mode: str, client: str, place: str) -> None:
+    """Every fragment is translated as its first fragment was (kp_frag4_v1): before, only the first
+    fragment of a datagram was translated and the datagram never arrived."""
+    lab = xlab
+    ensure_mode(lab, mode)
+    i = svc_index("Cluster", place)
+    addr, port = target(client, i, "UDP", lab)
+    host = lab.pod("n1p1") if client.endswith("-pod") else lab.ext
+    before = {n: counters(lab, n) for n in ("n1", "n2")}
+    got = [big_udp(lab, host, addr, port) for _ in range(3)]
+    d1 = delta(before["n1"], counters(lab, "n1"))
+    for g in got:
+        assert "error" not in g, f"{client} -> {addr}:{port} ({place}, {mode}): {g}; n1 {d1}"
+        assert g["pod"] == backend_pod(place) and g["echo_ok"] and g["peer"] == f"{addr}:{port}", g
+        if client.endswith("-pod") or place == "same":
+            assert g["client"].split(":")[0] == host.ip, g  # no SNAT where the endpoint is local
+    assert d1.get("FRAG_FIRST", 0) >= 3 and d1.get("FRAG_LATER", 0) >= 3 * 5, d1
+
+
 def test_hairpin(xlab: Lab) -> None:
     lab = xlab
     p = mf.Port("tcp", 80, 8080, "TCP")

@@ -53,6 +53,7 @@ def test_split_hostport():
         (dict(map_sizes={abi.MAP_CT4: 1}), "kp_ct4_v1=1"),
         (dict(dsr_mode="on"), "dsr_mode"),
         (dict(pod_ifaces=[]), "--pod-ifaces"),
+        (dict(service_cidrs=["10.96.0.0/12", "10.96.0.0/99"]), "--service-cidr entry '10.96.0.0/99'"),
     ],
 )
 def test_invalid(kw, expect):
@@ -60,3 +61,15 @@ def test_invalid(kw, expect):
     with pytest.raises(ValidationError) as ei:
         AgentConfig(**args)
     assert expect in str(ei.value)
+
+
+def test_external_cluster_ip_switch_reaches_the_datapath_config():
+    from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.sync import write_config
+
+    assert AgentConfig(node_name="n1").external_cluster_ip is True  # kube-proxy's behaviour by default
+    maps = MemoryMapSet()
+    write_config(maps, "192.168.1.10")
+    assert maps.read_config().flags == 0
+    write_config(maps, "192.168.1.10", external_cluster_ip=False)
+    assert maps.read_config().flags == abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP

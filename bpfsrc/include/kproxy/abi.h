@@ -148,7 +148,7 @@ enum kp_dsr_mode {
 
 struct kp_config {
 	__be32 node_addr;        /* NBO this node's primary address (SNAT source, DSR) */
-	__u32  flags;            /* HBO reserved, zero */
+	__u32  flags;            /* HBO KP_CFG_F_* */
 	__u32  dsr_mode;         /* HBO enum kp_dsr_mode */
 	__u32  ct_syn_timeout;   /* HBO seconds, TCP before a reply is seen */
 	__u32  ct_tcp_timeout;   /* HBO seconds, established TCP */
@@ -162,6 +162,9 @@ struct kp_config {
 	__u32  pad2;             /* zero */
 	__u64  reserved[2];      /* zero, room for later settings */
 };
+
+/* kp_config.flags */
+#define KP_CFG_F_NO_EXTERNAL_CLUSTER_IP 0x1  /* drop packets to ClusterIPs from outside the node */
 
 #define KP_CT_SYN_TIMEOUT_DEFAULT  60
 #define KP_CT_TCP_TIMEOUT_DEFAULT  21600
@@ -259,6 +262,11 @@ enum kp_stat {
 	KP_DROP_SOCK_REVNAT_FULL = 39,  /* UDP socket reverse-NAT entry could not be written: refused */
 	KP_DROP_TUPLE_HELD = 46,        /* new TCP flow: every backend tried would reuse the reply tuple of a
 	                                 * live connection of the same client port (lib/ct.h) */
+	KP_STAT_SVCNET_REJECT = 47,     /* to a ClusterIP on a port or protocol it does not serve: ICMP unreachable */
+	KP_DROP_SVCNET = 48,            /* to an unallocated address of a service CIDR */
+	KP_DROP_CLUSTER_IP_EXTERNAL = 49, /* to a ClusterIP from outside the node, with that switched off */
+	KP_STAT_FRAG_FIRST = 50,        /* first fragments of TCP/UDP datagrams: ports recorded (kp_frag4_v1) */
+	KP_STAT_FRAG_LATER = 51,        /* later fragments handled with their first fragment's ports */
 	KP_STAT_MAX = 64,
 };
 
@@ -310,6 +318,61 @@ struct kp_lbsrc4_key {
 
 struct kp_lbsrc4_val {
 	__u32 flags;        /* HBO reserved, zero: the entry's presence allows the range */
+};
+
+/* ---- the service address space (kube-proxy's cluster-ips-check) ---- */
+#define KP_MAP_SVCNET4      kp_svcnet4_v1      /* LPM trie: ClusterIPs (/32) and service CIDRs */
+#define KP_MAP_SVCNET_SPAN  kp_svcnet_span_v1  /* array of one struct kp_svcnet_span */
+#define KP_SVCNET4_MAX      65536
+
+/*
+ * A packet that matches no frontend and opens a flow (TCP SYN, UDP, ICMP echo request) is looked up
+ * here by destination: a ClusterIP (/32, KP_SVCNET_REJECT: a port or protocol the Service does not
+ * have) is answered with ICMP port unreachable, any other address of a service CIDR
+ * (KP_SVCNET_DROP: not allocated) is dropped, as kube-proxy's nftables cluster-ips-check chain does.
+ * The span (lowest and highest address any entry covers) lets all other traffic skip the lookup.
+ */
+enum kp_svcnet_action {
+	KP_SVCNET_REJECT = 1,
+	KP_SVCNET_DROP = 2,
+};
+
+struct kp_svcnet4_key {
+	__u32  prefixlen;   /* HBO prefix length: 32 for a ClusterIP */
+	__be32 addr;        /* NBO network address (host bits zero) */
+};
+
+struct kp_svcnet4_val {
+	__u32 action;       /* HBO enum kp_svcnet_action */
+};
+
+struct kp_svcnet_span {
+	__u32 lo;           /* HBO lowest address of any entry; lo > hi: no entry */
+	__u32 hi;           /* HBO highest address of any entry */
+};
+
+/* ---- IPv4 fragments (lib/parse.h) ---- */
+#define KP_MAP_FRAG4   kp_frag4_v1  /* LRU (saddr, daddr, IP id, protocol) -> the datagram's ports */
+#define KP_FRAG4_MAX   16384
+
+/*
+ * Only the first fragment of a datagram carries its TCP/UDP header. The parser records the ports
+ * under the fragment's identity when it sees a first fragment, and gives them to the later fragments
+ * of the same datagram, which are then looked up and translated like it (addresses only: they have
+ * no L4 header, and the L4 checksum in the first fragment covers the whole datagram). As Cilium's
+ * IPV4_FRAG_DATAGRAMS_MAP; a later fragment that arrives before its first is passed untouched.
+ */
+struct kp_frag4_key {
+	__be32 saddr;       /* NBO */
+	__be32 daddr;       /* NBO */
+	__be16 id;          /* NBO IPv4 identification */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad;         /* zero */
+};
+
+struct kp_frag4_val {
+	__be16 sport;       /* NBO */
+	__be16 dport;       /* NBO */
 };
 
 #endif /* KPROXY_ABI_H */

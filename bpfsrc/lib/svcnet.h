@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The service address space for packets that match no frontend: kube-proxy's cluster-ips-check
+ * (REJECT to a ClusterIP's unknown port or protocol, DROP to an unallocated service address).
+ */
+#ifndef KPROXY_LIB_SVCNET_H
+#define KPROXY_LIB_SVCNET_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "maps.h"
+#include "lib/parse.h"
+#include "lib/icmp.h"
+#include "lib/stats.h"
+
+#define KP_ICMP_ECHO_REQUEST 8
+
+/* Whether the packet would open a flow: the only packets the check applies to (kube-proxy: ct state
+ * new), so established traffic of pods pays nothing. */
+static __always_inline int kp_svcnet_opens_flow(const struct kp_pkt *p, int parsed)
+{
+	if (parsed == KP_PARSE_ICMP)
+		return p->icmp_type == KP_ICMP_ECHO_REQUEST;
+	if (p->proto == IPPROTO_UDP)
+		return 1;
+	return (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN;
+}
+
+/*
+ * The action for a packet to daddr that matched no frontend: KP_SVCNET_REJECT, KP_SVCNET_DROP, or 0
+ * (not a service address). The span check keeps the trie lookup off every other packet.
+ */
+static __always_inline __u32 kp_svcnet_action(__be32 daddr)
+{
+	struct kp_svcnet4_key k = { .prefixlen = 32, .addr = daddr };
+	struct kp_svcnet_span *span;
+	struct kp_svcnet4_val *v;
+	__u32 zero = 0, a = bpf_ntohl(daddr);
+
+	span = bpf_map_lookup_elem(&kp_svcnet_span_v1, &zero);
+	if (!span || a < span->lo || a > span->hi)
+		return 0;
+	v = bpf_map_lookup_elem(&kp_svcnet4_v1, &k);
+	return v ? v->action : 0;
+}
+
+/* Apply the action to a flow-opening packet: TC verdict, or -1 to let it pass. */
+static __always_inline int kp_svcnet_enforce(struct __sk_buff *skb, const struct kp_pkt *p, __u32 action)
+{
+	if (action == KP_SVCNET_REJECT) {
+		kp_count(KP_STAT_SVCNET_REJECT, p->len);
+		return kp_icmp_reject(skb, p);
+	}
+	if (action == KP_SVCNET_DROP) {
+		kp_count(KP_DROP_SVCNET, p->len);
+		return TC_ACT_SHOT;
+	}
+	return -1;
+}
+
+#endif /* KPROXY_LIB_SVCNET_H */
