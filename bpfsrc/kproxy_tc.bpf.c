@@ -207,7 +207,8 @@ int kp_from_netdev(struct __sk_buff *skb)
 /*
  * Hook: tc egress of a node's external interface. Direction: node -> outside.
  *   replies of this node's own processes to flows DNATed to them (a hostNetwork backend on this node
- *   behind a NodePort, LoadBalancer or external IP): the frontend restored as their source
+ *   behind a NodePort, LoadBalancer or external IP; its address is the node's primary address): the
+ *   frontend restored as their source
  *   ICMP errors this node's own stack sends about a flow it delivers to a local backend (DSR, or a
  *   NodePort/LB/external IP served here): e.g. fragmentation needed when the pod's veth has a smaller
  *   MTU. They quote client -> backend; the client only knows client -> frontend, so the quote is
@@ -217,12 +218,18 @@ int kp_from_netdev(struct __sk_buff *skb)
 SEC("tc")
 int kp_to_netdev(struct __sk_buff *skb)
 {
+	struct kp_config *cfg;
 	struct kp_pkt p;
 
 	kp_count(KP_STAT_TO_NETDEV, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_L4:
-		return kp_revnat4(skb, &p, 0);
+		/* Only the node's own replies can need it (a hostNetwork endpoint's address is the node's):
+		 * forwarded pod traffic does not pay the conntrack lookup. */
+		cfg = kp_config();
+		if (cfg && cfg->node_addr && p.saddr == cfg->node_addr)
+			return kp_revnat4(skb, &p, 0);
+		return TC_ACT_OK;
 	case KP_PARSE_ICMP:
 		return kp_icmp_revnat(skb, &p);
 	}

@@ -312,11 +312,28 @@ class Agent:
             for sid, (svc, port, proto) in self.syncer.service_ports().items()
         }
 
+    async def read_host_addresses(self) -> None:
+        """With --nodeport-addresses, NodePorts are served on every interface address in those CIDRs:
+        read them (at start and every sweep interval, so an address added later is picked up). In a
+        thread: pyroute2 runs an event loop of its own."""
+        if not self.cfg.nodeport_addresses:
+            return
+        from kproxy.bpf.netlink import ipv4_addresses
+
+        try:
+            addrs = await asyncio.to_thread(ipv4_addresses)
+        except OSError as e:
+            log.warning("cannot read this node's addresses for --nodeport-addresses: %s", e)
+            return
+        if self.store.set_host_addresses(addrs):
+            log.info("node addresses: %s", ", ".join(sorted(addrs)) or "none")
+
     async def sweep_loop(self) -> None:
         from kproxy.sync import sweep_conntrack, sweep_snat
 
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
+            await self.read_host_addresses()
             try:
                 n = sweep_conntrack(self.maps.ct4)
                 snat4 = getattr(self.maps, "snat4", None)
@@ -426,6 +443,7 @@ class Agent:
             self.store = ClusterStore(NodeInfo(name=self.cfg.node_name, addresses=tuple(self.cfg.node_ips)))
             if self.cfg.service_cidrs:
                 self.store.set_service_cidrs("flag", self.cfg.service_cidrs)
+            await self.read_host_addresses()
             await self.start_servers()
             tasks = {
                 asyncio.create_task(self._guard("pod follower", self.follow_pods)),

@@ -1155,12 +1155,14 @@ def _slice_from_schema(m: _SEndpointSlice) -> EndpointSlice:
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """This node as translate needs it: its name, InternalIP addresses and topology zone."""
+    """This node as translate needs it: its name, InternalIP addresses and topology zone, and the
+    addresses of its interfaces (host_addresses: what --nodeport-addresses CIDRs select from)."""
 
     name: str
     addresses: tuple[str, ...] = ()
     zone: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    host_addresses: tuple[str, ...] = ()
 
 
 # ---- desired state ----

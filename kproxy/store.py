@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -105,6 +106,7 @@ class ClusterStore:
         # IPv4 ClusterIP -> number of served Services on it; addresses whose count changed since
         # sync last took them (take_cluster_ips_changed)
         self.cluster_ips: Counter[str] = Counter()
+        self.foreign_cluster_ips: Counter[str] = Counter()
         self.cluster_ips_changed: set[str] = set()
 
     # ---- waking the sync task ----
@@ -201,12 +203,20 @@ class ClusterStore:
         return True
 
     def _count_cluster_ips(self, svc: Service | None, delta: int) -> None:
-        """Keep cluster_ips (IPv4 ClusterIP -> Services kproxy serves on it) and note what changed."""
-        if svc is None or not svc.spec.ports or skip_reason(svc) is not None:
+        """Keep cluster_ips (IPv4 ClusterIP -> Services kproxy serves on it) and foreign_cluster_ips
+        (those of Services another proxy serves: service.kubernetes.io/service-proxy-name), and note
+        which addresses changed."""
+        if svc is None or not svc.spec.ports:
+            return
+        reason = skip_reason(svc)
+        if reason is None:
+            counts = self.cluster_ips
+        elif reason == "other_proxy":
+            counts = self.foreign_cluster_ips
+        else:
             return
         spec = svc.spec
         ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
-        counts = self.cluster_ips
         for ip in ips:
             if "." not in ip or ":" in ip:
                 continue
@@ -275,7 +285,10 @@ class ClusterStore:
 
     # ---- node ----
     def set_node(self, node: NodeInfo) -> None:
-        """A node change (addresses, zone) can change every Service: all of them become dirty."""
+        """A node change (addresses, zone) can change every Service: all of them become dirty. The
+        interface addresses (set_host_addresses) are kept."""
+        if node.host_addresses != self.node.host_addresses:
+            node = dataclasses.replace(node, host_addresses=self.node.host_addresses)
         if node == self.node:
             return
         self.node = node
@@ -284,6 +297,20 @@ class ClusterStore:
         for key in self.services:
             self._mark(key, now)
         self._wake()
+
+    def set_host_addresses(self, addresses: Iterable[str]) -> bool:
+        """The addresses of this node's interfaces (for --nodeport-addresses); whether they changed."""
+        addrs = tuple(sorted(set(addresses)))
+        if addrs == self.node.host_addresses:
+            return False
+        self.set_node(self.node)  # no-op unless something else changed
+        self.node = dataclasses.replace(self.node, host_addresses=addrs)
+        self.node_changed = True
+        now = time.monotonic()
+        for key in self.services:
+            self._mark(key, now)
+        self._wake()
+        return True
 
     # ---- the cluster's nodes (name -> address of each node running endpoints) ----
     def set_node_address(self, name: str, address: str | None) -> None:

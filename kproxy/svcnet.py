@@ -7,6 +7,7 @@ to any other address of a service CIDR is dropped (nothing is allocated there). 
 same (bpfsrc/lib/svcnet.h) from this trie:
   - every IPv4 ClusterIP of a Service kproxy serves (with ports): /32, REJECT;
   - every IPv4 service CIDR (ServiceCIDR objects, --service-cidr): DROP;
+  - every IPv4 ClusterIP of a Service another proxy serves (service-proxy-name label): /32, PASS;
 and skips the lookup for destinations outside the span (lowest and highest address of all entries).
 
 The store counts Services per ClusterIP and remembers which addresses changed; a sync writes only
@@ -16,7 +17,6 @@ a REJECT entry that outlives its Service by a moment answers what kube-proxy ans
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import struct
@@ -33,6 +33,7 @@ _PACK_VAL = struct.Struct("=I").pack
 _PACK_SPAN = struct.Struct("=II").pack
 _REJECT = int(abi.SvcnetAction.REJECT)
 _DROP = int(abi.SvcnetAction.DROP)
+_PASS = int(abi.SvcnetAction.PASS)
 _ZERO_KEY = struct.pack("=I", 0)
 _EMPTY_SPAN = (0xFFFFFFFF, 0)  # lo > hi: no entry
 
@@ -41,6 +42,7 @@ class ClusterView(Protocol):
     """What ServiceSpaceSync reads of kproxy.store.ClusterStore."""
 
     cluster_ips: Any  # Mapping[str, int]
+    cluster_ips_changed: set[str]
     service_cidrs_version: int
 
     @property
@@ -68,91 +70,110 @@ class ServiceSpaceSync:
         self.programmed: dict[Key, int] = {}  # key -> action
         self._cidrs: set[Key] = set()  # the service CIDRs as keys (DROP unless a ClusterIP is there)
         self._cidrs_version = -1
-        self._span = _EMPTY_SPAN
+        self._span: tuple[int, int] | None = _EMPTY_SPAN  # None: unknown, written from programmed
         self.errors = 0
 
     def adopt(self) -> None:
-        """Rebuild the programmed view from the maps (the next full sync removes what is stale)."""
+        """Rebuild the programmed view from the trie (the next full sync removes what is stale). The
+        span is recomputed from the entries on the next sync: a span map the loader just created reads
+        as zeros, which is no span at all."""
         self.programmed = {(k.prefixlen, k.addr): int(v.action) for k, v in self.trie.items()}
-        got = self.span_map.get(ctypes.c_uint32(0))
-        self._span = (int(got.lo), int(got.hi)) if got is not None else _EMPTY_SPAN
+        self._span = None
 
     def sync(self, store: ClusterView, full: bool = False) -> int:
         """Write what changed in the store's ClusterIPs and service CIDRs (everything if `full`).
-        Returns the number of entries written or deleted."""
+        Returns the number of entries written or deleted. What could not be written (a write error, a
+        full map) is tried again on the next sync."""
         changed = store.take_cluster_ips_changed()
-        cluster_ips = store.cluster_ips
         cidrs_changed = full or store.service_cidrs_version != self._cidrs_version
-        if not (changed or cidrs_changed):
+        if not (changed or cidrs_changed or self._span is None):
             return 0
-        want: dict[Key, int] = {}  # key -> action, for the keys considered
+        cluster_ips = store.cluster_ips
+        foreign = getattr(store, "foreign_cluster_ips", {})
+        new_cidrs = self._cidrs
         considered: set[Key] = set()
         if cidrs_changed:
-            new_cidrs: set[Key] = set()
+            new_cidrs = set()
             for cidr in store.service_cidrs:
                 net = ipaddress.IPv4Network(cidr, strict=False)
                 new_cidrs.add((net.prefixlen, _nbo(str(net.network_address))))
             considered |= self._cidrs | new_cidrs
-            self._cidrs = new_cidrs
-            self._cidrs_version = store.service_cidrs_version
         if full:
-            considered |= {k for k, a in self.programmed.items()}
+            considered |= set(self.programmed)
             considered |= {(32, _nbo(ip)) for ip in cluster_ips}
+            considered |= {(32, _nbo(ip)) for ip in foreign}
         else:
             considered |= {(32, _nbo(ip)) for ip in changed}
+        want: dict[Key, int] = {}
         for key in considered:
-            if key[0] == 32 and cluster_ips.get(abi.nbo_to_ip(key[1])):
-                want[key] = _REJECT  # a ClusterIP (also when a /32 service CIDR says the same address)
-            elif key in self._cidrs:
+            if key[0] == 32:
+                ip = abi.nbo_to_ip(key[1])
+                if cluster_ips.get(ip):
+                    want[key] = _REJECT  # a ClusterIP (also when a /32 service CIDR says the same address)
+                    continue
+                if foreign.get(ip):
+                    want[key] = _PASS  # another proxy's: its traffic is not ours to judge
+                    continue
+            if key in new_cidrs:
                 want[key] = _DROP
         puts = [(k, a) for k, a in want.items() if self.programmed.get(k) != a]
         dels = [k for k in considered if k not in want and k in self.programmed]
-        if not puts and not dels:
-            return 0
+        complete = True
         if puts:
             room = self.trie.max_entries - (len(self.programmed) - len(dels))
-            new_keys = sum(1 for k, _ in puts if k not in self.programmed)
-            if new_keys > room:
+            fresh = [(k, a) for k, a in puts if k not in self.programmed]
+            if len(fresh) > room:
                 self.errors += 1
+                complete = False
                 log.error(
                     "map %s is full (%d entries): %d service addresses not written, packets to their "
-                    "unknown ports pass", self.trie.name, self.trie.max_entries, new_keys - room,
+                    "unknown ports pass; retried on the next change", self.trie.name, self.trie.max_entries,
+                    len(fresh) - max(room, 0),
                 )  # fmt: skip
-                fresh = [(k, a) for k, a in puts if k not in self.programmed]
                 puts = [(k, a) for k, a in puts if k in self.programmed] + fresh[: max(room, 0)]
-        span = self._span
-        lo, hi = span
+        lo, hi = self._span if self._span is not None else _EMPTY_SPAN
         for k, _ in puts:
             klo, khi = _bounds(k)
             lo, hi = min(lo, klo), max(hi, khi)
         try:
             if puts:
-                # span first: the new entries are within it before a packet can match them
-                if (lo, hi) != span:
+                # the span first: new entries are inside it before a packet can match them
+                if self._span is None or (lo, hi) != self._span:
                     self.span_map.put_many([(_ZERO_KEY, _PACK_SPAN(lo, hi))])
+                    self._span = (lo, hi)
                 self.trie.put_many([(_PACK_KEY(*k), _PACK_VAL(a)) for k, a in puts])
-                for k, a in puts:
-                    self.programmed[k] = a
+                self.programmed.update(puts)
             if dels:
                 self.trie.delete_many([_PACK_KEY(*k) for k in dels])
                 for k in dels:
                     del self.programmed[k]
+            # narrow the span when an entry at its edge went, or when it is not known (after adopt):
+            # one pass over the entries, rare
+            if (
+                self._span is None
+                or full
+                or (dels and any(_bounds(k)[0] == lo or _bounds(k)[1] == hi for k in dels))
+            ):
+                lo, hi = _EMPTY_SPAN
+                for k in self.programmed:
+                    klo, khi = _bounds(k)
+                    lo, hi = min(lo, klo), max(hi, khi)
+            if (lo, hi) != self._span:
+                self.span_map.put_many([(_ZERO_KEY, _PACK_SPAN(lo, hi))])
+                self._span = (lo, hi)
         except (OSError, MapFullError) as err:
             self.errors += 1
-            log.error("writing the service address space failed: %s", err)
+            log.error("writing the service address space failed (retried on the next change): %s", err)
+            store.cluster_ips_changed |= changed
+            self.adopt()  # what the map holds now, whatever part of the batch went in
             return 0
-        # shrink the span only when an entry at its edge went (rare; one pass over the entries)
-        if dels and any(_bounds(k)[0] == lo or _bounds(k)[1] == hi for k in dels):
-            lo, hi = _EMPTY_SPAN
-            for k in self.programmed:
-                klo, khi = _bounds(k)
-                lo, hi = min(lo, klo), max(hi, khi)
-        if (lo, hi) != self._span:
-            self.span_map.put_many([(_ZERO_KEY, _PACK_SPAN(lo, hi))])
-            self._span = (lo, hi)
-        n = len(puts) + len(dels)
+        if complete:
+            self._cidrs = new_cidrs
+            self._cidrs_version = store.service_cidrs_version
+        else:
+            store.cluster_ips_changed |= changed
         log.debug("service address space: %d written, %d deleted", len(puts), len(dels))
-        return n
+        return len(puts) + len(dels)
 
     @property
     def cidrs_version(self) -> int:
@@ -161,14 +182,14 @@ class ServiceSpaceSync:
 
     @property
     def span(self) -> tuple[str, str] | None:
-        lo, hi = self._span
+        lo, hi = self._span if self._span is not None else _EMPTY_SPAN
         if lo > hi:
             return None
         return str(ipaddress.IPv4Address(lo)), str(ipaddress.IPv4Address(hi))
 
     def entries(self) -> dict[str, str]:
-        """CIDR -> "reject" | "drop", for the CLI and tests."""
+        """CIDR -> "reject" | "drop" | "pass", for the CLI and tests."""
         out = {}
         for (plen, nbo), a in sorted(self.programmed.items(), key=lambda kv: (_bounds(kv[0]), kv[0][0])):
-            out[f"{abi.nbo_to_ip(nbo)}/{plen}"] = "reject" if a == _REJECT else "drop"
+            out[f"{abi.nbo_to_ip(nbo)}/{plen}"] = abi.SvcnetAction(a).name.lower()
         return out

@@ -646,14 +646,13 @@ class Syncer:
                 if service not in desired and service != ORPHANS:
                     chunk.append(self._plan(service, ()))
         admitted = self._admit(chunk, report)
-        orphans = self._services.get(ORPHANS)
-        if full and orphans is not None:
-            # What adopt() found and no Service claimed is stale now that the view is complete.
-            for p in admitted:
-                for fk in p.claimed:
-                    orphans.frontends.pop(fk, None)
-            admitted.append(self._plan(ORPHANS, ()))
         self._apply_plans(admitted, report, flush, admitted=True)
+        if full and ORPHANS in self._services:
+            # What adopt() found and no Service claimed is stale now that the view is complete. Planned
+            # after the Services are committed: only their committed plans took adopted frontends over
+            # (_commit); a frontend a failed plan claimed goes with the orphans, slots and backend ids
+            # together, never leaving slots that name freed ids.
+            self._apply_plans([self._plan(ORPHANS, ())], report, flush)
         self._flush(flush, report)
         if full:
             self._adopted.clear()  # every adopted id was claimed or freed with the orphans

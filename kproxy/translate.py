@@ -97,11 +97,19 @@ def skip_reason(svc: Service) -> str | None:
 
 
 def nodeport_addresses(node: NodeInfo, cfg: TranslateConfig) -> list[str]:
-    """The IPv4 node addresses NodePorts are served on."""
+    """The IPv4 node addresses NodePorts are served on: the node's InternalIPs by default (kube-proxy's
+    "primary"); with --nodeport-addresses, every address of the node's interfaces in those CIDRs (as
+    kube-proxy picks them), InternalIPs included, loopback never (kube-proxy's nftables mode)."""
     v4 = [a for a in node.addresses if _is_v4(a)]
     if not cfg.nodeport_addresses:
         return v4
-    return [a for a in v4 if any(ipaddress.ip_address(a) in net for net in cfg.nodeport_addresses)]
+    cands = v4 + [a for a in node.host_addresses if _is_v4(a) and a not in v4]
+    out = []
+    for a in cands:
+        ip = ipaddress.IPv4Address(a)
+        if not ip.is_loopback and any(ip in net for net in cfg.nodeport_addresses):
+            out.append(a)
+    return out
 
 
 def lb_source_ranges(

@@ -45,8 +45,11 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 	__u32 quote_len;
 	__s64 sum;
 
-	if (kp_frag_get() == KP_FRAG_LATER)
-		goto fail;   /* nothing to quote that the sender could match: its first fragment is answered */
+	if (kp_frag_get() == KP_FRAG_LATER) {
+		/* nothing to quote that the sender could match: its first fragment was answered */
+		kp_count(KP_DROP_FRAGMENT, p->len);
+		return TC_ACT_SHOT;
+	}
 	quote_len = p->ip_hlen;
 	/* clang-19 knows ip_hlen <= 60 and drops any mask or range check, so the verifier (6.18) sees
 	 * an unbounded length. Hide the value from clang, then bound it where the verifier sees it. */

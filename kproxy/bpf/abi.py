@@ -96,6 +96,7 @@ class ConfigFlag(enum.IntFlag):
 class SvcnetAction(enum.IntEnum):
     REJECT = 1  # a ClusterIP: ports and protocols it does not serve are answered port unreachable
     DROP = 2  # a service CIDR: addresses not allocated are dropped
+    PASS = 3  # a ClusterIP another proxy serves (service-proxy-name label): left to it
 
 
 class DsrMode(enum.IntEnum):
@@ -168,6 +169,7 @@ class Stat(enum.IntEnum):
     DROP_CLUSTER_IP_EXTERNAL = 49
     FRAG_FIRST = 50
     FRAG_LATER = 51
+    DROP_FRAGMENT = 52
 
 
 STAT_MAX = 64

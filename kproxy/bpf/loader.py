@@ -198,7 +198,7 @@ def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROO
     root = os.path.abspath(bpffs_root)
     done: list[str] = []
     if _on_bpffs(d):
-        return done
+        return done + migrate_legacy_pins(d)
     if os.path.lexists(d) and not os.path.isdir(d):
         raise BpffsError(f"--bpffs {d} is not a directory: pass a directory on a bpf filesystem")
     if _under(d, root) and not _on_bpffs(root):
@@ -229,7 +229,43 @@ def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROO
         raise BpffsError(f"cannot create {d} on the bpf filesystem at {parent}: {exc.strerror}") from exc
     done.append(f"created {d}")
     log.info("%s", done[-1])
-    return done
+    return done + migrate_legacy_pins(d)
+
+
+# Everything a kproxy agent pins in its directory (the socket-LB object's map besides the TC object's).
+LEGACY_PIN_NAMES = (*abi.ALL_MAPS, "kp_sknat4_v1", LINKS_DIR)
+
+
+def migrate_legacy_pins(pin_dir: str) -> list[str]:
+    """Move the pins of an agent that used PIN_DIR's parent as its --bpffs (the chart before it pinned
+    under /sys/fs/bpf/kproxy) into PIN_DIR, so this agent adopts them: its maps keep their state and
+    its links are updated in place instead of the old programs staying attached, working from maps
+    nothing updates any more. Only when the parent holds kproxy's service map and PIN_DIR has none;
+    a name PIN_DIR already has is left alone. Returns what was done, as logged."""
+    parent = os.path.dirname(pin_dir.rstrip("/"))
+    if not parent or parent == pin_dir:
+        return []
+    if not os.path.exists(os.path.join(parent, abi.MAP_SVC4)) or os.path.exists(
+        os.path.join(pin_dir, abi.MAP_SVC4)
+    ):
+        return []
+    if not (_on_bpffs(parent) and os.stat(parent).st_dev == os.stat(pin_dir).st_dev):
+        return []
+    moved = []
+    for name in LEGACY_PIN_NAMES:
+        src, dst = os.path.join(parent, name), os.path.join(pin_dir, name)
+        if os.path.lexists(src) and not os.path.lexists(dst):
+            try:
+                os.rename(src, dst)
+            except OSError as exc:
+                log.warning("cannot move %s to %s: %s", src, dst, exc.strerror)
+                continue
+            moved.append(name)
+    if not moved:
+        return []
+    done = f"moved the pins of an earlier agent from {parent} to {pin_dir}: {', '.join(moved)}"
+    log.info("%s", done)
+    return [done]
 
 
 class Loader:

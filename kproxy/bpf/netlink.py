@@ -208,3 +208,11 @@ async def follow(
         if follower.sock is not None:
             loop.remove_reader(follower.fileno())
         follower.close()
+
+
+def ipv4_addresses() -> list[str]:
+    """Every IPv4 address of this network namespace's interfaces (loopback's included; callers filter)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]

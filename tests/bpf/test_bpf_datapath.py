@@ -784,4 +784,5 @@ def test_later_fragment_to_a_service_without_backends_is_dropped_not_answered(dp
     first, later = fragments(CLIENT, SVC, udp(CLIENT, SVC, CPORT, SPORT, bytes(2000)))
     assert dp.run("kp_from_pod", first).retval == TC_ACT_REDIRECT
     assert dp.run("kp_from_pod", later).retval == TC_ACT_SHOT
-    assert dp.stat(Stat.REJECT)[0] == 1 and dp.stat(Stat.DROP_REJECT_FAILED)[0] == 1
+    assert dp.stat(Stat.REJECT)[0] == 1 and dp.stat(Stat.DROP_FRAGMENT)[0] == 1
+    assert dp.stat(Stat.DROP_REJECT_FAILED)[0] == 0

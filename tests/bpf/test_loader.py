@@ -6,6 +6,7 @@ only the calling thread; the agent itself runs that way), sharing the test's pri
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import textwrap
@@ -218,3 +219,27 @@ def test_real_object_loads(bpffs: Path, tc_object: Path) -> None:
             assert lb.prog_info(obj.program(name).fd).name == name
     Loader(bpffs, tc_object).cleanup()
     assert bpffs_files(bpffs) == set()
+
+
+def test_pins_of_an_agent_that_used_the_parent_are_taken_over(bpffs: Path, probe_object: Path) -> None:
+    """The chart pinned at the root of /sys/fs/bpf before it used /sys/fs/bpf/kproxy: the new agent moves
+    those pins into its directory and adopts them (state kept; links updated, not duplicated)."""
+    from kproxy.bpf.loader import prepare_pin_dir
+
+    with Loader(bpffs, probe_object) as old:
+        old.load()
+        with old.open_maps() as km:
+            km.be4.put_many([(ctypes.c_uint32(7), abi.Be4Val(abi.ip_to_nbo("10.0.0.7"), 80, 6, 0, 0))])
+    (bpffs / "unrelated_tool_pin").mkdir()
+    new_dir = bpffs / "kproxy"
+    done = prepare_pin_dir(new_dir, bpffs_root=str(bpffs))
+    assert done and done[-1].startswith(f"moved the pins of an earlier agent from {bpffs} to {new_dir}")
+    assert not (bpffs / abi.MAP_SVC4).exists() and (new_dir / abi.MAP_SVC4).exists()
+    assert (bpffs / "unrelated_tool_pin").is_dir(), "only kproxy's own pins move"
+    with Loader(new_dir, probe_object) as new:
+        new.load()
+        with new.open_maps() as km:
+            got = km.be4.get(ctypes.c_uint32(7))
+            assert got is not None and abi.nbo_to_ip(got.addr) == "10.0.0.7"
+    assert prepare_pin_dir(new_dir, bpffs_root=str(bpffs)) == [], "a second start moves nothing"
+    Loader(new_dir, probe_object).cleanup()

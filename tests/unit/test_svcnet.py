@@ -48,8 +48,11 @@ def test_cluster_ips_of_served_services_are_rejected_for_unknown_ports():
     st.upsert_service(svc_raw("n", cluster_ip="10.96.9.8", ports=[]))
     st.mark_initial_sync_done()
     sync_dirty(st, s, CFG, full=True)
-    assert entries(maps) == {"10.96.0.10/32": "reject", "10.96.3.7/32": "reject"}
-    assert span(maps) == ("10.96.0.10", "10.96.3.7")
+    # another proxy's ClusterIP: PASS, so a service CIDR around it never drops its traffic
+    assert entries(maps) == {"10.96.0.10/32": "reject", "10.96.3.7/32": "reject", "10.96.9.9/32": "pass"}
+    assert span(maps) == ("10.96.0.10", "10.96.9.9")
+    st.delete_service("default", "o")
+    sync_dirty(st, s, CFG)
     # a Service going away takes its entry and shrinks the span
     st.delete_service("default", "b")
     sync_dirty(st, s, CFG)
@@ -149,3 +152,42 @@ def test_service_cidr_objects_from_manifests(caplog):
     assert st.service_cidrs == ["10.96.0.0/12"]  # the last good version stays
     st.delete_service_cidrs("ServiceCIDR/kubernetes")
     assert st.service_cidrs == []
+
+
+def test_adopting_a_fresh_span_map_does_not_make_the_span_start_at_zero():
+    """A span array the loader just created reads as zeros: [0.0.0.0, 0.0.0.0] widened by the first
+    entry would send every packet below the service range through the trie lookup."""
+    st, s, maps = setup()
+    maps.svcnet_span.put_many([(ctypes.c_uint32(0), abi.SvcnetSpan(0, 0))])  # what the kernel gives
+    s.adopt()
+    st.set_service_cidrs("flag", ["10.96.0.0/12"])
+    st.upsert_service(svc_raw("a", cluster_ip="10.96.0.10"))
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    assert span(maps) == ("10.96.0.0", "10.111.255.255")
+    # and a stale, too wide span left by a crash is narrowed by the next full sync after adopt
+    maps.svcnet_span.put_many([(ctypes.c_uint32(0), abi.SvcnetSpan(0, 0xFFFFFFFF))])
+    s2 = Syncer(maps)
+    s2.adopt()
+    sync_dirty(st, s2, CFG, full=True)
+    assert span(maps) == ("10.96.0.0", "10.111.255.255")
+
+
+def test_a_failed_write_is_retried_on_the_next_sync():
+    st, s, maps = setup()
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    real_put = maps.svcnet4.put_many
+
+    def failing(items):
+        raise OSError(28, "No space left on device")
+
+    maps.svcnet4.put_many = failing  # type: ignore[method-assign]
+    st.upsert_service(svc_raw("a", cluster_ip="10.96.0.10"))
+    st.set_service_cidrs("flag", ["10.96.0.0/16"])
+    sync_dirty(st, s, CFG)
+    assert entries(maps) == {} and s.svcnet.errors == 1
+    maps.svcnet4.put_many = real_put  # type: ignore[method-assign]
+    s.svcnet.sync(st)  # nothing else changed: what failed is written now
+    assert entries(maps) == {"10.96.0.0/16": "drop", "10.96.0.10/32": "reject"}
+    assert span(maps) == ("10.96.0.0", "10.96.255.255")

@@ -590,3 +590,30 @@ def test_same_pod_port_on_two_named_nodes_and_restart_keeps_both_ids():
     s2.apply({"a/x": []})
     assert maps.be4.get(ctypes.c_uint32(ids["n2"])) is None
     assert maps.be4.get(ctypes.c_uint32(ids["n1"])) is not None
+
+
+def test_a_plan_that_fails_after_claiming_adopted_entries_leaves_no_slot_naming_a_freed_id():
+    """After a restart, a Service takes its adopted frontend over; if its writes then fail (a full map),
+    that frontend goes with the orphans, slots and backends together."""
+    maps = MemoryMapSet()
+    s1 = Syncer(maps)
+    s1.apply({"a/x": [fe([be("10.0.0.1")], service="a/x")]}, full=True)
+    s2 = Syncer(maps)
+    s2.adopt()
+    real_put = maps.svc4.put_many
+    calls = {"n": 0}
+
+    def full_once(items):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # the batch, then the service-by-service retry
+            raise MapFullError(abi.MAP_SVC4, 0, 1)
+        return real_put(items)
+
+    maps.svc4.put_many = full_once  # type: ignore[method-assign]
+    r = s2.apply({"a/x": [fe([be("10.0.0.1"), be("10.0.0.2")], service="a/x")]}, full=True)
+    maps.svc4.put_many = real_put  # type: ignore[method-assign]
+    assert "a/x" in r.failed
+    backends = {int(k.value) for k, _ in maps.be4.items()}
+    for k, v in maps.svc4.items():
+        if k.slot:
+            assert v.backend_id in backends, f"slot {k.slot} names freed backend {v.backend_id}"

@@ -64,6 +64,35 @@ def test_nodeport_addresses_cidrs_select_node_addresses():
     assert [f.address for f in nps] == ["10.1.0.5"]
 
 
+def test_nodeport_addresses_cidrs_select_every_interface_address():
+    """kube-proxy serves NodePorts on every address of the node in --nodeport-addresses, not only its
+    InternalIPs (TestNodePorts "multiple nodeport-addresses"); never on loopback (nftables mode)."""
+    node = NodeInfo(
+        "node-a", ("192.168.0.2",), host_addresses=("127.0.0.1", "192.168.0.2", "192.1.2.3", "10.9.9.9")
+    )
+    s = svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}])
+    cfg = TranslateConfig.from_cidrs(["192.168.0.0/24", "192.1.2.0/24", "127.0.0.0/8"])
+    nps = by_type(tr(s, [es()], node=node, cfg=cfg), "NodePort")
+    assert [f.address for f in nps] == ["192.168.0.2", "192.1.2.3"]
+    # without the flag: the InternalIPs only, whatever the interfaces have
+    assert [f.address for f in by_type(tr(s, [es()], node=node), "NodePort")] == ["192.168.0.2"]
+
+
+def test_host_addresses_survive_a_node_update_and_dirty_every_service():
+    from unit_objects import svc_raw
+
+    from kproxy.store import ClusterStore
+
+    st = ClusterStore(NodeInfo("node-a", ("192.168.0.2",)))
+    st.upsert_service(svc_raw("a"))
+    st.take_dirty()
+    assert st.set_host_addresses(["192.1.2.3", "192.168.0.2"])
+    assert st.take_dirty() == {"default/a"}
+    assert not st.set_host_addresses(["192.168.0.2", "192.1.2.3"])
+    st.set_node(NodeInfo("node-a", ("192.168.0.2",), zone="z"))  # from the Node object
+    assert st.node.host_addresses == ("192.1.2.3", "192.168.0.2") and st.node.zone == "z"
+
+
 def test_nodeport_without_allocated_port_is_counted():
     skipped: Counter[str] = Counter()
     fes = tr(svc(type="NodePort"), [es()], skipped=skipped)

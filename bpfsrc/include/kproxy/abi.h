@@ -267,6 +267,8 @@ enum kp_stat {
 	KP_DROP_CLUSTER_IP_EXTERNAL = 49, /* to a ClusterIP from outside the node, with that switched off */
 	KP_STAT_FRAG_FIRST = 50,        /* first fragments of TCP/UDP datagrams: ports recorded (kp_frag4_v1) */
 	KP_STAT_FRAG_LATER = 51,        /* later fragments handled with their first fragment's ports */
+	KP_DROP_FRAGMENT = 52,          /* a later fragment of a datagram answered port unreachable (its first
+	                                 * fragment carried the answer) */
 	KP_STAT_MAX = 64,
 };
 
@@ -335,6 +337,7 @@ struct kp_lbsrc4_val {
 enum kp_svcnet_action {
 	KP_SVCNET_REJECT = 1,
 	KP_SVCNET_DROP = 2,
+	KP_SVCNET_PASS = 3,   /* a ClusterIP another proxy serves (service-proxy-name): not judged */
 };
 
 struct kp_svcnet4_key {
