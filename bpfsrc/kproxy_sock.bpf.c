@@ -16,6 +16,7 @@
 #include <bpf/bpf_helpers.h>
 #include "maps.h"
 #include "lib/lb.h"
+#include "lib/svcnet.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -39,12 +40,14 @@ struct {
 /* errno values; <errno.h> is glibc's and does not build for -target bpf. */
 #define KP_ENOMEM       12
 #define KP_ECONNREFUSED 111
+#define KP_EHOSTUNREACH 113
 
 enum kp_sock_verdict {
 	KP_SOCK_PASS = 0,      /* not a frontend: leave the address alone */
 	KP_SOCK_XLATED = 1,    /* rewritten to a backend */
 	KP_SOCK_REFUSE = 2,    /* frontend without a usable backend */
 	KP_SOCK_NOMEM = 3,     /* UDP reverse entry not written: replies could not be matched */
+	KP_SOCK_UNREACH = 4,   /* an unallocated address of a service CIDR */
 };
 
 /* Socket hooks run in process context and may be preempted on their CPU: add atomically. */
@@ -103,8 +106,20 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 	p.proto = proto;
 	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
 	svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
-	if (!svc)
+	if (!svc) {
+		/* The service address space, as for pods (lib/svcnet.h): a ClusterIP's unknown port or
+		 * protocol is refused as kube-proxy's REJECT refuses it; an unallocated service address fails
+		 * at once instead of timing out behind kube-proxy's DROP. */
+		switch (kp_svcnet_action(p.daddr)) {
+		case KP_SVCNET_REJECT:
+			kp_sock_count(KP_STAT_SVCNET_REJECT);
+			return KP_SOCK_REFUSE;
+		case KP_SVCNET_DROP:
+			kp_sock_count(KP_DROP_SVCNET);
+			return KP_SOCK_UNREACH;
+		}
 		return KP_SOCK_PASS;
+	}
 	svc_copy = *svc;
 	if (svc_copy.count == 0) {
 		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);
@@ -154,6 +169,9 @@ static __always_inline int kp_sock_verdict(int v, __u32 stat)
 		return KP_SYS_REJECT;
 	case KP_SOCK_NOMEM:
 		bpf_set_retval(-KP_ENOMEM);
+		return KP_SYS_REJECT;
+	case KP_SOCK_UNREACH:
+		bpf_set_retval(-KP_EHOSTUNREACH);
 		return KP_SYS_REJECT;
 	}
 	return KP_SYS_PROCEED;

@@ -331,6 +331,37 @@ def test_service_without_backends_is_refused_at_once(socklab: SockLab) -> None:
 
 
 @pytest.mark.root
+def test_service_address_space_holds_for_node_processes(socklab: SockLab) -> None:
+    """kube-proxy's cluster-ips-check runs in OUTPUT too: a node process connecting to a ClusterIP's
+    unknown port or protocol is refused; to an unallocated service address it fails at once
+    (EHOSTUNREACH) instead of timing out behind a DROP; another proxy's ClusterIP is left alone."""
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+
+    def put(cidr: str, action: abi.SvcnetAction) -> None:
+        net, plen = cidr.split("/")
+        socklab.maps.svcnet4.put_many(
+            [(abi.Svcnet4Key(int(plen), abi.ip_to_nbo(net)), abi.Svcnet4Val(action))]
+        )
+
+    put("10.96.0.0/16", abi.SvcnetAction.DROP)
+    put(f"{VIP}/32", abi.SvcnetAction.REJECT)
+    put("10.96.0.77/32", abi.SvcnetAction.PASS)
+    socklab.maps.svcnet_span.put_many(
+        [(ctypes.c_uint32(0), abi.SvcnetSpan(int.from_bytes(bytes([10, 96, 0, 0]), "big"),
+                                              int.from_bytes(bytes([10, 96, 255, 255]), "big")))]
+    )  # fmt: skip
+    r = socklab.client(
+        f"[tcp({VIP!r}, 80), tcp({VIP!r}, 81), udp({VIP!r}, 80, connected=True), tcp('10.96.5.5', 80),"
+        f" udp('10.96.5.5', 53)]"
+    )
+    assert r[0]["backend"] == BACKENDS[0]
+    assert r[1:] == [{"error": "ECONNREFUSED"}] * 2 + [{"error": "EHOSTUNREACH"}] * 2
+    assert socklab.stat(abi.Stat.SVCNET_REJECT) == 2 and socklab.stat(abi.Stat.DROP_SVCNET) == 2
+    # another proxy's ClusterIP: not judged (the connection goes out as the process asked)
+    assert socklab.client("tcp('10.96.0.77', 80)").get("error") != "EHOSTUNREACH"
+
+
+@pytest.mark.root
 def test_connections_spread_over_all_backends(socklab: SockLab) -> None:
     socklab.service(VIP, 80, TCP, BACKENDS)
     r = socklab.client(f"[tcp({VIP!r}, 80) for _ in range(60)]")
