@@ -81,12 +81,15 @@ def _is_v4(address: str) -> bool:
 
 
 def skip_reason(svc: Service) -> str | None:
-    """Why kproxy serves none of this Service, or None. The values are counters' reasons."""
+    """Why kproxy serves none of this Service, or None. The values are counters' reasons.
+
+    As kube-proxy 1.36 filters its Service watch: the service-proxy-name label and clusterIP None.
+    The service.kubernetes.io/headless label filters EndpointSlices, not Services (see
+    _endpoints_for_port): the EndpointSlice controller puts it on the slices of headless Services only.
+    """
     labels = svc.metadata.labels
     if SERVICE_PROXY_NAME_LABEL in labels:
         return "other_proxy"
-    if HEADLESS_LABEL in labels:
-        return "headless"
     spec = svc.spec
     if spec.type == "ExternalName":
         return "external_name"
@@ -160,8 +163,8 @@ def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: Node
     """Endpoints of one Service port, merged over slices and de-duplicated by address and port."""
     by_addr: dict[tuple[str, int], _Ep] = {}
     for es in slices:
-        if es.address_type != "IPv4":
-            continue
+        if es.address_type != "IPv4" or HEADLESS_LABEL in es.metadata.labels:
+            continue  # kube-proxy's EndpointSlice watch leaves out slices labelled headless
         port = None
         for p in es.ports:
             if p.name == sp.name and p.protocol == sp.protocol:
@@ -286,7 +289,9 @@ def translate_service(
     if len(slice_list) > 1:
         slice_list.sort(key=lambda s: s.metadata.name)
     for es in slice_list:
-        if es.address_type != "IPv4":
+        if HEADLESS_LABEL in es.metadata.labels:
+            skipped["endpointslice_headless"] += 1
+        elif es.address_type != "IPv4":
             skipped[f"endpointslice_{es.address_type.lower()}"] += 1
 
     cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])

@@ -238,13 +238,25 @@ def test_no_endpoints_gives_empty_frontend_that_rejects():
         (dict(cluster_ip="None"), "headless"),
         (dict(type="ExternalName", cluster_ip=None, externalName="example.com"), "external_name"),
         (dict(labels={"service.kubernetes.io/service-proxy-name": "other"}), "other_proxy"),
-        (dict(labels={"service.kubernetes.io/headless": ""}), "headless"),
     ],
 )
 def test_skipped_services(service, reason):
     skipped: Counter[str] = Counter()
     assert tr(svc(**service), [es()], skipped=skipped) == []
     assert skipped[reason] == 1
+
+
+def test_headless_label_filters_endpointslices_not_services():
+    """kube-proxy 1.36: its Service watch filters service-proxy-name and clusterIP None only; its
+    EndpointSlice watch leaves out slices labelled service.kubernetes.io/headless."""
+    labelled = slice_raw(endpoints=[ep("10.0.0.9")])
+    labelled["metadata"]["labels"]["service.kubernetes.io/headless"] = ""
+    labelled["metadata"]["name"] = "web-headless"
+    skipped: Counter[str] = Counter()
+    (fe,) = tr(svc(labels={"service.kubernetes.io/headless": ""}), [es(), parse_endpoint_slice(labelled)],
+               skipped=skipped)  # fmt: skip
+    assert addrs(fe) == [("10.0.0.1", 8080), ("10.0.0.2", 8080)]  # the Service is served, that slice is not
+    assert skipped["endpointslice_headless"] == 1
 
 
 def test_sctp_port_skipped_and_counted():
