@@ -32,6 +32,31 @@ static __always_inline int kp_parse_counted(struct __sk_buff *skb, struct kp_pkt
 	return ret;
 }
 
+/* An ICMP error about a SNATed flow, translated by kp_icmp_snat(), forwarded to the client; -1 if the
+ * packet is no such error. */
+static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const struct kp_pkt *p)
+{
+	struct bpf_fib_lookup *fib;
+	__be32 dst = 0, src = 0;
+	int res;
+
+	res = kp_icmp_snat(skb, p, &dst, &src);
+	if (res == 0)
+		return -1;
+	if (res < 0) {
+		kp_count(KP_DROP_NAT_FAILED, p->len);
+		return TC_ACT_SHOT;
+	}
+	fib = kp_fib_room();
+	res = kp_fib_lookup(skb, fib, src, dst, 0);
+	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
+		kp_count(KP_DROP_FIB, p->len);
+		return TC_ACT_SHOT;
+	}
+	kp_count(KP_STAT_ICMP_SNAT, p->len);
+	return kp_fib_redirect(skb, fib, res);
+}
+
 /*
  * Hook: tc ingress of a pod's host-side veth. Direction: pod -> node (what the pod sends).
  *   to a service frontend: DNAT (kp_lb4_forward, scope INT for TWO_SCOPES services)
@@ -74,6 +99,13 @@ int kp_from_pod(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
+		/* An error this pod sends about a flow SNATed to it (it answers the node's address). */
+		cfg = kp_config();
+		if (cfg && cfg->node_addr && p.daddr == cfg->node_addr) {
+			ret = kp_icmp_snat_forward(skb, &p);
+			if (ret >= 0)
+				return ret;
+		}
 		return kp_icmp_revnat(skb, &p);
 	}
 	return TC_ACT_OK;
@@ -93,30 +125,6 @@ int kp_to_pod(struct __sk_buff *skb)
 		return kp_icmp_revnat(skb, &p);
 	}
 	return TC_ACT_OK;
-}
-
-/* An ICMP error about a SNATed flow, translated by kp_icmp_snat(), forwarded to the client. */
-static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const struct kp_pkt *p)
-{
-	struct bpf_fib_lookup *fib;
-	__be32 dst = 0, src = 0;
-	int res;
-
-	res = kp_icmp_snat(skb, p, &dst, &src);
-	if (res == 0)
-		return TC_ACT_OK;
-	if (res < 0) {
-		kp_count(KP_DROP_NAT_FAILED, p->len);
-		return TC_ACT_SHOT;
-	}
-	fib = kp_fib_room();
-	res = kp_fib_lookup(skb, fib, src, dst, 0);
-	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
-		kp_count(KP_DROP_FIB, p->len);
-		return TC_ACT_SHOT;
-	}
-	kp_count(KP_STAT_ICMP_SNAT, p->len);
-	return kp_fib_redirect(skb, fib, res);
 }
 
 static __always_inline int kp_no_external_cluster_ip(void)
@@ -177,7 +185,8 @@ int kp_from_netdev(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
-		return kp_icmp_snat_forward(skb, &p);
+		ret = kp_icmp_snat_forward(skb, &p);
+		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
 		if (svc) {

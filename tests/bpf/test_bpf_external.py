@@ -726,6 +726,27 @@ def test_snat_icmp_errors_reach_the_client_translated(dp: Datapath, lab: Lab) ->
     assert port == sent.sport
 
 
+def test_icmp_error_of_a_local_pod_about_a_flow_snated_to_it_reaches_the_client(
+    dp: Datapath, lab: Lab
+) -> None:
+    """An endpoint without nodeName that is a pod of the ingress node gets SNATed traffic; its ICMP
+    errors about that flow come back on its own veth (kp_from_pod), not the netdev."""
+    set_cfg(dp)
+    unnamed = Backend(3, BE_LOCAL.addr, 8080)  # not flagged local, no node address: SNAT
+    nodeport(dp, unnamed)
+    sent = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out)
+    assert (sent.src, sent.dst) == (NODE, unnamed.addr)
+    err = frame(unnamed.addr, NODE, icmp(3, 3, 0, sent.l3 + sent.l4[:8]), IPPROTO_ICMP)
+    out = run_in(dp, lab, "kp_from_pod", err)
+    ok(out, TC_ACT_REDIRECT)
+    got = parse(out.data_out)
+    assert (got.src, got.dst) == (NODE, CLIENT)  # from the frontend the client talked to
+    inner = got.l4[8:]
+    assert inner[12:20] == bytes(map(int, CLIENT.split("."))) + bytes(map(int, NODE.split(".")))
+    assert struct.unpack("!HH", inner[20:24]) == (CPORT, NODEPORT)
+    assert dp.stat(Stat.ICMP_SNAT)[0] == 1
+
+
 # ---- DSR ----
 def test_dsr_opt_ingress_and_backend_node(dp: Datapath, lab: Lab) -> None:
     set_cfg(dp, dsr=DsrMode.OPT)
