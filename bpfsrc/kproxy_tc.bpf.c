@@ -84,6 +84,11 @@ int kp_from_pod(struct __sk_buff *skb)
 			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
 			if (ret >= 0)
 				return ret;
+		} else if (p.proto == IPPROTO_TCP && kp_svcnet_span_has(p.daddr)) {
+			/* a connection to a ClusterIP port deleted while it lived */
+			ret = kp_ct_continue(skb, &p);
+			if (ret >= 0)
+				return ret;
 		}
 		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
 		cfg = kp_config();

@@ -117,6 +117,9 @@ struct {
 struct kp_scratch {
 	struct bpf_fib_lookup fib;  /* kp_lb4_xlate's route lookup */
 	__u32 frag;                 /* enum kp_frag of the packet being handled (lib/parse.h) */
+	__u32 pad;
+	struct kp_ct4_key ct_key;   /* kp_ct_continue's flow: its frame adds to kp_from_pod's */
+	struct kp_ct4_val ct_val;
 };
 
 struct {

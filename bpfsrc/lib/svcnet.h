@@ -47,6 +47,16 @@ static __always_inline __u32 kp_svcnet_action(__be32 daddr)
 	return v ? v->action : 0;
 }
 
+/* Whether daddr lies within the service address space's span (where ClusterIPs are). */
+static __always_inline int kp_svcnet_span_has(__be32 daddr)
+{
+	struct kp_svcnet_span *span;
+	__u32 zero = 0, a = bpf_ntohl(daddr);
+
+	span = bpf_map_lookup_elem(&kp_svcnet_span_v1, &zero);
+	return span && a >= span->lo && a <= span->hi;
+}
+
 /* Apply the action to a flow-opening packet: TC verdict, or -1 to let it pass. */
 static __always_inline int kp_svcnet_enforce(struct __sk_buff *skb, const struct kp_pkt *p, __u32 action)
 {

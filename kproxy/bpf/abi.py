@@ -170,6 +170,7 @@ class Stat(enum.IntEnum):
     FRAG_FIRST = 50
     FRAG_LATER = 51
     DROP_FRAGMENT = 52
+    CT_ORPHAN = 53
 
 
 STAT_MAX = 64

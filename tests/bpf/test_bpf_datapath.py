@@ -786,3 +786,26 @@ def test_later_fragment_to_a_service_without_backends_is_dropped_not_answered(dp
     assert dp.run("kp_from_pod", later).retval == TC_ACT_SHOT
     assert dp.stat(Stat.REJECT)[0] == 1 and dp.stat(Stat.DROP_FRAGMENT)[0] == 1
     assert dp.stat(Stat.DROP_REJECT_FAILED)[0] == 0
+
+
+def test_established_flow_of_a_deleted_frontend_keeps_its_translation(dp: Datapath) -> None:
+    """A Service port deleted while a pod's TCP connection lives: its later segments are still DNATed
+    from the conntrack entry (as kube-proxy's conntrack does), within the service address space only;
+    a new SYN is not (the address is unallocated now: dropped)."""
+    dp.add_service(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.add_svcnet("10.96.0.0/16", SvcnetAction.DROP)
+    assert dp.run("kp_from_pod", syn()).retval == TC_ACT_OK
+    for slot in (1, 0):
+        dp.svc4.delete(dp.svc_key(SVC, SPORT, IPPROTO_TCP, Scope.EXT, slot))
+    ack = tcp_frame(CLIENT, SVC, CPORT, SPORT, TCP_ACK, payload=b"still here")
+    out = dp.run("kp_from_pod", ack)
+    assert out.retval == TC_ACT_OK
+    assert (
+        out.data_out.hex()
+        == tcp_frame(CLIENT, BE1.addr, CPORT, BE1.port, TCP_ACK, payload=b"still here").hex()
+    )
+    assert dp.stat(Stat.CT_ORPHAN)[0] == 1
+    assert dp.run("kp_from_pod", syn(sport=CPORT + 1)).retval == TC_ACT_SHOT
+    # outside the service address space nothing is looked up: passed as it is
+    other = tcp_frame(CLIENT, "10.97.0.1", CPORT, SPORT, TCP_ACK)
+    assert dp.run("kp_from_pod", other).data_out == other and dp.stat(Stat.CT_ORPHAN)[0] == 1

@@ -495,6 +495,36 @@ def test_service_address_space_as_kube_proxy(space: Lab, client: str) -> None:
     assert d.get("SVCNET_REJECT", 0) >= 2 and d.get("DROP_SVCNET", 0) >= 2, d
 
 
+def test_established_connection_outlives_its_deleted_service(space: Lab) -> None:
+    """kube-proxy's conntrack keeps translating an established connection after its Service is deleted
+    (only UDP entries are flushed); so does kproxy, from the flow's conntrack entry. New connections
+    to the now unallocated address are dropped."""
+    lab = space
+    ip, name = "10.96.50.3", "space-gone"
+    p = mf.Port("tcp", 80, 8080, "TCP")
+    po = lab.pod("n2p1")
+    lab.write_manifest(name, [mf.service(name, [p], ip), mf.endpoint_slice(name, [(po.ip, po.node)], [p])])
+    lab.wait_programmed(ip, 80, [po.ip], nodes=["n1"])
+    client = lab.pod("n1p1")
+    before = counters(lab, "n1")
+    with lab.stream(client, ip, 80) as s:
+        assert s.hello["pod"] == "n2p1"
+        s.roundtrip()
+        lab.remove_manifest(name)
+        _wait_gone(lab, ip, 80)
+        for _ in range(3):
+            s.roundtrip()
+    assert delta(before, counters(lab, "n1")).get("CT_ORPHAN", 0) >= 3
+    assert probe(lab, client, ip, 80, "TCP", timeout=1.5) == "timeout"
+
+
+def _wait_gone(lab: Lab, addr: str, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.frontend_backends("n1", addr, port, "TCP") is not None:
+        assert time.monotonic() < deadline, f"{addr}:{port} still programmed on n1"
+        time.sleep(0.05)
+
+
 def test_cluster_ip_from_outside_is_served(space: Lab, mode: str) -> None:
     """A client outside the cluster whose packets to a ClusterIP are routed to a node is served, as by
     kube-proxy: the answer comes from the ClusterIP; a backend on another node sees the ingress node

@@ -269,6 +269,8 @@ enum kp_stat {
 	KP_STAT_FRAG_LATER = 51,        /* later fragments handled with their first fragment's ports */
 	KP_DROP_FRAGMENT = 52,          /* a later fragment of a datagram answered port unreachable (its first
 	                                 * fragment carried the answer) */
+	KP_STAT_CT_ORPHAN = 53,         /* packets of established TCP flows whose frontend is gone, translated
+	                                 * from their conntrack entry (kube-proxy's conntrack keeps them) */
 	KP_STAT_MAX = 64,
 };
 
