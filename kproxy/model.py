@@ -16,6 +16,7 @@ compares hundreds of thousands of them.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
@@ -465,19 +466,26 @@ def _validate(model: type[_Model], kind: str, raw: Any, origin: str | None) -> A
         raise ModelError(kind, ns, name, _problems(err), origin) from None
 
 
+@contextlib.contextmanager
+def _noting(notes: list[str] | None) -> Iterator[None]:
+    """Collect what a schema parse read in a legacy spelling into `notes` (if given)."""
+    _legacy_notes.clear()
+    try:
+        yield
+    finally:
+        if notes is not None:
+            notes.extend(_legacy_notes)
+        _legacy_notes.clear()
+
+
 def parse_service(raw: Any, origin: str | None = None, notes: list[str] | None = None) -> Service:
     """A Service in its compact form; raises ModelError naming the object, origin and problem.
     `notes` (if given) receives what was read in a legacy spelling ("clusterIP '10.0.0.010' read as
     10.0.0.10")."""
     svc = _fast_service(raw) if type(raw) is dict else None
     if svc is None:  # unusual or invalid: the schema decides, and words the error
-        _legacy_notes.clear()
-        try:
+        with _noting(notes):
             svc = _service_from_schema(_validate(_SService, "Service", raw, origin))
-        finally:
-            if notes is not None:
-                notes.extend(_legacy_notes)
-            _legacy_notes.clear()
     return svc
 
 
@@ -488,13 +496,8 @@ def parse_endpoint_slice(
     `notes`: as for parse_service."""
     es = _fast_slice(raw) if type(raw) is dict else None
     if es is None:
-        _legacy_notes.clear()
-        try:
+        with _noting(notes):
             es = _slice_from_schema(_validate(_SEndpointSlice, "EndpointSlice", raw, origin))
-        finally:
-            if notes is not None:
-                notes.extend(_legacy_notes)
-            _legacy_notes.clear()
     return es
 
 

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conformance_common import L1, L2, N1_IP, N2_IP, R1, R2, R3, C, Ep, P, Port, Q
 
 from kproxy.bpf import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
-from kproxy.lab.cluster import LAN_PREFIX, Host, Pod
+from kproxy.lab.cluster import Host, Pod
 from kproxy.lab.netns import in_netns, netns_path
 from kproxy.observe import inspect as insp
 
@@ -48,12 +49,7 @@ pytestmark = pytest.mark.root
 SERVICE_GO = "service.go"
 CONNTRACK_GO = "conntrack.go"
 NS = "e2e"
-N1_IP = f"{LAN_PREFIX}.11"
-N2_IP = f"{LAN_PREFIX}.12"
 EXTERNAL_IP = "192.168.78.230"  # in the lab's LB range: ext routes it to n1, no node holds it
-C, L1, L2, L3, R1, R2, R3 = "n1p1", "n1p2", "n1p3", "n1p4", "n2p1", "n2p2", "n2p3"
-P = 8080  # the pod servers' first port (upstream's container port 80, 9376, 8090)
-Q = 9090  # their second port (upstream's "different target port")
 
 OK_TIMEOUT = 10.0  # a connection that must succeed: only reached when something is wrong
 SHORT_TIMEOUT = 1.5  # a connection that must not be answered
@@ -72,25 +68,6 @@ def upstream(file: str, text: str) -> pytest.MarkDecorator:
 
 
 # ---- manifests ----
-@dataclass(frozen=True)
-class Port:
-    name: str
-    port: int = 80
-    target: int = P
-    protocol: str = "TCP"
-    node_port: int | None = None
-
-
-@dataclass(frozen=True)
-class Ep:
-    """An EndpointSlice endpoint as the controller writes it for a lab pod."""
-
-    pod: str
-    ready: bool = True
-    serving: bool | None = None
-    terminating: bool | None = None
-
-
 def cluster_ip(i: int) -> str:
     return f"10.96.12.{i}"
 

@@ -39,17 +39,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from conformance_common import L1, L2, L3, L4, N1_IP, R1, R2, R3, C, Ep, P, Port, Q
 
 from kproxy.bpf import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
-from kproxy.lab.cluster import EXT_IP, LAN_PREFIX, Host
+from kproxy.lab.cluster import EXT_IP, Host
 from kproxy.lab.netns import in_netns, ip
 from kproxy.observe import inspect as insp
 
 pytestmark = pytest.mark.root
 
-N1_IP = f"{LAN_PREFIX}.11"
 SERVICE_CIDR = "10.96.11.0/24"
 BLOCKED_CLIENT_IP = "192.168.77.130"  # kube-proxy's testExternalClientBlocked: a second address of ext
 NODE_ALT_NET = "192.168.79.0/24"
@@ -72,33 +72,8 @@ DIFF_CIP_OUTSIDE = f"{DOC}#clusterips-from-outside-the-node-kube-proxys-behaviou
 DIFF_NODE_SOCKET = f"{DOC}#processes-of-the-node-are-balanced-at-the-socket-not-per-packet"
 GAP_SCTP = f"{DOC}#not-yet-the-same-open-work"
 
-# Lab pods by role (conftest.py): C the client pod, L* on the ingress node n1, R* on n2.
-C, L1, L2, L3, L4, R1, R2, R3 = "n1p1", "n1p2", "n1p3", "n1p4", "n1p5", "n2p1", "n2p2", "n2p3"
-P = 8080  # the pod port standing for kube-proxy's endpoint port 80 (and 53)
-Q = 9090  # the pod port standing for a different targetPort (8443, 5353)
-
 
 # ---- Services: one table per upstream set-up ----
-@dataclass(frozen=True)
-class Port:
-    name: str
-    port: int
-    target: int = P
-    protocol: str = "TCP"
-    node_port: int | None = None
-
-
-@dataclass(frozen=True)
-class Ep:
-    """One EndpointSlice endpoint: a lab pod's address; nodeName the pod's node unless `node` says."""
-
-    pod: str
-    node: str | None = None
-    ready: bool = True
-    serving: bool | None = None
-    terminating: bool | None = None
-
-
 def term(pod: str, serving: bool = True, node: str | None = None) -> Ep:
     """A terminating endpoint (ready false), serving or not."""
     return Ep(pod, node=node, ready=False, serving=serving, terminating=True)
