@@ -22,6 +22,14 @@ class Port:
     node_port: int | None = None
 
 
+def service_port(p: Port, node_port: bool = True) -> dict[str, Any]:
+    """One spec.ports entry (anything with Port's attributes); nodePort only if `node_port`."""
+    entry: dict[str, Any] = {"name": p.name, "port": p.port, "targetPort": p.target, "protocol": p.protocol}
+    if node_port and p.node_port is not None:
+        entry["nodePort"] = p.node_port
+    return entry
+
+
 def service(
     name: str,
     ports: Sequence[Port],
@@ -41,16 +49,7 @@ def service(
     if cluster_ip:
         spec["clusterIP"] = cluster_ip
         spec["clusterIPs"] = [cluster_ip]
-    for p in ports:
-        entry: dict[str, Any] = {
-            "name": p.name,
-            "port": p.port,
-            "targetPort": p.target,
-            "protocol": p.protocol,
-        }
-        if p.node_port is not None:
-            entry["nodePort"] = p.node_port
-        spec["ports"].append(entry)
+    spec["ports"] = [service_port(p) for p in ports]
     if external_ips:
         spec["externalIPs"] = list(external_ips)
     if external_traffic_policy is not None:

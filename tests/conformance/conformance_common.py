@@ -3,8 +3,12 @@ pod servers' ports, and a Service port and an EndpointSlice endpoint as the tabl
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from kproxy.bpf import abi
+from kproxy.bpf.maps import KproxyMaps
+from kproxy.lab import Lab
 from kproxy.lab.cluster import LAN_PREFIX
 
 N1_IP = f"{LAN_PREFIX}.11"  # the ingress node of every external client
@@ -36,3 +40,23 @@ class Ep:
     ready: bool = True
     serving: bool | None = None
     terminating: bool | None = None
+
+
+def counters(lab: Lab, node: str) -> dict[str, int]:
+    """NODE's datapath counters (packets), by kp_stat name."""
+    with KproxyMaps.open(lab.node(node).bpffs) as m:
+        totals = m.stats.totals()
+    return {s.name: (totals.get(int(s)) or (0, 0))[0] for s in abi.Stat}
+
+
+def quiet_counters(lab: Lab, timeout: float = 3.0) -> dict[str, dict[str, int]]:
+    """Both nodes' counters once the packets of earlier connections (late FINs and ACKs) stopped moving
+    them, so what moves next is the next connection's doing."""
+    deadline = time.monotonic() + timeout
+    prev = {n: counters(lab, n) for n in ("n1", "n2")}
+    while True:
+        time.sleep(0.2)
+        now = {n: counters(lab, n) for n in ("n1", "n2")}
+        if now == prev or time.monotonic() > deadline:
+            return now
+        prev = now

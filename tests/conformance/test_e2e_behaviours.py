@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conformance_common import L1, L2, N1_IP, N2_IP, R1, R2, R3, C, Ep, P, Port, Q
+from conformance_common import L1, L2, N1_IP, N2_IP, R1, R2, R3, C, Ep, P, Port, Q, counters, quiet_counters
 
-from kproxy.bpf import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
+from kproxy.lab import manifests as mf
 from kproxy.lab.cluster import Host, Pod
 from kproxy.lab.netns import in_netns, netns_path
 from kproxy.observe import inspect as insp
@@ -90,16 +90,7 @@ def service(
     else:
         body["clusterIP"] = cluster_ip(i)
         body["clusterIPs"] = [cluster_ip(i)]
-    for p in ports:
-        entry: dict[str, Any] = {
-            "name": p.name,
-            "port": p.port,
-            "targetPort": p.target,
-            "protocol": p.protocol,
-        }
-        if p.node_port is not None and type in ("NodePort", "LoadBalancer"):
-            entry["nodePort"] = p.node_port
-        body["ports"].append(entry)
+    body["ports"] = [mf.service_port(p, node_port=type in ("NodePort", "LoadBalancer")) for p in ports]
     body.update(spec)
     meta: dict[str, Any] = {"name": name, "namespace": NS}
     if labels:
@@ -287,25 +278,6 @@ def ask(
         return out
 
     return in_netns(host_of(lab, src).ns, do)
-
-
-def counters(lab: Lab, node: str) -> dict[str, int]:
-    with KproxyMaps.open(lab.node(node).bpffs) as m:
-        totals = m.stats.totals()
-    return {s.name: (totals.get(int(s)) or (0, 0))[0] for s in abi.Stat}
-
-
-def quiet_counters(lab: Lab, timeout: float = 3.0) -> dict[str, dict[str, int]]:
-    """Both nodes' counters once the packets of earlier connections (late FINs and ACKs) stopped moving
-    them, so what moves next is the next connection's doing."""
-    deadline = time.monotonic() + timeout
-    prev = {n: counters(lab, n) for n in ("n1", "n2")}
-    while True:
-        time.sleep(0.2)
-        now = {n: counters(lab, n) for n in ("n1", "n2")}
-        if now == prev or time.monotonic() > deadline:
-            return now
-        prev = now
 
 
 def evidence(lab: Lab, before: dict[str, dict[str, int]] | None, addr: str, port: int, proto: str) -> str:
