@@ -139,6 +139,21 @@ static __always_inline int kp_no_external_cluster_ip(void)
 	return cfg && (cfg->flags & KP_CFG_F_NO_EXTERNAL_CLUSTER_IP);
 }
 
+/*
+ * A TCP packet from outside that matched no frontend and does not open a flow, while the agent says a
+ * frontend was deleted recently (kp_config.orphan_until_ns): it may belong to a connection that
+ * outlived its Service port (kp_lb4_forward with no svc). Other times no conntrack lookup is paid.
+ */
+static __always_inline int kp_netdev_orphan_possible(const struct kp_pkt *p)
+{
+	struct kp_config *cfg;
+
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN)
+		return 0;
+	cfg = kp_config();
+	return cfg && cfg->orphan_until_ns > bpf_ktime_get_ns();
+}
+
 /* A flow-opening packet from outside that matched no frontend, to the service address space. With
  * ClusterIPs closed to the outside, a ClusterIP's unknown port is dropped too, not answered. */
 static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct kp_pkt *p)
@@ -160,6 +175,7 @@ static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct 
  *   dropped (lib/svcnet.h)
  *   IPIP to this node, or the DSR option: DSR from an ingress node to a local backend
  *   replies of SNATed flows and ICMP errors about them: back to the client
+ *   packets of connections whose frontend was deleted while they lived: translated as before
  */
 SEC("tc")
 int kp_from_netdev(struct __sk_buff *skb)
@@ -194,12 +210,14 @@ int kp_from_netdev(struct __sk_buff *skb)
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
-		if (svc) {
-			if (!(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
-				kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
-				return TC_ACT_SHOT;
-			}
-			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
+		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
+			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
+			return TC_ACT_SHOT;
+		}
+		if (svc || kp_netdev_orphan_possible(&p)) {
+			ret = kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
+			if (ret >= 0)
+				return ret;
 		}
 		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
 			ret = kp_netdev_svcnet(skb, &p);

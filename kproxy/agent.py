@@ -96,6 +96,8 @@ class Agent:
         self.netdevs: list[str] = list(cfg.netdevs)
         self.dsr_mode: str = cfg.dsr_mode
         self.stop = asyncio.Event()
+        # CLOCK_MONOTONIC ns until which connections of deleted TCP frontends may still be alive
+        self.orphan_until_ns = 0
         self.synced = asyncio.Event()  # first full apply done
         self.attached_pods: set[str] = set()
 
@@ -117,8 +119,18 @@ class Agent:
             self.maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.lan_mtu,
-            external_cluster_ip=cfg.external_cluster_ip,
+            external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
         )  # fmt: skip
+
+    def frontends_removed(self) -> None:
+        """TCP frontends were deleted: their established connections continue (as kube-proxy's conntrack
+        keeps them) while one could still be alive, the established TCP conntrack timeout. Until then
+        kp_from_netdev looks up TCP packets that match no frontend in conntrack."""
+        from kproxy.bpf import abi
+
+        tcp = self.cfg.conntrack.tcp or abi.CT_TCP_TIMEOUT_DEFAULT
+        self.orphan_until_ns = time.monotonic_ns() + tcp * 1_000_000_000
+        self.write_config()
 
     @property
     def lan_mtu(self) -> int:
@@ -285,6 +297,8 @@ class Agent:
         from kproxy.observe.metadata import write_metadata
 
         ms = (time.monotonic() - t0) * 1000
+        if report.tcp_frontends_removed:
+            self.frontends_removed()
         if report.changed or full:
             log.info(
                 "%s: %d services changed, %d map writes, %d UDP flows flushed in %.1f ms",

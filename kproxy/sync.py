@@ -221,6 +221,7 @@ class ApplyReport:
     be4_deletes: int = 0
     ct_flushed: int = 0
     aff_flushed: int = 0
+    tcp_frontends_removed: int = 0  # deleted while their connections may live on (orphan_until_ns)
     services: int = 0  # services applied (planned), changed or not
     # sync_dirty: monotonic time of each synced Service's first change (network programming latency)
     first_change: dict[str, float] = field(default_factory=dict)
@@ -812,7 +813,11 @@ class Syncer:
                 else:
                     vals[bid] = cur - _REF1
             for fk in p.old.frontends:
-                if fk not in p.new.frontends and self._owner.get(fk) == p.service:
+                if fk in p.new.frontends:
+                    continue
+                if fk[2] == abi.IPPROTO_TCP:
+                    report.tcp_frontends_removed += 1
+                if self._owner.get(fk) == p.service:
                     del self._owner[fk]
                     waiting = self._waiting.pop(fk, None)
                     if waiting:
@@ -950,9 +955,12 @@ def write_config(
     snat_port_max: int = 0,
     lan_mtu: int = 0,
     external_cluster_ip: bool = True,
+    orphan_until_ns: int = 0,
 ) -> bool:
-    """Write kp_cfg_v1 whole from these settings (0 / None = the datapath default); nothing of the
-    previous contents is kept. Return whether it changed."""
+    """Write kp_cfg_v1 whole from these settings (0 / None = the datapath default). Of the previous
+    contents only a later orphan_until_ns is kept (CLOCK_MONOTONIC: until then kp_from_netdev looks
+    up connections whose frontend was deleted), so a restarted agent does not forget the flows its
+    predecessor's deletions left. Return whether it changed."""
     if not 0 <= snat_port_min <= snat_port_max <= 65535:
         raise ValueError(f"SNAT port range {snat_port_min}-{snat_port_max}: need 0 <= MIN <= MAX <= 65535")
     cfg = abi.Config()
@@ -967,7 +975,9 @@ def write_config(
     cfg.snat_port_max = snat_port_max
     cfg.lan_mtu = lan_mtu
     cfg.flags = 0 if external_cluster_ip else int(abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP)
-    if bytes(maps.read_config()) == bytes(cfg):
+    old = maps.read_config()
+    cfg.orphan_until_ns = max(orphan_until_ns, old.orphan_until_ns)
+    if bytes(old) == bytes(cfg):
         return False
     maps.write_config(cfg)
     return True

@@ -236,6 +236,11 @@ fail:
 /*
  * A packet to a service frontend: follow its flow's backend, or pick one and track the flow,
  * then translate. No backend at all: ICMP port unreachable, or a drop when the agent asked for one.
+ * svc NULL: the frontend is gone (a Service port deleted while its connection lived); a packet of a
+ * tracked flow that does not reopen it is translated as the flow's entry says (its backend address,
+ * SNAT or DSR), as kube-proxy's conntrack keeps doing; anything else returns -1. kp_from_netdev calls
+ * it once for both (this body is the heaviest the verifier walks there); a pod's flows are plain DNAT
+ * or hairpin and continue through the lighter kp_ct_continue.
  */
 static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp_pkt *p,
 					  const struct kp_svc4_key *svc_key, const struct kp_svc4_val *svc,
@@ -253,7 +258,7 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	__u8 state, mode;
 	int reopened = 0, tries;
 
-	if (svc->count == 0) {
+	if (svc && svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
 			kp_count(KP_DROP_NO_LOCAL_BACKEND, p->len);
 			return TC_ACT_SHOT;
@@ -265,15 +270,20 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 	cur = kp_ct_lookup(&fk, now);
 	if (cur) {
 		fv = *cur;
-		cur_be = bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id);
+		/* a flow outliving its frontend follows its entry, whether or not its backend is known */
+		cur_be = svc ? bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id) : (void *)cur;
 		if (!kp_ct_tuple_reused(fv.state, p->tcp_flags) && cur_be) {
 			__u8 flags = fv.flags;
 			__u16 tw_key = kp_snat_tw_mark(skb, p, &fv, &flags);
 
 			kp_ct_touch_tw(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), flags,
 				       tw_key, now);
+			if (!svc)
+				kp_count(KP_STAT_CT_ORPHAN, p->len);
 			goto xlate;
 		}
+		if (!svc)
+			return -1;
 		new_stat = KP_STAT_CT_REOPEN;
 		kp_ct_drop_old_reply(&fk, &fv);
 		/* The old flow is over: kp_snat_alloc() gives its SNAT port to the new one when the
@@ -282,6 +292,8 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 		reopened = 1;
 	}
 
+	if (!svc)
+		return -1;
 	/* New flows only: established ones passed the check when they started. */
 	if (kp_src_range_drop(svc, p))
 		return TC_ACT_SHOT;

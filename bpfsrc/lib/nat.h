@@ -124,7 +124,8 @@ static __always_inline int kp_revnat4(struct __sk_buff *skb, const struct kp_pkt
 		res = kp_fib_lookup(skb, fib, rv.nat_addr, p->daddr, 0);
 		fwd = res == KP_FIB_OK || res == KP_FIB_NEIGH;
 	}
-	if (from_pod && (rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
+	/* whether the backend is a pod or the node's own stack (a hostNetwork endpoint, kp_to_netdev) */
+	if ((rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
 	    kp_mss_clamp(skb, p->l4_off, kp_l4_csum_off(p), kp_ipip_mss(cfg)))
 		kp_count(KP_STAT_MSS_CLAMP, p->len);
 	if (kp_nat4(skb, p, KP_NAT_SRC, rv.nat_addr, rv.nat_port))

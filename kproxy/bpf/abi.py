@@ -264,7 +264,9 @@ class Config(ctypes.Structure):
         ("snat_port_max", ctypes.c_uint16),  # HBO, 0 = SNAT_PORT_MAX_DEFAULT
         ("lan_mtu", ctypes.c_uint32),  # HBO, 0 = LAN_MTU_DEFAULT
         ("pad2", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint64 * 2),
+        # CLOCK_MONOTONIC ns: until then, TCP from a netdev to no frontend is looked up in conntrack
+        ("orphan_until_ns", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64),
     ]
 
 

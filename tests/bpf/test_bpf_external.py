@@ -48,6 +48,7 @@ from kproxy.bpf.abi import (
     CtFlag,
     CtState,
     DsrMode,
+    Scope,
     Snat4Key,
     Snat4Val,
     Stat,
@@ -884,6 +885,28 @@ def test_dsr_ipip_ingress_and_backend_node(dp: Datapath, lab: Lab) -> None:
     assert (out.retval, out.data_out) == (TC_ACT_OK, other)
 
 
+def test_dsr_ipip_host_network_backend_synack_is_clamped(dp: Datapath, lab: Lab) -> None:
+    """A hostNetwork endpoint (its address is its node's) behind a DSR IPIP NodePort answers from the
+    node's own stack, through kp_to_netdev: its SYN-ACK leaves with the frontend as source and the
+    MSS lowered, as a pod backend's does, or the client's full-size segments do not fit the tunnel."""
+    be = Backend(3, NODE2, 8080)
+    set_cfg(dp, dsr=DsrMode.IPIP)
+    nodeport(dp, be)
+    out = run_in(dp, lab, "kp_from_netdev", client_syn())
+    ok(out, TC_ACT_REDIRECT)
+    dp.reset()
+    set_cfg(dp, node=NODE2, dsr=DsrMode.IPIP)
+    out = run_in(dp, lab, "kp_from_netdev", out.data_out)
+    ok(out, TC_ACT_OK)
+    synack = frame(NODE2, CLIENT, syn_seg(NODE2, CLIENT, 8080, CPORT, TCP_SYN | TCP_ACK))
+    out = run_in(dp, lab, "kp_to_netdev", synack)
+    ok(out, TC_ACT_OK)
+    clamped = SYN_OPTIONS[:2] + struct.pack("!H", 1440) + SYN_OPTIONS[4:]
+    want = tcp(NODE, CLIENT, NODEPORT, CPORT, TCP_SYN | TCP_ACK, options=clamped)
+    assert out.data_out.hex() == frame(NODE, CLIENT, want).hex()
+    assert dp.stat(Stat.MSS_CLAMP)[0] == 1
+
+
 @pytest.mark.parametrize("df", [True, False], ids=["df", "no-df"])
 def test_dsr_too_big_for_the_lan(dp: Datapath, lab: Lab, df: bool) -> None:
     set_cfg(dp, dsr=DsrMode.IPIP)
@@ -916,6 +939,37 @@ def test_dsr_toggle_keeps_existing_flows(dp: Datapath, lab: Lab) -> None:
     set_cfg(dp)
     still = parse(run_in(dp, lab, "kp_from_netdev", client_syn(TCP_ACK, sport=CPORT + 1)).data_out)
     assert still.src == CLIENT  # the DSR flow stays DSR
+
+
+@pytest.mark.parametrize("dsr", [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP])
+def test_deleted_nodeport_keeps_its_established_connections(dp: Datapath, lab: Lab, dsr: DsrMode) -> None:
+    """A NodePort deleted while a client's TCP connection lives: kube-proxy's conntrack keeps translating
+    it; kproxy does from the flow's entry (SNAT or DSR, even with the backend's entry gone), but only
+    while the agent says a frontend was deleted recently (kp_config.orphan_until_ns): other times a
+    packet that matches no frontend pays no conntrack lookup. A new SYN is not served."""
+    set_cfg(dp, dsr=dsr)
+    nodeport(dp, BE_REMOTE)
+    first = parse(run_in(dp, lab, "kp_from_netdev", client_syn()).data_out)
+    for slot in (1, 0):
+        dp.svc4.delete(dp.svc_key(NODE, NODEPORT, IPPROTO_TCP, Scope.EXT, slot))
+    dp.be4.delete(ctypes.c_uint32(BE_REMOTE.id))
+    ack = client_syn(TCP_ACK)
+    out = run_in(dp, lab, "kp_from_netdev", ack)
+    assert (out.retval, out.data_out) == (TC_ACT_OK, ack)  # no deletion announced: not looked up
+    set_cfg(dp, dsr=dsr, orphan_until_ns=time.monotonic_ns() + 60 * 10**9)
+    out = run_in(dp, lab, "kp_from_netdev", ack)
+    ok(out, TC_ACT_REDIRECT)
+    later = parse(out.data_out)
+    assert (later.src, later.sport, later.proto) == (first.src, first.sport, first.proto)
+    assert (later.dst, later.dport) == (first.dst, first.dport)
+    assert dp.stat(Stat.CT_ORPHAN)[0] == 1
+    new = client_syn(sport=CPORT + 1)
+    out = run_in(dp, lab, "kp_from_netdev", new)
+    assert (out.retval, out.data_out) == (TC_ACT_OK, new)  # to the node's stack, which refuses it
+    assert dp.ct(ct_key(CLIENT, NODE, CPORT + 1, NODEPORT, IPPROTO_TCP, CtDir.FWD)) is None
+    set_cfg(dp, dsr=dsr, orphan_until_ns=time.monotonic_ns() - 1)
+    out = run_in(dp, lab, "kp_from_netdev", ack)
+    assert (out.retval, out.data_out) == (TC_ACT_OK, ack) and dp.stat(Stat.CT_ORPHAN)[0] == 1
 
 
 # ---- pods ----

@@ -518,6 +518,30 @@ def test_established_connection_outlives_its_deleted_service(space: Lab) -> None
     assert probe(lab, client, ip, 80, "TCP", timeout=1.5) == "timeout"
 
 
+def test_external_connection_outlives_its_deleted_nodeport(space: Lab, mode: str) -> None:
+    """The same for a client outside the cluster: its established connection through a NodePort
+    continues after the Service is deleted, SNATed or DSR as it began (the agent opens
+    kp_config.orphan_until_ns when a TCP frontend goes); a new connection is refused by the node."""
+    lab = space
+    name, node_port = f"space-gone-np-{mode}", {"snat": 30951, "opt": 30952, "ipip": 30953}[mode]
+    p = mf.Port("tcp", 80, 8080, "TCP", node_port=node_port)
+    po = lab.pod("n2p1")
+    n1 = lab.node("n1").ip
+    objs = [mf.service(name, [p], None, type="NodePort"), mf.endpoint_slice(name, [(po.ip, po.node)], [p])]
+    lab.write_manifest(name, objs)
+    lab.wait_programmed(n1, node_port, [po.ip], nodes=["n1"])
+    before = counters(lab, "n1")
+    with lab.stream(lab.ext, n1, node_port) as s:
+        assert s.hello["pod"] == "n2p1"
+        s.roundtrip()
+        lab.remove_manifest(name)
+        _wait_gone(lab, n1, node_port)
+        for _ in range(3):
+            s.roundtrip()
+    assert delta(before, counters(lab, "n1")).get("CT_ORPHAN", 0) >= 3
+    assert probe(lab, lab.ext, n1, node_port, "TCP") == "refused"
+
+
 def _wait_gone(lab: Lab, addr: str, port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while lab.frontend_backends("n1", addr, port, "TCP") is not None:

@@ -425,6 +425,31 @@ def test_write_config_only_when_changed():
     assert maps.cfg.writes == writes
 
 
+def test_deleted_tcp_frontends_are_reported():
+    """The agent opens kp_config.orphan_until_ns when TCP frontends go (their connections live on);
+    a UDP frontend, a changed backend set or a Service without endpoints is no such deletion."""
+    s = Syncer(MemoryMapSet())
+    web = fe([be("10.0.0.1")])
+    dns = fe([be("10.0.0.2", proto="UDP")], service="default/dns", proto="UDP", port=53, port_name="dns")
+    np = fe([be("10.0.0.1")], address="192.168.1.10", port=30080, ftype="NodePort")
+    s.apply({"default/web": [web, np], "default/dns": [dns]})
+    r = s.apply({"default/web": [fe([be("10.0.0.3")]), fe([], address="192.168.1.10", port=30080)],
+                 "default/dns": []})  # fmt: skip
+    assert r.tcp_frontends_removed == 0
+    r = s.apply({"default/web": [fe([be("10.0.0.3")], port=8080)]})
+    assert r.tcp_frontends_removed == 2  # port 80 and the NodePort
+
+
+def test_write_config_keeps_the_later_orphan_deadline():
+    """A restarted agent (deadline 0) must not close the window its predecessor opened."""
+    maps = MemoryMapSet()
+    assert write_config(maps, "192.168.1.10", orphan_until_ns=5_000)
+    assert not write_config(maps, "192.168.1.10")
+    assert maps.read_config().orphan_until_ns == 5_000
+    assert write_config(maps, "192.168.1.10", orphan_until_ns=9_000)
+    assert maps.read_config().orphan_until_ns == 9_000
+
+
 def test_sync_dirty_end_to_end_from_store():
     store = ClusterStore(NODE)
     maps = MemoryMapSet()

@@ -160,7 +160,10 @@ struct kp_config {
 	__u16  snat_port_max;    /* HBO last SNAT source port; 0 = KP_SNAT_PORT_MAX_DEFAULT */
 	__u32  lan_mtu;          /* HBO MTU between nodes, for the DSR IPIP MSS clamp; 0 = KP_LAN_MTU_DEFAULT */
 	__u32  pad2;             /* zero */
-	__u64  reserved[2];      /* zero, room for later settings */
+	__u64  orphan_until_ns;  /* CLOCK_MONOTONIC: until then, TCP packets from a netdev to no frontend are
+				  * looked up in conntrack (a frontend was deleted while its flows lived);
+				  * 0 = never */
+	__u64  reserved;         /* zero, room for later settings */
 };
 
 /* kp_config.flags */
