@@ -397,12 +397,18 @@ class Agent:
             kcfg,
             on_settings=self.apply_settings,
             on_node_eligible=self.health.set_node_eligible if self.health is not None else None,
+            on_watch_status=self.watch_status_changed,
             metrics=self.metrics,
             connection=self.connection,
             # kopf's own listing waits for our first full sync: the two peaks of memory never meet.
             kopf_gate=self.synced,
         )
         return self.source
+
+    def watch_status_changed(self, _status: Any) -> None:
+        """A watch went up or down: /healthz fails while one the Service view needs is down."""
+        if self.health is not None and self.source is not None:
+            self.health.set_stale_watches(self.source.stale_watches())
 
     async def start_servers(self) -> None:
         from kproxy.observe.health import HealthServer, ServiceHealthServers

@@ -29,7 +29,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -161,6 +161,9 @@ class HealthServer:
         # set_node_eligible(); the file source may have no Node manifest, hence True here (the agent
         # sets False for the Kubernetes source until its Node is listed).
         self.node_eligible = True
+        # Watches the Service view needs that are down (the source's stale_watches()): the view may
+        # miss changes, so the proxy is not healthy, as when an update could not be programmed.
+        self.stale_watches: list[str] = []
         self._listener: _Listener | None = None
 
     # ---- state ----
@@ -181,6 +184,9 @@ class HealthServer:
     def set_node_eligible(self, eligible: bool) -> None:
         self.node_eligible = eligible
 
+    def set_stale_watches(self, resources: Iterable[str]) -> None:
+        self.stale_watches = sorted(resources)
+
     def is_healthy(self, now: float | None = None) -> bool:
         """kube-proxy's rule, without the Node's state: healthy before the sync loop started (nothing
         updated yet), then while nothing has been pending for health_timeout or longer."""
@@ -193,7 +199,9 @@ class HealthServer:
     def _proxy_health(self, with_node: bool) -> tuple[int, dict[str, Any]]:
         """kube-proxy's healthz/livez handler: status code and ProxyHealth, fields in its order."""
         now = self.clock()
-        healthy = self.is_healthy(now)
+        # /healthz (readiness) also fails while a watch the Service view needs is down: the view may
+        # miss changes. /livez does not: restarting the agent would not bring a forbidden watch back.
+        healthy = self.is_healthy(now) and not (with_node and self.stale_watches)
         ok = healthy and (self.node_eligible or not with_node)
         body: dict[str, Any] = {
             "lastUpdated": go_json_time(now if ok else self.last_updated),

@@ -119,7 +119,7 @@ class Metrics:
     """All agent metrics in one registry.
 
     Push: observe_sync(), observe_programmed(), sync_error(), object_skipped(), source_event(),
-    source_relist(), source_restart(). Pull: bind(maps=..., store=...) once they exist.
+    source_relist(), source_restart(), watch_status(). Pull: bind(maps=..., store=...) once they exist.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -161,7 +161,16 @@ class Metrics:
             "kproxy_source_relists", "Full listings of the cluster, by reason.", ["reason"], registry=r
         )
         self.restarts = Counter(
-            "kproxy_source_restarts", "Restarts of the kopf watcher after it stopped.", registry=r
+            "kproxy_source_restarts",
+            "Restarts of a watch (its own kopf operator) after it stopped, by resource.",
+            ["resource"],
+            registry=r,
+        )
+        self.watch_up = Gauge(
+            "kproxy_source_watch_up",
+            "1 while the watch of a resource works, 0 while it is down (it failed: e.g. 403, see the log).",
+            ["resource"],
+            registry=r,
         )
         self.maps: Any = None
         self.store: Any = None
@@ -215,8 +224,11 @@ class Metrics:
     def source_relist(self, reason: str) -> None:
         self.relists.labels(reason).inc()
 
-    def source_restart(self) -> None:
-        self.restarts.inc()
+    def source_restart(self, resource: str) -> None:
+        self.restarts.labels(resource).inc()
+
+    def watch_status(self, resource: str, up: bool) -> None:
+        self.watch_up.labels(resource).set(1 if up else 0)
 
     # ---- exposition ----
     def render(self) -> bytes:

@@ -15,10 +15,15 @@ kopf lacks three things a node proxy needs, and this module adds them:
   reports the ones deleted meanwhile. KubeSource LISTs again whenever kopf re-lists (noticed as a
   second initial-listing event for the same object), after kopf restarts, and periodically; whatever
   it holds that the LIST no longer has (and that is not newer than the LIST) is deleted.
-- Supervision. An ERROR event in a watch stream stops kopf. kopf runs in its own thread and event
-  loop (so its shutdown, which cancels every task of its loop, and its signal handlers never touch
-  the agent) under a supervisor that restarts it. The store and the maps are left alone meanwhile:
-  the dataplane keeps serving the last known state.
+- Supervision and isolation. An ERROR event or a lasting API error (a 403) stops a kopf operator. So
+  every resource has an operator of its own (`_Watch`), in its own thread and event loop (so its
+  shutdown, which cancels every task of its loop, and its signal handlers never touch the agent),
+  under a supervisor that restarts it: one failing watch stops no other. Each watch asks only for
+  what the chart's RBAC grants: Services, EndpointSlices, Nodes and ServiceCIDRs cluster-wide, the
+  settings ConfigMap in its namespace by name. A watch that is down is logged, shown by the metric
+  kproxy_source_watch_up{resource}, and, for the three the Service view needs, fails /healthz
+  (`on_watch_status`, `stale_watches()`). The store and the maps are left alone meanwhile: the
+  dataplane keeps serving the last known state.
 
 Nodes: this node's addresses and labels drive `store.set_node`; every node's name, InternalIP and
 zone go to the store's node table (`store.upsert_node`/`delete_node`, for the node address of remote
@@ -28,10 +33,9 @@ thread, before they cross to the agent's loop, and only the cut-down copy is eve
 ServiceCIDRs (networking.k8s.io/v1, GA in Kubernetes 1.33) give the cluster's service address ranges
 (`store.set_service_cidrs("ServiceCIDR/<name>", spec.cidrs)`). An API server that does not serve them
 (404: before 1.33, or the API disabled) or an agent not allowed to list them (403) is no reason to stop:
-one warning, the last known ranges stay, and every later full LIST tries again. kopf only watches them
-while our LIST can: kopf skips a resource missing from discovery, but a forbidden one fails its watcher
-and with it every other watcher (kopf stops and the supervisor restarts it, again and again). So kopf's
-registry is built per run from what the last LIST found, and kopf is restarted once when that changes.
+one warning, the last known ranges stay, and every later full LIST tries again. Their watch runs only
+while our LIST can read them (started and stopped as that changes). The settings ConfigMap is optional
+in the same way: when it cannot be read, the current settings stay.
 
 Every object carries a resourceVersion; KubeSource keeps the last one applied per object and ignores
 anything not newer, so the LIST and the watch can race freely and re-listings cost no store work and
@@ -71,7 +75,13 @@ NODES = ("", "v1", "nodes")
 SERVICES = ("", "v1", "services")
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
 SERVICE_CIDRS = ("networking.k8s.io", "v1", "servicecidrs")
+CONFIGMAPS = ("", "v1", "configmaps")
 CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
+# kopf's retries of a failing request before it gives up and the watch is down (about 6.5 s)
+WATCH_ERROR_BACKOFFS = (0.5, 1, 2, 3)
+# A watch whose operator ran this long without failing has listed (kopf's first request) and watches:
+# it is up even if the list was empty and no event came.
+WATCH_UP_AFTER = sum(WATCH_ERROR_BACKOFFS) + 2 * 5 + 1.0
 
 
 class Store(Protocol):
@@ -95,7 +105,8 @@ class SourceMetrics(Protocol):
     def object_skipped(self, kind: str, reason: str) -> None: ...
     def source_event(self, kind: str, event_type: str) -> None: ...
     def source_relist(self, reason: str) -> None: ...
-    def source_restart(self) -> None: ...
+    def source_restart(self, resource: str) -> None: ...
+    def watch_status(self, resource: str, up: bool) -> None: ...
 
 
 @dataclasses.dataclass
@@ -109,7 +120,7 @@ class KubeSourceConfig:
     node_name: str
     kubeconfig: str | None = None
     api_server: str | None = None
-    settings_configmap: str | None = "kube-system/kproxy"
+    settings_configmap: str | None = "kube-system/kproxy-config"  # the chart's (kproxy.config's too)
     resync_interval: float = 300.0
     list_chunk_size: int = 500
     # kopf keeps a worker per object, holding the object's last body, until it idled this long: during
@@ -328,25 +339,25 @@ class EphemeralMemories(_inventory.ResourceMemories):
         )
 
 
-def kopf_settings(cfg: KubeSourceConfig, namespace: str | None, cm_name: str | None) -> kopf.OperatorSettings:
+def kopf_settings(cfg: KubeSourceConfig, field_selector: str | None = None) -> kopf.OperatorSettings:
+    """Settings of one watch's kopf operator; `field_selector` narrows its LIST and WATCH."""
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False
     settings.persistence.diffbase_storage = NoDiffBaseStorage()
     settings.persistence.progress_storage = NoProgressStorage()
     settings.queueing.idle_timeout = cfg.kopf_idle_timeout
     settings.watching.chunk_size = cfg.list_chunk_size
-    # Retry API errors quickly (a proxy wants to be back soon after an outage), give up never:
-    # after the last backoff kopf's watcher reconnects from the start anyway.
-    settings.networking.error_backoffs = (0.5, 1, 1, 2, 2, 3, 3, 5)
+    # Retry API errors quickly (a proxy wants to be back soon after an outage), then give up: the
+    # watch's supervisor marks it down (a metric, /healthz for the watches the view needs) and
+    # restarts it with a growing delay. kopf's own retries would hide a lasting 403 for long.
+    settings.networking.error_backoffs = WATCH_ERROR_BACKOFFS
     settings.networking.connect_timeout = 5
     # The agent decides when to exit; kopf must never SIGKILL it.
     settings.process.ultimate_exiting_timeout = None
     # Only the built-in resources below are watched: no CRD or namespace scanning (and no RBAC for it).
     settings.scanning.disabled = True
-    # Every Node is watched (their addresses feed the node table), not only this one.
-    if cm_name:
-        settings.watching.field_selectors["v1", "configmaps"] = f"metadata.name={cm_name}"
-    del namespace  # the ConfigMap's namespace is checked in the handler
+    if field_selector:
+        settings.watching.field_selectors["v1", "configmaps"] = field_selector
     return settings
 
 
@@ -354,6 +365,141 @@ def _quiet_kopf() -> None:
     logging.getLogger("kopf").setLevel(logging.WARNING)
     # kopf warns that it ignores OS signals outside the main thread: that is what we want.
     logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
+
+
+# ---- one watch: a kopf operator of its own ----
+@dataclasses.dataclass
+class WatchStatus:
+    """What `KubeSource.watches` says about one watch (read from the agent's loop)."""
+
+    kind: str
+    resource: str  # the plural, as RBAC and the metrics name it
+    required: bool  # the Service view needs it: /healthz fails while it is down
+    up: bool = False
+    error: str | None = None  # why it is down
+    since: float = dataclasses.field(default_factory=time.monotonic)  # of the last change of `up`
+    runs: int = 0
+    failures: int = 0
+
+
+class _Watch:
+    """One resource watched by a kopf operator of its own, in its own thread and event loop, under a
+    supervisor that restarts it (with a growing delay) when it stops. A watch that fails (a 403, a
+    resource gone) stops nothing else: each watch is its own operator.
+
+    Up when an event arrived since its operator started, or once the operator ran WATCH_UP_AFTER
+    seconds without failing (its LIST succeeded, even an empty one); down when the operator stopped.
+    Status changes are handed to the source's loop (`on_status`).
+    """
+
+    def __init__(
+        self,
+        source: KubeSource,
+        kind: str,
+        gvr: tuple[str, str, str],
+        *,
+        required: bool,
+        namespace: str | None = None,
+        field_selector: str | None = None,
+    ) -> None:
+        self.source = source
+        self.kind = kind
+        self.gvr = gvr
+        self.namespace = namespace
+        self.field_selector = field_selector
+        self.status = WatchStatus(kind, gvr[2], required)
+        self._stop = threading.Event()
+        self._stopper: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def start(self, info: kopf.ConnectionInfo) -> None:
+        # A thread of its own stop flag: one still winding down from stop() never sees it cleared.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, args=(info, self._stop), name=f"kproxy-watch-{self.gvr[2]}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the operator to stop (returns at once; `join()` waits)."""
+        self._stop.set()
+        stopper = self._stopper
+        if stopper is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed
+                stopper[0].call_soon_threadsafe(stopper[1].cancel)
+
+    def join(self, timeout: float) -> bool:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        self._thread = None
+        return True
+
+    # kopf's thread
+    def _main(self, info: kopf.ConnectionInfo, stop: threading.Event) -> None:
+        source = self.source
+        backoff = source.cfg.kopf_restart_delay
+        while not stop.is_set():
+            started = time.monotonic()
+            source._watch_ran(self)
+            try:
+                asyncio.run(self._operator(info, stop))
+            except BaseException as e:  # noqa: BLE001 - any kopf failure means: restart it
+                if stop.is_set():
+                    break
+                why = f"{type(e).__name__}: {e}"
+            else:
+                if stop.is_set():
+                    break
+                why = "kopf exited"
+            source._watch_down(self, why)
+            backoff = (
+                source.cfg.kopf_restart_delay if time.monotonic() - started > 60 else min(backoff * 2, 30)
+            )
+            stop.wait(backoff)
+
+    async def _operator(self, info: kopf.ConnectionInfo, stop: threading.Event) -> None:
+        registry = kopf.OperatorRegistry()
+        post = self.source._post_threadsafe
+        kind = self.kind
+
+        @kopf.on.login(registry=registry)
+        async def login(**_: Any) -> kopf.ConnectionInfo:
+            return info
+
+        @kopf.on.event(*self.gvr, registry=registry)
+        async def on_event(event: Any, **_: Any) -> None:
+            post(kind, event, self)
+
+        loop = asyncio.get_running_loop()
+        # kopf's failed watchers leave "exception never retrieved" tasks behind: already reported.
+        loop.set_exception_handler(lambda _loop, ctx: log.debug("kopf: %s", ctx.get("message")))
+        task = asyncio.current_task()
+        assert task is not None
+        self._stopper = (loop, task)
+        if stop.is_set():
+            return
+        up_timer = loop.call_later(WATCH_UP_AFTER, self.source._watch_up_threadsafe, self)
+        try:
+            # Stopped by cancelling this task: kopf then cancels its own tasks at once instead of
+            # giving them seconds to finish (nothing of ours runs in this loop).
+            await kopf.operator(
+                registry=registry,
+                settings=kopf_settings(self.source.cfg, self.field_selector),
+                memories=EphemeralMemories(),
+                standalone=True,
+                clusterwide=self.namespace is None,
+                namespaces=[self.namespace] if self.namespace is not None else [],
+            )
+        finally:
+            up_timer.cancel()
+            self._stopper = None
 
 
 # ---- the source ----
@@ -477,6 +623,8 @@ class KubeSource:
         whenever it changes, e.g. {"dsr-mode": "ipip"}.
     on_node_eligible: called with False when this Node is being deleted or tainted
         ToBeDeletedByClusterAutoscaler (kube-proxy then fails /healthz), True otherwise.
+    on_watch_status: called with a WatchStatus whenever a watch goes up or down (the agent fails
+        /healthz while a watch the Service view needs is down).
     metrics: optional SourceMetrics.
     connection: explicit credentials (tests); otherwise resolve_connection(config).
     kopf_gate: when given, kopf starts only once it is set (the agent sets it after its first full
@@ -491,6 +639,7 @@ class KubeSource:
         *,
         on_settings: Callable[[dict[str, str]], None] | None = None,
         on_node_eligible: Callable[[bool], None] | None = None,
+        on_watch_status: Callable[[WatchStatus], None] | None = None,
         metrics: SourceMetrics | None = None,
         connection: kopf.ConnectionInfo | None = None,
         kopf_gate: asyncio.Event | None = None,
@@ -499,6 +648,7 @@ class KubeSource:
         self.cfg = KubeSourceConfig.from_any(config)
         self.on_settings = on_settings
         self.on_node_eligible = on_node_eligible
+        self.on_watch_status = on_watch_status
         self.metrics = metrics
         self._connection = connection
         self.kopf_gate = kopf_gate
@@ -516,19 +666,27 @@ class KubeSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resync_wanted = asyncio.Event()
         self._resync_reasons: set[str] = set()
-        self._stop_kopf = threading.Event()
-        self._kopf_stopper: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
-        self._kopf_thread: threading.Thread | None = None
-        # Set to restart kopf with a registry built anew (what it watches changed); no backoff.
-        self._reload_kopf = threading.Event()
-        # Whether the registry of kopf's current run watches ServiceCIDRs (written by kopf's thread).
-        self.kopf_watches_service_cidrs = False
+        # One kopf operator per resource, each in its own thread (see _Watch); started after the
+        # first LIST. Only the agent's own ConfigMap is watched, in its namespace, by name: what the
+        # chart's Role grants. ServiceCIDRs only while our LIST can read them.
+        self._watches: dict[str, _Watch] = {
+            "Node": _Watch(self, "Node", NODES, required=True),
+            "Service": _Watch(self, "Service", SERVICES, required=True),
+            "EndpointSlice": _Watch(self, "EndpointSlice", SLICES, required=True),
+            "ServiceCIDR": _Watch(self, "ServiceCIDR", SERVICE_CIDRS, required=False),
+        }
+        if self._cm_name:
+            self._watches["ConfigMap"] = _Watch(
+                self, "ConfigMap", CONFIGMAPS, required=False, namespace=self._cm_ns,
+                field_selector=f"metadata.name={self._cm_name}",
+            )  # fmt: skip
+        self._watches_started = False
+        self._configmap_problem: str | None = None
         # Whether the API server lets us list ServiceCIDRs (None: not tried yet); why not, if not.
         self.service_cidrs_available: bool | None = None
         self._service_cidrs_problem: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.initial_sync_done = asyncio.Event()
-        self.kopf_runs = 0
         self.lists_done = 0
         self.last_list_time: float | None = None
 
@@ -550,137 +708,113 @@ class KubeSource:
         info = self._connection or resolve_connection(self.cfg.kubeconfig, self.cfg.api_server)
         self._connection = info
         log.info("watching Kubernetes at %s as node %s", info.server, self.cfg.node_name)
-        self._stop_kopf.clear()
         try:
             async with _http_session(info) as session:
                 await self._resync_loop(session, info)
         finally:
-            self._stop_kopf_now()
-            thread = self._kopf_thread
-            if thread is not None:
-                await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
-                if thread.is_alive():
-                    log.error("kopf did not stop within 30 s; leaving its daemon thread behind")
-            self._kopf_thread = None
+            for w in self._watches.values():
+                w.stop()
+            loop = asyncio.get_running_loop()
+            for w in self._watches.values():
+                if not await loop.run_in_executor(None, w.join, 30):
+                    log.error("the %s watch did not stop within 30 s; leaving its thread", w.gvr[2])
+            self._watches_started = False
 
-    # ---- kopf (its own thread and event loop) ----
-    def _kopf_thread_main(self, info: kopf.ConnectionInfo) -> None:
-        backoff = self.cfg.kopf_restart_delay
-        while not self._stop_kopf.is_set():
-            self._reload_kopf.clear()
-            registry = self._registry(info)  # per run: what it watches follows the last LIST
-            self.kopf_runs += 1
-            started = time.monotonic()
-            try:
-                asyncio.run(self._kopf_operator(registry))
-            except BaseException as e:  # noqa: BLE001 - any kopf failure means: restart it
-                if self._stop_kopf.is_set():
-                    break
-                if not self._reload_kopf.is_set():
-                    log.warning(
-                        "kopf stopped (%s: %s); restarting it, the dataplane keeps its state",
-                        type(e).__name__,
-                        e,
-                    )
-            else:
-                if self._stop_kopf.is_set():
-                    break
-                if not self._reload_kopf.is_set():
-                    log.warning("kopf exited unexpectedly; restarting it, the dataplane keeps its state")
-            if self._reload_kopf.is_set():
-                # Stopped on purpose to watch a different set of resources: back at once. Its listing
-                # delivers what changed meanwhile; the LIST after it, what was deleted.
-                self._request_resync_threadsafe("kopf reloaded")
-                continue
-            if self.metrics is not None:
-                self.metrics.source_restart()
-            # A restarted kopf re-lists; deletions during its absence need our own LIST.
-            self._request_resync_threadsafe("kopf restarted")
-            backoff = self.cfg.kopf_restart_delay if time.monotonic() - started > 60 else min(backoff * 2, 30)
-            self._stop_kopf.wait(backoff)
+    # ---- watches ----
+    @property
+    def watches(self) -> list[WatchStatus]:
+        """Every watch's status, ServiceCIDRs included (down while they cannot be listed)."""
+        return [w.status for w in self._watches.values()]
 
-    async def _kopf_operator(self, registry: kopf.OperatorRegistry) -> None:
-        settings = kopf_settings(self.cfg, self._cm_ns, self._cm_name)
-        loop = asyncio.get_running_loop()
-        # kopf's failed watchers leave "exception never retrieved" tasks behind: already reported.
-        loop.set_exception_handler(lambda _loop, ctx: log.debug("kopf: %s", ctx.get("message")))
-        task = asyncio.current_task()
-        assert task is not None
-        self._kopf_stopper = (loop, task)
-        if self._stop_kopf.is_set() or self._reload_kopf.is_set():
+    def watch_status(self, resource: str) -> WatchStatus:
+        """The status of the watch of RESOURCE (a plural: "services", "configmaps", ...)."""
+        for w in self._watches.values():
+            if w.gvr[2] == resource:
+                return w.status
+        raise KeyError(resource)
+
+    @property
+    def kopf_watches_service_cidrs(self) -> bool:
+        return self._watches["ServiceCIDR"].running
+
+    def stale_watches(self) -> list[str]:
+        """The watches the Service view needs that are down: they failed and are not back yet."""
+        return [
+            w.gvr[2]
+            for w in self._watches.values()
+            if w.status.required and not w.status.up and w.status.error is not None
+        ]
+
+    def _start_watches(self, info: kopf.ConnectionInfo) -> None:
+        for kind, w in self._watches.items():
+            if kind != "ServiceCIDR" and not w.running:
+                w.start(info)
+        self._watches_started = True
+        self._sync_service_cidr_watch()
+
+    def _watch_ran(self, w: _Watch) -> None:
+        """kopf's thread: an operator run of W starts."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
-        try:
-            # Stopped by cancelling this task: kopf then cancels its own tasks at once instead of
-            # giving them seconds to finish (nothing of ours runs in this loop).
-            await kopf.operator(
-                registry=registry,
-                settings=settings,
-                memories=EphemeralMemories(),
-                standalone=True,
-                clusterwide=True,
+        loop.call_soon_threadsafe(self._watch_started, w)
+
+    def _watch_started(self, w: _Watch) -> None:
+        w.status.runs += 1
+        if w.status.runs > 1:
+            if self.metrics is not None:
+                self.metrics.source_restart(w.gvr[2])
+            # A restarted watch re-lists; deletions during its absence need our own LIST.
+            self.request_resync("kopf restarted")
+
+    def _watch_down(self, w: _Watch, why: str) -> None:
+        """kopf's thread: W's operator stopped."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_watch, w, False, why)
+
+    def _watch_up_threadsafe(self, w: _Watch) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_watch, w, True, None)
+
+    def _set_watch(self, w: _Watch, up: bool, why: str | None) -> None:
+        st = w.status
+        if not up:
+            st.failures += 1
+        if st.up == up and (up or st.error == why):
+            return
+        was_down = st.runs > 0 and not st.up and st.error is not None
+        st.up, st.error, st.since = up, why, time.monotonic()
+        what = w.gvr[2] + (f" in namespace {w.namespace}" if w.namespace else "")
+        if up:
+            if was_down:
+                log.info("watch of %s is up again", what)
+        else:
+            hint = (
+                ": the agent's RBAC does not allow it (the Helm chart's ClusterRole and Role grant what it "
+                "needs)"
+                if why and ("403" in why or "Forbidden" in why)
+                else ""
             )
-        finally:
-            self._kopf_stopper = None
+            log.warning(
+                "watch of %s is down (%s)%s; %s, restarting it",
+                what, why, hint,
+                "/healthz fails until it is back" if st.required else "the rest of the view is unaffected",
+            )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.watch_status(w.gvr[2], up)
+        if self.on_watch_status is not None:
+            self.on_watch_status(st)
 
-    def _stop_kopf_now(self) -> None:
-        self._stop_kopf.set()
-        self._cancel_kopf_run()
-
-    def _reload_kopf_now(self) -> None:
-        """Restart kopf with a new registry (its thread builds one before every run)."""
-        self._reload_kopf.set()
-        self._cancel_kopf_run()
-
-    def _cancel_kopf_run(self) -> None:
-        # Without a run in progress, the next one checks the flags as soon as it has a stopper.
-        stopper = self._kopf_stopper
-        if stopper is not None:
-            with contextlib.suppress(RuntimeError):  # its loop just closed
-                stopper[0].call_soon_threadsafe(stopper[1].cancel)
-
-    def _registry(self, info: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
-        registry = kopf.OperatorRegistry()
-        post = self._post_threadsafe
-
-        @kopf.on.login(registry=registry)
-        async def login(**_: Any) -> kopf.ConnectionInfo:
-            return info
-
-        @kopf.on.event("v1", "services", registry=registry)
-        async def on_service(event: Any, **_: Any) -> None:
-            post("Service", event)
-
-        @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)
-        async def on_slice(event: Any, **_: Any) -> None:
-            post("EndpointSlice", event)
-
-        @kopf.on.event("v1", "nodes", registry=registry)
-        async def on_node(event: Any, **_: Any) -> None:
-            post("Node", event)
-
-        if self._cm_name:
-
-            @kopf.on.event("v1", "configmaps", registry=registry)
-            async def on_configmap(event: Any, **_: Any) -> None:
-                post("ConfigMap", event)
-
-        # Only when our LIST could read them: a forbidden resource fails kopf's watcher, and kopf with it.
-        watch_cidrs = self.service_cidrs_available is True
-        if watch_cidrs:
-
-            @kopf.on.event(*SERVICE_CIDRS, registry=registry)
-            async def on_service_cidr(event: Any, **_: Any) -> None:
-                post("ServiceCIDR", event)
-
-        self.kopf_watches_service_cidrs = watch_cidrs
-        return registry
-
-    def _post_threadsafe(self, kind: str, event: dict[str, Any]) -> None:
+    def _post_threadsafe(self, kind: str, event: dict[str, Any], w: _Watch | None = None) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             raw = event.get("object")
             if kind == "Node" and isinstance(raw, dict):
                 raw = slim_node(raw, self.cfg.node_name)
+            if w is not None and not w.status.up:
+                loop.call_soon_threadsafe(self._set_watch, w, True, None)
             loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), raw)
 
     def _request_resync_threadsafe(self, reason: str) -> None:
@@ -815,12 +949,6 @@ class KubeSource:
             self.metrics.object_skipped(kind, reason)
 
     # ---- our own LIST (agent loop) ----
-    def _start_kopf(self, info: kopf.ConnectionInfo) -> None:
-        self._kopf_thread = threading.Thread(
-            target=self._kopf_thread_main, args=(info,), name="kproxy-kopf", daemon=True
-        )
-        self._kopf_thread.start()
-
     async def _resync_loop(self, session: aiohttp.ClientSession, info: kopf.ConnectionInfo) -> None:
         reason = "initial"
         while True:
@@ -828,14 +956,14 @@ class KubeSource:
             # the LIST's pages, and kopf's listing before it (a re-list waits for kopf's to end), leave
             # freed C heap behind that glibc keeps otherwise
             trim_heap()
-            if self._kopf_thread is None and self.kopf_gate is not None and not self.kopf_gate.is_set():
+            if not self._watches_started and self.kopf_gate is not None and not self.kopf_gate.is_set():
                 await self.kopf_gate.wait()
                 self.request_resync("kopf started")  # whatever was deleted while kopf was not watching
-            if self._kopf_thread is None:
-                # kopf starts only now: its listing would otherwise compete with ours (and the first
-                # sync) for the CPU. Whatever changed in between, its listing delivers; whatever was
-                # deleted in between, the LIST that follows its listing removes.
-                self._start_kopf(info)
+            if not self._watches_started:
+                # The watches start only now: their listings would otherwise compete with ours (and
+                # the first sync) for the CPU. Whatever changed in between, their listings deliver;
+                # whatever was deleted in between, the LIST that follows their listings removes.
+                self._start_watches(info)
             interval = self.cfg.resync_interval if self.cfg.resync_interval > 0 else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync_wanted.wait(), interval)
@@ -889,8 +1017,19 @@ class KubeSource:
 
     async def _list_once(self, session: aiohttp.ClientSession) -> tuple[int, int]:
         if self._cm_name:
-            cm = await self._get(session, f"/api/v1/namespaces/{self._cm_ns}/configmaps/{self._cm_name}")
-            self._apply_settings((cm or {}).get("data") or {})
+            try:
+                cm = await self._get(session, f"/api/v1/namespaces/{self._cm_ns}/configmaps/{self._cm_name}")
+            except _ApiError as e:
+                # The settings are optional: the rest of the view must not wait for them.
+                problem = f"reading the settings ConfigMap {self._cm_ns}/{self._cm_name} failed: {e}"
+                if problem != self._configmap_problem:
+                    log.warning(
+                        "%s; keeping the current settings, trying again at every full listing", problem
+                    )
+                self._configmap_problem = problem
+            else:
+                self._configmap_problem = None
+                self._apply_settings((cm or {}).get("data") or {})
         changed = deleted = 0
         quiet = not self.initial_sync_done.is_set()
         for kind, gvr in (
@@ -981,25 +1120,29 @@ class KubeSource:
             log.debug("ServiceCIDRs still unavailable: %s", problem)
         self._service_cidrs_problem = problem
         self.service_cidrs_available = False
-        self._sync_kopf_watches()
+        self._sync_service_cidr_watch()
 
     def _service_cidrs_listed(self) -> None:
         if self._service_cidrs_problem is not None:
             log.info("ServiceCIDRs can be listed now: watching them from now on")
         self._service_cidrs_problem = None
         self.service_cidrs_available = True
-        self._sync_kopf_watches()
+        self._sync_service_cidr_watch()
 
-    def _sync_kopf_watches(self) -> None:
-        """Restart a running kopf whose registry does not match what can be watched now."""
-        if self._kopf_thread is None or self._reload_kopf.is_set():
-            return  # its next run builds its registry from what the LIST just found
-        if self.kopf_watches_service_cidrs != (self.service_cidrs_available is True):
-            log.info(
-                "restarting kopf to %s ServiceCIDRs",
-                "watch" if self.service_cidrs_available else "stop watching",
-            )
-            self._reload_kopf_now()
+    def _sync_service_cidr_watch(self) -> None:
+        """Watch ServiceCIDRs while our LIST can read them; a forbidden watch would only fail."""
+        w = self._watches["ServiceCIDR"]
+        if not self._watches_started or self._connection is None:
+            return
+        want = self.service_cidrs_available is True
+        if want and not w.running:
+            if w.status.runs:
+                log.info("watching ServiceCIDRs again")
+            w.start(self._connection)
+        elif not want and w.running:
+            log.info("no longer watching ServiceCIDRs")
+            w.stop()
+            self._set_watch(w, False, self._service_cidrs_problem or "not listable")
 
     async def _get(self, session: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
         assert self._connection is not None

@@ -13,7 +13,11 @@ aiohttp server instead. It implements the part of the API that kopf and kproxy's
   the event history (the next watch from an old version gets 410), inject a non-410 ERROR event;
 - access: a resource can be left unserved (absent from discovery, 404, as networking.k8s.io/v1
   servicecidrs before Kubernetes 1.33) or forbidden (in discovery, but 403 to every request, as when
-  RBAC does not grant it), at construction or at run time (`set_access`).
+  RBAC does not grant it), at construction or at run time (`set_access`);
+- authentication and RBAC, when given an `Rbac` (tests/controller/rbac.py, e.g. the Helm chart's):
+  bearer tokens map to users (401 otherwise), discovery is open to every authenticated user (as
+  system:discovery grants) and every other request is authorized as kube-apiserver does it, with its
+  403 Status and message when RBAC does not allow it. Off by default: then every request is served.
 
 Objects are served from pre-encoded JSON so 10,000+ objects list in milliseconds. Test code in the
 server's event loop changes objects directly (`put`, `delete`, ...); other processes use HTTP or run
@@ -35,11 +39,13 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from tests.controller.rbac import Attributes, Rbac, Rule, forbidden_message, request_attributes
 
 log = logging.getLogger("kproxy.tests.apiserver")
 
@@ -76,6 +82,27 @@ BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
 
 Key = tuple[str, str]  # (namespace or "", name)
+
+DEFAULT_TOKEN = "test-token"  # write_kubeconfig's token; with RBAC and no `tokens`, the chart's agent
+# What the built-in system:discovery and system:public-info-viewer ClusterRoles give every authenticated user.
+DISCOVERY = Rule(
+    verbs=("get",),
+    non_resource_urls=(
+        "/api",
+        "/api/*",
+        "/apis",
+        "/apis/*",
+        "/healthz",
+        "/livez",
+        "/readyz",
+        "/openapi",
+        "/openapi/*",
+        "/version",
+        "/version/",
+    ),
+)
+# The user the `forbidden` knob's 403 names when no token says who asks (the chart's agent).
+AGENT_USER = "system:serviceaccount:kube-system:kproxy"
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -176,6 +203,14 @@ class FakeApiServer:
     unserved: plurals the server does not serve: left out of discovery, 404 to every request.
     forbidden: plurals in discovery that every request is refused with 403 (RBAC does not grant them).
     Objects of unserved or forbidden resources can still be put and deleted from test code.
+    rbac: authenticate and authorize every request as kube-apiserver does (None: serve everybody).
+        A request without a known bearer token gets 401; discovery (/version, /api, /apis...) is open
+        to every authenticated user; every other request is checked with `rbac.allows` for the
+        token's user and gets kube-apiserver's 403 Status when not allowed. The `forbidden` knob still
+        applies on top. RBAC's denials are counted in `requests` ("FORBIDDEN list configmaps"; the
+        knob's keep their "FORBIDDEN servicecidrs"); both kinds are kept, with their user, in `denied`.
+    tokens: bearer token -> user name, e.g. {"agent-token": "system:serviceaccount:kube-system:kproxy"}.
+        Default with rbac: DEFAULT_TOKEN (write_kubeconfig's) is `rbac.agent`, the chart's agent.
     """
 
     def __init__(
@@ -187,9 +222,16 @@ class FakeApiServer:
         host: str = "127.0.0.1",
         unserved: Iterable[str] = (),
         forbidden: Iterable[str] = (),
+        rbac: Rbac | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.unserved: set[str] = set(unserved)
         self.forbidden: set[str] = set(forbidden)
+        self.rbac = rbac
+        if tokens is None:
+            tokens = {DEFAULT_TOKEN: rbac.agent} if rbac is not None and rbac.agent else {}
+        self.tokens: dict[str, str] = dict(tokens)
+        self.denied: list[tuple[str, Attributes]] = []  # (user, request) of every 403, in order
         self.host = host
         self.port = 0
         self.history_limit = history
@@ -206,7 +248,8 @@ class FakeApiServer:
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
         self._bookmarker: asyncio.Task[None] | None = None
-        self.requests: collections.Counter[str] = collections.Counter()  # "LIST services", "WATCH nodes"
+        # "LIST services", "WATCH nodes"; "FORBIDDEN list configmaps" (403), "UNAUTHORIZED" (401)
+        self.requests: collections.Counter[str] = collections.Counter()
 
     # ---- lifecycle ----
     @property
@@ -255,7 +298,7 @@ class FakeApiServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def write_kubeconfig(self, path: str, *, token: str = "test-token") -> str:
+    def write_kubeconfig(self, path: str, *, token: str = DEFAULT_TOKEN) -> str:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -419,7 +462,47 @@ class FakeApiServer:
         response: web.StreamResponse = await handler(request)
         return response
 
+    def _user(self, request: web.Request) -> str | None:
+        """The user of the request's bearer token, None when it has none or an unknown one."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return self.tokens.get(token.strip())
+
+    def _authorize(self, request: web.Request) -> web.Response | None:
+        """With RBAC: 401 for an unknown user, 403 for a request RBAC does not allow, None to serve it."""
+        assert self.rbac is not None
+        user = self._user(request)
+        if user is None:
+            self.requests["UNAUTHORIZED"] += 1
+            return _error(401, "Unauthorized", "Unauthorized")
+        attrs = request_attributes(request.method, request.path, request.query)
+        if attrs.resource_request:
+            allowed = self.rbac.allows(
+                user,
+                attrs.verb,
+                attrs.group,
+                attrs.resource,
+                attrs.namespace,
+                attrs.name,
+                subresource=attrs.subresource,
+            )
+            what = f"{attrs.verb} {attrs.resource}"
+        else:
+            allowed = DISCOVERY.matches_path(attrs.verb, attrs.path) or self.rbac.allows_path(
+                user, attrs.verb, attrs.path
+            )
+            what = f"{attrs.verb} {attrs.path}"
+        if allowed:
+            return None
+        self.requests[f"FORBIDDEN {what}"] += 1
+        return self._forbidden(user, attrs)
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self.rbac is not None:
+            refused = self._authorize(request)
+            if refused is not None:
+                return refused
         parts = [p for p in request.path.split("/") if p]
         if request.path == "/version":
             return web.json_response({"major": "1", "minor": "33", "gitVersion": "v1.33.0-double"})
@@ -450,7 +533,8 @@ class FakeApiServer:
             return _error(404, "NotFound", f"the server could not find the requested resource {request.path}")
         if rtype.plural in self.forbidden:
             self.requests[f"FORBIDDEN {rtype.plural}"] += 1
-            return self._forbidden(request, rtype, len(rest) == 2)
+            user = (self._user(request) if self.rbac is not None else None) or AGENT_USER
+            return self._forbidden(user, request_attributes(request.method, request.path, request.query))
         name = rest[1] if len(rest) == 2 else None
         if name is None:
             if request.method == "GET":
@@ -471,19 +555,18 @@ class FakeApiServer:
             return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
         return await self._write(request, rtype, namespace, name)
 
-    def _forbidden(self, request: web.Request, rtype: ResourceType, one: bool) -> web.Response:
-        """kube-apiserver's answer when RBAC does not grant the verb."""
-        verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
-        if request.method == "GET":
-            verb = "get" if one else "watch" if request.query.get("watch") in ("true", "1") else "list"
-        else:
-            verb = verbs.get(request.method, request.method.lower())
-        what = f"{rtype.plural}.{rtype.group}" if rtype.group else rtype.plural
-        message = (
-            f'{what} is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot {verb} resource '
-            f'"{rtype.plural}" in API group "{rtype.group}" at the cluster scope'
-        )
-        return _error(403, "Forbidden", message)
+    def _forbidden(self, user: str, attrs: Attributes) -> web.Response:
+        """kube-apiserver's answer when RBAC does not grant the request: a Forbidden Status naming the
+        user, verb, resource, API group and scope (and the object's name, when the request has one).
+        Kept in `denied`; the caller counts it in `requests`."""
+        self.denied.append((user, attrs))
+        status = _status(403, "Forbidden", forbidden_message(user, attrs))
+        if attrs.resource_request:
+            details: dict[str, Any] = {"group": attrs.group, "kind": attrs.resource}
+            if attrs.name:
+                details["name"] = attrs.name
+            status["details"] = details
+        return web.json_response(status, status=403)
 
     def _groups(self) -> dict[str, Any]:
         groups: dict[str, list[str]] = {}
@@ -788,8 +871,13 @@ async def _main() -> None:
     parser.add_argument("--node", default="node-a")
     parser.add_argument("--node-ip", default="192.168.0.10")
     parser.add_argument("--kubeconfig", help="write a kubeconfig pointing at the double to this path")
+    parser.add_argument(
+        "--rbac",
+        action="store_true",
+        help=f"enforce the Helm chart's RBAC; token {DEFAULT_TOKEN} (the kubeconfig's) is the chart's agent",
+    )
     args = parser.parse_args()
-    server = FakeApiServer()
+    server = FakeApiServer(rbac=Rbac.from_chart() if args.rbac else None)
     server.put(node(args.node, args.node_ip))
     populate(server, args.services, args.endpoints)
     await server.start(args.port)

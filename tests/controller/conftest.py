@@ -30,7 +30,8 @@ from kproxy.sources.kube import KubeSource, KubeSourceConfig
 from kproxy.store import ClusterStore
 from kproxy.sync import Syncer, sync_dirty
 from kproxy.translate import TranslateConfig
-from tests.controller.apiserver import FakeApiServer, node
+from tests.controller.apiserver import DEFAULT_TOKEN, FakeApiServer, node
+from tests.controller.rbac import Rbac, render_chart, settings_configmap
 
 NODE = "node-a"
 NODE_IP = "192.168.0.10"
@@ -88,20 +89,31 @@ class Harness:
         self.hc = ServiceHealthServers(self.health.is_healthy, addresses=("127.0.0.1",))
         self.metrics.bind(maps=self.maps, store=self.store)
         self.store.add_listener(self.health.queued)
-        cfg = KubeSourceConfig(node_name=NODE, resync_interval=self.resync_interval, kopf_restart_delay=0.2)
+        cm_ns, cm_name = settings_configmap(render_chart())
+        cfg = KubeSourceConfig(
+            node_name=NODE, resync_interval=self.resync_interval, kopf_restart_delay=0.2,
+            settings_configmap=f"{cm_ns}/{cm_name}",
+        )  # fmt: skip
         self.source = KubeSource(
             self.store,
             cfg,
             on_settings=self.settings.append,
             on_node_eligible=self.health.set_node_eligible,
+            on_watch_status=self._watch_status,
             metrics=self.metrics,
-            connection=kopf.ConnectionInfo(server=self.api.url),
+            # the chart's ServiceAccount: the double enforces the chart's RBAC for it (new_api)
+            connection=kopf.ConnectionInfo(server=self.api.url, token=DEFAULT_TOKEN),
         )
         await self.health.start()
         self._tasks = [
             asyncio.create_task(self.source.run(), name="source"),
             asyncio.create_task(self._sync_loop(), name="sync"),
         ]
+
+    def _watch_status(self, _status: Any) -> None:
+        """What the agent does (Agent.watch_status_changed)."""
+        assert self.source is not None
+        self.health.set_stale_watches(self.source.stale_watches())
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -171,6 +183,9 @@ class Harness:
 
 
 def new_api(**kw: Any) -> FakeApiServer:
+    """The API double enforcing the Helm chart's RBAC for the agent (its requests carry
+    DEFAULT_TOKEN): a request the chart does not grant gets 403, as from a real API server."""
+    kw.setdefault("rbac", Rbac.from_chart())
     api = FakeApiServer(bookmark_interval=0.5, **kw)
     api.put(node(NODE, NODE_IP, zone="zone-a"))
     return api

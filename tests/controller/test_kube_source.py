@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 
 from kproxy.bpf import abi
-from tests.controller.apiserver import endpoint_slice, pod_ip, service
+from tests.controller.apiserver import DEFAULT_TOKEN, endpoint_slice, pod_ip, service
 from tests.controller.conftest import NODE, NODE_IP, Harness, new_api, run
+from tests.controller.rbac import render_chart, settings_configmap
 
 F = abi.SvcFlag
 
@@ -309,11 +310,12 @@ def test_error_event_stops_kopf_and_the_supervisor_restarts_it(mapset_factory: A
         h = await _harness(api, mapset_factory())
         try:
             assert h.source is not None
-            runs = h.source.kopf_runs
+            source = h.source
             await h.wait_for("kopf watching", lambda: api.watch_count("services") > 0)
+            runs = source.watch_status("services").runs
             before = _raw(h.maps)
             api.inject_error(500)
-            await h.wait_for("kopf restarted", lambda: h.source is not None and h.source.kopf_runs > runs)
+            await h.wait_for("kopf restarted", lambda: source.watch_status("services").runs > runs)
             assert _raw(h.maps) == before  # nothing was touched while kopf was down
             api.put(endpoint_slice("a", [pod_ip(1), pod_ip(2)]))
             await h.wait_for(
@@ -436,30 +438,34 @@ def test_malformed_objects_are_skipped_logged_and_counted(
 
 
 def test_settings_configmap_patch_reaches_the_callback(mapset_factory: Any) -> None:
+    """The chart's ConfigMap, watched in its namespace by name (all the chart's Role grants), patched
+    as `kproxy dsr enable` does from a pod with the ServiceAccount's token."""
+
     async def scenario() -> None:
+        ns, name = settings_configmap(render_chart())
         api = new_api()
         api.put(
-            {
-                "kind": "ConfigMap",
-                "metadata": {"name": "kproxy", "namespace": "kube-system"},
-                "data": {"dsr-mode": "off"},
-            }
+            {"kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}, "data": {"dsr-mode": "off"}}
         )
         await api.start()
         h = await _harness(api, mapset_factory())
         try:
             assert h.settings[-1] == {"dsr-mode": "off"}
             async with aiohttp.ClientSession() as http:
-                url = f"{api.url}/api/v1/namespaces/kube-system/configmaps/kproxy"
+                url = f"{api.url}/api/v1/namespaces/{ns}/configmaps/{name}"
                 async with http.patch(
                     url,
                     json={"data": {"dsr-mode": "ipip"}},
-                    headers={"Content-Type": "application/merge-patch+json"},
+                    headers={
+                        "Content-Type": "application/merge-patch+json",
+                        "Authorization": f"Bearer {DEFAULT_TOKEN}",
+                    },
                 ) as r:
                     assert r.status == 200
             await h.wait_for("new settings delivered", lambda: h.settings[-1] == {"dsr-mode": "ipip"})
-            api.delete("ConfigMap", "kube-system", "kproxy")
+            api.delete("ConfigMap", ns, name)
             await h.wait_for("deleted ConfigMap means defaults", lambda: h.settings[-1] == {})
+            assert not api.denied, api.denied  # the agent asked for nothing the chart does not grant
         finally:
             await h.stop()
             await api.stop()

@@ -21,8 +21,9 @@ from kproxy.config import AgentConfig
 from kproxy.model import NodeInfo
 from kproxy.observe.health import HealthServer
 from kproxy.store import ClusterStore
-from tests.controller.apiserver import FakeApiServer, node
+from tests.controller.apiserver import DEFAULT_TOKEN, FakeApiServer, node
 from tests.controller.conftest import NODE, NODE_IP, Harness, new_api, run
+from tests.controller.rbac import Rbac, render_chart, settings_configmap
 
 
 class RecordingStore(ClusterStore):
@@ -148,10 +149,12 @@ def test_this_nodes_deletion_and_autoscaler_taint_fail_healthz_not_livez() -> No
     """KEP-3836 end to end through the agent's wiring: Node watch -> KubeSource -> health server."""
 
     async def scenario() -> None:
-        api = FakeApiServer(bookmark_interval=0.5)  # this node does not exist yet
+        # this node does not exist yet; the chart's RBAC enforced for the agent
+        api = FakeApiServer(bookmark_interval=0.5, rbac=Rbac.from_chart())
         await api.start()
-        cfg = AgentConfig(node_name=NODE, node_ips=[NODE_IP], settings_configmap=None)
-        agent = Agent(cfg, connection=kopf.ConnectionInfo(server=api.url))
+        cm_ns, cm_name = settings_configmap(render_chart())
+        cfg = AgentConfig(node_name=NODE, node_ips=[NODE_IP], settings_configmap=f"{cm_ns}/{cm_name}")
+        agent = Agent(cfg, connection=kopf.ConnectionInfo(server=api.url, token=DEFAULT_TOKEN))
         agent.store = ClusterStore(NodeInfo(name=NODE, addresses=(NODE_IP,)))
         agent.health = HealthServer("127.0.0.1", 0)
         await agent.health.start()

@@ -18,7 +18,14 @@ import kopf
 import pytest
 
 from kproxy.sources.kube import KubeSourceConfig, kopf_settings
-from tests.controller.apiserver import FakeApiServer, endpoint_slice, pod_ip, service, service_cidr
+from tests.controller.apiserver import (
+    DEFAULT_TOKEN,
+    FakeApiServer,
+    endpoint_slice,
+    pod_ip,
+    service,
+    service_cidr,
+)
 from tests.controller.conftest import NODE, Harness, new_api, run
 
 PLURAL = "servicecidrs"
@@ -54,17 +61,16 @@ async def _kopf_settles(h: Harness, api: FakeApiServer, *, watching_cidrs: bool)
         "kopf (re)started watching services" + (" and servicecidrs" if watching_cidrs else " only"),
         lambda: (
             source.kopf_watches_service_cidrs == watching_cidrs
-            and not source._reload_kopf.is_set()  # no restart pending
             and api.watch_count("services") > 0
             and (api.watch_count(PLURAL) > 0) == watching_cidrs
         ),
         timeout=60,
     )
     # A spinning kopf would restart again and again: its run count must stay put for a while.
-    runs = source.kopf_runs
+    runs = [w.runs for w in source.watches]
     lists = source.lists_done
     await h.wait_for("two more full listings", lambda: source.lists_done >= lists + 2, timeout=60)
-    assert source.kopf_runs == runs, "kopf restarted although nothing changed"
+    assert [w.runs for w in source.watches] == runs, "a watch restarted although nothing changed"
 
 
 def test_service_cidrs_created_updated_deleted_reach_the_store(mapset_factory: Any) -> None:
@@ -217,10 +223,11 @@ def test_without_service_cidrs_everything_else_works_and_they_are_tried_again(
             assert h.store.service_cidrs == []
             assert source.service_cidrs_available is False
             await _kopf_settles(h, api, watching_cidrs=False)
-            # kopf never tried (a forbidden watch would fail kopf as a whole), never restarted
+            # never tried (a forbidden watch would only fail), nothing restarted
             assert api.requests[f"WATCH {PLURAL}"] == 0
-            assert source.kopf_runs == 1
-            assert _sample(h, "kproxy_source_restarts_total") == 0
+            assert source.watch_status(PLURAL).runs == 0
+            assert [w.runs for w in source.watches if w.resource != PLURAL] == [1] * (len(source.watches) - 1)
+            assert _sample(h, "kproxy_source_restarts_total", resource="services") == 0
             # one warning, however many listings tried again
             assert source.lists_done >= 3
             assert len(_warnings(caplog, needle)) == 1, _warnings(caplog, "ServiceCIDR")
@@ -234,7 +241,8 @@ def test_without_service_cidrs_everything_else_works_and_they_are_tried_again(
             api.set_access(PLURAL)
             await h.wait_for("ServiceCIDRs listed", lambda: h.store.service_cidrs == ["10.96.0.0/16"])
             await _kopf_settles(h, api, watching_cidrs=True)
-            assert source.kopf_runs == 2
+            assert source.watch_status(PLURAL).runs == 1
+            assert source.watch_status("services").runs == 1  # the other watches were left alone
             api.put(service_cidr("extra", "10.100.0.0/16"))
             await h.wait_for(
                 "a ServiceCIDR added", lambda: h.store.service_cidrs == ["10.100.0.0/16", "10.96.0.0/16"]
@@ -329,7 +337,7 @@ def test_kopf_skips_a_watched_resource_the_api_server_does_not_serve() -> None:
 
         @kopf.on.login(registry=registry)
         async def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=api.url)
+            return kopf.ConnectionInfo(server=api.url, token=DEFAULT_TOKEN)
 
         @kopf.on.event("v1", "services", registry=registry)
         async def on_service(event: Any, **_: Any) -> None:
@@ -340,7 +348,7 @@ def test_kopf_skips_a_watched_resource_the_api_server_does_not_serve() -> None:
             seen.append(("ServiceCIDR", event["object"]["metadata"]["name"]))
 
         def kopf_thread() -> None:
-            settings = kopf_settings(KubeSourceConfig(node_name=NODE), None, None)
+            settings = kopf_settings(KubeSourceConfig(node_name=NODE))
             try:
                 asyncio.run(
                     kopf.operator(

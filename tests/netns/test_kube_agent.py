@@ -28,6 +28,7 @@ from kproxy.lab import Lab
 from kproxy.lab import manifests as mf
 from kproxy.lab.cluster import EXT_IP
 from tests.controller.apiserver import FakeApiServer
+from tests.controller.rbac import Rbac
 
 pytestmark = pytest.mark.root
 
@@ -41,11 +42,12 @@ class KubeLab(Lab):
     """The lab, with the agents watching the API double instead of the manifests directory."""
 
     api_url = ""
+    kubeconfig = ""  # the chart's ServiceAccount token: the double enforces the chart's RBAC for it
 
     def agent_argv(self, node: Any) -> list[str]:
         argv = super().agent_argv(node)
         i = argv.index("--source")
-        argv[i + 1 : i + 2] = ["kubernetes", "--k8s-api-server", self.api_url]
+        argv[i + 1 : i + 2] = ["kubernetes", "--kubeconfig", self.kubeconfig]
         return argv
 
 
@@ -64,7 +66,7 @@ class ApiInNamespace:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="api double", daemon=True)
         self.thread.start()
-        self.api = FakeApiServer(host=EXT_IP, bookmark_interval=1.0)
+        self.api = FakeApiServer(host=EXT_IP, bookmark_interval=1.0, rbac=Rbac.from_chart())
         self.url = self.call(lambda: self.api.start(sock=self.sock))
 
     def call(self, fn: Callable[[], Any]) -> Any:
@@ -87,7 +89,9 @@ class ApiInNamespace:
 
 
 @pytest.fixture(scope="module")
-def klab(tc_object: Path) -> Iterator[tuple[KubeLab, ApiInNamespace]]:
+def klab(
+    tc_object: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[KubeLab, ApiInNamespace]]:
     """Name: klab. Scope: module. Depends: root, tc_object.
 
     A one-node lab whose agent watches the API double (running in the lab's ext namespace).
@@ -96,6 +100,7 @@ def klab(tc_object: Path) -> Iterator[tuple[KubeLab, ApiInNamespace]]:
         api = ApiInNamespace(lab)
         try:
             lab.api_url = api.url
+            lab.kubeconfig = api.api.write_kubeconfig(str(tmp_path_factory.mktemp("kube") / "kubeconfig"))
             n1 = lab.nodes[0]
             api.put(mf.node(n1.name, n1.ip))
             lab.start_agent(n1.name)
@@ -240,3 +245,11 @@ def test_health_check_node_port_for_local_traffic_policy(klab: tuple[KubeLab, Ap
     wait_until("healthCheckNodePort answering 503 with no local endpoint", answer_is(503, 0))
     status, body = http_get(lab, url)
     assert status == 503 and body["localEndpoints"] == 0, (status, body)
+
+
+def test_the_agent_asks_for_nothing_the_chart_does_not_grant(klab: tuple[KubeLab, ApiInNamespace]) -> None:
+    """The double enforces the chart's RBAC for the agent's token: a request outside it is a 403 a
+    real API server would give too (issue 12: a cluster-wide ConfigMap watch took every watch down)."""
+    _lab, api = klab
+    assert api.call(lambda: list(api.api.denied)) == []
+    assert api.call(lambda: api.api.watch_count("configmaps")) == 1
