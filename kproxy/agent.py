@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import fnmatch
 import logging
+import os
 import signal
 import socket
 import struct
@@ -87,6 +88,9 @@ class Agent:
         self.loader: Any = None
         self.maps: Any = None
         self.socklb: Any = None
+        self.forwarding_off: list[str] = []  # netdevs with IPv4 forwarding off, as last checked
+        self.socket_lb_cgroup: str | None = None  # the cgroup socket LB is (to be) attached to
+        self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
         self.store: Any = None
         self.syncer: Any = None
         self.source: Any = None
@@ -143,10 +147,19 @@ class Agent:
         return 0
 
     def check_forwarding(self) -> list[str]:
-        """Netdevs on which IPv4 forwarding is off, each logged: traffic the kernel forwards between
-        netdevs and pods (NodePort to a local backend, replies the kernel routes) would be dropped.
-        Host sysctls are the admin's: the agent only warns."""
-        off = []
+        """Netdevs on which IPv4 forwarding is off, logged when that changes (checked at start and at
+        every sweep: a CNI often turns forwarding on after the agent started): traffic the kernel
+        forwards between netdevs and pods (NodePort to a local backend, replies the kernel routes)
+        would be dropped. Host sysctls are the admin's: the agent only warns."""
+        off = self._forwarding_off()
+        back = [dev for dev in self.forwarding_off if dev not in off]
+        if back:
+            log.info("IPv4 forwarding is on now on %s", ",".join(back))
+        self.forwarding_off = off
+        return off
+
+    def _forwarding_off(self) -> list[str]:
+        off: list[str] = []
         for dev in self.netdevs:
             for path in ("/proc/sys/net/ipv4/ip_forward", f"/proc/sys/net/ipv4/conf/{dev}/forwarding"):
                 try:
@@ -156,6 +169,8 @@ class Agent:
                     continue
                 if not on:
                     off.append(dev)
+                    if dev in self.forwarding_off:
+                        break  # said already
                     log.warning(
                         "IPv4 forwarding is off (%s = 0): external traffic through %s to pods will be "
                         "dropped; enable it (sysctl -w net.ipv4.ip_forward=1 net.ipv4.conf.all.forwarding=1)",
@@ -200,16 +215,57 @@ class Agent:
             self.setup_socket_lb(cfg.socket_lb_cgroup)
 
     def setup_socket_lb(self, cgroup: str) -> None:
+        """Attach socket load balancing to CGROUP, or to the cgroup2 mount below it (hybrid cgroup
+        hosts). When that fails the agent runs without it: an error in the log, the metric
+        kproxy_socket_lb_attached 0 and `kproxy status` say so; pod traffic is not affected."""
         from kproxy.bpf.libbpf import LibbpfError
         from kproxy.bpf.loader import LoaderError
-        from kproxy.bpf.socklb import SocketLB
+        from kproxy.bpf.socklb import SocketLB, find_cgroup2
 
-        self.socklb = SocketLB(self.cfg.bpffs, cgroup, allow_root=self.cfg.socket_lb_allow_root_cgroup)
+        found = find_cgroup2(cgroup)
+        if found != os.path.realpath(cgroup):
+            log.info("%s is not a cgroup v2 directory: using the cgroup2 mount below it, %s", cgroup, found)
+        self.socket_lb_cgroup = found
         try:
+            self.socklb = SocketLB(self.cfg.bpffs, found, allow_root=self.cfg.socket_lb_allow_root_cgroup)
             attached = self.socklb.attach()
         except (LoaderError, LibbpfError, OSError) as e:
-            raise AgentError(f"cannot attach socket load balancing to cgroup {cgroup}: {e}") from e
-        log.info("socket load balancing on cgroup %s: %s", cgroup, ", ".join(a.hook for a in attached))
+            if self.socklb is not None:
+                with contextlib.suppress(Exception):
+                    self.socklb.close()
+            self.socklb = None
+            self.socket_lb_problem = str(e)
+            log.error(
+                "socket load balancing is OFF: %s. Processes of the node and hostNetwork pods do not reach "
+                "Services through kproxy (pod traffic is not affected). Give the host's cgroup v2 directory "
+                "with --socket-lb-cgroup (Helm value socketLB.cgroupPath; /sys/fs/cgroup/unified on hybrid "
+                "cgroup v1/v2 hosts), or turn it off (socketLB.enabled=false)", e,
+            )  # fmt: skip
+            return
+        self.socket_lb_problem = None
+        log.info("socket load balancing on cgroup %s: %s", found, ", ".join(a.hook for a in attached))
+
+    def status(self) -> dict[str, Any]:
+        """What `kproxy status` shows of this agent (written to the state directory, see write_status)."""
+        return {
+            "node": self.cfg.node_name,
+            "pid": os.getpid(),
+            "netdevs": list(self.netdevs),
+            "socket_lb": {
+                "wanted": bool(self.cfg.socket_lb_cgroup),
+                "attached": self.socklb is not None,
+                "cgroup": self.socket_lb_cgroup,
+                "problem": self.socket_lb_problem,
+            },
+        }
+
+    def write_status(self) -> None:
+        from kproxy.observe.metadata import write_status
+
+        try:
+            write_status(self.cfg.bpffs, self.status())
+        except OSError as e:
+            log.warning("cannot write the agent status file: %s", e)
 
     def attach_pod(self, ifname: str) -> None:
         from kproxy.bpf.loader import PROG_FROM_POD, PROG_TO_POD
@@ -348,6 +404,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             await self.read_host_addresses()
+            self.check_forwarding()
             try:
                 n = sweep_conntrack(self.maps.ct4)
                 snat4 = getattr(self.maps, "snat4", None)
@@ -426,6 +483,9 @@ class Agent:
         self.service_health = ServiceHealthServers(self.health.is_healthy)
         self.metrics = Metrics()
         self.metrics.bind(maps=self.maps, store=self.store)
+        if self.cfg.socket_lb_cgroup:
+            self.metrics.socket_lb_attached.set(1 if self.socklb is not None else 0)
+        self.write_status()
         host, port = split_hostport(self.cfg.metrics_bind)
         try:
             await self.metrics.start(host, port)

@@ -237,6 +237,14 @@ def _bpffs_ok(bpffs: str, hint: str) -> None:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
+@click.option(
+    "--libbpf-log-level",
+    type=click.Choice(["debug", "info", "warning"]),
+    default="warning",
+    show_default=True,
+    help="Verbosity of libbpf's own messages (logger kproxy.libbpf), apart from --log-level: its debug "
+    "output is about a thousand lines per program load.",
+)
 @click.option("--k8s-api-server", metavar="URL", help="API server to use instead of the in-cluster address.")
 @click.option("--kubeconfig", metavar="PATH", help="kubeconfig file (default: in-cluster service account).")
 @configmap_options
@@ -308,6 +316,7 @@ def agent(
     ct_timeout_udp: int,
     ct_sweep_interval: float,
     log_level: str,
+    libbpf_log_level: str,
     k8s_api_server: str | None,
     kubeconfig: str | None,
     namespace: str,
@@ -338,6 +347,7 @@ def agent(
     from kproxy.config import AgentConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kproxy.libbpf").setLevel(libbpf_log_level.upper())
     lo, sep, hi = snat_port_range.partition("-")
     if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
         raise click.UsageError(f"--snat-port-range {snat_port_range!r} must be MIN-MAX, e.g. 1024-29999")
@@ -512,6 +522,58 @@ def stats(cli: Cli, include_zero: bool) -> None:
             rs, [("COUNTER", "counter"), ("KIND", "kind"), ("PACKETS", "packets"), ("BYTES", "bytes")]
         ),
     )
+
+
+@main.command()
+@inspect_options
+@click.pass_obj
+def status(cli: Cli) -> None:
+    """The agent's state on this node: its process, DSR mode, netdevs and socket load balancing."""
+    from kproxy.bpf.libbpf import LibbpfError
+    from kproxy.bpf.socklb import SocketLB
+    from kproxy.observe.metadata import read_status
+
+    with cli.open_maps("kproxy status") as maps:
+        cfg = maps.read_config()
+    agent = read_status(cli.bpffs) or {}
+    pid = agent.get("pid")
+    try:
+        links = SocketLB(cli.bpffs, None).attached()
+    except (LibbpfError, OSError):
+        links = []
+    want = agent.get("socket_lb") or {}
+    info = {
+        "agent": {
+            "node": agent.get("node"),
+            "pid": pid,
+            "running": bool(pid) and os.path.exists(f"/proc/{pid}"),
+            "netdevs": agent.get("netdevs", []),
+        },
+        "dsr_mode": _mode_name(cfg.dsr_mode),
+        "socket_lb": {
+            "wanted": want.get("wanted"),
+            "attached": [a.hook for a in links if a.alive],
+            "cgroup": want.get("cgroup"),
+            "problem": want.get("problem"),
+        },
+    }
+
+    def text(i: dict[str, Any]) -> str:
+        a, slb = i["agent"], i["socket_lb"]
+        lines = [
+            f"agent: node {a['node'] or '?'}, pid {a['pid'] or '?'} "
+            f"({'running' if a['running'] else 'not running'}), netdevs {','.join(a['netdevs']) or '-'}",
+            f"dsr mode: {i['dsr_mode']}",
+        ]
+        if slb["attached"]:
+            lines.append(f"socket LB: on, cgroup {slb['cgroup'] or '?'} ({', '.join(slb['attached'])})")
+        elif slb["wanted"]:
+            lines.append(f"socket LB: OFF (wanted, not attached): {slb['problem'] or 'links missing'}")
+        else:
+            lines.append("socket LB: off")
+        return "\n".join(lines)
+
+    cli.emit(info, text)
 
 
 @main.command()

@@ -102,6 +102,24 @@ def cgroup2_mounts() -> list[str]:
         return parse_cgroup2_mounts(f.read())
 
 
+def find_cgroup2(path: str | os.PathLike[str], mountinfo: str | None = None) -> str:
+    """PATH if it is a cgroup v2 directory; else the cgroup2 mount below it (a hybrid cgroup v1/v2 host
+    mounts cgroup v2 at /sys/fs/cgroup/unified, under a tmpfs of v1 controllers), the shallowest if
+    several. PATH itself when there is none (check_cgroup() then says why it cannot be used)."""
+    p = os.path.realpath(os.fspath(path))
+    with contextlib.suppress(OSError):
+        if _statfs_type(p) == CGROUP2_SUPER_MAGIC:
+            return p
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read()
+        except OSError:
+            return p
+    below = [m for m in parse_cgroup2_mounts(mountinfo) if m.startswith(p.rstrip("/") + "/")]
+    return min(below, key=lambda m: (m.count("/"), m)) if below else p
+
+
 def check_cgroup(path: str | os.PathLike[str], allow_root: bool = False) -> str:
     """The cgroup v2 directory to attach to, resolved; refuses anything that is not a child cgroup
     unless allow_root (the root of a hierarchy: every process of the machine)."""

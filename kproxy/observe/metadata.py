@@ -22,6 +22,7 @@ from typing import Any
 STATE_ROOT_ENV = "KPROXY_STATE_ROOT"
 DEFAULT_STATE_ROOT = "/run/kproxy"
 FILE_NAME = "services.json"
+STATUS_FILE = "status.json"
 
 
 def state_dir(bpffs: str | Path) -> Path:
@@ -59,3 +60,25 @@ def read_metadata(bpffs: str | Path) -> dict[int, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return {int(k): v for k, v in doc.get("services", {}).items()}
+
+
+def status_path(bpffs: str | Path) -> Path:
+    return state_dir(bpffs) / STATUS_FILE
+
+
+def write_status(bpffs: str | Path, status: dict[str, Any]) -> Path:
+    """The agent's own state, for `kproxy status` (replaced atomically)."""
+    path = status_path(bpffs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**status, "written": time.time()}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_status(bpffs: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(status_path(bpffs).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -172,6 +172,12 @@ class Metrics:
             ["resource"],
             registry=r,
         )
+        self.socket_lb_attached = Gauge(
+            "kproxy_socket_lb_attached",
+            "1 while socket load balancing is attached to its cgroup, 0 when it was asked for and could not "
+            "be (the log and `kproxy status` say why).",
+            registry=r,
+        )
         self.maps: Any = None
         self.store: Any = None
         self.registry.register(_MapCollector(self))

@@ -31,6 +31,7 @@ from kproxy.bpf.socklb import (
     SocketLBError,
     cgroup2_mounts,
     check_cgroup,
+    find_cgroup2,
     parse_cgroup2_mounts,
 )
 
@@ -142,6 +143,26 @@ def test_parse_cgroup2_mounts() -> None:
         "37 30 0:30 / /mnt/my\\040cg rw shared:11 - cgroup2 none rw\n"
     )
     assert parse_cgroup2_mounts(text) == ["/sys/fs/cgroup/unified", "/mnt/my cg"]
+
+
+def test_find_cgroup2_takes_the_unified_mount_of_a_hybrid_host(tmp_path: Path) -> None:
+    """The chart mounts the host's socketLB.cgroupPath (/sys/fs/cgroup) in the agent's container; on a
+    hybrid cgroup v1/v2 host that is a tmpfs and cgroup v2 lives at .../unified below it (issue 12:
+    the agent crash-looped with "is not a cgroup v2 directory")."""
+    text = (
+        "30 1 0:26 / /run/kproxy/cgroupv2 rw - tmpfs tmpfs rw\n"
+        "35 30 0:30 / /run/kproxy/cgroupv2/unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
+        "36 30 0:31 / /run/kproxy/cgroupv2/systemd rw - cgroup cgroup rw,name=systemd\n"
+        "37 1 0:30 / /run/kproxy/cgroupv2-other rw - cgroup2 cgroup2 rw\n"
+    )
+    assert find_cgroup2("/run/kproxy/cgroupv2", text) == "/run/kproxy/cgroupv2/unified"
+    # a plain directory with nothing mounted below: itself (check_cgroup then says why not)
+    assert find_cgroup2(tmp_path, text) == str(tmp_path)
+    # this machine is such a host: cgroup v2 at /sys/fs/cgroup/unified, v1 and a tmpfs at /sys/fs/cgroup
+    if os.path.ismount("/sys/fs/cgroup/unified") and "/sys/fs/cgroup" not in cgroup2_mounts():
+        assert find_cgroup2("/sys/fs/cgroup") == "/sys/fs/cgroup/unified"
+    for mount in cgroup2_mounts():
+        assert find_cgroup2(mount) == os.path.realpath(mount)
 
 
 def test_check_cgroup_refuses_a_plain_directory(tmp_path: Path) -> None:

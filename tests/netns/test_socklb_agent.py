@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +110,26 @@ def test_links_keep_working_while_the_agent_restarts(lab: Lab, program: Any, cgr
         lab.wait_agent("n1")
     r = client(lab, TCP_CLIENT, "10.96.5.4", 80, cgroup)
     assert r.get("reply", {}).get("pod") == "n1p2", r
+
+
+def test_agent_without_a_usable_cgroup_runs_without_socket_lb(tc_object: Path, tmp_path: Path) -> None:
+    """A socket-LB cgroup that cannot be used (here a plain directory, no cgroup2 below it) no longer
+    stops the agent: it serves pods, logs an error naming the chart value, and `kproxy status` says why
+    socket load balancing is off."""
+    plain = tmp_path / "not-a-cgroup"
+    plain.mkdir()
+    with Lab(nodes=1, pods_per_node=1, agent_args=["--socket-lb-cgroup", str(plain)]) as lb:
+        log = lb.log("agent-n1")
+        assert "socket load balancing is OFF" in log and "socketLB.cgroupPath" in log, log[-2000:]
+        # the lab runs the agent with --log-level debug: libbpf's own debug output stays out of it
+        assert not [ln for ln in log.splitlines() if "DEBUG kproxy.libbpf" in ln]
+        r = subprocess.run(
+            [sys.executable, "-m", "kproxy", "status", "--bpffs", lb.node("n1").bpffs, "-o", "json"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["agent"]["running"] and st["agent"]["node"] == "n1"
+        slb = st["socket_lb"]
+        assert slb["wanted"] and slb["attached"] == [] and "not a cgroup v2 directory" in slb["problem"], slb
+        assert not (Path(lb.node("n1").bpffs) / "links" / "cgroup:connect4").exists()
