@@ -245,6 +245,43 @@ class Agent:
         self.socket_lb_problem = None
         log.info("socket load balancing on cgroup %s: %s", found, ", ".join(a.hook for a in attached))
 
+    async def uninstalling(self) -> bool:
+        """On SIGTERM: is this install being removed (--daemonset gone or being deleted)? Then the
+        dataplane goes with the agent, unless --keep-dataplane-on-uninstall. Anything unclear (no
+        --daemonset, the API server not answering) keeps it: a frozen dataplane is better than none."""
+        ref = self.cfg.daemonset
+        if not ref or not hasattr(self.source, "daemonset_gone"):
+            return False
+        gone = await self.source.daemonset_gone(ref)
+        if gone is None:
+            log.warning("cannot tell whether DaemonSet %s is being removed: the dataplane stays", ref)
+            return False
+        if not gone:
+            log.info(
+                "DaemonSet %s is still there (a restart or an upgrade): the dataplane keeps serving", ref
+            )
+            return False
+        if self.cfg.keep_dataplane_on_uninstall:
+            log.warning(
+                "DaemonSet %s is gone, and --keep-dataplane-on-uninstall: the programs stay, serving the "
+                "last state; `kproxy cleanup` on the node removes them", ref,
+            )  # fmt: skip
+            return False
+        return True
+
+    def remove_dataplane(self) -> None:
+        from kproxy.bpf.teardown import remove_dataplane
+
+        try:
+            detached = remove_dataplane(self.cfg.bpffs)
+        except OSError as e:
+            log.error("removing the dataplane from %s failed: %s; run `kproxy cleanup`", self.cfg.bpffs, e)
+            return
+        log.info(
+            "DaemonSet %s is gone (an uninstall): removed the programs (%s) and every pin under %s",
+            self.cfg.daemonset, ", ".join(detached) or "none attached", self.cfg.bpffs,
+        )  # fmt: skip
+
     def status(self) -> dict[str, Any]:
         """What `kproxy status` shows of this agent (written to the state directory, see write_status)."""
         return {
@@ -543,9 +580,11 @@ class Agent:
                 pending.discard(stopper)
                 failed = [t for t in done if t is not stopper and t.exception() is not None]
         finally:
+            signalled = stopper.done() and not stopper.cancelled()
             for t in tasks | {stopper}:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            uninstall = signalled and not failed and await self.uninstalling()
             if self.source is not None and hasattr(self.source, "close"):
                 with contextlib.suppress(Exception):
                     self.source.close()
@@ -556,6 +595,8 @@ class Agent:
                 self.maps.close()
             if self.loader is not None:
                 self.loader.close()  # pins stay: the programs keep running
+            if uninstall:
+                self.remove_dataplane()
         if failed:
             exc = failed[0].exception()
             if isinstance(exc, AgentError):

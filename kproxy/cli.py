@@ -286,6 +286,17 @@ def _bpffs_ok(bpffs: str, hint: str) -> None:
     "socket-level load balancing (what a cluster install wants; refused without this flag).",
 )  # fmt: skip
 @click.option(
+    "--daemonset", metavar="NAMESPACE/NAME", envvar="KPROXY_DAEMONSET",
+    help="The DaemonSet running this agent (the chart sets it). On SIGTERM the agent asks the API server "
+    "for it: gone or being deleted means an uninstall, and the agent removes its programs and pins; "
+    "there means a restart or upgrade, and the dataplane keeps serving. Absent: always kept.",
+)  # fmt: skip
+@click.option(
+    "--keep-dataplane-on-uninstall", is_flag=True,
+    help="Even when --daemonset is gone, leave the programs and pins serving the last state (to migrate "
+    "to another install without a gap); `kproxy cleanup` removes them later.",
+)  # fmt: skip
+@click.option(
     "--snat-port-range", default="1024-29999", show_default=True, metavar="MIN-MAX",
     help="Source ports for SNAT of external traffic to remote backends; keep it clear of the NodePort "
     "range and of net.ipv4.ip_local_port_range.",
@@ -329,6 +340,8 @@ def agent(
     dsr_mode: str,
     socket_lb_cgroup: str | None,
     socket_lb_allow_root_cgroup: bool,
+    daemonset: str | None,
+    keep_dataplane_on_uninstall: bool,
     snat_port_range: str,
     lan_mtu: int,
     hairpin_address: str | None,
@@ -381,6 +394,8 @@ def agent(
                 "dsr_mode": dsr_mode,
                 "socket_lb_cgroup": socket_lb_cgroup,
                 "socket_lb_allow_root_cgroup": socket_lb_allow_root_cgroup,
+                "daemonset": daemonset,
+                "keep_dataplane_on_uninstall": keep_dataplane_on_uninstall,
                 "snat_port_min": snat_min,
                 "snat_port_max": snat_max,
                 "lan_mtu": lan_mtu,
@@ -842,37 +857,17 @@ def cleanup(cli: Cli) -> None:
     """
     cli.require_root("kproxy cleanup")
     cli.check_bpffs()
-    import shutil
+    from kproxy.bpf.libbpf import LibbpfError
+    from kproxy.bpf.teardown import remove_dataplane
 
-    from kproxy.bpf.loader import Loader
-    from kproxy.observe.metadata import state_dir
-
-    loader = Loader(cli.bpffs)
-    detached = [f"{a.ifname}.{a.direction}" for a in loader.attached()]
-    detached += _cleanup_socket_lb(cli.bpffs)
-    loader.cleanup()
-    shutil.rmtree(state_dir(cli.bpffs), ignore_errors=True)
+    try:
+        detached = remove_dataplane(cli.bpffs)
+    except (LibbpfError, OSError) as e:
+        raise CliError(f"cannot remove kproxy from {cli.bpffs}: {e}") from e
     cli.emit(
         {"bpffs": cli.bpffs, "detached": detached},
         lambda r: f"removed kproxy from {r['bpffs']}; detached: {', '.join(r['detached']) or 'nothing'}",
     )
-
-
-def _cleanup_socket_lb(bpffs: str) -> list[str]:
-    """Detach and unpin the socket LB's cgroup links and its own maps; returns what was attached."""
-    from kproxy.bpf.libbpf import LibbpfError
-    from kproxy.bpf.socklb import SocketLB
-
-    slb = SocketLB(bpffs, None)
-    try:
-        hooks = [f"cgroup.{a.hook}" for a in slb.attached()]
-    except (LibbpfError, OSError):
-        hooks = []  # listed or not, cleanup() below removes the pins
-    try:
-        slb.cleanup()
-    except (LibbpfError, OSError) as e:
-        raise CliError(f"cannot remove the socket load balancing links under {bpffs}: {e}") from e
-    return hooks
 
 
 @main.command()

@@ -93,6 +93,11 @@ class AgentConfig(BaseModel):
     settings_configmap: str | None = f"{DEFAULT_NAMESPACE}/{DEFAULT_CONFIGMAP}"  # "namespace/name"
     sweep_interval: float = Field(default=5.0, gt=0)
     object_path: str | None = None
+    # "namespace/name" of the DaemonSet that runs this agent: when it is gone (or being deleted) as the
+    # agent gets SIGTERM, the install is being removed and the agent removes its dataplane; on an
+    # ordinary restart or upgrade (the DaemonSet still there) everything stays and keeps serving.
+    daemonset: str | None = None
+    keep_dataplane_on_uninstall: bool = False  # migrations: leave the programs serving the last state
 
     @field_validator("node_ips")
     @classmethod

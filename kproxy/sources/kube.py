@@ -720,6 +720,28 @@ class KubeSource:
                     log.error("the %s watch did not stop within 30 s; leaving its thread", w.gvr[2])
             self._watches_started = False
 
+    async def daemonset_gone(self, ref: str, timeout: float = 5.0) -> bool | None:
+        """Whether the DaemonSet REF ("namespace/name") is gone or being deleted (True: an uninstall),
+        still there (False: a restart, an upgrade, a drain), or None when the API server did not say."""
+        ns, _, name = ref.partition("/")
+        info = self._connection or resolve_connection(self.cfg.kubeconfig, self.cfg.api_server)
+        url = f"{info.server.rstrip('/')}/apis/apps/v1/namespaces/{ns}/daemonsets/{name}"
+        try:
+            async with (
+                _http_session(info) as session,
+                session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp,
+            ):
+                if resp.status == 404:
+                    return True
+                if resp.status >= 400:
+                    log.warning("GET DaemonSet %s: HTTP %d %s", ref, resp.status, (await resp.text())[:200])
+                    return None
+                body = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.warning("GET DaemonSet %s failed: %s", ref, e)
+            return None
+        return bool((body.get("metadata") or {}).get("deletionTimestamp"))
+
     # ---- watches ----
     @property
     def watches(self) -> list[WatchStatus]:

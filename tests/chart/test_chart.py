@@ -38,6 +38,8 @@ AGENT_FLAGS = {
     "--dsr-mode",
     "--socket-lb-cgroup",
     "--socket-lb-allow-root-cgroup",
+    "--daemonset",
+    "--keep-dataplane-on-uninstall",
 }
 
 AGENT_CAPS = ["BPF", "NET_ADMIN", "PERFMON"]
@@ -196,6 +198,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--node-name=<spec.nodeName>",
         "--node-ip=<status.hostIP>",
         "--bpffs=/sys/fs/bpf/kproxy",
+        "--daemonset=kube-system/kproxy",
         "--dsr-mode=off",
         "--ct-timeout-fin=10",
         "--ct-timeout-syn=60",
@@ -265,6 +268,10 @@ def _no_flag(flag: str) -> Any:
         assert not flag_values(agent_args(docs), flag)
 
     return check
+
+
+def _keep_dataplane(docs: list[dict[str, Any]]) -> None:
+    assert "--keep-dataplane-on-uninstall" in agent_args(docs)
 
 
 def _dsr(mode: str) -> Any:
@@ -453,6 +460,7 @@ OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
     ("legacy-memlock", {"legacyMemlock": True}, _legacy_memlock),
     ("cleanup-kube-proxy", {"cleanupKubeProxy": {"enabled": True}}, _cleanup),
     ("no-bpffs-automount", {"bpffs": {"autoMount": False}}, _no_bpffs_mount),
+    ("uninstall-keeps-dataplane", {"uninstall": {"keepDataplane": True}}, _keep_dataplane),
     ("priority-class", {"priorityClassName": "kproxy-critical"}, _priority),
     ("max-unavailable", {"maxUnavailable": "10%"}, _max_unavailable),
     ("pod-metadata", {"podAnnotations": {"team": "net"}, "podLabels": {"tier": "node"}}, _pod_meta),
@@ -493,7 +501,9 @@ def test_every_top_level_value_has_an_option_case() -> None:
 # --- least privilege -----------------------------------------------------------------------------------
 
 
-def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_and_own_configmap(render: Renderer) -> None:
+def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_own_configmap_and_daemonset(
+    render: Renderer,
+) -> None:
     docs = render()
     cluster_rules = sorted(
         (tuple(r["apiGroups"]), tuple(sorted(r["resources"])), tuple(sorted(r["verbs"])))
@@ -515,7 +525,9 @@ def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_and_own_config
             "resources": ["configmaps"],
             "resourceNames": [one(docs, "ConfigMap")["metadata"]["name"]],
             "verbs": ["get", "list", "watch", "patch"],
-        }
+        },
+        # its own DaemonSet, read on SIGTERM (gone: an uninstall)
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["kproxy"], "verbs": ["get"]},
     ]
     sa = one(docs, "ServiceAccount")["metadata"]
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
@@ -689,3 +701,19 @@ def test_bad_values_are_rejected_with_their_message(
 def test_missing_api_server_is_rejected_without_any_values(render: Renderer) -> None:
     with pytest.raises(RenderError, match="k8sServiceHost is empty"):
         render(with_api_host=False)
+
+
+def test_uninstall_removes_the_dataplane_unless_kept(render: Renderer) -> None:
+    """The agent learns its DaemonSet (gone on SIGTERM: an uninstall, it removes its programs and pins)
+    and may read it, by name only; uninstall.keepDataplane keeps them for a migration."""
+    docs = render()
+    assert "--daemonset=kube-system/kproxy" in agent_args(docs)
+    assert "--keep-dataplane-on-uninstall" not in agent_args(docs)
+    rules = one(docs, "Role")["rules"]
+    assert {
+        "apiGroups": ["apps"],
+        "resources": ["daemonsets"],
+        "resourceNames": ["kproxy"],
+        "verbs": ["get"],
+    } in rules
+    assert "--keep-dataplane-on-uninstall" in agent_args(render({"uninstall": {"keepDataplane": True}}))

@@ -77,6 +77,7 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "events", "Event", True, ("ev",)),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     ResourceType("networking.k8s.io", "v1", "servicecidrs", "ServiceCIDR", False),
+    ResourceType("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",)),
 )
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}

@@ -38,6 +38,15 @@ HC_PORT = 31999
 NODE_PORT = 31080
 
 
+DAEMONSET = {
+    "apiVersion": "apps/v1",
+    "kind": "DaemonSet",
+    "metadata": {"name": "kproxy", "namespace": "kube-system"},
+    "spec": {"selector": {"matchLabels": {"app": "kproxy"}}},
+}
+DAEMONSET_REF = "kube-system/kproxy"  # the chart's DaemonSet (its Role lets the agent read it by name)
+
+
 class KubeLab(Lab):
     """The lab, with the agents watching the API double instead of the manifests directory."""
 
@@ -47,7 +56,7 @@ class KubeLab(Lab):
     def agent_argv(self, node: Any) -> list[str]:
         argv = super().agent_argv(node)
         i = argv.index("--source")
-        argv[i + 1 : i + 2] = ["kubernetes", "--kubeconfig", self.kubeconfig]
+        argv[i + 1 : i + 2] = ["kubernetes", "--kubeconfig", self.kubeconfig, "--daemonset", DAEMONSET_REF]
         return argv
 
 
@@ -102,7 +111,7 @@ def klab(
             lab.api_url = api.url
             lab.kubeconfig = api.api.write_kubeconfig(str(tmp_path_factory.mktemp("kube") / "kubeconfig"))
             n1 = lab.nodes[0]
-            api.put(mf.node(n1.name, n1.ip))
+            api.put(mf.node(n1.name, n1.ip), DAEMONSET)
             lab.start_agent(n1.name)
             lab.wait_agent(n1.name)
             yield lab, api
@@ -253,3 +262,51 @@ def test_the_agent_asks_for_nothing_the_chart_does_not_grant(klab: tuple[KubeLab
     _lab, api = klab
     assert api.call(lambda: list(api.api.denied)) == []
     assert api.call(lambda: api.api.watch_count("configmaps")) == 1
+
+
+def _pins(lab: KubeLab) -> list[str]:
+    d = Path(lab.node("n1").bpffs)
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def _reaches(lab: KubeLab, vip: str, port: int) -> bool:
+    """Whether a pod of n1 gets an answer through VIP:PORT (one short connection)."""
+    client = lab.pods_on("n1")[0]
+
+    def do() -> bool:
+        try:
+            with socket.create_connection((vip, port), timeout=3) as s:
+                s.settimeout(5)
+                return bool(s.makefile("rb").readline())
+        except OSError:
+            return False
+
+    return lab.in_ns(client, do)
+
+
+def test_restart_keeps_the_dataplane_uninstall_removes_it(klab: tuple[KubeLab, ApiInNamespace]) -> None:
+    """SIGTERM with the agent's DaemonSet still there (a restart, an upgrade): programs and pins stay
+    and keep serving. SIGTERM after the DaemonSet was deleted (`helm uninstall`): the agent removes its
+    dataplane; issue 12 found a frozen one serving dead backends after an uninstall. Last in the
+    module: the agent is restarted at the end for nothing else."""
+    lab, api = klab
+    vip, backend = "10.96.77.1", lab.pods_on("n1")[1]
+    lab.wait_podserver(backend)
+    api.put(
+        mf.service("frozen", [PORT], vip), mf.endpoint_slice("frozen", [(backend.ip, backend.node)], [PORT])
+    )
+    lab.wait_programmed(vip, PORT.port, [backend.ip])
+    assert _reaches(lab, vip, PORT.port)
+    lab.stop_agent("n1")
+    assert "is still there" in lab.log("agent-n1")
+    assert "kp_svc4_v1" in _pins(lab)
+    assert _reaches(lab, vip, PORT.port)  # no agent, the dataplane serves on
+
+    lab.start_agent("n1")
+    lab.wait_agent("n1")
+    api.call(lambda: api.api.delete("DaemonSet", "kube-system", "kproxy"))
+    lab.stop_agent("n1")
+    assert "is gone (an uninstall)" in lab.log("agent-n1"), lab.log("agent-n1")[-2000:]
+    assert _pins(lab) == []
+    assert not _reaches(lab, vip, PORT.port)  # the programs are gone with the pins: nothing translates
+    assert api.call(lambda: list(api.api.denied)) == []  # reading its DaemonSet is in the chart's Role

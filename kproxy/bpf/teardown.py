@@ -1,0 +1,32 @@
+"""Remove a whole kproxy dataplane: what `kproxy cleanup` and an agent being uninstalled do.
+
+TC programs (tcx links and cls_bpf fallback filters, in the calling thread's network namespace), the
+socket load balancing cgroup links, every pinned map and link under the bpffs directory, and the
+agent's state directory. Traffic then falls back to whatever else handles Services.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+from kproxy.bpf.loader import Loader
+from kproxy.bpf.socklb import SocketLB
+from kproxy.observe.metadata import state_dir
+
+
+def remove_dataplane(bpffs: str) -> list[str]:
+    """Detach and unpin everything under BPFFS; return what was attached ("eth0.ingress",
+    "cgroup.connect4", ...). Raises LibbpfError or OSError when something could not be removed."""
+    loader = Loader(bpffs)
+    try:
+        detached = [f"{a.ifname}.{a.direction}" for a in loader.attached()]
+        slb = SocketLB(bpffs, None)
+        with contextlib.suppress(OSError):  # listed or not, cleanup() below removes the pins
+            detached += [f"cgroup.{a.hook}" for a in slb.attached()]
+        slb.cleanup()
+        loader.cleanup()
+    finally:
+        loader.close()
+    shutil.rmtree(state_dir(bpffs), ignore_errors=True)
+    return detached
