@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLANG ?= $(shell command -v clang-19 || command -v clang)
-BPF_CFLAGS := -O2 -g -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -Wall -Werror -Wno-unused-function -I bpfsrc -I bpfsrc/include
+# -ffile-prefix-map: the checkout's path stays out of the objects' debug info (the same objects, and
+# `make image`, from any directory)
+BPF_CFLAGS := -O2 -g -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -Wall -Werror -Wno-unused-function -I bpfsrc -I bpfsrc/include -ffile-prefix-map=$(CURDIR)=.
 BPF_OBJ_DIR := kproxy/bpf/obj
 BPF_SRCS := $(wildcard bpfsrc/*.bpf.c)
 BPF_OBJS := $(patsubst bpfsrc/%.bpf.c,$(BPF_OBJ_DIR)/%.bpf.o,$(BPF_SRCS))
@@ -15,10 +17,13 @@ DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nf
 	python3-venv python3-dev gcc make procps psmisc util-linux wrk
 PYTEST_ARGS ?=
 
+.DEFAULT_GOAL := all  # not the first target of an included file
+
 include mk/helm.mk
 include mk/bench.mk
+include mk/image.mk
 
-.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak fuzz
+.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak fuzz image
 
 all: install
 
