@@ -27,16 +27,21 @@ include mk/image.mk
 
 all: install
 
-# Debian packages, installed only when missing so repeated runs cost nothing.
+# $(call install_debs,PACKAGES): a recipe line installing the Debian packages that are missing, so
+# repeated runs cost nothing.
+define install_debs
+@missing=""; for p in $(1); do \
+	dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+	echo "installing Debian packages:$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+fi
+endef
+
 deps: .stamp-deps
 .stamp-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call install_debs,$(DEB_PACKAGES))
 	@touch $@
 
 bpf: $(BPF_OBJS)

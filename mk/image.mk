@@ -41,15 +41,9 @@ IMAGE_REVISION = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
 .PHONY: image test-image
 
-# The same mechanism as `deps`: Debian packages, installed only when missing.
+# Debian packages, installed only when missing (install_debs, in the Makefile).
 .stamp-image-deps:
-	@missing=""; for p in $(IMAGE_TOOL_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call install_debs,$(IMAGE_TOOL_PACKAGES))
 	@touch $@
 
 # Rebuilt at every call (the wheel is too); a failed build leaves the previous archive in place. The

@@ -9,33 +9,33 @@ manifests (dicts), or raises RenderError carrying helm's message.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.controller.rbac import (
+    API_HOST,
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    HelmNotFound,
+    RenderError,
+    find_helm,
+    render_chart,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "kproxy"
-RELEASE = "kproxy"
-NAMESPACE = "kube-system"
-API_HOST = "10.0.0.10"
-
-
-class RenderError(Exception):
-    """helm refused the values; str() is helm's stderr."""
+__all__ = ["API_HOST", "CHART", "NAMESPACE", "RELEASE", "RenderError", "Renderer"]
 
 
 def _find_helm() -> str | None:
-    local = REPO / ".venv" / "bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which("helm")
+    try:
+        return find_helm()
+    except HelmNotFound:
+        return None
 
 
 @pytest.fixture(scope="session")
@@ -54,37 +54,12 @@ def helm() -> str:
     return found
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 Renderer = Callable[..., list[dict[str, Any]]]
 
 
 @pytest.fixture(scope="session")
 def render(helm: str) -> Renderer:
     def _render(values: dict[str, Any] | None = None, with_api_host: bool = True) -> list[dict[str, Any]]:
-        merged = deep_merge({"k8sServiceHost": API_HOST} if with_api_host else {}, values or {})
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(merged, f)
-        try:
-            done = subprocess.run(
-                [helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", f.name],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-            )
-        finally:
-            os.unlink(f.name)
-        if done.returncode != 0:
-            raise RenderError(done.stderr)
-        return [d for d in yaml.safe_load_all(done.stdout) if d]
+        return render_chart(values, release=RELEASE, namespace=NAMESPACE, with_api_host=with_api_host)
 
     return _render

@@ -73,21 +73,27 @@ def find_helm() -> str:
 
 
 def render_chart(
-    values: Mapping[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    with_api_host: bool = True,
 ) -> list[dict[str, Any]]:
     """`helm template RELEASE charts/kproxy --namespace NAMESPACE` with VALUES (on top of a placeholder
-    k8sServiceHost, which the chart requires), as a list of manifests.
+    k8sServiceHost, which the chart requires, unless not `with_api_host`), as a list of manifests; a
+    RenderError carries helm's message. The one renderer of the tests (tests/chart too).
 
     Rendered once per (values, release, namespace) per process; every call returns a fresh deep copy,
     so callers may change what they get.
     """
-    key = json.dumps(dict(values or {}), sort_keys=True, separators=(",", ":"))
+    base = {"k8sServiceHost": API_HOST} if with_api_host else {}
+    key = json.dumps({**base, **(values or {})}, sort_keys=True, separators=(",", ":"))
     return json.loads(_render_cached(key, release, namespace))  # type: ignore[no-any-return]
 
 
 @functools.lru_cache(maxsize=32)
 def _render_cached(values_json: str, release: str, namespace: str) -> str:
-    values = {"k8sServiceHost": API_HOST, **json.loads(values_json)}
+    values = json.loads(values_json)
     helm = find_helm()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="kproxy-values-", delete=False) as f:
         yaml.safe_dump(values, f)

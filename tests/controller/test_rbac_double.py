@@ -281,37 +281,40 @@ def test_discovery_paths_are_not_resource_requests(path: str) -> None:
     assert not a.resource_request and a.verb == "get" and a.path == path
 
 
-def test_forbidden_messages_are_kube_apiservers() -> None:
+FORBIDDEN_MESSAGES = [
+    (
+        "GET", "/api/v1/configmaps",
+        'configmaps is forbidden: User "{u}" cannot list resource "configmaps" in API group "" at the '
+        'cluster scope',
+    ),
+    (
+        "GET", "/api/v1/namespaces/kube-system/configmaps",
+        'configmaps is forbidden: User "{u}" cannot list resource "configmaps" in API group "" in the '
+        'namespace "kube-system"',
+    ),
+    (
+        "GET", "/api/v1/namespaces/kube-system/secrets/x",
+        'secrets "x" is forbidden: User "{u}" cannot get resource "secrets" in API group "" in the namespace '
+        '"kube-system"',
+    ),
+    (
+        "POST", "/apis/networking.k8s.io/v1/servicecidrs",
+        'servicecidrs.networking.k8s.io is forbidden: User "{u}" cannot create resource "servicecidrs" in '
+        'API group "networking.k8s.io" at the cluster scope',
+    ),
+    (
+        "PATCH", "/api/v1/namespaces/default/services/web/status",
+        'services "web" is forbidden: User "{u}" cannot patch resource "services/status" in API group "" in '
+        'the namespace "default"',
+    ),
+    ("GET", "/metrics", 'forbidden: User "{u}" cannot get path "/metrics"'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "message"), FORBIDDEN_MESSAGES)
+def test_forbidden_messages_are_kube_apiservers(method: str, path: str, message: str) -> None:
     user = "system:serviceaccount:kube-system:kproxy"
-    assert (
-        forbidden_message(user, request_attributes("GET", "/api/v1/configmaps"))
-        == 'configmaps is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot list resource '
-        '"configmaps" in API group "" at the cluster scope'
-    )
-    assert (
-        forbidden_message(user, request_attributes("GET", "/api/v1/namespaces/kube-system/configmaps"))
-        == 'configmaps is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot list resource '
-        '"configmaps" in API group "" in the namespace "kube-system"'
-    )
-    assert (
-        forbidden_message(user, request_attributes("GET", "/api/v1/namespaces/kube-system/secrets/x"))
-        == 'secrets "x" is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot get resource '
-        '"secrets" in API group "" in the namespace "kube-system"'
-    )
-    assert (
-        forbidden_message(user, request_attributes("POST", "/apis/networking.k8s.io/v1/servicecidrs"))
-        == 'servicecidrs.networking.k8s.io is forbidden: User "system:serviceaccount:kube-system:kproxy" '
-        'cannot create resource "servicecidrs" in API group "networking.k8s.io" at the cluster scope'
-    )
-    assert (
-        forbidden_message(user, request_attributes("PATCH", "/api/v1/namespaces/default/services/web/status"))
-        == 'services "web" is forbidden: User "system:serviceaccount:kube-system:kproxy" cannot patch '
-        'resource "services/status" in API group "" in the namespace "default"'
-    )
-    assert (
-        forbidden_message(user, request_attributes("GET", "/metrics"))
-        == 'forbidden: User "system:serviceaccount:kube-system:kproxy" cannot get path "/metrics"'
-    )
+    assert forbidden_message(user, request_attributes(method, path)) == message.format(u=user)
 
 
 # ---- over HTTP ----
