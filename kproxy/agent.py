@@ -273,7 +273,7 @@ class Agent:
         from kproxy.bpf.teardown import remove_dataplane
 
         try:
-            detached = remove_dataplane(self.cfg.bpffs)
+            detached = remove_dataplane(self.cfg.bpffs, self.loader)
         except OSError as e:
             log.error("removing the dataplane from %s failed: %s; run `kproxy cleanup`", self.cfg.bpffs, e)
             return
@@ -483,6 +483,7 @@ class Agent:
             kubeconfig=self.cfg.kubeconfig,
             api_server=self.cfg.k8s_api_server,
             settings_configmap=self.cfg.settings_configmap,
+            daemonset=self.cfg.daemonset,
         )
         if self.health is not None:
             self.health.set_node_eligible(False)  # as kube-proxy: not eligible until its Node is seen
@@ -500,7 +501,7 @@ class Agent:
         return self.source
 
     def watch_status_changed(self, _status: Any) -> None:
-        """A watch went up or down: /healthz fails while one the Service view needs is down."""
+        """A watch went up or down: /readyz fails while one the Service view needs is down."""
         if self.health is not None and self.source is not None:
             self.health.set_stale_watches(self.source.stale_watches())
 
@@ -593,10 +594,10 @@ class Agent:
                 self.socklb.close()  # links stay pinned: local clients keep their Services
             if self.maps is not None:
                 self.maps.close()
-            if self.loader is not None:
-                self.loader.close()  # pins stay: the programs keep running
             if uninstall:
-                self.remove_dataplane()
+                self.remove_dataplane()  # with the loader, which knows its cls_bpf filters
+            elif self.loader is not None:
+                self.loader.close()  # pins stay: the programs keep running
         if failed:
             exc = failed[0].exception()
             if isinstance(exc, AgentError):

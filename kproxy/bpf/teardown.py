@@ -15,10 +15,13 @@ from kproxy.bpf.socklb import SocketLB
 from kproxy.observe.metadata import state_dir
 
 
-def remove_dataplane(bpffs: str) -> list[str]:
+def remove_dataplane(bpffs: str, loader: Loader | None = None) -> list[str]:
     """Detach and unpin everything under BPFFS; return what was attached ("eth0.ingress",
-    "cgroup.connect4", ...). Raises LibbpfError or OSError when something could not be removed."""
-    loader = Loader(bpffs)
+    "cgroup.connect4", ...). Raises LibbpfError or OSError when something could not be removed.
+
+    LOADER: the agent's own (closed by this), which also knows the cls_bpf filters it attached where
+    the kernel has no tcx (they have no pin a new Loader could find)."""
+    loader = loader if loader is not None else Loader(bpffs)
     try:
         detached = [f"{a.ifname}.{a.direction}" for a in loader.attached()]
         slb = SocketLB(bpffs, None)

@@ -162,7 +162,7 @@ class HealthServer:
         # sets False for the Kubernetes source until its Node is listed).
         self.node_eligible = True
         # Watches the Service view needs that are down (the source's stale_watches()): the view may
-        # miss changes, so the proxy is not healthy, as when an update could not be programmed.
+        # miss changes, so the pod is not ready (/readyz).
         self.stale_watches: list[str] = []
         self._listener: _Listener | None = None
 
@@ -199,9 +199,7 @@ class HealthServer:
     def _proxy_health(self, with_node: bool) -> tuple[int, dict[str, Any]]:
         """kube-proxy's healthz/livez handler: status code and ProxyHealth, fields in its order."""
         now = self.clock()
-        # /healthz (readiness) also fails while a watch the Service view needs is down: the view may
-        # miss changes. /livez does not: restarting the agent would not bring a forbidden watch back.
-        healthy = self.is_healthy(now) and not (with_node and self.stale_watches)
+        healthy = self.is_healthy(now)
         ok = healthy and (self.node_eligible or not with_node)
         body: dict[str, Any] = {
             "lastUpdated": go_json_time(now if ok else self.last_updated),
@@ -220,11 +218,21 @@ class HealthServer:
     def livez(self) -> tuple[int, dict[str, Any]]:
         return self._proxy_health(with_node=False)
 
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """The pod's readiness: /healthz, and 503 while a watch the Service view needs is down (the view
+        may miss changes). /healthz itself keeps kube-proxy's meaning: cloud load balancers probe it
+        for every node, and an API server outage must not take every node out of them at once."""
+        status, body = self.healthz()
+        body = {**body, "staleWatches": list(self.stale_watches)}
+        return (503 if self.stale_watches else status), body
+
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         if request.path == "/healthz":
             status, body = self.healthz()
         elif request.path == "/livez":
             status, body = self.livez()
+        elif request.path == "/readyz":
+            status, body = self.readyz()
         else:
             return web.Response(status=404, body=b"404 page not found\n", headers=_NOT_FOUND_HEADERS)
         return web.Response(status=status, body=go_json(body), headers=_HEADERS)
@@ -237,7 +245,7 @@ class HealthServer:
             # kube-proxy's sync loop marks its family updated as it starts ("in case Sync() never
             # succeeds"); the agent starts its sync loop with this server.
             self.last_updated = self.clock()
-        log.info("serving /healthz and /livez on %s:%d", self.host, self.port)
+        log.info("serving /healthz, /livez and /readyz on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
         if self._listener is not None:

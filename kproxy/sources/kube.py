@@ -21,7 +21,7 @@ kopf lacks three things a node proxy needs, and this module adds them:
   under a supervisor that restarts it: one failing watch stops no other. Each watch asks only for
   what the chart's RBAC grants: Services, EndpointSlices, Nodes and ServiceCIDRs cluster-wide, the
   settings ConfigMap in its namespace by name. A watch that is down is logged, shown by the metric
-  kproxy_source_watch_up{resource}, and, for the three the Service view needs, fails /healthz
+  kproxy_source_watch_up{resource}, and, for the three the Service view needs, fails readiness (/readyz)
   (`on_watch_status`, `stale_watches()`). The store and the maps are left alone meanwhile: the
   dataplane keeps serving the last known state.
 
@@ -76,6 +76,7 @@ SERVICES = ("", "v1", "services")
 SLICES = ("discovery.k8s.io", "v1", "endpointslices")
 SERVICE_CIDRS = ("networking.k8s.io", "v1", "servicecidrs")
 CONFIGMAPS = ("", "v1", "configmaps")
+DAEMONSETS = ("apps", "v1", "daemonsets")
 CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 # kopf's retries of a failing request before it gives up and the watch is down (about 6.5 s)
 WATCH_ERROR_BACKOFFS = (0.5, 1, 2, 3)
@@ -121,6 +122,8 @@ class KubeSourceConfig:
     kubeconfig: str | None = None
     api_server: str | None = None
     settings_configmap: str | None = "kube-system/kproxy-config"  # the chart's (kproxy.config's too)
+    # "namespace/name" of the agent's own DaemonSet, watched by name: its deletion means an uninstall
+    daemonset: str | None = None
     resync_interval: float = 300.0
     list_chunk_size: int = 500
     # kopf keeps a worker per object, holding the object's last body, until it idled this long: during
@@ -339,8 +342,11 @@ class EphemeralMemories(_inventory.ResourceMemories):
         )
 
 
-def kopf_settings(cfg: KubeSourceConfig, field_selector: str | None = None) -> kopf.OperatorSettings:
-    """Settings of one watch's kopf operator; `field_selector` narrows its LIST and WATCH."""
+def kopf_settings(
+    cfg: KubeSourceConfig, field_selector: str | None = None, resource: str = "configmaps"
+) -> kopf.OperatorSettings:
+    """Settings of one watch's kopf operator; `field_selector` narrows its LIST and WATCH of RESOURCE
+    (a plural)."""
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False
     settings.persistence.diffbase_storage = NoDiffBaseStorage()
@@ -348,7 +354,7 @@ def kopf_settings(cfg: KubeSourceConfig, field_selector: str | None = None) -> k
     settings.queueing.idle_timeout = cfg.kopf_idle_timeout
     settings.watching.chunk_size = cfg.list_chunk_size
     # Retry API errors quickly (a proxy wants to be back soon after an outage), then give up: the
-    # watch's supervisor marks it down (a metric, /healthz for the watches the view needs) and
+    # watch's supervisor marks it down (a metric, /readyz for the watches the view needs) and
     # restarts it with a growing delay. kopf's own retries would hide a lasting 403 for long.
     settings.networking.error_backoffs = WATCH_ERROR_BACKOFFS
     settings.networking.connect_timeout = 5
@@ -357,7 +363,7 @@ def kopf_settings(cfg: KubeSourceConfig, field_selector: str | None = None) -> k
     # Only the built-in resources below are watched: no CRD or namespace scanning (and no RBAC for it).
     settings.scanning.disabled = True
     if field_selector:
-        settings.watching.field_selectors["v1", "configmaps"] = field_selector
+        settings.watching.field_selectors[resource] = field_selector
     return settings
 
 
@@ -374,12 +380,15 @@ class WatchStatus:
 
     kind: str
     resource: str  # the plural, as RBAC and the metrics name it
-    required: bool  # the Service view needs it: /healthz fails while it is down
+    required: bool  # the Service view needs it: /readyz fails while it is down
     up: bool = False
     error: str | None = None  # why it is down
     since: float = dataclasses.field(default_factory=time.monotonic)  # of the last change of `up`
     runs: int = 0
     failures: int = 0
+    # it delivered events since the last full LIST that its restart asked for: a restart may have
+    # missed deletions, which only our LIST finds (a watch failing again and again asks once)
+    listed_since_resync: bool = False
 
 
 class _Watch:
@@ -453,7 +462,10 @@ class _Watch:
             except BaseException as e:  # noqa: BLE001 - any kopf failure means: restart it
                 if stop.is_set():
                     break
-                why = f"{type(e).__name__}: {e}"
+                # kopf's API errors carry (message, Status body): the message says it all
+                detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+                status = getattr(e, "status", None)
+                why = f"{type(e).__name__}{f' (HTTP {status})' if status else ''}: {detail}"
             else:
                 if stop.is_set():
                     break
@@ -482,7 +494,9 @@ class _Watch:
         loop.set_exception_handler(lambda _loop, ctx: log.debug("kopf: %s", ctx.get("message")))
         task = asyncio.current_task()
         assert task is not None
-        self._stopper = (loop, task)
+        mine = (loop, task)
+        if stop is self._stop:  # an older run winding down must not take the newest one's place
+            self._stopper = mine
         if stop.is_set():
             return
         up_timer = loop.call_later(WATCH_UP_AFTER, self.source._watch_up_threadsafe, self)
@@ -491,7 +505,7 @@ class _Watch:
             # giving them seconds to finish (nothing of ours runs in this loop).
             await kopf.operator(
                 registry=registry,
-                settings=kopf_settings(self.source.cfg, self.field_selector),
+                settings=kopf_settings(self.source.cfg, self.field_selector, self.gvr[2]),
                 memories=EphemeralMemories(),
                 standalone=True,
                 clusterwide=self.namespace is None,
@@ -499,7 +513,8 @@ class _Watch:
             )
         finally:
             up_timer.cancel()
-            self._stopper = None
+            if self._stopper is mine:
+                self._stopper = None
 
 
 # ---- the source ----
@@ -624,7 +639,7 @@ class KubeSource:
     on_node_eligible: called with False when this Node is being deleted or tainted
         ToBeDeletedByClusterAutoscaler (kube-proxy then fails /healthz), True otherwise.
     on_watch_status: called with a WatchStatus whenever a watch goes up or down (the agent fails
-        /healthz while a watch the Service view needs is down).
+        readiness (/readyz) while a watch the Service view needs is down).
     metrics: optional SourceMetrics.
     connection: explicit credentials (tests); otherwise resolve_connection(config).
     kopf_gate: when given, kopf starts only once it is set (the agent sets it after its first full
@@ -680,6 +695,16 @@ class KubeSource:
                 self, "ConfigMap", CONFIGMAPS, required=False, namespace=self._cm_ns,
                 field_selector=f"metadata.name={self._cm_name}",
             )  # fmt: skip
+        # The agent's DaemonSet, watched by name like the ConfigMap: `helm uninstall` deletes it, then
+        # the Role that lets us read it, and only then do the pods get SIGTERM. An open watch still
+        # sees the deletion (authorization is checked when a watch starts); a GET at SIGTERM may not.
+        self.daemonset_deleted: bool | None = None  # None: not seen yet
+        if self.cfg.daemonset:
+            ds_ns, _, ds_name = self.cfg.daemonset.partition("/")
+            self._watches["DaemonSet"] = _Watch(
+                self, "DaemonSet", DAEMONSETS, required=False, namespace=ds_ns,
+                field_selector=f"metadata.name={ds_name}",
+            )  # fmt: skip
         self._watches_started = False
         self._configmap_problem: str | None = None
         # Whether the API server lets us list ServiceCIDRs (None: not tried yet); why not, if not.
@@ -723,6 +748,8 @@ class KubeSource:
     async def daemonset_gone(self, ref: str, timeout: float = 5.0) -> bool | None:
         """Whether the DaemonSet REF ("namespace/name") is gone or being deleted (True: an uninstall),
         still there (False: a restart, an upgrade, a drain), or None when the API server did not say."""
+        if ref == self.cfg.daemonset and self.daemonset_deleted:
+            return True  # the watch saw it go (our RBAC may be gone with it by now)
         ns, _, name = ref.partition("/")
         info = self._connection or resolve_connection(self.cfg.kubeconfig, self.cfg.api_server)
         url = f"{info.server.rstrip('/')}/apis/apps/v1/namespaces/{ns}/daemonsets/{name}"
@@ -782,12 +809,16 @@ class KubeSource:
         loop.call_soon_threadsafe(self._watch_started, w)
 
     def _watch_started(self, w: _Watch) -> None:
-        w.status.runs += 1
-        if w.status.runs > 1:
+        st = w.status
+        st.runs += 1
+        if st.runs > 1:
             if self.metrics is not None:
                 self.metrics.source_restart(w.gvr[2])
-            # A restarted watch re-lists; deletions during its absence need our own LIST.
-            self.request_resync("kopf restarted")
+            # A restarted watch re-lists, but deletions during its absence need our own LIST: once per
+            # outage, not at every restart of a watch that keeps failing (each LIST reads everything).
+            if st.listed_since_resync and w.kind not in ("ConfigMap", "DaemonSet"):
+                st.listed_since_resync = False
+                self.request_resync("kopf restarted")
 
     def _watch_down(self, w: _Watch, why: str) -> None:
         """kopf's thread: W's operator stopped."""
@@ -802,7 +833,9 @@ class KubeSource:
 
     def _set_watch(self, w: _Watch, up: bool, why: str | None) -> None:
         st = w.status
-        if not up:
+        if up:
+            st.listed_since_resync = True
+        else:
             st.failures += 1
         if st.up == up and (up or st.error == why):
             return
@@ -822,7 +855,7 @@ class KubeSource:
             log.warning(
                 "watch of %s is down (%s)%s; %s, restarting it",
                 what, why, hint,
-                "/healthz fails until it is back" if st.required else "the rest of the view is unaffected",
+                "not ready (/readyz) until it is back" if st.required else "the rest of the view is fine",
             )  # fmt: skip
         if self.metrics is not None:
             self.metrics.watch_status(w.gvr[2], up)
@@ -835,7 +868,7 @@ class KubeSource:
             raw = event.get("object")
             if kind == "Node" and isinstance(raw, dict):
                 raw = slim_node(raw, self.cfg.node_name)
-            if w is not None and not w.status.up:
+            if w is not None and not (w.status.up and w.status.listed_since_resync):
                 loop.call_soon_threadsafe(self._set_watch, w, True, None)
             loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), raw)
 
@@ -865,6 +898,16 @@ class KubeSource:
         if kind == "ConfigMap":
             if ident == (self._cm_ns, self._cm_name):
                 self._apply_settings({} if etype == "DELETED" else raw.get("data") or {})
+            return
+        if kind == "DaemonSet":
+            if f"{ident[0]}/{ident[1]}" == self.cfg.daemonset:
+                deleted = etype == "DELETED" or bool((raw.get("metadata") or {}).get("deletionTimestamp"))
+                if deleted and not self.daemonset_deleted:
+                    log.info(
+                        "DaemonSet %s is being deleted: the dataplane goes with this agent",
+                        self.cfg.daemonset,
+                    )
+                self.daemonset_deleted = deleted
             return
         key = (kind, ident[0], ident[1])
         if etype is None and self.initial_sync_done.is_set():

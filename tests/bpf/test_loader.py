@@ -163,6 +163,38 @@ def test_cls_bpf_fallback_replaces_in_place(
     assert n == 1 and "bpf" not in s3
 
 
+def test_uninstall_teardown_removes_cls_bpf_filters(
+    netns: Callable[[], Any], bpffs: Path, probe_object: Path
+) -> None:
+    """Where the kernel has no tcx (before 6.6) the filters have no pin: the agent's teardown on
+    uninstall goes through its own loader, which knows them (issue 12 review)."""
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(probe_object), "mode": "tc"}
+    out = in_ns(
+        ns,
+        """
+        import subprocess
+        from kproxy.bpf.teardown import remove_dataplane
+        show = lambda d: subprocess.run(["tc", "filter", "show", "dev", "kpv0", d],
+                                        capture_output=True, text=True).stdout
+        loader.attach("kpv0", "ingress", "kp_from_pod")
+        loader.attach("kpv0", "egress", "kp_to_pod")
+        before = show("ingress") + show("egress")
+        detached = remove_dataplane(loader.bpffs_dir, loader)
+        out = [before, sorted(detached), show("ingress") + show("egress")]
+        """,
+        **params,
+    )
+    before, detached, after = out
+    assert "kp_from_pod" in before and "kp_to_pod" in before
+    assert detached == ["kpv0.egress", "kpv0.ingress"]
+    assert "bpf" not in after
+    # the kernel's own files of a bpffs mount root stay
+    left = sorted(p.name for p in bpffs.iterdir() if not p.name.endswith(".debug")) if bpffs.exists() else []
+    assert left == [], left
+
+
 def test_map_size_mismatch_names_map_and_sizes(bpffs: Path, probe_object: Path) -> None:
     with Loader(bpffs, probe_object, map_sizes={abi.MAP_CT4: 4096}) as loader:
         loader.load()

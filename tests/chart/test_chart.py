@@ -526,8 +526,13 @@ def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_own_configmap_
             "resourceNames": [one(docs, "ConfigMap")["metadata"]["name"]],
             "verbs": ["get", "list", "watch", "patch"],
         },
-        # its own DaemonSet, read on SIGTERM (gone: an uninstall)
-        {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["kproxy"], "verbs": ["get"]},
+        # its own DaemonSet, watched by name (deleted: an uninstall)
+        {
+            "apiGroups": ["apps"],
+            "resources": ["daemonsets"],
+            "resourceNames": ["kproxy"],
+            "verbs": ["get", "list", "watch"],
+        },
     ]
     sa = one(docs, "ServiceAccount")["metadata"]
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
@@ -566,7 +571,7 @@ def test_probes_use_the_real_health_port(render: Renderer, health_port: int) -> 
     (bind,) = flag_values(agent_args(docs), "--health-bind-address")
     assert bind.rsplit(":", 1)[1] == str(health_port)
     # a drained or deleted Node makes /healthz 503 (KEP-3836): only readiness may follow it
-    probes = (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz"))
+    probes = (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz"))
     for probe, path in probes:
         get = agent[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -704,8 +709,8 @@ def test_missing_api_server_is_rejected_without_any_values(render: Renderer) -> 
 
 
 def test_uninstall_removes_the_dataplane_unless_kept(render: Renderer) -> None:
-    """The agent learns its DaemonSet (gone on SIGTERM: an uninstall, it removes its programs and pins)
-    and may read it, by name only; uninstall.keepDataplane keeps them for a migration."""
+    """The agent learns its DaemonSet (deleted: an uninstall, it removes its programs and pins on SIGTERM)
+    and may watch it, by name only; uninstall.keepDataplane keeps them for a migration."""
     docs = render()
     assert "--daemonset=kube-system/kproxy" in agent_args(docs)
     assert "--keep-dataplane-on-uninstall" not in agent_args(docs)
@@ -714,6 +719,6 @@ def test_uninstall_removes_the_dataplane_unless_kept(render: Renderer) -> None:
         "apiGroups": ["apps"],
         "resources": ["daemonsets"],
         "resourceNames": ["kproxy"],
-        "verbs": ["get"],
+        "verbs": ["get", "list", "watch"],
     } in rules
     assert "--keep-dataplane-on-uninstall" in agent_args(render({"uninstall": {"keepDataplane": True}}))

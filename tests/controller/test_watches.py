@@ -1,6 +1,6 @@
 """Each watch on its own: one that fails (403, the resource gone) stops no other, says so in a metric,
-and fails /healthz while the Service view needs it (issue 12: a forbidden ConfigMap watch took every
-watch down for 30 s of every 50 s, and /healthz stayed 200).
+and fails readiness (/readyz) while the Service view needs it (issue 12: a forbidden ConfigMap watch
+took every watch down for 30 s of every 50 s, and /healthz stayed 200).
 
 The real KubeSource and kopf against the API double. No timing assertions: waits are bounded only so
 that a failure ends.
@@ -46,16 +46,19 @@ def test_a_failing_watch_stops_nothing_else(mapset_factory: Any, resource: str, 
             assert h.source is not None
             source = h.source
             await _all_up(h, ["services", "endpointslices", "nodes", "configmaps"])
-            assert h.health.healthz()[0] == 200
+            assert h.health.readyz()[0] == 200
             runs = source.watch_status("services").runs
 
             api.set_access(resource, allowed=False)  # RBAC taken away: its watch ends, 403 from now on
             await h.wait_for(f"the {resource} watch down", lambda: _up(h, resource) == 0, timeout=60)
             st = source.watch_status(resource)
             assert not st.up and st.error is not None and "403" in st.error, st
-            # /healthz (readiness) fails while the view misses a resource it needs; /livez does not
-            assert h.health.healthz()[0] == (503 if required else 200)
-            assert h.health.livez()[0] == 200  # restarting the agent would not help
+            # readiness (/readyz) fails while the view misses a resource it needs; /healthz, which cloud
+            # load balancers probe on every node, keeps kube-proxy's meaning, and /livez too (a restart
+            # would not help)
+            code, body = h.health.readyz()
+            assert (code, body["staleWatches"]) == ((503, [resource]) if required else (200, []))
+            assert h.health.healthz()[0] == 200 and h.health.livez()[0] == 200
             # every other watch goes on: a new Service arrives through its watch
             api.put(service("late", "10.96.0.20"))
             if resource != "endpointslices":
@@ -66,7 +69,7 @@ def test_a_failing_watch_stops_nothing_else(mapset_factory: Any, resource: str, 
 
             api.set_access(resource)  # allowed again: its watch comes back by itself
             await _all_up(h, [resource])
-            assert h.health.healthz()[0] == 200
+            assert h.health.readyz()[0] == 200
             assert source.watch_status("services").runs == runs
         finally:
             await h.stop()

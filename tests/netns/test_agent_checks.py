@@ -1,7 +1,7 @@
 """Host checks the agent repeats while it runs (issue 12): IPv4 forwarding, often turned on by the CNI
 after the agent started, is checked at every sweep, and the log says when it changed.
 
-Runs in a private network namespace (`unshare -n`), whose sysctls start with forwarding off.
+Runs in a private network namespace (`unshare -n`), where the test turns forwarding off, then on.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import logging
 from kproxy.agent import Agent
 from kproxy.config import AgentConfig
 
+def forwarding(value):
+    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/lo/forwarding"):
+        with open(path, "w") as f:
+            f.write(value)
+
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+# a new namespace copies the host's settings (devconf_inherit_init_net): start from "off" whatever they are
+forwarding("0")
 agent = Agent(AgentConfig(node_name="n1", node_ips=["192.0.2.1"], netdevs=["lo"]))
 print("first", agent.check_forwarding(), flush=True)
 print("again", agent.check_forwarding(), flush=True)
-for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/lo/forwarding"):
-    with open(path, "w") as f:
-        f.write("1")
+forwarding("1")
 print("later", agent.check_forwarding(), flush=True)
 """
 

@@ -260,8 +260,8 @@ def test_the_agent_asks_for_nothing_the_chart_does_not_grant(klab: tuple[KubeLab
     """The double enforces the chart's RBAC for the agent's token: a request outside it is a 403 a
     real API server would give too (issue 12: a cluster-wide ConfigMap watch took every watch down)."""
     _lab, api = klab
+    wait_until("the ConfigMap watched", lambda: api.call(lambda: api.api.watch_count("configmaps")) == 1)
     assert api.call(lambda: list(api.api.denied)) == []
-    assert api.call(lambda: api.api.watch_count("configmaps")) == 1
 
 
 def _pins(lab: KubeLab) -> list[str]:
@@ -304,9 +304,14 @@ def test_restart_keeps_the_dataplane_uninstall_removes_it(klab: tuple[KubeLab, A
 
     lab.start_agent("n1")
     lab.wait_agent("n1")
+    wait_until("the DaemonSet watched", lambda: api.call(lambda: api.api.watch_count("daemonsets")) == 1)
+    assert api.call(lambda: list(api.api.denied)) == []  # watching its DaemonSet is in the chart's Role
     api.call(lambda: api.api.delete("DaemonSet", "kube-system", "kproxy"))
+    wait_until("the agent to see its DaemonSet go", lambda: "is being deleted" in lab.log("agent-n1"))
+    # helm deletes the Role, RoleBinding and ServiceAccount right after the DaemonSet, before the pods
+    # get SIGTERM: by then the agent may ask nothing more
+    api.call(lambda: setattr(api.api, "rbac", Rbac.from_objects([])))
     lab.stop_agent("n1")
     assert "is gone (an uninstall)" in lab.log("agent-n1"), lab.log("agent-n1")[-2000:]
     assert _pins(lab) == []
     assert not _reaches(lab, vip, PORT.port)  # the programs are gone with the pins: nothing translates
-    assert api.call(lambda: list(api.api.denied)) == []  # reading its DaemonSet is in the chart's Role

@@ -7,6 +7,7 @@ kube-proxy's own Sprintf template (service_health.go), dedented and trimmed as i
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import textwrap
 
@@ -176,6 +177,20 @@ def test_healthz_and_livez_answer_byte_for_byte() -> None:
             )
             status, _, body = await raw_get(hs.port, "/livez")
             assert status == 200 and body == f'{{{now},"healthy":true,{synced}}}'.encode()
+            status, _, body = await raw_get(hs.port, "/readyz")  # readiness follows /healthz
+            assert status == 503 and json.loads(body)["staleWatches"] == []
+
+            # a watch the Service view needs is down: not ready; /healthz and /livez keep kube-proxy's
+            # meaning (load balancers probe /healthz on every node)
+            hs.set_node_eligible(True)
+            hs.set_stale_watches(["endpointslices"])
+            status, _, body = await raw_get(hs.port, "/readyz")
+            assert status == 503 and json.loads(body)["staleWatches"] == ["endpointslices"]
+            assert (await raw_get(hs.port, "/healthz"))[0] == 200 and (await raw_get(hs.port, "/livez"))[
+                0
+            ] == 200
+            hs.set_stale_watches([])
+            assert (await raw_get(hs.port, "/readyz"))[0] == 200
 
             # a change pending for the whole timeout: unhealthy on both, whatever the Node says
             hs.set_node_eligible(True)
