@@ -125,6 +125,8 @@ class Agent:
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
         )  # fmt: skip
+        # a predecessor's window (write_config keeps the later one) is this agent's to keep open
+        self.orphan_until_ns = self.maps.read_config().orphan_until_ns
 
     def frontends_removed(self) -> None:
         """TCP frontends were deleted: their established connections continue (as kube-proxy's conntrack
@@ -435,6 +437,21 @@ class Agent:
         if self.store.set_host_addresses(addrs):
             log.info("node addresses: %s", ", ".join(sorted(addrs)) or "none")
 
+    def keep_orphan_window(self) -> None:
+        """Connections of deleted TCP frontends live as long as they send (their conntrack entries are
+        refreshed): as the window closes, it stays open while any of them is alive."""
+        from kproxy.sync import orphaned_tcp_flows
+
+        left = self.orphan_until_ns - time.monotonic_ns()
+        if not self.orphan_until_ns or left > 2 * self.cfg.sweep_interval * 1e9 or self.syncer is None:
+            return
+        alive = orphaned_tcp_flows(self.maps.ct4, set(self.syncer.service_ports()))
+        if alive:
+            log.info("%d connections of deleted Service ports still live: kept translating them", alive)
+            self.frontends_removed()
+        elif left <= 0:
+            self.orphan_until_ns = 0
+
     async def sweep_loop(self) -> None:
         from kproxy.sync import sweep_conntrack, sweep_snat
 
@@ -446,6 +463,7 @@ class Agent:
                 n = sweep_conntrack(self.maps.ct4)
                 snat4 = getattr(self.maps, "snat4", None)
                 ns = sweep_snat(snat4) if snat4 is not None else 0
+                self.keep_orphan_window()
             except OSError as e:
                 log.warning("conntrack sweep failed: %s", e)
                 continue

@@ -933,6 +933,24 @@ def sweep_conntrack(ct4: MapOps[Any, Any], now_ns: int | None = None) -> int:
     return ct4.delete_many(doomed) if doomed else 0
 
 
+def orphaned_tcp_flows(ct4: MapOps[Any, Any], live_svc_ids: set[int], now_ns: int | None = None) -> int:
+    """Live TCP flows from outside the node whose Service port is gone (their svc_id is programmed no
+    more): while there are any, kp_from_netdev must keep looking them up (kp_config.orphan_until_ns).
+    Flows a DSR backend node tracks carry no svc_id and do not count."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    external = int(abi.CtFlag.EXTERNAL)
+    return sum(
+        1
+        for k, v in ct4.items()
+        if k.dir == abi.CtDir.FWD
+        and k.proto == abi.IPPROTO_TCP
+        and v.flags & external
+        and v.svc_id
+        and v.svc_id not in live_svc_ids
+        and v.expires_ns > now
+    )
+
+
 def sweep_snat(snat4: MapOps[Any, Any], now_ns: int | None = None) -> int:
     """Delete expired SNAT entries (their expiry follows their flow's conntrack entry); return how many.
     The datapath ignores them already and takes their ports over; sweeping frees the map's room."""

@@ -14,7 +14,7 @@ from kproxy.bpf.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
 from kproxy.bpf.mapapi import MapFullError, MemoryMap, MemoryMapSet
 from kproxy.model import BackendRef, Frontend
 from kproxy.store import ClusterStore
-from kproxy.sync import Syncer, sweep_conntrack, sync_dirty, write_config
+from kproxy.sync import Syncer, orphaned_tcp_flows, sweep_conntrack, sync_dirty, write_config
 from kproxy.translate import TranslateConfig
 
 
@@ -448,6 +448,29 @@ def test_write_config_keeps_the_later_orphan_deadline():
     assert maps.read_config().orphan_until_ns == 5_000
     assert write_config(maps, "192.168.1.10", orphan_until_ns=9_000)
     assert maps.read_config().orphan_until_ns == 9_000
+
+
+def test_orphaned_tcp_flows_are_external_fwd_tcp_entries_of_gone_ports():
+    """What keeps kp_config.orphan_until_ns open past the TCP timeout: live external TCP flows whose
+    svc_id is programmed no more; not UDP, not replies, not a pod's flows, not a DSR backend node's
+    entries (no svc_id), not expired ones, not flows of live ports."""
+    maps = MemoryMapSet()
+    ext = int(abi.CtFlag.EXTERNAL)
+
+    def entry(sport: int, svc_id: int, *, flags: int = ext, proto: int = 6, d: int = 0, expires: int = 500):
+        return abi.Ct4Key(1, 2, sport, 80, proto, d), abi.Ct4Val(expires, 1, svc_id, 3, 8080, 2, flags)
+
+    maps.ct4.put_many([
+        entry(1, 7),  # counts: svc 7 is gone
+        entry(2, 7, flags=ext | int(abi.CtFlag.SNAT)),  # counts
+        entry(3, 5),  # svc 5 lives
+        entry(4, 7, proto=17),  # UDP
+        entry(5, 7, d=1),  # a REPLY entry
+        entry(6, 7, flags=0),  # a pod's flow (kp_ct_continue keeps those)
+        entry(7, 0),  # a DSR backend node's entry
+        entry(8, 7, expires=100),  # expired
+    ])  # fmt: skip
+    assert orphaned_tcp_flows(maps.ct4, {5}, now_ns=200) == 2
 
 
 def test_sync_dirty_end_to_end_from_store():
