@@ -4,7 +4,9 @@ pod servers' ports, and a Service port and an EndpointSlice endpoint as the tabl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kproxy.bpf import abi
 from kproxy.bpf.maps import KproxyMaps
@@ -60,3 +62,71 @@ def quiet_counters(lab: Lab, timeout: float = 3.0) -> dict[str, dict[str, int]]:
         if now == prev or time.monotonic() > deadline:
             return now
         prev = now
+
+
+# ---- the client of both suites ----
+# One function for every client, run in-process (in a namespace) or, for node processes that must be in
+# the socket-LB cgroup, as a script in a child process.
+CLIENT = r"""
+import errno, json, socket, sys, time
+
+KINDS = {"TCP": (socket.SOCK_STREAM, 0), "UDP": (socket.SOCK_DGRAM, 0), "SCTP": (socket.SOCK_STREAM, 132)}
+
+
+def attempt(addr, port, proto, timeout, bind=None):
+    kind, number = KINDS[proto]
+    s = socket.socket(socket.AF_INET, kind, number)
+    s.settimeout(timeout)
+    t0 = time.monotonic()
+    try:
+        if bind:
+            s.bind((bind, 0))
+        s.connect((addr, port))
+        if proto == "UDP":
+            s.send(b"ping")
+            buf = s.recv(65536)
+        else:
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise ConnectionResetError(errno.ECONNRESET, "closed before the greeting")
+                buf += chunk
+        peer = s.getpeername()
+        return dict(json.loads(buf), outcome="ok", peer="%s:%d" % peer, secs=time.monotonic() - t0)
+    except OSError as e:
+        if isinstance(e, (TimeoutError, socket.timeout)):
+            outcome = "timeout"
+        elif e.errno == errno.ECONNREFUSED:
+            outcome = "refused"
+        elif e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            outcome = "unreachable"
+        else:
+            outcome = "error"
+        return {"outcome": outcome, "error": str(e), "secs": time.monotonic() - t0}
+    finally:
+        s.close()
+
+
+def attempts(addr, port, proto, timeout, bind=None, want=None, tries=1, min_tries=1):
+    out = []
+    want = set(want or ())
+    for _ in range(tries):
+        r = attempt(addr, port, proto, timeout, bind)
+        out.append(r)
+        if r["outcome"] != "ok":
+            break
+        seen = {"%s:%d" % (x["pod"], x["port"]) for x in out}
+        if len(out) >= min_tries and want <= seen:
+            break
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(attempts(**json.loads(sys.argv[1]))))
+"""
+_client: dict[str, Any] = {}
+exec(compile(CLIENT, "<conformance client>", "exec"), _client)
+# in-process: one connection -> {"outcome": ok|timeout|refused|unreachable|error, ...the greeting}
+attempt: Callable[..., dict[str, Any]] = _client["attempt"]
+client_attempts: Callable[..., list[dict[str, Any]]] = _client["attempts"]  # tries until WANT seen

@@ -35,7 +35,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conformance_common import L1, L2, N1_IP, N2_IP, R1, R2, R3, C, Ep, P, Port, Q, counters, quiet_counters
+from conformance_common import (
+    L1,
+    L2,
+    N1_IP,
+    N2_IP,
+    R1,
+    R2,
+    R3,
+    C,
+    Ep,
+    P,
+    Port,
+    Q,
+    attempt,
+    counters,
+    quiet_counters,
+)
 
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
@@ -230,33 +246,6 @@ def host_of(lab: Lab, src: str) -> Host:
     return lab.ext if src == "ext" else lab.pod(src)
 
 
-def _attempt(addr: str, port: int, proto: str, timeout: float) -> dict[str, Any]:
-    kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
-    s = socket.socket(socket.AF_INET, kind)
-    s.settimeout(timeout)
-    try:
-        s.connect((addr, port))
-        if proto == "UDP":
-            s.send(b"ping")
-            buf = s.recv(65536)
-        else:
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise ConnectionResetError("closed before the greeting")
-                buf += chunk
-        return dict(json.loads(buf), outcome="ok")
-    except TimeoutError as e:
-        return {"outcome": "timeout", "error": str(e)}
-    except ConnectionRefusedError as e:
-        return {"outcome": "refused", "error": str(e)}
-    except OSError as e:
-        return {"outcome": "unreachable" if e.errno in (113, 101) else "error", "error": str(e)}
-    finally:
-        s.close()
-
-
 def ask(
     lab: Lab,
     src: str,
@@ -272,7 +261,7 @@ def ask(
     def do() -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for _ in range(tries):
-            out.append(_attempt(addr, port, proto, timeout))
+            out.append(attempt(addr, port, proto, timeout))
             if out[-1]["outcome"] != "ok" or (until and until(out)):
                 break
         return out

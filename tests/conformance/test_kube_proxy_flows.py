@@ -39,7 +39,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conformance_common import L1, L2, L3, L4, N1_IP, R1, R2, R3, C, Ep, P, Port, Q, counters, quiet_counters
+from conformance_common import (
+    CLIENT,
+    L1,
+    L2,
+    L3,
+    L4,
+    N1_IP,
+    R1,
+    R2,
+    R3,
+    C,
+    Ep,
+    P,
+    Port,
+    Q,
+    client_attempts,
+    counters,
+    quiet_counters,
+)
 
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
@@ -591,68 +609,6 @@ def world(clab: Lab) -> Iterator[World]:
 
 
 # ---- clients ----
-# One function for every client, run in-process (in a namespace) or, for node processes that must be in
-# the socket-LB cgroup, as a script in a child process.
-CLIENT = r"""
-import errno, json, socket, sys, time
-
-KINDS = {"TCP": (socket.SOCK_STREAM, 0), "UDP": (socket.SOCK_DGRAM, 0), "SCTP": (socket.SOCK_STREAM, 132)}
-
-
-def attempt(addr, port, proto, timeout, bind=None):
-    kind, number = KINDS[proto]
-    s = socket.socket(socket.AF_INET, kind, number)
-    s.settimeout(timeout)
-    t0 = time.monotonic()
-    try:
-        if bind:
-            s.bind((bind, 0))
-        s.connect((addr, port))
-        if proto == "UDP":
-            s.send(b"ping")
-            buf = s.recv(65536)
-        else:
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    raise ConnectionResetError(errno.ECONNRESET, "closed before the greeting")
-                buf += chunk
-        peer = s.getpeername()
-        return dict(json.loads(buf), outcome="ok", peer="%s:%d" % peer, secs=time.monotonic() - t0)
-    except OSError as e:
-        if isinstance(e, (TimeoutError, socket.timeout)):
-            outcome = "timeout"
-        elif e.errno == errno.ECONNREFUSED:
-            outcome = "refused"
-        elif e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            outcome = "unreachable"
-        else:
-            outcome = "error"
-        return {"outcome": outcome, "error": str(e), "secs": time.monotonic() - t0}
-    finally:
-        s.close()
-
-
-def attempts(addr, port, proto, timeout, bind=None, want=None, tries=1, min_tries=1):
-    out = []
-    want = set(want or ())
-    for _ in range(tries):
-        r = attempt(addr, port, proto, timeout, bind)
-        out.append(r)
-        if r["outcome"] != "ok":
-            break
-        seen = {"%s:%d" % (x["pod"], x["port"]) for x in out}
-        if len(out) >= min_tries and want <= seen:
-            break
-    return out
-
-
-if __name__ == "__main__":
-    print(json.dumps(attempts(**json.loads(sys.argv[1]))))
-"""
-_client: dict[str, Any] = {}
-exec(compile(CLIENT, "<conformance client>", "exec"), _client)
 
 
 def run_client(lab: Lab, src: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -670,7 +626,7 @@ def run_client(lab: Lab, src: str, params: dict[str, Any]) -> list[dict[str, Any
         host, params = lab.ext, dict(params, bind=BLOCKED_CLIENT_IP)
     else:
         host = lab.pod(C if src == "pod" else src)
-    return list(in_netns(host.ns, lambda: _client["attempts"](**params)))
+    return list(in_netns(host.ns, lambda: client_attempts(**params)))
 
 
 def client_address(lab: Lab, src: str) -> str:
