@@ -1,14 +1,34 @@
-"""Issue 4 speed: short external connections to a NodePort whose backend runs on the other node.
+"""Short external connections to a NodePort whose backend runs on another node: kproxy against
+kube-proxy's iptables and nftables layouts and a no-NAT baseline, in one run.
 
-One lab (kproxy.lab: 2 nodes on a bridge, an external client), kp-echo in pod n2p1, a NodePort
-Service on it; the client connects to n1's address (n1 is the ingress node). Measured in one run, in
-turn: snat, dsr opt, dsr ipip (toggled with `kproxy dsr` on both nodes), and a no-NAT baseline: the
-client straight to the backend's pod address through the same nodes (routed ext -> n1 -> n2 -> pod,
-replies n2 -> ext, untouched by kproxy).
+One lab (kproxy.lab: 4 nodes on a bridge, an external client), kp-echo in pod n2p1, a NodePort
+Service on it. Node 1 runs kproxy (agent and programs), node 2 runs kproxy (it only forwards here).
+Nodes 3 and 4 have the same shape as node 1 but no kproxy: they are the kube-proxy peers, with the
+rules of bench/peers (kube-proxy's own layouts: DNAT to the backend, MASQUERADE --random-fully
+through nf_conntrack) for the same Service: node 3 loaded with iptables-nft-restore, node 4 with
+nft -f. Each NAT path has a node address of its own, so none inherits another's TIME_WAIT tuples
+at the backend. Cases:
 
-    sudo .venv/bin/python -m bench.bench_external [--duration 5] [--concurrency 32] [--rounds 2] [--json]
+    no NAT      the client straight to the backend's pod address (a second kp-echo port: DSR keeps
+                the client's address), routed ext -> n1 -> n2 -> pod
+    snat        ext -> n1:NodePort (kproxy SNAT, the default mode) -> n2 -> pod
+    dsr opt     the same with `kproxy dsr enable --mode opt` on both kproxy nodes
+    dsr ipip    the same with `--mode ipip`
+    iptables    ext -> n3:NodePort (kube-proxy's iptables layout, iptables-nft) -> n2 -> pod
+    nftables    ext -> n4:NodePort (kube-proxy's nftables layout) -> n2 -> pod
 
-Prints a table of connections/s, p50 and p99 latency (connect to EOF of the reply) and errors.
+Every round runs every case once, in that order (interleaved rounds, compare within one run). No
+table is flushed between cases or rounds: each path lives with the state (conntrack, SNAT ports held
+in TIME_WAIT) its own earlier traffic left, as it would in production. The client uses ports
+1024-65535 (`--port-range`), as bench/run.py does.
+
+    sudo .venv/bin/python -m bench.bench_external [--duration 5] [--concurrency 32] [--rounds 3]
+                                                  [--cases snat,iptables] [--json]
+
+Prints, per case, the median round's connections/s, p50 and p99 latency (connect to EOF of the
+reply), the errors of all rounds (by kind), the ratio to no NAT and to the faster peer, and what
+the datapath counted (kproxy: SNAT retries and drops on n1; peers: nf_conntrack's insert_failed,
+drop, early_drop and clashres in n3/n4; the backend: TCP counters).
 """
 
 from __future__ import annotations
@@ -17,6 +37,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,18 +46,85 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench/loadgen/kp-loadgen"
 ECHO = ROOT / "bench/loadgen/kp-echo"
 ECHO_PORT = 7000
+# The no-NAT case goes to a second port: DSR keeps the client's address, so without NAT and with DSR the
+# backend would see the same 4-tuples, from client sockets with unrelated timestamps (PAWS in TIME_WAIT).
+DIRECT_PORT = 7001
 NODE_PORT = 31500
 CLUSTER_IP = "10.96.60.1"
+IPTABLES_RESTORE = "iptables-nft-restore"  # as bench/netbench.py: the backend kube-proxy's image picks here
+
+# (name, kind, kproxy DSR mode): kind none = no NAT, kproxy = node 1, peer = node 3 or 4.
+CASES = (
+    ("no NAT", "none", None),
+    ("snat", "kproxy", "snat"),
+    ("dsr opt", "kproxy", "opt"),
+    ("dsr ipip", "kproxy", "ipip"),
+    ("iptables", "peer", None),
+    ("nftables", "peer", None),
+)
+PEERS = ("iptables", "nftables")
+# kproxy counters shown per case (n1, kp_stats_v1); nf_conntrack's (peer node, /proc/net/stat/nf_conntrack).
+KP_COUNTERS = ("snat_new", "snat_retry", "drop_snat_no_port", "ct_takeover")
+CT_COUNTERS = ("insert_failed", "drop", "early_drop", "clashres")
+# The backend's: SYNs its TIME_WAIT refused (PAWS: answered with a bare ACK, the client retries in 1 s).
+BE_COUNTERS = ("TcpExt.PAWSTimewait", "Tcp.RetransSegs")
 
 
-def set_mode(lab: Any, mode: str) -> None:
+def set_mode(lab: Any, nodes: list[Any], mode: str) -> None:
     args = ["disable"] if mode == "snat" else ["enable", "--mode", mode]
-    for node in lab.nodes:
+    for node in nodes:
         subprocess.run(
             [sys.executable, "-m", "kproxy", "dsr", *args, "--bpffs", node.bpffs],
             check=True,
             capture_output=True,
         )
+
+
+def kp_stats(bpffs: str) -> dict[str, int]:
+    """kproxy's packet counters of one node (pinned kp_stats_v1, summed over CPUs) by lower-case name."""
+    from kproxy.bpf.abi import Stat
+    from kproxy.bpf.maps import KproxyMaps
+
+    with KproxyMaps.open(bpffs) as maps:
+        totals = maps.stats.totals()
+    return {s.name.lower(): (totals.get(int(s)) or (0,))[0] for s in Stat}
+
+
+def ct_stats(ns: str) -> dict[str, int]:
+    """nf_conntrack's per-netns statistics (summed over CPUs) of namespace NS."""
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/stat/nf_conntrack"], capture_output=True, text=True
+    )
+    rows = r.stdout.splitlines()
+    if not rows:
+        return {}
+    head = rows[0].split()
+    out = dict.fromkeys(head, 0)
+    for row in rows[1:]:
+        for k, v in zip(head, row.split(), strict=False):
+            out[k] += int(v, 16)
+    return out
+
+
+def tcp_stats(ns: str) -> dict[str, int]:
+    """The TCP counters (/proc/net/snmp Tcp, /proc/net/netstat TcpExt) of namespace NS, by name."""
+    r = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
+        capture_output=True,
+        text=True,
+    )
+    out: dict[str, int] = {}
+    rows = r.stdout.splitlines()
+    for head, vals in zip(rows[::2], rows[1::2], strict=False):
+        kind, _, names = head.partition(":")
+        if kind in ("Tcp", "TcpExt"):
+            for k, v in zip(names.split(), vals.partition(":")[2].split(), strict=False):
+                out[f"{kind}.{k}"] = int(v)
+    return out
+
+
+def delta(after: dict[str, int], before: dict[str, int], keys: tuple[str, ...]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 
 def loadgen(lab: Any, addr: str, port: int, duration: float, conc: int) -> dict[str, Any]:
@@ -50,56 +138,171 @@ def loadgen(lab: Any, addr: str, port: int, duration: float, conc: int) -> dict[
     return dict(json.loads(r.stdout))
 
 
+def ns_run(ns: str, argv: list[str], input: str | None = None) -> None:
+    r = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, input=input)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} in {ns} failed: {r.stderr.strip() or r.stdout.strip()}")
+
+
+def load_peer(ns: str, peer: str, rules: str) -> None:
+    """Load PEER's rules into the (fresh) node namespace NS, as kube-proxy's full sync does."""
+    if peer == "iptables":
+        from bench.peers import iptables
+
+        ns_run(ns, [sys.executable, "-m", "bench.peers.nfacct", *iptables.NFACCT_OBJECTS])
+        ns_run(ns, [IPTABLES_RESTORE], input=rules)
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+            f.write(rules)
+            f.flush()
+            ns_run(ns, ["nft", "-f", f.name])
+
+
+def peer_rules(peer: str, node_ip: str, backend: str) -> str:
+    """kube-proxy's full rule set (iptables or nftables) for the one NodePort Service."""
+    from bench.peers import iptables, nftables
+    from bench.peers.model import Endpoint, NodeConfig, ServicePort
+
+    svc = ServicePort(
+        "default", "echo", CLUSTER_IP, 80, ECHO_PORT, port_name="echo", type="NodePort",
+        node_port=NODE_PORT, endpoints=(Endpoint(backend),),
+    )  # fmt: skip
+    node = NodeConfig(node_ips=(node_ip,))
+    return iptables.render([svc], node) if peer == "iptables" else nftables.render([svc], node)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median round by rate (its p50/p99), and errors of all rounds."""
+    ok = [r for r in runs if "rate" in r]
+    med = sorted(ok, key=lambda r: float(r["rate"]))[(len(ok) - 1) // 2] if ok else {}
+    kinds: dict[str, int] = {}
+    for r in ok:
+        for k, v in (r.get("error_kinds") or {}).items():
+            kinds[k] = kinds.get(k, 0) + int(v)
+    counters: dict[str, int] = {}
+    for r in ok:
+        for k, v in (r.get("counters") or {}).items():
+            counters[k] = counters.get(k, 0) + int(v)
+    return {
+        "rate": float(med.get("rate", 0.0)),
+        "rates": [round(float(r["rate"])) for r in ok],
+        "p50_us": med.get("p50_us"),
+        "p99_us": med.get("p99_us"),
+        "connections": sum(int(r.get("connections", 0)) for r in ok),
+        "errors": sum(int(r.get("errors", 0)) for r in ok),
+        "error_kinds": {k: v for k, v in kinds.items() if v},
+        "counters": {k: v for k, v in counters.items() if v},
+        "failed": [r["failed"] for r in runs if "failed" in r],
+    }
+
+
+def print_table(summary: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"{args.concurrency} concurrent short connections, {args.duration:g} s per run, {args.rounds} rounds"
+        " (median round shown, errors of all rounds)"
+    )
+    base = summary.get("no NAT", {}).get("rate") or 0.0
+    peer_rates = [summary[p]["rate"] for p in PEERS if p in summary and summary[p]["rate"]]
+    fast = max(peer_rates) if peer_rates else 0.0
+    print(
+        f"{'case':10} {'conn/s':>8} {'p50 us':>7} {'p99 us':>7} {'errors':>7} {'/noNAT':>7} {'/peer':>6}"
+        f"  rounds (conn/s); errors by kind; counters"
+    )
+    for name, s in summary.items():
+        r = s["rate"]
+        vs_base = f"{r / base:.2f}" if base else "-"
+        vs_peer = f"{r / fast:.2f}" if fast else "-"
+        extra = " ".join(str(x) for x in s["rates"])
+        if s["error_kinds"]:
+            extra += "; " + ",".join(f"{k}={v}" for k, v in s["error_kinds"].items())
+        if s["counters"]:
+            extra += "; " + ",".join(f"{k}={v}" for k, v in s["counters"].items())
+        if s["failed"]:
+            extra += "; FAILED: " + " | ".join(s["failed"])
+        print(
+            f"{name:10} {r:>8.0f} {s['p50_us'] or '-':>7} {s['p99_us'] or '-':>7} {s['errors']:>7}"
+            f" {vs_base:>7} {vs_peer:>6}  {extra}"
+        )
+    print("/noNAT: rate / the no-NAT baseline's; /peer: rate / the faster of iptables and nftables")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="each case runs this often, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="each case runs this often, interleaved")
+    ap.add_argument("--cases", default=",".join(c[0] for c in CASES), help="comma-separated subset")
+    ap.add_argument("--port-range", default="1024 65535", help="the client's ip_local_port_range")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    wanted = [c.strip() for c in args.cases.split(",")]
+    cases = [c for c in CASES if c[0] in wanted]
+    if len(cases) != len(wanted):
+        ap.error(f"--cases: choose from {', '.join(c[0] for c in CASES)}")
     subprocess.run(["make", "-s", "-C", str(ROOT), "-f", "mk/bench.mk", "loadgen"], check=True)
 
     from kproxy.lab import Lab
     from kproxy.lab import manifests as mf
+    from kproxy.lab.netns import sysctl
 
     results: dict[str, list[dict[str, Any]]] = {}
-    with Lab(nodes=2, pods_per_node=1, agent_args=["--log-level", "warning"]) as lab:
+    # n3 and n4 are the peer nodes: the lab starts no agent anywhere, kproxy then runs on n1 and n2 only.
+    with Lab(nodes=4, pods_per_node=1, start_agents=False, agent_args=["--log-level", "warning"]) as lab:
+        n1, n2 = lab.node("n1"), lab.node("n2")
+        peer_node = {"iptables": lab.node("n3"), "nftables": lab.node("n4")}
+        for n in (n1, n2):
+            lab.start_agent(n.name)
+        for n in (n1, n2):
+            lab.wait_agent(n.name)
         pod = lab.pod("n2p1")
-        n1 = lab.node("n1")
-        lab._spawn("bench/echo", pod.ns, [str(ECHO), "-l", f"0.0.0.0:{ECHO_PORT}", "-P", "2"],
-                   lab.dir / "logs" / "echo.log")  # fmt: skip
+        for p in (ECHO_PORT, DIRECT_PORT):
+            lab._spawn(f"bench/echo{p}", pod.ns, [str(ECHO), "-l", f"0.0.0.0:{p}", "-P", "2"],
+                       lab.dir / "logs" / f"echo{p}.log")  # fmt: skip
         port = mf.Port("echo", 80, ECHO_PORT, "TCP", NODE_PORT)
         lab.write_manifest("echo", [
             mf.service("echo", [port], CLUSTER_IP, type="NodePort"),
             mf.endpoint_slice("echo", [(pod.ip, pod.node)], [port]),
         ])  # fmt: skip
         lab.wait_programmed(n1.ip, NODE_PORT, [pod.ip], nodes=["n1"])
-        lab.wait_programmed(CLUSTER_IP, 80, [pod.ip])
+        lab.wait_programmed(CLUSTER_IP, 80, [pod.ip], nodes=["n1", "n2"])
+        sysctl(lab.ext.ns, "net.ipv4.ip_local_port_range", args.port_range)
         # baseline route: the client reaches pod addresses through n1, as it reaches the NodePort
         subprocess.run(["ip", "-n", lab.ext.ns, "route", "add", "10.244.2.0/24", "via", n1.ip], check=True)
-        cases = [
-            ("no NAT (ext -> pod, via n1)", None, pod.ip, ECHO_PORT),
-            ("snat", "snat", n1.ip, NODE_PORT),
-            ("dsr opt", "opt", n1.ip, NODE_PORT),
-            ("dsr ipip", "ipip", n1.ip, NODE_PORT),
-        ]
+        for peer, node in peer_node.items():
+            if any(c[0] == peer for c in cases):
+                # What kube-proxy sets on its node (the rest is the lab's: forwarding on, rp_filter off).
+                sysctl(node.ns, "net.ipv4.conf.all.route_localnet", 1)
+                load_peer(node.ns, peer, peer_rules(peer, node.ip, pod.ip))
         time.sleep(0.5)
         for _ in range(args.rounds):
-            for name, mode, addr, p in cases:
-                if mode is not None:
-                    set_mode(lab, mode)
-                res = loadgen(lab, addr, p, args.duration, args.concurrency)
+            for name, kind, mode in cases:
+                if kind == "kproxy":
+                    assert mode is not None
+                    set_mode(lab, [n1, n2], mode)
+                    addr = n1.ip
+                elif kind == "peer":
+                    addr = peer_node[name].ip
+                else:
+                    addr = pod.ip
+                before_kp = kp_stats(n1.bpffs) if kind == "kproxy" else {}
+                before_ct = ct_stats(peer_node[name].ns) if kind == "peer" else {}
+                before_be = tcp_stats(pod.ns)
+                try:
+                    res = loadgen(lab, addr, NODE_PORT if kind != "none" else DIRECT_PORT,
+                                  args.duration, args.concurrency)  # fmt: skip
+                except RuntimeError as e:
+                    res = {"failed": str(e)}
+                if kind == "kproxy":
+                    res["counters"] = delta(kp_stats(n1.bpffs), before_kp, KP_COUNTERS)
+                elif kind == "peer":
+                    res["counters"] = delta(ct_stats(peer_node[name].ns), before_ct, CT_COUNTERS)
+                res.setdefault("counters", {}).update(delta(tcp_stats(pod.ns), before_be, BE_COUNTERS))
                 results.setdefault(name, []).append(res)
+    summary = {name: summarize(runs) for name, runs in results.items()}
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"summary": summary, "runs": results}, indent=1))
         return 0
-    print(
-        f"{args.concurrency} concurrent short connections, {args.duration:g} s per run, best of {args.rounds}"
-    )
-    print(f"{'case':30} {'conn/s':>9} {'p50 us':>8} {'p99 us':>8} {'errors':>7}")
-    for name, runs in results.items():
-        best = max(runs, key=lambda r: float(r["rate"]))
-        print(f"{name:30} {best['rate']:>9.0f} {best['p50_us']:>8} {best['p99_us']:>8} {best['errors']:>7}")
+    print_table(summary, args)
     return 0
 
 

@@ -349,6 +349,30 @@ static __always_inline __u8 kp_ct_next_state(__u8 state, __u8 proto, __u8 tcp_fl
 	return state;
 }
 
+/*
+ * The state a SNATed TCP flow (fv: a copy of its FWD value before the packet) moves to with a packet
+ * whose plain next state is next (kp_ct_next_state); reply: the packet is the backend's; tw_key: the
+ * flow's key after the packet (kp_snat_tw_mark). A FIN from the other end than the first FIN's makes
+ * the flow KP_CT_CLOSED: both ends closed, nothing more will be sent (the last ACK aside), the state
+ * nf_conntrack calls TIME_WAIT. Which end sent the first one shows in tw_key, written by the client's
+ * FIN only: a client FIN on a CLOSING flow without a key follows the backend's, a backend FIN on a
+ * CLOSING flow with a key follows the client's. Such a flow's port may go to another client at once
+ * (lib/snat.h, rule 2), as nf_nat evicts a TIME_WAIT conntrack whose tuple a new connection needs
+ * (nf_nat_used_tuple_harder). A half-closed flow (one FIN) stays CLOSING: its other end may still send.
+ */
+static __always_inline __u8 kp_snat_fin_state(const struct kp_ct4_val *fv, __u8 next, __u8 tcp_flags, int reply,
+					      __u16 tw_key)
+{
+	__u8 other_end;
+
+	if (!(fv->flags & KP_CT_F_SNAT) || !(tcp_flags & KP_TCP_FIN) || fv->state != KP_CT_CLOSING)
+		return next;
+	other_end = reply ? fv->tw_key != 0 : (fv->tw_key == 0) & (tw_key != 0);
+	if (other_end && next == KP_CT_CLOSING)
+		return KP_CT_CLOSED;
+	return next;
+}
+
 /* A fresh SYN on a closing or closed flow reuses the tuple: it is a new connection. */
 static __always_inline int kp_ct_tuple_reused(__u8 state, __u8 tcp_flags)
 {

@@ -276,8 +276,10 @@ static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp
 			__u8 flags = fv.flags;
 			__u16 tw_key = kp_snat_tw_mark(skb, p, &fv, &flags);
 
-			kp_ct_touch_tw(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), flags,
-				       tw_key, now);
+			kp_ct_touch_tw(&fk, &fv,
+				       kp_snat_fin_state(&fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0),
+							 p->tcp_flags, 0, tw_key),
+				       flags, tw_key, now);
 			if (!svc)
 				kp_count(KP_STAT_CT_ORPHAN, p->len);
 			goto xlate;

@@ -184,7 +184,9 @@ static __always_inline int kp_snat_revnat4(struct __sk_buff *skb, const struct k
 	fcur = kp_ct_lookup(&fk, now);
 	if (fcur) {
 		fv = *fcur;
-		kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 1),
+		kp_ct_touch(&fk, &fv,
+			    kp_snat_fin_state(&fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 1),
+					      p->tcp_flags, 1, fv.tw_key),
 			    fv.flags | KP_CT_F_SEEN_REPLY, now);
 	}
 	if (p->ttl <= 1)

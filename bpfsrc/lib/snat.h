@@ -25,7 +25,12 @@
  *     with tw_key: what the backend's TIME_WAIT holds against a new SYN there, recorded from the
  *     client's FIN (kp_snat_tw_mark). Another client tuple gets a tombstone's port only once the flow
  *     is over and only with a SYN that TIME_WAIT accepts (kp_snat_tw_accepts): half of the SYNs
- *     with timestamps, whatever the load, and never a PAWS rejection. A flow that ended by a reset
+ *     with timestamps, whatever the load, and never a PAWS rejection. "Over": closed by both ends
+ *     (KP_CT_CLOSED, kp_snat_fin_state: FINs both ways, or a reset), at once, its conntrack entry
+ *     taken along (kp_snat_take_closed), as nf_nat evicts a TIME_WAIT conntrack; or its conntrack
+ *     entry expired (half-closed flows: the fin timeout). Waiting for the fin timeout in every case
+ *     capped a backend at (port range) / (fin timeout), 2,900 new connections/s with the agent's
+ *     default range and 10 s, however many ports had no live flow. A flow that ended by a reset
  *     leaves nothing in TIME_WAIT. Tombstones of unknown TIME_WAIT (no key: written by an older
  *     program, or a flow the client never finished; or a SYN without timestamps against a
  *     timestamp key) are taken only when no candidate was better, the one whose flow ended longest
@@ -172,11 +177,45 @@ static __always_inline int kp_snat_tw_accepts(const struct kp_snat4_val *t, __u6
 	return kp_snat_tw_beyond(KP_TCP_MARK_SEQ_HI(syn), t->tw_key);
 }
 
-/* Replace the entry at sk (seen dead, or a tombstone the SYN may have) by sv; fails if another CPU got there first. */
-static __always_inline int kp_snat_take(const struct kp_snat4_key *sk, const struct kp_snat4_val *sv)
+/*
+ * Replace the entry at sk (seen dead, or a tombstone the SYN may have) by sv, the new flow's; fails
+ * (-1) if another CPU got there first. The entry's flow may be closed by both ends with its conntrack
+ * entry still live (KP_CT_CLOSED, kp_snat_fin_state): nf_nat evicts such a TIME_WAIT conntrack entry
+ * the same way when a new connection needs its tuple (nf_nat_used_tuple_harder). Its FWD entry goes
+ * first, if it is still that flow's (the client may have re-opened the tuple toward another backend):
+ * left, a late packet of it (a retransmitted FIN or ACK) would write its own client back into the
+ * port's entry and send the new flow's replies to the old client. A global function, verified once
+ * apart from its caller: inlined in kp_snat_alloc's candidate loop, this cost kp_from_netdev beyond the
+ * verifier's 1M processed instructions.
+ */
+__attribute__((noinline)) int kp_snat_take(const struct kp_snat4_key *sk, const struct kp_snat4_val *sv, __u32 len)
 {
-	bpf_map_delete_elem(&kp_snat4_v1, sk);
-	return bpf_map_update_elem(&kp_snat4_v1, sk, sv, BPF_NOEXIST);
+	struct kp_snat4_val *cur;
+	struct kp_ct4_key ofk;
+	struct kp_ct4_val *ofv;
+
+	if (!sk || !sv)
+		return -1;
+	cur = bpf_map_lookup_elem(&kp_snat4_v1, sk);
+	if (cur) {
+		ofk.saddr = cur->client_addr;
+		ofk.daddr = cur->front_addr;
+		ofk.sport = cur->client_port;
+		ofk.dport = cur->front_port;
+		ofk.proto = sk->proto;
+		ofk.dir = KP_CT_DIR_FWD;
+		ofk.pad[0] = 0;
+		ofk.pad[1] = 0;
+		ofv = bpf_map_lookup_elem(&kp_ct4_v1, &ofk);
+		if (ofv && (ofv->flags & KP_CT_F_SNAT) && ofv->snat_addr == sk->daddr &&
+		    ofv->snat_port == sk->dport && ofv->nat_addr == sk->saddr && ofv->nat_port == sk->sport) {
+			if (ofv->expires_ns >= bpf_ktime_get_ns())
+				kp_count(KP_STAT_CT_TAKEOVER, len);
+			bpf_map_delete_elem(&kp_ct4_v1, &ofk);
+		}
+		bpf_map_delete_elem(&kp_snat4_v1, sk);
+	}
+	return bpf_map_update_elem(&kp_snat4_v1, sk, sv, BPF_NOEXIST) ? -1 : 0;
 }
 
 /*
@@ -236,13 +275,15 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 			return 0;
 		cur = bpf_map_lookup_elem(&kp_snat4_v1, &sk);
 		if (cur) {
-			/* Dead (flow timed out, not swept yet); or a tombstone whose flow is over, ours or
-			 * one whose TIME_WAIT at the backend takes this SYN. */
+			/* Dead (flow timed out, not swept yet); or a tombstone whose flow is over (closed
+			 * by both ends, or its conntrack entry expired), ours or one whose TIME_WAIT at the
+			 * backend takes this SYN. */
 			accepts = kp_snat_tw_accepts(cur, syn);
 			if ((cur->expires_ns < now ||
-			     (kp_snat_closing(cur->state) && kp_snat_flow_over(cur, now) &&
+			     (kp_snat_closing(cur->state) &&
+			      (cur->state == KP_CT_CLOSED || kp_snat_flow_over(cur, now)) &&
 			      (kp_snat_same_client(cur, fk) || accepts == 1))) &&
-			    !kp_snat_take(&sk, &sv))
+			    !kp_snat_take(&sk, &sv, len))
 				return 0;
 			if (accepts < 0 && kp_snat_closing(cur->state) && kp_snat_flow_over(cur, now) &&
 			    cur->expires_ns < best_exp) {
@@ -258,7 +299,7 @@ static __always_inline int kp_snat_alloc(const struct kp_ct4_key *fk, struct kp_
 		 * TIME_WAIT). */
 		fv->snat_port = best;
 		kp_snat_of_fwd(fk, fv, &sk, &sv);
-		if (!kp_snat_take(&sk, &sv))
+		if (!kp_snat_take(&sk, &sv, len))
 			return 0;
 	}
 	return -1;

@@ -1028,3 +1028,127 @@ def test_pod_to_nodeport_or_lb_remote_backend_is_plain_dnat(
         out.data_out.hex() == frame(POD, BE_REMOTE.addr, syn_seg(POD, BE_REMOTE.addr, POD_PORT, 8080)).hex()
     )
     assert dp.stat(Stat.SNAT)[0] == 0 and dp.stat(Stat.DSR_OPT_TX)[0] == 0
+
+
+# ---- SNAT ports of flows closed by both ends (issue 13) ----
+def closed_flow(dp: Datapath, lab: Lab, backend_first: bool, sport: int = CPORT) -> tuple[int, list[int]]:
+    """A whole SNATed connection from CLIENT:sport with timestamps (SYN TSval 0x1234_0000, FIN TSval
+    0x1235_0000: key 0x1236), closed by FINs from both ends; returns its port and the FWD state after
+    each FIN."""
+    port = parse(run_in(dp, lab, "kp_from_netdev", syn_with(0x1234_0000, 10, sport)).data_out).sport
+
+    def from_backend(flags: int) -> bytes:
+        return frame(
+            BE_REMOTE.addr, NODE, tcp(BE_REMOTE.addr, NODE, 8080, port, flags, seq=900, ack=11), ttl=63
+        )
+
+    def from_client(flags: int) -> bytes:
+        seg = tcp(CLIENT, NODE, sport, NODEPORT, flags, seq=11, ack=901, options=ts_option(0x1235_0000, 5))
+        return frame(CLIENT, NODE, seg)
+
+    ok(run_in(dp, lab, "kp_from_netdev", from_backend(TCP_SYN | TCP_ACK)), TC_ACT_REDIRECT)
+    ok(run_in(dp, lab, "kp_from_netdev", from_client(TCP_ACK)), TC_ACT_REDIRECT)
+    fins = [from_backend(TCP_FIN | TCP_ACK), from_client(TCP_FIN | TCP_ACK)]
+    states = []
+    for f in fins if backend_first else fins[::-1]:
+        ok(run_in(dp, lab, "kp_from_netdev", f), TC_ACT_REDIRECT)
+        fwd = dp.ct(ct_key(CLIENT, NODE, sport, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+        assert fwd is not None
+        states.append(fwd.state)
+    return port, states
+
+
+@pytest.mark.parametrize("backend_first", [True, False], ids=["backend-first", "client-first"])
+def test_snat_fins_of_both_ends_close_the_flow(dp: Datapath, lab: Lab, backend_first: bool) -> None:
+    """A SNATed flow is CLOSED (nf_conntrack: TIME_WAIT) once both ends sent their FIN, whichever
+    first; with one FIN (half-closed: the other end may still send) it stays CLOSING, however often
+    that FIN is retransmitted. The SNAT entry follows, with the client FIN's key."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    port, states = closed_flow(dp, lab, backend_first)
+    assert states == [CtState.CLOSING, CtState.CLOSED]
+    nat = snat_entry(dp, port)
+    assert nat is not None and (nat.state, nat.tw_key, nat.flags & CtFlag.TW_TS) == (
+        CtState.CLOSED, 0x1236, CtFlag.TW_TS,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_snat_repeated_fin_of_one_end_keeps_the_flow_closing(dp: Datapath, lab: Lab, side: str) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    port = parse(run_in(dp, lab, "kp_from_netdev", syn_with(0x1234_0000, 10)).data_out).sport
+    if side == "client":
+        seg = tcp(
+            CLIENT, NODE, CPORT, NODEPORT, TCP_FIN | TCP_ACK, seq=11, ack=901, options=ts_option(0x1235_0000)
+        )
+        fin = frame(CLIENT, NODE, seg)
+    else:
+        fin = frame(BE_REMOTE.addr, NODE, tcp(BE_REMOTE.addr, NODE, 8080, port, TCP_FIN | TCP_ACK), ttl=63)
+    for _ in range(3):
+        ok(run_in(dp, lab, "kp_from_netdev", fin), TC_ACT_REDIRECT)
+        fwd = dp.ct(ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD))
+        assert fwd is not None and fwd.state == CtState.CLOSING
+
+
+@pytest.mark.parametrize(
+    ("tsval", "taken"),
+    [(0x1236_0000, True), (0x1235_0001, False)],
+    ids=["beyond-the-key", "refused-by-time-wait"],  # in the old FIN's 64 Ki range: PAWS, or not beyond
+)
+def test_snat_port_of_a_flow_closed_both_ways_goes_to_another_client_at_once(
+    dp: Datapath, lab: Lab, tsval: int, taken: bool
+) -> None:
+    """Issue 13 (SNAT at a third of no NAT, with 1-s retries): a closed flow's port stayed with it for the
+    fin timeout (10 s) before another client tuple could have it, even when the backend's TIME_WAIT would
+    take the new SYN, which capped one backend at (port range) / 10 s new connections/s. nf_nat evicts a
+    TIME_WAIT conntrack entry whose tuple a new connection needs (nf_nat_used_tuple_harder); so does
+    this, for a SYN the TIME_WAIT accepts: the old flow's FWD entry goes, and a late FIN of the old
+    client can no longer write itself back into the port's entry. One port in the range."""
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    port, _ = closed_flow(dp, lab, backend_first=True)
+    assert port == 40000
+    old_fwd = ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD)
+    out = run_in(dp, lab, "kp_from_netdev", syn_with(tsval, SEQ_SYN, sport=CPORT + 1))
+    if not taken:
+        assert out.retval == TC_ACT_SHOT and dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
+        nat = snat_entry(dp, 40000)
+        assert nat is not None and nbo_to_port(nat.client_port) == CPORT and nat.state == CtState.CLOSED
+        assert dp.ct(old_fwd) is not None
+        return
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).sport == 40000
+    assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 0 and dp.stat(Stat.CT_TAKEOVER)[0] == 1
+    nat = snat_entry(dp, 40000)
+    assert nat is not None and nbo_to_port(nat.client_port) == CPORT + 1 and nat.state == CtState.SYN_SENT
+    assert dp.ct(old_fwd) is None
+    # A late FIN of the old connection (a higher TSval: it would raise the old key) finds no flow; the
+    # port stays the new flow's, and its replies go to the new client.
+    seg = tcp(
+        CLIENT, NODE, CPORT, NODEPORT, TCP_FIN | TCP_ACK, seq=11, ack=901, options=ts_option(0x1240_0000)
+    )
+    run_in(dp, lab, "kp_from_netdev", frame(CLIENT, NODE, seg))
+    nat = snat_entry(dp, 40000)
+    assert nat is not None and nbo_to_port(nat.client_port) == CPORT + 1
+    synack = frame(BE_REMOTE.addr, NODE, tcp(BE_REMOTE.addr, NODE, 8080, 40000, TCP_SYN | TCP_ACK), ttl=63)
+    out = run_in(dp, lab, "kp_from_netdev", synack)
+    ok(out, TC_ACT_REDIRECT)
+    assert parse(out.data_out).dport == CPORT + 1
+
+
+def test_snat_closed_flow_of_another_backend_keeps_its_new_flow(dp: Datapath, lab: Lab) -> None:
+    """Taking a closed flow's port deletes that flow's FWD entry only while it still is that flow's: the
+    client may have re-opened the same tuple toward another backend meanwhile, a live flow."""
+    set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
+    nodeport(dp, BE_REMOTE)
+    closed_flow(dp, lab, backend_first=True)
+    fk = ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_TCP, CtDir.FWD)
+    other = dp.ct(fk)
+    assert other is not None
+    other.nat_addr, other.state = ip_to_nbo("10.244.3.3"), CtState.ESTABLISHED  # its new flow elsewhere
+    dp.ct4.update(fk, other)
+    ok(run_in(dp, lab, "kp_from_netdev", syn_with(0x1236_0000, SEQ_SYN, sport=CPORT + 1)), TC_ACT_REDIRECT)
+    kept = dp.ct(fk)
+    assert kept is not None and bytes(kept) == bytes(other)
+    assert dp.stat(Stat.CT_TAKEOVER)[0] == 0

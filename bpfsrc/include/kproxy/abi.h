@@ -87,7 +87,7 @@ enum kp_ct_state {
 	KP_CT_SYN_SENT = 1,     /* TCP: SYN seen, no reply yet */
 	KP_CT_ESTABLISHED = 2,  /* TCP: reply seen */
 	KP_CT_CLOSING = 3,      /* TCP: FIN seen */
-	KP_CT_CLOSED = 4,       /* TCP: RST seen */
+	KP_CT_CLOSED = 4,       /* TCP: RST seen; SNAT: also FIN seen from both ends (kp_snat_fin_state) */
 	KP_CT_UDP = 5,          /* UDP flow */
 };
 
