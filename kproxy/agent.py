@@ -36,6 +36,11 @@ from kproxy.config import DSR_MODES, AgentConfig, split_hostport
 log = logging.getLogger("kproxy.agent")
 
 SIOCGIFADDR = 0x8915
+# services.json is rewritten at most this often (seconds) while service ids change
+METADATA_INTERVAL = 0.25
+# a sync is logged at INFO when it changed this many Services or took this long (ms); else DEBUG
+SYNC_LOG_SERVICES = 100
+SYNC_LOG_MS = 100.0
 
 
 class AgentError(RuntimeError):
@@ -103,6 +108,11 @@ class Agent:
         # CLOCK_MONOTONIC ns until which connections of deleted TCP frontends may still be alive
         self.orphan_until_ns = 0
         self.synced = asyncio.Event()  # first full apply done
+        # services.json: the service-id version it holds, when it was written, a pending write
+        self._metadata_version = -1
+        self._metadata_written = 0.0
+        self._metadata_timer: asyncio.TimerHandle | None = None
+        self._metadata_entries: dict[int, str] = {}  # svc_id -> its JSON entry (service_metadata)
         self.attached_pods: set[str] = set()
 
     @property
@@ -375,9 +385,10 @@ class Agent:
         self.synced.set()
         while True:
             await store.event.wait()
-            # Coalesce a burst of events (callbacks already queued, a file rewritten object by object)
-            # into one batch, adding at most a millisecond to a lone change.
-            await asyncio.sleep(0.001)
+            # Let callbacks already queued run first (a burst of watch events is one drain of the
+            # source's inbox; while a sync runs, the next events queue up and form the next batch):
+            # batching under load, no added delay for a lone change.
+            await asyncio.sleep(0)
             store.event.clear()
             if not store.dirty_count:
                 # the service address space alone (a ServiceCIDR object) needs no Service translated
@@ -389,19 +400,21 @@ class Agent:
             await self.after_apply(report, t0)
 
     async def after_apply(self, report: Any, t0: float, full: bool = False) -> None:
-        from kproxy.observe.metadata import write_metadata
-
         ms = (time.monotonic() - t0) * 1000
         if report.tcp_frontends_removed:
             self.frontends_removed()
         if report.changed or full:
-            log.info(
+            # One line per sync would be one line per watch event under steady churn: the small ones
+            # are debug (kproxy_sync_duration_seconds and kproxy_services_changed count them all).
+            big = full or len(report.changed) >= SYNC_LOG_SERVICES or ms >= SYNC_LOG_MS
+            log.log(
+                logging.INFO if big else logging.DEBUG,
                 "%s: %d services changed, %d map writes, %d UDP flows flushed in %.1f ms",
                 "full sync" if full else "sync", len(report.changed), report.writes, report.ct_flushed, ms,
             )  # fmt: skip
         for svc, why in report.failed.items():
             log.error("service %s not programmed: %s", svc, why)
-        write_metadata(self.cfg.bpffs, self.cfg.node_name, self.service_metadata())
+        self.metadata_changed(at_once=full)
         if self.metrics is not None:
             self.metrics.observe_sync(report, t0, getattr(report, "first_change", None), full=full)
         if self.health is not None:
@@ -413,13 +426,54 @@ class Agent:
 
             await self.service_health.sync(health_check_services(self.store))
 
-    def service_metadata(self) -> dict[int, dict[str, Any]]:
-        from kproxy.observe.inspect import proto_name
+    def metadata_changed(self, at_once: bool = False) -> None:
+        """services.json follows the service ids (service_ports()), not every sync: rewritten when an id
+        came or went, at most every METADATA_INTERVAL seconds (a stream of new Services costs one
+        write per interval, not one per Service); at once after the full sync (the lab and the CLI
+        wait for the file)."""
+        if self._metadata_timer is not None and not at_once:
+            return  # a write is due
+        if self.syncer.svc_ids_version == self._metadata_version and not at_once:
+            return
+        wait = self._metadata_written + METADATA_INTERVAL - time.monotonic()
+        if at_once:
+            self.write_metadata()
+            self._metadata_written = 0.0  # the first change after it is written at once, too
+        elif wait <= 0:
+            self.write_metadata()
+        else:
+            self._metadata_timer = asyncio.get_running_loop().call_later(wait, self.write_metadata)
 
-        return {
-            sid: {"service": svc, "port_name": port, "protocol": proto_name(proto)}
-            for sid, (svc, port, proto) in self.syncer.service_ports().items()
-        }
+    def write_metadata(self) -> None:
+        from kproxy.observe.metadata import write_metadata_entries
+
+        if self._metadata_timer is not None:
+            self._metadata_timer.cancel()
+            self._metadata_timer = None
+        self._metadata_version = self.syncer.svc_ids_version
+        self._metadata_written = time.monotonic()
+
+        try:
+            write_metadata_entries(self.cfg.bpffs, self.cfg.node_name, self.service_metadata().values())
+        except OSError as e:
+            log.warning("cannot write the service names for the CLI: %s", e)
+
+    def service_metadata(self) -> dict[int, str]:
+        """svc_id -> its services.json entry, JSON-encoded; kept up to date from the syncer's id changes
+        (a write joins the strings: no per-Service work for the Services that did not change)."""
+        from kproxy.observe.metadata import metadata_entry
+
+        changes = self.syncer.take_svc_id_changes()
+        entries = self._metadata_entries
+        if changes is None:
+            entries.clear()
+            changes = list(self.syncer.service_ports().items())
+        for sid, sp in changes:
+            if sp is None:
+                entries.pop(sid, None)
+            else:
+                entries[sid] = metadata_entry(sid, *sp)
+        return entries
 
     async def read_host_addresses(self) -> None:
         """With --nodeport-addresses, NodePorts are served on every interface address in those CIDRs:
@@ -604,6 +658,8 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
             uninstall = signalled and not failed and await self.uninstalling()
+            if self._metadata_timer is not None:
+                self.write_metadata()  # the names of the last ids
             if self.source is not None and hasattr(self.source, "close"):
                 with contextlib.suppress(Exception):
                     self.source.close()

@@ -26,6 +26,8 @@ from kproxy.observe import inspect as insp
 
 BPFFS_ROOT = "/sys/fs/bpf"  # kproxy.bpf.loader.BPFFS_ROOT, without importing libbpf for --help
 DEFAULT_BPFFS = f"{BPFFS_ROOT}/kproxy"
+# how long the inspection commands wait for the names of service ids the agent has not written yet
+METADATA_WAIT_S = 1.0
 
 EXIT_ERROR = 1
 EXIT_NO_BPFFS = 3
@@ -77,10 +79,24 @@ class Cli:
                 f"cannot open the maps in {self.bpffs}: {e.strerror}; run as root", EXIT_NOT_ROOT
             ) from e
 
-    def metadata(self) -> dict[int, dict[str, Any]]:
-        from kproxy.observe.metadata import read_metadata
+    def metadata(self, svc4: Any = None) -> dict[int, dict[str, Any]]:
+        """The agent's service names (services.json). Given the service map, the ids it holds that the
+        file does not name yet are waited for, up to METADATA_WAIT_S: the agent writes the names of
+        new ids a moment after the ids (at most every few hundred milliseconds, Agent.metadata_changed).
+        No file (no agent wrote one): no wait."""
+        import time
 
-        return read_metadata(self.bpffs)
+        from kproxy.observe.metadata import metadata_path, read_metadata
+
+        meta = read_metadata(self.bpffs)
+        if svc4 is None or not metadata_path(self.bpffs).exists():
+            return meta
+        want = {v.svc_id for k, v in svc4.items() if k.slot == 0}
+        deadline = time.monotonic() + METADATA_WAIT_S
+        while want - meta.keys() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            meta = read_metadata(self.bpffs)
+        return meta
 
     def emit(self, rows: Any, render: Callable[[Any], str]) -> None:
         if self.output == "json":
@@ -463,7 +479,7 @@ def services(cli: Cli) -> None:
     protocol, scope, flags and backends (each with address, port, state).
     """
     with cli.open_maps("kproxy services") as maps:
-        rows = insp.services(maps.svc4, maps.be4, cli.metadata())
+        rows = insp.services(maps.svc4, maps.be4, cli.metadata(maps.svc4))
     cli.emit(rows, _render_services)
 
 
@@ -495,7 +511,7 @@ def conntrack(cli: Cli, flush: bool, include_reply: bool) -> None:
             n = maps.ct4.delete_many([k for k, _ in maps.ct4.items()])
             cli.emit({"flushed": n}, lambda r: f"flushed {r['flushed']} conntrack entries")
             return
-        rows = insp.conntrack(maps.ct4, cli.metadata(), include_reply=include_reply)
+        rows = insp.conntrack(maps.ct4, cli.metadata(maps.svc4), include_reply=include_reply)
     cols = [
         ("PROTO", "protocol"),
         ("SOURCE", "src"),
@@ -517,7 +533,7 @@ def conntrack(cli: Cli, flush: bool, include_reply: bool) -> None:
 def affinity(cli: Cli) -> None:
     """List sessionAffinity entries: client, service, backend and seconds left."""
     with cli.open_maps("kproxy affinity") as maps:
-        rows = insp.affinity(maps.aff4, maps.svc4, maps.be4, cli.metadata())
+        rows = insp.affinity(maps.aff4, maps.svc4, maps.be4, cli.metadata(maps.svc4))
     cli.emit(rows, lambda rs: insp.table(rs, [
         ("CLIENT", "client"), ("SERVICE", "service"), ("BACKEND", "backend"), ("AGE(s)", "age_seconds"),
         ("LEFT(s)", "seconds_left")]))  # fmt: skip

@@ -773,8 +773,24 @@ def _is_bool_or_none(v: Any) -> bool:
     return v is None or v is True or v is False
 
 
+# Labels and annotations kept in the cluster view: those Kubernetes defines for Services and
+# EndpointSlices (service-proxy-name, headless, service-name, topology...). kproxy reads nothing else,
+# and the rest is often most of an object: kubectl's last-applied-configuration annotation repeats the
+# whole object, users' labels and annotations come by the dozen. Dropping them kept 10,000 Services
+# several MB smaller (issue 13).
+KEPT_META_PREFIXES = (
+    "kubernetes.io/", "service.kubernetes.io/", "service.beta.kubernetes.io/", "endpointslice.kubernetes.io/",
+)  # fmt: skip
+
+
+def _kept(d: dict[str, str]) -> dict[str, str]:
+    kept = {k: v for k, v in d.items() if k.startswith(KEPT_META_PREFIXES)}
+    return kept or _EMPTY_DICT
+
+
 def _str_dict(d: Any) -> dict[str, str] | None:
-    """A copy of a str -> str mapping (None -> the shared empty one); None if it is anything else."""
+    """The kept part (KEPT_META_PREFIXES) of a str -> str mapping (None, {} -> the shared empty one);
+    None if it is anything else."""
     if d is None or d == {}:
         return _EMPTY_DICT
     if type(d) is not dict:
@@ -782,7 +798,7 @@ def _str_dict(d: Any) -> dict[str, str] | None:
     for k, v in d.items():
         if type(k) is not str or type(v) is not str:
             return None
-    return dict(d)
+    return _kept(d)
 
 
 _EMPTY_DICT: dict[str, str] = ObjectMeta.__new__.__defaults__[1]  # type: ignore[index]
@@ -1103,9 +1119,7 @@ def _fast_slice(raw: dict[str, Any]) -> EndpointSlice | None:
 
 
 def _meta_from_schema(m: _SObjectMeta) -> ObjectMeta:
-    return ObjectMeta(
-        m.name, _intern(m.namespace), dict(m.labels) or _EMPTY_DICT, dict(m.annotations) or _EMPTY_DICT
-    )
+    return ObjectMeta(m.name, _intern(m.namespace), _kept(m.labels), _kept(m.annotations))
 
 
 def _service_from_schema(m: _SService) -> Service:

@@ -83,11 +83,16 @@ def trim_heap() -> None:
 class ClusterStore:
     def __init__(self, node: NodeInfo | None = None) -> None:
         self.services: dict[str, Service] = {}
+        # Services with a healthCheckNodePort (the health servers look at these only, not at all)
+        self.health_check_keys: set[str] = set()
         self.slices: dict[str, EndpointSlice] = {}  # "ns/name" -> slice
         self._slice_owner: dict[str, str] = {}  # slice key -> service key
         self._by_service: dict[str, dict[str, EndpointSlice]] = {}
         self.node: NodeInfo = node or NodeInfo(name="")
         self._dirty: dict[str, float] = {}  # service key -> monotonic time of its first unsynced change
+        # when set, the monotonic time the change being applied was received (a watch event's arrival),
+        # which dates the Services it makes dirty; None: now
+        self.change_time: float | None = None
         self.skipped: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> objects skipped
         self.last_error: dict[str, str] = {}  # "Kind ns/name" -> last validation problem
         # (kind, reason) -> object versions used after reading a legacy spelling (see the docstring)
@@ -130,7 +135,9 @@ class ClusterStore:
 
     def _mark(self, key: str, now: float | None = None) -> None:
         if key not in self._dirty:
-            self._dirty[key] = time.monotonic() if now is None else now
+            if now is None:
+                now = self.change_time if self.change_time is not None else time.monotonic()
+            self._dirty[key] = now
         self._wake()
 
     def mark_dirty(self, keys: Iterable[str]) -> None:
@@ -188,6 +195,10 @@ class ClusterStore:
         if old == svc:
             return
         self.services[key] = svc
+        if svc.spec.health_check_node_port:
+            self.health_check_keys.add(key)
+        else:
+            self.health_check_keys.discard(key)
         self.last_error.pop(f"Service {key}", None)
         self._count_cluster_ips(old, -1)
         self._count_cluster_ips(svc, 1)
@@ -198,6 +209,7 @@ class ClusterStore:
         old = self.services.pop(key, None)
         if old is None:
             return False
+        self.health_check_keys.discard(key)
         self._count_cluster_ips(old, -1)
         self._mark(key)
         return True

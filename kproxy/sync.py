@@ -296,6 +296,11 @@ class Syncer:
         self._next_be = 1
         self._svc_ids: dict[SvcPort, int] = {}
         self._svc_id_owner: dict[int, SvcPort] = {}
+        self.svc_ids_version = 0  # bumped whenever a service port gets or loses its id (service_ports())
+        # what changed in service_ports() since the agent last took it (take_svc_id_changes):
+        # (svc_id, its port, or None when the id was freed), in order
+        self._svc_id_log: list[tuple[int, SvcPort | None]] = []
+        self._svc_id_log_lost = True  # the log does not cover everything: take the whole table
         self._next_svc = 1
         self._svc4_entries = 0
         self._lbsrc = SourceRangeSync(maps.lbsrc4)
@@ -343,6 +348,24 @@ class Syncer:
     def svc_id(self, service: str, port_name: str, protocol: str) -> int | None:
         return self._svc_ids.get((service, port_name, _PROTO[protocol]))
 
+    def _svc_id_changed(self, sid: int, sp: SvcPort | None) -> None:
+        self.svc_ids_version += 1
+        if self._svc_id_log_lost:
+            return
+        self._svc_id_log.append((sid, sp))
+        if len(self._svc_id_log) > 2 * len(self._svc_ids) + 4096:  # nobody takes it: stop keeping it
+            self._svc_id_log.clear()
+            self._svc_id_log_lost = True
+
+    def take_svc_id_changes(self) -> list[tuple[int, SvcPort | None]] | None:
+        """The changes of service_ports() since the last call, in order ((id, port) or (id, None) for a
+        freed id); None when they are not known (the first call, after adopt()): take service_ports()."""
+        if self._svc_id_log_lost:
+            self._svc_id_log_lost = False
+            return None
+        log, self._svc_id_log = self._svc_id_log, []
+        return log
+
     def service_ports(self) -> dict[int, SvcPort]:
         """svc_id -> (service "ns/name", port name, IP protocol number) of every programmed port
         (what the CLI metadata file and metrics label service ids with)."""
@@ -363,6 +386,9 @@ class Syncer:
         self._be_vals.clear()
         self._svc_ids.clear()
         self._svc_id_owner.clear()
+        self.svc_ids_version += 1
+        self._svc_id_log.clear()
+        self._svc_id_log_lost = True
         max_be = 0
         max_svc = 0
         for k, v in self.maps.be4.items():
@@ -831,8 +857,14 @@ class Syncer:
                 sid = self._svc_ids.pop(sp, None)
                 if sid is not None:
                     self._svc_id_owner.pop(sid, None)
+                    self._svc_id_changed(sid, None)
             for sp, sid in p.svc_ids.items():
                 if sp in p.new.svc_ports:
+                    was = self._svc_ids.get(sp)
+                    if was != sid:
+                        if was is not None:
+                            self._svc_id_changed(was, None)
+                        self._svc_id_changed(sid, sp)
                     self._svc_ids[sp] = sid
                     self._svc_id_owner[sid] = sp
             self._svc4_entries += p.svc4_added - p.svc4_removed
@@ -843,8 +875,8 @@ class Syncer:
             if not p.empty:
                 if p.service != ORPHANS:
                     report.changed.append(p.service)
-                if log.isEnabledFor(logging.INFO):
-                    log.info(
+                if log.isEnabledFor(logging.DEBUG):  # a line per Service per change: debug
+                    log.debug(
                         "service %s: %d frontends, %d backends programmed (%d slot writes, %d deletes)",
                         p.service or "(adopted entries)", len(p.new.frontends), len(p.new.backends),
                         _n_entries(p.slot_puts) + _n_entries(p.slot0_puts),
@@ -870,6 +902,19 @@ class Syncer:
             flush = _Flush()
         udp_freed = flush.udp_freed
         aff_freed = flush.aff_freed
+        # Affinity entries live only for ports with ClientIP affinity: only their backends are looked
+        # for in kp_aff4 (a walk of the whole map), not every freed or moved backend.
+        affinity_sids: set[int] = set()
+        for p in plans:
+            for fe in p.old.frontends.values():
+                if fe.flags & abi.SvcFlag.AFFINITY:
+                    affinity_sids.add(fe.svc_id)
+        aff_backends: set[int] = set()
+        if affinity_sids:
+            for p in plans:
+                for sid, ids in p.old.active.items():
+                    if sid in affinity_sids:
+                        aff_backends.update(ids)
         if freed:
             for b in freed:
                 val = self._be_vals.pop(b, None)
@@ -878,17 +923,14 @@ class Syncer:
                         del self._be_ids[_key_of_val(val)]
                     if _bval_proto(val) == abi.IPPROTO_UDP:
                         udp_freed.add(b)
-                aff_freed.add(b)
+                if b in aff_backends:
+                    aff_freed.add(b)
             m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
             report.be4_deletes += len(freed)
         # backends that left a service's slots but still exist: flush that service's UDP flows to them
         udp_pairs = flush.udp_pairs
         aff_pairs = flush.aff_pairs
-        affinity_sids: set[int] = set()
         for p in plans:
-            for fe in p.old.frontends.values():
-                if fe.flags & abi.SvcFlag.AFFINITY:
-                    affinity_sids.add(fe.svc_id)
             for sid, ids in p.old.active.items():
                 gone = set(ids).difference(p.new.active.get(sid, ()))
                 for b in gone:

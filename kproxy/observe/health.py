@@ -357,7 +357,11 @@ def health_check_services(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
     """
     node = getattr(store.node, "name", "")
     result: dict[tuple[str, str], tuple[int, int]] = {}
-    for key, svc in store.services.items():
+    keys = getattr(store, "health_check_keys", None)  # the store's index: not every Service
+    for key in sorted(keys) if keys is not None else list(store.services):
+        svc = store.services.get(key)
+        if svc is None:
+            continue
         spec = svc.spec
         if spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
             continue

@@ -7,7 +7,8 @@ directory derived from the bpffs path:
 
     /run/kproxy/<first 16 hex of sha256(real path of the bpffs dir)>/services.json
 
-(KPROXY_STATE_ROOT overrides /run/kproxy). The file is replaced atomically after every sync.
+(KPROXY_STATE_ROOT overrides /run/kproxy). The file is replaced atomically when service ids come or
+go (at most every few hundred milliseconds, see Agent.metadata_changed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,33 @@ def metadata_path(bpffs: str | Path) -> Path:
 
 def write_metadata(bpffs: str | Path, node: str, services: dict[int, dict[str, Any]]) -> Path:
     """services: svc_id -> {"service": "ns/name", "port_name": ..., "protocol": ...}."""
+    entries = [f'"{k}": {json.dumps(v)}' for k, v in sorted(services.items())]
+    return write_metadata_entries(bpffs, node, entries)
+
+
+def metadata_entry(svc_id: int, service: str, port_name: str, proto: int) -> str:
+    """One services.json entry, JSON-encoded (`"7": {...}`), for write_metadata_entries."""
+    from kproxy.observe.inspect import proto_name
+
+    value = {"service": service, "port_name": port_name, "protocol": proto_name(proto)}
+    return f'"{svc_id}": {json.dumps(value)}'
+
+
+def write_metadata_entries(bpffs: str | Path, node: str, entries: Iterable[str]) -> Path:
+    """write_metadata from entries encoded by metadata_entry (the agent keeps them encoded: a write
+    is a join, not a re-encoding of every Service)."""
     path = metadata_path(bpffs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
+    head = {
         "version": 1,
         "bpffs": os.path.realpath(bpffs),
         "node": node,
         "pid": os.getpid(),
         "updated": time.time(),
-        "services": {str(k): v for k, v in sorted(services.items())},
     }
+    text = json.dumps(head)[:-1] + ', "services": {' + ", ".join(entries) + "}}"
     tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.write_text(text)
     os.rename(tmp, path)
     return path
 

@@ -25,8 +25,10 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger("kproxy.observe.metrics")
 
-# From a lone change (~1-2 ms) to a full resync of 10,000 Services (seconds).
-PROGRAMMING_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# From a lone change (under a millisecond) to a full resync of 10,000 Services (seconds).
+PROGRAMMING_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
 SYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 

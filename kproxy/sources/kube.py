@@ -1,10 +1,13 @@
 """The Kubernetes source: kopf watches the cluster, a paginated LIST proves the view is whole.
 
-kopf runs standalone and cluster-wide with `@kopf.on.event` handlers only, so it writes nothing to
-the objects it watches (no finalizers, annotations, status or events). It is tuned as measured in
-issue 3: async handlers, its logger at WARNING, no-op diff-base and progress storages (kopf would
-otherwise deep-copy every body for cause detection), no per-object memories, a short worker idle
-timeout and chunked lists.
+kopf is the watch layer, used for what an on.event-only node agent needs and nothing more: each
+resource is one kopf watch stream (`infinite_watch`: paginated LIST, WATCH from the list's
+resourceVersion, reconnects, 410 Gone, bookmarks, kopf's retries of API errors) with kopf's
+credentials vault and re-login activity. kopf's reactor (per-object queues and worker tasks, cause
+detection, handler invocation, progress and diff-base storage, observers, peering, event posting) is
+not run: issue 13 measured it at most of the agent's CPU per event, for features a proxy never uses.
+Nothing is ever written to the objects watched. Events cross from the watch threads to the agent's
+loop in batches (one wake-up per burst, `_drain_inbox`).
 
 kopf lacks three things a node proxy needs, and this module adds them:
 
@@ -15,9 +18,9 @@ kopf lacks three things a node proxy needs, and this module adds them:
   reports the ones deleted meanwhile. KubeSource LISTs again whenever kopf re-lists (noticed as a
   second initial-listing event for the same object), after kopf restarts, and periodically; whatever
   it holds that the LIST no longer has (and that is not newer than the LIST) is deleted.
-- Supervision and isolation. An ERROR event or a lasting API error (a 403) stops a kopf operator. So
-  every resource has an operator of its own (`_Watch`), in its own thread and event loop (so its
-  shutdown, which cancels every task of its loop, and its signal handlers never touch the agent),
+- Supervision and isolation. An ERROR event or a lasting API error (a 403) stops a kopf watch stream.
+  So every resource has a stream of its own (`_Watch`), in its own thread and event loop (so its
+  shutdown, which cancels every task of its loop, never touches the agent),
   under a supervisor that restarts it: one failing watch stops no other. Each watch asks only for
   what the chart's RBAC grants: Services, EndpointSlices, Nodes and ServiceCIDRs cluster-wide, the
   settings ConfigMap in its namespace by name. A watch that is down is logged, shown by the metric
@@ -39,14 +42,14 @@ in the same way: when it cannot be read, the current settings stay.
 
 Every object carries a resourceVersion; KubeSource keeps the last one applied per object and ignores
 anything not newer, so the LIST and the watch can race freely and re-listings cost no store work and
-no log line. Events are handed from kopf's thread to the agent's loop with call_soon_threadsafe; the
-store is only ever touched from the agent's loop.
+no log line. The store is only ever touched from the agent's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -55,12 +58,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
 import kopf
 import yaml
-from kopf._core.reactor import inventory as _inventory  # 1.45: no public name for the memories
+
+# kopf's watch client (list, watch from the list's resourceVersion, 410 and reconnects, bookmarks,
+# its API-error retries) and its login machinery, without its reactor: see _Watch.
+from kopf._cogs.clients import auth as _kopf_auth
+from kopf._cogs.clients import watching as _kopf_watching
+from kopf._cogs.structs import credentials as _kopf_credentials
+from kopf._cogs.structs import ephemera as _kopf_ephemera
+from kopf._cogs.structs import references as _kopf_references
+from kopf._core.engines import activities as _kopf_activities
 
 from kproxy.model import NodeInfo
 from kproxy.store import trim_heap
@@ -80,9 +91,8 @@ DAEMONSETS = ("apps", "v1", "daemonsets")
 CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 # kopf's retries of a failing request before it gives up and the watch is down (about 6.5 s)
 WATCH_ERROR_BACKOFFS = (0.5, 1, 2, 3)
-# A watch whose operator ran this long without failing has listed (kopf's first request) and watches:
-# it is up even if the list was empty and no event came.
-WATCH_UP_AFTER = sum(WATCH_ERROR_BACKOFFS) + 2 * 5 + 1.0
+# watch events applied per turn of the agent's loop
+DRAIN_BATCH = 512
 
 
 class Store(Protocol):
@@ -96,6 +106,8 @@ class Store(Protocol):
     def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> Any: ...
     def delete_service_cidrs(self, owner: str) -> Any: ...
     def mark_initial_sync_done(self) -> Any: ...
+
+    change_time: float | None  # monotonic time the change being applied was received (None: now)
 
     skipped: Counter[tuple[str, str]]  # (kind, reason) -> objects skipped as invalid
 
@@ -292,56 +304,6 @@ def _http_session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
 # ---- kopf tuning ----
 
 
-class NoDiffBaseStorage(kopf.DiffBaseStorage):
-    """on.event handlers need no diff base: skip kopf's deep copy of every body."""
-
-    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
-        return {}
-
-    def fetch(self, *, body: Any) -> Any:
-        return {}
-
-    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
-        pass
-
-
-class NoProgressStorage(kopf.ProgressStorage):
-    """on.event handlers keep no progress: nothing is ever written to the objects."""
-
-    def fetch(self, *, key: Any, body: Any) -> Any:
-        return None
-
-    def store(self, *, key: Any, record: Any, body: Any, patch: Any) -> None:
-        pass
-
-    def purge(self, *, key: Any, body: Any, patch: Any) -> None:
-        pass
-
-    def touch(self, *, body: Any, patch: Any, value: Any) -> None:
-        pass
-
-    def clear(self, *, essence: Any) -> Any:
-        return essence
-
-
-class EphemeralMemories(_inventory.ResourceMemories):
-    """kopf's per-object memory (~900 bytes each, 18 MB for 20,000 objects) serves daemons, timers,
-    error throttling of handlers and resume/create detection: none of which on.event handlers that
-    only hand the event over use. Every event gets a fresh one that is never stored."""
-
-    async def recall(
-        self,
-        raw_body: Any,
-        *,
-        memobase: Any = None,
-        noticed_by_listing: bool = False,
-        ephemeral: bool = False,
-    ) -> _inventory.ResourceMemory:
-        return await super().recall(
-            raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True
-        )
-
-
 def kopf_settings(
     cfg: KubeSourceConfig, field_selector: str | None = None, resource: str = "configmaps"
 ) -> kopf.OperatorSettings:
@@ -349,9 +311,6 @@ def kopf_settings(
     (a plural)."""
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False
-    settings.persistence.diffbase_storage = NoDiffBaseStorage()
-    settings.persistence.progress_storage = NoProgressStorage()
-    settings.queueing.idle_timeout = cfg.kopf_idle_timeout
     settings.watching.chunk_size = cfg.list_chunk_size
     # Retry API errors quickly (a proxy wants to be back soon after an outage), then give up: the
     # watch's supervisor marks it down (a metric, /readyz for the watches the view needs) and
@@ -373,7 +332,7 @@ def _quiet_kopf() -> None:
     logging.getLogger("kopf._core.reactor.running").setLevel(logging.ERROR)
 
 
-# ---- one watch: a kopf operator of its own ----
+# ---- one watch: a kopf watch stream of its own ----
 @dataclasses.dataclass
 class WatchStatus:
     """What `KubeSource.watches` says about one watch (read from the agent's loop)."""
@@ -392,13 +351,13 @@ class WatchStatus:
 
 
 class _Watch:
-    """One resource watched by a kopf operator of its own, in its own thread and event loop, under a
-    supervisor that restarts it (with a growing delay) when it stops. A watch that fails (a 403, a
-    resource gone) stops nothing else: each watch is its own operator.
+    """One resource watched by a kopf watch stream of its own, in its own thread and event loop, under
+    a supervisor that restarts it (with a growing delay) when it stops. A watch that fails (a 403, a
+    resource gone) stops nothing else: each watch is its own stream.
 
-    Up when an event arrived since its operator started, or once the operator ran WATCH_UP_AFTER
-    seconds without failing (its LIST succeeded, even an empty one); down when the operator stopped.
-    Status changes are handed to the source's loop (`on_status`).
+    Up once its LIST succeeded (even an empty one) or an event arrived since it started; down when
+    the stream stopped (kopf gave up retrying an API error). Status changes are handed to the
+    source's loop (`on_status`).
     """
 
     def __init__(
@@ -466,6 +425,8 @@ class _Watch:
                 detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
                 status = getattr(e, "status", None)
                 why = f"{type(e).__name__}{f' (HTTP {status})' if status else ''}: {detail}"
+                if isinstance(e, _kopf_credentials.LoginError):  # kopf's words for a refused token
+                    why = "HTTP 401 Unauthorized: the API server refused the agent's credentials"
             else:
                 if stop.is_set():
                     break
@@ -477,20 +438,25 @@ class _Watch:
             stop.wait(backoff)
 
     async def _operator(self, info: kopf.ConnectionInfo, stop: threading.Event) -> None:
+        """kopf's watch stream of this resource, its events handed to the source as they come.
+
+        An on.event-only node agent needs kopf's watch client, not its reactor: kopf.operator would
+        route every event through a per-object queue and worker task, cause detection, a handler
+        invocation with some twenty keyword arguments, resource and namespace observers and
+        discovery; issue 13 measured that path at most of the agent's CPU per event. So the stream
+        comes straight from kopf's `infinite_watch` (paginated LIST, WATCH from the list's
+        resourceVersion, 410 Gone and reconnects, bookmarks, kopf's retries of API errors) with
+        kopf's credentials vault and re-login activity (`authenticator`, our login handler), and
+        nothing else.
+        """
         registry = kopf.OperatorRegistry()
-        post = self.source._post_threadsafe
-        kind = self.kind
 
         @kopf.on.login(registry=registry)
         async def login(**_: Any) -> kopf.ConnectionInfo:
             return info
 
-        @kopf.on.event(*self.gvr, registry=registry)
-        async def on_event(event: Any, **_: Any) -> None:
-            post(kind, event, self)
-
         loop = asyncio.get_running_loop()
-        # kopf's failed watchers leave "exception never retrieved" tasks behind: already reported.
+        # kopf's failed requests can leave "exception never retrieved" tasks behind: already reported.
         loop.set_exception_handler(lambda _loop, ctx: log.debug("kopf: %s", ctx.get("message")))
         task = asyncio.current_task()
         assert task is not None
@@ -499,20 +465,41 @@ class _Watch:
             self._stopper = mine
         if stop.is_set():
             return
-        up_timer = loop.call_later(WATCH_UP_AFTER, self.source._watch_up_threadsafe, self)
+        settings = kopf_settings(self.source.cfg, self.field_selector, self.gvr[2])
+        vault = _kopf_credentials.Vault()
+        _kopf_auth.vault_var.set(vault)
+        authenticator = asyncio.create_task(
+            _kopf_activities.authenticator(
+                registry=registry, settings=settings, indices={}, vault=vault,
+                memo=_kopf_ephemera.AnyMemo(_kopf_ephemera.Memo()),
+            ),
+            name=f"kopf login for {self.gvr[2]}",
+        )  # fmt: skip
+        # requests wait for credentials while the vault is empty: should the login task ever fail,
+        # the stream must fail with it (and be restarted), not wait forever
+        authenticator.add_done_callback(lambda t: t.cancelled() or t.exception() is None or task.cancel())
+        group, version, plural = self.gvr
+        resource = _kopf_references.Resource(
+            group, version, plural, kind=self.kind, namespaced=self.kind not in CLUSTER_SCOPED,
+            verbs=frozenset({"list", "watch"}),
+        )  # fmt: skip
+        post, listed = self.source._post_threadsafe, self.source._watch_up_threadsafe
+        kind = self.kind
         try:
-            # Stopped by cancelling this task: kopf then cancels its own tasks at once instead of
-            # giving them seconds to finish (nothing of ours runs in this loop).
-            await kopf.operator(
-                registry=registry,
-                settings=kopf_settings(self.source.cfg, self.field_selector, self.gvr[2]),
-                memories=EphemeralMemories(),
-                standalone=True,
-                clusterwide=self.namespace is None,
-                namespaces=[self.namespace] if self.namespace is not None else [],
-            )
+            async for event in _kopf_watching.infinite_watch(
+                settings=settings, resource=resource,
+                namespace=_kopf_references.NamespaceName(self.namespace) if self.namespace else None,
+            ):  # fmt: skip
+                if event is _kopf_watching.Bookmark.LISTED:
+                    listed(self)  # its LIST succeeded (even an empty one): the watch is up
+                elif isinstance(event, dict) and event.get("type") != "BOOKMARK":
+                    post(kind, cast(dict[str, Any], event), self)
         finally:
-            up_timer.cancel()
+            authenticator.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await authenticator
+            with contextlib.suppress(Exception):
+                await vault.close()
             if self._stopper is mine:
                 self._stopper = None
 
@@ -627,6 +614,10 @@ def node_eligible(raw: Mapping[str, Any]) -> bool:
     return not any(isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT for t in taints)
 
 
+# a watch event queued for the agent's loop: kind, event type (None: listed), object, its watch, received
+_Queued = tuple[str, "str | None", Any, "_Watch | None", float]
+
+
 class KubeSource:
     """Feeds the store from the Kubernetes API. `await run()` until cancelled (or `await stop()`).
 
@@ -681,6 +672,9 @@ class KubeSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resync_wanted = asyncio.Event()
         self._resync_reasons: set[str] = set()
+        # watch events from the watch threads, applied in the agent's loop (_drain_inbox)
+        self._inbox: collections.deque[_Queued] = collections.deque()
+        self._inbox_scheduled = False
         # One kopf operator per resource, each in its own thread (see _Watch); started after the
         # first LIST. Only the agent's own ConfigMap is watched, in its namespace, by name: what the
         # chart's Role grants. ServiceCIDRs only while our LIST can read them.
@@ -730,6 +724,7 @@ class KubeSource:
     async def run(self) -> None:
         _quiet_kopf()
         self._loop = asyncio.get_running_loop()
+        self._inbox_scheduled = False  # a drain scheduled on an earlier run's loop never comes
         info = self._connection or resolve_connection(self.cfg.kubeconfig, self.cfg.api_server)
         self._connection = info
         log.info("watching Kubernetes at %s as node %s", info.server, self.cfg.node_name)
@@ -802,11 +797,8 @@ class KubeSource:
         self._sync_service_cidr_watch()
 
     def _watch_ran(self, w: _Watch) -> None:
-        """kopf's thread: an operator run of W starts."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(self._watch_started, w)
+        """A watch thread: a run of W's stream starts."""
+        self._enqueue(("", "ran", None, w, 0.0))
 
     def _watch_started(self, w: _Watch) -> None:
         st = w.status
@@ -821,15 +813,12 @@ class KubeSource:
                 self.request_resync("kopf restarted")
 
     def _watch_down(self, w: _Watch, why: str) -> None:
-        """kopf's thread: W's operator stopped."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._set_watch, w, False, why)
+        """A watch thread: W's stream stopped (after the events it delivered: one queue keeps the order)."""
+        self._enqueue(("", "down", why, w, 0.0))
 
     def _watch_up_threadsafe(self, w: _Watch) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._set_watch, w, True, None)
+        """A watch thread: W's LIST succeeded."""
+        self._enqueue(("", "up", None, w, 0.0))
 
     def _set_watch(self, w: _Watch, up: bool, why: str | None) -> None:
         st = w.status
@@ -863,14 +852,57 @@ class KubeSource:
             self.on_watch_status(st)
 
     def _post_threadsafe(self, kind: str, event: dict[str, Any], w: _Watch | None = None) -> None:
+        """A watch thread: queue EVENT for the agent's loop."""
+        raw = event.get("object")
+        if kind == "Node" and isinstance(raw, dict):
+            raw = slim_node(raw, self.cfg.node_name)
+        self._enqueue((kind, event.get("type"), raw, w, time.monotonic()))
+
+    def _enqueue(self, item: _Queued) -> None:
+        """A watch thread: queue a watch event or a watch's status change for the agent's loop, in the
+        order they happened. The loop is woken (a write to its self-pipe, a syscall in each thread)
+        only when the queue was empty: a burst crosses in one wake-up."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            raw = event.get("object")
-            if kind == "Node" and isinstance(raw, dict):
-                raw = slim_node(raw, self.cfg.node_name)
-            if w is not None and not (w.status.up and w.status.listed_since_resync):
-                loop.call_soon_threadsafe(self._set_watch, w, True, None)
-            loop.call_soon_threadsafe(self._on_event, kind, event.get("type"), raw)
+        if loop is None or loop.is_closed():
+            return
+        self._inbox.append(item)
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:  # the loop closed meanwhile
+                self._inbox_scheduled = False
+
+    def _drain_inbox(self) -> None:
+        """The agent's loop: apply queued watch events and status changes in order, at most DRAIN_BATCH
+        per turn of the loop (a burst of thousands does not hold up the health server). Each event's
+        store change is dated when its watch thread received it (kproxy_network_programming_duration_
+        seconds). A status item: kind "", etype "ran" / "up" / "down" (raw: why)."""
+        self._inbox_scheduled = False  # before draining: an event queued from now on schedules again
+        inbox, store = self._inbox, self.store
+        try:
+            for _ in range(min(len(inbox), DRAIN_BATCH)):
+                kind, etype, raw, w, received = inbox.popleft()
+                try:
+                    if not kind:
+                        assert w is not None
+                        if etype == "ran":
+                            self._watch_started(w)
+                        elif w.running:  # not for a watch stopped meanwhile (ServiceCIDRs)
+                            self._set_watch(w, etype == "up", raw)
+                        continue
+                    # an event of a watch that is not (yet) up: it works (a stopped one delivers no more)
+                    if w is not None and not (w.status.up and w.status.listed_since_resync) and w.running:
+                        self._set_watch(w, True, None)
+                    store.change_time = received
+                    self._on_event(kind, etype, raw)
+                except Exception:  # one bad event must not cost the others
+                    log.exception("%s %s not applied", kind or "watch status", etype or "LISTED")
+        finally:
+            store.change_time = None
+        if inbox and not self._inbox_scheduled and self._loop is not None:
+            self._inbox_scheduled = True
+            self._loop.call_soon(self._drain_inbox)
 
     def _request_resync_threadsafe(self, reason: str) -> None:
         loop = self._loop
@@ -957,8 +989,8 @@ class KubeSource:
             log.warning("%s", e)
             self._count_skipped(kind, getattr(e, "reason", "invalid"))
             return True
-        if not quiet:
-            log.info("%s %s%s", _display(kind, ns, name), "updated" if existed else "added", detail)
+        if not quiet and log.isEnabledFor(logging.DEBUG):  # a line per event costs as much as the event
+            log.debug("%s %s%s", _display(kind, ns, name), "updated" if existed else "added", detail)
         return True
 
     def _apply_delete(self, key: tuple[str, str, str], rv: int | None, quiet: bool) -> None:
@@ -980,7 +1012,7 @@ class KubeSource:
         else:
             self.store.delete_slice(ns, name)
         if not quiet:
-            log.info("%s deleted", _display(kind, ns, name))
+            log.debug("%s deleted", _display(kind, ns, name))
 
     def _apply_node(self, raw: dict[str, Any], deleted: bool) -> None:
         if deleted:

@@ -76,3 +76,55 @@ def test_a_failing_watch_stops_nothing_else(mapset_factory: Any, resource: str, 
             await api.stop()
 
     run(scenario(), timeout=180)
+
+
+def test_events_and_status_cross_to_the_loop_in_order() -> None:
+    """Watch threads hand events and status changes to the agent's loop through one queue, drained in
+    batches: a stream that died with thousands of events still queued is down once they are applied
+    (not marked up again by them), every event arrives, in order, each dated by its arrival."""
+    import asyncio
+    import threading
+
+    import kopf
+
+    from kproxy.sources.kube import DRAIN_BATCH, KubeSource, KubeSourceConfig
+    from kproxy.store import ClusterStore
+
+    async def scenario() -> None:
+        store = ClusterStore()
+        src = KubeSource(
+            store, KubeSourceConfig(node_name="n1"), connection=kopf.ConnectionInfo(server="http://x")
+        )
+        src._loop = asyncio.get_running_loop()
+        w = src._watches["Service"]
+        w._thread = threading.current_thread()  # "running"
+        n = 3 * DRAIN_BATCH + 7
+
+        def watch_thread() -> None:
+            src._watch_up_threadsafe(w)
+            for i in range(n):
+                raw = service(f"s{i}", f"10.96.{i // 200}.{i % 200 + 1}")
+                raw["metadata"]["resourceVersion"] = str(i + 1)
+                src._post_threadsafe("Service", {"type": "ADDED", "object": raw}, w)
+            src._watch_down(w, "APIForbiddenError (HTTP 403): no")
+
+        t = threading.Thread(target=watch_thread)
+        t.start()
+        t.join()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(store.services) == n
+        assert not w.status.up and "403" in (w.status.error or "")
+        dirty = store.take_dirty_with_times()
+        times = [dirty[f"default/s{i}"] for i in range(n)]
+        assert times == sorted(times)  # dated by arrival, in order
+        src._watch_up_threadsafe(w)
+        await asyncio.sleep(0)
+        assert w.status.up
+        w._stop.set()  # stopped (as the ServiceCIDR watch is): what it still had queued changes nothing
+        src._watch_up_threadsafe(w)
+        await asyncio.sleep(0)
+        assert w.status.up  # unchanged: a stopped watch's late items are dropped
+        assert store.change_time is None
+
+    asyncio.run(scenario())

@@ -256,3 +256,32 @@ def test_leading_zeros_go_to_the_schema_which_reads_them_as_decimal():
     es = parse_endpoint_slice(sraw, notes=notes)
     assert [e.addresses for e in es.endpoints] == [["10.0.0.1"], ["10.0.0.2"]]
     assert parse_endpoint_slice(slice_raw(endpoints=[ep("10.0.0.1"), ep("10.0.0.2")])) == es
+
+
+def test_only_kubernetes_labels_and_annotations_are_kept() -> None:
+    """The view keeps the labels and annotations Kubernetes defines (kproxy reads some of them), not
+    kubectl's last-applied copy of the object or users' own (issue 13: memory per Service)."""
+    from kproxy.model import parse_endpoint_slice, parse_service
+
+    meta = {
+        "name": "web", "namespace": "default",
+        "labels": {"app": "web", "service.kubernetes.io/service-proxy-name": "other"},
+        "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 4000 + "}",
+                        "service.kubernetes.io/topology-mode": "Auto", "team": "a"},
+    }  # fmt: skip
+    for ports in ([{"port": 80}], [{"port": 80, "targetPort": "http"}]):  # the fast path and the schema's
+        svc = parse_service({"metadata": meta, "spec": {"clusterIP": "10.96.0.1", "ports": ports}})
+        assert svc.metadata.labels == {"service.kubernetes.io/service-proxy-name": "other"}
+        assert svc.metadata.annotations == {"service.kubernetes.io/topology-mode": "Auto"}
+    es = parse_endpoint_slice({
+        "metadata": {"name": "web-1", "namespace": "default", "labels": {
+            "kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "x", "app": "web"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-01-01T00:00:00Z"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"port": 8080}],
+    })  # fmt: skip
+    assert es.metadata.labels == {
+        "kubernetes.io/service-name": "web",
+        "endpointslice.kubernetes.io/managed-by": "x",
+    }
+    assert es.metadata.annotations == {}
+    assert es.service_key == "default/web"

@@ -665,3 +665,100 @@ def test_a_plan_that_fails_after_claiming_adopted_entries_leaves_no_slot_naming_
     for k, v in maps.svc4.items():
         if k.slot:
             assert v.backend_id in backends, f"slot {k.slot} names freed backend {v.backend_id}"
+
+
+def test_svc_id_changes_replay_to_service_ports():
+    """The agent keeps services.json from take_svc_id_changes(): replaying them must give exactly
+    service_ports() after ports come and go, Services are deleted, ids are re-used, and adopt()."""
+    import random
+
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    assert s.take_svc_id_changes() is None  # first call: take the whole table
+    mirror: dict[int, Any] = dict(s.service_ports())
+    rng = random.Random(13)
+    services: dict[str, list[Frontend]] = {}
+    for step in range(300):
+        name = f"default/svc-{rng.randrange(12)}"
+        ports = rng.sample([("http", 80, "TCP"), ("dns", 53, "UDP"), ("https", 443, "TCP")], rng.randrange(4))
+        addr = f"10.96.1.{int(name.rsplit('-', 1)[1]) + 1}"
+        fes = [fe([be(f"10.0.{step % 7}.1")], service=name, address=addr, port=p, proto=pr, port_name=pn)
+               for pn, p, pr in ports]  # fmt: skip
+        services[name] = fes
+        s.apply({name: fes})
+        if step == 150:  # a restarted agent: ids re-read from the maps, the log starts over
+            s = Syncer(maps)
+            s.adopt()
+            s.apply(services, full=True)
+        changes = s.take_svc_id_changes()
+        if changes is None:
+            mirror = dict(s.service_ports())
+            continue
+        for sid, sp in changes:
+            if sp is None:
+                mirror.pop(sid, None)
+            else:
+                mirror[sid] = sp
+        assert mirror == s.service_ports(), f"step {step}"
+
+
+def test_agent_metadata_entries_follow_service_ids(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from kproxy.agent import Agent
+    from kproxy.config import AgentConfig
+    from kproxy.observe.metadata import metadata_path, read_metadata
+
+    monkeypatch.setenv("KPROXY_STATE_ROOT", str(tmp_path / "state"))
+    agent = Agent(AgentConfig(node_name="n1", node_ips=["192.168.0.1"], bpffs=str(tmp_path / "bpffs")))
+    agent.syncer = Syncer(MemoryMapSet())
+    agent.syncer.apply(
+        {"default/web": [fe([be("10.0.0.1")]), fe([be("10.0.0.1")], port=53, proto="UDP", port_name="dns")]}
+    )
+    agent.write_metadata()
+    agent.syncer.apply(
+        {
+            "default/web": [fe([be("10.0.0.1")])],
+            "kube-system/dns": [
+                fe(
+                    [be("10.0.0.9")],
+                    service="kube-system/dns",
+                    address="10.96.0.53",
+                    port=53,
+                    proto="UDP",
+                    port_name="dns",
+                )
+            ],
+        }
+    )
+    agent.write_metadata()
+    want = {sid: {"service": svc, "port_name": port, "protocol": {6: "TCP", 17: "UDP"}[proto]}
+            for sid, (svc, port, proto) in agent.syncer.service_ports().items()}  # fmt: skip
+    assert read_metadata(agent.cfg.bpffs) == want
+    assert len(want) == 2
+    assert json.loads(metadata_path(agent.cfg.bpffs).read_text())["node"] == "n1"
+
+
+def test_endpoint_changes_without_affinity_do_not_walk_the_affinity_map():
+    """kp_aff4 is walked (every entry) only for ports with ClientIP affinity: an endpoint change of any
+    other Service, however many, leaves it alone (it cost a full walk per change before)."""
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    walks = 0
+    items = maps.aff4.items
+
+    def counting_items() -> Any:
+        nonlocal walks
+        walks += 1
+        return items()
+
+    maps.aff4.items = counting_items  # type: ignore[method-assign]
+    s.apply({"default/web": [fe([be("10.0.0.1"), be("10.0.0.2")])]})
+    s.apply({"default/web": [fe([be("10.0.0.1")])]})  # 10.0.0.2 freed
+    s.apply({"default/web": [fe([be("10.0.0.3")])]})  # 10.0.0.1 freed
+    assert walks == 0
+    s.apply({"default/aff": [fe([be("10.0.0.7"), be("10.0.0.8")], service="default/aff", address="10.96.0.11",
+                                flags=SvcFlag.AFFINITY)]})  # fmt: skip
+    s.apply({"default/aff": [fe([be("10.0.0.7")], service="default/aff", address="10.96.0.11",
+                                flags=SvcFlag.AFFINITY)]})  # fmt: skip
+    assert walks == 1

@@ -3,7 +3,6 @@ programmed values, packed EndpointSlice endpoints, kopf without per-object memor
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 from typing import Any
 
@@ -175,17 +174,3 @@ def test_uniform_node_is_stored_once_and_unusual_slices_stay_lists() -> None:
     assert type(fqdn.endpoints) is list
     empty = parse_endpoint_slice(slice_raw([]))
     assert list(empty.endpoints) == []
-
-
-def test_kopf_keeps_no_memory_per_object() -> None:
-    from kproxy.sources.kube import EphemeralMemories
-
-    memories = EphemeralMemories()
-
-    async def recall_twice() -> tuple[Any, Any]:
-        body = {"metadata": {"uid": "u-1", "name": "web", "namespace": "default"}}
-        return await memories.recall(body), await memories.recall(body, noticed_by_listing=True)
-
-    first, second = asyncio.run(recall_twice())
-    assert first is not second and second.noticed_by_listing
-    assert list(memories.iter_all_memories()) == []
