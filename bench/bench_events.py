@@ -453,6 +453,7 @@ class Bench:
         n = self.args.changes
         interval = 1.0 / self.args.rate
         latencies: list[float] = []
+        hist0 = histogram_counts(self.metrics_port)
         cpu0, t0 = self.start()
         next_at = t0
         for _ in range(n):
@@ -466,8 +467,12 @@ class Bench:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await self.quiesce()
         ms = [x * 1000 for x in latencies]
+        inside = fractions(histogram_counts(self.metrics_port), hist0)
         self.phase(
             name, n, cpu0, t0, rate_per_s=self.args.rate,
+            agent_event_to_programmed={
+                "p50": quantile_bound(inside, 0.5), "p99": quantile_bound(inside, 0.99), "fractions": inside,
+            },
             write_to_programmed_ms={"p50": round(statistics.median(ms), 2), "p90": round(pct(ms, 90), 2),
                                     "p99": round(pct(ms, 99), 2), "max": round(max(ms), 2)},
         )  # fmt: skip
@@ -535,8 +540,8 @@ class Bench:
         return self.results
 
 
-def programming_histogram(port: int) -> dict[str, float]:
-    """kproxy_network_programming_duration_seconds from /metrics: bucket -> cumulative fraction."""
+def histogram_counts(port: int) -> dict[str, float]:
+    """kproxy_network_programming_duration_seconds from /metrics: bucket -> cumulative count."""
     name = "kproxy_network_programming_duration_seconds_bucket"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -545,8 +550,28 @@ def programming_histogram(port: int) -> dict[str, float]:
         if line.startswith(name + "{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[le] = float(line.rsplit(" ", 1)[1])
-    total = buckets.get("+Inf") or 1.0
-    return {f"le {le}": round(v / total, 4) for le, v in buckets.items()}
+    return buckets
+
+
+def fractions(after: dict[str, float], before: dict[str, float] | None = None) -> dict[str, float]:
+    """Cumulative fractions of the observations between two histogram_counts."""
+    before = before or {}
+    diff = {le: v - before.get(le, 0.0) for le, v in after.items()}
+    total = diff.get("+Inf") or 1.0
+    return {f"le {le}": round(v / total, 4) for le, v in diff.items()}
+
+
+def quantile_bound(fr: dict[str, float], q: float) -> str:
+    """The smallest bucket bound holding the q quantile ("<= 1 ms")."""
+    for le, f in fr.items():
+        if f >= q:
+            bound = le.split(" ", 1)[1]
+            return "> 60 s" if bound == "+Inf" else f"<= {float(bound) * 1000:g} ms"
+    return "?"
+
+
+def programming_histogram(port: int) -> dict[str, float]:
+    return fractions(histogram_counts(port))
 
 
 def summarize(res: dict[str, Any]) -> str:
@@ -566,6 +591,9 @@ def summarize(res: dict[str, Any]) -> str:
             if lat
             else ""
         )
+        inside = p.get("agent_event_to_programmed")
+        if inside:
+            lat_s += f"; in the agent p50 {inside['p50']}, p99 {inside['p99']}"
         lines.append(
             f"  {name:11s} {p['changes']:6d} changes  {p['agent_cpu_ms_per_change']:7.3f} ms CPU/change"
             f"  {p['changes_per_s']:8.1f}/s  RSS {p['agent_rss_mb']:.0f} MB{extra}{lat_s}"

@@ -47,7 +47,8 @@ from bench.peers.model import Endpoint, NodeConfig, ServicePort
 RESULTS = nb.ROOT / "bench/results"
 PEERS = ("iptables", "nftables", "kproxy")
 CHANGED_EP = "10.244.99.99"
-SYNC_RE = re.compile(r"(?<!full )sync: \d+ services changed, \d+ map writes.* in ([\d.]+) ms")
+# the agent's own sync durations (incremental syncs), read from its /metrics in the node namespace
+SYNC_METRIC = "kproxy_sync_duration_seconds"
 MANIFEST_CHUNK = 1000  # Services per manifest file (a Service and its slice per Service)
 DIRECT_PORT = 8081  # backends' second kp-echo port, for the direct path
 
@@ -205,7 +206,7 @@ class KproxyAgent:
         probes = [rest[min(i + MANIFEST_CHUNK, len(rest)) - 1] for i in range(0, len(rest), MANIFEST_CHUNK)]
         expected = sum(1 + len(s.endpoints) for s in self.services)
         with KproxyMaps.open(self.bpffs) as maps:
-            log_at = len(self.agent_log())
+            sum0, n0 = self.sync_seconds()
             t0 = time.perf_counter()
             for path, doc in docs:
                 tmp = path.with_name(f".{path.name}.tmp")
@@ -220,15 +221,15 @@ class KproxyAgent:
             )
             load_s = time.perf_counter() - t0
             entries = len(maps.svc4)
-        # The agent logs a batch after writing it: wait for the line, and a little for later batches,
-        # so that the endpoint change that follows does not see them.
-        self._wait("the agent's sync log line", lambda: SYNC_RE.search(self.agent_log()[log_at:]), 30)
+        # The agent counts a batch after writing it: wait for the count, and a little for later
+        # batches, so that the endpoint change that follows does not see them.
+        self._wait("the agent's sync metrics", lambda: self.sync_seconds()[1] > n0, 30, 0.01)
         time.sleep(0.5)
-        ms = [float(x) for x in SYNC_RE.findall(self.agent_log()[log_at:])]
+        sum1, n1 = self.sync_seconds()
         return {
             "load_s": round(load_s, 4),
-            "load_sync_ms": round(sum(ms), 1),
-            "load_sync_batches": len(ms),
+            "load_sync_ms": round((sum1 - sum0) * 1000, 1),
+            "load_sync_batches": int(n1 - n0),
             "svc4_entries": entries,
             "svc4_entries_expected": expected,
         }
@@ -312,7 +313,7 @@ class KproxyAgent:
         svc = self.services[0]
         new = changed_endpoint(svc)
         with KproxyMaps.open(self.bpffs) as maps:
-            before = self.agent_log()
+            sum0, n0 = self.sync_seconds()
             t0 = time.perf_counter()
             write_json_atomic(self.manifests / "changing.json", to_manifests(new))
             want = {e.ip for e in new.endpoints}
@@ -320,14 +321,32 @@ class KproxyAgent:
                 "the changed endpoint in the maps", lambda: self.backends(maps, svc) == want, 30, 0.001
             )
             update_s = time.perf_counter() - t0
+            self._wait("the agent's sync metrics", lambda: self.sync_seconds()[1] > n0, 30, 0.01)
+            sum1, n1 = self.sync_seconds()
             write_json_atomic(self.manifests / "changing.json", to_manifests(svc))
             orig = {e.ip for e in svc.endpoints}
             self._wait("the original endpoints in the maps", lambda: self.backends(maps, svc) == orig, 30)
-        applied = SYNC_RE.findall(self.agent_log()[len(before) :])
         return {
             "endpoint_update_s": round(update_s, 4),
-            "endpoint_update_apply_ms": float(applied[0]) if applied else None,
+            # the syncs that carried the change (one, unless the file was read in two steps)
+            "endpoint_update_apply_ms": round((sum1 - sum0) * 1000 / max(1, n1 - n0), 3),
         }
+
+    def sync_seconds(self) -> tuple[float, float]:
+        """(sum, count) of the agent's incremental sync durations (kproxy_sync_duration_seconds)."""
+        import urllib.request
+
+        from kproxy.lab.netns import in_netns
+        from kproxy.observe.metrics import scrape_value
+
+        def fetch() -> str:
+            with urllib.request.urlopen("http://127.0.0.1:10249/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        text = in_netns(self.topo.node, fetch)
+        total = scrape_value(text, SYNC_METRIC + "_sum", {"kind": "incremental"})
+        count = scrape_value(text, SYNC_METRIC + "_count", {"kind": "incremental"})
+        return total or 0.0, count or 0.0
 
     def memory(self) -> dict[str, Any]:
         assert self.proc is not None
