@@ -220,10 +220,10 @@ def main_thread_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def proc_rss_mb(pid: int) -> float:
+def proc_rss_mb(pid: int, field: str = "VmRSS") -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -419,6 +419,7 @@ class Bench:
             "wall_s": round(wall, 2),
             "changes_per_s": round(changes / wall, 1),
             "agent_rss_mb": round(proc_rss_mb(self.agent.pid), 1),
+            "agent_peak_rss_mb": round(proc_rss_mb(self.agent.pid, "VmHWM"), 1),
             **extra,
         }
         self.results["phases"][name] = out
