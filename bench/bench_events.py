@@ -24,7 +24,8 @@ The agent's own programming histogram (watch event handed over -> maps written) 
 
 --profile DIR records the agent with py-spy (all threads, samples holding the GIL: Python code
 running) into DIR/agent.txt (collapsed stacks) and prints the top functions by own and total
-samples; --cprofile FILE runs the agent's main thread under cProfile.
+samples; --cprofile FILE runs the agent's main thread under cProfile. For memory: --smaps FILE keeps
+the agent's mappings at the end, --tracemalloc FILE a tracemalloc snapshot of what it holds then.
 Runs inside a network namespace of its own (kpe-<random>), with a private bpffs; both are gone at
 the end, also on errors and SIGTERM. Prints numbers and ratios to issue 13's references; asserts
 nothing.
@@ -40,6 +41,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -300,6 +302,10 @@ class Bench:
 
     def start_agent(self) -> None:
         prof = ["-m", "cProfile", "-o", self.args.cprofile] if self.args.cprofile else []
+        if self.args.tracemalloc:
+            Path(self.args.tracemalloc + ".done").unlink(missing_ok=True)
+            wrapper = str(Path(__file__).with_name("tracemalloc_agent.py"))
+            prof = [wrapper, self.args.tracemalloc, str(self.args.tracemalloc_frames)]
         argv = [
             sys.executable, *prof, "-m", "kproxy", "agent", "--source", "kubernetes",
             "--kubeconfig", str(self.workdir / "kubeconfig"),
@@ -523,6 +529,7 @@ class Bench:
         assert self.agent is not None
         probe = Probe(self.bpffs)
         self.results["agent_rss_mb_idle"] = round(proc_rss_mb(self.agent.pid), 1)
+        self.results["agent_rss_anon_mb_idle"] = round(proc_rss_mb(self.agent.pid, "RssAnon"), 1)
         small = min(1000, args.services)
         conn = aiohttp.TCPConnector(limit=args.writers + 2)
         async with aiohttp.ClientSession(
@@ -536,6 +543,17 @@ class Bench:
             await self.burst_phase(http, probe, "burst-10k", args.services)
             await self.churn_phase(http, probe, "churn-10k", args.services)
         self.results["agent_rss_mb_end"] = round(proc_rss_mb(self.agent.pid), 1)
+        # anonymous (the agent's data and heap) vs file-backed (interpreter, shared libraries)
+        self.results["agent_rss_anon_mb_end"] = round(proc_rss_mb(self.agent.pid, "RssAnon"), 1)
+        self.results["agent_rss_file_mb_end"] = round(proc_rss_mb(self.agent.pid, "RssFile"), 1)
+        if args.smaps:  # the agent's mappings with their resident sizes, for where RSS sits
+            shutil.copyfile(f"/proc/{self.agent.pid}/smaps", args.smaps)
+        if args.tracemalloc:
+            os.kill(self.agent.pid, signal.SIGUSR2)
+            done = Path(args.tracemalloc + ".done")
+            deadline = time.monotonic() + 300
+            while not done.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
         self.results["agent_programming_histogram"] = programming_histogram(self.metrics_port)
         probe.maps.close()
         return self.results
@@ -605,7 +623,12 @@ def summarize(res: dict[str, Any]) -> str:
     if "update-1k" in ph and "update-10k" in ph:
         a, b = ph["update-1k"]["agent_cpu_ms_per_change"], ph["update-10k"]["agent_cpu_ms_per_change"]
         lines.append(f"  CPU per endpoint change, 10k vs 1k: {b / a:.2f}x (flat = 1)")
-    lines.append(f"  agent RSS at the end: {res['agent_rss_mb_end']} MB (target < 100 MB at 10k x 10)")
+    lines.append(
+        f"  agent RSS at the end: {res['agent_rss_mb_end']} MB (target < 100 MB at 10k x 10;"
+        f" anonymous {res.get('agent_rss_anon_mb_end')} MB,"
+        f" file-backed {res.get('agent_rss_file_mb_end')} MB;"
+        f" idle {res.get('agent_rss_mb_idle')} MB, anonymous {res.get('agent_rss_anon_mb_idle')} MB)"
+    )
     return "\n".join(lines)
 
 
@@ -661,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--object", help="the agent's BPF object (default: the package's)")
     ap.add_argument("--profile", metavar="DIR", help="record the agent with py-spy into DIR")
     ap.add_argument("--cprofile", metavar="FILE", help="run the agent's main thread under cProfile into FILE")
+    ap.add_argument(
+        "--tracemalloc", metavar="FILE",
+        help="run the agent under tracemalloc and write a snapshot of what it holds at the end to FILE",
+    )  # fmt: skip
+    ap.add_argument("--tracemalloc-frames", type=int, default=1, help="frames kept per allocation traced")
+    ap.add_argument("--smaps", metavar="FILE", help="copy the agent's /proc/PID/smaps at the end to FILE")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--inside", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
