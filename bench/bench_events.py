@@ -245,7 +245,7 @@ class Probe:
     """Reads a Service's frontend in the pinned kp_svc4_v1: its backend count (None: not there)."""
 
     def __init__(self, bpffs: str) -> None:
-        from kproxy.bpf import abi
+        from kproxy import abi
         from kproxy.bpf.maps import KproxyMaps
 
         self.abi = abi

@@ -82,7 +82,7 @@ def set_mode(lab: Any, nodes: list[Any], mode: str) -> None:
 
 def kp_stats(bpffs: str) -> dict[str, int]:
     """kproxy's packet counters of one node (pinned kp_stats_v1, summed over CPUs) by lower-case name."""
-    from kproxy.bpf.abi import Stat
+    from kproxy.abi import Stat
     from kproxy.bpf.maps import KproxyMaps
 
     with KproxyMaps.open(bpffs) as maps:

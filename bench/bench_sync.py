@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.model import NodeInfo
 from kproxy.store import ClusterStore, gc_paused

@@ -283,7 +283,7 @@ class KproxyAgent:
         """Backend addresses the pinned maps hold for the ClusterIP of SVC (external scope)."""
         import ctypes
 
-        from kproxy.bpf import abi
+        from kproxy import abi
 
         def key(slot: int) -> abi.Svc4Key:
             return abi.Svc4Key(
@@ -423,12 +423,12 @@ EXT_MODES = (("snat", None), ("dsr-opt", "opt"), ("dsr-ipip", "ipip"))
 def external_support() -> str | None:
     """None when the build has what the NodePort snat/DSR speed bench needs, else the reason."""
     try:
-        from kproxy.bpf import abi
+        from kproxy import abi
         from kproxy.cli import main as cli
     except Exception as e:  # a tree in the middle of a change
         return f"kproxy does not import: {e}"
     if not hasattr(abi, "DsrMode") or not hasattr(abi, "Snat4Key"):
-        return "kproxy.bpf.abi has no DsrMode/Snat4Key (SNAT/DSR not in this build)"
+        return "kproxy.abi has no DsrMode/Snat4Key (SNAT/DSR not in this build)"
     commands = getattr(cli, "commands", {})
     if "dsr" not in commands:
         return "`kproxy dsr` is not in the CLI yet, so DSR modes cannot be switched"

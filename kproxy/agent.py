@@ -142,7 +142,7 @@ class Agent:
         """TCP frontends were deleted: their established connections continue (as kube-proxy's conntrack
         keeps them) while one could still be alive, the established TCP conntrack timeout. Until then
         kp_from_netdev looks up TCP packets that match no frontend in conntrack."""
-        from kproxy.bpf import abi
+        from kproxy import abi
 
         tcp = self.cfg.conntrack.tcp or abi.CT_TCP_TIMEOUT_DEFAULT
         self.orphan_until_ns = time.monotonic_ns() + tcp * 1_000_000_000

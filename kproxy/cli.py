@@ -143,7 +143,7 @@ def main(ctx: click.Context) -> None:
 
 # ---------------------------------------------------------------- agent
 def _parse_sizes(values: tuple[str, ...]) -> dict[str, int]:
-    from kproxy.bpf import abi
+    from kproxy import abi
 
     sizes = {}
     for v in values:
@@ -616,7 +616,7 @@ def nat(cli: Cli) -> None:
     Each row: protocol, the backend and the node address:port its replies come back to, the client
     and the frontend it connected to, state and seconds left.
     """
-    from kproxy.bpf import abi
+    from kproxy import abi
 
     if getattr(abi, "MAP_SNAT4", None) is None:
         raise CliError("SNAT map not present in this layout: this kproxy build has no SNAT")
@@ -634,7 +634,7 @@ def snat_rows(items: Any, now_ns: int | None = None) -> list[dict[str, Any]]:
     """kp_snat4_v1 entries as rows, live ones only, sorted by backend."""
     import time
 
-    from kproxy.bpf.abi import CtState, nbo_to_ip, nbo_to_port
+    from kproxy.abi import CtState, nbo_to_ip, nbo_to_port
 
     now = time.monotonic_ns() if now_ns is None else now_ns
     rows = []

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kproxy.bpf import abi
+from kproxy import abi
 
 if TYPE_CHECKING:
     from kproxy.translate import TranslateConfig

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MapOps
 
 log = logging.getLogger(__name__)

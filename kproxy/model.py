@@ -1,4 +1,4 @@
-"""Kubernetes objects kproxy reads, and the desired-state types translate produces.
+"""Kubernetes objects kproxy reads (translate's output types are in kproxy.desired).
 
 The pydantic schema (_S* classes) defines exactly what is accepted from the API server (or a
 manifest file): unknown fields are ignored, and anything kproxy relies on is validated here so that
@@ -9,9 +9,6 @@ What parse_service / parse_endpoint_slice return, and the store keeps, is a comp
 with the same attribute names (Service, EndpointSlice, ...): about a fifth of the memory. Common
 objects are read straight from the dicts by a fast path that accepts only what the schema would
 accept unchanged; everything else goes through the schema (see "the compact form" below).
-
-Frontend and BackendRef are the desired state: frozen slots dataclasses because sync creates and
-compares hundreds of thousands of them.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Literal, NamedTuple, overload
 
@@ -1186,46 +1183,3 @@ class NodeInfo:
     zone: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     host_addresses: tuple[str, ...] = ()
-
-
-# ---- desired state ----
-
-FrontendType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalIP"]
-
-
-class BackendRef(NamedTuple):
-    """One endpoint as a backend. A NamedTuple: translate makes one per endpoint per apply, and a
-    frozen dataclass costs twice as much to build."""
-
-    address: str
-    port: int
-    protocol: str  # "TCP" | "UDP"
-    node_name: str | None = None
-    local: bool = False
-    terminating: bool = False
-    zone: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Frontend:
-    """One service address as the datapath sees it: a slot-0 entry of kp_svc4 and its backend slots.
-
-    `backends` get the slots (new connections); `retained` are endpoints still listed by the
-    EndpointSlices but not eligible for new connections (terminating or not ready): their backend
-    entries stay so that flows already going to them continue. `source_ranges` (LoadBalancer
-    frontends of Services with loadBalancerSourceRanges) are the only sources new flows may come from.
-    """
-
-    service: str  # "namespace/name"
-    port_name: str
-    type: FrontendType
-    address: str
-    port: int
-    protocol: str  # "TCP" | "UDP"
-    scope: int  # kproxy.bpf.abi.Scope
-    flags: int  # kproxy.bpf.abi.SvcFlag
-    affinity_timeout: int
-    backends: tuple[BackendRef, ...]
-    retained: tuple[BackendRef, ...] = field(default=())
-    # SvcFlag.SRC_RANGES frontends: the IPv4 sources allowed, as normalised CIDRs ("10.0.0.0/8")
-    source_ranges: tuple[str, ...] = field(default=())

@@ -22,7 +22,7 @@ import logging
 import struct
 from typing import Any, Protocol
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MapFullError, MapOps
 
 log = logging.getLogger(__name__)

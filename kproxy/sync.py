@@ -38,10 +38,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MapFullError, MapOps
+from kproxy.desired import BackendRef, Frontend
 from kproxy.lbsrc import SourceRangeSync, Staged
-from kproxy.model import BackendRef, Frontend
 from kproxy.store import ClusterStore, gc_paused, trim_heap
 from kproxy.svcnet import ServiceSpaceSync
 from kproxy.translate import TranslateConfig, TranslateError, translate_service

@@ -35,14 +35,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from kproxy.bpf.abi import Scope, SvcFlag
+from kproxy.abi import Scope, SvcFlag
+from kproxy.desired import BackendRef, Frontend
 from kproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
-    BackendRef,
     EndpointSlice,
-    Frontend,
     NodeInfo,
     Service,
     ServicePort,

@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.maps import KproxyMaps, _statfs_type, is_bpffs
 

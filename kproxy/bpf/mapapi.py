@@ -2,7 +2,7 @@
 
 The real implementation is kproxy.bpf.maps.PinnedMap (pinned BPF maps through libbpf); the twin,
 MemoryMap, holds the same bytes in a dict so sync logic can be unit-tested without root. Keys and
-values are ctypes structures from kproxy.bpf.abi, or bytes packed in exactly their layout (sync packs
+values are ctypes structures from kproxy.abi, or bytes packed in exactly their layout (sync packs
 with struct for speed); implementations must only rely on bytes(key) and bytes(value).
 """
 
@@ -12,7 +12,7 @@ import ctypes
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from kproxy.bpf import abi
+from kproxy import abi
 
 K = TypeVar("K", bound=ctypes.Structure | ctypes._SimpleCData)  # type: ignore[name-defined]
 V = TypeVar("V", bound=ctypes.Structure)

@@ -2,7 +2,7 @@
 
 Writes go through the kernel's batch operations with contiguous buffers built once per chunk:
 about 5x faster than one syscall per element (DESIGN.md). Keys and values are the ctypes structures
-of kproxy.bpf.abi; sizes are checked against the kernel's map when a map is opened.
+of kproxy.abi; sizes are checked against the kernel's map when a map is opened.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.mapapi import MapFullError
 

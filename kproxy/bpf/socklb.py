@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.loader import LINKS_DIR, LoaderError, MapParamsMismatch
 from kproxy.bpf.maps import _statfs_type, is_bpffs

@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from kproxy.bpf import abi
-from kproxy.bpf.abi import BackendFlag, CtDir, CtFlag, CtState, Scope, Stat, SvcFlag, nbo_to_ip, nbo_to_port
+from kproxy import abi
+from kproxy.abi import BackendFlag, CtDir, CtFlag, CtState, Scope, Stat, SvcFlag, nbo_to_ip, nbo_to_port
 from kproxy.bpf.mapapi import MapOps
 
 PROTOCOLS = {abi.IPPROTO_TCP: "TCP", abi.IPPROTO_UDP: "UDP", abi.IPPROTO_ICMP: "ICMP"}

@@ -98,7 +98,7 @@ class _MapCollector(Collector):
         except OSError as e:
             log.debug("cannot read kp_stats_v1: %s", e)
             return
-        from kproxy.bpf.abi import Stat
+        from kproxy.abi import Stat
 
         names = {int(s): s.name.lower() for s in Stat}
         packets = CounterMetricFamily(

@@ -1,4 +1,4 @@
-"""The ctypes mirror (kproxy/bpf/abi.py) against the BTF and map definitions of the built objects.
+"""The ctypes mirror (kproxy/abi.py) against the BTF and map definitions of the built objects.
 
 The probe object (tests/abi/probe_maps.bpf.c: bpfsrc/maps.h plus every ABI type) is always checked;
 the real kproxy_tc.bpf.o too once it is built. No root needed: nothing is loaded into the kernel.
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.loader import PROGRAMS
 from kproxy.bpf.maps import MAP_LAYOUT

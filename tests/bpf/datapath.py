@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.libbpf import BpfObject, Map, TestRun, prog_test_run
 
 OBJECT = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"

@@ -44,7 +44,7 @@ from frames import (
     udp_frame,
 )
 
-from kproxy.bpf.abi import (
+from kproxy.abi import (
     Aff4Key,
     Aff4Val,
     Config,

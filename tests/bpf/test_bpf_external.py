@@ -40,7 +40,7 @@ from frames import (
     udp,
 )
 
-from kproxy.bpf.abi import (
+from kproxy.abi import (
     BackendFlag,
     Be4Val,
     Config,

@@ -15,8 +15,8 @@ import pytest
 from datapath import TC_ACT_OK, TC_ACT_SHOT, Backend, Datapath
 from frames import IPPROTO_TCP, IPPROTO_UDP, SYN_OPTIONS, TCP_ACK, TCP_SYN, parse, tcp_frame, udp_frame
 
-from kproxy.bpf import abi
-from kproxy.bpf.abi import Scope, Stat, SvcFlag, ip_to_nbo
+from kproxy import abi
+from kproxy.abi import Scope, Stat, SvcFlag, ip_to_nbo
 
 pytestmark = pytest.mark.root
 

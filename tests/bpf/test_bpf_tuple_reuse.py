@@ -13,7 +13,7 @@ import pytest
 from datapath import TC_ACT_OK, TC_ACT_SHOT, Backend, Datapath, ct_key
 from frames import IPPROTO_TCP, SYN_OPTIONS, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, tcp_frame
 
-from kproxy.bpf.abi import CtDir, CtState, Stat, ip_to_nbo
+from kproxy.abi import CtDir, CtState, Stat, ip_to_nbo
 
 pytestmark = pytest.mark.root
 

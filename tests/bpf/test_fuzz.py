@@ -48,7 +48,7 @@ from frames import (
     udp_frame,
 )
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.libbpf import _TestRunOpts, lib
 
 pytestmark = pytest.mark.root

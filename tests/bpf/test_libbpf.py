@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 
 pytestmark = pytest.mark.root

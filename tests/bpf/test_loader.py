@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.loader import Loader, LoaderError, MapParamsMismatch, parse_pin_name, pin_name
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.mapapi import MapFullError
 from kproxy.bpf.maps import KproxyMaps, MapLayoutError, MapsNotFoundError, PinnedMap

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.maps import KproxyMaps, PinnedMap
 from kproxy.bpf.socklb import (

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
 from kproxy.lab.cluster import LAN_PREFIX

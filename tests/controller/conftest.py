@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.observe.health import HealthServer, ServiceHealthServers, health_check_services
 from kproxy.observe.metrics import Metrics

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from tests.controller.apiserver import DEFAULT_TOKEN, endpoint_slice, pod_ip, service
 from tests.controller.conftest import NODE, NODE_IP, Harness, new_api, run
 from tests.controller.rbac import render_chart, settings_configmap

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMap
 from kproxy.lab import Lab
 from kproxy.observe import inspect as insp

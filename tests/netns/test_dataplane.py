@@ -151,7 +151,7 @@ def test_no_backend_udp_gets_port_unreachable(lab: Lab, program: Program) -> Non
 
 
 def rejects(lab: Lab, node: str) -> int:
-    from kproxy.bpf.abi import Stat
+    from kproxy.abi import Stat
     from kproxy.bpf.maps import KproxyMaps
 
     with KproxyMaps.open(lab.node(node).bpffs) as maps:

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.bpf.socklb import cgroup2_mounts
 from kproxy.lab import Lab

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
 from kproxy.lab import manifests as mf

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 from pydantic import ValidationError
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.config import AgentConfig, split_hostport
 
 

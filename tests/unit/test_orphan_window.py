@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from kproxy import abi
 from kproxy.agent import Agent
-from kproxy.bpf import abi
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.config import AgentConfig
 

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from unit_objects import NODE, ep, slice_raw, svc_raw
 
-from kproxy.bpf import abi
-from kproxy.bpf.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
+from kproxy import abi
+from kproxy.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
 from kproxy.bpf.mapapi import MemoryMap, MemoryMapSet
-from kproxy.model import BackendRef, Frontend, NodeInfo, parse_endpoint_slice, parse_service
+from kproxy.desired import BackendRef, Frontend
+from kproxy.model import NodeInfo, parse_endpoint_slice, parse_service
 from kproxy.store import ClusterStore
 from kproxy.sync import Syncer, sync_dirty
 from kproxy.translate import TranslateConfig, TranslateError, translate_service

@@ -6,7 +6,7 @@ import ctypes
 
 from unit_objects import NODE, svc_raw
 
-from kproxy.bpf import abi
+from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.store import ClusterStore
 from kproxy.sync import Syncer, sync_dirty

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from unit_objects import NODE, ep, slice_raw, svc_raw
 
-from kproxy.bpf import abi
-from kproxy.bpf.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
+from kproxy import abi
+from kproxy.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
 from kproxy.bpf.mapapi import MapFullError, MemoryMap, MemoryMapSet
-from kproxy.model import BackendRef, Frontend
+from kproxy.desired import BackendRef, Frontend
 from kproxy.store import ClusterStore
 from kproxy.sync import Syncer, orphaned_tcp_flows, sweep_conntrack, sync_dirty, write_config
 from kproxy.translate import TranslateConfig

@@ -8,19 +8,12 @@ from typing import Any
 
 import pytest
 
+from kproxy import abi
 from kproxy import sync as sync_mod
-from kproxy.bpf import abi
-from kproxy.bpf.abi import Scope, ip_to_nbo
+from kproxy.abi import Scope, ip_to_nbo
 from kproxy.bpf.mapapi import MemoryMapSet
-from kproxy.model import (
-    BackendRef,
-    Endpoint,
-    EndpointConditions,
-    Frontend,
-    PackedEndpoints,
-    endpoint_rows,
-    parse_endpoint_slice,
-)
+from kproxy.desired import BackendRef, Frontend
+from kproxy.model import Endpoint, EndpointConditions, PackedEndpoints, endpoint_rows, parse_endpoint_slice
 from kproxy.sync import Syncer
 
 

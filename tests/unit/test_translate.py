@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 from unit_objects import NODE, ep, es, slice_raw, svc
 
-from kproxy.bpf.abi import Scope, SvcFlag
-from kproxy.model import Frontend, NodeInfo, parse_endpoint_slice
+from kproxy.abi import Scope, SvcFlag
+from kproxy.desired import Frontend
+from kproxy.model import NodeInfo, parse_endpoint_slice
 from kproxy.translate import TranslateConfig, TranslateError, translate_service
 
 CFG = TranslateConfig()
