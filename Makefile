@@ -60,7 +60,7 @@ $(VENV)/.stamp-venv: pyproject.toml | .stamp-deps
 
 install: venv bpf
 
-test: install helm
+test: install helm lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -73,6 +73,7 @@ lint: install
 	$(VENV)/bin/ruff check kproxy tests bench
 	$(VENV)/bin/ruff format --check kproxy tests bench
 	$(VENV)/bin/mypy kproxy
+	$(VENV)/bin/lint-imports --no-cache
 
 wheel: install
 	$(PY) -m pip wheel -q --no-deps -w dist .

@@ -55,9 +55,10 @@ def pct(values: list[float], q: float) -> float:
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.pipeline import sync_dirty
     from kproxy.sources.kube import KubeSource, KubeSourceConfig
     from kproxy.store import ClusterStore
-    from kproxy.sync import Syncer, sync_dirty
+    from kproxy.sync import Syncer
     from kproxy.translate import TranslateConfig
     from tests.controller.apiserver import endpoint_slice, pod_ip
 

@@ -26,9 +26,11 @@ from typing import Any
 
 from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
+from kproxy.heap import gc_paused
 from kproxy.model import NodeInfo
-from kproxy.store import ClusterStore, gc_paused
-from kproxy.sync import Syncer, sync_dirty
+from kproxy.pipeline import sync_dirty
+from kproxy.store import ClusterStore
+from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig
 
 NODE = NodeInfo(name="node-1", addresses=("192.168.0.1",))

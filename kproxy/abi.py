@@ -396,21 +396,60 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
 
 
 # ---- address helpers: the one place that converts between text and NBO integers ----
+unpack_u32 = struct.Struct("=I").unpack
+
+
+def is_ipv4(address: str) -> bool:
+    """Whether a textual address is IPv4 (a cheap test for addresses already validated)."""
+    return "." in address and ":" not in address
+
+
 def ip_to_nbo(address: str) -> int:
     """'10.96.0.1' -> the u32 whose in-memory bytes are the address in network order."""
-    return int(struct.unpack("=I", socket.inet_aton(address))[0])
+    return int(unpack_u32(socket.inet_aton(address))[0])
 
 
 def nbo_to_ip(value: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", value))
 
 
-def port_to_nbo(port: int) -> int:
-    return socket.htons(port)
+# An alias rather than a wrapper: sync converts a port per backend (100,000s on a cold start).
+port_to_nbo = socket.htons
 
 
 def nbo_to_port(value: int) -> int:
     return socket.ntohs(value)
+
+
+def nbo_to_hbo(value: int) -> int:
+    """A u32 in network byte order (as the maps hold addresses) -> the same number in host order."""
+    return int.from_bytes(struct.pack("=I", value), "big")
+
+
+# ---- packed map entries: the one place that lays out keys and values as bytes ----
+# Keys and values are packed straight into bytes: sync writes ~200,000 of them on a cold start, and a
+# ctypes structure per entry cost more than everything else sync does. MapOps implementations take
+# anything bytes() accepts (they join the bytes into one batch buffer). Layouts equal abi.h's,
+# checked below against the ctypes mirror above.
+pack_svc4_key = struct.Struct("=IHHBBxx").pack  # addr, port, slot, proto, scope, pad[2]
+pack_svc4_val = struct.Struct("=IIHHI").pack  # backend_id, svc_id, count, flags, affinity_timeout
+pack_be4_key = pack_u32 = struct.Struct("=I").pack  # kp_be4 keys are backend ids
+pack_u16 = struct.Struct("=H").pack
+pack_be4_val = struct.Struct("=IHBBI").pack  # addr, port, proto, flags, node_addr
+pack_lbsrc4_key = struct.Struct("=III").pack  # prefixlen, svc_id, addr
+LBSRC4_VAL_ALLOW = bytes(struct.calcsize("=I"))  # kp_lbsrc4_val: flags 0
+pack_svcnet4_key = struct.Struct("=II").pack  # prefixlen, addr
+pack_svcnet4_val = struct.Struct("=I").pack  # action
+pack_svcnet_span = struct.Struct("=II").pack  # lo, hi
+SVCNET_SPAN_KEY = struct.pack("=I", 0)  # kp_svcnet_span_v1 is an array of one
+SVC4_KEY_SIZE = ctypes.sizeof(Svc4Key)
+assert struct.calcsize("=IHHBBxx") == SVC4_KEY_SIZE
+assert struct.calcsize("=IIHHI") == ctypes.sizeof(Svc4Val)
+assert struct.calcsize("=IHBBI") == ctypes.sizeof(Be4Val)
+assert struct.calcsize("=III") == ctypes.sizeof(LbSrc4Key)
+assert struct.calcsize("=I") == ctypes.sizeof(LbSrc4Val)
+assert struct.calcsize("=II") == ctypes.sizeof(Svcnet4Key) == ctypes.sizeof(SvcnetSpan)
+assert struct.calcsize("=I") == ctypes.sizeof(Svcnet4Val)
 
 
 # ---- socket-level load balancing (bpfsrc/kproxy_sock.bpf.c) ----

@@ -29,9 +29,39 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kproxy import abi
+from kproxy.bpf import teardown, upkeep
+from kproxy.bpf.libbpf import LibbpfError
+from kproxy.bpf.loader import (
+    PROG_FROM_NETDEV,
+    PROG_FROM_POD,
+    PROG_TO_NETDEV,
+    PROG_TO_POD,
+    Loader,
+    LoaderError,
+)
+from kproxy.bpf.maps import KproxyMaps
+from kproxy.bpf.netlink import follow, ipv4_addresses
+from kproxy.bpf.socklb import SocketLB, find_cgroup2
 from kproxy.config import DSR_MODES, AgentConfig, split_hostport
+from kproxy.model import NodeInfo
+from kproxy.observe import metadata
+from kproxy.observe.health import HealthServer, ServiceHealthServers, health_check_services
+from kproxy.observe.metrics import Metrics
+from kproxy.pipeline import sync_dirty
+from kproxy.sources.files import FileSource
+from kproxy.sources.nodes import follow_local_node
+from kproxy.store import ClusterStore
+from kproxy.sync import ApplyReport, Syncer
+
+if TYPE_CHECKING:
+    # kproxy.sources.kube is imported when the agent starts its Kubernetes source (make_kube_source):
+    # kopf costs the file source (the lab, the benchmarks) ~0.25 s at start for nothing.
+    import kopf
+
+    from kproxy.sources.kube import KubeSource, WatchStatus
 
 log = logging.getLogger("kproxy.agent")
 
@@ -87,21 +117,21 @@ def detect_netdevs(node_ips: Iterable[str], pod_globs: Iterable[str]) -> list[st
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, *, connection: Any = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, connection: kopf.ConnectionInfo | None = None) -> None:
         self.cfg = cfg
         self.connection = connection  # explicit Kubernetes credentials (tests)
-        self.loader: Any = None
-        self.maps: Any = None
-        self.socklb: Any = None
+        self.loader: Loader | None = None
+        self.maps: KproxyMaps | None = None
+        self.socklb: SocketLB | None = None
         self.forwarding_off: list[str] = []  # netdevs with IPv4 forwarding off, as last checked
         self.socket_lb_cgroup: str | None = None  # the cgroup socket LB is (to be) attached to
         self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
-        self.store: Any = None
-        self.syncer: Any = None
-        self.source: Any = None
-        self.health: Any = None
-        self.service_health: Any = None
-        self.metrics: Any = None
+        self.store: ClusterStore | None = None
+        self.syncer: Syncer | None = None
+        self.source: KubeSource | FileSource | None = None
+        self.health: HealthServer | None = None
+        self.service_health: ServiceHealthServers | None = None
+        self.metrics: Metrics | None = None
         self.netdevs: list[str] = list(cfg.netdevs)
         self.dsr_mode: str = cfg.dsr_mode
         self.stop = asyncio.Event()
@@ -124,26 +154,24 @@ class Agent:
 
     # ---- data plane set-up ----
     def write_config(self) -> None:
-        from kproxy.sync import write_config
-
         cfg = self.cfg
         t = cfg.conntrack
+        maps = self.maps
+        assert maps is not None, "write_config before setup_dataplane"
         # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
-        write_config(
-            self.maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
+        upkeep.write_config(
+            maps, self.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
         )  # fmt: skip
         # a predecessor's window (write_config keeps the later one) is this agent's to keep open
-        self.orphan_until_ns = self.maps.read_config().orphan_until_ns
+        self.orphan_until_ns = maps.read_config().orphan_until_ns
 
     def frontends_removed(self) -> None:
         """TCP frontends were deleted: their established connections continue (as kube-proxy's conntrack
         keeps them) while one could still be alive, the established TCP conntrack timeout. Until then
         kp_from_netdev looks up TCP packets that match no frontend in conntrack."""
-        from kproxy import abi
-
         tcp = self.cfg.conntrack.tcp or abi.CT_TCP_TIMEOUT_DEFAULT
         self.orphan_until_ns = time.monotonic_ns() + tcp * 1_000_000_000
         self.write_config()
@@ -192,17 +220,14 @@ class Agent:
         return off
 
     def setup_dataplane(self) -> None:
-        from kproxy.bpf.libbpf import LibbpfError
-        from kproxy.bpf.loader import PROG_FROM_NETDEV, PROG_TO_NETDEV, Loader, LoaderError
-
         cfg = self.cfg
-        self.loader = Loader(cfg.bpffs, cfg.object_path, cfg.map_sizes)
+        loader = self.loader = Loader(cfg.bpffs, cfg.object_path, cfg.map_sizes)
         try:
-            self.loader.load()
-            self.maps = self.loader.open_maps()
+            loader.load()
+            self.maps = loader.open_maps()
         except (LoaderError, LibbpfError, FileNotFoundError) as e:
             raise AgentError(f"cannot load the BPF object into {cfg.bpffs}: {e}") from e
-        for pin in self.loader.reconcile():
+        for pin in loader.reconcile():
             log.info("removed stale link %s", pin)
         if not self.netdevs:
             self.netdevs = detect_netdevs(cfg.node_ips, cfg.pod_ifaces)
@@ -218,8 +243,8 @@ class Agent:
         self.check_forwarding()
         for dev in self.netdevs:
             try:
-                self.loader.attach(dev, "ingress", PROG_FROM_NETDEV)
-                self.loader.attach(dev, "egress", PROG_TO_NETDEV)
+                loader.attach(dev, "ingress", PROG_FROM_NETDEV)
+                loader.attach(dev, "egress", PROG_TO_NETDEV)
             except (LoaderError, LibbpfError, OSError) as e:
                 raise AgentError(f"cannot attach to netdev {dev}: {e}") from e
             log.info("attached %s/%s to netdev %s", PROG_FROM_NETDEV, PROG_TO_NETDEV, dev)
@@ -230,10 +255,6 @@ class Agent:
         """Attach socket load balancing to CGROUP, or to the cgroup2 mount below it (hybrid cgroup
         hosts). When that fails the agent runs without it: an error in the log, the metric
         kproxy_socket_lb_attached 0 and `kproxy status` say so; pod traffic is not affected."""
-        from kproxy.bpf.libbpf import LibbpfError
-        from kproxy.bpf.loader import LoaderError
-        from kproxy.bpf.socklb import SocketLB, find_cgroup2
-
         found = find_cgroup2(cgroup)
         if found != os.path.realpath(cgroup):
             log.info("%s is not a cgroup v2 directory: using the cgroup2 mount below it, %s", cgroup, found)
@@ -262,7 +283,7 @@ class Agent:
         dataplane goes with the agent, unless --keep-dataplane-on-uninstall. Anything unclear (no
         --daemonset, the API server not answering) keeps it: a frozen dataplane is better than none."""
         ref = self.cfg.daemonset
-        if not ref or not hasattr(self.source, "daemonset_gone"):
+        if not ref or self.source is None or not hasattr(self.source, "daemonset_gone"):
             return False
         gone = await self.source.daemonset_gone(ref)
         if gone is None:
@@ -282,10 +303,8 @@ class Agent:
         return True
 
     def remove_dataplane(self) -> None:
-        from kproxy.bpf.teardown import remove_dataplane
-
         try:
-            detached = remove_dataplane(self.cfg.bpffs, self.loader)
+            detached = teardown.remove_dataplane(self.cfg.bpffs, self.loader)
         except OSError as e:
             log.error("removing the dataplane from %s failed: %s; run `kproxy cleanup`", self.cfg.bpffs, e)
             return
@@ -309,21 +328,18 @@ class Agent:
         }
 
     def write_status(self) -> None:
-        from kproxy.observe.metadata import write_status
-
         try:
-            write_status(self.cfg.bpffs, self.status())
+            metadata.write_status(self.cfg.bpffs, self.status())
         except OSError as e:
             log.warning("cannot write the agent status file: %s", e)
 
     def attach_pod(self, ifname: str) -> None:
-        from kproxy.bpf.loader import PROG_FROM_POD, PROG_TO_POD
-
         t0 = time.monotonic()
         try:
             # No accept_local: replies whose restored source is this node's address (NodePort) or that
             # belong to flows from outside are forwarded by kp_from_pod itself (FIB lookup + redirect),
             # so the kernel's input path never sees a local source arriving on a pod veth.
+            assert self.loader is not None, "pods are followed after setup_dataplane"
             self.loader.attach(ifname, "ingress", PROG_FROM_POD)
             self.loader.attach(ifname, "egress", PROG_TO_POD)
         except Exception as e:  # the interface may vanish between the event and the attach
@@ -335,6 +351,7 @@ class Agent:
     def detach_pod(self, ifname: str) -> None:
         self.attached_pods.discard(ifname)
         try:
+            assert self.loader is not None, "pods are followed after setup_dataplane"
             self.loader.detach(ifname)
         except Exception as e:
             log.warning("cannot remove the link pins of %s: %s", ifname, e)
@@ -358,8 +375,6 @@ class Agent:
 
     # ---- tasks ----
     async def follow_pods(self) -> None:
-        from kproxy.bpf.netlink import follow
-
         async for ev in follow(self.cfg.pod_ifaces, self.stop):
             if ev.kind == "added":
                 self.attach_pod(ev.ifname)
@@ -367,20 +382,19 @@ class Agent:
                 self.detach_pod(ev.ifname)
 
     async def sync_loop(self) -> None:
-        from kproxy.sync import Syncer, sync_dirty
-
-        store = self.store
+        store, maps = self.store, self.maps
+        assert store is not None and maps is not None, "sync_loop runs after setup_dataplane (see run)"
         tcfg = self.cfg.translate_config()
-        self.syncer = Syncer(self.maps)
+        syncer = self.syncer = Syncer(maps)
         while not store.initial_sync_done:
             store.event.clear()
             if store.initial_sync_done:
                 break
             await store.event.wait()
         t0 = time.monotonic()
-        self.syncer.adopt()
+        syncer.adopt()
         store.event.clear()
-        report = sync_dirty(store, self.syncer, tcfg, full=True)
+        report = sync_dirty(store, syncer, tcfg, full=True)
         await self.after_apply(report, t0, full=True)
         self.synced.set()
         while True:
@@ -392,14 +406,14 @@ class Agent:
             store.event.clear()
             if not store.dirty_count:
                 # the service address space alone (a ServiceCIDR object) needs no Service translated
-                if store.service_cidrs_version != self.syncer.svcnet.cidrs_version:
-                    self.syncer.svcnet.sync(store)
+                if store.service_cidrs_version != syncer.svcnet.cidrs_version:
+                    syncer.svcnet.sync(store)
                 continue
             t0 = time.monotonic()
-            report = sync_dirty(store, self.syncer, tcfg)
+            report = sync_dirty(store, syncer, tcfg)
             await self.after_apply(report, t0)
 
-    async def after_apply(self, report: Any, t0: float, full: bool = False) -> None:
+    async def after_apply(self, report: ApplyReport, t0: float, full: bool = False) -> None:
         ms = (time.monotonic() - t0) * 1000
         if report.tcp_frontends_removed:
             self.frontends_removed()
@@ -421,9 +435,7 @@ class Agent:
             # Services that cannot be programmed (a conflict, a full map) are logged and counted; the
             # proxy itself is working, so they do not fail /healthz (and restart the agent for nothing).
             self.health.update(True)
-        if self.service_health is not None:
-            from kproxy.observe.health import health_check_services
-
+        if self.service_health is not None and self.store is not None:
             await self.service_health.sync(health_check_services(self.store))
 
     def metadata_changed(self, at_once: bool = False) -> None:
@@ -433,6 +445,7 @@ class Agent:
         wait for the file)."""
         if self._metadata_timer is not None and not at_once:
             return  # a write is due
+        assert self.syncer is not None, "ids change only once sync_loop made the syncer"
         if self.syncer.svc_ids_version == self._metadata_version and not at_once:
             return
         wait = self._metadata_written + METADATA_INTERVAL - time.monotonic()
@@ -445,34 +458,35 @@ class Agent:
             self._metadata_timer = asyncio.get_running_loop().call_later(wait, self.write_metadata)
 
     def write_metadata(self) -> None:
-        from kproxy.observe.metadata import write_metadata_entries
-
         if self._metadata_timer is not None:
             self._metadata_timer.cancel()
             self._metadata_timer = None
+        assert self.syncer is not None, "ids change only once sync_loop made the syncer"
         self._metadata_version = self.syncer.svc_ids_version
         self._metadata_written = time.monotonic()
 
         try:
-            write_metadata_entries(self.cfg.bpffs, self.cfg.node_name, self.service_metadata().values())
+            metadata.write_metadata_entries(
+                self.cfg.bpffs, self.cfg.node_name, self.service_metadata().values()
+            )
         except OSError as e:
             log.warning("cannot write the service names for the CLI: %s", e)
 
     def service_metadata(self) -> dict[int, str]:
         """svc_id -> its services.json entry, JSON-encoded; kept up to date from the syncer's id changes
         (a write joins the strings: no per-Service work for the Services that did not change)."""
-        from kproxy.observe.metadata import metadata_entry
-
-        changes = self.syncer.take_svc_id_changes()
+        syncer = self.syncer
+        assert syncer is not None, "ids change only once sync_loop made the syncer"
+        changes = syncer.take_svc_id_changes()
         entries = self._metadata_entries
         if changes is None:
             entries.clear()
-            changes = list(self.syncer.service_ports().items())
+            changes = list(syncer.service_ports().items())
         for sid, sp in changes:
             if sp is None:
                 entries.pop(sid, None)
             else:
-                entries[sid] = metadata_entry(sid, *sp)
+                entries[sid] = metadata.metadata_entry(sid, *sp)
         return entries
 
     async def read_host_addresses(self) -> None:
@@ -481,25 +495,23 @@ class Agent:
         thread: pyroute2 runs an event loop of its own."""
         if not self.cfg.nodeport_addresses:
             return
-        from kproxy.bpf.netlink import ipv4_addresses
-
         try:
             addrs = await asyncio.to_thread(ipv4_addresses)
         except OSError as e:
             log.warning("cannot read this node's addresses for --nodeport-addresses: %s", e)
             return
+        assert self.store is not None, "the store is made before the addresses are read (see run)"
         if self.store.set_host_addresses(addrs):
             log.info("node addresses: %s", ", ".join(sorted(addrs)) or "none")
 
     def keep_orphan_window(self) -> None:
         """Connections of deleted TCP frontends live as long as they send (their conntrack entries are
         refreshed): as the window closes, it stays open while any of them is alive."""
-        from kproxy.sync import orphaned_tcp_flows
-
         left = self.orphan_until_ns - time.monotonic_ns()
         if not self.orphan_until_ns or left > 2 * self.cfg.sweep_interval * 1e9 or self.syncer is None:
             return
-        alive = orphaned_tcp_flows(self.maps.ct4, set(self.syncer.service_ports()))
+        assert self.maps is not None, "the syncer is made from the maps"
+        alive = upkeep.orphaned_tcp_flows(self.maps.ct4, set(self.syncer.service_ports()))
         if alive:
             log.info("%d connections of deleted Service ports still live: kept translating them", alive)
             self.frontends_removed()
@@ -507,16 +519,16 @@ class Agent:
             self.orphan_until_ns = 0
 
     async def sweep_loop(self) -> None:
-        from kproxy.sync import sweep_conntrack, sweep_snat
-
+        maps = self.maps
+        assert maps is not None, "sweep_loop runs after setup_dataplane (see run)"
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             await self.read_host_addresses()
             self.check_forwarding()
             try:
-                n = sweep_conntrack(self.maps.ct4)
-                snat4 = getattr(self.maps, "snat4", None)
-                ns = sweep_snat(snat4) if snat4 is not None else 0
+                n = upkeep.sweep_conntrack(maps.ct4)
+                snat4 = getattr(maps, "snat4", None)
+                ns = upkeep.sweep_snat(snat4) if snat4 is not None else 0
                 self.keep_orphan_window()
             except OSError as e:
                 log.warning("conntrack sweep failed: %s", e)
@@ -531,25 +543,24 @@ class Agent:
             return
         await self.make_kube_source().run()
 
-    def make_file_source(self, source_dir: str) -> Any:
-        from kproxy.sources import files
-        from kproxy.sources.nodes import follow_local_node
-
+    def make_file_source(self, source_dir: str) -> FileSource:
+        assert self.store is not None, "the sources run after the store is made (see run)"
         # The file source also reads Node manifests into the store's node table; this node's manifest,
         # if there is one, decides /healthz's nodeEligible (deletionTimestamp, autoscaler taint).
         if self.health is not None:
             follow_local_node(self.store, self.cfg.node_name, self.health.set_node_eligible)
-        self.source = files.FileSource(source_dir, self.store)
+        self.source = FileSource(source_dir, self.store)
         return self.source
 
-    def make_kube_source(self) -> Any:
-        try:
+    def make_kube_source(self) -> KubeSource:
+        try:  # deferred: kopf, only for --source kubernetes (see the TYPE_CHECKING import above)
             from kproxy.sources.kube import KubeSource, KubeSourceConfig
         except ImportError as e:
             raise AgentError(
                 f"--source kubernetes is not available: {e}; install kproxy with its Kubernetes "
                 "dependencies (kopf, aiohttp) or use --source file:DIR"
             ) from e
+        assert self.store is not None, "the sources run after the store is made (see run)"
         kcfg = KubeSourceConfig(
             node_name=self.cfg.node_name,
             kubeconfig=self.cfg.kubeconfig,
@@ -572,15 +583,13 @@ class Agent:
         )
         return self.source
 
-    def watch_status_changed(self, _status: Any) -> None:
+    def watch_status_changed(self, _status: WatchStatus) -> None:
         """A watch went up or down: /readyz fails while one the Service view needs is down."""
-        if self.health is not None and self.source is not None:
+        if self.health is not None and self.source is not None and not isinstance(self.source, FileSource):
             self.health.set_stale_watches(self.source.stale_watches())
 
     async def start_servers(self) -> None:
-        from kproxy.observe.health import HealthServer, ServiceHealthServers
-        from kproxy.observe.metrics import Metrics
-
+        assert self.store is not None, "the servers start after the store is made (see run)"
         host, port = split_hostport(self.cfg.health_bind)
         self.health = HealthServer(host, port)
         self.store.add_listener(self.health.queued)
@@ -618,9 +627,6 @@ class Agent:
 
     # ---- main ----
     async def run(self) -> None:
-        from kproxy.model import NodeInfo
-        from kproxy.store import ClusterStore
-
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)

@@ -1,26 +1,37 @@
-"""Agent settings, validated once at start-up: `kproxy agent` maps its flags onto AgentConfig.
+"""Agent settings, validated once at start-up, and every default the agent and the CLI share.
 
-This is the one configuration object of the agent. Map sizes are keyed by pinned map name (the
-chart's --map-size NAME=N); an absent name keeps the size compiled into the BPF object. Conntrack
-timeouts are seconds, 0 meaning the datapath default (what kp_cfg_v1 takes).
+This is the one configuration object of the agent, and the one declaration of `kproxy agent`'s flags:
+kproxy.cli.agent makes an option of every field (name, type, default, help from its description; Flag
+says the rest), so a new field is a new flag. Defaults live here once (DEFAULT_*: the bpffs directory,
+the settings ConfigMap the chart creates, the bind addresses); the chart's and the CLI's must match them.
+
+Map sizes are keyed by pinned map name (the chart's --map-size NAME=N); an absent name keeps the size
+compiled into the BPF object. Conntrack timeouts are seconds, 0 meaning the datapath default (what
+kp_cfg_v1 takes).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Literal
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kproxy import abi
+from kproxy.bpf import BPFFS_ROOT, DEFAULT_BPFFS
 
 if TYPE_CHECKING:
     from kproxy.translate import TranslateConfig
 
-DEFAULT_BPFFS = "/sys/fs/bpf/kproxy"
 DEFAULT_POD_IFACES = ("lxc*",)
 DEFAULT_NAMESPACE = "kube-system"
-DEFAULT_CONFIGMAP = "kproxy-config"
+DEFAULT_CONFIGMAP = "kproxy-config"  # what the chart creates: kproxy.configMapName, "<release>-config"
+DEFAULT_SETTINGS_CONFIGMAP = f"{DEFAULT_NAMESPACE}/{DEFAULT_CONFIGMAP}"
+DEFAULT_METRICS_BIND = "127.0.0.1:10249"  # kube-proxy's
+DEFAULT_HEALTH_BIND = "0.0.0.0:10256"  # kube-proxy's
 MAP_SIZE_MIN = 16
 MAP_SIZE_MAX = 1 << 26
 
@@ -35,15 +46,46 @@ DsrModeName = Literal["off", "opt", "ipip"]
 DSR_MODES: dict[str, abi.DsrMode] = {"off": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
 
 
+# ---- `kproxy agent` flags: declared here, on the fields, and built into click options by kproxy.cli.agent
+@dataclass(frozen=True)
+class Flag:
+    """How a field of AgentConfig is a `kproxy agent` option, beyond what the field says itself.
+
+    kproxy.cli.agent makes one click option per field: its name `--field-name`, its type from the
+    annotation (a Literal is a choice, a list a repeatable comma-separated option, a bool an on/off
+    flag, ge/le bounds a range), its default from the field's, its help from Field(description=...).
+    The default is shown unless it is empty, 0, False or None.
+    """
+
+    name: str | None = None  # the option; absent: --field-name (for a nested model: its fields' prefix)
+    metavar: str | None = None
+    envvar: str | None = None
+    show_default: bool | str | None = None  # None: shown when the default is not empty
+    default: Any = None  # the option's default when not the field's (a callable: computed at parse time)
+    min: float | None = None  # the option's lower bound when not the field's ge
+    file: bool = False  # the path of an existing file
+    # The option's value (or, with parts, the parts' values in order) -> config entries; a ValueError is
+    # a usage error. Absent: {field: value}, a list's values split at commas.
+    into: Callable[..., dict[str, Any]] | None = None
+    parts: tuple[Flag, ...] = ()  # one value made of several options
+    help: str | None = None  # for parts (a field's help is its description)
+    skip: bool = False  # no option: set by another field's (see into)
+
+
+SECONDS = Flag(metavar="SECONDS")
+
+
 class ConntrackTimeouts(BaseModel):
     """Seconds; written to kp_cfg_v1. 0 = the datapath's default (abi.CT_*_TIMEOUT_DEFAULT)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    syn: int = Field(default=0, ge=0)
-    tcp: int = Field(default=0, ge=0)
-    fin: int = Field(default=0, ge=0)
-    udp: int = Field(default=0, ge=0)
+    syn: Annotated[int, SECONDS] = Field(
+        default=0, ge=0, description="TCP before a reply; 0: the datapath default (60)."
+    )
+    tcp: Annotated[int, SECONDS] = Field(default=0, ge=0, description="Established TCP; 0: default (21600).")
+    fin: Annotated[int, SECONDS] = Field(default=0, ge=0, description="TCP after FIN/RST; 0: default (10).")
+    udp: Annotated[int, SECONDS] = Field(default=0, ge=0, description="UDP; 0: default (60).")
 
 
 def _check_hostport(value: str, what: str) -> str:
@@ -62,42 +104,188 @@ def split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def split_list(values: Iterable[str]) -> list[str]:
+    """Repeated options, each possibly comma-separated, as one list (`--node-ip a,b --node-ip c`)."""
+    return [x.strip() for v in values for x in v.split(",") if x.strip()]
+
+
+def parse_map_sizes(values: Iterable[str]) -> dict[str, int]:
+    """--map-size NAME=N values as {pinned map name: entries}."""
+    sizes = {}
+    for v in values:
+        name, sep, n = v.partition("=")
+        if not sep or not n.isdigit() or int(n) <= 0:
+            raise ValueError(f"{v!r}: expected NAME=N with N > 0, e.g. {abi.MAP_CT4}=524288")
+        if name not in abi.ALL_MAPS:
+            raise ValueError(f"{name!r} is not a kproxy map; one of {', '.join(abi.ALL_MAPS)}")
+        sizes[name] = int(n)
+    return sizes
+
+
+def parse_snat_port_range(value: str) -> dict[str, Any]:
+    """--snat-port-range MIN-MAX as the config's snat_port_min and snat_port_max."""
+    lo, sep, hi = value.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"--snat-port-range {value!r} must be MIN-MAX, e.g. 1024-29999")
+    return {"snat_port_min": int(lo), "snat_port_max": int(hi)}
+
+
+def configmap_ref(namespace: str, name: str) -> dict[str, Any]:
+    return {"settings_configmap": f"{namespace}/{name}"}
+
+
+def _host_name() -> str:
+    return os.uname().nodename
+
+
+# --namespace and --configmap: where the agent's ConfigMap is (`kproxy agent`, and `kproxy dsr` too).
+NAMESPACE_FLAG = Flag(
+    "--namespace", envvar="KPROXY_NAMESPACE", metavar="NS", default=DEFAULT_NAMESPACE,
+    help="Namespace of the agent ConfigMap.",
+)  # fmt: skip
+CONFIGMAP_FLAG = Flag(
+    "--configmap", envvar="KPROXY_CONFIGMAP", metavar="NAME", default=DEFAULT_CONFIGMAP,
+    help="Name of the agent ConfigMap holding runtime settings (key dsr-mode).",
+)  # fmt: skip
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LibbpfLogLevel = Literal["debug", "info", "warning"]
+
+
 class AgentConfig(BaseModel):
+    """The agent's settings; each field is a `kproxy agent` option (see Flag), in this order."""
+
     model_config = ConfigDict(extra="forbid")
 
-    node_name: str = Field(min_length=1)
-    node_ips: list[str] = Field(default_factory=list)
-    netdevs: list[str] = Field(default_factory=list)  # empty: autodetect
-    pod_ifaces: list[str] = Field(default_factory=lambda: list(DEFAULT_POD_IFACES))
-    bpffs: str = DEFAULT_BPFFS
-    source: str = "kubernetes"
-    nodeport_addresses: list[str] = Field(default_factory=list)
-    service_cidrs: list[str] = Field(default_factory=list)
-    external_cluster_ip: bool = True
-    map_sizes: dict[str, int] = Field(default_factory=dict)
-    conntrack: ConntrackTimeouts = Field(default_factory=ConntrackTimeouts)
-    metrics_bind: str = "127.0.0.1:10249"
-    health_bind: str = "0.0.0.0:10256"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    dsr_mode: DsrModeName = "off"
-    socket_lb_cgroup: str | None = None
+    source: Annotated[str, Flag(metavar="kubernetes|file:DIR")] = Field(
+        default="kubernetes",
+        description="Where Services and EndpointSlices come from: the API server (kubernetes), or file:DIR, "
+        "YAML/JSON manifests in DIR followed live.",
+    )
+    node_name: Annotated[str, Flag(metavar="NAME", default=_host_name, show_default="host name")] = Field(
+        min_length=1, description="This node's name, as in EndpointSlice nodeName (marks local backends)."
+    )
+    node_ips: Annotated[list[str], Flag("--node-ip", metavar="IP[,IP]")] = Field(
+        default_factory=list,
+        description="This node's addresses (one IPv4 at least): NodePort frontends listen on them. Required.",
+    )
+    netdevs: Annotated[list[str], Flag("--netdev", metavar="IF[,IF]")] = Field(
+        default_factory=list,  # empty: autodetect
+        description="External interfaces where NodePort/LoadBalancer/externalIP traffic enters. Absent: the "
+        "interfaces with a default route or the node IP, minus loopback and pod interfaces.",
+    )
+    pod_ifaces: Annotated[list[str], Flag(metavar="GLOB[,GLOB]")] = Field(
+        default_factory=lambda: list(DEFAULT_POD_IFACES),
+        description="Host-side pod interfaces, followed live as they come and go.",
+    )
+    bpffs: Annotated[str, Flag(envvar="KPROXY_BPFFS", metavar="DIR")] = Field(
+        default=DEFAULT_BPFFS,
+        description=f"Directory on a bpf filesystem for the pinned maps and links; created if missing. Under "
+        f"{BPFFS_ROOT} (the default), a bpf filesystem is first mounted at {BPFFS_ROOT} when none is.",
+    )
+    map_sizes: Annotated[
+        dict[str, int], Flag("--map-size", metavar="NAME=N", into=lambda v: {"map_sizes": parse_map_sizes(v)})
+    ] = Field(
+        default_factory=dict,
+        description="Capacity of a map at first load, by pinned name, e.g. kp_ct4_v1=524288 (repeatable; "
+        "must match existing pins).",
+    )
+    conntrack: Annotated[ConntrackTimeouts, Flag("--ct-timeout-")] = Field(default_factory=ConntrackTimeouts)
+    sweep_interval: Annotated[float, Flag("--ct-sweep-interval", metavar="SECONDS", min=0.1)] = Field(
+        default=5.0, gt=0, description="Seconds between sweeps of expired conntrack entries."
+    )
+    log_level: LogLevel = "info"
+    libbpf_log_level: LibbpfLogLevel = Field(
+        default="warning",
+        description="Verbosity of libbpf's own messages (logger kproxy.libbpf), apart from --log-level: its "
+        "debug output is about a thousand lines per program load.",
+    )
+    k8s_api_server: Annotated[str | None, Flag(metavar="URL")] = Field(
+        default=None, description="API server to use instead of the in-cluster address."
+    )
+    kubeconfig: Annotated[str | None, Flag(metavar="PATH")] = Field(
+        default=None, description="kubeconfig file (default: in-cluster service account)."
+    )
+    # "namespace/name" of the agent ConfigMap with runtime settings; None: none is watched
+    settings_configmap: Annotated[
+        str | None, Flag(parts=(NAMESPACE_FLAG, CONFIGMAP_FLAG), into=configmap_ref)
+    ] = DEFAULT_SETTINGS_CONFIGMAP
+    nodeport_addresses: Annotated[list[str], Flag(metavar="CIDR[,CIDR]")] = Field(
+        default_factory=list,
+        description="Only node addresses in these CIDRs accept NodePort traffic (default: all node "
+        "addresses).",
+    )
+    service_cidrs: Annotated[list[str], Flag("--service-cidr", metavar="CIDR[,CIDR]")] = Field(
+        default_factory=list,
+        description="The cluster's service CIDRs (the API server's --service-cluster-ip-range), added to "
+        "those of ServiceCIDR objects: packets to addresses no Service has there are dropped, as kube-proxy "
+        "does.",
+    )
+    external_cluster_ip: bool = Field(
+        default=True,
+        description="Serve ClusterIPs to clients outside the node whose packets are routed to it (a service "
+        "CIDR advertised by BGP, a static route), as kube-proxy does; off: such packets are dropped.",
+    )
+    metrics_bind: Annotated[str, Flag("--metrics-bind-address", metavar="ADDR:PORT")] = Field(
+        default=DEFAULT_METRICS_BIND, description="Where /metrics (Prometheus) is served."
+    )
+    health_bind: Annotated[str, Flag("--health-bind-address", metavar="ADDR:PORT")] = Field(
+        default=DEFAULT_HEALTH_BIND, description="Where /healthz and /livez are served."
+    )
+    dsr_mode: DsrModeName = Field(
+        default="off",
+        description="Initial DSR mode, written to kp_cfg_v1; with --source kubernetes the agent then follows "
+        "the ConfigMap key dsr-mode.",
+    )
+    socket_lb_cgroup: Annotated[str | None, Flag(metavar="PATH")] = Field(
+        default=None,
+        description="cgroup v2 directory (never a hierarchy root) whose processes get socket-level load "
+        "balancing; absent: off.",
+    )
     # Production opt-in: attach the socket programs to the root of a cgroup2 hierarchy (every process
     # of the node), as Cilium does; refused without it (tests on a shared machine use a child cgroup).
-    socket_lb_allow_root_cgroup: bool = False
-    snat_port_min: int = Field(default=SNAT_PORT_RANGE_DEFAULT[0], ge=1, le=65535)
-    snat_port_max: int = Field(default=SNAT_PORT_RANGE_DEFAULT[1], ge=1, le=65535)
-    lan_mtu: int = Field(default=0, ge=0, le=65535)  # 0: the MTU of the first netdev
-    hairpin_address: str | None = None  # None: the datapath default 169.254.42.1
-    k8s_api_server: str | None = None
-    kubeconfig: str | None = None
-    settings_configmap: str | None = f"{DEFAULT_NAMESPACE}/{DEFAULT_CONFIGMAP}"  # "namespace/name"
-    sweep_interval: float = Field(default=5.0, gt=0)
-    object_path: str | None = None
+    socket_lb_allow_root_cgroup: bool = Field(
+        default=False,
+        description="Allow --socket-lb-cgroup to be the root of a cgroup2 hierarchy: every process of the "
+        "node gets socket-level load balancing (what a cluster install wants; refused without this flag).",
+    )
     # "namespace/name" of the DaemonSet that runs this agent: when it is gone (or being deleted) as the
     # agent gets SIGTERM, the install is being removed and the agent removes its dataplane; on an
     # ordinary restart or upgrade (the DaemonSet still there) everything stays and keeps serving.
-    daemonset: str | None = None
-    keep_dataplane_on_uninstall: bool = False  # migrations: leave the programs serving the last state
+    daemonset: Annotated[str | None, Flag(envvar="KPROXY_DAEMONSET", metavar="NAMESPACE/NAME")] = Field(
+        default=None,
+        description="The DaemonSet running this agent (the chart sets it). On SIGTERM the agent asks the API "
+        "server for it: gone or being deleted means an uninstall, and the agent removes its programs and "
+        "pins; there means a restart or upgrade, and the dataplane keeps serving. Absent: always kept.",
+    )
+    keep_dataplane_on_uninstall: bool = Field(  # migrations: leave the programs serving the last state
+        default=False,
+        description="Even when --daemonset is gone, leave the programs and pins serving the last state (to "
+        "migrate to another install without a gap); `kproxy cleanup` removes them later.",
+    )
+    snat_port_min: Annotated[
+        int,
+        Flag(
+            "--snat-port-range", metavar="MIN-MAX", into=parse_snat_port_range,
+            default=f"{SNAT_PORT_RANGE_DEFAULT[0]}-{SNAT_PORT_RANGE_DEFAULT[1]}",
+        ),
+    ] = Field(
+        default=SNAT_PORT_RANGE_DEFAULT[0], ge=1, le=65535,
+        description="Source ports for SNAT of external traffic to remote backends; keep it clear of the "
+        "NodePort range and of net.ipv4.ip_local_port_range.",
+    )  # fmt: skip
+    snat_port_max: Annotated[int, Flag(skip=True)] = Field(default=SNAT_PORT_RANGE_DEFAULT[1], ge=1, le=65535)
+    lan_mtu: Annotated[int, Flag(metavar="BYTES")] = Field(
+        default=0, ge=0, le=65535,  # 0: the MTU of the first netdev
+        description="MTU between nodes, for the DSR IPIP MSS clamp; 0: the MTU of the first netdev.",
+    )  # fmt: skip
+    hairpin_address: Annotated[str | None, Flag(metavar="IPv4")] = Field(
+        default=None,  # None: the datapath default 169.254.42.1
+        description="Source address of a pod's packets balanced back to itself (default 169.254.42.1).",
+    )
+    object_path: Annotated[str | None, Flag("--object", file=True)] = Field(
+        default=None, description="BPF object to load instead of the packaged one (upgrades are atomic)."
+    )
 
     @field_validator("node_ips")
     @classmethod
@@ -198,6 +386,8 @@ class AgentConfig(BaseModel):
         return DSR_MODES[self.dsr_mode]
 
     def translate_config(self) -> TranslateConfig:
+        # Deferred: the pure core (kproxy.translate, kproxy.model) is the agent's; the CLI reads this
+        # module for its defaults and option declarations only.
         from kproxy.translate import TranslateConfig
 
         return TranslateConfig.from_cidrs(self.nodeport_addresses)

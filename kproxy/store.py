@@ -1,8 +1,9 @@
 """The cluster view: parsed Services and EndpointSlices (kproxy.model's compact form), this node, and
 which Services are dirty.
 
-Sources (files, Kubernetes) call the upsert/delete methods; they only update the view and mark
-Services dirty, then wake the sync task, which takes the dirty set and re-translates just those.
+Sources (files, Kubernetes) call the upsert/delete methods of SourceSink, the one contract both write
+through; they only update the view and mark Services dirty, then wake the sync task, which takes the
+dirty set and re-translates just those (kproxy.pipeline).
 
 Malformed input: an object that fails validation is logged (one line naming the object, its origin
 and the problem), counted in `skipped` by kind and reason, and ignored. If an earlier valid version
@@ -18,66 +19,40 @@ by kind and reason, and logged once per version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
+from kproxy.heap import gc_paused
 from kproxy.model import EndpointSlice, ModelError, NodeInfo, Service, parse_endpoint_slice, parse_service
 from kproxy.translate import skip_reason
 
 log = logging.getLogger(__name__)
 
-FREEZE_AFTER = 50_000  # objects allocated in one paused batch beyond which its survivors are frozen
 
+class SourceSink(Protocol):
+    """What a source writes into the cluster view: the one contract of kproxy.sources.kube and
+    kproxy.sources.files. ClusterStore implements it."""
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while a batch allocates hundreds of thousands of short-lived objects.
+    change_time: float | None  # monotonic time the change being applied was received (None: now)
+    skipped: Counter[tuple[str, str]]  # (kind, reason) -> objects skipped as invalid
+    initial_sync_done: bool
 
-    With a large cluster view in memory every generation-2 pass walks all of it; during a cold sync
-    that tripled the time. Nothing built here forms reference cycles.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            if gc.get_count()[0] > FREEZE_AFTER:
-                # What a big batch kept (the view, the programmed state) is long-lived: move it out of
-                # the collector's generations (gc.freeze is O(1)) so no later pass walks it again. The
-                # first collection after a cold load otherwise took ~0.4 s. Garbage with cycles made
-                # during the batch would stay; nothing here makes cycles.
-                gc.freeze()
-            gc.enable()
-
-
-_malloc_trim: Any = None
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere).
-
-    glibc keeps what a burst freed (the cold sync's plans, kopf's listing of every object) as RSS
-    unless its free chunks happen to sit at the top of the heap. The trim takes a few milliseconds
-    with a big heap: call it after such bursts only.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-            _malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    def upsert_service(self, raw: Any, origin: str | None = None) -> bool: ...
+    def delete_service(self, namespace: str, name: str) -> bool: ...
+    def upsert_slice(self, raw: Any, origin: str | None = None) -> bool: ...
+    def delete_slice(self, namespace: str, name: str) -> bool: ...
+    def set_node(self, node: NodeInfo) -> None: ...
+    def upsert_node(self, raw: Any, origin: str | None = None) -> bool: ...
+    def delete_node(self, name: str) -> bool: ...
+    def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> None: ...
+    def upsert_service_cidr(self, raw: Any, origin: str | None = None) -> str | None: ...
+    def delete_service_cidrs(self, owner: str) -> None: ...
+    def mark_initial_sync_done(self) -> None: ...
 
 
 class ClusterStore:
@@ -342,8 +317,6 @@ class ClusterStore:
 
     def upsert_node(self, raw: Any, origin: str | None = None) -> bool:
         """A Node object from a source: record its IPv4 InternalIP (False if it had no name)."""
-        from kproxy.sources.nodes import node_address
-
         try:
             name, addr = node_address(raw if isinstance(raw, dict) else {})
         except ValueError as e:
@@ -468,3 +441,18 @@ def parse_key(raw: Any) -> str:
     if not isinstance(meta, dict):
         return ""
     return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+
+
+def node_address(raw: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(name, first IPv4 InternalIP or None) of a raw Node object."""
+    meta = raw.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError("Node without metadata.name")
+    status = raw.get("status") or {}
+    for a in (status.get("addresses") or []) if isinstance(status, Mapping) else []:
+        if isinstance(a, Mapping) and a.get("type") == "InternalIP":
+            addr = a.get("address")
+            if isinstance(addr, str) and "." in addr and ":" not in addr:
+                return name, addr
+    return name, None

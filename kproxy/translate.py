@@ -41,10 +41,12 @@ from kproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
+    EndpointConditions,
     EndpointSlice,
     NodeInfo,
     Service,
     ServicePort,
+    ServiceSpec,
     endpoint_rows,
 )
 
@@ -144,6 +146,19 @@ def lb_source_ranges(
     return tuple(str(n) for n in sorted(nets))
 
 
+def is_ready(c: EndpointConditions) -> bool:
+    """kube-proxy's IsReady (endpointslicecache): ready unless the ready condition is false. Unset means
+    ready (an EndpointSlice controller that does not set it), and terminating does not count: the
+    controller sets ready false on a terminating endpoint, and kube-proxy reads only ready."""
+    return c.ready is None or c.ready
+
+
+def is_local(node_name: str | None, this_node: str) -> bool:
+    """kube-proxy's IsLocal: the endpoint's nodeName is this node. An endpoint without one is never
+    local (this node cannot know it is its own)."""
+    return node_name is not None and node_name == this_node
+
+
 class _Ep(NamedTuple):
     ref: BackendRef
     ready: bool
@@ -175,7 +190,7 @@ def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: Node
         protocol = sp.protocol
         # the API says addresses are fungible; kube-proxy uses the first
         for address, c, node_name, zone, ep_hints in endpoint_rows(es.endpoints):
-            ready = c.ready is None or c.ready
+            ready = is_ready(c)
             key = (address, port)
             old = by_addr.get(key)
             if old is not None and (old.ready or not ready):
@@ -188,7 +203,7 @@ def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: Node
                     node_hints = frozenset(n.name for n in ep_hints.for_nodes)
             terminating = bool(c.terminating)
             ref = _new_ref((
-                address, port, protocol, node_name, node_name is not None and node_name == node_name_here,
+                address, port, protocol, node_name, is_local(node_name, node_name_here),
                 terminating, zone,
             ))  # fmt: skip
             serving = c.serving is None or c.serving
@@ -261,67 +276,101 @@ def _categorize(
     return cluster, local, has_any
 
 
+def local_ready_endpoints(svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo) -> int:
+    """What the Service's healthCheckNodePort reports as localEndpoints: kube-proxy's LocalReadyEndpoints,
+    the distinct addresses of the ready (is_ready) endpoints on this node (is_local), of any Service port.
+    The endpoints are those translate_service programs (IPv4 slices not labelled headless, matching a
+    port, first address, de-duplicated alike). Terminating-but-serving local endpoints do not count,
+    though they get traffic when nothing is ready: kube-proxy wants the health check to fail then, so
+    load balancers move new connections to other nodes."""
+    slice_list = sorted(slices, key=lambda s: s.metadata.name)
+    addresses: set[str] = set()
+    for sp in svc.spec.ports:
+        for ep in _endpoints_for_port(sp, slice_list, node):
+            if ep.ready and ep.ref.local:
+                addresses.add(ep.ref.address)
+    return len(addresses)
+
+
+def health_check_node_port(svc: Service) -> int | None:
+    """The healthCheckNodePort to serve for this Service, or None: NodePort and LoadBalancer Services
+    with externalTrafficPolicy Local have one (kube-proxy's ExternalPolicyLocal)."""
+    spec = svc.spec
+    if spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
+        return None
+    if spec.type not in ("NodePort", "LoadBalancer"):
+        return None
+    return spec.health_check_node_port
+
+
 def _sorted(refs: list[BackendRef]) -> tuple[BackendRef, ...]:
     return tuple(refs)  # already in address order: filtered from _endpoints_for_port's sorted list
 
 
-def translate_service(
-    svc: Service,
-    slices: Iterable[EndpointSlice],
-    node: NodeInfo,
-    cfg: TranslateConfig,
-    skipped: Counter[str] | None = None,
-) -> list[Frontend]:
-    """The frontends of one Service on this node. `skipped` (if given) counts what was left out, by reason.
+class _Plan(NamedTuple):
+    """What translate_service works out once per Service, for every port."""
 
-    Raises TranslateError for a Service that cannot be programmed at all.
-    """
-    if skipped is None:
-        skipped = Counter()
-    reason = skip_reason(svc)
-    if reason is not None:
-        skipped[reason] += 1
-        return []
-    key = svc.key
-    spec = svc.spec
-    slice_list = list(slices)
-    if len(slice_list) > 1:
-        slice_list.sort(key=lambda s: s.metadata.name)
+    key: str
+    spec: ServiceSpec
+    cluster_v4: list[str]
+    external_ips: list[str]
+    lb_ips: list[str]
+    lb_ranges: tuple[str, ...]
+    src_ranges: int  # SvcFlag.SRC_RANGES or 0
+    node_addrs: list[str]
+    affinity_flag: int
+    affinity_timeout: int
+    itp_local: bool
+    etp_local: bool
+    uses_cluster: bool
+    uses_local: bool
+
+
+def _count_slices_left_out(slice_list: list[EndpointSlice], skipped: Counter[str]) -> None:
     for es in slice_list:
         if HEADLESS_LABEL in es.metadata.labels:
             skipped["endpointslice_headless"] += 1
         elif es.address_type != "IPv4":
             skipped[f"endpointslice_{es.address_type.lower()}"] += 1
 
-    cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
-    cluster_v4 = []
-    for ip in cluster_ips:
+
+def _v4_only(ips: Iterable[str], skipped: Counter[str]) -> list[str]:
+    out = []
+    for ip in ips:
         if _is_v4(ip):
-            cluster_v4.append(ip)
+            out.append(ip)
         elif ip:
             skipped["ipv6_address"] += 1
-    external_ips = []
-    for ip in spec.external_ips:
-        if _is_v4(ip):
-            external_ips.append(ip)
+    return out
+
+
+def _lb_ips(svc: Service, skipped: Counter[str]) -> list[str]:
+    lb_ips: list[str] = []
+    for ing in svc.status.load_balancer.ingress:
+        if not ing.ip:
+            continue
+        if ing.ip_mode == "Proxy":
+            # KEP-1860: the load balancer proxies (PROXY protocol, TLS...); traffic to its IP goes
+            # to it, also from pods and nodes of the cluster, as kube-proxy leaves it alone
+            skipped["lb_ip_mode_proxy"] += 1
+            continue
+        if _is_v4(ing.ip):
+            lb_ips.append(ing.ip)
         else:
             skipped["ipv6_address"] += 1
+    return lb_ips
+
+
+def _plan(svc: Service, node: NodeInfo, cfg: TranslateConfig, skipped: Counter[str]) -> _Plan:
+    spec = svc.spec
+    cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
+    cluster_v4 = _v4_only(cluster_ips, skipped)
+    external_ips = _v4_only(spec.external_ips, skipped)
     lb_ips: list[str] = []
     src_ranges = 0
     lb_ranges: tuple[str, ...] = ()
     if spec.type == "LoadBalancer":
-        for ing in svc.status.load_balancer.ingress:
-            if not ing.ip:
-                continue
-            if ing.ip_mode == "Proxy":
-                # KEP-1860: the load balancer proxies (PROXY protocol, TLS...); traffic to its IP goes
-                # to it, also from pods and nodes of the cluster, as kube-proxy leaves it alone
-                skipped["lb_ip_mode_proxy"] += 1
-                continue
-            if _is_v4(ing.ip):
-                lb_ips.append(ing.ip)
-            else:
-                skipped["ipv6_address"] += 1
+        lb_ips = _lb_ips(svc, skipped)
         if spec.load_balancer_source_ranges and lb_ips:
             lb_ranges = lb_source_ranges(svc, lb_ips, node, skipped)
             src_ranges = SvcFlag.SRC_RANGES if lb_ranges else 0
@@ -342,80 +391,116 @@ def translate_service(
     # kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints
     uses_cluster = not itp_local or externally_accessible
     uses_local = itp_local or etp_local
+    return _Plan(
+        svc.key, spec, cluster_v4, external_ips, lb_ips, lb_ranges, src_ranges, node_addrs,
+        affinity_flag, affinity_timeout, itp_local, etp_local, uses_cluster, uses_local,
+    )  # fmt: skip
+
+
+def translate_service(
+    svc: Service,
+    slices: Iterable[EndpointSlice],
+    node: NodeInfo,
+    cfg: TranslateConfig,
+    skipped: Counter[str] | None = None,
+) -> list[Frontend]:
+    """The frontends of one Service on this node. `skipped` (if given) counts what was left out, by reason.
+
+    Raises TranslateError for a Service that cannot be programmed at all.
+    """
+    if skipped is None:
+        skipped = Counter()
+    reason = skip_reason(svc)
+    if reason is not None:
+        skipped[reason] += 1
+        return []
+    slice_list = list(slices)
+    if len(slice_list) > 1:
+        slice_list.sort(key=lambda s: s.metadata.name)
+    _count_slices_left_out(slice_list, skipped)
+    plan = _plan(svc, node, cfg, skipped)
 
     out: list[Frontend] = []
     seen: set[tuple[str, int, str, int]] = set()
-
-    def emit(fe: Frontend) -> None:
-        k = (fe.address, fe.port, fe.protocol, fe.scope)
-        if k in seen:
-            skipped["duplicate_frontend"] += 1
-            return
-        seen.add(k)
-        out.append(fe)
-
-    for sp in spec.ports:
+    for sp in plan.spec.ports:
         if sp.protocol == "SCTP":
             skipped["sctp_port"] += 1
             continue
-        eps = _endpoints_for_port(sp, slice_list, node)
-        cluster, local, has_any = _categorize(svc, eps, node, uses_cluster, uses_local)
-        internal = local if itp_local else cluster
-        external = local if etp_local else cluster
-        if max(len(internal), len(external), len(cluster)) > MAX_BACKENDS_PER_FRONTEND:
-            raise TranslateError(
-                key,
-                "too_many_backends",
-                f"port {sp.name or sp.port} has more than {MAX_BACKENDS_PER_FRONTEND} usable endpoints",
+        for fe in _port_frontends(plan, svc, sp, _endpoints_for_port(sp, slice_list, node), node, skipped):
+            k = (fe.address, fe.port, fe.protocol, fe.scope)
+            if k in seen:
+                skipped["duplicate_frontend"] += 1
+                continue
+            seen.add(k)
+            out.append(fe)
+    return out
+
+
+def _port_frontends(
+    plan: _Plan, svc: Service, sp: ServicePort, eps: list[_Ep], node: NodeInfo, skipped: Counter[str]
+) -> list[Frontend]:
+    """The frontends of one Service port, in order: ClusterIPs, then each external address (EXT scope,
+    then INT with externalTrafficPolicy Local)."""
+    key, spec, etp_local, itp_local = plan.key, plan.spec, plan.etp_local, plan.itp_local
+    affinity_flag, affinity_timeout = plan.affinity_flag, plan.affinity_timeout
+    cluster, local, has_any = _categorize(svc, eps, node, plan.uses_cluster, plan.uses_local)
+    internal = local if itp_local else cluster
+    external = local if etp_local else cluster
+    if max(len(internal), len(external), len(cluster)) > MAX_BACKENDS_PER_FRONTEND:
+        raise TranslateError(
+            key,
+            "too_many_backends",
+            f"port {sp.name or sp.port} has more than {MAX_BACKENDS_PER_FRONTEND} usable endpoints",
+        )
+    if not itp_local and not etp_local and len(cluster) == len(eps):
+        retained: tuple[BackendRef, ...] = ()  # every endpoint is active (the common case)
+    else:
+        active = {(r.address, r.port) for r in internal}
+        active.update((r.address, r.port) for r in external)
+        if etp_local:
+            active.update((r.address, r.port) for r in cluster)
+        retained = _sorted([e.ref for e in eps if (e.ref.address, e.ref.port) not in active])
+    internal_t = _sorted(internal)
+    external_t = _sorted(external)
+    cluster_t = _sorted(cluster) if etp_local else external_t
+
+    out: list[Frontend] = []
+    int_flags = affinity_flag | (SvcFlag.ITP_LOCAL if itp_local else 0)
+    if itp_local and not internal and has_any:
+        int_flags |= SvcFlag.NO_LOCAL_DROP
+    for ip in plan.cluster_v4:
+        out.append(
+            Frontend(
+                key, sp.name, "ClusterIP", ip, sp.port, sp.protocol, _EXT,
+                int(int_flags), affinity_timeout, internal_t, retained,
             )
-        if not itp_local and not etp_local and len(cluster) == len(eps):
-            retained: tuple[BackendRef, ...] = ()  # every endpoint is active (the common case)
-        else:
-            active = {(r.address, r.port) for r in internal}
-            active.update((r.address, r.port) for r in external)
-            if etp_local:
-                active.update((r.address, r.port) for r in cluster)
-            retained = _sorted([e.ref for e in eps if (e.ref.address, e.ref.port) not in active])
-        internal_t = _sorted(internal)
-        external_t = _sorted(external)
-        cluster_t = _sorted(cluster) if etp_local else external_t
+        )  # fmt: skip
 
-        int_flags = affinity_flag | (SvcFlag.ITP_LOCAL if itp_local else 0)
-        if itp_local and not internal and has_any:
-            int_flags |= SvcFlag.NO_LOCAL_DROP
-        for ip in cluster_v4:
-            emit(
+    ext_base = affinity_flag | (SvcFlag.ETP_LOCAL | SvcFlag.TWO_SCOPES if etp_local else 0)
+    ext_drop = SvcFlag.NO_LOCAL_DROP if etp_local and not external and has_any else 0
+    externals: list[tuple[str, int, str, int]] = []
+    if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
+        externals += [("NodePort", SvcFlag.NODEPORT, ip, sp.node_port) for ip in plan.node_addrs]
+    elif spec.type == "NodePort" or (
+        spec.type == "LoadBalancer" and spec.allocate_load_balancer_node_ports is not False
+    ):
+        skipped["nodeport_unallocated"] += 1
+    externals += [("LoadBalancer", SvcFlag.LOADBALANCER | plan.src_ranges, ip, sp.port) for ip in plan.lb_ips]
+    externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in plan.external_ips]
+    for ftype, type_flag, address, port in externals:
+        flags = int(ext_base | type_flag)
+        ranges = plan.lb_ranges if ftype == "LoadBalancer" else ()
+        out.append(
+            Frontend(
+                key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]
+                int(flags | ext_drop), affinity_timeout, external_t, retained, ranges,
+            )
+        )  # fmt: skip
+        if etp_local:
+            out.append(
                 Frontend(
-                    key, sp.name, "ClusterIP", ip, sp.port, sp.protocol, _EXT,
-                    int(int_flags), affinity_timeout, internal_t, retained,
+                    key, sp.name, ftype, address, port, sp.protocol, _INT,  # type: ignore[arg-type]
+                    flags, affinity_timeout, cluster_t, retained, ranges,
                 )
             )  # fmt: skip
-
-        ext_base = affinity_flag | (SvcFlag.ETP_LOCAL | SvcFlag.TWO_SCOPES if etp_local else 0)
-        ext_drop = SvcFlag.NO_LOCAL_DROP if etp_local and not external and has_any else 0
-        externals: list[tuple[str, int, str, int]] = []
-        if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
-            externals += [("NodePort", SvcFlag.NODEPORT, ip, sp.node_port) for ip in node_addrs]
-        elif spec.type == "NodePort" or (
-            spec.type == "LoadBalancer" and spec.allocate_load_balancer_node_ports is not False
-        ):
-            skipped["nodeport_unallocated"] += 1
-        externals += [("LoadBalancer", SvcFlag.LOADBALANCER | src_ranges, ip, sp.port) for ip in lb_ips]
-        externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in external_ips]
-        for ftype, type_flag, address, port in externals:
-            flags = int(ext_base | type_flag)
-            ranges = lb_ranges if ftype == "LoadBalancer" else ()
-            emit(
-                Frontend(
-                    key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]
-                    int(flags | ext_drop), affinity_timeout, external_t, retained, ranges,
-                )
-            )  # fmt: skip
-            if etp_local:
-                emit(
-                    Frontend(
-                        key, sp.name, ftype, address, port, sp.protocol, _INT,  # type: ignore[arg-type]
-                        flags, affinity_timeout, cluster_t, retained, ranges,
-                    )
-                )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kproxy import abi
+from kproxy.bpf import BPFFS_ROOT
 from kproxy.bpf import libbpf as lb
 from kproxy.bpf.maps import KproxyMaps, _statfs_type, is_bpffs
 
@@ -105,7 +106,6 @@ def _check_direction(direction: str) -> Direction:
 
 
 # ---- the agent's bpffs directory on a fresh host ----
-BPFFS_ROOT = "/sys/fs/bpf"  # where the kernel provides an empty directory for a bpf filesystem
 PIN_DIR_MODE = 0o700
 BPFFS_MOUNT_OPTIONS = "mode=0700"  # as systemd mounts it
 SYSFS_MAGIC = 0x62656572

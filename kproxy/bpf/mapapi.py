@@ -3,7 +3,8 @@
 The real implementation is kproxy.bpf.maps.PinnedMap (pinned BPF maps through libbpf); the twin,
 MemoryMap, holds the same bytes in a dict so sync logic can be unit-tested without root. Keys and
 values are ctypes structures from kproxy.abi, or bytes packed in exactly their layout (sync packs
-with struct for speed); implementations must only rely on bytes(key) and bytes(value).
+with kproxy.abi's struct packers for speed); implementations must only rely on bytes(key) and
+bytes(value).
 """
 
 from __future__ import annotations

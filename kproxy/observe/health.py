@@ -34,6 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kproxy.translate import health_check_node_port, local_ready_endpoints
+
 log = logging.getLogger("kproxy.observe.health")
 
 DEFAULT_HEALTH_TIMEOUT = 60.0
@@ -352,27 +354,18 @@ async def serve_forever(server: HealthServer) -> None:
 
 
 def health_check_services(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
-    """{(namespace, name): (healthCheckNodePort, local ready endpoints)} for the store's Services
-    with externalTrafficPolicy Local, as kube-proxy counts them (distinct ready addresses on this node).
-    """
-    node = getattr(store.node, "name", "")
+    """{(namespace, name): (healthCheckNodePort, local ready endpoints)} for the store's Services that
+    have a healthCheckNodePort; translate decides which do and counts the endpoints, as kube-proxy does
+    (translate.health_check_node_port, translate.local_ready_endpoints)."""
     result: dict[tuple[str, str], tuple[int, int]] = {}
     keys = getattr(store, "health_check_keys", None)  # the store's index: not every Service
     for key in sorted(keys) if keys is not None else list(store.services):
         svc = store.services.get(key)
         if svc is None:
             continue
-        spec = svc.spec
-        if spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
+        port = health_check_node_port(svc)
+        if port is None:
             continue
-        if spec.type not in ("NodePort", "LoadBalancer"):
-            continue
-        local: set[str] = set()
-        for es in store.slices_of(key):
-            for ep in es.endpoints:
-                ready = ep.conditions.ready is not False and not ep.conditions.terminating
-                if ready and ep.node_name == node:
-                    local.update(ep.addresses)
         ns, name = key.split("/", 1)
-        result[(ns, name)] = (spec.health_check_node_port, len(local))
+        result[(ns, name)] = (port, local_ready_endpoints(svc, store.slices_of(key), store.node))
     return result

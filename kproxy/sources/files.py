@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from kproxy.store import ClusterStore, gc_paused, parse_key
+from kproxy.heap import gc_paused
+from kproxy.store import SourceSink, parse_key
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class FileSource:
     def __init__(
         self,
         directory: str,
-        store: ClusterStore,
+        store: SourceSink,
         interval: float = POLL_INTERVAL,
         safety_interval: float = SAFETY_POLL_INTERVAL,
         use_inotify: bool = True,
@@ -320,9 +321,7 @@ class FileSource:
         del self._owner[key]
         kind, nsname = key
         if kind == "Node":
-            delete_node = getattr(self.store, "delete_node", None)
-            if delete_node is not None:
-                delete_node(nsname)
+            self.store.delete_node(nsname)
             return
         if kind == "ServiceCIDR":
             self.store.delete_service_cidrs(f"ServiceCIDR/{nsname}")

@@ -56,8 +56,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 import aiohttp
@@ -73,13 +72,14 @@ from kopf._cogs.structs import ephemera as _kopf_ephemera
 from kopf._cogs.structs import references as _kopf_references
 from kopf._core.engines import activities as _kopf_activities
 
-from kproxy.model import NodeInfo
-from kproxy.store import trim_heap
+from kproxy.config import DEFAULT_NAMESPACE, DEFAULT_SETTINGS_CONFIGMAP
+from kproxy.heap import trim_heap
+from kproxy.model import ZONE_LABEL, NodeInfo
+from kproxy.store import SourceSink
 
 log = logging.getLogger("kproxy.sources.kube")
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 NODES = ("", "v1", "nodes")
@@ -93,23 +93,6 @@ CLUSTER_SCOPED = frozenset({"Node", "ServiceCIDR"})
 WATCH_ERROR_BACKOFFS = (0.5, 1, 2, 3)
 # watch events applied per turn of the agent's loop
 DRAIN_BATCH = 512
-
-
-class Store(Protocol):
-    """What KubeSource needs from kproxy.store.ClusterStore."""
-
-    def upsert_service(self, raw: dict[str, Any], origin: str | None = None) -> Any: ...
-    def delete_service(self, namespace: str, name: str) -> Any: ...
-    def upsert_slice(self, raw: dict[str, Any], origin: str | None = None) -> Any: ...
-    def delete_slice(self, namespace: str, name: str) -> Any: ...
-    def set_node(self, node: NodeInfo) -> Any: ...
-    def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> Any: ...
-    def delete_service_cidrs(self, owner: str) -> Any: ...
-    def mark_initial_sync_done(self) -> Any: ...
-
-    change_time: float | None  # monotonic time the change being applied was received (None: now)
-
-    skipped: Counter[tuple[str, str]]  # (kind, reason) -> objects skipped as invalid
 
 
 class SourceMetrics(Protocol):
@@ -133,7 +116,7 @@ class KubeSourceConfig:
     node_name: str
     kubeconfig: str | None = None
     api_server: str | None = None
-    settings_configmap: str | None = "kube-system/kproxy-config"  # the chart's (kproxy.config's too)
+    settings_configmap: str | None = DEFAULT_SETTINGS_CONFIGMAP  # the chart's
     # "namespace/name" of the agent's own DaemonSet, watched by name: its deletion means an uninstall
     daemonset: str | None = None
     resync_interval: float = 300.0
@@ -291,12 +274,13 @@ def _from_kubeconfig(paths: str) -> kopf.ConnectionInfo:
     )
 
 
-def _http_session(info: kopf.ConnectionInfo) -> aiohttp.ClientSession:
+def http_session(info: kopf.ConnectionInfo, user_agent: str = "kproxy") -> aiohttp.ClientSession:
+    """An aiohttp session with INFO's credentials (the source's calls, and the CLI's: `kproxy dsr`)."""
     headers = dict(info.as_http_headers())
     if info.username and info.password and "Authorization" not in headers:
         raw = f"{info.username}:{info.password}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
-    headers["User-Agent"] = "kproxy"
+    headers["User-Agent"] = user_agent
     ssl_context = info.as_ssl_context() if info.server.startswith("https") else None
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context or False), headers=headers)
 
@@ -621,9 +605,8 @@ _Queued = tuple[str, "str | None", Any, "_Watch | None", float]
 class KubeSource:
     """Feeds the store from the Kubernetes API. `await run()` until cancelled (or `await stop()`).
 
-    store: the ClusterStore (upsert_service/delete_service/upsert_slice/delete_slice/set_node/
-        set_service_cidrs/delete_service_cidrs/mark_initial_sync_done), only ever called from the loop
-        that runs `run()`.
+    store: the ClusterStore, written through kproxy.store.SourceSink (the contract the file source
+        uses too), only ever called from the loop that runs `run()`.
     config: a KubeSourceConfig or an agent config with the same attribute names.
     on_settings: called with the settings ConfigMap's `data` (an empty dict when it is deleted)
         whenever it changes, e.g. {"dsr-mode": "ipip"}.
@@ -640,7 +623,7 @@ class KubeSource:
 
     def __init__(
         self,
-        store: Store,
+        store: SourceSink,
         config: Any,
         *,
         on_settings: Callable[[dict[str, str]], None] | None = None,
@@ -661,7 +644,7 @@ class KubeSource:
         cm = self.cfg.settings_configmap
         self._cm_ns, _, self._cm_name = cm.partition("/") if cm else ("", "", "")
         if cm and not self._cm_name:
-            self._cm_ns, self._cm_name = "kube-system", cm
+            self._cm_ns, self._cm_name = DEFAULT_NAMESPACE, cm
         # resourceVersion last applied per (kind, namespace, name); None for opaque versions.
         self._seen: dict[tuple[str, str, str], int | None] = {}
         # Deletions seen by the watch, so that an older LIST page cannot resurrect the object.
@@ -729,7 +712,7 @@ class KubeSource:
         self._connection = info
         log.info("watching Kubernetes at %s as node %s", info.server, self.cfg.node_name)
         try:
-            async with _http_session(info) as session:
+            async with http_session(info) as session:
                 await self._resync_loop(session, info)
         finally:
             for w in self._watches.values():
@@ -750,7 +733,7 @@ class KubeSource:
         url = f"{info.server.rstrip('/')}/apis/apps/v1/namespaces/{ns}/daemonsets/{name}"
         try:
             async with (
-                _http_session(info) as session,
+                http_session(info) as session,
                 session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp,
             ):
                 if resp.status == 404:
@@ -971,7 +954,7 @@ class KubeSource:
             if kind == "Service":
                 self.store.upsert_service(raw, origin="kubernetes")
             elif kind == "Node":
-                self.store.upsert_node(raw, origin="kubernetes")  # type: ignore[attr-defined]
+                self.store.upsert_node(raw, origin="kubernetes")
             elif kind == "ServiceCIDR":
                 cidrs = service_cidrs_of(raw, name)
                 try:
@@ -1006,7 +989,7 @@ class KubeSource:
         if kind == "Service":
             self.store.delete_service(ns, name)
         elif kind == "Node":
-            self.store.delete_node(name)  # type: ignore[attr-defined]
+            self.store.delete_node(name)
         elif kind == "ServiceCIDR":
             self.store.delete_service_cidrs(service_cidr_owner(name))
         else:

@@ -2,9 +2,9 @@
 
 Every backend entry carries the address of the node running it (kp_be4_val.node_addr: the outer
 destination of DSR IPIP). EndpointSlice endpoints name their node (nodeName); this table maps the
-name to an address. Both sources hand raw Node objects to ClusterStore.upsert_node(), which reads
-them with node_address(): the Kubernetes source from a watch on all Nodes, the file source from
-`kind: Node` manifests in its directory.
+name to an address. Both sources hand raw Node objects to the store's upsert_node() (the
+kproxy.store.SourceSink contract), which reads them with kproxy.store.node_address(): the Kubernetes
+source from a watch on all Nodes, the file source from `kind: Node` manifests in its directory.
 
 This node's own Node object also decides kube-proxy's nodeEligible (node_eligible(), KEP-3836):
 /healthz answers 503 while the Node is being deleted or carries the ToBeDeletedByClusterAutoscaler
@@ -23,21 +23,6 @@ log = logging.getLogger(__name__)
 
 # The taint the cluster autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
-
-
-def node_address(raw: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(name, first IPv4 InternalIP or None) of a raw Node object."""
-    meta = raw.get("metadata") or {}
-    name = meta.get("name") if isinstance(meta, Mapping) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError("Node without metadata.name")
-    status = raw.get("status") or {}
-    for a in (status.get("addresses") or []) if isinstance(status, Mapping) else []:
-        if isinstance(a, Mapping) and a.get("type") == "InternalIP":
-            addr = a.get("address")
-            if isinstance(addr, str) and "." in addr and ":" not in addr:
-                return name, addr
-    return name, None
 
 
 def node_eligible(raw: Mapping[str, Any]) -> bool:

@@ -105,7 +105,7 @@ class Datapath:
         self.svc4.update(self.svc_key(addr, port, proto, scope, 0), val)
 
     def add_svcnet(self, cidr: str, action: abi.SvcnetAction) -> None:
-        """A service address space entry, the span widened to cover it (as kproxy.svcnet writes them)."""
+        """A service address space entry, the span widened to cover it (as kproxy.sync.svcnet writes them)."""
         net = ipaddress.IPv4Network(cidr)
         self.svcnet4.update(
             abi.Svcnet4Key(net.prefixlen, abi.ip_to_nbo(str(net.network_address))), abi.Svcnet4Val(action)

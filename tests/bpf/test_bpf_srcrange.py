@@ -163,8 +163,8 @@ def test_established_flow_survives_the_range_being_removed(sdp: Datapath) -> Non
 
 
 def test_synced_ranges_drive_the_datapath(sdp: Datapath) -> None:
-    """Keys as kproxy.lbsrc packs them, written through the kernel map: the LPM trie matches them."""
-    from kproxy.lbsrc import parse_ranges, range_key
+    """Keys as kproxy.sync.lbsrc packs them, written through the kernel map: the LPM trie matches them."""
+    from kproxy.sync.lbsrc import parse_ranges, range_key
 
     m = sdp.obj.map(abi.MAP_LBSRC4)
     for r in parse_ranges(["203.0.113.128/25", "192.0.2.77/32"]):

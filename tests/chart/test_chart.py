@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kproxy.config import DEFAULT_CONFIGMAP
+
 from .conftest import API_HOST, CHART, NAMESPACE, Renderer, RenderError
 
 # kubernetes-validate ships schemas for 1.25 .. 1.37 offline; 1.35 is among them.
@@ -219,7 +221,7 @@ def test_default_agent_flags(render: Renderer) -> None:
 
 
 def test_agent_pins_in_its_own_directory_of_the_host_bpffs(render: Renderer) -> None:
-    from kproxy.cli import DEFAULT_BPFFS
+    from kproxy.config import DEFAULT_BPFFS
 
     docs = render()
     pin_dir = flag_values(agent_args(docs), "--bpffs")
@@ -249,7 +251,7 @@ def test_api_server_env_points_at_the_api_server_itself(render: Renderer) -> Non
     assert env["KUBERNETES_SERVICE_PORT"]["value"] == "443"
     assert env["KPROXY_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["KPROXY_NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
-    assert env["KPROXY_CONFIGMAP"]["value"] == "kproxy-config"
+    assert env["KPROXY_CONFIGMAP"]["value"] == "kproxy-config" == DEFAULT_CONFIGMAP  # the CLI's default
     assert env["KPROXY_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 

@@ -26,9 +26,10 @@ from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.observe.health import HealthServer, ServiceHealthServers, health_check_services
 from kproxy.observe.metrics import Metrics
+from kproxy.pipeline import sync_dirty
 from kproxy.sources.kube import KubeSource, KubeSourceConfig
 from kproxy.store import ClusterStore
-from kproxy.sync import Syncer, sync_dirty
+from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig
 from tests.controller.apiserver import DEFAULT_TOKEN, FakeApiServer, node
 from tests.controller.rbac import Rbac, render_chart, settings_configmap

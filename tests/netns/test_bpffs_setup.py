@@ -202,7 +202,7 @@ def test_a_missing_directory_outside_the_bpffs_root_is_not_created(tmp_path: Pat
 
 
 def test_the_cli_and_the_loader_agree_on_the_bpffs_root() -> None:
-    from kproxy import cli
+    from kproxy import config
     from kproxy.bpf import loader
 
-    assert cli.BPFFS_ROOT == loader.BPFFS_ROOT and cli.DEFAULT_BPFFS == loader.BPFFS_ROOT + "/kproxy"
+    assert config.BPFFS_ROOT == loader.BPFFS_ROOT and config.DEFAULT_BPFFS == loader.BPFFS_ROOT + "/kproxy"

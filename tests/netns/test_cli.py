@@ -311,7 +311,7 @@ def test_nat_lists_snat_entries(lab: Lab) -> None:
 
 
 def test_snat_rows_decode_live_entries_only() -> None:
-    from kproxy.cli import snat_rows
+    from kproxy.cli.inspect import snat_rows
 
     def entry(expires: int) -> tuple[abi.Snat4Key, abi.Snat4Val]:
         k = abi.Snat4Key(
@@ -413,8 +413,8 @@ def test_agent_serves_healthz_and_metrics(lab: Lab, program: Program) -> None:
 def test_agent_follows_the_configmap_dsr_mode() -> None:
     from kproxy.agent import Agent
     from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.bpf.upkeep import write_config
     from kproxy.config import AgentConfig
-    from kproxy.sync import write_config
 
     agent = Agent(AgentConfig(node_name="n1", node_ips=["192.0.2.1"], dsr_mode="opt"))
     agent.maps = MemoryMapSet()
@@ -458,7 +458,7 @@ def test_netdev_autodetection_reads_default_routes() -> None:
 
 
 def test_agent_accepts_every_flag_the_chart_passes() -> None:
-    from kproxy.cli import agent
+    from kproxy.cli.agent import agent
 
     chart_flags = {
         "--source", "--node-name", "--node-ip", "--netdev", "--pod-ifaces", "--bpffs", "--map-size",

@@ -65,7 +65,7 @@ def test_invalid(kw, expect):
 
 def test_external_cluster_ip_switch_reaches_the_datapath_config():
     from kproxy.bpf.mapapi import MemoryMapSet
-    from kproxy.sync import write_config
+    from kproxy.bpf.upkeep import write_config
 
     assert AgentConfig(node_name="n1").external_cluster_ip is True  # kube-proxy's behaviour by default
     maps = MemoryMapSet()

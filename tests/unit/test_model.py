@@ -169,7 +169,9 @@ _SLICE_CASES = [
 
 @pytest.mark.parametrize("raw", _SVC_CASES)
 def test_fast_and_schema_routes_agree_on_services(raw):
-    from kproxy.model import _fast_service, _service_from_schema, _SService
+    from kproxy.model.fastpath import _fast_service
+    from kproxy.model.parse import _service_from_schema
+    from kproxy.model.schema import _SService
 
     fast = _fast_service(raw)
     slow = _service_from_schema(_SService.model_validate(raw))
@@ -179,7 +181,9 @@ def test_fast_and_schema_routes_agree_on_services(raw):
 
 @pytest.mark.parametrize("raw", _SLICE_CASES)
 def test_fast_and_schema_routes_agree_on_slices(raw):
-    from kproxy.model import _fast_slice, _SEndpointSlice, _slice_from_schema
+    from kproxy.model.fastpath import _fast_slice
+    from kproxy.model.parse import _slice_from_schema
+    from kproxy.model.schema import _SEndpointSlice
 
     fast = _fast_slice(raw)
     slow = _slice_from_schema(_SEndpointSlice.model_validate(raw))
@@ -188,7 +192,7 @@ def test_fast_and_schema_routes_agree_on_slices(raw):
 
 
 def test_common_objects_take_the_fast_route():
-    from kproxy.model import _fast_service, _fast_slice
+    from kproxy.model.fastpath import _fast_service, _fast_slice
 
     assert all(_fast_service(r) is not None for r in _SVC_CASES[:6])
     assert all(_fast_slice(r) is not None for r in _SLICE_CASES[:4])
@@ -210,7 +214,7 @@ def test_common_objects_take_the_fast_route():
     ],
 )
 def test_fast_route_leaves_invalid_services_to_the_schema(mutate):
-    from kproxy.model import _fast_service
+    from kproxy.model.fastpath import _fast_service
 
     raw = svc_raw()
     mutate(raw)
@@ -232,7 +236,7 @@ def test_fast_route_leaves_invalid_services_to_the_schema(mutate):
     ],
 )
 def test_fast_route_leaves_invalid_slices_to_the_schema(endpoint):
-    from kproxy.model import _fast_slice
+    from kproxy.model.fastpath import _fast_slice
 
     raw = slice_raw(endpoints=[endpoint])
     assert _fast_slice(raw) is None
@@ -242,7 +246,7 @@ def test_fast_route_leaves_invalid_slices_to_the_schema(endpoint):
 
 def test_leading_zeros_go_to_the_schema_which_reads_them_as_decimal():
     """Kubernetes accepted "010.96.0.1" before Go 1.17 and kube-proxy still parses it (ParseIPSloppy)."""
-    from kproxy.model import _fast_service, _fast_slice
+    from kproxy.model.fastpath import _fast_service, _fast_slice
 
     raw = svc_raw(cluster_ip="010.096.000.001")
     assert _fast_service(raw) is None
@@ -285,3 +289,19 @@ def test_only_kubernetes_labels_and_annotations_are_kept() -> None:
     }
     assert es.metadata.annotations == {}
     assert es.service_key == "default/web"
+
+
+def test_packed_addresses_round_trip_without_the_socket_module() -> None:
+    """PackedEndpoints converts dotted quads itself (the model does no I/O): the same 4 bytes as
+    inet_aton, and every way of reading gives the addresses back."""
+    import socket
+
+    from kproxy.model import PackedEndpoints, endpoint_rows
+
+    addrs = ["0.0.0.0", "255.255.255.255", "10.0.0.1", "192.168.100.9", "1.20.255.0"]
+    es = parse_endpoint_slice(slice_raw(endpoints=[ep(a) for a in addrs]))
+    assert type(es.endpoints) is PackedEndpoints
+    assert es.endpoints._addrs == b"".join(socket.inet_aton(a) for a in addrs)
+    assert [e.addresses[0] for e in es.endpoints] == addrs
+    assert [es.endpoints[i].addresses[0] for i in range(len(addrs))] == addrs
+    assert [row[0] for row in endpoint_rows(es.endpoints)] == addrs

@@ -37,4 +37,4 @@ def test_wheel_ships_bpf_objects(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for obj in built:
         assert f"kproxy/bpf/obj/{obj.name}" in names, f"{obj.name} missing from {wheel.name}"
-    assert "kproxy/cli.py" in names
+    assert "kproxy/cli/__init__.py" in names and "kproxy/cli/agent.py" in names

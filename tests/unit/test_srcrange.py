@@ -15,8 +15,9 @@ from kproxy.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
 from kproxy.bpf.mapapi import MemoryMap, MemoryMapSet
 from kproxy.desired import BackendRef, Frontend
 from kproxy.model import NodeInfo, parse_endpoint_slice, parse_service
+from kproxy.pipeline import sync_dirty
 from kproxy.store import ClusterStore
-from kproxy.sync import Syncer, sync_dirty
+from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig, TranslateError, translate_service
 
 LB = "198.51.100.10"

@@ -8,8 +8,9 @@ from unit_objects import NODE, svc_raw
 
 from kproxy import abi
 from kproxy.bpf.mapapi import MemoryMapSet
+from kproxy.pipeline import sync_dirty
 from kproxy.store import ClusterStore
-from kproxy.sync import Syncer, sync_dirty
+from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig
 
 CFG = TranslateConfig()

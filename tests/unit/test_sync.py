@@ -12,9 +12,11 @@ from unit_objects import NODE, ep, slice_raw, svc_raw
 from kproxy import abi
 from kproxy.abi import Scope, SvcFlag, ip_to_nbo, port_to_nbo
 from kproxy.bpf.mapapi import MapFullError, MemoryMap, MemoryMapSet
+from kproxy.bpf.upkeep import orphaned_tcp_flows, sweep_conntrack, write_config
 from kproxy.desired import BackendRef, Frontend
+from kproxy.pipeline import sync_dirty
 from kproxy.store import ClusterStore
-from kproxy.sync import Syncer, orphaned_tcp_flows, sweep_conntrack, sync_dirty, write_config
+from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig
 
 
@@ -519,7 +521,7 @@ def test_restarts_under_churn_keep_a_kept_backends_id_and_entry(
     missing id is re-balanced). Soak investigation, stream T: this held; the break was elsewhere."""
     import random
 
-    import kproxy.sync as ks
+    import kproxy.sync.syncer as ks
 
     monkeypatch.setattr(ks, "APPLY_CHUNK", chunk)
     pool = [f"10.0.0.{i}" for i in range(1, 8)]

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from kproxy import abi
-from kproxy import sync as sync_mod
 from kproxy.abi import Scope, ip_to_nbo
 from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.desired import BackendRef, Frontend
 from kproxy.model import Endpoint, EndpointConditions, PackedEndpoints, endpoint_rows, parse_endpoint_slice
 from kproxy.sync import Syncer
+from kproxy.sync import syncer as syncer_mod
+from kproxy.sync import writer as writer_mod
 
 
 def fe(service: str, address: str, backends: list[str], proto: str = "TCP") -> Frontend:
@@ -50,7 +51,7 @@ def state(maps: MemoryMapSet) -> tuple[dict[Any, Any], set[str]]:
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_chunked_apply_ends_like_one_batch(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", chunk)
+    monkeypatch.setattr(syncer_mod, "APPLY_CHUNK", chunk)
     maps = MemoryMapSet()
     s = Syncer(maps)
     r = s.apply(desired(0), full=True)
@@ -73,29 +74,29 @@ def test_chunked_apply_ends_like_one_batch(monkeypatch: pytest.MonkeyPatch, chun
     d["default/s2"] = []
     s.apply(d)
     assert "10.1.0.3" not in state(maps)[1]
-    assert len(s._be_vals) == len(maps.be4)
+    assert len(s._backends.vals) == len(maps.be4)
 
 
 def test_chunked_apply_flushes_udp_conntrack_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", 2)
+    monkeypatch.setattr(syncer_mod, "APPLY_CHUNK", 2)
     maps = MemoryMapSet()
     s = Syncer(maps)
     s.apply(desired(0), full=True)
     walks = []
-    orig = sync_mod.flush_udp_conntrack
+    orig = writer_mod.flush_udp_conntrack
 
     def counting(ct4: Any, backends: set[int], pairs: set[tuple[int, int]]) -> int:
         walks.append((set(backends), set(pairs)))
         return orig(ct4, backends, pairs)
 
-    monkeypatch.setattr(sync_mod, "flush_udp_conntrack", counting)
+    monkeypatch.setattr(writer_mod, "flush_udp_conntrack", counting)
     s.apply(desired(1), full=True)
     assert len(walks) == 1  # one walk of kp_ct4 for all chunks
     assert len(walks[0][0]) == 4  # the freed UDP gen-0 backends of s1, s5, s7, s11
 
 
 def test_adopt_then_unchanged_full_apply_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sync_mod, "APPLY_CHUNK", 4)
+    monkeypatch.setattr(syncer_mod, "APPLY_CHUNK", 4)
     maps = MemoryMapSet()
     Syncer(maps).apply(desired(0), full=True)
     before = (dict(maps.svc4.data), dict(maps.be4.data))

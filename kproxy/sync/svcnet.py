@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 from typing import Any, Protocol
 
 from kproxy import abi
@@ -28,18 +27,18 @@ from kproxy.bpf.mapapi import MapFullError, MapOps
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (prefixlen, network address NBO)
-_PACK_KEY = struct.Struct("=II").pack
-_PACK_VAL = struct.Struct("=I").pack
-_PACK_SPAN = struct.Struct("=II").pack
+_PACK_KEY = abi.pack_svcnet4_key
+_PACK_VAL = abi.pack_svcnet4_val
+_PACK_SPAN = abi.pack_svcnet_span
 _REJECT = int(abi.SvcnetAction.REJECT)
 _DROP = int(abi.SvcnetAction.DROP)
 _PASS = int(abi.SvcnetAction.PASS)
-_ZERO_KEY = struct.pack("=I", 0)
+_ZERO_KEY = abi.SVCNET_SPAN_KEY
 _EMPTY_SPAN = (0xFFFFFFFF, 0)  # lo > hi: no entry
 
 
 class ClusterView(Protocol):
-    """What ServiceSpaceSync reads of kproxy.store.ClusterStore."""
+    """What ServiceSpaceSync reads of the cluster view (kproxy.store.ClusterStore)."""
 
     cluster_ips: Any  # Mapping[str, int]
     cluster_ips_changed: set[str]
@@ -51,14 +50,10 @@ class ClusterView(Protocol):
     def take_cluster_ips_changed(self) -> set[str]: ...
 
 
-def _nbo(address: str) -> int:
-    return abi.ip_to_nbo(address)
-
-
 def _bounds(key: Key) -> tuple[int, int]:
     """HBO lowest and highest address a prefix covers."""
     plen, nbo = key
-    lo = int.from_bytes(struct.pack("=I", nbo), "big")
+    lo = abi.nbo_to_hbo(nbo)
     host = (1 << (32 - plen)) - 1
     return lo, lo | host
 
@@ -96,14 +91,14 @@ class ServiceSpaceSync:
             new_cidrs = set()
             for cidr in store.service_cidrs:
                 net = ipaddress.IPv4Network(cidr, strict=False)
-                new_cidrs.add((net.prefixlen, _nbo(str(net.network_address))))
+                new_cidrs.add((net.prefixlen, abi.ip_to_nbo(str(net.network_address))))
             considered |= self._cidrs | new_cidrs
         if full:
             considered |= set(self.programmed)
-            considered |= {(32, _nbo(ip)) for ip in cluster_ips}
-            considered |= {(32, _nbo(ip)) for ip in foreign}
+            considered |= {(32, abi.ip_to_nbo(ip)) for ip in cluster_ips}
+            considered |= {(32, abi.ip_to_nbo(ip)) for ip in foreign}
         else:
-            considered |= {(32, _nbo(ip)) for ip in changed}
+            considered |= {(32, abi.ip_to_nbo(ip)) for ip in changed}
         want: dict[Key, int] = {}
         for key in considered:
             if key[0] == 32:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +28,8 @@ from kproxy.bpf.mapapi import MapOps
 log = logging.getLogger(__name__)
 
 Range = tuple[int, int]  # (LPM prefixlen = LBSRC4_SVC_BITS + CIDR length, network address NBO)
-_PACK_KEY = struct.Struct("=III").pack  # prefixlen, svc_id, addr
-_VALUE = bytes(struct.calcsize("=I"))  # kp_lbsrc4_val: flags 0
-assert struct.calcsize("=III") == 12
+_PACK_KEY = abi.pack_lbsrc4_key  # prefixlen, svc_id, addr
+_VALUE = abi.LBSRC4_VAL_ALLOW
 
 
 def parse_ranges(cidrs: Iterable[str]) -> frozenset[Range]:

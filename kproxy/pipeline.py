@@ -1,0 +1,84 @@
+"""The sync pipeline: the store's dirty Services -> translate -> the Syncer's apply -> the service
+address space. The one module that knows the cluster view, translate and the maps' writer together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from kproxy import abi
+from kproxy.desired import Frontend
+from kproxy.heap import gc_paused, trim_heap
+from kproxy.sync import ApplyReport, Syncer
+from kproxy.sync.syncer import APPLY_CHUNK
+from kproxy.translate import TranslateConfig, TranslateError, translate_service
+
+if TYPE_CHECKING:  # the store calls nothing here, the agent hands it over: no import at run time
+    from kproxy.store import ClusterStore
+
+log = logging.getLogger(__name__)
+
+
+def sync_dirty(
+    store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, *, full: bool = False
+) -> ApplyReport:
+    """Translate the store's dirty Services (all of them if `full`) and apply them in one batch.
+
+    Translate problems are counted in store.skipped as ("Service", reason); the Service is then
+    removed from the maps, as it cannot be served. Services to retry are marked dirty again.
+    """
+    with gc_paused():
+        report = _sync_dirty(store, syncer, cfg, full)
+    if report.services >= APPLY_CHUNK:
+        trim_heap()  # what a big apply's plans freed, see trim_heap
+    return report
+
+
+class _Translated(Mapping[str, list[Frontend]]):
+    """service key -> its frontends, translated when apply asks for them: apply plans one Service at a
+    time, so the frontends and BackendRefs of one Service are garbage by the time the next is
+    translated instead of all of them being alive at once (the cold sync's peak memory)."""
+
+    def __init__(self, store: ClusterStore, keys: set[str], cfg: TranslateConfig) -> None:
+        self.store = store
+        self.keys_ = keys
+        self.cfg = cfg
+
+    def __getitem__(self, key: str) -> list[Frontend]:
+        if key not in self.keys_:
+            raise KeyError(key)
+        store = self.store
+        svc, slices = store.view(key)
+        if svc is None:
+            return []
+        try:
+            return translate_service(svc, slices, store.node, self.cfg)
+        except TranslateError as err:
+            store.skipped[("Service", err.reason)] += 1
+            log.warning("%s", err)
+            return []
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys_
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full: bool) -> ApplyReport:
+    local = next((a for a in store.node.addresses if abi.is_ipv4(a)), None)
+    # Services with endpoints on a node whose address changed were marked dirty by the store.
+    syncer.set_nodes(store.node_addrs, local, store.node_addrs_version)
+    dirty = store.take_dirty_with_times()
+    keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
+    report = syncer.apply(_Translated(store, keys, cfg), full=full)
+    # after the frontends: a packet to a new frontend finds it before its ClusterIP's REJECT entry
+    syncer.svcnet.sync(store, full=full)
+    report.first_change = dirty
+    if report.retry:
+        store.mark_dirty(report.retry)
+    return report

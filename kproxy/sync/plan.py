@@ -1,0 +1,141 @@
+"""Diff planning: one Service's desired frontends against what is programmed -> a Plan of packed
+kp_svc4 entries to put and delete, kp_be4 values to put, and what to put back if its writes fail."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+from kproxy import abi
+from kproxy.desired import Frontend
+from kproxy.sync.ids import BackendIds, ServiceIds
+from kproxy.sync.state import ORPHANS, PROTO, Fe, FKey, Plan, Svc
+
+_UNPACK_U32 = abi.unpack_u32
+_inet_aton = socket.inet_aton
+_htons = abi.port_to_nbo
+_PACK_SVC4_KEY = abi.pack_svc4_key
+_PACK_SVC4_VAL = abi.pack_svc4_val
+_PACK_U32 = abi.pack_u32
+_PACK_U16 = abi.pack_u16
+
+
+def svc4_key(fk: FKey, slot: int) -> bytes:
+    return _PACK_SVC4_KEY(fk[0], fk[1], slot, fk[2], fk[3])
+
+
+def plan_service(
+    service: str,
+    frontends: Iterable[Frontend],
+    services: dict[str, Svc],
+    owner: dict[FKey, str],
+    svc_ids: ServiceIds,
+    backends: BackendIds,
+) -> Plan:
+    """Plan `service` to have exactly `frontends`, given the programmed `services` and frontend
+    `owner`s; allocates the ids it needs (recorded in the plan until it is committed)."""
+    old = services.get(service) or Svc()
+    new_backends: set[int] = set()
+    new_active: dict[int, set[int]] = {}
+    new = Svc(backends=new_backends, active=new_active)
+    plan = Plan(service, new, old)
+    orphans = services.get(ORPHANS)
+    memo: dict[int, tuple[int, ...]] = {}  # id(fe.backends) -> slots; fe alive meanwhile
+    be_ids = backends.ids_of
+    sids = svc_ids.ids
+    for fe in frontends:
+        proto = PROTO.get(fe.protocol)
+        if proto is None:
+            raise ValueError(f"frontend {fe.address}:{fe.port} has unsupported protocol {fe.protocol}")
+        fk = (_UNPACK_U32(_inet_aton(fe.address))[0], _htons(fe.port), proto, int(fe.scope))
+        fk_owner = owner.get(fk)
+        if fk_owner is not None and fk_owner != service and fk_owner != ORPHANS:
+            plan.conflicts.append(fk)
+            continue
+        if fk in new.frontends:
+            continue
+        sp = (service, fe.port_name, proto)
+        sid = sids.get(sp) or plan.svc_ids.get(sp) or svc_ids.alloc(sp, fk, plan, old, orphans)
+        new.svc_ports.add(sp)  # type: ignore[union-attr]  # a set while planned
+        fe_backends = fe.backends
+        # translate hands the same backends tuple to several frontends (ClusterIP, NodePorts...)
+        ids_t = memo.get(id(fe_backends))
+        if ids_t is None:
+            ids_t = memo[id(fe_backends)] = tuple(sorted(be_ids(fe_backends, plan)))
+        if fe.retained:
+            new_backends.update(be_ids(fe.retained, plan))
+        new_backends.update(ids_t)
+        act = new_active.get(sid)
+        if act is None:
+            new_active[sid] = set(ids_t)
+        else:
+            act.update(ids_t)
+        new.frontends[fk] = Fe(sid, fe.flags, fe.affinity_timeout, ids_t)
+        if fe.source_ranges:
+            plan.src_ranges[sid] = fe.source_ranges
+        if fk_owner == ORPHANS:
+            plan.claimed.append(fk)
+    # diff against what is programmed (own frontends + orphans being claimed)
+    prev: dict[FKey, Fe] = old.frontends
+    if orphans is not None and plan.claimed:
+        prev = dict(prev)
+        for fk in plan.claimed:
+            prev[fk] = orphans.frontends[fk]
+    for fk, st in new.frontends.items():
+        o = prev.get(fk)
+        if o is None:
+            _plan_new_frontend(plan, fk, st)
+        else:
+            _plan_changed_frontend(plan, fk, st, o)
+    for fk, o in old.frontends.items():
+        if fk not in new.frontends:
+            plan.fe_dels.append(svc4_key(fk, 0))  # slot 0 first: readers stop finding the frontend
+            plan.fe_dels.extend(svc4_key(fk, i) for i in range(1, len(o.slots) + 1))
+            plan.fe_dels.extend(svc4_key(fk, i) for i in o.stale_slots)
+            plan.svc4_removed += 1 + len(o.slots) + len(o.stale_slots)
+    return plan
+
+
+def _plan_new_frontend(plan: Plan, fk: FKey, st: Fe) -> None:
+    n_new = len(st.slots)
+    plan.svc4_added += 1 + n_new
+    a, p, pr, sc = fk
+    sid = st.svc_id
+    k0 = _PACK_SVC4_KEY(a, p, 0, pr, sc)
+    plan.new_svc4_keys.append(k0)
+    if n_new:
+        # all slots at once: keys differ only in the u16 slot at offset 6, values only in
+        # the u32 backend id at offset 0, so each blob is one join of C-packed pieces
+        head, tail = k0[:6], k0[8:]
+        keys = head + (tail + head).join(map(_PACK_U16, range(1, n_new + 1))) + tail
+        rest = _PACK_SVC4_VAL(0, sid, 0, 0, 0)[4:]
+        values = rest.join(map(_PACK_U32, st.slots)) + rest
+        plan.new_svc4_keys.append(keys)
+        plan.slot_puts.append((keys, values))
+    plan.slot0_puts.append((k0, _PACK_SVC4_VAL(0, sid, n_new, st.flags, st.affinity_timeout)))
+
+
+def _plan_changed_frontend(plan: Plan, fk: FKey, st: Fe, o: Fe) -> None:
+    n_new = len(st.slots)
+    n_old = len(o.slots)
+    same_id = o.svc_id == st.svc_id
+    for i, bid in enumerate(st.slots, 1):
+        if i <= n_old and same_id and o.slots[i - 1] == bid:
+            continue
+        k = svc4_key(fk, i)
+        plan.slot_puts.append((k, _PACK_SVC4_VAL(bid, st.svc_id, 0, 0, 0)))
+        if i <= n_old:
+            plan.undo_puts.append((k, _PACK_SVC4_VAL(o.slots[i - 1], o.svc_id, 0, 0, 0)))
+        else:
+            plan.new_svc4_keys.append(k)
+            plan.svc4_added += 1
+    old0 = (o.svc_id, o.flags, o.affinity_timeout, n_old)
+    if old0 != (st.svc_id, st.flags, st.affinity_timeout, n_new):
+        k0 = svc4_key(fk, 0)
+        v0 = _PACK_SVC4_VAL(0, st.svc_id, n_new, st.flags, st.affinity_timeout)
+        plan.slot0_puts.append((k0, v0))
+        plan.undo_puts.append((k0, _PACK_SVC4_VAL(0, o.svc_id, n_old, o.flags, o.affinity_timeout)))
+    for i in range(n_new + 1, n_old + 1):
+        plan.slot_dels.append(svc4_key(fk, i))
+    plan.slot_dels.extend(svc4_key(fk, i) for i in o.stale_slots)
+    plan.svc4_removed += max(0, n_old - n_new) + len(o.stale_slots)

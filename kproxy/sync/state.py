@@ -1,0 +1,140 @@
+"""The Syncer's vocabulary: frontend and backend keys as ints, the programmed state of a Service, a
+plan (what one apply writes for one Service) and the report of an apply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kproxy import abi
+
+FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
+# A backend as one int (a 32-44 byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
+# BKey = addr NBO | port NBO << 32 | proto << 48 | node << 56, `node` being the index of the
+# endpoint's nodeName in BackendIds.node_idx (0: no nodeName); BVal (its kp_be4 value) = addr | port |
+# proto | flags << 56 | node_addr NBO << 64 | node << 96. The programmed table (BackendIds.vals) adds
+# the number of services referencing the backend above bit 128: one dict less (5 MB at 100,000
+# backends), in the same int.
+BKey = int
+BVal = int
+BK_MASK = (1 << 56) - 1
+NODE_SHIFT = 96
+NODE_MASK = (1 << 32) - 1
+REFS_SHIFT = 128
+REF1 = 1 << REFS_SHIFT
+VAL_MASK = REF1 - 1
+BE_LOCAL = int(abi.BackendFlag.LOCAL)
+BE_TERMINATING = int(abi.BackendFlag.TERMINATING)
+
+
+def bkey(addr: int, port: int, proto: int, node: int = 0) -> BKey:
+    return addr | port << 32 | proto << 48 | node << 56
+
+
+def key_of_val(val: BVal) -> BKey:
+    return (val & BK_MASK) | ((val >> NODE_SHIFT) & NODE_MASK) << 56
+
+
+def bval_proto(val: BVal) -> int:
+    return (val >> 48) & 0xFF
+
+
+def pack_be4(val: BVal) -> bytes:
+    """The kp_be4 value a BVal stands for, packed."""
+    return abi.pack_be4_val(
+        val & 0xFFFFFFFF,
+        (val >> 32) & 0xFFFF,
+        (val >> 48) & 0xFF,
+        (val >> 56) & 0xFF,
+        (val >> 64) & 0xFFFFFFFF,
+    )
+
+
+SvcPort = tuple[str, str, int]  # (service, port name, proto)
+
+PROTO = {"TCP": abi.IPPROTO_TCP, "UDP": abi.IPPROTO_UDP}
+ORPHANS = ""  # pseudo-service owning what adopt() found and no Service has claimed yet
+
+
+@dataclass(slots=True)
+class Fe:
+    svc_id: int
+    flags: int
+    affinity_timeout: int
+    slots: tuple[int, ...]
+    stale_slots: tuple[int, ...] = ()  # slot numbers found beyond count by adopt(), to delete
+
+
+@dataclass(slots=True)
+class Svc:
+    frontends: dict[FKey, Fe] = field(default_factory=dict)
+    # every id referenced (slots and retained); a set while planned, a tuple once committed
+    backends: set[int] | tuple[int, ...] = field(default_factory=set)
+    # svc_id -> ids in its slots; sets while planned, tuples once committed
+    active: dict[int, set[int]] | dict[int, tuple[int, ...]] = field(default_factory=dict)
+    svc_ports: set[SvcPort] | tuple[SvcPort, ...] = field(default_factory=set)  # a tuple once committed
+
+    def compact(self) -> Svc:
+        """The committed form: tuples take a sixth of the memory of small sets (10,000s of services)."""
+        # Most services' backends and active ids equal one frontend's slots: share that tuple.
+        by_len: dict[int, tuple[int, ...]] = {}
+        for fe in self.frontends.values():
+            by_len.setdefault(len(fe.slots), fe.slots)
+
+        def share(ids: set[int] | tuple[int, ...]) -> tuple[int, ...]:
+            if type(ids) is tuple:
+                return ids
+            t = by_len.get(len(ids))
+            return t if t is not None and ids.issuperset(t) else tuple(ids)  # type: ignore[union-attr]
+
+        self.backends = share(self.backends)
+        self.active = {sid: share(ids) for sid, ids in self.active.items()}
+        self.svc_ports = tuple(self.svc_ports)  # a set of one is 216 bytes
+        return self
+
+
+@dataclass(slots=True)
+class Plan:
+    service: str
+    new: Svc
+    old: Svc
+    claimed: list[FKey] = field(default_factory=list)  # orphan frontends taken over
+    be_puts: dict[int, BVal] = field(default_factory=dict)
+    be_vals: dict[int, BVal] = field(default_factory=dict)
+    # kp_svc4 keys and values packed by abi.pack_*; an element may hold several consecutive entries
+    # (all slots of a new frontend in one keys blob and one values blob)
+    slot_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    slot0_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    slot_dels: list[bytes] = field(default_factory=list)
+    fe_dels: list[bytes] = field(default_factory=list)
+    undo_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
+    new_svc4_keys: list[bytes] = field(default_factory=list)
+    svc4_added: int = 0
+    svc4_removed: int = 0
+    svc_ids: dict[SvcPort, int] = field(default_factory=dict)
+    conflicts: list[FKey] = field(default_factory=list)
+    src_ranges: dict[int, tuple[str, ...]] = field(default_factory=dict)  # svc_id -> CIDRs (sync.lbsrc)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.be_puts or self.slot_puts or self.slot0_puts or self.slot_dels or self.fe_dels)
+
+
+@dataclass
+class ApplyReport:
+    changed: list[str] = field(default_factory=list)  # services whose map entries changed
+    failed: dict[str, str] = field(default_factory=dict)  # service -> why it was not programmed
+    retry: set[str] = field(default_factory=set)  # services to re-apply (a conflicting frontend was freed)
+    svc4_puts: int = 0
+    svc4_deletes: int = 0
+    be4_puts: int = 0
+    be4_deletes: int = 0
+    ct_flushed: int = 0
+    aff_flushed: int = 0
+    tcp_frontends_removed: int = 0  # deleted while their connections may live on (orphan_until_ns)
+    services: int = 0  # services applied (planned), changed or not
+    # sync_dirty: monotonic time of each synced Service's first change (network programming latency)
+    first_change: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def writes(self) -> int:
+        return self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes

@@ -1,0 +1,202 @@
+"""Ordered, batched writes of planned entries, undo of a failed plan, and the conntrack and affinity
+flushes that follow a commit.
+
+Plans keep packed blobs (two objects per frontend instead of three per entry until the write),
+joined into one buffer per map that the map writes in kernel-sized batches: no per-entry objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kproxy import abi
+from kproxy.bpf.mapapi import MapOps
+from kproxy.sync.ids import BackendIds
+from kproxy.sync.state import ApplyReport, BVal, Plan, bval_proto, pack_be4
+
+_KS = abi.SVC4_KEY_SIZE
+_PACK_BE4_KEY = abi.pack_be4_key
+
+
+class MapSet(Protocol):
+    """The maps the Syncer writes (KproxyMaps' pinned maps, or MemoryMapSet in tests); read-only
+    attributes, so that a set whose maps are more precisely typed fits."""
+
+    @property
+    def svc4(self) -> MapOps[Any, Any]: ...
+    @property
+    def be4(self) -> MapOps[Any, Any]: ...
+    @property
+    def ct4(self) -> MapOps[Any, Any]: ...
+    @property
+    def aff4(self) -> MapOps[Any, Any]: ...
+    @property
+    def lbsrc4(self) -> MapOps[Any, Any]: ...
+    @property
+    def svcnet4(self) -> MapOps[Any, Any]: ...
+    @property
+    def svcnet_span(self) -> MapOps[Any, Any]: ...
+
+    def read_config(self) -> abi.Config: ...
+
+    def write_config(self, config: abi.Config) -> None: ...
+
+
+def put_entries(m: MapOps[Any, Any], blobs: list[tuple[bytes, bytes]]) -> int:
+    """Write kp_svc4 entries given as (keys, values) blobs; returns how many."""
+    k = b"".join([k for k, _ in blobs])
+    v = b"".join([v for _, v in blobs])
+    n = len(k) // _KS
+    if n:
+        m.put_packed(k, v, n)
+    return n
+
+
+def put_be4(m: MapOps[Any, Any], vals: dict[int, BVal]) -> None:
+    """Write kp_be4 entries (backend id -> value)."""
+    if vals:
+        m.put_packed(b"".join(map(_PACK_BE4_KEY, vals)), b"".join(map(pack_be4, vals.values())), len(vals))
+
+
+def split_keys(blobs: list[bytes]) -> list[bytes]:
+    """One kp_svc4 key per entry from key blobs."""
+    k = b"".join(blobs)
+    return [k[i : i + _KS] for i in range(0, len(k), _KS)]
+
+
+def n_entries(pairs: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(k) for k, _ in pairs) // _KS
+
+
+def n_keys(keys: list[bytes]) -> int:
+    return sum(len(k) for k in keys) // _KS
+
+
+def write_batched(m: MapSet, plans: list[Plan], report: ApplyReport) -> None:
+    """Write the plans in DESIGN.md's order (see kproxy.sync), one batch per map and step for all."""
+    be_puts: dict[int, BVal] = {}
+    for p in plans:
+        be_puts.update(p.be_puts)
+    put_be4(m.be4, be_puts)
+    n_slots = put_entries(m.svc4, [e for p in plans for e in p.slot_puts])
+    n_slot0 = put_entries(m.svc4, [e for p in plans for e in p.slot0_puts])
+    slot_dels = split_keys([k for p in plans for k in p.slot_dels])
+    fe_dels = split_keys([k for p in plans for k in p.fe_dels])
+    if slot_dels:
+        m.svc4.delete_many(slot_dels)
+    if fe_dels:
+        m.svc4.delete_many(fe_dels)
+    report.be4_puts += len(be_puts)
+    report.svc4_puts += n_slots + n_slot0
+    report.svc4_deletes += len(slot_dels) + len(fe_dels)
+
+
+def count_writes(plans: list[Plan], report: ApplyReport) -> None:
+    report.be4_puts += len({b for p in plans for b in p.be_puts})
+    report.svc4_puts += sum(n_entries(p.slot_puts) + n_entries(p.slot0_puts) for p in plans)
+    report.svc4_deletes += sum(n_keys(p.slot_dels) + n_keys(p.fe_dels) for p in plans)
+
+
+def undo(m: MapSet, p: Plan, programmed: dict[int, BVal]) -> None:
+    """Take back what a failed plan may have written: new keys go, rewritten keys get their old value."""
+    if p.new_svc4_keys:
+        m.svc4.delete_many(split_keys(p.new_svc4_keys))
+    if p.undo_puts:
+        put_entries(m.svc4, p.undo_puts)
+    new_ids = [b for b in p.be_puts if b not in programmed]
+    if new_ids:
+        m.be4.delete_many([_PACK_BE4_KEY(b) for b in new_ids])
+    old_vals = [(b, programmed[b]) for b in p.be_puts if b in programmed]
+    if old_vals:
+        m.be4.put_many([(_PACK_BE4_KEY(b), pack_be4(v)) for b, v in old_vals])
+
+
+@dataclass(slots=True)
+class Flush:
+    """Conntrack and affinity entries to flush once an apply's chunks are written."""
+
+    udp_freed: set[int] = field(default_factory=set)
+    aff_freed: set[int] = field(default_factory=set)
+    udp_pairs: set[tuple[int, int]] = field(default_factory=set)
+    aff_pairs: set[tuple[int, int]] = field(default_factory=set)
+
+
+def free_and_flush(
+    m: MapSet,
+    backends: BackendIds,
+    plans: list[Plan],
+    freed: set[int],
+    report: ApplyReport,
+    flush: Flush | None = None,
+) -> None:
+    """Free backend ids no longer referenced, then flush UDP conntrack and affinity entries of
+    backends that left a service: now, or, given `flush`, once its caller's chunks are all done
+    (each flush walks the whole conntrack map)."""
+    later = flush is not None
+    if flush is None:
+        flush = Flush()
+    udp_freed = flush.udp_freed
+    aff_freed = flush.aff_freed
+    # Affinity entries live only for ports with ClientIP affinity: only their backends are looked
+    # for in kp_aff4 (a walk of the whole map), not every freed or moved backend.
+    affinity_sids: set[int] = set()
+    for p in plans:
+        for fe in p.old.frontends.values():
+            if fe.flags & abi.SvcFlag.AFFINITY:
+                affinity_sids.add(fe.svc_id)
+    aff_backends: set[int] = set()
+    if affinity_sids:
+        for p in plans:
+            for sid, ids in p.old.active.items():
+                if sid in affinity_sids:
+                    aff_backends.update(ids)
+    if freed:
+        for b in freed:
+            val = backends.release(b)
+            if val is not None and bval_proto(val) == abi.IPPROTO_UDP:
+                udp_freed.add(b)
+            if b in aff_backends:
+                aff_freed.add(b)
+        m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
+        report.be4_deletes += len(freed)
+    # backends that left a service's slots but still exist: flush that service's UDP flows to them
+    udp_pairs = flush.udp_pairs
+    aff_pairs = flush.aff_pairs
+    vals = backends.vals
+    for p in plans:
+        for sid, ids in p.old.active.items():
+            gone = set(ids).difference(p.new.active.get(sid, ()))
+            for b in gone:
+                if b in freed:
+                    continue
+                val = vals.get(b)
+                if val is not None and bval_proto(val) == abi.IPPROTO_UDP:
+                    udp_pairs.add((b, sid))
+                if sid in affinity_sids:
+                    aff_pairs.add((b, sid))
+    if not later:
+        run_flush(m, flush, report)
+
+
+def run_flush(m: MapSet, flush: Flush, report: ApplyReport) -> None:
+    if flush.udp_freed or flush.udp_pairs:
+        report.ct_flushed += flush_udp_conntrack(m.ct4, flush.udp_freed, flush.udp_pairs)
+    if flush.aff_freed or flush.aff_pairs:
+        report.aff_flushed += flush_affinity(m.aff4, flush.aff_freed, flush.aff_pairs)
+
+
+def flush_udp_conntrack(ct4: MapOps[Any, Any], backends: set[int], pairs: set[tuple[int, int]]) -> int:
+    """Delete UDP conntrack entries (both directions) of `backends`, or of (backend, svc_id) `pairs`."""
+    doomed = [
+        k
+        for k, v in ct4.items()
+        if k.proto == abi.IPPROTO_UDP and (v.backend_id in backends or (v.backend_id, v.svc_id) in pairs)
+    ]
+    return ct4.delete_many(doomed) if doomed else 0
+
+
+def flush_affinity(aff4: MapOps[Any, Any], backends: set[int], pairs: set[tuple[int, int]]) -> int:
+    """Forget affinity to backends that no longer take new connections, so they get none."""
+    doomed = [k for k, v in aff4.items() if v.backend_id in backends or (v.backend_id, k.svc_id) in pairs]
+    return aff4.delete_many(doomed) if doomed else 0
