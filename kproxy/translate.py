@@ -294,9 +294,12 @@ def local_ready_endpoints(svc: Service, slices: Iterable[EndpointSlice], node: N
 
 def health_check_node_port(svc: Service) -> int | None:
     """The healthCheckNodePort to serve for this Service, or None: NodePort and LoadBalancer Services
-    with externalTrafficPolicy Local have one (kube-proxy's ExternalPolicyLocal)."""
+    with externalTrafficPolicy Local have one (kube-proxy's ExternalPolicyLocal), unless kproxy serves
+    none of the Service (skip_reason: another proxy's, as kube-proxy never sees those)."""
     spec = svc.spec
     if spec.external_traffic_policy != "Local" or not spec.health_check_node_port:
+        return None
+    if skip_reason(svc) is not None:
         return None
     if spec.type not in ("NodePort", "LoadBalancer"):
         return None

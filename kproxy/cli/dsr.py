@@ -36,7 +36,7 @@ class DsrTarget:
 
 def _in_cluster() -> bool:
     try:  # deferred, as in _configmap_call
-        from kproxy.sources.kube import SA_DIR
+        from kproxy.sources.kube.credentials import SA_DIR
     except ImportError:  # no Kubernetes dependencies: standalone only
         return False
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(os.path.join(SA_DIR, "token"))
@@ -151,7 +151,7 @@ def _configmap_call(t: DsrTarget, method: str, body: dict[str, Any] | None) -> d
     # Deferred: kopf and aiohttp cost every other command about 0.25 s at start.
     import aiohttp
 
-    from kproxy.sources.kube import CredentialsError, http_session, resolve_connection
+    from kproxy.sources.kube.credentials import CredentialsError, http_session, resolve_connection
 
     try:
         info = resolve_connection(t.kubeconfig, t.api_server)

@@ -1,1 +1,1 @@
-"""Where the cluster view comes from: the Kubernetes API (kube.py) or manifest files (files.py)."""
+"""Where the cluster view comes from: the Kubernetes API (kube/) or manifest files (files.py)."""

@@ -95,18 +95,18 @@ def test_events_and_status_cross_to_the_loop_in_order() -> None:
         src = KubeSource(
             store, KubeSourceConfig(node_name="n1"), connection=kopf.ConnectionInfo(server="http://x")
         )
-        src._loop = asyncio.get_running_loop()
+        src._inbox.attach(asyncio.get_running_loop())
         w = src._watches["Service"]
         w._thread = threading.current_thread()  # "running"
         n = 3 * DRAIN_BATCH + 7
 
         def watch_thread() -> None:
-            src._watch_up_threadsafe(w)
+            w._listed()
             for i in range(n):
                 raw = service(f"s{i}", f"10.96.{i // 200}.{i % 200 + 1}")
                 raw["metadata"]["resourceVersion"] = str(i + 1)
-                src._post_threadsafe("Service", {"type": "ADDED", "object": raw}, w)
-            src._watch_down(w, "APIForbiddenError (HTTP 403): no")
+                w._post({"type": "ADDED", "object": raw})
+            w._down("APIForbiddenError (HTTP 403): no")
 
         t = threading.Thread(target=watch_thread)
         t.start()
@@ -118,11 +118,11 @@ def test_events_and_status_cross_to_the_loop_in_order() -> None:
         dirty = store.take_dirty_with_times()
         times = [dirty[f"default/s{i}"] for i in range(n)]
         assert times == sorted(times)  # dated by arrival, in order
-        src._watch_up_threadsafe(w)
+        w._listed()
         await asyncio.sleep(0)
         assert w.status.up
         w._stop.set()  # stopped (as the ServiceCIDR watch is): what it still had queued changes nothing
-        src._watch_up_threadsafe(w)
+        w._listed()
         await asyncio.sleep(0)
         assert w.status.up  # unchanged: a stopped watch's late items are dropped
         assert store.change_time is None

@@ -30,16 +30,17 @@ class _Store:
         return self.slices.get(key, [])
 
 
+def _local_svc_raw() -> dict[str, Any]:
+    return {
+        "type": "NodePort",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+        "externalTrafficPolicy": "Local",
+        "healthCheckNodePort": HC_PORT,
+    }
+
+
 def _local_svc(**kw: Any) -> Service:
-    return parse_service(
-        svc_raw(
-            type="NodePort",
-            ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
-            externalTrafficPolicy="Local",
-            healthCheckNodePort=HC_PORT,
-            **kw,
-        )
-    )
+    return parse_service(svc_raw(**{**_local_svc_raw(), **kw}))
 
 
 def _count(svc: Service, endpoints: list[dict[str, Any]], node: NodeInfo = NODE) -> int:
@@ -122,3 +123,12 @@ def test_services_without_a_local_external_policy_get_no_health_check() -> None:
     cluster = parse_service(svc_raw(type="NodePort", healthCheckNodePort=HC_PORT))
     store = _Store(NODE, {cluster.key: cluster})
     assert health_check_services(store) == {}
+
+
+def test_a_service_another_proxy_serves_gets_no_health_check() -> None:
+    # kube-proxy watches Services without service.kubernetes.io/service-proxy-name only: it never
+    # opens that Service's healthCheckNodePort, which belongs to the other proxy
+    other = _local_svc(labels={"service.kubernetes.io/service-proxy-name": "other-proxy"})
+    ours = parse_service(svc_raw(**{**_local_svc_raw(), "name": "ours"}))
+    store = _Store(NODE, {other.key: other, ours.key: ours})
+    assert set(health_check_services(store)) == {("default", "ours")}

@@ -1,4 +1,4 @@
-"""kproxy uses kopf's watch client and login machinery without kopf.operator (sources/kube.py, issue
+"""kproxy uses kopf's watch client and login machinery without kopf.operator (sources/kube/watch.py, issue
 13). Those names are kopf internals: this test fails on a kopf whose internals moved, before an agent
 would (pyproject pins kopf to the versions checked here)."""
 

@@ -1,0 +1,132 @@
+"""The agent's map upkeep: kp_cfg_v1 (written whole at start, on a DSR mode change from the agent
+ConfigMap, and while connections of deleted TCP frontends live on), and the periodic chores of the
+sweeper (expired conntrack and SNAT entries, node addresses, IPv4 forwarding, the orphaned-flow window).
+
+The Kubernetes source reports the agent ConfigMap: its `dsr-mode` key is written into kp_cfg_v1 live
+(flows keep the mode they began with; the datapath records it in conntrack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from kproxy import abi
+from kproxy.bpf import upkeep
+from kproxy.bpf.netlink import ipv4_addresses
+from kproxy.config import DSR_MODES, AgentConfig
+from kproxy.store import ClusterStore
+from kproxy.sync import Syncer
+
+from .dataplane import Dataplane
+
+log = logging.getLogger("kproxy.agent")
+
+
+class DatapathConfig:
+    """kp_cfg_v1: what the agent keeps in it besides its flags (the DSR mode, the orphan window)."""
+
+    def __init__(self, cfg: AgentConfig, dataplane: Dataplane) -> None:
+        self.cfg = cfg
+        self.dataplane = dataplane
+        self.dsr_mode: str = cfg.dsr_mode
+        # CLOCK_MONOTONIC ns until which connections of deleted TCP frontends may still be alive
+        self.orphan_until_ns = 0
+
+    def write(self) -> None:
+        cfg = self.cfg
+        t = cfg.conntrack
+        maps = self.dataplane.maps
+        assert maps is not None, "write_config before setup_dataplane"
+        # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
+        upkeep.write_config(
+            maps, self.dataplane.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
+            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
+            snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
+            external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
+        )  # fmt: skip
+        # a predecessor's window (write_config keeps the later one) is this agent's to keep open
+        self.orphan_until_ns = maps.read_config().orphan_until_ns
+
+    # ---- runtime settings (the agent ConfigMap, through the Kubernetes source) ----
+    def apply_settings(self, settings: dict[str, str]) -> None:
+        # A deleted key (or ConfigMap) means the mode the agent was started with.
+        mode = settings.get("dsr-mode", self.cfg.dsr_mode).strip().lower() or "off"
+        if mode not in DSR_MODES:
+            log.error(
+                "ConfigMap key dsr-mode=%r is not one of off, opt, ipip: keeping %s", mode, self.dsr_mode
+            )
+            return
+        if mode == self.dsr_mode:
+            return
+        old, self.dsr_mode = self.dsr_mode, mode
+        self.write()
+        log.info("DSR mode %s -> %s (new flows only; flows in progress keep their mode)", old, mode)
+
+    # ---- connections of deleted TCP frontends ----
+    def frontends_removed(self) -> None:
+        """TCP frontends were deleted: their established connections continue (as kube-proxy's conntrack
+        keeps them) while one could still be alive, the established TCP conntrack timeout. Until then
+        kp_from_netdev looks up TCP packets that match no frontend in conntrack."""
+        tcp = self.cfg.conntrack.tcp or abi.CT_TCP_TIMEOUT_DEFAULT
+        self.orphan_until_ns = time.monotonic_ns() + tcp * 1_000_000_000
+        self.write()
+
+    def keep_orphan_window(self, syncer: Syncer | None) -> None:
+        """Connections of deleted TCP frontends live as long as they send (their conntrack entries are
+        refreshed): as the window closes, it stays open while any of them is alive."""
+        left = self.orphan_until_ns - time.monotonic_ns()
+        if not self.orphan_until_ns or left > 2 * self.cfg.sweep_interval * 1e9 or syncer is None:
+            return
+        maps = self.dataplane.maps
+        assert maps is not None, "the syncer is made from the maps"
+        alive = upkeep.orphaned_tcp_flows(maps.ct4, set(syncer.service_ports()))
+        if alive:
+            log.info("%d connections of deleted Service ports still live: kept translating them", alive)
+            self.frontends_removed()
+        elif left <= 0:
+            self.orphan_until_ns = 0
+
+
+class Sweeper:
+    """The periodic chores, every --sweep-interval seconds."""
+
+    def __init__(self, cfg: AgentConfig, dataplane: Dataplane, config: DatapathConfig) -> None:
+        self.cfg = cfg
+        self.dataplane = dataplane
+        self.config = config
+
+    async def read_host_addresses(self, store: ClusterStore) -> None:
+        """With --nodeport-addresses, NodePorts are served on every interface address in those CIDRs:
+        read them (at start and every sweep interval, so an address added later is picked up). In a
+        thread: pyroute2 runs an event loop of its own."""
+        if not self.cfg.nodeport_addresses:
+            return
+        try:
+            addrs = await asyncio.to_thread(ipv4_addresses)
+        except OSError as e:
+            log.warning("cannot read this node's addresses for --nodeport-addresses: %s", e)
+            return
+        if store.set_host_addresses(addrs):
+            log.info("node addresses: %s", ", ".join(sorted(addrs)) or "none")
+
+    async def run(self, store: ClusterStore, syncer: Callable[[], Syncer | None]) -> None:
+        """Sweep forever; SYNCER gives the sync loop's syncer (None until it made it)."""
+        maps = self.dataplane.maps
+        assert maps is not None, "sweep_loop runs after setup_dataplane (see run)"
+        while True:
+            await asyncio.sleep(self.cfg.sweep_interval)
+            await self.read_host_addresses(store)
+            self.dataplane.check_forwarding()
+            try:
+                n = upkeep.sweep_conntrack(maps.ct4)
+                snat4 = getattr(maps, "snat4", None)
+                ns = upkeep.sweep_snat(snat4) if snat4 is not None else 0
+                self.config.keep_orphan_window(syncer())
+            except OSError as e:
+                log.warning("conntrack sweep failed: %s", e)
+                continue
+            if n or ns:
+                log.debug("swept %d expired conntrack and %d SNAT entries", n, ns)

@@ -1,0 +1,167 @@
+"""What the Kubernetes source holds of the cluster (the last resourceVersion applied per object, the
+deletions it saw), and the one place that writes it to the store, through the store's SourceSink."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kproxy.sources.kube.config import SourceMetrics
+from kproxy.sources.kube.objects import (
+    InvalidServiceCIDR,
+    display,
+    node_eligible,
+    node_info,
+    resource_version,
+    service_cidr_owner,
+    service_cidrs_of,
+)
+from kproxy.store import SourceSink
+
+log = logging.getLogger("kproxy.sources.kube")
+
+# an object: (kind, namespace, name)
+Key = tuple[str, str, str]
+
+
+class ObjectView:
+    """Applies Kubernetes objects to the store, each only when newer than what was applied before.
+
+    Every object carries a resourceVersion: the last one applied per object is kept and anything not
+    newer is ignored, so the LIST and the watch can race freely and re-listings cost no store work
+    and no log line. Only ever used from the agent's loop.
+    """
+
+    def __init__(
+        self,
+        store: SourceSink,
+        *,
+        node_name: str,
+        settings_configmap: str,
+        metrics: SourceMetrics | None,
+        on_settings: Callable[[dict[str, str]], None] | None,
+        on_node_eligible: Callable[[bool], None] | None,
+    ) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.settings_configmap = settings_configmap  # "namespace/name", for the log
+        self.metrics = metrics
+        self.on_settings = on_settings
+        self.on_node_eligible = on_node_eligible
+        # resourceVersion last applied per (kind, namespace, name); None for opaque versions.
+        self.seen: dict[Key, int | None] = {}
+        # Deletions seen by the watch, so that an older LIST page cannot resurrect the object.
+        self.tombstones: dict[Key, int] = {}
+        self._settings: dict[str, str] | None = None
+        self._node_eligible: bool | None = None
+
+    def count(self, kind: str) -> int:
+        """How many objects of KIND are held."""
+        return sum(1 for k in self.seen if k[0] == kind)
+
+    def upsert(self, key: Key, raw: dict[str, Any], quiet: bool) -> bool:
+        rv = resource_version(raw)
+        if rv is not None:
+            last = self.seen.get(key)
+            if last is not None and last >= rv:
+                return False  # already applied (a re-listing, or the LIST raced the watch)
+            gone = self.tombstones.get(key)
+            if gone is not None and gone >= rv:
+                return False  # an older copy of an object the watch saw deleted
+        existed = key in self.seen
+        self.seen[key] = rv
+        self.tombstones.pop(key, None)
+        kind, ns, name = key
+        detail = ""
+        try:
+            if kind == "Service":
+                self.store.upsert_service(raw, origin="kubernetes")
+            elif kind == "Node":
+                self.store.upsert_node(raw, origin="kubernetes")
+            elif kind == "ServiceCIDR":
+                cidrs = service_cidrs_of(raw, name)
+                try:
+                    self.store.set_service_cidrs(service_cidr_owner(name), cidrs)
+                except ValueError as e:
+                    raise InvalidServiceCIDR(name, f"spec.cidrs {cidrs}: {e}", "invalid_cidr") from e
+                detail = ": " + ", ".join(cidrs)
+            else:
+                self.store.upsert_slice(raw, origin="kubernetes")
+        except InvalidServiceCIDR as e:  # the store only raises: count it as it counts the others
+            log.warning("%s", e)
+            self.store.skipped[(kind, e.reason)] += 1
+            return True
+        except ValueError as e:  # kproxy.model.ModelError and friends: the store names the problem
+            log.warning("%s", e)
+            self.count_skipped(kind, getattr(e, "reason", "invalid"))
+            return True
+        if not quiet and log.isEnabledFor(logging.DEBUG):  # a line per event costs as much as the event
+            log.debug("%s %s%s", display(kind, ns, name), "updated" if existed else "added", detail)
+        return True
+
+    def delete(self, key: Key, rv: int | None, quiet: bool) -> None:
+        if rv is not None:
+            last = self.seen.get(key)
+            if last is not None and last > rv:
+                return
+            self.tombstones[key] = rv
+        if key not in self.seen:
+            return
+        del self.seen[key]
+        kind, ns, name = key
+        if kind == "Service":
+            self.store.delete_service(ns, name)
+        elif kind == "Node":
+            self.store.delete_node(name)
+        elif kind == "ServiceCIDR":
+            self.store.delete_service_cidrs(service_cidr_owner(name))
+        else:
+            self.store.delete_slice(ns, name)
+        if not quiet:
+            log.debug("%s deleted", display(kind, ns, name))
+
+    def apply_node(self, raw: dict[str, Any], deleted: bool) -> None:
+        if deleted:
+            eligible = False
+        else:
+            self.store.set_node(node_info(raw))
+            eligible = node_eligible(raw)
+        if eligible != self._node_eligible:
+            self._node_eligible = eligible
+            if not eligible:
+                log.warning("node %s is being deleted or drained: /healthz will fail", self.node_name)
+            if self.on_node_eligible is not None:
+                self.on_node_eligible(eligible)
+
+    def apply_settings(self, data: dict[str, Any]) -> None:
+        settings = {str(k): str(v) for k, v in data.items()}
+        if settings == self._settings:
+            return
+        self._settings = settings
+        log.info("runtime settings from ConfigMap %s: %s", self.settings_configmap, settings or "defaults")
+        if self.on_settings is not None:
+            try:
+                self.on_settings(settings)
+            except Exception:
+                log.exception("applying runtime settings %s failed; keeping the previous ones", settings)
+
+    def count_skipped(self, kind: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.object_skipped(kind, reason)
+
+    def sweep(self, kind: str, listed: set[Key], list_rv: int | None, quiet: bool) -> int:
+        """After a full LIST of KIND (its snapshot at LIST_RV): delete what is held that the LIST does
+        not have (and is not newer than it), forget the deletions it covers. Returns the deleted count."""
+        deleted = 0
+        for key, seen_rv in list(self.seen.items()):
+            if key[0] != kind or key in listed:
+                continue
+            if list_rv is not None and seen_rv is not None and seen_rv > list_rv:
+                continue  # created after the LIST's snapshot
+            self.delete(key, list_rv, quiet=quiet)
+            deleted += 1
+        for key, gone_rv in list(self.tombstones.items()):
+            if key[0] == kind and list_rv is not None and gone_rv <= list_rv:
+                del self.tombstones[key]
+        return deleted
