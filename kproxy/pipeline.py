@@ -11,13 +11,14 @@ from kproxy import abi
 from kproxy.desired import Frontend
 from kproxy.heap import gc_paused, trim_heap
 from kproxy.sync import ApplyReport, Syncer
-from kproxy.sync.syncer import APPLY_CHUNK
 from kproxy.translate import TranslateConfig, TranslateError, translate_service
 
 if TYPE_CHECKING:  # the store calls nothing here, the agent hands it over: no import at run time
     from kproxy.store import ClusterStore
 
 log = logging.getLogger(__name__)
+
+TRIM_AFTER = 1000  # Services applied by one sync beyond which the C heap is trimmed (see trim_heap)
 
 
 def sync_dirty(
@@ -30,7 +31,7 @@ def sync_dirty(
     """
     with gc_paused():
         report = _sync_dirty(store, syncer, cfg, full)
-    if report.services >= APPLY_CHUNK:
+    if report.services >= TRIM_AFTER:
         trim_heap()  # what a big apply's plans freed, see trim_heap
     return report
 

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ from kproxy.model import EndpointSlice, ModelError, NodeInfo, Service, parse_end
 from kproxy.translate import skip_reason
 
 log = logging.getLogger(__name__)
+_intern = sys.intern
 
 
 class SourceSink(Protocol):
@@ -61,8 +63,9 @@ class ClusterStore:
         # Services with a healthCheckNodePort (the health servers look at these only, not at all)
         self.health_check_keys: set[str] = set()
         self.slices: dict[str, EndpointSlice] = {}  # "ns/name" -> slice
-        self._slice_owner: dict[str, str] = {}  # slice key -> service key
-        self._by_service: dict[str, dict[str, EndpointSlice]] = {}
+        # service key -> its slices' keys, in the order they came (a tuple of one is 48 bytes, a dict
+        # 224: 10,000s of Services). A slice's owner is its service_key.
+        self._by_service: dict[str, tuple[str, ...]] = {}
         self.node: NodeInfo = node or NodeInfo(name="")
         self._dirty: dict[str, float] = {}  # service key -> monotonic time of its first unsynced change
         # when set, the monotonic time the change being applied was received (a watch event's arrival),
@@ -134,7 +137,8 @@ class ClusterStore:
 
     # ---- the view ----
     def slices_of(self, service_key: str) -> list[EndpointSlice]:
-        return list(self._by_service.get(service_key, {}).values())
+        slices = self.slices
+        return [slices[k] for k in self._by_service.get(service_key, ())]
 
     def view(self, service_key: str) -> tuple[Service | None, list[EndpointSlice]]:
         return self.services.get(service_key), self.slices_of(service_key)
@@ -165,7 +169,7 @@ class ClusterStore:
         return True
 
     def _put_service(self, svc: Service) -> None:
-        key = svc.key
+        key = _intern(svc.key)  # one string for the store's, the syncer's and its slices' tables
         old = self.services.get(key)
         if old == svc:
             return
@@ -243,30 +247,39 @@ class ClusterStore:
         key = es.key
         svc_key = es.service_key
         assert svc_key is not None
-        if self.slices.get(key) == es:
+        old = self.slices.get(key)
+        if old == es:
             return
-        old_owner = self._slice_owner.get(key)
-        if old_owner is not None and old_owner != svc_key:
-            self._unindex_slice(key, old_owner)
+        svc_key = _intern(svc_key)
+        if old is not None:
+            old_owner = old.service_key
+            if old_owner != svc_key:
+                assert old_owner is not None
+                self._unindex_slice(key, old_owner)
+                old = None
         self.slices[key] = es
-        self._slice_owner[key] = svc_key
-        self._by_service.setdefault(svc_key, {})[key] = es
+        if old is None:  # else it is listed already
+            self._by_service[svc_key] = (*self._by_service.get(svc_key, ()), key)
         self.last_error.pop(f"EndpointSlice {key}", None)
         self._mark(svc_key)
 
     def _unindex_slice(self, key: str, owner: str) -> None:
         group = self._by_service.get(owner)
         if group is not None:
-            group.pop(key, None)
-            if not group:
+            rest = tuple(k for k in group if k != key)
+            if rest:
+                self._by_service[owner] = rest
+            else:
                 del self._by_service[owner]
         self._mark(owner)
 
     def delete_slice(self, namespace: str, name: str) -> bool:
         key = f"{namespace}/{name}"
-        if self.slices.pop(key, None) is None:
+        old = self.slices.pop(key, None)
+        if old is None:
             return False
-        owner = self._slice_owner.pop(key)
+        owner = old.service_key
+        assert owner is not None
         self._unindex_slice(key, owner)
         return True
 
@@ -311,8 +324,9 @@ class ClusterStore:
             self.node_addrs[name] = address
         self.node_addrs_version += 1
         now = time.monotonic()
+        slices = self.slices
         for skey, group in self._by_service.items():
-            if any(ep[2] == name for es in group.values() for ep in es.endpoints):
+            if any(ep[2] == name for k in group for ep in slices[k].endpoints):
                 self._mark(skey, now)
 
     def upsert_node(self, raw: Any, origin: str | None = None) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from kproxy.model.compact import CONDITIONS as _CONDS
 from kproxy.model.compact import CONDITIONS_DEFAULT as _COND_DEFAULT
+from kproxy.model.compact import EMPTY_LIST as _EMPTY_LIST
 from kproxy.model.compact import EMPTY_META as _EMPTY_DICT
 from kproxy.model.compact import STATUS_DEFAULT as _STATUS_DEFAULT
 from kproxy.model.compact import (
@@ -37,6 +38,7 @@ from kproxy.model.compact import (
 )
 from kproxy.model.compact import kept_meta as _kept
 from kproxy.model.compact import pack_rows as _pack_rows
+from kproxy.model.compact import shared_list as _shared_list
 from kproxy.model.names import IPV4_EXACT as _V4
 from kproxy.model.names import MAX_AFFINITY_TIMEOUT, MAX_SERVICE_PORTS
 
@@ -83,8 +85,8 @@ def _is_ip(v: Any) -> bool:
 
 
 def _ip_list(v: Any) -> list[str] | None:
-    if v is None:
-        return []
+    if v is None or v == []:
+        return _EMPTY_LIST
     if type(v) is not list:
         return None
     for ip in v:
@@ -127,8 +129,8 @@ def _fast_service_port(p: Any) -> ServicePort | None:
 
 
 def _fast_cluster_ips(cips: Any) -> list[str] | None:
-    if cips is None:
-        return []
+    if cips is None or cips == []:
+        return _EMPTY_LIST
     if type(cips) is not list:
         return None
     for ip in cips:
@@ -139,17 +141,17 @@ def _fast_cluster_ips(cips: Any) -> list[str] | None:
 
 def _fast_families(fams: Any) -> list[str] | None:
     if fams is None:
-        return []
+        return _EMPTY_LIST
     if type(fams) is not list or any(f != "IPv4" and f != "IPv6" for f in fams):
         return None
-    return [_intern(f) for f in fams]
+    return _shared_list([_intern(f) for f in fams])
 
 
 def _fast_ports(raw_ports: Any) -> list[ServicePort] | None:
     """The Service's ports, checked as the schema's _ports_consistent does."""
     ports: list[ServicePort] = []
     if raw_ports is None:
-        return ports
+        return _EMPTY_LIST
     if type(raw_ports) is not list or len(raw_ports) > MAX_SERVICE_PORTS:
         return None
     seen_port = set()
@@ -165,7 +167,7 @@ def _fast_ports(raw_ports: Any) -> list[ServicePort] | None:
         ports.append(sp)
     if len(ports) > 1 and "" in seen_name:
         return None
-    return ports
+    return _shared_list(ports)
 
 
 def _fast_affinity_config(sac: Any) -> SessionAffinityConfig | None:
@@ -185,11 +187,11 @@ def _fast_affinity_config(sac: Any) -> SessionAffinityConfig | None:
 
 def _fast_ranges(ranges: Any) -> list[str] | None:
     if ranges is None:
-        return []
+        return _EMPTY_LIST
     if type(ranges) is not list:
         return None
     if not ranges:
-        return ranges
+        return _EMPTY_LIST
     for cidr in ranges:
         if type(cidr) is not str:
             return None
@@ -246,6 +248,8 @@ def _fast_spec(spec: Any) -> ServiceSpec | None:
         return None
     if en is not None and type(en) is not str:
         return None
+    if cips and cips[0] == cip:
+        cips[0] = cip  # one string for both (cips is our copy)
     return ServiceSpec(
         _intern(stype), cip, cips, fams, ports, ext, _intern(affinity), sac, etp, itp, hc, ranges,
         alloc, td, en,
@@ -371,7 +375,7 @@ def _fast_endpoints(raw_eps: Any, v4: bool) -> list[_Row] | None:
 def _fast_endpoint_ports(raw_ports: Any) -> list[EndpointPort] | None:
     ports: list[EndpointPort] = []
     if raw_ports is None:
-        return ports
+        return _EMPTY_LIST
     if type(raw_ports) is not list:
         return None
     for p in raw_ports:
@@ -387,7 +391,7 @@ def _fast_endpoint_ports(raw_ports: Any) -> list[EndpointPort] | None:
         if (port is not None and not _port(port)) or protocol not in _PROTOCOLS:
             return None
         ports.append(EndpointPort(_intern(name), port, _intern(protocol)))
-    return ports
+    return _shared_list(ports)
 
 
 def _fast_slice(raw: dict[str, Any]) -> EndpointSlice | None:

@@ -34,6 +34,7 @@ from kproxy.model.compact import (
 )
 from kproxy.model.compact import kept_meta as _kept
 from kproxy.model.compact import pack_rows as _pack_rows
+from kproxy.model.compact import shared_list as _shared
 from kproxy.model.errors import ModelError
 from kproxy.model.fastpath import _fast_service, _fast_slice
 from kproxy.model.schema import _Model, _SEndpointSlice, _SObjectMeta, _SService
@@ -123,11 +124,15 @@ def _service_from_schema(m: _SService) -> Service:
     if s.session_affinity_config is not None:
         ci = s.session_affinity_config.client_ip
         sac = SessionAffinityConfig(None if ci is None else ClientIPConfig(ci.timeout_seconds))
+    cips = list(s.cluster_ips)
+    if cips and cips[0] == s.cluster_ip:
+        cips[0] = s.cluster_ip  # one string for both, as the fast path keeps them
     spec = ServiceSpec(
-        s.type, s.cluster_ip, list(s.cluster_ips), list(s.ip_families),
-        [ServicePort(p.name, p.protocol, p.port, p.target_port, p.node_port) for p in s.ports],
-        list(s.external_ips), s.session_affinity, sac, s.external_traffic_policy, s.internal_traffic_policy,
-        s.health_check_node_port, list(s.load_balancer_source_ranges), s.allocate_load_balancer_node_ports,
+        s.type, s.cluster_ip, cips or _shared(cips), _shared(list(s.ip_families)),
+        _shared([ServicePort(p.name, p.protocol, p.port, p.target_port, p.node_port) for p in s.ports]),
+        list(s.external_ips) or _shared([]), s.session_affinity, sac, s.external_traffic_policy,
+        s.internal_traffic_policy, s.health_check_node_port,
+        list(s.load_balancer_source_ranges) or _shared([]), s.allocate_load_balancer_node_ports,
         s.traffic_distribution, s.external_name,
     )  # fmt: skip
     ing = m.status.load_balancer.ingress
@@ -157,6 +162,6 @@ def _slice_from_schema(m: _SEndpointSlice) -> EndpointSlice:
                 None if e.zone is None else _intern(e.zone), hints,
             )
         )  # fmt: skip
-    ports = [EndpointPort(p.name, p.port, p.protocol) for p in m.ports]
+    ports = _shared([EndpointPort(p.name, p.port, p.protocol) for p in m.ports])
     packed = _pack_rows(eps) if m.address_type == "IPv4" else None
     return EndpointSlice(_meta_from_schema(m.metadata), m.address_type, packed or eps, ports)

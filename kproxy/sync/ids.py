@@ -25,8 +25,6 @@ from kproxy.sync.state import (
     NODE_MASK,
     NODE_SHIFT,
     PROTO,
-    REF1,
-    VAL_MASK,
     BKey,
     BVal,
     Fe,
@@ -37,6 +35,7 @@ from kproxy.sync.state import (
     bkey,
     key_of_val,
 )
+from kproxy.sync.table import BackendTable
 
 _UNPACK_U32 = abi.unpack_u32
 _inet_aton = socket.inet_aton
@@ -54,8 +53,9 @@ class BackendIds:
         # ids adopt() found, by (address, port, protocol) (the maps do not hold node names): the first
         # plan that wants such a backend takes the id over, so a restart keeps ids and flows
         self.adopted: dict[BKey, list[int]] = {}
-        # backend id -> programmed kp_be4 value | services referencing it << REFS_SHIFT
-        self.vals: dict[int, BVal] = {}
+        # backend id -> programmed kp_be4 value | services referencing it << REFS_SHIFT (packed: see
+        # kproxy.sync.table)
+        self.vals = BackendTable()
         self.next = 1
         # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
         # node the table does not list (yet)
@@ -131,7 +131,7 @@ class BackendIds:
     def ids_of(self, backends: Iterable[BackendRef], plan: Plan) -> set[int]:
         """The backend ids of `backends`, allocating new ones; records their kp_be4 values in the plan."""
         ids = self.ids
-        programmed = self.vals
+        programmed_value = self.vals.value
         be_vals = plan.be_vals
         be_puts = plan.be_puts
         out = set()
@@ -166,8 +166,8 @@ class BackendIds:
                     be_vals[bid] = be_puts[bid] = val
                 elif bid not in be_vals:
                     be_vals[bid] = val
-                    prev = programmed.get(bid)
-                    if prev is None or prev & VAL_MASK != val:
+                    prev = programmed_value(bid)  # without the count
+                    if prev is None or prev != val:
                         be_puts[bid] = val
                 out.add(bid)
         finally:
@@ -179,33 +179,28 @@ class BackendIds:
         """Record a written plan's kp_be4 values and references; return ids that lost their last one."""
         maybe_free: set[int] = set()
         vals = self.vals
-        vals_get = vals.get
         puts = p.be_puts
-        if vals.keys().isdisjoint(puts):  # all new (the cold start): nothing to keep
+        if vals.isdisjoint(puts):  # all new (the cold start): nothing to keep
             vals.update(puts)
         else:
+            put = vals.put_keeping_count
             for bid, v in puts.items():
-                prev = vals_get(bid)
-                vals[bid] = v if prev is None else v | (prev - (prev & VAL_MASK))  # keeps the count
+                put(bid, v)
         old_be = p.old.backends
         new_be = p.new.backends
         # every id a plan references is programmed or in its be_puts, so in vals by now
+        add_ref = vals.add_ref
         for bid in new_be if not old_be else [b for b in new_be if b not in old_be]:
-            vals[bid] += REF1
+            add_ref(bid)
+        drop_ref = vals.drop_ref
         for bid in [b for b in old_be if b not in new_be]:
-            cur = vals_get(bid)
-            if cur is None:
-                continue
-            if cur < REF1 * 2:  # this was the last reference
-                vals[bid] = cur & VAL_MASK
+            if drop_ref(bid):  # this was the last reference
                 maybe_free.add(bid)
-            else:
-                vals[bid] = cur - REF1
         return maybe_free
 
     def unreferenced(self, ids: Iterable[int]) -> set[int]:
-        vals_get = self.vals.get
-        return {b for b in ids if vals_get(b, 0) < REF1}
+        refs = self.vals.refs
+        return {b for b in ids if not refs(b)}
 
     def forget_unprogrammed(self) -> None:
         """Ids allocated by plans that were not admitted, and never programmed, are forgotten."""

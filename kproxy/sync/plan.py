@@ -20,6 +20,18 @@ _PACK_U32 = abi.pack_u32
 _PACK_U16 = abi.pack_u16
 
 
+# port -> its NBO int: one int object for every frontend key on that port (FKeys live as long as
+# their Services; 10,000s of them on port 80 or 443)
+_NBO_PORTS: dict[int, int] = {}
+
+
+def _nbo_port(port: int) -> int:
+    nbo = _htons(port)
+    if len(_NBO_PORTS) < 65536:
+        _NBO_PORTS[port] = nbo
+    return nbo
+
+
 def svc4_key(fk: FKey, slot: int) -> bytes:
     return _PACK_SVC4_KEY(fk[0], fk[1], slot, fk[2], fk[3])
 
@@ -43,11 +55,18 @@ def plan_service(
     memo: dict[int, tuple[int, ...]] = {}  # id(fe.backends) -> slots; fe alive meanwhile
     be_ids = backends.ids_of
     sids = svc_ids.ids
+    sid_port = svc_ids.owner
     for fe in frontends:
         proto = PROTO.get(fe.protocol)
         if proto is None:
             raise ValueError(f"frontend {fe.address}:{fe.port} has unsupported protocol {fe.protocol}")
-        fk = (_UNPACK_U32(_inet_aton(fe.address))[0], _htons(fe.port), proto, int(fe.scope))
+        port = fe.port
+        fk = (
+            _UNPACK_U32(_inet_aton(fe.address))[0],
+            _NBO_PORTS.get(port) or _nbo_port(port),
+            proto,
+            int(fe.scope),
+        )
         fk_owner = owner.get(fk)
         if fk_owner is not None and fk_owner != service and fk_owner != ORPHANS:
             plan.conflicts.append(fk)
@@ -55,7 +74,13 @@ def plan_service(
         if fk in new.frontends:
             continue
         sp = (service, fe.port_name, proto)
-        sid = sids.get(sp) or plan.svc_ids.get(sp) or svc_ids.alloc(sp, fk, plan, old, orphans)
+        sid = sids.get(sp)
+        if sid:
+            held = sid_port.get(sid)
+            if held == sp:
+                sp = held  # the tuple the tables hold already: one per port, not one per plan
+        else:
+            sid = plan.svc_ids.get(sp) or svc_ids.alloc(sp, fk, plan, old, orphans)
         new.svc_ports.add(sp)  # type: ignore[union-attr]  # a set while planned
         fe_backends = fe.backends
         # translate hands the same backends tuple to several frontends (ClusterIP, NodePorts...)

@@ -3,6 +3,7 @@ plan (what one apply writes for one Service) and the report of an apply."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from kproxy import abi
@@ -69,12 +70,27 @@ class Svc:
     frontends: dict[FKey, Fe] = field(default_factory=dict)
     # every id referenced (slots and retained); a set while planned, a tuple once committed
     backends: set[int] | tuple[int, ...] = field(default_factory=set)
-    # svc_id -> ids in its slots; sets while planned, tuples once committed
-    active: dict[int, set[int]] | dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # svc_id -> ids in its slots, sets while planned; None once committed: then the union of the slots
+    # of its frontends with that svc_id, which it always is (see active_ids); a dict per Service less
+    active: dict[int, set[int]] | None = field(default_factory=dict)
     svc_ports: set[SvcPort] | tuple[SvcPort, ...] = field(default_factory=set)  # a tuple once committed
 
+    def active_ids(self) -> Mapping[int, Collection[int]]:
+        """svc_id -> the backend ids in its slots."""
+        if self.active is not None:
+            return self.active
+        out: dict[int, Collection[int]] = {}
+        for fe in self.frontends.values():
+            got = out.get(fe.svc_id)
+            if got is None:
+                out[fe.svc_id] = fe.slots
+            else:
+                out[fe.svc_id] = {*got, *fe.slots}
+        return out
+
     def compact(self) -> Svc:
-        """The committed form: tuples take a sixth of the memory of small sets (10,000s of services)."""
+        """The committed form: tuples take a sixth of the memory of small sets (10,000s of services);
+        `active` is left to be worked out from the frontends when asked (active_ids)."""
         # Most services' backends and active ids equal one frontend's slots: share that tuple.
         by_len: dict[int, tuple[int, ...]] = {}
         for fe in self.frontends.values():
@@ -87,7 +103,7 @@ class Svc:
             return t if t is not None and ids.issuperset(t) else tuple(ids)  # type: ignore[union-attr]
 
         self.backends = share(self.backends)
-        self.active = {sid: share(ids) for sid, ids in self.active.items()}
+        self.active = None
         self.svc_ports = tuple(self.svc_ports)  # a set of one is 216 bytes
         return self
 

@@ -16,14 +16,16 @@ from kproxy.sync import writer
 from kproxy.sync.ids import BackendIds, ServiceIds, adopt_frontends
 from kproxy.sync.lbsrc import SourceRangeSync, Staged
 from kproxy.sync.plan import plan_service
-from kproxy.sync.state import ORPHANS, PROTO, REF1, ApplyReport, FKey, Plan, Svc, SvcPort
+from kproxy.sync.state import ORPHANS, PROTO, ApplyReport, FKey, Plan, Svc, SvcPort
 from kproxy.sync.svcnet import ServiceSpaceSync
 from kproxy.sync.writer import Flush, MapSet
 
 log = logging.getLogger(__name__)
 
-# Services planned, written and committed per batch when an apply has more (see Syncer._apply)
-APPLY_CHUNK = 1000
+# Services planned, written and committed per batch when an apply has more (see Syncer._apply). 250
+# rather than 1,000: a burst of 5,000 changed Services peaked 6 MB lower (that peak stays as RSS), the
+# same CPU per change.
+APPLY_CHUNK = 250
 
 
 class Syncer:
@@ -98,7 +100,7 @@ class Syncer:
         vals = self._backends.vals
         orphans.backends = set(vals)
         for bid in orphans.backends:
-            vals[bid] += REF1
+            vals.add_ref(bid)
         self._services[ORPHANS] = orphans
         self._lbsrc.adopt(fe.svc_id for fe in orphans.frontends.values())
         self.svcnet.adopt()

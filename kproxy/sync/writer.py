@@ -14,6 +14,7 @@ from kproxy import abi
 from kproxy.bpf.mapapi import MapOps
 from kproxy.sync.ids import BackendIds
 from kproxy.sync.state import ApplyReport, BVal, Plan, bval_proto, pack_be4
+from kproxy.sync.table import BackendTable
 
 _KS = abi.SVC4_KEY_SIZE
 _PACK_BE4_KEY = abi.pack_be4_key
@@ -98,7 +99,7 @@ def count_writes(plans: list[Plan], report: ApplyReport) -> None:
     report.svc4_deletes += sum(n_keys(p.slot_dels) + n_keys(p.fe_dels) for p in plans)
 
 
-def undo(m: MapSet, p: Plan, programmed: dict[int, BVal]) -> None:
+def undo(m: MapSet, p: Plan, programmed: BackendTable) -> None:
     """Take back what a failed plan may have written: new keys go, rewritten keys get their old value."""
     if p.new_svc4_keys:
         m.svc4.delete_many(split_keys(p.new_svc4_keys))
@@ -148,7 +149,7 @@ def free_and_flush(
     aff_backends: set[int] = set()
     if affinity_sids:
         for p in plans:
-            for sid, ids in p.old.active.items():
+            for sid, ids in p.old.active_ids().items():
                 if sid in affinity_sids:
                     aff_backends.update(ids)
     if freed:
@@ -165,8 +166,9 @@ def free_and_flush(
     aff_pairs = flush.aff_pairs
     vals = backends.vals
     for p in plans:
-        for sid, ids in p.old.active.items():
-            gone = set(ids).difference(p.new.active.get(sid, ()))
+        new_active = p.new.active_ids()
+        for sid, ids in p.old.active_ids().items():
+            gone = set(ids).difference(new_active.get(sid, ()))
             for b in gone:
                 if b in freed:
                     continue

@@ -168,3 +168,56 @@ def test_uniform_node_is_stored_once_and_unusual_slices_stay_lists() -> None:
     assert type(fqdn.endpoints) is list
     empty = parse_endpoint_slice(slice_raw([]))
     assert list(empty.endpoints) == []
+
+
+def test_backend_table_behaves_like_the_dict_it_replaced() -> None:
+    """kproxy.sync.table.BackendTable against a dict: random puts, counts and pops over sparse ids
+    (pages come and go), values using all three words."""
+    import random
+
+    from kproxy.sync.state import REF1, VAL_MASK
+    from kproxy.sync.table import PAGE, BackendTable
+
+    rng = random.Random(7)
+    t = BackendTable()
+    d: dict[int, int] = {}
+    for _ in range(20_000):
+        bid = rng.choice((rng.randrange(3 * PAGE), rng.randrange(1 << 20)))
+        op = rng.randrange(6)
+        if op == 0:
+            v = rng.getrandbits(rng.choice((30, 70, 130)))
+            t[bid] = d[bid] = v
+        elif op == 1:
+            v = rng.getrandbits(100)
+            t.put_keeping_count(bid, v)
+            prev = d.get(bid)
+            d[bid] = v if prev is None else v | (prev - (prev & VAL_MASK))
+        elif op == 2 and bid in d:
+            t.add_ref(bid)
+            d[bid] += REF1
+        elif op == 3:
+            cur = d.get(bid)
+            last = t.drop_ref(bid)
+            if cur is None:
+                assert last is None
+            elif cur < 2 * REF1:
+                assert last is True
+                d[bid] = cur & VAL_MASK
+            else:
+                assert last is False
+                d[bid] = cur - REF1
+        elif op == 4:
+            assert t.pop(bid, None) == d.pop(bid, None)
+        else:
+            t.update({bid: 5, bid + 1: 6})
+            d.update({bid: 5, bid + 1: 6})
+        assert t.get(bid) == d.get(bid) and (bid in t) == (bid in d)
+        assert t.refs(bid) == d.get(bid, 0) >> 128
+        assert t.value(bid) == (None if bid not in d else d[bid] & VAL_MASK)
+    assert len(t) == len(d) and list(t) == sorted(d) and dict(t.items()) == d and t == d
+    assert t.isdisjoint([-1, 1 << 40]) and not t.isdisjoint(list(d)[:1])
+    for bid in list(d):
+        del t[bid]
+    assert len(t) == 0 and not t._pages  # every page went with its last id
+    with pytest.raises(KeyError):
+        t.add_ref(1)
