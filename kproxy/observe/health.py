@@ -1,6 +1,6 @@
 """Health endpoints as kube-proxy (v1.33 and later) serves them, byte for byte.
 
-HealthServer: `/healthz` and `/livez` (default 0.0.0.0:10256), following kube-proxy's
+HealthServer: `/healthz` and `/livez` (on --health-bind-address), following kube-proxy's
 pkg/proxy/healthcheck/proxy_health.go. The proxy is healthy while no change has waited longer than
 `health_timeout` (60 s, kube-proxy's default) to be programmed: it is healthy while starting up and
 whenever it is fully synced. `/healthz` is also 503 while this Node is not eligible (being deleted,
@@ -146,8 +146,8 @@ class HealthServer:
 
     def __init__(
         self,
-        host: str = "0.0.0.0",
-        port: int = 10256,
+        host: str,  # the agent's --health-bind-address (kproxy.config.DEFAULT_HEALTH_BIND)
+        port: int,
         *,
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
         clock: Callable[[], float] = time.time,

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the agent (prometheus-client; default 127.0.0.1:10249/metrics).
+"""Prometheus metrics of the agent (prometheus-client; /metrics on --metrics-bind-address).
 
 Push-style metrics are updated by the agent as things happen (a sync, a skipped object, a source
 event); pull-style ones (map sizes, conntrack entries, the datapath counters of kp_stats_v1, objects
@@ -242,7 +242,9 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 10249) -> None:
+    async def start(self, host: str, port: int) -> None:
+        """Serve /metrics on the agent's --metrics-bind-address (kproxy.config.DEFAULT_METRICS_BIND)."""
+
         async def handle(request: web.Request) -> web.Response:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
