@@ -125,7 +125,7 @@ class Agent:
         self.datapath_config.keep_orphan_window(self.syncer)
 
     def write_metadata(self) -> None:
-        assert self.syncer is not None, "ids change only once sync_loop made the syncer"
+        assert self.syncer is not None, "ids change only once the sync loop made the syncer"
         self.syncloop.metadata.write(self.syncer)
 
     def make_file_source(self, source_dir: str) -> FileSource:

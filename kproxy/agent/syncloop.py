@@ -88,7 +88,7 @@ class SyncLoop:
             )  # fmt: skip
         for svc, why in report.failed.items():
             log.error("service %s not programmed: %s", svc, why)
-        assert self.syncer is not None, "ids change only once sync_loop made the syncer"
+        assert self.syncer is not None, "ids change only once the sync loop made the syncer"
         self.metadata.changed(self.syncer, at_once=full)
         await self.servers.observe_sync(report, t0, full, store)
 

@@ -115,7 +115,7 @@ class Sweeper:
     async def run(self, store: ClusterStore, syncer: Callable[[], Syncer | None]) -> None:
         """Sweep forever; SYNCER gives the sync loop's syncer (None until it made it)."""
         maps = self.dataplane.maps
-        assert maps is not None, "sweep_loop runs after setup_dataplane (see run)"
+        assert maps is not None, "the sweeper runs after the dataplane is set up (see Agent.run)"
         while True:
             await asyncio.sleep(self.cfg.sweep_interval)
             await self.read_host_addresses(store)

@@ -71,6 +71,3 @@ def version(cli: Cli) -> None:
         "python": sys.version.split()[0],
     }
     cli.emit(info, lambda i: "\n".join(f"{k}: {val}" for k, val in i.items()))
-
-
-COMMANDS = [cleanup_kube_proxy_cmd, cleanup, version]

@@ -79,7 +79,8 @@ class Cli:
     def metadata(self, svc4: Any = None) -> dict[int, dict[str, Any]]:
         """The agent's service names (services.json). Given the service map, the ids it holds that the
         file does not name yet are waited for, up to METADATA_WAIT_S: the agent writes the names of
-        new ids a moment after the ids (at most every few hundred milliseconds, Agent.metadata_changed).
+        new ids a moment after the ids (at most every few hundred milliseconds:
+        kproxy.agent.syncloop.ServiceMetadata.changed).
         No file (no agent wrote one): no wait."""
         meta = read_metadata(self.bpffs)
         if svc4 is None or not metadata_path(self.bpffs).exists():

@@ -227,6 +227,3 @@ def snat_rows(items: Any, now_ns: int | None = None) -> list[dict[str, Any]]:
             "seconds_left": round((v.expires_ns - now) / 1e9, 1),
         })  # fmt: skip
     return sorted(rows, key=lambda r: (r["backend"], r["snat"]))
-
-
-COMMANDS = [services, backends, conntrack, affinity, stats, status, nat]

@@ -310,7 +310,7 @@ def shared_list(items: list[Any]) -> list[Any]:
     """A list equal to `items` (hashable elements), the same object for equal values: never mutate it."""
     if not items:
         return EMPTY_LIST
-    key = (list, *items)
+    key = (list, tuple(map(type, items)), *items)  # by type too: ForZone("a") == ForNode("a"), True == 1
     got = _shared.get(key)
     if got is None:
         if len(_shared) >= SHARED_MAX:
@@ -321,11 +321,12 @@ def shared_list(items: list[Any]) -> list[Any]:
 
 def shared_tuple(items: tuple[Any, ...]) -> tuple[Any, ...]:
     """A tuple equal to `items` (hashable elements), the same object for equal values."""
-    got = _shared.get(items)
+    key = (tuple, tuple(map(type, items)), *items)
+    got = _shared.get(key)
     if got is None:
         if len(_shared) >= SHARED_MAX:
             _shared.clear()
-        got = _shared[items] = items
+        got = _shared[key] = items
     return got  # type: ignore[no-any-return]
 
 

@@ -8,7 +8,7 @@ directory derived from the bpffs path:
     /run/kproxy/<first 16 hex of sha256(real path of the bpffs dir)>/services.json
 
 (KPROXY_STATE_ROOT overrides /run/kproxy). The file is replaced atomically when service ids come or
-go (at most every few hundred milliseconds, see Agent.metadata_changed).
+go (at most every few hundred milliseconds, see ServiceMetadata.changed in kproxy/agent/syncloop.py).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from kproxy import abi
@@ -40,7 +41,11 @@ _EMPTY_SPAN = (0xFFFFFFFF, 0)  # lo > hi: no entry
 class ClusterView(Protocol):
     """What ServiceSpaceSync reads of the cluster view (kproxy.store.ClusterStore)."""
 
-    cluster_ips: Any  # Mapping[str, int]
+    @property
+    def cluster_ips(self) -> Mapping[str, int]: ...
+    @property
+    def foreign_cluster_ips(self) -> Mapping[str, int]: ...  # of Services another proxy serves
+
     cluster_ips_changed: set[str]
     service_cidrs_version: int
 
@@ -84,7 +89,7 @@ class ServiceSpaceSync:
         if not (changed or cidrs_changed or self._span is None):
             return 0
         cluster_ips = store.cluster_ips
-        foreign = getattr(store, "foreign_cluster_ips", {})
+        foreign = store.foreign_cluster_ips
         new_cidrs = self._cidrs
         considered: set[Key] = set()
         if cidrs_changed:

@@ -57,3 +57,34 @@ def test_a_new_field_is_a_new_flag() -> None:
     (opt,) = bindings(More)[-1].options
     assert opt.opts == ["--probe-interval"] and opt.default == 2.5 and opt.help == "Seconds between probes."
     assert isinstance(opt.type, click.FloatRange) and opt.type.min == 1
+
+
+def test_every_command_module_command_is_listed_and_loads_lazily() -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    import click
+
+    from kproxy.cli import COMMANDS, main
+
+    ctx = click.Context(main)
+    assert all(main.get_command(ctx, name) is not None for name in COMMANDS)
+    listed = set(COMMANDS.values())
+    for module in {m for m, _ in COMMANDS.values()}:
+        mod = importlib.import_module(f"kproxy.cli.{module}")
+        commands = {a: v for a, v in vars(mod).items() if isinstance(v, click.Command)}
+        sub = {id(c) for g in commands.values() if isinstance(g, click.Group) for c in g.commands.values()}
+        for attr, command in commands.items():
+            if id(command) not in sub and not attr.startswith("_"):
+                # a new top-level command must be listed in kproxy.cli.COMMANDS
+                assert (module, attr) in listed, f"kproxy.cli.{module}.{attr} is not in COMMANDS"
+    # `kproxy services` imports neither the lab nor the cleanup code
+    code = (
+        "import sys, kproxy.cli as c; c.main(['services', '-h'], standalone_mode=False); print(*sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "kproxy.cli.inspect" in out
+    assert "kproxy.lab.cluster" not in out and "kproxy.bpf.teardown" not in out

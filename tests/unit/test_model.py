@@ -305,3 +305,35 @@ def test_packed_addresses_round_trip_without_the_socket_module() -> None:
     assert [e.addresses[0] for e in es.endpoints] == addrs
     assert [es.endpoints[i].addresses[0] for i in range(len(addrs))] == addrs
     assert [row[0] for row in endpoint_rows(es.endpoints)] == addrs
+
+
+def test_shared_values_are_shared_by_type_and_never_mutated_by_a_sync() -> None:
+    from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.model import NodeInfo
+    from kproxy.model.compact import EMPTY_LIST, ForNode, ForZone, shared_list, shared_tuple
+    from kproxy.pipeline import sync_dirty
+    from kproxy.store import ClusterStore
+    from kproxy.sync import Syncer
+    from kproxy.translate import TranslateConfig
+
+    # equal values of other types are not handed out for each other
+    assert type(shared_list([ForZone("a")])[0]) is ForZone
+    assert type(shared_list([ForNode("a")])[0]) is ForNode
+    assert shared_list([True]) == [True] and shared_list([1])[0] is not True
+    assert (
+        type(shared_tuple((ForNode("b"),))[0]) is ForNode
+        and type(shared_tuple((ForZone("b"),))[0]) is ForZone
+    )
+    # equal values are one object
+    a = parse_service(svc_raw("a", ports=[{"name": "http", "port": 80}]))
+    b = parse_service(svc_raw("b", ports=[{"name": "http", "port": 80}]))
+    assert a.spec.ports is b.spec.ports and a.spec.external_ips is EMPTY_LIST
+    # the whole pipeline reads the shared lists without changing them
+    store = ClusterStore(NodeInfo(name="node-a", addresses=("192.168.0.10",)))
+    for i in range(20):
+        port = {"name": "http", "port": 80, "nodePort": 30000 + i}
+        store.upsert_service(svc_raw(f"s{i}", cluster_ip=f"10.96.0.{i + 1}", type="NodePort", ports=[port]))
+        store.upsert_slice(slice_raw(f"s{i}", f"s{i}-x", endpoints=[ep(f"10.0.0.{i + 1}", "node-a")]))
+    store.mark_initial_sync_done()
+    sync_dirty(store, Syncer(MemoryMapSet()), TranslateConfig(), full=True)
+    assert EMPTY_LIST == [] and a.spec.ports == [b.spec.ports[0]] and len(a.spec.ports) == 1

@@ -2,7 +2,7 @@
 /*
  * kproxy map ABI: every key, value, flag and size shared between the BPF
  * programs and the agent. This file is the one source of truth; the Python
- * mirror lives in kproxy/bpf/abi.py and tests/abi/ checks every size and
+ * mirror lives in kproxy/abi.py and tests/abi/ checks every size and
  * field offset of that mirror against the BTF of the built object.
  *
  * Rules: fixed-width fields, explicit padding, no bitfields. Each field says

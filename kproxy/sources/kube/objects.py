@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kproxy.model import ZONE_LABEL, NodeInfo
-
-TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+from kproxy.sources.nodes import TO_BE_DELETED_TAINT
 
 NODES = ("", "v1", "nodes")
 SERVICES = ("", "v1", "services")
@@ -115,11 +114,3 @@ def slim_node(raw: Mapping[str, Any], this_node: str) -> dict[str, Any]:
     elif isinstance(labels.get(ZONE_LABEL), str):
         slim_meta["labels"] = {ZONE_LABEL: labels[ZONE_LABEL]}
     return out
-
-
-def node_eligible(raw: Mapping[str, Any]) -> bool:
-    """kube-proxy's /healthz rule: a node being deleted or drained by the autoscaler is not eligible."""
-    if (raw.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    taints = (raw.get("spec") or {}).get("taints") or []
-    return not any(isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT for t in taints)

@@ -11,12 +11,12 @@ from kproxy.sources.kube.config import SourceMetrics
 from kproxy.sources.kube.objects import (
     InvalidServiceCIDR,
     display,
-    node_eligible,
     node_info,
     resource_version,
     service_cidr_owner,
     service_cidrs_of,
 )
+from kproxy.sources.nodes import node_eligible
 from kproxy.store import SourceSink
 
 log = logging.getLogger("kproxy.sources.kube")
