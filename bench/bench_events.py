@@ -15,7 +15,8 @@ process run apart, so their CPU is not counted):
   update-10k    the steady-rate changes again, at 10,000 Services
   burst-10k     endpoint changes as fast as the writers go, at 10,000 Services
   churn-10k     1,000 Services and their slices deleted, then created again
-A phase ends when its last change is in the maps. RSS of the agent at 10,000 Services x N endpoints.
+A phase ends when its last change is in the maps. RSS of the agent at 10,000 Services x N endpoints,
+at the end and SETTLE_S later (after the agent's periodic memory chores).
 The agent's own programming histogram (watch event handed over -> maps written) is read from
 /metrics at the end.
 
@@ -63,6 +64,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 # agent CPU per created object at 1,000 and at 10,000 Services.
 REF_KUBE_PROXY_NFT_MS_PER_OBJECT = {"1k": 1.2 / 2 * 1000 / 1000, "10k": 108 / 18_000 * 1000}
 REF_KPROXY_BEFORE_MS_PER_OBJECT = {"1k": 6.7 / 2, "10k": 155 / 18}
+SETTLE_S = 6  # the agent's sweep interval (5 s), when it tidies its memory, and a second
 
 
 # ---- objects as a real API server holds them ----
@@ -520,6 +522,20 @@ class Bench:
         await self.quiesce()
         self.phase(name, len(ops) + len(create), cpu0, t0)
 
+    async def tracemalloc_snapshot(self, rename_to: str | None = None) -> None:
+        """Have the agent (under bench/tracemalloc_agent.py) write its snapshot; wait for it."""
+        assert self.agent is not None
+        done = Path(self.args.tracemalloc + ".done")
+        done.unlink(missing_ok=True)
+        os.kill(self.agent.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 300
+        while not done.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        if rename_to:
+            os.replace(self.args.tracemalloc, rename_to)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.args.tracemalloc + ".mallocstats", rename_to + ".mallocstats")
+
     async def run(self) -> dict[str, Any]:
         import aiohttp
 
@@ -530,6 +546,8 @@ class Bench:
         probe = Probe(self.bpffs)
         self.results["agent_rss_mb_idle"] = round(proc_rss_mb(self.agent.pid), 1)
         self.results["agent_rss_anon_mb_idle"] = round(proc_rss_mb(self.agent.pid, "RssAnon"), 1)
+        if args.smaps:  # and at idle, next to it
+            shutil.copyfile(f"/proc/{self.agent.pid}/smaps", args.smaps + ".idle")
         small = min(1000, args.services)
         conn = aiohttp.TCPConnector(limit=args.writers + 2)
         async with aiohttp.ClientSession(
@@ -541,19 +559,20 @@ class Bench:
                 await self.create_phase(http, probe, "create-10k", range(small, args.services))
                 await self.update_phase(http, probe, "update-10k", args.services)
             await self.burst_phase(http, probe, "burst-10k", args.services)
+            if args.tracemalloc:  # what churn adds: compare with the snapshot at the end
+                await self.tracemalloc_snapshot(args.tracemalloc + ".pre-churn")
             await self.churn_phase(http, probe, "churn-10k", args.services)
         self.results["agent_rss_mb_end"] = round(proc_rss_mb(self.agent.pid), 1)
         # anonymous (the agent's data and heap) vs file-backed (interpreter, shared libraries)
         self.results["agent_rss_anon_mb_end"] = round(proc_rss_mb(self.agent.pid, "RssAnon"), 1)
         self.results["agent_rss_file_mb_end"] = round(proc_rss_mb(self.agent.pid, "RssFile"), 1)
+        # and once the agent's periodic memory chores ran (every sweep interval, 5 s by default)
+        await asyncio.sleep(SETTLE_S)
+        self.results["agent_rss_mb_settled"] = round(proc_rss_mb(self.agent.pid), 1)
         if args.smaps:  # the agent's mappings with their resident sizes, for where RSS sits
             shutil.copyfile(f"/proc/{self.agent.pid}/smaps", args.smaps)
         if args.tracemalloc:
-            os.kill(self.agent.pid, signal.SIGUSR2)
-            done = Path(args.tracemalloc + ".done")
-            deadline = time.monotonic() + 300
-            while not done.exists() and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
+            await self.tracemalloc_snapshot()
         self.results["agent_programming_histogram"] = programming_histogram(self.metrics_port)
         probe.maps.close()
         return self.results
@@ -629,6 +648,8 @@ def summarize(res: dict[str, Any]) -> str:
         f" file-backed {res.get('agent_rss_file_mb_end')} MB;"
         f" idle {res.get('agent_rss_mb_idle')} MB, anonymous {res.get('agent_rss_anon_mb_idle')} MB)"
     )
+    settled = res.get("agent_rss_mb_settled")
+    lines.append(f"  agent RSS {SETTLE_S} s later (its memory chores ran): {settled} MB")
     return "\n".join(lines)
 
 
@@ -686,10 +707,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cprofile", metavar="FILE", help="run the agent's main thread under cProfile into FILE")
     ap.add_argument(
         "--tracemalloc", metavar="FILE",
-        help="run the agent under tracemalloc and write a snapshot of what it holds at the end to FILE",
+        help="run the agent under tracemalloc and write a snapshot of what it holds at the end to FILE "
+        "(and before the churn phase to FILE.pre-churn)",
     )  # fmt: skip
     ap.add_argument("--tracemalloc-frames", type=int, default=1, help="frames kept per allocation traced")
-    ap.add_argument("--smaps", metavar="FILE", help="copy the agent's /proc/PID/smaps at the end to FILE")
+    ap.add_argument(
+        "--smaps", metavar="FILE",
+        help="copy the agent's /proc/PID/smaps at the end to FILE (and at idle to FILE.idle)",
+    )  # fmt: skip
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--inside", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

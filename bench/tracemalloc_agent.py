@@ -2,7 +2,8 @@
 
     python bench/tracemalloc_agent.py SNAPSHOT FRAMES -m kproxy agent ...
 
-The snapshot is written to SNAPSHOT, then SNAPSHOT.done is created. Read it with
+The snapshot is written to SNAPSHOT and pymalloc's statistics to SNAPSHOT.mallocstats, then
+SNAPSHOT.done is created. Read it with
 `tracemalloc.Snapshot.load(SNAPSHOT)`. Tracing makes the agent several times slower and larger:
 use it to find what holds memory, not to measure CPU or RSS.
 """
@@ -10,6 +11,7 @@ use it to find what holds memory, not to measure CPU or RSS.
 from __future__ import annotations
 
 import gc
+import os
 import runpy
 import signal
 import sys
@@ -27,6 +29,15 @@ def main() -> None:
     def dump(_sig: int, _frame: FrameType | None) -> None:
         gc.collect()
         tracemalloc.take_snapshot().dump(snapshot)
+        # pymalloc's arenas, pools and free blocks (what no snapshot shows: the allocator's slack)
+        saved = os.dup(2)
+        with open(snapshot + ".mallocstats", "w") as f:
+            os.dup2(f.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
         Path(snapshot + ".done").touch()
 
     signal.signal(signal.SIGUSR2, dump)

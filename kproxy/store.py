@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from kproxy.heap import gc_paused
+from kproxy.heap import compact_dicts, gc_paused
 from kproxy.model import EndpointSlice, ModelError, NodeInfo, Service, parse_endpoint_slice, parse_service
 from kproxy.translate import skip_reason
 
@@ -155,6 +155,13 @@ class ClusterStore:
         log.warning("%s", err.describe())
 
     # ---- Services ----
+    def compact(self) -> int:
+        """Shrink the tables that deletions left oversized (heap.compact_dicts); the bytes saved."""
+        return compact_dicts(
+            self.services, self.slices, self._by_service, self.last_error, self.cluster_ips,
+            self.foreign_cluster_ips,
+        )  # fmt: skip
+
     def upsert_service(self, raw: Any, origin: str | None = None) -> bool:
         """Add or replace a Service; False if it was invalid (logged, counted, previous version kept)."""
         notes: list[str] = []

@@ -94,6 +94,11 @@ class Sources:
         )
         return self.source
 
+    def compact(self) -> int:
+        """Shrink the source's tables that deletions left oversized (the Kubernetes source's)."""
+        source = self.source
+        return source.compact() if source is not None and not isinstance(source, FileSource) else 0
+
     def watch_status_changed(self, _status: WatchStatus) -> None:
         """A watch went up or down: /readyz fails while one the Service view needs is down."""
         health = self.servers.health

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.config import AgentConfig
+from kproxy.heap import compact_dicts
 from kproxy.observe import metadata
 from kproxy.pipeline import sync_dirty
 from kproxy.store import ClusterStore
@@ -40,6 +41,10 @@ class SyncLoop:
         self.syncer: Syncer | None = None
         self.synced = asyncio.Event()  # first full apply done
         self.metadata = ServiceMetadata(cfg)
+
+    def compact(self) -> int:
+        """Shrink the syncer's and services.json's tables that deletions left oversized."""
+        return (self.syncer.compact() if self.syncer is not None else 0) + self.metadata.compact()
 
     async def run(self, store: ClusterStore, maps: KproxyMaps) -> None:
         tcfg = self.cfg.translate_config()
@@ -143,6 +148,9 @@ class ServiceMetadata:
             metadata.write_metadata_entries(self.cfg.bpffs, self.cfg.node_name, self.entries(syncer).values())
         except OSError as e:
             log.warning("cannot write the service names for the CLI: %s", e)
+
+    def compact(self) -> int:
+        return compact_dicts(self._entries)
 
     def entries(self, syncer: Syncer) -> dict[int, str]:
         """svc_id -> its services.json entry, JSON-encoded; kept up to date from the syncer's id changes

@@ -112,8 +112,14 @@ class Sweeper:
         if store.set_host_addresses(addrs):
             log.info("node addresses: %s", ", ".join(sorted(addrs)) or "none")
 
-    async def run(self, store: ClusterStore, syncer: Callable[[], Syncer | None]) -> None:
-        """Sweep forever; SYNCER gives the sync loop's syncer (None until it made it)."""
+    async def run(
+        self,
+        store: ClusterStore,
+        syncer: Callable[[], Syncer | None],
+        tidy: Callable[[], object] | None = None,
+    ) -> None:
+        """Sweep forever; SYNCER gives the sync loop's syncer (None until it made it); TIDY, the
+        agent's memory chores, runs after each sweep."""
         maps = self.dataplane.maps
         assert maps is not None, "the sweeper runs after the dataplane is set up (see Agent.run)"
         while True:
@@ -127,6 +133,11 @@ class Sweeper:
                 self.config.keep_orphan_window(syncer())
             except OSError as e:
                 log.warning("conntrack sweep failed: %s", e)
-                continue
-            if n or ns:
-                log.debug("swept %d expired conntrack and %d SNAT entries", n, ns)
+            else:
+                if n or ns:
+                    log.debug("swept %d expired conntrack and %d SNAT entries", n, ns)
+            if tidy is not None:
+                try:
+                    tidy()
+                except Exception:  # memory chores must never stop the sweeps
+                    log.exception("tidying the agent's memory failed")

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import platform
 import sys
@@ -651,6 +652,21 @@ class Program:
         return prog_info(self.fd, f"program {self.name}")
 
 
+class _LogBuffer:
+    """The verifier log buffer libbpf writes into when a load fails: an anonymous mapping, so its
+    pages cost no memory until the kernel writes to them (a zero-filled ctypes buffer kept 4 MB
+    resident in every agent for the life of the object)."""
+
+    def __init__(self, size: int) -> None:
+        self._mm = mmap.mmap(-1, size)
+        self._view = (ctypes.c_char * size).from_buffer(self._mm)
+        self.address = ctypes.addressof(self._view)
+
+    def text(self) -> str:
+        end = self._mm.find(b"\0")
+        return self._mm[: end if end >= 0 else len(self._mm)].decode(errors="replace")
+
+
 class BpfObject:
     """An ELF BPF object opened with libbpf: open() -> set sizes -> load() -> programs and maps.
 
@@ -676,13 +692,13 @@ class BpfObject:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(2, f"BPF object {path} does not exist (build it with `make bpf`)", path)
-        log_buf = ctypes.create_string_buffer(log_size) if log_size else None
+        log_buf = _LogBuffer(log_size) if log_size else None
         opts = _OpenOpts()
         opts.sz = ctypes.sizeof(_OpenOpts)
         keep = pin_root_path.encode() if pin_root_path else None
         opts.pin_root_path = keep
         if log_buf is not None:
-            opts.kernel_log_buf = ctypes.cast(log_buf, ctypes.c_void_p)
+            opts.kernel_log_buf = log_buf.address
             opts.kernel_log_size = log_size
         with _Capture() as msgs:
             ptr = lib().bpf_object__open_file(os.fsencode(path), ctypes.byref(opts))
@@ -762,7 +778,7 @@ class BpfObject:
             if ret < 0:
                 text = ""
                 if self._log_buf is not None:
-                    text = self._log_buf.value.decode(errors="replace")
+                    text = self._log_buf.text()
                 raise LibbpfError(-ret, f"load BPF object {self.path}", log=text, libbpf_messages=list(msgs))
         self.loaded = True
 

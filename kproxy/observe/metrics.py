@@ -185,6 +185,7 @@ class Metrics:
         self.registry.register(_MapCollector(self))
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
 
     def bind(self, *, maps: Any = None, store: Any = None) -> None:
         if maps is not None:
@@ -204,7 +205,7 @@ class Metrics:
     ) -> None:
         """Record one sync. `started` and `dirty_times` (service -> first change) are time.monotonic()."""
         end = time.monotonic() if now is None else now
-        self.sync_duration.labels("full" if full else "incremental").observe(max(0.0, end - started))
+        self._child(self.sync_duration, "full" if full else "incremental").observe(max(0.0, end - started))
         changed = set(getattr(report, "changed", ()) or ())
         failed: Mapping[str, str] = getattr(report, "failed", {}) or {}
         for service, when in (dirty_times or {}).items():
@@ -227,7 +228,16 @@ class Metrics:
         self.skipped.labels(kind, reason).inc()
 
     def source_event(self, kind: str, event_type: str) -> None:
-        self.source_events.labels(kind, event_type).inc()
+        self._child(self.source_events, kind, event_type).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), kept: prometheus_client's labels() takes a lock and builds tuples
+        (~5 us), and an event or a sync asks for the same few children every time."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def source_relist(self, reason: str) -> None:
         self.relists.labels(reason).inc()

@@ -35,7 +35,7 @@ from kproxy.sync.state import (
     bkey,
     key_of_val,
 )
-from kproxy.sync.table import BackendTable
+from kproxy.sync.table import BackendIndex, BackendTable
 
 _UNPACK_U32 = abi.unpack_u32
 _inet_aton = socket.inet_aton
@@ -47,7 +47,6 @@ class BackendIds:
     that fills kp_be4_val.node_addr."""
 
     def __init__(self) -> None:
-        self.ids: dict[BKey, int] = {}
         # node name -> its index in BKeys (never reused: an index names one node for the agent's life)
         self.node_idx: dict[str, int] = {}
         # ids adopt() found, by (address, port, protocol) (the maps do not hold node names): the first
@@ -56,6 +55,10 @@ class BackendIds:
         # backend id -> programmed kp_be4 value | services referencing it << REFS_SHIFT (packed: see
         # kproxy.sync.table)
         self.vals = BackendTable()
+        # BKey -> id of the programmed ids (their keys read from vals: see kproxy.sync.table)
+        self.ids = BackendIndex(self.vals)
+        # BKey -> id allocated by plans not committed yet (vals does not have them): indexed at commit
+        self._pending: dict[BKey, int] = {}
         self.next = 1
         # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
         # node the table does not list (yet)
@@ -93,6 +96,7 @@ class BackendIds:
     def adopt(self, be4: Iterable[tuple[Any, Any]]) -> int:
         """Rebuild the programmed table from kp_be4 entries (no references yet); return the highest id."""
         self.ids.clear()
+        self._pending.clear()
         self.adopted.clear()
         self.vals.clear()
         max_be = 0
@@ -100,7 +104,8 @@ class BackendIds:
             bid = int(k.value) if isinstance(k, ctypes.c_uint32) else int(k)
             bk = bkey(v.addr, v.port, v.proto)
             self.vals[bid] = bk | v.flags << 56 | v.node_addr << 64
-            self.adopted.setdefault(bk, []).append(bid)
+            if 0 < bid < 0xFFFFFFFF:  # never ids of ours: freed with the orphans, never taken over
+                self.adopted.setdefault(bk, []).append(bid)
             max_be = max(max_be, bid)
         return max_be
 
@@ -124,54 +129,56 @@ class BackendIds:
             del self.adopted[base]
         cur = self.vals[bid]
         self.vals[bid] = cur & ~(NODE_MASK << NODE_SHIFT) | node << NODE_SHIFT
-        self.ids[base | node << 56] = bid
+        self.ids.add([(bid, base | node << 56)])
         return bid
 
     # ---- planning ----
     def ids_of(self, backends: Iterable[BackendRef], plan: Plan) -> set[int]:
         """The backend ids of `backends`, allocating new ones; records their kp_be4 values in the plan."""
-        ids = self.ids
         programmed_value = self.vals.value
         be_vals = plan.be_vals
         be_puts = plan.be_puts
-        out = set()
-        next_be = self.next
         node_addrs = self.node_addrs
         node_idx = self.node_idx
         local_addr = self.local_node_addr
+        keys: list[BKey] = []
+        vals: list[BVal] = []
+        for address, port, protocol, node, local, terminating, _zone in backends:
+            base = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | PROTO[protocol] << 48
+            if node is None:
+                nidx = naddr = 0
+            else:
+                nidx = node_idx.get(node) or self._node_index(node)
+                naddr = node_addrs.get(node, 0)
+            if local and not naddr:
+                naddr = local_addr
+            vals.append(
+                base
+                | ((BE_LOCAL if local else 0) | (BE_TERMINATING if terminating else 0)) << 56
+                | naddr << 64
+                | nidx << NODE_SHIFT
+            )
+            keys.append(base | nidx << 56)
+        out = set()
+        pending = self._pending  # ids allocated by this plan or another of its batch
         adopted = self.adopted
-        try:
-            for address, port, protocol, node, local, terminating, _zone in backends:
-                base = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | PROTO[protocol] << 48
-                if node is None:
-                    nidx = naddr = 0
-                else:
-                    nidx = node_idx.get(node) or self._node_index(node)
-                    naddr = node_addrs.get(node, 0)
-                if local and not naddr:
-                    naddr = local_addr
-                val = (
-                    base
-                    | ((BE_LOCAL if local else 0) | (BE_TERMINATING if terminating else 0)) << 56
-                    | naddr << 64
-                    | nidx << NODE_SHIFT
-                )
-                bk = base | nidx << 56
-                bid = ids.get(bk)
+        for bk, val, bid in zip(keys, vals, self.ids.get_many(keys), strict=True):
+            if bid is None:
+                bid = pending.get(bk)
                 if bid is None and adopted:
-                    bid = self._claim_adopted(base, nidx, val)
-                if bid is None:  # a new id was never programmed: no need to compare
-                    bid = ids[bk] = next_be
-                    next_be += 1
-                    be_vals[bid] = be_puts[bid] = val
-                elif bid not in be_vals:
-                    be_vals[bid] = val
-                    prev = programmed_value(bid)  # without the count
-                    if prev is None or prev != val:
-                        be_puts[bid] = val
-                out.add(bid)
-        finally:
-            self.next = next_be
+                    bid = self._claim_adopted(bk & BK_MASK, bk >> 56, val)
+                    if bid is not None:  # indexed already, but get_many ran before: the same
+                        pending[bk] = bid  # backend listed again in this call must find it
+            if bid is None:  # a new id was never programmed: no need to compare
+                bid = pending[bk] = self.next
+                self.next += 1
+                be_vals[bid] = be_puts[bid] = val
+            elif bid not in be_vals:
+                be_vals[bid] = val
+                prev = programmed_value(bid)  # without the count
+                if prev is None or prev != val:
+                    be_puts[bid] = val
+            out.add(bid)
         return out
 
     # ---- commit ----
@@ -180,41 +187,35 @@ class BackendIds:
         maybe_free: set[int] = set()
         vals = self.vals
         puts = p.be_puts
-        if vals.isdisjoint(puts):  # all new (the cold start): nothing to keep
-            vals.update(puts)
-        else:
-            put = vals.put_keeping_count
-            for bid, v in puts.items():
-                put(bid, v)
+        new = vals.update_keeping_counts(puts)
+        if new:  # ids this plan programs first: indexed now, no longer pending
+            keyed = [(bid, key_of_val(puts[bid])) for bid in new]
+            self.ids.add(keyed)
+            pending = self._pending
+            for _, key in keyed:
+                pending.pop(key, None)
         old_be = p.old.backends
+        if old_be and not isinstance(old_be, set):
+            old_be = set(old_be)  # committed: an array, whose `in` is a scan
         new_be = p.new.backends
         # every id a plan references is programmed or in its be_puts, so in vals by now
-        add_ref = vals.add_ref
-        for bid in new_be if not old_be else [b for b in new_be if b not in old_be]:
-            add_ref(bid)
-        drop_ref = vals.drop_ref
-        for bid in [b for b in old_be if b not in new_be]:
-            if drop_ref(bid):  # this was the last reference
-                maybe_free.add(bid)
+        vals.add_refs(new_be if not old_be else [b for b in new_be if b not in old_be])
+        # those that lost their last reference
+        maybe_free.update(vals.drop_refs([b for b in old_be if b not in new_be]))
         return maybe_free
 
     def unreferenced(self, ids: Iterable[int]) -> set[int]:
-        refs = self.vals.refs
-        return {b for b in ids if not refs(b)}
+        return self.vals.unreferenced(ids)
 
     def forget_unprogrammed(self) -> None:
         """Ids allocated by plans that were not admitted, and never programmed, are forgotten."""
-        if len(self.ids) != len(self.vals):
-            for bk, bid in list(self.ids.items()):
-                if bid not in self.vals:
-                    del self.ids[bk]
+        self._pending.clear()
 
-    def release(self, bid: int) -> BVal | None:
-        """Forget a freed id; return the value it had programmed."""
-        val = self.vals.pop(bid, None)
-        if val is not None and self.ids.get(key_of_val(val)) == bid:
-            del self.ids[key_of_val(val)]
-        return val
+    def release(self, bids: Iterable[int]) -> dict[int, BVal]:
+        """Forget freed ids; return the values they had programmed (those that were)."""
+        vals = self.vals.pop_many(bids)
+        self.ids.remove([(bid, key_of_val(val)) for bid, val in vals.items()])
+        return vals
 
 
 class ServiceIds:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from kproxy import abi
 from kproxy.bpf.mapapi import MapFullError
 from kproxy.desired import Frontend
-from kproxy.heap import gc_paused
+from kproxy.heap import compact_dicts, gc_paused
 from kproxy.sync import writer
 from kproxy.sync.ids import BackendIds, ServiceIds, adopt_frontends
 from kproxy.sync.lbsrc import SourceRangeSync, Staged
@@ -35,6 +35,7 @@ class Syncer:
         self.maps = maps
         self.errors: Counter[str] = Counter()  # by reason, for metrics
         self._services: dict[str, Svc] = {}
+        self.applied = 0  # Services applied since it was made (planned, changed or not)
         self._owner: dict[FKey, str] = {}
         self._waiting: dict[FKey, set[str]] = {}
         self._backends = BackendIds()
@@ -118,6 +119,12 @@ class Syncer:
         )  # fmt: skip
 
     # ---- apply ----
+    def compact(self) -> int:
+        """Shrink the tables that deletions left oversized (heap.compact_dicts); the bytes saved."""
+        return compact_dicts(
+            self._services, self._owner, self._svc_ids.ids, self._svc_ids.owner, self.svcnet.programmed
+        )
+
     def apply(self, desired: Mapping[str, Iterable[Frontend]], *, full: bool = False) -> ApplyReport:
         """Program `desired` (service key -> all its frontends; an empty list removes the service).
 
@@ -126,7 +133,9 @@ class Syncer:
         has completed its initial listing, and after every complete re-list.
         """
         with gc_paused():
-            return self._apply(desired, full)
+            report = self._apply(desired, full)
+        self.applied += report.services
+        return report
 
     def _plan(self, service: str, frontends: Iterable[Frontend]) -> Plan:
         return plan_service(service, frontends, self._services, self._owner, self._svc_ids, self._backends)
@@ -188,7 +197,8 @@ class Syncer:
                     writer.write_batched(self.maps, [p], ApplyReport())
                     ok.append(p)
                 except MapFullError as err2:
-                    writer.undo(self.maps, p, self._backends.vals)
+                    keep = {b for q in ok for b in q.be_puts}
+                    writer.undo(self.maps, p, self._backends.vals, keep)
                     self._fail(p, report, f"map {err2.map_name} is full", "map_full")
             plans = ok
             writer.count_writes(plans, report)

@@ -1,10 +1,11 @@
-"""The programmed kp_be4 table (backend id -> BVal with its reference count) in pages of packed words.
+"""The syncer's two big tables, packed: the programmed kp_be4 table (backend id -> BVal with its
+reference count) and the backend key -> id index.
 
-As a dict it took ~100 bytes a backend (a 44-byte int per value and the dict's own entry and index:
-10 MB at 100,000 backends); packed, each id takes three 8-byte words. Ids are handed out in order and
-never reused, so they are not dense forever: the words live in pages of PAGE ids, and a page goes
-when its last id does. The worst case (one live id per page, after much churn) costs a page per
-backend, about 9 times the dense cost.
+As dicts they took ~100 bytes a backend each (int objects for keys and values, the dict's entry and
+index: ~20 MB at 100,000 backends). Packed, an id takes three 8-byte words in BackendTable, and one
+8-byte slot at 20-60% use in BackendIndex (which keeps no keys: they are in the table's values).
+Ids are handed out in order and never reused, so after churn the live ids are spread thin over the
+id space: BackendTable keeps only present ids' words in each page.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ from array import array
 from collections.abc import Iterable, Iterator
 from typing import overload
 
-PAGE_BITS = 5
+PAGE_BITS = 6
 PAGE = 1 << PAGE_BITS
+_LOW = PAGE - 1
 _M64 = (1 << 64) - 1
-_EMPTY_PAGE = bytes(3 * 8 * PAGE)
+_SHRINK_AT = frozenset(PAGE >> k for k in range(1, PAGE_BITS + 1))  # 32, 16, ... 1 present ids
 
 
 class BackendTable:
     """A dict-like map of backend id (int >= 0) -> BVal (a non-negative int below 2**192).
 
-    Per id three words: the value's bits 0-63, 64-127, and (bits 128 and up) + 1, 0 meaning absent.
-    Iteration is in id order."""
+    Ids live in pages of PAGE consecutive ids. A page is one array of 8-byte words: a bitmap of the
+    ids present, then three words per present id, in id order (the value's bits 0-63, 64-127, and
+    128 up: the reference count). An id's words sit at 1 + 3 * (present ids below it in the page): a
+    page takes 24 bytes per present id and ~150 bytes of its own (the array, the bitmap, its dict
+    entry), so ~28 bytes an id when dense and ~40 with a quarter of the ids left after churn (a page
+    of fixed slots took over 100), ~200 at worst (one id a page). Iteration is in id order."""
 
     __slots__ = ("_n", "_pages")
 
@@ -45,20 +51,23 @@ class BackendTable:
         page = self._pages.get(bid >> PAGE_BITS)
         if page is None:
             return default
-        i = (bid & (PAGE - 1)) * 3
-        top = page[i + 2]
-        if not top:
+        bm = page[0]
+        j = bid & _LOW
+        if not bm >> j & 1:
             return default
-        return page[i] | page[i + 1] << 64 | (top - 1) << 128
+        i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+        return page[i] | page[i + 1] << 64 | page[i + 2] << 128
 
     def value(self, bid: int) -> int | None:
         """self[bid] & (1 << 128) - 1 (without the count), None if absent."""
         page = self._pages.get(bid >> PAGE_BITS)
         if page is None:
             return None
-        i = (bid & (PAGE - 1)) * 3
-        if not page[i + 2]:
+        bm = page[0]
+        j = bid & _LOW
+        if not bm >> j & 1:
             return None
+        i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
         return page[i] | page[i + 1] << 64
 
     def __getitem__(self, bid: int) -> int:
@@ -71,99 +80,197 @@ class BackendTable:
         if type(bid) is not int:
             return False
         page = self._pages.get(bid >> PAGE_BITS)
-        return page is not None and page[(bid & (PAGE - 1)) * 3 + 2] != 0
+        return page is not None and bool(page[0] >> (bid & _LOW) & 1)
+
+    def _put(self, bid: int, w0: int, w1: int, w2: int) -> bool:
+        """Set BID's words; whether it is new."""
+        pages = self._pages
+        page = pages.get(bid >> PAGE_BITS)
+        j = bid & _LOW
+        if page is None:
+            pages[bid >> PAGE_BITS] = array("Q", (1 << j, w0, w1, w2))
+            return True
+        bm = page[0]
+        i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+        if bm >> j & 1:
+            page[i] = w0
+            page[i + 1] = w1
+            page[i + 2] = w2
+            return False
+        words = array("Q", (w0, w1, w2))  # first: a value too big fails before the page changes
+        page[0] = bm | 1 << j
+        page[i:i] = words
+        return True
 
     def __setitem__(self, bid: int, val: int) -> None:
         if bid < 0 or val < 0:
             raise ValueError(f"backend id {bid} or value {val} is negative")
-        pages = self._pages
-        page = pages.get(bid >> PAGE_BITS)
-        if page is None:
-            page = pages[bid >> PAGE_BITS] = array("Q", _EMPTY_PAGE)
-        i = (bid & (PAGE - 1)) * 3
-        if not page[i + 2]:
+        if self._put(bid, val & _M64, (val >> 64) & _M64, val >> 128):
             self._n += 1
-        page[i] = val & _M64
-        page[i + 1] = (val >> 64) & _M64
-        page[i + 2] = (val >> 128) + 1
 
     def pop(self, bid: int, default: int | None = None) -> int | None:
-        val = self.get(bid)
-        if val is None:
-            return default
-        page = self._pages[bid >> PAGE_BITS]
-        i = (bid & (PAGE - 1)) * 3
-        page[i] = page[i + 1] = page[i + 2] = 0
-        self._n -= 1
-        if not any(page[2::3]):
-            del self._pages[bid >> PAGE_BITS]
-        return val
+        got = self.pop_many((bid,))
+        return got.get(bid, default)
+
+    def pop_many(self, bids: Iterable[int]) -> dict[int, int]:
+        """Remove BIDS; return the values of those that were present (the count bits included)."""
+        pages = self._pages
+        out: dict[int, int] = {}
+        for bid in bids:
+            page = pages.get(bid >> PAGE_BITS)
+            if page is None:
+                continue
+            bm = page[0]
+            j = bid & _LOW
+            if not bm >> j & 1:
+                continue
+            i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+            out[bid] = page[i] | page[i + 1] << 64 | page[i + 2] << 128
+            bm ^= 1 << j
+            if not bm:
+                del pages[bid >> PAGE_BITS]
+                continue
+            page[0] = bm
+            del page[i : i + 3]
+            if bm.bit_count() in _SHRINK_AT:
+                # an array keeps its buffer when it shrinks by fewer than 16 items at a time: a copy
+                # is exactly as long (once per halving)
+                pages[bid >> PAGE_BITS] = page[:]
+        self._n -= len(out)
+        return out
 
     def __delitem__(self, bid: int) -> None:
         if self.pop(bid) is None:
             raise KeyError(bid)
 
     def update(self, items: dict[int, int]) -> None:
-        pages = self._pages
+        put = self._put
         n = 0
         for bid, val in items.items():
             if bid < 0 or val < 0:
                 raise ValueError(f"backend id {bid} or value {val} is negative")
-            page = pages.get(bid >> PAGE_BITS)
-            if page is None:
-                page = pages[bid >> PAGE_BITS] = array("Q", _EMPTY_PAGE)
-            i = (bid & (PAGE - 1)) * 3
-            if not page[i + 2]:
+            if put(bid, val & _M64, (val >> 64) & _M64, val >> 128):
                 n += 1
-            page[i] = val & _M64
-            page[i + 1] = (val >> 64) & _M64
-            page[i + 2] = (val >> 128) + 1
         self._n += n
 
+    def update_keeping_counts(self, items: dict[int, int]) -> list[int]:
+        """put_keeping_count for each item (one call for a plan's values); the ids that were absent."""
+        pages = self._pages
+        new = []
+        for bid, val in items.items():
+            if bid < 0 or val < 0:
+                raise ValueError(f"backend id {bid} or value {val} is negative")
+            w0, w1, w2 = val & _M64, (val >> 64) & _M64, val >> 128
+            page = pages.get(bid >> PAGE_BITS)
+            j = bid & _LOW
+            if page is None:
+                pages[bid >> PAGE_BITS] = array("Q", (1 << j, w0, w1, w2))
+                new.append(bid)
+                continue
+            bm = page[0]
+            i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+            if bm >> j & 1:
+                page[i] = w0
+                page[i + 1] = w1
+                page[i + 2] |= w2
+            else:
+                words = array("Q", (w0, w1, w2))  # first: a value too big fails before the page changes
+                page[0] = bm | 1 << j
+                page[i:i] = words
+                new.append(bid)
+        self._n += len(new)
+        return new
+
     # ---- reference counts: the bits from 128 up, without building the whole value ----
+    def _at(self, bid: int) -> tuple[array[int], int] | None:
+        """BID's page and the index of its first word, None if absent."""
+        page = self._pages.get(bid >> PAGE_BITS)
+        if page is None:
+            return None
+        bm = page[0]
+        j = bid & _LOW
+        if not bm >> j & 1:
+            return None
+        return page, 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+
     def put_keeping_count(self, bid: int, val: int) -> None:
         """self[bid] = val | the count bits self[bid] has (none for a new id)."""
-        page = self._pages.get(bid >> PAGE_BITS)
-        top = 0 if page is None else page[(bid & (PAGE - 1)) * 3 + 2]
-        if not top:
+        at = self._at(bid)
+        if at is None:
             self[bid] = val
             return
-        assert page is not None
-        i = (bid & (PAGE - 1)) * 3
+        page, i = at
         page[i] = val & _M64
         page[i + 1] = (val >> 64) & _M64
-        page[i + 2] = ((val >> 128) | (top - 1)) + 1
+        page[i + 2] |= val >> 128
 
     def add_ref(self, bid: int) -> None:
         """self[bid] += 1 << 128; KeyError if absent."""
-        page = self._pages.get(bid >> PAGE_BITS)
-        i = (bid & (PAGE - 1)) * 3 + 2
-        if page is None or not page[i]:
+        at = self._at(bid)
+        if at is None:
             raise KeyError(bid)
-        page[i] += 1
+        at[0][at[1] + 2] += 1
 
     def drop_ref(self, bid: int) -> bool | None:
         """One reference less (none left if it had one or none); whether none is left, None if absent."""
-        page = self._pages.get(bid >> PAGE_BITS)
-        if page is None:
+        at = self._at(bid)
+        if at is None:
             return None
-        i = (bid & (PAGE - 1)) * 3 + 2
-        top = page[i]
-        if not top:
-            return None
-        if top <= 2:
-            page[i] = 1
+        page, i = at
+        refs = page[i + 2]
+        if refs <= 1:
+            page[i + 2] = 0
             return True
-        page[i] = top - 1
+        page[i + 2] = refs - 1
         return False
+
+    def add_refs(self, bids: Iterable[int]) -> None:
+        """add_ref for each of BIDS (KeyError at the first absent one)."""
+        get_page = self._pages.get
+        for bid in bids:
+            page = get_page(bid >> PAGE_BITS)
+            j = bid & _LOW
+            if page is None or not page[0] >> j & 1:
+                raise KeyError(bid)
+            page[3 + 3 * (page[0] & ((1 << j) - 1)).bit_count()] += 1
+
+    def drop_refs(self, bids: Iterable[int]) -> list[int]:
+        """drop_ref for each of BIDS; those left with none (absent ones are skipped)."""
+        get_page = self._pages.get
+        out = []
+        for bid in bids:
+            page = get_page(bid >> PAGE_BITS)
+            j = bid & _LOW
+            if page is None or not page[0] >> j & 1:
+                continue
+            i = 3 + 3 * (page[0] & ((1 << j) - 1)).bit_count()
+            refs = page[i]
+            if refs <= 1:
+                page[i] = 0
+                out.append(bid)
+            else:
+                page[i] = refs - 1
+        return out
+
+    def unreferenced(self, bids: Iterable[int]) -> set[int]:
+        """Those of BIDS present with no reference, or absent."""
+        get_page = self._pages.get
+        out = set()
+        for bid in bids:
+            page = get_page(bid >> PAGE_BITS)
+            j = bid & _LOW
+            if (
+                page is None
+                or not page[0] >> j & 1
+                or not page[3 + 3 * (page[0] & ((1 << j) - 1)).bit_count()]
+            ):
+                out.add(bid)
+        return out
 
     def refs(self, bid: int) -> int:
         """self.get(bid, 0) >> 128: the bits from 128 up (0 if absent)."""
-        page = self._pages.get(bid >> PAGE_BITS)
-        if page is None:
-            return 0
-        top = page[(bid & (PAGE - 1)) * 3 + 2]
-        return top - 1 if top else 0
+        at = self._at(bid)
+        return 0 if at is None else at[0][at[1] + 2]
 
     def clear(self) -> None:
         self._pages.clear()
@@ -171,11 +278,12 @@ class BackendTable:
 
     def __iter__(self) -> Iterator[int]:
         for p in sorted(self._pages):
-            page = self._pages[p]
+            bm = self._pages[p][0]
             base = p << PAGE_BITS
-            for j, top in enumerate(page[2::3]):
-                if top:
-                    yield base + j
+            while bm:
+                low = bm & -bm
+                yield base + low.bit_length() - 1
+                bm ^= low
 
     def keys(self) -> Iterator[int]:
         return iter(self)
@@ -190,7 +298,22 @@ class BackendTable:
 
     def isdisjoint(self, bids: Iterable[int]) -> bool:
         """Whether none of `bids` is in the table."""
-        return not any(b in self for b in bids)
+        get_page = self._pages.get
+        for bid in bids:
+            page = get_page(bid >> PAGE_BITS)
+            if page is not None and page[0] >> (bid & _LOW) & 1:
+                return False
+        return True
+
+    def missing(self, bids: Iterable[int]) -> list[int]:
+        """Those of `bids` not in the table, in order."""
+        get_page = self._pages.get
+        out = []
+        for bid in bids:
+            page = get_page(bid >> PAGE_BITS)
+            if page is None or not page[0] >> (bid & _LOW) & 1:
+                out.append(bid)
+        return out
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, BackendTable | dict):
@@ -201,3 +324,144 @@ class BackendTable:
 
     def __repr__(self) -> str:
         return f"BackendTable({dict(self.items())!r})"
+
+
+# ---- BackendIndex ----
+_TOMB = 0xFFFFFFFF  # a removed id's slot: probing goes on past it (ids are 1 .. 2**32 - 2)
+_FIB = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing spreads nearby keys
+_BK_LOW = (1 << 56) - 1  # a BKey's address, port and protocol (kproxy.sync.state)
+_MIN_BITS = 10
+
+
+class BackendIndex:
+    """Backend key (BKey) -> id, for the ids of a BackendTable.
+
+    A BKey is in its id's value (kproxy.sync.state.key_of_val), so the index needs no keys: open
+    addressing with linear probing over one array of 8-byte slots, each an id and 32 bits of its
+    key's hash. A probe reads the table only when those bits match, so misses stay cheap. At most 60%
+    of slots used (removed ids included) and 20-40% after a resize: 13-40 bytes a backend, where a
+    dict of ints took ~105. Lookups run Python, not dict.get: about half a microsecond a key, a
+    Service's at a time (get_many). Every indexed id is in the table, under the key it has there."""
+
+    __slots__ = ("_bits", "_filled", "_slots", "_table", "_used")
+
+    def __init__(self, table: BackendTable) -> None:
+        self._table = table
+        self._alloc(_MIN_BITS)
+
+    def _alloc(self, bits: int) -> None:
+        self._bits = bits
+        self._slots: array[int] = array("Q", bytes(8 << bits))
+        self._used = 0
+        self._filled = 0  # used and removed slots
+
+    def clear(self) -> None:
+        self._alloc(_MIN_BITS)
+
+    def __len__(self) -> int:
+        return self._used
+
+    def _key(self, bid: int) -> int:
+        val = self._table.value(bid)
+        if val is None:
+            raise KeyError(f"backend id {bid} is not in the table")
+        return (val & _BK_LOW) | ((val >> 96) & 0xFFFFFFFF) << 56
+
+    def get_many(self, keys: Iterable[int]) -> list[int | None]:
+        """The id of each key (None if not indexed), in one call."""
+        out: list[int | None] = []
+        append = out.append
+        slots = self._slots
+        pages = self._table._pages
+        mask = (1 << self._bits) - 1
+        shift = 64 - self._bits
+        for key in keys:
+            h = (key ^ key >> 64) * _FIB
+            tag = (h >> 64) & 0xFFFFFFFF | 1  # never 0: a removed slot's
+            i = (h & _M64) >> shift
+            while True:
+                s = slots[i]
+                if not s:
+                    append(None)
+                    break
+                if s >> 32 == tag:
+                    bid = s & 0xFFFFFFFF
+                    page = pages[bid >> PAGE_BITS]
+                    bm = page[0]
+                    j = bid & _LOW
+                    w = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+                    if bm >> j & 1 and (page[w] & _BK_LOW) | (page[w + 1] >> 32) << 56 == key:
+                        append(bid)
+                        break
+                i = (i + 1) & mask
+        return out
+
+    def get(self, key: int) -> int | None:
+        return self.get_many((key,))[0]
+
+    def add(self, items: Iterable[tuple[int, int]]) -> None:
+        """Index each (id, its key): ids in the table under those keys, neither indexed yet."""
+        for bid, key in items:
+            if not 0 < bid < _TOMB:
+                raise ValueError(f"backend id {bid} out of range")
+            if (self._filled + 1) * 5 > 3 << self._bits:
+                self._resize()
+            slots = self._slots
+            mask = (1 << self._bits) - 1
+            h = (key ^ key >> 64) * _FIB
+            i = (h & _M64) >> (64 - self._bits)
+            while True:
+                s = slots[i]
+                if not s or s == _TOMB:
+                    break
+                i = (i + 1) & mask
+            if not s:
+                self._filled += 1
+            slots[i] = ((h >> 64) & 0xFFFFFFFF | 1) << 32 | bid
+            self._used += 1
+
+    def remove(self, items: Iterable[tuple[int, int]]) -> None:
+        """Unindex each (id, its key) that is indexed (the table need not have it any more)."""
+        slots = self._slots
+        mask = (1 << self._bits) - 1
+        shift = 64 - self._bits
+        for bid, key in items:
+            i = (((key ^ key >> 64) * _FIB) & _M64) >> shift
+            while True:
+                s = slots[i]
+                if s & 0xFFFFFFFF == bid and s != _TOMB:
+                    slots[i] = _TOMB
+                    self._used -= 1
+                    break
+                if not s:
+                    break
+                i = (i + 1) & mask
+
+    def _resize(self) -> None:
+        """Rebuild without removed ids, at 20-40% use (grown or shrunk as needed)."""
+        bits = _MIN_BITS
+        while 2 << bits < 5 * self._used:
+            bits += 1
+        old = self._slots
+        self._alloc(bits)
+        slots = self._slots
+        mask = (1 << bits) - 1
+        shift = 64 - bits
+        key_of = self._key
+        n = 0
+        # one slot at a time: lists of 100,000s of ids and keys would fragment the heap for good
+        for s in old:
+            if s and s != _TOMB:
+                key = key_of(s & 0xFFFFFFFF)
+                i = (((key ^ key >> 64) * _FIB) & _M64) >> shift
+                while slots[i]:
+                    i = (i + 1) & mask
+                slots[i] = s  # the same id and hash bits
+                n += 1
+        self._used = self._filled = n
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        """(key, id) for every indexed id."""
+        key_of = self._key
+        for bid in [s & 0xFFFFFFFF for s in self._slots if s and s != _TOMB]:
+            yield key_of(bid), bid

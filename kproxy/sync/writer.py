@@ -7,6 +7,7 @@ joined into one buffer per map that the map writes in kernel-sized batches: no p
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,16 +100,19 @@ def count_writes(plans: list[Plan], report: ApplyReport) -> None:
     report.svc4_deletes += sum(n_keys(p.slot_dels) + n_keys(p.fe_dels) for p in plans)
 
 
-def undo(m: MapSet, p: Plan, programmed: BackendTable) -> None:
-    """Take back what a failed plan may have written: new keys go, rewritten keys get their old value."""
+def undo(m: MapSet, p: Plan, programmed: BackendTable, keep: Collection[int] = ()) -> None:
+    """Take back what a failed plan may have written: new keys go, rewritten keys get their old value.
+    Backends in KEEP stay as they are: plans of the same batch written before it need them (two
+    Services on the same pods share backend ids, new ones too)."""
     if p.new_svc4_keys:
         m.svc4.delete_many(split_keys(p.new_svc4_keys))
     if p.undo_puts:
         put_entries(m.svc4, p.undo_puts)
-    new_ids = [b for b in p.be_puts if b not in programmed]
+    mine = [b for b in p.be_puts if b not in keep]
+    new_ids = [b for b in mine if b not in programmed]
     if new_ids:
         m.be4.delete_many([_PACK_BE4_KEY(b) for b in new_ids])
-    old_vals = [(b, programmed[b]) for b in p.be_puts if b in programmed]
+    old_vals = [(b, programmed[b]) for b in mine if b in programmed]
     if old_vals:
         m.be4.put_many([(_PACK_BE4_KEY(b), pack_be4(v)) for b, v in old_vals])
 
@@ -153,12 +157,10 @@ def free_and_flush(
                 if sid in affinity_sids:
                     aff_backends.update(ids)
     if freed:
-        for b in freed:
-            val = backends.release(b)
-            if val is not None and bval_proto(val) == abi.IPPROTO_UDP:
+        for b, freed_val in backends.release(freed).items():
+            if bval_proto(freed_val) == abi.IPPROTO_UDP:
                 udp_freed.add(b)
-            if b in aff_backends:
-                aff_freed.add(b)
+        aff_freed.update(aff_backends.intersection(freed))
         m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
         report.be4_deletes += len(freed)
     # backends that left a service's slots but still exist: flush that service's UDP flows to them

@@ -408,6 +408,49 @@ def test_unexpected_map_full_in_batch_undoes_the_failing_service():
     assert before != snapshot(maps)
 
 
+def test_a_failing_service_does_not_take_back_a_new_backend_an_earlier_one_shares():
+    """Two Services of one batch on the same new pod share its backend id: when the second is refused
+    by the kernel after the first was written, undoing the second keeps that backend entry."""
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    s.apply({"a/x": [fe([be("10.0.0.1")], service="a/x")]})
+    real_put = maps.svc4.put_many
+
+    def flaky(items):
+        if any(
+            bytes(abi.Svc4Key(ip_to_nbo("10.96.0.77"), port_to_nbo(80), 1, 6, 0)) == bytes(k)
+            for k, _ in items
+        ):
+            raise MapFullError("kp_svc4_v1", 10, 1)
+        real_put(items)
+
+    maps.svc4.put_many = flaky  # type: ignore[method-assign]
+    r = s.apply({
+        "a/x": [fe([be("10.0.0.1"), be("10.0.0.5")], service="a/x")],
+        "a/z": [fe([be("10.0.0.5")], service="a/z", address="10.96.0.77")],
+    })  # fmt: skip
+    assert "a/z" in r.failed and "a/x" not in r.failed
+    assert slots(maps) == ["10.0.0.1", "10.0.0.5"]
+    bid = s.backend_id("10.0.0.5", 8080, "TCP")
+    assert bid is not None and maps.be4.get(ctypes.c_uint32(bid)) is not None  # a/x's slot has it
+
+
+def test_a_restart_takes_over_one_id_for_a_backend_listed_twice():
+    """After a restart the first plan that wants an adopted backend takes its id over; the same
+    backend listed twice in one frontend gets that one id, not a second."""
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    s.apply({"a/x": [fe([be("10.0.0.1"), be("10.0.0.2")], service="a/x")]}, full=True)
+    first = s.backend_id("10.0.0.1", 8080, "TCP")
+    s2 = Syncer(maps)
+    s2.adopt()
+    from kproxy.sync.state import Plan, Svc
+
+    plan = Plan("a/x", Svc(), Svc())
+    ids = s2._backends.ids_of([be("10.0.0.1", node_name="n1"), be("10.0.0.1", node_name="n1")], plan)
+    assert ids == {first}
+
+
 def test_sweep_conntrack_deletes_expired_only():
     maps = MemoryMapSet()
     k1 = abi.Ct4Key(1, 2, 3, 4, 6, 0)

@@ -183,7 +183,7 @@ def test_backend_table_behaves_like_the_dict_it_replaced() -> None:
     d: dict[int, int] = {}
     for _ in range(20_000):
         bid = rng.choice((rng.randrange(3 * PAGE), rng.randrange(1 << 20)))
-        op = rng.randrange(6)
+        op = rng.randrange(9)
         if op == 0:
             v = rng.getrandbits(rng.choice((30, 70, 130)))
             t[bid] = d[bid] = v
@@ -208,9 +208,35 @@ def test_backend_table_behaves_like_the_dict_it_replaced() -> None:
                 d[bid] = cur - REF1
         elif op == 4:
             assert t.pop(bid, None) == d.pop(bid, None)
-        else:
+        elif op == 5:
             t.update({bid: 5, bid + 1: 6})
             d.update({bid: 5, bid + 1: 6})
+        elif op == 6:  # the batch forms the syncer uses
+            batch = {bid: rng.getrandbits(100), bid + 2: rng.getrandbits(70)}
+            t.update_keeping_counts(batch)
+            for b, v in batch.items():
+                prev = d.get(b)
+                d[b] = v if prev is None else v | (prev - (prev & VAL_MASK))
+            present = [b for b in (bid, bid + 2) if b in d]
+            t.add_refs(present)
+            for b in present:
+                d[b] += REF1
+        elif op == 7:
+            some = [bid, bid + 1, bid + 2]
+            assert t.unreferenced(some) == {b for b in some if d.get(b, 0) < REF1}
+            gone = t.drop_refs(some)
+            want = []
+            for b in some:
+                if b in d:
+                    if d[b] < 2 * REF1:
+                        d[b] &= VAL_MASK
+                        want.append(b)
+                    else:
+                        d[b] -= REF1
+            assert gone == want
+        else:
+            some = [bid, bid + 1, 1 << 21]
+            assert t.pop_many(some) == {b: d.pop(b) for b in some if b in d}
         assert t.get(bid) == d.get(bid) and (bid in t) == (bid in d)
         assert t.refs(bid) == d.get(bid, 0) >> 128
         assert t.value(bid) == (None if bid not in d else d[bid] & VAL_MASK)
@@ -221,3 +247,156 @@ def test_backend_table_behaves_like_the_dict_it_replaced() -> None:
     assert len(t) == 0 and not t._pages  # every page went with its last id
     with pytest.raises(KeyError):
         t.add_ref(1)
+
+
+def test_backend_table_pop_many_frees_pages_like_pop() -> None:
+    from kproxy.sync.table import PAGE, BackendTable
+
+    t = BackendTable()
+    t.update({b: b + 1 for b in range(3 * PAGE)})
+    t.add_ref(5)
+    got = t.pop_many([5, 6, 10**9, 5, *range(PAGE, 2 * PAGE)])
+    assert got[5] == 6 | 1 << 128 and got[6] == 7 and 10**9 not in got and len(got) == PAGE + 2
+    assert len(t) == 2 * PAGE - 2 and sorted(t._pages) == [0, 2]  # the middle page went
+    assert list(t) == [b for b in range(3 * PAGE) if b not in (5, 6) and not PAGE <= b < 2 * PAGE]
+    t.pop_many(list(t))
+    assert not t and not t._pages
+
+
+def test_backend_index_behaves_like_a_dict() -> None:
+    """kproxy.sync.table.BackendIndex against a dict: ids whose values carry keys of every shape a
+    BKey takes (TCP, UDP, SCTP, node indexes past 8 and 32 bits' worth of nodes...), through growth,
+    removals (probe chains across removed slots) and rebuilds."""
+    import random
+
+    from kproxy.sync.state import NODE_SHIFT, bkey, key_of_val
+    from kproxy.sync.table import BackendIndex, BackendTable
+
+    rng = random.Random(11)
+    table = BackendTable()
+    ix = BackendIndex(table)
+    d: dict[int, int] = {}  # key -> id
+    next_id = 1
+    for step in range(40_000):
+        node = rng.choice((0, 1, rng.randrange(300), 16383, (1 << 32) - 1))
+        proto = rng.choice((6, 6, 17, 132))
+        addr = ip_to_nbo(f"10.0.{rng.randrange(4)}.{rng.randrange(256)}")  # few: keys come back
+        key = bkey(addr, rng.randrange(3), proto, node)
+        op = rng.randrange(3)
+        if (op < 2 or step < 4000) and key not in d:
+            val = (key & ((1 << 56) - 1)) | rng.getrandbits(40) << 56 | node << NODE_SHIFT
+            assert key_of_val(val) == key
+            table[next_id] = val | rng.randrange(1, 4) << 128
+            ix.add([(next_id, key)])
+            d[key] = next_id
+            next_id += 1
+        elif op == 2 and key in d:
+            bid = d.pop(key)
+            ix.remove([(bid, key)])
+            del table[bid]
+        assert ix.get_many([key, key ^ 1 << 40]) == [d.get(key), d.get(key ^ 1 << 40)]
+        assert len(ix) == len(d)
+    assert dict(ix.items()) == d
+    assert ix.get_many(list(d)) == list(d.values())
+    ix.remove([(bid, key) for key, bid in d.items()])
+    assert len(ix) == 0 and list(ix.items()) == []
+    with pytest.raises(ValueError, match="out of range"):
+        ix.add([(0, 1)])
+
+
+def test_backend_index_stays_small_and_rebuilds_past_removed_ids() -> None:
+    """100,000 backends in ~2 MB of index (a dict of ints took ~10 MB); removing and re-adding them
+    all, again and again, rebuilds the table instead of growing it."""
+    from kproxy.sync.state import NODE_SHIFT, bkey
+    from kproxy.sync.table import BackendIndex, BackendTable
+
+    table = BackendTable()
+    ix = BackendIndex(table)
+    keys = [
+        bkey(ip_to_nbo(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"), 8080, 6, i % 50) for i in range(100_000)
+    ]
+
+    def val(key: int) -> int:
+        return (key & ((1 << 56) - 1)) | (key >> 56) << NODE_SHIFT
+
+    bid = 0
+    for key in keys:
+        bid += 1
+        table[bid] = val(key)
+        ix.add([(bid, key)])
+    size = len(ix._slots)
+    assert 8 * size <= 2200_000
+    for _ in range(4):
+        ix.remove([(b, key) for b, key in enumerate(keys, bid - len(keys) + 1)])
+        table.clear()
+        for key in keys:
+            bid += 1
+            table[bid] = val(key)
+            ix.add([(bid, key)])
+        assert len(ix) == 100_000 and len(ix._slots) <= size
+    assert ix.get_many(keys) == list(range(bid - len(keys) + 1, bid + 1))
+
+
+def test_backend_table_costs_what_it_holds_after_churn() -> None:
+    """Ids are never reused: after churn the live ids are spread thin (here a quarter of 400,000).
+    The table's pages hold only present ids, so it still costs ~24 bytes an id plus a little per
+    page, not a full page per few ids (a page of fixed slots took over 100 bytes an id here)."""
+    import random
+    import sys
+
+    from kproxy.sync.table import BackendTable
+
+    rng = random.Random(3)
+    t = BackendTable()
+    t.update({b: (b << 64) | 0x1F90 for b in range(1, 400_001)})
+    t.pop_many([b for b in range(1, 400_001) if rng.random() < 0.75])
+    size = sum(sys.getsizeof(p) for p in t._pages.values())
+    assert 90_000 < len(t) < 110_000
+    assert size / len(t) < 48, size / len(t)
+    assert all(t[b] == (b << 64) | 0x1F90 for b in list(t)[:1000])
+
+
+def test_compact_dicts_shrinks_what_deletions_left_oversized() -> None:
+    """Deleting never shrinks a dict, and adding after deletions grows it to three times its entries:
+    10,000 Services that lost and regained 1,000 left every table keyed by Service twice its size."""
+    import sys
+    from collections import Counter
+
+    from kproxy.heap import compact_dicts
+
+    d = {f"default/s{i}": i for i in range(10_000)}
+    c = Counter({f"10.96.0.{i}": 2 for i in range(2000)})
+    fresh = sys.getsizeof(d)
+    for i in range(1000):
+        del d[f"default/s{i}"]
+        del c[f"10.96.0.{i}"]
+    for i in range(1000):
+        d[f"default/t{i}"] = i
+        c[f"10.97.0.{i}"] = 3
+    assert sys.getsizeof(d) > 1.5 * fresh
+    want, want_c = dict(d), dict(c)
+    small = {1: 2}
+    assert compact_dicts(d, c, small) > fresh // 2
+    assert sys.getsizeof(d) <= fresh and d == want and dict(c) == want_c  # a Counter's counts not added
+    assert compact_dicts(d, c) == 0  # nothing left to gain
+
+
+def test_store_tables_do_not_double_after_churn() -> None:
+    """The pipeline compacts the store's (and the syncer's) tables with its heap trims: after 20% of
+    the Services went and others came, the store's table is as big as before."""
+    import sys
+
+    from unit_objects import NODE, svc_raw
+
+    from kproxy.store import ClusterStore
+
+    st = ClusterStore(NODE)
+    for i in range(5000):
+        st.upsert_service(svc_raw(name=f"s{i}", cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}"))
+    before = sys.getsizeof(st.services)
+    for i in range(1000):
+        st.delete_service("default", f"s{i}")
+    for i in range(1000):
+        st.upsert_service(svc_raw(name=f"t{i}", cluster_ip=f"10.97.{i // 250}.{i % 250 + 1}"))
+    assert sys.getsizeof(st.services) > before
+    assert st.compact() > 0 and sys.getsizeof(st.services) <= before and len(st.services) == 5000

@@ -135,6 +135,7 @@ class ClusterLister:
         this_node_found = False
         listed: set[Key] = set()
         list_rv: int | None = None
+        self.view.begin_list(kind)
         async for items, rv in client.pages(base):
             list_rv = rv if list_rv is None else list_rv
             for raw in items:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kproxy.heap import compact_dicts
 from kproxy.sources.kube.config import SourceMetrics
 from kproxy.sources.kube.objects import (
     InvalidServiceCIDR,
@@ -51,10 +52,19 @@ class ObjectView:
         self.on_node_eligible = on_node_eligible
         # resourceVersion last applied per (kind, namespace, name); None for opaque versions.
         self.seen: dict[Key, int | None] = {}
-        # Deletions seen by the watch, so that an older LIST page cannot resurrect the object.
+        # Deletions the watch saw while our LIST of their kind was running, so that a page of its older
+        # snapshot cannot bring the object back (begin_list .. sweep). A LIST started after a deletion
+        # was seen reads a snapshot that has it (the LISTs are consistent reads: no resourceVersion),
+        # so none is kept outside a LIST: every deleted object used to stay here until the next
+        # full LIST, for the agent's life.
         self.tombstones: dict[Key, int] = {}
+        self._listing: set[str] = set()  # kinds our LIST is reading
         self._settings: dict[str, str] | None = None
         self._node_eligible: bool | None = None
+
+    def compact(self) -> int:
+        """Shrink the tables that deletions left oversized (heap.compact_dicts); the bytes saved."""
+        return compact_dicts(self.seen, self.tombstones)
 
     def count(self, kind: str) -> int:
         """How many objects of KIND are held."""
@@ -105,7 +115,8 @@ class ObjectView:
             last = self.seen.get(key)
             if last is not None and last > rv:
                 return
-            self.tombstones[key] = rv
+            if key[0] in self._listing:
+                self.tombstones[key] = rv
         if key not in self.seen:
             return
         del self.seen[key]
@@ -150,9 +161,14 @@ class ObjectView:
         if self.metrics is not None:
             self.metrics.object_skipped(kind, reason)
 
+    def begin_list(self, kind: str) -> None:
+        """Our LIST of KIND starts: deletions are remembered until its sweep."""
+        self._listing.add(kind)
+
     def sweep(self, kind: str, listed: set[Key], list_rv: int | None, quiet: bool) -> int:
         """After a full LIST of KIND (its snapshot at LIST_RV): delete what is held that the LIST does
-        not have (and is not newer than it), forget the deletions it covers. Returns the deleted count."""
+        not have (and is not newer than it), forget the deletions seen meanwhile (no page of it is
+        left to bring them back). Returns the deleted count."""
         deleted = 0
         for key, seen_rv in list(self.seen.items()):
             if key[0] != kind or key in listed:
@@ -161,7 +177,7 @@ class ObjectView:
                 continue  # created after the LIST's snapshot
             self.delete(key, list_rv, quiet=quiet)
             deleted += 1
-        for key, gone_rv in list(self.tombstones.items()):
-            if key[0] == kind and list_rv is not None and gone_rv <= list_rv:
-                del self.tombstones[key]
+        self._listing.discard(kind)
+        for key in [k for k in self.tombstones if k[0] == kind]:
+            del self.tombstones[key]
         return deleted
