@@ -251,7 +251,7 @@ class ClusterStore:
         return True
 
     def _put_slice(self, es: EndpointSlice) -> None:
-        key = es.key
+        key = _intern(es.key)  # the same string as the kube source's view and the slice index
         svc_key = es.service_key
         assert svc_key is not None
         old = self.slices.get(key)

@@ -27,7 +27,9 @@ from kproxy.bpf.mapapi import MapFullError, MapOps
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int]  # (prefixlen, network address NBO)
+Key = int  # prefixlen << 32 | network address NBO (an int: 10,000s of /32 entries, a tuple each)
+_HOST32 = 32 << 32  # a /32 key without its address
+_M32 = 0xFFFFFFFF
 _PACK_KEY = abi.pack_svcnet4_key
 _PACK_VAL = abi.pack_svcnet4_val
 _PACK_SPAN = abi.pack_svcnet_span
@@ -57,7 +59,7 @@ class ClusterView(Protocol):
 
 def _bounds(key: Key) -> tuple[int, int]:
     """HBO lowest and highest address a prefix covers."""
-    plen, nbo = key
+    plen, nbo = key >> 32, key & _M32
     lo = abi.nbo_to_hbo(nbo)
     host = (1 << (32 - plen)) - 1
     return lo, lo | host
@@ -77,7 +79,7 @@ class ServiceSpaceSync:
         """Rebuild the programmed view from the trie (the next full sync removes what is stale). The
         span is recomputed from the entries on the next sync: a span map the loader just created reads
         as zeros, which is no span at all."""
-        self.programmed = {(k.prefixlen, k.addr): int(v.action) for k, v in self.trie.items()}
+        self.programmed = {k.prefixlen << 32 | k.addr: int(v.action) for k, v in self.trie.items()}
         self._span = None
 
     def sync(self, store: ClusterView, full: bool = False) -> int:
@@ -96,18 +98,18 @@ class ServiceSpaceSync:
             new_cidrs = set()
             for cidr in store.service_cidrs:
                 net = ipaddress.IPv4Network(cidr, strict=False)
-                new_cidrs.add((net.prefixlen, abi.ip_to_nbo(str(net.network_address))))
+                new_cidrs.add(net.prefixlen << 32 | abi.ip_to_nbo(str(net.network_address)))
             considered |= self._cidrs | new_cidrs
         if full:
             considered |= set(self.programmed)
-            considered |= {(32, abi.ip_to_nbo(ip)) for ip in cluster_ips}
-            considered |= {(32, abi.ip_to_nbo(ip)) for ip in foreign}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in cluster_ips}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in foreign}
         else:
-            considered |= {(32, abi.ip_to_nbo(ip)) for ip in changed}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in changed}
         want: dict[Key, int] = {}
         for key in considered:
-            if key[0] == 32:
-                ip = abi.nbo_to_ip(key[1])
+            if key >> 32 == 32:
+                ip = abi.nbo_to_ip(key & _M32)
                 if cluster_ips.get(ip):
                     want[key] = _REJECT  # a ClusterIP (also when a /32 service CIDR says the same address)
                     continue
@@ -141,10 +143,10 @@ class ServiceSpaceSync:
                 if self._span is None or (lo, hi) != self._span:
                     self.span_map.put_many([(_ZERO_KEY, _PACK_SPAN(lo, hi))])
                     self._span = (lo, hi)
-                self.trie.put_many([(_PACK_KEY(*k), _PACK_VAL(a)) for k, a in puts])
+                self.trie.put_many([(_PACK_KEY(k >> 32, k & _M32), _PACK_VAL(a)) for k, a in puts])
                 self.programmed.update(puts)
             if dels:
-                self.trie.delete_many([_PACK_KEY(*k) for k in dels])
+                self.trie.delete_many([_PACK_KEY(k >> 32, k & _M32) for k in dels])
                 for k in dels:
                     del self.programmed[k]
             # narrow the span when an entry at its edge went, or when it is not known (after adopt):
@@ -190,6 +192,7 @@ class ServiceSpaceSync:
     def entries(self) -> dict[str, str]:
         """CIDR -> "reject" | "drop" | "pass", for the CLI and tests."""
         out = {}
-        for (plen, nbo), a in sorted(self.programmed.items(), key=lambda kv: (_bounds(kv[0]), kv[0][0])):
+        for k, a in sorted(self.programmed.items(), key=lambda kv: (_bounds(kv[0]), kv[0] >> 32)):
+            plen, nbo = k >> 32, k & _M32
             out[f"{abi.nbo_to_ip(nbo)}/{plen}"] = abi.SvcnetAction(a).name.lower()
         return out

@@ -47,7 +47,7 @@ def test_a_deletion_outside_a_list_leaves_no_tombstone() -> None:
         key = ("Service", "default", f"s{i}")
         v.upsert(key, with_rv(svc_raw(name=f"s{i}"), 10 + i), quiet=True)
         v.delete(key, 5000 + i, quiet=True)
-    assert not v.tombstones and not v.seen and not store.services
+    assert not v.tombstones.get("Service") and not v.held() and not store.services
 
 
 def test_a_deletion_during_a_list_keeps_an_older_page_from_bringing_it_back() -> None:
@@ -59,7 +59,7 @@ def test_a_deletion_during_a_list_keeps_an_older_page_from_bringing_it_back() ->
     assert "default/web" not in store.services
     assert v.upsert(("Service", "default", "other"), with_rv(svc_raw(name="other"), 7), quiet=True)
     assert v.sweep("Service", {("Service", "default", "other")}, 8, quiet=True) == 0
-    assert not v.tombstones  # the LIST is over: the next one reads a newer snapshot
+    assert not v.tombstones.get("Service")  # the LIST is over: the next one reads a newer snapshot
     # created again, newer than the deletion: applied
     assert v.upsert(KEY, with_rv(svc_raw(), 12), quiet=True)
     assert "default/web" in store.services
@@ -74,7 +74,7 @@ def test_a_recreation_during_a_list_is_not_blocked_by_its_tombstone() -> None:
     assert store.services["default/web"].spec.ports[0].port == 81
     # the LIST's snapshot predates the deletion: its copy is older than what the watch brought
     v.sweep("Service", {KEY}, 8, quiet=True)
-    assert store.services["default/web"].spec.ports[0].port == 81 and not v.tombstones
+    assert store.services["default/web"].spec.ports[0].port == 81 and not v.tombstones.get("Service")
 
 
 def test_a_list_of_one_kind_keeps_tombstones_of_that_kind_only() -> None:
@@ -83,4 +83,13 @@ def test_a_list_of_one_kind_keeps_tombstones_of_that_kind_only() -> None:
     v.begin_list("Service")
     v.delete(slice_key, 9, quiet=True)
     v.delete(KEY, 9, quiet=True)
-    assert set(v.tombstones) == {KEY}
+    assert v.tombstones == {"Service": {"default/web": 9}}
+
+
+def test_the_view_and_the_store_share_their_names() -> None:
+    """The view keys objects by the interned "namespace/name" the store keys them by: one string."""
+    v, store = view()
+    v.upsert(KEY, with_rv(svc_raw(), 5), quiet=True)
+    (held,) = v.seen["Service"]
+    (stored,) = store.services
+    assert held is stored and v.held() == {KEY} and v.count("Service") == 1
