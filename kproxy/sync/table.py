@@ -48,26 +48,18 @@ class BackendTable:
     @overload
     def get(self, bid: int, default: int) -> int: ...
     def get(self, bid: int, default: int | None = None) -> int | None:
-        page = self._pages.get(bid >> PAGE_BITS)
-        if page is None:
+        at = self._at(bid)
+        if at is None:
             return default
-        bm = page[0]
-        j = bid & _LOW
-        if not bm >> j & 1:
-            return default
-        i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+        page, i = at
         return page[i] | page[i + 1] << 64 | page[i + 2] << 128
 
     def value(self, bid: int) -> int | None:
         """self[bid] & (1 << 128) - 1 (without the count), None if absent."""
-        page = self._pages.get(bid >> PAGE_BITS)
-        if page is None:
+        at = self._at(bid)
+        if at is None:
             return None
-        bm = page[0]
-        j = bid & _LOW
-        if not bm >> j & 1:
-            return None
-        i = 1 + 3 * (bm & ((1 << j) - 1)).bit_count()
+        page, i = at
         return page[i] | page[i + 1] << 64
 
     def __getitem__(self, bid: int) -> int:

@@ -378,24 +378,26 @@ def test_map_full_update_keeps_previous_state():
     assert not r.failed and slots(maps) == ["10.0.0.1", "10.0.0.3"]
 
 
+def refuse_frontend(maps: MemoryMapSet, address: str) -> None:
+    """The kernel refuses (map full) any kp_svc4 write with slot 1 of ADDRESS:80/TCP, a write the
+    syncer's capacity check did not foresee."""
+    real_put = maps.svc4.put_many
+    refused = bytes(abi.Svc4Key(ip_to_nbo(address), port_to_nbo(80), 1, 6, 0))
+
+    def flaky(items):
+        if any(bytes(k) == refused for k, _ in items):
+            raise MapFullError("kp_svc4_v1", 10, 1)
+        real_put(items)
+
+    maps.svc4.put_many = flaky  # type: ignore[method-assign]
+
+
 def test_unexpected_map_full_in_batch_undoes_the_failing_service():
     maps = MemoryMapSet()
     s = Syncer(maps)
     s.apply({"a/x": [fe([be("10.0.0.1")], service="a/x")]})
     before = snapshot(maps)
-    real_put = maps.svc4.put_many
-    calls = {"n": 0}
-
-    def flaky(items):  # the kernel refuses some write the capacity check did not foresee
-        calls["n"] += 1
-        if any(
-            bytes(abi.Svc4Key(ip_to_nbo("10.96.0.77"), port_to_nbo(80), 1, 6, 0)) == bytes(k)
-            for k, _ in items
-        ):
-            raise MapFullError("kp_svc4_v1", 10, 1)
-        real_put(items)
-
-    maps.svc4.put_many = flaky  # type: ignore[method-assign]
+    refuse_frontend(maps, "10.96.0.77")
     r = s.apply({
         "a/x": [fe([be("10.0.0.1"), be("10.0.0.5")], service="a/x")],
         "a/z": [fe([be("10.0.0.9")], service="a/z", address="10.96.0.77")],
@@ -414,17 +416,7 @@ def test_a_failing_service_does_not_take_back_a_new_backend_an_earlier_one_share
     maps = MemoryMapSet()
     s = Syncer(maps)
     s.apply({"a/x": [fe([be("10.0.0.1")], service="a/x")]})
-    real_put = maps.svc4.put_many
-
-    def flaky(items):
-        if any(
-            bytes(abi.Svc4Key(ip_to_nbo("10.96.0.77"), port_to_nbo(80), 1, 6, 0)) == bytes(k)
-            for k, _ in items
-        ):
-            raise MapFullError("kp_svc4_v1", 10, 1)
-        real_put(items)
-
-    maps.svc4.put_many = flaky  # type: ignore[method-assign]
+    refuse_frontend(maps, "10.96.0.77")
     r = s.apply({
         "a/x": [fe([be("10.0.0.1"), be("10.0.0.5")], service="a/x")],
         "a/z": [fe([be("10.0.0.5")], service="a/z", address="10.96.0.77")],
