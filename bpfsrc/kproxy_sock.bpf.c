@@ -105,7 +105,7 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 	p.dport = (__be16)ctx->user_port;
 	p.proto = proto;
 	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
-	svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
+	svc = kp_svc_lookup4(&p, KP_ORIGIN_POD, &svc_key);
 	if (!svc) {
 		/* The service address space, as for pods (lib/svcnet.h): a ClusterIP's unknown port or
 		 * protocol is refused as kube-proxy's REJECT refuses it; an unallocated service address fails
@@ -127,9 +127,9 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 	}
 	p.saddr = kp_sock_client(ctx, sendmsg);
 	/* loadBalancerSourceRanges hold for node processes too (kube-proxy's KUBE-FW sees OUTPUT). */
-	if (kp_src_range_drop(&svc_copy, &p))
+	if (kp_src_range_drop4(&svc_copy, &p))
 		return KP_SOCK_REFUSE;
-	if (kp_lb_select(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
+	if (kp_lb_select4(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
 		kp_sock_count(KP_DROP_BACKEND_MISSING);
 		return KP_SOCK_REFUSE;
 	}

@@ -14,6 +14,7 @@
 #include "lib/icmp.h"
 #include "lib/lb.h"
 #include "lib/svcnet.h"
+#include "lib/srcrange.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -48,13 +49,13 @@ static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const str
 		return TC_ACT_SHOT;
 	}
 	fib = kp_fib_room();
-	res = kp_fib_lookup(skb, fib, src, dst, 0);
+	res = kp_fib_lookup4(skb, fib, src, dst, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
 		kp_count(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
 	kp_count(KP_STAT_ICMP_SNAT, p->len);
-	return kp_fib_redirect(skb, fib, res);
+	return kp_fib_redirect4(skb, fib, res);
 }
 
 /*
@@ -65,8 +66,7 @@ static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const str
  *     An ingress node SNATs to a backend it does not know as local (an EndpointSlice without nodeName
  *     names a pod of this node), so that reply arrives here, not on the netdev.
  */
-SEC("tc")
-int kp_from_pod(struct __sk_buff *skb)
+static __always_inline int kp_from_pod4(struct __sk_buff *skb)
 {
 	struct kp_svc4_key svc_key;
 	struct kp_svc4_val *svc;
@@ -74,12 +74,11 @@ int kp_from_pod(struct __sk_buff *skb)
 	struct kp_pkt p;
 	int ret;
 
-	kp_count(KP_STAT_FROM_POD, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_L4:
-		svc = kp_svc_lookup(&p, KP_ORIGIN_POD, &svc_key);
+		svc = kp_svc_lookup4(&p, KP_ORIGIN_POD, &svc_key);
 		if (svc)
-			return kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
+			return kp_lb_forward4(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
 		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
 			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
 			if (ret >= 0)
@@ -90,7 +89,7 @@ int kp_from_pod(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
-		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
+		kp_ct_direct_syn4(&p, bpf_ktime_get_ns());
 		cfg = kp_config();
 		if (cfg && cfg->node_addr && p.daddr == cfg->node_addr) {
 			ret = kp_snat_revnat4(skb, &p);
@@ -117,12 +116,10 @@ int kp_from_pod(struct __sk_buff *skb)
 }
 
 /* Hook: tc egress of a pod's host-side veth. Direction: node -> pod (replies of remote backends). */
-SEC("tc")
-int kp_to_pod(struct __sk_buff *skb)
+static __always_inline int kp_to_pod4(struct __sk_buff *skb)
 {
 	struct kp_pkt p;
 
-	kp_count(KP_STAT_TO_POD, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_L4:
 		return kp_revnat4(skb, &p, 0);
@@ -177,8 +174,7 @@ static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct 
  *   replies of SNATed flows and ICMP errors about them: back to the client
  *   packets of connections whose frontend was deleted while they lived: translated as before
  */
-SEC("tc")
-int kp_from_netdev(struct __sk_buff *skb)
+static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 {
 	struct kp_svc4_key svc_key;
 	struct kp_svc4_val *svc;
@@ -186,7 +182,6 @@ int kp_from_netdev(struct __sk_buff *skb)
 	struct kp_pkt p;
 	int ret;
 
-	kp_count(KP_STAT_FROM_NETDEV, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_IPIP:
 		cfg = kp_config();
@@ -209,13 +204,13 @@ int kp_from_netdev(struct __sk_buff *skb)
 		ret = kp_icmp_snat_forward(skb, &p);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_L4:
-		svc = kp_svc_lookup(&p, KP_ORIGIN_NETDEV, &svc_key);
+		svc = kp_svc_lookup4(&p, KP_ORIGIN_NETDEV, &svc_key);
 		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
 			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
 			return TC_ACT_SHOT;
 		}
 		if (svc || kp_netdev_orphan_possible(&p)) {
-			ret = kp_lb4_forward(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
+			ret = kp_lb_forward4(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
 			if (ret >= 0)
 				return ret;
 		}
@@ -229,7 +224,7 @@ int kp_from_netdev(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
-		kp_ct_direct_syn(&p, bpf_ktime_get_ns());
+		kp_ct_direct_syn4(&p, bpf_ktime_get_ns());
 		ret = kp_snat_revnat4(skb, &p);
 		return ret < 0 ? TC_ACT_OK : ret;
 	}
@@ -247,13 +242,11 @@ int kp_from_netdev(struct __sk_buff *skb)
  *   translated (found by the flow's REPLY entry, as kp_to_pod does for pod clients). Without this the
  *   client never learns the path MTU of a DSR flow, whose packets never pass the ingress node again.
  */
-SEC("tc")
-int kp_to_netdev(struct __sk_buff *skb)
+static __always_inline int kp_to_netdev4(struct __sk_buff *skb)
 {
 	struct kp_config *cfg;
 	struct kp_pkt p;
 
-	kp_count(KP_STAT_TO_NETDEV, skb->len);
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_L4:
 		/* Only the node's own replies can need it (a hostNetwork endpoint's address is the node's):
@@ -266,4 +259,245 @@ int kp_to_netdev(struct __sk_buff *skb)
 		return kp_icmp_revnat(skb, &p);
 	}
 	return TC_ACT_OK;
+}
+
+/* ---- IPv6: the same hooks, for IPv6 packets (lib/<topic>_fam.h's logic built for family 6) ---- */
+
+static __always_inline int kp_parse6_counted(struct __sk_buff *skb, struct kp_pkt6 *p)
+{
+	int ret = kp_parse6(skb, p);
+
+	if (ret == KP_PARSE_FRAG)
+		kp_count(KP_STAT_PASS_FRAGMENT, skb->len);
+	else if (ret == KP_PARSE_L4) {
+		__u32 frag = kp_frag_get();
+
+		if (frag)
+			kp_count(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
+	}
+	return ret;
+}
+
+/* kp_icmp_snat_forward for IPv6. */
+static __always_inline int kp_icmp_snat_forward6(struct __sk_buff *skb, const struct kp_pkt6 *p)
+{
+	struct bpf_fib_lookup *fib;
+	union kp_in6 dst = {}, src = {};
+	int res;
+
+	res = kp_icmp_snat6(skb, p, &dst, &src);
+	if (res == 0)
+		return -1;
+	if (res < 0) {
+		kp_count(KP_DROP_NAT_FAILED, p->len);
+		return TC_ACT_SHOT;
+	}
+	fib = kp_fib_room();
+	res = kp_fib_lookup6(skb, fib, src, dst, 0);
+	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
+		kp_count(KP_DROP_FIB, p->len);
+		return TC_ACT_SHOT;
+	}
+	kp_count(KP_STAT_ICMP_SNAT, p->len);
+	return kp_fib_redirect6(skb, fib, res);
+}
+
+/*
+ * The IPv6 programs (tail-called by the entry points below, which count the packet). Their packet and
+ * frontend key live in kp_scratch6: with 16-byte addresses kp_from_netdev6's new SNATed flow needs
+ * more than the 512 bytes of stack otherwise (with kp_snat_take6's frame and the TCP option walk's).
+ */
+struct kp_scratch6 {
+	struct kp_pkt6 p;
+	struct kp_svc6_key svc_key;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_scratch6);
+	__uint(max_entries, 1);
+} kp_scratch6 SEC(".maps");
+
+static __always_inline struct kp_scratch6 *kp_scratch6_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&kp_scratch6, &zero);
+}
+
+/* kp_from_pod for IPv6: DNAT to service frontends, reverse NAT of local backends' replies. */
+SEC("tc")
+int kp_from_pod6(struct __sk_buff *skb)
+{
+	struct kp_scratch6 *s6 = kp_scratch6_get();
+	struct kp_svc4_val *svc;
+	int ret;
+
+	if (!s6)
+		return TC_ACT_OK;
+	switch (kp_parse6_counted(skb, &s6->p)) {
+	case KP_PARSE_L4:
+		svc = kp_svc_lookup6(&s6->p, KP_ORIGIN_POD, &s6->svc_key);
+		if (svc)
+			return kp_lb_forward6(skb, &s6->p, &s6->svc_key, svc, KP_ORIGIN_POD);
+		kp_ct_direct_syn6(&s6->p, bpf_ktime_get_ns());
+		/* a reply to this node's address of a flow SNATed to this pod (see kp_from_pod4) */
+		if (kp_is_node_addr6(NULL, s6->p.daddr)) {
+			ret = kp_snat_revnat6(skb, &s6->p);
+			if (ret >= 0)
+				return ret;
+		}
+		return kp_revnat6(skb, &s6->p, 1);
+	case KP_PARSE_ICMP:
+		if (kp_is_node_addr6(NULL, s6->p.daddr)) {
+			ret = kp_icmp_snat_forward6(skb, &s6->p);
+			if (ret >= 0)
+				return ret;
+		}
+		return kp_icmp_revnat6(skb, &s6->p);
+	}
+	return TC_ACT_OK;
+}
+
+/* kp_to_pod for IPv6: reverse NAT of remote backends' replies. */
+SEC("tc")
+int kp_to_pod6(struct __sk_buff *skb)
+{
+	struct kp_scratch6 *s6 = kp_scratch6_get();
+
+	if (!s6)
+		return TC_ACT_OK;
+	switch (kp_parse6_counted(skb, &s6->p)) {
+	case KP_PARSE_L4:
+		return kp_revnat6(skb, &s6->p, 0);
+	case KP_PARSE_ICMP:
+		return kp_icmp_revnat6(skb, &s6->p);
+	}
+	return TC_ACT_OK;
+}
+
+/* kp_from_netdev for IPv6: NodePort, LoadBalancer and external IP frontends (and ClusterIPs routed to
+ * the node, unless KP_CFG_F_NO_EXTERNAL_CLUSTER_IP): DNAT, SNAT to remote backends; replies of SNATed
+ * flows and ICMPv6 errors about them back to the client. */
+SEC("tc")
+int kp_from_netdev6(struct __sk_buff *skb)
+{
+	struct kp_scratch6 *s6 = kp_scratch6_get();
+	struct kp_svc4_val *svc;
+	int ret;
+
+	if (!s6)
+		return TC_ACT_OK;
+	switch (kp_parse6_counted(skb, &s6->p)) {
+	case KP_PARSE_ICMP:
+		ret = kp_icmp_snat_forward6(skb, &s6->p);
+		return ret < 0 ? TC_ACT_OK : ret;
+	case KP_PARSE_L4:
+		svc = kp_svc_lookup6(&s6->p, KP_ORIGIN_NETDEV, &s6->svc_key);
+		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
+			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, s6->p.len);
+			return TC_ACT_SHOT;
+		}
+		if (svc) {
+			ret = kp_lb_forward6(skb, &s6->p, &s6->svc_key, svc, KP_ORIGIN_NETDEV);
+			if (ret >= 0)
+				return ret;
+		}
+		kp_ct_direct_syn6(&s6->p, bpf_ktime_get_ns());
+		ret = kp_snat_revnat6(skb, &s6->p);
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
+	return TC_ACT_OK;
+}
+
+/* kp_to_netdev for IPv6: replies of the node's own processes (hostNetwork backends), ICMPv6 errors. */
+SEC("tc")
+int kp_to_netdev6(struct __sk_buff *skb)
+{
+	struct kp_scratch6 *s6 = kp_scratch6_get();
+
+	if (!s6)
+		return TC_ACT_OK;
+	switch (kp_parse6_counted(skb, &s6->p)) {
+	case KP_PARSE_L4:
+		if (kp_is_node_addr6(NULL, s6->p.saddr))
+			return kp_revnat6(skb, &s6->p, 0);
+		return TC_ACT_OK;
+	case KP_PARSE_ICMP:
+		return kp_icmp_revnat6(skb, &s6->p);
+	}
+	return TC_ACT_OK;
+}
+
+/* ---- entry points: count, then the family's path ---- */
+#define KP_ETH_P_IPV6 0x86DD
+
+enum kp_prog6 {
+	KP_PROG6_FROM_POD = 0,
+	KP_PROG6_TO_POD = 1,
+	KP_PROG6_FROM_NETDEV = 2,
+	KP_PROG6_TO_NETDEV = 3,
+};
+
+/*
+ * The IPv6 programs, tail-called by the entry points: each is verified on its own, with its own budget
+ * of 1M processed instructions (kp_from_netdev's IPv4 path alone takes most of one) and its own stack.
+ * Filled by libbpf when the object loads; not pinned: each loaded object calls its own programs.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__array(values, int(struct __sk_buff *));
+} kp_progs6 SEC(".maps") = {
+	.values = {
+		[KP_PROG6_FROM_POD] = (void *)&kp_from_pod6,
+		[KP_PROG6_TO_POD] = (void *)&kp_to_pod6,
+		[KP_PROG6_FROM_NETDEV] = (void *)&kp_from_netdev6,
+		[KP_PROG6_TO_NETDEV] = (void *)&kp_to_netdev6,
+	},
+};
+
+/* Hand an IPv6 packet to its program; returns only if the call failed (an empty slot: passed). */
+static __always_inline int kp_ipv6(struct __sk_buff *skb, __u32 prog)
+{
+	bpf_tail_call(skb, &kp_progs6, prog);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int kp_from_pod(struct __sk_buff *skb)
+{
+	kp_count(KP_STAT_FROM_POD, skb->len);
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+		return kp_ipv6(skb, KP_PROG6_FROM_POD);
+	return kp_from_pod4(skb);
+}
+
+SEC("tc")
+int kp_to_pod(struct __sk_buff *skb)
+{
+	kp_count(KP_STAT_TO_POD, skb->len);
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+		return kp_ipv6(skb, KP_PROG6_TO_POD);
+	return kp_to_pod4(skb);
+}
+
+SEC("tc")
+int kp_from_netdev(struct __sk_buff *skb)
+{
+	kp_count(KP_STAT_FROM_NETDEV, skb->len);
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+		return kp_ipv6(skb, KP_PROG6_FROM_NETDEV);
+	return kp_from_netdev4(skb);
+}
+
+SEC("tc")
+int kp_to_netdev(struct __sk_buff *skb)
+{
+	kp_count(KP_STAT_TO_NETDEV, skb->len);
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+		return kp_ipv6(skb, KP_PROG6_TO_NETDEV);
+	return kp_to_netdev4(skb);
 }

@@ -109,6 +109,74 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_svcnet_span_v1 SEC(".maps");
 
+/* ---- IPv6: as their *4 twins above ---- */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct kp_svc6_key);
+	__type(value, struct kp_svc4_val);
+	__uint(max_entries, KP_SVC6_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svc6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct kp_be6_val);
+	__uint(max_entries, KP_BE6_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_be6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_ct6_key);
+	__type(value, struct kp_ct6_val);
+	__uint(max_entries, KP_CT6_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_ct6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_aff6_key);
+	__type(value, struct kp_aff4_val);
+	__uint(max_entries, KP_AFF6_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_aff6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kp_lbsrc6_key);
+	__type(value, struct kp_lbsrc4_val);
+	__uint(max_entries, KP_LBSRC6_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_lbsrc6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_snat6_key);
+	__type(value, struct kp_snat6_val);
+	__uint(max_entries, KP_SNAT6_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_snat6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_frag6_key);
+	__type(value, struct kp_frag6_val);
+	__uint(max_entries, KP_FRAG6_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_frag6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_config6);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_cfg6_v1 SEC(".maps");
+
 /*
  * Per-CPU room for structures too large for the 512-byte stack on the deepest path (kp_from_netdev
  * forwarding a new SNATed flow: the verifier adds the TCP option walk's frame to it). Not pinned:
@@ -120,6 +188,8 @@ struct kp_scratch {
 	__u32 pad;
 	struct kp_ct4_key ct_key;   /* kp_ct_continue's flow: its frame adds to kp_from_pod's */
 	struct kp_ct4_val ct_val;
+	__u32 quote6[31];           /* kp_icmp6_send_error's quote (KP_ICMP6_QUOTE_MAX bytes) */
+	struct kp_ct6_val old6;     /* kp_lb_forward6: the value of the flow a new one re-opens */
 };
 
 struct {

@@ -23,9 +23,18 @@ MAP_LBSRC4 = "kp_lbsrc4_v1"
 MAP_SVCNET4 = "kp_svcnet4_v1"
 MAP_SVCNET_SPAN = "kp_svcnet_span_v1"
 MAP_FRAG4 = "kp_frag4_v1"
+MAP_SVC6 = "kp_svc6_v1"
+MAP_BE6 = "kp_be6_v1"
+MAP_CT6 = "kp_ct6_v1"
+MAP_AFF6 = "kp_aff6_v1"
+MAP_CFG6 = "kp_cfg6_v1"
+MAP_LBSRC6 = "kp_lbsrc6_v1"
+MAP_FRAG6 = "kp_frag6_v1"
+MAP_SNAT6 = "kp_snat6_v1"
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
+    MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6,
 )  # fmt: skip
 
 # ---- default capacities ----
@@ -37,6 +46,15 @@ SNAT4_MAX = 262144
 LBSRC4_MAX = 65536
 SVCNET4_MAX = 65536
 FRAG4_MAX = 16384
+SVC6_MAX = 65536
+BE6_MAX = 65536
+CT6_MAX = 65536
+AFF6_MAX = 16384
+LBSRC6_MAX = 16384
+FRAG6_MAX = 8192
+SNAT6_MAX = 65536
+# Backend and service-port ids of IPv6 start here (abi.h KP_ID6_BASE): one id names one thing.
+ID6_BASE = 0x80000000
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -372,6 +390,135 @@ class Counter(ctypes.Structure):
     ]
 
 
+In6 = ctypes.c_uint8 * 16  # union kp_in6: an IPv6 address in network order
+
+
+class Svc6Key(ctypes.Structure):
+    _fields_ = [
+        ("addr", In6),  # NBO
+        ("port", ctypes.c_uint16),  # NBO
+        ("slot", ctypes.c_uint16),  # HBO
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+Svc6Val = Svc4Val  # kp_svc6_v1 values are struct kp_svc4_val
+
+
+class Be6Val(ctypes.Structure):
+    _fields_ = [
+        ("addr", In6),  # NBO
+        ("port", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("node_addr", In6),  # NBO
+    ]
+
+
+class Ct6Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", In6),  # NBO
+        ("daddr", In6),  # NBO
+        ("sport", ctypes.c_uint16),  # NBO
+        ("dport", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class Ct6Val(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint32),
+        ("svc_id", ctypes.c_uint32),
+        ("nat_addr", In6),  # NBO
+        ("nat_port", ctypes.c_uint16),  # NBO
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("snat_addr", In6),  # NBO
+        ("snat_port", ctypes.c_uint16),  # NBO
+        ("tw_key", ctypes.c_uint16),
+    ]
+
+
+class Aff6Key(ctypes.Structure):
+    _fields_ = [
+        ("client_addr", In6),  # NBO
+        ("svc_id", ctypes.c_uint32),
+    ]
+
+
+Aff6Val = Aff4Val  # kp_aff6_v1 values are struct kp_aff4_val
+
+
+class LbSrc6Key(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),  # HBO LBSRC4_SVC_BITS + CIDR length
+        ("svc_id", ctypes.c_uint32),
+        ("addr", In6),  # NBO
+    ]
+
+
+LbSrc6Val = LbSrc4Val  # kp_lbsrc6_v1 values are struct kp_lbsrc4_val
+
+
+class Snat6Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", In6),  # NBO backend address
+        ("daddr", In6),  # NBO SNAT address
+        ("sport", ctypes.c_uint16),  # NBO
+        ("dport", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Snat6Val(ctypes.Structure):
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("client_addr", In6),  # NBO
+        ("front_addr", In6),  # NBO
+        ("client_port", ctypes.c_uint16),  # NBO
+        ("front_port", ctypes.c_uint16),  # NBO
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("tw_key", ctypes.c_uint16),
+    ]
+
+
+class Frag6Key(ctypes.Structure):
+    _fields_ = [
+        ("saddr", In6),  # NBO
+        ("daddr", In6),  # NBO
+        ("id", ctypes.c_uint32),  # NBO fragment header identification
+        ("nexthdr", ctypes.c_uint8),  # the fragment header's next header
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Frag6Val(ctypes.Structure):
+    _fields_ = [
+        ("sport", ctypes.c_uint16),  # NBO
+        ("dport", ctypes.c_uint16),  # NBO
+        ("proto", ctypes.c_uint8),  # the upper-layer protocol of the datagram
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class Config6(ctypes.Structure):
+    _fields_ = [
+        ("node_addr", In6),  # NBO, :: if none
+        ("hairpin_addr", In6),  # NBO, :: = HAIRPIN6_ADDR_DEFAULT
+        ("reserved", ctypes.c_uint64 * 4),
+    ]
+
+
+HAIRPIN6_ADDR_DEFAULT = "100::a9fe:2a01"
+
+
 # BTF type name of each mirrored structure, for the ABI check.
 BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_svc4_key": Svc4Key,
@@ -392,6 +539,17 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_frag4_key": Frag4Key,
     "kp_frag4_val": Frag4Val,
     "kp_counter": Counter,
+    "kp_svc6_key": Svc6Key,
+    "kp_be6_val": Be6Val,
+    "kp_ct6_key": Ct6Key,
+    "kp_ct6_val": Ct6Val,
+    "kp_aff6_key": Aff6Key,
+    "kp_config6": Config6,
+    "kp_lbsrc6_key": LbSrc6Key,
+    "kp_frag6_key": Frag6Key,
+    "kp_frag6_val": Frag6Val,
+    "kp_snat6_key": Snat6Key,
+    "kp_snat6_val": Snat6Val,
 }
 
 
@@ -411,6 +569,25 @@ def ip_to_nbo(address: str) -> int:
 
 def nbo_to_ip(value: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def ip6_to_bytes(address: str) -> bytes:
+    """'fd00::1' -> its 16 bytes in network order (union kp_in6)."""
+    return socket.inet_pton(socket.AF_INET6, address)
+
+
+def bytes_to_ip6(value: bytes | ctypes.Array[ctypes.c_uint8]) -> str:
+    return socket.inet_ntop(socket.AF_INET6, bytes(value))
+
+
+def ip_family(address: str) -> int:
+    """4 or 6 for a textual address already validated."""
+    return 6 if ":" in address else 4
+
+
+def addr_port(address: str, port: int) -> str:
+    """'10.0.0.1:80' or '[fd00::1]:80', as kube-proxy and the CLI print endpoints."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 # An alias rather than a wrapper: sync converts a port per backend (100,000s on a cold start).
@@ -442,7 +619,16 @@ pack_svcnet4_key = struct.Struct("=II").pack  # prefixlen, addr
 pack_svcnet4_val = struct.Struct("=I").pack  # action
 pack_svcnet_span = struct.Struct("=II").pack  # lo, hi
 SVCNET_SPAN_KEY = struct.pack("=I", 0)  # kp_svcnet_span_v1 is an array of one
+pack_svc6_key = struct.Struct("=16sHHBBxx").pack  # addr, port, slot, proto, scope, pad[2]
+pack_be6_val = struct.Struct("=16sHBB16s").pack  # addr, port, proto, flags, node_addr
+pack_aff6_key = struct.Struct("=16sI").pack  # client_addr, svc_id
+pack_lbsrc6_key = struct.Struct("=II16s").pack  # prefixlen, svc_id, addr
 SVC4_KEY_SIZE = ctypes.sizeof(Svc4Key)
+SVC6_KEY_SIZE = ctypes.sizeof(Svc6Key)
+assert struct.calcsize("=16sHHBBxx") == SVC6_KEY_SIZE
+assert struct.calcsize("=16sHBB16s") == ctypes.sizeof(Be6Val)
+assert struct.calcsize("=16sI") == ctypes.sizeof(Aff6Key)
+assert struct.calcsize("=II16s") == ctypes.sizeof(LbSrc6Key)
 assert struct.calcsize("=IHHBBxx") == SVC4_KEY_SIZE
 assert struct.calcsize("=IIHHI") == ctypes.sizeof(Svc4Val)
 assert struct.calcsize("=IHBBI") == ctypes.sizeof(Be4Val)

@@ -167,7 +167,8 @@ class AgentConfig(BaseModel):
     )
     node_ips: Annotated[list[str], Flag("--node-ip", metavar="IP[,IP]")] = Field(
         default_factory=list,
-        description="This node's addresses (one IPv4 at least): NodePort frontends listen on them. Required.",
+        description="This node's addresses, of one family or both: the first of each family is its primary "
+        "(SNAT source, NodePorts). Required.",
     )
     netdevs: Annotated[list[str], Flag("--netdev", metavar="IF[,IF]")] = Field(
         default_factory=list,  # empty: autodetect
@@ -380,6 +381,14 @@ class AgentConfig(BaseModel):
     @property
     def primary_ipv4(self) -> str | None:
         return next((ip for ip in self.node_ips if ipaddress.ip_address(ip).version == 4), None)
+
+    @property
+    def primary_ipv6(self) -> str | None:
+        """The first IPv6 --node-ip (kp_cfg6_v1.node_addr), canonical; None on a node without one."""
+        return next(
+            (str(ipaddress.ip_address(ip)) for ip in self.node_ips if ipaddress.ip_address(ip).version == 6),
+            None,
+        )
 
     @property
     def dsr_mode_value(self) -> abi.DsrMode:

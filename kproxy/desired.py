@@ -1,6 +1,7 @@
 """What translate makes of the cluster view: the frontends and backends the datapath should hold.
 
-The Syncer programs these into kp_svc4/kp_be4; nothing here reads Kubernetes objects or maps.
+The Syncer programs these into kp_svc4/kp_be4 (IPv4 addresses) and kp_svc6/kp_be6 (IPv6: an address
+with ':'); nothing here reads Kubernetes objects or maps.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class BackendRef(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Frontend:
-    """One service address as the datapath sees it: a slot-0 entry of kp_svc4 and its backend slots.
+    """One service address as the datapath sees it: a slot-0 entry of kp_svc4 (kp_svc6 for an IPv6
+    address, whose backends and source ranges are IPv6 too) and its backend slots.
 
     `backends` get the slots (new connections); `retained` are endpoints still listed by the
     EndpointSlices but not eligible for new connections (terminating or not ready): their backend
@@ -45,5 +47,6 @@ class Frontend:
     affinity_timeout: int
     backends: tuple[BackendRef, ...]
     retained: tuple[BackendRef, ...] = field(default=())
-    # SvcFlag.SRC_RANGES frontends: the IPv4 sources allowed, as normalised CIDRs ("10.0.0.0/8")
+    # SvcFlag.SRC_RANGES frontends: the sources allowed (of the frontend's family), as normalised CIDRs
+    # ("10.0.0.0/8", "2001:db8::/32")
     source_ranges: tuple[str, ...] = field(default=())

@@ -1,5 +1,6 @@
-"""The sync pipeline: the store's dirty Services -> translate -> the Syncer's apply -> the service
-address space. The one module that knows the cluster view, translate and the maps' writer together."""
+"""The sync pipeline: the store's dirty Services -> translate -> the Syncer's apply (which splits each
+Service's frontends by family: kp_svc4 and kp_svc6) -> the service address space (IPv4). The one
+module that knows the cluster view, translate and the maps' writer together."""
 
 from __future__ import annotations
 
@@ -78,9 +79,12 @@ class _Translated(Mapping[str, list[Frontend]]):
 
 
 def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full: bool) -> ApplyReport:
-    local = next((a for a in store.node.addresses if abi.is_ipv4(a)), None)
-    # Services with endpoints on a node whose address changed were marked dirty by the store.
-    syncer.set_nodes(store.node_addrs, local, store.node_addrs_version)
+    addresses = store.node.addresses
+    local = next((a for a in addresses if abi.is_ipv4(a)), None)
+    local6 = next((a for a in addresses if ":" in a), None)
+    # Services with endpoints on a node whose address changed were marked dirty by the store. Both
+    # families' node tables come from it (the IPv6 engine takes the IPv6 addresses it lists).
+    syncer.set_nodes(store.node_addrs, local, store.node_addrs_version, local_addr6=local6)
     dirty = store.take_dirty_with_times()
     keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
     report = syncer.apply(_Translated(store, keys, cfg), full=full)

@@ -2,9 +2,14 @@
 
 Every Kubernetes rule kproxy implements lives here, following kube-proxy (pkg/proxy, topology.go's
 CategorizeEndpoints):
-- ClusterIP frontends on every IPv4 spec.clusterIPs entry; NodePort frontends on the node addresses
-  selected by the nodeport-addresses CIDRs (default: the node's InternalIPs); LoadBalancer ingress
-  IPs; spec.externalIPs.
+- IPv4 and IPv6 alike, each family apart, as kube-proxy runs one proxier per family: a family serves
+  the Service when it has a clusterIP of that family (SingleStack, PreferDualStack, RequireDualStack,
+  either order), with only the Service's addresses and source ranges of that family and only the
+  endpoints of EndpointSlices of that addressType. Every address is canonical text (the model's
+  canonical_ip), so families are told apart by text alone: no per-endpoint parsing.
+- ClusterIP frontends on every spec.clusterIPs entry; NodePort frontends on the node addresses of the
+  family selected by the nodeport-addresses CIDRs of the family (default: the node's InternalIPs of the
+  family); LoadBalancer ingress IPs; spec.externalIPs.
 - Endpoints: ready ones; when none is ready anywhere, serving+terminating ones (KEP-1669). Local
   traffic policies use this node's ready endpoints, else its serving+terminating ones.
 - externalTrafficPolicy Local: the external frontends' EXT scope gets the local endpoints, and pods
@@ -21,9 +26,9 @@ CategorizeEndpoints):
   their backend entries stay so flows already going to them continue.
 - LoadBalancer ingress IPs with ipMode Proxy (KEP-1860) are not served: packets to them go to the load
   balancer, which proxies them (kube-proxy's IsVIPMode).
-- loadBalancerSourceRanges restrict the LoadBalancer IP frontends only (kube-proxy's KUBE-FW chains:
-  NodePorts, ClusterIPs and external IPs stay open, and pods and the node get no exemption); see
-  lb_source_ranges.
+- loadBalancerSourceRanges (those of the frontend's family) restrict the LoadBalancer IP frontends
+  only (kube-proxy's KUBE-FW chains: NodePorts, ClusterIPs and external IPs stay open, and pods and the
+  node get no exemption); see lb_source_ranges.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 from kproxy.abi import Scope, SvcFlag
@@ -77,8 +82,9 @@ class TranslateConfig:
 
 
 def _is_v4(address: str) -> bool:
-    # ipaddress is slow; the model already validated the syntax, so a dot without a colon is IPv4.
-    return "." in address and ":" not in address
+    # ipaddress is slow; the model already validated the syntax and canonicalised the text (an
+    # IPv4-mapped IPv6 address became its IPv4 one), so a colon means IPv6.
+    return ":" not in address
 
 
 def skip_reason(svc: Service) -> str | None:
@@ -100,33 +106,67 @@ def skip_reason(svc: Service) -> str | None:
     return None
 
 
-def nodeport_addresses(node: NodeInfo, cfg: TranslateConfig) -> list[str]:
-    """The IPv4 node addresses NodePorts are served on: the node's InternalIPs by default (kube-proxy's
-    "primary"); with --nodeport-addresses, every address of the node's interfaces in those CIDRs (as
-    kube-proxy picks them), InternalIPs included, loopback never (kube-proxy's nftables mode)."""
-    v4 = [a for a in node.addresses if _is_v4(a)]
-    if not cfg.nodeport_addresses:
-        return v4
-    cands = v4 + [a for a in node.host_addresses if _is_v4(a) and a not in v4]
+class _NodeView(NamedTuple):
+    """What translate reads of this node, per family: worked out once per (node, config)."""
+
+    nodeport_v4: tuple[str, ...]
+    nodeport_v6: tuple[str, ...]
+
+
+def _family_nodeport_addresses(
+    internal: list[str], host: Iterable[str], nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> list[str]:
+    """One family's NodePort addresses among its InternalIPs and host addresses, for that family's
+    --nodeport-addresses CIDRs (`nets`). kube-proxy's NewNodePortAddresses: no CIDR of the family, or
+    a zero CIDR (0.0.0.0/0, ::/0), matches every address of the family. Loopback never."""
+    match_all = not nets or any(n.prefixlen == 0 for n in nets)
     out = []
-    for a in cands:
-        ip = ipaddress.IPv4Address(a)
-        if not ip.is_loopback and any(ip in net for net in cfg.nodeport_addresses):
+    for a in internal + [h for h in host if h not in internal]:
+        ip = ipaddress.ip_address(a)
+        if not ip.is_loopback and (match_all or any(ip in n for n in nets)):
             out.append(a)
     return out
 
 
-def lb_source_ranges(
-    svc: Service, lb_ips: list[str], node: NodeInfo, skipped: Counter[str]
-) -> tuple[str, ...]:
-    """The sources allowed to open flows to the LoadBalancer IPs, as kube-proxy's firewall chain has them.
+@lru_cache(maxsize=8)
+def _node_view(node: NodeInfo, cfg: TranslateConfig) -> _NodeView:
+    v4 = [a for a in node.addresses if _is_v4(a)]
+    v6 = [a for a in node.addresses if not _is_v4(a)]
+    np4, np6 = v4, v6
+    if cfg.nodeport_addresses:
+        host_v4 = [a for a in node.host_addresses if _is_v4(a)]
+        host_v6 = [a for a in node.host_addresses if not _is_v4(a)]
+        nets = cfg.nodeport_addresses
+        np4 = _family_nodeport_addresses(v4, host_v4, [n for n in nets if n.version == 4])
+        np6 = _family_nodeport_addresses(v6, host_v6, [n for n in nets if n.version == 6])
+    return _NodeView(tuple(np4), tuple(np6))
 
-    The IPv4 loadBalancerSourceRanges (IPv6 ones belong to the other family: counted and left out,
-    and a Service with IPv6 ranges only is not restricted for IPv4, as kube-proxy filters ranges by
-    family), plus the LoadBalancer IPs themselves as /32 when a range holds this node's primary
-    address: a VIP routed to the node locally loops back with itself as the source.
-    """
-    nets: set[ipaddress.IPv4Network] = set()
+
+def nodeport_addresses(node: NodeInfo, cfg: TranslateConfig) -> list[str]:
+    """The node addresses NodePorts are served on, IPv4 ones first, then IPv6 ones: the node's
+    InternalIPs by default (kube-proxy's "primary"); with --nodeport-addresses, every address of the
+    node's interfaces (InternalIPs included) in those CIDRs, loopback never (kube-proxy's nftables
+    mode). Each family is selected by the CIDRs of its own family, as kube-proxy's per-family
+    NewNodePortAddresses does: a family with no CIDR of its own (--nodeport-addresses 10.0.0.0/8 on a
+    dual-stack node) is served on every address of that family, as kube-proxy warns at start-up."""
+    view = _node_view(node, cfg)
+    return [*view.nodeport_v4, *view.nodeport_v6]
+
+
+def lb_source_ranges(svc: Service, lb_ips: list[str], node: NodeInfo) -> tuple[str, ...]:
+    """The sources allowed to open flows to the LoadBalancer IPs `lb_ips` (all of one family), as
+    kube-proxy's firewall chain of that family has them.
+
+    The loadBalancerSourceRanges of the LB IPs' family, normalised ("10.1.2.0/24", "2001:db8::/32"):
+    kube-proxy filters the ranges by family (MapCIDRsByIPFamily), so a family with no range of its own
+    is not restricted (empty result), nor is one with a zero-prefix range (IsZeroCIDR: "allow any").
+    Plus the LoadBalancer IPs themselves as /32 (/128) when a range holds this node's primary address
+    of the family (its first InternalIP of it): a VIP routed to the node locally loops back with itself
+    as the source (kube-proxy's allowFromNode)."""
+    if not lb_ips:
+        return ()
+    want_v4 = _is_v4(lb_ips[0])
+    nets: set[ipaddress.IPv4Network] | set[ipaddress.IPv6Network] = set()
     for cidr in svc.spec.load_balancer_source_ranges:
         try:
             net = ipaddress.ip_network(cidr.strip(), strict=False)
@@ -134,16 +174,17 @@ def lb_source_ranges(
             raise TranslateError(
                 svc.key, "invalid_source_range", f"loadBalancerSourceRanges entry {cidr!r} is not a CIDR"
             ) from None
-        if isinstance(net, ipaddress.IPv4Network):
-            nets.add(net)
-        else:
-            skipped["ipv6_source_range"] += 1
-    if not nets:
+        if (net.version == 4) == want_v4:
+            nets.add(net)  # type: ignore[arg-type]
+    if not nets or any(n.prefixlen == 0 for n in nets):
         return ()
-    node_ip = next((a for a in node.addresses if _is_v4(a)), None)
-    if node_ip is not None and any(ipaddress.IPv4Address(node_ip) in n for n in nets):
-        nets.update(ipaddress.IPv4Network(f"{ip}/32") for ip in lb_ips)
-    return tuple(str(n) for n in sorted(nets))
+    node_ip = next((a for a in node.addresses if _is_v4(a) == want_v4), None)
+    if node_ip is not None:
+        ip = ipaddress.ip_address(node_ip)
+        if any(ip in n for n in nets):
+            bits = 32 if want_v4 else 128
+            nets.update(ipaddress.ip_network(f"{a}/{bits}") for a in lb_ips)  # type: ignore[misc]
+    return tuple(str(n) for n in sorted(nets))  # type: ignore[type-var]
 
 
 def is_ready(c: EndpointConditions) -> bool:
@@ -174,11 +215,10 @@ _new_ref = partial(tuple.__new__, BackendRef)
 
 
 def _endpoints_for_port(sp: ServicePort, slices: list[EndpointSlice], node: NodeInfo) -> list[_Ep]:
-    """Endpoints of one Service port, merged over slices and de-duplicated by address and port."""
+    """Endpoints of one Service port, merged over slices (of one family, none labelled headless: see
+    _slices_by_family) and de-duplicated by address and port."""
     by_addr: dict[tuple[str, int], _Ep] = {}
     for es in slices:
-        if es.address_type != "IPv4" or HEADLESS_LABEL in es.metadata.labels:
-            continue  # kube-proxy's EndpointSlice watch leaves out slices labelled headless
         port = None
         for p in es.ports:
             if p.name == sp.name and p.protocol == sp.protocol:
@@ -276,17 +316,44 @@ def _categorize(
     return cluster, local, has_any
 
 
-def local_ready_endpoints(svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo) -> int:
+def service_families(svc: Service) -> tuple[str, ...]:
+    """The IP families ("IPv4", "IPv6") kproxy serves the Service in, primary first: those of its
+    clusterIPs, as kube-proxy's proxier of a family sees only the Services with a ClusterIP of that
+    family (GetClusterIPByFamily). Empty for a Service served in none (skip_reason)."""
+    if skip_reason(svc) is not None:
+        return ()
+    return tuple(f for f, _ips in _cluster_ips_by_family(svc.spec))
+
+
+def local_ready_endpoints(
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeInfo, family: str | None = None
+) -> int:
     """What the Service's healthCheckNodePort reports as localEndpoints: kube-proxy's LocalReadyEndpoints,
     the distinct addresses of the ready (is_ready) endpoints on this node (is_local), of any Service port.
-    The endpoints are those translate_service programs (IPv4 slices not labelled headless, matching a
-    port, first address, de-duplicated alike). Terminating-but-serving local endpoints do not count,
-    though they get traffic when nothing is ready: kube-proxy wants the health check to fail then, so
-    load balancers move new connections to other nodes."""
+    The endpoints are those translate_service programs (slices not labelled headless, matching a port,
+    first address, de-duplicated alike). Terminating-but-serving local endpoints do not count, though
+    they get traffic when nothing is ready: kube-proxy wants the health check to fail then, so load
+    balancers move new connections to other nodes.
+
+    Per family, as in kube-proxy: in dual-stack each family's proxier runs its own health check server
+    (tcp4 / tcp6 on the healthCheckNodePort) counting only its own family's EndpointSlices, so a
+    dual-stack pod counts once, not twice. `family` ("IPv4" / "IPv6") is the family the probe came in
+    on; None means the Service's primary family (service_families()[0]: the first of its clusterIPs,
+    spec.ipFamilies[0]), which is what an IPv4-only or IPv6-only cluster, and a probe to the node's
+    primary-family address, gets. A family the Service is not served in counts 0 (kube-proxy has no
+    listener for it there)."""
+    families = service_families(svc)
+    if family is None:
+        if not families:
+            return 0
+        family = families[0]
+    elif family not in families:
+        return 0
     slice_list = sorted(slices, key=lambda s: s.metadata.name)
+    fam_slices = _slices_by_family(slice_list, None)[0 if family == _IPV4 else 1]
     addresses: set[str] = set()
     for sp in svc.spec.ports:
-        for ep in _endpoints_for_port(sp, slice_list, node):
+        for ep in _endpoints_for_port(sp, fam_slices, node):
             if ep.ready and ep.ref.local:
                 addresses.add(ep.ref.address)
     return len(addresses)
@@ -310,41 +377,99 @@ def _sorted(refs: list[BackendRef]) -> tuple[BackendRef, ...]:
     return tuple(refs)  # already in address order: filtered from _endpoints_for_port's sorted list
 
 
-class _Plan(NamedTuple):
-    """What translate_service works out once per Service, for every port."""
+class _Family(NamedTuple):
+    """What translate_service works out once per Service and IP family it is served in, for every port:
+    kube-proxy's ServicePortInfo of that family's proxier (newBaseServiceInfo filters every address
+    and range by family)."""
 
-    key: str
-    spec: ServiceSpec
-    cluster_v4: list[str]
+    address_type: str  # "IPv4" / "IPv6": the EndpointSlice addressType whose endpoints it gets
+    cluster_ips: list[str]
     external_ips: list[str]
     lb_ips: list[str]
     lb_ranges: tuple[str, ...]
     src_ranges: int  # SvcFlag.SRC_RANGES or 0
-    node_addrs: list[str]
-    affinity_flag: int
-    affinity_timeout: int
-    itp_local: bool
+    node_addrs: tuple[str, ...]
     etp_local: bool
     uses_cluster: bool
     uses_local: bool
 
 
-def _count_slices_left_out(slice_list: list[EndpointSlice], skipped: Counter[str]) -> None:
+_new_family = partial(tuple.__new__, _Family)
+
+
+class _Plan(NamedTuple):
+    """What translate_service works out once per Service, for every port and family."""
+
+    key: str
+    spec: ServiceSpec
+    families: list[_Family]  # primary first
+    affinity_flag: int
+    affinity_timeout: int
+    itp_local: bool
+
+
+_IPV4 = "IPv4"
+_IPV6 = "IPv6"
+_FAMILY_INDEX = {_IPV4: 0, _IPV6: 1}  # in (IPv4 ..., IPv6 ...) pairs
+_NONE_BY_FAMILY: tuple[list[str], list[str]] = ([], [])  # never mutated
+
+
+def _slices_by_family(
+    slice_list: list[EndpointSlice], skipped: Counter[str] | None
+) -> tuple[list[EndpointSlice], list[EndpointSlice]]:
+    """(IPv4 slices, IPv6 slices): each family's proxier in kube-proxy gets only the slices of its
+    addressType (the MetaProxier dispatches them so), and its EndpointSlice watch leaves out slices
+    labelled headless; FQDN slices go to neither (counted when `skipped` is given)."""
+    v4: list[EndpointSlice] = []
+    v6: list[EndpointSlice] = []
     for es in slice_list:
         if HEADLESS_LABEL in es.metadata.labels:
-            skipped["endpointslice_headless"] += 1
-        elif es.address_type != "IPv4":
+            if skipped is not None:
+                skipped["endpointslice_headless"] += 1
+        elif es.address_type == _IPV4:
+            v4.append(es)
+        elif es.address_type == _IPV6:
+            v6.append(es)
+        elif skipped is not None:
             skipped[f"endpointslice_{es.address_type.lower()}"] += 1
+    return v4, v6
 
 
-def _v4_only(ips: Iterable[str], skipped: Counter[str]) -> list[str]:
-    out = []
+def _by_family(ips: Iterable[str | None]) -> tuple[list[str], list[str]]:
+    """(IPv4 ones, IPv6 ones) of canonical addresses (the model validated and canonicalised them)."""
+    v4: list[str] = []
+    v6: list[str] = []
     for ip in ips:
-        if _is_v4(ip):
-            out.append(ip)
-        elif ip:
-            skipped["ipv6_address"] += 1
-    return out
+        if not ip or ip == "None":
+            continue
+        (v4 if _is_v4(ip) else v6).append(ip)
+    return v4, v6
+
+
+def _cluster_ips_by_family(spec: ServiceSpec) -> tuple[tuple[str, list[str]], ...]:
+    """((family, its clusterIPs), ...) of the families the Service has clusterIPs of, primary family
+    (that of the first clusterIP) first. Every clusterIPs entry counts (spec.clusterIP when there is no
+    clusterIPs list, as before dual-stack); for a valid Service that is kube-proxy's
+    GetClusterIPByFamily (one per family, in spec.ipFamilies order)."""
+    cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
+    if not cluster_ips:
+        # No clusterIP at all: a standalone manifest (the API server always allocates one). Served in
+        # the families it asks for, IPv4 by default, as before dual-stack: NodePorts, LoadBalancer and
+        # external IPs, no ClusterIP frontend.
+        return tuple((f, []) for f in (spec.ip_families or (_IPV4,)))
+    if len(cluster_ips) == 1:  # single-stack: the common case, kept cheap
+        ip = cluster_ips[0]
+        if not ip or ip == "None":
+            return ()
+        return ((_IPV4 if _is_v4(ip) else _IPV6, cluster_ips),)
+    v4, v6 = _by_family(cluster_ips)
+    if not v6:
+        return ((_IPV4, v4),) if v4 else ()
+    if not v4:
+        return ((_IPV6, v6),)
+    if cluster_ips.index(v6[0]) < cluster_ips.index(v4[0]):
+        return ((_IPV6, v6), (_IPV4, v4))
+    return ((_IPV4, v4), (_IPV6, v6))
 
 
 def _lb_ips(svc: Service, skipped: Counter[str]) -> list[str]:
@@ -357,28 +482,50 @@ def _lb_ips(svc: Service, skipped: Counter[str]) -> list[str]:
             # to it, also from pods and nodes of the cluster, as kube-proxy leaves it alone
             skipped["lb_ip_mode_proxy"] += 1
             continue
-        if _is_v4(ing.ip):
-            lb_ips.append(ing.ip)
-        else:
-            skipped["ipv6_address"] += 1
+        lb_ips.append(ing.ip)
     return lb_ips
 
 
 def _plan(svc: Service, node: NodeInfo, cfg: TranslateConfig, skipped: Counter[str]) -> _Plan:
     spec = svc.spec
-    cluster_ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
-    cluster_v4 = _v4_only(cluster_ips, skipped)
-    external_ips = _v4_only(spec.external_ips, skipped)
-    lb_ips: list[str] = []
-    src_ranges = 0
-    lb_ranges: tuple[str, ...] = ()
-    if spec.type == "LoadBalancer":
-        lb_ips = _lb_ips(svc, skipped)
-        if spec.load_balancer_source_ranges and lb_ips:
-            lb_ranges = lb_source_ranges(svc, lb_ips, node, skipped)
-            src_ranges = SvcFlag.SRC_RANGES if lb_ranges else 0
+    lb_ips_all = _lb_ips(svc, skipped) if spec.type == "LoadBalancer" else []
+    lb_by_family = _by_family(lb_ips_all) if lb_ips_all else _NONE_BY_FAMILY
+    ext_by_family = _by_family(spec.external_ips) if spec.external_ips else _NONE_BY_FAMILY
     has_node_ports = spec.type in ("NodePort", "LoadBalancer") and any(p.node_port for p in spec.ports)
-    node_addrs = nodeport_addresses(node, cfg) if has_node_ports else []
+    view = _node_view(node, cfg) if has_node_ports else None
+    etp_policy_local = spec.external_traffic_policy == "Local"
+    itp_local = spec.internal_traffic_policy == "Local"
+
+    served = _cluster_ips_by_family(spec)
+    if lb_ips_all or spec.external_ips:
+        # kube-proxy's proxier of a family without a clusterIP does not see the Service at all
+        lost = len(lb_ips_all) + len(spec.external_ips)
+        lost -= sum(
+            len(lb_by_family[_FAMILY_INDEX[f]]) + len(ext_by_family[_FAMILY_INDEX[f]]) for f, _ in served
+        )
+        if lost:
+            skipped["family_without_cluster_ip"] += lost
+    families: list[_Family] = []
+    for family, cluster_ips in served:
+        i = _FAMILY_INDEX[family]
+        external_ips = ext_by_family[i]
+        lb_ips = lb_by_family[i]
+        lb_ranges: tuple[str, ...] = ()
+        if lb_ips and spec.load_balancer_source_ranges:
+            lb_ranges = lb_source_ranges(svc, lb_ips, node)
+        node_addrs: tuple[str, ...] = ()
+        if view is not None:
+            node_addrs = view.nodeport_v4 if i == 0 else view.nodeport_v6
+        externally_accessible = has_node_ports or bool(lb_ips or external_ips)
+        etp_local = externally_accessible and etp_policy_local
+        families.append(
+            _new_family((
+                family, cluster_ips, external_ips, lb_ips, lb_ranges,
+                SvcFlag.SRC_RANGES if lb_ranges else 0, node_addrs, etp_local,
+                # kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints
+                not itp_local or externally_accessible, itp_local or etp_local,
+            ))
+        )  # fmt: skip
 
     affinity_flag = 0
     affinity_timeout = 0
@@ -387,17 +534,7 @@ def _plan(svc: Service, node: NodeInfo, cfg: TranslateConfig, skipped: Counter[s
         conf = spec.session_affinity_config
         t = conf.client_ip.timeout_seconds if conf and conf.client_ip else None
         affinity_timeout = t or DEFAULT_AFFINITY_TIMEOUT
-
-    itp_local = spec.internal_traffic_policy == "Local"
-    externally_accessible = has_node_ports or bool(lb_ips or external_ips)
-    etp_local = externally_accessible and spec.external_traffic_policy == "Local"
-    # kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints
-    uses_cluster = not itp_local or externally_accessible
-    uses_local = itp_local or etp_local
-    return _Plan(
-        svc.key, spec, cluster_v4, external_ips, lb_ips, lb_ranges, src_ranges, node_addrs,
-        affinity_flag, affinity_timeout, itp_local, etp_local, uses_cluster, uses_local,
-    )  # fmt: skip
+    return _Plan(svc.key, spec, families, affinity_flag, affinity_timeout, itp_local)
 
 
 def translate_service(
@@ -407,8 +544,12 @@ def translate_service(
     cfg: TranslateConfig,
     skipped: Counter[str] | None = None,
 ) -> list[Frontend]:
-    """The frontends of one Service on this node. `skipped` (if given) counts what was left out, by reason.
+    """The frontends of one Service on this node, of both IP families. `skipped` (if given) counts what
+    was left out, by reason.
 
+    Each family works as kube-proxy's proxier of that family: only the Service's addresses of the
+    family (clusterIPs, node addresses, LoadBalancer ingress IPs, externalIPs, source ranges) and only
+    the endpoints of EndpointSlices of that addressType; a family without a clusterIP is not served.
     Raises TranslateError for a Service that cannot be programmed at all.
     """
     if skipped is None:
@@ -420,8 +561,15 @@ def translate_service(
     slice_list = list(slices)
     if len(slice_list) > 1:
         slice_list.sort(key=lambda s: s.metadata.name)
-    _count_slices_left_out(slice_list, skipped)
+    by_family = _slices_by_family(slice_list, skipped)
     plan = _plan(svc, node, cfg, skipped)
+    families = plan.families
+    if len(families) < 2:
+        only = families[0].address_type if families else None
+        if by_family[0] and only != _IPV4:
+            skipped["endpointslice_family_without_cluster_ip"] += len(by_family[0])
+        if by_family[1] and only != _IPV6:
+            skipped["endpointslice_family_without_cluster_ip"] += len(by_family[1])
 
     out: list[Frontend] = []
     seen: set[tuple[str, int, str, int]] = set()
@@ -429,24 +577,32 @@ def translate_service(
         if sp.protocol == "SCTP":
             skipped["sctp_port"] += 1
             continue
-        for fe in _port_frontends(plan, svc, sp, _endpoints_for_port(sp, slice_list, node), node, skipped):
-            k = (fe.address, fe.port, fe.protocol, fe.scope)
-            if k in seen:
-                skipped["duplicate_frontend"] += 1
-                continue
-            seen.add(k)
-            out.append(fe)
+        for fam in families:
+            eps = _endpoints_for_port(sp, by_family[_FAMILY_INDEX[fam.address_type]], node)
+            for fe in _port_frontends(plan, fam, svc, sp, eps, node, skipped):
+                k = (fe.address, fe.port, fe.protocol, fe.scope)
+                if k in seen:
+                    skipped["duplicate_frontend"] += 1
+                    continue
+                seen.add(k)
+                out.append(fe)
     return out
 
 
 def _port_frontends(
-    plan: _Plan, svc: Service, sp: ServicePort, eps: list[_Ep], node: NodeInfo, skipped: Counter[str]
+    plan: _Plan,
+    fam: _Family,
+    svc: Service,
+    sp: ServicePort,
+    eps: list[_Ep],
+    node: NodeInfo,
+    skipped: Counter[str],
 ) -> list[Frontend]:
-    """The frontends of one Service port, in order: ClusterIPs, then each external address (EXT scope,
-    then INT with externalTrafficPolicy Local)."""
-    key, spec, etp_local, itp_local = plan.key, plan.spec, plan.etp_local, plan.itp_local
+    """The frontends of one Service port in one family, in order: ClusterIPs, then each external
+    address (EXT scope, then INT with externalTrafficPolicy Local)."""
+    key, spec, etp_local, itp_local = plan.key, plan.spec, fam.etp_local, plan.itp_local
     affinity_flag, affinity_timeout = plan.affinity_flag, plan.affinity_timeout
-    cluster, local, has_any = _categorize(svc, eps, node, plan.uses_cluster, plan.uses_local)
+    cluster, local, has_any = _categorize(svc, eps, node, fam.uses_cluster, fam.uses_local)
     internal = local if itp_local else cluster
     external = local if etp_local else cluster
     if max(len(internal), len(external), len(cluster)) > MAX_BACKENDS_PER_FRONTEND:
@@ -471,7 +627,7 @@ def _port_frontends(
     int_flags = affinity_flag | (SvcFlag.ITP_LOCAL if itp_local else 0)
     if itp_local and not internal and has_any:
         int_flags |= SvcFlag.NO_LOCAL_DROP
-    for ip in plan.cluster_v4:
+    for ip in fam.cluster_ips:
         out.append(
             Frontend(
                 key, sp.name, "ClusterIP", ip, sp.port, sp.protocol, _EXT,
@@ -483,16 +639,17 @@ def _port_frontends(
     ext_drop = SvcFlag.NO_LOCAL_DROP if etp_local and not external and has_any else 0
     externals: list[tuple[str, int, str, int]] = []
     if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
-        externals += [("NodePort", SvcFlag.NODEPORT, ip, sp.node_port) for ip in plan.node_addrs]
-    elif spec.type == "NodePort" or (
-        spec.type == "LoadBalancer" and spec.allocate_load_balancer_node_ports is not False
+        externals += [("NodePort", SvcFlag.NODEPORT, ip, sp.node_port) for ip in fam.node_addrs]
+    elif fam is plan.families[0] and (
+        spec.type == "NodePort"
+        or (spec.type == "LoadBalancer" and spec.allocate_load_balancer_node_ports is not False)
     ):
-        skipped["nodeport_unallocated"] += 1
-    externals += [("LoadBalancer", SvcFlag.LOADBALANCER | plan.src_ranges, ip, sp.port) for ip in plan.lb_ips]
-    externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in plan.external_ips]
+        skipped["nodeport_unallocated"] += 1  # once per port, not per family
+    externals += [("LoadBalancer", SvcFlag.LOADBALANCER | fam.src_ranges, ip, sp.port) for ip in fam.lb_ips]
+    externals += [("ExternalIP", SvcFlag.EXTERNAL_IP, ip, sp.port) for ip in fam.external_ips]
     for ftype, type_flag, address, port in externals:
         flags = int(ext_base | type_flag)
-        ranges = plan.lb_ranges if ftype == "LoadBalancer" else ()
+        ranges = fam.lb_ranges if ftype == "LoadBalancer" else ()
         out.append(
             Frontend(
                 key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]

@@ -29,6 +29,27 @@ struct kp_icmp_hdrs {
 };
 
 /*
+ * The last step of an ICMP error made of the packet itself: cut the packet to its first quote_len bytes
+ * after Ethernet, put the new IP and ICMP headers h (hlen bytes) in front of them, swap the MACs of
+ * eth (the frame's as it came) so it goes back the way it came. 0, or -1 if the skb could not be changed.
+ */
+static __always_inline int kp_icmp_turn_around(struct __sk_buff *skb, const struct ethhdr *eth, const void *h,
+					       __u32 hlen, __u32 quote_len)
+{
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0))
+		return -1;
+	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_MAC, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, h, hlen, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth->h_source, ETH_ALEN, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth->h_dest, ETH_ALEN, 0))
+		return -1;
+	return 0;
+}
+
+/*
  * Turn the packet in place into ICMP port unreachable from the service address back to the sender
  * and send it out of the interface it came in on. The quote is the original IP header plus 8 bytes
  * of UDP or 20 bytes of TCP: a TCP packet from a local pod is CHECKSUM_PARTIAL, and
@@ -79,15 +100,7 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 	h.icmp.rest = bpf_htonl((__u32)mtu);
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0))
-		goto fail;
-	if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, 0))
-		goto fail;
-	if (bpf_skb_store_bytes(skb, KP_IP_OFF, &h, sizeof(h), 0))
-		goto fail;
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth.h_source, ETH_ALEN, 0))
-		goto fail;
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth.h_dest, ETH_ALEN, 0))
+	if (kp_icmp_turn_around(skb, &eth, &h, sizeof(h), quote_len))
 		goto fail;
 	kp_count(code == KP_ICMP_FRAG_NEEDED ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 	return bpf_redirect(skb->ifindex, 0);
@@ -96,13 +109,13 @@ fail:
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int kp_icmp_reject(struct __sk_buff *skb, const struct kp_pkt *p)
+static __always_inline int kp_icmp_reject4(struct __sk_buff *skb, const struct kp_pkt *p)
 {
 	return kp_icmp_send_error(skb, p, KP_ICMP_PORT_UNREACH, 0);
 }
 
 /* "Fragmentation needed, next-hop MTU mtu" for a DF packet that is too big once a DSR header is added. */
-static __always_inline int kp_icmp_frag_needed(struct __sk_buff *skb, const struct kp_pkt *p, __u16 mtu)
+static __always_inline int kp_icmp_frag_needed4(struct __sk_buff *skb, const struct kp_pkt *p, __u16 mtu)
 {
 	return kp_icmp_send_error(skb, p, KP_ICMP_FRAG_NEEDED, mtu);
 }
@@ -244,7 +257,7 @@ static __always_inline int kp_icmp_revnat(struct __sk_buff *skb, const struct kp
 	rk.dport = ports[0];
 	rk.proto = inner.protocol;
 	rk.dir = KP_CT_DIR_REPLY;
-	cur = kp_ct_lookup(&rk, bpf_ktime_get_ns());
+	cur = kp_ct_lookup4(&rk, bpf_ktime_get_ns());
 	if (!cur)
 		return TC_ACT_OK;
 	front_addr = cur->nat_addr;
@@ -282,6 +295,256 @@ static __always_inline int kp_icmp_revnat(struct __sk_buff *skb, const struct kp
 fail:
 	kp_count(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
+}
+
+/* ---- ICMPv6 ---- */
+
+#define KP_ICMP6_HOP_LIMIT   64
+/* Quoted original: the IPv6 header, 64 bytes of extension headers, a full 20-byte TCP header. */
+#define KP_ICMP6_QUOTE_MAX   (40 + 64 + 20)
+
+struct kp_icmp6_hdrs {
+	struct ipv6hdr ip;
+	struct kp_icmphdr icmp;   /* type, code, checksum, then 32 bits: unused, or the MTU of packet too big */
+};
+
+/* The pseudo-header ICMPv6's checksum covers (RFC 8200 8.1). */
+struct kp_ip6_pseudo {
+	union kp_in6 saddr;
+	union kp_in6 daddr;
+	__be32 len;
+	__u8   zero[3];
+	__u8   nexthdr;
+};
+
+/*
+ * kp_icmp_send_error for IPv6: the packet turned in place into an ICMPv6 error from its destination
+ * (the service address) back to its sender, out of the interface it came in on. The quote is the IPv6
+ * header and extension headers plus 8 bytes of UDP or the 20-byte TCP header (see kp_icmp_send_error
+ * on CHECKSUM_PARTIAL), at most KP_ICMP6_QUOTE_MAX bytes; the checksum covers the pseudo-header.
+ */
+static __always_inline int kp_icmp6_send_error(struct __sk_buff *skb, const struct kp_pkt6 *p, __u8 type,
+					       __u8 code, __u32 mtu)
+{
+	struct kp_icmp6_hdrs h = {};
+	struct kp_ip6_pseudo ph = {};
+	struct kp_scratch *s;
+	struct ethhdr eth;
+	__u32 *quote, zero = 0, quote_len;
+	__s64 sum;
+
+	_Static_assert(sizeof(s->quote6) == KP_ICMP6_QUOTE_MAX, "kp_scratch.quote6 holds the quote");
+	s = bpf_map_lookup_elem(&kp_scratch, &zero);
+	if (!s)
+		goto fail;
+	quote = s->quote6;
+	__builtin_memset(quote, 0, sizeof(s->quote6));
+	if (kp_frag_get() == KP_FRAG_LATER) {
+		kp_count(KP_DROP_FRAGMENT, p->len);
+		return TC_ACT_SHOT;
+	}
+	quote_len = p->ip_hlen + (p->proto == IPPROTO_TCP ? 20 : 8);
+	kp_barrier_var(quote_len);
+	if (quote_len > sizeof(s->quote6))
+		quote_len = sizeof(s->quote6);
+	if (quote_len < KP_IP6_HLEN)
+		goto fail;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
+		goto fail;
+	if (bpf_skb_load_bytes(skb, KP_IP6_OFF, quote, quote_len))
+		goto fail;
+
+	h.ip.version = 6;
+	h.ip.payload_len = bpf_htons(sizeof(h.icmp) + quote_len);
+	h.ip.nexthdr = IPPROTO_ICMPV6;
+	h.ip.hop_limit = KP_ICMP6_HOP_LIMIT;
+	__builtin_memcpy(&h.ip.saddr, &p->daddr, sizeof(p->daddr));
+	__builtin_memcpy(&h.ip.daddr, &p->saddr, sizeof(p->saddr));
+	h.icmp.type = type;
+	h.icmp.code = code;
+	h.icmp.rest = bpf_htonl(mtu);
+	ph.saddr = p->daddr;
+	ph.daddr = p->saddr;
+	ph.len = bpf_htonl(sizeof(h.icmp) + quote_len);
+	ph.nexthdr = IPPROTO_ICMPV6;
+	/* the rest of quote stays zero, which adds nothing to the sum */
+	sum = kp_csum_add(quote, sizeof(s->quote6), 0);
+	if (sum < 0)
+		goto fail;
+	sum = kp_csum_add(&ph, sizeof(ph), sum);
+	if (sum < 0)
+		goto fail;
+	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
+
+	if (kp_icmp_turn_around(skb, &eth, &h, sizeof(h), quote_len))
+		goto fail;
+	kp_count(type == KP_ICMP6_PKT_TOOBIG ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
+	return bpf_redirect(skb->ifindex, 0);
+fail:
+	kp_count(KP_DROP_REJECT_FAILED, p->len);
+	return TC_ACT_SHOT;
+}
+
+/* kube-proxy's REJECT for IPv6: ICMPv6 destination unreachable, port unreachable. */
+static __always_inline int kp_icmp_reject6(struct __sk_buff *skb, const struct kp_pkt6 *p)
+{
+	return kp_icmp6_send_error(skb, p, KP_ICMP6_DEST_UNREACH, KP_ICMP6_PORT_UNREACH, 0);
+}
+
+/* "Packet too big, MTU mtu" for a packet too big for the route BPF forwards it on (kp_lb_xlate6). */
+static __always_inline int kp_icmp_frag_needed6(struct __sk_buff *skb, const struct kp_pkt6 *p, __u16 mtu)
+{
+	return kp_icmp6_send_error(skb, p, KP_ICMP6_PKT_TOOBIG, 0, mtu);
+}
+
+/* Fold the change of 16 bytes at off (old -> new) into the ICMPv6 checksum at csum_off, then store them.
+ * pseudo: the bytes are in the pseudo-header (the outer addresses), not in the message. */
+static __always_inline int kp_icmp6_addr_set(struct __sk_buff *skb, __u32 csum_off, __u32 off, union kp_in6 old,
+					     union kp_in6 new, int pseudo)
+{
+	__s64 diff;
+
+	if (kp_in6_eq(old, new))
+		return 0;
+	diff = bpf_csum_diff(old.w, sizeof(old), new.w, sizeof(new), 0);
+	if (diff < 0)
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, pseudo ? BPF_F_PSEUDO_HDR : 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
+}
+
+/*
+ * kp_icmp_revnat for ICMPv6: an error (destination unreachable, packet too big, time exceeded,
+ * parameter problem) quoting the client -> backend packet of a translated flow is made about
+ * client -> frontend. The ICMPv6 checksum covers the quote and the pseudo-header: both changes go
+ * into it. The quoted L4 checksum is left stale, as for IPv4.
+ */
+static __always_inline int kp_icmp_revnat6(struct __sk_buff *skb, const struct kp_pkt6 *p)
+{
+	__u32 inner_ip_off = p->l4_off + sizeof(struct kp_icmphdr);
+	__u32 icmp_csum_off = p->l4_off + offsetof(struct kp_icmphdr, checksum);
+	__u32 inner_l4_off;
+	struct kp_ct6_val *cur;
+	struct kp_ct6_key rk = {};
+	struct ipv6hdr inner;
+	union kp_in6 isrc, idst, front_addr;
+	__be16 ports[2], front_port, frag_off = 0;
+	__be32 frag_id = 0;
+	__u8 frag_nh = 0;
+	int proto;
+
+	if (p->icmp_type < KP_ICMP6_DEST_UNREACH || p->icmp_type > KP_ICMP6_PARAMPROB)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, inner_ip_off, &inner, sizeof(inner)))
+		return TC_ACT_OK;
+	if (inner.version != 6)
+		return TC_ACT_OK;
+	inner_l4_off = inner_ip_off + KP_IP6_HLEN;
+	proto = kp_ip6_skip_ext(skb, inner.nexthdr, &inner_l4_off, &frag_off, &frag_id, &frag_nh);
+	/* a quoted later fragment has no ports (Linux's icmpv6_notify ignores such errors too) */
+	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP) || (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
+		return TC_ACT_OK;
+	__builtin_memcpy(&isrc, &inner.saddr, sizeof(isrc));
+	__builtin_memcpy(&idst, &inner.daddr, sizeof(idst));
+
+	rk.saddr = idst;
+	rk.daddr = isrc;
+	rk.sport = ports[1];
+	rk.dport = ports[0];
+	rk.proto = proto;
+	rk.dir = KP_CT_DIR_REPLY;
+	cur = kp_ct_lookup6(&rk, bpf_ktime_get_ns());
+	if (!cur)
+		return TC_ACT_OK;
+	front_addr = cur->nat_addr;
+	front_port = cur->nat_port;
+
+	if (kp_icmp6_addr_set(skb, icmp_csum_off, inner_ip_off + offsetof(struct ipv6hdr, daddr), idst, front_addr,
+			      0))
+		goto fail;
+	if (ports[1] != front_port) {
+		if (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], front_port, sizeof(front_port)))
+			goto fail;
+		if (bpf_skb_store_bytes(skb, inner_l4_off + sizeof(__be16), &front_port, sizeof(front_port), 0))
+			goto fail;
+	}
+	/* Sent by the backend itself (e.g. its port is closed): it must come from the frontend. */
+	if (kp_in6_eq(p->saddr, idst) &&
+	    kp_icmp6_addr_set(skb, icmp_csum_off, KP_IP6_SADDR_OFF, p->saddr, front_addr, 1))
+		goto fail;
+	kp_count(KP_STAT_ICMP_REVNAT, p->len);
+	return TC_ACT_OK;
+fail:
+	kp_count(KP_DROP_NAT_FAILED, p->len);
+	return TC_ACT_SHOT;
+}
+
+/*
+ * kp_icmp_snat for ICMPv6: an error about a SNATed flow (quoted: node:nat_port -> backend) made about
+ * client -> frontend and addressed to the client. Returns 1 when translated (*dst, *src: the outer
+ * addresses it leaves with), 0 if not ours, -1 if a rewrite failed half-way.
+ */
+static __always_inline int kp_icmp_snat6(struct __sk_buff *skb, const struct kp_pkt6 *p, union kp_in6 *dst,
+					 union kp_in6 *src)
+{
+	__u32 inner_ip_off = p->l4_off + sizeof(struct kp_icmphdr);
+	__u32 icmp_csum_off = p->l4_off + offsetof(struct kp_icmphdr, checksum);
+	__u32 inner_l4_off;
+	struct kp_snat6_val *cur, sv;
+	struct kp_snat6_key sk = {};
+	struct ipv6hdr inner;
+	union kp_in6 isrc, idst;
+	__be16 ports[2], frag_off = 0;
+	__be32 frag_id = 0;
+	__u8 frag_nh = 0;
+	int proto;
+
+	if (p->icmp_type < KP_ICMP6_DEST_UNREACH || p->icmp_type > KP_ICMP6_PARAMPROB)
+		return 0;
+	if (bpf_skb_load_bytes(skb, inner_ip_off, &inner, sizeof(inner)) || inner.version != 6)
+		return 0;
+	inner_l4_off = inner_ip_off + KP_IP6_HLEN;
+	proto = kp_ip6_skip_ext(skb, inner.nexthdr, &inner_l4_off, &frag_off, &frag_id, &frag_nh);
+	/* a quoted later fragment has no ports (Linux's icmpv6_notify ignores such errors too) */
+	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP) || (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
+		return 0;
+	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
+		return 0;
+	__builtin_memcpy(&isrc, &inner.saddr, sizeof(isrc));
+	__builtin_memcpy(&idst, &inner.daddr, sizeof(idst));
+	sk.saddr = idst;
+	sk.daddr = isrc;
+	sk.sport = ports[1];
+	sk.dport = ports[0];
+	sk.proto = proto;
+	cur = bpf_map_lookup_elem(&kp_snat6_v1, &sk);
+	if (!cur || cur->expires_ns < bpf_ktime_get_ns())
+		return 0;
+	sv = *cur;
+	/* the quote: source node:nat_port -> client, destination backend -> frontend */
+	if (kp_icmp6_addr_set(skb, icmp_csum_off, inner_ip_off + offsetof(struct ipv6hdr, saddr), isrc,
+			      sv.client_addr, 0) ||
+	    kp_icmp6_addr_set(skb, icmp_csum_off, inner_ip_off + offsetof(struct ipv6hdr, daddr), idst,
+			      sv.front_addr, 0))
+		return -1;
+	if (ports[0] != sv.client_port &&
+	    (bpf_l4_csum_replace(skb, icmp_csum_off, ports[0], sv.client_port, sizeof(__be16)) ||
+	     bpf_skb_store_bytes(skb, inner_l4_off, &sv.client_port, sizeof(__be16), 0)))
+		return -1;
+	if (ports[1] != sv.front_port &&
+	    (bpf_l4_csum_replace(skb, icmp_csum_off, ports[1], sv.front_port, sizeof(__be16)) ||
+	     bpf_skb_store_bytes(skb, inner_l4_off + sizeof(__be16), &sv.front_port, sizeof(__be16), 0)))
+		return -1;
+	/* Sent by the backend itself: it must come from the frontend the client talked to. */
+	*src = kp_in6_eq(p->saddr, idst) ? sv.front_addr : p->saddr;
+	*dst = sv.client_addr;
+	if (kp_icmp6_addr_set(skb, icmp_csum_off, KP_IP6_SADDR_OFF, p->saddr, *src, 1) ||
+	    kp_icmp6_addr_set(skb, icmp_csum_off, KP_IP6_DADDR_OFF, p->daddr, *dst, 1))
+		return -1;
+	return 1;
 }
 
 #endif /* KPROXY_LIB_ICMP_H */

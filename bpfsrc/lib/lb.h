@@ -28,333 +28,23 @@ enum kp_origin {
 	KP_ORIGIN_NETDEV = 1,  /* packet from outside: EXT scope (kp_from_netdev decides about ClusterIPs) */
 };
 
-/* Slot 0 of the frontend the packet is addressed to, or NULL. *key is left at that slot-0 key. */
-static __always_inline struct kp_svc4_val *kp_svc_lookup(const struct kp_pkt *p, int origin,
-							 struct kp_svc4_key *key)
+static __always_inline struct kp_ct6_val *kp_scratch_old6(void)
 {
-	struct kp_svc4_val *svc, *svc_int;
+	__u32 zero = 0;
+	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
 
-	key->addr = p->daddr;
-	key->port = p->dport;
-	key->slot = 0;
-	key->proto = p->proto;
-	key->scope = KP_SCOPE_EXT;
-	key->pad[0] = 0;
-	key->pad[1] = 0;
-	svc = bpf_map_lookup_elem(&kp_svc4_v1, key);
-	if (!svc)
-		return NULL;
-	if (origin == KP_ORIGIN_NETDEV)
-		return svc;
-	if (svc->flags & KP_SVC_F_TWO_SCOPES) {
-		key->scope = KP_SCOPE_INT;
-		svc_int = bpf_map_lookup_elem(&kp_svc4_v1, key);
-		if (svc_int)
-			return svc_int;
-		/* The agent writes INT before flagging EXT; a missing INT entry is a transient state. */
-		key->scope = KP_SCOPE_EXT;
-	}
-	return svc;
+	return s ? &s->old6 : NULL;
 }
 
-/* Pick a backend for a new flow: the affinity entry if valid, else a uniformly random slot. */
-static __always_inline int kp_lb_select(const struct kp_svc4_key *svc_key, const struct kp_svc4_val *svc,
-					const struct kp_pkt *p, __u64 now, __u32 *backend_id,
-					struct kp_be4_val *be)
-{
-	struct kp_aff4_key ak = { .client_addr = p->saddr, .svc_id = svc->svc_id };
-	struct kp_svc4_key slot_key = *svc_key;
-	struct kp_svc4_val *slot;
-	struct kp_be4_val *b;
-	int affinity = svc->flags & KP_SVC_F_AFFINITY;
-
-	if (affinity) {
-		struct kp_aff4_val *av = bpf_map_lookup_elem(&kp_aff4_v1, &ak);
-		__u64 timeout = svc->affinity_timeout ? svc->affinity_timeout : KP_AFFINITY_TIMEOUT_DEFAULT;
-
-		if (av && now - av->last_used_ns < timeout * KP_NS_PER_SEC) {
-			__u32 id = av->backend_id;
-
-			b = bpf_map_lookup_elem(&kp_be4_v1, &id);
-			if (b && !(b->flags & KP_BE_F_TERMINATING)) {
-				*backend_id = id;
-				*be = *b;
-				kp_count(KP_STAT_AFFINITY_HIT, p->len);
-				goto remember;
-			}
-		}
-	}
-
-	slot_key.slot = 1 + bpf_get_prandom_u32() % svc->count;
-	slot = bpf_map_lookup_elem(&kp_svc4_v1, &slot_key);
-	if (!slot)
-		return -1;
-	*backend_id = slot->backend_id;
-	b = bpf_map_lookup_elem(&kp_be4_v1, backend_id);
-	if (!b)
-		return -1;
-	*be = *b;
-remember:
-	if (affinity) {
-		/* Once per new connection, never per packet. */
-		struct kp_aff4_val nv = { .last_used_ns = now, .backend_id = *backend_id };
-
-		bpf_map_update_elem(&kp_aff4_v1, &ak, &nv, BPF_ANY);
-	}
-	return 0;
-}
-
-/*
- * How a new flow leaves this node, decided once at flow creation and kept in the CT FWD flags, so
- * a DSR toggle (kp_config dsr_mode) applies to new flows only:
- *   pod balanced to itself          HAIRPIN: source -> hairpin address, bounced back to the pod
- *   from outside to a remote backend (externalTrafficPolicy Cluster, node address configured):
- *                                   DSR_OPT or DSR_IPIP (both need the backend's node address), else SNAT
- *   anything else                   plain DNAT, the kernel routes it
- */
-static __always_inline __u8 kp_flow_mode(const struct kp_pkt *p, const struct kp_svc4_val *svc,
-					 const struct kp_be4_val *be, const struct kp_config *cfg, int origin)
-{
-	if (origin == KP_ORIGIN_POD)
-		return be->addr == p->saddr ? KP_CT_F_HAIRPIN : 0;
-	if ((be->flags & KP_BE_F_LOCAL) || (svc->flags & KP_SVC_F_ETP_LOCAL) || !cfg || !cfg->node_addr)
-		return 0;
-	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table):
-	 * that node's kproxy must take the flow. Any other backend is SNATed, which works wherever it runs,
-	 * this node included (kp_from_pod translates the replies). */
-	if (!be->node_addr || kp_frag_get())
-		return KP_CT_F_SNAT;   /* a flow that starts fragmented: no room for DSR's bytes either */
-	if (cfg->dsr_mode == KP_DSR_OPT)
-		return KP_CT_F_DSR_OPT;
-	if (cfg->dsr_mode == KP_DSR_IPIP)
-		return KP_CT_F_DSR_IPIP;
-	return KP_CT_F_SNAT;
-}
-
-/* New flows draw again at most this many times when the drawn backend's REPLY tuple is held. */
-#define KP_HELD_TRIES 4
-
-/* Whether a new flow fk to `be` in `mode` would take the REPLY tuple of a live connection (lib/ct.h). */
-static __always_inline int kp_lb_reply_held(const struct kp_ct4_key *fk, const struct kp_be4_val *be, __u8 mode,
-					    const struct kp_config *cfg, __u64 now)
-{
-	if (mode & KP_CT_F_SNAT)
-		return 0;   /* its reply side is a kp_snat4_v1 entry of its own port */
-	return kp_ct_reply_held(fk, be->addr, be->port, (mode & KP_CT_F_HAIRPIN) ? kp_hairpin_addr(cfg) : 0, now);
-}
-
-/*
- * Translate a packet of a tracked flow (fk, fv) as its mode says. Flows BPF forwards itself (SNAT,
- * DSR) are routed first, before anything is rewritten, so a packet too big for the route once the
- * DSR option or IPIP header is added can still be answered with "fragmentation needed" about the
- * packet the client sent. A too-big packet without DF is dropped (counted): its fragments could
- * not carry the flow to the backend node's conntrack.
- */
-static __always_inline int kp_lb4_xlate(struct __sk_buff *skb, const struct kp_pkt *p,
-					const struct kp_ct4_key *fk, const struct kp_ct4_val *fv,
-					const struct kp_config *cfg)
-{
-	__u8 mode = fv->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
-	struct bpf_fib_lookup *fib;
-	__u32 extra = 0, tot_len;
-	__be32 node_addr, fib_src, fib_dst;
-	int opt = 0, res;
-
-	if (!mode || ((mode & KP_CT_F_HAIRPIN) == 0 && !cfg)) {
-		if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port))
-			goto fail;
-		kp_count(KP_STAT_DNAT, p->len);
-		return TC_ACT_OK;
-	}
-	if (mode & KP_CT_F_HAIRPIN) {
-		if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) ||
-		    kp_nat4(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
-			goto fail;
-		kp_count(KP_STAT_DNAT, p->len);
-		kp_count(KP_STAT_HAIRPIN, p->len);
-		return kp_bounce(skb);
-	}
-
-	if (p->ttl <= 1)
-		return TC_ACT_OK;   /* the kernel answers time exceeded */
-	node_addr = cfg ? cfg->node_addr : 0;
-	fib_src = p->saddr;
-	fib_dst = fv->nat_addr;
-	if (mode & KP_CT_F_SNAT) {
-		fib_src = fv->snat_addr;
-	} else {
-		opt = kp_dsr_wants_opt(p);
-		extra = opt ? KP_DSR_OPT_LEN : 0;
-		if (mode & KP_CT_F_DSR_IPIP) {
-			extra += KP_IPIP_HLEN;
-			fib_src = node_addr;
-			fib_dst = fv->snat_addr;
-		}
-	}
-	tot_len = p->tot_len ? p->tot_len + extra : 0;
-	fib = kp_fib_room();
-	res = kp_fib_lookup(skb, fib, fib_src, fib_dst, tot_len);
-	if (res == KP_FIB_FRAG_NEEDED) {
-		if (!p->df) {
-			kp_count(KP_DROP_DSR_TOO_BIG, p->len);
-			return TC_ACT_SHOT;
-		}
-		return kp_icmp_frag_needed(skb, p, fib->mtu_result - extra);
-	}
-	if (res == KP_FIB_FAIL) {
-		kp_count(KP_DROP_FIB, p->len);
-		return TC_ACT_SHOT;
-	}
-
-	if (kp_nat4(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) || kp_ttl_dec(skb, p->ttl))
-		goto fail;
-	kp_count(KP_STAT_DNAT, p->len);
-	if (mode & KP_CT_F_SNAT) {
-		if (kp_nat4(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
-			goto fail;
-		kp_count(KP_STAT_SNAT, p->len);
-		return kp_fib_redirect(skb, fib, res);
-	}
-	if (opt && kp_dsr_opt_push(skb, fk->daddr, fk->dport))
-		goto fail_encap;
-	if (mode & KP_CT_F_DSR_IPIP) {
-		if (kp_ipip_push(skb, node_addr, fv->snat_addr))
-			goto fail_encap;
-		kp_count(KP_STAT_DSR_IPIP_TX, p->len);
-	} else {
-		kp_count(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
-	}
-	return kp_fib_redirect(skb, fib, res);
-fail_encap:
-	kp_count(KP_DROP_ENCAP_FAILED, p->len);
-	return TC_ACT_SHOT;
-fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
-	return TC_ACT_SHOT;
-}
-
-/*
- * A packet to a service frontend: follow its flow's backend, or pick one and track the flow,
- * then translate. No backend at all: ICMP port unreachable, or a drop when the agent asked for one.
- * svc NULL: the frontend is gone (a Service port deleted while its connection lived); a packet of a
- * tracked flow that does not reopen it is translated as the flow's entry says (its backend address,
- * SNAT or DSR), as kube-proxy's conntrack keeps doing; anything else returns -1. kp_from_netdev calls
- * it once for both (this body is the heaviest the verifier walks there); a pod's flows are plain DNAT
- * or hairpin and continue through the lighter kp_ct_continue.
- */
-static __always_inline int kp_lb4_forward(struct __sk_buff *skb, const struct kp_pkt *p,
-					  const struct kp_svc4_key *svc_key, const struct kp_svc4_val *svc,
-					  int origin)
-{
-	struct kp_config *cfg = kp_config();
-	struct kp_ct4_key fk;
-	struct kp_ct4_val fv = {}, old = {};
-	struct kp_ct4_val *cur;
-	struct kp_be4_val be;
-	struct kp_be4_val *cur_be;
-	__u32 backend_id;
-	__u32 new_stat = KP_STAT_CT_NEW;
-	__u64 now = bpf_ktime_get_ns();
-	__u8 state, mode;
-	int reopened = 0, tries;
-
-	if (svc && svc->count == 0) {
-		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
-			kp_count(KP_DROP_NO_LOCAL_BACKEND, p->len);
-			return TC_ACT_SHOT;
-		}
-		return kp_icmp_reject(skb, p);
-	}
-
-	kp_ct_key_of_pkt(&fk, p, KP_CT_DIR_FWD);
-	cur = kp_ct_lookup(&fk, now);
-	if (cur) {
-		fv = *cur;
-		/* a flow outliving its frontend follows its entry, whether or not its backend is known */
-		cur_be = svc ? bpf_map_lookup_elem(&kp_be4_v1, &fv.backend_id) : (void *)cur;
-		if (!kp_ct_tuple_reused(fv.state, p->tcp_flags) && cur_be) {
-			__u8 flags = fv.flags;
-			__u16 tw_key = kp_snat_tw_mark(skb, p, &fv, &flags);
-
-			kp_ct_touch_tw(&fk, &fv,
-				       kp_snat_fin_state(&fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0),
-							 p->tcp_flags, 0, tw_key),
-				       flags, tw_key, now);
-			if (!svc)
-				kp_count(KP_STAT_CT_ORPHAN, p->len);
-			goto xlate;
-		}
-		if (!svc)
-			return -1;
-		new_stat = KP_STAT_CT_REOPEN;
-		kp_ct_drop_old_reply(&fk, &fv);
-		/* The old flow is over: kp_snat_alloc() gives its SNAT port to the new one when the
-		 * backend is the same (lib/snat.h: the backend's TIME_WAIT accepts the SYN then). */
-		old = fv;
-		reopened = 1;
-	}
-
-	if (!svc)
-		return -1;
-	/* New flows only: established ones passed the check when they started. */
-	if (kp_src_range_drop(svc, p))
-		return TC_ACT_SHOT;
-	/* A backend whose REPLY tuple for this client port a live connection holds (kp_ct_reply_held)
-	 * cannot take the flow: another draw, at most KP_HELD_TRIES, then a drop (the client's SYN is
-	 * retransmitted and drawn again). */
-	for (tries = 0;; tries++) {
-		if (kp_lb_select(svc_key, svc, p, now, &backend_id, &be)) {
-			kp_count(KP_DROP_BACKEND_MISSING, p->len);
-			return TC_ACT_SHOT;
-		}
-		mode = kp_flow_mode(p, svc, &be, cfg, origin);
-		if (!kp_lb_reply_held(&fk, &be, mode, cfg, now))
-			break;
-		if (tries >= KP_HELD_TRIES - 1) {
-			kp_count(KP_DROP_TUPLE_HELD, p->len);
-			return TC_ACT_SHOT;
-		}
-	}
-	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	fv.expires_ns = now + kp_ct_timeout_ns(state);
-	fv.backend_id = backend_id;
-	fv.svc_id = svc->svc_id;
-	fv.nat_addr = be.addr;
-	fv.nat_port = be.port;
-	fv.state = state;
-	fv.flags = mode | (origin == KP_ORIGIN_NETDEV ? KP_CT_F_EXTERNAL : 0) |
-		   ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
-	fv.snat_addr = 0;
-	fv.snat_port = 0;
-	fv.tw_key = 0;
-	if (mode & KP_CT_F_HAIRPIN) {
-		fv.snat_addr = kp_hairpin_addr(cfg);
-		fv.snat_port = p->sport;
-	} else if (mode & KP_CT_F_DSR_IPIP) {
-		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
-	} else if ((mode & KP_CT_F_SNAT) && cfg) {
-		__u64 syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN ?
-				    kp_tcp_mark(skb, p) : 0;
-
-		fv.snat_addr = cfg->node_addr;
-		if (kp_snat_alloc(&fk, &fv, reopened ? &old : NULL, syn, cfg, now, p->len)) {
-			kp_count(KP_DROP_SNAT_NO_PORT, p->len);
-			return TC_ACT_SHOT;
-		}
-		kp_count(KP_STAT_SNAT_NEW, p->len);
-	}
-	if (kp_ct_claim_reply(&fk, &fv, now, p->len)) {
-		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* held since the draw above */
-		return TC_ACT_SHOT;
-	}
-	if (kp_ct_write(&fk, &fv)) {
-		kp_count(KP_DROP_CT_FULL, p->len);
-		return TC_ACT_SHOT;
-	}
-	kp_count(new_stat, p->len);
-xlate:
-	return kp_lb4_xlate(skb, p, &fk, &fv, cfg);
-}
+#undef KP_FAM
+#define KP_FAM 4
+#include "lib/fam.h"
+#include "lib/lb_fam.h"
+#undef KP_FAM
+#define KP_FAM 6
+#include "lib/fam.h"
+#include "lib/lb_fam.h"
+#undef KP_FAM
 
 /*
  * A TCP packet (not a SYN) of a pod's flow whose frontend is gone: a Service port deleted while the
@@ -376,12 +66,12 @@ __attribute__((noinline)) int kp_ct_continue(struct __sk_buff *skb, struct kp_pk
 	if (!s)
 		return -1;
 	now = bpf_ktime_get_ns();
-	kp_ct_key_of_pkt(&s->ct_key, p, KP_CT_DIR_FWD);
-	cur = kp_ct_lookup(&s->ct_key, now);
+	kp_ct_key_of_pkt4(&s->ct_key, p, KP_CT_DIR_FWD);
+	cur = kp_ct_lookup4(&s->ct_key, now);
 	if (!cur)
 		return -1;
 	s->ct_val = *cur;
-	kp_ct_touch(&s->ct_key, &s->ct_val, kp_ct_next_state(s->ct_val.state, p->proto, p->tcp_flags, 0),
+	kp_ct_touch4(&s->ct_key, &s->ct_val, kp_ct_next_state(s->ct_val.state, p->proto, p->tcp_flags, 0),
 		    s->ct_val.flags, now);
 	kp_count(KP_STAT_CT_ORPHAN, p->len);
 	/* A pod's flow is plain DNAT or a hairpin (kp_flow_mode, origin pod), never SNAT or DSR. */
@@ -428,11 +118,11 @@ static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __
 	fk.pad[0] = 0;
 	fk.pad[1] = 0;
 	/* UDP carries the option on every datagram: a live entry of the same flow is only touched. */
-	cur = kp_ct_lookup(&fk, now);
+	cur = kp_ct_lookup4(&fk, now);
 	if (cur && cur->nat_addr == p->daddr && cur->nat_port == p->dport &&
 	    !kp_ct_tuple_reused(cur->state, p->tcp_flags)) {
 		fv = *cur;
-		kp_ct_touch(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
+		kp_ct_touch4(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
 		kp_count(KP_STAT_DSR_RX, p->len);
 		return TC_ACT_OK;
 	}
@@ -443,12 +133,12 @@ static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __
 	fv.state = state;
 	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
 	if (cur)
-		kp_ct_drop_old_reply(&fk, cur);
-	if (kp_ct_claim_reply(&fk, &fv, now, p->len)) {
+		kp_ct_drop_old_reply4(&fk, cur);
+	if (kp_ct_claim_reply4(&fk, &fv, now, p->len)) {
 		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
 		return TC_ACT_SHOT;
 	}
-	if (kp_ct_write(&fk, &fv)) {
+	if (kp_ct_write4(&fk, &fv)) {
 		kp_count(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
 	}

@@ -76,6 +76,25 @@ struct kp_pkt {
 	__u16  tot_len;    /* HBO IPv4 total length, 0 for BIG TCP GSO packets */
 };
 
+/* An IPv6 packet as kp_parse6() found it: kp_pkt's fields with 16-byte addresses, under the same names
+ * (the family-generic code of lib/<topic>_fam.h reads both). */
+struct kp_pkt6 {
+	__u32  len;        /* HBO skb->len */
+	__u32  l4_off;     /* HBO offset of the L4 header from the start of the frame */
+	__u32  ip_hlen;    /* HBO IPv6 header and extension headers in bytes (40..) */
+	union kp_in6 saddr;   /* NBO */
+	union kp_in6 daddr;   /* NBO */
+	__be16 sport;      /* NBO TCP/UDP only */
+	__be16 dport;      /* NBO TCP/UDP only */
+	__u8   proto;      /* IPPROTO_* of the upper-layer header (after the extension headers) */
+	__u8   tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
+	__u8   icmp_type;  /* ICMPv6 only */
+	__u8   icmp_code;  /* ICMPv6 only */
+	__u8   ttl;        /* hop limit */
+	__u8   df;         /* 1: IPv6 routers never fragment */
+	__u16  tot_len;    /* HBO 40 + payload length, 0 for jumbograms and BIG TCP GSO packets */
+};
+
 /*
  * Whether the packet being handled is a fragment. Kept in the per-CPU scratch map, not in struct
  * kp_pkt: the verifier would follow every path of the programs once per value, which the largest
@@ -236,5 +255,13 @@ static __always_inline __u32 kp_l4_csum_off(const struct kp_pkt *p)
 	return p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
 						     : offsetof(struct udphdr, check));
 }
+
+static __always_inline __u32 kp_l4_csum_off6(const struct kp_pkt6 *p)
+{
+	return p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+						     : offsetof(struct udphdr, check));
+}
+
+#include "lib/parse6.h"
 
 #endif /* KPROXY_LIB_PARSE_H */

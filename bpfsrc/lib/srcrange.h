@@ -15,7 +15,7 @@
 #include "lib/stats.h"
 
 /* 1 (counted KP_DROP_SRC_RANGE) when the frontend restricts sources and p's source is not allowed. */
-static __always_inline int kp_src_range_drop(const struct kp_svc4_val *svc, const struct kp_pkt *p)
+static __always_inline int kp_src_range_drop4(const struct kp_svc4_val *svc, const struct kp_pkt *p)
 {
 	struct kp_lbsrc4_key k;
 
@@ -25,6 +25,21 @@ static __always_inline int kp_src_range_drop(const struct kp_svc4_val *svc, cons
 	k.svc_id = svc->svc_id;
 	k.addr = p->saddr;
 	if (bpf_map_lookup_elem(&kp_lbsrc4_v1, &k))
+		return 0;
+	kp_count(KP_DROP_SRC_RANGE, p->len);
+	return 1;
+}
+
+static __always_inline int kp_src_range_drop6(const struct kp_svc4_val *svc, const struct kp_pkt6 *p)
+{
+	struct kp_lbsrc6_key k;
+
+	if (!(svc->flags & KP_SVC_F_SRC_RANGES))
+		return 0;
+	k.prefixlen = KP_LBSRC4_SVC_BITS + 128;
+	k.svc_id = svc->svc_id;
+	k.addr = p->saddr;
+	if (bpf_map_lookup_elem(&kp_lbsrc6_v1, &k))
 		return 0;
 	kp_count(KP_DROP_SRC_RANGE, p->len);
 	return 1;

@@ -62,7 +62,7 @@ static __always_inline int kp_svcnet_enforce(struct __sk_buff *skb, const struct
 {
 	if (action == KP_SVCNET_REJECT) {
 		kp_count(KP_STAT_SVCNET_REJECT, p->len);
-		return kp_icmp_reject(skb, p);
+		return kp_icmp_reject4(skb, p);
 	}
 	if (action == KP_SVCNET_DROP) {
 		kp_count(KP_DROP_SVCNET, p->len);

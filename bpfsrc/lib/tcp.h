@@ -76,33 +76,36 @@ __attribute__((noinline)) __u32 kp_tcp_opt_off(struct __sk_buff *skb, __u32 l4_o
 #define KP_TCP_MARK_TS_HI(m)  ((__u16)((m) >> 16))
 #define KP_TCP_MARK_SEQ_HI(m) ((__u16)(m))
 
-/* The mark of the TCP segment p, or 0 if its header cannot be read or is malformed (a receiver
- * drops such a segment, so it must not count). */
-static __always_inline __u64 kp_tcp_mark(struct __sk_buff *skb, const struct kp_pkt *p)
+/* The mark of the TCP segment at l4_off whose IP packet ends at frame offset end, or 0 if its header
+ * cannot be read or is malformed (a receiver drops such a segment, so it must not count). */
+static __always_inline __u64 kp_tcp_mark_at(struct __sk_buff *skb, __u32 l4_off, __u32 end, __u8 tcp_flags)
 {
 	__u32 ts_off, l4_len, hdr_len, seq_hbo;
 	__be32 seq, tsval;
 	__u8 doff_byte;
 	__u64 mark = KP_TCP_MARK_OK;
 
-	if (bpf_skb_load_bytes(skb, p->l4_off + 4, &seq, sizeof(seq)) ||
-	    bpf_skb_load_bytes(skb, p->l4_off + 12, &doff_byte, 1))
+	if (bpf_skb_load_bytes(skb, l4_off + 4, &seq, sizeof(seq)) ||
+	    bpf_skb_load_bytes(skb, l4_off + 12, &doff_byte, 1))
 		return 0;
-	/* Where the segment ends: Ethernet padding is not data, the IPv4 total length says (0 for BIG
-	 * TCP: the skb does). */
-	l4_len = (p->tot_len ? ETH_HLEN + p->tot_len : p->len) - p->l4_off;
+	l4_len = end - l4_off;
 	hdr_len = (doff_byte >> 4) * 4;
 	if (hdr_len < sizeof(struct tcphdr) || hdr_len > l4_len)
 		return 0;
 	seq_hbo = bpf_ntohl(seq);
-	if (p->tcp_flags & KP_TCP_FIN)
+	if (tcp_flags & KP_TCP_FIN)
 		seq_hbo += l4_len - hdr_len + 1;   /* the FIN takes one sequence number after the data */
 	mark |= seq_hbo >> 16;
-	ts_off = kp_tcp_opt_off(skb, p->l4_off, KP_TCPOPT_TS, KP_TCPOLEN_TS);
+	ts_off = kp_tcp_opt_off(skb, l4_off, KP_TCPOPT_TS, KP_TCPOLEN_TS);
 	if (ts_off && !bpf_skb_load_bytes(skb, ts_off, &tsval, sizeof(tsval)))
 		mark |= KP_TCP_MARK_TS | (__u64)(bpf_ntohl(tsval) >> 16) << 16;
 	return mark;
 }
+
+/* kp_tcp_mark_at for a parsed packet of either family (struct kp_pkt or kp_pkt6). Where the segment
+ * ends: Ethernet padding is not data, the IP total length says (0 for BIG TCP: the skb does). */
+#define kp_tcp_mark(skb, p) \
+	kp_tcp_mark_at((skb), (p)->l4_off, (p)->tot_len ? ETH_HLEN + (p)->tot_len : (p)->len, (p)->tcp_flags)
 
 /* Lower the MSS option of a TCP SYN (or SYN-ACK) whose TCP header starts at l4_off to max_mss.
  * Returns 1 if lowered. */

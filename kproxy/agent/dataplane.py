@@ -58,9 +58,10 @@ class Dataplane:
 
     @property
     def node_ip(self) -> str:
-        ip = self.cfg.primary_ipv4
+        """This node's primary address: the first IPv4 --node-ip, else (an IPv6-only node) the first IPv6."""
+        ip = self.cfg.primary_ipv4 or self.cfg.primary_ipv6
         if ip is None:
-            raise AgentError("the agent needs this node's IPv4 address: pass --node-ip")
+            raise AgentError("the agent needs this node's address: pass --node-ip")
         return ip
 
     @property

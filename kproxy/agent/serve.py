@@ -28,7 +28,8 @@ class Servers:
 
     async def start(self, store: ClusterStore, dataplane: Dataplane) -> None:
         host, port = split_hostport(self.cfg.health_bind)
-        self.health = HealthServer(host, port)
+        families = ("IPv4", "IPv6") if self.cfg.primary_ipv6 else ("IPv4",)
+        self.health = HealthServer(host, port, ip_families=families)
         store.add_listener(self.health.queued)
         try:
             await self.health.start()

@@ -1,6 +1,7 @@
 """The agent's map upkeep: kp_cfg_v1 (written whole at start, on a DSR mode change from the agent
-ConfigMap, and while connections of deleted TCP frontends live on), and the periodic chores of the
-sweeper (expired conntrack and SNAT entries, node addresses, IPv4 forwarding, the orphaned-flow window).
+ConfigMap, and while connections of deleted TCP frontends live on) and kp_cfg6_v1 (this node's IPv6
+address, at start), and the periodic chores of the sweeper (expired conntrack entries of both families
+and SNAT entries, node addresses, IPv4 forwarding, the orphaned-flow window).
 
 The Kubernetes source reports the agent ConfigMap: its `dsr-mode` key is written into kp_cfg_v1 live
 (flows keep the mode they began with; the datapath records it in conntrack).
@@ -42,13 +43,17 @@ class DatapathConfig:
         assert maps is not None, "write_config before setup_dataplane"
         # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
         upkeep.write_config(
-            maps, self.dataplane.node_ip, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
+            maps, cfg.primary_ipv4, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
         )  # fmt: skip
         # a predecessor's window (write_config keeps the later one) is this agent's to keep open
         self.orphan_until_ns = maps.read_config().orphan_until_ns
+        # the IPv6 datapath's node address (NodePort on it, SNAT from it); the hairpin source stays the
+        # datapath default (::)
+        if upkeep.write_config6(maps.cfg6, cfg.primary_ipv6):
+            log.info("kp_cfg6_v1: node address %s", cfg.primary_ipv6 or "none (no IPv6 --node-ip)")
 
     # ---- runtime settings (the agent ConfigMap, through the Kubernetes source) ----
     def apply_settings(self, settings: dict[str, str]) -> None:
@@ -82,7 +87,8 @@ class DatapathConfig:
             return
         maps = self.dataplane.maps
         assert maps is not None, "the syncer is made from the maps"
-        alive = upkeep.orphaned_tcp_flows(maps.ct4, set(syncer.service_ports()))
+        live = set(syncer.service_ports())
+        alive = upkeep.orphaned_tcp_flows(maps.ct4, live) + upkeep.orphaned_tcp_flows(maps.ct6, live)
         if alive:
             log.info("%d connections of deleted Service ports still live: kept translating them", alive)
             self.frontends_removed()
@@ -127,9 +133,8 @@ class Sweeper:
             await self.read_host_addresses(store)
             self.dataplane.check_forwarding()
             try:
-                n = upkeep.sweep_conntrack(maps.ct4)
-                snat4 = getattr(maps, "snat4", None)
-                ns = upkeep.sweep_snat(snat4) if snat4 is not None else 0
+                n = upkeep.sweep_conntrack(maps.ct4) + upkeep.sweep_conntrack(maps.ct6)
+                ns = upkeep.sweep_snat(maps.snat4) + upkeep.sweep_snat(maps.snat6)
                 self.config.keep_orphan_window(syncer())
             except OSError as e:
                 log.warning("conntrack sweep failed: %s", e)

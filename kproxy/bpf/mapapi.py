@@ -108,6 +108,8 @@ class MemoryMapSet:
         aff4_max: int | None = None,
         lbsrc4_max: int | None = None,
         svcnet4_max: int | None = None,
+        svc6_max: int | None = None,
+        be6_max: int | None = None,
     ) -> None:
         self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
             abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
@@ -133,6 +135,24 @@ class MemoryMapSet:
         )
         self.svcnet_span: MemoryMap[ctypes.c_uint32, abi.SvcnetSpan] = MemoryMap(
             abi.MAP_SVCNET_SPAN, ctypes.c_uint32, abi.SvcnetSpan, 1
+        )
+        self.svc6: MemoryMap[abi.Svc6Key, abi.Svc4Val] = MemoryMap(
+            abi.MAP_SVC6, abi.Svc6Key, abi.Svc6Val, svc6_max or abi.SVC6_MAX
+        )
+        self.be6: MemoryMap[ctypes.c_uint32, abi.Be6Val] = MemoryMap(
+            abi.MAP_BE6, ctypes.c_uint32, abi.Be6Val, be6_max or abi.BE6_MAX
+        )
+        self.ct6: MemoryMap[abi.Ct6Key, abi.Ct6Val] = MemoryMap(
+            abi.MAP_CT6, abi.Ct6Key, abi.Ct6Val, abi.CT6_MAX
+        )
+        self.aff6: MemoryMap[abi.Aff6Key, abi.Aff4Val] = MemoryMap(
+            abi.MAP_AFF6, abi.Aff6Key, abi.Aff6Val, abi.AFF6_MAX
+        )
+        self.lbsrc6: MemoryMap[abi.LbSrc6Key, abi.LbSrc4Val] = MemoryMap(
+            abi.MAP_LBSRC6, abi.LbSrc6Key, abi.LbSrc6Val, abi.LBSRC6_MAX
+        )
+        self.cfg6: MemoryMap[ctypes.c_uint32, abi.Config6] = MemoryMap(
+            abi.MAP_CFG6, ctypes.c_uint32, abi.Config6, 1
         )
 
     def read_config(self) -> abi.Config:

@@ -307,6 +307,14 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_SVCNET4: ("svcnet4", BPF_MAP_TYPE_LPM_TRIE, abi.Svcnet4Key, abi.Svcnet4Val),
     abi.MAP_SVCNET_SPAN: ("svcnet_span", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.SvcnetSpan),
     abi.MAP_FRAG4: ("frag4", lb.BPF_MAP_TYPE_LRU_HASH, abi.Frag4Key, abi.Frag4Val),
+    abi.MAP_SVC6: ("svc6", lb.BPF_MAP_TYPE_HASH, abi.Svc6Key, abi.Svc6Val),
+    abi.MAP_BE6: ("be6", lb.BPF_MAP_TYPE_HASH, ctypes.c_uint32, abi.Be6Val),
+    abi.MAP_CT6: ("ct6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Ct6Key, abi.Ct6Val),
+    abi.MAP_AFF6: ("aff6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Aff6Key, abi.Aff6Val),
+    abi.MAP_CFG6: ("cfg6", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Config6),
+    abi.MAP_LBSRC6: ("lbsrc6", BPF_MAP_TYPE_LPM_TRIE, abi.LbSrc6Key, abi.LbSrc6Val),
+    abi.MAP_FRAG6: ("frag6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Frag6Key, abi.Frag6Val),
+    abi.MAP_SNAT6: ("snat6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat6Key, abi.Snat6Val),
 }
 
 
@@ -324,6 +332,14 @@ class KproxyMaps:
     svcnet4: PinnedMap[abi.Svcnet4Key, abi.Svcnet4Val]
     svcnet_span: PinnedMap[ctypes.c_uint32, abi.SvcnetSpan]
     frag4: PinnedMap[abi.Frag4Key, abi.Frag4Val]
+    svc6: PinnedMap[abi.Svc6Key, abi.Svc4Val]
+    be6: PinnedMap[ctypes.c_uint32, abi.Be6Val]
+    ct6: PinnedMap[abi.Ct6Key, abi.Ct6Val]
+    aff6: PinnedMap[abi.Aff6Key, abi.Aff4Val]
+    cfg6: PinnedMap[ctypes.c_uint32, abi.Config6]
+    lbsrc6: PinnedMap[abi.LbSrc6Key, abi.LbSrc4Val]
+    frag6: PinnedMap[abi.Frag6Key, abi.Frag6Val]
+    snat6: PinnedMap[abi.Snat6Key, abi.Snat6Val]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

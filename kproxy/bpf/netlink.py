@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fnmatch
+import ipaddress
 import logging
 import select
 import socket
@@ -210,9 +211,37 @@ async def follow(
         follower.close()
 
 
-def ipv4_addresses() -> list[str]:
-    """Every IPv4 address of this network namespace's interfaces (loopback's included; callers filter)."""
+def host_addresses() -> list[str]:
+    """Every address of this network namespace's interfaces, IPv4 and IPv6 (what --nodeport-addresses
+    CIDRs select from, as kube-proxy's GetNodeIPs lists net.InterfaceAddrs), in canonical text form;
+    loopback's included (callers filter), IPv6 link-local (fe80::/10) left out: no NodePort is served
+    on those, which need an interface to mean anything."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=socket.AF_INET)]
+        return usable_host_addresses(
+            (a["family"], a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()
+        )
+
+
+def usable_host_addresses(addrs: Iterable[tuple[int, Any]]) -> list[str]:
+    """host_addresses' filter of (address family, address text) pairs from RTM_GETADDR, pure: the
+    IPv4 and IPv6 ones, canonical, IPv6 link-local left out, each once."""
+    out: list[str] = []
+    for family, text in addrs:
+        if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(text, str):
+            continue
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if ip.version == 6 and ip.is_link_local:
+            continue
+        canon = str(ip)
+        if canon not in out:
+            out.append(canon)
+    return out
+
+
+# The name kproxy.agent.upkeep imports: it lists both families now (see host_addresses).
+ipv4_addresses = host_addresses

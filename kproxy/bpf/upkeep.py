@@ -1,8 +1,10 @@
-"""Map chores the agent runs beside the applies: kp_cfg_v1 (write_config), sweeping expired
-conntrack and SNAT entries, and counting the TCP flows whose frontend is gone (orphan_until_ns)."""
+"""Map chores the agent runs beside the applies: kp_cfg_v1 and kp_cfg6_v1 (write_config,
+write_config6), sweeping expired conntrack (kp_ct4, kp_ct6) and SNAT entries, and counting the TCP
+flows whose frontend is gone (orphan_until_ns)."""
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Any, Protocol
 
@@ -19,16 +21,17 @@ class ConfigMaps(Protocol):
 
 
 def sweep_conntrack(ct4: MapOps[Any, Any], now_ns: int | None = None) -> int:
-    """Delete expired conntrack entries; return how many. `now_ns`: CLOCK_MONOTONIC, as bpf_ktime_get_ns."""
+    """Delete expired conntrack entries of kp_ct4 or kp_ct6 (the same fields); return how many.
+    `now_ns`: CLOCK_MONOTONIC, as bpf_ktime_get_ns."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     doomed = [k for k, v in ct4.items() if v.expires_ns <= now]
     return ct4.delete_many(doomed) if doomed else 0
 
 
 def orphaned_tcp_flows(ct4: MapOps[Any, Any], live_svc_ids: set[int], now_ns: int | None = None) -> int:
-    """Live TCP flows from outside the node whose Service port is gone (their svc_id is programmed no
-    more): while there are any, kp_from_netdev must keep looking them up (kp_config.orphan_until_ns).
-    Flows a DSR backend node tracks carry no svc_id and do not count."""
+    """Live TCP flows (of kp_ct4 or kp_ct6) from outside the node whose Service port is gone (their
+    svc_id is programmed no more): while there are any, kp_from_netdev must keep looking them up
+    (kp_config.orphan_until_ns). Flows a DSR backend node tracks carry no svc_id and do not count."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     external = int(abi.CtFlag.EXTERNAL)
     return sum(
@@ -90,4 +93,20 @@ def write_config(
     if bytes(old) == bytes(cfg):
         return False
     maps.write_config(cfg)
+    return True
+
+
+def write_config6(cfg6: MapOps[Any, Any], node_addr: str | None, hairpin_addr: str | None = None) -> bool:
+    """Write kp_cfg6_v1 whole: this node's IPv6 address (:: if none) and the IPv6 hairpin source
+    (None: ::, the datapath default abi.HAIRPIN6_ADDR_DEFAULT). Return whether it changed."""
+    cfg = abi.Config6()
+    if node_addr:
+        cfg.node_addr[:] = list(abi.ip6_to_bytes(node_addr))
+    if hairpin_addr:
+        cfg.hairpin_addr[:] = list(abi.ip6_to_bytes(hairpin_addr))
+    key = ctypes.c_uint32(0)
+    old = cfg6.get(key)
+    if old is not None and bytes(old) == bytes(cfg):
+        return False
+    cfg6.put_many([(key, cfg)])
     return True

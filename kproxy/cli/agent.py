@@ -50,8 +50,8 @@ def agent(**values: Any) -> None:
         raise click.UsageError(
             "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         ) from None
-    if cfg.primary_ipv4 is None:
-        raise click.UsageError("--node-ip: pass this node's IPv4 address (NodePorts and SNAT use it)")
+    if cfg.primary_ipv4 is None and cfg.primary_ipv6 is None:
+        raise click.UsageError("--node-ip: pass this node's addresses (NodePorts and SNAT use them)")
     require_root("kproxy agent")
     # Deferred: the agent's own imports (aiohttp, prometheus-client, kopf) cost every other command
     # about 0.3 s, for nothing.

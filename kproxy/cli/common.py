@@ -76,16 +76,17 @@ class Cli:
                 f"cannot open the maps in {self.bpffs}: {e.strerror}; run as root", EXIT_NOT_ROOT
             ) from e
 
-    def metadata(self, svc4: Any = None) -> dict[int, dict[str, Any]]:
-        """The agent's service names (services.json). Given the service map, the ids it holds that the
-        file does not name yet are waited for, up to METADATA_WAIT_S: the agent writes the names of
-        new ids a moment after the ids (at most every few hundred milliseconds:
-        kproxy.agent.syncloop.ServiceMetadata.changed).
+    def metadata(self, *service_maps: Any) -> dict[int, dict[str, Any]]:
+        """The agent's service names (services.json), for the service-port ids of both families (IPv6
+        ids, >= abi.ID6_BASE, are named there the same way). Given service maps (kp_svc4_v1,
+        kp_svc6_v1), the ids they hold that the file does not name yet are waited for, up to
+        METADATA_WAIT_S: the agent writes the names of new ids a moment after the ids (at most every
+        few hundred milliseconds: kproxy.agent.syncloop.ServiceMetadata.changed).
         No file (no agent wrote one): no wait."""
         meta = read_metadata(self.bpffs)
-        if svc4 is None or not metadata_path(self.bpffs).exists():
+        if not service_maps or not metadata_path(self.bpffs).exists():
             return meta
-        want = {v.svc_id for k, v in svc4.items() if k.slot == 0}
+        want = {v.svc_id for svc in service_maps for k, v in svc.items() if k.slot == 0}
         deadline = time.monotonic() + METADATA_WAIT_S
         while want - meta.keys() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -1,7 +1,8 @@
 """Read-only inspection of the pinned maps: services, backends, conntrack, affinity, stats, status, nat.
 
 Every command reads the maps through kproxy.bpf.maps and the service names from the agent's metadata
-file (kproxy.observe.metadata); --bpffs and -o come from kproxy.cli.common.inspect_options.
+file (kproxy.observe.metadata); --bpffs and -o come from kproxy.cli.common.inspect_options. The
+commands list both families (the *4 and *6 maps) in one table; kproxy.observe.inspect decodes them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import click
 
 from kproxy import abi
-from kproxy.abi import CtState, nbo_to_ip, nbo_to_port
+from kproxy.abi import CtState
 from kproxy.bpf.libbpf import LibbpfError
 from kproxy.bpf.socklb import SocketLB
 from kproxy.cli.common import Cli, CliError, inspect_options, mode_name
@@ -21,17 +22,20 @@ from kproxy.observe import inspect as insp
 from kproxy.observe.metadata import read_status
 
 
-def _render_services(rows: list[dict[str, Any]]) -> str:
+def _backend_text(b: dict[str, Any]) -> str:
+    where = "?" if b["address"] is None else abi.addr_port(b["address"], b["port"])
+    return where + ("" if b["state"] == "active" else f" ({b['state']})")
+
+
+def render_services(rows: list[dict[str, Any]]) -> str:
+    """The table of `kproxy services`."""
     flat = []
     for r in rows:
-        bes = ", ".join(
-            f"{b['address']}:{b['port']}" + ("" if b["state"] == "active" else f" ({b['state']})")
-            for b in r["backends"]
-        )
+        bes = ", ".join(_backend_text(b) for b in r["backends"])
         flat.append(
             {
                 **r,
-                "frontend": f"{r['address']}:{r['port']}/{r['protocol']}",
+                "frontend": f"{abi.addr_port(r['address'], r['port'])}/{r['protocol']}",
                 "scope": "" if r["scope"] == "external" else "internal",
                 "affinity": f"{r['affinity_timeout']}s" if "affinity" in r["flags"] else "",
                 "backend_list": bes or "(none: rejects)",
@@ -57,21 +61,28 @@ def _render_services(rows: list[dict[str, Any]]) -> str:
 def services(cli: Cli) -> None:
     """List every frontend (ClusterIP, NodePort, LoadBalancer, ExternalIP) with its backends.
 
-    -o json prints a list of frontends: service ("namespace/name"), port_name, type, address, port,
-    protocol, scope, flags and backends (each with address, port, state).
+    IPv4 and IPv6 frontends are listed together (a dual-stack Service has one of each), sorted by
+    service, port name, type and address (IPv4 first); IPv6 ones print as [fd00::1]:80/TCP.
+
+    -o json prints a list of frontends: service ("namespace/name"), port_name, type, family (4 or 6),
+    address, port, protocol, scope, flags and backends (each with family, address, port, state).
     """
     with cli.open_maps("kproxy services") as maps:
-        rows = insp.services(maps.svc4, maps.be4, cli.metadata(maps.svc4))
-    cli.emit(rows, _render_services)
+        meta = cli.metadata(maps.svc4, maps.svc6)
+        rows = insp.services(maps.svc4, maps.be4, meta, svc6=maps.svc6, be6=maps.be6)
+    cli.emit(rows, render_services)
 
 
 @click.command()
 @inspect_options
 @click.pass_obj
 def backends(cli: Cli) -> None:
-    """List the backend table: id, address, port, protocol, local/terminating."""
+    """List the backend table: id, address, port, protocol, local/terminating.
+
+    IPv4 backends first, then IPv6 ones (their ids start at 2147483648); -o json adds family (4 or 6).
+    """
     with cli.open_maps("kproxy backends") as maps:
-        rows = insp.backends(maps.be4)
+        rows = insp.backends(maps.be4, maps.be6)
     cli.emit(rows, lambda rs: insp.table(
         [{**r, "flag_list": ",".join(r["flags"])} for r in rs],
         [("ID", "id"), ("ADDRESS", "address"), ("PORT", "port"), ("PROTO", "protocol"), ("STATE", "state"),
@@ -86,14 +97,18 @@ def backends(cli: Cli) -> None:
 def conntrack(cli: Cli, flush: bool, include_reply: bool) -> None:
     """List NATed flows: the tuple the client sent, the backend, state and seconds left.
 
-    With --flush, delete all entries instead and print how many were removed.
+    IPv4 flows first, then IPv6 ones, whose addresses print as [fd00::1]:80 (also in -o json, which
+    adds family, 4 or 6). With --flush, delete all entries of both families instead and print how
+    many were removed.
     """
     with cli.open_maps("kproxy conntrack") as maps:
         if flush:
             n = maps.ct4.delete_many([k for k, _ in maps.ct4.items()])
+            n += maps.ct6.delete_many([k for k, _ in maps.ct6.items()])
             cli.emit({"flushed": n}, lambda r: f"flushed {r['flushed']} conntrack entries")
             return
-        rows = insp.conntrack(maps.ct4, cli.metadata(maps.svc4), include_reply=include_reply)
+        meta = cli.metadata(maps.svc4, maps.svc6)
+        rows = insp.conntrack(maps.ct4, meta, include_reply=include_reply, ct6=maps.ct6)
     cols = [
         ("PROTO", "protocol"),
         ("SOURCE", "src"),
@@ -113,9 +128,15 @@ def conntrack(cli: Cli, flush: bool, include_reply: bool) -> None:
 @inspect_options
 @click.pass_obj
 def affinity(cli: Cli) -> None:
-    """List sessionAffinity entries: client, service, backend and seconds left."""
+    """List sessionAffinity entries: client, service, backend and seconds left.
+
+    IPv4 and IPv6 clients together, by service then client address (IPv4 first); -o json adds family.
+    """
     with cli.open_maps("kproxy affinity") as maps:
-        rows = insp.affinity(maps.aff4, maps.svc4, maps.be4, cli.metadata(maps.svc4))
+        meta = cli.metadata(maps.svc4, maps.svc6)
+        rows = insp.affinity(
+            maps.aff4, maps.svc4, maps.be4, meta, aff6=maps.aff6, svc6=maps.svc6, be6=maps.be6
+        )
     cli.emit(rows, lambda rs: insp.table(rs, [
         ("CLIENT", "client"), ("SERVICE", "service"), ("BACKEND", "backend"), ("AGE(s)", "age_seconds"),
         ("LEFT(s)", "seconds_left")]))  # fmt: skip
@@ -192,22 +213,24 @@ def nat(cli: Cli) -> None:
     """List SNAT entries: external flows to remote backends, SNATed to this node's address.
 
     Each row: protocol, the backend and the node address:port its replies come back to, the client
-    and the frontend it connected to, state and seconds left.
+    and the frontend it connected to, state and seconds left. IPv4 entries first, then IPv6 ones
+    (kp_snat6_v1), whose endpoints print as [fd00::1]:80; -o json adds family (4 or 6).
     """
-    if getattr(abi, "MAP_SNAT4", None) is None:
-        raise CliError("SNAT map not present in this layout: this kproxy build has no SNAT")
     with cli.open_maps("kproxy nat") as maps:
         snat4 = getattr(maps, "snat4", None)
         if snat4 is None:
             raise CliError(f"SNAT map {abi.MAP_SNAT4} not present in {cli.bpffs}")
+        snat6 = getattr(maps, "snat6", None)
         rows = snat_rows(snat4.items())
+        if snat6 is not None:
+            rows += snat_rows(snat6.items(), family=6)
     cli.emit(rows, lambda rs: insp.table(rs, [
         ("PROTO", "protocol"), ("BACKEND", "backend"), ("NODE", "snat"), ("CLIENT", "client"),
         ("FRONTEND", "frontend"), ("STATE", "state"), ("LEFT(s)", "seconds_left")]))  # fmt: skip
 
 
-def snat_rows(items: Any, now_ns: int | None = None) -> list[dict[str, Any]]:
-    """kp_snat4_v1 entries as rows, live ones only, sorted by backend."""
+def snat_rows(items: Any, now_ns: int | None = None, family: int = 4) -> list[dict[str, Any]]:
+    """kp_snat4_v1 (or kp_snat6_v1) entries as rows, live ones only, sorted by backend address and port."""
     now = time.monotonic_ns() if now_ns is None else now_ns
     rows = []
     for k, v in items:
@@ -218,12 +241,13 @@ def snat_rows(items: Any, now_ns: int | None = None) -> list[dict[str, Any]]:
         except ValueError:
             state = str(v.state)
         rows.append({
+            "family": family,
             "protocol": insp.proto_name(k.proto),
-            "backend": f"{nbo_to_ip(k.saddr)}:{nbo_to_port(k.sport)}",
-            "snat": f"{nbo_to_ip(k.daddr)}:{nbo_to_port(k.dport)}",
-            "client": f"{nbo_to_ip(v.client_addr)}:{nbo_to_port(v.client_port)}",
-            "frontend": f"{nbo_to_ip(v.front_addr)}:{nbo_to_port(v.front_port)}",
+            "backend": insp.endpoint(k.saddr, k.sport),
+            "snat": insp.endpoint(k.daddr, k.dport),
+            "client": insp.endpoint(v.client_addr, v.client_port),
+            "frontend": insp.endpoint(v.front_addr, v.front_port),
             "state": state,
             "seconds_left": round((v.expires_ns - now) / 1e9, 1),
         })  # fmt: skip
-    return sorted(rows, key=lambda r: (r["backend"], r["snat"]))
+    return sorted(rows, key=lambda r: (insp.endpoint_order(r["backend"]), insp.endpoint_order(r["snat"])))

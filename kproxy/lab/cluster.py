@@ -1,11 +1,21 @@
 """The lab: a small cluster as the kernel sees it, built from network namespaces on one machine.
 
-    LAN namespace  : bridge br0, one port per node and one for the external client (192.168.77.0/24)
-    node n<i>      : eth0 = 192.168.77.<10+i>/24, pod CIDR 10.244.<i>.0/24, forwarding on,
-                     routes to the other nodes' pod CIDRs via their LAN address
+    LAN namespace  : bridge br0, one port per node and one for the external client (192.168.77.0/24,
+                     fd00:77::/64)
+    node n<i>      : eth0 = 192.168.77.<10+i>/24 and fd00:77::<10+i>/64, pod CIDRs 10.244.<i>.0/24 and
+                     fd00:10:244:<i>::/64, forwarding on (both families), routes to the other nodes'
+                     pod CIDRs via their LAN addresses
     pod n<i>p<j>   : eth0 = 10.244.<i>.<10+j>/32, default via 169.254.1.1 onlink; the node side of its
-                     veth is <prefix>-n<i>p<j> (proxy_arp, a /32 route to the pod)
-    ext            : eth0 = 192.168.77.100/24, LoadBalancer/external IPs (192.168.78.0/24) via node 1
+                     veth is <prefix>-n<i>p<j> (proxy_arp, a /32 route to the pod);
+                     eth0 = fd00:10:244:<i>::<10+j>/128, default via fe80::1, the link-local address of
+                     the node side (found by neighbour discovery, as any IPv6 router), a /128 route back
+    ext            : eth0 = 192.168.77.100/24 and fd00:77::100/64, LoadBalancer/external IPs
+                     (192.168.78.0/24, fd00:78::/64) via node 1
+
+Every pod and node has both families; the IPv6 plan repeats the IPv4 one digit for digit (the IPv4
+octets are written as IPv6 hex groups: 10.244.1.11 -> fd00:10:244:1::11). IPv6 addresses are added
+with DAD off, so they are usable at once; neighbour discovery itself is left alone. IPv6 Service
+addresses of dual-stack manifests come from SERVICE6_CIDR (manifests.py builds those objects).
 
 Every namespace name carries a per-run prefix (kpl<4 hex>-...). Links are created directly inside the
 lab's namespaces, so nothing is ever added to the root namespace. A state file under
@@ -18,6 +28,7 @@ namespace, so the bpffs stays visible) and logs to <state dir>/logs/.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -43,6 +54,11 @@ LB_CIDR = "192.168.78.0/24"  # LoadBalancer ingress and external IPs, routed by 
 GATEWAY = "169.254.1.1"
 POD_PORTS = (8080, 9090)
 EXT_IP = f"{LAN_PREFIX}.100"
+LAN6_PREFIX = "fd00:77::"  # /64: node n<i> is fd00:77::<10+i>
+LB6_CIDR = "fd00:78::/64"  # IPv6 LoadBalancer ingress and external IPs, routed by ext via node 1
+GATEWAY6 = "fe80::1"  # every pod's IPv6 gateway: a link-local address of the node side of its veth
+EXT_IP6 = f"{LAN6_PREFIX}100"
+SERVICE6_CIDR = "fd00:10:96::/108"  # IPv6 ClusterIPs of dual-stack test Services (IPv4: 10.96.0.0/12)
 CGROUP2_ROOT = Path(os.environ.get("KPROXY_LAB_CGROUP2", "/sys/fs/cgroup/unified"))
 
 
@@ -51,12 +67,14 @@ class Host:
     name: str  # short lab name: n1, n1p2, ext
     ns: str  # namespace name, with the run prefix
     ip: str
+    ip6: str = ""  # "" only in the state of a lab brought up before the lab was dual-stack
 
 
 @dataclass
 class Node(Host):
     index: int = 0
     pod_cidr: str = ""
+    pod_cidr6: str = ""
     bpffs: str = ""
     cgroup: str = ""  # child cgroup v2 of the node's processes under socket LB ("" = no socket LB)
 
@@ -155,6 +173,7 @@ class Lab:
         agent_args: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
         socket_lb: bool = False,
+        agent_node_ip6: bool = True,
     ) -> None:
         if not 1 <= nodes <= 9 or not 0 <= pods_per_node <= 9:
             raise LabError(
@@ -169,6 +188,9 @@ class Lab:
         # One child cgroup per node under the cgroup2 mount (never its root), its agent's --socket-lb-cgroup:
         # processes run in it with run_in(node, ..., cgroup=node.cgroup) are the node's own clients.
         self.socket_lb = socket_lb
+        # Pass the node's IPv6 address to the agents too (--node-ip v4,v6); False for an agent that
+        # takes IPv4 only.
+        self.agent_node_ip6 = agent_node_ip6
         self.st: LabState | None = None
 
     # ---- naming and state ----
@@ -227,6 +249,15 @@ class Lab:
         self.state.namespaces.append(ns)
         self.state.save()  # recorded before it exists, so a crash in between still cleans it up
         add_netns(ns)
+        # IPv6 on, and no duplicate address detection: a new address (the link-local ones of links
+        # created later too) is usable at once instead of "tentative" for a second or two.
+        for key, value in (
+            ("net.ipv6.conf.all.disable_ipv6", 0),
+            ("net.ipv6.conf.default.disable_ipv6", 0),
+            ("net.ipv6.conf.all.accept_dad", 0),
+            ("net.ipv6.conf.default.accept_dad", 0),
+        ):
+            sysctl(ns, key, value)
         return ns
 
     # ---- bring up ----
@@ -264,7 +295,9 @@ class Lab:
                     shutil.copy(f, self.manifests_dir / f.name)
 
         lan = self._ns("lan")
-        ip(lan, "link", "add", "br0", "type", "bridge")
+        # No multicast snooping: with no MLD querier on the LAN, neighbour solicitations (multicast)
+        # reach every port whatever the bridge learnt or missed.
+        ip(lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         ip(lan, "link", "set", "br0", "up")
 
         for i in range(1, self.n_nodes + 1):
@@ -274,25 +307,32 @@ class Lab:
                 name=name,
                 ns=ns,
                 ip=f"{LAN_PREFIX}.{10 + i}",
+                ip6=f"{LAN6_PREFIX}{10 + i}",
                 index=i,
                 pod_cidr=f"10.244.{i}.0/24",
+                pod_cidr6=f"fd00:10:244:{i}::/64",
                 bpffs=str(d / "bpffs" / name),
             )
-            self._lan_port(lan, name, ns, node.ip)
-            for key in (
-                "net.ipv4.ip_forward",
-                "net.ipv4.conf.all.rp_filter",
-                "net.ipv4.conf.default.rp_filter",
+            self._lan_port(lan, name, ns, node.ip, node.ip6)
+            for key, value in (
+                ("net.ipv4.ip_forward", 1),
+                ("net.ipv4.conf.all.rp_filter", 0),
+                ("net.ipv4.conf.default.rp_filter", 0),
+                # all.forwarding turns every interface into a router's, default the pod veths to
+                # come; a router still answers neighbour solicitations.
+                ("net.ipv6.conf.all.forwarding", 1),
+                ("net.ipv6.conf.default.forwarding", 1),
             ):
-                sysctl(ns, key, 1 if key.endswith("forward") else 0)
+                sysctl(ns, key, value)
             self.state.nodes.append(node)
         for node in self.nodes:
             for other in self.nodes:
                 if other is not node:
                     ip(node.ns, "route", "add", other.pod_cidr, "via", other.ip)
+                    ip(node.ns, "-6", "route", "add", other.pod_cidr6, "via", other.ip6)
 
         # Every node as a Node object: the agents' node table (backend -> node address, for DSR IPIP).
-        self.write_manifest("nodes", [mf.node(n.name, n.ip) for n in self.nodes])
+        self.write_manifest("nodes", [mf.node(n.name, n.ip, n.ip6) for n in self.nodes])
         if self.socket_lb:
             for node in self.nodes:
                 cg = CGROUP2_ROOT / f"{prefix}-{node.name}"
@@ -303,9 +343,10 @@ class Lab:
             self.state.save()
 
         ext_ns = self._ns("ext")
-        self.state.ext = Host(name="ext", ns=ext_ns, ip=EXT_IP)
-        self._lan_port(lan, "ext", ext_ns, EXT_IP)
+        self.state.ext = Host(name="ext", ns=ext_ns, ip=EXT_IP, ip6=EXT_IP6)
+        self._lan_port(lan, "ext", ext_ns, EXT_IP, EXT_IP6)
         ip(ext_ns, "route", "add", LB_CIDR, "via", self.nodes[0].ip)
+        ip(ext_ns, "-6", "route", "add", LB6_CIDR, "via", self.nodes[0].ip6)
         self.state.save()
 
         for node in self.nodes:
@@ -330,11 +371,12 @@ class Lab:
                 self.wait_agent(node.name)
         return self
 
-    def _lan_port(self, lan: str, short: str, ns: str, addr: str) -> None:
+    def _lan_port(self, lan: str, short: str, ns: str, addr: str, addr6: str) -> None:
         port = f"{self.prefix}-{short}"
         ip(lan, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
         ip(lan, "link", "set", port, "master", "br0", "up")
         ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        ip(ns, "-6", "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
 
     def _make_pod(self, node: Node) -> Pod:
@@ -342,18 +384,31 @@ class Lab:
         name = f"{node.name}p{j}"
         ns = self._ns(name)
         host_if = f"{self.prefix}-{name}"
-        pod = Pod(name=name, ns=ns, ip=f"10.244.{node.index}.{10 + j}", node=node.name, host_if=host_if)
+        pod = Pod(
+            name=name,
+            ns=ns,
+            ip=f"10.244.{node.index}.{10 + j}",
+            ip6=f"fd00:10:244:{node.index}::{10 + j}",
+            node=node.name,
+            host_if=host_if,
+        )
         ip(node.ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sysctl(node.ns, f"net.ipv4.conf.{host_if}.proxy_arp", 1)
         sysctl(node.ns, f"net.ipv4.conf.{host_if}.rp_filter", 0)
+        ip(node.ns, "-6", "addr", "add", f"{GATEWAY6}/64", "dev", host_if, "nodad")
         ip(node.ns, "link", "set", host_if, "up")
         ip(node.ns, "route", "add", f"{pod.ip}/32", "dev", host_if)
+        ip(node.ns, "-6", "route", "add", f"{pod.ip6}/128", "dev", host_if)
         mac = json.loads(ip(node.ns, "-j", "link", "show", host_if).stdout)[0]["address"]
         ip(ns, "addr", "add", f"{pod.ip}/32", "dev", "eth0")
+        ip(ns, "-6", "addr", "add", f"{pod.ip6}/128", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
         # A permanent neighbour for the gateway, so the pod never depends on proxy ARP for it.
         ip(ns, "neigh", "replace", GATEWAY, "lladdr", mac, "dev", "eth0", "nud", "permanent")
         ip(ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0", "onlink")
+        # IPv6: no permanent neighbour, the pod resolves fe80::1 by neighbour discovery (which the
+        # programs on the veth must leave alone).
+        ip(ns, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
         self.state.pods.append(pod)
         self.state.save()
         return pod
@@ -402,6 +457,7 @@ class Lab:
             pod.name,
             "--ip",
             pod.ip,
+            *(["--ip6", pod.ip6] if pod.ip6 else []),
             "--ready-file",
             str(ready),
         ]
@@ -416,6 +472,7 @@ class Lab:
         ready = self.dir / "ready" / name
         ready.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "kproxy.lab.podserver", "--name", name, "--ip", n.ip,
+                *(["--ip6", n.ip6] if n.ip6 else []),
                 "--port", str(port), "--ready-file", str(ready)]  # fmt: skip
         self._spawn(f"host/{name}", n.ns, argv, self.dir / "logs" / f"host-{name}.log")
         _wait(f"node server {name}", ready.exists, timeout, lambda: self.log(f"host-{name}"))
@@ -429,7 +486,7 @@ class Lab:
             sys.executable, "-m", "kproxy", "agent",
             "--source", f"file:{self.manifests_dir}",
             "--node-name", node.name,
-            "--node-ip", node.ip,
+            "--node-ip", self.node_ips_arg(node),
             "--netdev", "eth0",
             "--pod-ifaces", self.pod_ifaces_glob,
             "--bpffs", node.bpffs,
@@ -437,6 +494,11 @@ class Lab:
             *(["--socket-lb-cgroup", node.cgroup] if node.cgroup else []),
             *self.agent_args,
         ]  # fmt: skip
+
+    def node_ips_arg(self, node: Node) -> str:
+        """The agent's --node-ip: "v4,v6" (IPv4 first, the primary family), or v4 alone without
+        agent_node_ip6 or IPv6 in this lab's state."""
+        return f"{node.ip},{node.ip6}" if self.agent_node_ip6 and node.ip6 else node.ip
 
     def start_agent(self, node: str) -> None:
         n = self.node(node)
@@ -488,17 +550,57 @@ class Lab:
         (self.manifests_dir / f"{name}.yaml").unlink(missing_ok=True)
 
     # ---- what the agents programmed ----
-    def frontend_backends(self, node: str, addr: str, port: int, protocol: str = "TCP") -> set[str] | None:
-        """Backend addresses NODE's maps hold for external-scope frontend addr:port (None: no frontend)."""
+    def frontend_backends(
+        self, node: str, addr: str, port: int, protocol: str = "TCP"
+    ) -> set[str | None] | None:
+        """Backend addresses NODE's maps hold for external-scope frontend addr:port (None: no frontend).
+        An IPv6 ADDR is looked up in the IPv6 maps (kp_svc6_v1, kp_be6_v1); a slot or backend that is
+        missing shows as None in the set."""
         from kproxy.bpf.maps import KproxyMaps
         from kproxy.observe import inspect as insp
 
+        if is_ip6(addr):
+            return self.frontend_backends6(node, addr, port, protocol)
         with KproxyMaps.open(self.node(node).bpffs) as maps:
             rows = insp.services(maps.svc4, maps.be4, {})
         for r in rows:
             if (r["address"], r["port"], r["protocol"], r["scope"]) == (addr, port, protocol, "external"):
                 return {b["address"] for b in r["backends"]}
         return None
+
+    def frontend_backends6(
+        self, node: str, addr: str, port: int, protocol: str = "TCP"
+    ) -> set[str | None] | None:
+        """frontend_backends() for an IPv6 frontend: read kp_svc6_v1 and kp_be6_v1 of NODE (None also
+        when the maps have no IPv6 twins, as with an agent from before IPv6)."""
+        import ctypes
+
+        from kproxy import abi
+        from kproxy.bpf.maps import KproxyMaps
+
+        want_addr = socket.inet_pton(socket.AF_INET6, addr)
+        want = (want_addr, socket.htons(port), _PROTOCOLS[protocol], int(abi.Scope.EXT))
+        with KproxyMaps.open(self.node(node).bpffs) as maps:
+            svc6, be6 = getattr(maps, "svc6", None), getattr(maps, "be6", None)
+            if svc6 is None or be6 is None:
+                return None
+            head: abi.Svc4Val | None = None
+            slots: dict[int, int] = {}
+            for k, v in svc6.items():
+                if (bytes(k.addr), k.port, k.proto, k.scope) != want:
+                    continue
+                if k.slot == 0:
+                    head = v
+                else:
+                    slots[k.slot] = v.backend_id
+            if head is None:
+                return None
+            out: set[str | None] = set()
+            for slot in range(1, head.count + 1):
+                bid = slots.get(slot)
+                be = be6.get(ctypes.c_uint32(bid)) if bid is not None else None
+                out.add(socket.inet_ntop(socket.AF_INET6, bytes(be.addr)) if be is not None else None)
+            return out
 
     def wait_programmed(
         self,
@@ -509,16 +611,21 @@ class Lab:
         nodes: Iterable[str] | None = None,
         timeout: float = 30,
     ) -> None:
-        """Wait until every node's maps (or NODES') hold frontend addr:port with exactly these backends.
+        """Wait until every node's maps (or NODES') hold frontend addr:port (either family) with exactly
+        these backends.
         The deadline is generous: it is only reached when something is wrong, and a machine whose cores
         are busy with other work may make an agent take seconds."""
-        want = set(backends)
+        want: set[str | None] = set(backends)
+        if is_ip6(addr):  # the maps' addresses come back in the canonical (compressed) form
+            addr = ipaddress.IPv6Address(addr).compressed
+            want = {ipaddress.IPv6Address(b).compressed for b in backends}
         deadline = time.monotonic() + timeout
         for node in nodes or [n.name for n in self.nodes]:
             while (have := self.frontend_backends(node, addr, port, protocol)) != want:
                 if time.monotonic() > deadline:
                     raise LabError(
-                        f"{node}: frontend {addr}:{port}/{protocol} has backends {have}, expected {want}\n"
+                        f"{node}: frontend {addr_port(addr, port)}/{protocol} has backends {have}, "
+                        f"expected {want}\n"
                         f"agent log tail:\n{self.log('agent-' + node)[-2000:]}"
                     )
                 time.sleep(0.05)
@@ -540,10 +647,10 @@ class Lab:
         return in_netns(host.ns, fn)
 
     def connect(self, host: Host, addr: str, port: int, timeout: float = 10.0) -> socket.socket:
-        """A TCP socket in HOST's namespace connected to addr:port."""
+        """A TCP socket in HOST's namespace connected to addr:port (IPv4 or IPv6)."""
 
         def do() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(family_of(addr), socket.SOCK_STREAM)
             s.settimeout(timeout)
             try:
                 s.connect((addr, port))
@@ -565,7 +672,7 @@ class Lab:
         def do() -> list[str]:
             out = []
             for _ in range(count):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                with socket.socket(family_of(addr), socket.SOCK_STREAM) as s:
                     s.settimeout(timeout)
                     s.connect((addr, port))
                     out.append(json.loads(_readline(s))["pod"])
@@ -576,13 +683,17 @@ class Lab:
     def udp_request(
         self, host: Host, addr: str, port: int, payload: str = "ping", timeout: float = 10.0
     ) -> dict[str, Any]:
+        """One datagram from HOST to addr:port; the pod server's answer plus "reply_from", the address
+        the answer came from ("a.b.c.d:port" or "[v6]:port")."""
+
         def do() -> dict[str, Any]:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(family_of(addr), socket.SOCK_DGRAM) as s:
                 s.settimeout(timeout)
                 s.connect((addr, port))
                 s.send(payload.encode())
                 data = s.recv(65536)
-                return dict(json.loads(data), reply_from=f"{s.getpeername()[0]}:{s.getpeername()[1]}")
+                peer = s.getpeername()
+                return dict(json.loads(data), reply_from=addr_port(peer[0], peer[1]))
 
         return in_netns(host.ns, do)
 
@@ -623,6 +734,30 @@ class Stream:
             got += chunk
         if got != msg:
             raise ConnectionError(f"stream to {self.hello.get('pod')}: echo mismatch on round trip {self.n}")
+
+
+_PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+
+
+def is_ip6(addr: str) -> bool:
+    return ":" in addr
+
+
+def family_of(addr: str) -> socket.AddressFamily:
+    """The socket family for a numeric address of either family."""
+    return socket.AF_INET6 if is_ip6(addr) else socket.AF_INET
+
+
+def addr_port(addr: str, port: int) -> str:
+    """ADDR:PORT, "10.0.0.1:80" or "[fd00::1]:80", as the pod server writes "client"."""
+    return f"[{addr}]:{port}" if is_ip6(addr) else f"{addr}:{port}"
+
+
+def client_address(reply: dict[str, Any]) -> str:
+    """The address part of a pod server answer's "client" ("a.b.c.d:port" or "[v6]:port")."""
+    client: str = reply["client"]
+    host = client.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
 
 
 def _readline(s: socket.socket) -> bytes:
@@ -714,7 +849,19 @@ def lab_status(st: LabState) -> dict[str, Any]:
         "namespaces": {ns: os.path.exists(netns_path(ns)) for ns in st.namespaces},
         "mounts": {m: os.path.ismount(m) for m in st.mounts},
         "processes": {k: {"pid": p.pid, "running": _alive(p)} for k, p in st.processes.items()},
-        "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "bpffs": n.bpffs} for n in st.nodes],
-        "pods": [{"name": p.name, "ip": p.ip, "node": p.node, "host_if": p.host_if} for p in st.pods],
+        "nodes": [
+            {
+                "name": n.name,
+                "ip": n.ip,
+                "ip6": n.ip6,
+                "pod_cidr": n.pod_cidr,
+                "pod_cidr6": n.pod_cidr6,
+                "bpffs": n.bpffs,
+            }
+            for n in st.nodes
+        ],  # fmt: skip
+        "pods": [
+            {"name": p.name, "ip": p.ip, "ip6": p.ip6, "node": p.node, "host_if": p.host_if} for p in st.pods
+        ],
         "ext": asdict(st.ext) if st.ext else None,
     }

@@ -102,6 +102,6 @@ def sysctl(ns: str, key: str, value: str | int) -> None:
     in_netns(ns, write)
 
 
-def ns_socket(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A new IPv4 socket that lives in namespace NS."""
-    return in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))
+def ns_socket(ns: str, kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET) -> socket.socket:
+    """A new socket (IPv4 unless FAMILY says AF_INET6) that lives in namespace NS."""
+    return in_netns(ns, lambda: socket.socket(family, kind))

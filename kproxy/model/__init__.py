@@ -11,7 +11,9 @@
 - parse: THE parser (parse_service, parse_endpoint_slice): the fast path first, the schema for the
   rest. A validation failure becomes a ModelError (errors) whose message names the object, where it
   came from and what is wrong with which field.
-- names: the labels, annotations and limits of the Kubernetes API kproxy relies on.
+- names: the labels, annotations and limits of the Kubernetes API kproxy relies on, and the canonical
+  text of addresses (canonical_ip, canonical_ipv6): every address the model hands out is in that form,
+  so readers compare addresses as text and tell families apart by a colon.
 
 Pure: no I/O. Import the public names from here.
 """
@@ -52,6 +54,8 @@ from kproxy.model.names import (
     TOPOLOGY_MODE_ANNOTATION,
     ZONE_LABEL,
     Protocol,
+    canonical_ip,
+    canonical_ipv6,
 )
 from kproxy.model.parse import parse_endpoint_slice, parse_service
 from kproxy.model.schema import sloppy_ipv4
@@ -87,6 +91,8 @@ __all__ = [
     "ServiceSpec",
     "ServiceStatus",
     "SessionAffinityConfig",
+    "canonical_ip",
+    "canonical_ipv6",
     "endpoint_rows",
     "parse_endpoint_slice",
     "parse_service",

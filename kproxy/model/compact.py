@@ -5,7 +5,8 @@ The pydantic schema (kproxy.model.schema) costs about 1 KB per endpoint once val
 these NamedTuples instead (same attribute names, so translate and other readers do not care): about 200
 bytes per endpoint, conditions shared, node names interned. Parsing goes through the fast path
 (kproxy.model.fastpath), plain dict reads that accept only the common, unambiguous shapes; anything
-else (an error, a quoted number, a snake_case key, an IPv6 address...) goes through the schema, which
+else (an error, a quoted number, a snake_case key, an IPv6 address not in canonical form...) goes through
+the schema, which
 either rejects it with its message or accepts it, converted by kproxy.model.parse. Both routes give
 equal objects (tests/unit/test_model.py checks this).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, NamedTuple, overload
 
-from kproxy.model.names import SERVICE_NAME_LABEL
+from kproxy.model.names import SERVICE_NAME_LABEL, canonical_ip
 
 _intern = sys.intern
 
@@ -341,11 +342,32 @@ EMPTY_LIST: list[Any] = ServiceSpec.__new__.__defaults__[2]  # type: ignore[inde
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """This node as translate needs it: its name, InternalIP addresses and topology zone, and the
-    addresses of its interfaces (host_addresses: what --nodeport-addresses CIDRs select from)."""
+    """This node as translate needs it: its name, InternalIP addresses of both families (in the Node's
+    order: the first of a family is the node's primary address of that family) and topology zone, and the
+    addresses of its interfaces of both families (host_addresses: what --nodeport-addresses CIDRs select
+    from).
+
+    Addresses are kept in canonical text form (canonical_ip: translate compares and serves them as
+    text, like every address of the model); an entry that is not an IP address is dropped."""
 
     name: str
     addresses: tuple[str, ...] = ()
     zone: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     host_addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for attr in ("addresses", "host_addresses"):
+            given: tuple[str, ...] = getattr(self, attr)
+            canon = _canonical_addresses(given)
+            if canon != given:
+                object.__setattr__(self, attr, canon)
+
+
+def _canonical_addresses(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for a in addresses:
+        c = canonical_ip(a) if isinstance(a, str) else None
+        if c is not None and c not in out:
+            out.append(c)
+    return tuple(out)

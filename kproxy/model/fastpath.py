@@ -1,9 +1,9 @@
 """The fast path: Services and EndpointSlices in their common shapes, read straight from the dicts.
 
 It must accept exactly what the schema (kproxy.model.schema) accepts unchanged, and give the same
-compact objects: anything unusual or invalid (a quoted number, a snake_case key, an IPv6 address, a
-legacy spelling, an error...) returns None, and kproxy.model.parse leaves it to the schema, which
-accepts it or words the error. tests/unit/test_model.py keeps the two routes equal.
+compact objects: anything unusual or invalid (a quoted number, a snake_case key, an IPv6 address not
+in canonical form, a legacy spelling, an error...) returns None, and kproxy.model.parse leaves it to the
+schema, which accepts it or words the error. tests/unit/test_model.py keeps the two routes equal.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from kproxy.model.compact import pack_rows as _pack_rows
 from kproxy.model.compact import shared_list as _shared_list
 from kproxy.model.names import IPV4_EXACT as _V4
 from kproxy.model.names import MAX_AFFINITY_TIMEOUT, MAX_SERVICE_PORTS
+from kproxy.model.names import canonical_ipv6 as _V6
 
 _intern = sys.intern
 _PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
@@ -81,7 +82,8 @@ def _fast_meta(meta: Any) -> ObjectMeta | None:
 
 
 def _is_ip(v: Any) -> bool:
-    return type(v) is str and _V4(v) is not None
+    """An IPv4 or IPv6 address in canonical text form (anything else: the schema rewrites or rejects it)."""
+    return type(v) is str and (_V4(v) is not None or _V6(v) == v)
 
 
 def _ip_list(v: Any) -> list[str] | None:
@@ -324,15 +326,19 @@ def _fast_hints(h: Any) -> EndpointHints | None:
 _Row = tuple[list[str], EndpointConditions, str | None, str | None, EndpointHints | None]
 
 
-def _fast_endpoints(raw_eps: Any, v4: bool) -> list[_Row] | None:
-    """(addresses, conditions, node, zone, hints) of each endpoint; None if any is unusual."""
+def _fast_endpoints(raw_eps: Any, address_type: str) -> list[_Row] | None:
+    """(addresses, conditions, node, zone, hints) of each endpoint; None if any is unusual (an address
+    not of the slice's family or not in canonical form included)."""
     rows: list[_Row] = []
     if raw_eps is None:
         return rows
     if type(raw_eps) is not list:
         return None
     conds = _CONDS
+    v4 = address_type == "IPv4"
+    v6 = address_type == "IPv6"
     v4match = _V4
+    v6canon = _V6
     append = rows.append
     for e in raw_eps:
         if type(e) is not dict or "node_name" in e:
@@ -341,7 +347,7 @@ def _fast_endpoints(raw_eps: Any, v4: bool) -> list[_Row] | None:
         if type(addrs) is not list or not addrs:
             return None
         for a in addrs:
-            if type(a) is not str or (v4 and v4match(a) is None):
+            if type(a) is not str or (v4 and v4match(a) is None) or (v6 and v6canon(a) != a):
                 return None
         c = e.get("conditions")
         if c is None:
@@ -401,10 +407,10 @@ def _fast_slice(raw: dict[str, Any]) -> EndpointSlice | None:
     if meta is None:
         return None
     at = raw.get("addressType")
-    if at != "IPv4" and at != "FQDN":
-        return None  # IPv6 and anything invalid: the schema checks those
+    if at not in _ADDRESS_TYPES:
+        return None  # anything invalid: the schema words the error
     v4 = at == "IPv4"
-    rows = _fast_endpoints(raw.get("endpoints"), v4)
+    rows = _fast_endpoints(raw.get("endpoints"), at)
     if rows is None:
         return None
     ports = _fast_endpoint_ports(raw.get("ports"))

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from kproxy.model.names import IPV4_EXACT as _V4
-from kproxy.model.names import MAX_AFFINITY_TIMEOUT, MAX_SERVICE_PORTS, SERVICE_NAME_LABEL, Protocol
+from kproxy.model.names import (
+    MAX_AFFINITY_TIMEOUT,
+    MAX_SERVICE_PORTS,
+    SERVICE_NAME_LABEL,
+    Protocol,
+    canonical_ip,
+    canonical_ipv6,
+)
 
 
 class _Model(BaseModel):
@@ -55,15 +62,21 @@ def sloppy_ipv4(value: str) -> str | None:
 
 
 def _check_ip(value: str, what: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        fixed = sloppy_ipv4(value) if isinstance(value, str) else None
-        if fixed is None:
-            raise ValueError(f"{what} {value!r} is not an IP address") from None
-        _legacy_notes.append(f"{what} {value!r} read as {fixed}")
-        return fixed
-    return value
+    """`value` in canonical text form (translate compares and serves addresses as text): IPv6 lower case
+    and compressed as Go prints it, silently; legacy IPv4 spellings (leading zeros, an IPv4-mapped IPv6
+    address, which Kubernetes reads as the IPv4 address) rewritten and noted."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not an IP address")
+    if _V4(value) is not None:
+        return value
+    v6 = canonical_ipv6(value)
+    if v6 is not None:
+        return v6
+    fixed = canonical_ip(value) or sloppy_ipv4(value)
+    if fixed is None:
+        raise ValueError(f"{what} {value!r} is not an IP address")
+    _legacy_notes.append(f"{what} {value!r} read as {fixed}")
+    return fixed
 
 
 def _check_cidr(value: str, what: str) -> str:
@@ -315,11 +328,16 @@ class _SEndpointSlice(_Model):
     @model_validator(mode="before")
     @classmethod
     def _legacy_addresses(cls, raw: Any) -> Any:
-        """IPv4 endpoint addresses written with leading zeros, in canonical form (see _check_ip)."""
-        if not isinstance(raw, dict) or raw.get("addressType") != "IPv4":
+        """Endpoint addresses in canonical form: IPv4 ones written with leading zeros (see _check_ip),
+        IPv6 ones lower case and compressed (silently)."""
+        if not isinstance(raw, dict):
             return raw
         eps = raw.get("endpoints")
         if not isinstance(eps, list):
+            return raw
+        if raw.get("addressType") == "IPv6":
+            return cls._canonical_ipv6_addresses(raw, eps)
+        if raw.get("addressType") != "IPv4":
             return raw
         new_eps = []
         changed = False
@@ -337,19 +355,30 @@ class _SEndpointSlice(_Model):
             new_eps.append(ep)
         return {**raw, "endpoints": new_eps} if changed else raw
 
+    @staticmethod
+    def _canonical_ipv6_addresses(raw: dict[str, Any], eps: list[Any]) -> dict[str, Any]:
+        new_eps = []
+        changed = False
+        for ep in eps:
+            addrs = ep.get("addresses") if isinstance(ep, dict) else None
+            if isinstance(addrs, list):
+                fixed = [(canonical_ipv6(a) or a) if isinstance(a, str) else a for a in addrs]
+                if fixed != addrs:
+                    ep = {**ep, "addresses": fixed}
+                    changed = True
+            new_eps.append(ep)
+        return {**raw, "endpoints": new_eps} if changed else raw
+
     @model_validator(mode="after")
     def _addresses(self) -> _SEndpointSlice:
+        """Every address of the slice's family; an IPv6 one plain (no zone, not IPv4-mapped: the API
+        server's IsValidIPv6Address rejects those too) and, after _legacy_addresses, canonical."""
         if self.address_type == "FQDN":
             return self
         version = 4 if self.address_type == "IPv4" else 6
         for i, ep in enumerate(self.endpoints):
             for addr in ep.addresses:
-                if version == 4 and _V4(addr) is not None:
-                    continue
-                try:
-                    ok = ipaddress.ip_address(addr).version == version
-                except ValueError:
-                    ok = False
+                ok = _V4(addr) is not None if version == 4 else canonical_ipv6(addr) == addr
                 if not ok:
                     raise ValueError(f"endpoints[{i}] address {addr!r} is not an {self.address_type} address")
         return self

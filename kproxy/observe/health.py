@@ -11,9 +11,10 @@ encoding/json writes it (compact, times in RFC 3339 with nanoseconds):
     {"lastUpdated":"…","currentTime":"…","nodeEligible":true,"healthy":true,
      "status":{"IPv4":{"lastUpdated":"…","healthy":true}}}
 
-(one line; no nodeEligible in /livez; status once the sync loop has started, with the one family
-kproxy programs). When the answer is 200, the top-level lastUpdated is the current time (kube-proxy
-keeps that for compatibility); status keeps the real one.
+(one line; no nodeEligible in /livez; status once the sync loop has started, with an entry per
+family kproxy programs: IPv4, and IPv6 on a node with an IPv6 --node-ip, as kube-proxy's dual-stack
+proxier; one sync programs both, so both entries say the same). When the answer is 200, the top-level
+lastUpdated is the current time (kube-proxy keeps that for compatibility); status keeps the real one.
 
 ServiceHealthServers: one HTTP listener per Service with externalTrafficPolicy Local on its
 healthCheckNodePort (kube-proxy's service_health.go): 200 when the Service has endpoints on this node
@@ -39,7 +40,7 @@ from kproxy.translate import health_check_node_port, local_ready_endpoints
 log = logging.getLogger("kproxy.observe.health")
 
 DEFAULT_HEALTH_TIMEOUT = 60.0
-IP_FAMILY = "IPv4"  # the family kproxy programs: kube-proxy's per-family status has this one entry
+IP_FAMILY = "IPv4"  # the family kproxy always programs: kube-proxy's per-family status has its entry
 _HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"}
 # Go's http.Error / ServeMux answer for an unknown path.
 _NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
@@ -151,7 +152,9 @@ class HealthServer:
         *,
         health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        ip_families: Sequence[str] = (IP_FAMILY,),
     ) -> None:
+        self.ip_families = tuple(ip_families)
         self.host = host
         self.port = port
         self.health_timeout = health_timeout
@@ -211,7 +214,8 @@ class HealthServer:
             body["nodeEligible"] = self.node_eligible
         body["healthy"] = healthy
         if self.last_updated is not None:
-            body["status"] = {IP_FAMILY: {"lastUpdated": go_json_time(self.last_updated), "healthy": healthy}}
+            family = {"lastUpdated": go_json_time(self.last_updated), "healthy": healthy}
+            body["status"] = {f: family for f in self.ip_families}
         return (200 if ok else 503), body
 
     def healthz(self) -> tuple[int, dict[str, Any]]:

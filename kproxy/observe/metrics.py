@@ -45,8 +45,8 @@ class _MapCollector(Collector):
             capacity = GaugeMetricFamily(
                 "kproxy_map_capacity", "Capacity (max_entries) of a BPF map.", labels=["map"]
             )
-            conntrack = None
-            for attr in ("svc4", "be4", "ct4", "aff4"):
+            conntrack: dict[str, int] = {}
+            for attr in ("svc4", "be4", "ct4", "aff4", "svc6", "be6", "ct6", "aff6"):
                 m = getattr(maps, attr, None)
                 if m is None:
                     continue
@@ -58,16 +58,19 @@ class _MapCollector(Collector):
                 name = getattr(m, "name", attr)
                 entries.add_metric([name], n)
                 capacity.add_metric([name], getattr(m, "max_entries", 0))
-                if attr == "ct4":
-                    conntrack = n
+                if attr in ("ct4", "ct6"):
+                    conntrack["IPv4" if attr == "ct4" else "IPv6"] = n
             yield entries
             yield capacity
-            if conntrack is not None:
-                # Two entries (forward and reply) per tracked flow.
+            if conntrack:
+                # Two entries (forward and reply) per tracked flow; sum() over family for the total.
                 g = GaugeMetricFamily(
-                    "kproxy_conntrack_entries", "Entries in the conntrack map (2 per flow)."
+                    "kproxy_conntrack_entries",
+                    "Entries in the conntrack maps (2 per flow), by IP family.",
+                    labels=["family"],
                 )
-                g.add_metric([], conntrack)
+                for family, n in conntrack.items():
+                    g.add_metric([family], n)
                 yield g
             yield from self._stats(maps)
         store = self.metrics.store

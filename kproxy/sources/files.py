@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 import struct
 import time
@@ -44,9 +45,39 @@ ObjKey = tuple[str, str]  # (kind, "ns/name")
 Stamp = tuple[int, int, int]  # (mtime_ns, size, inode)
 
 try:  # libyaml's loader is ~10x faster; fall back to pure Python where it is missing
-    _Loader: Any = yaml.CSafeLoader
+    _BaseLoader: Any = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover
-    _Loader = yaml.SafeLoader
+    _BaseLoader = yaml.SafeLoader
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """The safe loader, reading plain scalars as kubectl does (YAML 1.2, sigs.k8s.io/yaml): YAML 1.1's
+    base-60 numbers are strings, so an unquoted IPv6 address made of decimal groups
+    ("2001:0:0:0:0:0:0:1", "1:2:3:4:5:6:7:8") stays an address instead of becoming an integer."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_YAML12_NUMBERS = {  # PyYAML's resolvers without the base-60 alternatives
+    _INT: re.compile(
+        r"""^(?:[-+]?0b[0-1_]+
+        |[-+]?0[0-7_]+
+        |[-+]?(?:0|[1-9][0-9_]*)
+        |[-+]?0x[0-9a-fA-F_]+)$""",
+        re.X,
+    ),
+    _FLOAT: re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+}
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, _YAML12_NUMBERS.get(tag, rx)) for tag, rx in resolvers]
+    for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+}
 
 
 class FileError(ValueError):

@@ -1,5 +1,10 @@
 """Desired frontends -> ordered, batched writes to the service, backend and conntrack maps.
 
+Both families: the Syncer splits each Service's frontends by family and runs one FamilySyncer engine
+per family over the same code (kproxy.sync.family: kp_svc4/kp_be4/kp_ct4/kp_aff4/kp_lbsrc4 for IPv4,
+the *6 twins for IPv6, whose backend and service-port ids start at abi.ID6_BASE). Everything below
+holds per family. kp_svcnet4 (svcnet) is IPv4 only.
+
 Ordering (DESIGN.md) so that a reader in the kernel never sees a frontend pointing at nothing:
   1. new or changed backends (kp_be4)          4. slots beyond a lowered count deleted
   2. new or changed backend slots 1..n          5. frontends that went away deleted (slot 0 first)
@@ -21,13 +26,15 @@ programmed view from the maps, so re-applying an unchanged Service after a resta
 A Service whose new entries would not fit a map is not written at all (its previous state stays
 programmed); the others still apply.
 
-Modules: state (keys, plans, ApplyReport), ids, plan (diff planning), writer (ordered writes, undo,
-flushes), syncer (the Syncer driving them), lbsrc (kp_lbsrc4) and svcnet (kp_svcnet4). Reading the
-cluster view and translating it is kproxy.pipeline's; timer chores on the maps are kproxy.bpf.upkeep's.
+Modules: family (what differs between IPv4 and IPv6), state (keys, plans, ApplyReport), ids, plan
+(diff planning), writer (ordered writes, undo, flushes), syncer (the engines and the Syncer driving
+them), lbsrc (kp_lbsrc4/6) and svcnet (kp_svcnet4). Reading the cluster view and translating it is
+kproxy.pipeline's; timer chores on the maps are kproxy.bpf.upkeep's.
 """
 
+from kproxy.sync.family import FAMILY4, FAMILY6, Family
 from kproxy.sync.state import ORPHANS, ApplyReport
-from kproxy.sync.syncer import Syncer
+from kproxy.sync.syncer import FamilySyncer, Syncer
 from kproxy.sync.writer import MapSet
 
-__all__ = ["ORPHANS", "ApplyReport", "MapSet", "Syncer"]
+__all__ = ["FAMILY4", "FAMILY6", "ORPHANS", "ApplyReport", "Family", "FamilySyncer", "MapSet", "Syncer"]

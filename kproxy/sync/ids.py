@@ -7,6 +7,9 @@ backend's identity because its kp_be4 value carries per-EndpointSlice facts (loc
 the same pod port listed by two Services whose slices disagree (one without nodeName, which
 kube-proxy serves as a remote endpoint) gets one id per description, so each Service sees it as its
 own slice says. Service ids are stable per (service, port name, protocol).
+
+Each address family has its own tables (one BackendIds and ServiceIds per kproxy.sync.family.Family):
+IPv6 ids count from abi.ID6_BASE, IPv4 ones stay below it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ from typing import Any
 
 from kproxy import abi
 from kproxy.desired import BackendRef
+from kproxy.sync.family import FAMILY4, Family
 from kproxy.sync.state import (
     BE_LOCAL,
     BE_TERMINATING,
-    BK_MASK,
     NODE_MASK,
-    NODE_SHIFT,
     PROTO,
     BKey,
     BVal,
@@ -32,21 +34,23 @@ from kproxy.sync.state import (
     Plan,
     Svc,
     SvcPort,
-    bkey,
-    key_of_val,
 )
-from kproxy.sync.table import BackendIndex, BackendTable
+from kproxy.sync.table import BackendIndex, BackendTable, DictBackendIndex, WideBackendTable
 
 _UNPACK_U32 = abi.unpack_u32
 _inet_aton = socket.inet_aton
 _htons = abi.port_to_nbo
+_inet_pton = socket.inet_pton
+_AF_INET6 = socket.AF_INET6
+_from_bytes = int.from_bytes
 
 
 class BackendIds:
-    """Backend ids by backend, the programmed kp_be4 table with reference counts, and the node table
-    that fills kp_be4_val.node_addr."""
+    """Backend ids by backend, the programmed kp_be4 (kp_be6) table with reference counts, and the node
+    table that fills kp_be4_val.node_addr (kp_be6_val.node_addr)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fam: Family = FAMILY4) -> None:
+        self.fam = fam
         # node name -> its index in BKeys (never reused: an index names one node for the agent's life)
         self.node_idx: dict[str, int] = {}
         # ids adopt() found, by (address, port, protocol) (the maps do not hold node names): the first
@@ -54,12 +58,18 @@ class BackendIds:
         self.adopted: dict[BKey, list[int]] = {}
         # backend id -> programmed kp_be4 value | services referencing it << REFS_SHIFT (packed: see
         # kproxy.sync.table)
-        self.vals = BackendTable()
-        # BKey -> id of the programmed ids (their keys read from vals: see kproxy.sync.table)
-        self.ids = BackendIndex(self.vals)
+        self.vals: BackendTable | WideBackendTable
+        self.ids: BackendIndex | DictBackendIndex
+        if fam.addr_bits == 32:
+            self.vals = BackendTable()
+            # BKey -> id of the programmed ids (their keys read from vals: see kproxy.sync.table)
+            self.ids = BackendIndex(self.vals)
+        else:
+            self.vals = WideBackendTable(fam.refs_shift)
+            self.ids = DictBackendIndex()
         # BKey -> id allocated by plans not committed yet (vals does not have them): indexed at commit
         self._pending: dict[BKey, int] = {}
-        self.next = 1
+        self.next = fam.id_base
         # node name -> NBO address, for kp_be4_val.node_addr; local_node_addr for local backends of a
         # node the table does not list (yet)
         self.node_addrs: dict[str, int] = {}
@@ -67,43 +77,50 @@ class BackendIds:
         self._node_addrs_version = -1
 
     def set_nodes(self, addrs: Mapping[str, str], local_addr: str | None, version: int | None = None) -> bool:
-        """Take the cluster's node table (name -> IPv4); return whether it changed since the last call
-        with the same version (the store's node_addrs_version)."""
-        if (
-            version is not None
-            and version == self._node_addrs_version
-            and self.local_node_addr == (abi.ip_to_nbo(local_addr) if local_addr else 0)
-        ):
+        """Take the cluster's node table (name -> address; those of the other family are left out);
+        return whether it changed since the last call with the same version (the store's
+        node_addrs_version)."""
+        fam = self.fam
+        local = fam.addr_int(local_addr) if local_addr and fam.is_mine(local_addr) else 0
+        if version is not None and version == self._node_addrs_version and self.local_node_addr == local:
             return False
         self._node_addrs_version = -1 if version is None else version
-        self.node_addrs = {n: abi.ip_to_nbo(a) for n, a in addrs.items() if abi.is_ipv4(a)}
-        self.local_node_addr = abi.ip_to_nbo(local_addr) if local_addr and abi.is_ipv4(local_addr) else 0
+        self.node_addrs = {n: fam.addr_int(a) for n, a in addrs.items() if fam.is_mine(a)}
+        self.local_node_addr = local
         return True
 
     def backend_id(self, address: str, port: int, protocol: str, node: str | None = None) -> int | None:
-        base = bkey(abi.ip_to_nbo(address), _htons(port), PROTO[protocol])
+        fam = self.fam
+        base = fam.bkey(fam.addr_int(address), _htons(port), PROTO[protocol])
         if node is not None:
             idx = self.node_idx.get(node)
-            return None if idx is None else self.ids.get(base | idx << 56)
-        found = [bid for bk, bid in self.ids.items() if bk & BK_MASK == base]
+            return None if idx is None else self.ids.get(base | idx << fam.node_key_shift)
+        mask = fam.bk_mask
+        found = [bid for bk, bid in self.ids.items() if bk & mask == base]
         return found[0] if len(found) == 1 else None
 
     def backend_ids(self, address: str, port: int, protocol: str) -> list[int]:
-        base = bkey(abi.ip_to_nbo(address), _htons(port), PROTO[protocol])
-        return sorted(bid for bk, bid in self.ids.items() if bk & BK_MASK == base)
+        fam = self.fam
+        base = fam.bkey(fam.addr_int(address), _htons(port), PROTO[protocol])
+        mask = fam.bk_mask
+        return sorted(bid for bk, bid in self.ids.items() if bk & mask == base)
 
     # ---- adopt ----
     def adopt(self, be4: Iterable[tuple[Any, Any]]) -> int:
-        """Rebuild the programmed table from kp_be4 entries (no references yet); return the highest id."""
+        """Rebuild the programmed table from kp_be4 (kp_be6) entries (no references yet); return the
+        highest id."""
         self.ids.clear()
         self._pending.clear()
         self.adopted.clear()
         self.vals.clear()
+        fam = self.fam
+        addr_of = fam.addr_int_of_field
+        fshift, nshift = fam.node_key_shift, fam.node_addr_shift
         max_be = 0
         for k, v in be4:
             bid = int(k.value) if isinstance(k, ctypes.c_uint32) else int(k)
-            bk = bkey(v.addr, v.port, v.proto)
-            self.vals[bid] = bk | v.flags << 56 | v.node_addr << 64
+            bk = fam.bkey(addr_of(v.addr), v.port, v.proto)
+            self.vals[bid] = bk | v.flags << fshift | addr_of(v.node_addr) << nshift
             if 0 < bid < 0xFFFFFFFF:  # never ids of ours: freed with the orphans, never taken over
                 self.adopted.setdefault(bk, []).append(bid)
             max_be = max(max_be, bid)
@@ -120,7 +137,8 @@ class BackendIds:
         if not cands:
             self.adopted.pop(base, None)
             return None
-        facts = (BE_LOCAL << 56) | (NODE_MASK << 64)
+        fam = self.fam
+        facts = (BE_LOCAL << fam.node_key_shift) | (fam.addr_mask << fam.node_addr_shift)
         bid = next((b for b in cands if self.vals[b] & facts == val & facts), cands[0])
         cands.remove(bid)
         if cands:
@@ -128,13 +146,18 @@ class BackendIds:
         else:
             del self.adopted[base]
         cur = self.vals[bid]
-        self.vals[bid] = cur & ~(NODE_MASK << NODE_SHIFT) | node << NODE_SHIFT
-        self.ids.add([(bid, base | node << 56)])
+        vshift = fam.node_val_shift
+        self.vals[bid] = cur & ~(NODE_MASK << vshift) | node << vshift
+        self.ids.add([(bid, base | node << fam.node_key_shift)])
         return bid
 
     # ---- planning ----
     def ids_of(self, backends: Iterable[BackendRef], plan: Plan) -> set[int]:
         """The backend ids of `backends`, allocating new ones; records their kp_be4 values in the plan."""
+        fam = self.fam
+        four = fam.version == 4
+        pshift, prshift, fshift = fam.port_shift, fam.proto_shift, fam.node_key_shift
+        nshift, vshift = fam.node_addr_shift, fam.node_val_shift
         programmed_value = self.vals.value
         be_vals = plan.be_vals
         be_puts = plan.be_puts
@@ -144,7 +167,15 @@ class BackendIds:
         keys: list[BKey] = []
         vals: list[BVal] = []
         for address, port, protocol, node, local, terminating, _zone in backends:
-            base = _UNPACK_U32(_inet_aton(address))[0] | _htons(port) << 32 | PROTO[protocol] << 48
+            base = (
+                (
+                    _UNPACK_U32(_inet_aton(address))[0]
+                    if four
+                    else _from_bytes(_inet_pton(_AF_INET6, address), "big")
+                )
+                | _htons(port) << pshift
+                | PROTO[protocol] << prshift
+            )
             if node is None:
                 nidx = naddr = 0
             else:
@@ -154,23 +185,26 @@ class BackendIds:
                 naddr = local_addr
             vals.append(
                 base
-                | ((BE_LOCAL if local else 0) | (BE_TERMINATING if terminating else 0)) << 56
-                | naddr << 64
-                | nidx << NODE_SHIFT
+                | ((BE_LOCAL if local else 0) | (BE_TERMINATING if terminating else 0)) << fshift
+                | naddr << nshift
+                | nidx << vshift
             )
-            keys.append(base | nidx << 56)
+            keys.append(base | nidx << fshift)
         out = set()
         pending = self._pending  # ids allocated by this plan or another of its batch
         adopted = self.adopted
+        bk_mask = fam.bk_mask
         for bk, val, bid in zip(keys, vals, self.ids.get_many(keys), strict=True):
             if bid is None:
                 bid = pending.get(bk)
                 if bid is None and adopted:
-                    bid = self._claim_adopted(bk & BK_MASK, bk >> 56, val)
+                    bid = self._claim_adopted(bk & bk_mask, bk >> fshift, val)
                     if bid is not None:  # indexed already, but get_many ran before: the same
                         pending[bk] = bid  # backend listed again in this call must find it
             if bid is None:  # a new id was never programmed: no need to compare
                 bid = pending[bk] = self.next
+                if bid >= fam.id_limit:
+                    raise OverflowError(f"{fam.name} backend ids are exhausted (next id {bid:#x})")
                 self.next += 1
                 be_vals[bid] = be_puts[bid] = val
             elif bid not in be_vals:
@@ -189,6 +223,7 @@ class BackendIds:
         puts = p.be_puts
         new = vals.update_keeping_counts(puts)
         if new:  # ids this plan programs first: indexed now, no longer pending
+            key_of_val = self.fam.key_of_val
             keyed = [(bid, key_of_val(puts[bid])) for bid in new]
             self.ids.add(keyed)
             pending = self._pending
@@ -214,6 +249,7 @@ class BackendIds:
     def release(self, bids: Iterable[int]) -> dict[int, BVal]:
         """Forget freed ids; return the values they had programmed (those that were)."""
         vals = self.vals.pop_many(bids)
+        key_of_val = self.fam.key_of_val
         self.ids.remove([(bid, key_of_val(val)) for bid, val in vals.items()])
         return vals
 
@@ -221,7 +257,8 @@ class BackendIds:
 class ServiceIds:
     """Service-port ids, and the log of their changes the agent's services.json follows."""
 
-    def __init__(self) -> None:
+    def __init__(self, fam: Family = FAMILY4) -> None:
+        self.fam = fam
         self.ids: dict[SvcPort, int] = {}
         self.owner: dict[int, SvcPort] = {}
         self.version = 0  # bumped whenever a service port gets or loses its id (ports())
@@ -229,7 +266,7 @@ class ServiceIds:
         # (svc_id, its port, or None when the id was freed), in order
         self._log: list[tuple[int, SvcPort | None]] = []
         self._log_lost = True  # the log does not cover everything: take the whole table
-        self.next = 1
+        self.next = fam.id_base
 
     def reset(self) -> None:
         """Forget every id (adopt rebuilds what the maps say); the change log starts over."""
@@ -275,6 +312,8 @@ class ServiceIds:
             sid = prev.svc_id
         if not sid:
             sid = self.next
+            if sid >= self.fam.id_limit:
+                raise OverflowError(f"{self.fam.name} service ids are exhausted (next id {sid:#x})")
             self.next += 1
         plan.svc_ids[sp] = sid
         return sid
@@ -297,16 +336,17 @@ class ServiceIds:
                 self.owner[sid] = sp
 
 
-def adopt_frontends(svc4: Iterable[tuple[Any, Any]]) -> tuple[Svc, int, int]:
-    """The frontends kp_svc4 holds, as the pseudo-service ORPHANS (no Service has claimed them yet);
-    with the highest service id they carry and the number of entries."""
+def adopt_frontends(svc4: Iterable[tuple[Any, Any]], fam: Family = FAMILY4) -> tuple[Svc, int, int]:
+    """The frontends kp_svc4 (kp_svc6) holds, as the pseudo-service ORPHANS (no Service has claimed
+    them yet); with the highest service id they carry and the number of entries."""
+    addr_of = fam.fe_addr_of_key
     max_svc = 0
     slot0: dict[FKey, abi.Svc4Val] = {}
     slots: dict[FKey, dict[int, int]] = {}
     n = 0
     for k, v in svc4:
         n += 1
-        fk = (k.addr, k.port, k.proto, k.scope)
+        fk = (addr_of(k.addr), k.port, k.proto, k.scope)
         max_svc = max(max_svc, v.svc_id)
         if k.slot == 0:
             slot0[fk] = v

@@ -1,4 +1,5 @@
-"""loadBalancerSourceRanges -> kp_lbsrc4_v1 (LPM trie keyed by service-port id and source prefix).
+"""loadBalancerSourceRanges -> kp_lbsrc4_v1 / kp_lbsrc6_v1 (LPM tries keyed by service-port id and
+source prefix; one SourceRangeSync per family).
 
 The Syncer calls stage() with an apply's plans before it writes any slot-0 entry and finish() after
 its slot-0 writes and deletes, so a reader in the kernel never sees SvcFlag.SRC_RANGES on a
@@ -27,22 +28,42 @@ from kproxy.bpf.mapapi import MapOps
 
 log = logging.getLogger(__name__)
 
-Range = tuple[int, int]  # (LPM prefixlen = LBSRC4_SVC_BITS + CIDR length, network address NBO)
+# (LPM prefixlen = LBSRC4_SVC_BITS + CIDR length, network address: IPv4 NBO int, IPv6 16 bytes)
+Range = tuple[int, Any]
 _PACK_KEY = abi.pack_lbsrc4_key  # prefixlen, svc_id, addr
-_VALUE = abi.LBSRC4_VAL_ALLOW
+_PACK_KEY6 = abi.pack_lbsrc6_key
+_VALUE = abi.LBSRC4_VAL_ALLOW  # kp_lbsrc6 values are kp_lbsrc4_val too
 
 
-def parse_ranges(cidrs: Iterable[str]) -> frozenset[Range]:
-    """CIDR strings (IPv4, as translate normalises them) -> trie prefixes. Raises ValueError."""
-    out = set()
+def parse_ranges(cidrs: Iterable[str], family: int = 4) -> frozenset[Range]:
+    """CIDR strings (of FAMILY, as translate normalises them) -> trie prefixes. Raises ValueError."""
+    out: set[Range] = set()
     for cidr in cidrs:
-        net = ipaddress.IPv4Network(cidr, strict=False)
-        out.add((abi.LBSRC4_SVC_BITS + net.prefixlen, abi.ip_to_nbo(str(net.network_address))))
+        if family == 4:
+            net4 = ipaddress.IPv4Network(cidr, strict=False)
+            out.add((abi.LBSRC4_SVC_BITS + net4.prefixlen, abi.ip_to_nbo(str(net4.network_address))))
+        else:
+            net6 = ipaddress.IPv6Network(cidr, strict=False)
+            out.add((abi.LBSRC4_SVC_BITS + net6.prefixlen, net6.network_address.packed))
     return frozenset(out)
 
 
 def range_key(svc_id: int, r: Range) -> bytes:
+    if type(r[1]) is bytes:
+        return _PACK_KEY6(r[0], svc_id, r[1])
     return _PACK_KEY(r[0], svc_id, r[1])
+
+
+def _addr_text(r: Range) -> str:
+    return abi.bytes_to_ip6(r[1]) if type(r[1]) is bytes else abi.nbo_to_ip(r[1])
+
+
+def range_text(r: Range) -> str:
+    return f"{_addr_text(r)}/{r[0] - abi.LBSRC4_SVC_BITS}"
+
+
+def _text_order(r: Range) -> tuple[str, int]:
+    return _addr_text(r), r[0]
 
 
 @dataclass
@@ -54,8 +75,9 @@ class Staged:
 
 
 class SourceRangeSync:
-    def __init__(self, m: MapOps[Any, Any]) -> None:
+    def __init__(self, m: MapOps[Any, Any], family: int = 4) -> None:
         self.map = m
+        self.family = family
         self.programmed: dict[int, frozenset[Range]] = {}
         self._entries = 0
 
@@ -64,11 +86,13 @@ class SourceRangeSync:
         live = set(live_sids)
         acc: dict[int, set[Range]] = {}
         stale = []
+        six = self.family == 6
         for k, _ in self.map.items():
+            r = (k.prefixlen, bytes(k.addr) if six else k.addr)
             if k.svc_id in live:
-                acc.setdefault(k.svc_id, set()).add((k.prefixlen, k.addr))
+                acc.setdefault(k.svc_id, set()).add(r)
             else:
-                stale.append(_PACK_KEY(k.prefixlen, k.svc_id, k.addr))
+                stale.append(range_key(k.svc_id, r))
         if stale:
             self.map.delete_many(stale)
             log.info("deleted %d source ranges of service ids no frontend uses", len(stale))
@@ -96,7 +120,7 @@ class SourceRangeSync:
                 for sid, cidrs in wanted.items():
                     rs = memo.get(cidrs)
                     if rs is None:
-                        rs = memo[cidrs] = parse_ranges(cidrs)
+                        rs = memo[cidrs] = parse_ranges(cidrs, self.family)
                     want[sid] = want.get(sid, frozenset()) | rs
             except ValueError as err:
                 refused.append((ident, f"invalid loadBalancerSourceRanges: {err}"))
@@ -151,7 +175,4 @@ class SourceRangeSync:
 
     def ranges(self, svc_id: int) -> list[str]:
         """The programmed ranges of a service port as CIDRs (for the CLI and tests)."""
-        return [
-            f"{abi.nbo_to_ip(a)}/{plen - abi.LBSRC4_SVC_BITS}"
-            for plen, a in sorted(self.programmed.get(svc_id, ()), key=lambda r: (abi.nbo_to_ip(r[1]), r[0]))
-        ]
+        return [range_text(r) for r in sorted(self.programmed.get(svc_id, ()), key=_text_order)]

@@ -6,11 +6,15 @@ from __future__ import annotations
 from array import array
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kproxy import abi
 
-FKey = tuple[int, int, int, int]  # (addr NBO, port NBO, proto, scope)
-# A backend as one int (a 32-44 byte int instead of a 64-88 byte tuple, 100,000 of them at scale):
+# (addr, port NBO, proto, scope); addr: an IPv4 NBO int, or an IPv6 address's 16 bytes (what the
+# family's key packer takes, see kproxy.sync.family)
+FKey = tuple[Any, int, int, int]
+# The IPv4 layout (kproxy.sync.family has both families'). A backend as one int (a 32-44 byte int
+# instead of a 64-88 byte tuple, 100,000 of them at scale):
 # BKey = addr NBO | port NBO << 32 | proto << 48 | node << 56, `node` being the index of the
 # endpoint's nodeName in BackendIds.node_idx (0: no nodeName); BVal (its kp_be4 value) = addr | port |
 # proto | flags << 56 | node_addr NBO << 64 | node << 96. The programmed table (BackendIds.vals) adds
@@ -127,8 +131,8 @@ class Plan:
     claimed: list[FKey] = field(default_factory=list)  # orphan frontends taken over
     be_puts: dict[int, BVal] = field(default_factory=dict)
     be_vals: dict[int, BVal] = field(default_factory=dict)
-    # kp_svc4 keys and values packed by abi.pack_*; an element may hold several consecutive entries
-    # (all slots of a new frontend in one keys blob and one values blob)
+    # kp_svc4 (kp_svc6: the plan's family) keys and values packed by abi.pack_*; an element may hold
+    # several consecutive entries (all slots of a new frontend in one keys blob and one values blob)
     slot_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
     slot0_puts: list[tuple[bytes, bytes]] = field(default_factory=list)
     slot_dels: list[bytes] = field(default_factory=list)
@@ -148,6 +152,9 @@ class Plan:
 
 @dataclass
 class ApplyReport:
+    """What an apply did. The write counts are per family: svc4/be4 for IPv4, svc6/be6 for IPv6 (the
+    Syncer's per-family engines count in the *4 fields, Syncer.apply moves the IPv6 ones over)."""
+
     changed: list[str] = field(default_factory=list)  # services whose map entries changed
     failed: dict[str, str] = field(default_factory=dict)  # service -> why it was not programmed
     retry: set[str] = field(default_factory=set)  # services to re-apply (a conflicting frontend was freed)
@@ -155,6 +162,10 @@ class ApplyReport:
     svc4_deletes: int = 0
     be4_puts: int = 0
     be4_deletes: int = 0
+    svc6_puts: int = 0
+    svc6_deletes: int = 0
+    be6_puts: int = 0
+    be6_deletes: int = 0
     ct_flushed: int = 0
     aff_flushed: int = 0
     tcp_frontends_removed: int = 0  # deleted while their connections may live on (orphan_until_ns)
@@ -164,4 +175,29 @@ class ApplyReport:
 
     @property
     def writes(self) -> int:
-        return self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes
+        return (
+            self.svc4_puts + self.svc4_deletes + self.be4_puts + self.be4_deletes
+            + self.svc6_puts + self.svc6_deletes + self.be6_puts + self.be6_deletes
+        )  # fmt: skip
+
+    def merge_family(self, other: ApplyReport, *, v6: bool) -> None:
+        """Add another family's report of the same apply (an engine's, see kproxy.sync.syncer)."""
+        if other.changed:
+            mine = set(self.changed)
+            self.changed.extend(svc for svc in other.changed if svc not in mine)
+        for svc, why in other.failed.items():
+            self.failed[svc] = f"{self.failed[svc]}; {why}" if svc in self.failed else why
+        self.retry |= other.retry
+        if v6:
+            self.svc6_puts += other.svc4_puts
+            self.svc6_deletes += other.svc4_deletes
+            self.be6_puts += other.be4_puts
+            self.be6_deletes += other.be4_deletes
+        else:
+            self.svc4_puts += other.svc4_puts
+            self.svc4_deletes += other.svc4_deletes
+            self.be4_puts += other.be4_puts
+            self.be4_deletes += other.be4_deletes
+        self.ct_flushed += other.ct_flushed
+        self.aff_flushed += other.aff_flushed
+        self.tcp_frontends_removed += other.tcp_frontends_removed

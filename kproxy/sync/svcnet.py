@@ -9,6 +9,8 @@ same (bpfsrc/lib/svcnet.h) from this trie:
   - every IPv4 service CIDR (ServiceCIDR objects, --service-cidr): DROP;
   - every IPv4 ClusterIP of a Service another proxy serves (service-proxy-name label): /32, PASS;
 and skips the lookup for destinations outside the span (lowest and highest address of all entries).
+IPv6 has no such map yet: IPv6 ClusterIPs and service CIDRs are left out here (the store keeps IPv4
+ones only; an IPv6 address reaching sync() anyway is skipped, never written nor fatal).
 
 The store counts Services per ClusterIP and remembers which addresses changed; a sync writes only
 those, after the frontends of the same sync: a packet to a new frontend finds the frontend first, and
@@ -97,15 +99,17 @@ class ServiceSpaceSync:
         if cidrs_changed:
             new_cidrs = set()
             for cidr in store.service_cidrs:
+                if ":" in cidr:
+                    continue  # IPv6: no kp_svcnet6 yet
                 net = ipaddress.IPv4Network(cidr, strict=False)
                 new_cidrs.add(net.prefixlen << 32 | abi.ip_to_nbo(str(net.network_address)))
             considered |= self._cidrs | new_cidrs
         if full:
             considered |= set(self.programmed)
-            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in cluster_ips}
-            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in foreign}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in cluster_ips if ":" not in ip}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in foreign if ":" not in ip}
         else:
-            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in changed}
+            considered |= {_HOST32 | abi.ip_to_nbo(ip) for ip in changed if ":" not in ip}
         want: dict[Key, int] = {}
         for key in considered:
             if key >> 32 == 32:

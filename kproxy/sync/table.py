@@ -457,3 +457,183 @@ class BackendIndex:
         key_of = self._key
         for bid in [s & 0xFFFFFFFF for s in self._slots if s and s != _TOMB]:
             yield key_of(bid), bid
+
+
+# ---- the IPv6 twins: values wider than BackendTable's words ----
+class WideBackendTable:
+    """BackendTable's interface over a dict, for values of any width: IPv6 BVals are 320 bits and their
+    reference count sits above bit REFS_SHIFT (kproxy.sync.family). ~100 bytes an id more than the
+    packed table: IPv6 backends are the fewer (dual-stack Services list both), and a dict is simple."""
+
+    __slots__ = ("_d", "_mask", "_one")
+
+    def __init__(self, refs_shift: int) -> None:
+        self._d: dict[int, int] = {}
+        self._one = 1 << refs_shift
+        self._mask = self._one - 1
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __bool__(self) -> bool:
+        return bool(self._d)
+
+    @overload
+    def get(self, bid: int) -> int | None: ...
+    @overload
+    def get(self, bid: int, default: int) -> int: ...
+    def get(self, bid: int, default: int | None = None) -> int | None:
+        return self._d.get(bid, default)
+
+    def value(self, bid: int) -> int | None:
+        val = self._d.get(bid)
+        return None if val is None else val & self._mask
+
+    def __getitem__(self, bid: int) -> int:
+        return self._d[bid]
+
+    def __contains__(self, bid: object) -> bool:
+        return bid in self._d
+
+    def __setitem__(self, bid: int, val: int) -> None:
+        if bid < 0 or val < 0:
+            raise ValueError(f"backend id {bid} or value {val} is negative")
+        self._d[bid] = val
+
+    def pop(self, bid: int, default: int | None = None) -> int | None:
+        return self._d.pop(bid, default)
+
+    def pop_many(self, bids: Iterable[int]) -> dict[int, int]:
+        d = self._d
+        return {bid: d.pop(bid) for bid in bids if bid in d}
+
+    def __delitem__(self, bid: int) -> None:
+        del self._d[bid]
+
+    def update(self, items: dict[int, int]) -> None:
+        for bid, val in items.items():
+            self[bid] = val
+
+    def update_keeping_counts(self, items: dict[int, int]) -> list[int]:
+        d = self._d
+        mask = self._mask
+        new = []
+        for bid, val in items.items():
+            if bid < 0 or val < 0:
+                raise ValueError(f"backend id {bid} or value {val} is negative")
+            cur = d.get(bid)
+            if cur is None:
+                new.append(bid)
+                d[bid] = val
+            else:
+                d[bid] = val | (cur & ~mask)
+        return new
+
+    def put_keeping_count(self, bid: int, val: int) -> None:
+        self.update_keeping_counts({bid: val})
+
+    def add_ref(self, bid: int) -> None:
+        self._d[bid] += self._one
+
+    def drop_ref(self, bid: int) -> bool | None:
+        got = self.drop_refs((bid,))
+        return None if bid not in self._d else bool(got)
+
+    def add_refs(self, bids: Iterable[int]) -> None:
+        d = self._d
+        one = self._one
+        for bid in bids:
+            d[bid] += one
+
+    def drop_refs(self, bids: Iterable[int]) -> list[int]:
+        d = self._d
+        one = self._one
+        out = []
+        for bid in bids:
+            cur = d.get(bid)
+            if cur is None:
+                continue
+            if cur < 2 * one:
+                d[bid] = cur & self._mask
+                out.append(bid)
+            else:
+                d[bid] = cur - one
+        return out
+
+    def unreferenced(self, bids: Iterable[int]) -> set[int]:
+        d = self._d
+        one = self._one
+        return {bid for bid in bids if d.get(bid, 0) < one}
+
+    def refs(self, bid: int) -> int:
+        return self._d.get(bid, 0) // self._one
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._d))
+
+    def keys(self) -> Iterator[int]:
+        return iter(self)
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        for bid in self:
+            yield bid, self._d[bid]
+
+    def values(self) -> Iterator[int]:
+        for _, val in self.items():
+            yield val
+
+    def isdisjoint(self, bids: Iterable[int]) -> bool:
+        return self._d.keys().isdisjoint(bids)
+
+    def missing(self, bids: Iterable[int]) -> list[int]:
+        return [bid for bid in bids if bid not in self._d]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WideBackendTable | BackendTable | dict):
+            return len(self) == len(other) and all(other.get(b) == v for b, v in self.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"WideBackendTable({dict(self.items())!r})"
+
+
+class DictBackendIndex:
+    """BackendIndex's interface over a dict (backend key -> id), for WideBackendTable's ids."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get_many(self, keys: Iterable[int]) -> list[int | None]:
+        get = self._d.get
+        return [get(key) for key in keys]
+
+    def get(self, key: int) -> int | None:
+        return self._d.get(key)
+
+    def add(self, items: Iterable[tuple[int, int]]) -> None:
+        for bid, key in items:
+            if not 0 < bid < _TOMB:
+                raise ValueError(f"backend id {bid} out of range")
+            self._d[key] = bid
+
+    def remove(self, items: Iterable[tuple[int, int]]) -> None:
+        d = self._d
+        for bid, key in items:
+            if d.get(key) == bid:
+                del d[key]
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        return iter(list(self._d.items()))

@@ -13,12 +13,12 @@ from typing import Any, Protocol
 
 from kproxy import abi
 from kproxy.bpf.mapapi import MapOps
+from kproxy.sync.family import FAMILY4, Family
 from kproxy.sync.ids import BackendIds
-from kproxy.sync.state import ApplyReport, BVal, Plan, bval_proto, pack_be4
-from kproxy.sync.table import BackendTable
+from kproxy.sync.state import ApplyReport, BVal, Plan
+from kproxy.sync.table import BackendTable, WideBackendTable
 
-_KS = abi.SVC4_KEY_SIZE
-_PACK_BE4_KEY = abi.pack_be4_key
+_PACK_BE4_KEY = abi.pack_be4_key  # kp_be6 keys are u32 ids too
 
 
 class MapSet(Protocol):
@@ -39,82 +39,116 @@ class MapSet(Protocol):
     def svcnet4(self) -> MapOps[Any, Any]: ...
     @property
     def svcnet_span(self) -> MapOps[Any, Any]: ...
+    @property
+    def svc6(self) -> MapOps[Any, Any]: ...
+    @property
+    def be6(self) -> MapOps[Any, Any]: ...
+    @property
+    def ct6(self) -> MapOps[Any, Any]: ...
+    @property
+    def aff6(self) -> MapOps[Any, Any]: ...
+    @property
+    def lbsrc6(self) -> MapOps[Any, Any]: ...
 
     def read_config(self) -> abi.Config: ...
 
     def write_config(self, config: abi.Config) -> None: ...
 
 
-def put_entries(m: MapOps[Any, Any], blobs: list[tuple[bytes, bytes]]) -> int:
-    """Write kp_svc4 entries given as (keys, values) blobs; returns how many."""
+class FamilyMaps:
+    """One family's maps of a MapSet: kp_svc4/kp_be4/kp_ct4/kp_aff4/kp_lbsrc4 or their *6 twins."""
+
+    __slots__ = ("aff", "be", "ct", "fam", "lbsrc", "maps", "svc")
+
+    def __init__(self, maps: MapSet, fam: Family = FAMILY4) -> None:
+        self.maps = maps
+        self.fam = fam
+        self.svc: MapOps[Any, Any] = getattr(maps, fam.svc_map)
+        self.be: MapOps[Any, Any] = getattr(maps, fam.be_map)
+        self.ct: MapOps[Any, Any] = getattr(maps, fam.ct_map)
+        self.aff: MapOps[Any, Any] = getattr(maps, fam.aff_map)
+        self.lbsrc: MapOps[Any, Any] = getattr(maps, fam.lbsrc_map)
+
+
+def put_entries(m: MapOps[Any, Any], blobs: list[tuple[bytes, bytes]], ks: int = abi.SVC4_KEY_SIZE) -> int:
+    """Write kp_svc4 (kp_svc6: KS its key size) entries given as (keys, values) blobs; returns how many."""
     k = b"".join([k for k, _ in blobs])
     v = b"".join([v for _, v in blobs])
-    n = len(k) // _KS
+    n = len(k) // ks
     if n:
         m.put_packed(k, v, n)
     return n
 
 
-def put_be4(m: MapOps[Any, Any], vals: dict[int, BVal]) -> None:
-    """Write kp_be4 entries (backend id -> value)."""
+def put_be(fm: FamilyMaps, vals: dict[int, BVal]) -> None:
+    """Write kp_be4 (kp_be6) entries (backend id -> value)."""
     if vals:
-        m.put_packed(b"".join(map(_PACK_BE4_KEY, vals)), b"".join(map(pack_be4, vals.values())), len(vals))
+        pack = fm.fam.pack_be
+        fm.be.put_packed(b"".join(map(_PACK_BE4_KEY, vals)), b"".join(map(pack, vals.values())), len(vals))
 
 
-def split_keys(blobs: list[bytes]) -> list[bytes]:
-    """One kp_svc4 key per entry from key blobs."""
+def split_keys(blobs: list[bytes], ks: int = abi.SVC4_KEY_SIZE) -> list[bytes]:
+    """One kp_svc4 (kp_svc6: KS its key size) key per entry from key blobs."""
     k = b"".join(blobs)
-    return [k[i : i + _KS] for i in range(0, len(k), _KS)]
+    return [k[i : i + ks] for i in range(0, len(k), ks)]
 
 
-def n_entries(pairs: list[tuple[bytes, bytes]]) -> int:
-    return sum(len(k) for k, _ in pairs) // _KS
+def n_entries(pairs: list[tuple[bytes, bytes]], ks: int = abi.SVC4_KEY_SIZE) -> int:
+    return sum(len(k) for k, _ in pairs) // ks
 
 
-def n_keys(keys: list[bytes]) -> int:
-    return sum(len(k) for k in keys) // _KS
+def n_keys(keys: list[bytes], ks: int = abi.SVC4_KEY_SIZE) -> int:
+    return sum(len(k) for k in keys) // ks
 
 
-def write_batched(m: MapSet, plans: list[Plan], report: ApplyReport) -> None:
-    """Write the plans in DESIGN.md's order (see kproxy.sync), one batch per map and step for all."""
+def write_batched(fm: FamilyMaps, plans: list[Plan], report: ApplyReport) -> None:
+    """Write the plans in DESIGN.md's order (see kproxy.sync), one batch per map and step for all. The
+    report's svc4/be4 counts are the family's (see ApplyReport)."""
+    ks = fm.fam.svc_key_size
     be_puts: dict[int, BVal] = {}
     for p in plans:
         be_puts.update(p.be_puts)
-    put_be4(m.be4, be_puts)
-    n_slots = put_entries(m.svc4, [e for p in plans for e in p.slot_puts])
-    n_slot0 = put_entries(m.svc4, [e for p in plans for e in p.slot0_puts])
-    slot_dels = split_keys([k for p in plans for k in p.slot_dels])
-    fe_dels = split_keys([k for p in plans for k in p.fe_dels])
+    put_be(fm, be_puts)
+    svc = fm.svc
+    n_slots = put_entries(svc, [e for p in plans for e in p.slot_puts], ks)
+    n_slot0 = put_entries(svc, [e for p in plans for e in p.slot0_puts], ks)
+    slot_dels = split_keys([k for p in plans for k in p.slot_dels], ks)
+    fe_dels = split_keys([k for p in plans for k in p.fe_dels], ks)
     if slot_dels:
-        m.svc4.delete_many(slot_dels)
+        svc.delete_many(slot_dels)
     if fe_dels:
-        m.svc4.delete_many(fe_dels)
+        svc.delete_many(fe_dels)
     report.be4_puts += len(be_puts)
     report.svc4_puts += n_slots + n_slot0
     report.svc4_deletes += len(slot_dels) + len(fe_dels)
 
 
-def count_writes(plans: list[Plan], report: ApplyReport) -> None:
+def count_writes(plans: list[Plan], report: ApplyReport, ks: int = abi.SVC4_KEY_SIZE) -> None:
     report.be4_puts += len({b for p in plans for b in p.be_puts})
-    report.svc4_puts += sum(n_entries(p.slot_puts) + n_entries(p.slot0_puts) for p in plans)
-    report.svc4_deletes += sum(n_keys(p.slot_dels) + n_keys(p.fe_dels) for p in plans)
+    report.svc4_puts += sum(n_entries(p.slot_puts, ks) + n_entries(p.slot0_puts, ks) for p in plans)
+    report.svc4_deletes += sum(n_keys(p.slot_dels, ks) + n_keys(p.fe_dels, ks) for p in plans)
 
 
-def undo(m: MapSet, p: Plan, programmed: BackendTable, keep: Collection[int] = ()) -> None:
+def undo(
+    fm: FamilyMaps, p: Plan, programmed: BackendTable | WideBackendTable, keep: Collection[int] = ()
+) -> None:
     """Take back what a failed plan may have written: new keys go, rewritten keys get their old value.
     Backends in KEEP stay as they are: plans of the same batch written before it need them (two
     Services on the same pods share backend ids, new ones too)."""
+    ks = fm.fam.svc_key_size
     if p.new_svc4_keys:
-        m.svc4.delete_many(split_keys(p.new_svc4_keys))
+        fm.svc.delete_many(split_keys(p.new_svc4_keys, ks))
     if p.undo_puts:
-        put_entries(m.svc4, p.undo_puts)
+        put_entries(fm.svc, p.undo_puts, ks)
     mine = [b for b in p.be_puts if b not in keep]
     new_ids = [b for b in mine if b not in programmed]
     if new_ids:
-        m.be4.delete_many([_PACK_BE4_KEY(b) for b in new_ids])
+        fm.be.delete_many([_PACK_BE4_KEY(b) for b in new_ids])
     old_vals = [(b, programmed[b]) for b in mine if b in programmed]
     if old_vals:
-        m.be4.put_many([(_PACK_BE4_KEY(b), pack_be4(v)) for b, v in old_vals])
+        pack = fm.fam.pack_be
+        mask = (1 << fm.fam.refs_shift) - 1
+        fm.be.put_many([(_PACK_BE4_KEY(b), pack(v & mask)) for b, v in old_vals])
 
 
 @dataclass(slots=True)
@@ -128,7 +162,7 @@ class Flush:
 
 
 def free_and_flush(
-    m: MapSet,
+    fm: FamilyMaps,
     backends: BackendIds,
     plans: list[Plan],
     freed: set[int],
@@ -156,12 +190,13 @@ def free_and_flush(
             for sid, ids in p.old.active_ids().items():
                 if sid in affinity_sids:
                     aff_backends.update(ids)
+    bval_proto = fm.fam.bval_proto
     if freed:
         for b, freed_val in backends.release(freed).items():
             if bval_proto(freed_val) == abi.IPPROTO_UDP:
                 udp_freed.add(b)
         aff_freed.update(aff_backends.intersection(freed))
-        m.be4.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
+        fm.be.delete_many([_PACK_BE4_KEY(b) for b in sorted(freed)])
         report.be4_deletes += len(freed)
     # backends that left a service's slots but still exist: flush that service's UDP flows to them
     udp_pairs = flush.udp_pairs
@@ -180,18 +215,19 @@ def free_and_flush(
                 if sid in affinity_sids:
                     aff_pairs.add((b, sid))
     if not later:
-        run_flush(m, flush, report)
+        run_flush(fm, flush, report)
 
 
-def run_flush(m: MapSet, flush: Flush, report: ApplyReport) -> None:
+def run_flush(fm: FamilyMaps, flush: Flush, report: ApplyReport) -> None:
     if flush.udp_freed or flush.udp_pairs:
-        report.ct_flushed += flush_udp_conntrack(m.ct4, flush.udp_freed, flush.udp_pairs)
+        report.ct_flushed += flush_udp_conntrack(fm.ct, flush.udp_freed, flush.udp_pairs)
     if flush.aff_freed or flush.aff_pairs:
-        report.aff_flushed += flush_affinity(m.aff4, flush.aff_freed, flush.aff_pairs)
+        report.aff_flushed += flush_affinity(fm.aff, flush.aff_freed, flush.aff_pairs)
 
 
 def flush_udp_conntrack(ct4: MapOps[Any, Any], backends: set[int], pairs: set[tuple[int, int]]) -> int:
-    """Delete UDP conntrack entries (both directions) of `backends`, or of (backend, svc_id) `pairs`."""
+    """Delete UDP conntrack entries (both directions) of `backends`, or of (backend, svc_id) `pairs`
+    (kp_ct4 or kp_ct6: the same fields)."""
     doomed = [
         k
         for k, v in ct4.items()

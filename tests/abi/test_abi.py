@@ -38,6 +38,14 @@ MAP_DEFAULTS = {
     abi.MAP_SVCNET4: (abi.SVCNET4_MAX, BPF_F_NO_PREALLOC),
     abi.MAP_SVCNET_SPAN: (1, 0),
     abi.MAP_FRAG4: (abi.FRAG4_MAX, 0),
+    abi.MAP_SVC6: (abi.SVC6_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_BE6: (abi.BE6_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_CT6: (abi.CT6_MAX, 0),
+    abi.MAP_AFF6: (abi.AFF6_MAX, 0),
+    abi.MAP_CFG6: (1, 0),
+    abi.MAP_LBSRC6: (abi.LBSRC6_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_FRAG6: (abi.FRAG6_MAX, 0),
+    abi.MAP_SNAT6: (abi.SNAT6_MAX, 0),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,

@@ -43,6 +43,16 @@ def ct_key(saddr: str, daddr: str, sport: int, dport: int, proto: int, direction
     return k
 
 
+def in6(text: str) -> ctypes.Array[ctypes.c_uint8]:
+    return abi.In6.from_buffer_copy(abi.ip6_to_bytes(text))
+
+
+def ct6_key(saddr: str, daddr: str, sport: int, dport: int, proto: int, direction: abi.CtDir) -> abi.Ct6Key:
+    return abi.Ct6Key(
+        in6(saddr), in6(daddr), abi.port_to_nbo(sport), abi.port_to_nbo(dport), proto, direction
+    )
+
+
 @contextmanager
 def private_bpffs() -> Iterator[str]:
     """A bpffs instance of our own in a temporary directory, unmounted and removed afterwards."""
@@ -67,14 +77,26 @@ class Datapath:
         self.snat4 = obj.map(abi.MAP_SNAT4)
         self.svcnet4 = obj.map(abi.MAP_SVCNET4)
         self.svcnet_span = obj.map(abi.MAP_SVCNET_SPAN)
+        self.svc6 = obj.map(abi.MAP_SVC6)
+        self.be6 = obj.map(abi.MAP_BE6)
+        self.ct6_map = obj.map(abi.MAP_CT6)
+        self.aff6_map = obj.map(abi.MAP_AFF6)
+        self.cfg6 = obj.map(abi.MAP_CFG6)
+        self.lbsrc6 = obj.map(abi.MAP_LBSRC6)
+        self.frag6 = obj.map(abi.MAP_FRAG6)
+        self.snat6 = obj.map(abi.MAP_SNAT6)
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
 
     # ---- set-up ----
     def reset(self) -> None:
-        for m in (self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4):
+        for m in (
+            self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4,
+            self.svc6, self.be6, self.ct6_map, self.aff6_map, self.lbsrc6, self.frag6, self.snat6,
+        ):  # fmt: skip
             for key in list(m.iter_keys()):
                 m.delete(key)
         self.cfg.update(ctypes.c_uint32(0), abi.Config())
+        self.cfg6.update(ctypes.c_uint32(0), abi.Config6())
         self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(0xFFFFFFFF, 0))
         zero = bytes(self.stats.user_value_size)
         for i in range(abi.STAT_MAX):
@@ -127,6 +149,63 @@ class Datapath:
         )
         return k
 
+    # ---- IPv6 set-up ----
+    def add_service6(
+        self,
+        addr: str,
+        port: int,
+        proto: int,
+        backends: list[Backend],
+        *,
+        flags: int = 0,
+        svc_id: int = abi.ID6_BASE + 1,
+        scope: abi.Scope = abi.Scope.EXT,
+        affinity_timeout: int = 0,
+    ) -> None:
+        """add_service for kp_svc6_v1 / kp_be6_v1 (Backend.addr IPv6)."""
+        for b in backends:
+            v = abi.Be6Val(in6(b.addr), abi.port_to_nbo(b.port), proto, b.flags, in6("::"))
+            self.be6.update(ctypes.c_uint32(b.id), v)
+        for slot, b in enumerate(backends, start=1):
+            self.svc6.update(
+                self.svc6_key(addr, port, proto, scope, slot), abi.Svc4Val(b.id, svc_id, 0, 0, 0)
+            )
+        val = abi.Svc4Val(0, svc_id, len(backends), flags, affinity_timeout)
+        self.svc6.update(self.svc6_key(addr, port, proto, scope, 0), val)
+
+    @staticmethod
+    def svc6_key(addr: str, port: int, proto: int, scope: abi.Scope, slot: int) -> abi.Svc6Key:
+        return abi.Svc6Key(in6(addr), abi.port_to_nbo(port), slot, proto, scope)
+
+    def set_node6(self, node_addr: str = "::", hairpin: str = "::") -> None:
+        self.cfg6.update(ctypes.c_uint32(0), abi.Config6(in6(node_addr), in6(hairpin)))
+
+    def ct6(self, key: abi.Ct6Key) -> abi.Ct6Val | None:
+        raw = self.ct6_map.lookup(key)
+        return abi.Ct6Val.from_buffer_copy(raw) if raw is not None else None
+
+    def aff6(self, client: str, svc_id: int) -> abi.Aff4Val | None:
+        raw = self.aff6_map.lookup(abi.Aff6Key(in6(client), svc_id))
+        return abi.Aff4Val.from_buffer_copy(raw) if raw is not None else None
+
+    def put_ct6(self, key: abi.Ct6Key, val: abi.Ct6Val) -> None:
+        self.ct6_map.update(key, val)
+
+    def ct6_entries(self) -> dict[bytes, abi.Ct6Val]:
+        return {
+            bytes(k): abi.Ct6Val.from_buffer_copy(self.ct6_map.lookup(k) or b"")
+            for k in self.ct6_map.iter_keys()
+        }
+
+    def put_aff6(self, client: str, svc_id: int, val: abi.Aff4Val) -> None:
+        self.aff6_map.update(abi.Aff6Key(in6(client), svc_id), val)
+
+    def add_backends6(self, backends: Iterable[Backend], proto: int) -> None:
+        """kp_be6_v1 entries only (no frontend slot names them)."""
+        for b in backends:
+            v = abi.Be6Val(in6(b.addr), abi.port_to_nbo(b.port), proto, b.flags, in6("::"))
+            self.be6.update(ctypes.c_uint32(b.id), v)
+
     # ---- running ----
     def run(self, prog: str, frame: bytes) -> TestRun:
         return prog_test_run(self.progs[prog], frame)
@@ -168,4 +247,4 @@ def open_datapath(bpffs: str, path: Path = OBJECT) -> tuple[BpfObject, Datapath]
         raise
 
 
-__all__ = ["Backend", "Datapath", "Map", "ct_key", "open_datapath", "private_bpffs"]
+__all__ = ["Backend", "Datapath", "Map", "ct6_key", "ct_key", "in6", "open_datapath", "private_bpffs"]

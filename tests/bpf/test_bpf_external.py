@@ -9,17 +9,14 @@ veth "node" interface with fixed routes and permanent neighbours, so verdicts an
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import secrets
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from datapath import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Backend, Datapath, ct_key
+from fiblab import FibLab
 from frames import (
     IP_DF,
     IPPROTO_ICMP,
@@ -58,7 +55,7 @@ from kproxy.abi import (
     nbo_to_port,
     port_to_nbo,
 )
-from kproxy.bpf.libbpf import TestRun, prog_test_run
+from kproxy.bpf.libbpf import TestRun
 
 pytestmark = pytest.mark.root
 
@@ -77,57 +74,20 @@ IN_MAC_DST, IN_MAC_SRC = bytes.fromhex("02aaaaaaaaaa"), bytes.fromhex("02bbbbbbb
 HAIRPIN = "169.254.42.1"
 IPPROTO_IPIP = 4
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 
-
-def _run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-class Lab:
+class Lab(FibLab):
     """A namespace with kpe0 = 192.168.1.10/24 (this node's LAN side), forwarding on."""
 
-    def __init__(self) -> None:
-        self.name = f"kpt-{secrets.token_hex(3)}"
-        _run("ip", "netns", "add", self.name)
-        ip = ("ip", "-n", self.name)
-        _run(*ip, "link", "set", "lo", "up")
-        _run(*ip, "link", "add", "kpe0", "type", "veth", "peer", "name", "kpe1")
-        _run(*ip, "link", "set", "kpe0", "up")
-        _run(*ip, "link", "set", "kpe1", "up")
-        _run(*ip, "addr", "add", f"{NODE}/24", "dev", "kpe0")
-        _run(*ip, "neigh", "replace", GW, "lladdr", GW_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
-        _run(*ip, "neigh", "replace", NODE2, "lladdr", NODE2_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
-        _run(*ip, "route", "add", "default", "via", GW)
-        _run(*ip, "route", "add", "10.244.2.0/24", "via", NODE2)
-        _run(*ip, "route", "add", "10.244.3.0/24", "via", "192.168.1.30")  # no neighbour: NO_NEIGH
-        _run(*ip, "route", "add", "10.244.1.0/24", "dev", "kpe0")
-        _run(*ip, "neigh", "replace", POD, "lladdr", POD_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
-        _run("nsenter", f"--net=/run/netns/{self.name}", "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
-        link = json.loads(_run(*ip, "-j", "link", "show", "kpe0"))[0]
-        self.ifindex = int(link["ifindex"])
-        self.mac = bytes.fromhex(link["address"].replace(":", ""))
-
-    @contextmanager
-    def inside(self) -> Iterator[None]:
-        """Run the calling thread in the namespace (setns changes only this thread)."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.name}")
-            try:
-                yield
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back to the test's namespace")
-        finally:
-            os.close(home)
-            os.close(target)
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+    def setup(self) -> None:
+        self.ip("addr", "add", f"{NODE}/24", "dev", "kpe0")
+        self.ip("neigh", "replace", GW, "lladdr", GW_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        self.ip("neigh", "replace", NODE2, "lladdr", NODE2_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        self.ip("route", "add", "default", "via", GW)
+        self.ip("route", "add", "10.244.2.0/24", "via", NODE2)
+        self.ip("route", "add", "10.244.3.0/24", "via", "192.168.1.30")  # no neighbour: NO_NEIGH
+        self.ip("route", "add", "10.244.1.0/24", "dev", "kpe0")
+        self.ip("neigh", "replace", POD, "lladdr", POD_MAC.hex(":"), "dev", "kpe0", "nud", "permanent")
+        self.sysctl("net.ipv4.conf.all.forwarding=1")
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +102,8 @@ def lab() -> Iterator[Lab]:
 
 
 def run_in(dp: Datapath, lab: Lab, prog: str, frame: bytes) -> TestRun:
-    """Run `prog` as if the frame arrived on kpe0 (struct __sk_buff ifindex at offset 40)."""
-    ctx = bytearray(192)
-    struct.pack_into("=I", ctx, 36, lab.ifindex)  # ingress_ifindex
-    struct.pack_into("=I", ctx, 40, lab.ifindex)  # ifindex
-    with lab.inside():
-        out = prog_test_run(dp.progs[prog], frame, bytes(ctx))
-    return out
+    """Run `prog` as if the frame arrived on kpe0."""
+    return lab.run(dp, prog, frame)
 
 
 def set_cfg(dp: Datapath, node: str = NODE, dsr: DsrMode = DsrMode.OFF, **fields: int) -> None:

@@ -198,7 +198,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "agent",
         "--source=kubernetes",
         "--node-name=<spec.nodeName>",
-        "--node-ip=<status.hostIP>",
+        "--node-ip=<status.hostIPs>",
         "--bpffs=/sys/fs/bpf/kproxy",
         "--daemonset=kube-system/kproxy",
         "--dsr-mode=off",
@@ -250,7 +250,8 @@ def test_api_server_env_points_at_the_api_server_itself(render: Renderer) -> Non
     assert env["KUBERNETES_SERVICE_HOST"]["value"] == API_HOST
     assert env["KUBERNETES_SERVICE_PORT"]["value"] == "443"
     assert env["KPROXY_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert env["KPROXY_NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    # status.hostIPs: both families of a dual-stack node (GA since 1.30, the chart's kubeVersion)
+    assert env["KPROXY_NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIPs"
     assert env["KPROXY_CONFIGMAP"]["value"] == "kproxy-config" == DEFAULT_CONFIGMAP  # the CLI's default
     assert env["KPROXY_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 

@@ -67,3 +67,40 @@ def program(lab: Lab) -> Callable[..., None]:
             lab.wait_programmed(cluster_ip, port, [po.ip for po in pod_objs], protocol)
 
     return do
+
+
+@pytest.fixture
+def program_dual(lab: Lab) -> Callable[..., None]:
+    """Name: program_dual. Scope: function. Depends: lab.
+
+    program_dual(name, cluster_ip, cluster_ip6, pods, port=80, target=8080, protocol="TCP", wait=True,
+    wait6=True, node_port=None, **service kwargs): as `program`, for a dual-stack Service
+    (RequireDualStack, clusterIPs of both families unless ip_families/ip_family_policy say otherwise)
+    with one EndpointSlice per family listing the PODS' addresses of that family. `wait` waits for the
+    IPv4 ClusterIP, `wait6` for the IPv6 one, in every agent's maps.
+    """
+
+    def do(
+        name: str,
+        cluster_ip: str,
+        cluster_ip6: str,
+        pods: Iterable[str],
+        port: int = 80,
+        target: int = 8080,
+        protocol: str = "TCP",
+        wait: bool = True,
+        wait6: bool = True,
+        node_port: int | None = None,
+        **service_kw: Any,
+    ) -> None:
+        p = mf.Port(name="p", port=port, target=target, protocol=protocol, node_port=node_port)
+        pod_objs = [lab.pod(n) for n in pods]
+        endpoints = [(po.ip, po.ip6, po.node) for po in pod_objs]
+        objects = mf.dual_stack_objects(name, [p], cluster_ip, cluster_ip6, endpoints, **service_kw)
+        lab.write_manifest(name, objects)
+        if wait:
+            lab.wait_programmed(cluster_ip, port, [po.ip for po in pod_objs], protocol)
+        if wait6:
+            lab.wait_programmed(cluster_ip6, port, [po.ip6 for po in pod_objs], protocol)
+
+    return do

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def test_services_json_in_the_lab(lab: Lab, program: Program) -> None:
     assert (by_type["ClusterIP"]["address"], by_type["ClusterIP"]["port"]) == ("10.96.2.1", 80)
     assert (by_type["NodePort"]["address"], by_type["NodePort"]["port"]) == (n1.ip, 30200)
     for r in rows:
-        assert r["port_name"] == "p" and r["protocol"] == "TCP"
+        assert r["port_name"] == "p" and r["protocol"] == "TCP" and r["family"] == 4
         assert {(b["address"], b["port"], b["state"]) for b in r["backends"]} == {
             ("10.244.1.12", 8080, "active"),
             ("10.244.2.11", 8080, "active"),
@@ -135,7 +136,7 @@ def test_conntrack_json_shows_an_open_flow(lab: Lab, program: Program) -> None:
         "TCP",
         "default/cli-ct",
     )
-    assert f["state"] == "ESTABLISHED" and f["seconds_left"] > 0
+    assert f["state"] == "ESTABLISHED" and f["seconds_left"] > 0 and f["family"] == 4
 
 
 @pytest.fixture
@@ -160,6 +161,87 @@ def test_exit_codes(empty_bpffs: Path, tmp_path: Path) -> None:
     assert len(no_maps.stderr.strip().splitlines()) == 1
     not_root = kproxy_as(65534, "stats", "--bpffs", str(empty_bpffs))
     assert not_root.returncode == 4 and "needs root" in not_root.stderr, not_root.stderr
+
+
+def _in6(address: str) -> Any:
+    return abi.In6.from_buffer_copy(abi.ip6_to_bytes(address))
+
+
+@pytest.mark.root
+def test_dual_stack_entries_on_pinned_maps(
+    empty_bpffs: Path, probe_object: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IPv6 entries written into the real pinned *6 maps show beside the IPv4 ones, in every command,
+    with their service names from the agent's metadata file (IPv6 ids >= abi.ID6_BASE)."""
+    from kproxy.bpf import libbpf as lb
+    from kproxy.bpf.maps import KproxyMaps
+    from kproxy.observe.metadata import write_metadata
+
+    monkeypatch.setenv("KPROXY_STATE_ROOT", str(tmp_path / "state"))
+    with lb.BpfObject.open(probe_object, pin_root_path=str(empty_bpffs)) as obj:
+        obj.load()
+    svc4, svc6, be4, be6 = 5, abi.ID6_BASE + 5, 11, abi.ID6_BASE + 11
+    tcp, now = abi.IPPROTO_TCP, time.monotonic_ns()
+    with KproxyMaps.open(empty_bpffs) as maps:
+        maps.be4.put_many(
+            [(ctypes.c_uint32(be4), abi.Be4Val(abi.ip_to_nbo("10.244.1.11"), abi.port_to_nbo(8080), tcp))]
+        )
+        maps.be6.put_many(
+            [(ctypes.c_uint32(be6), abi.Be6Val(_in6("fd00:244:1::11"), abi.port_to_nbo(8080), tcp))]
+        )
+        vip4, vip6, port = abi.ip_to_nbo("10.96.3.1"), _in6("fd00:96::3:1"), abi.port_to_nbo(80)
+        maps.svc4.put_many([
+            (abi.Svc4Key(vip4, port, 0, tcp), abi.Svc4Val(0, svc4, 1, 0)),
+            (abi.Svc4Key(vip4, port, 1, tcp), abi.Svc4Val(be4, svc4)),
+        ])  # fmt: skip
+        maps.svc6.put_many([
+            (abi.Svc6Key(vip6, port, 0, tcp), abi.Svc4Val(0, svc6, 1, 0)),
+            (abi.Svc6Key(vip6, port, 1, tcp), abi.Svc4Val(be6, svc6)),
+        ])  # fmt: skip
+        maps.ct6.put_many([(
+            abi.Ct6Key(saddr=_in6("fd00:244:2::12"), daddr=vip6, sport=abi.port_to_nbo(40000), dport=port,
+                       proto=tcp, dir=abi.CtDir.FWD),
+            abi.Ct6Val(expires_ns=now + 60 * 10**9, backend_id=be6, svc_id=svc6,
+                       nat_addr=_in6("fd00:244:1::11"), nat_port=abi.port_to_nbo(8080),
+                       state=abi.CtState.ESTABLISHED),
+        )])  # fmt: skip
+        maps.aff6.put_many([(abi.Aff6Key(_in6("fd00:244:2::12"), svc6), abi.Aff4Val(now, be6))])
+    names = {"service": "demo/dual", "port_name": "http", "protocol": "TCP"}
+    write_metadata(empty_bpffs, "n1", {svc4: names, svc6: names})
+    bpffs = ["--bpffs", str(empty_bpffs)]
+
+    def rows(*cmd: str) -> Any:
+        out = kproxy(*cmd, *bpffs, "-o", "json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    services = rows("services")
+    assert [(r["family"], r["address"], r["service"]) for r in services] == [
+        (4, "10.96.3.1", "demo/dual"),
+        (6, "fd00:96::3:1", "demo/dual"),
+    ]
+    assert [(b["family"], b["address"], b["port"]) for b in services[1]["backends"]] == [
+        (6, "fd00:244:1::11", 8080)
+    ]
+    assert [(r["family"], r["id"], r["address"]) for r in rows("backends")] == [
+        (4, be4, "10.244.1.11"),
+        (6, be6, "fd00:244:1::11"),
+    ]
+    (flow,) = rows("conntrack")
+    assert (flow["family"], flow["src"], flow["dst"], flow["nat"], flow["service"]) == (
+        6, "[fd00:244:2::12]:40000", "[fd00:96::3:1]:80", "[fd00:244:1::11]:8080", "demo/dual",
+    )  # fmt: skip
+    (aff,) = rows("affinity")
+    assert (aff["family"], aff["client"], aff["backend"], aff["service"]) == (
+        6, "fd00:244:2::12", "[fd00:244:1::11]:8080", "demo/dual",
+    )  # fmt: skip
+    assert rows("nat") == []
+    table = kproxy("services", *bpffs)
+    assert table.returncode == 0 and "[fd00:96::3:1]:80/TCP" in table.stdout, table.stdout
+    assert "[fd00:244:1::11]:8080" in table.stdout and "10.96.3.1:80/TCP" in table.stdout
+    flushed = kproxy("conntrack", "--flush", *bpffs, "-o", "json")
+    assert flushed.returncode == 0 and json.loads(flushed.stdout) == {"flushed": 1}, flushed.stderr
+    assert rows("conntrack") == []
 
 
 @pytest.mark.root
@@ -327,7 +409,7 @@ def test_snat_rows_decode_live_entries_only() -> None:
 
     rows = snat_rows([entry(5_000_000_000), entry(10)], now_ns=1_000_000_000)
     assert rows == [{
-        "protocol": "TCP", "backend": "10.244.2.11:8080", "snat": "192.168.77.11:40000",
+        "family": 4, "protocol": "TCP", "backend": "10.244.2.11:8080", "snat": "192.168.77.11:40000",
         "client": "192.168.77.100:51000", "frontend": "192.168.77.11:30080", "state": "ESTABLISHED",
         "seconds_left": 4.0,
     }]  # fmt: skip

@@ -73,3 +73,11 @@ def test_external_cluster_ip_switch_reaches_the_datapath_config():
     assert maps.read_config().flags == 0
     write_config(maps, "192.168.1.10", external_cluster_ip=False)
     assert maps.read_config().flags == abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP
+
+
+def test_node_ips_of_both_families_give_a_primary_address_each():
+    c = AgentConfig(node_name="n1", node_ips=["FD00:0::1", "192.168.1.10", "fd00::2", "10.0.0.1"])
+    assert (c.primary_ipv4, c.primary_ipv6) == ("192.168.1.10", "fd00::1")
+    assert AgentConfig(node_name="n1", node_ips=["192.168.1.10"]).primary_ipv6 is None
+    with pytest.raises(ValidationError, match="is not an IP address"):
+        AgentConfig(node_name="n1", node_ips=["fd00::zz"])

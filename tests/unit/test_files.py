@@ -347,3 +347,88 @@ def test_nodes_handed_to_the_store_node_table(tmp_path):
     f.unlink()
     src.scan()
     assert st.nodes == {} and st.services == {}
+
+
+DUAL_STACK_YAML = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  clusterIP: fd00:10:96::2f0a
+  clusterIPs:
+  - fd00:10:96::2f0a
+  - 10.96.47.10
+  ipFamilies:
+  - IPv6
+  - IPv4
+  ipFamilyPolicy: RequireDualStack
+  externalIPs:
+  - 2001:0:0:0:0:0:0:9
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv6
+endpoints:
+- addresses:
+  - fd00:10:244:1::5
+  conditions:
+    ready: true
+  nodeName: node-a
+- addresses:
+  - 1:2:3:4:5:6:7:8
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+endpoints:
+- addresses:
+  - 10.244.1.5
+  nodeName: node-a
+ports:
+- name: http
+  port: 8080
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+status:
+  addresses:
+  - type: InternalIP
+    address: 192.168.1.10
+  - type: InternalIP
+    address: fd00:1::10
+"""
+
+
+def test_dual_stack_service_and_ipv6_slice_read_unfiltered(tmp_path):
+    """Issue 15: nothing in the file source filters by family. Unquoted IPv6 addresses made of decimal
+    groups stay addresses (kubectl reads YAML 1.2: no base-60 numbers)."""
+    (tmp_path / "web.yaml").write_text(DUAL_STACK_YAML)
+    src, st = source(tmp_path)
+    src.scan()
+    svc = st.services["shop/web"]
+    assert svc.spec.cluster_ips == ["fd00:10:96::2f0a", "10.96.47.10"]
+    assert svc.spec.ip_families == ["IPv6", "IPv4"]
+    assert svc.spec.external_ips == ["2001::9"]  # canonical text
+    v6 = st.slices["shop/web-v6"]
+    assert v6.address_type == "IPv6"
+    assert [e.addresses for e in v6.endpoints] == [["fd00:10:244:1::5"], ["1:2:3:4:5:6:7:8"]]
+    assert v6.endpoints[1].node_name is None
+    assert st.slices["shop/web-v4"].address_type == "IPv4"

@@ -132,6 +132,24 @@ _SVC_CASES = [
     ),
     svc_raw(cluster_ip="None"),
     svc_raw(cluster_ip="fd00::10", ipFamilies=["IPv6"]),
+    # dual-stack, as the API server fills it in (issue 15), both orders
+    svc_raw(
+        type="LoadBalancer",
+        cluster_ip="10.96.0.10",
+        clusterIPs=["10.96.0.10", "fd00:10:96::a"],
+        ipFamilies=["IPv4", "IPv6"],
+        ipFamilyPolicy="PreferDualStack",
+        externalIPs=["2001:db8::7"],
+        lb_ips=["203.0.113.7", "2001:db8:1::7"],
+        loadBalancerSourceRanges=["10.0.0.0/8", "2001:db8::/32"],
+    ),
+    svc_raw(
+        cluster_ip="fd00:10:96::a",
+        clusterIPs=["fd00:10:96::a", "10.96.0.10"],
+        ipFamilies=["IPv6", "IPv4"],
+        ipFamilyPolicy="RequireDualStack",
+    ),
+    svc_raw(cluster_ip="FD00:10:96:0:0:0:0:A", ipFamilies=["IPv6"]),  # not canonical: the schema rewrites
     svc_raw(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}),
     svc_raw(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": None}),
     svc_raw(externalIPs=["198.51.100.1"], internalTrafficPolicy="Local", trafficDistribution="PreferClose"),
@@ -160,6 +178,9 @@ _SLICE_CASES = [
         ]
     ),
     slice_raw(address_type="IPv6", endpoints=[ep("fd00::1")]),
+    slice_raw(
+        address_type="IPv6", endpoints=[ep("fd00:10:244:1::5", node=None), ep("FD00:10:244:1:0:0:0:6")]
+    ),
     slice_raw(address_type="FQDN", endpoints=[ep("db.example.com")]),
     slice_raw(ports=[{"name": None, "port": 8080}, {"port": None, "protocol": "UDP", "name": "u"}]),
     slice_raw(endpoints=[{"addresses": ["10.0.0.1"], "node_name": "n"}]),
@@ -242,6 +263,95 @@ def test_fast_route_leaves_invalid_slices_to_the_schema(endpoint):
     assert _fast_slice(raw) is None
     with pytest.raises(ModelError):
         parse_endpoint_slice(raw)
+
+
+def test_canonical_ipv6_takes_the_fast_route():
+    from kproxy.model.fastpath import _fast_service, _fast_slice
+
+    dual = svc_raw(
+        cluster_ip="fd00:10:96::a",
+        clusterIPs=["fd00:10:96::a", "10.96.0.10"],
+        ipFamilies=["IPv6", "IPv4"],
+        externalIPs=["2001:db8::7"],
+        lb_ips=["2001:db8:1::7"],
+    )
+    fast = _fast_service(dual)
+    assert fast is not None and fast.spec.cluster_ips == ["fd00:10:96::a", "10.96.0.10"]
+    v6 = slice_raw(address_type="IPv6", endpoints=[ep("fd00:10:244:1::5"), ep("fd00:10:244:2::5", node=None)])
+    es = _fast_slice(v6)
+    assert es is not None and [e.addresses for e in es.endpoints] == [
+        ["fd00:10:244:1::5"],
+        ["fd00:10:244:2::5"],
+    ]
+
+
+def test_ipv6_addresses_are_canonicalised_by_the_schema():
+    """Frontend and backend addresses are compared as text: one spelling per address (RFC 5952, as Go
+    prints it), whatever the object says."""
+    from kproxy.model.fastpath import _fast_service, _fast_slice
+
+    raw = svc_raw(cluster_ip="FD00:10:96:0:0:0:0:A", ipFamilies=["IPv6"], externalIPs=["2001:DB8::0:7"],
+                  lb_ips=["2001:0db8:0001::7"])  # fmt: skip
+    assert _fast_service(raw) is None
+    notes: list[str] = []
+    s = parse_service(raw, notes=notes)
+    assert s.spec.cluster_ip == "fd00:10:96::a" and s.spec.cluster_ips == ["fd00:10:96::a"]
+    assert s.spec.external_ips == ["2001:db8::7"]
+    assert s.status.load_balancer.ingress[0].ip == "2001:db8:1::7"
+    assert notes == []  # not a legacy spelling: nothing to warn about
+    sraw = slice_raw(address_type="IPv6", endpoints=[ep("FD00:10:244:1:0:0:0:5"), ep("fd00:10:244:1::6")])
+    assert _fast_slice(sraw) is None
+    es = parse_endpoint_slice(sraw)
+    assert [e.addresses for e in es.endpoints] == [["fd00:10:244:1::5"], ["fd00:10:244:1::6"]]
+
+
+def test_ipv4_mapped_service_address_is_read_as_ipv4_and_noted():
+    """Go's ParseIPSloppy reads ::ffff:10.96.0.1 as the IPv4 address (kube-proxy serves it in IPv4)."""
+    notes: list[str] = []
+    s = parse_service(svc_raw(cluster_ip="::ffff:10.96.0.1"), notes=notes)
+    assert s.spec.cluster_ip == "10.96.0.1"
+    assert notes[0] == "clusterIP '::ffff:10.96.0.1' read as 10.96.0.1"
+
+
+@pytest.mark.parametrize(
+    "address", ["::ffff:10.0.0.1", "fe80::1%eth0", "10.0.0.1", "fd00::1::2", "fd00::g"]
+)  # fmt: skip
+def test_ipv6_slice_rejects_what_the_api_server_rejects(address):
+    # IsValidIPv6Address: no IPv4 (mapped or not), no zone
+    raw = slice_raw(address_type="IPv6", endpoints=[ep(address)])
+    with pytest.raises(ModelError, match="is not an IPv6 address"):
+        parse_endpoint_slice(raw)
+
+
+def test_zoned_service_address_rejected():
+    assert "is not an IP address" in problem(svc_raw(cluster_ip="fe80::1%eth0"))
+
+
+def test_node_info_keeps_canonical_addresses_of_both_families():
+    from kproxy.model import NodeInfo
+
+    n = NodeInfo(
+        "a", ("10.0.0.1", "FD00::0001", "::ffff:10.0.0.2", "bogus", "fd00::1"), host_addresses=("::1",)
+    )
+    assert n.addresses == ("10.0.0.1", "fd00::1", "10.0.0.2")
+    assert n.host_addresses == ("::1",)
+
+
+def test_canonical_ipv6_matches_ipaddress():
+    import ipaddress
+    import random
+
+    from kproxy.model.names import canonical_ipv6
+
+    rng = random.Random(15)
+    for _ in range(3000):
+        groups = [rng.choice([0, 0, 0, 1, 0xFFFF, 0xABC, rng.randrange(65536)]) for _ in range(8)]
+        ip = ipaddress.IPv6Address(":".join(f"{g:x}" for g in groups))
+        want = ip.compressed if ip.ipv4_mapped is None else None
+        for spelling in (ip.compressed, ip.exploded, ip.compressed.upper()):
+            assert canonical_ipv6(spelling) == want, spelling
+    assert canonical_ipv6("::") == "::" and canonical_ipv6("1:0:0:2::3") == "1:0:0:2::3"
+    assert canonical_ipv6("1:0::2") == "1::2" and canonical_ipv6("10.0.0.1") is None
 
 
 def test_leading_zeros_go_to_the_schema_which_reads_them_as_decimal():

@@ -70,10 +70,9 @@ def test_no_ranges_no_flag():
     assert not lb.flags & SvcFlag.SRC_RANGES and lb.source_ranges == ()
 
 
-def test_ipv6_ranges_skipped_and_counted_ipv6_only_means_unrestricted():
-    skipped: Counter[str] = Counter()
-    (lb,) = by_type(frontends(lb_svc(["2001:db8::/32", "203.0.113.0/24"]), skipped=skipped), "LoadBalancer")
-    assert lb.source_ranges == ("203.0.113.0/24",) and skipped["ipv6_source_range"] == 1
+def test_ranges_of_the_other_family_do_not_restrict_ipv4_ipv6_only_means_unrestricted():
+    (lb,) = by_type(frontends(lb_svc(["2001:db8::/32", "203.0.113.0/24"])), "LoadBalancer")
+    assert lb.source_ranges == ("203.0.113.0/24",)
     # kube-proxy filters the ranges by IP family: none left for IPv4 means no firewall for IPv4
     (lb,) = by_type(frontends(lb_svc(["2001:db8::/32"])), "LoadBalancer")
     assert not lb.flags & SvcFlag.SRC_RANGES and lb.source_ranges == ()

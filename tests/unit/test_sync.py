@@ -439,7 +439,7 @@ def test_a_restart_takes_over_one_id_for_a_backend_listed_twice():
     from kproxy.sync.state import Plan, Svc
 
     plan = Plan("a/x", Svc(), Svc())
-    ids = s2._backends.ids_of([be("10.0.0.1", node_name="n1"), be("10.0.0.1", node_name="n1")], plan)
+    ids = s2.v4._backends.ids_of([be("10.0.0.1", node_name="n1"), be("10.0.0.1", node_name="n1")], plan)
     assert ids == {first}
 
 
@@ -799,3 +799,20 @@ def test_endpoint_changes_without_affinity_do_not_walk_the_affinity_map():
     s.apply({"default/aff": [fe([be("10.0.0.7")], service="default/aff", address="10.96.0.11",
                                 flags=SvcFlag.AFFINITY)]})  # fmt: skip
     assert walks == 1
+
+
+def test_two_services_wanting_one_new_frontend_in_one_batch_the_first_wins():
+    """Two Services planned in one batch both want a frontend nobody owned yet: the first takes it, the
+    second conflicts as it would once the first is committed (both writing it left the map saying one
+    and the loser's bookkeeping claiming it: its removal then deleted the winner's frontend)."""
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    s.apply({"a/x": [fe([be("10.0.0.1"), be("10.0.0.3")], service="a/x")],
+             "a/y": [fe([be("10.0.0.2")], service="a/y")]})  # fmt: skip
+    assert slots(maps) == ["10.0.0.1", "10.0.0.3"] and s.errors["frontend_conflict"] == 1
+    s.apply({"a/y": []})
+    assert slots(maps) == ["10.0.0.1", "10.0.0.3"]
+    s.apply({"a/y": [fe([be("10.0.0.2")], service="a/y")]})
+    assert s.apply({"a/x": []}).retry == {"a/y"}
+    s.apply({"a/y": [fe([be("10.0.0.2")], service="a/y")]})
+    assert slots(maps) == ["10.0.0.2"]

@@ -74,7 +74,7 @@ def test_chunked_apply_ends_like_one_batch(monkeypatch: pytest.MonkeyPatch, chun
     d["default/s2"] = []
     s.apply(d)
     assert "10.1.0.3" not in state(maps)[1]
-    assert len(s._backends.vals) == len(maps.be4)
+    assert len(s.v4._backends.vals) == len(maps.be4)
 
 
 def test_chunked_apply_flushes_udp_conntrack_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,3 +400,48 @@ def test_store_tables_do_not_double_after_churn() -> None:
         st.upsert_service(svc_raw(name=f"t{i}", cluster_ip=f"10.97.{i // 250}.{i % 250 + 1}"))
     assert sys.getsizeof(st.services) > before
     assert st.compact() > 0 and sys.getsizeof(st.services) <= before and len(st.services) == 5000
+
+
+def test_wide_backend_table_and_dict_index_behave_as_the_packed_ones() -> None:
+    """kproxy.sync.table.WideBackendTable (IPv6 values, count above bit 320) against BackendTable (the
+    same operations on IPv4-width values) and DictBackendIndex against BackendIndex: random puts,
+    counts, pops and lookups agree."""
+    import random
+
+    from kproxy.sync.family import FAMILY4, FAMILY6
+    from kproxy.sync.table import BackendIndex, BackendTable, DictBackendIndex, WideBackendTable
+
+    rng = random.Random(7)
+    packed, wide = BackendTable(), WideBackendTable(FAMILY6.refs_shift)
+    pix, wix = BackendIndex(packed), DictBackendIndex()
+    widen = 1 << 256  # a v4 value moved up into bits no IPv4 value has: the wide table keeps them
+    for _ in range(3000):
+        op = rng.random()
+        bid = rng.randrange(1, 300)
+        if op < 0.3:
+            key = FAMILY4.bkey(rng.randrange(1 << 32), rng.randrange(3), 6, rng.randrange(3))
+            val = key & FAMILY4.bk_mask | (key >> 56) << 96 | rng.randrange(2) << 56
+            if bid not in packed:
+                packed[bid] = val
+                wide[bid] = val | widen
+                pix.add([(bid, key)])
+                wix.add([(bid, key)])
+        elif op < 0.5 and bid in packed:
+            packed.add_refs([bid])
+            wide.add_refs([bid])
+        elif op < 0.65:
+            assert sorted(packed.drop_refs([bid])) == sorted(wide.drop_refs([bid]))
+        elif op < 0.75:
+            got_p, got_w = packed.pop_many([bid]), wide.pop_many([bid])
+            assert got_p.keys() == got_w.keys()
+            for b, v in got_p.items():
+                pix.remove([(b, FAMILY4.key_of_val(v))])
+                wix.remove([(b, FAMILY4.key_of_val(v))])
+        else:
+            some = [rng.randrange(1, 300) for _ in range(5)]
+            assert packed.unreferenced(some) == wide.unreferenced(some)
+            assert [packed.refs(b) for b in some] == [wide.refs(b) for b in some]
+        assert len(packed) == len(wide) and list(packed) == list(wide)
+    keys = [FAMILY4.key_of_val(packed.value(b) or 0) for b in packed]
+    assert pix.get_many(keys) == wix.get_many(keys) == list(packed)
+    assert all(wide.value(b) == (packed.value(b) or 0) | widen for b in packed)

@@ -39,12 +39,14 @@ def test_cluster_ip_resolves_named_target_port_from_slice():
     assert addrs(fe) == [("10.0.0.1", 8080), ("10.0.0.2", 8080)]
 
 
-def test_all_ipv4_cluster_ips_and_ipv6_skipped_and_counted():
+def test_every_cluster_ip_of_both_families_ipv4_family_first():
+    # issue 15: IPv6 clusterIPs are served too (tests/unit/test_translate_dualstack.py has the rest)
     s = svc(cluster_ip="10.96.0.10", clusterIPs=["10.96.0.10", "fd00::10", "10.96.0.11"])
     skipped: Counter[str] = Counter()
     fes = tr(s, [es()], skipped=skipped)
-    assert [f.address for f in fes] == ["10.96.0.10", "10.96.0.11"]
-    assert skipped["ipv6_address"] == 1
+    assert [f.address for f in fes] == ["10.96.0.10", "10.96.0.11", "fd00::10"]
+    assert [len(f.backends) for f in fes] == [2, 2, 0]  # no IPv6 slice: the IPv6 ClusterIP rejects
+    assert not skipped
 
 
 def test_nodeport_on_node_internal_ips_by_default():
@@ -180,11 +182,13 @@ def test_duplicate_prefers_ready_copy():
     assert addrs(fe) == [("10.0.0.2", 8080)]
 
 
-def test_ipv6_and_fqdn_slices_ignored():
+def test_ipv6_slices_of_an_ipv4_only_service_and_fqdn_slices_ignored():
     v6 = parse_endpoint_slice(slice_raw(name="web-v6", address_type="IPv6", endpoints=[ep("fd00::1")]))
+    fqdn = parse_endpoint_slice(slice_raw(name="web-fqdn", address_type="FQDN", endpoints=[ep("a.example")]))
     skipped: Counter[str] = Counter()
-    (fe,) = tr(svc(), [v6, es()], skipped=skipped)
-    assert len(fe.backends) == 2 and skipped["endpointslice_ipv6"] == 1
+    (fe,) = tr(svc(), [v6, fqdn, es()], skipped=skipped)
+    assert len(fe.backends) == 2
+    assert skipped == {"endpointslice_family_without_cluster_ip": 1, "endpointslice_fqdn": 1}
 
 
 # ---- endpoint conditions ----

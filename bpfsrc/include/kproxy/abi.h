@@ -277,6 +277,143 @@ enum kp_stat {
 	KP_STAT_MAX = 64,
 };
 
+/* ---- IPv6 (lib/fam.h builds the family-generic logic once per family over these) ----
+ * The *6 maps hold what the *4 maps hold, for IPv6 frontends, backends and flows: the same fields in
+ * the same order with 16-byte addresses. Values without an address (kp_svc4_val, kp_aff4_val) are
+ * shared. Backend and service-port ids of IPv6 are >= KP_ID6_BASE, so one id names one thing whatever
+ * its family: the agent's metadata, the CLI and conntrack never confuse two.
+ */
+#define KP_MAP_SVC6     kp_svc6_v1   /* frontend (VIP, port, proto, scope, slot) -> kp_svc4_val */
+#define KP_MAP_BE6      kp_be6_v1    /* backend id -> backend address */
+#define KP_MAP_CT6      kp_ct6_v1    /* LRU conntrack, one entry per direction */
+#define KP_MAP_AFF6     kp_aff6_v1   /* LRU sessionAffinity ClientIP (client, service) -> backend */
+#define KP_MAP_CFG6     kp_cfg6_v1   /* array[1]: the node's IPv6 settings changeable at run time */
+
+#define KP_MAP_LBSRC6   kp_lbsrc6_v1 /* LPM trie (svc_id, IPv6 source prefix) -> allowed, as kp_lbsrc4_v1 */
+
+#define KP_SVC6_MAX     65536
+#define KP_BE6_MAX      65536
+#define KP_CT6_MAX      65536
+#define KP_AFF6_MAX     16384
+#define KP_LBSRC6_MAX   16384
+
+#define KP_ID6_BASE     0x80000000U  /* first backend and service-port id of IPv6 */
+
+union kp_in6 {
+	__u8   b[16];       /* NBO IPv6 address */
+	__be32 w[4];        /* NBO the same, as four words */
+};
+
+struct kp_svc6_key {
+	union kp_in6 addr;  /* NBO frontend address */
+	__be16 port;        /* NBO frontend port */
+	__u16  slot;        /* HBO 0 = the service entry; 1..count = backend slots */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   scope;       /* enum kp_scope */
+	__u8   pad[2];      /* zero */
+};
+
+struct kp_be6_val {
+	union kp_in6 addr;      /* NBO backend (pod) address */
+	__be16 port;            /* NBO backend port */
+	__u8   proto;           /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   flags;           /* KP_BE_F_* */
+	union kp_in6 node_addr; /* NBO IPv6 address of the node running the backend, :: if unknown */
+};
+
+struct kp_ct6_key {
+	union kp_in6 saddr; /* NBO source address */
+	union kp_in6 daddr; /* NBO destination address */
+	__be16 sport;       /* NBO source port */
+	__be16 dport;       /* NBO destination port */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   dir;         /* enum kp_ct_dir */
+	__u8   pad[2];      /* zero */
+};
+
+struct kp_ct6_val {
+	__u64  expires_ns;      /* HBO as kp_ct4_val */
+	__u32  backend_id;      /* HBO backend chosen for the flow (kp_be6_v1 key) */
+	__u32  svc_id;          /* HBO service-port id */
+	union kp_in6 nat_addr;  /* NBO FWD: backend address to DNAT to; REPLY: frontend address to restore */
+	__be16 nat_port;        /* NBO FWD: backend port; REPLY: frontend port */
+	__u8   state;           /* enum kp_ct_state */
+	__u8   flags;           /* KP_CT_F_* */
+	union kp_in6 snat_addr; /* NBO as kp_ct4_val.snat_addr (HAIRPIN: the hairpin address / the client) */
+	__be16 snat_port;       /* NBO as kp_ct4_val.snat_port */
+	__u16  tw_key;          /* HBO as kp_ct4_val.tw_key */
+};
+
+struct kp_aff6_key {
+	union kp_in6 client_addr; /* NBO client address */
+	__u32  svc_id;            /* HBO service-port id */
+};
+
+/* prefixlen = KP_LBSRC4_SVC_BITS + CIDR length (0..128); values are struct kp_lbsrc4_val */
+struct kp_lbsrc6_key {
+	__u32  prefixlen;   /* HBO KP_LBSRC4_SVC_BITS + CIDR prefix length */
+	__u32  svc_id;      /* HBO service-port id, always matched in full */
+	union kp_in6 addr;  /* NBO network address of the range (host bits zero) */
+};
+
+#define KP_MAP_SNAT6   kp_snat6_v1  /* LRU SNAT of external IPv6 flows: backend reply tuple -> client, frontend */
+#define KP_SNAT6_MAX   65536
+
+/* As kp_snat4_key / kp_snat4_val, with 16-byte addresses; daddr is the node's IPv6 address. */
+struct kp_snat6_key {
+	union kp_in6 saddr; /* NBO backend address */
+	union kp_in6 daddr; /* NBO SNAT address (this node's primary IPv6 address) */
+	__be16 sport;       /* NBO backend port */
+	__be16 dport;       /* NBO SNAT port, from kp_config snat_port_min..max */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad[3];      /* zero */
+};
+
+struct kp_snat6_val {
+	__u64  expires_ns;         /* HBO as kp_snat4_val */
+	union kp_in6 client_addr;  /* NBO original client address */
+	union kp_in6 front_addr;   /* NBO frontend address */
+	__be16 client_port;        /* NBO original client port */
+	__be16 front_port;         /* NBO frontend port */
+	__u8   state;              /* enum kp_ct_state, copy of the CT FWD entry's */
+	__u8   flags;              /* KP_CT_F_*, copy of the CT FWD entry's */
+	__u16  tw_key;             /* HBO copy of the CT FWD entry's */
+};
+
+#define KP_MAP_FRAG6   kp_frag6_v1  /* LRU (saddr, daddr, fragment id, protocol) -> the datagram's ports */
+#define KP_FRAG6_MAX   8192
+
+/*
+ * As kp_frag4_key, for IPv6 fragments. Every fragment of a datagram carries the same fragment header
+ * (identification, next header), but only the first holds the headers after it (destination options,
+ * the TCP/UDP header): the key has the fragment header's next header, the value the upper-layer
+ * protocol the first fragment found.
+ */
+struct kp_frag6_key {
+	union kp_in6 saddr; /* NBO */
+	union kp_in6 daddr; /* NBO */
+	__be32 id;          /* NBO fragment header identification */
+	__u8   nexthdr;     /* the fragment header's next header */
+	__u8   pad[3];      /* zero */
+};
+
+struct kp_frag6_val {
+	__be16 sport;       /* NBO */
+	__be16 dport;       /* NBO */
+	__u8   proto;       /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8   pad[3];      /* zero */
+};
+
+struct kp_config6 {
+	union kp_in6 node_addr;    /* NBO this node's primary IPv6 address, :: if none */
+	union kp_in6 hairpin_addr; /* NBO source of a pod's packets balanced to itself; :: = KP_HAIRPIN6_DEFAULT */
+	__u64  reserved[4];        /* zero, room for later settings */
+};
+
+/* 100::a9fe:2a01, in the discard-only prefix 100::/64 (RFC 6666): never a real peer, as 169.254.42.1 */
+#define KP_HAIRPIN6_DEFAULT_W0  0x01000000U  /* HBO first word of the address (words 1, 2 zero) */
+#define KP_HAIRPIN6_DEFAULT_W3  0xa9fe2a01U  /* HBO last word */
+
 /* ---- test-run context ---- */
 /* sizeof(struct __sk_buff) on this kernel, for BPF_PROG_TEST_RUN ctx_in. */
 #define KP_SKB_CTX_SIZE 192

@@ -1,0 +1,387 @@
+"""PROG_TEST_RUN tables for the IPv6 datapath: the family-generic logic (lib/<topic>_fam.h) built for IPv6,
+its parser (lib/parse6.h: extension headers, fragments, truncation) and ICMPv6.
+
+Each test says what an IPv6 packet into one program must become; frames are checked byte for byte
+where the translation is exact, and every checksum of every output frame is recomputed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import pytest
+from datapath import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Backend, Datapath, ct6_key, in6
+from frames import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, csum, ether, swap_macs
+from frames6 import (
+    ICMP6_DEST_UNREACH,
+    ICMP6_ECHO_REQUEST,
+    ICMP6_NEIGHBOR_SOLICIT,
+    ICMP6_PKT_TOOBIG,
+    ICMP6_PORT_UNREACH,
+    IPPROTO_DSTOPTS,
+    IPPROTO_ESP,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMPV6,
+    IPPROTO_NONE,
+    IPPROTO_ROUTING,
+    checksum_errors6,
+    ext,
+    frag_hdr,
+    icmp6,
+    ipv6,
+    parse6,
+    pseudo6,
+    tcp6,
+    tcp6_frame,
+    udp6,
+    udp6_frame,
+)
+
+from kproxy.abi import (
+    ID6_BASE,
+    Config,
+    ConfigFlag,
+    CtDir,
+    CtFlag,
+    CtState,
+    LbSrc4Val,
+    LbSrc6Key,
+    Scope,
+    Stat,
+    SvcFlag,
+    bytes_to_ip6,
+)
+
+CLIENT = "fd00:10:244:1::5"
+SVC = "fd00:96::1"
+SPORT = 80
+CPORT = 40000
+BE1 = Backend(ID6_BASE + 1, "fd00:10:244:2::7", 8080)
+BE2 = Backend(ID6_BASE + 2, "fd00:10:244:3::9", 8080)
+NODE6 = "fd00:a::1"
+HAIRPIN6 = "100::a9fe:2a01"
+
+
+def syn6(src: str = CLIENT, dst: str = SVC, sport: int = CPORT, dport: int = SPORT, **kw: object) -> bytes:
+    return tcp6_frame(src, dst, sport, dport, TCP_SYN, **kw)
+
+
+def unchanged(dp: Datapath, prog: str, frame: bytes) -> None:
+    out = dp.run(prog, frame)
+    assert (out.retval, out.data_out) == (TC_ACT_OK, frame)
+
+
+# ---- DNAT and reverse NAT ----
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_pod_to_cluster_ip_is_dnated_and_tracked(dp: Datapath, proto: int) -> None:
+    dp.add_service6(SVC, SPORT, proto, [BE1])
+    frame = syn6() if proto == IPPROTO_TCP else udp6_frame(CLIENT, SVC, CPORT, SPORT)
+    out = dp.run("kp_from_pod", frame)
+    assert out.retval == TC_ACT_OK
+    got = parse6(out.data_out)
+    assert (got.src, got.sport, got.dst, got.dport) == (CLIENT, CPORT, BE1.addr, BE1.port)
+    assert checksum_errors6(out.data_out) == []
+    fwd = dp.ct6(ct6_key(CLIENT, SVC, CPORT, SPORT, proto, CtDir.FWD))
+    rep = dp.ct6(ct6_key(BE1.addr, CLIENT, BE1.port, CPORT, proto, CtDir.REPLY))
+    assert fwd is not None and rep is not None
+    assert (bytes_to_ip6(fwd.nat_addr), fwd.backend_id) == (BE1.addr, BE1.id)
+    assert fwd.svc_id == ID6_BASE + 1
+    assert bytes_to_ip6(rep.nat_addr) == SVC
+    assert fwd.state == (CtState.SYN_SENT if proto == IPPROTO_TCP else CtState.UDP)
+    assert dp.stat(Stat.DNAT)[0] == 1 and dp.stat(Stat.CT_NEW)[0] == 1
+
+
+@pytest.mark.parametrize("prog", ["kp_to_pod", "kp_from_pod"])
+def test_reply_gets_the_frontend_back(dp: Datapath, prog: str) -> None:
+    """kp_to_pod: a remote backend's reply reaching the client's node; kp_from_pod: a local backend's."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.run("kp_from_pod", syn6())
+    reply = tcp6_frame(BE1.addr, CLIENT, BE1.port, CPORT, TCP_SYN | TCP_ACK, seq=77, ack=1001)
+    out = dp.run(prog, reply)
+    assert out.retval == TC_ACT_OK
+    assert out.data_out == tcp6_frame(SVC, CLIENT, SPORT, CPORT, TCP_SYN | TCP_ACK, seq=77, ack=1001)
+    fwd = dp.ct6(ct6_key(CLIENT, SVC, CPORT, SPORT, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.state == CtState.ESTABLISHED and fwd.flags & CtFlag.SEEN_REPLY
+    assert dp.stat(Stat.REVNAT)[0] == 1
+
+
+def test_forward_packets_follow_the_flow(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1, BE2])
+    first = parse6(dp.run("kp_from_pod", syn6()).data_out)
+    for _ in range(20):
+        out = dp.run("kp_from_pod", tcp6_frame(CLIENT, SVC, CPORT, SPORT, TCP_ACK, payload=b"x" * 30))
+        assert parse6(out.data_out).dst == first.dst
+        assert checksum_errors6(out.data_out) == []
+    assert dp.stat(Stat.CT_NEW)[0] == 1
+
+
+def test_new_flows_spread_over_backends(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE1, BE2])
+    seen = {
+        parse6(dp.run("kp_from_pod", udp6_frame(CLIENT, SVC, 20000 + i, SPORT)).data_out).dst
+        for i in range(64)
+    }
+    assert seen == {BE1.addr, BE2.addr}
+
+
+def test_affinity_keeps_the_client_on_its_backend(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1, BE2], flags=SvcFlag.AFFINITY, affinity_timeout=60)
+    first = parse6(dp.run("kp_from_pod", syn6(sport=30000)).data_out).dst
+    for i in range(1, 30):
+        assert parse6(dp.run("kp_from_pod", syn6(sport=30000 + i)).data_out).dst == first
+    aff = dp.aff6(CLIENT, ID6_BASE + 1)
+    assert aff is not None and aff.backend_id in (BE1.id, BE2.id)
+    assert dp.stat(Stat.AFFINITY_HIT)[0] == 29
+
+
+def test_the_ipv4_maps_do_not_serve_ipv6(dp: Datapath) -> None:
+    """A v6 frontend lives in kp_svc6 only; an IPv4 service of the same port does not catch it."""
+    dp.add_service("10.96.0.1", SPORT, IPPROTO_TCP, [Backend(1, "10.244.2.7", 8080)])
+    unchanged(dp, "kp_from_pod", syn6())
+    assert dp.stat(Stat.FROM_POD)[0] == 1
+
+
+# ---- REJECT: ICMPv6 port unreachable ----
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_no_backend_is_rejected_with_icmp6_port_unreachable(dp: Datapath, proto: int) -> None:
+    dp.add_service6(SVC, SPORT, proto, [])
+    frame = syn6() if proto == IPPROTO_TCP else udp6_frame(CLIENT, SVC, CPORT, SPORT, b"x" * 300)
+    out = dp.run("kp_from_pod", frame)
+    assert out.retval == TC_ACT_REDIRECT
+    got = parse6(out.data_out)
+    assert got.proto == IPPROTO_ICMPV6
+    assert (got.src, got.dst) == (SVC, CLIENT)
+    assert (got.icmp_type, got.icmp_code) == (ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH)
+    assert checksum_errors6(out.data_out) == []
+    quote = got.l4[8:]
+    l4 = 20 if proto == IPPROTO_TCP else 8
+    assert quote == frame[ETH_HLEN : ETH_HLEN + 40 + l4]
+    assert out.data_out[:12] == swap_macs(frame)[:12]
+    assert dp.stat(Stat.REJECT)[0] == 1
+
+
+def test_no_local_backend_drops(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [], flags=SvcFlag.ITP_LOCAL | SvcFlag.NO_LOCAL_DROP)
+    assert dp.run("kp_from_pod", syn6()).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_NO_LOCAL_BACKEND)[0] == 1
+
+
+# ---- the parser: extension headers, truncation, what is never touched ----
+EXT_CHAINS = {
+    "hop-by-hop": [ext(IPPROTO_HOPOPTS)],
+    "destination options 24 bytes": [ext(IPPROTO_DSTOPTS, 2)],
+    "routing (segments left 0)": [ext(IPPROTO_ROUTING, 2)],
+    "hop-by-hop, routing, destination options": [
+        ext(IPPROTO_HOPOPTS),
+        ext(IPPROTO_ROUTING, 2),
+        ext(IPPROTO_DSTOPTS, 1),
+    ],
+}
+
+
+@pytest.mark.parametrize("chain", EXT_CHAINS, ids=list(EXT_CHAINS))
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_extension_headers_are_skipped(dp: Datapath, chain: str, proto: int) -> None:
+    dp.add_service6(SVC, SPORT, proto, [BE1])
+    exts = EXT_CHAINS[chain]
+    if proto == IPPROTO_TCP:
+        frame = ether(ipv6(CLIENT, SVC, proto, tcp6(CLIENT, SVC, CPORT, SPORT), exts=exts), ETH_P_IPV6)
+        want = ether(
+            ipv6(CLIENT, BE1.addr, proto, tcp6(CLIENT, BE1.addr, CPORT, BE1.port), exts=exts), ETH_P_IPV6
+        )
+    else:
+        frame = ether(ipv6(CLIENT, SVC, proto, udp6(CLIENT, SVC, CPORT, SPORT), exts=exts), ETH_P_IPV6)
+        want = ether(
+            ipv6(CLIENT, BE1.addr, proto, udp6(CLIENT, BE1.addr, CPORT, BE1.port), exts=exts), ETH_P_IPV6
+        )
+    out = dp.run("kp_from_pod", frame)
+    assert (out.retval, out.data_out.hex()) == (TC_ACT_OK, want.hex())
+
+
+def test_seven_extension_headers_pass_untouched(dp: Datapath) -> None:
+    """More headers than the parser walks (KP_IP6_EXT_MAX): not followed, passed."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    exts = [ext(IPPROTO_DSTOPTS) for _ in range(7)]
+    unchanged(
+        dp,
+        "kp_from_pod",
+        ether(ipv6(CLIENT, SVC, IPPROTO_TCP, tcp6(CLIENT, SVC, CPORT, SPORT), exts=exts), ETH_P_IPV6),
+    )
+
+
+@pytest.mark.parametrize("nexthdr", [IPPROTO_ESP, IPPROTO_NONE, 132])
+def test_upper_layers_not_ours_pass(dp: Datapath, nexthdr: int) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    unchanged(dp, "kp_from_pod", ether(ipv6(CLIENT, SVC, nexthdr, b"\0" * 40), ETH_P_IPV6))
+
+
+@pytest.mark.parametrize("icmp_type", [ICMP6_NEIGHBOR_SOLICIT, 133, 134, 136, 137, ICMP6_ECHO_REQUEST])
+@pytest.mark.parametrize("prog", ["kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev"])
+def test_neighbour_discovery_and_echo_are_never_touched(dp: Datapath, prog: str, icmp_type: int) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    msg = icmp6(CLIENT, SVC, icmp_type, 0, 0, bytes(16) + b"\x01\x01" + b"\x02" * 6)
+    unchanged(dp, prog, ether(ipv6(CLIENT, SVC, IPPROTO_ICMPV6, msg, hop_limit=255), ETH_P_IPV6))
+
+
+def test_truncated_frames_pass_untouched(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE1])
+    frames = [
+        syn6(),
+        syn6(exts=[ext(IPPROTO_HOPOPTS), ext(IPPROTO_DSTOPTS, 1)]),
+        udp6_frame(CLIENT, SVC, CPORT, SPORT),
+    ]
+    for frame in frames:
+        p = parse6(frame)
+        # PROG_TEST_RUN (6.18) refuses IPv6 frames shorter than the fixed header (EINVAL)
+        for cut in range(ETH_HLEN + 40, ETH_HLEN + p.l4_off + (20 if p.proto == IPPROTO_TCP else 8)):
+            short = frame[:cut]
+            out = dp.run("kp_from_pod", short)
+            assert (out.retval, out.data_out) == (TC_ACT_OK, short), cut
+    assert dp.stat(Stat.DNAT)[0] == 0
+
+
+def test_payload_length_longer_than_the_frame_passes(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    seg = tcp6(CLIENT, SVC, CPORT, SPORT)
+    unchanged(
+        dp, "kp_from_pod", ether(ipv6(CLIENT, SVC, IPPROTO_TCP, seg, payload_len=len(seg) + 8), ETH_P_IPV6)
+    )
+
+
+# ---- fragments ----
+def test_fragments_follow_their_first_fragment(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE1])
+    body = udp6(CLIENT, SVC, CPORT, SPORT, b"y" * 100)
+    first = ether(ipv6(CLIENT, SVC, IPPROTO_UDP, body[:56], exts=[frag_hdr(0, True, 7)]), ETH_P_IPV6)
+    later = ether(ipv6(CLIENT, SVC, IPPROTO_UDP, body[56:], exts=[frag_hdr(7, False, 7)]), ETH_P_IPV6)
+    out1 = dp.run("kp_from_pod", first)
+    assert out1.retval == TC_ACT_OK
+    got1 = parse6(out1.data_out)
+    assert (got1.dst, got1.dport) == (BE1.addr, BE1.port)
+    out2 = dp.run("kp_from_pod", later)
+    assert out2.retval == TC_ACT_OK
+    assert parse6(out2.data_out).dst == BE1.addr
+    # the later fragment's payload (no L4 header) is untouched; the first carries the checksum of all
+    assert out2.data_out[-44:] == later[-44:]
+    whole = got1.l4 + parse6(out2.data_out).l4
+    assert csum(pseudo6(CLIENT, BE1.addr, IPPROTO_UDP, len(whole)) + whole) == 0
+    assert dp.stat(Stat.FRAG_FIRST)[0] == 1 and dp.stat(Stat.FRAG_LATER)[0] == 1
+
+
+def test_a_later_fragment_before_its_first_passes(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE1])
+    later = ether(ipv6(CLIENT, SVC, IPPROTO_UDP, b"z" * 40, exts=[frag_hdr(7, False, 9)]), ETH_P_IPV6)
+    unchanged(dp, "kp_from_pod", later)
+    assert dp.stat(Stat.PASS_FRAGMENT)[0] == 1
+
+
+# ---- ICMPv6 errors about translated flows ----
+def _too_big(src: str, quote: bytes, mtu: int = 1280) -> bytes:
+    return ether(
+        ipv6(src, CLIENT, IPPROTO_ICMPV6, icmp6(src, CLIENT, ICMP6_PKT_TOOBIG, 0, mtu, quote)), ETH_P_IPV6
+    )
+
+
+@pytest.mark.parametrize("prog", ["kp_to_pod", "kp_from_pod", "kp_to_netdev"])
+def test_packet_too_big_is_reverse_translated(dp: Datapath, prog: str) -> None:
+    router = "fd00:a::fe"
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    client_syn = syn6()
+    dnated = dp.run("kp_from_pod", client_syn).data_out
+    quote = dnated[ETH_HLEN : ETH_HLEN + 40 + 20]
+    out = dp.run(prog, _too_big(router, quote))
+    assert out.retval == TC_ACT_OK
+    got = parse6(out.data_out)
+    assert (got.src, got.dst, got.icmp_type) == (router, CLIENT, ICMP6_PKT_TOOBIG)
+    assert checksum_errors6(out.data_out) == []
+    inner = got.l4[8:]
+    orig = client_syn[ETH_HLEN:]
+    assert inner[:40] == orig[:40]  # the quoted IPv6 header: client -> frontend again
+    assert inner[40:44] == orig[40:44]  # ports
+    assert dp.stat(Stat.ICMP_REVNAT)[0] == 1
+
+
+def test_icmp6_from_the_backend_gets_the_frontend_source(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE2])
+    dnated = dp.run("kp_from_pod", udp6_frame(CLIENT, SVC, CPORT, SPORT, b"q")).data_out
+    quote = dnated[ETH_HLEN:]
+    frame = ether(
+        ipv6(BE2.addr, CLIENT, IPPROTO_ICMPV6, icmp6(BE2.addr, CLIENT, ICMP6_DEST_UNREACH, 4, 0, quote)),
+        ETH_P_IPV6,
+    )
+    out = dp.run("kp_from_pod", frame)
+    assert out.retval == TC_ACT_OK
+    got = parse6(out.data_out)
+    assert got.src == SVC
+    assert checksum_errors6(out.data_out) == []
+
+
+def test_icmp6_error_about_unknown_flow_passes(dp: Datapath) -> None:
+    quote = syn6(dst=BE1.addr, dport=BE1.port)[ETH_HLEN : ETH_HLEN + 60]
+    unchanged(dp, "kp_to_pod", _too_big("fd00:a::fe", quote))
+
+
+# ---- hairpin, NodePort ----
+def test_pod_balanced_to_itself_is_hairpinned(dp: Datapath) -> None:
+    me = Backend(ID6_BASE + 3, CLIENT, 8080)
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [me])
+    out = dp.run("kp_from_pod", syn6())
+    assert out.retval == TC_ACT_REDIRECT
+    got = parse6(out.data_out)
+    assert (got.src, got.sport, got.dst, got.dport) == (HAIRPIN6, CPORT, CLIENT, 8080)
+    assert checksum_errors6(out.data_out) == []
+    reply = tcp6_frame(CLIENT, HAIRPIN6, 8080, CPORT, TCP_SYN | TCP_ACK)
+    back = dp.run("kp_from_pod", reply)
+    assert back.retval == TC_ACT_REDIRECT
+    got = parse6(back.data_out)
+    assert (got.src, got.sport, got.dst, got.dport) == (SVC, SPORT, CLIENT, CPORT)
+    assert checksum_errors6(back.data_out) == []
+
+
+def test_nodeport_from_outside_to_a_local_backend(dp: Datapath) -> None:
+    ext_client = "2001:db8::42"
+    local = Backend(ID6_BASE + 4, "fd00:10:244:1::9", 8080, flags=1)
+    dp.set_node6(NODE6)
+    dp.add_service6(NODE6, 30080, IPPROTO_TCP, [local], flags=SvcFlag.NODEPORT)
+    out = dp.run("kp_from_netdev", tcp6_frame(ext_client, NODE6, 5555, 30080))
+    assert out.retval == TC_ACT_OK
+    got = parse6(out.data_out)
+    assert (got.src, got.dst, got.dport) == (ext_client, local.addr, 8080)
+    fwd = dp.ct6(ct6_key(ext_client, NODE6, 5555, 30080, IPPROTO_TCP, CtDir.FWD))
+    assert fwd is not None and fwd.flags & CtFlag.EXTERNAL and fwd.flags & CtFlag.LOCAL_BE
+
+
+def test_cluster_ip_from_outside_can_be_closed(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.cfg.update(ctypes.c_uint32(0), Config(flags=ConfigFlag.NO_EXTERNAL_CLUSTER_IP))
+    assert dp.run("kp_from_netdev", syn6(src="2001:db8::42")).retval == TC_ACT_SHOT
+
+
+def test_source_ranges_restrict_new_flows(dp: Datapath) -> None:
+    lb = "2001:db8:1::10"
+    dp.add_service6(lb, SPORT, IPPROTO_TCP, [BE1], flags=SvcFlag.LOADBALANCER | SvcFlag.SRC_RANGES)
+    dp.lbsrc6.update(LbSrc6Key(32 + 64, ID6_BASE + 1, in6("2001:db8:aa::")), LbSrc4Val(0))
+    assert dp.run("kp_from_netdev", syn6(src="2001:db8:aa::1", dst=lb)).retval == TC_ACT_OK
+    assert dp.run("kp_from_netdev", syn6(src="2001:db8:bb::1", dst=lb)).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_SRC_RANGE)[0] == 1
+
+
+def test_scopes_two_entries(dp: Datapath) -> None:
+    """externalTrafficPolicy Local: pods use the INT entry (all backends), outside the EXT one."""
+    local = Backend(ID6_BASE + 5, "fd00:10:244:1::9", 8080, flags=1)
+    lb = "2001:db8:1::10"
+    dp.add_service6(lb, SPORT, IPPROTO_TCP, [BE1], scope=Scope.INT)
+    dp.add_service6(
+        lb, SPORT, IPPROTO_TCP, [local], flags=SvcFlag.LOADBALANCER | SvcFlag.ETP_LOCAL | SvcFlag.TWO_SCOPES
+    )
+    assert parse6(dp.run("kp_from_pod", syn6(dst=lb)).data_out).dst == BE1.addr
+    assert parse6(dp.run("kp_from_netdev", syn6(src="2001:db8::9", dst=lb)).data_out).dst == local.addr
+
+
+def test_frames_of_other_ethertypes_are_ignored_by_the_ipv6_path(dp: Datapath) -> None:
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    frame = syn6()
+    bogus = frame[:12] + struct.pack("!H", 0x88B5) + frame[14:]
+    unchanged(dp, "kp_from_pod", bogus)
