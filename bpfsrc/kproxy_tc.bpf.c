@@ -443,14 +443,18 @@ enum kp_prog6 {
 /*
  * The IPv6 programs, tail-called by the entry points: each is verified on its own, with its own budget
  * of 1M processed instructions (kp_from_netdev's IPv4 path alone takes most of one) and its own stack.
- * Filled by libbpf when the object loads; not pinned: each loaded object calls its own programs.
+ * Filled by libbpf when the object loads (also when it re-uses the pin: an upgrade's new object points
+ * it at its own IPv6 programs, then the links move to its entry points). Pinned: the kernel empties a
+ * program array when its last file descriptor or pin goes, and the attached programs must keep
+ * reaching their IPv6 halves while no agent runs.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(max_entries, 4);
-	__type(key, __u32);
+	__uint(key_size, sizeof(__u32));   /* not __type: the kernel takes no BTF for a program array */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, int(struct __sk_buff *));
-} kp_progs6 SEC(".maps") = {
+} kp_progs6_v1 SEC(".maps") = {
 	.values = {
 		[KP_PROG6_FROM_POD] = (void *)&kp_from_pod6,
 		[KP_PROG6_TO_POD] = (void *)&kp_to_pod6,
@@ -462,7 +466,7 @@ struct {
 /* Hand an IPv6 packet to its program; returns only if the call failed (an empty slot: passed). */
 static __always_inline int kp_ipv6(struct __sk_buff *skb, __u32 prog)
 {
-	bpf_tail_call(skb, &kp_progs6, prog);
+	bpf_tail_call(skb, &kp_progs6_v1, prog);
 	return TC_ACT_OK;
 }
 

@@ -31,6 +31,10 @@ MAP_CFG6 = "kp_cfg6_v1"
 MAP_LBSRC6 = "kp_lbsrc6_v1"
 MAP_FRAG6 = "kp_frag6_v1"
 MAP_SNAT6 = "kp_snat6_v1"
+# The program array of the IPv6 programs the TC entry points tail-call (kproxy_tc.bpf.c), pinned so the
+# attached programs keep reaching them while no agent runs. Not a data map: no ctypes layout, no size.
+MAP_PROGS6 = "kp_progs6_v1"
+PROG_MAPS = (MAP_PROGS6,)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,

@@ -409,7 +409,7 @@ static __always_inline int kp_icmp6_addr_set(struct __sk_buff *skb, __u32 csum_o
 	diff = bpf_csum_diff(old.w, sizeof(old), new.w, sizeof(new), 0);
 	if (diff < 0)
 		return -1;
-	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, pseudo ? BPF_F_PSEUDO_HDR : 0))
+	if (kp_l4_csum_diff6(skb, csum_off, diff, pseudo ? BPF_F_PSEUDO_HDR : 0))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }

@@ -14,6 +14,7 @@
 #include "lib/fib.h"
 #include "lib/dsr.h"
 #include "lib/tcp.h"
+#include "lib/csum.h"
 
 enum kp_nat_side {
 	KP_NAT_SRC = 0,  /* rewrite saddr/sport (reverse NAT) */
@@ -137,7 +138,7 @@ static __always_inline int kp_nat6(struct __sk_buff *skb, const struct kp_pkt6 *
 			diff = bpf_csum_diff(old_addr.w, sizeof(old_addr), new_addr.w, sizeof(new_addr), 0);
 			if (diff < 0)
 				return -1;
-			if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4_flags | BPF_F_PSEUDO_HDR))
+			if (kp_l4_csum_diff6(skb, csum_off, diff, l4_flags | BPF_F_PSEUDO_HDR))
 				return -1;
 		}
 		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))

@@ -4,7 +4,7 @@ One module per part; the Agent (core) owns them and runs them:
   core       Agent: start-up in order, the tasks, shutdown; run_agent (what `kproxy agent` runs)
   dataplane  Dataplane: load the BPF object and pin its maps, attach to netdevs and follow pod
              interfaces, socket load balancing, `kproxy status`, and on exit keep (or remove) it all
-  netdevs    netdev autodetection and the IPv4 forwarding check
+  netdevs    netdev autodetection and the forwarding check (IPv4 and IPv6)
   upkeep     DatapathConfig (kp_cfg_v1: DSR mode from the agent ConfigMap, the orphaned-flow window)
              and Sweeper (conntrack/SNAT sweeps and the other chores every --sweep-interval)
   syncloop   SyncLoop (the initial full sync, then dirty Services in batches, after-apply hooks) and

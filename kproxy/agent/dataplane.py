@@ -50,7 +50,7 @@ class Dataplane:
         self.loader: Loader | None = None
         self.maps: KproxyMaps | None = None
         self.socklb: SocketLB | None = None
-        self.forwarding_off: list[str] = []  # netdevs with IPv4 forwarding off, as last checked
+        self.forwarding_off: list[str] = []  # "FAMILY DEV" with forwarding off, as last checked
         self.socket_lb_cgroup: str | None = None  # the cgroup socket LB is (to be) attached to
         self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
         self.netdevs: list[str] = list(cfg.netdevs)
@@ -111,14 +111,19 @@ class Dataplane:
             self.setup_socket_lb(self.cfg.socket_lb_cgroup)
 
     def check_forwarding(self) -> list[str]:
-        """Netdevs on which IPv4 forwarding is off, logged when that changes (checked at start and at
-        every sweep: a CNI often turns forwarding on after the agent started): traffic the kernel
-        forwards between netdevs and pods (NodePort to a local backend, replies the kernel routes)
-        would be dropped. Host sysctls are the admin's: the agent only warns."""
-        off = forwarding_off(self.netdevs, said=self.forwarding_off)
-        back = [dev for dev in self.forwarding_off if dev not in off]
-        if back:
-            log.info("IPv4 forwarding is on now on %s", ",".join(back))
+        """Netdevs on which forwarding is off, as "FAMILY DEV" ("IPv4 eth0", "IPv6 eth0"), logged when
+        that changes (checked at start and at every sweep: a CNI often turns forwarding on after the
+        agent started): traffic the kernel forwards between netdevs and pods (NodePort to a local
+        backend, replies the kernel routes) would be dropped, and for IPv6 bpf_fib_lookup fails, so
+        SNATed flows are dropped too. Checked for the families of --node-ip (IPv4 also with none).
+        Host sysctls are the admin's: the agent only warns."""
+        families = [f for f, ip in (("IPv4", self.cfg.primary_ipv4), ("IPv6", self.cfg.primary_ipv6)) if ip]
+        off = forwarding_off(self.netdevs, said=self.forwarding_off, families=families or ["IPv4"])
+        back = [which for which in self.forwarding_off if which not in off]
+        for family in ("IPv4", "IPv6"):
+            devs = [which.split(" ", 1)[1] for which in back if which.startswith(family + " ")]
+            if devs:
+                log.info("%s forwarding is on now on %s", family, ",".join(devs))
         self.forwarding_off = off
         return off
 

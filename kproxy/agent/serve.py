@@ -6,7 +6,13 @@ from __future__ import annotations
 import logging
 
 from kproxy.config import AgentConfig, split_hostport
-from kproxy.observe.health import HealthServer, ServiceHealthServers, health_check_services
+from kproxy.observe.health import (
+    IP_FAMILY,
+    HealthServer,
+    ServiceHealthServers,
+    health_check_services,
+    listen_addresses,
+)
 from kproxy.observe.metrics import Metrics
 from kproxy.store import ClusterStore
 from kproxy.sync import ApplyReport
@@ -28,8 +34,7 @@ class Servers:
 
     async def start(self, store: ClusterStore, dataplane: Dataplane) -> None:
         host, port = split_hostport(self.cfg.health_bind)
-        families = ("IPv4", "IPv6") if self.cfg.primary_ipv6 else ("IPv4",)
-        self.health = HealthServer(host, port, ip_families=families)
+        self.health = HealthServer(host, port, ip_families=self.families)
         store.add_listener(self.health.queued)
         try:
             await self.health.start()
@@ -37,7 +42,10 @@ class Servers:
             raise AgentError(
                 f"cannot serve /healthz on {self.cfg.health_bind}: {e}; pass --health-bind-address"
             ) from e
-        self.service_health = ServiceHealthServers(self.health.is_healthy)
+        # kube-proxy's proxier of each family listens on the healthCheckNodePorts: tcp4 0.0.0.0, tcp6 ::
+        self.service_health = ServiceHealthServers(
+            self.health.is_healthy, addresses=listen_addresses(self.families)
+        )
         self.metrics = Metrics()
         self.metrics.bind(maps=dataplane.maps, store=store)
         if self.cfg.socket_lb_cgroup:
@@ -51,6 +59,15 @@ class Servers:
                 f"cannot serve metrics on {self.cfg.metrics_bind}: {e}; pass --metrics-bind-address"
             ) from e
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The IP families this node has (those of its --node-ip), IPv4 first: the ones kproxy programs
+        and reports, as kube-proxy runs a proxier for each (IPv4 alone when no --node-ip is known)."""
+        families = tuple(
+            fam for fam, ip in (("IPv4", self.cfg.primary_ipv4), ("IPv6", self.cfg.primary_ipv6)) if ip
+        )
+        return families or (IP_FAMILY,)
+
     async def observe_sync(
         self, report: ApplyReport, t0: float, full: bool, store: ClusterStore | None
     ) -> None:
@@ -62,7 +79,7 @@ class Servers:
             # proxy itself is working, so they do not fail /healthz (and restart the agent for nothing).
             self.health.update(True)
         if self.service_health is not None and store is not None:
-            await self.service_health.sync(health_check_services(store))
+            await self.service_health.sync(health_check_services(store, self.families))
 
     async def stop(self) -> None:
         for what, obj, method in (

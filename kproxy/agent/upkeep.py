@@ -1,7 +1,7 @@
 """The agent's map upkeep: kp_cfg_v1 (written whole at start, on a DSR mode change from the agent
 ConfigMap, and while connections of deleted TCP frontends live on) and kp_cfg6_v1 (this node's IPv6
 address, at start), and the periodic chores of the sweeper (expired conntrack entries of both families
-and SNAT entries, node addresses, IPv4 forwarding, the orphaned-flow window).
+and SNAT entries, node addresses, forwarding of both families, the orphaned-flow window).
 
 The Kubernetes source reports the agent ConfigMap: its `dsr-mode` key is written into kp_cfg_v1 live
 (flows keep the mode they began with; the datapath records it in conntrack).

@@ -858,8 +858,10 @@ def prog_test_run(
     ctx: bytes | None = None,
     repeat: int = 1,
     data_out_size: int | None = None,
+    flags: int = 0,
 ) -> TestRun:
-    """Run a program on `data` (and optional __sk_buff `ctx`) with BPF_PROG_TEST_RUN."""
+    """Run a program on `data` (and optional __sk_buff `ctx`) with BPF_PROG_TEST_RUN; `flags`: BPF_F_TEST_*
+    (TEST_SKB_CHECKSUM_COMPLETE: the skb is CHECKSUM_COMPLETE and the kernel checks skb->csum after)."""
     data_in = ctypes.create_string_buffer(data, len(data))
     out_size = data_out_size if data_out_size is not None else len(data) + 4096
     data_out = ctypes.create_string_buffer(out_size)
@@ -870,6 +872,7 @@ def prog_test_run(
     opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
     opts.data_size_out = out_size
     opts.repeat = repeat
+    opts.flags = flags
     ctx_in = ctx_out = None
     if ctx is not None:
         ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
@@ -886,6 +889,8 @@ def prog_test_run(
         duration_ns=opts.duration,
     )
 
+
+BPF_F_TEST_SKB_CHECKSUM_COMPLETE = 1 << 2
 
 # ---- cgroup links (socket-level load balancing, kproxy/bpf/socklb.py) ----
 BPF_LINK_TYPE_CGROUP = 3

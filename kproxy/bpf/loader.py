@@ -524,7 +524,7 @@ class Loader:
             elif att.ifindex:
                 self._detach_tc(att.ifindex, att.direction)
         self._tc_attached.clear()
-        names = set(abi.ALL_MAPS)
+        names = {*abi.ALL_MAPS, *abi.PROG_MAPS}
         if self.obj is not None:
             names.update(self.obj.map_names())
         self.close()

@@ -317,6 +317,14 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_SNAT6: ("snat6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat6Key, abi.Snat6Val),
 }
 
+# Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15. KproxyMaps.open leaves their
+# attributes None there, so this version's CLI still reads an older agent's IPv4 maps; every other map
+# is required.
+OPTIONAL_MAPS = frozenset({
+    abi.MAP_SVC6, abi.MAP_BE6, abi.MAP_CT6, abi.MAP_AFF6, abi.MAP_CFG6, abi.MAP_LBSRC6, abi.MAP_FRAG6,
+    abi.MAP_SNAT6,
+})  # fmt: skip
+
 
 class KproxyMaps:
     """All pinned kproxy maps of one bpffs directory, typed. Implements the MapSet used by sync."""
@@ -332,6 +340,9 @@ class KproxyMaps:
     svcnet4: PinnedMap[abi.Svcnet4Key, abi.Svcnet4Val]
     svcnet_span: PinnedMap[ctypes.c_uint32, abi.SvcnetSpan]
     frag4: PinnedMap[abi.Frag4Key, abi.Frag4Val]
+    # The IPv6 maps (OPTIONAL_MAPS) are None when opened from a bpffs an agent older than IPv6 pinned:
+    # readers (the CLI, kproxy.observe) check. Typed as always there for the agent, which loads the
+    # object, and so pins every map, before it opens them.
     svc6: PinnedMap[abi.Svc6Key, abi.Svc4Val]
     be6: PinnedMap[ctypes.c_uint32, abi.Be6Val]
     ct6: PinnedMap[abi.Ct6Key, abi.Ct6Val]
@@ -344,8 +355,15 @@ class KproxyMaps:
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir
         self.by_name = maps
+        for name in OPTIONAL_MAPS:
+            setattr(self, MAP_LAYOUT[name][0], None)
         for name, m in maps.items():
             setattr(self, MAP_LAYOUT[name][0], m)
+
+    @property
+    def absent(self) -> list[str]:
+        """The optional maps this bpffs has no pin of (an older agent's): their attributes are None."""
+        return [name for name in abi.ALL_MAPS if name not in self.by_name]
 
     @classmethod
     def open(cls, bpffs_dir: str | os.PathLike[str]) -> KproxyMaps:
@@ -360,9 +378,10 @@ class KproxyMaps:
                 errno.ENOENT,
                 f"no kproxy maps in {d}: it is not a bpf filesystem (mount -t bpf bpf {d}); {hint}",
             )
-        missing = [n for n in abi.ALL_MAPS if not os.path.exists(os.path.join(d, n))]
-        if len(missing) == len(abi.ALL_MAPS):
+        absent = {n for n in abi.ALL_MAPS if not os.path.exists(os.path.join(d, n))}
+        if len(absent) == len(abi.ALL_MAPS):
             raise MapsNotFoundError(errno.ENOENT, f"no kproxy maps in {d}: {hint}")
+        missing = [n for n in abi.ALL_MAPS if n in absent and n not in OPTIONAL_MAPS]
         if missing:
             raise MapsNotFoundError(
                 errno.ENOENT,
@@ -372,6 +391,8 @@ class KproxyMaps:
         opened: dict[str, Any] = {}
         try:
             for name, (_, map_type, kt, vt) in MAP_LAYOUT.items():
+                if name in absent:
+                    continue  # an optional map (OPTIONAL_MAPS) an older agent did not pin
                 path = os.path.join(d, name)
                 if map_type == lb.BPF_MAP_TYPE_PERCPU_ARRAY:
                     opened[name] = PerCpuArray.open(path, vt)

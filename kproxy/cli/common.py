@@ -82,8 +82,10 @@ class Cli:
         kp_svc6_v1), the ids they hold that the file does not name yet are waited for, up to
         METADATA_WAIT_S: the agent writes the names of new ids a moment after the ids (at most every
         few hundred milliseconds: kproxy.agent.syncloop.ServiceMetadata.changed).
-        No file (no agent wrote one): no wait."""
+        No file (no agent wrote one): no wait. A None map (kp_svc6_v1 on an older agent's bpffs) is
+        skipped."""
         meta = read_metadata(self.bpffs)
+        service_maps = tuple(m for m in service_maps if m is not None)
         if not service_maps or not metadata_path(self.bpffs).exists():
             return meta
         want = {v.svc_id for svc in service_maps for k, v in svc.items() if k.slot == 0}

@@ -104,7 +104,8 @@ def conntrack(cli: Cli, flush: bool, include_reply: bool) -> None:
     with cli.open_maps("kproxy conntrack") as maps:
         if flush:
             n = maps.ct4.delete_many([k for k, _ in maps.ct4.items()])
-            n += maps.ct6.delete_many([k for k, _ in maps.ct6.items()])
+            if maps.ct6 is not None:  # None: an older agent's bpffs, without the IPv6 maps
+                n += maps.ct6.delete_many([k for k, _ in maps.ct6.items()])
             cli.emit({"flushed": n}, lambda r: f"flushed {r['flushed']} conntrack entries")
             return
         meta = cli.metadata(maps.svc4, maps.svc6)

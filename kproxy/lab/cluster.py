@@ -646,6 +646,29 @@ class Lab:
     def in_ns(self, host: Host, fn: Callable[[], T]) -> T:
         return in_netns(host.ns, fn)
 
+    def upgrade_programs(self, node: str) -> list[tuple[str, int, int]]:
+        """A program upgrade on NODE as an agent does it: load the object again (new program ids, the
+        same pinned maps) and attach each program where the old one is (a tcx link update). Returns
+        (attachment, old program id, new program id) for each."""
+        from kproxy.bpf.loader import PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, Loader
+
+        progs = {
+            ("ingress", True): PROG_FROM_POD, ("egress", True): PROG_TO_POD,
+            ("ingress", False): PROG_FROM_NETDEV, ("egress", False): PROG_TO_NETDEV,
+        }  # fmt: skip
+
+        def upgrade() -> list[tuple[str, int, int]]:
+            changed = []
+            with Loader(self.node(node).bpffs) as loader:
+                old = {(a.ifname, a.direction): a.prog_id for a in loader.attached()}
+                loader.load()
+                for (ifname, direction), old_id in sorted(old.items()):
+                    att = loader.attach(ifname, direction, progs[(direction, ifname != "eth0")])
+                    changed.append((f"{ifname}.{direction}", old_id, att.prog_id))
+            return changed
+
+        return self.in_ns(self.node(node), upgrade)
+
     def connect(self, host: Host, addr: str, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP socket in HOST's namespace connected to addr:port (IPv4 or IPv6)."""
 

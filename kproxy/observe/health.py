@@ -1,8 +1,11 @@
 """Health endpoints as kube-proxy (v1.33 and later) serves them, byte for byte.
 
 HealthServer: `/healthz` and `/livez` (on --health-bind-address), following kube-proxy's
-pkg/proxy/healthcheck/proxy_health.go. The proxy is healthy while no change has waited longer than
-`health_timeout` (60 s, kube-proxy's default) to be programmed: it is healthy while starting up and
+pkg/proxy/healthcheck/proxy_health.go. kube-proxy listens with Go's net.Listen("tcp", addr), which on
+an unspecified address (its default 0.0.0.0:10256, or [::]) takes both families: so does HealthServer,
+with an IPv4 socket and an IPv6 one (IPV6_V6ONLY) on the same port (IPv4 only where the host has no
+IPv6). A specific address is listened on alone. The proxy is healthy while no change has waited longer
+than `health_timeout` (60 s, kube-proxy's default) to be programmed: it is healthy while starting up and
 whenever it is fully synced. `/healthz` is also 503 while this Node is not eligible (being deleted,
 tainted ToBeDeletedByClusterAutoscaler, or not seen yet by the Kubernetes source: KEP-3836, so load
 balancers drain the node); `/livez` ignores the Node. Both bodies are kube-proxy's ProxyHealth as Go's
@@ -12,14 +15,19 @@ encoding/json writes it (compact, times in RFC 3339 with nanoseconds):
      "status":{"IPv4":{"lastUpdated":"…","healthy":true}}}
 
 (one line; no nodeEligible in /livez; status once the sync loop has started, with an entry per
-family kproxy programs: IPv4, and IPv6 on a node with an IPv6 --node-ip, as kube-proxy's dual-stack
-proxier; one sync programs both, so both entries say the same). When the answer is 200, the top-level
-lastUpdated is the current time (kube-proxy keeps that for compatibility); status keeps the real one.
+family kproxy programs: IPv4 on a node with an IPv4 --node-ip, IPv6 on one with an IPv6 --node-ip, as
+kube-proxy's proxiers; one sync programs both, so both entries say the same). When the answer is 200,
+the top-level lastUpdated is the current time (kube-proxy keeps that for compatibility); status keeps
+the real one.
 
-ServiceHealthServers: one HTTP listener per Service with externalTrafficPolicy Local on its
+ServiceHealthServers: HTTP listeners per Service with externalTrafficPolicy Local on its
 healthCheckNodePort (kube-proxy's service_health.go): 200 when the Service has endpoints on this node
 and the proxy is healthy (the Node's eligibility does not count), else 503, both with kube-proxy's
-tab-indented body (service_health_body) and X-Load-Balancing-Endpoint-Weight: N.
+tab-indented body (service_health_body) and X-Load-Balancing-Endpoint-Weight: N. kube-proxy's proxier
+of each family listens on its own (tcp4 0.0.0.0:<port>, tcp6 [::]:<port>) and counts the endpoints of
+its family: the agent listens on 0.0.0.0 on a node with an IPv4 --node-ip and on :: (IPV6_V6ONLY) on
+one with an IPv6 --node-ip, and a probe is answered with the local endpoints of the family it came in
+on (health_check_services(store, families)).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import time
@@ -40,11 +49,18 @@ from kproxy.translate import health_check_node_port, local_ready_endpoints
 log = logging.getLogger("kproxy.observe.health")
 
 DEFAULT_HEALTH_TIMEOUT = 60.0
-IP_FAMILY = "IPv4"  # the family kproxy always programs: kube-proxy's per-family status has its entry
+IP_FAMILY = "IPv4"  # the family of a node with no --node-ip given: kube-proxy's per-family status entry
+IPV4, IPV6 = "IPv4", "IPv6"
 _HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"}
 # Go's http.Error / ServeMux answer for an unknown path.
 _NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
 _GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+# What binding "::" fails with where the host has no IPv6 (ipv6.disable=1, or no IPv6 address at all).
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def go_json_time(ts: float | None) -> str:
@@ -110,8 +126,23 @@ def service_health_body(namespace: str, name: str, local_endpoints: int, proxy_h
     ).encode()
 
 
+def address_family(host: str) -> str:
+    """The family of a listener's address: IPv6 for an IPv6 literal, else IPv4."""
+    return IPV6 if ":" in host else IPV4
+
+
+def wildcard_hosts(host: str) -> tuple[str, ...]:
+    """Where kube-proxy's net.Listen("tcp", HOST:port) listens: an unspecified address (0.0.0.0, ::, or
+    empty) is every address of both families, so 0.0.0.0 and :: (IPv4 first); any other, itself."""
+    if host in ("", "0.0.0.0", "::"):
+        return ("0.0.0.0", "::")
+    return (host,)
+
+
 class _Listener:
-    """An aiohttp low-level server on one address; closing it frees the port at once."""
+    """An aiohttp low-level server on one address; closing it frees the port at once. An IPv6 address
+    is listened on with IPV6_V6ONLY (asyncio sets it on every AF_INET6 server socket), so "::" takes
+    only IPv6 and can share its port with a listener on 0.0.0.0."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Any], host: str, port: int) -> None:
         self.handler = handler
@@ -169,7 +200,7 @@ class HealthServer:
         # Watches the Service view needs that are down (the source's stale_watches()): the view may
         # miss changes, so the pod is not ready (/readyz).
         self.stale_watches: list[str] = []
-        self._listener: _Listener | None = None
+        self._listeners: list[_Listener] = []
 
     # ---- state ----
     def queued(self, when: float | None = None) -> None:
@@ -244,34 +275,73 @@ class HealthServer:
         return web.Response(status=status, body=go_json(body), headers=_HEADERS)
 
     async def start(self) -> None:
-        self._listener = _Listener(self._handle, self.host, self.port)
-        await self._listener.start()
-        self.port = self._listener.port
+        hosts = wildcard_hosts(self.host)
+        listeners: list[_Listener] = []
+        try:
+            for host in hosts:
+                # port 0 (tests): the IPv6 socket takes the port the IPv4 one was given
+                listener = _Listener(self._handle, host, listeners[0].port if listeners else self.port)
+                try:
+                    await listener.start()
+                except OSError as e:
+                    if not listeners or e.errno not in _NO_IPV6:
+                        raise
+                    # kube-proxy (Go) listens on IPv4 alone where the host has no IPv6
+                    log.info("not serving /healthz on [%s]:%d: %s (no IPv6 on this host)", host, self.port, e)
+                    continue
+                listeners.append(listener)
+        except BaseException:
+            for listener in listeners:
+                await listener.stop()
+            raise
+        self._listeners = listeners
+        self.port = listeners[0].port
         if self.last_updated is None:
             # kube-proxy's sync loop marks its family updated as it starts ("in case Sync() never
             # succeeds"); the agent starts its sync loop with this server.
             self.last_updated = self.clock()
-        log.info("serving /healthz, /livez and /readyz on %s:%d", self.host, self.port)
+        log.info(
+            "serving /healthz, /livez and /readyz on %s",
+            ", ".join(_hostport(listener.host, listener.port) for listener in listeners),
+        )
+
+    @property
+    def hosts(self) -> list[str]:
+        """The addresses listened on (two for an unspecified --health-bind-address: see wildcard_hosts)."""
+        return [listener.host for listener in self._listeners]
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            await self._listener.stop()
-            self._listener = None
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            await listener.stop()
+
+
+def listen_addresses(families: Iterable[str]) -> tuple[str, ...]:
+    """Where healthCheckNodePorts are listened on for a node of FAMILIES ("IPv4", "IPv6": those of its
+    --node-ip): kube-proxy's proxier of each family, tcp4 on 0.0.0.0 and tcp6 on ::."""
+    wanted = set(families)
+    return tuple(addr for fam, addr in ((IPV4, "0.0.0.0"), (IPV6, "::")) if fam in wanted)
+
+
+# Local ready endpoints of a Service: one count for every family (as the tests and the controller
+# double give it), or a count per family ({"IPv4": n, "IPv6": m}), a probe getting its own family's.
+LocalEndpoints = int | Mapping[str, int]
 
 
 class ServiceHealthServers:
     """healthCheckNodePort listeners, opened and closed to match `sync()`.
 
     healthy: the proxy's health (HealthServer.is_healthy or any callable returning a bool).
-    addresses: where to listen; kube-proxy listens on all addresses unless --nodeport-addresses
-    narrows them.
+    addresses: where to listen, one listener each; kube-proxy listens on all addresses of its proxier's
+    family (listen_addresses) unless --nodeport-addresses narrows them. A probe is answered with the
+    local endpoints of the family of the address it came in on.
     """
 
     def __init__(self, healthy: Callable[[], bool], addresses: Sequence[str] = ("0.0.0.0",)) -> None:
         self.healthy = healthy
         self.addresses = tuple(addresses)
         self._ports: dict[tuple[str, str], int] = {}
-        self._endpoints: dict[tuple[str, str], int] = {}
+        self._endpoints: dict[tuple[str, str], LocalEndpoints] = {}
         self._listeners: dict[tuple[str, str], list[_Listener]] = {}
         self.failed: dict[tuple[str, str], str] = {}  # service -> why its port could not be opened
 
@@ -279,8 +349,19 @@ class ServiceHealthServers:
     def ports(self) -> dict[tuple[str, str], int]:
         return dict(self._ports)
 
-    def answer(self, service: tuple[str, str]) -> tuple[int, dict[str, Any]]:
-        count = self._endpoints.get(service, 0)
+    def local_endpoints(self, service: tuple[str, str], family: str | None = None) -> int:
+        """The Service's local ready endpoints as a probe on FAMILY sees them (0 for a family the Service
+        is not served in: kube-proxy has no listener there)."""
+        counts = self._endpoints.get(service, 0)
+        if isinstance(counts, int):
+            return counts
+        if family is None:
+            return next(iter(counts.values()), 0)
+        return counts.get(family, 0)
+
+    def answer(self, service: tuple[str, str], family: str | None = None) -> tuple[int, dict[str, Any]]:
+        """Status and body for a probe of SERVICE that came in on FAMILY ("IPv4" / "IPv6")."""
+        count = self.local_endpoints(service, family)
         healthy = bool(self.healthy())
         body = {
             "service": {"namespace": service[0], "name": service[1]},
@@ -289,22 +370,25 @@ class ServiceHealthServers:
         }
         return (200 if count > 0 and healthy else 503), body
 
-    def response(self, service: tuple[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def response(
+        self, service: tuple[str, str], family: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body exactly as kube-proxy's hcHandler writes them."""
-        status, body = self.answer(service)
+        status, body = self.answer(service, family)
         count, healthy = body["localEndpoints"], body["serviceProxyHealthy"]
         headers = {**_HEADERS, "X-Load-Balancing-Endpoint-Weight": str(count)}
         return status, headers, service_health_body(service[0], service[1], count, healthy)
 
-    def _handler(self, service: tuple[str, str]) -> Callable[[web.BaseRequest], Any]:
+    def _handler(self, service: tuple[str, str], family: str) -> Callable[[web.BaseRequest], Any]:
         async def handle(_request: web.BaseRequest) -> web.Response:
-            status, headers, body = self.response(service)
+            status, headers, body = self.response(service, family)
             return web.Response(status=status, body=body, headers=headers)
 
         return handle
 
-    async def sync(self, services: Mapping[tuple[str, str], tuple[int, int]]) -> None:
-        """Make the listeners match {(namespace, name): (healthCheckNodePort, local endpoints)}."""
+    async def sync(self, services: Mapping[tuple[str, str], tuple[int, LocalEndpoints]]) -> None:
+        """Make the listeners match {(namespace, name): (healthCheckNodePort, local endpoints)}, the
+        local endpoints one count or one per family (LocalEndpoints)."""
         for svc, (_port, count) in services.items():
             self._endpoints[svc] = count
         for svc in [s for s in self._endpoints if s not in services]:
@@ -319,7 +403,7 @@ class ServiceHealthServers:
             opened: list[_Listener] = []
             try:
                 for host in self.addresses:
-                    listener = _Listener(self._handler(svc), host, port)
+                    listener = _Listener(self._handler(svc, address_family(host)), host, port)
                     await listener.start()
                     opened.append(listener)
             except OSError as e:
@@ -357,11 +441,15 @@ async def serve_forever(server: HealthServer) -> None:
             await server.stop()
 
 
-def health_check_services(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
+def health_check_services(
+    store: Any, families: Sequence[str] | None = None
+) -> dict[tuple[str, str], tuple[int, LocalEndpoints]]:
     """{(namespace, name): (healthCheckNodePort, local ready endpoints)} for the store's Services that
     have a healthCheckNodePort; translate decides which do and counts the endpoints, as kube-proxy does
-    (translate.health_check_node_port, translate.local_ready_endpoints)."""
-    result: dict[tuple[str, str], tuple[int, int]] = {}
+    (translate.health_check_node_port, translate.local_ready_endpoints). With FAMILIES (the node's:
+    "IPv4", "IPv6") the endpoints are counted per family, {family: count}, as each of kube-proxy's
+    proxiers counts its own; without, one count, of the Service's primary family."""
+    result: dict[tuple[str, str], tuple[int, LocalEndpoints]] = {}
     keys = getattr(store, "health_check_keys", None)  # the store's index: not every Service
     for key in sorted(keys) if keys is not None else list(store.services):
         svc = store.services.get(key)
@@ -371,5 +459,10 @@ def health_check_services(store: Any) -> dict[tuple[str, str], tuple[int, int]]:
         if port is None:
             continue
         ns, name = key.split("/", 1)
-        result[(ns, name)] = (port, local_ready_endpoints(svc, store.slices_of(key), store.node))
+        slices = list(store.slices_of(key))
+        if families is None:
+            result[(ns, name)] = (port, local_ready_endpoints(svc, slices, store.node))
+        else:
+            counts = {fam: local_ready_endpoints(svc, slices, store.node, family=fam) for fam in families}
+            result[(ns, name)] = (port, counts)
     return result

@@ -8,10 +8,21 @@ where the translation is exact, and every checksum of every output frame is reco
 from __future__ import annotations
 
 import ctypes
+import logging
 import struct
 
 import pytest
-from datapath import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Backend, Datapath, ct6_key, in6
+from datapath import (
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    Backend,
+    Datapath,
+    ct6_key,
+    in6,
+    open_datapath,
+    private_bpffs,
+)
 from frames import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, csum, ether, swap_macs
 from frames6 import (
     ICMP6_DEST_UNREACH,
@@ -52,6 +63,7 @@ from kproxy.abi import (
     SvcFlag,
     bytes_to_ip6,
 )
+from kproxy.bpf.libbpf import BPF_F_TEST_SKB_CHECKSUM_COMPLETE, prog_test_run
 
 CLIENT = "fd00:10:244:1::5"
 SVC = "fd00:96::1"
@@ -385,3 +397,42 @@ def test_frames_of_other_ethertypes_are_ignored_by_the_ipv6_path(dp: Datapath) -
     frame = syn6()
     bogus = frame[:12] + struct.pack("!H", 0x88B5) + frame[14:]
     unchanged(dp, "kp_from_pod", bogus)
+
+
+def test_the_object_loads_without_libbpf_warnings(
+    tc_object: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The IPv6 program array (kp_progs6) carries no BTF key or value type: the kernel takes none for a
+    program array, and libbpf would warn on every agent start, then retry without."""
+    with caplog.at_level(logging.WARNING, logger="kproxy.libbpf"), private_bpffs() as bpffs:
+        obj, dp = open_datapath(bpffs)
+        try:
+            dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+            out = dp.run("kp_from_pod", syn6())
+            assert parse6(out.data_out).dst == BE1.addr  # libbpf filled kp_progs6: kp_from_pod6 ran
+        finally:
+            obj.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "kproxy.libbpf"] == []
+
+
+def test_rewrites_keep_a_checksum_complete_skb_valid(dp: Datapath) -> None:
+    """A CHECKSUM_COMPLETE skb (what a NIC hands the stack on a netdev) stays valid through every IPv6
+    rewrite: kp_nat6 and the ICMPv6 address changes pass BPF_F_IPV6, else the kernel would adjust
+    skb->csum for a pseudo-header change as for IPv4 (PROG_TEST_RUN checks skb->csum: EBADMSG)."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.add_service6(SVC, SPORT, IPPROTO_UDP, [BE1])
+
+    def run(prog: str, frame: bytes) -> bytes:
+        out = prog_test_run(dp.progs[prog], frame, flags=BPF_F_TEST_SKB_CHECKSUM_COMPLETE)
+        assert checksum_errors6(out.data_out) == []
+        return out.data_out
+
+    dnated = run("kp_from_pod", syn6())
+    assert parse6(dnated).dst == BE1.addr
+    assert parse6(run("kp_from_pod", udp6_frame(CLIENT, SVC, CPORT + 1, SPORT))).dst == BE1.addr
+    reply = tcp6_frame(BE1.addr, CLIENT, BE1.port, CPORT, TCP_SYN | TCP_ACK)
+    assert parse6(run("kp_to_pod", reply)).src == SVC
+    quote = dnated[ETH_HLEN : ETH_HLEN + 60]
+    msg = icmp6(BE1.addr, CLIENT, ICMP6_DEST_UNREACH, 4, 0, quote)
+    err = ether(ipv6(BE1.addr, CLIENT, IPPROTO_ICMPV6, msg), ETH_P_IPV6)
+    assert parse6(run("kp_to_pod", err)).src == SVC

@@ -245,6 +245,69 @@ def test_dual_stack_entries_on_pinned_maps(
 
 
 @pytest.mark.root
+def test_an_older_agents_bpffs_without_the_ipv6_maps_is_still_read(
+    empty_bpffs: Path, probe_object: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent from before IPv6 pinned only the IPv4 maps: this version's CLI reads them (the *6
+    attributes are None) instead of calling the maps incomplete."""
+    from kproxy.bpf import libbpf as lb
+    from kproxy.bpf.maps import OPTIONAL_MAPS, KproxyMaps
+    from kproxy.observe.metadata import write_metadata
+
+    monkeypatch.setenv("KPROXY_STATE_ROOT", str(tmp_path / "state"))
+    with lb.BpfObject.open(probe_object, pin_root_path=str(empty_bpffs)) as obj:
+        obj.load()
+    for name in OPTIONAL_MAPS:
+        (empty_bpffs / name).unlink()
+    svc, be, tcp, now = 5, 11, abi.IPPROTO_TCP, time.monotonic_ns()
+    vip, port = abi.ip_to_nbo("10.96.3.1"), abi.port_to_nbo(80)
+    client, backend = abi.ip_to_nbo("10.244.2.12"), abi.ip_to_nbo("10.244.1.11")
+    with KproxyMaps.open(empty_bpffs) as maps:
+        assert sorted(maps.absent) == sorted(OPTIONAL_MAPS)
+        assert (maps.svc6, maps.be6, maps.ct6, maps.aff6, maps.snat6) == (None, None, None, None, None)
+        assert (maps.cfg6, maps.lbsrc6, maps.frag6) == (None, None, None)
+        maps.be4.put_many([(ctypes.c_uint32(be), abi.Be4Val(backend, abi.port_to_nbo(8080), tcp))])
+        maps.svc4.put_many([
+            (abi.Svc4Key(vip, port, 0, tcp), abi.Svc4Val(0, svc, 1, abi.SvcFlag.AFFINITY, 60)),
+            (abi.Svc4Key(vip, port, 1, tcp), abi.Svc4Val(be, svc)),
+        ])  # fmt: skip
+        maps.ct4.put_many([(
+            abi.Ct4Key(saddr=client, daddr=vip, sport=abi.port_to_nbo(40000), dport=port, proto=tcp,
+                       dir=abi.CtDir.FWD),
+            abi.Ct4Val(expires_ns=now + 60 * 10**9, backend_id=be, svc_id=svc, nat_addr=backend,
+                       nat_port=abi.port_to_nbo(8080), state=abi.CtState.ESTABLISHED),
+        )])  # fmt: skip
+        maps.aff4.put_many([(abi.Aff4Key(client, svc), abi.Aff4Val(now, be))])
+    write_metadata(empty_bpffs, "n1", {svc: {"service": "demo/old", "port_name": "http", "protocol": "TCP"}})
+    bpffs = ["--bpffs", str(empty_bpffs)]
+
+    def rows(*cmd: str) -> Any:
+        out = kproxy(*cmd, *bpffs, "-o", "json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert [(r["family"], r["address"], r["service"]) for r in rows("services")] == [
+        (4, "10.96.3.1", "demo/old")
+    ]
+    assert [(r["family"], r["id"], r["address"]) for r in rows("backends")] == [(4, be, "10.244.1.11")]
+    (flow,) = rows("conntrack")
+    assert (flow["family"], flow["src"], flow["service"]) == (4, "10.244.2.12:40000", "demo/old")
+    (aff,) = rows("affinity")
+    assert (aff["family"], aff["client"], aff["service"]) == (4, "10.244.2.12", "demo/old")
+    assert rows("nat") == []
+    assert rows("stats") is not None and rows("status")["dsr_mode"]
+    for cmd in ("services", "backends", "conntrack", "affinity", "nat"):
+        table = kproxy(cmd, *bpffs)
+        assert table.returncode == 0, (cmd, table.stderr)
+    assert rows("conntrack", "--flush") == {"flushed": 1}
+    assert rows("conntrack") == []
+    # an IPv4 map missing is still an error: those every agent pinned
+    (empty_bpffs / abi.MAP_CT4).unlink()
+    broken = kproxy("services", *bpffs)
+    assert broken.returncode == 5 and abi.MAP_CT4 in broken.stderr and "kp_svc6" not in broken.stderr
+
+
+@pytest.mark.root
 def test_lab_up_status_down_leaves_nothing(tc_object: Path) -> None:
     up = kproxy("lab", "up", "--nodes", "1", "--pods-per-node", "1", "--no-agents")
     assert up.returncode == 0, up.stderr

@@ -207,31 +207,13 @@ def test_agent_kill9_and_restart_keeps_streams(lab: Lab, program: Program) -> No
 
 
 def test_program_upgrade_keeps_streams(lab: Lab, program: Program, tc_object: object) -> None:
-    from kproxy.bpf.loader import PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, Loader
-
     program("upgrade", "10.96.1.15", ["n2p1"])
     client = lab.pod("n1p1")
     with lab.stream(client, "10.96.1.15", 80) as s:
         pinger = Pinger(s)
         pinger.start()
         for node in lab.nodes:
-
-            def upgrade(node=node) -> list[tuple[str, int, int]]:
-                # Load the object again (new program ids, same pinned maps) and attach: tcx link update.
-                changed = []
-                with Loader(node.bpffs) as loader:
-                    old = {(a.ifname, a.direction): a.prog_id for a in loader.attached()}
-                    loader.load()
-                    for (ifname, direction), old_id in sorted(old.items()):
-                        prog = {
-                            ("ingress", True): PROG_FROM_POD, ("egress", True): PROG_TO_POD,
-                            ("ingress", False): PROG_FROM_NETDEV, ("egress", False): PROG_TO_NETDEV,
-                        }[(direction, ifname != "eth0")]  # fmt: skip
-                        att = loader.attach(ifname, direction, prog)
-                        changed.append((f"{ifname}.{direction}", old_id, att.prog_id))
-                return changed
-
-            changed = lab.in_ns(node, upgrade)
+            changed = lab.upgrade_programs(node.name)
             assert changed, f"no attachments found on {node.name}"
             assert all(new != old for _, old, new in changed), changed
         time.sleep(0.2)

@@ -11,6 +11,7 @@ IPv6 addresses in fd00:78::/64, which ext routes to n1 (so n1 is the ingress nod
 from __future__ import annotations
 
 import collections
+import signal
 
 import pytest
 
@@ -113,3 +114,40 @@ def test_ipv6_from_outside(lab: Lab, program_dual: Program, policy: str) -> None
             assert seen["n2p1"] == {n1.ip6}, (addr, dict(seen))
     if policy == "Cluster":
         assert counter(lab, "n1", Stat.SNAT_NEW) > snat_before
+
+
+def test_ipv6_keeps_working_while_no_agent_runs(lab: Lab, program_dual: Program) -> None:
+    """The attached programs reach their IPv6 halves through the pinned kp_progs6_v1: the kernel would
+    empty an unpinned program array when the agent's object closes, and every IPv6 packet would then
+    pass untranslated until an agent ran again. An established IPv6 stream and new connections both
+    work with both agents killed, and after they come back."""
+    program_dual("ds6-noagent", "10.96.16.10", "fd00:10:96::16:10", ["n2p1", "n1p2"])  # type: ignore[operator]
+    client = lab.pod("n1p1")
+    with lab.stream(client, "fd00:10:96::16:10", 80) as s:
+        s.roundtrip()
+        lab.stop_agent("n1", signal.SIGKILL)
+        lab.stop_agent("n2", signal.SIGKILL)
+        try:
+            s.roundtrip()
+            assert lab.tcp_request(client, "fd00:10:96::16:10", 80)["pod"] in ("n2p1", "n1p2")
+        finally:
+            lab.start_agent("n1")
+            lab.start_agent("n2")
+            lab.wait_agent("n1")
+            lab.wait_agent("n2")
+        s.roundtrip()
+        assert lab.tcp_request(client, "fd00:10:96::16:10", 80)["pod"] in ("n2p1", "n1p2")
+
+
+def test_ipv6_program_upgrade_keeps_streams(lab: Lab, program_dual: Program) -> None:
+    """The upgrade's object re-uses the pinned kp_progs6_v1 and points it at its own IPv6 programs,
+    then the links move to its entry points: an IPv6 stream goes on, and new connections work."""
+    program_dual("ds6-upgrade", "10.96.16.11", "fd00:10:96::16:11", ["n2p1"])  # type: ignore[operator]
+    client = lab.pod("n1p1")
+    with lab.stream(client, "fd00:10:96::16:11", 80) as s:
+        s.roundtrip()
+        for node in lab.nodes:
+            changed = lab.upgrade_programs(node.name)
+            assert changed and all(new != old for _, old, new in changed), changed
+            s.roundtrip()
+    assert lab.tcp_request(client, "fd00:10:96::16:11", 80)["pod"] == "n2p1"

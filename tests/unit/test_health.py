@@ -11,7 +11,17 @@ import json
 import socket
 import textwrap
 
-from kproxy.observe.health import HealthServer, ServiceHealthServers, go_json_time, service_health_body
+import pytest
+
+from kproxy.agent.serve import Servers
+from kproxy.config import AgentConfig
+from kproxy.observe.health import (
+    HealthServer,
+    ServiceHealthServers,
+    go_json_time,
+    listen_addresses,
+    service_health_body,
+)
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -24,10 +34,11 @@ class Clock:
         return self.t
 
 
-async def raw_get(port: int, path: str = "/") -> tuple[int, dict[str, str], bytes]:
+async def raw_get(port: int, path: str = "/", host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
     """GET over a plain socket: the status, the headers (lower-case names) and the body as sent."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    reader, writer = await asyncio.open_connection(host, port)
+    host_header = f"[{host}]" if ":" in host else host
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     data = await reader.read()
     writer.close()
@@ -42,6 +53,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_dual_port() -> int:
+    """A port free on 0.0.0.0 and on :: both."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET6) as s6:
+            try:
+                s6.bind(("::", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free in both families")
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
 
 
 # ---- healthCheckNodePort ----
@@ -125,7 +161,102 @@ def test_health_check_node_port_answers_byte_for_byte() -> None:
     asyncio.run(scenario())
 
 
+@needs_ipv6
+def test_health_check_node_port_answers_each_family_with_its_own_endpoints() -> None:
+    """kube-proxy in dual-stack: the IPv4 proxier listens tcp4 0.0.0.0:<port>, the IPv6 one tcp6
+    [::]:<port>, each counting its own family's endpoints; both listen on the same port."""
+
+    async def scenario() -> None:
+        addresses = listen_addresses(("IPv4", "IPv6"))
+        assert addresses == ("0.0.0.0", "::")
+        hc = ServiceHealthServers(lambda: True, addresses=addresses)
+        port = free_dual_port()
+        svc = ("default", "web")
+        try:
+            await hc.sync({svc: (port, {"IPv4": 2, "IPv6": 0})})
+            assert hc.failed == {} and hc.ports == {svc: port}
+            status, headers, body = await raw_get(port, host="127.0.0.1")
+            assert (status, headers["x-load-balancing-endpoint-weight"]) == (200, "2")
+            assert body == kube_proxy_body("default", "web", 2, True)
+            status, headers, body = await raw_get(port, host="::1")
+            assert (status, headers["x-load-balancing-endpoint-weight"]) == (503, "0")
+            assert body == kube_proxy_body("default", "web", 0, True)
+
+            await hc.sync({svc: (port, {"IPv4": 0, "IPv6": 3})})
+            status, headers, _ = await raw_get(port, host="::1")
+            assert (status, headers["x-load-balancing-endpoint-weight"]) == (200, "3")
+            assert (await raw_get(port, host="127.0.0.1"))[0] == 503
+        finally:
+            await hc.close()
+        # closed: both ports free again (SO_REUSEADDR: the probes' connections are in TIME_WAIT)
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            with socket.socket(family) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+                s.listen()
+
+    asyncio.run(scenario())
+
+
+@needs_ipv6
+def test_health_check_node_port_on_an_ipv6_only_node_listens_on_ipv6_only() -> None:
+    async def scenario() -> None:
+        hc = ServiceHealthServers(lambda: True, addresses=listen_addresses(("IPv6",)))
+        port = free_dual_port()
+        svc = ("default", "web")
+        try:
+            await hc.sync({svc: (port, {"IPv6": 1})})
+            status, _, body = await raw_get(port, host="::1")
+            assert status == 200 and body == kube_proxy_body("default", "web", 1, True)
+            with pytest.raises(OSError):  # IPV6_V6ONLY: no IPv4-mapped listener
+                await raw_get(port, host="127.0.0.1")
+        finally:
+            await hc.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_agent_serves_and_reports_the_families_of_its_node_ips() -> None:
+    def families(*ips: str) -> tuple[str, ...]:
+        return Servers(AgentConfig(node_name="n1", node_ips=list(ips))).families
+
+    assert families("192.0.2.1") == ("IPv4",)
+    assert families("192.0.2.1", "fd00::1") == ("IPv4", "IPv6")
+    assert families("fd00::1", "192.0.2.1") == ("IPv4", "IPv6")
+    assert families("fd00::1") == ("IPv6",)  # an IPv6-only node reports no IPv4
+    assert listen_addresses(families("fd00::1")) == ("::",)
+    assert listen_addresses(families("192.0.2.1")) == ("0.0.0.0",)
+
+
 # ---- /healthz and /livez ----
+
+
+@needs_ipv6
+def test_healthz_on_an_unspecified_address_serves_both_families_as_go_listens() -> None:
+    """kube-proxy's --healthz-bind-address 0.0.0.0:10256 is Go's net.Listen("tcp", ...): every
+    address of both families. A specific address is listened on alone."""
+
+    async def scenario() -> None:
+        for wildcard in ("0.0.0.0", "::"):
+            hs = HealthServer(wildcard, 0, clock=Clock(T0), ip_families=("IPv4", "IPv6"))
+            await hs.start()
+            try:
+                assert hs.hosts == ["0.0.0.0", "::"]
+                for host in ("127.0.0.1", "::1"):
+                    status, _, body = await raw_get(hs.port, "/healthz", host=host)
+                    assert status == 200 and set(json.loads(body)["status"]) == {"IPv4", "IPv6"}
+            finally:
+                await hs.stop()
+        hs = HealthServer("127.0.0.1", 0, clock=Clock(T0))
+        await hs.start()
+        try:
+            assert hs.hosts == ["127.0.0.1"]
+            with pytest.raises(OSError):
+                await raw_get(hs.port, "/healthz", host="::1")
+        finally:
+            await hs.stop()
+
+    asyncio.run(scenario())
 
 
 def test_go_json_time_is_rfc3339_nano_in_utc() -> None:

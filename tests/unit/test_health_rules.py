@@ -132,3 +132,34 @@ def test_a_service_another_proxy_serves_gets_no_health_check() -> None:
     ours = parse_service(svc_raw(**{**_local_svc_raw(), "name": "ours"}))
     store = _Store(NODE, {other.key: other, ours.key: ours})
     assert set(health_check_services(store)) == {("default", "ours")}
+
+
+def test_health_check_counts_each_family_the_node_has_on_its_own() -> None:
+    # kube-proxy's proxier of each family counts the endpoints of its family: a dual-stack pod once in
+    # each, an IPv6-only endpoint in the IPv6 proxier only
+    svc = _local_svc(
+        cluster_ip="10.96.0.10", clusterIPs=["10.96.0.10", "fd00:96::10"], ipFamilies=["IPv4", "IPv6"],
+        ipFamilyPolicy="PreferDualStack",
+    )  # fmt: skip
+    slices = [
+        parse_endpoint_slice(slice_raw(name="web-4", endpoints=[ep("10.0.0.1", "node-a")])),
+        parse_endpoint_slice(
+            slice_raw(
+                name="web-6",
+                address_type="IPv6",
+                endpoints=[ep("fd00:244::1", "node-a"), ep("fd00:244::2", "node-a")],
+            )
+        ),
+    ]
+    store = _Store(NODE, {svc.key: svc}, {svc.key: slices})
+    assert health_check_services(store, ("IPv4", "IPv6")) == {
+        ("default", "web"): (HC_PORT, {"IPv4": 1, "IPv6": 2})
+    }
+    assert health_check_services(store, ("IPv6",)) == {("default", "web"): (HC_PORT, {"IPv6": 2})}
+    assert health_check_services(store) == {("default", "web"): (HC_PORT, 1)}  # the primary family's
+    # a Service without a ClusterIP of the node's family counts 0 there (kube-proxy: no listener)
+    v4_only = _local_svc()
+    store = _Store(NODE, {v4_only.key: v4_only}, {v4_only.key: slices})
+    assert health_check_services(store, ("IPv4", "IPv6")) == {
+        ("default", "web"): (HC_PORT, {"IPv4": 1, "IPv6": 0})
+    }
