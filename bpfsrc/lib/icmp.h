@@ -28,25 +28,30 @@ struct kp_icmp_hdrs {
 	struct kp_icmphdr icmp;
 };
 
+/* An ICMP error that could not be made: the packet is dropped, counted. */
+static __always_inline int kp_icmp_failed(__u32 len)
+{
+	kp_count(KP_DROP_REJECT_FAILED, len);
+	return TC_ACT_SHOT;
+}
+
 /*
  * The last step of an ICMP error made of the packet itself: cut the packet to its first quote_len bytes
  * after Ethernet, put the new IP and ICMP headers h (hlen bytes) in front of them, swap the MACs of
- * eth (the frame's as it came) so it goes back the way it came. 0, or -1 if the skb could not be changed.
+ * eth (the frame's as it came), count it as stat (len: the packet's length as it came) and send it
+ * back out of the interface it came in on.
  */
-static __always_inline int kp_icmp_turn_around(struct __sk_buff *skb, const struct ethhdr *eth, const void *h,
-					       __u32 hlen, __u32 quote_len)
+static __always_inline int kp_icmp_send_back(struct __sk_buff *skb, const struct ethhdr *eth, const void *h,
+					     __u32 hlen, __u32 quote_len, __u32 stat, __u32 len)
 {
-	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0))
-		return -1;
-	if (bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_MAC, 0))
-		return -1;
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, h, hlen, 0))
-		return -1;
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth->h_source, ETH_ALEN, 0))
-		return -1;
-	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth->h_dest, ETH_ALEN, 0))
-		return -1;
-	return 0;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) ||
+	    bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, h, hlen, 0) ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth->h_source, ETH_ALEN, 0) ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth->h_dest, ETH_ALEN, 0))
+		return kp_icmp_failed(len);
+	kp_count(stat, len);
+	return bpf_redirect(skb->ifindex, 0);
 }
 
 /*
@@ -100,13 +105,10 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 	h.icmp.rest = bpf_htonl((__u32)mtu);
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
-	if (kp_icmp_turn_around(skb, &eth, &h, sizeof(h), quote_len))
-		goto fail;
-	kp_count(code == KP_ICMP_FRAG_NEEDED ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
-	return bpf_redirect(skb->ifindex, 0);
+	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len,
+				 code == KP_ICMP_FRAG_NEEDED ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 fail:
-	kp_count(KP_DROP_REJECT_FAILED, p->len);
-	return TC_ACT_SHOT;
+	return kp_icmp_failed(p->len);
 }
 
 static __always_inline int kp_icmp_reject4(struct __sk_buff *skb, const struct kp_pkt *p)
@@ -376,13 +378,10 @@ static __always_inline int kp_icmp6_send_error(struct __sk_buff *skb, const stru
 		goto fail;
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
-	if (kp_icmp_turn_around(skb, &eth, &h, sizeof(h), quote_len))
-		goto fail;
-	kp_count(type == KP_ICMP6_PKT_TOOBIG ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
-	return bpf_redirect(skb->ifindex, 0);
+	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len,
+				 type == KP_ICMP6_PKT_TOOBIG ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 fail:
-	kp_count(KP_DROP_REJECT_FAILED, p->len);
-	return TC_ACT_SHOT;
+	return kp_icmp_failed(p->len);
 }
 
 /* kube-proxy's REJECT for IPv6: ICMPv6 destination unreachable, port unreachable. */

@@ -141,14 +141,16 @@ static __always_inline void kp_frag_record(const struct iphdr *ip, const struct 
 	bpf_map_update_elem(&kp_frag4_v1, &k, &v, BPF_ANY);
 }
 
-static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
+/*
+ * The network header of a frame of this ethertype (NBO), its first hlen bytes in the linear area, or
+ * NULL. GRO and frag_list skbs may carry headers outside the linear area: they are brought in once.
+ * kp_parse4 and kp_parse6 start here.
+ */
+static __always_inline void *kp_l3_header(struct __sk_buff *skb, __be16 ethertype, __u32 hlen)
 {
-	void *data, *data_end, *l4;
+	void *data, *data_end;
 	struct ethhdr *eth;
-	struct iphdr *ip;
-	__u32 ip_hlen, tot_len, frag = KP_FRAG_NONE;
 
-	/* GRO and frag_list skbs may carry headers outside the linear area; bring them in once. */
 	if (skb->data_end - skb->data < KP_PULL_LEN && skb->len > skb->data_end - skb->data)
 		bpf_skb_pull_data(skb, skb->len < KP_PULL_LEN ? skb->len : KP_PULL_LEN);
 
@@ -156,12 +158,24 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 	data_end = (void *)(long)skb->data_end;
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
+		return NULL;
+	if (eth->h_proto != ethertype)
+		return NULL;
+	if ((void *)(eth + 1) + hlen > data_end)
+		return NULL;
+	return eth + 1;
+}
+
+static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
+{
+	void *data_end, *l4;
+	struct iphdr *ip;
+	__u32 ip_hlen, tot_len, frag = KP_FRAG_NONE;
+
+	ip = kp_l3_header(skb, bpf_htons(ETH_P_IP), sizeof(*ip));
+	if (!ip)
 		return KP_PARSE_PASS;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return KP_PARSE_PASS;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end)
-		return KP_PARSE_PASS;
+	data_end = (void *)(long)skb->data_end;
 	if (ip->version != 4 || ip->ihl < 5)
 		return KP_PARSE_PASS;
 	if (ip->frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET)) {

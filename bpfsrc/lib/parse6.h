@@ -123,8 +123,6 @@ static __always_inline int kp_ip6_skip_ext(struct __sk_buff *skb, __u8 nexthdr, 
 
 static __always_inline int kp_parse6(struct __sk_buff *skb, struct kp_pkt6 *p)
 {
-	void *data, *data_end;
-	struct ethhdr *eth;
 	struct ipv6hdr *ip;
 	__be16 frag_off = 0;
 	__be32 frag_id = 0;
@@ -132,20 +130,8 @@ static __always_inline int kp_parse6(struct __sk_buff *skb, struct kp_pkt6 *p)
 	__u32 off, payload, frag = KP_FRAG_NONE;
 	int proto;
 
-	if (skb->data_end - skb->data < KP_PULL_LEN && skb->len > skb->data_end - skb->data)
-		bpf_skb_pull_data(skb, skb->len < KP_PULL_LEN ? skb->len : KP_PULL_LEN);
-
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return KP_PARSE_PASS;
-	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
-		return KP_PARSE_PASS;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > data_end)
-		return KP_PARSE_PASS;
-	if (ip->version != 6)
+	ip = kp_l3_header(skb, bpf_htons(ETH_P_IPV6), sizeof(*ip));
+	if (!ip || ip->version != 6)
 		return KP_PARSE_PASS;
 	payload = bpf_ntohs(ip->payload_len);
 	/* payload_len 0: a jumbogram (hop-by-hop option) or a BIG TCP GSO packet; only the skb knows */

@@ -37,6 +37,7 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -455,20 +456,27 @@ def fuzz(dp: Datapath, seed: int, n: int) -> Result:
     return res
 
 
-def test_fuzz_tc_programs(dp: Datapath) -> None:
-    populate(dp)
+def run_fuzz(dp: Datapath, label: str, fuzzer: Callable[[Datapath, int, int], Result]) -> None:
+    """Run one fuzzer (fuzz or fuzz6) on the populated maps, print its numbers, fail with its failures."""
     t0 = time.monotonic()
-    res = fuzz(dp, SEED, FRAMES)
+    res = fuzzer(dp, SEED, FRAMES)
     dt = time.monotonic() - t0
     print(
-        f"fuzz seed {SEED}: {res.frames} frames, {res.runs} program runs in {dt:.1f}s "
+        f"{label} seed {SEED}: {res.frames} frames, {res.runs} program runs in {dt:.1f}s "
         f"({res.frames / dt:.0f} frames/s), {res.rewritten} rewrites, {res.checked} checked, "
         f"{res.refused} refused by PROG_TEST_RUN"
     )
-    assert not res.failures, f"fuzz failures (reproduce with KPROXY_FUZZ_SEED={SEED}):\n" + "\n".join(
+    assert not res.failures, f"{label} failures (reproduce with KPROXY_FUZZ_SEED={SEED}):\n" + "\n".join(
         res.failures
     )
-    assert res.checked > 0, f"seed {SEED}: no rewritten frame was checked; the generator misses the services"
+    assert res.checked > 0, (
+        f"{label} seed {SEED}: no rewritten frame was checked; the generator misses the services"
+    )
+
+
+def test_fuzz_tc_programs(dp: Datapath) -> None:
+    populate(dp)
+    run_fuzz(dp, "fuzz", fuzz)
 
 
 def test_generator_is_reproducible() -> None:
@@ -908,20 +916,7 @@ def fuzz6(dp: Datapath, seed: int, n: int) -> Result:
 
 def test_fuzz_tc_programs_ipv6(dp: Datapath) -> None:
     populate6(dp)
-    t0 = time.monotonic()
-    res = fuzz6(dp, SEED, FRAMES)
-    dt = time.monotonic() - t0
-    print(
-        f"fuzz6 seed {SEED}: {res.frames} frames, {res.runs} program runs in {dt:.1f}s "
-        f"({res.frames / dt:.0f} frames/s), {res.rewritten} rewrites, {res.checked} checked, "
-        f"{res.refused} refused by PROG_TEST_RUN"
-    )
-    assert not res.failures, f"IPv6 fuzz failures (reproduce with KPROXY_FUZZ_SEED={SEED}):\n" + "\n".join(
-        res.failures
-    )
-    assert res.checked > 0, (
-        f"seed {SEED}: no rewritten IPv6 frame was checked; the generator misses the services"
-    )
+    run_fuzz(dp, "fuzz6", fuzz6)
 
 
 def test_walk6_agrees_with_hand_made_cases() -> None:
