@@ -5,6 +5,10 @@ Three network namespaces, all named with a per-run prefix and always removed::
     client (pod 10.244.1.2) --veth-- node (10.244.1.1 | 10.244.2.1, forwarding) --veth-- backends
                                       peer rules live here                        (10.244.2.10..19)
 
+Every link is dual-stack (client fd00:10:244:1::2, node fd00:10:244:1::1 | fd00:10:244:2::1 and
+fd00:77::2, backends fd00:10:244:2::10..19; servers listen on both families): ``--family 6`` runs
+the same measurement over IPv6 with the ip6tables / ``table ip6`` peers.
+
 The node namespace gets N Services' rules in kube-proxy's layout (``--peer iptables|nftables``, or
 ``none``), the backends run ``kp-echo`` (short connections) and ``iperf3 -s``. Measured from the
 client: short-connection rate and latency (``kp-loadgen``) to one ClusterIP and, for the baseline,
@@ -13,7 +17,7 @@ softirq CPU from /proc/stat per GB moved; time to load the rules from cold and t
 endpoint change the way kube-proxy does (iptables: full iptables-restore; nftables: the Service's
 chains flushed and refilled in one transaction).
 
-    python -m bench.netbench --peer iptables --services 1000 [-o out.json]
+    python -m bench.netbench --peer iptables --services 1000 [--family 6] [-o out.json]
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ import time
 from pathlib import Path
 
 from bench.peers import iptables, nftables
-from bench.peers.model import Endpoint, NodeConfig, ServicePort, synth_services
+from bench.peers.model import CLUSTER_CIDR6, SERVICE_CIDR6, Endpoint, NodeConfig, ServicePort, synth_services
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench/loadgen/kp-loadgen"
 ECHO = ROOT / "bench/loadgen/kp-echo"
 IPTABLES_RESTORE = "iptables-nft-restore"  # Debian 12's default backend, the one kube-proxy's image picks
 IPTABLES_SAVE = "iptables-nft-save"
+IP6TABLES_RESTORE = "ip6tables-nft-restore"
+IP6TABLES_SAVE = "ip6tables-nft-save"
 
 CLIENT_IP, CLIENT_GW = "10.244.1.2", "10.244.1.1"
 BACKEND_GW = "10.244.2.1"
@@ -46,6 +52,54 @@ BACKEND_IPS = tuple(f"10.244.2.{10 + i}" for i in range(10))
 NODE_IP = "192.168.250.2"
 TARGET_VIP, IPERF_VIP = "10.96.0.10", "10.96.0.11"
 SERVICE_PORT, ECHO_PORT, IPERF_PORT = 80, 8080, 5201
+
+# The same topology's IPv6 addresses (the lab's plan: pods fd00:10:244:<node>::/64, nodes fd00:77::/64,
+# Services fd00:10:96::/108).
+CLIENT_IP6, CLIENT_GW6 = "fd00:10:244:1::2", "fd00:10:244:1::1"
+BACKEND_GW6 = "fd00:10:244:2::1"
+BACKEND_IPS6 = tuple(f"fd00:10:244:2::{10 + i}" for i in range(10))
+NODE_IP6 = "fd00:77::2"
+TARGET_VIP6, IPERF_VIP6 = "fd00:10:96::a", "fd00:10:96::b"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one address family of the topology uses: addresses, the peers' node config, tools."""
+
+    version: int
+    client: str
+    backends: tuple[str, ...]
+    node_ip: str
+    target_vip: str
+    iperf_vip: str
+    changed_endpoint: str  # the endpoint an "endpoint change" puts in (an address nothing answers)
+    node: NodeConfig
+    iptables_restore: str
+    iptables_save: str
+
+    @property
+    def label(self) -> str:
+        return f"IPv{self.version}"
+
+
+FAMILIES = {
+    4: Family(
+        4, CLIENT_IP, BACKEND_IPS, NODE_IP, TARGET_VIP, IPERF_VIP, "10.244.99.99",
+        NodeConfig(node_ips=(NODE_IP,)), IPTABLES_RESTORE, IPTABLES_SAVE,
+    ),
+    6: Family(
+        6, CLIENT_IP6, BACKEND_IPS6, NODE_IP6, TARGET_VIP6, IPERF_VIP6, "fd00:10:244:99::99",
+        NodeConfig(cluster_cidr=CLUSTER_CIDR6, service_cidr=SERVICE_CIDR6, node_ips=(NODE_IP6,)),
+        IP6TABLES_RESTORE, IP6TABLES_SAVE,
+    ),
+}  # fmt: skip
+
+
+def reply_addr(reply: str) -> str:
+    """The address of a kp-echo identity: "10.0.0.1:8080" or "[fd00::1]:8080"."""
+    if reply.startswith("["):
+        return reply[1 : reply.index("]")]
+    return reply.rsplit(":", 1)[0]
 
 
 def ensure_tools() -> None:
@@ -101,6 +155,11 @@ class Topology:
             run(["ip", "netns", "add", ns])
             self.created.append(ns)
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            # No duplicate address detection on the links created below (their link-local addresses
+            # too): nothing else is on these links, and DAD would hold IPv6 for a second or two.
+            self.ns(
+                ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"
+            )
         # Both ends are created inside namespaces we own: the root namespace never sees a link.
         run(
             [
@@ -137,23 +196,46 @@ class Topology:
             ]
         )
         n = ["ip", "-n", self.node]
+        n6 = ["ip", "-6", "-n", self.node]
         run([*n, "addr", "add", f"{CLIENT_GW}/24", "dev", "vc"])
         run([*n, "addr", "add", f"{BACKEND_GW}/24", "dev", "vb"])
         run([*n, "addr", "add", f"{NODE_IP}/32", "dev", "lo"])
+        # IPv6 addresses with nodad: usable at once, no 1-2 s of duplicate address detection.
+        run([*n6, "addr", "add", f"{CLIENT_GW6}/64", "dev", "vc", "nodad"])
+        run([*n6, "addr", "add", f"{BACKEND_GW6}/64", "dev", "vb", "nodad"])
+        run([*n6, "addr", "add", f"{NODE_IP6}/128", "dev", "lo", "nodad"])
         run([*n, "link", "set", "vc", "up"])
         run([*n, "link", "set", "vb", "up"])
         self.ns(self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns(self.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         c = ["ip", "-n", self.client]
         run([*c, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0"])
+        run(["ip", "-6", "-n", self.client, "addr", "add", f"{CLIENT_IP6}/64", "dev", "eth0", "nodad"])
         run([*c, "link", "set", "eth0", "up"])
         run([*c, "route", "add", "default", "via", CLIENT_GW])
-        # Many short connections: let the client use the whole port range.
+        run(["ip", "-6", "-n", self.client, "route", "add", "default", "via", CLIENT_GW6])
+        # Many short connections: let the client use the whole port range (IPv6 sockets too).
         self.ns(self.client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
         b = ["ip", "-n", self.backends]
         for ip in BACKEND_IPS:
             run([*b, "addr", "add", f"{ip}/24", "dev", "eth0"])
+        for ip in BACKEND_IPS6:
+            run(["ip", "-6", "-n", self.backends, "addr", "add", f"{ip}/64", "dev", "eth0", "nodad"])
         run([*b, "link", "set", "eth0", "up"])
         run([*b, "route", "add", "default", "via", BACKEND_GW])
+        run(["ip", "-6", "-n", self.backends, "route", "add", "default", "via", BACKEND_GW6])
+        self._wait_ipv6()
+
+    def _wait_ipv6(self) -> None:
+        """Until no IPv6 address is tentative (duplicate address detection is off, so normally at
+        once): with DAD on the link-local addresses, the first IPv6 SYNs of a run were lost (a second
+        each), which a 1-s measurement cannot tell from a broken path."""
+        deadline = time.monotonic() + 10
+        for ns in (self.client, self.node, self.backends):
+            while run(["ip", "-6", "-n", ns, "addr", "show", "tentative"]).stdout.strip():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"IPv6 addresses in {ns} still tentative after 10 s")
+                time.sleep(0.05)
 
     def spawn(self, ns: str, *cmd: str) -> subprocess.Popen[str]:
         p = subprocess.Popen(
@@ -163,12 +245,18 @@ class Topology:
         return p
 
     def start_servers(self) -> None:
-        self.spawn(self.backends, str(ECHO), "-l", f"0.0.0.0:{ECHO_PORT}", "-P", "2")
+        echo = ("-l", f"0.0.0.0:{ECHO_PORT}", "-l", f"[::]:{ECHO_PORT}")
+        self.spawn(self.backends, str(ECHO), *echo, "-P", "2")
         self.spawn(self.backends, "iperf3", "-s", "-B", BACKEND_IPS[0], "-p", str(IPERF_PORT))
+        self.spawn(self.backends, "iperf3", "-s", "-B", BACKEND_IPS6[0], "-p", str(IPERF_PORT))
+        want = (
+            f"0.0.0.0:{ECHO_PORT}", f"[::]:{ECHO_PORT}",
+            f"{BACKEND_IPS[0]}:{IPERF_PORT}", f"[{BACKEND_IPS6[0]}]:{IPERF_PORT}",
+        )  # fmt: skip
         deadline = time.monotonic() + 30  # only bounds a failure: a busy machine starts them slowly
         while time.monotonic() < deadline:
             out = self.ns(self.backends, "ss", "-Hltn").stdout
-            if f":{ECHO_PORT}" in out and f":{IPERF_PORT}" in out:
+            if all(w in out for w in want):
                 return
             for p in self.procs:
                 if p.poll() is not None:
@@ -190,10 +278,11 @@ class Topology:
 
     # --- peers ----------------------------------------------------------------------------------
 
-    def load_iptables(self, text: str) -> float:
+    def load_iptables(self, text: str, family: int = 4) -> float:
+        """iptables-restore (ip6tables-restore for family 6) of TEXT; seconds it took."""
         self.ns(self.node, sys.executable, "-m", "bench.peers.nfacct", *iptables.NFACCT_OBJECTS, cwd=ROOT)
         t0 = time.perf_counter()
-        self.ns(self.node, IPTABLES_RESTORE, input=text)
+        self.ns(self.node, FAMILIES[family].iptables_restore, input=text)
         return time.perf_counter() - t0
 
     def load_nft(self, text: str) -> float:
@@ -207,24 +296,25 @@ class Topology:
             os.unlink(f.name)
 
 
-def target_services() -> tuple[ServicePort, ServicePort]:
+def target_services(family: int = 4) -> tuple[ServicePort, ServicePort]:
     """The Service the client connects to (10 real backends) and a one-backend one for iperf3
     (iperf3 opens two connections that must reach the same server)."""
+    fam = FAMILIES[family]
     target = ServicePort(
-        "bench", "target", TARGET_VIP, SERVICE_PORT, ECHO_PORT, port_name="http",
-        endpoints=tuple(Endpoint(ip) for ip in BACKEND_IPS),
+        "bench", "target", fam.target_vip, SERVICE_PORT, ECHO_PORT, port_name="http",
+        endpoints=tuple(Endpoint(ip) for ip in fam.backends),
     )  # fmt: skip
     perf = ServicePort(
-        "bench", "iperf", IPERF_VIP, IPERF_PORT, IPERF_PORT, port_name="iperf",
-        endpoints=(Endpoint(BACKEND_IPS[0]),),
+        "bench", "iperf", fam.iperf_vip, IPERF_PORT, IPERF_PORT, port_name="iperf",
+        endpoints=(Endpoint(fam.backends[0]),),
     )  # fmt: skip
     return target, perf
 
 
-def bench_services(n: int, endpoints: int = 10) -> list[ServicePort]:
+def bench_services(n: int, endpoints: int = 10, family: int = 4) -> list[ServicePort]:
     """N Services with the target in the middle and the iperf Service right after it (N + 1 total)."""
-    target, perf = target_services()
-    services = synth_services(n, endpoints, target=target)
+    target, perf = target_services(family)
+    services = synth_services(n, endpoints, target=target, family=family)
     services.insert(n // 2 + 1, perf)
     return services
 
@@ -272,35 +362,37 @@ def iperf(topo: Topology, addr: str, seconds: float, bitrate: str | None) -> dic
     }
 
 
-def _changed_endpoint(svc: ServicePort) -> ServicePort:
+def _changed_endpoint(svc: ServicePort, family: int = 4) -> ServicePort:
     eps = list(svc.endpoints)
-    eps[-1] = Endpoint("10.244.99.99")
+    eps[-1] = Endpoint(FAMILIES[family].changed_endpoint)
     return dataclasses.replace(svc, endpoints=tuple(eps))
 
 
 def program_peer(topo: Topology, peer: str, services: list[ServicePort], node: NodeConfig) -> dict:
-    """Load the rules from cold, then apply one endpoint change; times and rule-set sizes."""
+    """Load the rules from cold, then apply one endpoint change; times and rule-set sizes. NODE's
+    family picks iptables or ip6tables, ``table ip`` or ``table ip6``."""
     if peer == "none":
         return {}
+    fam = node.family
     t0 = time.perf_counter()
     if peer == "iptables":
         text = iptables.render(services, node)
         gen_s = time.perf_counter() - t0
-        load_s = topo.load_iptables(text)
+        load_s = topo.load_iptables(text, fam)
         # One endpoint of an unrelated Service changes: kube-proxy rewrites the tables.
         changed = list(services)
-        changed[0] = _changed_endpoint(changed[0])
+        changed[0] = _changed_endpoint(changed[0], fam)
         t1 = time.perf_counter()
-        update_s = topo.load_iptables(iptables.render(changed, node))
+        update_s = topo.load_iptables(iptables.render(changed, node), fam)
         update_total = time.perf_counter() - t1
-        topo.load_iptables(text)
+        topo.load_iptables(text, fam)
         size = {"rules": iptables.rule_count(text), "bytes": len(text)}
     else:
         text = nftables.render(services, node)
         gen_s = time.perf_counter() - t0
         load_s = topo.load_nft(text)
         t1 = time.perf_counter()
-        update_s = topo.load_nft(nftables.endpoint_update(_changed_endpoint(services[0]), node))
+        update_s = topo.load_nft(nftables.endpoint_update(_changed_endpoint(services[0], fam), node))
         update_total = time.perf_counter() - t1
         topo.load_nft(nftables.endpoint_update(services[0], node))
         size = {"bytes": len(text), "lines": text.count("\n")}
@@ -315,13 +407,15 @@ def program_peer(topo: Topology, peer: str, services: list[ServicePort], node: N
 
 def bench(args: argparse.Namespace) -> dict:
     ensure_tools()
-    node = NodeConfig(node_ips=(NODE_IP,))
-    services = bench_services(args.services, args.endpoints)
+    fam = FAMILIES[args.family]
+    node = fam.node
+    services = bench_services(args.services, args.endpoints, args.family)
     result: dict = {
         "peer": args.peer,
+        "family": fam.label,
         "services": args.services,
         "endpoints_per_service": args.endpoints,
-        "iptables_backend": IPTABLES_RESTORE if args.peer == "iptables" else None,
+        "iptables_backend": fam.iptables_restore if args.peer == "iptables" else None,
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
     }
@@ -329,12 +423,12 @@ def bench(args: argparse.Namespace) -> dict:
     with Topology() as topo:
         topo.start_servers()
         result["program"] = program_peer(topo, args.peer, services, node)
-        paths = {"direct": (BACKEND_IPS[0], ECHO_PORT, BACKEND_IPS[0])}
+        paths = {"direct": (fam.backends[0], ECHO_PORT, fam.backends[0])}
         if args.peer != "none":
-            paths = {"service": (TARGET_VIP, SERVICE_PORT, IPERF_VIP), **paths}
+            paths = {"service": (fam.target_vip, SERVICE_PORT, fam.iperf_vip), **paths}
         for label, (echo_addr, echo_port, iperf_addr) in paths.items():
             lg = loadgen(topo, echo_addr, echo_port, args.duration, args.concurrency)
-            bad = [r for r in lg.get("replies", {}) if r.split(":")[0] not in BACKEND_IPS]
+            bad = [r for r in lg.get("replies", {}) if reply_addr(r) not in fam.backends]
             if bad or not lg["connections"]:
                 raise RuntimeError(
                     f"{label}: no valid replies through {echo_addr} (replies {lg.get('replies')})"
@@ -351,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer", choices=["none", "iptables", "nftables"], required=True)
     ap.add_argument("--services", type=int, default=1)
+    ap.add_argument("--family", type=int, choices=[4, 6], default=4, help="address family of the Services")
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of short connections")
     ap.add_argument("--concurrency", type=int, default=32)

@@ -3,6 +3,7 @@
     python -m bench.run --quick        # N = 1 and 1,000 Services (what `make bench` runs, < 10 min)
     python -m bench.run --full         # N = 1, 1,000 and 10,000 (`make bench-full`)
     python -m bench.run --services 1 --duration 1 --iperf-seconds 1 -o DIR   # anything in between
+    python -m bench.run --quick --families 6   # the IPv6 rows only (default: both families)
 
 For every N, the same N + 1 Services x 10 endpoints (bench.netbench.bench_services: the target
 ClusterIP in the middle, a one-backend Service for iperf3 next to it) are programmed in a fresh
@@ -15,6 +16,11 @@ client / node / backends topology (bench.netbench.Topology) four ways:
   attached to both veths of the node, fed the same Services as JSON manifests;
 - baseline: no rules at all, the client addressing a backend directly (measured once per run), and
   the same direct path with each peer's rules loaded (the "direct" rows of every peer).
+
+Every measurement is made per address family (``--families 4 6``, both by default): the topology is
+dual-stack, and for IPv6 the same Services get IPv6 addresses (bench.netbench.FAMILIES) and the peers
+are kube-proxy's IPv6 proxier: ip6tables-nft-restore of the ip6tables layout, ``table ip6 kube-proxy``;
+kproxy gets SingleStack IPv6 Services and programs kp_svc6_v1 / kp_be6_v1.
 
 Measured per peer and N: short connections with kp-loadgen (rate, p50, p99) to the ClusterIP and
 directly to a backend; single-stream iperf3 at -b 2G and unlimited with system+softirq CPU per GB;
@@ -42,11 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import netbench as nb
-from bench.peers.model import Endpoint, NodeConfig, ServicePort
+from bench.peers.model import Endpoint, ServicePort
 
 RESULTS = nb.ROOT / "bench/results"
 PEERS = ("iptables", "nftables", "kproxy")
-CHANGED_EP = "10.244.99.99"
+FAMILY_CHOICES = (4, 6)
 # the agent's own sync durations (incremental syncs), read from its /metrics in the node namespace
 SYNC_METRIC = "kproxy_sync_duration_seconds"
 MANIFEST_CHUNK = 1000  # Services per manifest file (a Service and its slice per Service)
@@ -63,6 +69,7 @@ class Settings:
     bitrates: tuple[str | None, ...] = ("2G", None)
     endpoints: int = 10
     peers: tuple[str, ...] = PEERS
+    families: tuple[int, ...] = FAMILY_CHOICES
     direct_after_service: bool = False  # measure the direct path once more after the Service path
     agent_args: tuple[str, ...] = ()  # extra `kproxy agent` arguments
 
@@ -72,10 +79,12 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- data path
-def measure_path(topo: nb.Topology, st: Settings, echo: tuple[str, int], iperf_addr: str) -> dict[str, Any]:
+def measure_path(
+    topo: nb.Topology, st: Settings, echo: tuple[str, int], iperf_addr: str, fam: nb.Family
+) -> dict[str, Any]:
     addr, port = echo
     lg = nb.loadgen(topo, addr, port, st.duration, st.concurrency, st.warmup)
-    bad = [r for r in lg.get("replies", {}) if r.split(":")[0] not in nb.BACKEND_IPS]
+    bad = [r for r in lg.get("replies", {}) if nb.reply_addr(r) not in fam.backends]
     if bad or not lg["connections"]:
         raise RuntimeError(
             f"no valid replies through {addr}:{port} (replies {lg.get('replies')}, "
@@ -89,20 +98,19 @@ def measure_path(topo: nb.Topology, st: Settings, echo: tuple[str, int], iperf_a
     return out
 
 
-def measure_paths(topo: nb.Topology, st: Settings, service: bool) -> dict[str, Any]:
+def measure_paths(topo: nb.Topology, st: Settings, service: bool, fam: nb.Family) -> dict[str, Any]:
     # The direct path goes to a second server port of the backend: at these rates client ports are re-used
     # within seconds, and a Service connection landing on a backend 4-tuple that a direct connection left in
     # TIME_WAIT (or the reverse: a direct connection matching a Service flow's REPLY conntrack entry in
     # kproxy) would measure that collision instead of the path (see bench/README.md).
     res: dict[str, Any] = {}
-    res["direct"] = measure_path(topo, st, (nb.BACKEND_IPS[0], DIRECT_PORT), nb.BACKEND_IPS[0])
+    be = fam.backends[0]
+    res["direct"] = measure_path(topo, st, (be, DIRECT_PORT), be, fam)
     if service:
-        res["service"] = measure_path(topo, st, (nb.TARGET_VIP, nb.SERVICE_PORT), nb.IPERF_VIP)
+        res["service"] = measure_path(topo, st, (fam.target_vip, nb.SERVICE_PORT), fam.iperf_vip, fam)
     if service and st.direct_after_service:
         try:
-            res["direct_after_service"] = measure_path(
-                topo, st, (nb.BACKEND_IPS[0], nb.ECHO_PORT), nb.BACKEND_IPS[0]
-            )
+            res["direct_after_service"] = measure_path(topo, st, (be, nb.ECHO_PORT), be, fam)
         except RuntimeError as e:
             res["direct_after_service"] = {"failed": str(e)}
     return res
@@ -113,8 +121,12 @@ def to_manifests(svc: ServicePort) -> list[dict[str, Any]]:
     from kproxy.lab import manifests as mf
 
     port = mf.Port(svc.port_name or "p", svc.port, svc.target_port, svc.protocol)
+    if ":" in svc.cluster_ip:  # SingleStack IPv6, its slice of addressType IPv6
+        head = mf.service(svc.name, [port], None, namespace=svc.namespace, cluster_ip6=svc.cluster_ip)
+    else:
+        head = mf.service(svc.name, [port], svc.cluster_ip, namespace=svc.namespace)
     return [
-        mf.service(svc.name, [port], svc.cluster_ip, namespace=svc.namespace),
+        head,
         mf.endpoint_slice(
             svc.name, [(e.ip, "other") for e in svc.endpoints], [port], namespace=svc.namespace
         ),
@@ -128,19 +140,25 @@ def write_json_atomic(path: Path, objects: list[dict[str, Any]]) -> None:
     os.rename(tmp, path)
 
 
-def changed_endpoint(svc: ServicePort) -> ServicePort:
+def changed_endpoint(svc: ServicePort, fam: nb.Family) -> ServicePort:
     eps = list(svc.endpoints)
-    eps[-1] = Endpoint(CHANGED_EP)
+    eps[-1] = Endpoint(fam.changed_endpoint)
     return dataclasses.replace(svc, endpoints=tuple(eps))
 
 
 class KproxyAgent:
-    """The real agent in the node namespace, on a private bpffs, fed manifests from a temp dir."""
+    """The real agent in the node namespace, on a private bpffs, fed manifests from a temp dir. It
+    knows both node addresses; the Services (and so the maps checked) are of FAM's family."""
 
     def __init__(
-        self, topo: nb.Topology, services: list[ServicePort], extra_args: tuple[str, ...] = ()
+        self,
+        topo: nb.Topology,
+        services: list[ServicePort],
+        extra_args: tuple[str, ...] = (),
+        fam: nb.Family = nb.FAMILIES[4],
     ) -> None:
         self.topo = topo
+        self.fam = fam
         self.extra_args = extra_args
         self.services = services
         self.dir = Path(tempfile.mkdtemp(prefix=f"{topo.prefix}kproxy-", dir="/run"))
@@ -212,15 +230,24 @@ class KproxyAgent:
                 tmp = path.with_name(f".{path.name}.tmp")
                 tmp.write_text(doc)
                 os.rename(tmp, path)
-            # The last Service of every file, cheap lookups; then the whole map once.
+            # The last Service of every file, cheap lookups; then the whole map's entry count: the agent
+            # applies a batch in chunks, not in file order, so the probes alone may be there before the
+            # rest (seen: half the entries at 1,000 Services).
             self._wait(
                 "every Service in the maps",
                 lambda: all(len(self.backends(maps, p)) == len(p.endpoints) for p in probes),
                 600,
                 0.002,
             )
+            svc_map = maps.svc6 if self.fam.version == 6 else maps.svc4
+            self._wait(
+                f"{expected} entries in kp_svc{self.fam.version}_v1",
+                lambda: len(svc_map) >= expected,
+                600,
+                0.002,
+            )
             load_s = time.perf_counter() - t0
-            entries = len(maps.svc4)
+            entries = len(svc_map)
         # The agent counts a batch after writing it: wait for the count, and a little for later
         # batches, so that the endpoint change that follows does not see them.
         self._wait("the agent's sync metrics", lambda: self.sync_seconds()[1] > n0, 30, 0.01)
@@ -230,8 +257,8 @@ class KproxyAgent:
             "load_s": round(load_s, 4),
             "load_sync_ms": round((sum1 - sum0) * 1000, 1),
             "load_sync_batches": int(n1 - n0),
-            "svc4_entries": entries,
-            "svc4_entries_expected": expected,
+            f"svc{self.fam.version}_entries": entries,
+            f"svc{self.fam.version}_entries_expected": expected,
         }
 
     def start(self) -> float:
@@ -248,7 +275,7 @@ class KproxyAgent:
             "nsenter", f"--net=/run/netns/{self.topo.node}",
             sys.executable, "-m", "kproxy", "agent",
             "--source", f"file:{self.manifests}",
-            "--node-name", "node", "--node-ip", nb.NODE_IP,
+            "--node-name", "node", "--node-ip", f"{nb.NODE_IP},{nb.NODE_IP6}",
             "--pod-ifaces", "vc,vb",
             "--bpffs", str(self.bpffs),
             "--log-level", "info",
@@ -280,12 +307,19 @@ class KproxyAgent:
             time.sleep(interval)
 
     def backends(self, maps: Any, svc: ServicePort) -> set[str]:
-        """Backend addresses the pinned maps hold for the ClusterIP of SVC (external scope)."""
+        """Backend addresses the pinned maps hold for the ClusterIP of SVC (external scope): kp_svc4_v1 and
+        kp_be4_v1, or kp_svc6_v1 and kp_be6_v1 for an IPv6 ClusterIP."""
         import ctypes
 
         from kproxy import abi
 
-        def key(slot: int) -> abi.Svc4Key:
+        v6 = ":" in svc.cluster_ip
+        svc_map, be_map = (maps.svc6, maps.be6) if v6 else (maps.svc4, maps.be4)
+
+        def key(slot: int) -> Any:
+            if v6:
+                addr6 = abi.In6.from_buffer_copy(abi.ip6_to_bytes(svc.cluster_ip))
+                return abi.Svc6Key(addr=addr6, port=abi.port_to_nbo(svc.port), slot=slot, proto=6, scope=0)
             return abi.Svc4Key(
                 addr=abi.ip_to_nbo(svc.cluster_ip),
                 port=abi.port_to_nbo(svc.port),
@@ -294,15 +328,15 @@ class KproxyAgent:
                 scope=0,
             )
 
-        head = maps.svc4.get(key(0))
+        head = svc_map.get(key(0))
         if head is None:
             return set()
         out = set()
         for slot in range(1, head.count + 1):
-            v = maps.svc4.get(key(slot))
-            be = maps.be4.get(ctypes.c_uint32(v.backend_id)) if v is not None else None
+            v = svc_map.get(key(slot))
+            be = be_map.get(ctypes.c_uint32(v.backend_id)) if v is not None else None
             if be is not None:
-                out.add(abi.nbo_to_ip(be.addr))
+                out.add(abi.bytes_to_ip6(be.addr) if v6 else abi.nbo_to_ip(be.addr))
         return out
 
     def endpoint_change(self) -> dict[str, Any]:
@@ -311,7 +345,7 @@ class KproxyAgent:
         from kproxy.bpf.maps import KproxyMaps
 
         svc = self.services[0]
-        new = changed_endpoint(svc)
+        new = changed_endpoint(svc, self.fam)
         with KproxyMaps.open(self.bpffs) as maps:
             sum0, n0 = self.sync_seconds()
             t0 = time.perf_counter()
@@ -380,26 +414,32 @@ def program_kproxy(agent: KproxyAgent) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- one configuration
 def start_direct_server(topo: nb.Topology) -> None:
-    p = topo.spawn(topo.backends, str(nb.ECHO), "-l", f"0.0.0.0:{DIRECT_PORT}", "-P", "2")
+    p = topo.spawn(
+        topo.backends, str(nb.ECHO), "-l", f"0.0.0.0:{DIRECT_PORT}", "-l", f"[::]:{DIRECT_PORT}", "-P", "2"
+    )
     deadline = time.monotonic() + 5
-    while f":{DIRECT_PORT}" not in topo.ns(topo.backends, "ss", "-Hltn").stdout:
+    while not all(
+        a in topo.ns(topo.backends, "ss", "-Hltn").stdout
+        for a in (f"0.0.0.0:{DIRECT_PORT}", f"[::]:{DIRECT_PORT}")
+    ):
         if p.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"kp-echo on :{DIRECT_PORT} in {topo.backends} is not listening")
         time.sleep(0.05)
 
 
-def run_peer(peer: str, n: int, st: Settings) -> dict[str, Any]:
-    services = nb.bench_services(n, st.endpoints)
-    node = NodeConfig(node_ips=(nb.NODE_IP,))
+def run_peer(peer: str, n: int, st: Settings, family: int = 4) -> dict[str, Any]:
+    fam = nb.FAMILIES[family]
+    services = nb.bench_services(n, st.endpoints, family)
+    node = fam.node
     t0 = time.perf_counter()
     with nb.Topology() as topo:
         topo.start_servers()
         start_direct_server(topo)
         if peer == "kproxy":
-            with KproxyAgent(topo, services, st.agent_args) as agent:
+            with KproxyAgent(topo, services, st.agent_args, fam) as agent:
                 res: dict[str, Any] = {"program": program_kproxy(agent)}
                 before = _stats(str(agent.bpffs))
-                res.update(measure_paths(topo, st, service=True))
+                res.update(measure_paths(topo, st, service=True, fam=fam))
                 res["program"]["size"].update(agent.memory())  # RSS after the traffic too
                 after = _stats(str(agent.bpffs))
                 res["stats_delta"] = {
@@ -408,10 +448,10 @@ def run_peer(peer: str, n: int, st: Settings) -> dict[str, Any]:
                     if v - before.get("n1", {}).get(k, 0)
                 }
         elif peer == "none":
-            res = measure_paths(topo, st, service=False)
+            res = measure_paths(topo, st, service=False, fam=fam)
         else:
             res = {"program": nb.program_peer(topo, peer, services, node)}
-            res.update(measure_paths(topo, st, service=True))
+            res.update(measure_paths(topo, st, service=True, fam=fam))
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
 
@@ -530,26 +570,31 @@ def run_external(st: Settings) -> dict[str, Any]:
 def run_all(st: Settings, out_dir: Path, external: bool) -> dict[str, Any]:
     nb.ensure_tools()
     started = dt.datetime.now(dt.UTC)
+    labels = {f: nb.FAMILIES[f].label for f in st.families}
     result: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "settings": {k: v for k, v in dataclasses.asdict(st).items()},
         "machine": {"kernel": os.uname().release, "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-        "iptables_backend": nb.IPTABLES_RESTORE,
-        "baseline": {},
-        "runs": {},
+        "iptables_backend": {labels[f]: nb.FAMILIES[f].iptables_restore for f in st.families},
+        # per family ("IPv4", "IPv6"): the no-rule baseline (start and end of the run) and the peers per N
+        "families": {labels[f]: {"baseline": {}, "baseline_runs": [], "runs": {}} for f in st.families},
     }
     t0 = time.perf_counter()
-    log("baseline: no rules, client -> backend directly")
-    result["baseline"] = run_peer("none", 0, st)
-    result["baseline_runs"] = [result["baseline"]]
+    fams = result["families"]
+    for f in st.families:
+        log(f"baseline {labels[f]}: no rules, client -> backend directly")
+        fams[labels[f]]["baseline"] = run_peer("none", 0, st, f)
+        fams[labels[f]]["baseline_runs"].append(fams[labels[f]]["baseline"])
     for n in st.services:
-        result["runs"][str(n)] = {}
-        for peer in st.peers:
-            log(f"{peer}: {n} Services x {st.endpoints} endpoints")
-            result["runs"][str(n)][peer] = run_peer(peer, n, st)
-            save(result, out_dir, partial=True)
-    log("baseline again (drift over the run)")
-    result["baseline_runs"].append(run_peer("none", 0, st))
+        for f in st.families:
+            runs = fams[labels[f]]["runs"][str(n)] = {}
+            for peer in st.peers:
+                log(f"{peer} {labels[f]}: {n} Services x {st.endpoints} endpoints")
+                runs[peer] = run_peer(peer, n, st, f)
+                save(result, out_dir, partial=True)
+    for f in st.families:
+        log(f"baseline {labels[f]} again (drift over the run)")
+        fams[labels[f]]["baseline_runs"].append(run_peer("none", 0, st, f))
     if external:
         log("external: NodePort snat / DSR opt / DSR ipip against the no-NAT baseline")
         try:
@@ -614,16 +659,30 @@ def _size(peer: str, r: dict[str, Any]) -> str:
     return f"{size.get('lines', 0):,} lines, {size.get('bytes', 0) / 1e6:.2f} MB"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    base = result["baseline"]
-    lines = [
-        f"# kproxy benchmark — {result['started']}",
-        "",
-        f"Kernel {result['machine']['kernel']}, {result['machine']['cpus']} CPUs, load average at start "
-        f"{', '.join(f'{x:.2f}' for x in result['machine']['loadavg'])}; iptables peer via "
-        f"{result['iptables_backend']}. Ratios are **kproxy's advantage**: peer/kproxy for times, "
-        "kproxy/peer for rates, so > 1 means kproxy is better.",
-        "",
+# The ratios the summary gives for both families: (column label, metric label in METRICS).
+SUMMARY = [
+    ("conn/s via ClusterIP", "conn/s via ClusterIP"),
+    ("p99 via ClusterIP", "p99 via ClusterIP"),
+    ("CPU/conn via ClusterIP", "CPU per conn via ClusterIP"),
+    ("program from cold", "program from cold"),
+    ("one endpoint change", "one endpoint change"),
+]
+
+
+def _metric(label: str) -> tuple[str, tuple[str, ...], str, bool, str]:
+    return next(m for m in METRICS if m[0] == label)
+
+
+def _baseline_value(base: dict[str, Any], path: tuple[str, ...]) -> Any:
+    if path[0] == "service":
+        return _get(base, "direct", *path[1:])
+    if path[0] == "direct":
+        return _get(base, *path)
+    return None
+
+
+def _baseline_line(base: dict[str, Any], again: list[dict[str, Any]]) -> str:
+    line = (
         "Baseline without any rule (client → backend IP): "
         f"{_fmt(_get(base, 'direct', 'short_conns', 'rate'), '{:,.0f}')} conn/s, "
         f"p50 {_fmt(_get(base, 'direct', 'short_conns', 'p50_us'), '{:,.0f}')} µs, "
@@ -631,36 +690,73 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_fmt(_get(base, 'direct', 'iperf', '2G', 'gbit_s'), '{:.2f}')} Gbit/s at -b 2G "
         f"({_fmt(_get(base, 'direct', 'iperf', '2G', 'cpu_s_per_gb'), '{:.3f}')} s CPU/GB), "
         f"{_fmt(_get(base, 'direct', 'iperf', 'unlimited', 'gbit_s'), '{:.2f}')} Gbit/s unlimited "
-        f"({_fmt(_get(base, 'direct', 'iperf', 'unlimited', 'cpu_s_per_gb'), '{:.3f}')} s CPU/GB).",
-    ]
-    again = result.get("baseline_runs", [])[1:]
+        f"({_fmt(_get(base, 'direct', 'iperf', 'unlimited', 'cpu_s_per_gb'), '{:.3f}')} s CPU/GB)."
+    )
     if again:
         b2 = again[-1]
-        lines[-1] += (
+        line += (
             " Again at the end of the run: "
             f"{_fmt(_get(b2, 'direct', 'short_conns', 'rate'), '{:,.0f}')} conn/s, "
             f"p99 {_fmt(_get(b2, 'direct', 'short_conns', 'p99_us'), '{:,.0f}')} µs, "
             f"{_fmt(_get(b2, 'direct', 'iperf', 'unlimited', 'gbit_s'), '{:.2f}')} Gbit/s unlimited "
             "(the spread between the two is the noise floor of this machine)."
         )
-    lines.append("")
-    for n, peers in result["runs"].items():
-        lines += [f"## {int(n):,} Services × {result['settings']['endpoints']} endpoints", ""]
+    return line
+
+
+def _summary(result: dict[str, Any]) -> list[str]:
+    """kproxy's advantage per family and N, on the metrics that matter most, in one table."""
+    fams = result["families"]
+    rows = []
+    for n in sorted({n for fr in fams.values() for n in fr["runs"]}, key=int):
+        for label, fr in fams.items():
+            peers = fr["runs"].get(n, {})
+            if "kproxy" not in peers:
+                continue
+            row = [f"{int(n):,}", label]
+            for _, metric in SUMMARY:
+                _, path, _, higher, _ = _metric(metric)
+                k = _get(peers["kproxy"], *path)
+                cells = [_ratio(k, _get(peers.get(p), *path), higher) for p in ("iptables", "nftables")]
+                if path[0] in ("service", "direct"):
+                    cells.append(_ratio(k, _baseline_value(fr["baseline"], path), higher))
+                row.append(" / ".join(cells))
+            rows.append("| " + " | ".join(row) + " |")
+    if not rows:
+        return []
+    head = ["Services", "family"] + [
+        f"{label} (vs ipt / nft{' / base' if _metric(m)[1][0] in ('service', 'direct') else ''})"
+        for label, m in SUMMARY
+    ]
+    return [
+        "## Both families at a glance: kproxy's advantage",
+        "",
+        "kproxy ÷ peer for rates, peer ÷ kproxy for times, latencies and CPU (> 1 = kproxy better) against "
+        "the iptables (ip6tables for IPv6) peer, the nftables (`table ip` / `table ip6`) peer and the "
+        "no-NAT baseline of the same family; the tables below have the raw values.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *rows,
+        "",
+    ]
+
+
+def _family_tables(result: dict[str, Any], label: str, fr: dict[str, Any]) -> list[str]:
+    base = fr["baseline"]
+    lines: list[str] = []
+    for n, peers in fr["runs"].items():
+        lines += [f"## {int(n):,} Services × {result['settings']['endpoints']} endpoints, {label}", ""]
         cols = [p for p in PEERS if p in peers]
         head = ["metric", *cols, "baseline (no rules)"]
         if "kproxy" in peers:
             head += [f"vs {p}" for p in cols if p != "kproxy"] + ["vs baseline"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
-        for label, path, unit, higher, f in METRICS:
+        for mlabel, path, unit, higher, f in METRICS:
             vals = {p: _get(peers[p], *path) for p in cols}
-            if path[0] == "service":
-                bval = _get(base, "direct", *path[1:])
-            elif path[0] == "direct":
-                bval = _get(base, *path)
-            else:
-                bval = None
-            row = [f"{label} ({unit})" if unit else label, *[_fmt(vals[p], f) for p in cols], _fmt(bval, f)]
+            bval = _baseline_value(base, path)
+            row = [f"{mlabel} ({unit})" if unit else mlabel, *[_fmt(vals[p], f) for p in cols], _fmt(bval, f)]
             if "kproxy" in peers:
                 row += [_ratio(vals["kproxy"], vals[p], higher) for p in cols if p != "kproxy"]
                 row.append(_ratio(vals["kproxy"], bval, higher) if bval is not None else "–")
@@ -669,6 +765,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Memory / rule-set size: " + "; ".join(sizes) + "."]
         k = peers.get("kproxy", {}).get("program", {})
         if k:
+            v = "6" if label == "IPv6" else "4"
             lines.append(
                 f"kproxy details: program from cold = the N Services' manifests written into the running "
                 f"agent's directory until the maps hold them all (includes the file source noticing them "
@@ -678,13 +775,33 @@ def markdown(result: dict[str, Any]) -> str:
                 f"attach, first sync) took {_fmt(k.get('agent_start_s'), '{:.2f}')} s, so "
                 f"{_fmt(k.get('cold_total_s'), '{:.2f}')} s from nothing. Endpoint change = the Service's "
                 f"manifest rewritten until the map reflects it (same path); the agent's "
-                f"apply alone took {k.get('endpoint_update_apply_ms')} ms. kp_svc4_v1 entries "
-                f"{k.get('svc4_entries')} (expected {k.get('svc4_entries_expected')})."
+                f"apply alone took {k.get('endpoint_update_apply_ms')} ms. kp_svc{v}_v1 entries "
+                f"{k.get(f'svc{v}_entries')} (expected {k.get(f'svc{v}_entries_expected')})."
             )
         lines.append("")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    fams = result["families"]
+    backends = ", ".join(f"{label} via {tool}" for label, tool in result["iptables_backend"].items())
+    lines = [
+        f"# kproxy benchmark — {result['started']}",
+        "",
+        f"Kernel {result['machine']['kernel']}, {result['machine']['cpus']} CPUs, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in result['machine']['loadavg'])}; iptables peer {backends}. "
+        "Ratios are **kproxy's advantage**: peer/kproxy for times, kproxy/peer for rates, so > 1 means "
+        "kproxy is better.",
+        "",
+    ]
+    for label, fr in fams.items():
+        lines += [f"{label}: " + _baseline_line(fr["baseline"], fr.get("baseline_runs", [])[1:]), ""]
+    lines += _summary(result)
+    for label, fr in fams.items():
+        lines += _family_tables(result, label, fr)
     ext = result.get("external")
     if ext is not None:
-        lines += ["## NodePort from outside, backend on the other node (snat / DSR)", ""]
+        lines += ["## NodePort from outside, backend on the other node (snat / DSR), IPv4", ""]
         if "skipped" in ext or "failed" in ext:
             lines += [f"Not measured: {ext.get('skipped') or ext.get('failed')}", ""]
         else:
@@ -720,29 +837,47 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = sorted(int(n) for n in result["runs"])
+    fams = result["families"]
+    ns = sorted({int(n) for fr in fams.values() for n in fr["runs"]})
     xs = [max(n, 1) for n in ns]
     colours = {"kproxy": "tab:green", "iptables": "tab:red", "nftables": "tab:blue"}
+    # IPv4 solid with circles, IPv6 dash-dot with triangles
+    styles = {"IPv4": ("o", "-"), "IPv6": ("^", "-.")}
     written = []
+
+    def series(fr: dict[str, Any], peer: str, *path: str) -> list[Any]:
+        return [_get(fr["runs"].get(str(n), {}).get(peer), *path) for n in ns]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, q in zip(axes, ("p50_us", "p99_us"), strict=True):
-        for peer in PEERS:
-            ys = [_get(result["runs"][str(n)].get(peer), "service", "short_conns", q) for n in ns]
-            if any(y is not None for y in ys):
-                ax.plot(xs, ys, "o-", label=f"{peer} via ClusterIP", color=colours[peer])
-            yd = [_get(result["runs"][str(n)].get(peer), "direct", "short_conns", q) for n in ns]
-            if any(y is not None for y in yd):
-                ax.plot(xs, yd, "x:", label=f"{peer} rules, direct", color=colours[peer], alpha=0.6)
-        b = _get(result["baseline"], "direct", "short_conns", q)
-        if b is not None:
-            ax.axhline(b, color="grey", linestyle="--", label="baseline, no rules")
+        for label, fr in fams.items():
+            marker, line = styles.get(label, ("o", "-"))
+            for peer in PEERS:
+                ys = series(fr, peer, "service", "short_conns", q)
+                if any(y is not None for y in ys):
+                    ax.plot(xs, ys, marker + line, label=f"{peer} {label} via ClusterIP", color=colours[peer])
+                if label == "IPv4":
+                    yd = series(fr, peer, "direct", "short_conns", q)
+                    if any(y is not None for y in yd):
+                        ax.plot(
+                            xs,
+                            yd,
+                            "x:",
+                            label=f"{peer} {label} rules, direct",
+                            color=colours[peer],
+                            alpha=0.6,
+                        )
+            b = _get(fr["baseline"], "direct", "short_conns", q)
+            if b is not None:
+                ax.axhline(
+                    b, color="grey", linestyle="--" if label == "IPv4" else ":", label=f"baseline {label}"
+                )
         ax.set_xscale("log")
         ax.set_xlabel("Services")
         ax.set_ylabel(f"{q.split('_')[0]} connection latency (µs)")
         ax.set_title(f"New-connection latency {q.split('_')[0]}")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     p = out_dir / "latency.png"
     fig.savefig(p, dpi=110)
@@ -750,21 +885,23 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     written.append(p)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for peer in PEERS:
-        for key, style, what in (
-            ("load_s", "o-", "all Services from cold"),
-            ("endpoint_update_s", "s--", "one endpoint change"),
-        ):
-            ys = [_get(result["runs"][str(n)].get(peer), "program", key) for n in ns]
-            if any(y is not None for y in ys):
-                ax.plot(xs, ys, style, label=f"{peer}: {what}", color=colours[peer])
+    for label, fr in fams.items():
+        marker, line = styles.get(label, ("o", "-"))
+        for peer in PEERS:
+            for key, style, what in (
+                ("load_s", marker + line, "all Services from cold"),
+                ("endpoint_update_s", "s" + ("--" if label == "IPv4" else ":"), "one endpoint change"),
+            ):
+                ys = series(fr, peer, "program", key)
+                if any(y is not None for y in ys):
+                    ax.plot(xs, ys, style, label=f"{peer} {label}: {what}", color=colours[peer])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("Services")
     ax.set_ylabel("seconds")
     ax.set_title("Control plane: time to program")
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     p = out_dir / "control-plane.png"
     fig.savefig(p, dpi=110)
@@ -808,6 +945,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="N = 1, 1000, 10000; 10 s + 2 x 5 s per path")
     ap.add_argument("--services", type=int, nargs="+", help="override the list of N")
     ap.add_argument("--peers", nargs="+", choices=PEERS, help="only these peers (default: all)")
+    ap.add_argument(
+        "--families",
+        nargs="+",
+        type=int,
+        choices=FAMILY_CHOICES,
+        help="address families to measure: 4, 6 or both (default: both)",
+    )
     ap.add_argument("--duration", type=float, help="seconds of short connections per path")
     ap.add_argument("--iperf-seconds", type=float, help="seconds per iperf3 run (0 skips iperf3)")
     ap.add_argument("--concurrency", type=int, default=32)
@@ -837,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
         st.services = args.services
     if args.peers:
         st.peers = tuple(p for p in PEERS if p in args.peers)
+    if args.families:
+        st.families = tuple(f for f in FAMILY_CHOICES if f in args.families)
     if args.duration is not None:
         st.duration = args.duration
         st.warmup = min(st.warmup, args.duration / 4)

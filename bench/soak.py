@@ -10,6 +10,12 @@ follow the lab's manifest directory (file source). The churn driver rewrites one
 joined that namespace) connect continuously: ClusterIP from the client pods, NodePort to both nodes and
 LoadBalancer from the external client. Every pod server answers with its identity.
 
+The lab is dual-stack and so is every Service (RequireDualStack: a ClusterIP, an EndpointSlice, a
+LoadBalancer IP per family), so one change moves both families' backend sets at once. Every probe
+target exists once per family (`--families 4 6`, both by default): ClusterIP over IPv6 from the client
+pods, NodePort to the nodes' IPv6 addresses, LoadBalancer IPv6 (fd00:78::/64) from the external client,
+and the long-lived streams too; every check below is made per family and the report is split by family.
+
 Checks (see `Soak.report`):
   wrong answers       an answer from a backend that was not valid during the probe, nor removed less than
                       the programming window W before it (in-window answers are counted, with their lag);
@@ -18,8 +24,8 @@ Checks (see `Soak.report`):
                       Services), a round trip every 500 ms;
   TTFP                change -> first probe answered by a new backend, for backends that stayed long enough;
   agents              RSS and CPU from /proc, sampled every second (PNG plot);
-  maps                svc4/be4/ct4/aff4 entries per node over time, back to baseline once churn ends and
-                      conntrack expired (short --ct-timeout-* for the soak).
+  maps                svc4/be4/ct4/aff4 and svc6/be6/ct6/aff6 entries per node over time, back to
+                      baseline once churn ends and conntrack expired (short --ct-timeout-* for the soak).
 Both agents are killed with SIGKILL twice and restarted, while churn and probes go on.
 """
 
@@ -51,6 +57,8 @@ CT_TIMEOUTS = {"syn": 3, "tcp": 8, "fin": 2, "udp": 3}
 SWEEP_INTERVAL = 1.0
 TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 ANCHORS = ("n1p1", "n2p1")  # never removed from the stable Services; the long-lived streams end there
+MAP_NAMES = ("svc4", "be4", "ct4", "aff4", "svc6", "be6", "ct6", "aff6")
+FAMILY_LABEL = {4: "IPv4", 6: "IPv6"}
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -62,9 +70,11 @@ class Slot:
     name: str
     type: str
     cluster_ip: str
+    cluster_ip6: str
     target: int
     node_port: int | None = None
     lb_ip: str | None = None
+    lb_ip6: str | None = None
     stable: bool = False
     backends: frozenset[str] | None = None  # pod names; None = Service absent
     probed: bool = True
@@ -106,6 +116,7 @@ class Probe:
     kind: str  # clusterip@n1 / nodeport@n2 / lb
     pod: str | None  # None: failed
     error: str = ""
+    family: int = 4
 
 
 def setns(name: str) -> None:
@@ -127,6 +138,8 @@ class Soak:
         self.stream_breaks: list[str] = []
         self.streams_open = 0
         self.stream_roundtrips = 0
+        self.streams_by_family = {4: 0, 6: 0}
+        self.roundtrips_by_family = {4: 0, 6: 0}
         self.samples: list[dict[str, Any]] = []
         self.changes = 0
         self.change_lag: list[float] = []
@@ -153,9 +166,11 @@ class Soak:
                     name=f"soak-{i}",
                     type=typ,
                     cluster_ip=f"10.96.100.{10 + i}",
+                    cluster_ip6=f"fd00:10:96::100:{10 + i}",
                     target=POD_PORTS[i % 2],
                     node_port=30100 + i if typ != "ClusterIP" else None,
                     lb_ip=f"192.168.78.{10 + i}" if typ == "LoadBalancer" else None,
+                    lb_ip6=f"fd00:78::{10 + i}" if typ == "LoadBalancer" else None,
                 )
             )
         for k in range(self.a.background):
@@ -166,6 +181,7 @@ class Soak:
                     name=f"soak-bg-{k}",
                     type="ClusterIP",
                     cluster_ip=f"10.97.{k // 250}.{1 + k % 250}",
+                    cluster_ip6=f"fd00:10:96::97:{k:x}",
                     target=POD_PORTS[k % 2],
                     probed=False,
                 )
@@ -178,6 +194,7 @@ class Soak:
                     name=f"stable-{j}",
                     type=typ,
                     cluster_ip=f"10.96.101.{10 + j}",
+                    cluster_ip6=f"fd00:10:96::101:{10 + j}",
                     target=8080,
                     node_port=30200 + j if typ == "NodePort" else None,
                     stable=True,
@@ -187,9 +204,12 @@ class Soak:
     def objects(self, s: Slot) -> dict[str, Any]:
         assert self.lab is not None and s.backends is not None
         port = mf.Port(name="p", port=80, target=s.target, node_port=s.node_port)
-        svc = mf.service(s.name, [port], s.cluster_ip, type=s.type, lb_ips=[s.lb_ip] if s.lb_ip else ())
-        eps = [(self.lab.pod(p).ip, self.lab.pod(p).node) for p in sorted(s.backends)]
-        return {"apiVersion": "v1", "kind": "List", "items": [svc, mf.endpoint_slice(s.name, eps, [port])]}
+        # Dual-stack: both ClusterIPs, an LB IP per family, one EndpointSlice per family.
+        lbs = [ip for ip in (s.lb_ip, s.lb_ip6) if ip]
+        svc = mf.service(s.name, [port], s.cluster_ip, type=s.type, lb_ips=lbs, cluster_ip6=s.cluster_ip6)
+        pods = [self.lab.pod(p) for p in sorted(s.backends)]
+        eps = [(p.ip, p.node) for p in pods] + [(p.ip6, p.node) for p in pods]
+        return {"apiVersion": "v1", "kind": "List", "items": [svc, *mf.endpoint_slices(s.name, eps, [port])]}
 
     def write(self, s: Slot) -> None:
         """Make the slot's current backend set the lab's, and log it as valid from just before the agents
@@ -277,23 +297,34 @@ class Soak:
         return any(k <= t <= r + w for k, r in self.restarts)
 
     # ---- probes ----
-    def targets(self) -> dict[str, list[tuple[int, str, str, int]]]:
-        """Per source namespace: (slot, kind, addr, port)."""
+    def targets(self) -> dict[str, list[tuple[int, str, str, int, int]]]:
+        """Per source namespace: (slot, kind, addr, port, family), each target once per family."""
         assert self.lab is not None
         lab = self.lab
-        out: dict[str, list[tuple[int, str, str, int]]] = {}
+        fams = self.a.families
+        out: dict[str, list[tuple[int, str, str, int, int]]] = {}
         for c in self.clients:
-            out[c.ns] = [(s.index, f"clusterip@{c.name}", s.cluster_ip, 80) for s in self.slots if s.probed]
-        ext: list[tuple[int, str, str, int]] = []
+            out[c.ns] = [
+                (s.index, f"clusterip@{c.name}", s.cluster_ip6 if f == 6 else s.cluster_ip, 80, f)
+                for s in self.slots
+                if s.probed
+                for f in fams
+            ]
+        ext: list[tuple[int, str, str, int, int]] = []
         for s in self.slots:
-            if s.node_port:
-                ext += [(s.index, f"nodeport@{n.name}", n.ip, s.node_port) for n in lab.nodes]
-            if s.lb_ip:
-                ext.append((s.index, "lb", s.lb_ip, 80))
+            for f in fams:
+                if s.node_port:
+                    ext += [
+                        (s.index, f"nodeport@{n.name}", n.ip6 if f == 6 else n.ip, s.node_port, f)
+                        for n in lab.nodes
+                    ]
+                lb = s.lb_ip6 if f == 6 else s.lb_ip
+                if lb:
+                    ext.append((s.index, "lb", lb, 80, f))
         out[lab.ext.ns] = ext
         return out
 
-    async def probe_one(self, slot: int, kind: str, addr: str, port: int) -> None:
+    async def probe_one(self, slot: int, kind: str, addr: str, port: int, family: int = 4) -> None:
         t0 = time.monotonic()
         pod = None
         err = ""
@@ -308,9 +339,9 @@ class Soak:
                 w.close()
         except (OSError, TimeoutError, ValueError) as e:
             err = type(e).__name__ + (f" {e.errno}" if isinstance(e, OSError) and e.errno else "")
-        self.probes.append(Probe(t0, time.monotonic(), slot, kind, pod, err))
+        self.probes.append(Probe(t0, time.monotonic(), slot, kind, pod, err, family))
 
-    async def prober(self, targets: list[tuple[int, str, str, int]]) -> None:
+    async def prober(self, targets: list[tuple[int, str, str, int, int]]) -> None:
         interval = self.a.probe_interval / 1000
         pending: set[asyncio.Task[None]] = set()
         nxt = time.monotonic()
@@ -332,6 +363,7 @@ class Soak:
 
     async def stream(self, addr: str, port: int, label: str) -> None:
         """Keep one TCP stream to an anchor open and echoing; a connection to a non-anchor is retried."""
+        fam = 6 if ":" in addr else 4
         for _ in range(50):
             r, w = await asyncio.open_connection(addr, port)
             hello = json.loads(await r.readline())
@@ -342,6 +374,7 @@ class Soak:
             self.stream_breaks.append(f"{label}: never reached an anchor")
             return
         self.streams_open += 1
+        self.streams_by_family[fam] += 1
         n = 0
         try:
             while not self.stop_streams.is_set():
@@ -353,6 +386,7 @@ class Soak:
                 if got != msg:
                     raise ConnectionError("echo mismatch")
                 self.stream_roundtrips += 1
+                self.roundtrips_by_family[fam] += 1
                 await asyncio.sleep(0.5)
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             self.stream_breaks.append(f"{label} to {hello['pod']} broke after {n} round trips: {e!r}")
@@ -360,7 +394,7 @@ class Soak:
             w.close()
 
     def ns_thread(
-        self, ns: str, targets: list[tuple[int, str, str, int]], streams: list[tuple[str, int, str]]
+        self, ns: str, targets: list[tuple[int, str, str, int, int]], streams: list[tuple[str, int, str]]
     ) -> None:
         setns(ns)
 
@@ -390,8 +424,9 @@ class Soak:
                         if line.startswith("VmRSS:"):
                             row[f"{n.name}.rss_kb"] = int(line.split()[1])
             with contextlib.suppress(Exception), KproxyMaps.open(n.bpffs) as m:
-                for name in ("svc4", "be4", "ct4", "aff4"):
-                    row[f"{n.name}.{name}"] = len(getattr(m, name))
+                for name in MAP_NAMES:
+                    if getattr(m, name, None) is not None:
+                        row[f"{n.name}.{name}"] = len(getattr(m, name))
         self.samples.append(row)
 
     def sampler(self, stop: threading.Event) -> None:
@@ -400,9 +435,7 @@ class Soak:
 
     def map_counts(self) -> dict[str, int]:
         self.sample()
-        return {
-            k: v for k, v in self.samples[-1].items() if k.split(".")[-1] in ("svc4", "be4", "ct4", "aff4")
-        }
+        return {k: v for k, v in self.samples[-1].items() if k.split(".")[-1] in MAP_NAMES}
 
     # ---- run ----
     def run(self) -> dict[str, Any]:
@@ -422,6 +455,7 @@ class Soak:
             for s in self.slots:
                 if s.stable:
                     lab.wait_programmed(s.cluster_ip, 80, [lab.pod(p).ip for p in ANCHORS], timeout=20)
+                    lab.wait_programmed(s.cluster_ip6, 80, [lab.pod(p).ip6 for p in ANCHORS], timeout=20)
             time.sleep(1.0)
             baseline = self.map_counts()  # the stable Services only, no conntrack yet
             self.samples.clear()  # taken before t_start: not part of the time series
@@ -432,12 +466,18 @@ class Soak:
             stable = [s for s in self.slots if s.stable]
             streams: dict[str, list[tuple[str, int, str]]] = {c.ns: [] for c in self.clients}
             streams[lab.ext.ns] = []
-            for c in self.clients:
+            for f in a.families:
+                v = "-v6" if f == 6 else ""
+                for c in self.clients:
+                    vip = stable[0].cluster_ip6 if f == 6 else stable[0].cluster_ip
+                    for k in range(a.streams):
+                        streams[c.ns].append((vip, 80, f"stream{v}-{c.name}-{k}"))
                 for k in range(a.streams):
-                    streams[c.ns].append((stable[0].cluster_ip, 80, f"stream-{c.name}-{k}"))
-            for k in range(a.streams):
-                n = lab.nodes[k % 2]
-                streams[lab.ext.ns].append((n.ip, stable[1].node_port or 0, f"stream-ext-{n.name}-{k}"))
+                    n = lab.nodes[k % 2]
+                    addr = n.ip6 if f == 6 else n.ip
+                    streams[lab.ext.ns].append(
+                        (addr, stable[1].node_port or 0, f"stream{v}-ext-{n.name}-{k}")
+                    )
             threads = [
                 threading.Thread(target=self.ns_thread, args=(ns, tg, streams[ns]), daemon=True)
                 for ns, tg in self.targets().items()
@@ -479,7 +519,8 @@ class Soak:
             time.sleep(1.0)
 
     # ---- analysis ----
-    def report(self, baseline: dict[str, int], final: dict[str, int], logs: dict[str, str]) -> dict[str, Any]:
+    def check(self, probes: list[Probe]) -> dict[str, Any]:
+        """The probe checks (wrong answers, failed probes, answers in the window, TTFP) over PROBES."""
         w = self.a.window_ms / 1000
         wrong: list[str] = []
         in_window: list[float] = []
@@ -487,8 +528,9 @@ class Soak:
         excused_fail = restart_fail = restart_stale = 0
         ok = 0
         first_hit: dict[tuple[int, str], list[float]] = {}
-        for p in self.probes:
+        for p in probes:
             s = self.slots[p.slot]
+            fam = FAMILY_LABEL[p.family]
             if p.pod is None:
                 sets = s.sets_during(p.t0 - w, p.t1)
                 if any(not x for x in sets):  # absent or empty at some moment: failure allowed
@@ -496,7 +538,7 @@ class Soak:
                 elif self.in_restart(p.t0, w):
                     restart_fail += 1
                 else:
-                    failed.append(f"t={p.t0 - self.t_start:.3f} {s.name} {p.kind}: {p.error}")
+                    failed.append(f"t={p.t0 - self.t_start:.3f} {s.name} {p.kind} {fam}: {p.error}")
                 continue
             ok += 1
             first_hit.setdefault((p.slot, p.pod), []).append(p.t1)
@@ -509,10 +551,46 @@ class Soak:
                 restart_stale += 1
             else:
                 lag = f"{(p.t0 - removed) * 1000:.0f} ms after removal" if removed else "never valid"
-                wrong.append(f"t={p.t0 - self.t_start:.3f} {s.name} {p.kind}: answered by {p.pod} ({lag})")
+                wrong.append(
+                    f"t={p.t0 - self.t_start:.3f} {s.name} {p.kind} {fam}: answered by {p.pod} ({lag})"
+                )
         for hits in first_hit.values():
             hits.sort()
         ttfp, unreached = self.ttfp(first_hit, w)
+        return {
+            "probes": len(probes),
+            "answers_ok": ok,
+            "wrong_answers": len(wrong),
+            "wrong_examples": wrong[:20],
+            "in_window_answers": len(in_window),
+            "in_window_lag_ms": pct(in_window),
+            "failed_probes": len(failed),
+            "failed_examples": failed[:20],
+            "failed_excused": excused_fail,
+            "restart_stale_answers": restart_stale,
+            "restart_failed_probes": restart_fail,
+            "ttfp_ms": pct(ttfp),
+            "ttfp_count": len(ttfp),
+            "backends_unreached": unreached,
+        }
+
+    def report(self, baseline: dict[str, int], final: dict[str, int], logs: dict[str, str]) -> dict[str, Any]:
+        total = self.check(self.probes)
+        by_family: dict[str, dict[str, Any]] = {}
+        for f in self.a.families:
+            fam = FAMILY_LABEL[f]
+            breaks = [b for b in self.stream_breaks if ("-v6-" in b) == (f == 6)]
+            by_family[fam] = {
+                **self.check([p for p in self.probes if p.family == f]),
+                "streams": self.streams_by_family[f],
+                "stream_roundtrips": self.roundtrips_by_family[f],
+                "streams_broken": len(breaks),
+                "maps_leak": {
+                    k: final.get(k, 0) - v
+                    for k, v in baseline.items()
+                    if final.get(k, 0) != v and k.endswith(str(f))
+                },
+            }
         agent = self.agent_series()
         dur = max(1e-9, self.t_churn_end - self.t_start)
         res: dict[str, Any] = {
@@ -524,30 +602,19 @@ class Soak:
                 "probe_interval_ms": self.a.probe_interval,
                 "ct_timeouts_s": CT_TIMEOUTS,
                 "seed": self.a.seed,
+                "families": [FAMILY_LABEL[f] for f in self.a.families],
             },
             "changes": self.changes,
             "rate_reached": self.changes / dur,
-            "probes": len(self.probes),
+            **total,  # both families together; by_family has the same checks per family
             "probe_rate": len(self.probes) / dur,
-            "answers_ok": ok,
-            "wrong_answers": len(wrong),
-            "wrong_examples": wrong[:20],
-            "in_window_answers": len(in_window),
-            "in_window_lag_ms": pct(in_window),
-            "failed_probes": len(failed),
-            "failed_examples": failed[:20],
-            "failed_excused": excused_fail,
+            "by_family": by_family,
             "restart_gaps_s": [(k - self.t_start, r - k) for k, r in self.restarts],
-            "restart_stale_answers": restart_stale,
             "restart_errors": self.restart_errors,
-            "restart_failed_probes": restart_fail,
             "streams": self.streams_open,
             "stream_roundtrips": self.stream_roundtrips,
             "streams_broken": len(self.stream_breaks),
             "stream_breaks": self.stream_breaks[:20],
-            "ttfp_ms": pct(ttfp),
-            "ttfp_count": len(ttfp),
-            "backends_unreached": unreached,
             "kills_at_s": self.kills,
             "maps_baseline": baseline,
             "maps_final": final,
@@ -645,7 +712,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
             elif not prev or r["t"] - prev[0] >= 0.5 or prev[2] != r[f"{n}.pid"]:
                 prev = (r["t"], r[f"{n}.cpu_ticks"], r[f"{n}.pid"])
         axes[1].plot(ts, cpu, label=f"{n} CPU %")
-        for m in ("svc4", "be4", "ct4", "aff4"):
+        for m in MAP_NAMES:
             k = f"{n}.{m}"
             axes[2].plot([r["t"] for r in rows if k in r], [r[k] for r in rows if k in r], label=k)
     for k in res["kills_at_s"]:
@@ -698,6 +765,48 @@ def markdown(res: dict[str, Any]) -> str:
             f"| agent {n} RSS max/last, CPU mean/max | {f(a['rss_mb_max'], ' MiB')} / "
             f"{f(a['rss_mb_last'], ' MiB')}, {f(a['cpu_pct_mean'], '%')} / {f(a['cpu_pct_max'], '%')} |"
         )
+    fams = res.get("by_family", {})
+    if fams:
+        lines += ["", "Per family (every check above, on that family's probes and streams):", ""]
+        lines += ["| measure | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+
+        def row(label: str, cell: Any) -> str:
+            return f"| {label} | " + " | ".join(cell(r) for r in fams.values()) + " |"
+
+        win = res["config"]["window_ms"]
+        lines += [
+            row("probes, answered", lambda r: f"{r['probes']}, {r['answers_ok']}"),
+            row(f"wrong answers (beyond {win} ms)", lambda r: f"**{r['wrong_answers']}**"),
+            row(
+                "in-window answers (lag p50/p99/max ms)",
+                lambda r: (
+                    f"{r['in_window_answers']} ({f(r['in_window_lag_ms']['p50'])}/"
+                    f"{f(r['in_window_lag_ms']['p99'])}/{f(r['in_window_lag_ms']['max'])})"
+                ),
+            ),
+            row(
+                "failed probes with ready backends",
+                lambda r: f"**{r['failed_probes']}** (excused {r['failed_excused']})",
+            ),
+            row(
+                "long-lived streams broken",
+                lambda r: (
+                    f"**{r['streams_broken']}** of {r['streams']} ({r['stream_roundtrips']} round trips)"
+                ),
+            ),
+            row(
+                "TTFP p50/p99/max ms",
+                lambda r: (
+                    f"{f(r['ttfp_ms']['p50'])} / {f(r['ttfp_ms']['p99'])} / {f(r['ttfp_ms']['max'])} "
+                    f"(n={r['ttfp_count']})"
+                ),
+            ),
+            row(
+                "during restarts: stale, failed",
+                lambda r: f"{r['restart_stale_answers']}, {r['restart_failed_probes']}",
+            ),
+            row("map leak after churn", lambda r: str(r["maps_leak"] or "none")),
+        ]
     lines += ["", "Changes made while the agents are down (kill -9 until both re-synced, plus the window) "
               "are programmed by the restarted agents: answers then are counted apart, not as wrong answers.",
               "TTFP includes the probe sampling delay: each Service/type is probed every "
@@ -719,8 +828,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-timeout", type=float, default=2.5, help="seconds [2.5]")
     ap.add_argument("--streams", type=int, default=2, help="long-lived streams per source [2]")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument(
+        "--families", type=int, nargs="+", choices=(4, 6), default=[4, 6], help="probed families [4 6]"
+    )
     ap.add_argument("--out", default="bench/results", help="results directory [bench/results]")
     a = ap.parse_args(argv)
+    a.families = tuple(sorted(set(a.families)))
     if a.seed is None:
         a.seed = int.from_bytes(os.urandom(4), "little")
     return a

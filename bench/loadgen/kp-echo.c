@@ -3,7 +3,7 @@
  * client's ports are free again at once). One epoll loop per process; -P N forks N processes sharing
  * the listening ports with SO_REUSEPORT so the server is never the bottleneck.
  *
- *   kp-echo -l 0.0.0.0:8080 [-l ADDR:PORT ...] [-i IDENTITY] [-P PROCS]
+ *   kp-echo -l 0.0.0.0:8080 [-l [::]:8080] [-l ADDR:PORT ...] [-i IDENTITY] [-P PROCS]
  *
  * Without -i the identity is the local address:port the connection arrived at, so one process
  * serving several backend addresses still tells them apart.
@@ -30,25 +30,49 @@ static const char *identity;
 
 static int open_listener(const char *spec)
 {
-	char host[64];
+	char host[INET6_ADDRSTRLEN + 2];
 	const char *colon = strrchr(spec, ':');
 	if (!colon || (size_t)(colon - spec) >= sizeof(host)) {
-		fprintf(stderr, "kp-echo: -l %s: expected ADDR:PORT\n", spec);
+		fprintf(stderr, "kp-echo: -l %s: expected ADDR:PORT or [ADDR6]:PORT\n", spec);
 		exit(2);
 	}
-	memcpy(host, spec, (size_t)(colon - spec));
-	host[colon - spec] = 0;
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1)) };
-	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
-		fprintf(stderr, "kp-echo: -l %s: %s is not an IPv4 address\n", spec, host);
+	size_t hlen = (size_t)(colon - spec);
+	if (hlen >= 2 && spec[0] == '[' && spec[hlen - 1] == ']') {
+		memcpy(host, spec + 1, hlen - 2);
+		host[hlen - 2] = 0;
+	} else {
+		memcpy(host, spec, hlen);
+		host[hlen] = 0;
+	}
+	uint16_t port = htons((uint16_t)atoi(colon + 1));
+	struct sockaddr_storage ss = { 0 };
+	struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+	socklen_t sl;
+	if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+		s4->sin_family = AF_INET;
+		s4->sin_port = port;
+		sl = sizeof(*s4);
+	} else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = port;
+		sl = sizeof(*s6);
+	} else {
+		fprintf(stderr, "kp-echo: -l %s: %s is not an IPv4 or IPv6 address\n", spec, host);
 		exit(2);
 	}
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	int one = 1;
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	setsockopt(fd, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4096) < 0) {
+	if (ss.ss_family == AF_INET6) {
+		/* [::]:PORT serves IPv6 only: a 0.0.0.0 listener on the same port may sit beside it. */
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		setsockopt(fd, IPPROTO_IPV6, IPV6_FREEBIND, &one, sizeof(one));
+	} else {
+		setsockopt(fd, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
+	}
+	if (bind(fd, (struct sockaddr *)&ss, sl) < 0 || listen(fd, 4096) < 0) {
 		fprintf(stderr, "kp-echo: cannot listen on %s: %s\n", spec, strerror(errno));
 		exit(1);
 	}
@@ -66,12 +90,20 @@ static void reply(int fd)
 		if (identity) {
 			len = snprintf(id, sizeof(id), "%s\n", identity);
 		} else {
-			struct sockaddr_in sa;
-			socklen_t sl = sizeof(sa);
-			char ip[INET_ADDRSTRLEN] = "?";
-			getsockname(fd, (struct sockaddr *)&sa, &sl);
-			inet_ntop(AF_INET, &sa.sin_addr, ip, sizeof(ip));
-			len = snprintf(id, sizeof(id), "%s:%u\n", ip, ntohs(sa.sin_port));
+			/* addr:port for IPv4, [addr]:port for IPv6 (as kube-proxy prints endpoints) */
+			struct sockaddr_storage ss;
+			socklen_t sl = sizeof(ss);
+			char ip[INET6_ADDRSTRLEN] = "?";
+			getsockname(fd, (struct sockaddr *)&ss, &sl);
+			if (ss.ss_family == AF_INET6) {
+				struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+				inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+				len = snprintf(id, sizeof(id), "[%s]:%u\n", ip, ntohs(s6->sin6_port));
+			} else {
+				struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+				inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+				len = snprintf(id, sizeof(id), "%s:%u\n", ip, ntohs(s4->sin_port));
+			}
 		}
 		send(fd, id, (size_t)len, MSG_NOSIGNAL);
 	}

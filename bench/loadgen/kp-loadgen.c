@@ -1,7 +1,7 @@
 /* kp-loadgen: short TCP connections (connect, send a small request, read the reply to EOF, close)
  * with N concurrent connections for D seconds or M connections, one epoll loop, JSON on stdout.
  *
- *   kp-loadgen -a 10.96.0.10 -p 80 [-c 32] [-d 5 | -n 10000] [-t 2000] [-r "GET\n"] [-w 0.5]
+ *   kp-loadgen -a 10.96.0.10|fd00:10:96::a -p 80 [-c 32] [-d 5 | -n 10000] [-t 2000] [-r "GET\n"] [-w 0.5]
  *
  * Latency = connect() call to EOF of the reply, in microseconds. Errors are counted by kind:
  * connect (refused/unreachable), io (reset or a failed send/recv), timeout (no reply within -t ms),
@@ -41,7 +41,9 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static struct sockaddr_in dst;
+/* The destination, IPv4 or IPv6 (-a takes either form; a bracketed IPv6 address too). */
+static struct sockaddr_storage dst;
+static socklen_t dst_len;
 static const char *request = "GET\n";
 static size_t request_len;
 static int epfd;
@@ -108,14 +110,14 @@ static void start(struct slot *s)
 	s->start_ns = now_ns();
 	if (s->start_ns >= recording_from_ns)
 		started++;
-	s->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	s->fd = socket(dst.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (s->fd < 0) {
 		finish(s, 1);
 		return;
 	}
 	int one = 1;
 	setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	if (connect(s->fd, (struct sockaddr *)&dst, sizeof(dst)) < 0 && errno != EINPROGRESS) {
+	if (connect(s->fd, (struct sockaddr *)&dst, dst_len) < 0 && errno != EINPROGRESS) {
 		finish(s, 1);
 		return;
 	}
@@ -201,10 +203,30 @@ int main(int argc, char **argv)
 	if (!addr || port <= 0 || port > 65535 || conc <= 0 || (duration <= 0 && total == 0))
 		usage();
 	request_len = strlen(request);
-	dst.sin_family = AF_INET;
-	dst.sin_port = htons((uint16_t)port);
-	if (inet_pton(AF_INET, addr, &dst.sin_addr) != 1) {
-		fprintf(stderr, "kp-loadgen: %s is not an IPv4 address\n", addr);
+	char host[INET6_ADDRSTRLEN + 2];
+	size_t alen = strlen(addr);
+	if (alen >= sizeof(host)) {
+		fprintf(stderr, "kp-loadgen: %s is not an IPv4 or IPv6 address\n", addr);
+		return 2;
+	}
+	if (addr[0] == '[' && alen > 2 && addr[alen - 1] == ']') {
+		memcpy(host, addr + 1, alen - 2);
+		host[alen - 2] = 0;
+	} else {
+		memcpy(host, addr, alen + 1);
+	}
+	struct sockaddr_in *d4 = (struct sockaddr_in *)&dst;
+	struct sockaddr_in6 *d6 = (struct sockaddr_in6 *)&dst;
+	if (inet_pton(AF_INET, host, &d4->sin_addr) == 1) {
+		d4->sin_family = AF_INET;
+		d4->sin_port = htons((uint16_t)port);
+		dst_len = sizeof(*d4);
+	} else if (inet_pton(AF_INET6, host, &d6->sin6_addr) == 1) {
+		d6->sin6_family = AF_INET6;
+		d6->sin6_port = htons((uint16_t)port);
+		dst_len = sizeof(*d6);
+	} else {
+		fprintf(stderr, "kp-loadgen: %s is not an IPv4 or IPv6 address\n", addr);
 		return 2;
 	}
 	epfd = epoll_create1(EPOLL_CLOEXEC);

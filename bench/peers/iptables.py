@@ -1,5 +1,13 @@
 """iptables peer: the rule layout kube-proxy v1.36's iptables proxier writes, for any number of Services.
 
+One proxier per family, as in kube-proxy: ``render(services, node)`` gives ``iptables-restore``
+input for an IPv4 ``node`` and ``ip6tables-restore`` input for an IPv6 one (``model.NODE6``). The
+IPv6 proxier differs where kube-proxy's proxier.go branches on the family: /128 host masks, REJECT
+printed with ``--reject-with icmp6-port-unreachable``, no localhost NodePort rule (route_localnet is
+IPv4-only) and no rule in KUBE-FIREWALL (its localnet rule is IPv4-only; the chain and its jumps
+stay, kubelet's jump chains), the KUBE-NODEPORTS tail rule excluding ``::1/128``, DNAT to
+``[addr]:port``, IPv6 ``recent`` masks and the IPv6 cluster CIDR for the masquerade rules.
+
 The output is a complete ``iptables-restore`` input (mangle, filter and nat tables) written the way
 ``iptables-save`` prints it (canonical match order, chains sorted), so a generated file and a
 capture of the real kube-proxy can be compared line by line. Loading it with ``iptables-restore``
@@ -90,8 +98,25 @@ def _q(text: str) -> str:
     return f'"{text}"'
 
 
+def _host(ip: str) -> str:
+    """An address as iptables-save prints a host match: /32, or /128 for IPv6."""
+    if "/" in ip:
+        return ip
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
 def _dst(ip: str) -> str:
-    return f"-d {ip}/32" if "/" not in ip else f"-d {ip}"
+    return f"-d {_host(ip)}"
+
+
+def _reject(node: NodeConfig) -> str:
+    # kube-proxy writes a bare "-j REJECT"; iptables-save / ip6tables-save print the default type.
+    return "REJECT --reject-with " + ("icmp6-port-unreachable" if node.ipv6 else "icmp-port-unreachable")
+
+
+def _recent_mask(node: NodeConfig) -> str:
+    # the recent match's default mask (every address bit), as the save tools print it
+    return "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if node.ipv6 else "255.255.255.255"
 
 
 class _Tables:
@@ -117,7 +142,7 @@ def _write_service(t: _Tables, svc: ServicePort, node: NodeConfig) -> None:
     internal_chain = svl_chain if svc.internal_local else svc_chain
     external_policy_chain = svl_chain if svc.external_local else svc_chain
     if not c.has_endpoints:
-        int_target = ext_target = "REJECT --reject-with icmp-port-unreachable"
+        int_target = ext_target = _reject(node)
         int_comment = ext_comment = f"{name} has no endpoints"
     else:
         int_target = ext_target = "DROP"
@@ -163,7 +188,8 @@ def _write_service(t: _Tables, svc: ServicePort, node: NodeConfig) -> None:
     if svc.node_port:
         if c.has_endpoints:
             m = f"-p {p} -m comment --comment {_q(name)} -m {p} --dport {svc.node_port}"
-            if node.localhost_nodeports:
+            # proxier.go: only the IPv4 proxier accepts NodePorts on localhost (route_localnet)
+            if node.localhost_nodeports and not node.ipv6:
                 acct = f" -m nfacct --nfacct-name  {NFACCT_LOCALHOST_NP}" if node.nfacct else ""
                 t.nat["KUBE-NODEPORTS"].append(f"-d 127.0.0.0/8 {m}{acct} -j {ext_chain}")
             t.nat["KUBE-NODEPORTS"].append(f"{m} -j {ext_chain}")
@@ -227,26 +253,30 @@ def _write_service(t: _Tables, svc: ServicePort, node: NodeConfig) -> None:
             allow_from_node |= any(ipaddress.ip_address(n) in net for n in node.node_ips)
         if allow_from_node:
             for ip in svc.lb_ips:
-                fw.append(f"-s {ip}/32 {lb_comment} -j {ext_chain}")
+                fw.append(f"-s {_host(ip)} {lb_comment} -j {ext_chain}")
         fw.append(f'-m comment --comment "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"')
 
     if c.uses_cluster_chain:
-        _write_lb_rules(t, svc, svc_chain, c.cluster)
+        _write_lb_rules(t, svc, svc_chain, c.cluster, node)
     if c.uses_local_chain:
-        _write_lb_rules(t, svc, svl_chain, c.local)
+        _write_lb_rules(t, svc, svl_chain, c.local, node)
 
     for ep in c.reachable:
         sep = f"KUBE-SEP-{ipt_hash(svc, svc.ep_string(ep))}"
         t.nat_chains.add(sep)
         cm = f"-m comment --comment {_q(name)}"
-        t.nat[sep].append(f"-s {ep.ip}/32 {cm} -j {MARK_MASQ}")
+        t.nat[sep].append(f"-s {_host(ep.ip)} {cm} -j {MARK_MASQ}")
         recent = (
-            f" -m recent --set --name {sep} --mask 255.255.255.255 --rsource" if svc.affinity_timeout else ""
+            f" -m recent --set --name {sep} --mask {_recent_mask(node)} --rsource"
+            if svc.affinity_timeout
+            else ""
         )
         t.nat[sep].append(f"-p {p} {cm}{recent} -m {p} -j DNAT --to-destination {svc.ep_string(ep)}")
 
 
-def _write_lb_rules(t: _Tables, svc: ServicePort, chain: str, endpoints: tuple[Endpoint, ...]) -> None:
+def _write_lb_rules(
+    t: _Tables, svc: ServicePort, chain: str, endpoints: tuple[Endpoint, ...], node: NodeConfig
+) -> None:
     """writeServiceToEndpointRules: affinity checks first, then the statistic cascade."""
     name = svc.port_name_string
     rules = t.nat[chain]
@@ -255,7 +285,7 @@ def _write_lb_rules(t: _Tables, svc: ServicePort, chain: str, endpoints: tuple[E
         for ep, sep in zip(endpoints, seps, strict=True):
             rules.append(
                 f"-m comment --comment {_q(f'{name} -> {svc.ep_string(ep)}')} -m recent --rcheck "
-                f"--seconds {svc.affinity_timeout} --reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}"
+                f"--seconds {svc.affinity_timeout} --reap --name {sep} --mask {_recent_mask(node)} --rsource -j {sep}"
             )
     n = len(endpoints)
     for i, (ep, sep) in enumerate(zip(endpoints, seps, strict=True)):
@@ -273,7 +303,8 @@ def render(services: list[ServicePort], node: NodeConfig | None = None) -> str:
     out = [_MANGLE, "*filter\n"]
     out += [f":{ch} ACCEPT [0:0]\n" for ch in _FILTER_BUILTIN]
     out += [f":{ch} - [0:0]\n" for ch in _FILTER_CHAINS]
-    out += [f"-A {ch} {rule}\n" for ch, rule in _FILTER_STATIC]
+    # KUBE-FIREWALL's localnet rule exists only for IPv4 (proxier.go); the chain and its jumps stay.
+    out += [f"-A {ch} {rule}\n" for ch, rule in _FILTER_STATIC if not (node.ipv6 and ch == "KUBE-FIREWALL")]
     forward = [
         "-m conntrack --ctstate INVALID"
         + (f" -m nfacct --nfacct-name  {NFACCT_INVALID}" if node.nfacct else "")
@@ -290,7 +321,8 @@ def render(services: list[ServicePort], node: NodeConfig | None = None) -> str:
     chains = sorted(t.nat_chains)
     out += [f":{ch} - [0:0]\n" for ch in chains]
     out += [f"-A {ch} {rule}\n" for ch, rule in _NAT_STATIC[:3]]
-    t.nat["KUBE-SERVICES"].append(_NODEPORTS_LAST)
+    # IPv6 NodePorts never work on localhost: the tail rule leaves ::1 out (iptables-save order).
+    t.nat["KUBE-SERVICES"].append(f"! -d ::1/128 {_NODEPORTS_LAST}" if node.ipv6 else _NODEPORTS_LAST)
     static = defaultdict(list)
     for ch, rule in _NAT_STATIC[3:]:
         static[ch].append(rule)

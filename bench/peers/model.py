@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MASQ_MARK = 0x4000  # kube-proxy's default masquerade bit 14
 
@@ -60,12 +60,18 @@ class ServicePort:
         return bool(self.node_port or self.lb_ips or self.external_ips)
 
     def ep_string(self, ep: Endpoint) -> str:
-        return f"{ep.ip}:{self.target_port}"
+        """endpointInfo.String(): net.JoinHostPort, so an IPv6 endpoint is "[addr]:port" (this string
+        is in the KUBE-SEP- hash, the comments and the DNAT target)."""
+        return f"[{ep.ip}]:{self.target_port}" if ":" in ep.ip else f"{ep.ip}:{self.target_port}"
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """What kube-proxy knows about its node: cluster CIDR (local-traffic detector), node IPs."""
+    """What kube-proxy knows about its node: cluster CIDR (local-traffic detector), node IPs.
+
+    One proxier serves one family (kube-proxy runs an IPv4 and an IPv6 proxier side by side on a
+    dual-stack node): the family is the cluster CIDR's, see ``NODE6`` for the IPv6 one.
+    """
 
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
@@ -76,6 +82,21 @@ class NodeConfig:
     nfacct: bool = True
     ipv6_table: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the family of this proxier (iptables vs ip6tables, ``table ip`` vs ``table ip6``)."""
+        return 6 if ":" in self.cluster_cidr else 4
+
+    @property
+    def ipv6(self) -> bool:
+        return self.family == 6
+
+
+# The IPv6 proxier of the benchmarks' dual-stack node: the lab's cluster and service CIDRs.
+CLUSTER_CIDR6 = "fd00:10:244::/56"
+SERVICE_CIDR6 = "fd00:10:96::/108"
+NODE6 = NodeConfig(cluster_cidr=CLUSTER_CIDR6, service_cidr=SERVICE_CIDR6, node_ips=("fd00:77::2",))
 
 
 def _b32_sha256(text: str) -> str:
@@ -174,33 +195,72 @@ def reference_services() -> list[ServicePort]:
     ]  # fmt: skip
 
 
+def reference_services6() -> list[ServicePort]:
+    """The reference objects as the IPv6 proxier of a dual-stack cluster sees them: the same Services
+    with IPv6 ClusterIPs (fd00:10:96::/108), endpoints (fd00:10:244:1::/64 local, :2:: on `other`),
+    LB IP and source range. kube-proxy v1.36 was captured for IPv4 only; the IPv6 layout is pinned by
+    tests/unit/test_peer_rules.py (rule shapes, from kube-proxy's source) and
+    tests/netns/test_peer_rules_apply.py (ip6tables-restore and nft -f into a kernel)."""
+    six = {
+        "10.96.0.1": "fd00:10:96::1", "10.96.176.40": "fd00:10:96::b028",
+        "10.96.13.10": "fd00:10:96::d0a", "10.96.74.70": "fd00:10:96::4a46",
+        "10.96.103.182": "fd00:10:96::67b6", "10.96.87.112": "fd00:10:96::5770",
+        "198.51.100.10": "2001:db8:51::10", "203.0.113.0/24": "2001:db8:113::/64",
+    }  # fmt: skip
+
+    def ep6(ip: str) -> str:
+        _, _, third, fourth = ip.split(".")
+        return f"fd00:10:244:{third}::{fourth}"
+
+    out = []
+    for s in reference_services():
+        out.append(
+            replace(
+                s,
+                cluster_ip=six[s.cluster_ip],
+                endpoints=tuple(replace(e, ip=ep6(e.ip)) for e in s.endpoints),
+                lb_ips=tuple(six[ip] for ip in s.lb_ips),
+                source_ranges=tuple(six[r] for r in s.source_ranges),
+            )
+        )
+    return out
+
+
+# Synthetic Services: ClusterIPs count up from here, endpoints cycle through 4,096 addresses from here.
+_SYNTH_BASE = {
+    4: (ipaddress.IPv4Address("10.96.1.0"), ipaddress.IPv4Address("10.244.16.0")),
+    6: (ipaddress.IPv6Address("fd00:10:96::1:0"), ipaddress.IPv6Address("fd00:10:244:10::")),
+}
+
+
 def synth_services(
     n: int,
     endpoints_per_service: int = 10,
     target: ServicePort | None = None,
     target_index: int | None = None,
     namespace: str = "bench",
+    family: int = 4,
 ) -> list[ServicePort]:
     """N ClusterIP services of ``endpoints_per_service`` endpoints each, as a benchmark input.
 
-    Synthetic cluster IPs count up from 10.96.1.0 and endpoints cycle through 10.244.16.0/20
-    (pods may back many Services; only the rule count matters for the unused ones). ``target``
-    (a real, reachable Service) replaces the one at ``target_index`` (default: the middle, the
-    expected position of a Service in kube-proxy's randomly ordered KUBE-SERVICES chain).
+    Synthetic cluster IPs count up from 10.96.1.0 (IPv6: fd00:10:96::1:0) and endpoints cycle through
+    10.244.16.0/20 (IPv6: fd00:10:244:10::/116; pods may back many Services; only the rule count
+    matters for the unused ones). ``target`` (a real, reachable Service) replaces the one at
+    ``target_index`` (default: the middle, the expected position of a Service in kube-proxy's
+    randomly ordered KUBE-SERVICES chain).
     """
     if n > 60000:
         raise ValueError(f"synth_services: {n} services do not fit the 10.96.0.0/16 service CIDR")
-    base_vip = int(ipaddress.IPv4Address("10.96.1.0"))
-    base_ep = int(ipaddress.IPv4Address("10.244.16.0"))
+    base_vip, base_ep = _SYNTH_BASE[family]
     out: list[ServicePort] = []
     for i in range(n):
         eps = tuple(
-            Endpoint(str(ipaddress.IPv4Address(base_ep + (i * endpoints_per_service + j) % 4096)))
+            Endpoint(str(base_ep + (i * endpoints_per_service + j) % 4096))
             for j in range(endpoints_per_service)
         )
         out.append(
             ServicePort(
-                namespace, f"svc-{i}", str(ipaddress.IPv4Address(base_vip + i)), 80, 8080,
+                namespace, f"svc-{i}", str(base_vip + i), 80, 8080,
                 port_name="http", endpoints=eps,
             )
         )  # fmt: skip

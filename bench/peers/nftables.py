@@ -4,6 +4,12 @@ The output is an ``nft -f`` script in the declarative form ``nft list ruleset`` 
 "create-if-missing, then delete" of the kube-proxy tables so the whole set is replaced in one
 transaction (kube-proxy's full sync). ``endpoint_update`` gives the partial-sync transaction
 kube-proxy runs when one Service's endpoints change (its chains flushed and rewritten).
+
+One proxier per family, as in kube-proxy: an IPv4 ``node`` gives ``table ip kube-proxy`` (with the
+IPv6 proxier's empty ``table ip6`` beside it, as the capture shows), an IPv6 one (``model.NODE6``)
+gives ``table ip6 kube-proxy`` filled: ``ip6 saddr``/``ip6 daddr`` matches, ``ipv6_addr`` set and
+map types, ``dnat ip6 to`` and the IPv6 cluster and service CIDRs, as proxier.go's ``ipX`` /
+``ipvX_addr`` make them.
 """
 
 # Rule texts are kept whole, as kube-proxy prints them, so they can be grepped against captures.
@@ -60,20 +66,32 @@ class _Ruleset:
         self.chains: list[tuple[str, list[str]]] = []
 
 
-def _dispatch_rules(svc: ServicePort, endpoints: tuple[Endpoint, ...]) -> list[str]:
+def _ip(node: NodeConfig) -> str:
+    """proxier.go's ipX: the payload expression of the family ("ip" / "ip6")."""
+    return "ip6" if node.ipv6 else "ip"
+
+
+def _addr_type(node: NodeConfig) -> str:
+    """proxier.go's ipvX_addr."""
+    return "ipv6_addr" if node.ipv6 else "ipv4_addr"
+
+
+def _dispatch_rules(svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeConfig) -> list[str]:
     """Rules of a service-/local- chain: affinity checks, then a numgen pick."""
     n = len(endpoints)
+    ipx = _ip(node)
     if svc.affinity_timeout:
-        rules = [f"ip saddr @{_affinity_set(svc, ep)} goto {_ep_chain(svc, ep)}" for ep in endpoints]
+        rules = [f"{ipx} saddr @{_affinity_set(svc, ep)} goto {_ep_chain(svc, ep)}" for ep in endpoints]
         vmap = ", ".join(f"{i} : goto {_ep_chain(svc, ep)}" for i, ep in enumerate(endpoints))
         rules.append(f"numgen random mod {n} vmap {{ {vmap} }}")
         return rules
     targets = ", ".join(f"{i} : {ep.ip} . {svc.target_port}" for i, ep in enumerate(endpoints))
-    return [f"meta l4proto {svc.proto} dnat ip to numgen random mod {n} map {{ {targets} }}"]
+    return [f"meta l4proto {svc.proto} dnat {ipx} to numgen random mod {n} map {{ {targets} }}"]
 
 
 def _service_chains(svc: ServicePort, c: Categorized, node: NodeConfig) -> list[tuple[str, list[str]]]:
     names = _names(svc)
+    ipx = _ip(node)
     chains: list[tuple[str, list[str]]] = []
     if svc.affinity_timeout:
         for ep in c.reachable:
@@ -81,15 +99,15 @@ def _service_chains(svc: ServicePort, c: Categorized, node: NodeConfig) -> list[
                 (
                     _ep_chain(svc, ep),
                     [
-                        f"update @{_affinity_set(svc, ep)} {{ ip saddr }}",
-                        f"meta l4proto {svc.proto} dnat to {ep.ip}:{svc.target_port}",
+                        f"update @{_affinity_set(svc, ep)} {{ {ipx} saddr }}",
+                        f"meta l4proto {svc.proto} dnat to {svc.ep_string(ep)}",
                     ],
                 )
             )
     if c.uses_cluster_chain:
-        chains.append((names["service"], _dispatch_rules(svc, c.cluster)))
+        chains.append((names["service"], _dispatch_rules(svc, c.cluster, node)))
     if c.uses_local_chain:
-        chains.append((names["local"], _dispatch_rules(svc, c.local)))
+        chains.append((names["local"], _dispatch_rules(svc, c.local, node)))
     if c.uses_external_chain:
         ext: list[str] = []
         if not svc.external_local:
@@ -97,7 +115,7 @@ def _service_chains(svc: ServicePort, c: Categorized, node: NodeConfig) -> list[
             ext.append(f"goto {names['service']}")
         else:
             ext += [
-                f'ip saddr {node.cluster_cidr} goto {names["service"]} comment "short-circuit pod traffic"',
+                f'{ipx} saddr {node.cluster_cidr} goto {names["service"]} comment "short-circuit pod traffic"',
                 f'fib saddr type local meta mark set meta mark | 0x{MASQ_MARK:08x} comment "masquerade local traffic"',
                 f'fib saddr type local goto {names["service"]} comment "short-circuit local traffic"',
             ]
@@ -113,7 +131,7 @@ def _service_chains(svc: ServicePort, c: Categorized, node: NodeConfig) -> list[
         ):
             sources += list(svc.lb_ips)
         src = sources[0] if len(sources) == 1 else "{ " + ", ".join(sources) + " }"
-        chains.append((names["firewall"], [f"ip saddr != {src} drop"]))
+        chains.append((names["firewall"], [f"{ipx} saddr != {src} drop"]))
     return chains
 
 
@@ -172,6 +190,7 @@ def _block(kind: str, name: str, lines: list[str]) -> list[str]:
 def _static_chains(node: NodeConfig) -> list[str]:
     cidr, scidr = node.cluster_cidr, node.service_cidr
     mark = f"0x{MASQ_MARK:08x}"
+    ipx = _ip(node)
     spec = [
         ("filter-prerouting-pre-dnat",
          ["type filter hook prerouting priority dstnat - 10; policy accept;", "ct state new jump firewall-check"]),
@@ -186,22 +205,23 @@ def _static_chains(node: NodeConfig) -> list[str]:
         ("nat-prerouting", ["type nat hook prerouting priority dstnat; policy accept;", "jump services"]),
         ("nat-output", ["type nat hook output priority -100; policy accept;", "jump services"]),
         ("nat-postrouting", ["type nat hook postrouting priority srcnat; policy accept;", "jump masquerading"]),
-        ("nodeport-endpoints-check", ["ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"]),
-        ("service-endpoints-check", ["ip daddr . meta l4proto . th dport vmap @no-endpoint-services"]),
-        ("firewall-check", ["ip daddr . meta l4proto . th dport vmap @firewall-ips"]),
+        ("nodeport-endpoints-check", [f"{ipx} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"]),
+        ("service-endpoints-check", [f"{ipx} daddr . meta l4proto . th dport vmap @no-endpoint-services"]),
+        ("firewall-check", [f"{ipx} daddr . meta l4proto . th dport vmap @firewall-ips"]),
         ("services", [
-            f"ip daddr @cluster-ips ip saddr != {cidr} meta mark set meta mark | {mark} "
+            f"{ipx} daddr @cluster-ips {ipx} saddr != {cidr} meta mark set meta mark | {mark} "
             'comment "masquerade clusterIP traffic from outside cluster"',
-            "ip daddr . meta l4proto . th dport vmap @service-ips",
-            "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+            f"{ipx} daddr . meta l4proto . th dport vmap @service-ips",
+            f"{ipx} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ]),
         ("masquerading", [
             f"meta mark & {mark} != 0x00000000 meta mark set meta mark ^ {mark} masquerade fully-random",
-            "ct status dnat ip saddr . ip daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random",
+            f"ct status dnat {ipx} saddr . {ipx} daddr . meta l4proto . th dport @hairpin-connections "
+            "masquerade fully-random",
         ]),
         ("cluster-ips-check", [
-            'ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"',
-            f'ip daddr {scidr} drop comment "Drop traffic to unallocated ClusterIPs"',
+            f'{ipx} daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"',
+            f'{ipx} daddr {scidr} drop comment "Drop traffic to unallocated ClusterIPs"',
         ]),
         ("reject-chain", ['comment "helper for @no-endpoint-services / @no-endpoint-nodeports"', "reject"]),
     ]  # fmt: skip
@@ -216,18 +236,20 @@ def _vmap(name: str, key: str, comment: str, items: list[str]) -> list[str]:
 
 
 def render_table(services: list[ServicePort], node: NodeConfig | None = None) -> str:
-    """The ``table ip kube-proxy { ... }`` block, in ``nft list ruleset`` form."""
+    """The ``table ip kube-proxy { ... }`` block (``table ip6`` for an IPv6 node), in ``nft list
+    ruleset`` form."""
     node = node or NodeConfig()
     r = _Ruleset()
     for svc in services:
         _add_service(r, svc, node)
-    addr_key = "ipv4_addr . inet_proto . inet_service"
-    out = [f"table ip {TABLE} {{", '\tcomment "rules for kube-proxy"']
+    at = _addr_type(node)
+    addr_key = f"{at} . inet_proto . inet_service"
+    out = [f"table {_ip(node)} {TABLE} {{", '\tcomment "rules for kube-proxy"']
     out += _block(
         "set",
         "hairpin-connections",
         [
-            "\t\ttype ipv4_addr . ipv4_addr . inet_proto . inet_service",
+            f"\t\ttype {at} . {at} . inet_proto . inet_service",
             '\t\tcomment "service hairpin connections"',
             *_elements(r.hairpin),
         ],
@@ -235,13 +257,13 @@ def render_table(services: list[ServicePort], node: NodeConfig | None = None) ->
     out += _block(
         "set",
         "cluster-ips",
-        ["\t\ttype ipv4_addr", '\t\tcomment "Active ClusterIPs"', *_elements(r.cluster_ips)],
+        [f"\t\ttype {at}", '\t\tcomment "Active ClusterIPs"', *_elements(r.cluster_ips)],
     )
     out += _block(
         "set",
         "nodeport-ips",
         [
-            "\t\ttype ipv4_addr",
+            f"\t\ttype {at}",
             '\t\tcomment "IPs that accept NodePort traffic"',
             *_elements(list(node.node_ips)),
         ],
@@ -268,7 +290,7 @@ def render_table(services: list[ServicePort], node: NodeConfig | None = None) ->
             "set",
             name,
             [
-                "\t\ttype ipv4_addr",
+                f"\t\ttype {at}",
                 "\t\tsize 65535",
                 "\t\tflags dynamic,timeout",
                 f"\t\ttimeout {nft_duration(timeout)}",
@@ -400,14 +422,20 @@ _IP6_TABLE = """table ip6 kube-proxy {
 def render_listing(services: list[ServicePort], node: NodeConfig | None = None) -> str:
     """What ``nft list ruleset`` shows once the script is loaded (the form of the reference capture)."""
     node = node or NodeConfig()
+    if node.ipv6:
+        return render_table(services, node)
     return render_table(services, node) + (_IP6_TABLE if node.ipv6_table else "")
 
 
 def render(services: list[ServicePort], node: NodeConfig | None = None) -> str:
-    """An ``nft -f`` script that replaces kube-proxy's tables with the layout for ``services``."""
+    """An ``nft -f`` script that replaces kube-proxy's tables with the layout for ``services``. For an
+    IPv6 node only ``table ip6 kube-proxy`` (the IPv4 proxier's table is its own transaction)."""
     node = node or NodeConfig()
-    head = [f"table ip {TABLE}", f"delete table ip {TABLE}"]
-    if node.ipv6_table:
+    if node.ipv6:
+        head = [f"table ip6 {TABLE}", f"delete table ip6 {TABLE}"]
+    else:
+        head = [f"table ip {TABLE}", f"delete table ip {TABLE}"]
+    if node.ipv6_table and not node.ipv6:
         head += [f"table ip6 {TABLE}", f"delete table ip6 {TABLE}"]
     return "\n".join(head) + "\n" + render_listing(services, node)
 
@@ -425,7 +453,8 @@ def endpoint_update(svc: ServicePort, node: NodeConfig | None = None) -> str:
             f"endpoint_update: {svc.port_name_string} needs a full sync (affinity or no endpoints)"
         )
     lines = []
+    fam = _ip(node)
     for name, rules in _service_chains(svc, c, node):
-        lines.append(f"flush chain ip {TABLE} {name}")
-        lines += [f"add rule ip {TABLE} {name} {rule}" for rule in rules]
+        lines.append(f"flush chain {fam} {TABLE} {name}")
+        lines += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
     return "\n".join(lines) + "\n"

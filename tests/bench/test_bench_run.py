@@ -1,8 +1,9 @@
 """Smoke test of the benchmark harness (bench/run.py) at one Service with tiny durations.
 
-It checks that every peer is programmed and carries traffic, that the kproxy agent's control-plane
-numbers are real (its maps held the Services and the endpoint change), and that the report files
-are written. It asserts no timing: the numbers are only checked to exist.
+It checks that every peer is programmed and carries traffic in both address families (IPv4 and
+IPv6), that the kproxy agent's control-plane numbers are real (its maps held the Services and the
+endpoint change), and that the report files are written. It asserts no timing: the numbers are only
+checked to exist.
 """
 
 from __future__ import annotations
@@ -56,19 +57,23 @@ def test_harness_at_one_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert rc == 0
     result = json.loads((tmp_path / "latest.json").read_text())
-    assert result["baseline"]["direct"]["short_conns"]["connections"] > 0
-    peers = result["runs"]["1"]
-    assert set(peers) == {"iptables", "nftables", "kproxy"}
-    for name, res in peers.items():
-        sc = res["service"]["short_conns"]
-        assert sc["connections"] > 0 and sc["backends_reached"] >= 1, name
-        assert res["program"]["load_s"] is not None, name
-        assert res["program"]["endpoint_update_s"] is not None, name
-    prog = peers["kproxy"]["program"]
-    assert prog["svc4_entries"] == prog["svc4_entries_expected"]
-    assert prog["size"]["agent_rss_mb"] > 0
+    assert set(result["families"]) == {"IPv4", "IPv6"}
+    for label, fam in result["families"].items():
+        assert fam["baseline"]["direct"]["short_conns"]["connections"] > 0, label
+        peers = fam["runs"]["1"]
+        assert set(peers) == {"iptables", "nftables", "kproxy"}, label
+        for name, res in peers.items():
+            sc = res["service"]["short_conns"]
+            assert sc["connections"] > 0 and sc["backends_reached"] >= 1, (label, name)
+            assert res["program"]["load_s"] is not None, (label, name)
+            assert res["program"]["endpoint_update_s"] is not None, (label, name)
+        prog = peers["kproxy"]["program"]
+        v = label[-1]  # the agent's maps of that family held every Service: kp_svc4_v1 / kp_svc6_v1
+        assert prog[f"svc{v}_entries"] == prog[f"svc{v}_entries_expected"], label
+        assert prog["size"]["agent_rss_mb"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "1 Services" in md and "vs iptables" in md
+    assert "Both families at a glance" in md and ", IPv6" in md and ", IPv4" in md
     for png in ("latency.png", "control-plane.png"):
         assert (tmp_path / png).stat().st_size > 0
     # Nothing of the run is left behind: no namespace with the prefix of one of its topologies.

@@ -1,7 +1,8 @@
 """The churn soak as a correctness test: 60 s of Service/backend churn with two kill -9 of both agents.
 
 No timing assertion: zero wrong answers and zero failed probes beyond the programming window, zero
-broken long-lived streams, the maps back to their baseline once churn ends, both restarts succeeded.
+broken long-lived streams, the maps back to their baseline once churn ends, both restarts succeeded,
+in each address family (the Services are dual-stack, every probe and stream exists over IPv4 and IPv6).
 The rate is lower than `make soak`'s 200 changes/s (KPROXY_SOAK_RATE, default 100) so that the lab,
 the probes and the agents fit on a 2-core machine next to the rest of the suite. The programming
 window is 5 s here (KPROXY_SOAK_WINDOW_MS), not `make soak`'s 1 s: on a machine whose cores are busy
@@ -40,3 +41,14 @@ def test_churn_soak(tc_object: Path) -> None:
     assert not res["maps_leak"], f"maps not back to baseline: {res['maps_leak']}\n{summary}"
     assert res["answers_ok"] > 0 and res["ttfp_count"] > 0, summary
     assert not any(res["agent_errors"].values()), res["agent_errors"]
+    assert set(res["by_family"]) == {"IPv4", "IPv6"}, res["by_family"].keys()
+    for fam, r in res["by_family"].items():
+        assert r["wrong_answers"] == 0 and r["failed_probes"] == 0, (
+            fam,
+            r["wrong_examples"],
+            r["failed_examples"],
+        )
+        assert r["answers_ok"] > 0 and r["ttfp_count"] > 0, (fam, summary)
+        assert r["streams"] > 0 and r["streams_broken"] == 0, (fam, res["stream_breaks"])
+    # the IPv6 maps were in use and drained like the IPv4 ones
+    assert any(k.endswith(".svc6") and v > 0 for k, v in res["maps_baseline"].items()), res["maps_baseline"]
