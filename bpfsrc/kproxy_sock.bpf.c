@@ -4,16 +4,26 @@
  * network namespace (hostNetwork pods, node processes), which never cross a pod veth and so never
  * meet the TC programs.
  *
- * connect4 and sendmsg4 rewrite the address a socket asks for (a frontend in kp_svc4_v1) to a
- * backend before the kernel routes anything: the flow is born with the backend as its peer, so no
- * packet is translated and no conntrack entry is needed. What the application must keep seeing is
- * the frontend: recvmsg4 (UDP reply sources) and getpeername4 restore it from kp_sknat4_v1, keyed
- * by the socket cookie and the backend. Backend choice is the TC path's own (lib/lb.h): affinity
- * first, else a random slot of the INT scope (or EXT for one-scope services).
+ * connect4/6 and sendmsg4/6 rewrite the address a socket asks for (a frontend in kp_svc4_v1 or
+ * kp_svc6_v1) to a backend before the kernel routes anything: the flow is born with the backend as
+ * its peer, so no packet is translated and no conntrack entry is needed. What the application must
+ * keep seeing is the frontend: recvmsg4/6 (UDP reply sources) and getpeername4/6 restore it from
+ * kp_sknat4_v1 / kp_sknat6_v1, keyed by the socket cookie and the backend. Backend choice is the TC
+ * path's own (lib/lb.h): affinity first, else a random slot of the INT scope (or EXT for one-scope
+ * services).
+ *
+ * A dual-stack AF_INET6 socket (IPV6_V6ONLY off) reaches IPv4 peers through IPv4-mapped addresses
+ * (::ffff:a.b.c.d); its flow is IPv4. connect6 balances such a frontend from kp_svc4_v1 to the mapped
+ * IPv4 backend, recvmsg6/getpeername6 restore it from kp_sknat4_v1 (the entry is an IPv4 flow's, as
+ * the backend and service ids are). Its unconnected sendmsg() never reaches sendmsg6: the kernel hands
+ * a mapped destination to the IPv4 path, where sendmsg4 balances it. A v6-only socket cannot reach
+ * a mapped address at all (the kernel fails it with ENETUNREACH): connect6 leaves it alone.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "maps.h"
 #include "lib/lb.h"
 #include "lib/svcnet.h"
@@ -22,7 +32,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /*
  * Socket reverse NAT: per client socket, the frontend each backend stands for. Declared here, not in
- * maps.h: only this object uses it, and an LRU map preallocates all its entries, which agents without
+ * maps.h: only this object uses them, and an LRU map preallocates all its entries, which agents without
  * socket LB should not pay for. Pinned by name next to the shared maps.
  */
 struct {
@@ -32,6 +42,14 @@ struct {
 	__uint(max_entries, KP_SKNAT4_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_sknat4_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct kp_sknat6_key);
+	__type(value, struct kp_sknat6_val);
+	__uint(max_entries, KP_SKNAT6_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_sknat6_v1 SEC(".maps");
 
 /* sock_addr verdicts: 0 makes the syscall fail (EPERM unless bpf_set_retval said otherwise). */
 #define KP_SYS_REJECT  0
@@ -60,12 +78,32 @@ static __always_inline void kp_sock_count(__u32 stat)
 }
 
 /*
- * The client address sessionAffinity is keyed by. The kernel picks the source address only after
- * these hooks (at route lookup), so an unbound socket has none yet: use the node's address, which
- * is the source such a socket gets towards the cluster in the usual set-up and what kube-proxy's
- * affinity would see. An explicit source (bind(), IP_PKTINFO) wins.
+ * The service address space (lib/svcnet.h) for a destination that is no frontend, as for pods: a
+ * ClusterIP's unknown port or protocol is refused as kube-proxy's REJECT refuses it; an unallocated
+ * service address fails at once instead of timing out behind kube-proxy's DROP. ACTION: what
+ * kp_svcnet_action*() says about the address, 0 for nothing.
  */
-static __always_inline __be32 kp_sock_client(struct bpf_sock_addr *ctx, int sendmsg)
+static __always_inline int kp_sock_svcnet(__u32 action)
+{
+	switch (action) {
+	case KP_SVCNET_REJECT:
+		kp_sock_count(KP_STAT_SVCNET_REJECT);
+		return KP_SOCK_REFUSE;
+	case KP_SVCNET_DROP:
+		kp_sock_count(KP_DROP_SVCNET);
+		return KP_SOCK_UNREACH;
+	}
+	return KP_SOCK_PASS;
+}
+
+/*
+ * The client address sessionAffinity and loadBalancerSourceRanges see. The kernel picks the source
+ * address only after these hooks (at route lookup), so an unbound socket has none yet: use the node's
+ * address, which is the source such a socket gets towards the cluster in the usual set-up and what
+ * kube-proxy's affinity would see. An explicit source (bind(), IP_PKTINFO) wins. For a dual-stack
+ * AF_INET6 socket sent to a mapped address (sendmsg 0), src_ip4 is the IPv4 address it is bound to.
+ */
+static __always_inline __be32 kp_sock_client4(struct bpf_sock_addr *ctx, int sendmsg)
 {
 	struct kp_config *cfg;
 	struct bpf_sock *sk;
@@ -86,7 +124,70 @@ static __always_inline __be32 kp_sock_client(struct bpf_sock_addr *ctx, int send
 	return addr;
 }
 
-static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg)
+static __always_inline union kp_in6 kp_sock_client6(struct bpf_sock_addr *ctx, int sendmsg)
+{
+	struct bpf_sock *sk;
+	union kp_in6 addr = {};
+
+	if (sendmsg) {
+		addr.w[0] = ctx->msg_src_ip6[0];
+		addr.w[1] = ctx->msg_src_ip6[1];
+		addr.w[2] = ctx->msg_src_ip6[2];
+		addr.w[3] = ctx->msg_src_ip6[3];
+	}
+	if (kp_in6_is_zero(addr)) {
+		sk = ctx->sk;
+		if (sk) {
+			addr.w[0] = sk->src_ip6[0];
+			addr.w[1] = sk->src_ip6[1];
+			addr.w[2] = sk->src_ip6[2];
+			addr.w[3] = sk->src_ip6[3];
+		}
+	}
+	if (kp_in6_is_zero(addr))
+		addr = kp_node_addr6(NULL);
+	return addr;
+}
+
+/* Whether a is an IPv4-mapped IPv6 address (::ffff:a.b.c.d, RFC 4291 2.5.5.2). */
+static __always_inline int kp_in6_is_v4mapped(const union kp_in6 *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0x0000ffff);
+}
+
+/* CO-RE view of the kernel's struct sock_common: the one field read here, relocated by libbpf. */
+struct sock_common___kp {
+	unsigned char skc_ipv6only : 1;
+} __attribute__((preserve_access_index));
+
+/*
+ * Whether the socket of a connect6 is IPv6-only (IPV6_V6ONLY, or bound to an IPv6 address that is not
+ * mapped). struct bpf_sock does not say; the socket behind bpf_skc_to_*6_sock() does. 1 when it
+ * cannot be told: a socket the hook does not understand is left alone.
+ */
+static __always_inline int kp_sock_v6only(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock_common___kp *skc;
+
+	if (!sk)
+		return 1;
+	if (proto == IPPROTO_TCP)
+		skc = (void *)bpf_skc_to_tcp6_sock(sk);
+	else
+		skc = (void *)bpf_skc_to_udp6_sock(sk);
+	if (!skc)
+		return 1;
+	return BPF_CORE_READ_BITFIELD(skc, skc_ipv6only);
+}
+
+/*
+ * The IPv4 frontend *daddr:*dport a socket asks for -> a backend, written back to *daddr and *dport
+ * (the caller puts them in its family's ctx fields), and the socket's reverse entry. sendmsg: a
+ * sendmsg4 hook (ctx has msg_src_ip4).
+ */
+static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, __be32 *daddr, __be16 *dport,
+					  __u8 proto, int sendmsg)
 {
 	struct kp_sknat4_key rk = {};
 	struct kp_sknat4_val rv = {};
@@ -97,35 +198,20 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 	struct kp_be4_val be;
 	struct kp_pkt p = {};
 	__u32 backend_id;
-	__u8 proto = ctx->protocol;
 
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return KP_SOCK_PASS;
-	p.daddr = ctx->user_ip4;
-	p.dport = (__be16)ctx->user_port;
+	p.daddr = *daddr;
+	p.dport = *dport;
 	p.proto = proto;
 	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
 	svc = kp_svc_lookup4(&p, KP_ORIGIN_POD, &svc_key);
-	if (!svc) {
-		/* The service address space, as for pods (lib/svcnet.h): a ClusterIP's unknown port or
-		 * protocol is refused as kube-proxy's REJECT refuses it; an unallocated service address fails
-		 * at once instead of timing out behind kube-proxy's DROP. */
-		switch (kp_svcnet_action(p.daddr)) {
-		case KP_SVCNET_REJECT:
-			kp_sock_count(KP_STAT_SVCNET_REJECT);
-			return KP_SOCK_REFUSE;
-		case KP_SVCNET_DROP:
-			kp_sock_count(KP_DROP_SVCNET);
-			return KP_SOCK_UNREACH;
-		}
-		return KP_SOCK_PASS;
-	}
+	if (!svc)
+		return kp_sock_svcnet(kp_svcnet_action(p.daddr));
 	svc_copy = *svc;
 	if (svc_copy.count == 0) {
 		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);
 		return KP_SOCK_REFUSE;
 	}
-	p.saddr = kp_sock_client(ctx, sendmsg);
+	p.saddr = kp_sock_client4(ctx, sendmsg);
 	/* loadBalancerSourceRanges hold for node processes too (kube-proxy's KUBE-FW sees OUTPUT). */
 	if (kp_src_range_drop4(&svc_copy, &p))
 		return KP_SOCK_REFUSE;
@@ -151,9 +237,63 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, int sendmsg
 			return KP_SOCK_NOMEM;
 		}
 	}
+	*daddr = be.addr;
+	*dport = be.port;
+	return KP_SOCK_XLATED;
+}
 
-	ctx->user_ip4 = be.addr;
-	ctx->user_port = (__u32)be.port;
+/* kp_sock4_xlate for an IPv6 frontend (kp_svc6_v1). */
+static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in6 *daddr, __be16 *dport,
+					  __u8 proto, int sendmsg)
+{
+	struct kp_sknat6_key rk = {};
+	struct kp_sknat6_val rv = {};
+	struct kp_sknat6_val *cur;
+	struct kp_svc6_key svc_key;
+	struct kp_svc4_val *svc;
+	struct kp_svc4_val svc_copy;
+	struct kp_be6_val be;
+	struct kp_pkt6 p = {};
+	__u32 backend_id;
+
+	p.daddr = *daddr;
+	p.dport = *dport;
+	p.proto = proto;
+	svc = kp_svc_lookup6(&p, KP_ORIGIN_POD, &svc_key);
+	if (!svc)
+		/* lib/svcnet.h judges IPv4 addresses only: IPv6's service address space is to come, as
+		 * kp_sock_svcnet(kp_svcnet_action6(p.daddr)). */
+		return kp_sock_svcnet(0);
+	svc_copy = *svc;
+	if (svc_copy.count == 0) {
+		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);
+		return KP_SOCK_REFUSE;
+	}
+	p.saddr = kp_sock_client6(ctx, sendmsg);
+	if (kp_src_range_drop6(&svc_copy, &p))
+		return KP_SOCK_REFUSE;
+	if (kp_lb_select6(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
+		kp_sock_count(KP_DROP_BACKEND_MISSING);
+		return KP_SOCK_REFUSE;
+	}
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr = be.addr;
+	rk.port = be.port;
+	rv.addr = p.daddr;
+	rv.port = p.dport;
+	rv.svc_id = svc_copy.svc_id;
+	rv.backend_id = backend_id;
+	cur = bpf_map_lookup_elem(&kp_sknat6_v1, &rk);
+	if (!cur || !kp_in6_eq(cur->addr, rv.addr) || cur->port != rv.port || cur->svc_id != rv.svc_id ||
+	    cur->backend_id != rv.backend_id) {
+		if (bpf_map_update_elem(&kp_sknat6_v1, &rk, &rv, BPF_ANY) && proto == IPPROTO_UDP) {
+			kp_sock_count(KP_DROP_SOCK_REVNAT_FULL);
+			return KP_SOCK_NOMEM;
+		}
+	}
+	*daddr = be.addr;
+	*dport = be.port;
 	return KP_SOCK_XLATED;
 }
 
@@ -177,19 +317,137 @@ static __always_inline int kp_sock_verdict(int v, __u32 stat)
 	return KP_SYS_PROCEED;
 }
 
-/* Restore the frontend as the peer of a socket the forward hooks sent to a backend. */
-static __always_inline int kp_sock4_revnat(struct bpf_sock_addr *ctx, __u32 stat)
+/* connect4, sendmsg4: the destination in user_ip4/user_port. */
+static __always_inline int kp_sock4_fwd(struct bpf_sock_addr *ctx, int sendmsg)
+{
+	__be32 addr = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+	__u8 proto = ctx->protocol;
+	int v;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return KP_SOCK_PASS;
+	v = kp_sock4_xlate(ctx, &addr, &port, proto, sendmsg);
+	if (v == KP_SOCK_XLATED) {
+		ctx->user_ip4 = addr;
+		ctx->user_port = (__u32)port;
+	}
+	return v;
+}
+
+static __always_inline union kp_in6 kp_sock_user_ip6(const struct bpf_sock_addr *ctx)
+{
+	union kp_in6 a;
+
+	a.w[0] = ctx->user_ip6[0];
+	a.w[1] = ctx->user_ip6[1];
+	a.w[2] = ctx->user_ip6[2];
+	a.w[3] = ctx->user_ip6[3];
+	return a;
+}
+
+static __always_inline void kp_sock_set_user_ip6(struct bpf_sock_addr *ctx, const union kp_in6 *a)
+{
+	ctx->user_ip6[0] = a->w[0];
+	ctx->user_ip6[1] = a->w[1];
+	ctx->user_ip6[2] = a->w[2];
+	ctx->user_ip6[3] = a->w[3];
+}
+
+/* connect6, sendmsg6: the destination in user_ip6/user_port, an IPv6 or IPv4-mapped frontend. */
+static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg)
+{
+	union kp_in6 addr = kp_sock_user_ip6(ctx);
+	__be16 port = (__be16)ctx->user_port;
+	__u8 proto = ctx->protocol;
+	__be32 addr4;
+	int v;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return KP_SOCK_PASS;
+	if (kp_in6_is_v4mapped(&addr)) {
+		/* sendmsg6 never sees one (udpv6_sendmsg() passes it to udp_sendmsg(), i.e. sendmsg4,
+		 * and refuses a mapped address sendmsg6 would write); a v6-only socket cannot use one. */
+		if (sendmsg || kp_sock_v6only(ctx, proto))
+			return KP_SOCK_PASS;
+		addr4 = addr.w[3];
+		v = kp_sock4_xlate(ctx, &addr4, &port, proto, 0);
+		addr.w[3] = addr4;
+	} else {
+		v = kp_sock6_xlate(ctx, &addr, &port, proto, sendmsg);
+	}
+	if (v == KP_SOCK_XLATED) {
+		kp_sock_set_user_ip6(ctx, &addr);
+		ctx->user_port = (__u32)port;
+	}
+	return v;
+}
+
+/* The frontend a backend *addr:*port stands for on this socket, written back; 0 if it stands for none. */
+static __always_inline int kp_sock4_peer(struct bpf_sock_addr *ctx, __be32 *addr, __be16 *port)
 {
 	struct kp_sknat4_key rk = {};
 	struct kp_sknat4_val *rv;
 
 	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr = ctx->user_ip4;
-	rk.port = (__be16)ctx->user_port;
+	rk.addr = *addr;
+	rk.port = *port;
 	rv = bpf_map_lookup_elem(&kp_sknat4_v1, &rk);
-	if (rv) {
-		ctx->user_ip4 = rv->addr;
-		ctx->user_port = (__u32)rv->port;
+	if (!rv)
+		return 0;
+	*addr = rv->addr;
+	*port = rv->port;
+	return 1;
+}
+
+static __always_inline int kp_sock6_peer(struct bpf_sock_addr *ctx, union kp_in6 *addr, __be16 *port)
+{
+	struct kp_sknat6_key rk = {};
+	struct kp_sknat6_val *rv;
+
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr = *addr;
+	rk.port = *port;
+	rv = bpf_map_lookup_elem(&kp_sknat6_v1, &rk);
+	if (!rv)
+		return 0;
+	*addr = rv->addr;
+	*port = rv->port;
+	return 1;
+}
+
+/* Restore the frontend as the peer of a socket the forward hooks sent to a backend. */
+static __always_inline int kp_sock4_revnat(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	__be32 addr = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+
+	if (kp_sock4_peer(ctx, &addr, &port)) {
+		ctx->user_ip4 = addr;
+		ctx->user_port = (__u32)port;
+		kp_sock_count(stat);
+	}
+	return KP_SYS_PROCEED;
+}
+
+/* The same for an AF_INET6 socket; a mapped peer is an IPv4 flow's (kp_sknat4_v1). */
+static __always_inline int kp_sock6_revnat(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	union kp_in6 addr = kp_sock_user_ip6(ctx);
+	__be16 port = (__be16)ctx->user_port;
+	__be32 addr4;
+	int found;
+
+	if (kp_in6_is_v4mapped(&addr)) {
+		addr4 = addr.w[3];
+		found = kp_sock4_peer(ctx, &addr4, &port);
+		addr.w[3] = addr4;
+	} else {
+		found = kp_sock6_peer(ctx, &addr, &port);
+	}
+	if (found) {
+		kp_sock_set_user_ip6(ctx, &addr);
+		ctx->user_port = (__u32)port;
 		kp_sock_count(stat);
 	}
 	return KP_SYS_PROCEED;
@@ -199,14 +457,14 @@ static __always_inline int kp_sock4_revnat(struct bpf_sock_addr *ctx, __u32 stat
 SEC("cgroup/connect4")
 int kp_sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock4_xlate(ctx, 0), KP_STAT_SOCK_CONNECT);
+	return kp_sock_verdict(kp_sock4_fwd(ctx, 0), KP_STAT_SOCK_CONNECT);
 }
 
 /* Hook: sendmsg() with a destination on an unconnected UDP socket, once per datagram. */
 SEC("cgroup/sendmsg4")
 int kp_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock4_xlate(ctx, 1), KP_STAT_SOCK_SENDMSG);
+	return kp_sock_verdict(kp_sock4_fwd(ctx, 1), KP_STAT_SOCK_SENDMSG);
 }
 
 /* Hook: recvmsg() on UDP sockets; user_ip4/user_port hold the datagram's source. Must return 1. */
@@ -221,4 +479,32 @@ SEC("cgroup/getpeername4")
 int kp_sock_getpeername4(struct bpf_sock_addr *ctx)
 {
 	return kp_sock4_revnat(ctx, KP_STAT_SOCK_GETPEERNAME_REVNAT);
+}
+
+/* Hook: connect() of AF_INET6 TCP and UDP sockets (IPv4-mapped destinations too), before routing. */
+SEC("cgroup/connect6")
+int kp_sock_connect6(struct bpf_sock_addr *ctx)
+{
+	return kp_sock_verdict(kp_sock6_fwd(ctx, 0), KP_STAT_SOCK_CONNECT);
+}
+
+/* Hook: sendmsg() with an IPv6 destination on an unconnected AF_INET6 UDP socket, once per datagram. */
+SEC("cgroup/sendmsg6")
+int kp_sock_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return kp_sock_verdict(kp_sock6_fwd(ctx, 1), KP_STAT_SOCK_SENDMSG);
+}
+
+/* Hook: recvmsg() on AF_INET6 UDP sockets; an IPv4 datagram's source is mapped. Must return 1. */
+SEC("cgroup/recvmsg6")
+int kp_sock_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return kp_sock6_revnat(ctx, KP_STAT_SOCK_RECVMSG_REVNAT);
+}
+
+/* Hook: getpeername() on AF_INET6 TCP and connected UDP sockets. Must return 1. */
+SEC("cgroup/getpeername6")
+int kp_sock_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return kp_sock6_revnat(ctx, KP_STAT_SOCK_GETPEERNAME_REVNAT);
 }

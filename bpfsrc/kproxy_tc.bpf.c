@@ -141,11 +141,11 @@ static __always_inline int kp_no_external_cluster_ip(void)
  * frontend was deleted recently (kp_config.orphan_until_ns): it may belong to a connection that
  * outlived its Service port (kp_lb4_forward with no svc). Other times no conntrack lookup is paid.
  */
-static __always_inline int kp_netdev_orphan_possible(const struct kp_pkt *p)
+static __always_inline int kp_netdev_orphan_possible(__u8 proto, __u8 tcp_flags)
 {
 	struct kp_config *cfg;
 
-	if (p->proto != IPPROTO_TCP || (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN)
+	if (proto != IPPROTO_TCP || (tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN)
 		return 0;
 	cfg = kp_config();
 	return cfg && cfg->orphan_until_ns > bpf_ktime_get_ns();
@@ -185,15 +185,16 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_IPIP:
 		cfg = kp_config();
-		if (!cfg || !cfg->node_addr || p.daddr != cfg->node_addr || p.ip_hlen != sizeof(struct iphdr))
+		if (!cfg || !cfg->node_addr || p.daddr != cfg->node_addr || p.ip_hlen != sizeof(struct iphdr) ||
+		    !kp_tunnel_is_dsr4(skb, &p))
 			return TC_ACT_OK;
-		if (kp_ipip_pop(skb)) {
+		if (kp_tunnel_pop4(skb)) {
 			kp_count(KP_DROP_ENCAP_FAILED, p.len);
 			return TC_ACT_SHOT;
 		}
 		if (kp_parse4(skb, &p) != KP_PARSE_L4)
 			return TC_ACT_OK;
-		ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_IPIP);
+		ret = kp_dsr_rx4(skb, &p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_ICMP:
 		if (kp_svcnet_opens_flow(&p, KP_PARSE_ICMP)) {
@@ -209,7 +210,7 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
 			return TC_ACT_SHOT;
 		}
-		if (svc || kp_netdev_orphan_possible(&p)) {
+		if (svc || kp_netdev_orphan_possible(p.proto, p.tcp_flags)) {
 			ret = kp_lb_forward4(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
 			if (ret >= 0)
 				return ret;
@@ -220,7 +221,7 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 				return ret;
 		}
 		if (p.ip_hlen > sizeof(struct iphdr)) {
-			ret = kp_dsr_rx(skb, &p, KP_CT_F_DSR_OPT);
+			ret = kp_dsr_rx4(skb, &p, KP_CT_F_DSR_OPT);
 			if (ret >= 0)
 				return ret;
 		}
@@ -378,8 +379,10 @@ int kp_to_pod6(struct __sk_buff *skb)
 }
 
 /* kp_from_netdev for IPv6: NodePort, LoadBalancer and external IP frontends (and ClusterIPs routed to
- * the node, unless KP_CFG_F_NO_EXTERNAL_CLUSTER_IP): DNAT, SNAT to remote backends; replies of SNATed
- * flows and ICMPv6 errors about them back to the client. */
+ * the node, unless KP_CFG_F_NO_EXTERNAL_CLUSTER_IP): DNAT, SNAT or DSR to remote backends; DSR from
+ * an ingress node to a local backend (IPv6-in-IPv6 to this node, or the destination option); replies
+ * of SNATed flows and ICMPv6 errors about them back to the client; packets of connections whose
+ * frontend was deleted while they lived. */
 SEC("tc")
 int kp_from_netdev6(struct __sk_buff *skb)
 {
@@ -390,6 +393,17 @@ int kp_from_netdev6(struct __sk_buff *skb)
 	if (!s6)
 		return TC_ACT_OK;
 	switch (kp_parse6_counted(skb, &s6->p)) {
+	case KP_PARSE_IPIP:
+		if (!kp_is_node_addr6(NULL, s6->p.daddr) || !kp_tunnel_is_dsr6(skb, &s6->p))
+			return TC_ACT_OK;
+		if (kp_tunnel_pop6(skb)) {
+			kp_count(KP_DROP_ENCAP_FAILED, s6->p.len);
+			return TC_ACT_SHOT;
+		}
+		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4)
+			return TC_ACT_OK;
+		ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_IPIP);
+		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_ICMP:
 		ret = kp_icmp_snat_forward6(skb, &s6->p);
 		return ret < 0 ? TC_ACT_OK : ret;
@@ -399,8 +413,13 @@ int kp_from_netdev6(struct __sk_buff *skb)
 			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, s6->p.len);
 			return TC_ACT_SHOT;
 		}
-		if (svc) {
+		if (svc || kp_netdev_orphan_possible(s6->p.proto, s6->p.tcp_flags)) {
 			ret = kp_lb_forward6(skb, &s6->p, &s6->svc_key, svc, KP_ORIGIN_NETDEV);
+			if (ret >= 0)
+				return ret;
+		}
+		if (s6->p.ip_hlen > KP_IP6_HLEN) {
+			ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_OPT);
 			if (ret >= 0)
 				return ret;
 		}

@@ -138,6 +138,9 @@ SNAT_PORT_MAX_DEFAULT = 65535
 LAN_MTU_DEFAULT = 1500
 DSR_OPT_TYPE = 0x9A
 DSR_OPT_LEN = 8
+DSR6_OPT_TYPE = 0x1B  # the option in DSR's IPv6 destination options header (struct kp_dsr6_opt)
+DSR6_OPT_LEN = 20
+DSR6_HDR_LEN = 24
 
 SKB_CTX_SIZE = 192
 
@@ -397,6 +400,20 @@ class Counter(ctypes.Structure):
 In6 = ctypes.c_uint8 * 16  # union kp_in6: an IPv6 address in network order
 
 
+class Dsr6Opt(ctypes.Structure):
+    """Wire format of DSR's IPv6 destination options header (no map holds it, so not in BTF_NAMES)."""
+
+    _fields_ = [
+        ("nexthdr", ctypes.c_uint8),
+        ("hdrlen", ctypes.c_uint8),  # DSR6_HDR_LEN / 8 - 1
+        ("type", ctypes.c_uint8),  # DSR6_OPT_TYPE
+        ("len", ctypes.c_uint8),  # DSR6_OPT_LEN
+        ("addr", In6),  # NBO service address
+        ("port", ctypes.c_uint16),  # NBO service port
+        ("pad", ctypes.c_uint16),
+    ]
+
+
 class Svc6Key(ctypes.Structure):
     _fields_ = [
         ("addr", In6),  # NBO
@@ -644,10 +661,12 @@ assert struct.calcsize("=I") == ctypes.sizeof(Svcnet4Val)
 
 # ---- socket-level load balancing (bpfsrc/kproxy_sock.bpf.c) ----
 # Declared by kproxy_sock.bpf.o only (not in maps.h, so not in ALL_MAPS): agents without socket LB do not
-# preallocate it. SocketLB.cleanup() unpins it.
+# preallocate them. SocketLB.cleanup() unpins them.
 MAP_SKNAT4 = "kp_sknat4_v1"
 SKNAT4_MAX = 65536
-SOCK_MAPS = (MAP_SKNAT4,)
+MAP_SKNAT6 = "kp_sknat6_v1"  # IPv6 frontends; an IPv4-mapped one (dual-stack socket) is kp_sknat4_v1's
+SKNAT6_MAX = 65536
+SOCK_MAPS = (MAP_SKNAT4, MAP_SKNAT6)
 
 
 class Sknat4Key(ctypes.Structure):
@@ -669,9 +688,30 @@ class Sknat4Val(ctypes.Structure):
     ]
 
 
+class Sknat6Key(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),  # HBO socket cookie
+        ("addr", In6),  # NBO backend address
+        ("port", ctypes.c_uint16),  # NBO backend port
+        ("pad", ctypes.c_uint16 * 3),
+    ]
+
+
+class Sknat6Val(ctypes.Structure):
+    _fields_ = [
+        ("addr", In6),  # NBO frontend address
+        ("port", ctypes.c_uint16),  # NBO frontend port
+        ("pad", ctypes.c_uint16),
+        ("svc_id", ctypes.c_uint32),
+        ("backend_id", ctypes.c_uint32),
+    ]
+
+
 # Checked against the BTF of kproxy_sock.bpf.o (tests/bpf/test_socklb.py); the probe and TC objects
 # do not carry these types.
 SOCK_BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_sknat4_key": Sknat4Key,
     "kp_sknat4_val": Sknat4Val,
+    "kp_sknat6_key": Sknat6Key,
+    "kp_sknat6_val": Sknat6Val,
 }

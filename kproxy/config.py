@@ -280,9 +280,10 @@ class AgentConfig(BaseModel):
         default=0, ge=0, le=65535,  # 0: the MTU of the first netdev
         description="MTU between nodes, for the DSR IPIP MSS clamp; 0: the MTU of the first netdev.",
     )  # fmt: skip
-    hairpin_address: Annotated[str | None, Flag(metavar="IPv4")] = Field(
-        default=None,  # None: the datapath default 169.254.42.1
-        description="Source address of a pod's packets balanced back to itself (default 169.254.42.1).",
+    hairpin_addresses: Annotated[list[str], Flag("--hairpin-address", metavar="IP[,IP]")] = Field(
+        default_factory=list,  # a family without one: the datapath default
+        description="Source address of a pod's packets balanced back to itself, one per family (default "
+        "169.254.42.1 and 100::a9fe:2a01).",
     )
     object_path: Annotated[str | None, Flag("--object", file=True)] = Field(
         default=None, description="BPF object to load instead of the packaged one (upgrades are atomic)."
@@ -298,16 +299,20 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"--node-ip {ip!r} is not an IP address") from None
         return v
 
-    @field_validator("hairpin_address")
+    @field_validator("hairpin_addresses")
     @classmethod
-    def _hairpin(cls, v: str | None) -> str | None:
-        if v is not None:
+    def _hairpin(cls, v: list[str]) -> list[str]:
+        seen: dict[int, str] = {}
+        for a in v:
             try:
-                ok = ipaddress.ip_address(v).version == 4
+                ip = ipaddress.ip_address(a)
             except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"--hairpin-address {v!r} is not an IPv4 address (e.g. 169.254.42.1)")
+                raise ValueError(
+                    f"--hairpin-address {a!r} is not an IP address (e.g. 169.254.42.1 or 100::a9fe:2a01)"
+                ) from None
+            if ip.version in seen:
+                raise ValueError(f"--hairpin-address {seen[ip.version]} and {a}: one address per family")
+            seen[ip.version] = a
         return v
 
     @model_validator(mode="after")
@@ -387,6 +392,23 @@ class AgentConfig(BaseModel):
         """The first IPv6 --node-ip (kp_cfg6_v1.node_addr), canonical; None on a node without one."""
         return next(
             (str(ipaddress.ip_address(ip)) for ip in self.node_ips if ipaddress.ip_address(ip).version == 6),
+            None,
+        )
+
+    @property
+    def hairpin_ipv4(self) -> str | None:
+        """The IPv4 --hairpin-address (kp_cfg_v1.hairpin_addr); None: the datapath default."""
+        return next((a for a in self.hairpin_addresses if ipaddress.ip_address(a).version == 4), None)
+
+    @property
+    def hairpin_ipv6(self) -> str | None:
+        """The IPv6 --hairpin-address (kp_cfg6_v1.hairpin_addr), canonical; None: the datapath default."""
+        return next(
+            (
+                str(ipaddress.ip_address(a))
+                for a in self.hairpin_addresses
+                if ipaddress.ip_address(a).version == 6
+            ),
             None,
         )
 

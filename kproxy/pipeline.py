@@ -83,8 +83,11 @@ def _sync_dirty(store: ClusterStore, syncer: Syncer, cfg: TranslateConfig, full:
     local = next((a for a in addresses if abi.is_ipv4(a)), None)
     local6 = next((a for a in addresses if ":" in a), None)
     # Services with endpoints on a node whose address changed were marked dirty by the store. Both
-    # families' node tables come from it (the IPv6 engine takes the IPv6 addresses it lists).
-    syncer.set_nodes(store.node_addrs, local, store.node_addrs_version, local_addr6=local6)
+    # families' node tables come from it (the nodes' InternalIPs of each family).
+    syncer.set_nodes(
+        store.node_addrs, local, store.node_addrs_version,
+        addrs6=store.node_addrs6, local_addr6=local6, version6=store.node_addrs_version,
+    )  # fmt: skip
     dirty = store.take_dirty_with_times()
     keys = set(store.services) | set(syncer.services) | set(dirty) if full else set(dirty)
     report = syncer.apply(_Translated(store, keys, cfg), full=full)

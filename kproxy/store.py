@@ -29,7 +29,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from kproxy.heap import compact_dicts, gc_paused
-from kproxy.model import EndpointSlice, ModelError, NodeInfo, Service, parse_endpoint_slice, parse_service
+from kproxy.model import (
+    EndpointSlice,
+    ModelError,
+    NodeInfo,
+    Service,
+    canonical_ip,
+    parse_endpoint_slice,
+    parse_service,
+    sloppy_ipv4,
+)
 from kproxy.translate import skip_reason
 
 log = logging.getLogger(__name__)
@@ -79,8 +88,10 @@ class ClusterStore:
         self._event: asyncio.Event | None = None
         self._listeners: list[Callable[[], None]] = []
         self.node_changed = False
-        # every node's name -> its IPv4 InternalIP, for kp_be4_val.node_addr (DSR IPIP sends there)
+        # every node's name -> its IPv4 InternalIP, for kp_be4_val.node_addr (DSR IPIP sends there);
+        # node_addrs6 the same for IPv6 (kp_be6_val.node_addr, DSR IPv6-in-IPv6)
         self.node_addrs: dict[str, str] = {}
+        self.node_addrs6: dict[str, str] = {}
         self.node_addrs_version = 0  # bumped on every change, so sync re-reads the table only then
         # The service address space (kube-proxy's service CIDRs): owner -> IPv4 CIDRs. Owners are
         # ServiceCIDR objects ("ServiceCIDR/<name>") and the --service-cidr flag ("flag").
@@ -320,15 +331,16 @@ class ClusterStore:
         return True
 
     # ---- the cluster's nodes (name -> address of each node running endpoints) ----
-    def set_node_address(self, name: str, address: str | None) -> None:
-        """Record (or with None, forget) the IPv4 address of node NAME; the Services with endpoints on
-        it become dirty, as their backends carry that address."""
-        if self.node_addrs.get(name) == address:
+    def set_node_address(self, name: str, address: str | None, *, address6: str | None) -> None:
+        """Record (or with None, forget) the IPv4 ADDRESS and IPv6 ADDRESS6 of node NAME; the Services
+        with endpoints on it become dirty, as their backends carry that address."""
+        if self.node_addrs.get(name) == address and self.node_addrs6.get(name) == address6:
             return
-        if address is None:
-            self.node_addrs.pop(name, None)
-        else:
-            self.node_addrs[name] = address
+        for table, value in ((self.node_addrs, address), (self.node_addrs6, address6)):
+            if value is None:
+                table.pop(name, None)
+            else:
+                table[name] = value
         self.node_addrs_version += 1
         now = time.monotonic()
         slices = self.slices
@@ -337,21 +349,21 @@ class ClusterStore:
                 self._mark(skey, now)
 
     def upsert_node(self, raw: Any, origin: str | None = None) -> bool:
-        """A Node object from a source: record its IPv4 InternalIP (False if it had no name)."""
+        """A Node object from a source: record its InternalIPs of both families (False if it had no name)."""
         try:
-            name, addr = node_address(raw if isinstance(raw, dict) else {})
+            name, addr, addr6 = node_addresses(raw if isinstance(raw, dict) else {})
         except ValueError as e:
             self.skipped[("Node", "no_name")] += 1
             log.warning("Node%s skipped: %s", f" from {origin}" if origin else "", e)
             return False
-        if addr is None:
-            log.warning("Node %s has no IPv4 InternalIP: DSR IPIP cannot reach its backends", name)
-        self.set_node_address(name, addr)
+        if addr is None and addr6 is None:
+            log.warning("Node %s has no InternalIP: DSR cannot reach its backends (they are SNATed)", name)
+        self.set_node_address(name, addr, address6=addr6)
         return True
 
     def delete_node(self, name: str) -> bool:
-        existed = name in self.node_addrs
-        self.set_node_address(name, None)
+        existed = name in self.node_addrs or name in self.node_addrs6
+        self.set_node_address(name, None, address6=None)
         return existed
 
     # ---- the service address space ----
@@ -466,14 +478,24 @@ def parse_key(raw: Any) -> str:
 
 def node_address(raw: Mapping[str, Any]) -> tuple[str, str | None]:
     """(name, first IPv4 InternalIP or None) of a raw Node object."""
+    name, addr, _ = node_addresses(raw)
+    return name, addr
+
+
+def node_addresses(raw: Mapping[str, Any]) -> tuple[str, str | None, str | None]:
+    """(name, first IPv4 InternalIP, first IPv6 InternalIP) of a raw Node object; None for a family it
+    lists none of. A dual-stack node lists one InternalIP per family (kubelet's --node-ip a,b)."""
     meta = raw.get("metadata") or {}
     name = meta.get("name") if isinstance(meta, Mapping) else None
     if not isinstance(name, str) or not name:
         raise ValueError("Node without metadata.name")
     status = raw.get("status") or {}
+    found: dict[int, str] = {}
     for a in (status.get("addresses") or []) if isinstance(status, Mapping) else []:
-        if isinstance(a, Mapping) and a.get("type") == "InternalIP":
-            addr = a.get("address")
-            if isinstance(addr, str) and "." in addr and ":" not in addr:
-                return name, addr
-    return name, None
+        if isinstance(a, Mapping) and a.get("type") == "InternalIP" and isinstance(a.get("address"), str):
+            # as Kubernetes reads it (ParseIPSloppy): leading zeros, an IPv4-mapped IPv6 address is IPv4
+            text = a["address"].strip()
+            ip = canonical_ip(text) or sloppy_ipv4(text)
+            if ip is not None:
+                found.setdefault(6 if ":" in ip else 4, ip)
+    return name, found.get(4), found.get(6)

@@ -11,6 +11,8 @@
  *   map structs; KP_SVC_MAP, KP_BE_MAP, KP_CT_MAP, KP_AFF_MAP, KP_SNAT_MAP: the family's maps
  *   KP_ADDR_EQ(a, b), KP_ADDR_IS_ZERO(a), KP_ADDR_NONE: address comparisons and the unset address;
  *   KP_ADDR_FOLD(a): the address as one 32-bit word, for hashing
+ *   KP_DSR_OPT_T, KP_DSR_EXTRA, KP_TUNNEL_HLEN: DSR's option (its struct, the bytes it adds to a packet)
+ *   and its tunnel header's length (IPIP / IPv6-in-IPv6), lib/dsr.h
  * Code outside the _fam.h headers names the family explicitly (kp_ct_lookup4, kp_lb_forward6).
  * May be included again with another KP_FAM: every name is redefined.
  */
@@ -45,6 +47,9 @@
 #undef KP_ADDR_IS_ZERO
 #undef KP_ADDR_NONE
 #undef KP_ADDR_FOLD
+#undef KP_DSR_OPT_T
+#undef KP_DSR_EXTRA
+#undef KP_TUNNEL_HLEN
 
 #if KP_FAM == 4
 #define KP_ADDR            __be32
@@ -65,6 +70,9 @@
 #define KP_ADDR_IS_ZERO(a) ((a) == 0)
 #define KP_ADDR_NONE       0
 #define KP_ADDR_FOLD(a)    (a)
+#define KP_DSR_OPT_T       struct kp_dsr_opt
+#define KP_DSR_EXTRA       KP_DSR_OPT_LEN
+#define KP_TUNNEL_HLEN     20
 #elif KP_FAM == 6
 #define KP_ADDR            union kp_in6
 #define KP_PKT             struct kp_pkt6
@@ -84,6 +92,9 @@
 #define KP_ADDR_IS_ZERO(a) kp_in6_is_zero(a)
 #define KP_ADDR_NONE       ((union kp_in6){})
 #define KP_ADDR_FOLD(a)    kp_in6_fold(a)
+#define KP_DSR_OPT_T       struct kp_dsr6_opt
+#define KP_DSR_EXTRA       KP_DSR6_HDR_LEN
+#define KP_TUNNEL_HLEN     40
 #else
 #error "KP_FAM must be 4 or 6"
 #endif

@@ -127,7 +127,8 @@ static __always_inline int kp_ttl_dec6(struct __sk_buff *skb, __u8 hop_limit)
 {
 	__u8 nhl = hop_limit - 1;
 
-	return bpf_skb_store_bytes(skb, KP_IP6_HLIM_OFF, &nhl, 1, 0);
+	/* no header checksum carries it: a CHECKSUM_COMPLETE sum is updated instead */
+	return bpf_skb_store_bytes(skb, KP_IP6_HLIM_OFF, &nhl, 1, BPF_F_RECOMPUTE_CSUM);
 }
 
 static __always_inline int kp_fib_redirect6(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int res)

@@ -47,6 +47,73 @@ static __always_inline struct kp_ct6_val *kp_scratch_old6(void)
 #undef KP_FAM
 
 /*
+ * Whether a tunnel packet to this node's address is DSR's, judged before anything is removed: its inner
+ * packet carries DSR's option where lib/dsr.h puts it, or belongs to a flow this node received through
+ * DSR's tunnel (its reply entry says so: later TCP segments carry no option). Anything else (the
+ * node's own tunnels, another load balancer's, a forged one) is left to the kernel as it came: an
+ * outer header removed here would let anyone who reaches the node's address inject packets with any
+ * source. Inner fragments are never DSR's here (a full-sized one does not fit the tunnel).
+ */
+static __always_inline int kp_tunnel_is_dsr4(struct __sk_buff *skb, const struct kp_pkt *outer)
+{
+	struct {
+		struct iphdr ip;
+		__u8 next[4];   /* the first option's type and length, or the L4 ports */
+	} in;
+	struct kp_ct4_key rk = {};
+	struct kp_ct4_val *v;
+
+	if (bpf_skb_load_bytes(skb, KP_IP_OFF + KP_IPIP_HLEN, &in, sizeof(in)) || in.ip.version != 4)
+		return 0;
+	/* as kp_tunnel_push4 makes them: the outer length is the inner one's plus the outer header */
+	if (!outer->tot_len || outer->tot_len != KP_IPIP_HLEN + bpf_ntohs(in.ip.tot_len))
+		return 0;
+	if (in.ip.ihl > 5)
+		return in.next[0] == KP_DSR_OPT_TYPE && in.next[1] == KP_DSR_OPT_LEN;
+	if (in.ip.ihl != 5 || (in.ip.protocol != IPPROTO_TCP && in.ip.protocol != IPPROTO_UDP) ||
+	    (in.ip.frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET)))
+		return 0;
+	rk.saddr = in.ip.daddr;
+	rk.daddr = in.ip.saddr;
+	__builtin_memcpy(&rk.sport, &in.next[2], sizeof(rk.sport));
+	__builtin_memcpy(&rk.dport, &in.next[0], sizeof(rk.dport));
+	rk.proto = in.ip.protocol;
+	rk.dir = KP_CT_DIR_REPLY;
+	v = bpf_map_lookup_elem(&kp_ct4_v1, &rk);
+	return v && (v->flags & KP_CT_F_DSR_IPIP);
+}
+
+/* kp_tunnel_is_dsr4 for IPv6-in-IPv6: DSR's destination options header first, or a DSR tunnel flow. */
+static __always_inline int kp_tunnel_is_dsr6(struct __sk_buff *skb, const struct kp_pkt6 *outer)
+{
+	struct {
+		struct ipv6hdr ip;
+		__u8 next[4];   /* DSR's header: next header, length, option type and length; or the L4 ports */
+	} in;
+	struct kp_ct6_key rk = {};
+	struct kp_ct6_val *v;
+
+	if (bpf_skb_load_bytes(skb, KP_IP6_OFF + KP_IP6IP6_HLEN, &in, sizeof(in)) || in.ip.version != 6)
+		return 0;
+	/* as kp_tunnel_push6 makes them: the outer payload is the whole inner packet */
+	if (!outer->tot_len || outer->tot_len != KP_IP6IP6_HLEN + KP_IP6_HLEN + bpf_ntohs(in.ip.payload_len))
+		return 0;
+	if (in.ip.nexthdr == IPPROTO_DSTOPTS)
+		return in.next[1] == KP_DSR6_HDR_LEN / 8 - 1 && in.next[2] == KP_DSR6_OPT_TYPE &&
+		       in.next[3] == KP_DSR6_OPT_LEN;
+	if (in.ip.nexthdr != IPPROTO_TCP && in.ip.nexthdr != IPPROTO_UDP)
+		return 0;
+	__builtin_memcpy(&rk.saddr, &in.ip.daddr, sizeof(rk.saddr));
+	__builtin_memcpy(&rk.daddr, &in.ip.saddr, sizeof(rk.daddr));
+	__builtin_memcpy(&rk.sport, &in.next[2], sizeof(rk.sport));
+	__builtin_memcpy(&rk.dport, &in.next[0], sizeof(rk.dport));
+	rk.proto = in.ip.nexthdr;
+	rk.dir = KP_CT_DIR_REPLY;
+	v = bpf_map_lookup_elem(&kp_ct6_v1, &rk);
+	return v && (v->flags & KP_CT_F_DSR_IPIP);
+}
+
+/*
  * A TCP packet (not a SYN) of a pod's flow whose frontend is gone: a Service port deleted while the
  * connection lived. kube-proxy's conntrack keeps translating such a connection until it ends; so does
  * this, from the flow's own entry (its backend address and mode), however the Service changed. -1 if
@@ -86,64 +153,6 @@ __attribute__((noinline)) int kp_ct_continue(struct __sk_buff *skb, struct kp_pk
 fail:
 	kp_count(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
-}
-
-/*
- * Backend node, from a netdev: a packet sent here by an ingress node in DSR mode (already DNATed to
- * a local backend). If it carries the DSR option, strip it and track the flow so the backend's
- * replies leave with the frontend as their source (kp_revnat4 in kp_from_pod); the kernel then
- * delivers it to the backend with the client's address intact. Returns -1 without the option.
- */
-static __always_inline int kp_dsr_rx(struct __sk_buff *skb, struct kp_pkt *p, __u8 how)
-{
-	struct kp_dsr_opt opt;
-	struct kp_ct4_key fk;
-	struct kp_ct4_val fv = {};
-	struct kp_ct4_val *cur;
-	__u64 now = bpf_ktime_get_ns();
-	__u8 state;
-
-	if (!kp_dsr_opt_read(skb, p, &opt))
-		return -1;
-	if (kp_dsr_opt_pop(skb, p, &opt)) {
-		kp_count(KP_DROP_ENCAP_FAILED, p->len);
-		return TC_ACT_SHOT;
-	}
-	fk.saddr = p->saddr;
-	fk.daddr = opt.addr;
-	fk.sport = p->sport;
-	fk.dport = opt.port;
-	fk.proto = p->proto;
-	fk.dir = KP_CT_DIR_FWD;
-	fk.pad[0] = 0;
-	fk.pad[1] = 0;
-	/* UDP carries the option on every datagram: a live entry of the same flow is only touched. */
-	cur = kp_ct_lookup4(&fk, now);
-	if (cur && cur->nat_addr == p->daddr && cur->nat_port == p->dport &&
-	    !kp_ct_tuple_reused(cur->state, p->tcp_flags)) {
-		fv = *cur;
-		kp_ct_touch4(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
-		kp_count(KP_STAT_DSR_RX, p->len);
-		return TC_ACT_OK;
-	}
-	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	fv.expires_ns = now + kp_ct_timeout_ns(state);
-	fv.nat_addr = p->daddr;
-	fv.nat_port = p->dport;
-	fv.state = state;
-	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
-	if (cur)
-		kp_ct_drop_old_reply4(&fk, cur);
-	if (kp_ct_claim_reply4(&fk, &fv, now, p->len)) {
-		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
-		return TC_ACT_SHOT;
-	}
-	if (kp_ct_write4(&fk, &fv)) {
-		kp_count(KP_DROP_CT_FULL, p->len);
-		return TC_ACT_SHOT;
-	}
-	kp_count(KP_STAT_DSR_RX, p->len);
-	return TC_ACT_OK;
 }
 
 #endif /* KPROXY_LIB_LB_H */

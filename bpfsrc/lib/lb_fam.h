@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Service lookup, backend selection and the forward (DNAT) path of one address family (lib/fam.h:
- * included by lib/lb.h once per family). IPv6 flows are plain DNAT or hairpin; SNAT and DSR are IPv4's.
+ * included by lib/lb.h once per family).
  */
 
 /* Slot 0 of the frontend the packet is addressed to, or NULL. *key is left at that slot-0 key. */
@@ -96,18 +96,24 @@ static __always_inline __u8 KP_F(kp_flow_mode)(const KP_PKT *p, const struct kp_
 	if ((be->flags & KP_BE_F_LOCAL) || (svc->flags & KP_SVC_F_ETP_LOCAL) || !cfg ||
 	    KP_ADDR_IS_ZERO(KP_F(kp_node_addr)(cfg)))
 		return 0;
-#if KP_FAM == 4
-	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table):
-	 * that node's kproxy must take the flow. Any other backend is SNATed, which works wherever it runs,
-	 * this node included (kp_from_pod translates the replies). */
-	if (!be->node_addr || kp_frag_get())
+	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table, with
+	 * an address of the flow's family): that node's kproxy must take the flow. Any other backend is
+	 * SNATed, which works wherever it runs, this node included (kp_from_pod translates the replies). */
+	if (KP_ADDR_IS_ZERO(be->node_addr) || kp_frag_get())
 		return KP_CT_F_SNAT;   /* a flow that starts fragmented: no room for DSR's bytes either */
+#if KP_FAM == 6
+	/* the option header goes right after the fixed one: a flow opened with extension headers (a
+	 * hop-by-hop header must stay first) is SNATed; so are all when the LAN cannot carry a 1280-byte
+	 * packet (IPv6's minimum MTU, below which no client lowers its path MTU) with DSR's bytes */
+	if (p->ip_hlen != KP_IP6_HLEN ||
+	    kp_lan_mtu(cfg) < KP_IP6_MIN_MTU + KP_DSR_EXTRA + (cfg->dsr_mode == KP_DSR_IPIP ? KP_TUNNEL_HLEN : 0))
+		return KP_CT_F_SNAT;
+#endif
 	if (cfg->dsr_mode == KP_DSR_OPT)
 		return KP_CT_F_DSR_OPT;
 	if (cfg->dsr_mode == KP_DSR_IPIP)
 		return KP_CT_F_DSR_IPIP;
-#endif
-	return KP_CT_F_SNAT;   /* IPv6: always (no IPv6 DSR yet) */
+	return KP_CT_F_SNAT;
 }
 
 /* New flows draw again at most this many times when the drawn backend's REPLY tuple is held. */
@@ -137,12 +143,8 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 	__u8 mode = fv->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
 	struct bpf_fib_lookup *fib;
 	__u32 extra = 0, tot_len;
-	KP_ADDR fib_src, fib_dst;
-	int res;
-#if KP_FAM == 4
-	__be32 node_addr;
-	int opt = 0;
-#endif
+	KP_ADDR fib_src, fib_dst, node_addr;
+	int res, opt = 0;
 
 	if (!mode || ((mode & KP_CT_F_HAIRPIN) == 0 && !cfg)) {
 		if (KP_F(kp_nat)(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port))
@@ -164,18 +166,16 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 	fib_dst = fv->nat_addr;
 	if (mode & KP_CT_F_SNAT)
 		fib_src = fv->snat_addr;
-#if KP_FAM == 4
-	node_addr = cfg ? cfg->node_addr : 0;
+	node_addr = KP_F(kp_node_addr)(cfg);
 	if (!(mode & KP_CT_F_SNAT)) {
-		opt = kp_dsr_wants_opt(p);
-		extra = opt ? KP_DSR_OPT_LEN : 0;
+		opt = KP_F(kp_dsr_wants_opt)(p);
+		extra = opt ? KP_DSR_EXTRA : 0;
 		if (mode & KP_CT_F_DSR_IPIP) {
-			extra += KP_IPIP_HLEN;
+			extra += KP_TUNNEL_HLEN;
 			fib_src = node_addr;
 			fib_dst = fv->snat_addr;
 		}
 	}
-#endif
 	tot_len = p->tot_len ? p->tot_len + extra : 0;
 	fib = kp_fib_room();
 	res = KP_F(kp_fib_lookup)(skb, fib, fib_src, fib_dst, tot_len);
@@ -200,23 +200,19 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 		kp_count(KP_STAT_SNAT, p->len);
 		return KP_F(kp_fib_redirect)(skb, fib, res);
 	}
-#if KP_FAM == 4
-	if (opt && kp_dsr_opt_push(skb, fk->daddr, fk->dport))
+	if (opt && KP_F(kp_dsr_opt_push)(skb, fk->daddr, fk->dport))
 		goto fail_encap;
 	if (mode & KP_CT_F_DSR_IPIP) {
-		if (kp_ipip_push(skb, node_addr, fv->snat_addr))
+		if (KP_F(kp_tunnel_push)(skb, node_addr, fv->snat_addr))
 			goto fail_encap;
 		kp_count(KP_STAT_DSR_IPIP_TX, p->len);
 	} else {
 		kp_count(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
 	}
-	return kp_fib_redirect4(skb, fib, res);
+	return KP_F(kp_fib_redirect)(skb, fib, res);
 fail_encap:
 	kp_count(KP_DROP_ENCAP_FAILED, p->len);
 	return TC_ACT_SHOT;
-#else
-	goto fail;   /* no other mode for IPv6 */
-#endif
 fail:
 	kp_count(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
@@ -328,11 +324,9 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 		fv.snat_addr = KP_F(kp_hairpin_addr)(cfg);
 		fv.snat_port = p->sport;
 	}
-#if KP_FAM == 4
 	else if (mode & KP_CT_F_DSR_IPIP) {
 		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
 	}
-#endif
 	else if ((mode & KP_CT_F_SNAT) && cfg) {
 		__u64 syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN ?
 				    kp_tcp_mark(skb, p) : 0;
@@ -357,3 +351,65 @@ xlate:
 	return KP_F(kp_lb_xlate)(skb, p, &fk, &fv, cfg);
 }
 
+/*
+ * Backend node, from a netdev: a packet sent here by an ingress node in DSR mode (already DNATed to
+ * a local backend). If it carries the DSR option, strip it and track the flow so the backend's
+ * replies leave with the frontend as their source (kp_revnat in kp_from_pod); the kernel then
+ * delivers it to the backend with the client's address intact. Returns -1 without the option.
+ */
+static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u8 how)
+{
+	KP_DSR_OPT_T opt;
+	KP_CT_KEY fk;
+	KP_CT_VAL fv = {};
+	KP_CT_VAL *cur;
+	__u64 now = bpf_ktime_get_ns();
+	__u8 state;
+
+#if KP_FAM == 6
+	/* an ingress node never puts the option on a fragment (kp_dsr_wants_opt), and no router on the way
+	 * fragments IPv6: not DSR's (an IPv4 router copies DSR's option into every fragment it makes) */
+	if (kp_frag_get())
+		return -1;
+#endif
+	if (!KP_F(kp_dsr_opt_read)(skb, p, &opt))
+		return -1;
+	if (KP_F(kp_dsr_opt_pop)(skb, p, &opt)) {
+		kp_count(KP_DROP_ENCAP_FAILED, p->len);
+		return TC_ACT_SHOT;
+	}
+	fk.saddr = p->saddr;
+	fk.daddr = opt.addr;
+	fk.sport = p->sport;
+	fk.dport = opt.port;
+	fk.proto = p->proto;
+	fk.dir = KP_CT_DIR_FWD;
+	__builtin_memset(fk.pad, 0, sizeof(fk.pad));
+	/* UDP carries the option on every datagram: a live entry of the same flow is only touched. */
+	cur = KP_F(kp_ct_lookup)(&fk, now);
+	if (cur && KP_ADDR_EQ(cur->nat_addr, p->daddr) && cur->nat_port == p->dport &&
+	    !kp_ct_tuple_reused(cur->state, p->tcp_flags)) {
+		fv = *cur;
+		KP_F(kp_ct_touch)(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
+		kp_count(KP_STAT_DSR_RX, p->len);
+		return TC_ACT_OK;
+	}
+	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
+	fv.expires_ns = now + kp_ct_timeout_ns(state);
+	fv.nat_addr = p->daddr;
+	fv.nat_port = p->dport;
+	fv.state = state;
+	fv.flags = how | KP_CT_F_EXTERNAL | KP_CT_F_LOCAL_BE;
+	if (cur)
+		KP_F(kp_ct_drop_old_reply)(&fk, cur);
+	if (KP_F(kp_ct_claim_reply)(&fk, &fv, now, p->len)) {
+		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
+		return TC_ACT_SHOT;
+	}
+	if (KP_F(kp_ct_write)(&fk, &fv)) {
+		kp_count(KP_DROP_CT_FULL, p->len);
+		return TC_ACT_SHOT;
+	}
+	kp_count(KP_STAT_DSR_RX, p->len);
+	return TC_ACT_OK;
+}

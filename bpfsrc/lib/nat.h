@@ -36,7 +36,7 @@ static __always_inline int kp_nat4(struct __sk_buff *skb, const struct kp_pkt *p
 							   : offsetof(struct tcphdr, source));
 	__be32 old_addr = side == KP_NAT_DST ? p->daddr : p->saddr;
 	__be16 old_port = side == KP_NAT_DST ? p->dport : p->sport;
-	__u32 csum_off = kp_l4_csum_off(p);
+	__u32 csum_off = kp_l4_csum_off4(p);
 	__u64 l4_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
 	if (kp_frag_get() == KP_FRAG_LATER) {
@@ -155,12 +155,16 @@ static __always_inline int kp_nat6(struct __sk_buff *skb, const struct kp_pkt6 *
 	return 0;
 }
 
-/* Largest MSS a client may send through a DSR IPIP flow: the LAN MTU minus both IPv4 headers and TCP. */
-static __always_inline __u16 kp_ipip_mss(const struct kp_config *cfg)
+/* The MTU between nodes (kp_config.lan_mtu, set by the agent). */
+static __always_inline __u32 kp_lan_mtu(const struct kp_config *cfg)
 {
-	__u32 mtu = cfg && cfg->lan_mtu ? cfg->lan_mtu : KP_LAN_MTU_DEFAULT;
+	return cfg && cfg->lan_mtu ? cfg->lan_mtu : KP_LAN_MTU_DEFAULT;
+}
 
-	return mtu - 2 * sizeof(struct iphdr) - sizeof(struct tcphdr);
+/* Largest MSS a client may send through a DSR tunnel flow: the LAN MTU minus both IP headers and TCP. */
+static __always_inline __u16 kp_tunnel_mss(const struct kp_config *cfg, __u32 ip_hlen)
+{
+	return kp_lan_mtu(cfg) - 2 * ip_hlen - sizeof(struct tcphdr);
 }
 
 #undef KP_FAM

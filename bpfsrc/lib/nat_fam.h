@@ -47,12 +47,10 @@ static __always_inline int KP_F(kp_revnat)(struct __sk_buff *skb, const KP_PKT *
 		res = KP_F(kp_fib_lookup)(skb, fib, rv.nat_addr, p->daddr, 0);
 		fwd = res == KP_FIB_OK || res == KP_FIB_NEIGH;
 	}
-#if KP_FAM == 4
 	/* whether the backend is a pod or the node's own stack (a hostNetwork endpoint, kp_to_netdev) */
 	if ((rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
-	    kp_mss_clamp(skb, p->l4_off, kp_l4_csum_off(p), kp_ipip_mss(cfg)))
+	    kp_mss_clamp(skb, p->l4_off, KP_F(kp_l4_csum_off)(p), kp_tunnel_mss(cfg, KP_TUNNEL_HLEN)))
 		kp_count(KP_STAT_MSS_CLAMP, p->len);
-#endif
 	if (KP_F(kp_nat)(skb, p, KP_NAT_SRC, rv.nat_addr, rv.nat_port))
 		goto fail;
 	if (rv.flags & KP_CT_F_HAIRPIN) {

@@ -54,7 +54,7 @@ enum kp_parse_result {
 	KP_PARSE_FRAG = 1,   /* IPv4 fragment whose datagram's ports are unknown: passed untouched */
 	KP_PARSE_L4 = 2,     /* TCP or UDP, ports valid (of the datagram, for a later fragment) */
 	KP_PARSE_ICMP = 3,   /* ICMP, type/code valid */
-	KP_PARSE_IPIP = 4,   /* IPv4-in-IPv4 (DSR dispatch), outer header fields valid */
+	KP_PARSE_IPIP = 4,   /* IPv4-in-IPv4 or IPv6-in-IPv6 (DSR dispatch), outer header fields valid */
 };
 
 #define KP_IP_DF         0x4000
@@ -264,7 +264,7 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 	return KP_PARSE_PASS;
 }
 
-static __always_inline __u32 kp_l4_csum_off(const struct kp_pkt *p)
+static __always_inline __u32 kp_l4_csum_off4(const struct kp_pkt *p)
 {
 	return p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
 						     : offsetof(struct udphdr, check));

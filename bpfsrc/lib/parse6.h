@@ -24,6 +24,7 @@
 #define KP_IP6_DADDR_OFF  (KP_IP6_OFF + offsetof(struct ipv6hdr, daddr))
 #define KP_IP6_HLIM_OFF   (KP_IP6_OFF + offsetof(struct ipv6hdr, hop_limit))
 #define KP_IP6_HLEN       40
+#define KP_IP6_MIN_MTU    1280 /* every IPv6 link carries this much (RFC 8200) */
 /* Extension headers walked before giving up (the packet is then passed untouched). */
 #define KP_IP6_EXT_MAX    6
 /* Fragment header: offset in the upper 13 bits of frag_off, the M flag in bit 0. */
@@ -217,6 +218,9 @@ static __always_inline int kp_parse6(struct __sk_buff *skb, struct kp_pkt6 *p)
 			return KP_PARSE_PASS;
 		return KP_PARSE_ICMP;
 	}
+	case IPPROTO_IPV6:
+		/* IPv6-in-IPv6 as DSR sends it (lib/dsr.h): the outer header alone, whole */
+		return off == ETH_HLEN + KP_IP6_HLEN && frag == KP_FRAG_NONE ? KP_PARSE_IPIP : KP_PARSE_PASS;
 	default:
 		return KP_PARSE_PASS;
 	}

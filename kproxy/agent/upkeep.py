@@ -44,15 +44,14 @@ class DatapathConfig:
         # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
         upkeep.write_config(
             maps, cfg.primary_ipv4, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
-            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_address,
+            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_ipv4,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
         )  # fmt: skip
         # a predecessor's window (write_config keeps the later one) is this agent's to keep open
         self.orphan_until_ns = maps.read_config().orphan_until_ns
-        # the IPv6 datapath's node address (NodePort on it, SNAT from it); the hairpin source stays the
-        # datapath default (::)
-        if upkeep.write_config6(maps.cfg6, cfg.primary_ipv6):
+        # the IPv6 datapath's node address (NodePort on it, SNAT from it, DSR's tunnel) and hairpin source
+        if upkeep.write_config6(maps.cfg6, cfg.primary_ipv6, cfg.hairpin_ipv6):
             log.info("kp_cfg6_v1: node address %s", cfg.primary_ipv6 or "none (no IPv6 --node-ip)")
 
     # ---- runtime settings (the agent ConfigMap, through the Kubernetes source) ----

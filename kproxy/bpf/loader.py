@@ -233,7 +233,7 @@ def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROO
 
 
 # Everything a kproxy agent pins in its directory (the socket-LB object's map besides the TC object's).
-LEGACY_PIN_NAMES = (*abi.ALL_MAPS, "kp_sknat4_v1", LINKS_DIR)
+LEGACY_PIN_NAMES = (*abi.ALL_MAPS, *abi.SOCK_MAPS, LINKS_DIR)
 
 
 def migrate_legacy_pins(pin_dir: str) -> list[str]:

@@ -1,11 +1,13 @@
 """Socket-level load balancing for clients in the node's own network namespace.
 
 Loads kproxy_sock.bpf.o (bpfsrc/kproxy_sock.bpf.c) with its maps pinned by name in the agent's bpffs
-directory, so it shares kp_svc4_v1, kp_be4_v1, kp_aff4_v1, kp_cfg_v1 and kp_stats_v1 with the TC
-object, and attaches its four programs to one cgroup v2 directory with cgroup links pinned at
-{bpffs}/links/cgroup:<hook>. The links keep working while the agent is down; a new agent swaps its
-programs in with an atomic link update. Programs attached to a cgroup apply to every process in it
-and in its descendants, whatever network namespace they use.
+directory, so it shares the service, backend and affinity maps of both families (kp_svc4_v1,
+kp_svc6_v1, ...), kp_cfg_v1, kp_cfg6_v1 and kp_stats_v1 with the TC object, and attaches its eight
+programs (connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6) to one cgroup v2 directory
+with cgroup links pinned at {bpffs}/links/cgroup:<hook>. The links keep working while the agent is
+down; a new agent swaps its programs in with an atomic link update, and adds the links of hooks an
+older agent did not have (the *6 ones before IPv6 socket LB). Programs attached to a cgroup apply to
+every process in it and in its descendants, whatever network namespace they use.
 
 The cgroup root only on explicit request: socket programs there rewrite the connections of every
 process on the machine. That is what a cluster install wants (Cilium attaches there too; the chart
@@ -36,6 +38,10 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_UDP4_SENDMSG = 14
 BPF_CGROUP_UDP4_RECVMSG = 19
 BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_CGROUP_INET6_CONNECT = 11
+BPF_CGROUP_UDP6_SENDMSG = 15
+BPF_CGROUP_UDP6_RECVMSG = 20
+BPF_CGROUP_INET6_GETPEERNAME = 30
 
 # hook name (pin suffix) -> (program, attach type)
 HOOKS: dict[str, tuple[str, int]] = {
@@ -43,6 +49,10 @@ HOOKS: dict[str, tuple[str, int]] = {
     "sendmsg4": ("kp_sock_sendmsg4", BPF_CGROUP_UDP4_SENDMSG),
     "recvmsg4": ("kp_sock_recvmsg4", BPF_CGROUP_UDP4_RECVMSG),
     "getpeername4": ("kp_sock_getpeername4", BPF_CGROUP_INET4_GETPEERNAME),
+    "connect6": ("kp_sock_connect6", BPF_CGROUP_INET6_CONNECT),
+    "sendmsg6": ("kp_sock_sendmsg6", BPF_CGROUP_UDP6_SENDMSG),
+    "recvmsg6": ("kp_sock_recvmsg6", BPF_CGROUP_UDP6_RECVMSG),
+    "getpeername6": ("kp_sock_getpeername6", BPF_CGROUP_INET6_GETPEERNAME),
 }
 PIN_PREFIX = "cgroup:"
 
@@ -57,7 +67,7 @@ def default_object_path() -> str:
 
 @dataclass(frozen=True)
 class CgroupAttachment:
-    hook: str  # connect4, sendmsg4, recvmsg4, getpeername4
+    hook: str  # connect4, sendmsg4, recvmsg4, getpeername4 and their *6 twins
     program: str  # as the kernel reports it (truncated to 15 characters)
     prog_id: int
     link_id: int
@@ -227,7 +237,8 @@ class SocketLB:
 
     # ---- attach ----
     def attach(self) -> list[CgroupAttachment]:
-        """Attach (or upgrade in place) all four programs on the cgroup; returns the attachments."""
+        """Attach (or upgrade in place) all eight programs on the cgroup; returns the attachments.
+        Pins of an older agent without the *6 hooks are upgraded and the missing links created."""
         if self.cgroup_path is None:
             raise SocketLBError("no cgroup given: pass the cgroup v2 directory to balance sockets of")
         cgroup = check_cgroup(self.cgroup_path, self.allow_root)
@@ -249,7 +260,7 @@ class SocketLB:
                 created.append(pin)
                 log.info("attached %s to cgroup %s (%s, pinned at %s)", prog_name, cgroup, hook, pin)
         except BaseException:
-            # All four or none: a connect hook without its recvmsg twin would break UDP replies.
+            # All new links or none: a connect hook without its recvmsg twin would break UDP replies.
             for pin in created:
                 with contextlib.suppress(Exception):
                     self._detach_pin(pin)
@@ -288,13 +299,21 @@ class SocketLB:
                 raise
         os.unlink(pin)
 
+    def pinned_hooks(self) -> list[str]:
+        """The hooks with a pinned cgroup link in this bpffs directory: this version's, then any other
+        `cgroup:*` pin (a newer version's hook, after a downgrade: detached and listed all the same)."""
+        try:
+            names = os.listdir(self.links_dir)
+        except OSError:
+            return []
+        found = {n[len(PIN_PREFIX) :] for n in names if n.startswith(PIN_PREFIX)}
+        return [h for h in HOOKS if h in found] + sorted(found - set(HOOKS))
+
     def attached(self) -> list[CgroupAttachment]:
         """The pinned cgroup links of this bpffs directory."""
         result = []
-        for hook in HOOKS:
+        for hook in self.pinned_hooks():
             pin = self.link_pin(hook)
-            if not os.path.exists(pin):
-                continue
             with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
                 info = lb.cgroup_link_info(link.fd, f"pinned link {pin}")
             name = ""
@@ -308,11 +327,9 @@ class SocketLB:
     def detach(self) -> int:
         """Detach and unpin every cgroup link of this bpffs directory; returns how many."""
         removed = 0
-        for hook in HOOKS:
-            pin = self.link_pin(hook)
-            if os.path.exists(pin):
-                self._detach_pin(pin)
-                removed += 1
+        for hook in self.pinned_hooks():
+            self._detach_pin(self.link_pin(hook))
+            removed += 1
         return removed
 
     def cleanup(self) -> None:

@@ -7,6 +7,7 @@ commands list both families (the *4 and *6 maps) in one table; kproxy.observe.in
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from typing import Any
@@ -166,6 +167,7 @@ def status(cli: Cli) -> None:
     """The agent's state on this node: its process, DSR mode, netdevs and socket load balancing."""
     with cli.open_maps("kproxy status") as maps:
         cfg = maps.read_config()
+        cfg6 = maps.cfg6.get(ctypes.c_uint32(0)) if maps.cfg6 is not None else None
     agent = read_status(cli.bpffs) or {}
     pid = agent.get("pid")
     try:
@@ -181,6 +183,11 @@ def status(cli: Cli) -> None:
             "netdevs": agent.get("netdevs", []),
         },
         "dsr_mode": mode_name(cfg.dsr_mode),
+        # the datapath's node address of each family (SNAT source, NodePorts, DSR's tunnel); None: none
+        "node_addresses": {
+            "ipv4": None if insp.is_unset(cfg.node_addr) else insp.addr_text(cfg.node_addr),
+            "ipv6": None if cfg6 is None or insp.is_unset(cfg6.node_addr) else insp.addr_text(cfg6.node_addr),
+        },
         "socket_lb": {
             "wanted": want.get("wanted"),
             "attached": [a.hook for a in links if a.alive],
@@ -195,6 +202,8 @@ def status(cli: Cli) -> None:
             f"agent: node {a['node'] or '?'}, pid {a['pid'] or '?'} "
             f"({'running' if a['running'] else 'not running'}), netdevs {','.join(a['netdevs']) or '-'}",
             f"dsr mode: {i['dsr_mode']}",
+            "node addresses: "
+            + (", ".join(a for a in i["node_addresses"].values() if a) or "none (no --node-ip)"),
         ]
         if slb["attached"]:
             lines.append(f"socket LB: on, cgroup {slb['cgroup'] or '?'} ({', '.join(slb['attached'])})")

@@ -1,10 +1,12 @@
 """The cluster's nodes as the datapath and the health server need them.
 
-Every backend entry carries the address of the node running it (kp_be4_val.node_addr: the outer
-destination of DSR IPIP). EndpointSlice endpoints name their node (nodeName); this table maps the
-name to an address. Both sources hand raw Node objects to the store's upsert_node() (the
-kproxy.store.SourceSink contract), which reads them with kproxy.store.node_address(): the Kubernetes
-source from a watch on all Nodes, the file source from `kind: Node` manifests in its directory.
+Every backend entry carries the address of the node running it (kp_be4_val.node_addr and
+kp_be6_val.node_addr: the outer destination of DSR's tunnel, IPIP or IPv6-in-IPv6). EndpointSlice
+endpoints name their node (nodeName); this table maps the name to an address of each family. Both
+sources hand raw Node objects to the store's upsert_node() (the kproxy.store.SourceSink contract),
+which reads them with kproxy.store.node_addresses() (the first InternalIP of each family): the
+Kubernetes source from a watch on all Nodes, the file source from `kind: Node` manifests in its
+directory.
 
 This node's own Node object also decides kube-proxy's nodeEligible (node_eligible(), KEP-3836):
 /healthz answers 503 while the Node is being deleted or carries the ToBeDeletedByClusterAutoscaler

@@ -161,10 +161,11 @@ class Datapath:
         svc_id: int = abi.ID6_BASE + 1,
         scope: abi.Scope = abi.Scope.EXT,
         affinity_timeout: int = 0,
+        node_addr: str = "::",
     ) -> None:
-        """add_service for kp_svc6_v1 / kp_be6_v1 (Backend.addr IPv6)."""
+        """add_service for kp_svc6_v1 / kp_be6_v1 (Backend.addr IPv6; node_addr: their node's address)."""
         for b in backends:
-            v = abi.Be6Val(in6(b.addr), abi.port_to_nbo(b.port), proto, b.flags, in6("::"))
+            v = abi.Be6Val(in6(b.addr), abi.port_to_nbo(b.port), proto, b.flags, in6(node_addr))
             self.be6.update(ctypes.c_uint32(b.id), v)
         for slot, b in enumerate(backends, start=1):
             self.svc6.update(

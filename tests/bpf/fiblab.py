@@ -74,13 +74,14 @@ class FibLab:
             os.close(home)
             os.close(target)
 
-    def run(self, dp: Datapath, prog: str, frame: bytes) -> TestRun:
-        """Run `prog` as if the frame arrived on kpe0 (struct __sk_buff ifindex at offset 40)."""
+    def run(self, dp: Datapath, prog: str, frame: bytes, flags: int = 0) -> TestRun:
+        """Run `prog` as if the frame arrived on kpe0 (struct __sk_buff ifindex at offset 40); `flags`:
+        BPF_F_TEST_* (BPF_F_TEST_SKB_CHECKSUM_COMPLETE: the kernel checks skb->csum afterwards)."""
         ctx = bytearray(192)
         struct.pack_into("=I", ctx, 36, self.ifindex)  # ingress_ifindex
         struct.pack_into("=I", ctx, 40, self.ifindex)  # ifindex
         with self.inside():
-            return prog_test_run(dp.progs[prog], frame, bytes(ctx))
+            return prog_test_run(dp.progs[prog], frame, bytes(ctx), flags=flags)
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)

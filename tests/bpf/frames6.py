@@ -85,8 +85,11 @@ def tcp6(
     seq: int = 1000,
     ack: int = 0,
     payload: bytes = b"",
+    options: bytes = b"",
 ) -> bytes:
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 64240, 0, 0)
+    """A TCP segment with a correct IPv6 checksum; `options` padded to 32-bit words by the caller."""
+    doff = 5 + len(options) // 4
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 64240, 0, 0) + options
     seg = hdr + payload
     c = csum(pseudo6(src, dst, IPPROTO_TCP, len(seg)) + seg)
     return seg[:16] + struct.pack("!H", c) + seg[18:]

@@ -840,6 +840,40 @@ def test_dsr_ipip_ingress_and_backend_node(dp: Datapath, lab: Lab) -> None:
     assert (out.retval, out.data_out) == (TC_ACT_OK, other)
 
 
+def test_tunnels_to_the_node_that_are_not_dsr_are_left_alone(dp: Datapath, lab: Lab) -> None:
+    """Only DSR's own IPIP is decapsulated (its inner packet carries DSR's option, or belongs to a flow
+    received through the tunnel): another tunnel to the node's address (its own ipip device, another
+    load balancer's, a forged one with any inner source) reaches the kernel as it came."""
+    set_cfg(dp, node=NODE2, dsr=DsrMode.IPIP)
+    inner = [
+        frame(CLIENT, BE_REMOTE.addr, icmp(8, 0, 0, b"ping"), IPPROTO_ICMP),
+        frame(CLIENT, BE_REMOTE.addr, udp(CLIENT, BE_REMOTE.addr, CPORT, 8080, b"q"), IPPROTO_UDP),
+        frame(CLIENT, BE_REMOTE.addr, syn_seg(CLIENT, BE_REMOTE.addr, CPORT, 8080, TCP_ACK)),
+        frame(CLIENT, BE_REMOTE.addr, syn_seg(CLIENT, BE_REMOTE.addr, CPORT, 8080), options=b"\x94\x04\0\0"),
+    ]
+    for f in inner:
+        for src in (NODE, "203.0.113.9"):
+            tunneled = ipip(src, NODE2, f, (NODE2_MAC, lab.mac))
+            out = run_in(dp, lab, "kp_from_netdev", tunneled)
+            assert (out.retval, out.data_out) == (TC_ACT_OK, tunneled)
+    assert dp.stat(Stat.DSR_RX)[0] == 0
+
+
+def test_dsr_option_in_fragments_is_taken(dp: Datapath, lab: Lab) -> None:
+    """The DSR option has the copied flag (0x80): a router that fragments a DSR datagram without DF
+    puts it in every fragment, and the backend's node takes the flow from the first."""
+    set_cfg(dp, node=NODE2, dsr=DsrMode.OPT)
+    seg = udp(CLIENT, BE_REMOTE.addr, CPORT, 8080, b"x" * 64)
+    first = frame(
+        CLIENT, BE_REMOTE.addr, seg[:40], IPPROTO_UDP, options=dsr_opt(NODE, NODEPORT), flags_frag=0x2000
+    )
+    out = run_in(dp, lab, "kp_from_netdev", first)
+    ok_ret = out.retval == TC_ACT_OK and parse(out.data_out).ihl == 20
+    assert ok_ret, out
+    rep = dp.ct(ct_key(BE_REMOTE.addr, CLIENT, 8080, CPORT, IPPROTO_UDP, CtDir.REPLY))
+    assert rep is not None and rep.flags & CtFlag.DSR_OPT and dp.stat(Stat.DSR_RX)[0] == 1
+
+
 def test_dsr_ipip_host_network_backend_synack_is_clamped(dp: Datapath, lab: Lab) -> None:
     """A hostNetwork endpoint (its address is its node's) behind a DSR IPIP NodePort answers from the
     node's own stack, through kp_to_netdev: its SYN-ACK leaves with the frontend as source and the

@@ -26,6 +26,9 @@ next-header values, header lengths and flipped bits. Invariants:
     complement sum of addresses and its L4 bytes is kept, so the datagram's checksum stays valid),
     MACs and the hop limit;
   - every other rewritten frame whose input checksums were valid has valid checksums and a sane length.
+It runs once per DSR mode (off, destination option, IPv6-in-IPv6; the backends' node known), with DSR
+traffic for the backend's node too (tunnels to the node, DSR headers, both mutated): a DSR frame may
+grow by DSR's bytes on the ingress node and shrink by them on the backend's node, nothing else.
 """
 
 from __future__ import annotations
@@ -489,6 +492,8 @@ def test_generator_is_reproducible() -> None:
 
 # ---- IPv6 ----
 NODE6 = "fd00:a::1"
+NODE2_6 = "fd00:a::2"  # the node of every IPv6 backend (DSR sends there)
+IPPROTO_IPV6 = 41  # IPv6-in-IPv6
 CLIENTS6 = [f"fd00:10:244:1::{i:x}" for i in range(5, 13)]
 EXT_CLIENTS6 = ["2001:db8::9", "2001:db8::a"]
 BACKENDS6 = [
@@ -527,9 +532,13 @@ LIVE6 = [
 ]
 
 
-def populate6(dp: Datapath) -> None:
-    """IPv6 services, backends, conntrack entries of live flows, affinity and a source range."""
+def populate6(dp: Datapath, dsr: abi.DsrMode = abi.DsrMode.OFF) -> None:
+    """IPv6 services, backends (on NODE2_6), conntrack entries of live flows, affinity, a source range,
+    the DSR mode."""
     dp.set_node6(NODE6)
+    cfg = abi.Config()
+    cfg.dsr_mode = dsr
+    dp.cfg.update(ctypes.c_uint32(0), cfg)
     by_id = {b.id: b for b in [*BACKENDS6, HAIRPIN_BE6]}
     for fe in FRONTENDS6:
         dp.add_service6(
@@ -540,6 +549,7 @@ def populate6(dp: Datapath) -> None:
             flags=int(fe.flags),
             svc_id=fe.svc_id,
             affinity_timeout=fe.affinity,
+            node_addr=NODE2_6,
         )
     net = ipaddress.IPv6Network(ALLOWED6)
     dp.lbsrc6.update(
@@ -601,10 +611,30 @@ class Gen6(Gen):
     def packet(self, src: str, dst: str, proto: int, payload: bytes, **kw: object) -> bytes:
         return ether(ipv6(src, dst, proto, payload, **kw), ETH_P_IPV6)  # type: ignore[arg-type]
 
+    def dsr_frame(self, fe: Fe) -> bytes:
+        """What an ingress node's DSR sends to a backend's node: client -> backend with DSR's header
+        (or without, a later packet), as it is or in IPv6-in-IPv6 to this node (or another)."""
+        r = self.r
+        client = r.choice(CLIENTS6 + EXT_CLIENTS6)
+        be = self.by_id[r.choice(fe.backends)] if fe.backends else r.choice(BACKENDS6)
+        sport = r.choice((41000, 41001, r.randrange(1024, 65536)))
+        exts = [dsr6_header(fe.addr, fe.port)] if r.random() < 0.8 else []
+        if r.random() < 0.2:
+            exts += self.exts()
+        inner = ipv6(client, be.addr, fe.proto, self.l4(fe.proto, client, be.addr, sport, be.port), exts=exts)
+        if r.random() < 0.5:
+            return ether(inner, ETH_P_IPV6)
+        outer_dst = NODE6 if r.random() < 0.9 else "fd00:a::77"
+        return self.packet(
+            NODE2_6, outer_dst, IPPROTO_IPV6, inner, exts=self.exts() if r.random() < 0.1 else None
+        )
+
     def service_frame(self) -> tuple[bytes, bool]:
         r = self.r
         fe = r.choice(FRONTENDS6)
-        kind = r.randrange(12)
+        kind = r.randrange(14)
+        if kind >= 12:
+            return self.dsr_frame(fe), False
         exts = self.exts()
         hlim = r.choice((64, 64, 1, 0, 255))
         if kind < 6:
@@ -729,6 +759,32 @@ class Gen6(Gen):
         return bytes(b)
 
 
+def dsr6_header(addr: str, port: int) -> tuple[int, bytes]:
+    """DSR's destination options header (struct kp_dsr6_opt) for frontend addr:port."""
+    return IPPROTO_DSTOPTS, bytes(
+        [0, abi.DSR6_HDR_LEN // 8 - 1, abi.DSR6_OPT_TYPE, abi.DSR6_OPT_LEN]
+    ) + addr6(addr) + struct.pack("!HH", port, 0)
+
+
+DSR6_START = bytes([abi.DSR6_HDR_LEN // 8 - 1, abi.DSR6_OPT_TYPE, abi.DSR6_OPT_LEN])
+
+
+def has_dsr6(frame: bytes) -> bool:
+    """Whether DSR's header follows the fixed header (where kp_dsr_opt_push6 puts it)."""
+    return (
+        len(frame) >= 78
+        and frame[20] == IPPROTO_DSTOPTS
+        and frame[55:58] == bytes([abi.DSR6_HDR_LEN // 8 - 1, abi.DSR6_OPT_TYPE, abi.DSR6_OPT_LEN])
+    )
+
+
+def tunnel_inner(frame: bytes) -> bytes | None:
+    """The inner frame of an IPv6-in-IPv6 frame as kp_tunnel_push6 makes them (no extension header)."""
+    if len(frame) >= 94 and frame[14] >> 4 == 6 and frame[20] == IPPROTO_IPV6:
+        return frame[:14] + frame[54:]
+    return None
+
+
 def is_foreign6(frame: bytes) -> bool:
     """No known address outside, nor in the packet an ICMPv6 error quotes (a router's error about a flow
     kproxy translated concerns it, whoever it is addressed to)."""
@@ -736,6 +792,8 @@ def is_foreign6(frame: bytes) -> bool:
         return True
     if frame[22:38] in UNIVERSE6 or frame[38:54] in UNIVERSE6:
         return False
+    if has_dsr6(frame):
+        return False  # the backend node's side of DSR takes whatever carries its header
     w = walk6(frame)
     if w.must_pass or w.proto != IPPROTO_ICMPV6:
         return True
@@ -785,6 +843,23 @@ def walk6(frame: bytes) -> Walk6:
         return Walk6(True)
     if off > end:
         return Walk6(True)
+    if nxt == IPPROTO_IPV6 and off == 54 and not frag_off and frame[38:54] == addr6(NODE6):
+        # DSR's tunnel to this node: kp_from_netdev takes it if the inner packet carries DSR's header
+        # or may belong to a DSR tunnel flow (TCP/UDP); any other tunnel passes as it came
+        # (and its length is the inner packet's, as kp_tunnel_push6 makes them); any other tunnel
+        # passes as it came
+        inner = tunnel_inner(frame)
+        if (
+            inner is not None
+            and len(frame) >= 98
+            and plen == 40 + struct.unpack_from("!H", inner, 18)[0]
+            and (
+                inner[20] in (IPPROTO_TCP, IPPROTO_UDP)
+                or (inner[20] == IPPROTO_DSTOPTS and inner[55:58] == DSR6_START)
+            )
+        ):
+            return Walk6(False, nxt, off, 0, plen)
+        return Walk6(True)
     if frag_off & 0xFFF8:
         return Walk6(False, nxt, off, 2, plen)
     frag = 0
@@ -828,6 +903,9 @@ def fragment_check6(inp: bytes, out: bytes, w: Walk6) -> str | None:
 
 
 def checksums_ok6(frame: bytes) -> bool:
+    inner = tunnel_inner(frame)
+    if inner is not None:
+        return checksums_ok6(inner)
     try:
         (plen,) = struct.unpack_from("!H", frame, 18)
         if plen == 0 or 54 + plen > len(frame):
@@ -852,9 +930,17 @@ def sane_length6(inp: bytes, out: bytes) -> str | None:
     if reject:
         if (out[54], out[55]) != (ICMP6_DEST_UNREACH, 4) or len(out) > 14 + 40 + 8 + 124:
             return f"ICMPv6 error {out[54]}/{out[55]} of {len(out)} bytes"
-    elif len(out) != len(inp):
+    elif len(out) - len(inp) != dsr_bytes(out) - dsr_bytes(inp):
         return f"length changed by {len(out) - len(inp)} bytes"
     return None
+
+
+def dsr_bytes(frame: bytes) -> int:
+    """The bytes DSR adds to a frame: a tunnel's header and DSR's header (in the tunnel or not)."""
+    inner = tunnel_inner(frame)
+    if inner is not None:
+        return 40 + dsr_bytes(inner)
+    return abi.DSR6_HDR_LEN if has_dsr6(frame) else 0
 
 
 def fuzz6(dp: Datapath, seed: int, n: int) -> Result:
@@ -892,7 +978,8 @@ def fuzz6(dp: Datapath, seed: int, n: int) -> Result:
                 continue
             res.rewritten += 1
             if w.frag and not (w.frag == 1 and len(out) > 20 and out[20] == IPPROTO_ICMPV6):
-                bad = fragment_check6(frame, out, w)
+                # a fragment of a DSR IPv6-in-IPv6 flow is sent in the tunnel: its inner frame is checked
+                bad = fragment_check6(frame, tunnel_inner(out) or out, w)
                 res.checked += 1
             else:
                 if in_ok is None:
@@ -902,8 +989,9 @@ def fuzz6(dp: Datapath, seed: int, n: int) -> Result:
                     continue
                 res.checked += 1
                 bad = sane_length6(frame, out)
-                if bad is None and checksum_errors6(out):
-                    bad = "; ".join(checksum_errors6(out))
+                errors = checksum_errors6(tunnel_inner(out) or out)
+                if bad is None and errors:
+                    bad = "; ".join(errors)
             if bad:
                 res.failures.append(
                     f"frame {i} via {name} (ret {retval}): {bad}: in {frame.hex()} out {out.hex()}"
@@ -914,9 +1002,10 @@ def fuzz6(dp: Datapath, seed: int, n: int) -> Result:
     return res
 
 
-def test_fuzz_tc_programs_ipv6(dp: Datapath) -> None:
-    populate6(dp)
-    run_fuzz(dp, "fuzz6", fuzz6)
+@pytest.mark.parametrize("dsr", list(abi.DsrMode), ids=lambda m: m.name.lower())
+def test_fuzz_tc_programs_ipv6(dp: Datapath, dsr: abi.DsrMode) -> None:
+    populate6(dp, dsr)
+    run_fuzz(dp, f"fuzz6 dsr {dsr.name.lower()}", fuzz6)
 
 
 def test_walk6_agrees_with_hand_made_cases() -> None:

@@ -1,7 +1,8 @@
 """Socket-level load balancing (bpfsrc/kproxy_sock.bpf.c, kproxy/bpf/socklb.py) with real sockets.
 
 Each root test makes a child cgroup of /sys/fs/cgroup/unified (never the root), a private bpffs and
-a network namespace whose lo carries three backend addresses with TCP and UDP servers. Clients run
+a network namespace whose lo carries three IPv4 and three IPv6 backend addresses with TCP and UDP
+servers. Clients run
 inside that namespace, inside (or, to show it is untouched, outside) the child cgroup. The service
 address exists nowhere: only the socket programs can make it reach anything.
 """
@@ -42,6 +43,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 VIP = "10.96.0.10"
 NODE_ADDR = "192.168.77.2"  # a node address of the namespace, for NodePort frontends
 BACKENDS = ["10.244.7.11", "10.244.7.12", "10.244.7.13"]
+VIP6 = "fd00:96::10"
+NODE_ADDR6 = "fd00:77::2"  # written to kp_cfg6_v1 only; not on any interface
+BACKENDS6 = ["fd00:244:7::11", "fd00:244:7::12", "fd00:244:7::13"]
+MAPPED_VIP = f"::ffff:{VIP}"  # VIP as a dual-stack AF_INET6 socket names it
 BE_TCP_PORT = 8080
 BE_UDP_PORT = 5353
 TCP, UDP = abi.IPPROTO_TCP, abi.IPPROTO_UDP
@@ -50,12 +55,13 @@ SERVER = rf"""
 import selectors, socket, sys
 sel = selectors.DefaultSelector()
 for a in sys.argv[1:]:
-    t = socket.socket()
+    family = socket.AF_INET6 if ":" in a else socket.AF_INET
+    t = socket.socket(family)
     t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     t.bind((a, {BE_TCP_PORT}))
     t.listen(256)
     sel.register(t, selectors.EVENT_READ, ("tcp", a))
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(family, socket.SOCK_DGRAM)
     u.bind((a, {BE_UDP_PORT}))
     sel.register(u, selectors.EVENT_READ, ("udp", a))
 print("ready", flush=True)
@@ -78,12 +84,19 @@ import errno, json, socket
 def _err(e):
     return errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
 
-def tcp(addr, port):
-    s = socket.socket()
+def _sock(addr, kind, family, v6only):
+    # family None: the address's own; AF_INET6 with v6only False is a dual-stack socket
+    s = socket.socket(family or (socket.AF_INET6 if ":" in addr else socket.AF_INET), kind)
+    if v6only is not None:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    return s
+
+def tcp(addr, port, family=None, v6only=None):
+    s = _sock(addr, socket.SOCK_STREAM, family, v6only)
     s.settimeout(10)
     try:
         s.connect((addr, port))
-        peer = list(s.getpeername())
+        peer = list(s.getpeername())[:2]
         data = b""
         while chunk := s.recv(100):
             data += chunk
@@ -95,14 +108,14 @@ def tcp(addr, port):
         s.close()
     return {"backend": data.decode(), "peer": peer}
 
-def udp(addr, port, connected=False):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def udp(addr, port, connected=False, family=None, v6only=None):
+    s = _sock(addr, socket.SOCK_DGRAM, family, v6only)
     s.settimeout(10)
     peer = None
     try:
         if connected:
             s.connect((addr, port))
-            peer = list(s.getpeername())
+            peer = list(s.getpeername())[:2]
             s.send(b"ping")
         else:
             s.sendto(b"ping", (addr, port))
@@ -113,8 +126,12 @@ def udp(addr, port, connected=False):
         return {"error": _err(e)}
     finally:
         s.close()
-    return {"backend": data.decode().split()[0], "src": list(src), "peer": peer}
+    return {"backend": data.decode().split()[0], "src": list(src)[:2], "peer": peer}
 """
+
+
+def in6(address: str) -> ctypes.Array[ctypes.c_uint8]:
+    return abi.In6.from_buffer_copy(abi.ip6_to_bytes(address))
 
 
 # ---- unit tests (no root) ----
@@ -130,6 +147,10 @@ def test_attach_types_match_uapi_header() -> None:
         "sendmsg4": "BPF_CGROUP_UDP4_SENDMSG",
         "recvmsg4": "BPF_CGROUP_UDP4_RECVMSG",
         "getpeername4": "BPF_CGROUP_INET4_GETPEERNAME",
+        "connect6": "BPF_CGROUP_INET6_CONNECT",
+        "sendmsg6": "BPF_CGROUP_UDP6_SENDMSG",
+        "recvmsg6": "BPF_CGROUP_UDP6_RECVMSG",
+        "getpeername6": "BPF_CGROUP_INET6_GETPEERNAME",
     }
     assert {hook: names[attach_type] for hook, (_, attach_type) in HOOKS.items()} == want
 
@@ -190,6 +211,8 @@ def test_sknat_layout_matches_btf(sock_object: Path, name: str) -> None:
         t = types[type_id]
         if t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
             return size(t["type_id"])
+        if t["kind"] == "ARRAY":  # pad[3], and union kp_in6's b[16] / w[4]
+            return int(t["nr_elems"]) * size(t["type_id"])
         return int(t["size"])
 
     (struct,) = [t for t in types.values() if t["kind"] == "STRUCT" and t.get("name") == name]
@@ -203,15 +226,19 @@ def test_sknat_layout_matches_btf(sock_object: Path, name: str) -> None:
 def test_sock_object_maps_and_programs(sock_object: Path) -> None:
     with lb.BpfObject.open(sock_object, pin_root_path="/kpt-pin-root") as obj:
         assert {p for p, _ in HOOKS.values()} == set(obj.program_names())
-        assert set(abi.ALL_MAPS) | {abi.MAP_SKNAT4} <= set(obj.map_names())
-        p = obj.map_params(abi.MAP_SKNAT4)
-        assert (p.type, p.key_size, p.value_size, p.max_entries) == (
-            lb.BPF_MAP_TYPE_LRU_HASH,
-            ctypes.sizeof(abi.Sknat4Key),
-            ctypes.sizeof(abi.Sknat4Val),
-            abi.SKNAT4_MAX,
-        )
-        assert obj.pin_path(abi.MAP_SKNAT4) == f"/kpt-pin-root/{abi.MAP_SKNAT4}"
+        assert set(abi.ALL_MAPS) | set(abi.SOCK_MAPS) <= set(obj.map_names())
+        for name, key, val, size in (
+            (abi.MAP_SKNAT4, abi.Sknat4Key, abi.Sknat4Val, abi.SKNAT4_MAX),
+            (abi.MAP_SKNAT6, abi.Sknat6Key, abi.Sknat6Val, abi.SKNAT6_MAX),
+        ):
+            p = obj.map_params(name)
+            assert (p.type, p.key_size, p.value_size, p.max_entries) == (
+                lb.BPF_MAP_TYPE_LRU_HASH,
+                ctypes.sizeof(key),
+                ctypes.sizeof(val),
+                size,
+            )
+            assert obj.pin_path(name) == f"/kpt-pin-root/{name}"
 
 
 # ---- the lab ----
@@ -223,16 +250,22 @@ class SockLab:
     slb: SocketLB
     maps: KproxyMaps
     sknat: PinnedMap[abi.Sknat4Key, abi.Sknat4Val]
+    sknat6: PinnedMap[abi.Sknat6Key, abi.Sknat6Val]
     _next_be: int = 1
     _be_ids: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
     def backend(self, addr: str, port: int, proto: int) -> int:
         key = (addr, port, proto)
         if key not in self._be_ids:
-            self._be_ids[key] = self._next_be
             self._next_be += 1
-            val = abi.Be4Val(addr=abi.ip_to_nbo(addr), port=abi.port_to_nbo(port), proto=proto)
-            self.maps.be4.put_many([(ctypes.c_uint32(self._be_ids[key]), val)])
+            if ":" in addr:
+                self._be_ids[key] = abi.ID6_BASE + self._next_be
+                val6 = abi.Be6Val(addr=in6(addr), port=abi.port_to_nbo(port), proto=proto)
+                self.maps.be6.put_many([(ctypes.c_uint32(self._be_ids[key]), val6)])
+            else:
+                self._be_ids[key] = self._next_be
+                val = abi.Be4Val(addr=abi.ip_to_nbo(addr), port=abi.port_to_nbo(port), proto=proto)
+                self.maps.be4.put_many([(ctypes.c_uint32(self._be_ids[key]), val)])
         return self._be_ids[key]
 
     def service(
@@ -248,20 +281,39 @@ class SockLab:
     ) -> None:
         be_port = BE_TCP_PORT if proto == TCP else BE_UDP_PORT
         ids = [self.backend(b, be_port, proto) for b in backends]
+        if ":" in addr:
+            self.maps.svc6.put_many(
+                [
+                    (
+                        abi.Svc6Key(
+                            addr=in6(addr), port=abi.port_to_nbo(port), slot=i, proto=proto, scope=scope
+                        ),
+                        val,
+                    )
+                    for i, val in self._svc_vals(ids, svc_id, flags, affinity_timeout)
+                ]
+            )
+            return
 
         def key(slot: int) -> abi.Svc4Key:
             return abi.Svc4Key(
                 addr=abi.ip_to_nbo(addr), port=abi.port_to_nbo(port), slot=slot, proto=proto, scope=scope
             )
 
-        items = [(key(i + 1), abi.Svc4Val(backend_id=b, svc_id=svc_id)) for i, b in enumerate(ids)]
-        items.append(
-            (
-                key(0),
-                abi.Svc4Val(svc_id=svc_id, count=len(ids), flags=flags, affinity_timeout=affinity_timeout),
-            )
+        self.maps.svc4.put_many(
+            [(key(i), val) for i, val in self._svc_vals(ids, svc_id, flags, affinity_timeout)]
         )
-        self.maps.svc4.put_many(items)
+
+    @staticmethod
+    def _svc_vals(
+        ids: list[int], svc_id: int, flags: int, affinity_timeout: int
+    ) -> list[tuple[int, abi.Svc4Val]]:
+        """(slot, value) of a frontend: the backend slots, then slot 0, as the agent writes them."""
+        items = [(i + 1, abi.Svc4Val(backend_id=b, svc_id=svc_id)) for i, b in enumerate(ids)]
+        items.append(
+            (0, abi.Svc4Val(svc_id=svc_id, count=len(ids), flags=flags, affinity_timeout=affinity_timeout))
+        )
+        return items
 
     def _run(self, argv_prefix: list[str], body: str) -> Any:
         code = PRELUDE + "\nprint(json.dumps(" + body + "))\n"
@@ -291,8 +343,10 @@ def socklab(
     ns = netns()
     for a in [*BACKENDS, NODE_ADDR]:
         ns.ip("addr", "add", f"{a}/32", "dev", "lo")
+    for a in BACKENDS6:
+        ns.ip("-6", "addr", "add", f"{a}/128", "dev", "lo", "nodad")
     server = subprocess.Popen(
-        ["nsenter", f"--net={ns.path}", sys.executable, "-c", SERVER, *BACKENDS],
+        ["nsenter", f"--net={ns.path}", sys.executable, "-c", SERVER, *BACKENDS, *BACKENDS6],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -305,8 +359,9 @@ def socklab(
         with (
             KproxyMaps.open(bpffs) as maps,
             PinnedMap.open(str(bpffs / abi.MAP_SKNAT4), abi.Sknat4Key, abi.Sknat4Val) as sknat,
+            PinnedMap.open(str(bpffs / abi.MAP_SKNAT6), abi.Sknat6Key, abi.Sknat6Val) as sknat6,
         ):
-            yield SockLab(ns, child_cgroup, bpffs, slb, maps, sknat)
+            yield SockLab(ns, child_cgroup, bpffs, slb, maps, sknat, sknat6)
     finally:
         slb.cleanup()
         server.kill()
@@ -445,8 +500,20 @@ def test_reattach_upgrades_in_place_and_cleanup_detaches(socklab: SockLab) -> No
     socklab.slb.cleanup()
     assert socklab.slb.attached() == []
     assert not any(p.name.startswith(PIN_PREFIX) for p in (socklab.bpffs / "links").glob("*"))
-    assert not (socklab.bpffs / abi.MAP_SKNAT4).exists()
+    assert not any((socklab.bpffs / name).exists() for name in abi.SOCK_MAPS)
     assert socklab.client(f"tcp({VIP!r}, 80)") == {"error": "ENETUNREACH"}
+
+
+def test_cleanup_detaches_links_of_hooks_it_does_not_know(socklab: SockLab) -> None:
+    """After a downgrade, a newer version's hooks are pinned beside this version's: cleanup (and
+    `attached`) walk every `cgroup:*` pin, so no link of a newer version stays attached."""
+    links = socklab.bpffs / "links"
+    os.rename(socklab.slb.link_pin("connect6"), links / f"{PIN_PREFIX}future7")
+    hooks = [a.hook for a in socklab.slb.attached()]
+    assert "future7" in hooks and "connect6" not in hooks
+    socklab.slb.cleanup()
+    assert socklab.slb.attached() == []
+    assert not any(p.name.startswith(PIN_PREFIX) for p in links.glob("*"))
 
 
 @pytest.mark.root
@@ -486,3 +553,160 @@ def test_load_balancer_source_ranges_hold_for_node_processes(socklab: SockLab) -
     node = abi.LbSrc4Key(prefixlen=abi.LBSRC4_SVC_BITS + 32, svc_id=7, addr=abi.ip_to_nbo(NODE_ADDR))
     socklab.maps.lbsrc4.put_many([(node, abi.LbSrc4Val())])
     assert socklab.client(f"tcp({lb_ip!r}, 443)") == {"backend": BACKENDS[0], "peer": [lb_ip, 443]}
+
+
+# ---- IPv6, and IPv4 through IPv4-mapped addresses on dual-stack sockets ----
+def sknat6_entries(socklab: SockLab) -> list[tuple[str, int, str, int, int]]:
+    """(backend, backend port, frontend, frontend port, svc_id) of every kp_sknat6_v1 entry."""
+    return [
+        (abi.bytes_to_ip6(k.addr), abi.nbo_to_port(k.port), abi.bytes_to_ip6(v.addr), abi.nbo_to_port(v.port),
+         v.svc_id)
+        for k, v in socklab.sknat6.items()
+    ]  # fmt: skip
+
+
+@pytest.mark.root
+def test_tcp_connect6_reaches_a_backend_and_getpeername_shows_the_service(socklab: SockLab) -> None:
+    socklab.service(VIP6, 80, TCP, BACKENDS6[:1], svc_id=abi.ID6_BASE + 1)
+    r = socklab.client(f"tcp({VIP6!r}, 80)")
+    assert r == {"backend": BACKENDS6[0], "peer": [VIP6, 80]}
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 1
+    assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 1
+    assert sknat6_entries(socklab) == [(BACKENDS6[0], BE_TCP_PORT, VIP6, 80, abi.ID6_BASE + 1)]
+    assert len(socklab.sknat) == 0
+
+
+@pytest.mark.root
+def test_udp6_replies_come_from_the_service(socklab: SockLab) -> None:
+    socklab.service(VIP6, 53, UDP, BACKENDS6[1:2], svc_id=abi.ID6_BASE + 2)
+    r = socklab.client(f"[udp({VIP6!r}, 53), udp({VIP6!r}, 53, connected=True)]")
+    assert r[0] == {"backend": BACKENDS6[1], "src": [VIP6, 53], "peer": None}
+    assert r[1] == {"backend": BACKENDS6[1], "src": [VIP6, 53], "peer": [VIP6, 53]}
+    assert socklab.stat(abi.Stat.SOCK_SENDMSG) == 1
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 1
+    assert socklab.stat(abi.Stat.SOCK_RECVMSG_REVNAT) == 2
+    assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 1
+    assert {e[:4] for e in sknat6_entries(socklab)} == {(BACKENDS6[1], BE_UDP_PORT, VIP6, 53)}
+
+
+@pytest.mark.root
+def test_ipv6_service_without_backends_is_refused_at_once(socklab: SockLab) -> None:
+    socklab.service(VIP6, 80, TCP, [])
+    socklab.service(VIP6, 53, UDP, [], svc_id=2)
+    r = socklab.client(f"[tcp({VIP6!r}, 80), udp({VIP6!r}, 53), udp({VIP6!r}, 53, connected=True)]")
+    assert r == [{"error": "ECONNREFUSED"}] * 3
+    assert socklab.stat(abi.Stat.DROP_SOCK_NO_BACKEND) == 3
+    assert len(socklab.sknat6) == 0
+
+
+@pytest.mark.root
+def test_ipv6_connections_spread_and_session_affinity_keeps_the_backend(socklab: SockLab) -> None:
+    socklab.service(VIP6, 80, TCP, BACKENDS6)
+    r = socklab.client(f"[tcp({VIP6!r}, 80) for _ in range(60)]")
+    assert all(x["peer"] == [VIP6, 80] for x in r), r
+    assert {x["backend"] for x in r} == set(BACKENDS6)  # each one missed with probability < 1e-10
+
+    # an unbound socket's client address is the node's IPv6 one (kp_cfg6_v1), as for IPv4
+    socklab.maps.cfg6.put_many([(ctypes.c_uint32(0), abi.Config6(node_addr=in6(NODE_ADDR6)))])
+    socklab.service(VIP6, 81, TCP, BACKENDS6, svc_id=9, flags=abi.SvcFlag.AFFINITY, affinity_timeout=600)
+    r = socklab.client(f"[tcp({VIP6!r}, 81) for _ in range(30)]")
+    backends = {x["backend"] for x in r}
+    assert len(backends) == 1, r
+    assert socklab.stat(abi.Stat.AFFINITY_HIT) == 29
+    (key, val), *rest = list(socklab.maps.aff6.items())
+    assert not rest and key.svc_id == 9
+    assert abi.bytes_to_ip6(key.client_addr) == NODE_ADDR6
+    assert abi.bytes_to_ip6(socklab.maps.be6.get(ctypes.c_uint32(val.backend_id)).addr) in backends
+
+
+@pytest.mark.root
+def test_dual_stack_socket_reaches_an_ipv4_service_through_a_mapped_address(socklab: SockLab) -> None:
+    """An AF_INET6 socket with IPV6_V6ONLY off names the IPv4 ClusterIP ::ffff:<VIP>: connect6 balances
+    it from kp_svc4_v1 (TCP, connected UDP), the kernel hands an unconnected sendto() to sendmsg4; the
+    peer and the reply source it is shown are the mapped frontend, from kp_sknat4_v1."""
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    socklab.service(VIP, 53, UDP, BACKENDS[1:2], svc_id=2)
+    socklab.service(VIP, 81, TCP, [], svc_id=3)
+    dual = "family=socket.AF_INET6, v6only=False"
+    r = socklab.client(
+        f"[tcp({MAPPED_VIP!r}, 80, {dual}), udp({MAPPED_VIP!r}, 53, connected=True, {dual}),"
+        f" udp({MAPPED_VIP!r}, 53, {dual}), tcp({MAPPED_VIP!r}, 81, {dual})]"
+    )
+    assert r[0] == {"backend": BACKENDS[0], "peer": [MAPPED_VIP, 80]}
+    assert r[1] == {"backend": BACKENDS[1], "src": [MAPPED_VIP, 53], "peer": [MAPPED_VIP, 53]}
+    assert r[2] == {"backend": BACKENDS[1], "src": [MAPPED_VIP, 53], "peer": None}
+    assert r[3] == {"error": "ECONNREFUSED"}
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 2
+    assert socklab.stat(abi.Stat.SOCK_SENDMSG) == 1
+    assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 2
+    assert socklab.stat(abi.Stat.SOCK_RECVMSG_REVNAT) == 2
+    assert socklab.stat(abi.Stat.DROP_SOCK_NO_BACKEND) == 1
+    entries = {
+        (abi.nbo_to_ip(k.addr), abi.nbo_to_port(k.port), abi.nbo_to_ip(v.addr))
+        for k, v in socklab.sknat.items()
+    }
+    assert entries == {(BACKENDS[0], BE_TCP_PORT, VIP), (BACKENDS[1], BE_UDP_PORT, VIP)}
+    assert len(socklab.sknat6) == 0  # an IPv4 flow: its entries are kp_sknat4_v1's
+
+
+@pytest.mark.root
+def test_v6only_socket_to_a_mapped_address_is_left_alone(socklab: SockLab) -> None:
+    """An IPv6-only socket cannot reach IPv4 (the kernel fails a mapped destination with ENETUNREACH):
+    connect6 neither balances it nor refuses it, even for a frontend without backends."""
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    socklab.service(VIP, 53, UDP, BACKENDS[1:2], svc_id=2)
+    socklab.service(VIP, 81, TCP, [], svc_id=3)
+    v6only = "family=socket.AF_INET6, v6only=True"
+    r = socklab.client(
+        f"[tcp({MAPPED_VIP!r}, 80, {v6only}), udp({MAPPED_VIP!r}, 53, connected=True, {v6only}),"
+        f" udp({MAPPED_VIP!r}, 53, {v6only}), tcp({MAPPED_VIP!r}, 81, {v6only})]"
+    )
+    assert r == [{"error": "ENETUNREACH"}] * 4
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 0
+    assert socklab.stat(abi.Stat.SOCK_SENDMSG) == 0
+    assert socklab.stat(abi.Stat.DROP_SOCK_NO_BACKEND) == 0
+    assert len(socklab.sknat) == 0 and len(socklab.sknat6) == 0
+    # the same socket with IPV6_V6ONLY off is balanced (the hooks are there and see it)
+    r = socklab.client(f"tcp({MAPPED_VIP!r}, 80, family=socket.AF_INET6, v6only=False)")
+    assert r == {"backend": BACKENDS[0], "peer": [MAPPED_VIP, 80]}
+
+
+@pytest.mark.root
+def test_ipv6_client_outside_the_cgroup_is_not_affected(socklab: SockLab) -> None:
+    socklab.service(VIP6, 80, TCP, BACKENDS6)
+    socklab.service(VIP, 80, TCP, BACKENDS)
+    r = socklab.outsider(
+        f"[tcp({VIP6!r}, 80), tcp({MAPPED_VIP!r}, 80, family=socket.AF_INET6, v6only=False),"
+        f" tcp({BACKENDS6[0]!r}, {BE_TCP_PORT})]"
+    )
+    assert r[0] == {"error": "ENETUNREACH"} and r[1] == {"error": "ENETUNREACH"}
+    assert r[2] == {"backend": BACKENDS6[0], "peer": [BACKENDS6[0], BE_TCP_PORT]}
+    assert socklab.stat(abi.Stat.SOCK_CONNECT) == 0
+
+
+@pytest.mark.root
+def test_upgrade_from_a_pinned_set_without_ipv6_hooks(socklab: SockLab) -> None:
+    """An agent from before IPv6 socket LB pinned the four *4 links and kp_sknat4_v1 only: a new
+    agent upgrades those links in place (same link, new program) and adds the *6 links and map."""
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    socklab.service(VIP6, 80, TCP, BACKENDS6[:1])
+    v6_hooks = [h for h in HOOKS if h.endswith("6")]
+    assert len(v6_hooks) == 4
+    for hook in v6_hooks:
+        socklab.slb._detach_pin(socklab.slb.link_pin(hook))
+    socklab.sknat6.close()
+    os.unlink(socklab.bpffs / abi.MAP_SKNAT6)
+    before = {a.hook: a for a in socklab.slb.attached()}
+    assert set(before) == set(HOOKS) - set(v6_hooks)
+    assert socklab.client(f"tcp({VIP6!r}, 80)") == {"error": "ENETUNREACH"}  # the older set: no IPv6
+
+    with SocketLB(socklab.bpffs, socklab.cgroup, SOCK_OBJECT) as again:
+        after = {a.hook: a for a in again.attach()}
+    assert set(after) == set(HOOKS) and all(a.alive for a in after.values())
+    assert {h: after[h].link_id for h in before} == {h: a.link_id for h, a in before.items()}
+    assert all(after[h].prog_id != before[h].prog_id for h in before)
+    assert (socklab.bpffs / abi.MAP_SKNAT6).exists()
+    assert socklab.client(f"[tcp({VIP!r}, 80), tcp({VIP6!r}, 80)]") == [
+        {"backend": BACKENDS[0], "peer": [VIP, 80]},
+        {"backend": BACKENDS6[0], "peer": [VIP6, 80]},
+    ]

@@ -206,6 +206,8 @@ def test_dual_stack_entries_on_pinned_maps(
                        state=abi.CtState.ESTABLISHED),
         )])  # fmt: skip
         maps.aff6.put_many([(abi.Aff6Key(_in6("fd00:244:2::12"), svc6), abi.Aff4Val(now, be6))])
+        maps.write_config(abi.Config(node_addr=abi.ip_to_nbo("192.168.77.11")))
+        maps.cfg6.put_many([(ctypes.c_uint32(0), abi.Config6(_in6("fd00:77::11")))])
     names = {"service": "demo/dual", "port_name": "http", "protocol": "TCP"}
     write_metadata(empty_bpffs, "n1", {svc4: names, svc6: names})
     bpffs = ["--bpffs", str(empty_bpffs)]
@@ -215,6 +217,8 @@ def test_dual_stack_entries_on_pinned_maps(
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
+    assert rows("status")["node_addresses"] == {"ipv4": "192.168.77.11", "ipv6": "fd00:77::11"}
+    assert "node addresses: 192.168.77.11, fd00:77::11" in kproxy("status", *bpffs).stdout
     services = rows("services")
     assert [(r["family"], r["address"], r["service"]) for r in services] == [
         (4, "10.96.3.1", "demo/dual"),
@@ -296,6 +300,7 @@ def test_an_older_agents_bpffs_without_the_ipv6_maps_is_still_read(
     assert (aff["family"], aff["client"], aff["service"]) == (4, "10.244.2.12", "demo/old")
     assert rows("nat") == []
     assert rows("stats") is not None and rows("status")["dsr_mode"]
+    assert rows("status")["node_addresses"] == {"ipv4": None, "ipv6": None}
     for cmd in ("services", "backends", "conntrack", "affinity", "nat"):
         table = kproxy(cmd, *bpffs)
         assert table.returncode == 0, (cmd, table.stderr)

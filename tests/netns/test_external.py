@@ -7,10 +7,13 @@ IP), of pod clients (they run on n1), and of node clients (processes in n1's nam
 socket-LB cgroup). Every agent runs with socket LB on its own child cgroup and short conntrack
 timeouts.
 
-The matrix: {TCP, UDP} x {client kind} x {backend on n1, on n2} x {externalTrafficPolicy Cluster,
-Local} x {snat, dsr opt, dsr ipip}. Four Services (policy x backend place) are created once; the
+The matrix: {IPv4, IPv6} x {TCP, UDP} x {client kind} x {backend on n1, on n2} x
+{externalTrafficPolicy Cluster, Local} x {snat, dsr opt, dsr ipip}. Four dual-stack Services (policy x
+backend place; a ClusterIP, LoadBalancer IP and external IP of each family) are created once; the
 mode is a module-scoped fixture parameter, so pytest runs all cells of one mode together and toggles
-it three times, with `kproxy dsr enable/disable --bpffs` on every node (standalone mode).
+it three times, with `kproxy dsr enable/disable --bpffs` on every node (standalone mode). IPv6 DSR
+carries the frontend in a destination options header, or in IPv6-in-IPv6 between the nodes' IPv6
+addresses (their Node objects list both InternalIPs).
 
 Each cell checks: the connection succeeds (or, where Kubernetes says it must, fails), which backend
 served it, the client address the backend saw, and which way the replies went, read from the
@@ -44,12 +47,13 @@ from kproxy.bpf.maps import KproxyMaps
 from kproxy.bpf.socklb import cgroup2_mounts
 from kproxy.lab import Lab
 from kproxy.lab import manifests as mf
-from kproxy.lab.cluster import CGROUP2_ROOT, Host, _readline, _wait
+from kproxy.lab.cluster import CGROUP2_ROOT, Host, _readline, _wait, client_address
 from kproxy.lab.netns import in_netns
 
 pytestmark = pytest.mark.root
 
 MODES = ("snat", "opt", "ipip")
+FAMILIES = ("4", "6")
 POLICIES = ("Cluster", "Local")
 PLACES = ("same", "other")  # backend on the ingress node n1, or on n2
 CLIENTS = (
@@ -63,6 +67,7 @@ CLIENTS = (
 )
 PROTOS = ("TCP", "UDP")
 HAIRPIN_DEFAULT = "169.254.42.1"
+HAIRPIN6 = "100::a9fe:2a02"  # --hairpin-address for IPv6 (its default is 100::a9fe:2a01)
 
 # Cells not generated, with the reason (printed as the skip reason of those cells).
 EXCLUDED: dict[tuple[str, str], str] = {}
@@ -70,7 +75,7 @@ EXCLUDED: dict[tuple[str, str], str] = {}
 # Short timeouts: the "no NAT entries left" and exhaustion tests wait for flows to expire.
 AGENT_ARGS = [
     "--ct-timeout-syn", "4", "--ct-timeout-fin", "2", "--ct-timeout-udp", "3",
-    "--ct-sweep-interval", "0.5", "--log-level", "info",
+    "--ct-sweep-interval", "0.5", "--log-level", "info", "--hairpin-address", HAIRPIN6,
 ]  # fmt: skip
 
 
@@ -83,16 +88,20 @@ def svc_name(policy: str, place: str) -> str:
     return f"x-{policy.lower()}-{place}"
 
 
-def cluster_ip(i: int) -> str:
-    return f"10.96.40.{i}"
+def cluster_ip(i: int, family: str = "4") -> str:
+    return f"10.96.40.{i}" if family == "4" else f"fd00:10:96::4:{i:x}"
 
 
-def lb_ip(i: int) -> str:
-    return f"192.168.78.{10 + i}"
+def lb_ip(i: int, family: str = "4") -> str:
+    return f"192.168.78.{10 + i}" if family == "4" else f"fd00:78::a:{i:x}"
 
 
-def ext_ip(i: int) -> str:
-    return f"192.168.78.{50 + i}"
+def ext_ip(i: int, family: str = "4") -> str:
+    return f"192.168.78.{50 + i}" if family == "4" else f"fd00:78::e:{i:x}"
+
+
+def addr_of(host: Host, family: str) -> str:
+    return host.ip if family == "4" else host.ip6
 
 
 def node_port(i: int, proto: str) -> int:
@@ -128,19 +137,21 @@ def xlab(tc_object: Path) -> Iterator[Lab]:
                     name,
                     [
                         mf.service(
-                            name, ports(i), cluster_ip(i), type="LoadBalancer", lb_ips=[lb_ip(i)],
-                            external_ips=[ext_ip(i)], external_traffic_policy=policy,
+                            name, ports(i), cluster_ip(i), type="LoadBalancer",
+                            lb_ips=[lb_ip(i), lb_ip(i, "6")], external_ips=[ext_ip(i), ext_ip(i, "6")],
+                            external_traffic_policy=policy, cluster_ip6=cluster_ip(i, "6"),
                         ),
-                        mf.endpoint_slice(name, [(pod.ip, pod.node)], ports(i)),
+                        *mf.endpoint_slices(name, [(pod.ip, pod.node), (pod.ip6, pod.node)], ports(i)),
                     ],
                 )  # fmt: skip
         for policy in POLICIES:
             for place in PLACES:
                 i = svc_index(policy, place)
                 pod = lab.pod(backend_pod(place))
-                lab.wait_programmed(cluster_ip(i), 80, [pod.ip])
-                # ETP Local: only the backend's node has it in the external scope
-                lab.wait_programmed(lb_ip(i), 53, [pod.ip], "UDP", nodes=[pod.node])
+                for family in FAMILIES:
+                    lab.wait_programmed(cluster_ip(i, family), 80, [addr_of(pod, family)])
+                    # ETP Local: only the backend's node has it in the external scope
+                    lab.wait_programmed(lb_ip(i, family), 53, [addr_of(pod, family)], "UDP", nodes=[pod.node])
         yield lab
 
 
@@ -204,13 +215,13 @@ try:
 except OSError as e:
     print(json.dumps({"error": e.strerror or str(e)}))
     raise SystemExit(0)
-print(json.dumps(dict(json.loads(buf), peer="%s:%d" % s.getpeername())))
+print(json.dumps(dict(json.loads(buf), peer="%s:%d" % s.getpeername()[:2])))
 """
 
 UDP_CLIENT = """
 import json, socket, sys
 addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(timeout)
 try:
     s.sendto(b"ping", (addr, port))
@@ -218,7 +229,7 @@ try:
 except OSError as e:
     print(json.dumps({"error": e.strerror or str(e)}))
     raise SystemExit(0)
-print(json.dumps(dict(json.loads(data), peer="%s:%d" % src)))
+print(json.dumps(dict(json.loads(data), peer="%s:%d" % src[:2])))
 """
 
 
@@ -239,7 +250,7 @@ def request(lab: Lab, host: Host, addr: str, port: int, proto: str, cgroup: str 
                     reply = json.loads(_readline(s))
                     peer = s.getpeername()
                     return dict(reply, peer=f"{peer[0]}:{peer[1]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(timeout)
                 s.sendto(b"ping", (addr, port))
                 data, src = s.recvfrom(65536)
@@ -250,37 +261,40 @@ def request(lab: Lab, host: Host, addr: str, port: int, proto: str, cgroup: str 
     return in_netns(host.ns, do)
 
 
-def target(client: str, i: int, proto: str, lab: Lab) -> tuple[str, int]:
+def target(client: str, i: int, proto: str, lab: Lab, family: str = "4") -> tuple[str, int]:
     if client.startswith("clusterip"):
-        return cluster_ip(i), service_port(proto)
+        return cluster_ip(i, family), service_port(proto)
     if client.startswith("nodeport"):
-        return lab.node("n1").ip, node_port(i, proto)
+        return addr_of(lab.node("n1"), family), node_port(i, proto)
     if client == "lb-ext":
-        return lb_ip(i), service_port(proto)
-    return ext_ip(i), service_port(proto)
+        return lb_ip(i, family), service_port(proto)
+    return ext_ip(i, family), service_port(proto)
 
 
-def expectation(client: str, policy: str, place: str, mode: str, lab: Lab) -> dict[str, Any]:
+def expectation(
+    client: str, policy: str, place: str, mode: str, lab: Lab, family: str = "4"
+) -> dict[str, Any]:
     """What the cell must see: ok, the source the backend saw, and how replies went ("ingress": through
     n1's SNAT, "backend-node": DSR, straight from n2; "local": no translation across nodes)."""
     external = client.endswith("-ext")
     if client.endswith("-pod"):
-        return {"ok": True, "source": lab.pod("n1p1").ip, "replies": "local"}
+        return {"ok": True, "source": addr_of(lab.pod("n1p1"), family), "replies": "local"}
     if client.endswith("-host"):
         # socket LB: the node's socket talks to the backend itself, from the node's address
-        return {"ok": True, "source": lab.node("n1").ip, "replies": "local"}
+        return {"ok": True, "source": addr_of(lab.node("n1"), family), "replies": "local"}
     assert external
     if policy == "Local" and place == "other":
         return {"ok": False}  # n1 has no local endpoint: dropped, as kube-proxy does
     if place == "same" or policy == "Local":
-        return {"ok": True, "source": lab.ext.ip, "replies": "local"}
+        return {"ok": True, "source": addr_of(lab.ext, family), "replies": "local"}
     if mode == "snat":
-        return {"ok": True, "source": lab.node("n1").ip, "replies": "ingress"}
-    return {"ok": True, "source": lab.ext.ip, "replies": "backend-node"}
+        return {"ok": True, "source": addr_of(lab.node("n1"), family), "replies": "ingress"}
+    return {"ok": True, "source": addr_of(lab.ext, family), "replies": "backend-node"}
 
 
 CELLS = [
-    (proto, client, place, policy)
+    (family, proto, client, place, policy)
+    for family in FAMILIES
     for proto in PROTOS
     for client in CLIENTS
     for place in PLACES
@@ -288,16 +302,16 @@ CELLS = [
 ]
 
 
-@pytest.mark.parametrize(("proto", "client", "place", "policy"), CELLS)
-def test_matrix(xlab: Lab, mode: str, proto: str, client: str, place: str, policy: str) -> None:
-    reason = EXCLUDED.get((client, policy))
+@pytest.mark.parametrize(("family", "proto", "client", "place", "policy"), CELLS)
+def test_matrix(xlab: Lab, mode: str, family: str, proto: str, client: str, place: str, policy: str) -> None:
+    reason = EXCLUDED.get((client, policy)) or EXCLUDED.get((client, f"IPv{family}"))
     if reason:
         pytest.skip(reason)
     lab = xlab
     ensure_mode(lab, mode)
     i = svc_index(policy, place)
-    addr, port = target(client, i, proto, lab)
-    want = expectation(client, policy, place, mode, lab)
+    addr, port = target(client, i, proto, lab, family)
+    want = expectation(client, policy, place, mode, lab, family)
     if client.endswith("-ext"):
         host: Host = lab.ext
     elif client.endswith("-pod"):
@@ -309,7 +323,7 @@ def test_matrix(xlab: Lab, mode: str, proto: str, client: str, place: str, polic
     got = request(lab, host, addr, port, proto, cgroup, timeout=8.0 if want["ok"] else 1.0)
     after = {n: counters(lab, n) for n in ("n1", "n2")}
     d1, d2 = delta(before["n1"], after["n1"]), delta(before["n2"], after["n2"])
-    where = f"{proto} {client} -> {addr}:{port} (backend {place}, policy {policy}, mode {mode})"
+    where = f"IPv{family} {proto} {client} -> {addr}:{port} (backend {place}, policy {policy}, mode {mode})"
     if not want["ok"]:
         assert "error" in got, f"{where}: must be dropped, got {got}"
         if client.endswith("-ext"):
@@ -317,7 +331,7 @@ def test_matrix(xlab: Lab, mode: str, proto: str, client: str, place: str, polic
         return
     assert "error" not in got, f"{where}: {got}; n1 {d1}; n2 {d2}"
     assert got["pod"] == backend_pod(place), f"{where}: served by {got['pod']}"
-    assert got["client"].split(":")[0] == want["source"], f"{where}: backend saw {got['client']}"
+    assert client_address(got) == want["source"], f"{where}: backend saw {got['client']}"
     assert got["peer"] == f"{addr}:{port}", f"{where}: the client saw the answer from {got['peer']}"
     if want["replies"] == "ingress":
         assert d1.get("SNAT_REVNAT", 0) >= 1 and d1.get("SNAT_NEW", 0) >= 1, f"{where}: n1 {d1}"
@@ -610,24 +624,31 @@ def test_8k_udp_datagrams_through_a_service(xlab: Lab, mode: str, client: str, p
 
 
 def test_hairpin(xlab: Lab) -> None:
+    """A pod balanced to itself sees the hairpin address as its client: IPv4's default, and the IPv6 one
+    the agents were given (--hairpin-address)."""
     lab = xlab
     p = mf.Port("tcp", 80, 8080, "TCP")
     u = mf.Port("udp", 53, 9090, "UDP")
     pod = lab.pod("n1p1")
+    vip, vip6 = "10.96.41.1", "fd00:10:96::4:41"
     lab.write_manifest(
         "hairpin",
-        [mf.service("hairpin", [p, u], "10.96.41.1"), mf.endpoint_slice("hairpin", [(pod.ip, "n1")], [p, u])],
+        [
+            mf.service("hairpin", [p, u], vip, cluster_ip6=vip6),
+            *mf.endpoint_slices("hairpin", [(pod.ip, "n1"), (pod.ip6, "n1")], [p, u]),
+        ],
     )
-    lab.wait_programmed("10.96.41.1", 80, [pod.ip])
-    lab.wait_programmed("10.96.41.1", 53, [pod.ip], "UDP")
-    for proto in PROTOS:
-        got = request(lab, pod, "10.96.41.1", service_port(proto), proto)
-        assert got.get("pod") == "n1p1", got
-        assert got["client"].split(":")[0] == HAIRPIN_DEFAULT, got
-        assert got["peer"] == f"10.96.41.1:{service_port(proto)}"
-    with lab.stream(pod, "10.96.41.1", 80) as s:
-        for _ in range(20):
-            s.roundtrip(2000)
+    for addr, source in ((vip, HAIRPIN_DEFAULT), (vip6, HAIRPIN6)):
+        lab.wait_programmed(addr, 80, [addr_of(pod, "6" if ":" in addr else "4")])
+        lab.wait_programmed(addr, 53, [addr_of(pod, "6" if ":" in addr else "4")], "UDP")
+        for proto in PROTOS:
+            got = request(lab, pod, addr, service_port(proto), proto)
+            assert got.get("pod") == "n1p1", got
+            assert client_address(got) == source, got
+            assert got["peer"] == f"{addr}:{service_port(proto)}"
+        with lab.stream(pod, addr, 80) as s:
+            for _ in range(20):
+                s.roundtrip(2000)
 
 
 def test_dsr_toggle_keeps_the_running_stream(xlab: Lab) -> None:
@@ -679,8 +700,11 @@ def _bulk(lab: Lab, host: Host, addr: str, port: int, size: int) -> int:
     return in_netns(host.ns, do)
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("bulk_mode", MODES)
-def test_100mb_through_each_mode(xlab: Lab, bulk_mode: str) -> None:
+def test_100mb_through_each_mode(xlab: Lab, bulk_mode: str, family: str) -> None:
+    """100 MB both ways through a NodePort to the other node's backend, in every mode and family (GSO
+    segments through SNAT, DSR's option and its tunnels; the tunnel's SYN-ACK MSS clamp)."""
     lab = xlab
     n1 = lab.node("n1")
     link = json.loads(subprocess.run(["ip", "-n", n1.ns, "-j", "link", "show", "eth0"], capture_output=True,
@@ -690,7 +714,7 @@ def test_100mb_through_each_mode(xlab: Lab, bulk_mode: str) -> None:
     i = svc_index("Cluster", "other")
     before = {n: counters(lab, n) for n in ("n1", "n2")}
     size = 100 << 20
-    assert _bulk(lab, lab.ext, n1.ip, node_port(i, "TCP"), size) == size
+    assert _bulk(lab, lab.ext, addr_of(n1, family), node_port(i, "TCP"), size) == size
     d1 = delta(before["n1"], counters(lab, "n1"))
     want = {"snat": "SNAT", "opt": "DSR_OPT_TX", "ipip": "DSR_IPIP_TX"}[bulk_mode]
     assert d1.get(want, 0) >= 1, d1
@@ -901,31 +925,41 @@ def test_udp_port_unreachable_reaches_the_client(xlab: Lab, err_mode: str) -> No
     set_mode(lab, "snat")
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("pmtu_mode", ["opt", "ipip"])
-def test_frag_needed_for_dsr_reaches_the_client(xlab: Lab, pmtu_mode: str) -> None:
+def test_frag_needed_for_dsr_reaches_the_client(xlab: Lab, pmtu_mode: str, family: str) -> None:
     """A full-size UDP datagram with DF cannot take the DSR option or IPIP header on a 1500-byte LAN: the
-    ingress node answers fragmentation-needed, and the client's kernel learns the smaller path MTU."""
+    ingress node answers fragmentation-needed, and the client's kernel learns the smaller path MTU.
+    IPv6 (never fragmented on the way): packet too big, for DSR's 24-byte header and the 40 of its
+    tunnel."""
     lab = xlab
     set_mode(lab, pmtu_mode)
     n1 = lab.node("n1")
     i = svc_index("Cluster", "other")
-    extra = abi.DSR_OPT_LEN + (20 if pmtu_mode == "ipip" else 0)
-    IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+    if family == "4":
+        extra = abi.DSR_OPT_LEN + (20 if pmtu_mode == "ipip" else 0)
+        af, level, hdrs = socket.AF_INET, socket.IPPROTO_IP, 28
+        MTU_DISCOVER, PMTUDISC_DO, MTU = 10, 2, 14  # IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU
+    else:
+        extra = abi.DSR6_HDR_LEN + (40 if pmtu_mode == "ipip" else 0)
+        af, level, hdrs = socket.AF_INET6, socket.IPPROTO_IPV6, 48
+        MTU_DISCOVER, PMTUDISC_DO, MTU = 23, 2, 24  # IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU
+    dest = (addr_of(n1, family), node_port(i, "UDP"))
 
     def probe() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-            s.connect((n1.ip, node_port(i, "UDP")))
+        with socket.socket(af, socket.SOCK_DGRAM) as s:
+            s.setsockopt(level, MTU_DISCOVER, PMTUDISC_DO)
+            s.connect(dest)
             s.settimeout(1)
             with contextlib.suppress(OSError):
-                s.send(b"x" * 1472)
+                s.send(b"x" * (1500 - hdrs))
             deadline = time.monotonic() + 15  # bounds a failure only
             while time.monotonic() < deadline:
-                mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+                mtu = s.getsockopt(level, MTU)
                 if mtu < 1500:
                     return int(mtu)
                 time.sleep(0.05)
-            return int(s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+            return int(s.getsockopt(level, MTU))
 
     try:
         assert lab.in_ns(lab.ext, probe) == 1500 - extra
@@ -933,10 +967,10 @@ def test_frag_needed_for_dsr_reaches_the_client(xlab: Lab, pmtu_mode: str) -> No
         # a datagram of the learned size goes through to the backend's node (its echo would be too big
         # to come back, so the counters tell)
         def fits() -> None:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-                s.connect((n1.ip, node_port(i, "UDP")))
-                s.send(b"y" * (1500 - extra - 28))
+            with socket.socket(af, socket.SOCK_DGRAM) as s:
+                s.setsockopt(level, MTU_DISCOVER, PMTUDISC_DO)
+                s.connect(dest)
+                s.send(b"y" * (1500 - extra - hdrs))
 
         before = {n: counters(lab, n) for n in ("n1", "n2")}
         lab.in_ns(lab.ext, fits)
@@ -950,6 +984,9 @@ def test_frag_needed_for_dsr_reaches_the_client(xlab: Lab, pmtu_mode: str) -> No
     finally:
         # forget the learned PMTU so later tests start from 1500
         subprocess.run(["ip", "netns", "exec", lab.ext.ns, "ip", "route", "flush", "cache"], check=False)
+        subprocess.run(
+            ["ip", "netns", "exec", lab.ext.ns, "ip", "-6", "route", "flush", "cache"], check=False
+        )
         set_mode(lab, "snat")
 
 

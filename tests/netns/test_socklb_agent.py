@@ -2,7 +2,8 @@
 
 A one-node lab whose agent attaches the socket programs to a fresh child cgroup of
 /sys/fs/cgroup/unified (never the root; removed after the module, once the lab is down). Clients run
-in the node's network namespace, inside or outside that cgroup.
+in the node's network namespace, inside or outside that cgroup. The lab is dual-stack: IPv6 ClusterIPs,
+and IPv4 ones named ::ffff:a.b.c.d by a dual-stack AF_INET6 socket, go through the *6 hooks.
 """
 
 from __future__ import annotations
@@ -23,28 +24,35 @@ from kproxy.lab import Lab
 pytestmark = pytest.mark.root
 
 
+# An address with a colon is dialled from an AF_INET6 socket with IPV6_V6ONLY off (dual-stack).
 TCP_CLIENT = """
 import json, socket, sys
 addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+if ":" in addr:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.settimeout(3)
 try:
-    s = socket.create_connection((addr, port), timeout=3)
+    s.connect((addr, port))
 except OSError as e:
     print(json.dumps({"error": e.strerror or str(e)}))
     raise SystemExit(0)
 buf = b""
 while not buf.endswith(b"\\n"):
     buf += s.recv(4096)
-print(json.dumps({"reply": json.loads(buf), "peer": "%s:%d" % s.getpeername()}))
+print(json.dumps({"reply": json.loads(buf), "peer": "%s:%d" % s.getpeername()[:2]}))
 """
 
 UDP_CLIENT = """
 import json, socket, sys
 addr, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+if ":" in addr:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.settimeout(3)
 s.sendto(b"hello", (addr, port))
 data, src = s.recvfrom(65536)
-print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src}))
+print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src[:2]}))
 """
 
 
@@ -110,6 +118,40 @@ def test_links_keep_working_while_the_agent_restarts(lab: Lab, program: Any, cgr
         lab.wait_agent("n1")
     r = client(lab, TCP_CLIENT, "10.96.5.4", 80, cgroup)
     assert r.get("reply", {}).get("pod") == "n1p2", r
+
+
+def test_node_process_reaches_an_ipv6_clusterip(lab: Lab, program_dual: Any, cgroup: Path) -> None:
+    program_dual("slb-tcp6", "10.96.5.6", "fd00:10:96::5:6", ["n1p1", "n1p2"])
+    seen = set()
+    for _ in range(6):
+        r = client(lab, TCP_CLIENT, "fd00:10:96::5:6", 80, cgroup)
+        assert "error" not in r, r
+        assert r["peer"] == "fd00:10:96::5:6:80"  # getpeername6 shows the service
+        assert r["reply"]["ip"] in {lab.pod("n1p1").ip6, lab.pod("n1p2").ip6}, r
+        seen.add(r["reply"]["pod"])
+    assert seen <= {"n1p1", "n1p2"} and seen
+    # nothing translates it outside the cgroup
+    assert "error" in client(lab, TCP_CLIENT, "fd00:10:96::5:6", 80, None)
+
+
+def test_udp_reply_comes_from_the_ipv6_service_address(lab: Lab, program_dual: Any, cgroup: Path) -> None:
+    program_dual("slb-udp6", "10.96.5.7", "fd00:10:96::5:7", ["n1p2"], port=53, target=9090, protocol="UDP")
+    r = client(lab, UDP_CLIENT, "fd00:10:96::5:7", 53, cgroup)
+    assert r["reply"]["pod"] == "n1p2" and r["reply"]["echo"] == "hello"
+    assert r["src"] == "fd00:10:96::5:7:53"
+
+
+def test_dual_stack_socket_reaches_an_ipv4_clusterip_by_its_mapped_address(
+    lab: Lab, program: Any, cgroup: Path
+) -> None:
+    program("slb-mapped", "10.96.5.8", ["n1p1"])
+    program("slb-mapped-udp", "10.96.5.9", ["n1p2"], port=53, target=9090, protocol="UDP")
+    r = client(lab, TCP_CLIENT, "::ffff:10.96.5.8", 80, cgroup)
+    assert r.get("reply", {}).get("pod") == "n1p1", r
+    assert r["reply"]["ip"] == lab.pod("n1p1").ip  # an IPv4 flow to the IPv4 backend
+    assert r["peer"] == "::ffff:10.96.5.8:80"
+    r = client(lab, UDP_CLIENT, "::ffff:10.96.5.9", 53, cgroup)
+    assert r["reply"]["pod"] == "n1p2" and r["src"] == "::ffff:10.96.5.9:53"
 
 
 def test_agent_without_a_usable_cgroup_runs_without_socket_lb(tc_object: Path, tmp_path: Path) -> None:

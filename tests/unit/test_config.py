@@ -54,6 +54,8 @@ def test_split_hostport():
         (dict(dsr_mode="on"), "dsr_mode"),
         (dict(pod_ifaces=[]), "--pod-ifaces"),
         (dict(service_cidrs=["10.96.0.0/12", "10.96.0.0/99"]), "--service-cidr entry '10.96.0.0/99'"),
+        (dict(hairpin_addresses=["169.254.42.256"]), "--hairpin-address '169.254.42.256' is not an IP"),
+        (dict(hairpin_addresses=["169.254.1.1", "169.254.1.2"]), "one address per family"),
     ],
 )
 def test_invalid(kw, expect):
@@ -81,3 +83,10 @@ def test_node_ips_of_both_families_give_a_primary_address_each():
     assert AgentConfig(node_name="n1", node_ips=["192.168.1.10"]).primary_ipv6 is None
     with pytest.raises(ValidationError, match="is not an IP address"):
         AgentConfig(node_name="n1", node_ips=["fd00::zz"])
+
+
+def test_hairpin_addresses_one_per_family():
+    c = AgentConfig(node_name="n1", hairpin_addresses=["FD00:0::a", "169.254.1.1"])
+    assert (c.hairpin_ipv4, c.hairpin_ipv6) == ("169.254.1.1", "fd00::a")
+    c = AgentConfig(node_name="n1")
+    assert (c.hairpin_ipv4, c.hairpin_ipv6) == (None, None)  # the datapath defaults

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from unit_objects import NODE, ep, slice_raw, svc_raw
 
+from kproxy import abi
+from kproxy.bpf.mapapi import MemoryMapSet
 from kproxy.model import NodeInfo
-from kproxy.store import ClusterStore
+from kproxy.pipeline import sync_dirty
+from kproxy.store import ClusterStore, node_addresses
+from kproxy.sync import Syncer
+from kproxy.translate import TranslateConfig
 
 
 def test_upsert_marks_dirty_and_indexes_slices_by_service_label():
@@ -180,3 +186,81 @@ def test_not_an_address_even_sloppily_is_still_skipped(bad):
     st = ClusterStore()
     assert not st.upsert_service(svc_raw("bad", cluster_ip=bad))
     assert st.skipped == {("Service", "invalid"): 1} and not st.normalized
+
+
+# ---- the node table: both families' InternalIPs (DSR sends to a backend's node) ----
+def node_raw(name: str, *addresses: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "kind": "Node",
+        "metadata": {"name": name},
+        "status": {"addresses": [{"type": t, "address": a} for t, a in addresses]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("addresses", "want"),
+    [
+        ([("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::2")], ("192.168.1.2", "fd00:1::2")),
+        ([("InternalIP", "FD00:1:0::2"), ("InternalIP", "192.168.1.2")], ("192.168.1.2", "fd00:1::2")),
+        (
+            [("Hostname", "n2"), ("ExternalIP", "2001:db8::2"), ("InternalIP", "fd00:1::2")],
+            (None, "fd00:1::2"),
+        ),
+        ([("InternalIP", "192.168.001.002")], ("192.168.1.2", None)),  # ParseIPSloppy: decimal, not octal
+        ([("InternalIP", "::ffff:192.168.1.2")], ("192.168.1.2", None)),  # Kubernetes reads it as IPv4
+        (
+            [("InternalIP", "not-an-ip"), ("InternalIP", "fd00:1::2"), ("InternalIP", "fd00:1::3")],
+            (None, "fd00:1::2"),
+        ),
+        ([], (None, None)),
+    ],
+)
+def test_node_addresses_of_both_families(addresses, want):
+    assert node_addresses(node_raw("n2", *addresses)) == ("n2", *want)
+
+
+def test_node_table_keeps_both_families_and_dirties_the_services_on_a_changed_node():
+    st = ClusterStore(NODE)
+    st.upsert_service(svc_raw())
+    st.upsert_slice(slice_raw(endpoints=[ep("10.244.2.5", "n2")]))
+    st.upsert_service(svc_raw("other"))
+    st.upsert_slice(slice_raw("other", endpoints=[ep("10.244.3.5", "n3")]))
+    st.take_dirty()
+    assert st.upsert_node(node_raw("n2", ("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::2")))
+    assert (st.node_addrs, st.node_addrs6) == ({"n2": "192.168.1.2"}, {"n2": "fd00:1::2"})
+    assert st.take_dirty() == {"default/web"}
+    version = st.node_addrs_version
+    # only the IPv6 address changes: still a change of the table and of n2's Services
+    st.upsert_node(node_raw("n2", ("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::22")))
+    assert st.node_addrs6 == {"n2": "fd00:1::22"} and st.node_addrs_version > version
+    assert st.take_dirty() == {"default/web"}
+    # the same again: nothing
+    st.upsert_node(node_raw("n2", ("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::22")))
+    assert st.take_dirty() == set()
+    assert st.upsert_node(node_raw("n3", ("InternalIP", "fd00:1::3")))  # an IPv6-only node
+    assert st.node_addrs6 == {"n2": "fd00:1::22", "n3": "fd00:1::3"} and "n3" not in st.node_addrs
+    assert st.delete_node("n2") and not st.delete_node("n2")
+    assert "n2" not in st.node_addrs and "n2" not in st.node_addrs6
+
+
+def test_sync_fills_the_ipv6_backends_node_addresses_from_the_node_table():
+    """The pipeline hands the store's IPv6 node table to the IPv6 engine: kp_be6_val.node_addr (where
+    DSR's IPv6-in-IPv6 goes) is the backend's node's IPv6 InternalIP, kp_be4_val's its IPv4 one."""
+    st = ClusterStore(NODE)
+    st.upsert_service(
+        svc_raw(cluster_ip="10.96.0.10", clusterIPs=["10.96.0.10", "fd00:96::10"],
+                ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+    )  # fmt: skip
+    st.upsert_slice(slice_raw(name="web-4", endpoints=[ep("10.244.2.5", "n2")]))
+    st.upsert_slice(slice_raw(name="web-6", endpoints=[ep("fd00:10:244:2::5", "n2")], address_type="IPv6"))
+    st.upsert_node(node_raw("n2", ("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::2")))
+    maps = MemoryMapSet()
+    syncer = Syncer(maps)
+    sync_dirty(st, syncer, TranslateConfig(), full=True)
+    assert [abi.bytes_to_ip6(v.node_addr) for _, v in maps.be6.items()] == ["fd00:1::2"]
+    assert [abi.nbo_to_ip(v.node_addr) for _, v in maps.be4.items()] == ["192.168.1.2"]
+    # the node's IPv6 address changes: the next (incremental) sync rewrites the IPv6 backend only
+    st.upsert_node(node_raw("n2", ("InternalIP", "192.168.1.2"), ("InternalIP", "fd00:1::22")))
+    sync_dirty(st, syncer, TranslateConfig())
+    assert [abi.bytes_to_ip6(v.node_addr) for _, v in maps.be6.items()] == ["fd00:1::22"]
+    assert [abi.nbo_to_ip(v.node_addr) for _, v in maps.be4.items()] == ["192.168.1.2"]

@@ -95,8 +95,8 @@ enum kp_ct_state {
 #define KP_CT_F_LOCAL_BE    0x02  /* backend is local to this node */
 #define KP_CT_F_EXTERNAL    0x04  /* flow entered through a netdev (from outside) */
 #define KP_CT_F_SNAT        0x08  /* ingress node: source rewritten to snat_addr:snat_port (kp_snat4_v1) */
-#define KP_CT_F_DSR_OPT     0x10  /* DSR, IPv4 option: ingress node sent it so / backend node received it so */
-#define KP_CT_F_DSR_IPIP    0x20  /* DSR, BPF-made IPIP: ingress node sent it so / backend node received it so */
+#define KP_CT_F_DSR_OPT     0x10  /* DSR, IPv4 option or IPv6 destination option: sent so / received so */
+#define KP_CT_F_DSR_IPIP    0x20  /* DSR, BPF-made IPIP or IPv6-in-IPv6: sent so / received so */
 #define KP_CT_F_HAIRPIN     0x40  /* pod balanced to itself: source rewritten to the hairpin address */
 #define KP_CT_F_TW_TS       0x80  /* SNAT: tw_key is a TCP timestamp (else a sequence number) */
 
@@ -142,8 +142,8 @@ struct kp_aff4_val {
 /* ---- run-time config (array of one) ---- */
 enum kp_dsr_mode {
 	KP_DSR_OFF = 0,
-	KP_DSR_OPT = 1,   /* IPv4 option carries the service address */
-	KP_DSR_IPIP = 2,  /* BPF-made IPIP encapsulation */
+	KP_DSR_OPT = 1,   /* an IPv4 option / IPv6 destination option carries the service address */
+	KP_DSR_IPIP = 2,  /* BPF-made IPIP / IPv6-in-IPv6 encapsulation (the option inside) */
 };
 
 struct kp_config {
@@ -304,6 +304,24 @@ union kp_in6 {
 	__be32 w[4];        /* NBO the same, as four words */
 };
 
+/*
+ * DSR for IPv6: a destination options extension header right after the fixed header, holding one
+ * option (as Cilium's DSR_IPV6_OPT_TYPE): type 0x1b, whose top bits 00 tell a host that does not know
+ * it to skip it. 24 bytes: the header's 2, the option's 2, 20 of data (address, port, 2 of padding).
+ */
+#define KP_DSR6_OPT_TYPE   0x1b
+#define KP_DSR6_OPT_LEN    20   /* the option's data length */
+#define KP_DSR6_HDR_LEN    24   /* the whole extension header */
+struct kp_dsr6_opt {
+	__u8   nexthdr;     /* the header that followed the fixed header before this one was inserted */
+	__u8   hdrlen;      /* (KP_DSR6_HDR_LEN / 8) - 1 */
+	__u8   type;        /* KP_DSR6_OPT_TYPE */
+	__u8   len;         /* KP_DSR6_OPT_LEN */
+	union kp_in6 addr;  /* NBO service (frontend) address */
+	__be16 port;        /* NBO service (frontend) port */
+	__u16  pad;         /* zero */
+};
+
 struct kp_svc6_key {
 	union kp_in6 addr;  /* NBO frontend address */
 	__be16 port;        /* NBO frontend port */
@@ -418,9 +436,11 @@ struct kp_config6 {
 /* sizeof(struct __sk_buff) on this kernel, for BPF_PROG_TEST_RUN ctx_in. */
 #define KP_SKB_CTX_SIZE 192
 
-/* ---- socket-level load balancing (cgroup connect4/sendmsg4/recvmsg4/getpeername4) ---- */
+/* ---- socket-level load balancing (cgroup connect, sendmsg, recvmsg, getpeername; 4 and 6) ---- */
 #define KP_MAP_SKNAT4   kp_sknat4_v1 /* LRU (socket, backend) -> frontend, to restore the peer address */
 #define KP_SKNAT4_MAX   65536
+#define KP_MAP_SKNAT6   kp_sknat6_v1 /* as kp_sknat4_v1, for IPv6 frontends (IPv4-mapped ones use sknat4) */
+#define KP_SKNAT6_MAX   65536
 
 /*
  * The socket hooks rewrite the destination a socket asks for (the frontend) to a backend before the
@@ -440,6 +460,25 @@ struct kp_sknat4_val {
 	__u16  pad;         /* zero */
 	__u32  svc_id;      /* HBO service-port id of the frontend */
 	__u32  backend_id;  /* HBO backend id chosen (kp_be4_v1 key) */
+};
+
+/*
+ * As kp_sknat4_key, for sockets sent to an IPv6 backend. An AF_INET6 socket sent to an IPv4-mapped
+ * frontend (::ffff:a.b.c.d, a dual-stack socket) has an IPv4 flow: its entry is kp_sknat4_v1's.
+ */
+struct kp_sknat6_key {
+	__u64  cookie;      /* HBO bpf_get_socket_cookie() of the client socket, unique per boot */
+	union kp_in6 addr;  /* NBO backend address the socket was sent to */
+	__be16 port;        /* NBO backend port */
+	__u16  pad[3];      /* zero */
+};
+
+struct kp_sknat6_val {
+	union kp_in6 addr;  /* NBO frontend address to report as the peer */
+	__be16 port;        /* NBO frontend port */
+	__u16  pad;         /* zero */
+	__u32  svc_id;      /* HBO service-port id of the frontend */
+	__u32  backend_id;  /* HBO backend id chosen (kp_be6_v1 key) */
 };
 
 /* ---- loadBalancerSourceRanges (LPM trie) ---- */
