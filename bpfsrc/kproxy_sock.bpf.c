@@ -261,9 +261,7 @@ static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in
 	p.proto = proto;
 	svc = kp_svc_lookup6(&p, KP_ORIGIN_POD, &svc_key);
 	if (!svc)
-		/* lib/svcnet.h judges IPv4 addresses only: IPv6's service address space is to come, as
-		 * kp_sock_svcnet(kp_svcnet_action6(p.daddr)). */
-		return kp_sock_svcnet(0);
+		return kp_sock_svcnet(kp_svcnet_action6(p.daddr));
 	svc_copy = *svc;
 	if (svc_copy.count == 0) {
 		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);

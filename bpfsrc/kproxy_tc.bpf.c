@@ -85,7 +85,7 @@ static __always_inline int kp_from_pod4(struct __sk_buff *skb)
 				return ret;
 		} else if (p.proto == IPPROTO_TCP && kp_svcnet_span_has(p.daddr)) {
 			/* a connection to a ClusterIP port deleted while it lived */
-			ret = kp_ct_continue(skb, &p);
+			ret = kp_ct_continue4(skb, &p);
 			if (ret >= 0)
 				return ret;
 		}
@@ -162,6 +162,17 @@ static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct 
 		return TC_ACT_SHOT;
 	}
 	return kp_svcnet_enforce(skb, p, action);
+}
+
+static __always_inline int kp_netdev_svcnet6(struct __sk_buff *skb, const struct kp_pkt6 *p)
+{
+	__u32 action = kp_svcnet_action6(p->daddr);
+
+	if (action == KP_SVCNET_REJECT && kp_no_external_cluster_ip()) {
+		kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
+		return TC_ACT_SHOT;
+	}
+	return kp_svcnet_enforce6(skb, p, action);
 }
 
 /*
@@ -342,6 +353,16 @@ int kp_from_pod6(struct __sk_buff *skb)
 		svc = kp_svc_lookup6(&s6->p, KP_ORIGIN_POD, &s6->svc_key);
 		if (svc)
 			return kp_lb_forward6(skb, &s6->p, &s6->svc_key, svc, KP_ORIGIN_POD);
+		if (kp_svcnet_opens_flow6(&s6->p, KP_PARSE_L4)) {
+			ret = kp_svcnet_enforce6(skb, &s6->p, kp_svcnet_action6(s6->p.daddr));
+			if (ret >= 0)
+				return ret;
+		} else if (s6->p.proto == IPPROTO_TCP && kp_svcnet_span_has6(s6->p.daddr)) {
+			/* a connection to a ClusterIP port deleted while it lived */
+			ret = kp_ct_continue6(skb, &s6->p);
+			if (ret >= 0)
+				return ret;
+		}
 		kp_ct_direct_syn6(&s6->p, bpf_ktime_get_ns());
 		/* a reply to this node's address of a flow SNATed to this pod (see kp_from_pod4) */
 		if (kp_is_node_addr6(NULL, s6->p.daddr)) {
@@ -351,6 +372,11 @@ int kp_from_pod6(struct __sk_buff *skb)
 		}
 		return kp_revnat6(skb, &s6->p, 1);
 	case KP_PARSE_ICMP:
+		if (kp_svcnet_opens_flow6(&s6->p, KP_PARSE_ICMP)) {
+			ret = kp_svcnet_enforce6(skb, &s6->p, kp_svcnet_action6(s6->p.daddr));
+			if (ret >= 0)
+				return ret;
+		}
 		if (kp_is_node_addr6(NULL, s6->p.daddr)) {
 			ret = kp_icmp_snat_forward6(skb, &s6->p);
 			if (ret >= 0)
@@ -405,6 +431,11 @@ int kp_from_netdev6(struct __sk_buff *skb)
 		ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_ICMP:
+		if (kp_svcnet_opens_flow6(&s6->p, KP_PARSE_ICMP)) {
+			ret = kp_netdev_svcnet6(skb, &s6->p);
+			if (ret >= 0)
+				return ret;
+		}
 		ret = kp_icmp_snat_forward6(skb, &s6->p);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_L4:
@@ -415,6 +446,11 @@ int kp_from_netdev6(struct __sk_buff *skb)
 		}
 		if (svc || kp_netdev_orphan_possible(s6->p.proto, s6->p.tcp_flags)) {
 			ret = kp_lb_forward6(skb, &s6->p, &s6->svc_key, svc, KP_ORIGIN_NETDEV);
+			if (ret >= 0)
+				return ret;
+		}
+		if (kp_svcnet_opens_flow6(&s6->p, KP_PARSE_L4)) {
+			ret = kp_netdev_svcnet6(skb, &s6->p);
 			if (ret >= 0)
 				return ret;
 		}

@@ -109,6 +109,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_svcnet_span_v1 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct kp_svcnet6_key);
+	__type(value, struct kp_svcnet4_val);
+	__uint(max_entries, KP_SVCNET6_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svcnet6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_svcnet6_span);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_svcnet6_span_v1 SEC(".maps");
+
 /* ---- IPv6: as their *4 twins above ---- */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -190,6 +207,8 @@ struct kp_scratch {
 	struct kp_ct4_val ct_val;
 	__u32 quote6[31];           /* kp_icmp6_send_error's quote (KP_ICMP6_QUOTE_MAX bytes) */
 	struct kp_ct6_val old6;     /* kp_lb_forward6: the value of the flow a new one re-opens */
+	struct kp_ct6_key ct6_key;  /* kp_ct_continue6's flow */
+	struct kp_ct6_val ct6_val;
 };
 
 struct {

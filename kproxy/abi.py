@@ -31,6 +31,8 @@ MAP_CFG6 = "kp_cfg6_v1"
 MAP_LBSRC6 = "kp_lbsrc6_v1"
 MAP_FRAG6 = "kp_frag6_v1"
 MAP_SNAT6 = "kp_snat6_v1"
+MAP_SVCNET6 = "kp_svcnet6_v1"
+MAP_SVCNET6_SPAN = "kp_svcnet6_span_v1"
 # The program array of the IPv6 programs the TC entry points tail-call (kproxy_tc.bpf.c), pinned so the
 # attached programs keep reaching them while no agent runs. Not a data map: no ctypes layout, no size.
 MAP_PROGS6 = "kp_progs6_v1"
@@ -38,7 +40,8 @@ PROG_MAPS = (MAP_PROGS6,)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
-    MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6,
+    MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6, MAP_SVCNET6,
+    MAP_SVCNET6_SPAN,
 )  # fmt: skip
 
 # ---- default capacities ----
@@ -57,6 +60,7 @@ AFF6_MAX = 16384
 LBSRC6_MAX = 16384
 FRAG6_MAX = 8192
 SNAT6_MAX = 65536
+SVCNET6_MAX = 16384
 # Backend and service-port ids of IPv6 start here (abi.h KP_ID6_BASE): one id names one thing.
 ID6_BASE = 0x80000000
 
@@ -414,6 +418,24 @@ class Dsr6Opt(ctypes.Structure):
     ]
 
 
+class Svcnet6Key(ctypes.Structure):
+    """kp_svcnet6_v1 (LPM trie) key: an IPv6 ClusterIP (/128) or service CIDR; values are Svcnet4Val."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),  # HBO
+        ("addr", In6),  # NBO network address
+    ]
+
+
+class Svcnet6Span(ctypes.Structure):
+    """kp_svcnet6_span_v1's value: the upper 64 bits (HBO) of the lowest and highest address covered."""
+
+    _fields_ = [
+        ("lo", ctypes.c_uint64),
+        ("hi", ctypes.c_uint64),
+    ]
+
+
 class Svc6Key(ctypes.Structure):
     _fields_ = [
         ("addr", In6),  # NBO
@@ -571,6 +593,8 @@ BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_frag6_val": Frag6Val,
     "kp_snat6_key": Snat6Key,
     "kp_snat6_val": Snat6Val,
+    "kp_svcnet6_key": Svcnet6Key,
+    "kp_svcnet6_span": Svcnet6Span,
 }
 
 
@@ -644,6 +668,8 @@ pack_svc6_key = struct.Struct("=16sHHBBxx").pack  # addr, port, slot, proto, sco
 pack_be6_val = struct.Struct("=16sHBB16s").pack  # addr, port, proto, flags, node_addr
 pack_aff6_key = struct.Struct("=16sI").pack  # client_addr, svc_id
 pack_lbsrc6_key = struct.Struct("=II16s").pack  # prefixlen, svc_id, addr
+pack_svcnet6_key = struct.Struct("=I16s").pack  # prefixlen, addr
+pack_svcnet6_span = struct.Struct("=QQ").pack  # lo, hi (upper 64 bits)
 SVC4_KEY_SIZE = ctypes.sizeof(Svc4Key)
 SVC6_KEY_SIZE = ctypes.sizeof(Svc6Key)
 assert struct.calcsize("=16sHHBBxx") == SVC6_KEY_SIZE
@@ -657,6 +683,8 @@ assert struct.calcsize("=III") == ctypes.sizeof(LbSrc4Key)
 assert struct.calcsize("=I") == ctypes.sizeof(LbSrc4Val)
 assert struct.calcsize("=II") == ctypes.sizeof(Svcnet4Key) == ctypes.sizeof(SvcnetSpan)
 assert struct.calcsize("=I") == ctypes.sizeof(Svcnet4Val)
+assert struct.calcsize("=I16s") == ctypes.sizeof(Svcnet6Key)
+assert struct.calcsize("=QQ") == ctypes.sizeof(Svcnet6Span)
 
 
 # ---- socket-level load balancing (bpfsrc/kproxy_sock.bpf.c) ----

@@ -93,11 +93,11 @@ class ClusterStore:
         self.node_addrs: dict[str, str] = {}
         self.node_addrs6: dict[str, str] = {}
         self.node_addrs_version = 0  # bumped on every change, so sync re-reads the table only then
-        # The service address space (kube-proxy's service CIDRs): owner -> IPv4 CIDRs. Owners are
+        # The service address space (kube-proxy's service CIDRs): owner -> CIDRs. Owners are
         # ServiceCIDR objects ("ServiceCIDR/<name>") and the --service-cidr flag ("flag").
         self._service_cidrs: dict[str, tuple[str, ...]] = {}
         self.service_cidrs_version = 0  # bumped on every change
-        # IPv4 ClusterIP -> number of served Services on it; addresses whose count changed since
+        # ClusterIP (either family) -> number of served Services on it; addresses whose count changed since
         # sync last took them (take_cluster_ips_changed)
         self.cluster_ips: Counter[str] = Counter()
         self.foreign_cluster_ips: Counter[str] = Counter()
@@ -212,9 +212,9 @@ class ClusterStore:
         return True
 
     def _count_cluster_ips(self, svc: Service | None, delta: int) -> None:
-        """Keep cluster_ips (IPv4 ClusterIP -> Services kproxy serves on it) and foreign_cluster_ips
-        (those of Services another proxy serves: service.kubernetes.io/service-proxy-name), and note
-        which addresses changed."""
+        """Keep cluster_ips (ClusterIP of either family -> Services kproxy serves on it) and
+        foreign_cluster_ips (those of Services another proxy serves: service.kubernetes.io/
+        service-proxy-name), and note which addresses changed."""
         if svc is None or not svc.spec.ports:
             return
         reason = skip_reason(svc)
@@ -227,8 +227,8 @@ class ClusterStore:
         spec = svc.spec
         ips = spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else [])
         for ip in ips:
-            if "." not in ip or ":" in ip:
-                continue
+            if "." not in ip and ":" not in ip:
+                continue  # "None" (headless) or nothing
             n = counts[ip] + delta
             if n > 0:
                 counts[ip] = n
@@ -368,13 +368,9 @@ class ClusterStore:
 
     # ---- the service address space ----
     def set_service_cidrs(self, owner: str, cidrs: Iterable[str]) -> None:
-        """Record the IPv4 service CIDRs of OWNER (a ServiceCIDR object, or "flag"); IPv6 ones are
-        left out (kproxy programs IPv4). Invalid entries raise ValueError naming them."""
-        nets = []
-        for c in cidrs:
-            net = ipaddress.ip_network(c.strip(), strict=False)
-            if net.version == 4:
-                nets.append(str(net))
+        """Record the service CIDRs of OWNER (a ServiceCIDR object, or "flag"), of both families.
+        Invalid entries raise ValueError naming them."""
+        nets = [str(ipaddress.ip_network(c.strip(), strict=False)) for c in cidrs]
         new = tuple(sorted(set(nets)))
         if self._service_cidrs.get(owner) == new:
             return
@@ -421,7 +417,7 @@ class ClusterStore:
 
     @property
     def service_cidrs(self) -> list[str]:
-        """Every IPv4 service CIDR, de-duplicated and sorted."""
+        """Every service CIDR of both families, de-duplicated and sorted."""
         return sorted({c for cidrs in self._service_cidrs.values() for c in cidrs})
 
     # ---- full relist ----

@@ -13,6 +13,7 @@
  *   KP_ADDR_FOLD(a): the address as one 32-bit word, for hashing
  *   KP_DSR_OPT_T, KP_DSR_EXTRA, KP_TUNNEL_HLEN: DSR's option (its struct, the bytes it adds to a packet)
  *   and its tunnel header's length (IPIP / IPv6-in-IPv6), lib/dsr.h
+ *   KP_SCRATCH_CT_KEY, KP_SCRATCH_CT_VAL: the family's flow members of struct kp_scratch
  * Code outside the _fam.h headers names the family explicitly (kp_ct_lookup4, kp_lb_forward6).
  * May be included again with another KP_FAM: every name is redefined.
  */
@@ -50,6 +51,8 @@
 #undef KP_DSR_OPT_T
 #undef KP_DSR_EXTRA
 #undef KP_TUNNEL_HLEN
+#undef KP_SCRATCH_CT_KEY
+#undef KP_SCRATCH_CT_VAL
 
 #if KP_FAM == 4
 #define KP_ADDR            __be32
@@ -73,6 +76,8 @@
 #define KP_DSR_OPT_T       struct kp_dsr_opt
 #define KP_DSR_EXTRA       KP_DSR_OPT_LEN
 #define KP_TUNNEL_HLEN     20
+#define KP_SCRATCH_CT_KEY  ct_key
+#define KP_SCRATCH_CT_VAL  ct_val
 #elif KP_FAM == 6
 #define KP_ADDR            union kp_in6
 #define KP_PKT             struct kp_pkt6
@@ -95,6 +100,8 @@
 #define KP_DSR_OPT_T       struct kp_dsr6_opt
 #define KP_DSR_EXTRA       KP_DSR6_HDR_LEN
 #define KP_TUNNEL_HLEN     40
+#define KP_SCRATCH_CT_KEY  ct6_key
+#define KP_SCRATCH_CT_VAL  ct6_val
 #else
 #error "KP_FAM must be 4 or 6"
 #endif

@@ -113,46 +113,4 @@ static __always_inline int kp_tunnel_is_dsr6(struct __sk_buff *skb, const struct
 	return v && (v->flags & KP_CT_F_DSR_IPIP);
 }
 
-/*
- * A TCP packet (not a SYN) of a pod's flow whose frontend is gone: a Service port deleted while the
- * connection lived. kube-proxy's conntrack keeps translating such a connection until it ends; so does
- * this, from the flow's own entry (its backend address and mode), however the Service changed. -1 if
- * the packet belongs to no tracked flow. A global function (verified once, apart from its caller)
- * whose flow lives in the scratch map: kp_from_pod's frame leaves little stack for a callee.
- */
-__attribute__((noinline)) int kp_ct_continue(struct __sk_buff *skb, struct kp_pkt *p)
-{
-	struct kp_scratch *s;
-	struct kp_ct4_val *cur;
-	__u32 zero = 0;
-	__u64 now;
-
-	if (!skb || !p)
-		return -1;
-	s = bpf_map_lookup_elem(&kp_scratch, &zero);
-	if (!s)
-		return -1;
-	now = bpf_ktime_get_ns();
-	kp_ct_key_of_pkt4(&s->ct_key, p, KP_CT_DIR_FWD);
-	cur = kp_ct_lookup4(&s->ct_key, now);
-	if (!cur)
-		return -1;
-	s->ct_val = *cur;
-	kp_ct_touch4(&s->ct_key, &s->ct_val, kp_ct_next_state(s->ct_val.state, p->proto, p->tcp_flags, 0),
-		    s->ct_val.flags, now);
-	kp_count(KP_STAT_CT_ORPHAN, p->len);
-	/* A pod's flow is plain DNAT or a hairpin (kp_flow_mode, origin pod), never SNAT or DSR. */
-	if (kp_nat4(skb, p, KP_NAT_DST, s->ct_val.nat_addr, s->ct_val.nat_port))
-		goto fail;
-	if (s->ct_val.flags & KP_CT_F_HAIRPIN) {
-		if (kp_nat4(skb, p, KP_NAT_SRC, s->ct_val.snat_addr, s->ct_val.snat_port))
-			goto fail;
-		return kp_bounce(skb);
-	}
-	return TC_ACT_OK;
-fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
-	return TC_ACT_SHOT;
-}
-
 #endif /* KPROXY_LIB_LB_H */

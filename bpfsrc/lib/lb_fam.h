@@ -413,3 +413,53 @@ static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u
 	kp_count(KP_STAT_DSR_RX, p->len);
 	return TC_ACT_OK;
 }
+
+/*
+ * A TCP packet (not a SYN) of a pod's flow whose frontend is gone: a Service port deleted while the
+ * connection lived. kube-proxy's conntrack keeps translating such a connection until it ends; so does
+ * this, from the flow's own entry (its backend address and mode), however the Service changed. -1 if
+ * the packet belongs to no tracked flow. A global function (verified once, apart from its caller)
+ * whose flow lives in the scratch map: kp_from_pod's frame leaves little stack for a callee.
+ */
+#if KP_FAM == 4
+__attribute__((noinline)) int
+#else
+/* inline in kp_from_pod6: its frame and a callee's would pass 512 bytes together */
+static __always_inline int
+#endif
+KP_F(kp_ct_continue)(struct __sk_buff *skb, KP_PKT *p)
+{
+	struct kp_scratch *s;
+	KP_CT_KEY *k;
+	KP_CT_VAL *v, *cur;
+	__u32 zero = 0;
+	__u64 now;
+
+	if (!skb || !p)
+		return -1;
+	s = bpf_map_lookup_elem(&kp_scratch, &zero);
+	if (!s)
+		return -1;
+	k = &s->KP_SCRATCH_CT_KEY;
+	v = &s->KP_SCRATCH_CT_VAL;
+	now = bpf_ktime_get_ns();
+	KP_F(kp_ct_key_of_pkt)(k, p, KP_CT_DIR_FWD);
+	cur = KP_F(kp_ct_lookup)(k, now);
+	if (!cur)
+		return -1;
+	*v = *cur;
+	KP_F(kp_ct_touch)(k, v, kp_ct_next_state(v->state, p->proto, p->tcp_flags, 0), v->flags, now);
+	kp_count(KP_STAT_CT_ORPHAN, p->len);
+	/* A pod's flow is plain DNAT or a hairpin (kp_flow_mode, origin pod), never SNAT or DSR. */
+	if (KP_F(kp_nat)(skb, p, KP_NAT_DST, v->nat_addr, v->nat_port))
+		goto fail;
+	if (v->flags & KP_CT_F_HAIRPIN) {
+		if (KP_F(kp_nat)(skb, p, KP_NAT_SRC, v->snat_addr, v->snat_port))
+			goto fail;
+		return kp_bounce(skb);
+	}
+	return TC_ACT_OK;
+fail:
+	kp_count(KP_DROP_NAT_FAILED, p->len);
+	return TC_ACT_SHOT;
+}

@@ -71,4 +71,56 @@ static __always_inline int kp_svcnet_enforce(struct __sk_buff *skb, const struct
 	return -1;
 }
 
+/* ---- IPv6: kp_svcnet6_v1, its span over the upper 64 bits ---- */
+
+static __always_inline int kp_svcnet_opens_flow6(const struct kp_pkt6 *p, int parsed)
+{
+	if (parsed == KP_PARSE_ICMP)
+		return p->icmp_type == KP_ICMP6_ECHO_REQUEST;
+	if (p->proto == IPPROTO_UDP)
+		return 1;
+	return (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN;
+}
+
+/* The upper 64 bits of an address, host byte order: what kp_svcnet6_span compares. */
+static __always_inline __u64 kp_in6_hi64(union kp_in6 a)
+{
+	return ((__u64)bpf_ntohl(a.w[0]) << 32) | bpf_ntohl(a.w[1]);
+}
+
+static __always_inline int kp_svcnet_span_has6(union kp_in6 daddr)
+{
+	struct kp_svcnet6_span *span;
+	__u32 zero = 0;
+	__u64 a = kp_in6_hi64(daddr);
+
+	span = bpf_map_lookup_elem(&kp_svcnet6_span_v1, &zero);
+	return span && a >= span->lo && a <= span->hi;
+}
+
+/* kp_svcnet_action for IPv6. */
+static __always_inline __u32 kp_svcnet_action6(union kp_in6 daddr)
+{
+	struct kp_svcnet6_key k = { .prefixlen = 128, .addr = daddr };
+	struct kp_svcnet4_val *v;
+
+	if (!kp_svcnet_span_has6(daddr))
+		return 0;
+	v = bpf_map_lookup_elem(&kp_svcnet6_v1, &k);
+	return v ? v->action : 0;
+}
+
+static __always_inline int kp_svcnet_enforce6(struct __sk_buff *skb, const struct kp_pkt6 *p, __u32 action)
+{
+	if (action == KP_SVCNET_REJECT) {
+		kp_count(KP_STAT_SVCNET_REJECT, p->len);
+		return kp_icmp_reject6(skb, p);
+	}
+	if (action == KP_SVCNET_DROP) {
+		kp_count(KP_DROP_SVCNET, p->len);
+		return TC_ACT_SHOT;
+	}
+	return -1;
+}
+
 #endif /* KPROXY_LIB_SVCNET_H */

@@ -110,6 +110,7 @@ class MemoryMapSet:
         svcnet4_max: int | None = None,
         svc6_max: int | None = None,
         be6_max: int | None = None,
+        svcnet6_max: int | None = None,
     ) -> None:
         self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
             abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
@@ -153,6 +154,12 @@ class MemoryMapSet:
         )
         self.cfg6: MemoryMap[ctypes.c_uint32, abi.Config6] = MemoryMap(
             abi.MAP_CFG6, ctypes.c_uint32, abi.Config6, 1
+        )
+        self.svcnet6: MemoryMap[abi.Svcnet6Key, abi.Svcnet4Val] = MemoryMap(
+            abi.MAP_SVCNET6, abi.Svcnet6Key, abi.Svcnet4Val, svcnet6_max or abi.SVCNET6_MAX
+        )
+        self.svcnet6_span: MemoryMap[ctypes.c_uint32, abi.Svcnet6Span] = MemoryMap(
+            abi.MAP_SVCNET6_SPAN, ctypes.c_uint32, abi.Svcnet6Span, 1
         )
 
     def read_config(self) -> abi.Config:

@@ -315,6 +315,8 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_LBSRC6: ("lbsrc6", BPF_MAP_TYPE_LPM_TRIE, abi.LbSrc6Key, abi.LbSrc6Val),
     abi.MAP_FRAG6: ("frag6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Frag6Key, abi.Frag6Val),
     abi.MAP_SNAT6: ("snat6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat6Key, abi.Snat6Val),
+    abi.MAP_SVCNET6: ("svcnet6", BPF_MAP_TYPE_LPM_TRIE, abi.Svcnet6Key, abi.Svcnet4Val),
+    abi.MAP_SVCNET6_SPAN: ("svcnet6_span", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Svcnet6Span),
 }
 
 # Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15. KproxyMaps.open leaves their
@@ -322,7 +324,7 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
 # is required.
 OPTIONAL_MAPS = frozenset({
     abi.MAP_SVC6, abi.MAP_BE6, abi.MAP_CT6, abi.MAP_AFF6, abi.MAP_CFG6, abi.MAP_LBSRC6, abi.MAP_FRAG6,
-    abi.MAP_SNAT6,
+    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN,
 })  # fmt: skip
 
 
@@ -351,6 +353,8 @@ class KproxyMaps:
     lbsrc6: PinnedMap[abi.LbSrc6Key, abi.LbSrc4Val]
     frag6: PinnedMap[abi.Frag6Key, abi.Frag6Val]
     snat6: PinnedMap[abi.Snat6Key, abi.Snat6Val]
+    svcnet6: PinnedMap[abi.Svcnet6Key, abi.Svcnet4Val]
+    svcnet6_span: PinnedMap[ctypes.c_uint32, abi.Svcnet6Span]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

@@ -3,7 +3,7 @@
 Both families: the Syncer splits each Service's frontends by family and runs one FamilySyncer engine
 per family over the same code (kproxy.sync.family: kp_svc4/kp_be4/kp_ct4/kp_aff4/kp_lbsrc4 for IPv4,
 the *6 twins for IPv6, whose backend and service-port ids start at abi.ID6_BASE). Everything below
-holds per family. kp_svcnet4 (svcnet) is IPv4 only.
+holds per family; svcnet holds one trie per family too (kp_svcnet4, kp_svcnet6).
 
 Ordering (DESIGN.md) so that a reader in the kernel never sees a frontend pointing at nothing:
   1. new or changed backends (kp_be4)          4. slots beyond a lowered count deleted
@@ -28,7 +28,7 @@ programmed); the others still apply.
 
 Modules: family (what differs between IPv4 and IPv6), state (keys, plans, ApplyReport), ids, plan
 (diff planning), writer (ordered writes, undo, flushes), syncer (the engines and the Syncer driving
-them), lbsrc (kp_lbsrc4/6) and svcnet (kp_svcnet4). Reading the cluster view and translating it is
+them), lbsrc (kp_lbsrc4/6) and svcnet (kp_svcnet4/6). Reading the cluster view and translating it is
 kproxy.pipeline's; timer chores on the maps are kproxy.bpf.upkeep's.
 """
 

@@ -1,4 +1,4 @@
-"""The Syncer: keeps kp_svc4/kp_be4 and kp_svc6/kp_be6 (and kp_lbsrc4/6, kp_svcnet4) equal to the desired
+"""The Syncer: keeps kp_svc4/kp_be4 and kp_svc6/kp_be6 (and kp_lbsrc4/6, kp_svcnet4/6) equal to the desired
 frontends, one incremental apply at a time.
 
 One engine per address family (FamilySyncer, over kproxy.sync.family's Family) owns that family's
@@ -382,7 +382,7 @@ def _is6(fe: Frontend) -> bool:
 
 class Syncer:
     """Keeps kp_svc4/kp_be4 and kp_svc6/kp_be6 (with kp_lbsrc4/6) equal to the desired frontends, and
-    kp_svcnet4 to the service address space: one FamilySyncer per family (v4, v6) and the svcnet sync."""
+    kp_svcnet4/6 to the service address space: one FamilySyncer per family (v4, v6) and the svcnet sync."""
 
     def __init__(self, maps: MapSet) -> None:
         self.maps = maps
@@ -390,7 +390,7 @@ class Syncer:
         self.v4 = FamilySyncer(maps, FAMILY4, self.errors)
         self.v6 = FamilySyncer(maps, FAMILY6, self.errors)
         self.applied = 0  # Services applied since it was made (planned, changed or not)
-        self.svcnet = ServiceSpaceSync(maps.svcnet4, maps.svcnet_span)
+        self.svcnet = ServiceSpaceSync(maps.svcnet4, maps.svcnet_span, maps.svcnet6, maps.svcnet6_span)
 
     @property
     def families(self) -> tuple[FamilySyncer, FamilySyncer]:
@@ -478,7 +478,7 @@ class Syncer:
     # ---- apply ----
     def compact(self) -> int:
         """Shrink the tables that deletions left oversized (heap.compact_dicts); the bytes saved."""
-        return self.v4.compact() + self.v6.compact() + compact_dicts(self.svcnet.programmed)
+        return self.v4.compact() + self.v6.compact() + self.svcnet.compact()
 
     def apply(self, desired: Mapping[str, Iterable[Frontend]], *, full: bool = False) -> ApplyReport:
         """Program `desired` (service key -> all its frontends, of both families; an empty list removes

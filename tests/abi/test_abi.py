@@ -46,6 +46,8 @@ MAP_DEFAULTS = {
     abi.MAP_LBSRC6: (abi.LBSRC6_MAX, BPF_F_NO_PREALLOC),
     abi.MAP_FRAG6: (abi.FRAG6_MAX, 0),
     abi.MAP_SNAT6: (abi.SNAT6_MAX, 0),
+    abi.MAP_SVCNET6: (abi.SVCNET6_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_SVCNET6_SPAN: (1, 0),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,

@@ -85,6 +85,8 @@ class Datapath:
         self.lbsrc6 = obj.map(abi.MAP_LBSRC6)
         self.frag6 = obj.map(abi.MAP_FRAG6)
         self.snat6 = obj.map(abi.MAP_SNAT6)
+        self.svcnet6 = obj.map(abi.MAP_SVCNET6)
+        self.svcnet6_span = obj.map(abi.MAP_SVCNET6_SPAN)
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
 
     # ---- set-up ----
@@ -92,12 +94,14 @@ class Datapath:
         for m in (
             self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4,
             self.svc6, self.be6, self.ct6_map, self.aff6_map, self.lbsrc6, self.frag6, self.snat6,
+            self.svcnet6,
         ):  # fmt: skip
             for key in list(m.iter_keys()):
                 m.delete(key)
         self.cfg.update(ctypes.c_uint32(0), abi.Config())
         self.cfg6.update(ctypes.c_uint32(0), abi.Config6())
         self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(0xFFFFFFFF, 0))
+        self.svcnet6_span.update(ctypes.c_uint32(0), abi.Svcnet6Span((1 << 64) - 1, 0))
         zero = bytes(self.stats.user_value_size)
         for i in range(abi.STAT_MAX):
             self.stats.update(ctypes.c_uint32(i), zero)
@@ -136,6 +140,17 @@ class Datapath:
         span = abi.SvcnetSpan.from_buffer_copy(raw) if raw else abi.SvcnetSpan(0xFFFFFFFF, 0)
         lo, hi = int(net.network_address), int(net.broadcast_address)
         self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(min(span.lo, lo), max(span.hi, hi)))
+
+    def add_svcnet6(self, cidr: str, action: abi.SvcnetAction) -> None:
+        """add_svcnet for IPv6: kp_svcnet6_v1, its span over the upper 64 bits widened to cover it."""
+        net = ipaddress.IPv6Network(cidr)
+        self.svcnet6.update(
+            abi.Svcnet6Key(net.prefixlen, in6(str(net.network_address))), abi.Svcnet4Val(action)
+        )
+        raw = self.svcnet6_span.lookup(ctypes.c_uint32(0))
+        span = abi.Svcnet6Span.from_buffer_copy(raw) if raw else abi.Svcnet6Span((1 << 64) - 1, 0)
+        lo, hi = int(net.network_address) >> 64, int(net.broadcast_address) >> 64
+        self.svcnet6_span.update(ctypes.c_uint32(0), abi.Svcnet6Span(min(span.lo, lo), max(span.hi, hi)))
 
     @staticmethod
     def svc_key(addr: str, port: int, proto: int, scope: abi.Scope, slot: int) -> abi.Svc4Key:

@@ -61,6 +61,9 @@ from kproxy.abi import (
     Scope,
     Stat,
     SvcFlag,
+    Svcnet4Val,
+    Svcnet6Key,
+    SvcnetAction,
     bytes_to_ip6,
 )
 from kproxy.bpf.libbpf import BPF_F_TEST_SKB_CHECKSUM_COMPLETE, prog_test_run
@@ -177,6 +180,91 @@ def test_no_local_backend_drops(dp: Datapath) -> None:
     dp.add_service6(SVC, SPORT, IPPROTO_TCP, [], flags=SvcFlag.ITP_LOCAL | SvcFlag.NO_LOCAL_DROP)
     assert dp.run("kp_from_pod", syn6()).retval == TC_ACT_SHOT
     assert dp.stat(Stat.DROP_NO_LOCAL_BACKEND)[0] == 1
+
+
+# ---- the service address space (kp_svcnet6_v1): kube-proxy's cluster-ips-check ----
+SVC_CIDR6 = "fd00:96::/108"
+
+
+def service_space6(dp: Datapath) -> None:
+    """A TCP service SVC:SPORT, its ClusterIP as a REJECT entry, the service CIDR as DROP."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.add_svcnet6(SVC_CIDR6, SvcnetAction.DROP)
+    dp.add_svcnet6(f"{SVC}/128", SvcnetAction.REJECT)
+
+
+@pytest.mark.parametrize("prog", ["kp_from_pod", "kp_from_netdev"])
+def test_unknown_port_of_a_cluster_ip_is_rejected_and_unallocated_addresses_dropped(
+    dp: Datapath, prog: str
+) -> None:
+    service_space6(dp)
+    for frame in (
+        syn6(dport=SPORT + 1),
+        udp6_frame(CLIENT, SVC, CPORT, SPORT, b"q"),  # a protocol the Service does not have
+        ether(
+            ipv6(CLIENT, SVC, IPPROTO_ICMPV6, icmp6(CLIENT, SVC, ICMP6_ECHO_REQUEST, 0, 1, b"ping")),
+            ETH_P_IPV6,
+        ),
+    ):
+        out = dp.run(prog, frame)
+        assert out.retval == TC_ACT_REDIRECT, frame.hex()
+        got = parse6(out.data_out)
+        assert (got.src, got.dst, got.icmp_type, got.icmp_code) == (
+            SVC, CLIENT, ICMP6_DEST_UNREACH, ICMP6_PORT_UNREACH,
+        )  # fmt: skip
+        assert checksum_errors6(out.data_out) == []
+    assert dp.stat(Stat.SVCNET_REJECT)[0] == 3
+    # an address of the service CIDR nothing is allocated at: dropped
+    for frame in (syn6(dst="fd00:96::99"), udp6_frame(CLIENT, "fd00:96::99", CPORT, 53, b"q")):
+        assert dp.run(prog, frame).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_SVCNET)[0] == 2
+    # outside the service CIDR, and packets that open no flow: passed as they are
+    unchanged(dp, prog, syn6(dst="fd00:97::1"))
+    # an entry outside the span (whose upper 64 bits are fd00:96::'s) is never looked up
+    dp.svcnet6.update(Svcnet6Key(128, in6("fd00:96:0:1::1")), Svcnet4Val(SvcnetAction.REJECT))
+    unchanged(dp, prog, syn6(dst="fd00:96:0:1::1"))
+    unchanged(dp, prog, tcp6_frame(CLIENT, "fd00:96::99", CPORT, 80, TCP_ACK))
+    # the Service's own port is served
+    assert parse6(dp.run(prog, syn6()).data_out).dst == BE1.addr
+
+
+def test_cluster_ip_of_another_proxy_passes(dp: Datapath) -> None:
+    dp.add_svcnet6(SVC_CIDR6, SvcnetAction.DROP)
+    dp.add_svcnet6("fd00:96::7/128", SvcnetAction.PASS)
+    unchanged(dp, "kp_from_pod", syn6(dst="fd00:96::7"))
+    assert dp.run("kp_from_pod", syn6(dst="fd00:96::8")).retval == TC_ACT_SHOT
+
+
+def test_cluster_ip_from_outside_closed_drops_unknown_ports_too(dp: Datapath) -> None:
+    """With ClusterIPs closed to the outside (--no-external-cluster-ip), an unknown port of one is
+    dropped from a netdev, not answered; from a pod it is still rejected."""
+    service_space6(dp)
+    dp.cfg.update(ctypes.c_uint32(0), Config(flags=ConfigFlag.NO_EXTERNAL_CLUSTER_IP))
+    assert dp.run("kp_from_netdev", syn6(dport=SPORT + 1)).retval == TC_ACT_SHOT
+    assert dp.stat(Stat.DROP_CLUSTER_IP_EXTERNAL)[0] == 1
+    assert dp.run("kp_from_pod", syn6(dport=SPORT + 1)).retval == TC_ACT_REDIRECT
+
+
+def test_established_flow_of_a_deleted_cluster_ip_port_keeps_its_translation(dp: Datapath) -> None:
+    """A Service port deleted while a pod's TCP connection lives: its later segments are still DNATed
+    from the conntrack entry, within the service address space only; a new SYN is not (dropped)."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    dp.add_svcnet6(SVC_CIDR6, SvcnetAction.DROP)
+    assert dp.run("kp_from_pod", syn6()).retval == TC_ACT_OK
+    for slot in (1, 0):
+        dp.svc6.delete(dp.svc6_key(SVC, SPORT, IPPROTO_TCP, Scope.EXT, slot))
+    ack = tcp6_frame(CLIENT, SVC, CPORT, SPORT, TCP_ACK, payload=b"still here")
+    out = dp.run("kp_from_pod", ack)
+    assert out.retval == TC_ACT_OK
+    assert (
+        out.data_out.hex()
+        == tcp6_frame(CLIENT, BE1.addr, CPORT, BE1.port, TCP_ACK, payload=b"still here").hex()
+    )
+    assert checksum_errors6(out.data_out) == [] and dp.stat(Stat.CT_ORPHAN)[0] == 1
+    assert dp.run("kp_from_pod", syn6(sport=CPORT + 1)).retval == TC_ACT_SHOT
+    other = tcp6_frame(CLIENT, "fd00:97::1", CPORT, SPORT, TCP_ACK)
+    unchanged(dp, "kp_from_pod", other)
+    assert dp.stat(Stat.CT_ORPHAN)[0] == 1
 
 
 # ---- the parser: extension headers, truncation, what is never touched ----

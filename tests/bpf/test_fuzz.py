@@ -551,6 +551,10 @@ def populate6(dp: Datapath, dsr: abi.DsrMode = abi.DsrMode.OFF) -> None:
             affinity_timeout=fe.affinity,
             node_addr=NODE2_6,
         )
+    # the service address space: the ClusterIPs REJECT their unknown ports, the rest of the CIDR drops
+    dp.add_svcnet6("fd00:96::/108", abi.SvcnetAction.DROP)
+    for addr in sorted({fe.addr for fe in FRONTENDS6 if fe.addr.startswith("fd00:96::")}):
+        dp.add_svcnet6(f"{addr}/128", abi.SvcnetAction.REJECT)
     net = ipaddress.IPv6Network(ALLOWED6)
     dp.lbsrc6.update(
         abi.LbSrc6Key(32 + net.prefixlen, B6 + 8, in6(str(net.network_address))), abi.LbSrc4Val(0)
@@ -926,7 +930,11 @@ def sane_length6(inp: bytes, out: bytes) -> str | None:
     (plen,) = struct.unpack_from("!H", out, 18)
     if 54 + plen > len(out):
         return f"payload_len {plen} longer than the {len(out)}-byte frame"
-    reject = out[20] == IPPROTO_ICMPV6 and walk6(inp).proto != IPPROTO_ICMPV6
+    w = walk6(inp)
+    # REJECT (no backend, or a ClusterIP's unknown port or protocol: an echo request too)
+    reject = out[20] == IPPROTO_ICMPV6 and (
+        w.proto != IPPROTO_ICMPV6 or (len(inp) > w.l4_off and inp[w.l4_off] == 128 and len(out) != len(inp))
+    )
     if reject:
         if (out[54], out[55]) != (ICMP6_DEST_UNREACH, 4) or len(out) > 14 + 40 + 8 + 124:
             return f"ICMPv6 error {out[54]}/{out[55]} of {len(out)} bytes"

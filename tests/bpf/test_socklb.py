@@ -10,6 +10,7 @@ address exists nowhere: only the socket programs can make it reach anything.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import re
@@ -574,6 +575,31 @@ def test_tcp_connect6_reaches_a_backend_and_getpeername_shows_the_service(sockla
     assert socklab.stat(abi.Stat.SOCK_GETPEERNAME_REVNAT) == 1
     assert sknat6_entries(socklab) == [(BACKENDS6[0], BE_TCP_PORT, VIP6, 80, abi.ID6_BASE + 1)]
     assert len(socklab.sknat) == 0
+
+
+@pytest.mark.root
+def test_ipv6_service_address_space_holds_for_node_processes(socklab: SockLab) -> None:
+    """kp_svcnet6_v1 for node processes: an IPv6 ClusterIP's unknown port is refused, an unallocated
+    address of the IPv6 service CIDR fails at once (EHOSTUNREACH), another proxy's ClusterIP passes."""
+    socklab.service(VIP6, 80, TCP, BACKENDS6[:1], svc_id=abi.ID6_BASE + 1)
+
+    def put(cidr: str, action: abi.SvcnetAction) -> None:
+        net, plen = cidr.split("/")
+        socklab.maps.svcnet6.put_many([(abi.Svcnet6Key(int(plen), in6(net)), abi.Svcnet4Val(action))])
+
+    put("fd00:96::/108", abi.SvcnetAction.DROP)
+    put(f"{VIP6}/128", abi.SvcnetAction.REJECT)
+    put("fd00:96::77/128", abi.SvcnetAction.PASS)
+    upper = int(ipaddress.IPv6Address("fd00:96::")) >> 64
+    socklab.maps.svcnet6_span.put_many([(ctypes.c_uint32(0), abi.Svcnet6Span(upper, upper))])
+    r = socklab.client(
+        f"[tcp({VIP6!r}, 80), tcp({VIP6!r}, 81), udp({VIP6!r}, 80, connected=True),"
+        f" tcp('fd00:96::5', 80), udp('fd00:96::5', 53)]"
+    )
+    assert r[0]["backend"] == BACKENDS6[0]
+    assert r[1:] == [{"error": "ECONNREFUSED"}] * 2 + [{"error": "EHOSTUNREACH"}] * 2
+    assert socklab.stat(abi.Stat.SVCNET_REJECT) == 2 and socklab.stat(abi.Stat.DROP_SVCNET) == 2
+    assert socklab.client("tcp('fd00:96::77', 80)").get("error") != "EHOSTUNREACH"
 
 
 @pytest.mark.root

@@ -35,6 +35,8 @@ AGENT_FLAGS = {
     "--k8s-api-server",
     "--kubeconfig",
     "--nodeport-addresses",
+    "--service-cidr",
+    "--hairpin-address",
     "--metrics-bind-address",
     "--health-bind-address",
     "--dsr-mode",
@@ -210,9 +212,13 @@ def test_default_agent_flags(render: Renderer) -> None:
         f"--k8s-api-server=https://{API_HOST}:6443",
         "--log-level=info",
         "--map-size=kp_aff4_v1=65536",
+        "--map-size=kp_aff6_v1=16384",
         "--map-size=kp_be4_v1=262144",
+        "--map-size=kp_be6_v1=65536",
         "--map-size=kp_ct4_v1=262144",
+        "--map-size=kp_ct6_v1=65536",
         "--map-size=kp_svc4_v1=262144",
+        "--map-size=kp_svc6_v1=65536",
         "--metrics-bind-address=127.0.0.1:10249",
         "--pod-ifaces=veth*",
         "--socket-lb-cgroup=/run/kproxy/cgroupv2",
@@ -412,6 +418,16 @@ OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
         "nodeport-addresses",
         {"nodePortAddresses": ["192.168.0.0/16", "10.1.2.0/24"]},
         _flag("--nodeport-addresses", "192.168.0.0/16,10.1.2.0/24"),
+    ),
+    (
+        "service-cidrs-dual-stack",
+        {"serviceCIDRs": ["10.96.0.0/12", "fd00:10:96::/108"]},
+        _flag("--service-cidr", "10.96.0.0/12,fd00:10:96::/108"),
+    ),
+    (
+        "hairpin-addresses",
+        {"hairpinAddresses": ["169.254.7.1", "100::a9fe:701"]},
+        _flag("--hairpin-address", "169.254.7.1,100::a9fe:701"),
     ),
     ("netdevs", {"interfaces": {"netdevs": ["eth0", "bond0"]}}, _flag("--netdev", "eth0,bond0")),
     ("netdevs-autodetect", {"interfaces": {"netdevs": []}}, _no_flag("--netdev")),
@@ -694,6 +710,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("zero-timeout", {"conntrack": {"udpTimeout": 0}}, "udpTimeout"),
     ("relative-cgroup", {"socketLB": {"cgroupPath": "sys/fs/cgroup"}}, "cgroupPath"),
     ("netdev-with-comma", {"interfaces": {"netdevs": ["eth0,eth1"]}}, "netdevs"),
+    (
+        "hairpin-two-of-a-family",
+        {"hairpinAddresses": ["169.254.7.1", "169.254.7.2"]},
+        "hairpinAddresses [169.254.7.1 169.254.7.2] has two addresses of one family",
+    ),
+    ("hairpin-not-an-ip", {"hairpinAddresses": ["10.0.0.0/8"]}, "hairpinAddresses"),
 ]
 
 

@@ -81,23 +81,26 @@ def test_service_cidrs_created_updated_deleted_reach_the_store(mapset_factory: A
         await api.start()
         h = await _harness(api, mapset_factory())
         try:
-            # from the initial LIST; the IPv6 range is left out by the store
-            assert h.store.service_cidrs == ["10.96.0.0/16"]
+            # from the initial LIST, both families (the IPv6 range goes to kp_svcnet6_v1)
+            assert h.store.service_cidrs == ["10.96.0.0/16", "fd00:10:96::/112"]
             assert h.source is not None and h.source.service_cidrs_available is True
             await h.wait_for("kopf watching servicecidrs", lambda: api.watch_count(PLURAL) > 0)
 
             api.put(service_cidr("extra", "10.100.0.0/16"))
             await h.wait_for(
                 "created ServiceCIDR in the store",
-                lambda: h.store.service_cidrs == ["10.100.0.0/16", "10.96.0.0/16"],
+                lambda: h.store.service_cidrs == ["10.100.0.0/16", "10.96.0.0/16", "fd00:10:96::/112"],
             )
             api.patch("ServiceCIDR", None, "extra", {"spec": {"cidrs": ["10.101.0.0/16"]}})
             await h.wait_for(
                 "updated ServiceCIDR in the store",
-                lambda: h.store.service_cidrs == ["10.101.0.0/16", "10.96.0.0/16"],
+                lambda: h.store.service_cidrs == ["10.101.0.0/16", "10.96.0.0/16", "fd00:10:96::/112"],
             )
             api.delete("ServiceCIDR", None, "extra")
-            await h.wait_for("deleted ServiceCIDR gone", lambda: h.store.service_cidrs == ["10.96.0.0/16"])
+            await h.wait_for(
+                "deleted ServiceCIDR gone",
+                lambda: h.store.service_cidrs == ["10.96.0.0/16", "fd00:10:96::/112"],
+            )
             assert _sample(h, "kproxy_source_events_total", kind="ServiceCIDR", type="DELETED") >= 1
             # Services are unaffected
             assert h.backends_of("10.96.0.10", 80) == [f"{pod_ip(1)}:8080"]

@@ -614,7 +614,7 @@ def test_agent_accepts_every_flag_the_chart_passes() -> None:
         "--source", "--node-name", "--node-ip", "--netdev", "--pod-ifaces", "--bpffs", "--map-size",
         "--ct-timeout-syn", "--ct-timeout-tcp", "--ct-timeout-fin", "--ct-timeout-udp", "--log-level",
         "--k8s-api-server", "--kubeconfig", "--nodeport-addresses", "--metrics-bind-address",
-        "--health-bind-address", "--dsr-mode", "--socket-lb-cgroup",
+        "--health-bind-address", "--dsr-mode", "--socket-lb-cgroup", "--service-cidr", "--hairpin-address",
     }  # fmt: skip
     have = {o for p in agent.params for o in p.opts}
     assert chart_flags - have == set()

@@ -433,27 +433,40 @@ def test_pod_to_nodeport_on_the_other_node_and_lb_ip_from_inside(xlab: Lab) -> N
 SPACE_CIDR = "10.96.50.0/24"
 SPACE_IP = "10.96.50.1"  # TCP 80 -> n2p1 (the ingress node n1 SNATs to it)
 SPACE_LOCAL_IP = "10.96.50.2"  # TCP 80 -> n1p2 (local to the ingress node)
+SPACE_CIDR6 = "fd00:50::/112"  # the same, IPv6 (the Services are dual-stack)
+SPACE_IP6, SPACE_LOCAL_IP6 = "fd00:50::1", "fd00:50::2"
+SPACE = {  # family -> (ClusterIP to n2p1, ClusterIP to n1p2, an unallocated address of the CIDR)
+    "4": (SPACE_IP, SPACE_LOCAL_IP, "10.96.50.77"),
+    "6": (SPACE_IP6, SPACE_LOCAL_IP6, "fd00:50::77"),
+}
 
 
 @pytest.fixture(scope="module")
 def space(xlab: Lab) -> Lab:
     lab = xlab
-    for name, ip, pod in (("space-remote", SPACE_IP, "n2p1"), ("space-local", SPACE_LOCAL_IP, "n1p2")):
+    for name, ip, ip6, pod in (
+        ("space-remote", SPACE_IP, SPACE_IP6, "n2p1"),
+        ("space-local", SPACE_LOCAL_IP, SPACE_LOCAL_IP6, "n1p2"),
+    ):
         p = mf.Port("tcp", 80, 8080, "TCP")
         po = lab.pod(pod)
-        objs = [mf.service(name, [p], ip), mf.endpoint_slice(name, [(po.ip, po.node)], [p])]
+        objs = mf.dual_stack_objects(name, [p], ip, ip6, [(po.ip, po.ip6, po.node)])
         lab.write_manifest(name, objs)
     # the service CIDR, as the API server's ServiceCIDR object (networking.k8s.io/v1) says it
     lab.write_manifest(
         "space-cidr",
         [{"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "space"},
-          "spec": {"cidrs": [SPACE_CIDR, "fd00:50::/112"]}}],
+          "spec": {"cidrs": [SPACE_CIDR, SPACE_CIDR6]}}],
     )  # fmt: skip
     lab.wait_programmed(SPACE_IP, 80, [lab.pod("n2p1").ip])
     lab.wait_programmed(SPACE_LOCAL_IP, 80, [lab.pod("n1p2").ip])
-    # the service CIDR routed to n1 from outside (as BGP or a static route would)
+    lab.wait_programmed(SPACE_IP6, 80, [lab.pod("n2p1").ip6])
+    lab.wait_programmed(SPACE_LOCAL_IP6, 80, [lab.pod("n1p2").ip6])
+    # the service CIDRs routed to n1 from outside (as BGP or a static route would)
     lab.run_in(lab.ext, ["ip", "route", "replace", SPACE_CIDR, "via", lab.node("n1").ip])
+    lab.run_in(lab.ext, ["ip", "-6", "route", "replace", SPACE_CIDR6, "via", lab.node("n1").ip6])
     _wait_svcnet(lab, SPACE_CIDR)
+    _wait_svcnet(lab, SPACE_CIDR6)
     return lab
 
 
@@ -463,10 +476,13 @@ def _wait_svcnet(lab: Lab, cidr: str, timeout: float = 30) -> None:
     for node in lab.nodes:
         while True:
             with KproxyMaps.open(node.bpffs) as m:
-                keys = {(abi.nbo_to_ip(k.addr), k.prefixlen) for k, _ in m.svcnet4.items()}
+                if ":" in net:
+                    keys = {(abi.bytes_to_ip6(k.addr), k.prefixlen) for k, _ in m.svcnet6.items()}
+                else:
+                    keys = {(abi.nbo_to_ip(k.addr), k.prefixlen) for k, _ in m.svcnet4.items()}
             if (net, int(plen)) in keys:
                 break
-            assert time.monotonic() < deadline, f"{node.name}: {cidr} never reached kp_svcnet4_v1: {keys}"
+            assert time.monotonic() < deadline, f"{node.name}: {cidr} never reached the service trie: {keys}"
             time.sleep(0.05)
 
 
@@ -475,7 +491,7 @@ def probe(lab: Lab, host: Host, addr: str, port: int, proto: str, timeout: float
 
     def do() -> str:
         kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, kind) as s:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, kind) as s:
             s.settimeout(timeout)
             try:
                 s.connect((addr, port))
@@ -493,32 +509,42 @@ def probe(lab: Lab, host: Host, addr: str, port: int, proto: str, timeout: float
     return in_netns(host.ns, do)
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("client", ["pod", "ext"])
-def test_service_address_space_as_kube_proxy(space: Lab, client: str) -> None:
+def test_service_address_space_as_kube_proxy(space: Lab, client: str, family: str) -> None:
     """kube-proxy's cluster-ips-check: a ClusterIP's unknown port or protocol is rejected, an unallocated
     service address dropped; both used to leak untranslated toward the default gateway."""
     lab = space
     host = lab.pod("n1p1") if client == "pod" else lab.ext
+    vip, _, unallocated = SPACE[family]
     before = counters(lab, "n1")
-    assert probe(lab, host, SPACE_IP, 80, "TCP", timeout=8) == "ok"
-    assert probe(lab, host, SPACE_IP, 81, "TCP") == "refused"
-    assert probe(lab, host, SPACE_IP, 80, "UDP") == "refused"  # UDP to a TCP-only Service port
-    assert probe(lab, host, "10.96.50.77", 80, "TCP", timeout=1.5) == "timeout"
-    assert probe(lab, host, "10.96.50.77", 53, "UDP", timeout=1.5) == "timeout"
+    assert probe(lab, host, vip, 80, "TCP", timeout=8) == "ok"
+    assert probe(lab, host, vip, 81, "TCP") == "refused"
+    assert probe(lab, host, vip, 80, "UDP") == "refused"  # UDP to a TCP-only Service port
+    assert probe(lab, host, unallocated, 80, "TCP", timeout=1.5) == "timeout"
+    assert probe(lab, host, unallocated, 53, "UDP", timeout=1.5) == "timeout"
     d = delta(before, counters(lab, "n1"))
     assert d.get("SVCNET_REJECT", 0) >= 2 and d.get("DROP_SVCNET", 0) >= 2, d
 
 
-def test_established_connection_outlives_its_deleted_service(space: Lab) -> None:
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+def test_established_connection_outlives_its_deleted_service(space: Lab, family: str) -> None:
     """kube-proxy's conntrack keeps translating an established connection after its Service is deleted
     (only UDP entries are flushed); so does kproxy, from the flow's conntrack entry. New connections
     to the now unallocated address are dropped."""
     lab = space
-    ip, name = "10.96.50.3", "space-gone"
+    ip, name = ("10.96.50.3", "space-gone") if family == "4" else ("fd00:50::3", "space-gone6")
     p = mf.Port("tcp", 80, 8080, "TCP")
     po = lab.pod("n2p1")
-    lab.write_manifest(name, [mf.service(name, [p], ip), mf.endpoint_slice(name, [(po.ip, po.node)], [p])])
-    lab.wait_programmed(ip, 80, [po.ip], nodes=["n1"])
+    if family == "4":
+        objs = [mf.service(name, [p], ip), mf.endpoint_slice(name, [(po.ip, po.node)], [p])]
+    else:
+        objs = [
+            mf.service(name, [p], None, cluster_ip6=ip),
+            mf.endpoint_slice(name, [(po.ip6, po.node)], [p]),
+        ]
+    lab.write_manifest(name, objs)
+    lab.wait_programmed(ip, 80, [addr_of(po, family)], nodes=["n1"])
     client = lab.pod("n1p1")
     before = counters(lab, "n1")
     with lab.stream(client, ip, 80) as s:
@@ -569,14 +595,20 @@ def test_cluster_ip_from_outside_is_served(space: Lab, mode: str) -> None:
     (SNAT, or the client with DSR), a backend on the ingress node sees the client."""
     lab = space
     ensure_mode(lab, mode)
-    for ip, pod in ((SPACE_IP, "n2p1"), (SPACE_LOCAL_IP, "n1p2")):
+    for ip, pod in (
+        (SPACE_IP, "n2p1"),
+        (SPACE_LOCAL_IP, "n1p2"),
+        (SPACE_IP6, "n2p1"),
+        (SPACE_LOCAL_IP6, "n1p2"),
+    ):
+        family = "6" if ":" in ip else "4"
         for _ in range(5):
             got = request(lab, lab.ext, ip, 80, "TCP")
             assert "error" not in got, (ip, mode, got)
             assert got["pod"] == pod and got["peer"] == f"{ip}:80"
             remote_snat = pod == "n2p1" and mode == "snat"
-            want = lab.node("n1").ip if remote_snat else lab.ext.ip
-            assert got["client"].split(":")[0] == want, (ip, mode, got)
+            want = addr_of(lab.node("n1") if remote_snat else lab.ext, family)
+            assert client_address(got) == want, (ip, mode, got)
 
 
 # ---- IPv4 fragments (issue 11): 8 KB UDP datagrams, fragmented on a 1500-byte path, both ways ----

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
+from typing import Any
 
 from unit_objects import NODE, svc_raw
 
@@ -14,6 +17,20 @@ from kproxy.sync import Syncer
 from kproxy.translate import TranslateConfig
 
 CFG = TranslateConfig()
+
+
+@contextlib.contextmanager
+def failing(m: Any, method: str) -> Iterator[None]:
+    """MAP's METHOD (put_many, delete_many) raises as a kernel refusal would, within the block."""
+
+    def refuse(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    setattr(m, method, refuse)
+    try:
+        yield
+    finally:
+        delattr(m, method)
 
 
 def entries(maps: MemoryMapSet) -> dict[str, str]:
@@ -140,7 +157,7 @@ def test_service_cidr_objects_from_manifests(caplog):
                 "spec": spec}  # fmt: skip
 
     assert st.upsert_service_cidr(obj("kubernetes", {"cidrs": ["10.96.0.0/12", "fd00::/108"]}), "a.yaml")
-    assert st.service_cidrs == ["10.96.0.0/12"]
+    assert st.service_cidrs == ["10.96.0.0/12", "fd00::/108"]
     assert st.upsert_service_cidr(obj("kubernetes", {"cidrs": ["10.96.0.0/40"]}), "a.yaml") is None
     assert st.upsert_service_cidr(obj("other", None)) is None
     assert st.upsert_service_cidr(obj("third", {"cidrs": "10.0.0.0/8"})) is None
@@ -150,7 +167,7 @@ def test_service_cidr_objects_from_manifests(caplog):
         "ServiceCIDR kubernetes in a.yaml skipped: spec.cidrs entry '10.96.0.0/40' is not a CIDR"
         in caplog.text
     )
-    assert st.service_cidrs == ["10.96.0.0/12"]  # the last good version stays
+    assert st.service_cidrs == ["10.96.0.0/12", "fd00::/108"]  # the last good version stays
     st.delete_service_cidrs("ServiceCIDR/kubernetes")
     assert st.service_cidrs == []
 
@@ -178,17 +195,160 @@ def test_a_failed_write_is_retried_on_the_next_sync():
     st, s, maps = setup()
     st.mark_initial_sync_done()
     sync_dirty(st, s, CFG, full=True)
-    real_put = maps.svcnet4.put_many
-
-    def failing(items):
-        raise OSError(28, "No space left on device")
-
-    maps.svcnet4.put_many = failing  # type: ignore[method-assign]
-    st.upsert_service(svc_raw("a", cluster_ip="10.96.0.10"))
-    st.set_service_cidrs("flag", ["10.96.0.0/16"])
-    sync_dirty(st, s, CFG)
-    assert entries(maps) == {} and s.svcnet.errors == 1
-    maps.svcnet4.put_many = real_put  # type: ignore[method-assign]
+    with failing(maps.svcnet4, "put_many"):
+        st.upsert_service(svc_raw("a", cluster_ip="10.96.0.10"))
+        st.set_service_cidrs("flag", ["10.96.0.0/16"])
+        sync_dirty(st, s, CFG)
+        assert entries(maps) == {} and s.svcnet.errors == 1
     s.svcnet.sync(st)  # nothing else changed: what failed is written now
     assert entries(maps) == {"10.96.0.0/16": "drop", "10.96.0.10/32": "reject"}
     assert span(maps) == ("10.96.0.0", "10.96.255.255")
+
+
+# ---- IPv6: kp_svcnet6_v1 and its span over the upper 64 bits ----
+def entries6(maps: MemoryMapSet) -> dict[str, str]:
+    return {
+        f"{abi.bytes_to_ip6(k.addr)}/{k.prefixlen}": abi.SvcnetAction(v.action).name.lower()
+        for k, v in maps.svcnet6.items()
+    }
+
+
+def span6(maps: MemoryMapSet) -> tuple[int, int] | None:
+    v = maps.svcnet6_span.get(ctypes.c_uint32(0))
+    return None if v is None or v.lo > v.hi else (v.lo, v.hi)
+
+
+def upper64(addr: str) -> int:
+    import ipaddress
+
+    return int(ipaddress.IPv6Address(addr)) >> 64
+
+
+def dual(name: str, v4: str, v6: str, **kw) -> dict:
+    return svc_raw(name, cluster_ip=v4, clusterIPs=[v4, v6], ipFamilies=["IPv4", "IPv6"],
+                   ipFamilyPolicy="RequireDualStack", **kw)  # fmt: skip
+
+
+def test_ipv6_cluster_ips_and_service_cidrs_in_their_own_trie():
+    st, s, maps = setup()
+    st.set_service_cidrs("flag", ["10.96.0.0/16", "FD00:10:96::/108"])
+    st.upsert_service(dual("a", "10.96.0.10", "fd00:10:96::a"))
+    st.upsert_service(svc_raw("b", cluster_ip="fd00:10:96::b", ipFamilies=["IPv6"]))
+    st.upsert_service(
+        svc_raw("o", cluster_ip="fd00:10:96::c", labels={"service.kubernetes.io/service-proxy-name": "x"})
+    )
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    assert entries(maps) == {"10.96.0.0/16": "drop", "10.96.0.10/32": "reject"}
+    assert entries6(maps) == {
+        "fd00:10:96::/108": "drop",
+        "fd00:10:96::a/128": "reject",
+        "fd00:10:96::b/128": "reject",
+        "fd00:10:96::c/128": "pass",
+    }
+    # the span is the upper 64 bits the service CIDR's addresses share
+    assert span6(maps) == (upper64("fd00:10:96::"), upper64("fd00:10:96::"))
+    # an IPv6 ClusterIP going away: only its /128 goes; the IPv4 trie is not written
+    writes4 = maps.svcnet4.writes
+    st.delete_service("default", "b")
+    sync_dirty(st, s, CFG)
+    assert "fd00:10:96::b/128" not in entries6(maps) and maps.svcnet4.writes == writes4
+    assert s.svcnet.entries()["fd00:10:96::a/128"] == "reject"
+
+
+def test_ipv6_span_spreads_over_cidrs_in_two_prefixes_and_narrows_back():
+    st, s, maps = setup()
+    st.set_service_cidrs("flag", ["fd00:10:96::/108"])
+    st.set_service_cidrs("ServiceCIDR/more", ["fd00:10:97::/112"])
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    assert span6(maps) == (upper64("fd00:10:96::"), upper64("fd00:10:97::"))
+    st.delete_service_cidrs("ServiceCIDR/more")
+    s.svcnet.sync(st)
+    assert span6(maps) == (upper64("fd00:10:96::"), upper64("fd00:10:96::"))
+    st.delete_service_cidrs("flag")
+    s.svcnet.sync(st)
+    assert entries6(maps) == {} and span6(maps) is None
+
+
+def test_ipv6_restart_rewrites_no_entry():
+    st, s, maps = setup()
+    st.set_service_cidrs("flag", ["fd00:10:96::/108"])
+    st.upsert_service(dual("a", "10.96.0.10", "fd00:10:96::a"))
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    s2 = Syncer(maps)
+    s2.adopt()
+    writes, before = maps.svcnet6.writes, span6(maps)
+    sync_dirty(st, s2, CFG, full=True)
+    assert maps.svcnet6.writes == writes and span6(maps) == before  # the span is re-derived, the same
+
+
+def test_a_failed_ipv6_write_is_retried_and_ipv4_goes_on():
+    st, s, maps = setup()
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    with failing(maps.svcnet6, "put_many"):
+        st.upsert_service(dual("a", "10.96.0.10", "fd00:10:96::a"))
+        sync_dirty(st, s, CFG)
+        assert entries(maps) == {"10.96.0.10/32": "reject"} and entries6(maps) == {}
+        assert s.svcnet.errors == 1
+    s.svcnet.sync(st)
+    assert entries6(maps) == {"fd00:10:96::a/128": "reject"}
+
+
+def test_a_full_trie_takes_a_new_cluster_ip_when_another_goes_in_the_same_sync():
+    """The deletes go first: a full trie whose batch both removes and adds an entry makes progress
+    (writing first failed every time, until some unrelated deletion freed a slot)."""
+    maps = MemoryMapSet(svcnet6_max=3)
+    st, s = ClusterStore(NODE), Syncer(maps)
+    st.set_service_cidrs("flag", ["fd00:10:96::/108"])
+    st.upsert_service(svc_raw("a", cluster_ip="fd00:10:96::a", ipFamilies=["IPv6"]))
+    st.upsert_service(svc_raw("b", cluster_ip="fd00:10:96::b", ipFamilies=["IPv6"]))
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    assert len(entries6(maps)) == 3
+    st.delete_service("default", "a")
+    st.upsert_service(svc_raw("c", cluster_ip="fd00:10:96::c", ipFamilies=["IPv6"]))
+    sync_dirty(st, s, CFG)
+    assert entries6(maps) == {
+        "fd00:10:96::/108": "drop", "fd00:10:96::b/128": "reject", "fd00:10:96::c/128": "reject",
+    }  # fmt: skip
+    assert s.svcnet.errors == 0
+
+
+def test_after_a_restart_a_failed_write_leaves_the_span_over_every_entry():
+    """The span written before new entries covers the entries already there too (after adopt it was
+    derived from the new ones alone: a failed write then left the service CIDR outside the span)."""
+    st, s, maps = setup()
+    st.set_service_cidrs("flag", ["fd00:10:96::/108"])
+    st.upsert_service(dual("a", "10.96.0.10", "fd00:10:96::a"))
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    s2 = Syncer(maps)
+    s2.adopt()
+    with failing(maps.svcnet6, "put_many"):
+        st.upsert_service(svc_raw("far", cluster_ip="fd00:20::1", ipFamilies=["IPv6"]))
+        sync_dirty(st, s2, CFG)
+        assert span6(maps) == (upper64("fd00:10:96::"), upper64("fd00:20::"))
+    s2.svcnet.sync(st)
+    assert entries6(maps)["fd00:20::1/128"] == "reject"
+
+
+def test_a_failed_full_sync_is_full_again_next_time():
+    """Entries of Services deleted while no agent ran are found by the first (full) sync only: if it
+    fails, the next sync is full again, so they do not stay until the next restart."""
+    st, s, maps = setup()
+    st.upsert_service(svc_raw("gone", cluster_ip="fd00:10:96::9", ipFamilies=["IPv6"]))
+    st.mark_initial_sync_done()
+    sync_dirty(st, s, CFG, full=True)
+    st2 = ClusterStore(NODE)  # the restarted agent's view: "gone" was deleted meanwhile
+    st2.upsert_service(svc_raw("a", cluster_ip="fd00:10:96::a", ipFamilies=["IPv6"]))
+    st2.mark_initial_sync_done()
+    s2 = Syncer(maps)
+    s2.adopt()
+    with failing(maps.svcnet6, "delete_many"):
+        sync_dirty(st2, s2, CFG, full=True)
+        assert "fd00:10:96::9/128" in entries6(maps)
+    s2.svcnet.sync(st2)  # nothing changed since: still full
+    assert entries6(maps) == {"fd00:10:96::a/128": "reject"}

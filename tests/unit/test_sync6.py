@@ -584,7 +584,7 @@ def test_ipv6_addresses_are_canonical_whatever_the_spelling():
 
 
 # ---- through the pipeline: a dual-stack Service from the store ----
-def test_sync_dirty_programs_a_dual_stack_service_in_both_families_and_svcnet_stays_ipv4() -> None:
+def test_sync_dirty_programs_a_dual_stack_service_in_both_families_and_both_svcnets() -> None:
     from unit_objects import ep, slice_raw, svc_raw
 
     from kproxy.model import NodeInfo
@@ -600,7 +600,7 @@ def test_sync_dirty_programs_a_dual_stack_service_in_both_families_and_svcnet_st
     store.upsert_slice(
         slice_raw(name="web-v6", address_type="IPv6", endpoints=[ep("fd00:10::1", node="node-a")])
     )
-    store.set_service_cidrs("flag", ["10.96.0.0/16"])
+    store.set_service_cidrs("flag", ["10.96.0.0/16", "fd00:96::/108"])
     store.initial_sync_done = True
     maps = MemoryMapSet()
     s = Syncer(maps)
@@ -614,7 +614,12 @@ def test_sync_dirty_programs_a_dual_stack_service_in_both_families_and_svcnet_st
     assert {sp for sp in s.service_ports().values()} == {("default/web", "http", 6)} and len(
         s.service_ports()
     ) == 2
-    assert s.svcnet.entries() == {"10.96.0.0/16": "drop", "10.96.0.10/32": "reject"}
+    assert s.svcnet.entries() == {
+        "10.96.0.0/16": "drop",
+        "10.96.0.10/32": "reject",
+        "fd00:96::/108": "drop",
+        "fd00:96::10/128": "reject",
+    }
     check_maps(maps)
     # IPv6 family gone from the Service: its kp_svc6/kp_be6 entries go, IPv4 ones stay
     raw = svc_raw(cluster_ip="10.96.0.10")

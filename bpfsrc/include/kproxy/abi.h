@@ -535,6 +535,25 @@ struct kp_svcnet_span {
 	__u32 hi;           /* HBO highest address of any entry */
 };
 
+/*
+ * IPv6: the same trie with 128-bit prefixes (values are struct kp_svcnet4_val). Its span is over the
+ * upper 64 bits of the addresses: a service CIDR (a /108 or /112 by default) and its ClusterIPs share
+ * them, so every other destination skips the lookup.
+ */
+#define KP_MAP_SVCNET6      kp_svcnet6_v1       /* LPM trie: IPv6 ClusterIPs (/128) and service CIDRs */
+#define KP_MAP_SVCNET6_SPAN kp_svcnet6_span_v1  /* array of one struct kp_svcnet6_span */
+#define KP_SVCNET6_MAX      16384
+
+struct kp_svcnet6_key {
+	__u32  prefixlen;   /* HBO prefix length: 128 for a ClusterIP */
+	union kp_in6 addr;  /* NBO network address (host bits zero) */
+};
+
+struct kp_svcnet6_span {
+	__u64 lo;           /* HBO upper 64 bits of the lowest address of any entry; lo > hi: no entry */
+	__u64 hi;           /* HBO upper 64 bits of the highest address of any entry */
+};
+
 /* ---- IPv4 fragments (lib/parse.h) ---- */
 #define KP_MAP_FRAG4   kp_frag4_v1  /* LRU (saddr, daddr, IP id, protocol) -> the datagram's ports */
 #define KP_FRAG4_MAX   16384

@@ -54,6 +54,12 @@ pod-ifaces: {{ .Values.interfaces.podInterfaceGlob | quote }}
 {{- with .Values.nodePortAddresses }}
 nodeport-addresses: {{ join "," . | quote }}
 {{- end }}
+{{- with .Values.serviceCIDRs }}
+service-cidr: {{ join "," . | quote }}
+{{- end }}
+{{- with .Values.hairpinAddresses }}
+hairpin-address: {{ join "," . | quote }}
+{{- end }}
 {{- range $name, $size := .Values.mapSizes }}
 map-size.{{ $name }}: {{ int64 $size | toString | quote }}
 {{- end }}
