@@ -86,7 +86,7 @@ def kp_stats(bpffs: str) -> dict[str, int]:
     from kproxy.bpf.maps import KproxyMaps
 
     with KproxyMaps.open(bpffs) as maps:
-        totals = maps.stats.totals()
+        totals = maps.stat_totals()
     return {s.name.lower(): (totals.get(int(s)) or (0,))[0] for s in Stat}
 
 

@@ -68,10 +68,11 @@ enum kp_sock_verdict {
 	KP_SOCK_UNREACH = 4,   /* an unallocated address of a service CIDR */
 };
 
-/* Socket hooks run in process context and may be preempted on their CPU: add atomically. */
-static __always_inline void kp_sock_count(__u32 stat)
+/* Socket hooks run in process context and may be preempted on their CPU: add atomically. fam: the
+ * flow's family (4 or 6; an IPv4-mapped destination is an IPv4 flow), as lib/stats.h counts. */
+static __always_inline void kp_sock_count(int fam, __u32 stat)
 {
-	struct kp_counter *c = bpf_map_lookup_elem(&kp_stats_v1, &stat);
+	struct kp_counter *c = bpf_map_lookup_elem(fam == 6 ? (void *)&kp_stats6_v1 : (void *)&kp_stats_v1, &stat);
 
 	if (c)
 		__sync_fetch_and_add(&c->packets, 1);
@@ -83,14 +84,14 @@ static __always_inline void kp_sock_count(__u32 stat)
  * service address fails at once instead of timing out behind kube-proxy's DROP. ACTION: what
  * kp_svcnet_action*() says about the address, 0 for nothing.
  */
-static __always_inline int kp_sock_svcnet(__u32 action)
+static __always_inline int kp_sock_svcnet(int fam, __u32 action)
 {
 	switch (action) {
 	case KP_SVCNET_REJECT:
-		kp_sock_count(KP_STAT_SVCNET_REJECT);
+		kp_sock_count(fam, KP_STAT_SVCNET_REJECT);
 		return KP_SOCK_REFUSE;
 	case KP_SVCNET_DROP:
-		kp_sock_count(KP_DROP_SVCNET);
+		kp_sock_count(fam, KP_DROP_SVCNET);
 		return KP_SOCK_UNREACH;
 	}
 	return KP_SOCK_PASS;
@@ -205,10 +206,10 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, __be32 *dad
 	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
 	svc = kp_svc_lookup4(&p, KP_ORIGIN_POD, &svc_key);
 	if (!svc)
-		return kp_sock_svcnet(kp_svcnet_action(p.daddr));
+		return kp_sock_svcnet(4, kp_svcnet_action(p.daddr));
 	svc_copy = *svc;
 	if (svc_copy.count == 0) {
-		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);
+		kp_sock_count(4, KP_DROP_SOCK_NO_BACKEND);
 		return KP_SOCK_REFUSE;
 	}
 	p.saddr = kp_sock_client4(ctx, sendmsg);
@@ -216,7 +217,7 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, __be32 *dad
 	if (kp_src_range_drop4(&svc_copy, &p))
 		return KP_SOCK_REFUSE;
 	if (kp_lb_select4(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
-		kp_sock_count(KP_DROP_BACKEND_MISSING);
+		kp_sock_count(4, KP_DROP_BACKEND_MISSING);
 		return KP_SOCK_REFUSE;
 	}
 
@@ -233,7 +234,7 @@ static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, __be32 *dad
 	    cur->backend_id != rv.backend_id) {
 		/* TCP only needs the entry for getpeername(); UDP needs it to accept the replies. */
 		if (bpf_map_update_elem(&kp_sknat4_v1, &rk, &rv, BPF_ANY) && proto == IPPROTO_UDP) {
-			kp_sock_count(KP_DROP_SOCK_REVNAT_FULL);
+			kp_sock_count(4, KP_DROP_SOCK_REVNAT_FULL);
 			return KP_SOCK_NOMEM;
 		}
 	}
@@ -261,17 +262,17 @@ static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in
 	p.proto = proto;
 	svc = kp_svc_lookup6(&p, KP_ORIGIN_POD, &svc_key);
 	if (!svc)
-		return kp_sock_svcnet(kp_svcnet_action6(p.daddr));
+		return kp_sock_svcnet(6, kp_svcnet_action6(p.daddr));
 	svc_copy = *svc;
 	if (svc_copy.count == 0) {
-		kp_sock_count(KP_DROP_SOCK_NO_BACKEND);
+		kp_sock_count(6, KP_DROP_SOCK_NO_BACKEND);
 		return KP_SOCK_REFUSE;
 	}
 	p.saddr = kp_sock_client6(ctx, sendmsg);
 	if (kp_src_range_drop6(&svc_copy, &p))
 		return KP_SOCK_REFUSE;
 	if (kp_lb_select6(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
-		kp_sock_count(KP_DROP_BACKEND_MISSING);
+		kp_sock_count(6, KP_DROP_BACKEND_MISSING);
 		return KP_SOCK_REFUSE;
 	}
 
@@ -286,7 +287,7 @@ static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in
 	if (!cur || !kp_in6_eq(cur->addr, rv.addr) || cur->port != rv.port || cur->svc_id != rv.svc_id ||
 	    cur->backend_id != rv.backend_id) {
 		if (bpf_map_update_elem(&kp_sknat6_v1, &rk, &rv, BPF_ANY) && proto == IPPROTO_UDP) {
-			kp_sock_count(KP_DROP_SOCK_REVNAT_FULL);
+			kp_sock_count(6, KP_DROP_SOCK_REVNAT_FULL);
 			return KP_SOCK_NOMEM;
 		}
 	}
@@ -295,11 +296,11 @@ static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in
 	return KP_SOCK_XLATED;
 }
 
-static __always_inline int kp_sock_verdict(int v, __u32 stat)
+static __always_inline int kp_sock_verdict(int v, int fam, __u32 stat)
 {
 	switch (v) {
 	case KP_SOCK_XLATED:
-		kp_sock_count(stat);
+		kp_sock_count(fam, stat);
 		return KP_SYS_PROCEED;
 	case KP_SOCK_REFUSE:
 		/* What a kube-proxy REJECT rule gives a local client (ICMP port unreachable). */
@@ -352,8 +353,9 @@ static __always_inline void kp_sock_set_user_ip6(struct bpf_sock_addr *ctx, cons
 	ctx->user_ip6[3] = a->w[3];
 }
 
-/* connect6, sendmsg6: the destination in user_ip6/user_port, an IPv6 or IPv4-mapped frontend. */
-static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg)
+/* connect6, sendmsg6: the destination in user_ip6/user_port, an IPv6 or IPv4-mapped frontend (*fam
+ * becomes 4: an IPv4 flow). */
+static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg, int *fam)
 {
 	union kp_in6 addr = kp_sock_user_ip6(ctx);
 	__be16 port = (__be16)ctx->user_port;
@@ -369,6 +371,7 @@ static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg)
 		if (sendmsg || kp_sock_v6only(ctx, proto))
 			return KP_SOCK_PASS;
 		addr4 = addr.w[3];
+		*fam = 4;
 		v = kp_sock4_xlate(ctx, &addr4, &port, proto, 0);
 		addr.w[3] = addr4;
 	} else {
@@ -423,7 +426,7 @@ static __always_inline int kp_sock4_revnat(struct bpf_sock_addr *ctx, __u32 stat
 	if (kp_sock4_peer(ctx, &addr, &port)) {
 		ctx->user_ip4 = addr;
 		ctx->user_port = (__u32)port;
-		kp_sock_count(stat);
+		kp_sock_count(4, stat);
 	}
 	return KP_SYS_PROCEED;
 }
@@ -434,10 +437,11 @@ static __always_inline int kp_sock6_revnat(struct bpf_sock_addr *ctx, __u32 stat
 	union kp_in6 addr = kp_sock_user_ip6(ctx);
 	__be16 port = (__be16)ctx->user_port;
 	__be32 addr4;
-	int found;
+	int found, fam = 6;
 
 	if (kp_in6_is_v4mapped(&addr)) {
 		addr4 = addr.w[3];
+		fam = 4;
 		found = kp_sock4_peer(ctx, &addr4, &port);
 		addr.w[3] = addr4;
 	} else {
@@ -446,7 +450,7 @@ static __always_inline int kp_sock6_revnat(struct bpf_sock_addr *ctx, __u32 stat
 	if (found) {
 		kp_sock_set_user_ip6(ctx, &addr);
 		ctx->user_port = (__u32)port;
-		kp_sock_count(stat);
+		kp_sock_count(fam, stat);
 	}
 	return KP_SYS_PROCEED;
 }
@@ -455,14 +459,14 @@ static __always_inline int kp_sock6_revnat(struct bpf_sock_addr *ctx, __u32 stat
 SEC("cgroup/connect4")
 int kp_sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock4_fwd(ctx, 0), KP_STAT_SOCK_CONNECT);
+	return kp_sock_verdict(kp_sock4_fwd(ctx, 0), 4, KP_STAT_SOCK_CONNECT);
 }
 
 /* Hook: sendmsg() with a destination on an unconnected UDP socket, once per datagram. */
 SEC("cgroup/sendmsg4")
 int kp_sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock4_fwd(ctx, 1), KP_STAT_SOCK_SENDMSG);
+	return kp_sock_verdict(kp_sock4_fwd(ctx, 1), 4, KP_STAT_SOCK_SENDMSG);
 }
 
 /* Hook: recvmsg() on UDP sockets; user_ip4/user_port hold the datagram's source. Must return 1. */
@@ -483,14 +487,20 @@ int kp_sock_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int kp_sock_connect6(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock6_fwd(ctx, 0), KP_STAT_SOCK_CONNECT);
+	int fam = 6;
+	int v = kp_sock6_fwd(ctx, 0, &fam);
+
+	return kp_sock_verdict(v, fam, KP_STAT_SOCK_CONNECT);
 }
 
 /* Hook: sendmsg() with an IPv6 destination on an unconnected AF_INET6 UDP socket, once per datagram. */
 SEC("cgroup/sendmsg6")
 int kp_sock_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return kp_sock_verdict(kp_sock6_fwd(ctx, 1), KP_STAT_SOCK_SENDMSG);
+	int fam = 6;
+	int v = kp_sock6_fwd(ctx, 1, &fam);
+
+	return kp_sock_verdict(v, fam, KP_STAT_SOCK_SENDMSG);
 }
 
 /* Hook: recvmsg() on AF_INET6 UDP sockets; an IPv4 datagram's source is mapped. Must return 1. */

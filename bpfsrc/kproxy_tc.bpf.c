@@ -169,7 +169,7 @@ static __always_inline int kp_netdev_svcnet6(struct __sk_buff *skb, const struct
 	__u32 action = kp_svcnet_action6(p->daddr);
 
 	if (action == KP_SVCNET_REJECT && kp_no_external_cluster_ip()) {
-		kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
+		kp_count6(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
 		return TC_ACT_SHOT;
 	}
 	return kp_svcnet_enforce6(skb, p, action);
@@ -280,12 +280,12 @@ static __always_inline int kp_parse6_counted(struct __sk_buff *skb, struct kp_pk
 	int ret = kp_parse6(skb, p);
 
 	if (ret == KP_PARSE_FRAG)
-		kp_count(KP_STAT_PASS_FRAGMENT, skb->len);
+		kp_count6(KP_STAT_PASS_FRAGMENT, skb->len);
 	else if (ret == KP_PARSE_L4) {
 		__u32 frag = kp_frag_get();
 
 		if (frag)
-			kp_count(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
+			kp_count6(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
 	}
 	return ret;
 }
@@ -301,16 +301,16 @@ static __always_inline int kp_icmp_snat_forward6(struct __sk_buff *skb, const st
 	if (res == 0)
 		return -1;
 	if (res < 0) {
-		kp_count(KP_DROP_NAT_FAILED, p->len);
+		kp_count6(KP_DROP_NAT_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
 	fib = kp_fib_room();
 	res = kp_fib_lookup6(skb, fib, src, dst, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
-		kp_count(KP_DROP_FIB, p->len);
+		kp_count6(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_ICMP_SNAT, p->len);
+	kp_count6(KP_STAT_ICMP_SNAT, p->len);
 	return kp_fib_redirect6(skb, fib, res);
 }
 
@@ -423,7 +423,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 		if (!kp_is_node_addr6(NULL, s6->p.daddr) || !kp_tunnel_is_dsr6(skb, &s6->p))
 			return TC_ACT_OK;
 		if (kp_tunnel_pop6(skb)) {
-			kp_count(KP_DROP_ENCAP_FAILED, s6->p.len);
+			kp_count6(KP_DROP_ENCAP_FAILED, s6->p.len);
 			return TC_ACT_SHOT;
 		}
 		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4)
@@ -441,7 +441,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup6(&s6->p, KP_ORIGIN_NETDEV, &s6->svc_key);
 		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
-			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, s6->p.len);
+			kp_count6(KP_DROP_CLUSTER_IP_EXTERNAL, s6->p.len);
 			return TC_ACT_SHOT;
 		}
 		if (svc || kp_netdev_orphan_possible(s6->p.proto, s6->p.tcp_flags)) {
@@ -528,35 +528,43 @@ static __always_inline int kp_ipv6(struct __sk_buff *skb, __u32 prog)
 SEC("tc")
 int kp_from_pod(struct __sk_buff *skb)
 {
-	kp_count(KP_STAT_FROM_POD, skb->len);
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
+		kp_count6(KP_STAT_FROM_POD, skb->len);
 		return kp_ipv6(skb, KP_PROG6_FROM_POD);
+	}
+	kp_count(KP_STAT_FROM_POD, skb->len);
 	return kp_from_pod4(skb);
 }
 
 SEC("tc")
 int kp_to_pod(struct __sk_buff *skb)
 {
-	kp_count(KP_STAT_TO_POD, skb->len);
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
+		kp_count6(KP_STAT_TO_POD, skb->len);
 		return kp_ipv6(skb, KP_PROG6_TO_POD);
+	}
+	kp_count(KP_STAT_TO_POD, skb->len);
 	return kp_to_pod4(skb);
 }
 
 SEC("tc")
 int kp_from_netdev(struct __sk_buff *skb)
 {
-	kp_count(KP_STAT_FROM_NETDEV, skb->len);
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
+		kp_count6(KP_STAT_FROM_NETDEV, skb->len);
 		return kp_ipv6(skb, KP_PROG6_FROM_NETDEV);
+	}
+	kp_count(KP_STAT_FROM_NETDEV, skb->len);
 	return kp_from_netdev4(skb);
 }
 
 SEC("tc")
 int kp_to_netdev(struct __sk_buff *skb)
 {
-	kp_count(KP_STAT_TO_NETDEV, skb->len);
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6))
+	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
+		kp_count6(KP_STAT_TO_NETDEV, skb->len);
 		return kp_ipv6(skb, KP_PROG6_TO_NETDEV);
+	}
+	kp_count(KP_STAT_TO_NETDEV, skb->len);
 	return kp_to_netdev4(skb);
 }

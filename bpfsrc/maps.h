@@ -63,6 +63,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_stats_v1 SEC(".maps");
 
+/* The same counters for IPv6 packets (lib/stats.h: kp_count6). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct kp_counter);
+	__uint(max_entries, KP_STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_stats6_v1 SEC(".maps");
+
 /* SNAT of external flows sent to remote backends: the backend's reply tuple -> client and frontend. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

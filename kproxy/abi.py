@@ -17,7 +17,8 @@ MAP_BE4 = "kp_be4_v1"
 MAP_CT4 = "kp_ct4_v1"
 MAP_AFF4 = "kp_aff4_v1"
 MAP_CFG = "kp_cfg_v1"
-MAP_STATS = "kp_stats_v1"
+MAP_STATS = "kp_stats_v1"  # IPv4 packets's counters (and those of no family)
+MAP_STATS6 = "kp_stats6_v1"  # IPv6 packets' counters
 MAP_SNAT4 = "kp_snat4_v1"
 MAP_LBSRC4 = "kp_lbsrc4_v1"
 MAP_SVCNET4 = "kp_svcnet4_v1"
@@ -41,7 +42,7 @@ ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
     MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6, MAP_SVCNET6,
-    MAP_SVCNET6_SPAN,
+    MAP_SVCNET6_SPAN, MAP_STATS6,
 )  # fmt: skip
 
 # ---- default capacities ----

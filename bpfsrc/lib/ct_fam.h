@@ -139,7 +139,7 @@ static __always_inline void KP_F(kp_ct_direct_syn)(const KP_PKT *p, __u64 now)
 		return;
 	rv = *cur;
 	KP_F(kp_ct_forget_reply)(&rk, &rv);
-	kp_count(KP_STAT_CT_TAKEOVER, p->len);
+	KP_F(kp_count)(KP_STAT_CT_TAKEOVER, p->len);
 }
 
 /*
@@ -207,7 +207,7 @@ static __always_inline int KP_F(kp_ct_claim_reply)(const KP_CT_KEY *fk, const KP
 	if (fk->proto == IPPROTO_TCP && orv.state == KP_CT_ESTABLISHED)
 		return -1;
 	KP_F(kp_ct_forget_reply)(&rk, &orv);
-	kp_count(KP_STAT_CT_TAKEOVER, len);
+	KP_F(kp_count)(KP_STAT_CT_TAKEOVER, len);
 	return 0;
 }
 

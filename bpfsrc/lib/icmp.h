@@ -28,29 +28,29 @@ struct kp_icmp_hdrs {
 	struct kp_icmphdr icmp;
 };
 
-/* An ICMP error that could not be made: the packet is dropped, counted. */
-static __always_inline int kp_icmp_failed(__u32 len)
+/* An ICMP error that could not be made: the packet (of family fam, 4 or 6) is dropped, counted. */
+static __always_inline int kp_icmp_failed(int fam, __u32 len)
 {
-	kp_count(KP_DROP_REJECT_FAILED, len);
+	kp_count_fam(fam, KP_DROP_REJECT_FAILED, len);
 	return TC_ACT_SHOT;
 }
 
 /*
  * The last step of an ICMP error made of the packet itself: cut the packet to its first quote_len bytes
  * after Ethernet, put the new IP and ICMP headers h (hlen bytes) in front of them, swap the MACs of
- * eth (the frame's as it came), count it as stat (len: the packet's length as it came) and send it
+ * eth (the frame's as it came), count it as stat of family fam (len: the packet's length as it came) and send it
  * back out of the interface it came in on.
  */
 static __always_inline int kp_icmp_send_back(struct __sk_buff *skb, const struct ethhdr *eth, const void *h,
-					     __u32 hlen, __u32 quote_len, __u32 stat, __u32 len)
+					     __u32 hlen, __u32 quote_len, int fam, __u32 stat, __u32 len)
 {
 	if (bpf_skb_change_tail(skb, ETH_HLEN + quote_len, 0) ||
 	    bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_MAC, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, h, hlen, 0) ||
 	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), eth->h_source, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), eth->h_dest, ETH_ALEN, 0))
-		return kp_icmp_failed(len);
-	kp_count(stat, len);
+		return kp_icmp_failed(fam, len);
+	kp_count_fam(fam, stat, len);
 	return bpf_redirect(skb->ifindex, 0);
 }
 
@@ -105,10 +105,10 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 	h.icmp.rest = bpf_htonl((__u32)mtu);
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
-	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len,
+	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len, 4,
 				 code == KP_ICMP_FRAG_NEEDED ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 fail:
-	return kp_icmp_failed(p->len);
+	return kp_icmp_failed(4, p->len);
 }
 
 static __always_inline int kp_icmp_reject4(struct __sk_buff *skb, const struct kp_pkt *p)
@@ -342,7 +342,7 @@ static __always_inline int kp_icmp6_send_error(struct __sk_buff *skb, const stru
 	quote = s->quote6;
 	__builtin_memset(quote, 0, sizeof(s->quote6));
 	if (kp_frag_get() == KP_FRAG_LATER) {
-		kp_count(KP_DROP_FRAGMENT, p->len);
+		kp_count6(KP_DROP_FRAGMENT, p->len);
 		return TC_ACT_SHOT;
 	}
 	quote_len = p->ip_hlen + (p->proto == IPPROTO_TCP ? 20 : 8);
@@ -378,10 +378,10 @@ static __always_inline int kp_icmp6_send_error(struct __sk_buff *skb, const stru
 		goto fail;
 	h.icmp.checksum = kp_csum_fold(kp_csum_add(&h.icmp, sizeof(h.icmp), sum));
 
-	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len,
+	return kp_icmp_send_back(skb, &eth, &h, sizeof(h), quote_len, 6,
 				 type == KP_ICMP6_PKT_TOOBIG ? KP_STAT_FRAG_NEEDED : KP_STAT_REJECT, p->len);
 fail:
-	return kp_icmp_failed(p->len);
+	return kp_icmp_failed(6, p->len);
 }
 
 /* kube-proxy's REJECT for IPv6: ICMPv6 destination unreachable, port unreachable. */
@@ -474,10 +474,10 @@ static __always_inline int kp_icmp_revnat6(struct __sk_buff *skb, const struct k
 	if (kp_in6_eq(p->saddr, idst) &&
 	    kp_icmp6_addr_set(skb, icmp_csum_off, KP_IP6_SADDR_OFF, p->saddr, front_addr, 1))
 		goto fail;
-	kp_count(KP_STAT_ICMP_REVNAT, p->len);
+	kp_count6(KP_STAT_ICMP_REVNAT, p->len);
 	return TC_ACT_OK;
 fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
+	kp_count6(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
 }
 

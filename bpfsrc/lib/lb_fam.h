@@ -55,7 +55,7 @@ static __always_inline int KP_F(kp_lb_select)(const KP_SVC_KEY *svc_key, const s
 			if (b && !(b->flags & KP_BE_F_TERMINATING)) {
 				*backend_id = id;
 				*be = *b;
-				kp_count(KP_STAT_AFFINITY_HIT, p->len);
+				KP_F(kp_count)(KP_STAT_AFFINITY_HIT, p->len);
 				goto remember;
 			}
 		}
@@ -149,15 +149,15 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 	if (!mode || ((mode & KP_CT_F_HAIRPIN) == 0 && !cfg)) {
 		if (KP_F(kp_nat)(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port))
 			goto fail;
-		kp_count(KP_STAT_DNAT, p->len);
+		KP_F(kp_count)(KP_STAT_DNAT, p->len);
 		return TC_ACT_OK;
 	}
 	if (mode & KP_CT_F_HAIRPIN) {
 		if (KP_F(kp_nat)(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) ||
 		    KP_F(kp_nat)(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
 			goto fail;
-		kp_count(KP_STAT_DNAT, p->len);
-		kp_count(KP_STAT_HAIRPIN, p->len);
+		KP_F(kp_count)(KP_STAT_DNAT, p->len);
+		KP_F(kp_count)(KP_STAT_HAIRPIN, p->len);
 		return kp_bounce(skb);
 	}
 	if (p->ttl <= 1)
@@ -181,23 +181,23 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 	res = KP_F(kp_fib_lookup)(skb, fib, fib_src, fib_dst, tot_len);
 	if (res == KP_FIB_FRAG_NEEDED) {
 		if (!p->df) {
-			kp_count(KP_DROP_DSR_TOO_BIG, p->len);
+			KP_F(kp_count)(KP_DROP_DSR_TOO_BIG, p->len);
 			return TC_ACT_SHOT;
 		}
 		return KP_F(kp_icmp_frag_needed)(skb, p, fib->mtu_result - extra);
 	}
 	if (res == KP_FIB_FAIL) {
-		kp_count(KP_DROP_FIB, p->len);
+		KP_F(kp_count)(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
 
 	if (KP_F(kp_nat)(skb, p, KP_NAT_DST, fv->nat_addr, fv->nat_port) || KP_F(kp_ttl_dec)(skb, p->ttl))
 		goto fail;
-	kp_count(KP_STAT_DNAT, p->len);
+	KP_F(kp_count)(KP_STAT_DNAT, p->len);
 	if (mode & KP_CT_F_SNAT) {
 		if (KP_F(kp_nat)(skb, p, KP_NAT_SRC, fv->snat_addr, fv->snat_port))
 			goto fail;
-		kp_count(KP_STAT_SNAT, p->len);
+		KP_F(kp_count)(KP_STAT_SNAT, p->len);
 		return KP_F(kp_fib_redirect)(skb, fib, res);
 	}
 	if (opt && KP_F(kp_dsr_opt_push)(skb, fk->daddr, fk->dport))
@@ -205,16 +205,16 @@ static __always_inline int KP_F(kp_lb_xlate)(struct __sk_buff *skb, const KP_PKT
 	if (mode & KP_CT_F_DSR_IPIP) {
 		if (KP_F(kp_tunnel_push)(skb, node_addr, fv->snat_addr))
 			goto fail_encap;
-		kp_count(KP_STAT_DSR_IPIP_TX, p->len);
+		KP_F(kp_count)(KP_STAT_DSR_IPIP_TX, p->len);
 	} else {
-		kp_count(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
+		KP_F(kp_count)(opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, p->len);
 	}
 	return KP_F(kp_fib_redirect)(skb, fib, res);
 fail_encap:
-	kp_count(KP_DROP_ENCAP_FAILED, p->len);
+	KP_F(kp_count)(KP_DROP_ENCAP_FAILED, p->len);
 	return TC_ACT_SHOT;
 fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
+	KP_F(kp_count)(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
 }
 
@@ -252,7 +252,7 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 
 	if (svc && svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
-			kp_count(KP_DROP_NO_LOCAL_BACKEND, p->len);
+			KP_F(kp_count)(KP_DROP_NO_LOCAL_BACKEND, p->len);
 			return TC_ACT_SHOT;
 		}
 		return KP_F(kp_icmp_reject)(skb, p);
@@ -273,7 +273,7 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 							 p->tcp_flags, 0, tw_key),
 				       flags, tw_key, now);
 			if (!svc)
-				kp_count(KP_STAT_CT_ORPHAN, p->len);
+				KP_F(kp_count)(KP_STAT_CT_ORPHAN, p->len);
 			goto xlate;
 		}
 		if (!svc)
@@ -297,14 +297,14 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 	 * retransmitted and drawn again). */
 	for (tries = 0;; tries++) {
 		if (KP_F(kp_lb_select)(svc_key, svc, p, now, &backend_id, &be)) {
-			kp_count(KP_DROP_BACKEND_MISSING, p->len);
+			KP_F(kp_count)(KP_DROP_BACKEND_MISSING, p->len);
 			return TC_ACT_SHOT;
 		}
 		mode = KP_F(kp_flow_mode)(p, svc, &be, cfg, origin);
 		if (!KP_F(kp_lb_reply_held)(&fk, &be, mode, cfg, now))
 			break;
 		if (tries >= KP_HELD_TRIES - 1) {
-			kp_count(KP_DROP_TUPLE_HELD, p->len);
+			KP_F(kp_count)(KP_DROP_TUPLE_HELD, p->len);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -333,20 +333,20 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 
 		fv.snat_addr = KP_F(kp_node_addr)(cfg);
 		if (KP_F(kp_snat_alloc)(&fk, &fv, reopened ? old : NULL, syn, cfg, now, p->len)) {
-			kp_count(KP_DROP_SNAT_NO_PORT, p->len);
+			KP_F(kp_count)(KP_DROP_SNAT_NO_PORT, p->len);
 			return TC_ACT_SHOT;
 		}
-		kp_count(KP_STAT_SNAT_NEW, p->len);
+		KP_F(kp_count)(KP_STAT_SNAT_NEW, p->len);
 	}
 	if (KP_F(kp_ct_claim_reply)(&fk, &fv, now, p->len)) {
-		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* held since the draw above */
+		KP_F(kp_count)(KP_DROP_TUPLE_HELD, p->len);   /* held since the draw above */
 		return TC_ACT_SHOT;
 	}
 	if (KP_F(kp_ct_write)(&fk, &fv)) {
-		kp_count(KP_DROP_CT_FULL, p->len);
+		KP_F(kp_count)(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(new_stat, p->len);
+	KP_F(kp_count)(new_stat, p->len);
 xlate:
 	return KP_F(kp_lb_xlate)(skb, p, &fk, &fv, cfg);
 }
@@ -375,7 +375,7 @@ static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u
 	if (!KP_F(kp_dsr_opt_read)(skb, p, &opt))
 		return -1;
 	if (KP_F(kp_dsr_opt_pop)(skb, p, &opt)) {
-		kp_count(KP_DROP_ENCAP_FAILED, p->len);
+		KP_F(kp_count)(KP_DROP_ENCAP_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
 	fk.saddr = p->saddr;
@@ -391,7 +391,7 @@ static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u
 	    !kp_ct_tuple_reused(cur->state, p->tcp_flags)) {
 		fv = *cur;
 		KP_F(kp_ct_touch)(&fk, &fv, kp_ct_next_state(fv.state, p->proto, p->tcp_flags, 0), fv.flags, now);
-		kp_count(KP_STAT_DSR_RX, p->len);
+		KP_F(kp_count)(KP_STAT_DSR_RX, p->len);
 		return TC_ACT_OK;
 	}
 	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
@@ -403,14 +403,14 @@ static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u
 	if (cur)
 		KP_F(kp_ct_drop_old_reply)(&fk, cur);
 	if (KP_F(kp_ct_claim_reply)(&fk, &fv, now, p->len)) {
-		kp_count(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
+		KP_F(kp_count)(KP_DROP_TUPLE_HELD, p->len);   /* the backend serves that 4-tuple already */
 		return TC_ACT_SHOT;
 	}
 	if (KP_F(kp_ct_write)(&fk, &fv)) {
-		kp_count(KP_DROP_CT_FULL, p->len);
+		KP_F(kp_count)(KP_DROP_CT_FULL, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_DSR_RX, p->len);
+	KP_F(kp_count)(KP_STAT_DSR_RX, p->len);
 	return TC_ACT_OK;
 }
 
@@ -449,7 +449,7 @@ KP_F(kp_ct_continue)(struct __sk_buff *skb, KP_PKT *p)
 		return -1;
 	*v = *cur;
 	KP_F(kp_ct_touch)(k, v, kp_ct_next_state(v->state, p->proto, p->tcp_flags, 0), v->flags, now);
-	kp_count(KP_STAT_CT_ORPHAN, p->len);
+	KP_F(kp_count)(KP_STAT_CT_ORPHAN, p->len);
 	/* A pod's flow is plain DNAT or a hairpin (kp_flow_mode, origin pod), never SNAT or DSR. */
 	if (KP_F(kp_nat)(skb, p, KP_NAT_DST, v->nat_addr, v->nat_port))
 		goto fail;
@@ -460,6 +460,6 @@ KP_F(kp_ct_continue)(struct __sk_buff *skb, KP_PKT *p)
 	}
 	return TC_ACT_OK;
 fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
+	KP_F(kp_count)(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
 }

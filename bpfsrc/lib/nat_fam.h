@@ -35,7 +35,7 @@ static __always_inline int KP_F(kp_revnat)(struct __sk_buff *skb, const KP_PKT *
 	 */
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) && kp_ct_closing(rv.state)) {
 		KP_F(kp_ct_forget_reply)(&rk, &rv);
-		kp_count(KP_STAT_CT_STALE_REPLY, p->len);
+		KP_F(kp_count)(KP_STAT_CT_STALE_REPLY, p->len);
 		return TC_ACT_OK;
 	}
 	KP_F(kp_ct_fwd_of_reply)(&rk, &rv, &fk, &fv);
@@ -50,24 +50,24 @@ static __always_inline int KP_F(kp_revnat)(struct __sk_buff *skb, const KP_PKT *
 	/* whether the backend is a pod or the node's own stack (a hostNetwork endpoint, kp_to_netdev) */
 	if ((rv.flags & KP_CT_F_DSR_IPIP) && p->proto == IPPROTO_TCP && (p->tcp_flags & KP_TCP_SYN) &&
 	    kp_mss_clamp(skb, p->l4_off, KP_F(kp_l4_csum_off)(p), kp_tunnel_mss(cfg, KP_TUNNEL_HLEN)))
-		kp_count(KP_STAT_MSS_CLAMP, p->len);
+		KP_F(kp_count)(KP_STAT_MSS_CLAMP, p->len);
 	if (KP_F(kp_nat)(skb, p, KP_NAT_SRC, rv.nat_addr, rv.nat_port))
 		goto fail;
 	if (rv.flags & KP_CT_F_HAIRPIN) {
 		if (KP_F(kp_nat)(skb, p, KP_NAT_DST, rv.snat_addr, rv.snat_port))
 			goto fail;
-		kp_count(KP_STAT_REVNAT, p->len);
-		kp_count(KP_STAT_HAIRPIN, p->len);
+		KP_F(kp_count)(KP_STAT_REVNAT, p->len);
+		KP_F(kp_count)(KP_STAT_HAIRPIN, p->len);
 		return from_pod ? kp_bounce(skb) : TC_ACT_OK;
 	}
-	kp_count(KP_STAT_REVNAT, p->len);
+	KP_F(kp_count)(KP_STAT_REVNAT, p->len);
 	if (!fwd)
 		return TC_ACT_OK;
 	if (KP_F(kp_ttl_dec)(skb, p->ttl))
 		goto fail;
 	return KP_F(kp_fib_redirect)(skb, fib, res);
 fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
+	KP_F(kp_count)(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
 }
 
@@ -117,14 +117,14 @@ static __always_inline int KP_F(kp_snat_revnat)(struct __sk_buff *skb, const KP_
 	fib = kp_fib_room();
 	res = KP_F(kp_fib_lookup)(skb, fib, sv.front_addr, sv.client_addr, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
-		kp_count(KP_DROP_FIB, p->len);
+		KP_F(kp_count)(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
 	if (KP_F(kp_nat)(skb, p, KP_NAT_DST, sv.client_addr, sv.client_port) ||
 	    KP_F(kp_nat)(skb, p, KP_NAT_SRC, sv.front_addr, sv.front_port) || KP_F(kp_ttl_dec)(skb, p->ttl)) {
-		kp_count(KP_DROP_NAT_FAILED, p->len);
+		KP_F(kp_count)(KP_DROP_NAT_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_SNAT_REVNAT, p->len);
+	KP_F(kp_count)(KP_STAT_SNAT_REVNAT, p->len);
 	return KP_F(kp_fib_redirect)(skb, fib, res);
 }

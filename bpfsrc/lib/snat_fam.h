@@ -122,7 +122,7 @@ __attribute__((noinline)) int KP_F(kp_snat_take)(const KP_SNAT_KEY *sk, const KP
 		if (ofv && (ofv->flags & KP_CT_F_SNAT) && KP_ADDR_EQ(ofv->snat_addr, sk->daddr) &&
 		    ofv->snat_port == sk->dport && KP_ADDR_EQ(ofv->nat_addr, sk->saddr) && ofv->nat_port == sk->sport) {
 			if (ofv->expires_ns >= bpf_ktime_get_ns())
-				kp_count(KP_STAT_CT_TAKEOVER, len);
+				KP_F(kp_count)(KP_STAT_CT_TAKEOVER, len);
 			bpf_map_delete_elem(&KP_CT_MAP, &ofk);
 		}
 		bpf_map_delete_elem(&KP_SNAT_MAP, sk);
@@ -201,7 +201,7 @@ static __always_inline int KP_F(kp_snat_alloc)(const KP_CT_KEY *fk, KP_CT_VAL *f
 				best = fv->snat_port;
 			}
 		}
-		kp_count(KP_STAT_SNAT_RETRY, len);
+		KP_F(kp_count)(KP_STAT_SNAT_RETRY, len);
 	}
 	if (best) {
 		/* Only tombstones of unknown TIME_WAIT left: the one closed longest ago (its SYN may cost

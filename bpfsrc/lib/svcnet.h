@@ -113,11 +113,11 @@ static __always_inline __u32 kp_svcnet_action6(union kp_in6 daddr)
 static __always_inline int kp_svcnet_enforce6(struct __sk_buff *skb, const struct kp_pkt6 *p, __u32 action)
 {
 	if (action == KP_SVCNET_REJECT) {
-		kp_count(KP_STAT_SVCNET_REJECT, p->len);
+		kp_count6(KP_STAT_SVCNET_REJECT, p->len);
 		return kp_icmp_reject6(skb, p);
 	}
 	if (action == KP_SVCNET_DROP) {
-		kp_count(KP_DROP_SVCNET, p->len);
+		kp_count6(KP_DROP_SVCNET, p->len);
 		return TC_ACT_SHOT;
 	}
 	return -1;

@@ -317,6 +317,7 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_SNAT6: ("snat6", lb.BPF_MAP_TYPE_LRU_HASH, abi.Snat6Key, abi.Snat6Val),
     abi.MAP_SVCNET6: ("svcnet6", BPF_MAP_TYPE_LPM_TRIE, abi.Svcnet6Key, abi.Svcnet4Val),
     abi.MAP_SVCNET6_SPAN: ("svcnet6_span", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Svcnet6Span),
+    abi.MAP_STATS6: ("stats6", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
 }
 
 # Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15. KproxyMaps.open leaves their
@@ -324,7 +325,7 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
 # is required.
 OPTIONAL_MAPS = frozenset({
     abi.MAP_SVC6, abi.MAP_BE6, abi.MAP_CT6, abi.MAP_AFF6, abi.MAP_CFG6, abi.MAP_LBSRC6, abi.MAP_FRAG6,
-    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN,
+    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN, abi.MAP_STATS6,
 })  # fmt: skip
 
 
@@ -355,6 +356,7 @@ class KproxyMaps:
     snat6: PinnedMap[abi.Snat6Key, abi.Snat6Val]
     svcnet6: PinnedMap[abi.Svcnet6Key, abi.Svcnet4Val]
     svcnet6_span: PinnedMap[ctypes.c_uint32, abi.Svcnet6Span]
+    stats6: PerCpuArray[abi.Counter]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir
@@ -417,6 +419,25 @@ class KproxyMaps:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def stat_totals_by_family(self) -> dict[str, dict[int, tuple[int, ...]]]:
+        """The datapath counters per family ("IPv4": kp_stats_v1, "IPv6": kp_stats6_v1, absent from an
+        older agent's bpffs): counter index -> (packets, bytes) summed over CPUs."""
+        out = {"IPv4": self.stats.totals()}
+        if self.stats6 is not None:
+            out["IPv6"] = self.stats6.totals()
+        return out
+
+    def stat_totals(self) -> dict[int, tuple[int, ...]]:
+        """The datapath counters of both families added up: counter index -> (packets, bytes)."""
+        total: dict[int, tuple[int, ...]] = {}
+        for fam in self.stat_totals_by_family().values():
+            for index, values in fam.items():
+                old = total.get(index)
+                total[index] = (
+                    values if old is None else tuple(a + b for a, b in zip(old, values, strict=True))
+                )
+        return total
 
     def read_config(self) -> abi.Config:
         value = self.cfg.get(ctypes.c_uint32(0))

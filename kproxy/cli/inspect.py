@@ -149,15 +149,18 @@ def affinity(cli: Cli) -> None:
 @inspect_options
 @click.pass_obj
 def stats(cli: Cli, include_zero: bool) -> None:
-    """Per-program packet counts, decisions and drops by reason (summed over CPUs)."""
+    """Per-program packet counts, decisions and drops by reason (summed over CPUs), of both families and
+    each (IPV4, IPV6 columns)."""
     with cli.open_maps("kproxy stats") as maps:
-        rows = insp.stats(maps.stats.totals(), include_zero=include_zero)
+        rows = insp.stats(maps.stat_totals_by_family(), include_zero=include_zero)
     cli.emit(
         rows,
         lambda rs: insp.table(
-            rs, [("COUNTER", "counter"), ("KIND", "kind"), ("PACKETS", "packets"), ("BYTES", "bytes")]
+            rs,
+            [("COUNTER", "counter"), ("KIND", "kind"), ("PACKETS", "packets"), ("BYTES", "bytes"),
+             ("IPV4", "ipv4_packets"), ("IPV6", "ipv6_packets")],
         ),
-    )
+    )  # fmt: skip
 
 
 @click.command()

@@ -13,7 +13,7 @@ import ctypes
 import ipaddress
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kproxy import abi
@@ -269,13 +269,24 @@ def affinity(
     return rows
 
 
-def stats(totals: dict[int, tuple[int, ...]], include_zero: bool = False) -> list[dict[str, Any]]:
+def stats(
+    by_family: Mapping[str, Mapping[int, tuple[int, ...]]], include_zero: bool = False
+) -> list[dict[str, Any]]:
+    """One row per counter: packets and bytes of both families, and each family's ("ipv4_packets",
+    "ipv6_packets", ...; None for a family the maps do not count, an older agent's IPv6)."""
     rows = []
     for stat in Stat:
-        packets, nbytes = (totals.get(int(stat)) or (0, 0))[:2]
-        if packets or nbytes or include_zero:
-            kind = "drop" if stat.name.startswith("DROP_") else ("program" if stat < 8 else "decision")
-            rows.append({"counter": stat.name.lower(), "kind": kind, "packets": packets, "bytes": nbytes})
+        row: dict[str, Any] = {"counter": stat.name.lower()}
+        row["kind"] = "drop" if stat.name.startswith("DROP_") else ("program" if stat < 8 else "decision")
+        row["packets"] = row["bytes"] = 0
+        for family in ("IPv4", "IPv6"):
+            totals = by_family.get(family)
+            p, b = (totals.get(int(stat)) or (0, 0))[:2] if totals is not None else (None, None)
+            row[f"{family.lower()}_packets"], row[f"{family.lower()}_bytes"] = p, b
+            row["packets"] += p or 0
+            row["bytes"] += b or 0
+        if row["packets"] or row["bytes"] or include_zero:
+            rows.append(row)
     return rows
 
 

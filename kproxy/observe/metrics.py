@@ -93,29 +93,32 @@ class _MapCollector(Collector):
             yield normalized
 
     def _stats(self, maps: Any) -> Iterable[Any]:
-        stats = getattr(maps, "stats", None)
-        if stats is None or not hasattr(stats, "totals"):
+        by_family = getattr(maps, "stat_totals_by_family", None)
+        if by_family is None:
             return
         try:
-            totals: Mapping[int, tuple[int, ...]] = stats.totals()
+            families: Mapping[str, Mapping[int, tuple[int, ...]]] = by_family()
         except OSError as e:
-            log.debug("cannot read kp_stats_v1: %s", e)
+            log.debug("cannot read kp_stats_v1 / kp_stats6_v1: %s", e)
             return
         from kproxy.abi import Stat
 
         names = {int(s): s.name.lower() for s in Stat}
         packets = CounterMetricFamily(
-            "kproxy_datapath_packets", "Datapath counters (kp_stats_v1).", labels=["counter"]
+            "kproxy_datapath_packets",
+            "Datapath counters by IP family (kp_stats_v1, kp_stats6_v1); sum() over family for the total.",
+            labels=["counter", "family"],
         )
         nbytes = CounterMetricFamily(
-            "kproxy_datapath_bytes", "Datapath byte counters (kp_stats_v1).", labels=["counter"]
+            "kproxy_datapath_bytes", "Datapath byte counters by IP family.", labels=["counter", "family"]
         )
-        for index, values in totals.items():
-            if index not in names:
-                continue
-            packets.add_metric([names[index]], values[0])
-            if len(values) > 1:
-                nbytes.add_metric([names[index]], values[1])
+        for family, totals in families.items():
+            for index, values in totals.items():
+                if index not in names:
+                    continue
+                packets.add_metric([names[index], family], values[0])
+                if len(values) > 1:
+                    nbytes.add_metric([names[index], family], values[1])
         yield packets
         yield nbytes
 

@@ -33,6 +33,7 @@ MAP_DEFAULTS = {
     abi.MAP_AFF4: (abi.AFF4_MAX, 0),
     abi.MAP_CFG: (1, 0),
     abi.MAP_STATS: (abi.STAT_MAX, 0),
+    abi.MAP_STATS6: (abi.STAT_MAX, 0),
     abi.MAP_SNAT4: (abi.SNAT4_MAX, 0),
     abi.MAP_LBSRC4: (abi.LBSRC4_MAX, BPF_F_NO_PREALLOC),
     abi.MAP_SVCNET4: (abi.SVCNET4_MAX, BPF_F_NO_PREALLOC),

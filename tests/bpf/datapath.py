@@ -74,6 +74,7 @@ class Datapath:
         self.aff4 = obj.map(abi.MAP_AFF4)
         self.cfg = obj.map(abi.MAP_CFG)
         self.stats = obj.map(abi.MAP_STATS)
+        self.stats6 = obj.map(abi.MAP_STATS6)
         self.snat4 = obj.map(abi.MAP_SNAT4)
         self.svcnet4 = obj.map(abi.MAP_SVCNET4)
         self.svcnet_span = obj.map(abi.MAP_SVCNET_SPAN)
@@ -105,6 +106,7 @@ class Datapath:
         zero = bytes(self.stats.user_value_size)
         for i in range(abi.STAT_MAX):
             self.stats.update(ctypes.c_uint32(i), zero)
+            self.stats6.update(ctypes.c_uint32(i), zero)
 
     def add_backends(self, backends: Iterable[Backend], proto: int) -> None:
         for b in backends:
@@ -241,15 +243,17 @@ class Datapath:
         raw = self.aff4.lookup(abi.Aff4Key(abi.ip_to_nbo(client), svc_id))
         return abi.Aff4Val.from_buffer_copy(raw) if raw is not None else None
 
-    def stat(self, stat: abi.Stat) -> tuple[int, int]:
-        """(packets, bytes) of one counter summed over CPUs."""
-        raw = self.stats.lookup(ctypes.c_uint32(stat)) or b""
-        stride = self.stats.value_stride
+    def stat(self, stat: abi.Stat, family: int | None = None) -> tuple[int, int]:
+        """(packets, bytes) of one counter summed over CPUs, of both families (kp_stats_v1 and
+        kp_stats6_v1) or of FAMILY (4 or 6)."""
+        maps = {4: [self.stats], 6: [self.stats6], None: [self.stats, self.stats6]}[family]
         packets = bytes_ = 0
-        for cpu in range(self.stats.ncpus):
-            c = abi.Counter.from_buffer_copy(raw, cpu * stride)
-            packets += c.packets
-            bytes_ += c.bytes
+        for m in maps:
+            raw = m.lookup(ctypes.c_uint32(stat)) or b""
+            for cpu in range(m.ncpus):
+                c = abi.Counter.from_buffer_copy(raw, cpu * m.value_stride)
+                packets += c.packets
+                bytes_ += c.bytes
         return packets, bytes_
 
 

@@ -23,7 +23,19 @@ from datapath import (
     open_datapath,
     private_bpffs,
 )
-from frames import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, csum, ether, swap_macs
+from frames import (
+    ETH_HLEN,
+    ETH_P_IPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_SYN,
+    csum,
+    ether,
+    ipv4,
+    swap_macs,
+    tcp,
+)
 from frames6 import (
     ICMP6_DEST_UNREACH,
     ICMP6_ECHO_REQUEST,
@@ -155,6 +167,19 @@ def test_the_ipv4_maps_do_not_serve_ipv6(dp: Datapath) -> None:
     dp.add_service("10.96.0.1", SPORT, IPPROTO_TCP, [Backend(1, "10.244.2.7", 8080)])
     unchanged(dp, "kp_from_pod", syn6())
     assert dp.stat(Stat.FROM_POD)[0] == 1
+
+
+def test_ipv6_packets_count_in_kp_stats6_only(dp: Datapath) -> None:
+    """kproxy stats and the metrics by family: an IPv6 flow's counters are kp_stats6_v1's, an IPv4
+    flow's kp_stats_v1's."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    assert dp.run("kp_from_pod", syn6()).retval == TC_ACT_OK
+    for stat in (Stat.FROM_POD, Stat.DNAT, Stat.CT_NEW):
+        assert (dp.stat(stat, family=6)[0], dp.stat(stat, family=4)[0]) == (1, 0), stat
+    dp.add_service("10.96.0.10", 80, IPPROTO_TCP, [Backend(7, "10.244.2.7", 8080)])
+    syn4 = ether(ipv4("10.244.1.5", "10.96.0.10", IPPROTO_TCP, tcp("10.244.1.5", "10.96.0.10", 40000, 80)))
+    assert dp.run("kp_from_pod", syn4).retval == TC_ACT_OK
+    assert (dp.stat(Stat.DNAT, family=6)[0], dp.stat(Stat.DNAT, family=4)[0]) == (1, 1)
 
 
 # ---- REJECT: ICMPv6 port unreachable ----

@@ -117,6 +117,36 @@ def test_config_and_stats(kmaps: KproxyMaps, probe_object: Path, bpffs: Path) ->
     assert sum(c.packets for c in per_cpu) == 3
 
 
+def test_stats_by_family(kmaps: KproxyMaps, bpffs: Path) -> None:
+    """IPv6 packets count in kp_stats6_v1, IPv4 ones in kp_stats_v1: `kproxy stats` and the metrics show
+    each family and their sum."""
+    from kproxy.observe.inspect import stats as stat_rows
+    from kproxy.observe.metrics import Metrics
+
+    # the real programs (the probe's count everything in kp_stats_v1); an IPv6 frame too short to parse
+    ipv6 = bytes(12) + b"\x86\xdd" + bytes(86)
+    tc_object = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"
+    with lb.BpfObject.open(
+        tc_object,
+        pin_root_path=str(bpffs),
+        map_sizes={abi.MAP_BE4: 1000, abi.MAP_SVC4: 1000, abi.MAP_AFF4: 64},
+    ) as obj:
+        obj.load()
+        for frame in (bytes(100), bytes(100), ipv6):
+            lb.prog_test_run(obj.program("kp_from_netdev").fd, frame)
+    by_family = kmaps.stat_totals_by_family()
+    assert by_family["IPv4"][abi.Stat.FROM_NETDEV] == (2, 200)
+    assert by_family["IPv6"][abi.Stat.FROM_NETDEV] == (1, 100)
+    assert kmaps.stat_totals()[abi.Stat.FROM_NETDEV] == (3, 300)
+    (row,) = [r for r in stat_rows(by_family) if r["counter"] == "from_netdev"]
+    assert (row["packets"], row["ipv4_packets"], row["ipv6_packets"], row["ipv6_bytes"]) == (3, 2, 1, 100)
+    m = Metrics()
+    m.bind(maps=kmaps)
+    text = m.render().decode()
+    assert 'kproxy_datapath_packets_total{counter="from_netdev",family="IPv4"} 2.0' in text
+    assert 'kproxy_datapath_packets_total{counter="from_netdev",family="IPv6"} 1.0' in text
+
+
 def test_reopen_keeps_data(probe_object: Path, bpffs: Path) -> None:
     load_pinned(probe_object, bpffs)
     with KproxyMaps.open(bpffs) as km:

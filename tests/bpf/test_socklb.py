@@ -334,7 +334,7 @@ class SockLab:
         return self._run(["nsenter", f"--net={self.ns.path}"], body)
 
     def stat(self, s: abi.Stat) -> int:
-        return self.maps.stats.totals()[int(s)][0]
+        return self.maps.stat_totals()[int(s)][0]
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ class Ep:
 def counters(lab: Lab, node: str) -> dict[str, int]:
     """NODE's datapath counters (packets), by kp_stat name."""
     with KproxyMaps.open(lab.node(node).bpffs) as m:
-        totals = m.stats.totals()
+        totals = m.stat_totals()
     return {s.name: (totals.get(int(s)) or (0, 0))[0] for s in abi.Stat}
 
 

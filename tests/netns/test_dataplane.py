@@ -155,7 +155,7 @@ def rejects(lab: Lab, node: str) -> int:
     from kproxy.bpf.maps import KproxyMaps
 
     with KproxyMaps.open(lab.node(node).bpffs) as maps:
-        return maps.stats.totals().get(int(Stat.REJECT), (0, 0))[0]
+        return maps.stat_totals().get(int(Stat.REJECT), (0, 0))[0]
 
 
 class Pinger(threading.Thread):

@@ -27,7 +27,7 @@ Program = object
 
 def counter(lab: Lab, node: str, stat: Stat) -> int:
     with KproxyMaps.open(lab.node(node).bpffs) as maps:
-        return maps.stats.totals().get(int(stat), (0, 0))[0]
+        return maps.stat_totals().get(int(stat), (0, 0))[0]
 
 
 def test_dual_stack_service_serves_both_families(lab: Lab, program_dual: Program) -> None:

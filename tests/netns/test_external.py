@@ -189,7 +189,7 @@ def mode(request: pytest.FixtureRequest, xlab: Lab) -> str:
 # ---- counters ----
 def counters(lab: Lab, node: str) -> dict[str, int]:
     with KproxyMaps.open(lab.node(node).bpffs) as m:
-        totals = m.stats.totals()
+        totals = m.stat_totals()
     out = {}
     for stat in abi.Stat:
         out[stat.name] = (totals.get(int(stat)) or (0, 0))[0]

@@ -60,7 +60,7 @@ def wait_ranges(lab: Lab, want: list[str], timeout: float = 30) -> None:
 
 def drops(lab: Lab) -> int:
     with KproxyMaps.open(lab.node("n1").bpffs) as m:
-        return (m.stats.totals().get(int(abi.Stat.DROP_SRC_RANGE)) or (0, 0))[0]
+        return (m.stat_totals().get(int(abi.Stat.DROP_SRC_RANGE)) or (0, 0))[0]
 
 
 @pytest.fixture(scope="module")
