@@ -457,19 +457,23 @@ def run_peer(peer: str, n: int, st: Settings, family: int = 4) -> dict[str, Any]
 
 
 EXT_PORT, EXT_NODEPORT, EXT_VIP = 8081, 30081, "10.96.0.80"
+EXT_VIP6 = "fd00:10:96::80"
 EXT_MODES = (("snat", None), ("dsr-opt", "opt"), ("dsr-ipip", "ipip"))
 
 
 def external_support() -> str | None:
     """None when the build has what the NodePort snat/DSR speed bench needs, else the reason."""
     try:
+        import click
+
         from kproxy import abi
         from kproxy.cli import main as cli
     except Exception as e:  # a tree in the middle of a change
         return f"kproxy does not import: {e}"
     if not hasattr(abi, "DsrMode") or not hasattr(abi, "Snat4Key"):
         return "kproxy.abi has no DsrMode/Snat4Key (SNAT/DSR not in this build)"
-    commands = getattr(cli, "commands", {})
+    # kproxy.cli is a lazy group: its commands are listed, not held in `commands`, until they run
+    commands = set(getattr(cli, "commands", {})) | set(cli.list_commands(click.Context(cli)))
     if "dsr" not in commands:
         return "`kproxy dsr` is not in the CLI yet, so DSR modes cannot be switched"
     return None
@@ -491,35 +495,42 @@ def _stats(*bpffs: str) -> dict[str, dict[str, int]]:
 
 def run_external(st: Settings) -> dict[str, Any]:
     """Short external connections to a NodePort of node 1 whose backend is on node 2, in snat and both
-    DSR modes, beside the same client connecting to the backend pod directly (no NAT)."""
+    DSR modes, beside the same client connecting to the backend pod directly (no NAT), for each family
+    of st.families: a dual-stack Service, the IPv6 rows over n1's IPv6 address (IPv6 SNAT, DSR with a
+    destination options header or IPv6-in-IPv6) and the IPv6 baseline to the pod's IPv6 address via n1.
+    Each mode row is checked against n1's counters of its family (bench_external.path_check)."""
     reason = external_support()
     if reason:
         return {"skipped": reason}
+    from bench import bench_external as bx
     from kproxy.bpf.maps import KproxyMaps
     from kproxy.lab import manifests as mf
     from kproxy.lab.cluster import Lab
     from kproxy.lab.netns import ip, netns_path, sysctl
 
-    out: dict[str, Any] = {"topology": "ext -> n1 NodePort -> backend pod on n2 (2-node lab)"}
+    out: dict[str, Any] = {"topology": "ext -> n1 NodePort -> backend pod on n2 (2-node lab)", "families": {}}
     with Lab(nodes=2, pods_per_node=1) as lab:
         n1, n2 = lab.node("n1"), lab.node("n2")
         backend = lab.pods_on("n2")[0]
         lab._spawn(
-            f"echo/{backend.name}", backend.ns, [str(nb.ECHO), "-l", f"0.0.0.0:{EXT_PORT}", "-P", "2"],
+            f"echo/{backend.name}", backend.ns,
+            [str(nb.ECHO), "-l", f"0.0.0.0:{EXT_PORT}", "-l", f"[::]:{EXT_PORT}", "-P", "2"],
             lab.dir / "logs" / "kp-echo.log",
         )  # fmt: skip
         ext = lab.ext
-        sysctl(ext.ns, "net.ipv4.ip_local_port_range", "1024 65535")
-        ip(ext.ns, "route", "add", n2.pod_cidr, "via", n2.ip)  # the baseline's direct path
+        sysctl(ext.ns, "net.ipv4.ip_local_port_range", "1024 65535")  # IPv6 sockets use it too
         port = mf.Port("http", 80, EXT_PORT, node_port=EXT_NODEPORT)
         lab.write_manifest(
             "speed",
             [
-                mf.service("speed", [port], EXT_VIP, type="NodePort"),
-                mf.endpoint_slice("speed", [(backend.ip, n2.name)], [port]),
+                mf.service("speed", [port], EXT_VIP, type="NodePort", cluster_ip6=EXT_VIP6),
+                *mf.endpoint_slices("speed", [(backend.ip, n2.name), (backend.ip6, n2.name)], [port]),
             ],
         )
-        lab.wait_programmed(n1.ip, EXT_NODEPORT, {backend.ip}, nodes=[n1.name], timeout=30)
+        fam_addrs = {4: (n1.ip, backend.ip), 6: (n1.ip6, backend.ip6)}
+        for f in st.families:
+            node_addr, be_addr = fam_addrs[f]
+            lab.wait_programmed(node_addr, EXT_NODEPORT, {be_addr}, nodes=[n1.name], timeout=30)
 
         def load(addr: str, port: int) -> dict[str, Any]:
             before = nb.cpu_times()
@@ -531,39 +542,63 @@ def run_external(st: Settings) -> dict[str, Any]:
             )  # fmt: skip
             cpu = nb._cpu_delta(before, nb.cpu_times())
             replies = res.pop("replies", {}) or {}
-            res["backends_reached"] = sorted({r.split(":")[0] for r in replies})
+            res["backends_reached"] = sorted({r.rpartition(":")[0].strip("[]") for r in replies})
             if res["connections"]:
                 res["cpu_us_per_conn"] = round((cpu["system"] + cpu["softirq"]) * 1e6 / res["connections"], 1)
             return res
 
-        out["baseline"] = load(backend.ip, EXT_PORT)
-        for label, mode in EXT_MODES:
-            for node in (n1, n2):
-                if mode:
-                    _kproxy_cli("dsr", "enable", "--mode", mode, "--bpffs", node.bpffs)
-                else:
-                    _kproxy_cli("dsr", "disable", "--bpffs", node.bpffs)
-                # Flows keep the mode they began with: start each mode from empty conntrack and SNAT
-                # tables (`kproxy nat` has no --flush; SNAT ports of the previous mode would still be held).
-                _kproxy_cli("conntrack", "--flush", "--bpffs", node.bpffs)
-                with KproxyMaps.open(node.bpffs) as maps:
-                    if getattr(maps, "snat4", None) is not None:
-                        maps.snat4.clear()
-            before = _stats(n1.bpffs, n2.bpffs)
+        for f in st.families:
+            label = nb.FAMILIES[f].label
+            node_addr, be_addr = fam_addrs[f]
+            fam_out: dict[str, Any] = {"node": node_addr, "backend": be_addr}
+            out["families"][label] = fam_out
+            # the baseline's direct path: ext -> n1 -> n2 -> pod, added for this family and removed after it
+            route = (["-6"] if f == 6 else []) + ["route", "add", n2.pod_cidr6 if f == 6 else n2.pod_cidr]
+            route += ["via", n1.ip6 if f == 6 else n1.ip]
+            ip(ext.ns, *route)
             try:
-                out[label] = load(n1.ip, EXT_NODEPORT)
+                fam_out["baseline"] = load(be_addr, EXT_PORT)
             except RuntimeError as e:
-                out[label] = {"failed": str(e)}
-            # What the datapath did in this mode (decisions and drops by reason per node), for diagnosis.
-            after = _stats(n1.bpffs, n2.bpffs)
-            out[label]["stats_delta"] = {
-                node: {
-                    k: v - before.get(node, {}).get(k, 0)
-                    for k, v in c.items()
-                    if v - before.get(node, {}).get(k, 0)
+                fam_out["baseline"] = {"failed": str(e)}
+            finally:
+                ip(ext.ns, *[("del" if a == "add" else a) for a in route])
+            for mlabel, mode in EXT_MODES:
+                for node in (n1, n2):
+                    if mode:
+                        _kproxy_cli("dsr", "enable", "--mode", mode, "--bpffs", node.bpffs)
+                    else:
+                        _kproxy_cli("dsr", "disable", "--bpffs", node.bpffs)
+                    # Flows keep the mode they began with: start each mode from empty conntrack and
+                    # SNAT tables (`kproxy nat` has no --flush; the previous mode's SNAT ports would
+                    # still be held).
+                    _kproxy_cli("conntrack", "--flush", "--bpffs", node.bpffs)
+                    with KproxyMaps.open(node.bpffs) as maps:
+                        for name in ("snat4", "snat6"):
+                            if getattr(maps, name, None) is not None:
+                                getattr(maps, name).clear()
+                before = _stats(n1.bpffs, n2.bpffs)
+                before_fam = bx.kp_stats(n1.bpffs)
+                try:
+                    fam_out[mlabel] = load(node_addr, EXT_NODEPORT)
+                except RuntimeError as e:
+                    fam_out[mlabel] = {"failed": str(e)}
+                # What the datapath did in this mode (decisions and drops by reason per node), for diagnosis.
+                after = _stats(n1.bpffs, n2.bpffs)
+                moved = bx.family_delta(bx.kp_stats(n1.bpffs), before_fam)
+                fam_out[mlabel]["n1_by_family"] = moved
+                check = bx.path_check(mode or "snat", label, moved)
+                reached = fam_out[mlabel].get("backends_reached")
+                if reached is not None and reached != [be_addr]:
+                    check.append(f"replies from {reached}, expected only {be_addr}")
+                fam_out[mlabel]["path_check"] = check
+                fam_out[mlabel]["stats_delta"] = {
+                    node: {
+                        k: v - before.get(node, {}).get(k, 0)
+                        for k, v in c.items()
+                        if v - before.get(node, {}).get(k, 0)
+                    }
+                    for node, c in after.items()
                 }
-                for node, c in after.items()
-            }
     return out
 
 
@@ -596,7 +631,7 @@ def run_all(st: Settings, out_dir: Path, external: bool) -> dict[str, Any]:
         log(f"baseline {labels[f]} again (drift over the run)")
         fams[labels[f]]["baseline_runs"].append(run_peer("none", 0, st, f))
     if external:
-        log("external: NodePort snat / DSR opt / DSR ipip against the no-NAT baseline")
+        log("external: NodePort snat / DSR opt / DSR ipip against the no-NAT baseline, per family")
         try:
             result["external"] = run_external(st)
         except Exception as e:  # the other results stay valid
@@ -782,6 +817,70 @@ def _family_tables(result: dict[str, Any], label: str, fr: dict[str, Any]) -> li
     return lines
 
 
+def _external_tables(ext: dict[str, Any], concurrency: Any) -> list[str]:
+    """The --external section: one table per family (runs from before IPv6 hold one flat IPv4 table),
+    then the ratios to the no-NAT baseline of both families side by side."""
+    lines = ["## NodePort from outside, backend on the other node (snat / DSR), per family", ""]
+    if "skipped" in ext or "failed" in ext:
+        return [*lines, f"Not measured: {ext.get('skipped') or ext.get('failed')}", ""]
+    fams: dict[str, Any] = ext.get("families") or {"IPv4": ext}
+    lines += [
+        f"{ext['topology']}; short connections at concurrency {concurrency}. Ratio = mode / baseline for "
+        "the rate, baseline / mode for latency (1 = no cost), against the baseline of the same family "
+        "(the client to the pod address via n1, no NAT). Path check: n1's counter of the mode "
+        "(snat_new / dsr_opt_tx / dsr_ipip_tx) moved in the row's family and not in the other.",
+        "",
+    ]
+    modes = ("baseline", *(m for m, _ in EXT_MODES))
+    for label, fr in fams.items():
+        lines += [
+            f"### {label}" + (f": {fr['node']} → {fr['backend']}" if "node" in fr else ""),
+            "",
+            "| path | conn/s | p50 (µs) | p99 (µs) | errors | CPU/conn (µs) | rate vs baseline "
+            "| p99 vs baseline | path check |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        b = fr.get("baseline", {})
+        for m in modes:
+            r = fr.get(m, {})
+            if "failed" in r:
+                lines.append(f"| {m} | failed: {r['failed'][:120]} | | | | | | | |")
+                continue
+            if m == "baseline":
+                check = ""
+            elif "path_check" not in r:
+                check = "-"
+            else:
+                check = "; ".join(r["path_check"]) or "ok"
+            lines.append(
+                f"| {m} | {_fmt(r.get('rate'), '{:,.0f}')} | {_fmt(r.get('p50_us'), '{:,.0f}')} | "
+                f"{_fmt(r.get('p99_us'), '{:,.0f}')} | {_fmt(r.get('errors'), '{:,}')} | "
+                f"{_fmt(r.get('cpu_us_per_conn'), '{:.1f}')} | "
+                f"{_ratio(r.get('rate'), b.get('rate'), True)} | "
+                f"{_ratio(r.get('p99_us'), b.get('p99_us'), False)} | {check} |"
+            )
+        lines.append("")
+    if len(fams) > 1:
+        labels = list(fams)
+        lines += [
+            "NodePort from outside, both families: rate vs the same family's baseline (p99 vs baseline)",
+            "",
+            "| path | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for m in modes[1:]:
+            cells = []
+            for label in labels:
+                r, b = fams[label].get(m, {}), fams[label].get("baseline", {})
+                cells.append(
+                    f"{_ratio(r.get('rate'), b.get('rate'), True)} "
+                    f"({_ratio(r.get('p99_us'), b.get('p99_us'), False)})"
+                )
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     fams = result["families"]
     backends = ", ".join(f"{label} via {tool}" for label, tool in result["iptables_backend"].items())
@@ -801,32 +900,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _family_tables(result, label, fr)
     ext = result.get("external")
     if ext is not None:
-        lines += ["## NodePort from outside, backend on the other node (snat / DSR), IPv4", ""]
-        if "skipped" in ext or "failed" in ext:
-            lines += [f"Not measured: {ext.get('skipped') or ext.get('failed')}", ""]
-        else:
-            lines += [
-                f"{ext['topology']}; short connections at concurrency {result['settings']['concurrency']}. "
-                "Ratio = mode / baseline for the rate, baseline / mode for latency (1 = no cost).",
-                "",
-                "| path | conn/s | p50 (µs) | p99 (µs) | errors | CPU/conn (µs) | rate vs baseline "
-                "| p99 vs baseline |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            b = ext.get("baseline", {})
-            for label in ("baseline", *(m for m, _ in EXT_MODES)):
-                r = ext.get(label, {})
-                if "failed" in r:
-                    lines.append(f"| {label} | failed: {r['failed'][:120]} | | | | | | |")
-                    continue
-                lines.append(
-                    f"| {label} | {_fmt(r.get('rate'), '{:,.0f}')} | {_fmt(r.get('p50_us'), '{:,.0f}')} | "
-                    f"{_fmt(r.get('p99_us'), '{:,.0f}')} | {_fmt(r.get('errors'), '{:,}')} | "
-                    f"{_fmt(r.get('cpu_us_per_conn'), '{:.1f}')} | "
-                    f"{_ratio(r.get('rate'), b.get('rate'), True)} | "
-                    f"{_ratio(r.get('p99_us'), b.get('p99_us'), False)} |"
-                )
-            lines.append("")
+        lines += _external_tables(ext, result["settings"]["concurrency"])
     lines.append(f"Total wall time {result.get('wall_s')} s.")
     return "\n".join(lines) + "\n"
 
@@ -967,7 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARG",
         help="extra argument for `kproxy agent` (repeat; e.g. --agent-arg=--ct-sweep-interval=60)",
     )
-    ap.add_argument("--external", action="store_true", help="also the NodePort snat/DSR speed bench")
+    ap.add_argument(
+        "--external", action="store_true", help="also the NodePort snat/DSR speed bench (per family)"
+    )
     ap.add_argument("-o", "--output", type=Path, default=RESULTS, help=f"results directory [{RESULTS}]")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:

@@ -63,3 +63,59 @@ def test_markdown_with_one_family_only() -> None:
     res["iptables_backend"] = {"IPv6": "ip6tables-nft-restore"}
     md = run.markdown(res)
     assert ", IPv6" in md and ", IPv4" not in md
+
+
+def _ext_row(rate: float, p99: float, check: list[str] | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "rate": rate,
+        "p50_us": p99 / 2,
+        "p99_us": p99,
+        "errors": 0,
+        "cpu_us_per_conn": 40.0,
+    }
+    if check is not None:
+        row["path_check"] = check
+    return row
+
+
+def test_external_section_has_both_families_and_their_ratios() -> None:
+    res = _result()
+    res["external"] = {
+        "topology": "ext -> n1 NodePort -> backend pod on n2 (2-node lab)",
+        "families": {
+            label: {
+                "node": node,
+                "backend": be,
+                "baseline": _ext_row(20000 * scale, 1000),
+                "snat": _ext_row(10000 * scale, 2000, []),
+                "dsr-opt": _ext_row(16000 * scale, 1000, []),
+                "dsr-ipip": _ext_row(
+                    15000 * scale, 1250, ["IPv6 dsr_ipip_tx did not move"] if scale < 1 else []
+                ),
+            }
+            for label, node, be, scale in (
+                ("IPv4", "192.168.77.11", "10.244.2.10", 1.0),
+                ("IPv6", "fd00:77::11", "fd00:10:244:2::10", 0.5),
+            )
+        },
+    }
+    md = run.markdown(res)
+    ext = md.split("## NodePort from outside")[1]
+    assert (
+        "### IPv4: 192.168.77.11 → 10.244.2.10" in ext and "### IPv6: fd00:77::11 → fd00:10:244:2::10" in ext
+    )
+    v4, v6 = ext.split("### IPv6")
+    # per family against its own baseline: the scale cancels
+    for table in (v4, v6):
+        assert "| snat | " in table and "| 0.50× | 0.50× |" in table
+    assert "| dsr-ipip |" in v6 and "IPv6 dsr_ipip_tx did not move |" in v6
+    assert "| dsr-ipip |" in v4 and "| 0.75× | 0.80× | ok |" in v4
+    both = ext.split("NodePort from outside, both families")[1]
+    assert "| path | IPv4 | IPv6 |" in both and "| dsr-opt | 0.80× (1.00×) | 0.80× (1.00×) |" in both
+
+
+def test_external_section_of_a_run_from_before_ipv6() -> None:
+    res = _result()
+    res["external"] = {"topology": "t", "baseline": _ext_row(20000, 1000), "snat": _ext_row(10000, 2000)}
+    md = run.markdown(res)
+    assert "### IPv4" in md and "| snat | 10,000 |" in md and "NodePort from outside, both" not in md
