@@ -23,12 +23,12 @@ static __always_inline int kp_parse_counted(struct __sk_buff *skb, struct kp_pkt
 	int ret = kp_parse4(skb, p);
 
 	if (ret == KP_PARSE_FRAG)
-		kp_count(KP_STAT_PASS_FRAGMENT, skb->len);
+		kp_count4(KP_STAT_PASS_FRAGMENT, skb->len);
 	else if (ret == KP_PARSE_L4) {
 		__u32 frag = kp_frag_get();
 
 		if (frag)
-			kp_count(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
+			kp_count4(frag == KP_FRAG_FIRST ? KP_STAT_FRAG_FIRST : KP_STAT_FRAG_LATER, skb->len);
 	}
 	return ret;
 }
@@ -45,16 +45,16 @@ static __always_inline int kp_icmp_snat_forward(struct __sk_buff *skb, const str
 	if (res == 0)
 		return -1;
 	if (res < 0) {
-		kp_count(KP_DROP_NAT_FAILED, p->len);
+		kp_count4(KP_DROP_NAT_FAILED, p->len);
 		return TC_ACT_SHOT;
 	}
 	fib = kp_fib_room();
 	res = kp_fib_lookup4(skb, fib, src, dst, 0);
 	if (res != KP_FIB_OK && res != KP_FIB_NEIGH) {
-		kp_count(KP_DROP_FIB, p->len);
+		kp_count4(KP_DROP_FIB, p->len);
 		return TC_ACT_SHOT;
 	}
-	kp_count(KP_STAT_ICMP_SNAT, p->len);
+	kp_count4(KP_STAT_ICMP_SNAT, p->len);
 	return kp_fib_redirect4(skb, fib, res);
 }
 
@@ -158,7 +158,7 @@ static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct 
 	__u32 action = kp_svcnet_action(p->daddr);
 
 	if (action == KP_SVCNET_REJECT && kp_no_external_cluster_ip()) {
-		kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
+		kp_count4(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
 		return TC_ACT_SHOT;
 	}
 	return kp_svcnet_enforce(skb, p, action);
@@ -200,7 +200,7 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 		    !kp_tunnel_is_dsr4(skb, &p))
 			return TC_ACT_OK;
 		if (kp_tunnel_pop4(skb)) {
-			kp_count(KP_DROP_ENCAP_FAILED, p.len);
+			kp_count4(KP_DROP_ENCAP_FAILED, p.len);
 			return TC_ACT_SHOT;
 		}
 		if (kp_parse4(skb, &p) != KP_PARSE_L4)
@@ -218,7 +218,7 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 	case KP_PARSE_L4:
 		svc = kp_svc_lookup4(&p, KP_ORIGIN_NETDEV, &svc_key);
 		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
-			kp_count(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
+			kp_count4(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
 			return TC_ACT_SHOT;
 		}
 		if (svc || kp_netdev_orphan_possible(p.proto, p.tcp_flags)) {
@@ -532,7 +532,7 @@ int kp_from_pod(struct __sk_buff *skb)
 		kp_count6(KP_STAT_FROM_POD, skb->len);
 		return kp_ipv6(skb, KP_PROG6_FROM_POD);
 	}
-	kp_count(KP_STAT_FROM_POD, skb->len);
+	kp_count4(KP_STAT_FROM_POD, skb->len);
 	return kp_from_pod4(skb);
 }
 
@@ -543,7 +543,7 @@ int kp_to_pod(struct __sk_buff *skb)
 		kp_count6(KP_STAT_TO_POD, skb->len);
 		return kp_ipv6(skb, KP_PROG6_TO_POD);
 	}
-	kp_count(KP_STAT_TO_POD, skb->len);
+	kp_count4(KP_STAT_TO_POD, skb->len);
 	return kp_to_pod4(skb);
 }
 
@@ -554,7 +554,7 @@ int kp_from_netdev(struct __sk_buff *skb)
 		kp_count6(KP_STAT_FROM_NETDEV, skb->len);
 		return kp_ipv6(skb, KP_PROG6_FROM_NETDEV);
 	}
-	kp_count(KP_STAT_FROM_NETDEV, skb->len);
+	kp_count4(KP_STAT_FROM_NETDEV, skb->len);
 	return kp_from_netdev4(skb);
 }
 
@@ -565,6 +565,6 @@ int kp_to_netdev(struct __sk_buff *skb)
 		kp_count6(KP_STAT_TO_NETDEV, skb->len);
 		return kp_ipv6(skb, KP_PROG6_TO_NETDEV);
 	}
-	kp_count(KP_STAT_TO_NETDEV, skb->len);
+	kp_count4(KP_STAT_TO_NETDEV, skb->len);
 	return kp_to_netdev4(skb);
 }

@@ -73,7 +73,7 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 
 	if (kp_frag_get() == KP_FRAG_LATER) {
 		/* nothing to quote that the sender could match: its first fragment was answered */
-		kp_count(KP_DROP_FRAGMENT, p->len);
+		kp_count4(KP_DROP_FRAGMENT, p->len);
 		return TC_ACT_SHOT;
 	}
 	quote_len = p->ip_hlen;
@@ -292,10 +292,10 @@ static __always_inline int kp_icmp_revnat(struct __sk_buff *skb, const struct kp
 		if (bpf_skb_store_bytes(skb, KP_IP_SADDR_OFF, &front_addr, sizeof(front_addr), 0))
 			goto fail;
 	}
-	kp_count(KP_STAT_ICMP_REVNAT, p->len);
+	kp_count4(KP_STAT_ICMP_REVNAT, p->len);
 	return TC_ACT_OK;
 fail:
-	kp_count(KP_DROP_NAT_FAILED, p->len);
+	kp_count4(KP_DROP_NAT_FAILED, p->len);
 	return TC_ACT_SHOT;
 }
 

@@ -26,7 +26,7 @@ static __always_inline int kp_src_range_drop4(const struct kp_svc4_val *svc, con
 	k.addr = p->saddr;
 	if (bpf_map_lookup_elem(&kp_lbsrc4_v1, &k))
 		return 0;
-	kp_count(KP_DROP_SRC_RANGE, p->len);
+	kp_count4(KP_DROP_SRC_RANGE, p->len);
 	return 1;
 }
 

@@ -9,7 +9,8 @@
 
 /*
  * Per-CPU slot: a TC program is not migrated while it runs, so plain adds are race free. IPv4 packets
- * (and what is of no family) count in kp_stats_v1, IPv6 packets in kp_stats6_v1: kp_count4 / kp_count6,
+ * (and what is of no family) count in kp_stats_v1, IPv6 packets in kp_stats6_v1: kp_count4 / kp_count6 (no
+ * default: every count names its family),
  * KP_F(kp_count) in the family-generic headers, kp_count_fam(fam, ...) where the family is a parameter.
  */
 static __always_inline void kp_count_in(void *map, __u32 stat, __u32 bytes)
@@ -20,11 +21,6 @@ static __always_inline void kp_count_in(void *map, __u32 stat, __u32 bytes)
 		c->packets += 1;
 		c->bytes += bytes;
 	}
-}
-
-static __always_inline void kp_count(__u32 stat, __u32 bytes)
-{
-	kp_count_in(&kp_stats_v1, stat, bytes);
 }
 
 static __always_inline void kp_count4(__u32 stat, __u32 bytes)

@@ -61,11 +61,11 @@ static __always_inline int kp_svcnet_span_has(__be32 daddr)
 static __always_inline int kp_svcnet_enforce(struct __sk_buff *skb, const struct kp_pkt *p, __u32 action)
 {
 	if (action == KP_SVCNET_REJECT) {
-		kp_count(KP_STAT_SVCNET_REJECT, p->len);
+		kp_count4(KP_STAT_SVCNET_REJECT, p->len);
 		return kp_icmp_reject4(skb, p);
 	}
 	if (action == KP_SVCNET_DROP) {
-		kp_count(KP_DROP_SVCNET, p->len);
+		kp_count4(KP_DROP_SVCNET, p->len);
 		return TC_ACT_SHOT;
 	}
 	return -1;

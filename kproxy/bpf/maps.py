@@ -421,12 +421,12 @@ class KproxyMaps:
         self.close()
 
     def stat_totals_by_family(self) -> dict[str, dict[int, tuple[int, ...]]]:
-        """The datapath counters per family ("IPv4": kp_stats_v1, "IPv6": kp_stats6_v1, absent from an
-        older agent's bpffs): counter index -> (packets, bytes) summed over CPUs."""
-        out = {"IPv4": self.stats.totals()}
-        if self.stats6 is not None:
-            out["IPv6"] = self.stats6.totals()
-        return out
+        """The datapath counters per family, counter index -> (packets, bytes) summed over CPUs: "IPv4"
+        (kp_stats_v1) and "IPv6" (kp_stats6_v1); from an older agent's bpffs without kp_stats6_v1, whose
+        kp_stats_v1 counts both families, "all" alone."""
+        if self.stats6 is None:
+            return {"all": self.stats.totals()}
+        return {"IPv4": self.stats.totals(), "IPv6": self.stats6.totals()}
 
     def stat_totals(self) -> dict[int, tuple[int, ...]]:
         """The datapath counters of both families added up: counter index -> (packets, bytes)."""

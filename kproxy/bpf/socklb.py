@@ -2,12 +2,12 @@
 
 Loads kproxy_sock.bpf.o (bpfsrc/kproxy_sock.bpf.c) with its maps pinned by name in the agent's bpffs
 directory, so it shares the service, backend and affinity maps of both families (kp_svc4_v1,
-kp_svc6_v1, ...), kp_cfg_v1, kp_cfg6_v1 and kp_stats_v1 with the TC object, and attaches its eight
-programs (connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6) to one cgroup v2 directory
-with cgroup links pinned at {bpffs}/links/cgroup:<hook>. The links keep working while the agent is
-down; a new agent swaps its programs in with an atomic link update, and adds the links of hooks an
-older agent did not have (the *6 ones before IPv6 socket LB). Programs attached to a cgroup apply to
-every process in it and in its descendants, whatever network namespace they use.
+kp_svc6_v1, ...), kp_cfg_v1, kp_cfg6_v1, kp_stats_v1 and kp_stats6_v1 with the TC object, and
+attaches its eight programs (connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6) to one
+cgroup v2 directory with cgroup links pinned at {bpffs}/links/cgroup:<hook>. The links keep working
+while the agent is down; a new agent swaps its programs in with an atomic link update, and adds the
+links of hooks an older agent did not have (the *6 ones before IPv6 socket LB). Programs attached to a
+cgroup apply to every process in it and in its descendants, whatever network namespace they use.
 
 The cgroup root only on explicit request: socket programs there rewrite the connections of every
 process on the machine. That is what a cluster install wants (Cilium attaches there too; the chart

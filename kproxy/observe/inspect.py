@@ -273,16 +273,18 @@ def stats(
     by_family: Mapping[str, Mapping[int, tuple[int, ...]]], include_zero: bool = False
 ) -> list[dict[str, Any]]:
     """One row per counter: packets and bytes of both families, and each family's ("ipv4_packets",
-    "ipv6_packets", ...; None for a family the maps do not count, an older agent's IPv6)."""
+    "ipv6_packets", ...; None when the maps do not tell the families apart: an older agent's, BY_FAMILY
+    {"all": ...})."""
     rows = []
     for stat in Stat:
         row: dict[str, Any] = {"counter": stat.name.lower()}
         row["kind"] = "drop" if stat.name.startswith("DROP_") else ("program" if stat < 8 else "decision")
         row["packets"] = row["bytes"] = 0
-        for family in ("IPv4", "IPv6"):
+        for family in ("IPv4", "IPv6", "all"):
             totals = by_family.get(family)
             p, b = (totals.get(int(stat)) or (0, 0))[:2] if totals is not None else (None, None)
-            row[f"{family.lower()}_packets"], row[f"{family.lower()}_bytes"] = p, b
+            if family != "all":
+                row[f"{family.lower()}_packets"], row[f"{family.lower()}_bytes"] = p, b
             row["packets"] += p or 0
             row["bytes"] += b or 0
         if row["packets"] or row["bytes"] or include_zero:

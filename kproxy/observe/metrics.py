@@ -106,7 +106,7 @@ class _MapCollector(Collector):
         names = {int(s): s.name.lower() for s in Stat}
         packets = CounterMetricFamily(
             "kproxy_datapath_packets",
-            "Datapath counters by IP family (kp_stats_v1, kp_stats6_v1); sum() over family for the total.",
+            "Datapath counters by IP family (kp_stats_v1, kp_stats6_v1); sum without (family) for the total.",
             labels=["counter", "family"],
         )
         nbytes = CounterMetricFamily(
