@@ -24,6 +24,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_core_read.h>
+/* Socket hooks run in process context and may be preempted on their CPU: every count, the shared
+ * helpers' too (source ranges, affinity hits), adds atomically (lib/stats.h). */
+#define KP_COUNT_ATOMIC 1
 #include "maps.h"
 #include "lib/lb.h"
 #include "lib/svcnet.h"
@@ -68,14 +71,10 @@ enum kp_sock_verdict {
 	KP_SOCK_UNREACH = 4,   /* an unallocated address of a service CIDR */
 };
 
-/* Socket hooks run in process context and may be preempted on their CPU: add atomically. fam: the
- * flow's family (4 or 6; an IPv4-mapped destination is an IPv4 flow), as lib/stats.h counts. */
+/* fam: the flow's family (4 or 6; an IPv4-mapped destination is an IPv4 flow); no bytes. */
 static __always_inline void kp_sock_count(int fam, __u32 stat)
 {
-	struct kp_counter *c = bpf_map_lookup_elem(fam == 6 ? (void *)&kp_stats6_v1 : (void *)&kp_stats_v1, &stat);
-
-	if (c)
-		__sync_fetch_and_add(&c->packets, 1);
+	kp_count_fam(fam, stat, 0);
 }
 
 /*

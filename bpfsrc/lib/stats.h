@@ -8,7 +8,8 @@
 #include "maps.h"
 
 /*
- * Per-CPU slot: a TC program is not migrated while it runs, so plain adds are race free. IPv4 packets
+ * Per-CPU slot: a TC program is not migrated nor preempted while it runs, so plain adds are race free
+ * (KP_COUNT_ATOMIC, defined before this header, makes them atomic for programs that may be). IPv4 packets
  * (and what is of no family) count in kp_stats_v1, IPv6 packets in kp_stats6_v1: kp_count4 / kp_count6 (no
  * default: every count names its family),
  * KP_F(kp_count) in the family-generic headers, kp_count_fam(fam, ...) where the family is a parameter.
@@ -17,10 +18,17 @@ static __always_inline void kp_count_in(void *map, __u32 stat, __u32 bytes)
 {
 	struct kp_counter *c = bpf_map_lookup_elem(map, &stat);
 
-	if (c) {
-		c->packets += 1;
-		c->bytes += bytes;
-	}
+	if (!c)
+		return;
+#ifdef KP_COUNT_ATOMIC
+	/* an object whose programs may be preempted on their CPU (socket hooks, process context) */
+	__sync_fetch_and_add(&c->packets, 1);
+	if (bytes)
+		__sync_fetch_and_add(&c->bytes, bytes);
+#else
+	c->packets += 1;
+	c->bytes += bytes;
+#endif
 }
 
 static __always_inline void kp_count4(__u32 stat, __u32 bytes)
