@@ -182,118 +182,30 @@ static __always_inline int kp_sock_v6only(struct bpf_sock_addr *ctx, __u8 proto)
 }
 
 /*
- * The IPv4 frontend *daddr:*dport a socket asks for -> a backend, written back to *daddr and *dport
- * (the caller puts them in its family's ctx fields), and the socket's reverse entry. sendmsg: a
- * sendmsg4 hook (ctx has msg_src_ip4).
+ * kp_sock_xlate4 / kp_sock_xlate6 (lib/sock_fam.h): the frontend *daddr:*dport a socket asks for -> a
+ * backend, written back, and the socket's reverse entry (kp_sknat4_v1 / kp_sknat6_v1).
  */
-static __always_inline int kp_sock4_xlate(struct bpf_sock_addr *ctx, __be32 *daddr, __be16 *dport,
-					  __u8 proto, int sendmsg)
-{
-	struct kp_sknat4_key rk = {};
-	struct kp_sknat4_val rv = {};
-	struct kp_sknat4_val *cur;
-	struct kp_svc4_key svc_key;
-	struct kp_svc4_val *svc;
-	struct kp_svc4_val svc_copy;
-	struct kp_be4_val be;
-	struct kp_pkt p = {};
-	__u32 backend_id;
-
-	p.daddr = *daddr;
-	p.dport = *dport;
-	p.proto = proto;
-	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
-	svc = kp_svc_lookup4(&p, KP_ORIGIN_POD, &svc_key);
-	if (!svc)
-		return kp_sock_svcnet(4, kp_svcnet_action(p.daddr));
-	svc_copy = *svc;
-	if (svc_copy.count == 0) {
-		kp_sock_count(4, KP_DROP_SOCK_NO_BACKEND);
-		return KP_SOCK_REFUSE;
-	}
-	p.saddr = kp_sock_client4(ctx, sendmsg);
-	/* loadBalancerSourceRanges hold for node processes too (kube-proxy's KUBE-FW sees OUTPUT). */
-	if (kp_src_range_drop4(&svc_copy, &p))
-		return KP_SOCK_REFUSE;
-	if (kp_lb_select4(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
-		kp_sock_count(4, KP_DROP_BACKEND_MISSING);
-		return KP_SOCK_REFUSE;
-	}
-
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr = be.addr;
-	rk.port = be.port;
-	rv.addr = p.daddr;
-	rv.port = p.dport;
-	rv.svc_id = svc_copy.svc_id;
-	rv.backend_id = backend_id;
-	cur = bpf_map_lookup_elem(&kp_sknat4_v1, &rk);
-	/* An unconnected UDP socket sends many datagrams: write only what changed. */
-	if (!cur || cur->addr != rv.addr || cur->port != rv.port || cur->svc_id != rv.svc_id ||
-	    cur->backend_id != rv.backend_id) {
-		/* TCP only needs the entry for getpeername(); UDP needs it to accept the replies. */
-		if (bpf_map_update_elem(&kp_sknat4_v1, &rk, &rv, BPF_ANY) && proto == IPPROTO_UDP) {
-			kp_sock_count(4, KP_DROP_SOCK_REVNAT_FULL);
-			return KP_SOCK_NOMEM;
-		}
-	}
-	*daddr = be.addr;
-	*dport = be.port;
-	return KP_SOCK_XLATED;
-}
-
-/* kp_sock4_xlate for an IPv6 frontend (kp_svc6_v1). */
-static __always_inline int kp_sock6_xlate(struct bpf_sock_addr *ctx, union kp_in6 *daddr, __be16 *dport,
-					  __u8 proto, int sendmsg)
-{
-	struct kp_sknat6_key rk = {};
-	struct kp_sknat6_val rv = {};
-	struct kp_sknat6_val *cur;
-	struct kp_svc6_key svc_key;
-	struct kp_svc4_val *svc;
-	struct kp_svc4_val svc_copy;
-	struct kp_be6_val be;
-	struct kp_pkt6 p = {};
-	__u32 backend_id;
-
-	p.daddr = *daddr;
-	p.dport = *dport;
-	p.proto = proto;
-	svc = kp_svc_lookup6(&p, KP_ORIGIN_POD, &svc_key);
-	if (!svc)
-		return kp_sock_svcnet(6, kp_svcnet_action6(p.daddr));
-	svc_copy = *svc;
-	if (svc_copy.count == 0) {
-		kp_sock_count(6, KP_DROP_SOCK_NO_BACKEND);
-		return KP_SOCK_REFUSE;
-	}
-	p.saddr = kp_sock_client6(ctx, sendmsg);
-	if (kp_src_range_drop6(&svc_copy, &p))
-		return KP_SOCK_REFUSE;
-	if (kp_lb_select6(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
-		kp_sock_count(6, KP_DROP_BACKEND_MISSING);
-		return KP_SOCK_REFUSE;
-	}
-
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr = be.addr;
-	rk.port = be.port;
-	rv.addr = p.daddr;
-	rv.port = p.dport;
-	rv.svc_id = svc_copy.svc_id;
-	rv.backend_id = backend_id;
-	cur = bpf_map_lookup_elem(&kp_sknat6_v1, &rk);
-	if (!cur || !kp_in6_eq(cur->addr, rv.addr) || cur->port != rv.port || cur->svc_id != rv.svc_id ||
-	    cur->backend_id != rv.backend_id) {
-		if (bpf_map_update_elem(&kp_sknat6_v1, &rk, &rv, BPF_ANY) && proto == IPPROTO_UDP) {
-			kp_sock_count(6, KP_DROP_SOCK_REVNAT_FULL);
-			return KP_SOCK_NOMEM;
-		}
-	}
-	*daddr = be.addr;
-	*dport = be.port;
-	return KP_SOCK_XLATED;
-}
+#undef KP_FAM
+#define KP_FAM 4
+#include "lib/fam.h"
+#define KP_SKNAT_KEY struct kp_sknat4_key
+#define KP_SKNAT_VAL struct kp_sknat4_val
+#define KP_SKNAT_MAP kp_sknat4_v1
+#include "lib/sock_fam.h"
+#undef KP_SKNAT_KEY
+#undef KP_SKNAT_VAL
+#undef KP_SKNAT_MAP
+#undef KP_FAM
+#define KP_FAM 6
+#include "lib/fam.h"
+#define KP_SKNAT_KEY struct kp_sknat6_key
+#define KP_SKNAT_VAL struct kp_sknat6_val
+#define KP_SKNAT_MAP kp_sknat6_v1
+#include "lib/sock_fam.h"
+#undef KP_SKNAT_KEY
+#undef KP_SKNAT_VAL
+#undef KP_SKNAT_MAP
+#undef KP_FAM
 
 static __always_inline int kp_sock_verdict(int v, int fam, __u32 stat)
 {
@@ -325,7 +237,7 @@ static __always_inline int kp_sock4_fwd(struct bpf_sock_addr *ctx, int sendmsg)
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return KP_SOCK_PASS;
-	v = kp_sock4_xlate(ctx, &addr, &port, proto, sendmsg);
+	v = kp_sock_xlate4(ctx, &addr, &port, proto, sendmsg);
 	if (v == KP_SOCK_XLATED) {
 		ctx->user_ip4 = addr;
 		ctx->user_port = (__u32)port;
@@ -371,10 +283,10 @@ static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg, 
 			return KP_SOCK_PASS;
 		addr4 = addr.w[3];
 		*fam = 4;
-		v = kp_sock4_xlate(ctx, &addr4, &port, proto, 0);
+		v = kp_sock_xlate4(ctx, &addr4, &port, proto, 0);
 		addr.w[3] = addr4;
 	} else {
-		v = kp_sock6_xlate(ctx, &addr, &port, proto, sendmsg);
+		v = kp_sock_xlate6(ctx, &addr, &port, proto, sendmsg);
 	}
 	if (v == KP_SOCK_XLATED) {
 		kp_sock_set_user_ip6(ctx, &addr);

@@ -80,7 +80,7 @@ static __always_inline int kp_from_pod4(struct __sk_buff *skb)
 		if (svc)
 			return kp_lb_forward4(skb, &p, &svc_key, svc, KP_ORIGIN_POD);
 		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
-			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
+			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action4(p.daddr));
 			if (ret >= 0)
 				return ret;
 		} else if (p.proto == IPPROTO_TCP && kp_svcnet_span_has(p.daddr)) {
@@ -99,7 +99,7 @@ static __always_inline int kp_from_pod4(struct __sk_buff *skb)
 		return kp_revnat4(skb, &p, 1);
 	case KP_PARSE_ICMP:
 		if (kp_svcnet_opens_flow(&p, KP_PARSE_ICMP)) {
-			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action(p.daddr));
+			ret = kp_svcnet_enforce(skb, &p, kp_svcnet_action4(p.daddr));
 			if (ret >= 0)
 				return ret;
 		}
@@ -155,7 +155,7 @@ static __always_inline int kp_netdev_orphan_possible(__u8 proto, __u8 tcp_flags)
  * ClusterIPs closed to the outside, a ClusterIP's unknown port is dropped too, not answered. */
 static __always_inline int kp_netdev_svcnet(struct __sk_buff *skb, const struct kp_pkt *p)
 {
-	__u32 action = kp_svcnet_action(p->daddr);
+	__u32 action = kp_svcnet_action4(p->daddr);
 
 	if (action == KP_SVCNET_REJECT && kp_no_external_cluster_ip()) {
 		kp_count4(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);

@@ -33,7 +33,7 @@ static __always_inline int kp_svcnet_opens_flow(const struct kp_pkt *p, int pars
  * The action for a packet to daddr that matched no frontend: KP_SVCNET_REJECT, KP_SVCNET_DROP, or 0
  * (not a service address). The span check keeps the trie lookup off every other packet.
  */
-static __always_inline __u32 kp_svcnet_action(__be32 daddr)
+static __always_inline __u32 kp_svcnet_action4(__be32 daddr)
 {
 	struct kp_svcnet4_key k = { .prefixlen = 32, .addr = daddr };
 	struct kp_svcnet_span *span;
@@ -98,7 +98,7 @@ static __always_inline int kp_svcnet_span_has6(union kp_in6 daddr)
 	return span && a >= span->lo && a <= span->hi;
 }
 
-/* kp_svcnet_action for IPv6. */
+/* kp_svcnet_action4 for IPv6. */
 static __always_inline __u32 kp_svcnet_action6(union kp_in6 daddr)
 {
 	struct kp_svcnet6_key k = { .prefixlen = 128, .addr = daddr };

@@ -111,18 +111,8 @@ def lab() -> Iterator[Lab6]:
         lab.delete()
 
 
+IPV6_ONLY = True  # conftest.ipv6_counts_in_kp_stats6 checks every test here
 SENDS_IPV4: set[str] = set()  # tests that send IPv4 frames too
-
-
-@pytest.fixture(autouse=True)
-def ipv6_counts_in_kp_stats6(request: pytest.FixtureRequest, dp: Datapath) -> Iterator[None]:
-    """Every test here sends IPv6 only (but the ones named in SENDS_IPV4): each counter it moves must be
-    kp_stats6_v1's, none kp_stats_v1's (kproxy stats and the metrics split the families)."""
-    yield
-    if request.node.name.split("[")[0] in SENDS_IPV4:
-        return
-    moved = {s.name: dp.stat(s, family=4)[0] for s in Stat if dp.stat(s, family=4)[0]}
-    assert not moved, f"IPv6 packets counted in kp_stats_v1: {moved}"
 
 
 def run_in(dp: Datapath, lab: Lab6, prog: str, frame: bytes) -> TestRun:

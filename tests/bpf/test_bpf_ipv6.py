@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import struct
-from collections.abc import Iterator
 
 import pytest
 from datapath import (
@@ -91,21 +90,11 @@ NODE6 = "fd00:a::1"
 HAIRPIN6 = "100::a9fe:2a01"
 
 
+IPV6_ONLY = True  # conftest.ipv6_counts_in_kp_stats6 checks every test here
 SENDS_IPV4: set[str] = {  # tests that send IPv4 frames too, or frames of no family (counted with IPv4)
     "test_ipv6_packets_count_in_kp_stats6_only",
     "test_frames_of_other_ethertypes_are_ignored_by_the_ipv6_path",
 }
-
-
-@pytest.fixture(autouse=True)
-def ipv6_counts_in_kp_stats6(request: pytest.FixtureRequest, dp: Datapath) -> Iterator[None]:
-    """Every test here sends IPv6 only (but the ones named in SENDS_IPV4): each counter it moves must be
-    kp_stats6_v1's, none kp_stats_v1's (kproxy stats and the metrics split the families)."""
-    yield
-    if request.node.name.split("[")[0] in SENDS_IPV4:
-        return
-    moved = {s.name: dp.stat(s, family=4)[0] for s in Stat if dp.stat(s, family=4)[0]}
-    assert not moved, f"IPv6 packets counted in kp_stats_v1: {moved}"
 
 
 def syn6(src: str = CLIENT, dst: str = SVC, sport: int = CPORT, dport: int = SPORT, **kw: object) -> bytes:
