@@ -24,9 +24,11 @@ kube-proxy's "node" sources are processes in n1's socket-LB cgroup (DIFF_NODE_SO
 the node's address as with kube-proxy, so those cases assert kube-proxy's expectations).
 
 Where kproxy deliberately differs, the case names the section of docs/kube-proxy-differences.md in its
-`diff` and asserts kproxy's behaviour; with no `diff`, kube-proxy's behaviour is asserted. Not replayed:
-IPv6 subcases (kproxy serves IPv4 only, "Not yet the same", issue 15) and kube-proxy options kproxy
-does not have (TestInternalExternalMasquerade's masqueradeAll and no-LocalTrafficDetector subcases).
+`diff` and asserts kproxy's behaviour; with no `diff`, kube-proxy's behaviour is asserted. Not replayed
+yet: TestNodePorts' two IPv6 subcases (this lab's Services and clients here are IPv4; the IPv6 behaviour
+they check, NodePort from a pod, from outside and from the node, is covered by
+tests/netns/test_external.py's IPv6 cells), and kube-proxy options kproxy does not have
+(TestInternalExternalMasquerade's masqueradeAll and no-LocalTrafficDetector subcases).
 """
 
 from __future__ import annotations
