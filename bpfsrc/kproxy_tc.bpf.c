@@ -518,53 +518,42 @@ struct {
 	},
 };
 
-/* Hand an IPv6 packet to its program; returns only if the call failed (an empty slot: passed). */
-static __always_inline int kp_ipv6(struct __sk_buff *skb, __u32 prog)
+/*
+ * Count the packet in its family's counters (stat); an IPv6 one is handed to its program (prog6) and 1
+ * returned only if that call failed (an empty slot: the packet passes); 0 for an IPv4 packet, whose
+ * path the caller runs.
+ */
+static __always_inline int kp_enter(struct __sk_buff *skb, __u32 stat, __u32 prog6)
 {
-	bpf_tail_call(skb, &kp_progs6_v1, prog);
-	return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(KP_ETH_P_IPV6)) {
+		kp_count4(stat, skb->len);
+		return 0;
+	}
+	kp_count6(stat, skb->len);
+	bpf_tail_call(skb, &kp_progs6_v1, prog6);
+	return 1;
 }
 
 SEC("tc")
 int kp_from_pod(struct __sk_buff *skb)
 {
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
-		kp_count6(KP_STAT_FROM_POD, skb->len);
-		return kp_ipv6(skb, KP_PROG6_FROM_POD);
-	}
-	kp_count4(KP_STAT_FROM_POD, skb->len);
-	return kp_from_pod4(skb);
+	return kp_enter(skb, KP_STAT_FROM_POD, KP_PROG6_FROM_POD) ? TC_ACT_OK : kp_from_pod4(skb);
 }
 
 SEC("tc")
 int kp_to_pod(struct __sk_buff *skb)
 {
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
-		kp_count6(KP_STAT_TO_POD, skb->len);
-		return kp_ipv6(skb, KP_PROG6_TO_POD);
-	}
-	kp_count4(KP_STAT_TO_POD, skb->len);
-	return kp_to_pod4(skb);
+	return kp_enter(skb, KP_STAT_TO_POD, KP_PROG6_TO_POD) ? TC_ACT_OK : kp_to_pod4(skb);
 }
 
 SEC("tc")
 int kp_from_netdev(struct __sk_buff *skb)
 {
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
-		kp_count6(KP_STAT_FROM_NETDEV, skb->len);
-		return kp_ipv6(skb, KP_PROG6_FROM_NETDEV);
-	}
-	kp_count4(KP_STAT_FROM_NETDEV, skb->len);
-	return kp_from_netdev4(skb);
+	return kp_enter(skb, KP_STAT_FROM_NETDEV, KP_PROG6_FROM_NETDEV) ? TC_ACT_OK : kp_from_netdev4(skb);
 }
 
 SEC("tc")
 int kp_to_netdev(struct __sk_buff *skb)
 {
-	if (skb->protocol == bpf_htons(KP_ETH_P_IPV6)) {
-		kp_count6(KP_STAT_TO_NETDEV, skb->len);
-		return kp_ipv6(skb, KP_PROG6_TO_NETDEV);
-	}
-	kp_count4(KP_STAT_TO_NETDEV, skb->len);
-	return kp_to_netdev4(skb);
+	return kp_enter(skb, KP_STAT_TO_NETDEV, KP_PROG6_TO_NETDEV) ? TC_ACT_OK : kp_to_netdev4(skb);
 }
