@@ -2,8 +2,9 @@
 # kproxy image: the agent (`kproxy agent`, the default command) and its CLI.
 #
 # The build stage runs the same Makefile targets CI runs (`make bpf wheel`: Debian build packages, BPF
-# objects compiled with clang-19, the wheel carrying them), so CI exercises this recipe even where no
-# container engine exists. The runtime stage receives a ready virtualenv and holds no compiler.
+# objects compiled with clang-19, the native Maglev fill (kproxy/native/libkpmaglev.so, `make native`, which
+# `make wheel` pulls in) compiled with gcc, the wheel carrying them), so CI exercises this recipe even where
+# no container engine exists. The runtime stage receives a ready virtualenv and holds no compiler.
 #
 # `make image` (mk/image.mk) builds the same image without a registry or a container engine: the same
 # packages on the same Debian release, the same virtualenv, ENTRYPOINT, CMD and ENV. Change both together.

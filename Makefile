@@ -13,6 +13,9 @@ BPF_OBJ_DIR := kproxy/bpf/obj
 BPF_SRCS := $(wildcard bpfsrc/*.bpf.c)
 BPF_OBJS := $(patsubst bpfsrc/%.bpf.c,$(BPF_OBJ_DIR)/%.bpf.o,$(BPF_SRCS))
 BPF_HDRS := $(shell find bpfsrc -name '*.h')
+# The native Maglev table fill (kproxy/sync/maglev.py loads it through ctypes, falling back to Python).
+NATIVE_LIB := kproxy/native/libkpmaglev.so
+NATIVE_CFLAGS := -O2 -fPIC -shared -Wall -Wextra -Werror -ffile-prefix-map=$(CURDIR)=.
 DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nftables iperf3 \
 	python3-venv python3-dev gcc make procps psmisc util-linux wrk
 PYTEST_ARGS ?=
@@ -23,7 +26,7 @@ include mk/helm.mk
 include mk/bench.mk
 include mk/image.mk
 
-.PHONY: all deps bpf venv install test test-unit demo lint clean wheel bench bench-full soak fuzz image
+.PHONY: all deps bpf native venv install test test-unit demo lint clean wheel bench bench-full soak fuzz image
 
 all: install
 
@@ -50,6 +53,11 @@ $(BPF_OBJ_DIR)/%.bpf.o: bpfsrc/%.bpf.c $(BPF_HDRS) | .stamp-deps
 	@mkdir -p $(BPF_OBJ_DIR)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+native: $(NATIVE_LIB)
+
+$(NATIVE_LIB): kproxy/native/maglev.c | .stamp-deps
+	$(CC) $(NATIVE_CFLAGS) -o $@ $<
+
 venv: $(VENV)/.stamp-venv
 $(VENV)/.stamp-venv: pyproject.toml | .stamp-deps
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kproxy needs Python >= 3.11"'
@@ -58,7 +66,7 @@ $(VENV)/.stamp-venv: pyproject.toml | .stamp-deps
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-install: venv bpf
+install: venv bpf native
 
 test: install helm lint
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -93,5 +101,5 @@ fuzz: install
 	KPROXY_FUZZ_FRAMES=1000000 $(PY) -m pytest -q tests/bpf/test_fuzz.py
 
 clean: clean-loadgen
-	rm -rf $(BPF_OBJ_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BPF_OBJ_DIR) $(NATIVE_LIB) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -186,9 +186,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def private_bpffs() -> Any:
+def private_bpffs(prefix: str = "kpbench-bpffs-") -> Any:
     """A bpf filesystem of our own on a temporary directory: unmounting it drops every pin."""
-    d = tempfile.mkdtemp(prefix="kpbench-bpffs-")
+    d = tempfile.mkdtemp(prefix=prefix)
     subprocess.run(["mount", "-t", "bpf", "bpf", d], check=True)
     try:
         yield d

@@ -153,23 +153,6 @@ class BareMaps:
         from kproxy.bpf import libbpf as lb
         from kproxy.bpf.maps import PinnedMap
 
-        libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        create = libbpf.bpf_map_create
-        create.restype = ctypes.c_int
-        u32 = ctypes.c_uint32
-        create.argtypes = [ctypes.c_int, ctypes.c_char_p, u32, u32, u32, ctypes.c_void_p]
-
-        class Opts(ctypes.Structure):  # struct bpf_map_create_opts (libbpf 1.x), up to map_flags
-            _fields_ = [
-                ("sz", ctypes.c_size_t),
-                ("btf_fd", ctypes.c_uint32),
-                ("btf_key_type_id", ctypes.c_uint32),
-                ("btf_value_type_id", ctypes.c_uint32),
-                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
-                ("inner_map_fd", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32),
-            ]
-
         no_prealloc = 1  # BPF_F_NO_PREALLOC, as bpfsrc/maps.h for svc4 and be4
         layout = [
             ("svc4", abi.MAP_SVC4, lb.BPF_MAP_TYPE_HASH, abi.Svc4Key, abi.Svc4Val, abi.SVC4_MAX, no_prealloc),
@@ -179,14 +162,12 @@ class BareMaps:
         ]
         self._maps: list[Any] = []
         for attr, name, mtype, kt, vt, size, flags in layout:
-            ks, vs = ctypes.sizeof(kt), ctypes.sizeof(vt)
-            opts = Opts(ctypes.sizeof(Opts), 0, 0, 0, 0, 0, flags)
-            fd = create(mtype, name.encode()[:15], ks, vs, size, ctypes.byref(opts))
-            if fd < 0:
+            try:
+                raw = lb.map_create(mtype, name, ctypes.sizeof(kt), ctypes.sizeof(vt), size, flags)
+            except OSError:
                 self.close()
-                err = ctypes.get_errno() or -fd
-                raise OSError(err, f"bpf_map_create {name}: {os.strerror(err)}")
-            m: Any = PinnedMap(lb.Map(fd, name, mtype, ks, vs, size, owned=True), kt, vt)
+                raise
+            m: Any = PinnedMap(raw, kt, vt)
             self._maps.append(m)
             setattr(self, attr, m)
 

@@ -203,6 +203,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kp_cfg6_v1 SEC(".maps");
 
+/* Maglev: service-port id -> its table (see struct kp_maglev_hdr); tables are made by the agent. */
+struct kp_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct kp_maglev_row));
+	__uint(max_entries, 1);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, KP_MAGLEV_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct kp_maglev_inner);
+} kp_maglev_v1 SEC(".maps");
+
 /*
  * Per-CPU room for structures too large for the 512-byte stack on the deepest path (kp_from_netdev
  * forwarding a new SNATed flow: the verifier adds the TCP option walk's frame to it). Not pinned:

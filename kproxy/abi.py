@@ -37,12 +37,14 @@ MAP_SVCNET6_SPAN = "kp_svcnet6_span_v1"
 # The program array of the IPv6 programs the TC entry points tail-call (kproxy_tc.bpf.c), pinned so the
 # attached programs keep reaching them while no agent runs. Not a data map: no ctypes layout, no size.
 MAP_PROGS6 = "kp_progs6_v1"
+# Maglev tables (a hash of maps: its values are inner maps, see MaglevHdr): no ctypes value layout.
+MAP_MAGLEV = "kp_maglev_v1"
 PROG_MAPS = (MAP_PROGS6,)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
     MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6, MAP_SVCNET6,
-    MAP_SVCNET6_SPAN, MAP_STATS6,
+    MAP_SVCNET6_SPAN, MAP_STATS6, MAP_MAGLEV,
 )  # fmt: skip
 
 # ---- default capacities ----
@@ -62,6 +64,8 @@ LBSRC6_MAX = 16384
 FRAG6_MAX = 8192
 SNAT6_MAX = 65536
 SVCNET6_MAX = 16384
+MAGLEV_MAX = 65536
+MAGLEV_ROW = 64  # bytes a row of a Maglev table's inner array
 # Backend and service-port ids of IPv6 start here (abi.h KP_ID6_BASE): one id names one thing.
 ID6_BASE = 0x80000000
 
@@ -85,6 +89,7 @@ class SvcFlag(enum.IntFlag):
     TWO_SCOPES = 0x0040
     SRC_RANGES = 0x0080
     NO_LOCAL_DROP = 0x0100
+    MAGLEV = 0x0200
 
 
 class BackendFlag(enum.IntFlag):
@@ -201,6 +206,8 @@ class Stat(enum.IntEnum):
     FRAG_LATER = 51
     DROP_FRAGMENT = 52
     CT_ORPHAN = 53
+    MAGLEV = 54
+    MAGLEV_FALLBACK = 55
 
 
 STAT_MAX = 64
@@ -437,6 +444,20 @@ class Svcnet6Span(ctypes.Structure):
     ]
 
 
+class MaglevHdr(ctypes.Structure):
+    """Row 0 of a Maglev table's inner array (struct kp_maglev_hdr; kproxy.sync.maglev packs them)."""
+
+    _fields_ = [
+        ("m", ctypes.c_uint32),  # HBO table size (a prime)
+        ("n", ctypes.c_uint32),  # HBO backends in the list
+        ("width", ctypes.c_uint16),  # HBO bytes an entry: 1 or 2
+        ("pad", ctypes.c_uint16),
+        ("list_row", ctypes.c_uint32),  # HBO first row of the backend list
+        ("digest", ctypes.c_uint32),  # HBO the agent's digest of (m, backends)
+        ("pad2", ctypes.c_uint8 * 44),
+    ]
+
+
 class Svc6Key(ctypes.Structure):
     _fields_ = [
         ("addr", In6),  # NBO
@@ -566,6 +587,7 @@ HAIRPIN6_ADDR_DEFAULT = "100::a9fe:2a01"
 # BTF type name of each mirrored structure, for the ABI check.
 BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_svc4_key": Svc4Key,
+    "kp_maglev_hdr": MaglevHdr,
     "kp_svc4_val": Svc4Val,
     "kp_be4_val": Be4Val,
     "kp_ct4_key": Ct4Key,

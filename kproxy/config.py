@@ -43,6 +43,11 @@ MAP_SIZE_MAX = 1 << 26
 SNAT_PORT_RANGE_DEFAULT = (1024, 29999)
 
 DsrModeName = Literal["off", "opt", "ipip"]
+LbAlgorithmName = Literal["random", "maglev"]
+# kproxy.sync.maglev's PRIMES and DEFAULT_SIZE (this module is read by the CLI: no sync import here;
+# tests/unit/test_maglev.py checks they agree)
+MAGLEV_PRIMES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+MAGLEV_DEFAULT_SIZE = 16381
 DSR_MODES: dict[str, abi.DsrMode] = {"off": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
 
 
@@ -238,6 +243,19 @@ class AgentConfig(BaseModel):
         description="Initial DSR mode, written to kp_cfg_v1; with --source kubernetes the agent then follows "
         "the ConfigMap key dsr-mode.",
     )
+    lb_algorithm: LbAlgorithmName = Field(
+        default="random",
+        description="How NodePort, LoadBalancer and externalIP frontends pick a backend for a new flow: "
+        "random, or maglev (consistent hashing: every node picks the same backend for a flow, and a "
+        "backend's removal moves ~1/N of flows). A Service's kproxy.io/lb-algorithm annotation overrides it; "
+        "ClusterIPs stay random.",
+    )
+    maglev_table_size: Annotated[int, Flag(metavar="PRIME")] = Field(
+        default=MAGLEV_DEFAULT_SIZE,
+        description="Entries of each Maglev table, a prime of "
+        + ", ".join(map(str, MAGLEV_PRIMES))
+        + ": keep it above 100 x the most backends a Maglev Service has (each takes 1-2 bytes of it).",
+    )
     socket_lb_cgroup: Annotated[str | None, Flag(metavar="PATH")] = Field(
         default=None,
         description="cgroup v2 directory (never a hierarchy root) whose processes get socket-level load "
@@ -345,6 +363,15 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"--service-cidr entry {cidr!r} is not a CIDR (e.g. 10.96.0.0/12)") from None
         return v
 
+    @field_validator("maglev_table_size")
+    @classmethod
+    def _maglev_size(cls, v: int) -> int:
+        if v not in MAGLEV_PRIMES:
+            raise ValueError(
+                f"--maglev-table-size {v} must be one of the primes {', '.join(map(str, MAGLEV_PRIMES))}"
+            )
+        return v
+
     @field_validator("map_sizes")
     @classmethod
     def _sizes(cls, v: dict[str, int]) -> dict[str, int]:
@@ -421,4 +448,4 @@ class AgentConfig(BaseModel):
         # module for its defaults and option declarations only.
         from kproxy.translate import TranslateConfig
 
-        return TranslateConfig.from_cidrs(self.nodeport_addresses)
+        return TranslateConfig.from_cidrs(self.nodeport_addresses, self.lb_algorithm)

@@ -5,6 +5,7 @@ module that knows the cluster view, translate and the maps' writer together."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -61,12 +62,18 @@ class _Translated(Mapping[str, list[Frontend]]):
         svc, slices = store.view(key)
         if svc is None:
             return []
+        left_out: Counter[str] = Counter()
         try:
-            return translate_service(svc, slices, store.node, self.cfg)
+            return translate_service(svc, slices, store.node, self.cfg, left_out)
         except TranslateError as err:
             store.skipped[("Service", err.reason)] += 1
             log.warning("%s", err)
             return []
+        finally:
+            # an invalid kproxy.io/lb-algorithm is counted (each time the Service is translated); translate's
+            # other notes (a headless Service, an unallocated NodePort...) are no malformed objects
+            if left_out["lb_algorithm_invalid"]:
+                store.skipped[("Service", "lb_algorithm_invalid")] += left_out["lb_algorithm_invalid"]
 
     def __contains__(self, key: object) -> bool:
         return key in self.keys_

@@ -26,6 +26,9 @@ CategorizeEndpoints):
   their backend entries stay so flows already going to them continue.
 - LoadBalancer ingress IPs with ipMode Proxy (KEP-1860) are not served: packets to them go to the load
   balancer, which proxies them (kube-proxy's IsVIPMode).
+- kproxy.io/lb-algorithm (else the agent's --lb-algorithm): "maglev" flags the EXT scope of the external
+  frontends (NodePort, LoadBalancer, externalIPs) SvcFlag.MAGLEV, so new flows from outside take the
+  backend of the port's Maglev table; ClusterIPs and pods' INT scope stay random.
 - loadBalancerSourceRanges (those of the frontend's family) restrict the LoadBalancer IP frontends
   only (kube-proxy's KUBE-FW chains: NodePorts, ClusterIPs and external IPs stay open, and pods and the
   node get no exemption); see lb_source_ranges.
@@ -45,6 +48,8 @@ from kproxy.desired import BackendRef, Frontend
 from kproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
+    LB_ALGORITHM_ANNOTATION,
+    LB_ALGORITHMS,
     SERVICE_PROXY_NAME_LABEL,
     EndpointConditions,
     EndpointSlice,
@@ -75,10 +80,29 @@ class TranslateConfig:
 
     # CIDRs selecting the node addresses NodePorts listen on; empty = the node's InternalIPs.
     nodeport_addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # how external frontends pick backends unless the Service's kproxy.io/lb-algorithm says: "random" or
+    # "maglev" (the agent's --lb-algorithm)
+    lb_algorithm: str = "random"
 
     @classmethod
-    def from_cidrs(cls, cidrs: Iterable[str]) -> TranslateConfig:
-        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
+    def from_cidrs(cls, cidrs: Iterable[str], lb_algorithm: str = "random") -> TranslateConfig:
+        return cls(tuple(ipaddress.ip_network(c, strict=False) for c in cidrs), lb_algorithm)
+
+
+def lb_algorithm(svc: Service, cfg: TranslateConfig, skipped: Counter[str] | None = None) -> str:
+    """How the Service's external frontends (NodePort, LoadBalancer, externalIPs) pick a backend for a new
+    flow: its kproxy.io/lb-algorithm annotation ("maglev" or "random", case-insensitive), else the agent's
+    --lb-algorithm. Another value is counted (`lb_algorithm_invalid`) and the agent's default applies: a
+    typo never takes a Service down. ClusterIP frontends (cluster-internal traffic) stay random."""
+    value = svc.metadata.annotations.get(LB_ALGORITHM_ANNOTATION)
+    if value is None:
+        return cfg.lb_algorithm
+    v = value.strip().lower()
+    if v in LB_ALGORITHMS:
+        return v
+    if skipped is not None:
+        skipped["lb_algorithm_invalid"] += 1
+    return cfg.lb_algorithm
 
 
 def _is_v4(address: str) -> bool:
@@ -406,6 +430,7 @@ class _Plan(NamedTuple):
     affinity_flag: int
     affinity_timeout: int
     itp_local: bool
+    maglev_flag: int  # SvcFlag.MAGLEV or 0, for the external frontends' EXT scope
 
 
 _IPV4 = "IPv4"
@@ -534,7 +559,10 @@ def _plan(svc: Service, node: NodeInfo, cfg: TranslateConfig, skipped: Counter[s
         conf = spec.session_affinity_config
         t = conf.client_ip.timeout_seconds if conf and conf.client_ip else None
         affinity_timeout = t or DEFAULT_AFFINITY_TIMEOUT
-    return _Plan(svc.key, spec, families, affinity_flag, affinity_timeout, itp_local)
+    maglev_flag = 0
+    if lb_algorithm(svc, cfg, skipped) == "maglev":
+        maglev_flag = SvcFlag.MAGLEV
+    return _Plan(svc.key, spec, families, affinity_flag, affinity_timeout, itp_local, int(maglev_flag))
 
 
 def translate_service(
@@ -653,7 +681,7 @@ def _port_frontends(
         out.append(
             Frontend(
                 key, sp.name, ftype, address, port, sp.protocol, _EXT,  # type: ignore[arg-type]
-                int(flags | ext_drop), affinity_timeout, external_t, retained, ranges,
+                int(flags | ext_drop | plan.maglev_flag), affinity_timeout, external_t, retained, ranges,
             )
         )  # fmt: skip
         if etp_local:

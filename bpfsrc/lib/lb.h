@@ -17,6 +17,7 @@
 #include "lib/dsr.h"
 #include "lib/snat.h"
 #include "lib/srcrange.h"
+#include "lib/maglev.h"
 
 /* Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds, used when the entry says 0. */
 #define KP_AFFINITY_TIMEOUT_DEFAULT 10800
@@ -26,6 +27,13 @@
 enum kp_origin {
 	KP_ORIGIN_POD = 0,     /* packet from a local pod: INT scope for TWO_SCOPES services */
 	KP_ORIGIN_NETDEV = 1,  /* packet from outside: EXT scope (kp_from_netdev decides about ClusterIPs) */
+};
+
+/* kp_lb_select's use of a KP_SVC_F_MAGLEV frontend's table (lib/lb_fam.h) */
+enum kp_lb_maglev {
+	KP_LB_NO_MAGLEV = 0,  /* never (the socket hooks: connect() has no source port to hash yet) */
+	KP_LB_MAGLEV = 1,     /* a packet's first draw */
+	KP_LB_REDRAW = 2,     /* a later draw: the first backend's reply tuple was held, another is wanted */
 };
 
 static __always_inline struct kp_ct6_val *kp_scratch_old6(void)

@@ -33,10 +33,15 @@ static __always_inline struct kp_svc4_val *KP_F(kp_svc_lookup)(const KP_PKT *p, 
 	return svc;
 }
 
-/* Pick a backend for a new flow: the affinity entry if valid, else a uniformly random slot. */
+/*
+ * Pick a backend for a new flow: the affinity entry if valid, else, for a KP_SVC_F_MAGLEV frontend and
+ * MAGLEV == KP_LB_MAGLEV (a packet's first draw), the Maglev table's, else a uniformly random slot.
+ * KP_LB_REDRAW: a second draw (the first backend's reply tuple was held) wants another backend;
+ * KP_LB_NO_MAGLEV: the socket hooks, whose connect() has no source port to hash yet.
+ */
 static __always_inline int KP_F(kp_lb_select)(const KP_SVC_KEY *svc_key, const struct kp_svc4_val *svc,
 					const KP_PKT *p, __u64 now, __u32 *backend_id,
-					KP_BE_VAL *be)
+					KP_BE_VAL *be, int maglev)
 {
 	KP_AFF_KEY ak = { .client_addr = p->saddr, .svc_id = svc->svc_id };
 	KP_SVC_KEY slot_key = *svc_key;
@@ -61,6 +66,19 @@ static __always_inline int KP_F(kp_lb_select)(const KP_SVC_KEY *svc_key, const s
 		}
 	}
 
+	if (maglev == KP_LB_MAGLEV && (svc->flags & KP_SVC_F_MAGLEV)) {
+		__u32 id = kp_maglev_backend(svc->svc_id, kp_maglev_hash(KP_ADDR_FOLD(p->saddr), p->sport,
+									  p->dport, p->proto));
+
+		b = id ? bpf_map_lookup_elem(&KP_BE_MAP, &id) : NULL;
+		if (b && !(b->flags & KP_BE_F_TERMINATING)) {
+			*backend_id = id;
+			*be = *b;
+			KP_F(kp_count)(KP_STAT_MAGLEV, p->len);
+			goto remember;
+		}
+		KP_F(kp_count)(KP_STAT_MAGLEV_FALLBACK, p->len);
+	}
 	slot_key.slot = 1 + bpf_get_prandom_u32() % svc->count;
 	slot = bpf_map_lookup_elem(&KP_SVC_MAP, &slot_key);
 	if (!slot)
@@ -296,7 +314,8 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 	 * cannot take the flow: another draw, at most KP_HELD_TRIES, then a drop (the client's SYN is
 	 * retransmitted and drawn again). */
 	for (tries = 0;; tries++) {
-		if (KP_F(kp_lb_select)(svc_key, svc, p, now, &backend_id, &be)) {
+		if (KP_F(kp_lb_select)(svc_key, svc, p, now, &backend_id, &be,
+					 tries ? KP_LB_REDRAW : KP_LB_MAGLEV)) {
 			KP_F(kp_count)(KP_DROP_BACKEND_MISSING, p->len);
 			return TC_ACT_SHOT;
 		}

@@ -37,7 +37,7 @@ static __always_inline int KP_F(kp_sock_xlate)(struct bpf_sock_addr *ctx, KP_ADD
 	/* loadBalancerSourceRanges hold for node processes too (kube-proxy's KUBE-FW sees OUTPUT). */
 	if (KP_F(kp_src_range_drop)(&svc_copy, &p))
 		return KP_SOCK_REFUSE;
-	if (KP_F(kp_lb_select)(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be)) {
+	if (KP_F(kp_lb_select)(&svc_key, &svc_copy, &p, bpf_ktime_get_ns(), &backend_id, &be, KP_LB_NO_MAGLEV)) {
 		kp_sock_count(KP_FAM, KP_DROP_BACKEND_MISSING);
 		return KP_SOCK_REFUSE;
 	}

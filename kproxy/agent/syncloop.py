@@ -48,7 +48,7 @@ class SyncLoop:
 
     async def run(self, store: ClusterStore, maps: KproxyMaps) -> None:
         tcfg = self.cfg.translate_config()
-        syncer = self.syncer = Syncer(maps)
+        syncer = self.syncer = Syncer(maps, maglev_size=self.cfg.maglev_table_size)
         while not store.initial_sync_done:
             store.event.clear()
             if store.initial_sync_done:

@@ -37,6 +37,8 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_HASH_OF_MAPS = 13
+BPF_F_INNER_MAP = 1 << 12
 PERCPU_MAP_TYPES = frozenset(
     {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 )
@@ -94,6 +96,21 @@ class _OpenOpts(ctypes.Structure):
 
 class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _MapCreateOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
 
 
 class _LinkUpdateOpts(ctypes.Structure):
@@ -235,6 +252,18 @@ _PROTOS: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_update": (_c_int, [_c_int, _c_int, ctypes.POINTER(_LinkUpdateOpts)]),
     "bpf_link_detach": (_c_int, [_c_int]),
     "bpf_prog_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+    "bpf_map_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+    "bpf_map_create": (
+        _c_int,
+        [
+            _c_int,
+            _c_char_p,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.POINTER(_MapCreateOpts),
+        ],
+    ),
     "bpf_prog_test_run_opts": (_c_int, [_c_int, ctypes.POINTER(_TestRunOpts)]),
     "libbpf_num_possible_cpus": (_c_int, []),
     "libbpf_set_print": (_c_void_p, [_c_void_p]),
@@ -638,6 +667,31 @@ class Map:
                 return
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
+
+
+def map_create(
+    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, map_flags: int = 0
+) -> Map:
+    """A new map, not pinned: it lives while its fd (the returned Map owns it) or a reference to it (an
+    outer map's entry) does."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=map_flags)
+    with _Capture() as messages:
+        fd = lib().bpf_map_create(
+            map_type, name.encode()[:15], key_size, value_size, max_entries, ctypes.byref(opts)
+        )
+    _check(fd, f"create map {name} ({max_entries} entries of {value_size} bytes)", messages)
+    return Map(fd, name, map_type, key_size, value_size, max_entries, owned=True)
+
+
+def map_by_id(map_id: int) -> Map:
+    """The map of id MAP_ID (an outer map's entry, as userspace reads it), by a new fd the Map owns."""
+    fd = _check(lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+    try:
+        info = map_info(fd, f"map id {map_id}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Map(fd, info.name, info.type, info.key_size, info.value_size, info.max_entries, owned=True)
 
 
 # ---- programs and objects ----

@@ -97,6 +97,62 @@ class MemoryMap(Generic[K, V]):
         return len(self.data)
 
 
+class MaglevOps(Protocol):
+    """kp_maglev_v1: service-port id -> its Maglev table, given and read back as the packed rows of
+    its inner array (row 0 the header, abi.MaglevHdr; see kproxy.sync.maglev.pack_rows)."""
+
+    name: str
+    max_entries: int
+
+    def put_tables(self, tables: Sequence[tuple[int, bytes]]) -> list[tuple[int, OSError]]:
+        """Make each table and swap it in for the service port's old one (readers see one or the other,
+        whole). Returns the ports whose table was not written, with why (MapFullError: no room for a new
+        port; another OSError: the kernel refused); every other table is written."""
+
+    def delete_tables(self, svc_ids: Sequence[int]) -> int:
+        """Remove the tables of these ports, ignoring absent ones; how many went."""
+
+    def headers(self) -> dict[int, bytes]:
+        """svc_id -> the table's header row (64 bytes), of every table."""
+
+    def table(self, svc_id: int) -> bytes | None:
+        """The port's table, all rows, or None."""
+
+    def __len__(self) -> int: ...
+
+
+class MemoryMaglev:
+    """In-memory twin of kp_maglev_v1."""
+
+    def __init__(self, max_entries: int = abi.MAGLEV_MAX) -> None:
+        self.name = abi.MAP_MAGLEV
+        self.max_entries = max_entries
+        self.data: dict[int, bytes] = {}
+
+    def put_tables(self, tables: Sequence[tuple[int, bytes]]) -> list[tuple[int, OSError]]:
+        failed: list[tuple[int, OSError]] = []
+        for sid, rows in tables:
+            if not rows or len(rows) % abi.MAGLEV_ROW:
+                raise ValueError(f"Maglev table of service port {sid}: {len(rows)} bytes is no whole row")
+            if sid not in self.data and len(self.data) >= self.max_entries:
+                failed.append((sid, MapFullError(self.name, self.max_entries, 1)))
+                continue
+            self.data[sid] = bytes(rows)
+        return failed
+
+    def delete_tables(self, svc_ids: Sequence[int]) -> int:
+        return sum(self.data.pop(sid, None) is not None for sid in svc_ids)
+
+    def headers(self) -> dict[int, bytes]:
+        return {sid: rows[: abi.MAGLEV_ROW] for sid, rows in self.data.items()}
+
+    def table(self, svc_id: int) -> bytes | None:
+        return self.data.get(svc_id)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 class MemoryMapSet:
     """The map set sync works on (the attributes of kproxy.bpf.maps.KproxyMaps), all in memory."""
 
@@ -111,6 +167,7 @@ class MemoryMapSet:
         svc6_max: int | None = None,
         be6_max: int | None = None,
         svcnet6_max: int | None = None,
+        maglev_max: int | None = None,
     ) -> None:
         self.svc4: MemoryMap[abi.Svc4Key, abi.Svc4Val] = MemoryMap(
             abi.MAP_SVC4, abi.Svc4Key, abi.Svc4Val, svc4_max or abi.SVC4_MAX
@@ -161,6 +218,7 @@ class MemoryMapSet:
         self.svcnet6_span: MemoryMap[ctypes.c_uint32, abi.Svcnet6Span] = MemoryMap(
             abi.MAP_SVCNET6_SPAN, ctypes.c_uint32, abi.Svcnet6Span, 1
         )
+        self.maglev = MemoryMaglev(maglev_max or abi.MAGLEV_MAX)
 
     def read_config(self) -> abi.Config:
         value = self.cfg.get(ctypes.c_uint32(0))

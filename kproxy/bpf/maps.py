@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -281,6 +282,155 @@ class PerCpuArray(Generic[V]):
             self.map.update(ctypes.c_uint32(i), zero)
 
 
+class MaglevMap:
+    """kp_maglev_v1 (a hash of maps) as MaglevOps: each table is an inner array of its own, made, filled
+    in one batch and swapped in by one update of the outer map, so the datapath reads one table or the
+    other, whole (never a half-written one). The inner maps live as long as the outer map holds them."""
+
+    def __init__(self, m: lb.Map, path: str | None = None) -> None:
+        if m.type != lb.BPF_MAP_TYPE_HASH_OF_MAPS or (m.key_size, m.value_size) != (4, 4):
+            raise MapLayoutError(
+                f"map {m.name} at {path or 'fd'} is not kproxy's Maglev hash of maps (type {m.type}, "
+                f"key {m.key_size} bytes, value {m.value_size}): run `kproxy cleanup` and restart the agent"
+            )
+        self.map = m
+        self.name = m.name
+        self.max_entries = m.max_entries
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str) -> MaglevMap:
+        m = lb.Map.open_pinned(path)
+        try:
+            return cls(m, path)
+        except BaseException:
+            m.close()
+            raise
+
+    def close(self) -> None:
+        self.map.close()
+
+    def put_tables(self, tables: Sequence[tuple[int, bytes]]) -> list[tuple[int, OSError]]:
+        """As MaglevOps. The inner maps of up to _TABLE_BATCH tables are made and filled, then swapped in
+        with ONE batch update of the outer map: the kernel waits for an RCU grace period after each
+        update of a map of maps from user space (~10 ms here), once per call, so one table a call took
+        88 s for 10,000 tables and a batch takes the wait once."""
+        failed: list[tuple[int, OSError]] = []
+        for start in range(0, len(tables), _TABLE_BATCH):
+            inners: list[lb.Map] = []
+            sids: list[int] = []
+            try:
+                for sid, rows in tables[start : start + _TABLE_BATCH]:
+                    try:
+                        inners.append(self._inner_of(sid, rows))
+                    except OSError as err:
+                        failed.append((sid, err))
+                        continue
+                    sids.append(sid)
+                self._swap(sids, inners, failed)
+            finally:
+                for m in inners:
+                    m.close()
+        return failed
+
+    @staticmethod
+    def _inner_of(sid: int, rows: bytes) -> lb.Map:
+        row = abi.MAGLEV_ROW
+        n = len(rows) // row
+        if not n or len(rows) % row:
+            raise ValueError(f"Maglev table of service port {sid}: {len(rows)} bytes is no whole row")
+        inner = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "kp_maglev_t", 4, row, n, lb.BPF_F_INNER_MAP)
+        try:
+            inner.update_batch(_ROW_KEYS(n), rows, n)
+        except BaseException:
+            inner.close()
+            raise
+        return inner
+
+    def _swap(self, sids: list[int], inners: list[lb.Map], failed: list[tuple[int, OSError]]) -> None:
+        """Point the outer map's entries of SIDS at INNERS, in batches; failures appended to FAILED."""
+        i = 0
+        while i < len(sids):
+            rest = len(sids) - i
+            keys = b"".join(map(_U32, sids[i:]))
+            fds = b"".join(_U32(m.fd) for m in inners[i:])
+            try:
+                i += self.map.update_batch(keys, fds, rest)
+            except lb.LibbpfError as err:
+                done = getattr(err, "done", 0)
+                bad = sids[i + done]
+                i += done + 1
+                if err.errno not in _FULL:
+                    failed.append((bad, err))
+                    continue
+                # full: no new port fits; the ports that have a table can still have it replaced
+                failed.append((bad, MapFullError(self.name, self.max_entries, 1)))
+                keep_s, keep_m = [], []
+                for s, m in zip(sids[i:], inners[i:], strict=True):
+                    if self.map.lookup(_U32(s)) is None:
+                        failed.append((s, MapFullError(self.name, self.max_entries, 1)))
+                    else:
+                        keep_s.append(s)
+                        keep_m.append(m)
+                sids, inners, i = keep_s, keep_m, 0
+
+    def delete_tables(self, svc_ids: Sequence[int]) -> int:
+        """As MaglevOps; in batches (each update of a map of maps waits for a grace period)."""
+        keys = list(svc_ids)
+        gone = 0
+        while keys:
+            n = self.map.delete_batch(b"".join(map(_U32, keys)), len(keys))
+            gone += n
+            keys = keys[n + 1 :]  # the batch stops at an absent key: skip it
+        return gone
+
+    def _inner(self, svc_id: int) -> lb.Map | None:
+        raw = self.map.lookup(_U32(svc_id))
+        if raw is None:
+            return None
+        try:
+            return lb.map_by_id(int.from_bytes(raw, "little"))
+        except lb.LibbpfError as err:
+            if err.errno == errno.ENOENT:  # replaced meanwhile
+                return None
+            raise
+
+    def headers(self) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for key in list(self.map.iter_keys()):
+            sid = int.from_bytes(key, "little")
+            inner = self._inner(sid)
+            if inner is None:
+                continue
+            with inner:
+                hdr = inner.lookup(_U32(0))
+            if hdr is not None:
+                out[sid] = hdr
+        return out
+
+    def table(self, svc_id: int) -> bytes | None:
+        inner = self._inner(svc_id)
+        if inner is None:
+            return None
+        with inner:
+            rows = [inner.lookup(_U32(i)) for i in range(inner.max_entries)]
+        return b"".join(r or bytes(abi.MAGLEV_ROW) for r in rows)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.map.iter_keys())
+
+
+_TABLE_BATCH = 1024  # Maglev tables made and swapped in per batch (their inner maps' fds open meanwhile)
+
+
+def _U32(v: int) -> bytes:  # noqa: N802
+    return v.to_bytes(4, "little")
+
+
+def _ROW_KEYS(n: int) -> bytes:  # noqa: N802
+    return array("I", range(n)).tobytes()
+
+
 def _statfs_type(path: str) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64; f_type comes first
@@ -318,14 +468,16 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_SVCNET6: ("svcnet6", BPF_MAP_TYPE_LPM_TRIE, abi.Svcnet6Key, abi.Svcnet4Val),
     abi.MAP_SVCNET6_SPAN: ("svcnet6_span", lb.BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, abi.Svcnet6Span),
     abi.MAP_STATS6: ("stats6", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
+    # values are inner maps (MaglevMap), read as their u32 ids
+    abi.MAP_MAGLEV: ("maglev", lb.BPF_MAP_TYPE_HASH_OF_MAPS, ctypes.c_uint32, ctypes.c_uint32),
 }
 
-# Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15. KproxyMaps.open leaves their
-# attributes None there, so this version's CLI still reads an older agent's IPv4 maps; every other map
-# is required.
+# Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15, kp_maglev_v1 with issue 16.
+# KproxyMaps.open leaves their attributes None there, so this version's CLI still reads an older agent's
+# IPv4 maps; every other map is required.
 OPTIONAL_MAPS = frozenset({
     abi.MAP_SVC6, abi.MAP_BE6, abi.MAP_CT6, abi.MAP_AFF6, abi.MAP_CFG6, abi.MAP_LBSRC6, abi.MAP_FRAG6,
-    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN, abi.MAP_STATS6,
+    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN, abi.MAP_STATS6, abi.MAP_MAGLEV,
 })  # fmt: skip
 
 
@@ -357,6 +509,7 @@ class KproxyMaps:
     svcnet6: PinnedMap[abi.Svcnet6Key, abi.Svcnet4Val]
     svcnet6_span: PinnedMap[ctypes.c_uint32, abi.Svcnet6Span]
     stats6: PerCpuArray[abi.Counter]
+    maglev: MaglevMap
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir
@@ -402,6 +555,8 @@ class KproxyMaps:
                 path = os.path.join(d, name)
                 if map_type == lb.BPF_MAP_TYPE_PERCPU_ARRAY:
                     opened[name] = PerCpuArray.open(path, vt)
+                elif map_type == lb.BPF_MAP_TYPE_HASH_OF_MAPS:
+                    opened[name] = MaglevMap.open(path)
                 else:
                     opened[name] = PinnedMap.open(path, kt, vt, map_type)
         except BaseException:

@@ -53,12 +53,13 @@ def service(
     cluster_ip6: str | None = None,
     ip_family_policy: str | None = None,
     ip_families: Sequence[str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A Service. With only `cluster_ip` (IPv4) it has no family fields, as before. With `cluster_ip6`
-    it is dual-stack: ipFamilyPolicy RequireDualStack unless `ip_family_policy` says otherwise,
-    ipFamilies ["IPv4", "IPv6"] unless `ip_families` gives another order, clusterIPs in that order and
-    clusterIP the first of them. With `cluster_ip6` and no `cluster_ip`: SingleStack IPv6.
-    `external_ips` and `lb_ips` may mix both families."""
+    """A Service (with ANNOTATIONS, e.g. kproxy.io/lb-algorithm). With only `cluster_ip` (IPv4) it has
+    no family fields, as before. With `cluster_ip6` it is dual-stack: ipFamilyPolicy RequireDualStack
+    unless `ip_family_policy` says otherwise, ipFamilies ["IPv4", "IPv6"] unless `ip_families` gives
+    another order, clusterIPs in that order and clusterIP the first of them. With `cluster_ip6` and no
+    `cluster_ip`: SingleStack IPv6. `external_ips` and `lb_ips` may mix both families."""
     spec: dict[str, Any] = {
         "type": type,
         "ports": [],
@@ -83,6 +84,8 @@ def service(
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
+    if annotations:
+        obj["metadata"]["annotations"] = dict(annotations)
     lbs = list(lb_ips)
     if lbs:
         obj["status"] = {"loadBalancer": {"ingress": [{"ip": ip} for ip in lbs]}}

@@ -278,12 +278,13 @@ def endpoint_rows(
 
 
 # Labels and annotations kept in the cluster view: those Kubernetes defines for Services and
-# EndpointSlices (service-proxy-name, headless, service-name, topology...). kproxy reads nothing else,
-# and the rest is often most of an object: kubectl's last-applied-configuration annotation repeats the
-# whole object, users' labels and annotations come by the dozen. Dropping them kept 10,000 Services
-# several MB smaller (issue 13).
+# EndpointSlices (service-proxy-name, headless, service-name, topology...) and kproxy's own (kproxy.io/).
+# kproxy reads nothing else, and the rest is often most of an object: kubectl's
+# last-applied-configuration annotation repeats the whole object, users' labels and annotations come by
+# the dozen. Dropping them kept 10,000 Services several MB smaller (issue 13).
 KEPT_META_PREFIXES = (
     "kubernetes.io/", "service.kubernetes.io/", "service.beta.kubernetes.io/", "endpointslice.kubernetes.io/",
+    "kproxy.io/",
 )  # fmt: skip
 
 

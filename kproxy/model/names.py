@@ -13,6 +13,10 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
 TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # deprecated spelling
 ZONE_LABEL = "topology.kubernetes.io/zone"
+# kproxy's own: how the Service's external frontends (NodePort, LoadBalancer, externalIPs) pick a
+# backend for a new flow, "maglev" or "random"; without it, the agent's --lb-algorithm
+LB_ALGORITHM_ANNOTATION = "kproxy.io/lb-algorithm"
+LB_ALGORITHMS = ("random", "maglev")
 
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400

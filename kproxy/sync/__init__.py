@@ -7,7 +7,8 @@ holds per family; svcnet holds one trie per family too (kp_svcnet4, kp_svcnet6).
 
 Ordering (DESIGN.md) so that a reader in the kernel never sees a frontend pointing at nothing:
   1. new or changed backends (kp_be4)          4. slots beyond a lowered count deleted
-  2. new or changed backend slots 1..n          5. frontends that went away deleted (slot 0 first)
+     then new or changed Maglev tables          5. frontends that went away deleted (slot 0 first)
+  2. new or changed backend slots 1..n             then Maglev tables no frontend wants
   3. slot-0 entries (count, flags, svc_id)      6. backend ids no longer referenced freed, last
 then UDP conntrack and affinity entries of backends that left a service are flushed (TCP flows are
 left to finish). Each step is one batch for all services of an apply (the map splits it into
@@ -28,7 +29,8 @@ programmed); the others still apply.
 
 Modules: family (what differs between IPv4 and IPv6), state (keys, plans, ApplyReport), ids, plan
 (diff planning), writer (ordered writes, undo, flushes), syncer (the engines and the Syncer driving
-them), lbsrc (kp_lbsrc4/6) and svcnet (kp_svcnet4/6). Reading the cluster view and translating it is
+them), lbsrc (kp_lbsrc4/6), svcnet (kp_svcnet4/6), maglev (Maglev tables, built) and mgsync
+(kp_maglev_v1, kept in step). Reading the cluster view and translating it is
 kproxy.pipeline's; timer chores on the maps are kproxy.bpf.upkeep's.
 """
 

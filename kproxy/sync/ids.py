@@ -267,6 +267,10 @@ class ServiceIds:
         self._log: list[tuple[int, SvcPort | None]] = []
         self._log_lost = True  # the log does not cover everything: take the whole table
         self.next = fam.id_base
+        # ids of adopted frontends re-used by plans of the batch being planned (until it is committed):
+        # another port of the batch must not take the same one (two Services on one id would share
+        # source ranges and a Maglev table)
+        self.reserved: set[int] = set()
 
     def reset(self) -> None:
         """Forget every id (adopt rebuilds what the maps say); the change log starts over."""
@@ -308,8 +312,10 @@ class ServiceIds:
             and prev.svc_id
             and prev.svc_id not in self.owner
             and prev.svc_id not in plan.svc_ids.values()
+            and prev.svc_id not in self.reserved
         ):
             sid = prev.svc_id
+            self.reserved.add(sid)
         if not sid:
             sid = self.next
             if sid >= self.fam.id_limit:

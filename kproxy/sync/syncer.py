@@ -21,16 +21,19 @@ from kproxy import abi
 from kproxy.bpf.mapapi import MapFullError
 from kproxy.desired import Frontend
 from kproxy.heap import compact_dicts, gc_paused
-from kproxy.sync import writer
+from kproxy.sync import maglev, writer
 from kproxy.sync.family import FAMILY4, FAMILY6, Family
 from kproxy.sync.ids import BackendIds, ServiceIds, adopt_frontends
 from kproxy.sync.lbsrc import SourceRangeSync, Staged
+from kproxy.sync.mgsync import MaglevSync
 from kproxy.sync.plan import plan_service
 from kproxy.sync.state import ORPHANS, PROTO, ApplyReport, FKey, Plan, Svc, SvcPort
 from kproxy.sync.svcnet import ServiceSpaceSync
 from kproxy.sync.writer import FamilyMaps, Flush, MapSet
 
 log = logging.getLogger(__name__)
+
+_MAGLEV = int(abi.SvcFlag.MAGLEV)
 
 # Services planned, written and committed per batch when an apply has more (see Syncer._apply). 250
 # rather than 1,000: a burst of 5,000 changed Services peaked 6 MB lower (that peak stays as RSS), the
@@ -51,7 +54,13 @@ class FamilySyncer:
     """Keeps one family's service and backend maps (kp_svc4/kp_be4, or kp_svc6/kp_be6) equal to the
     desired frontends of that family, one incremental apply at a time."""
 
-    def __init__(self, maps: MapSet, fam: Family = FAMILY4, errors: Counter[str] | None = None) -> None:
+    def __init__(
+        self,
+        maps: MapSet,
+        fam: Family = FAMILY4,
+        errors: Counter[str] | None = None,
+        maglev_size: int = maglev.DEFAULT_SIZE,
+    ) -> None:
         self.maps = maps
         self.fam = fam
         self.fm = FamilyMaps(maps, fam)
@@ -66,6 +75,9 @@ class FamilySyncer:
         self._svc_ids = ServiceIds(fam)
         self._svc4_entries = 0  # entries of the family's service map
         self._lbsrc = SourceRangeSync(self.fm.lbsrc, fam.version)
+        self._maglev = MaglevSync(getattr(maps, "maglev", None), fam, self.errors, maglev_size)
+        # svc_id -> committed frontends with SvcFlag.MAGLEV and backends (of real Services, not orphans)
+        self._maglev_live: Counter[int] = Counter()
 
     def set_nodes(self, addrs: Mapping[str, str], local_addr: str | None, version: int | None = None) -> bool:
         """Take the cluster's node table (name -> address, the other family's left out); return whether
@@ -132,6 +144,8 @@ class FamilySyncer:
             vals.add_ref(bid)
         self._services[ORPHANS] = orphans
         self._lbsrc.adopt(fe.svc_id for fe in orphans.frontends.values())
+        self._maglev.adopt()
+        self._maglev_live.clear()
         for _k, v in fm.ct.items():
             max_be = max(max_be, v.backend_id)
             max_svc = max(max_svc, v.svc_id)
@@ -215,6 +229,8 @@ class FamilySyncer:
             # (_commit); a frontend a failed plan claimed goes with the orphans, slots and backend ids
             # together, never leaving slots that name freed ids.
             self._apply_plans([self._plan(ORPHANS, ())], report, flush)
+        if full:
+            self._maglev.prune(self._maglev_live.__contains__)
         writer.run_flush(self.fm, flush, report)
         if full:
             self._backends.adopted.clear()  # every adopted id was claimed or freed with the orphans
@@ -231,30 +247,59 @@ class FamilySyncer:
             return
         plans, ranges = self._stage_source_ranges(plans, report)
         fm = self.fm
+        mg = self._maglev
+        mg_staged = mg.stage(plans, self._backend_value)
         try:
-            writer.write_batched(fm, plans, report)
+            writer.write_batched(fm, plans, report, lambda: mg.write(mg_staged))
         except MapFullError as err:
             log.error("batched map update failed (%s); applying service by service", err)
             self.errors["map_full"] += 1
+            # the batch's tables may be written already (the failure came later): taken back, and each
+            # plan's written before its own slots below, or not at all if it fails
+            mg.discard(mg_staged)
             ok = []
             for p in plans:
+                staged = mg.stage([p], self._backend_value)
                 try:
-                    writer.write_batched(fm, [p], ApplyReport())
+                    writer.write_batched(fm, [p], ApplyReport(), lambda st=staged: mg.write(st))  # type: ignore[misc]
                     ok.append(p)
                 except MapFullError as err2:
                     keep = {b for q in ok for b in q.be_puts}
                     writer.undo(fm, p, self._backends.vals, keep)
+                    mg.discard(staged)
                     self._fail(p, report, f"map {err2.map_name} is full", "map_full")
             plans = ok
+            mg_staged = mg.stage(plans, self._backend_value)  # the drops of the plans written
             writer.count_writes(plans, report, self.fam.svc_key_size)
         self._lbsrc.finish(ranges, plans)
         freed = self._commit(plans, report)
+        mg.drop(mg_staged, self._maglev_live.__contains__)
         self._release_claims(report)
         writer.free_and_flush(fm, self._backends, plans, freed, report, flush)
+
+    def _backend_value(self, p: Plan, bid: int) -> int | None:
+        """Backend BID's value (BVal) as plan P programs it."""
+        val = p.be_puts.get(bid)
+        return val if val is not None else self._backends.vals.value(bid)
+
+    def _count_maglev(self, p: Plan) -> None:
+        """Keep _maglev_live (svc_id -> its committed Maglev frontends with backends) after plan P."""
+        if p.service == ORPHANS:
+            return
+        live = self._maglev_live
+        for fe in p.old.frontends.values():
+            if fe.flags & _MAGLEV and len(fe.slots):
+                live[fe.svc_id] -= 1
+                if live[fe.svc_id] <= 0:
+                    del live[fe.svc_id]
+        for fe in p.new.frontends.values():
+            if fe.flags & _MAGLEV and len(fe.slots):
+                live[fe.svc_id] += 1
 
     def _release_claims(self, report: ApplyReport) -> None:
         """After a batch: its committed plans own what they claimed; a frontend claimed by a plan that
         failed is free again, and the Services that conflicted on it are retried."""
+        self._svc_ids.reserved.clear()  # committed ids are in its owner table now
         if not self._claims:
             return
         owner = self._owner
@@ -341,6 +386,7 @@ class FamilySyncer:
                 for fk in p.claimed:
                     orphans.frontends.pop(fk, None)
             self._svc_ids.commit(p)
+            self._count_maglev(p)
             self._svc4_entries += p.svc4_added - p.svc4_removed
             if p.new.frontends or p.new.backends:
                 self._services[p.service] = p.new.compact()
@@ -384,11 +430,11 @@ class Syncer:
     """Keeps kp_svc4/kp_be4 and kp_svc6/kp_be6 (with kp_lbsrc4/6) equal to the desired frontends, and
     kp_svcnet4/6 to the service address space: one FamilySyncer per family (v4, v6) and the svcnet sync."""
 
-    def __init__(self, maps: MapSet) -> None:
+    def __init__(self, maps: MapSet, maglev_size: int = maglev.DEFAULT_SIZE) -> None:
         self.maps = maps
         self.errors: Counter[str] = Counter()  # by reason, for metrics (both families')
-        self.v4 = FamilySyncer(maps, FAMILY4, self.errors)
-        self.v6 = FamilySyncer(maps, FAMILY6, self.errors)
+        self.v4 = FamilySyncer(maps, FAMILY4, self.errors, maglev_size)
+        self.v6 = FamilySyncer(maps, FAMILY6, self.errors, maglev_size)
         self.applied = 0  # Services applied since it was made (planned, changed or not)
         self.svcnet = ServiceSpaceSync(maps.svcnet4, maps.svcnet_span, maps.svcnet6, maps.svcnet6_span)
 

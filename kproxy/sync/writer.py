@@ -7,12 +7,12 @@ joined into one buffer per map that the map writes in kernel-sized batches: no p
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kproxy import abi
-from kproxy.bpf.mapapi import MapOps
+from kproxy.bpf.mapapi import MaglevOps, MapOps
 from kproxy.sync.family import FAMILY4, Family
 from kproxy.sync.ids import BackendIds
 from kproxy.sync.state import ApplyReport, BVal, Plan
@@ -53,6 +53,8 @@ class MapSet(Protocol):
     def svcnet6(self) -> MapOps[Any, Any]: ...
     @property
     def svcnet6_span(self) -> MapOps[Any, Any]: ...
+    @property
+    def maglev(self) -> MaglevOps | None: ...
 
     def read_config(self) -> abi.Config: ...
 
@@ -105,14 +107,19 @@ def n_keys(keys: list[bytes], ks: int = abi.SVC4_KEY_SIZE) -> int:
     return sum(len(k) for k in keys) // ks
 
 
-def write_batched(fm: FamilyMaps, plans: list[Plan], report: ApplyReport) -> None:
+def write_batched(
+    fm: FamilyMaps, plans: list[Plan], report: ApplyReport, before_slots: Callable[[], None] | None = None
+) -> None:
     """Write the plans in DESIGN.md's order (see kproxy.sync), one batch per map and step for all. The
-    report's svc4/be4 counts are the family's (see ApplyReport)."""
+    report's svc4/be4 counts are the family's (see ApplyReport). BEFORE_SLOTS runs once the backends
+    are written, before any service entry (the Maglev tables: kproxy.sync.mgsync)."""
     ks = fm.fam.svc_key_size
     be_puts: dict[int, BVal] = {}
     for p in plans:
         be_puts.update(p.be_puts)
     put_be(fm, be_puts)
+    if before_slots is not None:
+        before_slots()
     svc = fm.svc
     n_slots = put_entries(svc, [e for p in plans for e in p.slot_puts], ks)
     n_slot0 = put_entries(svc, [e for p in plans for e in p.slot0_puts], ks)

@@ -37,6 +37,7 @@ struct kp_svcnet4_val probe_svcnet4_val;
 struct kp_svcnet_span probe_svcnet_span;
 struct kp_frag4_key probe_frag4_key;
 struct kp_frag4_val probe_frag4_val;
+struct kp_maglev_hdr probe_maglev_hdr;
 enum kp_svcnet_action probe_svcnet_action;
 enum kp_scope probe_scope;
 enum kp_ct_dir probe_ct_dir;

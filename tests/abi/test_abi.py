@@ -49,6 +49,7 @@ MAP_DEFAULTS = {
     abi.MAP_SNAT6: (abi.SNAT6_MAX, 0),
     abi.MAP_SVCNET6: (abi.SVCNET6_MAX, BPF_F_NO_PREALLOC),
     abi.MAP_SVCNET6_SPAN: (1, 0),
+    abi.MAP_MAGLEV: (abi.MAGLEV_MAX, BPF_F_NO_PREALLOC),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,
@@ -90,8 +91,15 @@ def btf(obj_path: Path) -> Btf:
     return Btf(obj_path)
 
 
+# Structs no map of kproxy_tc.bpf.o is declared with (only reached through pointers: clang puts no BTF
+# of local variables' types in an object): the probe's BTF has them, from the same abi.h.
+PROBE_ONLY = {"kp_maglev_hdr"}
+
+
 @pytest.mark.parametrize("name", sorted(abi.BTF_NAMES))
-def test_struct_layout_matches_btf(btf: Btf, name: str) -> None:
+def test_struct_layout_matches_btf(btf: Btf, name: str, obj_path: Path, probe_object: Path) -> None:
+    if name in PROBE_ONLY and obj_path != probe_object:
+        pytest.skip(f"{name} is checked in the probe object's BTF")
     mirror = abi.BTF_NAMES[name]
     struct = btf.named("STRUCT", name)
     assert struct["size"] == ctypes.sizeof(mirror), f"struct {name}: C size vs ctypes {mirror.__name__}"

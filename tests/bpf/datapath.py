@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kproxy import abi
 from kproxy.bpf.libbpf import BpfObject, Map, TestRun, prog_test_run
+from kproxy.bpf.maps import MaglevMap
 
 OBJECT = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"
 PROGRAMS = ("kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev")
@@ -88,6 +89,7 @@ class Datapath:
         self.snat6 = obj.map(abi.MAP_SNAT6)
         self.svcnet6 = obj.map(abi.MAP_SVCNET6)
         self.svcnet6_span = obj.map(abi.MAP_SVCNET6_SPAN)
+        self.maglev = MaglevMap(obj.map(abi.MAP_MAGLEV))
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
 
     # ---- set-up ----
@@ -99,6 +101,7 @@ class Datapath:
         ):  # fmt: skip
             for key in list(m.iter_keys()):
                 m.delete(key)
+        self.maglev.delete_tables([int.from_bytes(k, "little") for k in self.maglev.map.iter_keys()])
         self.cfg.update(ctypes.c_uint32(0), abi.Config())
         self.cfg6.update(ctypes.c_uint32(0), abi.Config6())
         self.svcnet_span.update(ctypes.c_uint32(0), abi.SvcnetSpan(0xFFFFFFFF, 0))

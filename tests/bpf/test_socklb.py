@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from kproxy.bpf.socklb import (
     find_cgroup2,
     parse_cgroup2_mounts,
 )
+from kproxy.sync import maglev
 
 REPO = Path(__file__).resolve().parents[2]
 SOCK_OBJECT = REPO / "kproxy" / "bpf" / "obj" / "kproxy_sock.bpf.o"
@@ -448,6 +450,19 @@ def test_connections_spread_over_all_backends(socklab: SockLab) -> None:
     assert all(x["peer"] == [VIP, 80] for x in r), r
     # Each backend is missed by 60 uniform picks with probability (2/3)^60 < 1e-10.
     assert {x["backend"] for x in r} == set(BACKENDS)
+
+
+@pytest.mark.root
+def test_maglev_frontends_stay_random_for_node_processes(socklab: SockLab) -> None:
+    """connect() has no source port yet: a Maglev table's hash would send every connection of the node
+    to one backend. The socket hooks never read the table (here one naming a single backend)."""
+    socklab.service(NODE_ADDR, 30080, TCP, BACKENDS, flags=abi.SvcFlag.NODEPORT | abi.SvcFlag.MAGLEV)
+    only = socklab.backend(BACKENDS[0], BE_TCP_PORT, TCP)
+    rows = maglev.pack_rows(251, array("H", [0] * 251), [only], 0)
+    assert socklab.maps.maglev.put_tables([(1, rows)]) == []
+    r = socklab.client(f"[tcp({NODE_ADDR!r}, 30080) for _ in range(60)]")
+    assert {x["backend"] for x in r} == set(BACKENDS), r
+    assert socklab.stat(abi.Stat.MAGLEV) == 0 and socklab.stat(abi.Stat.MAGLEV_FALLBACK) == 0
 
 
 @pytest.mark.root

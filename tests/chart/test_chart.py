@@ -21,6 +21,8 @@ K8S_SCHEMA_VERSION = "1.35.0"
 # Every flag of `kproxy agent` the chart may pass (stream D's CLI implements them).
 AGENT_FLAGS = {
     "--source",
+    "--lb-algorithm",
+    "--maglev-table-size",
     "--node-name",
     "--node-ip",
     "--netdev",
@@ -210,7 +212,9 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--ct-timeout-udp=30",
         "--health-bind-address=0.0.0.0:10256",
         f"--k8s-api-server=https://{API_HOST}:6443",
+        "--lb-algorithm=random",
         "--log-level=info",
+        "--maglev-table-size=16381",
         "--map-size=kp_aff4_v1=65536",
         "--map-size=kp_aff6_v1=16384",
         "--map-size=kp_be4_v1=262144",
@@ -441,6 +445,11 @@ OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
     ("socket-lb-off", {"socketLB": {"enabled": False}}, _socket_lb_off),
     ("socket-lb-cgroup", {"socketLB": {"cgroupPath": "/sys/fs/cgroup/unified"}}, _cgroup_path),
     ("log-level", {"logLevel": "debug"}, _flag("--log-level", "debug")),
+    (
+        "maglev",
+        {"loadBalancer": {"algorithm": "maglev", "maglevTableSize": 65521}},
+        lambda docs: (_flag("--lb-algorithm", "maglev")(docs), _flag("--maglev-table-size", "65521")(docs)),
+    ),
     (
         "service-monitor",
         {
@@ -704,6 +713,16 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("health-port-string", {"healthPort": "http"}, "healthPort"),
     ("port-out-of-range", {"k8sServicePort": 70000}, "k8sServicePort"),
     ("log-level-unknown", {"logLevel": "loud"}, "logLevel"),
+    (
+        "lb-algorithm-unknown",
+        {"loadBalancer": {"algorithm": "roundrobin", "maglevTableSize": 16381}},
+        "algorithm",
+    ),
+    (
+        "maglev-size-not-prime",
+        {"loadBalancer": {"algorithm": "maglev", "maglevTableSize": 16384}},
+        "maglevTableSize",
+    ),
     ("unknown-value", {"dsrMode": "opt"}, "dsrMode"),
     ("bad-cidr", {"nodePortAddresses": ["10.0.0.1"]}, "nodePortAddresses"),
     ("bad-map-name", {"mapSizes": {"svc": 10}}, "mapSizes"),

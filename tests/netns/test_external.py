@@ -1055,3 +1055,69 @@ def test_frag_needed_from_the_backend_node_reaches_the_client(xlab: Lab, pmtu_mo
         subprocess.run(["ip", "-n", lab.node("n2").ns, "link", "set", pod.host_if, "mtu", "1500"], check=True)
         subprocess.run(["ip", "netns", "exec", lab.ext.ns, "ip", "route", "flush", "cache"], check=False)
         set_mode(lab, "snat")
+
+
+# ---- Maglev (issue 16) ----
+MAGLEV_I = 40  # service index: ClusterIP, LB IP, NodePorts of its own
+MAGLEV_PODS = ("n1p1", "n1p2", "n2p1", "n2p2")
+
+
+@pytest.fixture(scope="module")
+def maglev_lab(xlab: Lab) -> Lab:
+    lab = xlab
+    name = "maglev"
+    p = mf.Port("udp", 53, 9090, "UDP", node_port(MAGLEV_I, "UDP"))
+    pods = [lab.pod(n) for n in MAGLEV_PODS]
+    lab.write_manifest(
+        name,
+        [
+            mf.service(
+                name, [p], cluster_ip(MAGLEV_I), type="LoadBalancer", lb_ips=[lb_ip(MAGLEV_I)],
+                annotations={"kproxy.io/lb-algorithm": "maglev"},
+            ),
+            mf.endpoint_slice(name, [(pod.ip, pod.node) for pod in pods], [p]),
+        ],
+    )  # fmt: skip
+    lab.wait_programmed(lb_ip(MAGLEV_I), 53, [pod.ip for pod in pods], "UDP")
+    return lab
+
+
+def udp_from_port(lab: Lab, addr: str, port: int, sport: int, timeout: float = 5.0) -> str:
+    """The pod answering a datagram sent from the external client's port SPORT (or an error text)."""
+
+    def do() -> str:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", sport))
+            s.settimeout(timeout)
+            try:
+                s.sendto(b"ping", (addr, port))
+                data, _ = s.recvfrom(65536)
+            except OSError as e:
+                return f"error: {e.strerror or e}"
+            return str(json.loads(data)["pod"])
+
+    return in_netns(lab.ext.ns, do)
+
+
+def test_maglev_nodes_agree_on_the_backend_of_a_flow(maglev_lab: Lab, mode: str) -> None:
+    """The same client address and port reach the same pod through either node's NodePort: both nodes
+    build the same table from the endpoints alone (the hash leaves the frontend address out). With
+    random selection 24 flows would agree by chance with probability 4^-24."""
+    lab = maglev_lab
+    ensure_mode(lab, mode)
+    before = {n: counters(lab, n) for n in ("n1", "n2")}
+    np = node_port(MAGLEV_I, "UDP")
+    rows = []
+    for sport in range(47000 + 100 * MODES.index(mode), 47000 + 100 * MODES.index(mode) + 24):
+        via = (
+            udp_from_port(lab, lab.node("n1").ip, np, sport),
+            udp_from_port(lab, lab.node("n2").ip, np, sport),
+        )
+        rows.append((sport, via))
+    disagree = [r for r in rows if r[1][0] != r[1][1] or r[1][0].startswith("error")]
+    assert not disagree, f"{len(disagree)} of {len(rows)} flows differ between the nodes: {disagree[:4]}"
+    assert len({r[1][0] for r in rows}) >= 2, "every flow went to one pod"
+    for n in ("n1", "n2"):
+        got = delta(before[n], counters(lab, n))
+        assert got.get("MAGLEV", 0) >= len(rows) and got.get("MAGLEV_FALLBACK", 0) == 0, (n, got)

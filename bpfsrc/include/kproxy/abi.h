@@ -56,6 +56,8 @@ struct kp_svc4_key {
 #define KP_SVC_F_TWO_SCOPES    0x0040  /* a KP_SCOPE_INT entry exists: pods look that one up */
 #define KP_SVC_F_SRC_RANGES    0x0080  /* loadBalancerSourceRanges apply (checked by a later map) */
 #define KP_SVC_F_NO_LOCAL_DROP 0x0100  /* count == 0 because no local endpoint: drop, do not reject */
+#define KP_SVC_F_MAGLEV        0x0200  /* new flows pick their backend from the Maglev table of svc_id
+				        * (kp_maglev_v1), else from a random slot */
 
 struct kp_svc4_val {
 	__u32 backend_id;        /* HBO slot > 0: backend id (kp_be4_v1 key); slot 0: 0 */
@@ -274,6 +276,9 @@ enum kp_stat {
 	                                 * fragment carried the answer) */
 	KP_STAT_CT_ORPHAN = 53,         /* packets of established TCP flows whose frontend is gone, translated
 	                                 * from their conntrack entry (kube-proxy's conntrack keeps them) */
+	KP_STAT_MAGLEV = 54,            /* new flows sent to the backend their Maglev table holds */
+	KP_STAT_MAGLEV_FALLBACK = 55,   /* new flows of a Maglev frontend without a usable table entry (none
+	                                 * yet, a terminating backend, a held reply tuple): a random slot */
 	KP_STAT_MAX = 64,
 };
 
@@ -576,6 +581,37 @@ struct kp_frag4_key {
 struct kp_frag4_val {
 	__be16 sport;       /* NBO */
 	__be16 dport;       /* NBO */
+};
+
+/* ---- Maglev consistent hashing (Eisenbud et al., NSDI 2016) ----
+ * kp_maglev_v1 maps a service-port id to a table of its own: an inner BPF array (key u32 row, value
+ * struct kp_maglev_row) the agent builds from the backend set alone, so every node picks the same
+ * backend for the same flow. A table is replaced whole (a new inner map swapped in), never edited,
+ * so a reader sees one table or the other. Rows:
+ *   0                    struct kp_maglev_hdr
+ *   1 .. list_row - 1    the m entries, `width` bytes each (64 / width a row): an index in the list
+ *   list_row ..          the backend list: 16 HBO u32 backend ids (kp_be4_v1 / kp_be6_v1 keys) a row
+ * Inner maps differ in max_entries (BPF_F_INNER_MAP): each is as long as its table and list.
+ * The flow hash (lib/maglev.h kp_maglev_hash) covers the client address and port, the frontend port
+ * and the protocol, not the frontend address: the NodePorts of every node agree too.
+ */
+#define KP_MAP_MAGLEV   kp_maglev_v1   /* hash of maps: svc_id -> its Maglev table (inner array) */
+#define KP_MAGLEV_MAX   65536          /* tables (service ports with Maglev) */
+#define KP_MAGLEV_ROW   64             /* bytes a row */
+#define KP_MAGLEV_LIST_PER_ROW 16
+
+struct kp_maglev_hdr {
+	__u32 m;            /* HBO table size, a prime */
+	__u32 n;            /* HBO backends in the list (1..65535) */
+	__u16 width;        /* HBO bytes an entry: 1 (n <= 256) or 2 */
+	__u16 pad;          /* zero */
+	__u32 list_row;     /* HBO row of the first list entry: 1 + the table's rows */
+	__u32 digest;       /* HBO the agent's digest of (m, backends), to keep an unchanged table on restart */
+	__u8  pad2[44];     /* zero */
+};
+
+struct kp_maglev_row {
+	__u8 b[KP_MAGLEV_ROW];  /* a row of entries (u8, or HBO u16) or of the list (HBO u32) */
 };
 
 #endif /* KPROXY_ABI_H */

@@ -60,6 +60,8 @@ service-cidr: {{ join "," . | quote }}
 {{- with .Values.hairpinAddresses }}
 hairpin-address: {{ join "," . | quote }}
 {{- end }}
+lb-algorithm: {{ .Values.loadBalancer.algorithm | quote }}
+maglev-table-size: {{ int64 .Values.loadBalancer.maglevTableSize | toString | quote }}
 {{- range $name, $size := .Values.mapSizes }}
 map-size.{{ $name }}: {{ int64 $size | toString | quote }}
 {{- end }}
