@@ -17,7 +17,7 @@ BPF_HDRS := $(shell find bpfsrc -name '*.h')
 NATIVE_LIB := kproxy/native/libkpmaglev.so
 NATIVE_CFLAGS := -O2 -fPIC -shared -Wall -Wextra -Werror -ffile-prefix-map=$(CURDIR)=.
 DEB_PACKAGES := clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iptables nftables iperf3 \
-	python3-venv python3-dev gcc make procps psmisc util-linux wrk
+	python3-venv python3-dev gcc make procps psmisc util-linux wrk ethtool
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := all  # not the first target of an included file

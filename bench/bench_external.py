@@ -339,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     with Lab(nodes=4, pods_per_node=1, start_agents=False, agent_args=["--log-level", "warning"]) as lab:
         n1, n2 = lab.node("n1"), lab.node("n2")
         peer_node = {"iptables": lab.node("n3"), "nftables": lab.node("n4")}
+        # no NAT goes to the pod through n1, which forwards it out by the interface it came in: n1 sends
+        # the client ICMP redirects (to n2), and a client taking them would bypass n1 (bench_xdp found it)
+        from kproxy.lab.netns import sysctl
+
+        for dev in ("all", "default", "eth0"):
+            sysctl(lab.ext.ns, f"net.ipv4.conf.{dev}.accept_redirects", 0)
+            sysctl(lab.ext.ns, f"net.ipv6.conf.{dev}.accept_redirects", 0)
         for n in (n1, n2):
             lab.start_agent(n.name)
         for n in (n1, n2):

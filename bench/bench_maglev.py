@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -50,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import run_and_print
 from bench.bench_controller import private_bpffs
 from kproxy import abi
 from kproxy.abi import Scope, Stat, SvcFlag
@@ -603,17 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_maglev needs root (bpffs mounts, BPF, a network namespace)", file=sys.stderr)
         return 2
 
-    def on_term(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
     enter_own_netns()
-    res = run_all(args)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(report(res))
-    return 0
+    return run_and_print(args, run_all, report)
 
 
 if __name__ == "__main__":

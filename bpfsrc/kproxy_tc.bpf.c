@@ -15,6 +15,7 @@
 #include "lib/lb.h"
 #include "lib/svcnet.h"
 #include "lib/srcrange.h"
+#include "lib/xdp.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -129,13 +130,6 @@ static __always_inline int kp_to_pod4(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-static __always_inline int kp_no_external_cluster_ip(void)
-{
-	struct kp_config *cfg = kp_config();
-
-	return cfg && (cfg->flags & KP_CFG_F_NO_EXTERNAL_CLUSTER_IP);
-}
-
 /*
  * A TCP packet from outside that matched no frontend and does not open a flow, while the agent says a
  * frontend was deleted recently (kp_config.orphan_until_ns): it may belong to a connection that
@@ -192,7 +186,6 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 	struct kp_config *cfg;
 	struct kp_pkt p;
 	int ret;
-
 	switch (kp_parse_counted(skb, &p)) {
 	case KP_PARSE_IPIP:
 		cfg = kp_config();
@@ -556,4 +549,11 @@ SEC("tc")
 int kp_to_netdev(struct __sk_buff *skb)
 {
 	return kp_enter(skb, KP_STAT_TO_NETDEV, KP_PROG6_TO_NETDEV) ? TC_ACT_OK : kp_to_netdev4(skb);
+}
+
+/* XDP acceleration on the netdevs (lib/xdp.h): packets of tracked external flows, before any skb. */
+SEC("xdp")
+int kp_xdp(struct xdp_md *ctx)
+{
+	return kp_xdp_main(ctx);
 }

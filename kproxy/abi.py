@@ -160,6 +160,7 @@ class Stat(enum.IntEnum):
     TO_POD = 1
     FROM_NETDEV = 2
     TO_NETDEV = 3
+    FROM_XDP = 4
     DNAT = 8
     REVNAT = 9
     CT_NEW = 10
@@ -208,6 +209,8 @@ class Stat(enum.IntEnum):
     CT_ORPHAN = 53
     MAGLEV = 54
     MAGLEV_FALLBACK = 55
+    XDP_FWD = 56
+    XDP_LOCAL = 57
 
 
 STAT_MAX = 64

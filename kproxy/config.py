@@ -44,6 +44,7 @@ SNAT_PORT_RANGE_DEFAULT = (1024, 29999)
 
 DsrModeName = Literal["off", "opt", "ipip"]
 LbAlgorithmName = Literal["random", "maglev"]
+AccelerationName = Literal["off", "native", "best-effort"]
 # kproxy.sync.maglev's PRIMES and DEFAULT_SIZE (this module is read by the CLI: no sync import here;
 # tests/unit/test_maglev.py checks they agree)
 MAGLEV_PRIMES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
@@ -242,6 +243,19 @@ class AgentConfig(BaseModel):
         default="off",
         description="Initial DSR mode, written to kp_cfg_v1; with --source kubernetes the agent then follows "
         "the ConfigMap key dsr-mode.",
+    )
+    acceleration: AccelerationName = Field(
+        default="off",
+        description="XDP acceleration of traffic from outside on the netdevs: native (refuse to start on a "
+        "netdev whose driver has no native XDP), best-effort (there, TC alone, said in the log and `kproxy "
+        "status`), or off (an XDP program an earlier agent attached is removed). Both paths share conntrack: "
+        "turning it on or off breaks no connection.",
+    )
+    xdp_veth: bool = Field(
+        default=False,
+        description="Let --acceleration run on veth netdevs (refused without it: XDP_TX from a veth reaches "
+        "nothing unless its peer runs XDP, and same-host senders leave their checksums unfinished; a lab "
+        "that takes care of both sets it).",
     )
     lb_algorithm: LbAlgorithmName = Field(
         default="random",

@@ -7,6 +7,12 @@
  *
  * Without -i the identity is the local address:port the connection arrived at, so one process
  * serving several backend addresses still tells them apart.
+ *
+ * UDP sink mode (-u): one UDP socket bound to ADDR:PORT (a 32 MiB receive buffer), datagrams read with
+ * recvmmsg and counted, nothing answered. On SIGUSR1 it prints the totals so far as one JSON line
+ * ({"datagrams": N, "bytes": B}); on SIGTERM or SIGINT it prints them and exits.
+ *
+ *   kp-echo -u ADDR:PORT
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,7 +34,8 @@
 static int listen_fds[MAX_LISTEN], nlisten;
 static const char *identity;
 
-static int open_listener(const char *spec)
+/* A listening TCP socket (SOCK_STREAM) or a bound UDP socket (SOCK_DGRAM) on ADDR:PORT / [ADDR6]:PORT. */
+static int open_socket(const char *spec, int type)
 {
 	char host[INET6_ADDRSTRLEN + 2];
 	const char *colon = strrchr(spec, ':');
@@ -61,7 +68,7 @@ static int open_listener(const char *spec)
 		fprintf(stderr, "kp-echo: -l %s: %s is not an IPv4 or IPv6 address\n", spec, host);
 		exit(2);
 	}
-	int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int fd = socket(ss.ss_family, type | (type == SOCK_STREAM ? SOCK_NONBLOCK : 0) | SOCK_CLOEXEC, 0);
 	int one = 1;
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
@@ -72,11 +79,22 @@ static int open_listener(const char *spec)
 	} else {
 		setsockopt(fd, IPPROTO_IP, IP_FREEBIND, &one, sizeof(one));
 	}
-	if (bind(fd, (struct sockaddr *)&ss, sl) < 0 || listen(fd, 4096) < 0) {
+	if (type == SOCK_DGRAM) {
+		int rcvbuf = 32 << 20;
+		/* root ignores net.core.rmem_max with SO_RCVBUFFORCE; others get what SO_RCVBUF allows */
+		if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0)
+			setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+	}
+	if (bind(fd, (struct sockaddr *)&ss, sl) < 0 || (type == SOCK_STREAM && listen(fd, 4096) < 0)) {
 		fprintf(stderr, "kp-echo: cannot listen on %s: %s\n", spec, strerror(errno));
 		exit(1);
 	}
 	return fd;
+}
+
+static int open_listener(const char *spec)
+{
+	return open_socket(spec, SOCK_STREAM);
 }
 
 static void reply(int fd)
@@ -145,11 +163,64 @@ static void serve(void)
 	}
 }
 
+static volatile sig_atomic_t sink_report, sink_stop;
+
+static void on_sink_signal(int sig)
+{
+	if (sig == SIGUSR1)
+		sink_report = 1;
+	else
+		sink_stop = 1;
+}
+
+/* -u: count datagrams until SIGTERM; totals on stdout at SIGUSR1 and at the end. */
+static int udp_sink(const char *spec)
+{
+	enum { VLEN = 64, DGRAM_MAX = 2048 };
+	static char bufs[VLEN][DGRAM_MAX];
+	struct iovec iovs[VLEN];
+	struct mmsghdr msgs[VLEN];
+	unsigned long long datagrams = 0, bytes = 0;
+	int fd = open_socket(spec, SOCK_DGRAM);
+	struct sigaction sa = { .sa_handler = on_sink_signal }; /* no SA_RESTART: recvmmsg returns EINTR */
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < VLEN; i++) {
+		iovs[i].iov_base = bufs[i];
+		iovs[i].iov_len = DGRAM_MAX;
+		msgs[i].msg_hdr.msg_iov = &iovs[i];
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	for (;;) {
+		int n = recvmmsg(fd, msgs, VLEN, MSG_WAITFORONE, NULL);
+		for (int i = 0; i < n; i++)
+			bytes += msgs[i].msg_len;
+		if (n > 0)
+			datagrams += (unsigned long long)n;
+		else if (errno != EINTR && errno != EAGAIN) {
+			perror("kp-echo: recvmmsg");
+			return 1;
+		}
+		if (sink_report || sink_stop) {
+			sink_report = 0;
+			printf("{\"datagrams\": %llu, \"bytes\": %llu}\n", datagrams, bytes);
+			fflush(stdout);
+			if (sink_stop)
+				return 0;
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	int procs = 1, opt;
-	while ((opt = getopt(argc, argv, "l:i:P:")) != -1) {
+	const char *sink = NULL;
+	while ((opt = getopt(argc, argv, "l:i:P:u:")) != -1) {
 		switch (opt) {
+		case 'u': sink = optarg; break;
 		case 'l':
 			if (nlisten == MAX_LISTEN) {
 				fprintf(stderr, "kp-echo: at most %d -l\n", MAX_LISTEN);
@@ -160,9 +231,17 @@ int main(int argc, char **argv)
 		case 'i': identity = optarg; break;
 		case 'P': procs = atoi(optarg); break;
 		default:
-			fprintf(stderr, "usage: kp-echo -l ADDR:PORT [-l ...] [-i IDENTITY] [-P PROCS]\n");
+			fprintf(stderr, "usage: kp-echo -l ADDR:PORT [-l ...] [-i IDENTITY] [-P PROCS]\n"
+					"       kp-echo -u ADDR:PORT\n");
 			return 2;
 		}
+	}
+	if (sink) {
+		if (nlisten) {
+			fprintf(stderr, "kp-echo: -u is a mode of its own (no -l with it)\n");
+			return 2;
+		}
+		return udp_sink(sink);
 	}
 	if (!nlisten) {
 		fprintf(stderr, "usage: kp-echo -l ADDR:PORT [-l ...] [-i IDENTITY] [-P PROCS]\n");

@@ -7,6 +7,13 @@
  * connect (refused/unreachable), io (reset or a failed send/recv), timeout (no reply within -t ms),
  * empty (EOF without a byte). -w SECONDS warms up (connections made but not recorded).
  * With -i, the replies (the backends' identities) are counted and reported.
+ *
+ * UDP flood mode (-U): datagrams of -s bytes from -f sockets (one source port each: -F first port, else
+ * ephemeral ports), each connect()ed to the destination, sent round-robin in sendmmsg batches of -b, for
+ * -d seconds, as fast as possible or at -R datagrams/s in total. Nothing is read back. JSON on stdout:
+ * sent (datagrams the kernel took), the send errors by kind, the rate and the process's CPU time.
+ *
+ *   kp-loadgen -U -a ADDR -p PORT -d SECONDS [-f 256] [-s 18] [-b 16] [-R 0] [-F SPORT]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -19,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -176,8 +184,101 @@ static int cmp_u32(const void *a, const void *b)
 static void usage(void)
 {
 	fprintf(stderr, "usage: kp-loadgen -a ADDR -p PORT [-c CONC] [-d SECONDS | -n CONNS] [-t TIMEOUT_MS]"
-			" [-r REQUEST] [-w WARMUP_S] [-i]\n");
+			" [-r REQUEST] [-w WARMUP_S] [-i]\n"
+			"       kp-loadgen -U -a ADDR -p PORT -d SECONDS [-f FLOWS] [-s SIZE] [-b BATCH] [-R PPS]"
+			" [-F SPORT]\n");
 	exit(2);
+}
+
+#define FLOOD_MAX_BATCH 256
+#define FLOOD_MAX_SIZE 65507
+
+static double cpu_s(const struct timeval *tv)
+{
+	return (double)tv->tv_sec + (double)tv->tv_usec / 1e6;
+}
+
+/* -U: FLOWS connected UDP sockets, round-robin sendmmsg batches until DURATION is over. */
+static int udp_flood(double duration, int flows, int size, int batch, double pps, int sport)
+{
+	int *fds = calloc((size_t)flows, sizeof(*fds));
+	char *payload = calloc(1, (size_t)size + 1);
+	struct mmsghdr msgs[FLOOD_MAX_BATCH];
+	struct iovec iov = { .iov_base = payload, .iov_len = (size_t)size };
+	uint64_t sent = 0, err_again = 0, err_refused = 0, err_other = 0;
+	if (!fds || !payload) {
+		perror("kp-loadgen: setup");
+		return 2;
+	}
+	memset(payload, 'u', (size_t)size);
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < batch; i++) {
+		msgs[i].msg_hdr.msg_iov = &iov;
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	for (int i = 0; i < flows; i++) {
+		fds[i] = socket(dst.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		if (fds[i] < 0) {
+			perror("kp-loadgen: socket");
+			return 2;
+		}
+		int one = 1, sndbuf = 1 << 20;
+		setsockopt(fds[i], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+		if (sport) {
+			struct sockaddr_storage src = { .ss_family = dst.ss_family };
+			if (dst.ss_family == AF_INET6)
+				((struct sockaddr_in6 *)&src)->sin6_port = htons((uint16_t)(sport + i));
+			else
+				((struct sockaddr_in *)&src)->sin_port = htons((uint16_t)(sport + i));
+			if (bind(fds[i], (struct sockaddr *)&src, dst_len) < 0) {
+				fprintf(stderr, "kp-loadgen: bind source port %d: %s\n", sport + i, strerror(errno));
+				return 2;
+			}
+		}
+		if (connect(fds[i], (struct sockaddr *)&dst, dst_len) < 0) {
+			perror("kp-loadgen: connect");
+			return 2;
+		}
+	}
+	struct rusage ru0, ru1;
+	getrusage(RUSAGE_SELF, &ru0);
+	uint64_t t0 = now_ns(), stop = t0 + (uint64_t)(duration * 1e9), t = t0;
+	for (int i = 0; t < stop; i = (i + 1) % flows) {
+		int n = batch;
+		if (pps > 0) {
+			/* open loop at PPS, a batch at a time: sleep until the batch's last datagram is due */
+			uint64_t due = t0 + (uint64_t)((double)(sent + (uint64_t)n) * 1e9 / pps);
+			if (due > stop)
+				break;
+			if (due > t) {
+				uint64_t wait = due - t < 999999999ull ? due - t : 999999999ull;
+				struct timespec ts = { 0, (long)wait };
+				nanosleep(&ts, NULL);
+			}
+		}
+		int r = sendmmsg(fds[i], msgs, (unsigned int)n, MSG_DONTWAIT);
+		if (r > 0) {
+			sent += (uint64_t)r;
+		} else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
+			err_again++;
+		} else if (errno == ECONNREFUSED) {
+			err_refused++; /* an ICMP port unreachable came back to this socket */
+		} else {
+			err_other++;
+		}
+		t = now_ns();
+	}
+	t = now_ns();
+	getrusage(RUSAGE_SELF, &ru1);
+	double secs = (double)(t - t0) / 1e9;
+	printf("{\"mode\": \"udp\", \"sent\": %llu, \"rate\": %.1f, \"duration_s\": %.3f, \"flows\": %d, "
+	       "\"size\": %d, \"batch\": %d, \"pps_limit\": %.0f, \"send_errors\": {\"again\": %llu, "
+	       "\"refused\": %llu, \"other\": %llu}, \"cpu_user_s\": %.3f, \"cpu_sys_s\": %.3f}\n",
+	       (unsigned long long)sent, secs > 0 ? (double)sent / secs : 0.0, secs, flows, size, batch, pps,
+	       (unsigned long long)err_again, (unsigned long long)err_refused, (unsigned long long)err_other,
+	       cpu_s(&ru1.ru_utime) - cpu_s(&ru0.ru_utime), cpu_s(&ru1.ru_stime) - cpu_s(&ru0.ru_stime));
+	return 0;
 }
 
 int main(int argc, char **argv)
@@ -186,8 +287,16 @@ int main(int argc, char **argv)
 	int port = 0, conc = 32, timeout_ms = 2000, opt;
 	double duration = 0, warmup = 0;
 	uint64_t total = 0;
-	while ((opt = getopt(argc, argv, "a:p:c:d:n:t:r:w:i")) != -1) {
+	int udp = 0, flows = 256, size = 18, batch = 16, sport = 0;
+	double pps = 0;
+	while ((opt = getopt(argc, argv, "a:p:c:d:n:t:r:w:iUf:s:b:R:F:")) != -1) {
 		switch (opt) {
+		case 'U': udp = 1; break;
+		case 'f': flows = atoi(optarg); break;
+		case 's': size = atoi(optarg); break;
+		case 'b': batch = atoi(optarg); break;
+		case 'R': pps = atof(optarg); break;
+		case 'F': sport = atoi(optarg); break;
 		case 'a': addr = optarg; break;
 		case 'p': port = atoi(optarg); break;
 		case 'c': conc = atoi(optarg); break;
@@ -201,6 +310,9 @@ int main(int argc, char **argv)
 		}
 	}
 	if (!addr || port <= 0 || port > 65535 || conc <= 0 || (duration <= 0 && total == 0))
+		usage();
+	if (udp && (duration <= 0 || flows <= 0 || size < 0 || size > FLOOD_MAX_SIZE || batch <= 0 ||
+		    batch > FLOOD_MAX_BATCH || pps < 0 || sport < 0 || (sport && sport + flows > 65536)))
 		usage();
 	request_len = strlen(request);
 	char host[INET6_ADDRSTRLEN + 2];
@@ -229,6 +341,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kp-loadgen: %s is not an IPv4 or IPv6 address\n", addr);
 		return 2;
 	}
+	if (udp)
+		return udp_flood(duration, flows, size, batch, pps, sport);
 	epfd = epoll_create1(EPOLL_CLOEXEC);
 	struct slot *slots = calloc((size_t)conc, sizeof(*slots));
 	struct epoll_event *evs = calloc((size_t)conc, sizeof(*evs));

@@ -130,9 +130,26 @@ static __always_inline int kp_dsr_opt_pop4(struct __sk_buff *skb, struct kp_pkt 
 }
 
 /* Wrap the packet in an outer IPv4 header saddr -> daddr (protocol 4), keeping tos and DF. */
+/* The outer header DSR's IPIP puts before an inner packet of inner_len bytes (also kp_xdp's, lib/xdp.h). */
+static __always_inline void kp_ipip_outer(struct iphdr *outer, const struct iphdr *inner, __u16 inner_len,
+					  __be32 saddr, __be32 daddr)
+{
+	__builtin_memset(outer, 0, sizeof(*outer));
+	outer->version = 4;
+	outer->ihl = 5;
+	outer->tos = inner->tos;
+	outer->tot_len = bpf_htons(inner_len + KP_IPIP_HLEN);
+	outer->frag_off = inner->frag_off & bpf_htons(KP_IP_DF);
+	outer->ttl = KP_IPIP_TTL;
+	outer->protocol = IPPROTO_IPIP;
+	outer->saddr = saddr;
+	outer->daddr = daddr;
+	outer->check = kp_csum_fold(kp_csum_add(outer, sizeof(*outer), 0));
+}
+
 static __always_inline int kp_tunnel_push4(struct __sk_buff *skb, __be32 saddr, __be32 daddr)
 {
-	struct iphdr inner, outer = {};
+	struct iphdr inner, outer;
 	__u16 inner_len;
 
 	if (bpf_skb_load_bytes(skb, KP_IP_OFF, &inner, sizeof(inner)))
@@ -140,16 +157,7 @@ static __always_inline int kp_tunnel_push4(struct __sk_buff *skb, __be32 saddr, 
 	inner_len = bpf_ntohs(inner.tot_len);
 	if (!inner_len)
 		inner_len = skb->len - ETH_HLEN;   /* BIG TCP: the skb knows */
-	outer.version = 4;
-	outer.ihl = 5;
-	outer.tos = inner.tos;
-	outer.tot_len = bpf_htons(inner_len + KP_IPIP_HLEN);
-	outer.frag_off = inner.frag_off & bpf_htons(KP_IP_DF);
-	outer.ttl = KP_IPIP_TTL;
-	outer.protocol = IPPROTO_IPIP;
-	outer.saddr = saddr;
-	outer.daddr = daddr;
-	outer.check = kp_csum_fold(kp_csum_add(&outer, sizeof(outer), 0));
+	kp_ipip_outer(&outer, &inner, inner_len, saddr, daddr);
 	if (bpf_skb_adjust_room(skb, KP_IPIP_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
 		return -1;
 	return bpf_skb_store_bytes(skb, KP_IP_OFF, &outer, sizeof(outer), 0);

@@ -24,6 +24,14 @@
 
 #define KP_SVC_F_TYPED (KP_SVC_F_NODEPORT | KP_SVC_F_LOADBALANCER | KP_SVC_F_EXTERNAL_IP)
 
+/* ClusterIPs are not served to packets from outside the node (--no-external-cluster-ip). */
+static __always_inline int kp_no_external_cluster_ip(void)
+{
+	struct kp_config *cfg = kp_config();
+
+	return cfg && (cfg->flags & KP_CFG_F_NO_EXTERNAL_CLUSTER_IP);
+}
+
 enum kp_origin {
 	KP_ORIGIN_POD = 0,     /* packet from a local pod: INT scope for TWO_SCOPES services */
 	KP_ORIGIN_NETDEV = 1,  /* packet from outside: EXT scope (kp_from_netdev decides about ClusterIPs) */

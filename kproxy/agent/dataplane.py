@@ -27,8 +27,10 @@ from kproxy.bpf.loader import (
     PROG_FROM_POD,
     PROG_TO_NETDEV,
     PROG_TO_POD,
+    PROG_XDP,
     Loader,
     LoaderError,
+    XdpUnsupported,
 )
 from kproxy.bpf.maps import KproxyMaps
 from kproxy.bpf.netlink import follow
@@ -55,6 +57,7 @@ class Dataplane:
         self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
         self.netdevs: list[str] = list(cfg.netdevs)
         self.attached_pods: set[str] = set()
+        self.acceleration: dict[str, str] = {}  # netdev -> "xdp", "off", "tc (best-effort: why)"
 
     @property
     def node_ip(self) -> str:
@@ -107,8 +110,39 @@ class Dataplane:
             except (LoaderError, LibbpfError, OSError) as e:
                 raise AgentError(f"cannot attach to netdev {dev}: {e}") from e
             log.info("attached %s/%s to netdev %s", PROG_FROM_NETDEV, PROG_TO_NETDEV, dev)
+            self.accelerate(dev)
         if self.cfg.socket_lb_cgroup:
             self.setup_socket_lb(self.cfg.socket_lb_cgroup)
+
+    def accelerate(self, dev: str) -> None:
+        """XDP on netdev DEV as --acceleration says (after its TC programs: XDP leaves them every packet
+        it does not finish). native: refuse a netdev without native XDP; best-effort: TC alone there,
+        said once; off: remove the XDP program an earlier agent attached. Recorded for `kproxy status`."""
+        loader = self.loader
+        assert loader is not None, "accelerate after load"
+        mode = self.cfg.acceleration
+        if mode == "off":
+            try:
+                if loader.detach_xdp(dev):
+                    log.info("acceleration off: removed the XDP program of netdev %s", dev)
+            except (LibbpfError, OSError) as e:
+                log.warning("cannot remove the XDP program of netdev %s: %s", dev, e)
+            self.acceleration[dev] = "off"
+            return
+        try:
+            loader.attach_xdp(dev, PROG_XDP, allow_veth=self.cfg.xdp_veth)
+        except XdpUnsupported as e:
+            if mode == "native":
+                raise AgentError(
+                    f"--acceleration native: {e}; use --acceleration best-effort to run TC alone there"
+                ) from e
+            log.warning("acceleration best-effort: netdev %s runs TC alone: %s", dev, e)
+            self.acceleration[dev] = f"tc (best-effort: {e})"
+            return
+        except (LoaderError, LibbpfError, OSError) as e:
+            raise AgentError(f"cannot attach XDP to netdev {dev}: {e}") from e
+        self.acceleration[dev] = "xdp"
+        log.info("netdev %s accelerated: %s runs as native XDP", dev, PROG_XDP)
 
     def check_forwarding(self) -> list[str]:
         """Netdevs on which forwarding is off, as "FAMILY DEV" ("IPv4 eth0", "IPv6 eth0"), logged when
@@ -195,6 +229,8 @@ class Dataplane:
             "node": self.cfg.node_name,
             "pid": os.getpid(),
             "netdevs": list(self.netdevs),
+            # netdev -> "xdp", "off" or "tc (best-effort: why)" (--acceleration)
+            "acceleration": {"mode": self.cfg.acceleration, "netdevs": dict(self.acceleration)},
             "socket_lb": {
                 "wanted": bool(self.cfg.socket_lb_cgroup),
                 "attached": self.socklb is not None,

@@ -45,7 +45,10 @@ PERCPU_MAP_TYPES = frozenset(
 
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
+BPF_XDP = 37  # attach type of an XDP link
+XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP in the driver; without it the kernel may pick generic (skb) XDP
 BPF_LINK_TYPE_TCX = 11
+BPF_LINK_TYPE_XDP = 6
 
 BPF_OBJ_NAME_LEN = 16
 VERIFIER_LOG_SIZE = 4 * 1024 * 1024
@@ -111,6 +114,11 @@ class _MapCreateOpts(ctypes.Structure):
         ("numa_node", ctypes.c_uint32),
         ("map_ifindex", ctypes.c_uint32),
     ]
+
+
+class _LinkCreateOpts(ctypes.Structure):
+    # struct bpf_link_create_opts up to flags; libbpf reads the fields past sz as zero
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class _LinkUpdateOpts(ctypes.Structure):
@@ -253,6 +261,8 @@ _PROTOS: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_detach": (_c_int, [_c_int]),
     "bpf_prog_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
     "bpf_map_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
+    "bpf_prog_load": (_c_int, [_c_int, _c_char_p, _c_char_p, _c_void_p, _c_size_t, _c_void_p]),
+    "bpf_xdp_attach": (_c_int, [_c_int, _c_int, ctypes.c_uint32, _c_void_p]),
     "bpf_map_create": (
         _c_int,
         [
@@ -430,8 +440,8 @@ class LinkInfo:
     type: int
     id: int
     prog_id: int
-    ifindex: int  # tcx links only; 0 once the interface is gone
-    attach_type: int  # tcx links only
+    ifindex: int  # tcx and XDP links only; 0 once the interface is gone
+    attach_type: int  # tcx and XDP links only
 
 
 @dataclass(frozen=True)
@@ -467,6 +477,8 @@ def link_info(fd: int, what: str = "link") -> LinkInfo:
     i = _info(fd, _LinkInfo, what)
     if i.type == BPF_LINK_TYPE_TCX:
         return LinkInfo(i.type, i.id, i.prog_id, i.u32_0, i.u32_1)
+    if i.type == BPF_LINK_TYPE_XDP:  # its union member is {u32 ifindex}
+        return LinkInfo(i.type, i.id, i.prog_id, i.u32_0, BPF_XDP)
     return LinkInfo(i.type, i.id, i.prog_id, 0, 0)
 
 
@@ -694,6 +706,32 @@ def map_by_id(map_id: int) -> Map:
     return Map(fd, info.name, info.type, info.key_size, info.value_size, info.max_entries, owned=True)
 
 
+BPF_PROG_TYPE_XDP = 6
+XDP_PASS = 2
+# r0 = XDP_PASS; exit: the whole of an XDP program that lets every frame through
+_XDP_PASS_INSNS = (
+    bytes.fromhex("b7000000") + XDP_PASS.to_bytes(4, "little") + bytes.fromhex("9500000000000000")
+)
+
+
+def xdp_pass_everywhere(ifindex: int) -> None:
+    """Attach a program that passes every frame as native XDP on interface IFINDEX of the calling
+    thread's namespace (netlink, no link: it stays until the interface goes). A veth wakes its receive
+    side for the frames its peer sends with XDP_TX or XDP_REDIRECT only when it runs an XDP program
+    itself (the lab's LAN ports, kproxy.lab)."""
+    with _Capture() as messages:
+        fd = lib().bpf_prog_load(
+            BPF_PROG_TYPE_XDP, b"kp_xdp_pass", b"GPL", _XDP_PASS_INSNS, len(_XDP_PASS_INSNS) // 8, None
+        )
+    _check(fd, "load an XDP_PASS program", messages)
+    try:
+        _check(
+            lib().bpf_xdp_attach(ifindex, fd, XDP_FLAGS_DRV_MODE, None), f"attach XDP to ifindex {ifindex}"
+        )
+    finally:
+        os.close(fd)
+
+
 # ---- programs and objects ----
 @dataclass(frozen=True)
 class Program:
@@ -878,8 +916,11 @@ class BpfObject:
 
 
 # ---- links ----
-def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str = "") -> Fd:
-    ret = lib().bpf_link_create(prog_fd, target_fd, attach_type, None)
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str = "", flags: int = 0) -> Fd:
+    """A BPF link of the program to a target (an ifindex for tcx and XDP); FLAGS: link_create.flags
+    (XDP_FLAGS_DRV_MODE...)."""
+    opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), flags) if flags else None
+    ret = lib().bpf_link_create(prog_fd, target_fd, attach_type, ctypes.byref(opts) if opts else None)
     _check(ret, f"create link {what or f'type {attach_type} on target {target_fd}'}")
     return Fd(ret, f"link {what}")
 

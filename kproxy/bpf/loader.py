@@ -33,10 +33,13 @@ PROG_FROM_POD = "kp_from_pod"
 PROG_TO_POD = "kp_to_pod"
 PROG_FROM_NETDEV = "kp_from_netdev"
 PROG_TO_NETDEV = "kp_to_netdev"
-PROGRAMS = (PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETDEV, PROG_TO_NETDEV)
+PROG_XDP = "kp_xdp"  # XDP acceleration on the netdevs (--acceleration)
+PROGRAMS = (PROG_FROM_POD, PROG_TO_POD, PROG_FROM_NETDEV, PROG_TO_NETDEV, PROG_XDP)
 
 Direction = Literal["ingress", "egress"]
 DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
+# XDP programs are pinned like tcx links, as {ifname}:xdp (Attachment.direction "xdp", mode "xdp")
+XDP: Literal["xdp"] = "xdp"
 _TCX_TYPE = {"ingress": lb.BPF_TCX_INGRESS, "egress": lb.BPF_TCX_EGRESS}
 _TCX_DIR = {lb.BPF_TCX_INGRESS: "ingress", lb.BPF_TCX_EGRESS: "egress"}
 
@@ -71,11 +74,15 @@ def default_object_path() -> str:
     return str(importlib.resources.files("kproxy.bpf").joinpath("obj", "kproxy_tc.bpf.o"))
 
 
+class XdpUnsupported(LoaderError):
+    """The interface's driver has no native XDP (or another XDP program holds it): says which and why."""
+
+
 @dataclass(frozen=True)
 class Attachment:
     ifname: str
-    direction: Direction
-    mode: Literal["tcx", "tc"]
+    direction: Direction | Literal["xdp"]
+    mode: Literal["tcx", "tc", "xdp"]
     program: str  # program name as the kernel reports it (truncated to 15 characters)
     prog_id: int
     link_id: int  # 0 for cls_bpf
@@ -85,6 +92,28 @@ class Attachment:
     @property
     def alive(self) -> bool:
         return self.ifindex != 0
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GDRVINFO = 0x00000003
+
+
+def netdev_driver(ifname: str) -> str | None:
+    """The driver of an interface of this network namespace ("veth", "mlx5_core"...), by ETHTOOL_GDRVINFO
+    (sysfs may show another namespace's devices); None when the device does not say."""
+    import fcntl
+    import struct
+
+    info = bytearray(struct.pack("I", ETHTOOL_GDRVINFO) + bytes(192))  # struct ethtool_drvinfo
+    ifreq = bytearray(struct.pack("16sP", ifname.encode()[:15], 0))
+    buf = ctypes.create_string_buffer(bytes(info), len(info))
+    struct.pack_into("P", ifreq, 16, ctypes.addressof(buf))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+        except OSError:
+            return None
+    return buf.raw[4:36].split(b"\0", 1)[0].decode(errors="replace") or None
 
 
 def _ifindex(iface: str | int) -> tuple[str, int]:
@@ -361,7 +390,7 @@ class Loader:
         self.close()
 
     # ---- attach ----
-    def link_pin(self, ifname: str, direction: Direction) -> str:
+    def link_pin(self, ifname: str, direction: Direction | Literal["xdp"]) -> str:
         return os.path.join(self.links_dir, pin_name(ifname, direction))
 
     def attach(self, iface: str | int, direction: str, program: str) -> Attachment:
@@ -380,27 +409,40 @@ class Loader:
                     raise
         return self._attach_tc(ifname, ifindex, d, prog)
 
+    def _updated_pin(
+        self,
+        pin: str,
+        ifname: str,
+        ifindex: int,
+        d: Direction | Literal["xdp"],
+        attach_type: int,
+        prog: lb.Program,
+    ) -> Attachment | None:
+        """The pinned link PIN swapped to PROG in place (an agent restart or upgrade: never detach then
+        attach), or None after removing it when it is stale (made for an interface since gone or
+        re-created: it does nothing) or when there is none."""
+        if not os.path.exists(pin):
+            return None
+        with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
+            info = lb.link_info(link.fd, f"pinned link {pin}")
+            if info.ifindex == ifindex and info.attach_type == attach_type:
+                new_id = prog.info().id
+                if info.prog_id != new_id:
+                    lb.link_update(link.fd, prog.fd, what=pin)
+                    log.info("upgraded %s %s: program id %d -> %d", ifname, d, info.prog_id, new_id)
+                return self._describe_pin(pin, ifname, d)
+        log.info(
+            "removing stale link pin %s (link ifindex %d, %s is now %d)", pin, info.ifindex, ifname, ifindex
+        )
+        os.unlink(pin)
+        return None
+
     def _attach_tcx(self, ifname: str, ifindex: int, d: Direction, prog: lb.Program) -> Attachment:
         pin = self.link_pin(ifname, d)
-        if os.path.exists(pin):
-            with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
-                info = lb.link_info(link.fd, f"pinned link {pin}")
-                if info.ifindex == ifindex and info.attach_type == _TCX_TYPE[d]:
-                    new_id = prog.info().id
-                    if info.prog_id != new_id:
-                        lb.link_update(link.fd, prog.fd, what=pin)
-                        log.info("upgraded %s %s: program id %d -> %d", ifname, d, info.prog_id, new_id)
-                    self._tcx_ok = True
-                    return self._describe_pin(pin, ifname, d)
-            # The interface the link was made for is gone (or was re-created): the link does nothing.
-            log.info(
-                "removing stale link pin %s (link ifindex %d, %s is now %d)",
-                pin,
-                info.ifindex,
-                ifname,
-                ifindex,
-            )
-            os.unlink(pin)
+        got = self._updated_pin(pin, ifname, ifindex, d, _TCX_TYPE[d], prog)
+        if got is not None:
+            self._tcx_ok = True
+            return got
         os.makedirs(self.links_dir, exist_ok=True)
         with lb.link_create(prog.fd, ifindex, _TCX_TYPE[d], what=f"tcx {d} of {ifname}") as link:
             self._tcx_ok = True
@@ -408,7 +450,58 @@ class Loader:
         log.info("attached %s to %s %s (tcx, pinned at %s)", prog.name, ifname, d, pin)
         return self._describe_pin(pin, ifname, d)
 
-    def _describe_pin(self, pin: str, ifname: str, d: Direction) -> Attachment:
+    def attach_xdp(
+        self, iface: str | int, program: str = PROG_XDP, *, allow_veth: bool = False
+    ) -> Attachment:
+        """Run `program` as native XDP on the interface (a pinned XDP link, swapped in place on
+        upgrade). XdpUnsupported when the kernel refuses it (no native XDP in the driver, another XDP
+        program attached, an MTU too large for XDP...), or for a veth or tun unless ALLOW_VETH: never the
+        generic (skb) mode, which would run after the skb is made, slower than TC.
+
+        A veth takes native XDP but is no place for it: the frames XDP sends back out are dropped unless
+        the peer runs XDP too, and a sender on the same host leaves its checksums to "the hardware"
+        (CHECKSUM_PARTIAL), which XDP sees unfinished and cannot complete."""
+        ifname, ifindex = _ifindex(iface)
+        driver = netdev_driver(ifname)
+        if driver in ("veth", "tun") and not allow_veth:
+            raise XdpUnsupported(
+                f"{ifname} is a {driver}: XDP_TX from it reaches nothing unless its peer runs XDP, and its "
+                "same-host senders' checksums are left unfinished (--xdp-veth when both are taken care of)"
+            )
+        prog = self.program(program)
+        pin = self.link_pin(ifname, XDP)
+        got = self._updated_pin(pin, ifname, ifindex, XDP, lb.BPF_XDP, prog)
+        if got is not None:
+            return got
+        os.makedirs(self.links_dir, exist_ok=True)
+        try:
+            link = lb.link_create(
+                prog.fd, ifindex, lb.BPF_XDP, what=f"native XDP of {ifname}", flags=lb.XDP_FLAGS_DRV_MODE
+            )
+        except lb.LibbpfError as exc:
+            why = {
+                errno.EOPNOTSUPP: f"{ifname} has no native XDP",
+                errno.ENOTSUP: f"{ifname} has no native XDP",
+                errno.EBUSY: f"another XDP program is attached to {ifname}",
+                errno.EEXIST: f"another XDP program is attached to {ifname}",
+                errno.ERANGE: f"{ifname}'s MTU is too large for XDP in its driver",
+                errno.EINVAL: f"{ifname}'s driver refuses native XDP (no support, or too large an MTU)",
+            }.get(exc.errno or 0, f"{ifname}'s driver refuses native XDP")
+            raise XdpUnsupported(f"{why} ({exc.strerror})") from exc
+        with link:
+            link.pin(pin)
+        log.info("attached %s to %s as native XDP (pinned at %s)", prog.name, ifname, pin)
+        return self._describe_pin(pin, ifname, XDP)
+
+    def detach_xdp(self, iface: str) -> bool:
+        """Remove kproxy's XDP program from the interface; whether there was one."""
+        pin = self.link_pin(iface, XDP)
+        if not os.path.exists(pin):
+            return False
+        self._detach_pin(pin)
+        return True
+
+    def _describe_pin(self, pin: str, ifname: str, d: Direction | Literal["xdp"]) -> Attachment:
         with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
             info = lb.link_info(link.fd, f"pinned link {pin}")
         name = ""
@@ -417,7 +510,9 @@ class Loader:
                 name = lb.prog_info(p.fd).name
         except lb.LibbpfError:
             pass
-        return Attachment(ifname, d, "tcx", name, info.prog_id, info.id, info.ifindex, pin)
+        return Attachment(
+            ifname, d, "xdp" if d == XDP else "tcx", name, info.prog_id, info.id, info.ifindex, pin
+        )
 
     def _attach_tc(self, ifname: str, ifindex: int, d: Direction, prog: lb.Program) -> Attachment:
         from pyroute2 import IPRoute
@@ -462,6 +557,8 @@ class Loader:
                 ifindex = 0
         dirs = DIRECTIONS if direction is None else (_check_direction(direction),)
         removed = 0
+        if direction is None and self.detach_xdp(ifname):
+            removed += 1
         for d in dirs:
             pin = self.link_pin(ifname, d)
             if os.path.exists(pin):
@@ -500,7 +597,7 @@ class Loader:
         if os.path.isdir(self.links_dir):
             for entry in sorted(os.listdir(self.links_dir)):
                 ifname, d = parse_pin_name(entry)
-                if d not in DIRECTIONS:
+                if d not in DIRECTIONS and d != XDP:
                     continue
                 result.append(self._describe_pin(os.path.join(self.links_dir, entry), ifname, d))  # type: ignore[arg-type]
         result.extend(self._tc_attached.values())
@@ -521,7 +618,7 @@ class Loader:
         for att in self.attached():
             if att.pin is not None:
                 self._detach_pin(att.pin)
-            elif att.ifindex:
+            elif att.ifindex and att.direction != XDP:
                 self._detach_tc(att.ifindex, att.direction)
         self._tc_attached.clear()
         names = {*abi.ALL_MAPS, *abi.PROG_MAPS}

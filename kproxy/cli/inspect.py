@@ -185,6 +185,8 @@ def status(cli: Cli) -> None:
             "running": bool(pid) and os.path.exists(f"/proc/{pid}"),
             "netdevs": agent.get("netdevs", []),
         },
+        # --acceleration: its mode and, per netdev, "xdp", "off" or "tc (best-effort: why)"
+        "acceleration": agent.get("acceleration") or {"mode": None, "netdevs": {}},
         "dsr_mode": mode_name(cfg.dsr_mode),
         # the datapath's node address of each family (SNAT source, NodePorts, DSR's tunnel); None: none
         "node_addresses": {
@@ -205,6 +207,9 @@ def status(cli: Cli) -> None:
             f"agent: node {a['node'] or '?'}, pid {a['pid'] or '?'} "
             f"({'running' if a['running'] else 'not running'}), netdevs {','.join(a['netdevs']) or '-'}",
             f"dsr mode: {i['dsr_mode']}",
+            "acceleration: "
+            + (i["acceleration"]["mode"] or "?")
+            + "".join(f", {dev} {how}" for dev, how in sorted(i["acceleration"]["netdevs"].items())),
             "node addresses: "
             + (", ".join(a for a in i["node_addresses"].values() if a) or "none (no --node-ip)"),
         ]

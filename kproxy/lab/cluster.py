@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kproxy.bpf import libbpf as lb
 from kproxy.lab import manifests as mf
 from kproxy.lab.netns import LabError, add_netns, del_netns, in_netns, ip, netns_path, netns_pids, run, sysctl
 
@@ -174,6 +175,7 @@ class Lab:
         state_root: Path = STATE_ROOT,
         socket_lb: bool = False,
         agent_node_ip6: bool = True,
+        xdp_lan: bool | None = None,
     ) -> None:
         if not 1 <= nodes <= 9 or not 0 <= pods_per_node <= 9:
             raise LabError(
@@ -184,6 +186,17 @@ class Lab:
         self.start_agents = start_agents
         self.manifests_from = Path(manifests_from) if manifests_from else None
         self.agent_args = list(agent_args)
+        # the LAN made ready for XDP_TX from the nodes' netdevs (see _lan_port): XDP_LAN, or by default
+        # when the agents start with --acceleration on
+        self.xdp_lan = (
+            xdp_lan
+            if xdp_lan is not None
+            else any(
+                a == "--acceleration" and i + 1 < len(self.agent_args) and self.agent_args[i + 1] != "off"
+                for i, a in enumerate(self.agent_args)
+            )
+            or any(a.startswith("--acceleration=") and not a.endswith("=off") for a in self.agent_args)
+        )
         self.state_root = state_root
         # One child cgroup per node under the cgroup2 mount (never its root), its agent's --socket-lb-cgroup:
         # processes run in it with run_in(node, ..., cgroup=node.cgroup) are the node's own clients.
@@ -375,6 +388,18 @@ class Lab:
         port = f"{self.prefix}-{short}"
         ip(lan, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
         ip(lan, "link", "set", port, "master", "br0", "up")
+        if self.xdp_lan:
+            # For agents with --acceleration. As on a real LAN, where a frame's checksums are complete: a
+            # veth passes a local socket's packets on with their checksum left to "the hardware"
+            # (CHECKSUM_PARTIAL: only the pseudo-header sum in the field), which an XDP program sees as it
+            # is. With TX checksumming off the sender's stack completes them, also for packets the node
+            # forwards. And an XDP program on the bridge side: a veth takes the frames its peer sends with
+            # XDP_TX at once only when it runs one itself (else they wait in its ring for the next
+            # ordinary packet). Only then: a veth running XDP takes its traffic through a 256-frame ring
+            # that bursts of the other tests overflow.
+            run(["nsenter", f"--net={netns_path(ns)}", "ethtool", "-K", "eth0", "tx", "off"], check=False)
+            if short != "ext":
+                in_netns(lan, lambda: lb.xdp_pass_everywhere(socket.if_nametoindex(port)))
         ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
         ip(ns, "-6", "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
@@ -492,6 +517,7 @@ class Lab:
             "--bpffs", node.bpffs,
             "--log-level", "debug",
             *(["--socket-lb-cgroup", node.cgroup] if node.cgroup else []),
+            *(["--xdp-veth"] if self.xdp_lan else []),  # its LAN is made ready for XDP (_lan_port)
             *self.agent_args,
         ]  # fmt: skip
 
@@ -663,6 +689,10 @@ class Lab:
                 old = {(a.ifname, a.direction): a.prog_id for a in loader.attached()}
                 loader.load()
                 for (ifname, direction), old_id in sorted(old.items()):
+                    if direction == "xdp":
+                        att = loader.attach_xdp(ifname)
+                        changed.append((f"{ifname}.xdp", old_id, att.prog_id))
+                        continue
                     att = loader.attach(ifname, direction, progs[(direction, ifname != "eth0")])
                     changed.append((f"{ifname}.{direction}", old_id, att.prog_id))
             return changed

@@ -51,3 +51,4 @@ SEC("tc") int kp_from_pod(struct __sk_buff *skb) { probe_count(KP_STAT_FROM_POD,
 SEC("tc") int kp_to_pod(struct __sk_buff *skb) { probe_count(KP_STAT_TO_POD, skb); return 0; }
 SEC("tc") int kp_from_netdev(struct __sk_buff *skb) { probe_count(KP_STAT_FROM_NETDEV, skb); return 0; }
 SEC("tc") int kp_to_netdev(struct __sk_buff *skb) { probe_count(KP_STAT_TO_NETDEV, skb); return 0; }
+SEC("xdp") int kp_xdp(struct xdp_md *ctx) { return XDP_PASS; }

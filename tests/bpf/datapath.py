@@ -21,7 +21,7 @@ from kproxy.bpf.libbpf import BpfObject, Map, TestRun, prog_test_run
 from kproxy.bpf.maps import MaglevMap
 
 OBJECT = Path(__file__).resolve().parents[2] / "kproxy" / "bpf" / "obj" / "kproxy_tc.bpf.o"
-PROGRAMS = ("kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev")
+PROGRAMS = ("kp_from_pod", "kp_to_pod", "kp_from_netdev", "kp_to_netdev")  # the TC programs
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -91,6 +91,7 @@ class Datapath:
         self.svcnet6_span = obj.map(abi.MAP_SVCNET6_SPAN)
         self.maglev = MaglevMap(obj.map(abi.MAP_MAGLEV))
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
+        self.progs["kp_xdp"] = obj.program("kp_xdp").fd
 
     # ---- set-up ----
     def reset(self) -> None:

@@ -83,5 +83,12 @@ class FibLab:
         with self.inside():
             return prog_test_run(dp.progs[prog], frame, bytes(ctx), flags=flags)
 
+    def run_xdp(self, dp: Datapath, frame: bytes, prog: str = "kp_xdp", repeat: int = 1) -> TestRun:
+        """Run the XDP program `prog` as if the frame arrived on kpe0 (struct xdp_md: data 0, data_end,
+        data_meta 0, ingress_ifindex; the kernel binds the run to kpe0's first receive queue)."""
+        ctx = struct.pack("=6I", 0, len(frame), 0, self.ifindex, 0, 0)
+        with self.inside():
+            return prog_test_run(dp.progs[prog], frame, ctx, repeat=repeat)
+
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)

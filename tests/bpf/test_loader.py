@@ -275,3 +275,71 @@ def test_pins_of_an_agent_that_used_the_parent_are_taken_over(bpffs: Path, probe
             assert got is not None and abi.nbo_to_ip(got.addr) == "10.0.0.7"
     assert prepare_pin_dir(new_dir, bpffs_root=str(bpffs)) == [], "a second start moves nothing"
     Loader(new_dir, probe_object).cleanup()
+
+
+def test_xdp_attach_upgrade_listing_and_detach(
+    netns: Callable[[], Any], bpffs: Path, tc_object: Path
+) -> None:
+    """Native XDP through a pinned link (a veth has native XDP): a second loader (an agent restart or
+    upgrade) swaps the program in the same link; attached() lists it, cleanup removes it."""
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(tc_object)}
+    refused = in_ns(
+        ns,
+        "from kproxy.bpf.loader import XdpUnsupported\nloader.load()\n"
+        "try:\n    loader.attach_xdp('kpv0')\n    out = 'attached'\n"
+        "except XdpUnsupported as e:\n    out = str(e)",
+        **params,
+    )
+    assert refused.startswith("kpv0 is a veth: XDP_TX from it reaches nothing unless its peer runs XDP"), (
+        refused
+    )
+    first = in_ns(
+        ns,
+        "loader.load(); a = loader.attach_xdp('kpv0', allow_veth=True)\n"
+        "out = [a.mode, a.direction, a.program, a.link_id, a.prog_id]",
+        **params,
+    )
+    assert first[:3] == ["xdp", "xdp", "kp_xdp"]
+    assert "links/kpv0:xdp" in bpffs_files(bpffs)
+    assert "xdp" in ns.ip("link", "show", "kpv0").stdout
+    second = in_ns(
+        ns,
+        "loader.load(); a = loader.attach_xdp('kpv0', allow_veth=True)\n"
+        "out = [a.link_id, a.prog_id, [x.mode for x in loader.attached()]]",
+        **params,
+    )
+    assert second[0] == first[3] and second[1] != first[4], "an upgrade updates the link in place"
+    assert second[2] == ["xdp"]
+    assert in_ns(ns, "out = [loader.detach_xdp('kpv0'), loader.detach_xdp('kpv0')]", **params) == [
+        True,
+        False,
+    ]
+    assert "prog/xdp" not in ns.ip("-d", "link", "show", "kpv0").stdout
+    in_ns(ns, "loader.load(); loader.attach_xdp('kpv0', allow_veth=True); loader.cleanup()", **params)
+    assert bpffs_files(bpffs) == set() and "prog/xdp" not in ns.ip("-d", "link", "show", "kpv0").stdout
+
+
+def test_xdp_on_a_device_without_native_xdp_is_refused_clearly(
+    netns: Callable[[], Any], bpffs: Path, tc_object: Path
+) -> None:
+    """A bridge has no native XDP: XdpUnsupported names it (never generic XDP, slower than TC)."""
+    ns = netns()
+    ns.ip("link", "add", "kpd0", "type", "bridge")
+    ns.ip("link", "set", "kpd0", "up")
+    out = in_ns(
+        ns,
+        """
+        from kproxy.bpf.loader import XdpUnsupported
+        loader.load()
+        try:
+            loader.attach_xdp('kpd0')
+            out = 'attached'
+        except XdpUnsupported as e:
+            out = str(e)
+        """,
+        bpffs_dir=str(bpffs), object_path=str(tc_object),
+    )  # fmt: skip
+    assert out.startswith("kpd0's driver refuses native XDP") or out.startswith("kpd0 has no native XDP"), out
+    assert "links/kpd0:xdp" not in bpffs_files(bpffs)

@@ -23,6 +23,7 @@ AGENT_FLAGS = {
     "--source",
     "--lb-algorithm",
     "--maglev-table-size",
+    "--acceleration",
     "--node-name",
     "--node-ip",
     "--netdev",
@@ -206,6 +207,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--bpffs=/sys/fs/bpf/kproxy",
         "--daemonset=kube-system/kproxy",
         "--dsr-mode=off",
+        "--acceleration=off",
         "--ct-timeout-fin=10",
         "--ct-timeout-syn=60",
         "--ct-timeout-tcp=21600",
@@ -447,8 +449,12 @@ OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
     ("log-level", {"logLevel": "debug"}, _flag("--log-level", "debug")),
     (
         "maglev",
-        {"loadBalancer": {"algorithm": "maglev", "maglevTableSize": 65521}},
-        lambda docs: (_flag("--lb-algorithm", "maglev")(docs), _flag("--maglev-table-size", "65521")(docs)),
+        {"loadBalancer": {"algorithm": "maglev", "maglevTableSize": 65521, "acceleration": "best-effort"}},
+        lambda docs: (
+            _flag("--lb-algorithm", "maglev")(docs),
+            _flag("--maglev-table-size", "65521")(docs),
+            _flag("--acceleration", "best-effort")(docs),
+        ),
     ),
     (
         "service-monitor",
@@ -718,6 +724,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         {"loadBalancer": {"algorithm": "roundrobin", "maglevTableSize": 16381}},
         "algorithm",
     ),
+    ("acceleration-unquoted-off", {"loadBalancer": {"acceleration": False}}, "acceleration"),
     (
         "maglev-size-not-prime",
         {"loadBalancer": {"algorithm": "maglev", "maglevTableSize": 16384}},

@@ -128,31 +128,37 @@ def xlab(tc_object: Path) -> Iterator[Lab]:
     if str(CGROUP2_ROOT) not in cgroup2_mounts():
         pytest.skip(f"no cgroup2 mounted at {CGROUP2_ROOT} (node clients need a socket-LB cgroup)")
     with Lab(nodes=2, pods_per_node=2, socket_lb=True, agent_args=AGENT_ARGS) as lab:
-        for policy in POLICIES:
-            for place in PLACES:
-                i = svc_index(policy, place)
-                pod = lab.pod(backend_pod(place))
-                name = svc_name(policy, place)
-                lab.write_manifest(
-                    name,
-                    [
-                        mf.service(
-                            name, ports(i), cluster_ip(i), type="LoadBalancer",
-                            lb_ips=[lb_ip(i), lb_ip(i, "6")], external_ips=[ext_ip(i), ext_ip(i, "6")],
-                            external_traffic_policy=policy, cluster_ip6=cluster_ip(i, "6"),
-                        ),
-                        *mf.endpoint_slices(name, [(pod.ip, pod.node), (pod.ip6, pod.node)], ports(i)),
-                    ],
-                )  # fmt: skip
-        for policy in POLICIES:
-            for place in PLACES:
-                i = svc_index(policy, place)
-                pod = lab.pod(backend_pod(place))
-                for family in FAMILIES:
-                    lab.wait_programmed(cluster_ip(i, family), 80, [addr_of(pod, family)])
-                    # ETP Local: only the backend's node has it in the external scope
-                    lab.wait_programmed(lb_ip(i, family), 53, [addr_of(pod, family)], "UDP", nodes=[pod.node])
+        add_matrix_services(lab)
         yield lab
+
+
+def add_matrix_services(lab: Lab) -> None:
+    """One dual-stack LoadBalancer Service (TCP 80, UDP 53, NodePorts, LB IPs, external IPs) per policy
+    and backend place, programmed on both nodes when this returns (test_xdp.py's lab has them too)."""
+    for policy in POLICIES:
+        for place in PLACES:
+            i = svc_index(policy, place)
+            pod = lab.pod(backend_pod(place))
+            name = svc_name(policy, place)
+            lab.write_manifest(
+                name,
+                [
+                    mf.service(
+                        name, ports(i), cluster_ip(i), type="LoadBalancer",
+                        lb_ips=[lb_ip(i), lb_ip(i, "6")], external_ips=[ext_ip(i), ext_ip(i, "6")],
+                        external_traffic_policy=policy, cluster_ip6=cluster_ip(i, "6"),
+                    ),
+                    *mf.endpoint_slices(name, [(pod.ip, pod.node), (pod.ip6, pod.node)], ports(i)),
+                ],
+            )  # fmt: skip
+    for policy in POLICIES:
+        for place in PLACES:
+            i = svc_index(policy, place)
+            pod = lab.pod(backend_pod(place))
+            for family in FAMILIES:
+                lab.wait_programmed(cluster_ip(i, family), 80, [addr_of(pod, family)])
+                # ETP Local: only the backend's node has it in the external scope
+                lab.wait_programmed(lb_ip(i, family), 53, [addr_of(pod, family)], "UDP", nodes=[pod.node])
 
 
 MODE_VALUES = {"snat": abi.DsrMode.OFF, "opt": abi.DsrMode.OPT, "ipip": abi.DsrMode.IPIP}
@@ -292,6 +298,24 @@ def expectation(
     return {"ok": True, "source": addr_of(lab.ext, family), "replies": "backend-node"}
 
 
+def served_as_expected(
+    got: dict[str, Any], want: dict[str, Any], place: str, frontend: str, where: str,
+    d1: dict[str, int], d2: dict[str, int], external: bool,
+) -> bool:  # fmt: skip
+    """Check a cell's answer against its expectation (and a drop's counter on n1 for an external
+    client); whether it was served (then the caller checks the path's counters)."""
+    if not want["ok"]:
+        assert "error" in got, f"{where}: must be dropped, got {got}"
+        if external:
+            assert d1.get("DROP_NO_LOCAL_BACKEND", 0) >= 1, f"{where}: drop not counted: n1 {d1}"
+        return False
+    assert "error" not in got, f"{where}: {got}; n1 {d1}; n2 {d2}"
+    assert got["pod"] == backend_pod(place), f"{where}: served by {got['pod']}"
+    assert client_address(got) == want["source"], f"{where}: backend saw {got['client']}"
+    assert got["peer"] == frontend, f"{where}: the client saw the answer from {got['peer']}"
+    return True
+
+
 CELLS = [
     (family, proto, client, place, policy)
     for family in FAMILIES
@@ -324,15 +348,8 @@ def test_matrix(xlab: Lab, mode: str, family: str, proto: str, client: str, plac
     after = {n: counters(lab, n) for n in ("n1", "n2")}
     d1, d2 = delta(before["n1"], after["n1"]), delta(before["n2"], after["n2"])
     where = f"IPv{family} {proto} {client} -> {addr}:{port} (backend {place}, policy {policy}, mode {mode})"
-    if not want["ok"]:
-        assert "error" in got, f"{where}: must be dropped, got {got}"
-        if client.endswith("-ext"):
-            assert d1.get("DROP_NO_LOCAL_BACKEND", 0) >= 1, f"{where}: drop not counted: n1 {d1}"
+    if not served_as_expected(got, want, place, f"{addr}:{port}", where, d1, d2, client.endswith("-ext")):
         return
-    assert "error" not in got, f"{where}: {got}; n1 {d1}; n2 {d2}"
-    assert got["pod"] == backend_pod(place), f"{where}: served by {got['pod']}"
-    assert client_address(got) == want["source"], f"{where}: backend saw {got['client']}"
-    assert got["peer"] == f"{addr}:{port}", f"{where}: the client saw the answer from {got['peer']}"
     if want["replies"] == "ingress":
         assert d1.get("SNAT_REVNAT", 0) >= 1 and d1.get("SNAT_NEW", 0) >= 1, f"{where}: n1 {d1}"
         assert d2.get("DSR_RX", 0) == 0, f"{where}: n2 {d2}"

@@ -224,6 +224,7 @@ enum kp_stat {
 	KP_STAT_TO_POD = 1,
 	KP_STAT_FROM_NETDEV = 2,
 	KP_STAT_TO_NETDEV = 3,
+	KP_STAT_FROM_XDP = 4,           /* packets seen by kp_xdp (acceleration on the netdevs), every family */
 	/* decisions */
 	KP_STAT_DNAT = 8,             /* forward packets translated to a backend */
 	KP_STAT_REVNAT = 9,           /* reply packets translated back to the frontend */
@@ -278,7 +279,9 @@ enum kp_stat {
 	                                 * from their conntrack entry (kube-proxy's conntrack keeps them) */
 	KP_STAT_MAGLEV = 54,            /* new flows sent to the backend their Maglev table holds */
 	KP_STAT_MAGLEV_FALLBACK = 55,   /* new flows of a Maglev frontend without a usable table entry (none
-	                                 * yet, a terminating backend, a held reply tuple): a random slot */
+	                                 * yet, a terminating backend): a random slot */
+	KP_STAT_XDP_FWD = 56,           /* packets kp_xdp sent out itself (to a remote backend, back to a client) */
+	KP_STAT_XDP_LOCAL = 57,         /* packets kp_xdp DNATed for a local backend and handed to the stack */
 	KP_STAT_MAX = 64,
 };
 

@@ -61,6 +61,7 @@ service-cidr: {{ join "," . | quote }}
 hairpin-address: {{ join "," . | quote }}
 {{- end }}
 lb-algorithm: {{ .Values.loadBalancer.algorithm | quote }}
+acceleration: {{ .Values.loadBalancer.acceleration | quote }}
 maglev-table-size: {{ int64 .Values.loadBalancer.maglevTableSize | toString | quote }}
 {{- range $name, $size := .Values.mapSizes }}
 map-size.{{ $name }}: {{ int64 $size | toString | quote }}

@@ -1,0 +1,348 @@
+"""PROG_TEST_RUN tables for kp_xdp, the XDP acceleration of traffic from outside (lib/xdp.h).
+
+kp_xdp must do exactly what kp_from_netdev does with a packet of a tracked flow, or leave the packet
+untouched to it (XDP_PASS). So each case sets a flow up through kp_from_netdev (its first packet), then
+runs the same later packet through kp_xdp and through kp_from_netdev: the frames that leave must be
+equal, byte for byte (addresses, ports, checksums, TTL, DSR option, IPIP header, MACs). What kp_xdp
+leaves alone comes out unchanged, with XDP_PASS. Runs happen in the FIB namespace of
+test_bpf_external.py: kpe0 is the netdev, the route to NODE2 leaves through it (XDP_TX).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Backend, Datapath, ct_key
+from frames import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksum_errors, udp
+from test_bpf_external import (
+    BE_LOCAL,
+    BE_REMOTE,
+    CLIENT,
+    CPORT,
+    NODE,
+    NODEPORT,
+    Lab,
+    add_be,
+    client_syn,
+    frame,
+    nodeport,
+    set_cfg,
+    syn_seg,
+)
+
+from kproxy.abi import (
+    Ct4Val,
+    CtDir,
+    CtFlag,
+    CtState,
+    DsrMode,
+    Scope,
+    Stat,
+    Svc4Val,
+    SvcFlag,
+    ip_to_nbo,
+    port_to_nbo,
+)
+from kproxy.bpf.libbpf import TestRun
+
+pytestmark = pytest.mark.root
+
+XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
+
+
+NODE3 = "192.168.2.30"  # a node behind another interface of this one (kpx0)
+NODE3_MAC = bytes.fromhex("020000000030")
+
+
+class XLab(Lab):
+    """test_bpf_external's namespace, plus a second interface kpx0 (192.168.2.10/24) with NODE3 behind it."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.ip("link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1")
+        self.ip("link", "set", "kpx0", "up")
+        self.ip("link", "set", "kpx1", "up")
+        self.ip("addr", "add", "192.168.2.10/24", "dev", "kpx0")
+        self.ip("neigh", "replace", NODE3, "lladdr", NODE3_MAC.hex(":"), "dev", "kpx0", "nud", "permanent")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    lab = XLab()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+def tc(dp: Datapath, lab: Lab, f: bytes) -> TestRun:
+    return lab.run(dp, "kp_from_netdev", f)
+
+
+def xdp(dp: Datapath, lab: Lab, f: bytes) -> TestRun:
+    return lab.run_xdp(dp, f)
+
+
+def udp_frame(payload: bytes = b"q", sport: int = CPORT) -> bytes:
+    return frame(CLIENT, NODE, udp(CLIENT, NODE, sport, NODEPORT, payload), IPPROTO_UDP)
+
+
+def same_as_tc(dp: Datapath, lab: Lab, f: bytes, stat: Stat, xdp_verdict: int = XDP_TX) -> TestRun:
+    """kp_xdp sends F as kp_from_netdev does (same bytes), counted under STAT and XDP_FWD / XDP_LOCAL."""
+    before = dp.stat(stat)[0], dp.stat(Stat.XDP_FWD)[0], dp.stat(Stat.XDP_LOCAL)[0]
+    x = xdp(dp, lab, f)
+    assert x.retval == xdp_verdict, x.retval
+    assert dp.stat(stat)[0] == before[0] + 1
+    if xdp_verdict == XDP_PASS:
+        assert dp.stat(Stat.XDP_LOCAL)[0] == before[2] + 1
+    else:
+        assert dp.stat(Stat.XDP_FWD)[0] == before[1] + 1
+    t = tc(dp, lab, f)
+    assert t.retval == (TC_ACT_OK if xdp_verdict == XDP_PASS else TC_ACT_REDIRECT)
+    assert x.data_out.hex() == t.data_out.hex()
+    assert checksum_errors(x.data_out) == []
+    return x
+
+
+def untouched(dp: Datapath, lab: Lab, f: bytes) -> None:
+    before = dp.stat(Stat.XDP_FWD)[0] + dp.stat(Stat.XDP_LOCAL)[0]
+    x = xdp(dp, lab, f)
+    assert (x.retval, x.data_out.hex()) == (XDP_PASS, f.hex())
+    assert dp.stat(Stat.XDP_FWD)[0] + dp.stat(Stat.XDP_LOCAL)[0] == before
+
+
+# ---- forwarded from XDP, as kp_from_netdev forwards them ----
+@pytest.mark.parametrize("dsr", [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP], ids=["snat", "dsr-opt", "dsr-ipip"])
+def test_tcp_segments_of_a_tracked_flow(dp: Datapath, lab: Lab, dsr: DsrMode) -> None:
+    set_cfg(dp, dsr=dsr)
+    nodeport(dp, BE_REMOTE)
+    untouched(dp, lab, client_syn())  # a SYN opens a flow: kp_from_netdev's
+    assert tc(dp, lab, client_syn()).retval == TC_ACT_REDIRECT
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_FWD, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    seg = frame(
+        CLIENT, NODE, syn_seg(CLIENT, NODE, CPORT, NODEPORT, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n")
+    )
+    same_as_tc(dp, lab, seg, stat)
+    assert dp.stat(Stat.FROM_XDP)[0] == 2
+
+
+@pytest.mark.parametrize("dsr", [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP], ids=["snat", "dsr-opt", "dsr-ipip"])
+def test_udp_datagrams_of_a_tracked_flow(dp: Datapath, lab: Lab, dsr: DsrMode) -> None:
+    """UDP carries DSR's option on every datagram: kp_xdp inserts it (and the IPIP header) too."""
+    set_cfg(dp, dsr=dsr)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    untouched(dp, lab, udp_frame())  # the first datagram: no flow yet
+    tc(dp, lab, udp_frame())
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    same_as_tc(dp, lab, udp_frame(b"a longer datagram, " * 20), stat)
+    same_as_tc(dp, lab, udp_frame(b""), stat)
+
+
+def test_udp_without_checksum(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    f = frame(CLIENT, NODE, udp(CLIENT, NODE, CPORT, NODEPORT, b"no sum", checksum=False), IPPROTO_UDP)
+    tc(dp, lab, f)
+    x = same_as_tc(dp, lab, f, Stat.SNAT)
+    assert x.data_out[14 + 20 + 6 : 14 + 20 + 8] == b"\0\0"  # still none
+
+
+def test_local_backend_is_dnated_and_handed_to_the_stack(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_LOCAL, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    x = same_as_tc(dp, lab, udp_frame(b"second"), Stat.DNAT, XDP_PASS)
+    # what kp_from_netdev then sees: no frontend any more, passed unchanged
+    t = tc(dp, lab, x.data_out)
+    assert (t.retval, t.data_out.hex()) == (TC_ACT_OK, x.data_out.hex())
+
+
+def test_snat_replies_go_back_to_the_client(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    out = tc(dp, lab, client_syn())
+    port = int.from_bytes(out.data_out[34:36], "big")
+    synack = frame(BE_REMOTE.addr, NODE, syn_seg(BE_REMOTE.addr, NODE, 8080, port, TCP_SYN | TCP_ACK), ttl=63)
+    untouched(dp, lab, synack)  # makes the flow ESTABLISHED: kp_from_netdev's
+    tc(dp, lab, synack)
+    data = frame(BE_REMOTE.addr, NODE, syn_seg(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK, b"200 OK"), ttl=63)
+    same_as_tc(dp, lab, data, Stat.SNAT_REVNAT)
+
+
+def test_udp_reply_after_the_first_one(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    out = tc(dp, lab, udp_frame())
+    port = int.from_bytes(out.data_out[34:36], "big")
+    answer = frame(
+        BE_REMOTE.addr, NODE, udp(BE_REMOTE.addr, NODE, 8080, port, b"answer"), IPPROTO_UDP, ttl=63
+    )
+    untouched(dp, lab, answer)  # the first reply marks the flow SEEN_REPLY: kp_from_netdev's
+    tc(dp, lab, answer)
+    same_as_tc(dp, lab, answer, Stat.SNAT_REVNAT)
+
+
+# ---- left to kp_from_netdev ----
+def test_flow_changes_are_left_to_tc(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    tc(dp, lab, client_syn())
+    for flags in (TCP_FIN | TCP_ACK, TCP_RST, TCP_SYN):
+        untouched(dp, lab, client_syn(flags))
+    # a closing flow: its later segments too (kp_from_netdev keeps its TIME_WAIT bookkeeping)
+    tc(dp, lab, client_syn(TCP_FIN | TCP_ACK))
+    untouched(dp, lab, client_syn(TCP_ACK))
+
+
+def test_entry_due_a_refresh_is_refreshed_as_tc_would(dp: Datapath, lab: Lab) -> None:
+    """A packet due a refresh stays on the fast path (no packet of the flow takes the slower one and
+    arrives after later ones): kp_xdp rewrites the entry as kp_from_netdev would, state unchanged."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    key = ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_UDP, CtDir.FWD)
+    v = dp.ct(key)
+    assert v is not None and v.state == CtState.UDP
+    v.expires_ns = time.monotonic_ns() + 10**9  # 1 s left of its 60
+    dp.put_ct(key, v)
+    x = xdp(dp, lab, udp_frame(b"x"))
+    assert x.retval == XDP_TX
+    after = dp.ct(key)
+    assert after is not None and after.state == CtState.UDP and after.flags == v.flags
+    assert after.expires_ns > time.monotonic_ns() + 50 * 10**9  # the UDP timeout again
+    assert x.data_out.hex() == tc(dp, lab, udp_frame(b"x")).data_out.hex()
+
+
+def test_only_what_tc_would_follow_is_followed(dp: Datapath, lab: Lab) -> None:
+    """kp_from_netdev checks the frontend and the backend before it follows an entry; so does kp_xdp, and
+    leaves the packet to it otherwise (it re-balances, rejects or drops as it must)."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    same_as_tc(dp, lab, udp_frame(), Stat.SNAT)
+    svc0 = dp.svc_key(NODE, NODEPORT, IPPROTO_UDP, Scope.EXT, 0)
+    slot0 = dp.svc4.lookup(svc0)
+    be = dp.be4.lookup(ctypes.c_uint32(BE_REMOTE.id))
+    # the backend gone from kp_be4 (its Service let it go)
+    dp.be4.delete(ctypes.c_uint32(BE_REMOTE.id))
+    untouched(dp, lab, udp_frame())
+    dp.be4.update(ctypes.c_uint32(BE_REMOTE.id), be)
+    # the frontend without backends
+    dp.svc4.update(svc0, Svc4Val(0, 1, 0, SvcFlag.NODEPORT, 0))
+    untouched(dp, lab, udp_frame())
+    # the frontend deleted
+    dp.svc4.delete(svc0)
+    untouched(dp, lab, udp_frame())
+    dp.svc4.update(svc0, slot0)
+    same_as_tc(dp, lab, udp_frame(), Stat.SNAT)
+
+
+def test_a_dsr_backend_nodes_flow_is_not_forwarded(dp: Datapath, lab: Lab) -> None:
+    """A backend node's entry of a DSR flow (kp_dsr_rx: LOCAL_BE, keyed client -> frontend) is not a flow
+    to forward: if the client's packets reach this node directly, kp_from_netdev re-balances them."""
+    set_cfg(dp, dsr=DsrMode.OPT)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    key = ct_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_UDP, CtDir.FWD)
+    dp.put_ct(key, Ct4Val(time.monotonic_ns() + 60 * 10**9, 0, 0, ip_to_nbo(BE_LOCAL.addr), port_to_nbo(8080),
+                          CtState.UDP, CtFlag.DSR_OPT | CtFlag.EXTERNAL | CtFlag.LOCAL_BE))  # fmt: skip
+    untouched(dp, lab, udp_frame())
+
+
+def test_another_egress_device_is_left_to_tc(dp: Datapath, lab: Lab) -> None:
+    """XDP sends frames back out where they came in only: a device that takes no XDP frames (a bridge,
+    a VLAN, a tunnel) would drop a redirected one. TC redirects it as an skb."""
+    set_cfg(dp, dsr=DsrMode.IPIP)
+    far = Backend(9, "10.244.9.9", 8080)
+    nodeport(dp, far, IPPROTO_UDP)
+    add_be(dp, far, IPPROTO_UDP, node=NODE3)
+    assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
+    untouched(dp, lab, udp_frame())
+    assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
+
+
+def test_a_reply_before_the_flow_saw_one_is_left_to_tc(dp: Datapath, lab: Lab) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    out = tc(dp, lab, client_syn())
+    port = int.from_bytes(out.data_out[34:36], "big")
+    # an ACK from the backend with no SYN-ACK seen: the flow is SYN_SENT, without SEEN_REPLY
+    ack = frame(BE_REMOTE.addr, NODE, syn_seg(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK), ttl=63)
+    untouched(dp, lab, ack)
+
+
+@pytest.mark.parametrize("bad", ["truncated", "version-6-in-ipv4", "short-total-length"])
+def test_malformed_frames_are_left_to_the_stack(dp: Datapath, lab: Lab, bad: str) -> None:
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    f = bytearray(udp_frame(b"payload"))
+    if bad == "truncated":
+        f = f[:-3]
+    elif bad == "version-6-in-ipv4":
+        f[14] = 0x65
+    else:
+        f[16:18] = (20).to_bytes(2, "big")
+    untouched(dp, lab, bytes(f))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not-a-service", "ip-options", "fragment", "ttl-1", "ipv6", "arp", "icmp", "no-neighbour", "pod-flow"],
+)
+def test_anything_else_passes_untouched(dp: Datapath, lab: Lab, case: str) -> None:
+    from frames import ETH_P_IPV6, ether, icmp
+
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    seg = udp(CLIENT, NODE, CPORT, NODEPORT, b"q")
+    f = {
+        "not-a-service": frame(CLIENT, NODE, udp(CLIENT, NODE, CPORT, 9999, b"q"), IPPROTO_UDP),
+        "ip-options": frame(CLIENT, NODE, seg, IPPROTO_UDP, options=b"\x01\x01\x01\x00"),
+        "fragment": frame(CLIENT, NODE, seg, IPPROTO_UDP, flags_frag=0x2000),
+        "ttl-1": frame(CLIENT, NODE, seg, IPPROTO_UDP, ttl=1),
+        "ipv6": ether(bytes(60), ETH_P_IPV6),
+        "arp": ether(bytes(28), 0x0806),
+        "icmp": frame(CLIENT, NODE, icmp(8, 0, 1), 1),
+        "no-neighbour": b"",
+        "pod-flow": b"",
+    }[case]
+    if case == "no-neighbour":
+        # the backend's node has no neighbour entry yet: kp_from_netdev resolves it (bpf_redirect_neigh)
+        far = Backend(7, "10.244.3.7", 8080)
+        dp.reset()
+        set_cfg(dp)
+        nodeport(dp, far, IPPROTO_UDP)
+        add_be(dp, far, IPPROTO_UDP, node="192.168.1.30")
+        tc(dp, lab, udp_frame())
+        f = udp_frame()
+    if case == "pod-flow":
+        # a pod's flow to a ClusterIP has no EXTERNAL flag: never kp_xdp's (and never on a netdev)
+        dp.add_service("10.96.0.10", 80, IPPROTO_UDP, [BE_REMOTE], svc_id=2)
+        lab.run(
+            dp,
+            "kp_from_pod",
+            frame("10.244.1.5", "10.96.0.10", udp("10.244.1.5", "10.96.0.10", 41000, 80, b"p"), IPPROTO_UDP),
+        )
+        f = frame("10.244.1.5", "10.96.0.10", udp("10.244.1.5", "10.96.0.10", 41000, 80, b"p"), IPPROTO_UDP)
+    assert f
+    untouched(dp, lab, f)
+
+
+def test_xdp_writes_no_state(dp: Datapath, lab: Lab) -> None:
+    """Conntrack and SNAT stay exactly as kp_from_netdev left them: toggling acceleration moves nothing."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    ct_before, snat_before = dp.ct_entries(), {bytes(k): v for k, v in dp.snat4.lookup_batch()}
+    for i in range(20):
+        xdp(dp, lab, udp_frame(bytes([i])))
+    assert {k: bytes(v) for k, v in dp.ct_entries().items()} == {k: bytes(v) for k, v in ct_before.items()}
+    assert {bytes(k): v for k, v in dp.snat4.lookup_batch()} == snat_before
+    assert dp.stat(Stat.XDP_FWD)[0] == 20
