@@ -1,0 +1,151 @@
+"""PROG_TEST_RUN tables for kp_xdp's IPv6 half (lib/xdp.h kp_xdp6), as test_bpf_xdp.py's for IPv4: a flow
+set up through kp_from_netdev, its later packets through kp_xdp and through kp_from_netdev give the same
+bytes (addresses, ports, checksums, hop limit, DSR's destination options header, the IPv6-in-IPv6
+header, MACs), and what kp_xdp leaves alone comes out unchanged with XDP_PASS. Runs happen in
+test_bpf_external6.py's FIB namespace."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Datapath, ct6_key
+from frames import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
+from frames6 import IPPROTO_DSTOPTS, checksum_errors6, ext, tcp6, udp6
+from test_bpf_external6 import (
+    BE_LOCAL,
+    BE_REMOTE,
+    CLIENT,
+    CPORT,
+    NODE,
+    NODEPORT,
+    Lab6,
+    client_syn,
+    frame,
+    setup,
+)
+
+from kproxy.abi import CtDir, CtState, DsrMode, Stat
+from kproxy.bpf.libbpf import TestRun
+
+pytestmark = pytest.mark.root
+
+IPV6_ONLY = True  # conftest.ipv6_counts_in_kp_stats6: nothing of these counts in kp_stats_v1
+XDP_PASS, XDP_TX = 2, 3
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab6]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    lab = Lab6()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+def tc(dp: Datapath, lab: Lab6, f: bytes) -> TestRun:
+    return lab.run(dp, "kp_from_netdev", f)
+
+
+def udp_frame(payload: bytes = b"q", sport: int = CPORT) -> bytes:
+    return frame(CLIENT, NODE, udp6(CLIENT, NODE, sport, NODEPORT, payload), IPPROTO_UDP)
+
+
+def same_as_tc(dp: Datapath, lab: Lab6, f: bytes, stat: Stat, verdict: int = XDP_TX) -> None:
+    before = (
+        dp.stat(stat, family=6)[0],
+        dp.stat(Stat.XDP_FWD, family=6)[0],
+        dp.stat(Stat.XDP_LOCAL, family=6)[0],
+    )
+    x = lab.run_xdp(dp, f)
+    assert x.retval == verdict, x.retval
+    assert dp.stat(stat, family=6)[0] == before[0] + 1
+    moved = Stat.XDP_LOCAL if verdict == XDP_PASS else Stat.XDP_FWD
+    assert dp.stat(moved, family=6)[0] == before[2 if verdict == XDP_PASS else 1] + 1
+    t = tc(dp, lab, f)
+    assert t.retval == (TC_ACT_OK if verdict == XDP_PASS else TC_ACT_REDIRECT)
+    assert x.data_out.hex() == t.data_out.hex()
+    assert checksum_errors6(x.data_out) == []
+
+
+def untouched(dp: Datapath, lab: Lab6, f: bytes) -> None:
+    before = dp.stat(Stat.XDP_FWD, family=6)[0] + dp.stat(Stat.XDP_LOCAL, family=6)[0]
+    x = lab.run_xdp(dp, f)
+    assert (x.retval, x.data_out.hex()) == (XDP_PASS, f.hex())
+    assert dp.stat(Stat.XDP_FWD, family=6)[0] + dp.stat(Stat.XDP_LOCAL, family=6)[0] == before
+
+
+DSR = [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP]
+
+
+@pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
+def test_tcp_segments_of_a_tracked_flow(dp: Datapath, lab: Lab6, dsr: DsrMode) -> None:
+    setup(dp, dsr=dsr)
+    untouched(dp, lab, client_syn())
+    assert tc(dp, lab, client_syn()).retval == TC_ACT_REDIRECT
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_FWD, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    same_as_tc(dp, lab, client_syn(TCP_ACK | TCP_PSH, payload=b"GET / HTTP/1.1\r\n"), stat)
+    assert dp.stat(Stat.FROM_XDP, family=6)[0] == 2
+
+
+@pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
+def test_udp_datagrams_of_a_tracked_flow(dp: Datapath, lab: Lab6, dsr: DsrMode) -> None:
+    setup(dp, proto=IPPROTO_UDP, dsr=dsr)
+    untouched(dp, lab, udp_frame())
+    tc(dp, lab, udp_frame())
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    same_as_tc(dp, lab, udp_frame(b"a longer datagram, " * 20), stat)
+    same_as_tc(dp, lab, udp_frame(b""), stat)
+
+
+def test_local_backend_is_dnated_and_handed_to_the_stack(dp: Datapath, lab: Lab6) -> None:
+    setup(dp, be=BE_LOCAL, proto=IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    same_as_tc(dp, lab, udp_frame(b"second"), Stat.DNAT, XDP_PASS)
+
+
+def test_snat_replies_go_back_to_the_client(dp: Datapath, lab: Lab6) -> None:
+    setup(dp)
+    out = tc(dp, lab, client_syn())
+    port = int.from_bytes(out.data_out[14 + 40 : 14 + 42], "big")
+    synack = frame(
+        BE_REMOTE.addr, NODE, tcp6(BE_REMOTE.addr, NODE, 8080, port, TCP_SYN | TCP_ACK), hop_limit=63
+    )
+    untouched(dp, lab, synack)
+    tc(dp, lab, synack)
+    data = frame(
+        BE_REMOTE.addr, NODE, tcp6(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK, payload=b"200 OK"), hop_limit=63
+    )
+    same_as_tc(dp, lab, data, Stat.SNAT_REVNAT)
+
+
+def test_refresh_and_flow_changes(dp: Datapath, lab: Lab6) -> None:
+    setup(dp, proto=IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    key = ct6_key(CLIENT, NODE, CPORT, NODEPORT, IPPROTO_UDP, CtDir.FWD)
+    v = dp.ct6(key)
+    assert v is not None and v.state == CtState.UDP
+    v.expires_ns = time.monotonic_ns() + 10**9
+    dp.put_ct6(key, v)
+    assert lab.run_xdp(dp, udp_frame(b"x")).retval == XDP_TX
+    after = dp.ct6(key)
+    assert after is not None and after.expires_ns > time.monotonic_ns() + 50 * 10**9
+    # TCP: FIN and SYN are kp_from_netdev's
+    setup(dp)
+    tc(dp, lab, client_syn())
+    untouched(dp, lab, client_syn(TCP_FIN | TCP_ACK))
+    untouched(dp, lab, client_syn(TCP_SYN))
+
+
+def test_extension_headers_and_hop_limit_are_left_to_tc(dp: Datapath, lab: Lab6) -> None:
+    setup(dp, proto=IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    seg = udp6(CLIENT, NODE, CPORT, NODEPORT, b"q")
+    untouched(dp, lab, frame(CLIENT, NODE, seg, IPPROTO_UDP, exts=[ext(IPPROTO_DSTOPTS)]))
+    untouched(dp, lab, frame(CLIENT, NODE, seg, IPPROTO_UDP, hop_limit=1))
+    f = bytearray(udp_frame(b"payload"))
+    untouched(dp, lab, bytes(f[:-3]))  # truncated: the payload length says more
