@@ -55,7 +55,7 @@ static __always_inline void kp_xcsum4(__u16 *sum, __u32 from, __u32 to)
 	kp_xcsum2(sum, (__u16)(from >> 16), (__u16)(to >> 16));
 }
 
-struct kp_xpkt {
+struct kp_xpkt4 {
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__be16 *ports;     /* source, destination */
@@ -65,7 +65,7 @@ struct kp_xpkt {
 };
 
 /* Rewrite the address and port of one side (dst: 1 destination, 0 source); both checksums follow. */
-static __always_inline void kp_xnat(struct kp_xpkt *x, int dst, __be32 addr, __be16 port)
+static __always_inline void kp_xnat4(struct kp_xpkt4 *x, int dst, __be32 addr, __be16 port)
 {
 	__be32 *a = dst ? &x->ip->daddr : &x->ip->saddr;
 	__be16 *pt = &x->ports[dst ? 1 : 0];
@@ -81,26 +81,43 @@ static __always_inline void kp_xnat(struct kp_xpkt *x, int dst, __be32 addr, __b
 	*pt = port;
 }
 
-static __always_inline void kp_xttl_dec(struct iphdr *ip)
+static __always_inline void kp_xttl_dec4(struct kp_xpkt4 *x)
 {
+	struct iphdr *ip = x->ip;
 	__u16 old = *(__u16 *)&ip->ttl;   /* TTL and protocol share a checksum word */
 
 	ip->ttl--;
 	kp_xcsum2(&ip->check, old, *(__u16 *)&ip->ttl);
 }
 
-/* Route a packet kp_xdp sends out itself; 0 when XDP can send it (fib holds the egress and MACs). */
-static __always_inline int kp_xfib(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 src, __be32 dst,
-				  __u32 tot_len)
+/* The family-generic code's view of a packet (lib/xdp_fam.h): addresses, TTL, IP length. */
+static __always_inline __be32 kp_xsaddr4(const struct kp_xpkt4 *x) { return x->ip->saddr; }
+static __always_inline __be32 kp_xdaddr4(const struct kp_xpkt4 *x) { return x->ip->daddr; }
+static __always_inline __u8 kp_xttl4(const struct kp_xpkt4 *x) { return x->ip->ttl; }
+static __always_inline __u32 kp_xiplen4(const struct kp_xpkt4 *x) { return bpf_ntohs(x->ip->tot_len); }
+
+/*
+ * Route a packet kp_xdp sends out itself; 0 when XDP can send it: the route is complete (fib holds the
+ * MACs) and leaves by the interface the frame came in by. No neighbour yet, too big for the route
+ * (frag needed), no route, another device (one that takes no XDP frames: a bridge, a VLAN, a tunnel
+ * would drop it): the stack's to handle.
+ */
+static __always_inline int kp_xfib_run(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 tot_len)
+{
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->tot_len = tot_len;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS &&
+			       fib->ifindex == ctx->ingress_ifindex ? 0 : -1;
+}
+
+static __always_inline int kp_xfib4(struct xdp_md *ctx, struct bpf_fib_lookup *fib, const __be32 *src,
+				   const __be32 *dst, __u32 tot_len)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = KP_AF_INET;
-	fib->ipv4_src = src;
-	fib->ipv4_dst = dst;
-	fib->ifindex = ctx->ingress_ifindex;
-	fib->tot_len = tot_len;
-	/* no neighbour yet, too big for the route (frag needed), no route: the stack's to handle */
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS ? 0 : -1;
+	fib->ipv4_src = *src;
+	fib->ipv4_dst = *dst;
+	return kp_xfib_run(ctx, fib, tot_len);
 }
 
 static __always_inline int kp_xsend(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
@@ -127,7 +144,7 @@ static __always_inline int kp_xfresh(__u8 state, __u64 expires_ns, __u64 now)
  * rewritten: a driver without the headroom refuses, and the packet goes to the stack untouched. x then
  * points at the packet where it lies now, EXTRA bytes in.
  */
-static __always_inline int kp_xroom(struct xdp_md *ctx, struct kp_xpkt *x, __u32 extra)
+static __always_inline int kp_xroom4(struct xdp_md *ctx, struct kp_xpkt4 *x, __u32 extra)
 {
 	void *data, *end;
 
@@ -161,11 +178,12 @@ static __always_inline int kp_xroom(struct xdp_md *ctx, struct kp_xpkt *x, __u32
  * Ethernet header first, then (IPIP) an outer header from saddr to daddr, then the (translated) IPv4
  * header, then (opt) DSR's option with the frontend, before the L4 header, which stays where it is.
  */
-static __always_inline int kp_xdsr_layout(struct xdp_md *ctx, __u32 extra, int opt, int ipip, __be32 saddr,
-					  __be32 daddr, __be32 svc_addr, __be16 svc_port)
+static __always_inline int kp_xdsr_layout4(struct xdp_md *ctx, __u32 extra, int opt, int ipip,
+					   const __be32 *saddr, const __be32 *daddr, const __be32 *svc_addr,
+					   __be16 svc_port)
 {
 	struct kp_dsr_opt o = {
-		.type = KP_DSR_OPT_TYPE, .len = KP_DSR_OPT_LEN, .port = svc_port, .addr = svc_addr,
+		.type = KP_DSR_OPT_TYPE, .len = KP_DSR_OPT_LEN, .port = svc_port, .addr = *svc_addr,
 	};
 	struct iphdr ip, outer = {};
 	struct ethhdr eth;
@@ -192,7 +210,7 @@ static __always_inline int kp_xdsr_layout(struct xdp_md *ctx, __u32 extra, int o
 	}
 	__builtin_memcpy(data, &eth, sizeof(eth));
 	if (ipip) {
-		kp_ipip_outer(&outer, &ip, bpf_ntohs(ip.tot_len), saddr, daddr);
+		kp_ipip_outer(&outer, &ip, bpf_ntohs(ip.tot_len), *saddr, *daddr);
 		if (data + sizeof(eth) + sizeof(outer) + sizeof(ip) > end)
 			return -1;
 		__builtin_memcpy(data + at, &outer, sizeof(outer));
@@ -213,166 +231,7 @@ static __always_inline int kp_xdsr_layout(struct xdp_md *ctx, __u32 extra, int o
 	return 0;
 }
 
-/*
- * What kp_from_netdev checks before it follows a flow's entry, checked alike (else the packet is its):
- * the frontend is still there, has backends and is served from outside, and the flow's backend is still
- * known. A flow whose entry outlives its frontend or backend (deleted, re-balanced) is TC's to handle.
- */
-static __always_inline int kp_xfollowable(const struct kp_xpkt *x, const struct kp_ct4_val *v)
-{
-	struct kp_svc4_key sk = {
-		.addr = x->ip->daddr, .port = x->ports[1], .slot = 0, .proto = x->proto, .scope = KP_SCOPE_EXT,
-	};
-	struct kp_svc4_val *svc = bpf_map_lookup_elem(&kp_svc4_v1, &sk);
-	__u32 id = v->backend_id;
-
-	if (!svc || !svc->count)
-		return 0;
-	if (!(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip())
-		return 0;
-	return id && bpf_map_lookup_elem(&kp_be4_v1, &id) != NULL;
-}
-
-/* A packet of a tracked flow from outside (fk's FWD entry v): forward it as kp_lb_xlate4 would. */
-static __always_inline int kp_xdp_forward(struct xdp_md *ctx, struct kp_xpkt *x, const struct kp_ct4_key *fk,
-					 const struct kp_ct4_val *v, __u64 now)
-{
-	__u8 mode = v->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
-	/* states a packet without SYN, FIN or RST leaves as they are (kp_ct_next_state); a DSR flow stays
-	 * SYN_SENT here: its replies bypass this node */
-	int state_kept = x->proto == IPPROTO_TCP ? v->state == KP_CT_ESTABLISHED || v->state == KP_CT_SYN_SENT
-						 : v->state == KP_CT_UDP;
-	struct bpf_fib_lookup *fib;
-	struct kp_config *cfg;
-	struct kp_ct4_val fv;
-	__be32 nat_addr = v->nat_addr, snat_addr = v->snat_addr, front_addr = x->ip->daddr, src, dst;
-	__be16 nat_port = v->nat_port, snat_port = v->snat_port, front_port = x->ports[1];
-	__u32 extra = 0, len = x->len;
-	int opt = 0, ipip = 0;
-
-	/* the flows of this node's DSR backends (kp_dsr_rx: LOCAL_BE with a DSR flag) are not forwarded */
-	if (!(v->flags & KP_CT_F_EXTERNAL) || (mode & KP_CT_F_HAIRPIN) || !state_kept || x->ip->ttl <= 1 ||
-	    ((v->flags & KP_CT_F_LOCAL_BE) && (mode & (KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP))) ||
-	    !kp_xfollowable(x, v))
-		return XDP_PASS;
-	cfg = kp_config();
-	fib = kp_fib_room();
-	if (!cfg || !fib)
-		return XDP_PASS;
-	if (mode) {
-		src = x->ip->saddr;
-		dst = nat_addr;
-		if (mode & KP_CT_F_SNAT) {
-			src = snat_addr;
-		} else {
-			opt = x->proto == IPPROTO_UDP;   /* kp_dsr_wants_opt: every datagram; TCP only its SYN */
-			ipip = !!(mode & KP_CT_F_DSR_IPIP);
-			extra = (opt ? KP_DSR_OPT_LEN : 0) + (ipip ? KP_IPIP_HLEN : 0);
-			if (ipip) {
-				src = cfg->node_addr;
-				dst = snat_addr;
-			}
-		}
-		/* XDP sends out only where it came in: a frame redirected to another device is dropped
-		 * unless that device takes XDP frames (a bridge, a VLAN, a tunnel, a veth without XDP do not) */
-		if (kp_xfib(ctx, fib, src, dst, bpf_ntohs(x->ip->tot_len) + extra) ||
-		    fib->ifindex != ctx->ingress_ifindex)
-			return XDP_PASS;
-	}
-	/* due a refresh: written as kp_from_netdev would (state and flags as they are), so no packet of the
-	 * flow takes the slower path and arrives after later ones */
-	if (!kp_xfresh(v->state, v->expires_ns, now)) {
-		fv = *v;
-		kp_ct_touch4(fk, &fv, fv.state, fv.flags, now);
-	}
-	if (extra && kp_xroom(ctx, x, extra))
-		goto fail;   /* the head moved: the packet cannot go back to the stack as it was */
-	kp_xnat(x, 1, nat_addr, nat_port);
-	kp_count4(KP_STAT_DNAT, len);
-	if (!mode) {
-		/*
-		 * A backend on this node: DNATed, the stack delivers it. kp_from_netdev then finds no frontend
-		 * for it (two misses: the frontend and the SNAT lookup). Telling it so through XDP metadata
-		 * would save those: this kernel's XDP programs may not call bpf_xdp_adjust_meta (the verifier:
-		 * "program of this type cannot use helper").
-		 */
-		kp_count4(KP_STAT_XDP_LOCAL, len);
-		return XDP_PASS;
-	}
-	kp_xttl_dec(x->ip);
-	if (mode & KP_CT_F_SNAT) {
-		kp_xnat(x, 0, snat_addr, snat_port);
-		kp_count4(KP_STAT_SNAT, len);
-	} else {
-		if (extra && kp_xdsr_layout(ctx, extra, opt, ipip, cfg->node_addr, snat_addr, front_addr, front_port))
-			goto fail;
-		kp_count4(ipip ? KP_STAT_DSR_IPIP_TX : opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, len);
-	}
-	kp_count4(KP_STAT_XDP_FWD, len);
-	return kp_xsend(ctx, fib);
-fail:
-	kp_count4(KP_DROP_ENCAP_FAILED, len);
-	return XDP_DROP;
-}
-
-/* A backend's reply to a SNATed flow (kp_snat_revnat4's job), when its flow is established already. */
-static __always_inline int kp_xdp_snat_reply(struct xdp_md *ctx, struct kp_xpkt *x, __u64 now)
-{
-	struct kp_snat4_key sk = {
-		.saddr = x->ip->saddr, .daddr = x->ip->daddr, .sport = x->ports[0], .dport = x->ports[1],
-		.proto = x->proto,
-	};
-	__u8 want_state = x->proto == IPPROTO_TCP ? KP_CT_ESTABLISHED : KP_CT_UDP;
-	struct kp_ct4_key fk = { .proto = x->proto, .dir = KP_CT_DIR_FWD };
-	struct bpf_fib_lookup *fib;
-	struct kp_snat4_val *sv;
-	struct kp_ct4_val *cur, fv;
-	__be32 client_addr, front_addr;
-	__be16 client_port, front_port;
-
-	sv = bpf_map_lookup_elem(&kp_snat4_v1, &sk);
-	if (!sv || sv->expires_ns < now)
-		return XDP_PASS;
-	client_addr = sv->client_addr;
-	front_addr = sv->front_addr;
-	client_port = sv->client_port;
-	front_port = sv->front_port;
-	fk.saddr = client_addr;
-	fk.daddr = front_addr;
-	fk.sport = client_port;
-	fk.dport = front_port;
-	/* kp_snat_revnat4 changes the flow's entry with its first reply (SEEN_REPLY, ESTABLISHED): that
-	 * packet is its */
-	cur = bpf_map_lookup_elem(&kp_ct4_v1, &fk);
-	if (!cur || cur->expires_ns < now || !(cur->flags & KP_CT_F_SEEN_REPLY) || cur->state != want_state ||
-	    x->ip->ttl <= 1)
-		return XDP_PASS;
-	fib = kp_fib_room();
-	if (!fib || kp_xfib(ctx, fib, front_addr, client_addr, bpf_ntohs(x->ip->tot_len)) ||
-	    fib->ifindex != ctx->ingress_ifindex)
-		return XDP_PASS;
-	if (!kp_xfresh(cur->state, cur->expires_ns, now)) {
-		fv = *cur;
-		kp_ct_touch4(&fk, &fv, fv.state, fv.flags, now);
-	}
-	kp_xnat(x, 1, client_addr, client_port);
-	kp_xnat(x, 0, front_addr, front_port);
-	kp_xttl_dec(x->ip);
-	kp_count4(KP_STAT_SNAT_REVNAT, x->len);
-	kp_count4(KP_STAT_XDP_FWD, x->len);
-	return kp_xsend(ctx, fib);
-}
-
 /* ---- IPv6: as above, with 16-byte addresses (no header checksum; the L4 checksum's pseudo-header) ---- */
-/* Room for a flow's entry being refreshed (kp_scratch's: XDP and TC never run nested on one CPU). */
-static __always_inline struct kp_ct6_val *kp_xscratch6(void)
-{
-	__u32 zero = 0;
-	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
-
-	return s ? &s->ct6_val : NULL;
-}
-
 struct kp_xpkt6 {
 	struct ethhdr *eth;
 	struct ipv6hdr *ip;
@@ -410,11 +269,32 @@ static __always_inline int kp_xfib6(struct xdp_md *ctx, struct bpf_fib_lookup *f
 	fib->family = KP_AF_INET6;
 	__builtin_memcpy(fib->ipv6_src, src, sizeof(*src));
 	__builtin_memcpy(fib->ipv6_dst, dst, sizeof(*dst));
-	fib->ifindex = ctx->ingress_ifindex;
-	fib->tot_len = tot_len;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS &&
-			       fib->ifindex == ctx->ingress_ifindex ? 0 : -1;
+	return kp_xfib_run(ctx, fib, tot_len);
 }
+
+static __always_inline void kp_xttl_dec6(struct kp_xpkt6 *x)
+{
+	x->ip->hop_limit--;   /* no header checksum */
+}
+
+static __always_inline union kp_in6 kp_xsaddr6(const struct kp_xpkt6 *x)
+{
+	union kp_in6 a;
+
+	__builtin_memcpy(&a, &x->ip->saddr, sizeof(a));
+	return a;
+}
+
+static __always_inline union kp_in6 kp_xdaddr6(const struct kp_xpkt6 *x)
+{
+	union kp_in6 a;
+
+	__builtin_memcpy(&a, &x->ip->daddr, sizeof(a));
+	return a;
+}
+
+static __always_inline __u8 kp_xttl6(const struct kp_xpkt6 *x) { return x->ip->hop_limit; }
+static __always_inline __u32 kp_xiplen6(const struct kp_xpkt6 *x) { return KP_IP6_HLEN + bpf_ntohs(x->ip->payload_len); }
 
 /* kp_xroom for IPv6 (x's L4 header follows the fixed one: kp_xdp6 takes no extension header). */
 static __always_inline int kp_xroom6(struct xdp_md *ctx, struct kp_xpkt6 *x, __u32 extra)
@@ -497,134 +377,16 @@ static __always_inline int kp_xdsr_layout6(struct xdp_md *ctx, __u32 extra, int 
 	return 0;
 }
 
-static __always_inline int kp_xfollowable6(const struct kp_xpkt6 *x, const struct kp_ct6_val *v)
-{
-	struct kp_svc6_key sk = { .port = x->ports[1], .slot = 0, .proto = x->proto, .scope = KP_SCOPE_EXT };
-	struct kp_svc4_val *svc;
-	__u32 id = v->backend_id;
-
-	__builtin_memcpy(&sk.addr, &x->ip->daddr, sizeof(sk.addr));
-	svc = bpf_map_lookup_elem(&kp_svc6_v1, &sk);
-	if (!svc || !svc->count)
-		return 0;
-	if (!(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip())
-		return 0;
-	return id && bpf_map_lookup_elem(&kp_be6_v1, &id) != NULL;
-}
-
-/* kp_xdp_forward for IPv6 (kp_lb_xlate6). */
-static __always_inline int kp_xdp_forward6(struct xdp_md *ctx, struct kp_xpkt6 *x, const struct kp_ct6_key *fk,
-					  const struct kp_ct6_val *v, __u64 now)
-{
-	__u8 mode = v->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
-	int state_kept = x->proto == IPPROTO_TCP ? v->state == KP_CT_ESTABLISHED || v->state == KP_CT_SYN_SENT
-						 : v->state == KP_CT_UDP;
-	struct bpf_fib_lookup *fib;
-	struct kp_config6 *c6;
-	struct kp_ct6_val *fv;
-	union kp_in6 nat_addr = v->nat_addr, snat_addr = v->snat_addr, front_addr, src, dst, node;
-	__be16 nat_port = v->nat_port, snat_port = v->snat_port, front_port = x->ports[1];
-	__u32 extra = 0, len = x->len;
-	int opt = 0, tunnel = 0;
-
-	if (!(v->flags & KP_CT_F_EXTERNAL) || (mode & KP_CT_F_HAIRPIN) || !state_kept || x->ip->hop_limit <= 1 ||
-	    ((v->flags & KP_CT_F_LOCAL_BE) && (mode & (KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP))) ||
-	    !kp_xfollowable6(x, v))
-		return XDP_PASS;
-	__builtin_memcpy(&front_addr, &x->ip->daddr, sizeof(front_addr));
-	fib = kp_fib_room();
-	c6 = kp_config6();
-	if (!fib || !c6)
-		return XDP_PASS;
-	node = c6->node_addr;
-	if (mode) {
-		__builtin_memcpy(&src, &x->ip->saddr, sizeof(src));
-		dst = nat_addr;
-		if (mode & KP_CT_F_SNAT) {
-			src = snat_addr;
-		} else {
-			opt = x->proto == IPPROTO_UDP;
-			tunnel = !!(mode & KP_CT_F_DSR_IPIP);
-			extra = (opt ? KP_DSR6_HDR_LEN : 0) + (tunnel ? KP_IP6IP6_HLEN : 0);
-			if (tunnel) {
-				src = node;
-				dst = snat_addr;
-			}
-		}
-		if (kp_xfib6(ctx, fib, &src, &dst, KP_IP6_HLEN + bpf_ntohs(x->ip->payload_len) + extra))
-			return XDP_PASS;
-	}
-	if (!kp_xfresh(v->state, v->expires_ns, now) && (fv = kp_xscratch6())) {
-		*fv = *v;
-		kp_ct_touch6(fk, fv, fv->state, fv->flags, now);
-	}
-	if (extra && kp_xroom6(ctx, x, extra))
-		goto fail;
-	kp_xnat6(x, 1, nat_addr, nat_port);
-	kp_count6(KP_STAT_DNAT, len);
-	if (!mode) {
-		kp_count6(KP_STAT_XDP_LOCAL, len);
-		return XDP_PASS;
-	}
-	x->ip->hop_limit--;
-	if (mode & KP_CT_F_SNAT) {
-		kp_xnat6(x, 0, snat_addr, snat_port);
-		kp_count6(KP_STAT_SNAT, len);
-	} else {
-		if (extra && kp_xdsr_layout6(ctx, extra, opt, tunnel, &node, &snat_addr, &front_addr, front_port))
-			goto fail;
-		kp_count6(tunnel ? KP_STAT_DSR_IPIP_TX : opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, len);
-	}
-	kp_count6(KP_STAT_XDP_FWD, len);
-	return kp_xsend(ctx, fib);
-fail:
-	kp_count6(KP_DROP_ENCAP_FAILED, len);
-	return XDP_DROP;
-}
-
-/* kp_xdp_snat_reply for IPv6 (kp_snat_revnat6). */
-static __always_inline int kp_xdp_snat_reply6(struct xdp_md *ctx, struct kp_xpkt6 *x, __u64 now)
-{
-	struct kp_snat6_key sk = { .sport = x->ports[0], .dport = x->ports[1], .proto = x->proto };
-	__u8 want_state = x->proto == IPPROTO_TCP ? KP_CT_ESTABLISHED : KP_CT_UDP;
-	struct kp_ct6_key fk = { .proto = x->proto, .dir = KP_CT_DIR_FWD };
-	struct bpf_fib_lookup *fib;
-	struct kp_snat6_val *sv;
-	struct kp_ct6_val *cur, *fv;
-	union kp_in6 client_addr, front_addr;
-	__be16 client_port, front_port;
-
-	__builtin_memcpy(&sk.saddr, &x->ip->saddr, sizeof(sk.saddr));
-	__builtin_memcpy(&sk.daddr, &x->ip->daddr, sizeof(sk.daddr));
-	sv = bpf_map_lookup_elem(&kp_snat6_v1, &sk);
-	if (!sv || sv->expires_ns < now)
-		return XDP_PASS;
-	client_addr = sv->client_addr;
-	front_addr = sv->front_addr;
-	client_port = sv->client_port;
-	front_port = sv->front_port;
-	fk.saddr = client_addr;
-	fk.daddr = front_addr;
-	fk.sport = client_port;
-	fk.dport = front_port;
-	cur = bpf_map_lookup_elem(&kp_ct6_v1, &fk);
-	if (!cur || cur->expires_ns < now || !(cur->flags & KP_CT_F_SEEN_REPLY) || cur->state != want_state ||
-	    x->ip->hop_limit <= 1)
-		return XDP_PASS;
-	fib = kp_fib_room();
-	if (!fib || kp_xfib6(ctx, fib, &front_addr, &client_addr, KP_IP6_HLEN + bpf_ntohs(x->ip->payload_len)))
-		return XDP_PASS;
-	if (!kp_xfresh(cur->state, cur->expires_ns, now) && (fv = kp_xscratch6())) {
-		*fv = *cur;
-		kp_ct_touch6(&fk, fv, fv->state, fv->flags, now);
-	}
-	kp_xnat6(x, 1, client_addr, client_port);
-	kp_xnat6(x, 0, front_addr, front_port);
-	x->ip->hop_limit--;
-	kp_count6(KP_STAT_SNAT_REVNAT, x->len);
-	kp_count6(KP_STAT_XDP_FWD, x->len);
-	return kp_xsend(ctx, fib);
-}
+/* The family-generic part: following a flow's entry, forwarding its packet, a SNAT reply. */
+#undef KP_FAM
+#define KP_FAM 4
+#include "lib/fam.h"
+#include "lib/xdp_fam.h"
+#undef KP_FAM
+#define KP_FAM 6
+#include "lib/fam.h"
+#include "lib/xdp_fam.h"
+#undef KP_FAM
 
 /* An IPv6 frame: TCP or UDP right after the fixed header (a flow with extension headers is SNATed by
  * kp_from_netdev6 and stays its), its length within the frame. */
@@ -683,7 +445,7 @@ static __attribute__((noinline)) int kp_xdp4(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	struct kp_xpkt x = { .eth = data, .len = end - data };
+	struct kp_xpkt4 x = { .eth = data, .len = end - data };
 	struct kp_ct4_key fk = { .dir = KP_CT_DIR_FWD };
 	struct kp_ct4_val *v;
 	struct iphdr *ip;
@@ -729,8 +491,8 @@ static __attribute__((noinline)) int kp_xdp4(struct xdp_md *ctx)
 	fk.proto = x.proto;
 	v = bpf_map_lookup_elem(&kp_ct4_v1, &fk);
 	if (v && v->expires_ns >= now)
-		return kp_xdp_forward(ctx, &x, &fk, v, now);
-	return kp_xdp_snat_reply(ctx, &x, now);
+		return kp_xdp_forward4(ctx, &x, &fk, v, now);
+	return kp_xdp_snat_reply4(ctx, &x, now);
 }
 
 static __always_inline int kp_xdp_main(struct xdp_md *ctx)

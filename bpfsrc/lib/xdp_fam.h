@@ -1,0 +1,170 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * kp_xdp's handling of a tracked flow's packet, for one address family (lib/fam.h: included by
+ * lib/xdp.h once per family, after the family's packet primitives kp_xnat4/6, kp_xttl_dec4/6,
+ * kp_xfib4/6, kp_xroom4/6, kp_xdsr_layout4/6 and accessors kp_xsaddr4/6, kp_xdaddr4/6, kp_xttl4/6,
+ * kp_xiplen4/6 over struct kp_xpkt4/6).
+ */
+
+/* Room for a flow's entry being refreshed (kp_scratch's: XDP and TC never run nested on one CPU). */
+static __always_inline KP_CT_VAL *KP_F(kp_xscratch)(void)
+{
+	__u32 zero = 0;
+	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
+
+	return s ? &s->KP_SCRATCH_CT_VAL : NULL;
+}
+
+/*
+ * What kp_from_netdev checks before it follows a flow's entry, checked alike (else the packet is its):
+ * the frontend is still there, has backends and is served from outside, and the flow's backend is still
+ * known. A flow whose entry outlives its frontend or backend (deleted, re-balanced) is TC's to handle.
+ */
+static __always_inline int KP_F(kp_xfollowable)(const struct KP_F(kp_xpkt) *x, const KP_CT_VAL *v)
+{
+	KP_SVC_KEY sk = {
+		.addr = KP_F(kp_xdaddr)(x), .port = x->ports[1], .slot = 0, .proto = x->proto, .scope = KP_SCOPE_EXT,
+	};
+	struct kp_svc4_val *svc = bpf_map_lookup_elem(&KP_SVC_MAP, &sk);
+	__u32 id = v->backend_id;
+
+	if (!svc || !svc->count)
+		return 0;
+	if (!(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip())
+		return 0;
+	return id && bpf_map_lookup_elem(&KP_BE_MAP, &id) != NULL;
+}
+
+/* Refresh the flow's entry as kp_from_netdev would (state and flags as they are), when it is due. */
+static __always_inline void KP_F(kp_xrefresh)(const KP_CT_KEY *fk, const KP_CT_VAL *v, __u64 now)
+{
+	KP_CT_VAL *fv;
+
+	if (kp_xfresh(v->state, v->expires_ns, now))
+		return;
+	fv = KP_F(kp_xscratch)();
+	if (!fv)
+		return;
+	*fv = *v;
+	KP_F(kp_ct_touch)(fk, fv, fv->state, fv->flags, now);
+}
+
+/* A packet of a tracked flow from outside (fk's FWD entry v): forward it as kp_lb_xlate would. */
+static __always_inline int KP_F(kp_xdp_forward)(struct xdp_md *ctx, struct KP_F(kp_xpkt) *x, const KP_CT_KEY *fk,
+					       const KP_CT_VAL *v, __u64 now)
+{
+	__u8 mode = v->flags & (KP_CT_F_SNAT | KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP | KP_CT_F_HAIRPIN);
+	/* states a packet without SYN, FIN or RST leaves as they are (kp_ct_next_state); a DSR flow stays
+	 * SYN_SENT here: its replies bypass this node */
+	int state_kept = x->proto == IPPROTO_TCP ? v->state == KP_CT_ESTABLISHED || v->state == KP_CT_SYN_SENT
+						 : v->state == KP_CT_UDP;
+	struct bpf_fib_lookup *fib;
+	struct kp_config *cfg;
+	KP_ADDR nat_addr = v->nat_addr, snat_addr = v->snat_addr, front_addr = KP_F(kp_xdaddr)(x), src, dst, node;
+	__be16 nat_port = v->nat_port, snat_port = v->snat_port, front_port = x->ports[1];
+	__u32 extra = 0, len = x->len;
+	int opt = 0, tunnel = 0;
+
+	/* the flows of this node's DSR backends (kp_dsr_rx: LOCAL_BE with a DSR flag) are not forwarded */
+	if (!(v->flags & KP_CT_F_EXTERNAL) || (mode & KP_CT_F_HAIRPIN) || !state_kept || KP_F(kp_xttl)(x) <= 1 ||
+	    ((v->flags & KP_CT_F_LOCAL_BE) && (mode & (KP_CT_F_DSR_OPT | KP_CT_F_DSR_IPIP))) ||
+	    !KP_F(kp_xfollowable)(x, v))
+		return XDP_PASS;
+	cfg = kp_config();
+	fib = kp_fib_room();
+	if (!cfg || !fib)
+		return XDP_PASS;
+	node = KP_F(kp_node_addr)(cfg);
+	if (mode) {
+		src = KP_F(kp_xsaddr)(x);
+		dst = nat_addr;
+		if (mode & KP_CT_F_SNAT) {
+			src = snat_addr;
+		} else {
+			opt = x->proto == IPPROTO_UDP;   /* kp_dsr_wants_opt: every datagram; TCP only its SYN */
+			tunnel = !!(mode & KP_CT_F_DSR_IPIP);
+			extra = (opt ? KP_DSR_EXTRA : 0) + (tunnel ? KP_TUNNEL_HLEN : 0);
+			if (tunnel) {
+				src = node;
+				dst = snat_addr;
+			}
+		}
+		if (KP_F(kp_xfib)(ctx, fib, &src, &dst, KP_F(kp_xiplen)(x) + extra))
+			return XDP_PASS;
+	}
+	/* due a refresh: written as kp_from_netdev would, so no packet of the flow takes the slower path and
+	 * arrives after later ones */
+	KP_F(kp_xrefresh)(fk, v, now);
+	if (extra && KP_F(kp_xroom)(ctx, x, extra))
+		goto fail;   /* the head moved: the packet cannot go back to the stack as it was */
+	KP_F(kp_xnat)(x, 1, nat_addr, nat_port);
+	KP_F(kp_count)(KP_STAT_DNAT, len);
+	if (!mode) {
+		/*
+		 * A backend on this node: DNATed, the stack delivers it. kp_from_netdev then finds no frontend
+		 * for it (two misses: the frontend and the SNAT lookup). Telling it so through XDP metadata
+		 * would save those: this kernel's XDP programs may not call bpf_xdp_adjust_meta (the verifier:
+		 * "program of this type cannot use helper").
+		 */
+		KP_F(kp_count)(KP_STAT_XDP_LOCAL, len);
+		return XDP_PASS;
+	}
+	KP_F(kp_xttl_dec)(x);
+	if (mode & KP_CT_F_SNAT) {
+		KP_F(kp_xnat)(x, 0, snat_addr, snat_port);
+		KP_F(kp_count)(KP_STAT_SNAT, len);
+	} else {
+		if (extra && KP_F(kp_xdsr_layout)(ctx, extra, opt, tunnel, &node, &snat_addr, &front_addr, front_port))
+			goto fail;
+		KP_F(kp_count)(tunnel ? KP_STAT_DSR_IPIP_TX : opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, len);
+	}
+	KP_F(kp_count)(KP_STAT_XDP_FWD, len);
+	return kp_xsend(ctx, fib);
+fail:
+	KP_F(kp_count)(KP_DROP_ENCAP_FAILED, len);
+	return XDP_DROP;
+}
+
+/* A backend's reply to a SNATed flow (kp_snat_revnat's job), when its flow is established already. */
+static __always_inline int KP_F(kp_xdp_snat_reply)(struct xdp_md *ctx, struct KP_F(kp_xpkt) *x, __u64 now)
+{
+	KP_SNAT_KEY sk = {
+		.saddr = KP_F(kp_xsaddr)(x), .daddr = KP_F(kp_xdaddr)(x), .sport = x->ports[0], .dport = x->ports[1],
+		.proto = x->proto,
+	};
+	__u8 want_state = x->proto == IPPROTO_TCP ? KP_CT_ESTABLISHED : KP_CT_UDP;
+	KP_CT_KEY fk = { .proto = x->proto, .dir = KP_CT_DIR_FWD };
+	struct bpf_fib_lookup *fib;
+	KP_SNAT_VAL *sv;
+	KP_CT_VAL *cur;
+	KP_ADDR client_addr, front_addr;
+	__be16 client_port, front_port;
+
+	sv = bpf_map_lookup_elem(&KP_SNAT_MAP, &sk);
+	if (!sv || sv->expires_ns < now)
+		return XDP_PASS;
+	client_addr = sv->client_addr;
+	front_addr = sv->front_addr;
+	client_port = sv->client_port;
+	front_port = sv->front_port;
+	fk.saddr = client_addr;
+	fk.daddr = front_addr;
+	fk.sport = client_port;
+	fk.dport = front_port;
+	/* kp_snat_revnat changes the flow's entry with its first reply (SEEN_REPLY, ESTABLISHED): that
+	 * packet is its */
+	cur = bpf_map_lookup_elem(&KP_CT_MAP, &fk);
+	if (!cur || cur->expires_ns < now || !(cur->flags & KP_CT_F_SEEN_REPLY) || cur->state != want_state ||
+	    KP_F(kp_xttl)(x) <= 1)
+		return XDP_PASS;
+	fib = kp_fib_room();
+	if (!fib || KP_F(kp_xfib)(ctx, fib, &front_addr, &client_addr, KP_F(kp_xiplen)(x)))
+		return XDP_PASS;
+	KP_F(kp_xrefresh)(&fk, cur, now);
+	KP_F(kp_xnat)(x, 1, client_addr, client_port);
+	KP_F(kp_xnat)(x, 0, front_addr, front_port);
+	KP_F(kp_xttl_dec)(x);
+	KP_F(kp_count)(KP_STAT_SNAT_REVNAT, x->len);
+	KP_F(kp_count)(KP_STAT_XDP_FWD, x->len);
+	return kp_xsend(ctx, fib);
+}
