@@ -551,9 +551,42 @@ int kp_to_netdev(struct __sk_buff *skb)
 	return kp_enter(skb, KP_STAT_TO_NETDEV, KP_PROG6_TO_NETDEV) ? TC_ACT_OK : kp_to_netdev4(skb);
 }
 
-/* XDP acceleration on the netdevs (lib/xdp.h): packets of tracked external flows, before any skb. */
+/* kp_xdp's IPv6 half (lib/xdp.h), tail-called through kp_xprogs_v1. */
+SEC("xdp")
+int kp_xdp6(struct xdp_md *ctx)
+{
+	return kp_xdp6_main(ctx);
+}
+
+/*
+ * kp_xdp's IPv6 program, an XDP program of its own (its stack would not fit beside kp_xdp's in one call
+ * chain), filled by libbpf at each load and pinned, as kp_progs6_v1.
+ */
+#define KP_XPROG6 0
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));   /* not __type: the kernel takes no BTF for a program array */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, int(struct xdp_md *));
+} kp_xprogs_v1 SEC(".maps") = {
+	.values = {
+		[KP_XPROG6] = (void *)&kp_xdp6,
+	},
+};
+
+/* XDP acceleration on the netdevs (lib/xdp.h): packets of tracked external flows, before any skb. IPv6
+ * frames go to kp_xdp6 (an empty slot: passed). */
 SEC("xdp")
 int kp_xdp(struct xdp_md *ctx)
 {
-	return kp_xdp_main(ctx);
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		bpf_tail_call(ctx, &kp_xprogs_v1, KP_XPROG6);
+		return XDP_PASS;
+	}
+	return kp_xdp4(ctx);
 }

@@ -234,6 +234,8 @@ struct kp_scratch {
 	struct kp_ct4_key ct_key;   /* kp_ct_continue's flow: its frame adds to kp_from_pod's */
 	struct kp_ct4_val ct_val;
 	__u32 quote6[31];           /* kp_icmp6_send_error's quote (KP_ICMP6_QUOTE_MAX bytes) */
+	__u64 xlay6[16];            /* kp_xdsr_layout6's headers (struct kp_xlay6, lib/xdp.h): kp_xdp6's
+				     * frame leaves no room for them */
 	struct kp_ct6_val old6;     /* kp_lb_forward6: the value of the flow a new one re-opens */
 	struct kp_ct6_key ct6_key;  /* kp_ct_continue6's flow */
 	struct kp_ct6_val ct6_val;

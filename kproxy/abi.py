@@ -37,9 +37,10 @@ MAP_SVCNET6_SPAN = "kp_svcnet6_span_v1"
 # The program array of the IPv6 programs the TC entry points tail-call (kproxy_tc.bpf.c), pinned so the
 # attached programs keep reaching them while no agent runs. Not a data map: no ctypes layout, no size.
 MAP_PROGS6 = "kp_progs6_v1"
+MAP_XPROGS = "kp_xprogs_v1"  # the same for kp_xdp's IPv6 program (kp_xdp6)
 # Maglev tables (a hash of maps: its values are inner maps, see MaglevHdr): no ctypes value layout.
 MAP_MAGLEV = "kp_maglev_v1"
-PROG_MAPS = (MAP_PROGS6,)
+PROG_MAPS = (MAP_PROGS6, MAP_XPROGS)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,

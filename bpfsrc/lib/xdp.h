@@ -141,15 +141,16 @@ static __always_inline int kp_xfresh(__u8 state, __u64 expires_ns, __u64 now)
 
 /*
  * Make room in front for DSR's bytes (EXTRA: the option, the IPIP header, or both) before anything is
- * rewritten: a driver without the headroom refuses, and the packet goes to the stack untouched. x then
- * points at the packet where it lies now, EXTRA bytes in.
+ * rewritten: 1 when the driver has not the headroom (nothing moved: the packet goes to the stack
+ * untouched), -1 when the packet is no longer whole, 0 with x pointing at the packet where it lies now,
+ * EXTRA bytes in.
  */
 static __always_inline int kp_xroom4(struct xdp_md *ctx, struct kp_xpkt4 *x, __u32 extra)
 {
 	void *data, *end;
 
 	if (bpf_xdp_adjust_head(ctx, -(int)extra))
-		return -1;
+		return 1;   /* nothing moved: the packet can go to the stack as it came */
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	if (extra > KP_DSR_OPT_LEN + KP_IPIP_HLEN)
@@ -302,7 +303,7 @@ static __always_inline int kp_xroom6(struct xdp_md *ctx, struct kp_xpkt6 *x, __u
 	void *data, *end;
 
 	if (bpf_xdp_adjust_head(ctx, -(int)extra))
-		return -1;
+		return 1;   /* nothing moved: the packet can go to the stack as it came */
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	if (extra > KP_DSR6_HDR_LEN + KP_IP6IP6_HLEN)
@@ -326,53 +327,66 @@ static __always_inline int kp_xroom6(struct xdp_md *ctx, struct kp_xpkt6 *x, __u
 
 /* kp_xdsr_layout for IPv6: the destination options header of kp_dsr_opt_push6, the outer header of
  * kp_tunnel_push6 (the inner header's first word, then the tunnel's length, next header and hop limit). */
+struct kp_xlay6 {
+	struct ipv6hdr ip, outer;
+	struct kp_dsr6_opt o;
+	struct ethhdr eth;
+};
+_Static_assert(sizeof(struct kp_xlay6) <= sizeof(((struct kp_scratch *)0)->xlay6), "kp_scratch.xlay6 too small");
+
 static __always_inline int kp_xdsr_layout6(struct xdp_md *ctx, __u32 extra, int opt, int tunnel,
 					   const union kp_in6 *saddr, const union kp_in6 *daddr,
 					   const union kp_in6 *svc_addr, __be16 svc_port)
 {
-	struct kp_dsr6_opt o = {
-		.hdrlen = KP_DSR6_HDR_LEN / 8 - 1, .type = KP_DSR6_OPT_TYPE, .len = KP_DSR6_OPT_LEN,
-		.port = svc_port,
-	};
-	struct ipv6hdr ip, outer;
-	struct ethhdr eth;
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
+	struct kp_scratch *s;
+	struct kp_xlay6 *l;
+	__u32 zero = 0;
 
-	if (extra > KP_DSR6_HDR_LEN + KP_IP6IP6_HLEN || data + extra + sizeof(eth) + sizeof(ip) > end)
+	s = bpf_map_lookup_elem(&kp_scratch, &zero);
+	if (!s)
 		return -1;
-	__builtin_memcpy(&eth, data + extra, sizeof(eth));
-	__builtin_memcpy(&ip, data + extra + sizeof(eth), sizeof(ip));
+	l = (struct kp_xlay6 *)s->xlay6;
+	if (extra > KP_DSR6_HDR_LEN + KP_IP6IP6_HLEN || data + extra + sizeof(l->eth) + sizeof(l->ip) > end)
+		return -1;
+	__builtin_memcpy(&l->eth, data + extra, sizeof(l->eth));
+	__builtin_memcpy(&l->ip, data + extra + sizeof(l->eth), sizeof(l->ip));
 	if (opt) {
-		o.nexthdr = ip.nexthdr;
-		o.addr = *svc_addr;
-		ip.nexthdr = IPPROTO_DSTOPTS;
-		ip.payload_len = bpf_htons(bpf_ntohs(ip.payload_len) + KP_DSR6_HDR_LEN);
+		__builtin_memset(&l->o, 0, sizeof(l->o));
+		l->o.nexthdr = l->ip.nexthdr;
+		l->o.hdrlen = KP_DSR6_HDR_LEN / 8 - 1;
+		l->o.type = KP_DSR6_OPT_TYPE;
+		l->o.len = KP_DSR6_OPT_LEN;
+		l->o.addr = *svc_addr;
+		l->o.port = svc_port;
+		l->ip.nexthdr = IPPROTO_DSTOPTS;
+		l->ip.payload_len = bpf_htons(bpf_ntohs(l->ip.payload_len) + KP_DSR6_HDR_LEN);
 	}
-	__builtin_memcpy(data, &eth, sizeof(eth));
+	__builtin_memcpy(data, &l->eth, sizeof(l->eth));
 	if (tunnel) {
-		outer = ip;
-		outer.payload_len = bpf_htons(KP_IP6_HLEN + bpf_ntohs(ip.payload_len));
-		outer.nexthdr = IPPROTO_IPV6;
-		outer.hop_limit = KP_IPIP_TTL;
-		__builtin_memcpy(&outer.saddr, saddr, sizeof(*saddr));
-		__builtin_memcpy(&outer.daddr, daddr, sizeof(*daddr));
-		if (data + sizeof(eth) + sizeof(outer) + sizeof(ip) > end)
+		l->outer = l->ip;
+		l->outer.payload_len = bpf_htons(KP_IP6_HLEN + bpf_ntohs(l->ip.payload_len));
+		l->outer.nexthdr = IPPROTO_IPV6;
+		l->outer.hop_limit = KP_IPIP_TTL;
+		__builtin_memcpy(&l->outer.saddr, saddr, sizeof(*saddr));
+		__builtin_memcpy(&l->outer.daddr, daddr, sizeof(*daddr));
+		if (data + sizeof(l->eth) + sizeof(l->outer) + sizeof(l->ip) > end)
 			return -1;
-		__builtin_memcpy(data + sizeof(eth), &outer, sizeof(outer));
-		__builtin_memcpy(data + sizeof(eth) + sizeof(outer), &ip, sizeof(ip));
+		__builtin_memcpy(data + sizeof(l->eth), &l->outer, sizeof(l->outer));
+		__builtin_memcpy(data + sizeof(l->eth) + sizeof(l->outer), &l->ip, sizeof(l->ip));
 		if (opt) {
-			if (data + sizeof(eth) + sizeof(outer) + sizeof(ip) + sizeof(o) > end)
+			if (data + sizeof(l->eth) + sizeof(l->outer) + sizeof(l->ip) + sizeof(l->o) > end)
 				return -1;
-			__builtin_memcpy(data + sizeof(eth) + sizeof(outer) + sizeof(ip), &o, sizeof(o));
+			__builtin_memcpy(data + sizeof(l->eth) + sizeof(l->outer) + sizeof(l->ip), &l->o, sizeof(l->o));
 		}
 		return 0;
 	}
-	__builtin_memcpy(data + sizeof(eth), &ip, sizeof(ip));
+	__builtin_memcpy(data + sizeof(l->eth), &l->ip, sizeof(l->ip));
 	if (opt) {
-		if (data + sizeof(eth) + sizeof(ip) + sizeof(o) > end)
+		if (data + sizeof(l->eth) + sizeof(l->ip) + sizeof(l->o) > end)
 			return -1;
-		__builtin_memcpy(data + sizeof(eth) + sizeof(ip), &o, sizeof(o));
+		__builtin_memcpy(data + sizeof(l->eth) + sizeof(l->ip), &l->o, sizeof(l->o));
 	}
 	return 0;
 }
@@ -390,7 +404,7 @@ static __always_inline int kp_xdsr_layout6(struct xdp_md *ctx, __u32 extra, int 
 
 /* An IPv6 frame: TCP or UDP right after the fixed header (a flow with extension headers is SNATed by
  * kp_from_netdev6 and stays its), its length within the frame. */
-static __attribute__((noinline)) int kp_xdp6(struct xdp_md *ctx)
+static __always_inline int kp_xdp6_main(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -404,6 +418,7 @@ static __attribute__((noinline)) int kp_xdp6(struct xdp_md *ctx)
 
 	if (!ctx || (void *)(eth + 1) > end)
 		return XDP_PASS;
+	kp_count6(KP_STAT_FROM_XDP, len);
 	if ((void *)(ip + 1) > end || ip->version != 6 ||
 	    KP_IP6_HLEN + bpf_ntohs(ip->payload_len) + sizeof(struct ethhdr) > len ||
 	    bpf_ntohs(ip->payload_len) < sizeof(struct udphdr))
@@ -421,7 +436,8 @@ static __attribute__((noinline)) int kp_xdp6(struct xdp_md *ctx)
 	} else if (x.proto == IPPROTO_UDP) {
 		struct udphdr *uh = (void *)(ip + 1);
 
-		if ((void *)(uh + 1) > end)
+		/* a zero checksum (tunnels' udp6zerocsumtx): kp_from_netdev6 keeps it zero, and so it is its */
+		if ((void *)(uh + 1) > end || !uh->check)
 			return XDP_PASS;
 		x.l4_csum = (__u16 *)&uh->check;
 	} else {
@@ -440,7 +456,7 @@ static __attribute__((noinline)) int kp_xdp6(struct xdp_md *ctx)
 }
 
 
-/* An IPv4 frame (or of no family: counted here). A function of its own, as kp_xdp6: each has its stack. */
+/* An IPv4 frame (or of no family: counted here). */
 static __attribute__((noinline)) int kp_xdp4(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -493,19 +509,6 @@ static __attribute__((noinline)) int kp_xdp4(struct xdp_md *ctx)
 	if (v && v->expires_ns >= now)
 		return kp_xdp_forward4(ctx, &x, &fk, v, now);
 	return kp_xdp_snat_reply4(ctx, &x, now);
-}
-
-static __always_inline int kp_xdp_main(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		kp_count6(KP_STAT_FROM_XDP, end - data);
-		return kp_xdp6(ctx);
-	}
-	return kp_xdp4(ctx);
 }
 
 #endif /* KPROXY_LIB_XDP_H */

@@ -95,8 +95,14 @@ static __always_inline int KP_F(kp_xdp_forward)(struct xdp_md *ctx, struct KP_F(
 	/* due a refresh: written as kp_from_netdev would, so no packet of the flow takes the slower path and
 	 * arrives after later ones */
 	KP_F(kp_xrefresh)(fk, v, now);
-	if (extra && KP_F(kp_xroom)(ctx, x, extra))
-		goto fail;   /* the head moved: the packet cannot go back to the stack as it was */
+	if (extra) {
+		int room = KP_F(kp_xroom)(ctx, x, extra);
+
+		if (room > 0)
+			return XDP_PASS;   /* no headroom: the stack's, untouched */
+		if (room < 0)
+			goto fail;         /* the head moved: the packet cannot go back to the stack as it was */
+	}
 	KP_F(kp_xnat)(x, 1, nat_addr, nat_port);
 	KP_F(kp_count)(KP_STAT_DNAT, len);
 	if (!mode) {

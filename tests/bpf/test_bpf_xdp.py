@@ -14,6 +14,7 @@ import ctypes
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Backend, Datapath, ct_key
@@ -346,3 +347,30 @@ def test_xdp_writes_no_state(dp: Datapath, lab: Lab) -> None:
     assert {k: bytes(v) for k, v in dp.ct_entries().items()} == {k: bytes(v) for k, v in ct_before.items()}
     assert {bytes(k): v for k, v in dp.snat4.lookup_batch()} == snat_before
     assert dp.stat(Stat.XDP_FWD)[0] == 20
+
+
+def test_every_xdp_call_chain_fits_older_kernels_stack(tc_object: Path) -> None:
+    """The verifier adds the frames of a call chain, each rounded up to 32 bytes before kernel 6.9 (16
+    after): kp_xdp (with kp_xdp4) and kp_xdp6 (a program of its own, by tail call) must fit 512 bytes
+    rounded the old way, or the whole object fails to load on such a node even with acceleration off."""
+    import re
+
+    from kproxy.bpf import libbpf as lb
+
+    libbpf = lb.lib()
+    libbpf.bpf_program__set_log_level.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    libbpf.bpf_program__set_log_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    with lb.BpfObject.open(tc_object) as obj:
+        bufs = {}
+        for name in ("kp_xdp", "kp_xdp6"):
+            prog = libbpf.bpf_object__find_program_by_name(obj.ptr, name.encode())
+            bufs[name] = ctypes.create_string_buffer(1 << 20)
+            libbpf.bpf_program__set_log_level(prog, 4)  # statistics: "stack depth A+B+..."
+            libbpf.bpf_program__set_log_buf(prog, bufs[name], len(bufs[name]))
+        obj.load()
+        for name, buf in bufs.items():
+            m = re.search(r"stack depth ([0-9+]+)", buf.value.decode())
+            assert m, f"{name}: no stack depth in the verifier's statistics"
+            frames = [int(f) for f in m.group(1).split("+")]
+            rounded = sum((max(f, 1) + 31) // 32 * 32 for f in frames)
+            assert rounded <= 512, f"{name}: frames {frames} take {rounded} bytes rounded to 32"

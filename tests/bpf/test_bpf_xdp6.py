@@ -6,6 +6,7 @@ test_bpf_external6.py's FIB namespace."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Iterator
@@ -149,3 +150,43 @@ def test_extension_headers_and_hop_limit_are_left_to_tc(dp: Datapath, lab: Lab6)
     untouched(dp, lab, frame(CLIENT, NODE, seg, IPPROTO_UDP, hop_limit=1))
     f = bytearray(udp_frame(b"payload"))
     untouched(dp, lab, bytes(f[:-3]))  # truncated: the payload length says more
+
+
+def test_zero_udp_checksum_is_left_to_tc(dp: Datapath, lab: Lab6) -> None:
+    """A tunnel's zero-checksum IPv6 datagram (udp6zerocsumtx): kp_from_netdev6 keeps it zero; kp_xdp
+    would have to compute one to rewrite it, so it leaves it alone."""
+    setup(dp, proto=IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    f = bytearray(udp_frame(b"zero"))
+    f[14 + 40 + 6 : 14 + 40 + 8] = b"\0\0"
+    untouched(dp, lab, bytes(f))
+    assert tc(dp, lab, bytes(f)).data_out[14 + 40 + 6 : 14 + 40 + 8] == b"\0\0"
+
+
+@pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
+def test_traffic_class_and_flow_label_are_kept(dp: Datapath, lab: Lab6, dsr: DsrMode) -> None:
+    """The header's first word (traffic class, flow label) as kp_from_netdev6 keeps it, in the outer
+    header of the tunnel too."""
+    setup(dp, proto=IPPROTO_UDP, dsr=dsr)
+    tc(dp, lab, udp_frame())
+    f = bytearray(udp_frame(b"labelled"))
+    f[14:18] = ((6 << 28) | (0x2E << 20) | 0xBEEF5).to_bytes(4, "big")
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    same_as_tc(dp, lab, bytes(f), stat)
+
+
+def test_only_what_tc_would_follow_is_followed(dp: Datapath, lab: Lab6) -> None:
+    setup(dp, proto=IPPROTO_UDP)
+    tc(dp, lab, udp_frame())
+    same_as_tc(dp, lab, udp_frame(), Stat.SNAT)
+    be = dp.be6.lookup(ctypes.c_uint32(BE_REMOTE.id))
+    dp.be6.delete(ctypes.c_uint32(BE_REMOTE.id))
+    untouched(dp, lab, udp_frame())
+    dp.be6.update(ctypes.c_uint32(BE_REMOTE.id), be)
+    # a backend's reply to a flow that saw none yet: kp_from_netdev6 marks it SEEN_REPLY
+    setup(dp)
+    out = tc(dp, lab, client_syn())
+    port = int.from_bytes(out.data_out[14 + 40 : 14 + 42], "big")
+    untouched(
+        dp, lab, frame(BE_REMOTE.addr, NODE, tcp6(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK), hop_limit=63)
+    )
