@@ -39,6 +39,7 @@ def render_services(rows: list[dict[str, Any]]) -> str:
                 "frontend": f"{abi.addr_port(r['address'], r['port'])}/{r['protocol']}",
                 "scope": "" if r["scope"] == "external" else "internal",
                 "affinity": f"{r['affinity_timeout']}s" if "affinity" in r["flags"] else "",
+                "lb": "maglev" if "maglev" in r["flags"] else "",
                 "backend_list": bes or "(none: rejects)",
             }
         )
@@ -51,6 +52,7 @@ def render_services(rows: list[dict[str, Any]]) -> str:
             ("FRONTEND", "frontend"),
             ("SCOPE", "scope"),
             ("AFFINITY", "affinity"),
+            ("LB", "lb"),
             ("BACKENDS", "backend_list"),
         ],
     )
@@ -65,8 +67,12 @@ def services(cli: Cli) -> None:
     IPv4 and IPv6 frontends are listed together (a dual-stack Service has one of each), sorted by
     service, port name, type and address (IPv4 first); IPv6 ones print as [fd00::1]:80/TCP.
 
+    LB says "maglev" for a frontend whose new flows take the backend of its Maglev table (docs/maglev.md),
+    nothing for random selection.
+
     -o json prints a list of frontends: service ("namespace/name"), port_name, type, family (4 or 6),
-    address, port, protocol, scope, flags and backends (each with family, address, port, state).
+    address, port, protocol, scope, flags (maglev among them) and backends (each with family, address,
+    port, state).
     """
     with cli.open_maps("kproxy services") as maps:
         meta = cli.metadata(maps.svc4, maps.svc6)

@@ -139,7 +139,7 @@ def test_services_list_both_families_with_names_through_the_metadata(maps: Memor
 def test_services_table_prints_ipv6_in_brackets(maps: MemoryMapSet) -> None:
     text = render_services(insp.services(maps.svc4, maps.be4, META, svc6=maps.svc6, be6=maps.be6))
     lines = text.splitlines()
-    assert lines[0].split() == ["SERVICE", "PORT", "TYPE", "FRONTEND", "SCOPE", "AFFINITY", "BACKENDS"]
+    assert lines[0].split() == ["SERVICE", "PORT", "TYPE", "FRONTEND", "SCOPE", "AFFINITY", "LB", "BACKENDS"]
     assert "10.96.0.10:80/TCP" in lines[1] and "10.244.1.11:8080, 10.244.2.11:8080 (terminating)" in lines[1]
     assert "[fd00:96::a]:80/TCP" in lines[2]
     assert "[fd00:244:1::11]:8080, [fd00:244:2::11]:8080 (terminating)" in lines[2]

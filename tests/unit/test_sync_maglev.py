@@ -329,3 +329,28 @@ def test_only_an_invalid_annotation_is_counted_in_the_store() -> None:
     view["default/web"]
     view["default/headless"]
     assert store.skipped == Counter({("Service", "lb_algorithm_invalid"): 1})
+
+
+def test_kproxy_services_says_which_frontends_use_maglev() -> None:
+    from kproxy.cli.inspect import render_services
+    from kproxy.observe import inspect as insp
+
+    maps = MemoryMapSet()
+    s = Syncer(maps, maglev_size=251)
+    s.apply(
+        {
+            "default/web": [
+                lb_fe("default/web", backends(2)),
+                lb_fe("default/web", backends(2), maglev_flag=False, lb="198.51.100.21"),
+            ]
+        },
+        full=True,
+    )
+    rows = insp.services(maps.svc4, maps.be4, {})
+    assert sorted(("maglev" in r["flags"], r["address"]) for r in rows) == [
+        (False, "198.51.100.21"),
+        (True, LB),
+    ]
+    lines = render_services(rows).splitlines()
+    assert lines[0].split()[6] == "LB"
+    assert [("maglev" in line.split()) for line in lines[1:]] == [r["address"] == LB for r in rows]
