@@ -8,6 +8,18 @@ from collections.abc import Callable
 from typing import Any
 
 
+def result_header(args: Any) -> dict[str, Any]:
+    """What every bench's JSON starts with: when, on what machine, with which settings."""
+    import os
+    import time
+
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"kernel": os.uname().release, "cpus": os.cpu_count()},
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+
+
 def run_and_print(
     args: Any, run_all: Callable[[Any], dict[str, Any]], report: Callable[[dict[str, Any]], str]
 ) -> int:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import run_and_print
+from bench import result_header, run_and_print
 from bench.bench_controller import private_bpffs
 from kproxy import abi
 from kproxy.abi import Scope, Stat, SvcFlag
@@ -562,11 +562,7 @@ def enter_own_netns() -> None:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"kernel": os.uname().release, "cpus": os.cpu_count()},
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
-    }
+    res: dict[str, Any] = result_header(args)
     if "programming" in args.parts:
         res["programming"] = programming(args)
     if "disruption" in args.parts or "agreement" in args.parts:

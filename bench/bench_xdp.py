@@ -98,7 +98,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import run_and_print
+from bench import result_header, run_and_print
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench/loadgen/kp-loadgen"
@@ -1064,11 +1064,7 @@ def report_flood(fl: dict[str, Any], settings: dict[str, Any], cpus: int) -> lis
 # =====================================================================================================
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"kernel": os.uname().release, "cpus": os.cpu_count()},
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
-    }
+    res: dict[str, Any] = result_header(args)
     if "cost" in args.parts:
         res["cost"] = measure_cost(args)
     if "flood" in args.parts:

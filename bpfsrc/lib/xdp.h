@@ -140,41 +140,6 @@ static __always_inline int kp_xfresh(__u8 state, __u64 expires_ns, __u64 now)
 }
 
 /*
- * Make room in front for DSR's bytes (EXTRA: the option, the IPIP header, or both) before anything is
- * rewritten: 1 when the driver has not the headroom (nothing moved: the packet goes to the stack
- * untouched), -1 when the packet is no longer whole, 0 with x pointing at the packet where it lies now,
- * EXTRA bytes in.
- */
-static __always_inline int kp_xroom4(struct xdp_md *ctx, struct kp_xpkt4 *x, __u32 extra)
-{
-	void *data, *end;
-
-	if (bpf_xdp_adjust_head(ctx, -(int)extra))
-		return 1;   /* nothing moved: the packet can go to the stack as it came */
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	if (extra > KP_DSR_OPT_LEN + KP_IPIP_HLEN)
-		return -1;
-	x->eth = data + extra;
-	x->ip = (void *)(x->eth + 1);
-	x->ports = (void *)(x->ip + 1);
-	if ((void *)(x->ip + 1) + sizeof(struct udphdr) > end)
-		return -1;
-	if (x->proto == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(x->ip + 1);
-
-		x->l4_csum = uh->check ? (__u16 *)&uh->check : NULL;
-	} else {
-		struct tcphdr *th = (void *)(x->ip + 1);
-
-		if ((void *)(th + 1) > end)
-			return -1;
-		x->l4_csum = (__u16 *)&th->check;
-	}
-	return 0;
-}
-
-/*
  * Lay DSR's headers out in the room kp_xroom made, as kp_dsr_opt_push4 and kp_tunnel_push4 do: the
  * Ethernet header first, then (IPIP) an outer header from saddr to daddr, then the (translated) IPv4
  * header, then (opt) DSR's option with the frontend, before the L4 header, which stays where it is.
@@ -255,10 +220,12 @@ static __always_inline void kp_xnat6(struct kp_xpkt6 *x, int dst, union kp_in6 a
 	union kp_in6 *a = dst ? (union kp_in6 *)&x->ip->daddr : (union kp_in6 *)&x->ip->saddr;
 	__be16 *pt = &x->ports[dst ? 1 : 0];
 
-	kp_xcsum16(x->l4_csum, a, &addr);   /* the pseudo-header */
-	kp_xcsum2(x->l4_csum, *pt, port);
-	if (x->proto == IPPROTO_UDP && *x->l4_csum == 0)
-		*x->l4_csum = 0xffff;
+	if (x->l4_csum) {   /* always here: kp_xdp6 leaves zero-checksum datagrams to TC */
+		kp_xcsum16(x->l4_csum, a, &addr);   /* the pseudo-header */
+		kp_xcsum2(x->l4_csum, *pt, port);
+		if (x->proto == IPPROTO_UDP && *x->l4_csum == 0)
+			*x->l4_csum = 0xffff;
+	}
 	*a = addr;
 	*pt = port;
 }
@@ -296,34 +263,6 @@ static __always_inline union kp_in6 kp_xdaddr6(const struct kp_xpkt6 *x)
 
 static __always_inline __u8 kp_xttl6(const struct kp_xpkt6 *x) { return x->ip->hop_limit; }
 static __always_inline __u32 kp_xiplen6(const struct kp_xpkt6 *x) { return KP_IP6_HLEN + bpf_ntohs(x->ip->payload_len); }
-
-/* kp_xroom for IPv6 (x's L4 header follows the fixed one: kp_xdp6 takes no extension header). */
-static __always_inline int kp_xroom6(struct xdp_md *ctx, struct kp_xpkt6 *x, __u32 extra)
-{
-	void *data, *end;
-
-	if (bpf_xdp_adjust_head(ctx, -(int)extra))
-		return 1;   /* nothing moved: the packet can go to the stack as it came */
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	if (extra > KP_DSR6_HDR_LEN + KP_IP6IP6_HLEN)
-		return -1;
-	x->eth = data + extra;
-	x->ip = (void *)(x->eth + 1);
-	x->ports = (void *)(x->ip + 1);
-	if ((void *)(x->ip + 1) + sizeof(struct udphdr) > end)
-		return -1;
-	if (x->proto == IPPROTO_UDP) {
-		x->l4_csum = (__u16 *)&((struct udphdr *)(x->ip + 1))->check;
-	} else {
-		struct tcphdr *th = (void *)(x->ip + 1);
-
-		if ((void *)(th + 1) > end)
-			return -1;
-		x->l4_csum = (__u16 *)&th->check;
-	}
-	return 0;
-}
 
 /* kp_xdsr_layout for IPv6: the destination options header of kp_dsr_opt_push6, the outer header of
  * kp_tunnel_push6 (the inner header's first word, then the tunnel's length, next header and hop limit). */

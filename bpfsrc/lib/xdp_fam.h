@@ -2,7 +2,7 @@
 /*
  * kp_xdp's handling of a tracked flow's packet, for one address family (lib/fam.h: included by
  * lib/xdp.h once per family, after the family's packet primitives kp_xnat4/6, kp_xttl_dec4/6,
- * kp_xfib4/6, kp_xroom4/6, kp_xdsr_layout4/6 and accessors kp_xsaddr4/6, kp_xdaddr4/6, kp_xttl4/6,
+ * kp_xfib4/6, kp_xdsr_layout4/6 and accessors kp_xsaddr4/6, kp_xdaddr4/6, kp_xttl4/6,
  * kp_xiplen4/6 over struct kp_xpkt4/6).
  */
 
@@ -13,6 +13,41 @@ static __always_inline KP_CT_VAL *KP_F(kp_xscratch)(void)
 	struct kp_scratch *s = bpf_map_lookup_elem(&kp_scratch, &zero);
 
 	return s ? &s->KP_SCRATCH_CT_VAL : NULL;
+}
+
+/*
+ * Make room in front for DSR's bytes (EXTRA: the option, the IPIP header, or both) before anything is
+ * rewritten: 1 when the driver has not the headroom (nothing moved: the packet goes to the stack
+ * untouched), -1 when the packet is no longer whole, 0 with x pointing at the packet where it lies now,
+ * EXTRA bytes in. (A zero UDP checksum, "none", exists in IPv4 only: kp_xdp6 leaves such datagrams to TC.)
+ */
+static __always_inline int KP_F(kp_xroom)(struct xdp_md *ctx, struct KP_F(kp_xpkt) *x, __u32 extra)
+{
+	void *data, *end;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)extra))
+		return 1;   /* nothing moved: the packet can go to the stack as it came */
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (extra > KP_DSR_EXTRA + KP_TUNNEL_HLEN)
+		return -1;
+	x->eth = data + extra;
+	x->ip = (void *)(x->eth + 1);
+	x->ports = (void *)(x->ip + 1);
+	if ((void *)(x->ip + 1) + sizeof(struct udphdr) > end)
+		return -1;
+	if (x->proto == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(x->ip + 1);
+
+		x->l4_csum = uh->check ? (__u16 *)&uh->check : NULL;
+	} else {
+		struct tcphdr *th = (void *)(x->ip + 1);
+
+		if ((void *)(th + 1) > end)
+			return -1;
+		x->l4_csum = (__u16 *)&th->check;
+	}
+	return 0;
 }
 
 /*

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Backend, Datapath, ct_key
+from fiblab import FibLab
 from frames import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksum_errors, udp
+from frames6 import checksum_errors6
 from test_bpf_external import (
     BE_LOCAL,
     BE_REMOTE,
@@ -94,28 +96,31 @@ def udp_frame(payload: bytes = b"q", sport: int = CPORT) -> bytes:
     return frame(CLIENT, NODE, udp(CLIENT, NODE, sport, NODEPORT, payload), IPPROTO_UDP)
 
 
-def same_as_tc(dp: Datapath, lab: Lab, f: bytes, stat: Stat, xdp_verdict: int = XDP_TX) -> TestRun:
-    """kp_xdp sends F as kp_from_netdev does (same bytes), counted under STAT and XDP_FWD / XDP_LOCAL."""
-    before = dp.stat(stat)[0], dp.stat(Stat.XDP_FWD)[0], dp.stat(Stat.XDP_LOCAL)[0]
-    x = xdp(dp, lab, f)
+def same_as_tc(
+    dp: Datapath, lab: FibLab, f: bytes, stat: Stat, xdp_verdict: int = XDP_TX, family: int | None = None
+) -> TestRun:
+    """kp_xdp sends F as kp_from_netdev does (same bytes), counted under STAT and XDP_FWD / XDP_LOCAL (in
+    FAMILY's counters; test_bpf_xdp6.py passes 6)."""
+    before = dp.stat(stat, family)[0], dp.stat(Stat.XDP_FWD, family)[0], dp.stat(Stat.XDP_LOCAL, family)[0]
+    x = lab.run_xdp(dp, f)
     assert x.retval == xdp_verdict, x.retval
-    assert dp.stat(stat)[0] == before[0] + 1
+    assert dp.stat(stat, family)[0] == before[0] + 1
     if xdp_verdict == XDP_PASS:
-        assert dp.stat(Stat.XDP_LOCAL)[0] == before[2] + 1
+        assert dp.stat(Stat.XDP_LOCAL, family)[0] == before[2] + 1
     else:
-        assert dp.stat(Stat.XDP_FWD)[0] == before[1] + 1
-    t = tc(dp, lab, f)
+        assert dp.stat(Stat.XDP_FWD, family)[0] == before[1] + 1
+    t = lab.run(dp, "kp_from_netdev", f)
     assert t.retval == (TC_ACT_OK if xdp_verdict == XDP_PASS else TC_ACT_REDIRECT)
     assert x.data_out.hex() == t.data_out.hex()
-    assert checksum_errors(x.data_out) == []
+    assert (checksum_errors6 if family == 6 else checksum_errors)(x.data_out) == []
     return x
 
 
-def untouched(dp: Datapath, lab: Lab, f: bytes) -> None:
-    before = dp.stat(Stat.XDP_FWD)[0] + dp.stat(Stat.XDP_LOCAL)[0]
-    x = xdp(dp, lab, f)
+def untouched(dp: Datapath, lab: FibLab, f: bytes, family: int | None = None) -> None:
+    before = dp.stat(Stat.XDP_FWD, family)[0] + dp.stat(Stat.XDP_LOCAL, family)[0]
+    x = lab.run_xdp(dp, f)
     assert (x.retval, x.data_out.hex()) == (XDP_PASS, f.hex())
-    assert dp.stat(Stat.XDP_FWD)[0] + dp.stat(Stat.XDP_LOCAL)[0] == before
+    assert dp.stat(Stat.XDP_FWD, family)[0] + dp.stat(Stat.XDP_LOCAL, family)[0] == before
 
 
 # ---- forwarded from XDP, as kp_from_netdev forwards them ----

@@ -4,17 +4,18 @@ bytes (addresses, ports, checksums, hop limit, DSR's destination options header,
 header, MACs), and what kp_xdp leaves alone comes out unchanged with XDP_PASS. Runs happen in
 test_bpf_external6.py's FIB namespace."""
 
+# ruff: noqa: F811  (`lab` is the imported fixture, taken as a parameter by name)
 from __future__ import annotations
 
 import ctypes
-import os
 import time
-from collections.abc import Iterator
+from functools import partial
 
 import pytest
-from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Datapath, ct6_key
+import test_bpf_xdp as xdp4
+from datapath import TC_ACT_REDIRECT, Datapath, ct6_key
 from frames import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
-from frames6 import IPPROTO_DSTOPTS, checksum_errors6, ext, tcp6, udp6
+from frames6 import IPPROTO_DSTOPTS, ext, tcp6, udp6
 from test_bpf_external6 import (
     BE_LOCAL,
     BE_REMOTE,
@@ -25,6 +26,7 @@ from test_bpf_external6 import (
     Lab6,
     client_syn,
     frame,
+    lab,  # noqa: F401  (the fixture: test_bpf_external6's FIB namespace, the tests' `lab` parameter)
     setup,
 )
 
@@ -37,17 +39,6 @@ IPV6_ONLY = True  # conftest.ipv6_counts_in_kp_stats6: nothing of these counts i
 XDP_PASS, XDP_TX = 2, 3
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab6]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    lab = Lab6()
-    try:
-        yield lab
-    finally:
-        lab.delete()
-
-
 def tc(dp: Datapath, lab: Lab6, f: bytes) -> TestRun:
     return lab.run(dp, "kp_from_netdev", f)
 
@@ -56,28 +47,9 @@ def udp_frame(payload: bytes = b"q", sport: int = CPORT) -> bytes:
     return frame(CLIENT, NODE, udp6(CLIENT, NODE, sport, NODEPORT, payload), IPPROTO_UDP)
 
 
-def same_as_tc(dp: Datapath, lab: Lab6, f: bytes, stat: Stat, verdict: int = XDP_TX) -> None:
-    before = (
-        dp.stat(stat, family=6)[0],
-        dp.stat(Stat.XDP_FWD, family=6)[0],
-        dp.stat(Stat.XDP_LOCAL, family=6)[0],
-    )
-    x = lab.run_xdp(dp, f)
-    assert x.retval == verdict, x.retval
-    assert dp.stat(stat, family=6)[0] == before[0] + 1
-    moved = Stat.XDP_LOCAL if verdict == XDP_PASS else Stat.XDP_FWD
-    assert dp.stat(moved, family=6)[0] == before[2 if verdict == XDP_PASS else 1] + 1
-    t = tc(dp, lab, f)
-    assert t.retval == (TC_ACT_OK if verdict == XDP_PASS else TC_ACT_REDIRECT)
-    assert x.data_out.hex() == t.data_out.hex()
-    assert checksum_errors6(x.data_out) == []
-
-
-def untouched(dp: Datapath, lab: Lab6, f: bytes) -> None:
-    before = dp.stat(Stat.XDP_FWD, family=6)[0] + dp.stat(Stat.XDP_LOCAL, family=6)[0]
-    x = lab.run_xdp(dp, f)
-    assert (x.retval, x.data_out.hex()) == (XDP_PASS, f.hex())
-    assert dp.stat(Stat.XDP_FWD, family=6)[0] + dp.stat(Stat.XDP_LOCAL, family=6)[0] == before
+# test_bpf_xdp.py's checks, in the IPv6 counters
+same_as_tc = partial(xdp4.same_as_tc, family=6)
+untouched = partial(xdp4.untouched, family=6)
 
 
 DSR = [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP]
