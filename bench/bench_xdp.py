@@ -18,6 +18,14 @@ one run: what kp_xdp costs per packet, and what it forwards.
        local dnat udp  a datagram of a flow to a backend on this node (DNAT, then the stack: both pass)
        not a service   a datagram to a node port nobody serves (both pass it untouched)
 
+   A flow's first packet (kp_xdp opens the flow itself, in kp_xdp_new) is timed apart, each run on a
+   frame of its own flow (client address and port new every run, --new-runs of them per program):
+
+       new snat udp        a flow's first datagram to a backend on another node (SNAT port, forwarded)
+       new snat tcp syn    a SYN (its timestamp option read for the SNAT port's TIME_WAIT rules)
+       new dsr ipip syn    a SYN in DSR IPIP mode (DSR option and IPIP header added, forwarded)
+       new local udp       a flow's first datagram to a backend on this node (DNAT, then the stack)
+
    Before timing, one run of each must give the expected verdicts and, where both translate, the same
    output bytes. The number is the median of --runs single runs (repeat=1: the kernel's duration of that
    one run), interleaved in batches with the other programs of the case, minus the median of a no-op
@@ -85,6 +93,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import ipaddress
 import json
 import os
 import secrets
@@ -146,6 +155,28 @@ COST_CASES = (
     CostCase("local dnat udp", "udp", 0, LOCAL_BE, True, TC_ACT_OK, XDP_PASS, "DNAT"),
     CostCase("not a service", "udp", 0, REMOTE_BE, False, TC_ACT_OK, XDP_PASS, "", OTHER_PORT),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class NewCase:
+    """A flow's first packet: every run a new flow (kp_from_netdev's kp_lb_forward, kp_xdp's kp_xdp_new)."""
+
+    key: str
+    proto: str  # "udp" | "tcp" (a SYN)
+    dsr: int  # abi.DsrMode
+    local: bool
+    tc_verdict: int
+    xdp_verdict: int
+    work: str  # the counter each run moves in both programs
+
+
+NEW_CASES = (
+    NewCase("new snat udp", "udp", 0, False, TC_ACT_REDIRECT, XDP_TX, "SNAT_NEW"),
+    NewCase("new snat tcp syn", "tcp", 0, False, TC_ACT_REDIRECT, XDP_TX, "SNAT_NEW"),
+    NewCase("new dsr ipip syn", "tcp", 2, False, TC_ACT_REDIRECT, XDP_TX, "DSR_IPIP_TX"),
+    NewCase("new local udp", "udp", 0, True, TC_ACT_OK, XDP_PASS, "DNAT"),
+)
+NEW_BACKENDS = 8  # remote backends of the new-flow cases: SNAT ports enough for every run's flow
 
 # ---- part 2: the lab ----
 SINK_PORT = 7100
@@ -307,19 +338,29 @@ class CostNode:
         m.write_config(cfg)
         m.svcnet_span.put(ctypes.c_uint32(0), abi.SvcnetSpan(0xFFFFFFFF, 0))  # no service address space
 
-    def add_nodeport(self, proto: int, backend: tuple[int, str, int], local: bool) -> None:
+    def add_nodeport(self, proto: int, backend: tuple[int, str, int], local: bool, extra: int = 0) -> None:
+        """The NodePort NODE:NODEPORT with BACKEND, and EXTRA more backends on NODE2 after it."""
         from kproxy import abi
 
         bid, addr, port = backend
         flags = abi.BackendFlag.LOCAL if local else 0
         node = NODE if local else NODE2
+        ids = [bid]
         self.maps.be4.put(
             ctypes.c_uint32(bid),
             abi.Be4Val(abi.ip_to_nbo(addr), abi.port_to_nbo(port), proto, flags, abi.ip_to_nbo(node)),
         )
+        for i in range(extra):
+            ids.append(bid + 1 + i)
+            other = str(ipaddress.IPv4Address(addr) + 1 + i)
+            self.maps.be4.put(
+                ctypes.c_uint32(ids[-1]),
+                abi.Be4Val(abi.ip_to_nbo(other), abi.port_to_nbo(port), proto, 0, abi.ip_to_nbo(NODE2)),
+            )
+        slots = [(i + 1, abi.Svc4Val(b, 1, 0, 0, 0)) for i, b in enumerate(ids)]
         for slot, val in (
-            (1, abi.Svc4Val(bid, 1, 0, 0, 0)),
-            (0, abi.Svc4Val(0, 1, 1, abi.SvcFlag.NODEPORT, 0)),
+            *slots,
+            (0, abi.Svc4Val(0, 1, len(ids), abi.SvcFlag.NODEPORT, 0)),
         ):
             k = abi.Svc4Key()
             k.addr, k.port, k.slot, k.proto, k.scope = (
@@ -496,6 +537,89 @@ def repeat_runs(case: CostCase, node: CostNode, series: dict[str, Series], repea
     return out
 
 
+def new_flow_frames(case: NewCase, first: int, n: int, mac: bytes) -> list[bytes]:
+    """N first packets of N flows: clients 100.64.0.0/10 from index FIRST on, each its own source port."""
+    from tests.bpf.frames import IPPROTO_TCP, IPPROTO_UDP, SYN_OPTIONS, TCP_SYN, tcp, udp
+
+    frames = []
+    for i in range(first, first + n):
+        client = str(ipaddress.IPv4Address(0x64400000 + 1 + i // 50))
+        sport = 10000 + i % 50
+        if case.proto == "udp":
+            l4, proto = udp(client, NODE, sport, NODEPORT, PAYLOAD), IPPROTO_UDP
+        else:
+            l4, proto = tcp(client, NODE, sport, NODEPORT, TCP_SYN, options=SYN_OPTIONS), IPPROTO_TCP
+        frames.append(frame_to(client, NODE, l4, proto, mac))
+    return frames
+
+
+def new_flow_case(
+    case: NewCase, node: CostNode, progs: dict[str, int], noops: dict[str, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One first-packet case: TC and XDP each open --new-runs flows of their own, interleaved one by one
+    (the maps fill alike for both); the no-op programs run on the first frame as often."""
+    from kproxy.bpf import libbpf as lb
+    from tests.bpf.frames import IPPROTO_TCP, IPPROTO_UDP, checksum_errors
+
+    ifindex, n = node.fib.ifindex, args.new_runs
+    node.reset(case.dsr)
+    proto = IPPROTO_TCP if case.proto == "tcp" else IPPROTO_UDP
+    if case.local:
+        node.add_nodeport(proto, LOCAL_BE, True)
+    else:
+        node.add_nodeport(proto, REMOTE_BE, False, extra=NEW_BACKENDS - 1)
+    tc_frames = new_flow_frames(case, 0, n, node.fib.mac)
+    xdp_frames = new_flow_frames(case, n, n, node.fib.mac)
+    series = {
+        "tc": Series("kp_from_netdev", "tc", progs["tc"], tc_frames[0], tc_ctx(ifindex)),
+        "xdp": Series("kp_xdp", "xdp", progs["xdp"], xdp_frames[0], xdp_ctx(ifindex, len(xdp_frames[0]))),
+        "tc_noop": Series("tc no-op", "tc", noops["tc"], tc_frames[0], tc_ctx(ifindex)),
+        "xdp_noop": Series(
+            "xdp no-op", "xdp", noops["xdp"], xdp_frames[0], xdp_ctx(ifindex, len(xdp_frames[0]))
+        ),
+    }
+    problems: list[str] = []
+    before = node.counters()
+    for i in range(n):
+        for key, f in (("tc", tc_frames[i]), ("xdp", xdp_frames[i])):
+            s = series[key]
+            ctx = tc_ctx(ifindex) if key == "tc" else xdp_ctx(ifindex, len(f))
+            r = lb.prog_test_run(s.fd, f, ctx)
+            s.durations.append(r.duration_ns)
+            s.verdicts[r.retval] += 1
+            if i == 0:
+                errs = checksum_errors(r.data_out)
+                if errs:
+                    problems.append(f"{s.name}: " + "; ".join(errs))
+        series["tc_noop"].run(1)
+        series["xdp_noop"].run(1)
+    moved = {k: v - before[k] for k, v in node.counters().items() if v != before[k]}
+    if moved.get(case.work, 0) != 2 * n:
+        problems.append(f"{case.work} moved {moved.get(case.work, 0)}, expected {2 * n} (TC + XDP runs)")
+    if moved.get("CT_NEW", 0) != 2 * n or moved.get("XDP_NEW", 0) != n:
+        problems.append(
+            f"CT_NEW moved {moved.get('CT_NEW', 0)} (expected {2 * n}), XDP_NEW {moved.get('XDP_NEW', 0)} "
+            f"(expected {n}): not every run opened its flow"
+        )
+    for key, want_verdict in (("tc", case.tc_verdict), ("xdp", case.xdp_verdict)):
+        other = {v: c for v, c in series[key].verdicts.items() if v != want_verdict}
+        if other:
+            problems.append(f"{key}: unexpected verdicts {other}")
+    med = {k: s.summary()["median_ns"] for k, s in series.items()}
+    net = {"tc": med["tc"] - med["tc_noop"], "xdp": med["xdp"] - med["xdp_noop"]}
+    return {
+        "case": case.key,
+        "runs": n,
+        "tc_verdict": TC_VERDICTS.get(case.tc_verdict, str(case.tc_verdict)),
+        "xdp_verdict": XDP_VERDICTS.get(case.xdp_verdict, str(case.xdp_verdict)),
+        "series": {k: s.summary() for k, s in series.items()},
+        "net_ns": net,
+        "xdp_over_tc": round(net["xdp"] / net["tc"], 3) if net["tc"] > 0 else None,
+        "counters_moved": moved,
+        "problems": problems,
+    }
+
+
 def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     from bench.bench_controller import private_bpffs
     from kproxy.bpf.loader import PROG_FROM_NETDEV, PROG_XDP, Loader
@@ -519,6 +643,13 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"cost: {case.key}, {args.runs:,} single runs per program")
                     res["cases"].append(
                         in_netns(fib.name, functools.partial(cost_case, case, node, progs, noops, args))
+                    )
+                res["new_runs"] = args.new_runs
+                res["new_flows"] = []
+                for nc in NEW_CASES if args.new_runs else ():
+                    log(f"cost: {nc.key}, {args.new_runs:,} new flows per program")
+                    res["new_flows"].append(
+                        in_netns(fib.name, functools.partial(new_flow_case, nc, node, progs, noops, args))
                     )
             finally:
                 for fd in noops.values():
@@ -945,6 +1076,24 @@ def report_cost(cost: dict[str, Any]) -> list[str]:
         "acceleration (kp_xdp, plus kp_from_netdev on what kp_xdp passes on). same bytes: kp_xdp wrote",
         "the frame kp_from_netdev wrote.",
     ]
+    if cost.get("new_flows"):
+        lines += [
+            "",
+            f"   A flow's first packet: median of {cost['new_runs']:,} runs per program, each on a new flow",
+            "   (kp_xdp opens it in kp_xdp_new, kp_from_netdev in kp_lb_forward), minus the no-op's median.",
+            f"   {'case':18} {'verdicts TC/XDP':>16} {'TC ns':>6} {'XDP ns':>6} {'XDP/TC':>6}"
+            "  raw medians TC/XDP",
+        ]
+        for c in cost["new_flows"]:
+            s, net = c["series"], c["net_ns"]
+            ratio = f"{c['xdp_over_tc']:.2f}" if c["xdp_over_tc"] is not None else "-"
+            verdicts = f"{c['tc_verdict']}/{c['xdp_verdict']}"
+            lines.append(
+                f"   {c['case']:18} {verdicts:>16} {net['tc']:>6} {net['xdp']:>6} {ratio:>6}  "
+                f"{s['tc']['median_ns']}/{s['xdp']['median_ns']}"
+            )
+            for p in c["problems"]:
+                lines.append(f"  PROBLEM {c['case']}: {p}")
     if any(c.get("repeat") for c in cost["cases"]):
         lines += [
             "",
@@ -1082,6 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=1_000_000, help="repeat of the kernel-loop runs; 1: none (part 1)"
     )
     ap.add_argument("--cost-cases", default="", help="comma-separated subset of part 1's cases")
+    ap.add_argument(
+        "--new-runs", type=int, default=5000, help="new flows per program of the first-packet cases; 0: none"
+    )
     ap.add_argument("--object", help="the BPF object (default: the package's kproxy_tc.bpf.o)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per flood run (part 2)")
     ap.add_argument("--rounds", type=int, default=5, help="each case runs this often, interleaved (part 2)")

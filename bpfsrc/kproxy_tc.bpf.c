@@ -551,11 +551,56 @@ int kp_to_netdev(struct __sk_buff *skb)
 	return kp_enter(skb, KP_STAT_TO_NETDEV, KP_PROG6_TO_NETDEV) ? TC_ACT_OK : kp_to_netdev4(skb);
 }
 
+/*
+ * The first packet of a flow from outside to a frontend (lib/xdp_fam.h, kp_xdp_open): XDP programs of
+ * their own, reached by tail call from kp_xdp and kp_xdp6 through the pinned kp_xnew_v1, so their
+ * stack and verification are apart from the per-packet path's.
+ */
+SEC("xdp")
+int kp_xdp_new(struct xdp_md *ctx)
+{
+	struct kp_svc4_key sk;
+	struct kp_xpkt4 x;
+	struct kp_pkt p;
+
+	return kp_xparse4(ctx, &x) ? XDP_PASS : kp_xdp_open4(ctx, &x, &p, &sk);
+}
+
+SEC("xdp")
+int kp_xdp_new6(struct xdp_md *ctx)
+{
+	struct kp_scratch6 *s = kp_scratch6_get();   /* the stack of SNAT's deepest path has no room for them */
+	struct kp_xpkt6 x;
+
+	return !s || kp_xparse6(ctx, &x) ? XDP_PASS : kp_xdp_open6(ctx, &x, &s->p, &s->svc_key);
+}
+
+#define KP_XNEW4 0
+#define KP_XNEW6 1
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 2);
+	__uint(key_size, sizeof(__u32));
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, int(struct xdp_md *));
+} kp_xnew_v1 SEC(".maps") = {
+	.values = {
+		[KP_XNEW4] = (void *)&kp_xdp_new,
+		[KP_XNEW6] = (void *)&kp_xdp_new6,
+	},
+};
+
 /* kp_xdp's IPv6 half (lib/xdp.h), tail-called through kp_xprogs_v1. */
 SEC("xdp")
 int kp_xdp6(struct xdp_md *ctx)
 {
-	return kp_xdp6_main(ctx);
+	int ret = kp_xdp6_main(ctx);
+
+	if (ret == KP_XDP_NEW) {
+		bpf_tail_call(ctx, &kp_xnew_v1, KP_XNEW6);
+		return XDP_PASS;   /* an empty slot: kp_from_netdev6 opens the flow */
+	}
+	return ret;
 }
 
 /*
@@ -575,18 +620,24 @@ struct {
 	},
 };
 
-/* XDP acceleration on the netdevs (lib/xdp.h): packets of tracked external flows, before any skb. IPv6
- * frames go to kp_xdp6 (an empty slot: passed). */
+/* XDP acceleration on the netdevs (lib/xdp.h): packets of tracked external flows, and the first packets
+ * of new ones (kp_xdp_new), before any skb. IPv6 frames go to kp_xdp6 (an empty slot: passed). */
 SEC("xdp")
 int kp_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	int ret;
 
 	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		bpf_tail_call(ctx, &kp_xprogs_v1, KP_XPROG6);
 		return XDP_PASS;
 	}
-	return kp_xdp4(ctx);
+	ret = kp_xdp4(ctx);
+	if (ret == KP_XDP_NEW) {
+		bpf_tail_call(ctx, &kp_xnew_v1, KP_XNEW4);
+		return XDP_PASS;   /* an empty slot: kp_from_netdev opens the flow */
+	}
+	return ret;
 }

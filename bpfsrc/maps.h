@@ -231,14 +231,15 @@ struct kp_scratch {
 	struct bpf_fib_lookup fib;  /* kp_lb4_xlate's route lookup */
 	__u32 frag;                 /* enum kp_frag of the packet being handled (lib/parse.h) */
 	__u32 pad;
-	struct kp_ct4_key ct_key;   /* kp_ct_continue's flow: its frame adds to kp_from_pod's */
-	struct kp_ct4_val ct_val;
+	struct kp_ct4_key ct_key;   /* kp_ct_continue's flow: its frame adds to kp_from_pod's; kp_xdp's
+				     * flow being opened (lib/xdp_fam.h) */
+	struct kp_ct4_val ct_val;   /* and the entry of either, or of kp_xdp's flow being refreshed */
 	__u32 quote6[31];           /* kp_icmp6_send_error's quote (KP_ICMP6_QUOTE_MAX bytes) */
 	__u64 xlay6[16];            /* kp_xdsr_layout6's headers (struct kp_xlay6, lib/xdp.h): kp_xdp6's
 				     * frame leaves no room for them */
 	struct kp_ct6_val old6;     /* kp_lb_forward6: the value of the flow a new one re-opens */
-	struct kp_ct6_key ct6_key;  /* kp_ct_continue6's flow */
-	struct kp_ct6_val ct6_val;
+	struct kp_ct6_key ct6_key;  /* kp_ct_continue6's flow; kp_xdp6's being opened */
+	struct kp_ct6_val ct6_val;  /* and kp_xdp6's, as ct_val */
 };
 
 struct {

@@ -38,9 +38,10 @@ MAP_SVCNET6_SPAN = "kp_svcnet6_span_v1"
 # attached programs keep reaching them while no agent runs. Not a data map: no ctypes layout, no size.
 MAP_PROGS6 = "kp_progs6_v1"
 MAP_XPROGS = "kp_xprogs_v1"  # the same for kp_xdp's IPv6 program (kp_xdp6)
+MAP_XNEW = "kp_xnew_v1"  # kp_xdp's programs for a flow's first packet (kp_xdp_new, kp_xdp_new6)
 # Maglev tables (a hash of maps: its values are inner maps, see MaglevHdr): no ctypes value layout.
 MAP_MAGLEV = "kp_maglev_v1"
-PROG_MAPS = (MAP_PROGS6, MAP_XPROGS)
+PROG_MAPS = (MAP_PROGS6, MAP_XPROGS, MAP_XNEW)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
@@ -212,6 +213,7 @@ class Stat(enum.IntEnum):
     MAGLEV_FALLBACK = 55
     XDP_FWD = 56
     XDP_LOCAL = 57
+    XDP_NEW = 58
 
 
 STAT_MAX = 64

@@ -148,6 +148,80 @@ static __always_inline int KP_F(kp_lb_reply_held)(const KP_CT_KEY *fk, const KP_
 }
 
 /*
+ * A new flow fk from p to the frontend svc: its backend picked (KP_HELD_TRIES draws at most, see below)
+ * and its entry fv filled, all but a SNAT flow's port (kp_lb_snat). Returns the flow's mode (its
+ * KP_CT_F_SNAT, DSR or HAIRPIN flag, or 0: returned, not read back from fv, so that the verifier knows
+ * it on each path and walks SNAT's code only where it runs), or minus the drop counter saying why the
+ * packet cannot open a flow. kp_lb_forward and kp_xdp's first packets (lib/xdp_fam.h) open flows
+ * alike through it, kp_lb_snat and kp_lb_commit.
+ */
+static __always_inline int KP_F(kp_lb_pick)(const KP_PKT *p, const KP_SVC_KEY *svc_key,
+					     const struct kp_svc4_val *svc, const KP_CT_KEY *fk, KP_CT_VAL *fv,
+					     const struct kp_config *cfg, int origin, __u64 now)
+{
+	KP_BE_VAL be;
+	__u32 backend_id;
+	__u8 state, mode;
+	int tries;
+
+	/* A backend whose REPLY tuple for this client port a live connection holds (kp_ct_reply_held)
+	 * cannot take the flow: another draw, at most KP_HELD_TRIES, then a drop (the client's SYN is
+	 * retransmitted and drawn again). */
+	for (tries = 0;; tries++) {
+		if (KP_F(kp_lb_select)(svc_key, svc, p, now, &backend_id, &be,
+					 tries ? KP_LB_REDRAW : KP_LB_MAGLEV))
+			return -KP_DROP_BACKEND_MISSING;
+		mode = KP_F(kp_flow_mode)(p, svc, &be, cfg, origin);
+		if (!KP_F(kp_lb_reply_held)(fk, &be, mode, cfg, now))
+			break;
+		if (tries >= KP_HELD_TRIES - 1)
+			return -KP_DROP_TUPLE_HELD;
+	}
+	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
+	fv->expires_ns = now + kp_ct_timeout_ns(state);
+	fv->backend_id = backend_id;
+	fv->svc_id = svc->svc_id;
+	fv->nat_addr = be.addr;
+	fv->nat_port = be.port;
+	fv->state = state;
+	fv->flags = mode | (origin == KP_ORIGIN_NETDEV ? KP_CT_F_EXTERNAL : 0) |
+		    ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
+	fv->snat_addr = KP_ADDR_NONE;
+	fv->snat_port = 0;
+	fv->tw_key = 0;
+	if (mode & KP_CT_F_HAIRPIN) {
+		fv->snat_addr = KP_F(kp_hairpin_addr)(cfg);
+		fv->snat_port = p->sport;
+	}
+	else if (mode & KP_CT_F_DSR_IPIP) {
+		fv->snat_addr = be.node_addr;   /* outer destination of the flow's packets */
+	}
+	return mode;
+}
+
+/* A SNAT flow's source: this node's address and a port (kp_snat_alloc; syn: the mark of the TCP SYN
+ * that opens it, lib/tcp.h). 0, or -1: no port free (counted by the caller as KP_DROP_SNAT_NO_PORT). */
+static __always_inline int KP_F(kp_lb_snat)(const KP_CT_KEY *fk, KP_CT_VAL *fv, const KP_CT_VAL *old,
+					     __u64 syn, const struct kp_config *cfg, __u64 now, __u32 len)
+{
+	fv->snat_addr = KP_F(kp_node_addr)(cfg);
+	if (KP_F(kp_snat_alloc)(fk, fv, old, syn, cfg, now, len))
+		return -1;
+	KP_F(kp_count)(KP_STAT_SNAT_NEW, len);
+	return 0;
+}
+
+/* Write a new flow's entries (FWD, and REPLY unless SNATed); 0, or the drop counter. */
+static __always_inline __u32 KP_F(kp_lb_commit)(const KP_CT_KEY *fk, const KP_CT_VAL *fv, __u64 now, __u32 len)
+{
+	if (KP_F(kp_ct_claim_reply)(fk, fv, now, len))
+		return KP_DROP_TUPLE_HELD;   /* held since the draw of kp_lb_pick */
+	if (KP_F(kp_ct_write)(fk, fv))
+		return KP_DROP_CT_FULL;
+	return 0;
+}
+
+/*
  * Translate a packet of a tracked flow (fk, fv) as its mode says. Flows BPF forwards itself (SNAT,
  * DSR) are routed first, before anything is rewritten, so a packet too big for the route once the
  * DSR option or IPIP header is added can still be answered with "fragmentation needed" about the
@@ -260,13 +334,10 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 	KP_CT_VAL *old = kp_scratch_old6();
 #endif
 	KP_CT_VAL *cur;
-	KP_BE_VAL be;
 	KP_BE_VAL *cur_be;
-	__u32 backend_id;
-	__u32 new_stat = KP_STAT_CT_NEW;
+	__u32 new_stat = KP_STAT_CT_NEW, drop;
 	__u64 now = bpf_ktime_get_ns();
-	__u8 state, mode;
-	int reopened = 0, tries;
+	int reopened = 0, mode;
 
 	if (svc && svc->count == 0) {
 		if (svc->flags & KP_SVC_F_NO_LOCAL_DROP) {
@@ -310,59 +381,23 @@ static __always_inline int KP_F(kp_lb_forward)(struct __sk_buff *skb, const KP_P
 	/* New flows only: established ones passed the check when they started. */
 	if (KP_F(kp_src_range_drop)(svc, p))
 		return TC_ACT_SHOT;
-	/* A backend whose REPLY tuple for this client port a live connection holds (kp_ct_reply_held)
-	 * cannot take the flow: another draw, at most KP_HELD_TRIES, then a drop (the client's SYN is
-	 * retransmitted and drawn again). */
-	for (tries = 0;; tries++) {
-		if (KP_F(kp_lb_select)(svc_key, svc, p, now, &backend_id, &be,
-					 tries ? KP_LB_REDRAW : KP_LB_MAGLEV)) {
-			KP_F(kp_count)(KP_DROP_BACKEND_MISSING, p->len);
-			return TC_ACT_SHOT;
-		}
-		mode = KP_F(kp_flow_mode)(p, svc, &be, cfg, origin);
-		if (!KP_F(kp_lb_reply_held)(&fk, &be, mode, cfg, now))
-			break;
-		if (tries >= KP_HELD_TRIES - 1) {
-			KP_F(kp_count)(KP_DROP_TUPLE_HELD, p->len);
-			return TC_ACT_SHOT;
-		}
+	mode = KP_F(kp_lb_pick)(p, svc_key, svc, &fk, &fv, cfg, origin, now);
+	if (mode < 0) {
+		KP_F(kp_count)(-mode, p->len);
+		return TC_ACT_SHOT;
 	}
-	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	fv.expires_ns = now + kp_ct_timeout_ns(state);
-	fv.backend_id = backend_id;
-	fv.svc_id = svc->svc_id;
-	fv.nat_addr = be.addr;
-	fv.nat_port = be.port;
-	fv.state = state;
-	fv.flags = mode | (origin == KP_ORIGIN_NETDEV ? KP_CT_F_EXTERNAL : 0) |
-		   ((be.flags & KP_BE_F_LOCAL) ? KP_CT_F_LOCAL_BE : 0);
-	fv.snat_addr = KP_ADDR_NONE;
-	fv.snat_port = 0;
-	fv.tw_key = 0;
-	if (mode & KP_CT_F_HAIRPIN) {
-		fv.snat_addr = KP_F(kp_hairpin_addr)(cfg);
-		fv.snat_port = p->sport;
-	}
-	else if (mode & KP_CT_F_DSR_IPIP) {
-		fv.snat_addr = be.node_addr;   /* outer destination of the flow's packets */
-	}
-	else if ((mode & KP_CT_F_SNAT) && cfg) {
+	if ((mode & KP_CT_F_SNAT) && cfg) {
 		__u64 syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (KP_TCP_SYN | KP_TCP_ACK)) == KP_TCP_SYN ?
 				    kp_tcp_mark(skb, p) : 0;
 
-		fv.snat_addr = KP_F(kp_node_addr)(cfg);
-		if (KP_F(kp_snat_alloc)(&fk, &fv, reopened ? old : NULL, syn, cfg, now, p->len)) {
+		if (KP_F(kp_lb_snat)(&fk, &fv, reopened ? old : NULL, syn, cfg, now, p->len)) {
 			KP_F(kp_count)(KP_DROP_SNAT_NO_PORT, p->len);
 			return TC_ACT_SHOT;
 		}
-		KP_F(kp_count)(KP_STAT_SNAT_NEW, p->len);
 	}
-	if (KP_F(kp_ct_claim_reply)(&fk, &fv, now, p->len)) {
-		KP_F(kp_count)(KP_DROP_TUPLE_HELD, p->len);   /* held since the draw above */
-		return TC_ACT_SHOT;
-	}
-	if (KP_F(kp_ct_write)(&fk, &fv)) {
-		KP_F(kp_count)(KP_DROP_CT_FULL, p->len);
+	drop = KP_F(kp_lb_commit)(&fk, &fv, now, p->len);
+	if (drop) {
+		KP_F(kp_count)(drop, p->len);
 		return TC_ACT_SHOT;
 	}
 	KP_F(kp_count)(new_stat, p->len);

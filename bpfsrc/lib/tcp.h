@@ -24,48 +24,6 @@
 #define KP_TCPOLEN_TS  10
 
 /*
- * Frame offset of the value of the first TCP option of `kind` with length `len` (the byte after its
- * kind and length), or 0 if the header has none. The walk looks at most at KP_TCP_OPT_WALK_MAX
- * options; malformed options end it. A global (non-inlined) function: the verifier checks it once,
- * on its own, instead of once per caller path, and the loop stays a loop (unrolled, every option
- * layout was its own path and 6.18 hit the 1M-instruction limit).
- */
-__attribute__((noinline)) __u32 kp_tcp_opt_off(struct __sk_buff *skb, __u32 l4_off, __u32 kind, __u32 len)
-{
-	__u32 base = l4_off + sizeof(struct tcphdr);
-	__u32 optlen, i = 0;
-	__u8 doff_byte = 0, kl[2] = {};
-
-	if (!skb || bpf_skb_load_bytes(skb, l4_off + 12, &doff_byte, 1))
-		return 0;
-	optlen = (doff_byte >> 4) * 4;
-	if (optlen <= sizeof(struct tcphdr))
-		return 0;
-	optlen -= sizeof(struct tcphdr);
-	/* Option bytes are read through the helper (offsets checked at run time): a stack buffer indexed
-	 * by the walk loses its bounds in clang-19's output and the 6.18 verifier rejects it. */
-#pragma clang loop unroll(disable)
-	for (int n = 0; n < KP_TCP_OPT_WALK_MAX; n++) {
-		if (i >= optlen)
-			return 0;
-		if (bpf_skb_load_bytes(skb, base + i, kl, 1))
-			return 0;
-		if (kl[0] == KP_TCPOPT_EOL)
-			return 0;
-		if (kl[0] == KP_TCPOPT_NOP) {
-			i++;
-			continue;
-		}
-		if (i + 2 > optlen || bpf_skb_load_bytes(skb, base + i, kl, 2) || kl[1] < 2)
-			return 0;
-		if (kl[0] == kind && kl[1] == len)
-			return i + len <= optlen ? base + i + 2 : 0;
-		i += kl[1];
-	}
-	return 0;
-}
-
-/*
  * What a connection's SYN or FIN says about where it starts or ends: its sequence number (SYN: the
  * initial one; FIN: the one after the FIN) and the TSval of its timestamp option if it has one.
  * Only the upper 16 bits of each are kept, all that the TIME_WAIT keys of lib/snat.h compare, packed
@@ -76,36 +34,50 @@ __attribute__((noinline)) __u32 kp_tcp_opt_off(struct __sk_buff *skb, __u32 l4_o
 #define KP_TCP_MARK_TS_HI(m)  ((__u16)((m) >> 16))
 #define KP_TCP_MARK_SEQ_HI(m) ((__u16)(m))
 
-/* The mark of the TCP segment at l4_off whose IP packet ends at frame offset end, or 0 if its header
- * cannot be read or is malformed (a receiver drops such a segment, so it must not count). */
-static __always_inline __u64 kp_tcp_mark_at(struct __sk_buff *skb, __u32 l4_off, __u32 end, __u8 tcp_flags)
+#define KP_TCP_CTX struct __sk_buff
+#define KP_TCP_LOAD bpf_skb_load_bytes
+#define KP_TCP_N(name) kp_tcp_##name
+#include "lib/tcp_read.h"
+#undef KP_TCP_CTX
+#undef KP_TCP_LOAD
+#undef KP_TCP_N
+/*
+ * bpf_skb_load_bytes for XDP, by direct packet access: bpf_xdp_load_bytes came with kernel 5.18, and
+ * the object must load on older kernels (acceleration off or not). LEN is a constant at every caller.
+ */
+static __always_inline long kp_xload_bytes(struct xdp_md *ctx, __u32 off, void *to, const __u32 len)
 {
-	__u32 ts_off, l4_len, hdr_len, seq_hbo;
-	__be32 seq, tsval;
-	__u8 doff_byte;
-	__u64 mark = KP_TCP_MARK_OK;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	void *from;
 
-	if (bpf_skb_load_bytes(skb, l4_off + 4, &seq, sizeof(seq)) ||
-	    bpf_skb_load_bytes(skb, l4_off + 12, &doff_byte, 1))
-		return 0;
-	l4_len = end - l4_off;
-	hdr_len = (doff_byte >> 4) * 4;
-	if (hdr_len < sizeof(struct tcphdr) || hdr_len > l4_len)
-		return 0;
-	seq_hbo = bpf_ntohl(seq);
-	if (tcp_flags & KP_TCP_FIN)
-		seq_hbo += l4_len - hdr_len + 1;   /* the FIN takes one sequence number after the data */
-	mark |= seq_hbo >> 16;
-	ts_off = kp_tcp_opt_off(skb, l4_off, KP_TCPOPT_TS, KP_TCPOLEN_TS);
-	if (ts_off && !bpf_skb_load_bytes(skb, ts_off, &tsval, sizeof(tsval)))
-		mark |= KP_TCP_MARK_TS | (__u64)(bpf_ntohl(tsval) >> 16) << 16;
-	return mark;
+	if (off > 0x7fff)   /* beyond any linear XDP buffer; and off + len stays within the verifier's 0xffff */
+		return -1;
+	/* the bound again where the verifier sees it (clang tests a copy of off above, and would drop a
+	 * mask it knows changes nothing) */
+	kp_barrier_var(off);
+	from = data + (off & 0x7fff);
+	if (from + len > end)
+		return -1;
+	__builtin_memcpy(to, from, len);
+	return 0;
 }
+
+#define KP_TCP_CTX struct xdp_md
+#define KP_TCP_LOAD kp_xload_bytes
+#define KP_TCP_N(name) kp_xtcp_##name
+#include "lib/tcp_read.h"
+#undef KP_TCP_CTX
+#undef KP_TCP_LOAD
+#undef KP_TCP_N
 
 /* kp_tcp_mark_at for a parsed packet of either family (struct kp_pkt or kp_pkt6). Where the segment
  * ends: Ethernet padding is not data, the IP total length says (0 for BIG TCP: the skb does). */
 #define kp_tcp_mark(skb, p) \
 	kp_tcp_mark_at((skb), (p)->l4_off, (p)->tot_len ? ETH_HLEN + (p)->tot_len : (p)->len, (p)->tcp_flags)
+/* ... for kp_xdp's first packets (lib/xdp_fam.h), whose KP_PKT holds the frame's numbers */
+#define kp_xtcp_mark(ctx, p) \
+	kp_xtcp_mark_at((ctx), (p)->l4_off, (p)->tot_len ? ETH_HLEN + (p)->tot_len : (p)->len, (p)->tcp_flags)
 
 /* Lower the MSS option of a TCP SYN (or SYN-ACK) whose TCP header starts at l4_off to max_mss.
  * Returns 1 if lowered. */

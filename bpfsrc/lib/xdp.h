@@ -1,21 +1,25 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * XDP acceleration of traffic from outside (the agent's --acceleration): kp_xdp runs on the netdevs
- * before the kernel allocates an skb and does, for the packets of flows kp_from_netdev has tracked,
- * what kp_from_netdev would do with them:
- *   to a backend on another node (SNAT, DSR option, DSR IPIP)   rewritten, encapsulated, sent back out
- *                                                             (XDP_TX)
- *   to a backend on this node (plain DNAT)                    DNATed, handed to the stack: kp_from_netdev
- *                                                             finds no frontend and passes it
- *   a backend's reply to a SNATed flow                          translated back, sent to the client
- * IPv4 and IPv6 alike (kp_xdp4, kp_xdp6). Every decision and every change of a flow's state stays kp_from_netdev's: kp_xdp only follows
- * entries (and refreshes them as kp_from_netdev does, state and flags unchanged). So the packets it
- * leaves to the stack (XDP_PASS, untouched) are every packet that opens, changes or ends a flow (TCP
- * SYN, FIN, RST; a flow's first UDP datagram; a backend's first reply), one of a flow whose frontend or
- * backend is gone, one whose route needs a neighbour lookup, is too small, or leaves by another
- * device (XDP can only send back out where the frame came in), IPv4 with options or fragments, IPv6
- * with extension headers, and anything that is not a Service's. Turning acceleration on or off, or restarting the agent, moves
- * no flow: both paths read the same entries.
+ * before the kernel allocates an skb and does what kp_from_netdev would do with a packet:
+ *   a flow's first packet to a frontend       the flow opened as kp_lb_forward opens it (kp_xdp_open, in
+ *   (a TCP SYN, a first UDP datagram)           the tail-called kp_xdp_new: the same kp_lb_pick,
+ *                                               kp_lb_snat, kp_lb_commit), then handled as below
+ *   to a backend on another node (SNAT, DSR    rewritten, encapsulated, sent back out (XDP_TX)
+ *   option, DSR IPIP)
+ *   to a backend on this node (plain DNAT)     DNATed, handed to the stack: kp_from_netdev finds no
+ *                                               frontend and passes it
+ *   a backend's reply to a SNATed flow          translated back, sent to the client
+ * IPv4 and IPv6 alike (kp_xdp4, kp_xdp6). Every other change of a flow's state stays kp_from_netdev's:
+ * kp_xdp follows entries (and refreshes them as kp_from_netdev does, state and flags unchanged). So the
+ * packets it leaves to the stack (XDP_PASS, untouched) are every packet that changes or ends a flow
+ * (TCP FIN, RST, a SYN of a tracked flow; a backend's first reply), a first packet kp_from_netdev
+ * answers itself (no backends, a closed ClusterIP), one of a flow whose frontend or backend is gone,
+ * one whose route needs a neighbour lookup, is too small, or leaves by another device (XDP can only
+ * send back out where the frame came in: a first packet goes so once its flow is opened, and
+ * kp_from_netdev follows the entry), IPv4 with options or fragments, IPv6 with extension headers, and
+ * anything that is not a Service's. Turning acceleration on or off, or restarting the agent, moves no
+ * flow: both paths read and write the same entries.
  */
 #ifndef KPROXY_LIB_XDP_H
 #define KPROXY_LIB_XDP_H
@@ -37,6 +41,7 @@
 #include "lib/dsr.h"
 #include "lib/fib.h"
 #include "lib/lb.h"
+#include "lib/tcp.h"
 
 /* One's-complement update of the 16-bit checksum at sum for a 16-bit word from -> to (RFC 1624). */
 static __always_inline void kp_xcsum2(__u16 *sum, __u16 from, __u16 to)
@@ -62,6 +67,7 @@ struct kp_xpkt4 {
 	__u16 *l4_csum;    /* NULL: a UDP datagram without checksum */
 	__u32 len;         /* frame length, for the counters */
 	__u8 proto;
+	__u8 tcp_flags;    /* byte 13 of the TCP header, 0 for UDP */
 };
 
 /* Rewrite the address and port of one side (dst: 1 destination, 0 source); both checksums follow. */
@@ -205,6 +211,7 @@ struct kp_xpkt6 {
 	__u16 *l4_csum;
 	__u32 len;         /* frame length, for the counters */
 	__u8 proto;
+	__u8 tcp_flags;    /* byte 13 of the TCP header, 0 for UDP */
 };
 
 static __always_inline void kp_xcsum16(__u16 *sum, const union kp_in6 *from, const union kp_in6 *to)
@@ -330,7 +337,100 @@ static __always_inline int kp_xdsr_layout6(struct xdp_md *ctx, __u32 extra, int 
 	return 0;
 }
 
-/* The family-generic part: following a flow's entry, forwarding its packet, a SNAT reply. */
+/*
+ * An IPv6 frame kp_xdp may handle: TCP or UDP right after the fixed header (a flow with extension
+ * headers is SNATed by kp_from_netdev6 and stays its), its length within the frame, a UDP checksum (a
+ * zero one, tunnels' udp6zerocsumtx: kp_from_netdev6 keeps it zero, and so it is its). 0 with x filled,
+ * -1 for the stack.
+ */
+static __always_inline int kp_xparse6(struct xdp_md *ctx, struct kp_xpkt6 *x)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip = data + sizeof(struct ethhdr);
+
+	x->eth = data;
+	x->len = end - data;
+	if ((void *)(ip + 1) > end || x->eth->h_proto != bpf_htons(ETH_P_IPV6) || ip->version != 6 ||
+	    KP_IP6_HLEN + bpf_ntohs(ip->payload_len) + sizeof(struct ethhdr) > x->len ||
+	    bpf_ntohs(ip->payload_len) < sizeof(struct udphdr))
+		return -1;
+	x->ip = ip;
+	x->proto = ip->nexthdr;
+	x->ports = (void *)(ip + 1);
+	x->tcp_flags = 0;
+	if (x->proto == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+
+		if ((void *)(th + 1) > end || bpf_ntohs(ip->payload_len) < sizeof(*th))
+			return -1;
+		x->tcp_flags = ((__u8 *)th)[13];
+		x->l4_csum = (__u16 *)&th->check;
+	} else if (x->proto == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+
+		if ((void *)(uh + 1) > end || !uh->check)
+			return -1;
+		x->l4_csum = (__u16 *)&uh->check;
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * An IPv4 frame kp_xdp may handle, as kp_parse4 takes them: IPv4 without options, not a fragment, its
+ * length within the frame (as a number: the verifier follows no bound through a pointer moved by a
+ * packet field), TCP or UDP. 0 with x filled, -1 for the stack.
+ */
+static __always_inline int kp_xparse4(struct xdp_md *ctx, struct kp_xpkt4 *x)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+
+	x->eth = data;
+	x->len = end - data;
+	if ((void *)(ip + 1) > end || x->eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4 ||
+	    ip->ihl != 5 || (ip->frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET)) ||
+	    bpf_ntohs(ip->tot_len) + sizeof(struct ethhdr) > x->len ||
+	    bpf_ntohs(ip->tot_len) < sizeof(*ip) + sizeof(struct udphdr))
+		return -1;
+	x->ip = ip;
+	x->proto = ip->protocol;
+	x->ports = (void *)(ip + 1);
+	x->tcp_flags = 0;
+	if (x->proto == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+
+		if ((void *)(th + 1) > end || bpf_ntohs(ip->tot_len) < sizeof(*ip) + sizeof(*th))
+			return -1;
+		x->tcp_flags = ((__u8 *)th)[13];
+		x->l4_csum = (__u16 *)&th->check;
+	} else if (x->proto == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+
+		if ((void *)(uh + 1) > end)
+			return -1;
+		x->l4_csum = uh->check ? (__u16 *)&uh->check : NULL;
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+/* What kp_xpkt_of (lib/xdp_fam.h) needs of a frame beyond the accessors above: its IP header's length
+ * (no IPv4 options, no IPv6 extension headers: kp_xparse4/6) and whether it may not be fragmented. */
+static __always_inline __u32 kp_xiphlen4(const struct kp_xpkt4 *x) { return sizeof(struct iphdr); }
+static __always_inline __u32 kp_xiphlen6(const struct kp_xpkt6 *x) { return KP_IP6_HLEN; }
+static __always_inline __u8 kp_xdf4(const struct kp_xpkt4 *x) { return !!(x->ip->frag_off & bpf_htons(KP_IP_DF)); }
+static __always_inline __u8 kp_xdf6(const struct kp_xpkt6 *x) { return 1; }   /* routers never fragment IPv6 */
+
+/* kp_xdp4/6's answer for a flow's first packet to a frontend: the caller tail-calls kp_xdp_new(6),
+ * whose stack and verification are their own. */
+#define KP_XDP_NEW 0x100
+
+/* The family-generic part: following a flow's entry, forwarding its packet, a SNAT reply, opening a flow. */
 #undef KP_FAM
 #define KP_FAM 4
 #include "lib/fam.h"
@@ -341,113 +441,30 @@ static __always_inline int kp_xdsr_layout6(struct xdp_md *ctx, __u32 extra, int 
 #include "lib/xdp_fam.h"
 #undef KP_FAM
 
-/* An IPv6 frame: TCP or UDP right after the fixed header (a flow with extension headers is SNATed by
- * kp_from_netdev6 and stays its), its length within the frame. */
+/* An IPv6 frame (kp_xdp6). */
 static __always_inline int kp_xdp6_main(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	__u32 len = end - data;
-	struct kp_xpkt6 x = { .eth = eth, .len = len };
-	struct kp_ct6_key fk = { .dir = KP_CT_DIR_FWD };
-	struct ipv6hdr *ip = (void *)(eth + 1);
-	struct kp_ct6_val *v;
-	__u64 now;
+	struct kp_xpkt6 x;
 
-	if (!ctx || (void *)(eth + 1) > end)
+	if ((void *)(long)ctx->data + sizeof(struct ethhdr) > (void *)(long)ctx->data_end)
 		return XDP_PASS;
-	kp_count6(KP_STAT_FROM_XDP, len);
-	if ((void *)(ip + 1) > end || ip->version != 6 ||
-	    KP_IP6_HLEN + bpf_ntohs(ip->payload_len) + sizeof(struct ethhdr) > len ||
-	    bpf_ntohs(ip->payload_len) < sizeof(struct udphdr))
+	kp_count6(KP_STAT_FROM_XDP, (void *)(long)ctx->data_end - (void *)(long)ctx->data);
+	if (kp_xparse6(ctx, &x))
 		return XDP_PASS;
-	x.ip = ip;
-	x.proto = ip->nexthdr;
-	x.ports = (void *)(ip + 1);
-	if (x.proto == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)(ip + 1);
-
-		if ((void *)(th + 1) > end || th->syn || th->fin || th->rst ||
-		    bpf_ntohs(ip->payload_len) < sizeof(*th))
-			return XDP_PASS;
-		x.l4_csum = (__u16 *)&th->check;
-	} else if (x.proto == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(ip + 1);
-
-		/* a zero checksum (tunnels' udp6zerocsumtx): kp_from_netdev6 keeps it zero, and so it is its */
-		if ((void *)(uh + 1) > end || !uh->check)
-			return XDP_PASS;
-		x.l4_csum = (__u16 *)&uh->check;
-	} else {
-		return XDP_PASS;
-	}
-	now = bpf_ktime_get_ns();
-	__builtin_memcpy(&fk.saddr, &ip->saddr, sizeof(fk.saddr));
-	__builtin_memcpy(&fk.daddr, &ip->daddr, sizeof(fk.daddr));
-	fk.sport = x.ports[0];
-	fk.dport = x.ports[1];
-	fk.proto = x.proto;
-	v = bpf_map_lookup_elem(&kp_ct6_v1, &fk);
-	if (v && v->expires_ns >= now)
-		return kp_xdp_forward6(ctx, &x, &fk, v, now);
-	return kp_xdp_snat_reply6(ctx, &x, now);
+	return kp_xdp_main6(ctx, &x);
 }
-
 
 /* An IPv4 frame (or of no family: counted here). */
 static __attribute__((noinline)) int kp_xdp4(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct kp_xpkt4 x = { .eth = data, .len = end - data };
-	struct kp_ct4_key fk = { .dir = KP_CT_DIR_FWD };
-	struct kp_ct4_val *v;
-	struct iphdr *ip;
-	__u64 now;
+	struct kp_xpkt4 x;
 
-	if (!ctx || (void *)(x.eth + 1) > end)
+	if (!ctx || (void *)(long)ctx->data + sizeof(struct ethhdr) > (void *)(long)ctx->data_end)
 		return XDP_PASS;
-	kp_count4(KP_STAT_FROM_XDP, x.len);
-	if (x.eth->h_proto != bpf_htons(ETH_P_IP))
+	kp_count4(KP_STAT_FROM_XDP, (void *)(long)ctx->data_end - (void *)(long)ctx->data);
+	if (kp_xparse4(ctx, &x))
 		return XDP_PASS;
-	ip = (void *)(x.eth + 1);
-	/* as kp_parse4 takes them: IPv4 without options, not a fragment, its length within the frame (as
-	 * a number: the verifier follows no bound through a pointer moved by a packet field) */
-	if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl != 5 ||
-	    (ip->frag_off & bpf_htons(KP_IP_MF | KP_IP_OFFSET)) ||
-	    bpf_ntohs(ip->tot_len) + sizeof(struct ethhdr) > x.len ||
-	    bpf_ntohs(ip->tot_len) < sizeof(*ip) + sizeof(struct udphdr))
-		return XDP_PASS;
-	x.ip = ip;
-	x.proto = ip->protocol;
-	x.ports = (void *)(ip + 1);
-	if (x.proto == IPPROTO_TCP) {
-		struct tcphdr *th = (void *)(ip + 1);
-
-		if ((void *)(th + 1) > end || th->syn || th->fin || th->rst ||
-		    bpf_ntohs(ip->tot_len) < sizeof(*ip) + sizeof(*th))
-			return XDP_PASS;
-		x.l4_csum = (__u16 *)&th->check;
-	} else if (x.proto == IPPROTO_UDP) {
-		struct udphdr *uh = (void *)(ip + 1);
-
-		if ((void *)(uh + 1) > end)
-			return XDP_PASS;
-		x.l4_csum = uh->check ? (__u16 *)&uh->check : NULL;
-	} else {
-		return XDP_PASS;
-	}
-	now = bpf_ktime_get_ns();
-	fk.saddr = ip->saddr;
-	fk.daddr = ip->daddr;
-	fk.sport = x.ports[0];
-	fk.dport = x.ports[1];
-	fk.proto = x.proto;
-	v = bpf_map_lookup_elem(&kp_ct4_v1, &fk);
-	if (v && v->expires_ns >= now)
-		return kp_xdp_forward4(ctx, &x, &fk, v, now);
-	return kp_xdp_snat_reply4(ctx, &x, now);
+	return kp_xdp_main4(ctx, &x);
 }
 
 #endif /* KPROXY_LIB_XDP_H */

@@ -179,3 +179,45 @@ def test_skb_ctx_size_matches_kernel() -> None:
         assert btf.named("STRUCT", "__sk_buff")["size"] == abi.SKB_CTX_SIZE
     finally:
         btf_obj.unlink(missing_ok=True)
+
+
+# The newest BPF helper each object may call. kproxy_tc.bpf.o: bpf_redirect_neigh (kernel 5.10;
+# docs/install.md: 5.10 and later). A newer helper (bpf_xdp_load_bytes, 5.18, was one) makes the verifier
+# refuse the whole object on older nodes, whatever the agent's flags. kproxy_sock.bpf.o: bpf_set_retval
+# (5.18; docs/socket-lb.md: without it the agent runs without socket load balancing and says so).
+SOCK_OBJECT = TC_OBJECT.with_name("kproxy_sock.bpf.o")
+NEWEST_HELPER = {TC_OBJECT: (152, "5.10"), SOCK_OBJECT: (187, "5.18")}  # redirect_neigh, set_retval
+
+
+def helper_calls(path: Path) -> dict[str, set[int]]:
+    """Helper ids called per executable section of the ELF object (BPF_CALL with src_reg 0)."""
+    import struct
+
+    data = path.read_bytes()
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = sections[shstrndx]
+    calls: dict[str, set[int]] = {}
+    for name_off, sh_type, flags, _addr, offset, size, *_ in sections:
+        if sh_type != 1 or not flags & 0x4:  # SHT_PROGBITS, SHF_EXECINSTR
+            continue
+        name = data[strtab[4] + name_off : data.index(b"\0", strtab[4] + name_off)].decode()
+        for at in range(offset, offset + size, 8):
+            code, regs, _off, imm = struct.unpack_from("<BBhi", data, at)
+            if code == 0x85 and regs >> 4 == 0:  # BPF_JMP | BPF_CALL, a helper (not a subprogram)
+                calls.setdefault(name, set()).add(imm)
+    return calls
+
+
+@pytest.mark.parametrize("path", [TC_OBJECT, SOCK_OBJECT], ids=["tc", "sock"])
+def test_objects_call_no_helper_newer_than_the_oldest_kernel(path: Path) -> None:
+    if not path.exists():
+        pytest.skip("make bpf first")
+    calls = helper_calls(path)
+    assert calls, f"{path.name}: no helper call found (the ELF walk is wrong)"
+    newest, kernel = NEWEST_HELPER[path]
+    newer = {sec: sorted(i for i in ids if i > newest) for sec, ids in calls.items()}
+    assert not {s: i for s, i in newer.items() if i}, (
+        f"{path.name} calls helpers newer than {kernel}: {newer}"
+    )

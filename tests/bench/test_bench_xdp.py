@@ -30,8 +30,8 @@ def test_xdp_bench_at_tiny_sizes(tc_object: Path) -> None:
     before = _leftovers()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench_xdp", "--runs", "300", "--batch-runs", "50", "--repeat", "1000",
-         "--object", str(tc_object), "--duration", "0.5", "--rounds", "1", "--flows", "8", "--rate", "20000",
-         "--json"],
+         "--new-runs", "200", "--object", str(tc_object), "--duration", "0.5", "--rounds", "1",
+         "--flows", "8", "--rate", "20000", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -59,6 +59,15 @@ def test_xdp_bench_at_tiny_sizes(tc_object: Path) -> None:
     assert cases["snat udp"]["counters_moved"]["XDP_FWD"] == 300
     assert cases["local dnat udp"]["counters_moved"]["XDP_LOCAL"] == 300
     assert "XDP_FWD" not in cases["not a service"]["counters_moved"]
+    # first packets: every run opened a flow of its own, in both programs, with the expected verdicts
+    new = {c["case"]: c for c in res["cost"]["new_flows"]}
+    assert set(new) == {c.key for c in bx.NEW_CASES}
+    for key, c in new.items():
+        want = next(nc for nc in bx.NEW_CASES if nc.key == key)
+        assert c["problems"] == [], (key, c["problems"])
+        assert c["series"]["tc"]["verdicts"] == {str(want.tc_verdict): 200}
+        assert c["series"]["xdp"]["verdicts"] == {str(want.xdp_verdict): 200}
+        assert c["counters_moved"]["XDP_NEW"] == 200 and c["counters_moved"]["CT_NEW"] == 400
 
     flood = res["flood"]
     accel = flood["meta"]["acceleration"]

@@ -84,19 +84,22 @@ class Datapath:
         self.ct6_map = obj.map(abi.MAP_CT6)
         self.aff6_map = obj.map(abi.MAP_AFF6)
         self.cfg6 = obj.map(abi.MAP_CFG6)
+        self.lbsrc4 = obj.map(abi.MAP_LBSRC4)
         self.lbsrc6 = obj.map(abi.MAP_LBSRC6)
+        self.xnew = obj.map(abi.MAP_XNEW)
         self.frag6 = obj.map(abi.MAP_FRAG6)
         self.snat6 = obj.map(abi.MAP_SNAT6)
         self.svcnet6 = obj.map(abi.MAP_SVCNET6)
         self.svcnet6_span = obj.map(abi.MAP_SVCNET6_SPAN)
         self.maglev = MaglevMap(obj.map(abi.MAP_MAGLEV))
         self.progs = {name: obj.program(name).fd for name in PROGRAMS}
-        self.progs["kp_xdp"] = obj.program("kp_xdp").fd
+        for name in ("kp_xdp", "kp_xdp_new", "kp_xdp_new6"):
+            self.progs[name] = obj.program(name).fd
 
     # ---- set-up ----
     def reset(self) -> None:
         for m in (
-            self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4,
+            self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4, self.lbsrc4,
             self.svc6, self.be6, self.ct6_map, self.aff6_map, self.lbsrc6, self.frag6, self.snat6,
             self.svcnet6,
         ):  # fmt: skip

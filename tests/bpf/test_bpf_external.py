@@ -415,27 +415,30 @@ def tombstone(key: int, ts: bool, state: int = CtState.CLOSING, ended_s: float =
         ("seq", TS_SYN, 0x3000_8000, False),
     ],
 )
+@pytest.mark.parametrize("prog", ["kp_from_netdev", "kp_xdp"])
 def test_snat_tombstone_goes_only_to_a_syn_its_time_wait_accepts(
-    dp: Datapath, lab: Lab, kind: str, tsval: int | None, seq: int, taken: bool
+    dp: Datapath, lab: Lab, kind: str, tsval: int | None, seq: int, taken: bool, prog: str
 ) -> None:
     """Issue 10: a port the backend holds in TIME_WAIT for another client tuple may carry a new SYN only
     if the backend will take it as a new connection (Linux tcp_timewait_state_process: a TSval above the
     last one seen there when both use timestamps, else a sequence number beyond the old connection's
     end). Otherwise the backend answers the SYN with a bare ACK (PAWS) and the client needs a 1-s retry.
-    One port in the range, holding a tombstone whose key stands for 0x3000xxxx."""
+    One port in the range, holding a tombstone whose key stands for 0x3000xxxx. kp_xdp opens such a flow
+    by the same rules, the SYN's fields read from the frame (XDP_TX, XDP_DROP)."""
     set_cfg(dp, snat_port_min=40000, snat_port_max=40000)
     nodeport(dp, BE_REMOTE)
     tomb = tombstone(0x3001, ts=kind == "ts")
     dp.snat4.update(snat_key(40000), tomb)
-    out = run_in(dp, lab, "kp_from_netdev", syn_with(tsval, seq))
+    xdp = prog == "kp_xdp"
+    out = lab.run_xdp(dp, syn_with(tsval, seq)) if xdp else run_in(dp, lab, prog, syn_with(tsval, seq))
     if taken:
-        ok(out, TC_ACT_REDIRECT)
+        ok(out, 3 if xdp else TC_ACT_REDIRECT)  # XDP_TX
         assert parse(out.data_out).sport == 40000
         nat = snat_entry(dp, 40000)
         assert nat is not None and nbo_to_ip(nat.client_addr) == CLIENT and nat.tw_key == 0
         assert nat.state == CtState.SYN_SENT
     else:
-        assert out.retval == TC_ACT_SHOT
+        assert out.retval == (1 if xdp else TC_ACT_SHOT)  # XDP_DROP
         assert dp.stat(Stat.DROP_SNAT_NO_PORT)[0] == 1
         kept = snat_entry(dp, 40000)
         assert kept is not None and bytes(kept) == bytes(tomb)

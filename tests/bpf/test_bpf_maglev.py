@@ -62,8 +62,13 @@ def backends(n: int, flags: int = BackendFlag.LOCAL) -> list[Backend]:
     return [Backend(100 + i, f"10.1.{i // 200}.{i % 200 + 1}", 8080, flags) for i in range(n)]
 
 
-@pytest.mark.parametrize(("n", "m"), [(10, maglev.DEFAULT_SIZE), (3, 251), (300, 1021)])
-def test_new_flows_take_the_table_backend(dp: Datapath, n: int, m: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "m", "prog"),
+    [(10, maglev.DEFAULT_SIZE, "kp_from_netdev"), (3, 251, "kp_from_netdev"), (300, 1021, "kp_from_netdev"),
+     (10, maglev.DEFAULT_SIZE, "kp_xdp")],
+)  # fmt: skip
+def test_new_flows_take_the_table_backend(dp: Datapath, n: int, m: int, prog: str) -> None:
+    """kp_xdp picks as kp_from_netdev does for the flows it opens (a local backend: DNAT, XDP_PASS)."""
     bes = backends(n)
     dp.add_service(NODE, NODEPORT, IPPROTO_TCP, bes, flags=MAGLEV_NP, svc_id=7)
     by_index = put_table(dp, 7, bes, [name4(b, IPPROTO_TCP) for b in bes], m)
@@ -71,12 +76,14 @@ def test_new_flows_take_the_table_backend(dp: Datapath, n: int, m: int) -> None:
     got = Counter()
     for i in range(200):
         client, sport = f"203.0.{113 + i % 3}.{i % 250 + 1}", 20000 + 37 * i
-        out = dp.run("kp_from_netdev", tcp_frame(client, NODE, sport, NODEPORT))
+        out = dp.run(prog, tcp_frame(client, NODE, sport, NODEPORT))
         p = parse(out.data_out)
         want = expected(by_index, entries, m, socket.inet_aton(client), sport, NODEPORT, IPPROTO_TCP)
-        assert (out.retval, p.dst, p.dport) == (0, want.addr, want.port), (client, sport)
+        verdict = 2 if prog == "kp_xdp" else 0  # XDP_PASS, TC_ACT_OK
+        assert (out.retval, p.dst, p.dport) == (verdict, want.addr, want.port), (client, sport)
         got[p.dst] += 1
     assert dp.stat(Stat.MAGLEV)[0] == 200 and dp.stat(Stat.MAGLEV_FALLBACK)[0] == 0
+    assert dp.stat(Stat.XDP_NEW)[0] == (200 if prog == "kp_xdp" else 0)
     assert len(got) > 1  # the flows spread
 
 

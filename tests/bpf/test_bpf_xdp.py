@@ -1,11 +1,13 @@
 """PROG_TEST_RUN tables for kp_xdp, the XDP acceleration of traffic from outside (lib/xdp.h).
 
-kp_xdp must do exactly what kp_from_netdev does with a packet of a tracked flow, or leave the packet
-untouched to it (XDP_PASS). So each case sets a flow up through kp_from_netdev (its first packet), then
-runs the same later packet through kp_xdp and through kp_from_netdev: the frames that leave must be
-equal, byte for byte (addresses, ports, checksums, TTL, DSR option, IPIP header, MACs). What kp_xdp
-leaves alone comes out unchanged, with XDP_PASS. Runs happen in the FIB namespace of
-test_bpf_external.py: kpe0 is the netdev, the route to NODE2 leaves through it (XDP_TX).
+kp_xdp must do exactly what kp_from_netdev does with a packet, or leave the packet untouched to it
+(XDP_PASS). For a tracked flow's packets each case sets the flow up through kp_from_netdev (its first
+packet), then runs the same later packet through kp_xdp and through kp_from_netdev: the frames that
+leave must be equal, byte for byte (addresses, ports, checksums, TTL, DSR option, IPIP header, MACs).
+A flow's first packet (kp_xdp_new) goes through kp_xdp on one fresh datapath and through
+kp_from_netdev on another: the same bytes leave and the same entries are written. What kp_xdp leaves
+alone comes out unchanged, with XDP_PASS. Runs happen in the FIB namespace of test_bpf_external.py:
+kpe0 is the netdev, the route to NODE2 leaves through it (XDP_TX).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +40,21 @@ from test_bpf_external import (
 )
 
 from kproxy.abi import (
+    IPPROTO_TCP,
+    LBSRC4_SVC_BITS,
+    Aff4Val,
+    ConfigFlag,
     Ct4Val,
+    Ct6Val,
     CtDir,
     CtFlag,
     CtState,
     DsrMode,
+    LbSrc4Key,
+    LbSrc4Val,
     Scope,
+    Snat4Val,
+    Snat6Val,
     Stat,
     Svc4Val,
     SvcFlag,
@@ -128,14 +139,13 @@ def untouched(dp: Datapath, lab: FibLab, f: bytes, family: int | None = None) ->
 def test_tcp_segments_of_a_tracked_flow(dp: Datapath, lab: Lab, dsr: DsrMode) -> None:
     set_cfg(dp, dsr=dsr)
     nodeport(dp, BE_REMOTE)
-    untouched(dp, lab, client_syn())  # a SYN opens a flow: kp_from_netdev's
     assert tc(dp, lab, client_syn()).retval == TC_ACT_REDIRECT
     stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_FWD, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
     seg = frame(
         CLIENT, NODE, syn_seg(CLIENT, NODE, CPORT, NODEPORT, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n")
     )
     same_as_tc(dp, lab, seg, stat)
-    assert dp.stat(Stat.FROM_XDP)[0] == 2
+    assert dp.stat(Stat.FROM_XDP)[0] == 1
 
 
 @pytest.mark.parametrize("dsr", [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP], ids=["snat", "dsr-opt", "dsr-ipip"])
@@ -143,7 +153,6 @@ def test_udp_datagrams_of_a_tracked_flow(dp: Datapath, lab: Lab, dsr: DsrMode) -
     """UDP carries DSR's option on every datagram: kp_xdp inserts it (and the IPIP header) too."""
     set_cfg(dp, dsr=dsr)
     nodeport(dp, BE_REMOTE, IPPROTO_UDP)
-    untouched(dp, lab, udp_frame())  # the first datagram: no flow yet
     tc(dp, lab, udp_frame())
     stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
     same_as_tc(dp, lab, udp_frame(b"a longer datagram, " * 20), stat)
@@ -192,6 +201,187 @@ def test_udp_reply_after_the_first_one(dp: Datapath, lab: Lab) -> None:
     untouched(dp, lab, answer)  # the first reply marks the flow SEEN_REPLY: kp_from_netdev's
     tc(dp, lab, answer)
     same_as_tc(dp, lab, answer, Stat.SNAT_REVNAT)
+
+
+# ---- a flow's first packet (kp_xdp_new) ----
+def flow_state(dp: Datapath, family: int | None = None) -> dict[str, dict[bytes, bytes]]:
+    """Conntrack, SNAT and affinity entries, their times zeroed: what opening a flow wrote."""
+    v6 = family == 6
+    ct_type, snat_type = (Ct6Val, Snat6Val) if v6 else (Ct4Val, Snat4Val)
+    state: dict[str, dict[bytes, bytes]] = {"ct": {}, "snat": {}, "aff": {}}
+    for k in (dp.ct6_map if v6 else dp.ct4).iter_keys():
+        v = ct_type.from_buffer_copy((dp.ct6_map if v6 else dp.ct4).lookup(k) or b"")
+        v.expires_ns = 0
+        state["ct"][bytes(k)] = bytes(v)
+    snat = dp.snat6 if v6 else dp.snat4
+    for k in snat.iter_keys():
+        sv = snat_type.from_buffer_copy(snat.lookup(k) or b"")
+        sv.expires_ns = 0
+        state["snat"][bytes(k)] = bytes(sv)
+    aff = dp.aff6_map if v6 else dp.aff4
+    for k in aff.iter_keys():
+        av = Aff4Val.from_buffer_copy(aff.lookup(k) or b"")
+        av.last_used_ns = 0
+        state["aff"][bytes(k)] = bytes(av)
+    return state
+
+
+def opened_as_tc(
+    dp: Datapath,
+    lab: FibLab,
+    setup: Callable[[], None],
+    f: bytes,
+    stat: Stat,
+    xdp_verdict: int = XDP_TX,
+    family: int | None = None,
+) -> TestRun:
+    """F, a flow's first packet, opens it through kp_xdp as through kp_from_netdev, each on a datapath
+    SETUP made: the same bytes leave, the same entries are written (times aside), counted as a new flow
+    (CT_NEW, XDP_NEW), under STAT and XDP_FWD / XDP_LOCAL. Then kp_from_netdev follows XDP's entry: the
+    same packet again (a retransmitted SYN, the next datagram) leaves as XDP sent it, with no new flow."""
+    setup()
+    t = lab.run(dp, "kp_from_netdev", f)
+    assert t.retval == (TC_ACT_OK if xdp_verdict == XDP_PASS else TC_ACT_REDIRECT), t.retval
+    want = flow_state(dp, family)
+    dp.reset()
+    setup()
+    x = lab.run_xdp(dp, f)
+    assert x.retval == xdp_verdict, x.retval
+    assert x.data_out.hex() == t.data_out.hex()
+    assert (checksum_errors6 if family == 6 else checksum_errors)(x.data_out) == []
+    assert flow_state(dp, family) == want
+    done = Stat.XDP_LOCAL if xdp_verdict == XDP_PASS else Stat.XDP_FWD
+    for s in (Stat.CT_NEW, Stat.XDP_NEW, stat, done):
+        assert dp.stat(s, family)[0] == 1, s.name
+    again = lab.run(dp, "kp_from_netdev", f)
+    assert again.data_out.hex() == x.data_out.hex()
+    assert dp.stat(Stat.CT_NEW, family)[0] == 1
+    return x
+
+
+MODES = [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP]
+MODE_IDS = ["snat", "dsr-opt", "dsr-ipip"]
+
+
+@pytest.mark.parametrize("dsr", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_first_packet_opens_the_flow_as_tc_would(dp: Datapath, lab: Lab, dsr: DsrMode, proto: str) -> None:
+    """A SYN or a flow's first datagram: backend, SNAT port (by the same TIME_WAIT rules: the SYN's
+    timestamp read from the frame), DSR option or IPIP header, conntrack entries, all as
+    kp_from_netdev would make them."""
+    p = IPPROTO_TCP if proto == "tcp" else IPPROTO_UDP
+
+    def setup() -> None:
+        set_cfg(dp, dsr=dsr)
+        nodeport(dp, BE_REMOTE, p)
+
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    opened_as_tc(dp, lab, setup, client_syn() if proto == "tcp" else udp_frame(), stat)
+
+
+@pytest.mark.parametrize("flags", [TCP_SYN | TCP_FIN, TCP_SYN | TCP_RST, TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN])
+def test_only_a_syn_opens_a_tcp_flow(dp: Datapath, lab: Lab, flags: int) -> None:
+    """Another segment with no flow (a SYN with FIN or RST, a SYN-ACK, a stray ACK or FIN) opens none in
+    XDP: kp_from_netdev decides (an orphan's ACK, a reset, a drop). kp_xdp_new checks it too."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE)
+    untouched(dp, lab, client_syn(flags))
+    x = lab.run_xdp(dp, client_syn(flags), prog="kp_xdp_new")
+    assert (x.retval, x.data_out.hex()) == (XDP_PASS, client_syn(flags).hex())
+    assert dp.ct_entries() == {} and dp.stat(Stat.XDP_NEW)[0] == 0
+
+
+def test_an_ecn_syn_opens_its_flow(dp: Datapath, lab: Lab) -> None:
+    """ECE and CWR on a SYN (RFC 3168 negotiation) do not keep kp_xdp from opening the flow; in DSR
+    option mode the SYN carries the option."""
+
+    def setup() -> None:
+        set_cfg(dp, dsr=DsrMode.OPT)
+        nodeport(dp, BE_REMOTE)
+
+    x = opened_as_tc(dp, lab, setup, client_syn(TCP_SYN | 0x40 | 0x80), Stat.DSR_OPT_TX)
+    assert x.data_out[14] == 0x47  # IPv4 header of 28 bytes: the DSR option is in
+
+
+def test_first_packet_to_a_local_backend(dp: Datapath, lab: Lab) -> None:
+    """DNATed in XDP and handed to the stack, its flow tracked (the replies are translated back)."""
+
+    def setup() -> None:
+        set_cfg(dp)
+        nodeport(dp, BE_LOCAL)
+
+    x = opened_as_tc(dp, lab, setup, client_syn(), Stat.DNAT, XDP_PASS)
+    t = tc(dp, lab, x.data_out)  # what kp_from_netdev sees next: no frontend, passed unchanged
+    assert (t.retval, t.data_out.hex()) == (TC_ACT_OK, x.data_out.hex())
+
+
+def test_the_pick_is_kept(dp: Datapath, lab: Lab) -> None:
+    """Among many backends, the one kp_xdp picked is the flow's: kp_from_netdev follows its entry for the
+    SYN's retransmissions and kp_xdp for the rest, without a second pick."""
+    set_cfg(dp)
+    bes = [Backend(20 + i, f"10.244.2.{20 + i}", 8080) for i in range(8)]
+    dp.add_service(NODE, NODEPORT, IPPROTO_TCP, bes, flags=SvcFlag.NODEPORT)
+    for b in bes:
+        add_be(dp, b, IPPROTO_TCP)
+    picked = set()
+    for i in range(6):
+        syn = client_syn(sport=CPORT + i)
+        x = xdp(dp, lab, syn)
+        assert x.retval == XDP_TX
+        for _ in range(3):
+            assert tc(dp, lab, syn).data_out.hex() == x.data_out.hex()
+        seg = frame(CLIENT, NODE, syn_seg(CLIENT, NODE, CPORT + i, NODEPORT, TCP_ACK, b"data"))
+        assert xdp(dp, lab, seg).data_out[30:34] == x.data_out[30:34]  # the same backend address
+        picked.add(x.data_out[30:34])
+    assert dp.stat(Stat.CT_NEW)[0] == dp.stat(Stat.XDP_NEW)[0] == 6
+    assert len(picked) > 1  # the draws spread over the backends
+
+
+def test_first_packet_left_to_tc_when_kp_xdp_cannot_send_it(dp: Datapath, lab: Lab) -> None:
+    """No neighbour for the backend's node yet: the flow is tracked (the pick made), the packet goes to
+    the stack untouched, and kp_from_netdev sends it as the entry says (bpf_redirect_neigh)."""
+    far = Backend(7, "10.244.3.7", 8080)
+    set_cfg(dp)
+    nodeport(dp, far, IPPROTO_UDP)
+    add_be(dp, far, IPPROTO_UDP, node="192.168.1.30")
+    x = xdp(dp, lab, udp_frame())
+    assert (x.retval, x.data_out.hex()) == (XDP_PASS, udp_frame().hex())
+    assert dp.stat(Stat.XDP_NEW)[0] == 1 and dp.stat(Stat.XDP_FWD)[0] == 0
+    assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
+    assert dp.stat(Stat.CT_NEW)[0] == 1
+
+
+def test_first_packets_tc_answers_are_left_to_it(dp: Datapath, lab: Lab) -> None:
+    """No backends (kp_from_netdev rejects), no frontend, a ClusterIP closed to the outside, the
+    program slot empty (an agent mid-upgrade): untouched, nothing written."""
+    set_cfg(dp)
+    dp.svc4.update(
+        dp.svc_key(NODE, NODEPORT, IPPROTO_UDP, Scope.EXT, 0), Svc4Val(0, 1, 0, SvcFlag.NODEPORT, 0)
+    )
+    untouched(dp, lab, udp_frame())
+    dp.add_service("10.96.0.10", 80, IPPROTO_UDP, [BE_REMOTE], svc_id=2)
+    set_cfg(dp, flags=ConfigFlag.NO_EXTERNAL_CLUSTER_IP)
+    untouched(dp, lab, frame(CLIENT, "10.96.0.10", udp(CLIENT, "10.96.0.10", CPORT, 80, b"q"), IPPROTO_UDP))
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_UDP)
+    dp.xnew.delete(ctypes.c_uint32(0))
+    try:
+        untouched(dp, lab, udp_frame())
+    finally:
+        dp.xnew.update(ctypes.c_uint32(0), ctypes.c_uint32(dp.obj.program("kp_xdp_new").fd))
+    assert dp.ct_entries() == {} and dp.stat(Stat.XDP_NEW)[0] == 0
+    assert xdp(dp, lab, udp_frame()).retval == XDP_TX
+
+
+def test_source_ranges_drop_in_xdp(dp: Datapath, lab: Lab) -> None:
+    """loadBalancerSourceRanges: a client outside them is dropped before any skb, counted as TC would."""
+    set_cfg(dp)
+    dp.add_service(NODE, NODEPORT, IPPROTO_UDP, [BE_REMOTE], flags=SvcFlag.NODEPORT | SvcFlag.SRC_RANGES)
+    add_be(dp, BE_REMOTE, IPPROTO_UDP)
+    assert xdp(dp, lab, udp_frame()).retval == XDP_DROP
+    assert dp.stat(Stat.DROP_SRC_RANGE)[0] == 1 and dp.ct_entries() == {}
+    dp.lbsrc4.update(LbSrc4Key(LBSRC4_SVC_BITS + 32, 1, ip_to_nbo(CLIENT)), LbSrc4Val())
+    assert xdp(dp, lab, udp_frame()).retval == XDP_TX
 
 
 # ---- left to kp_from_netdev ----
@@ -341,7 +531,7 @@ def test_anything_else_passes_untouched(dp: Datapath, lab: Lab, case: str) -> No
     untouched(dp, lab, f)
 
 
-def test_xdp_writes_no_state(dp: Datapath, lab: Lab) -> None:
+def test_following_a_flow_writes_no_state(dp: Datapath, lab: Lab) -> None:
     """Conntrack and SNAT stay exactly as kp_from_netdev left them: toggling acceleration moves nothing."""
     set_cfg(dp)
     nodeport(dp, BE_REMOTE, IPPROTO_UDP)
@@ -356,8 +546,9 @@ def test_xdp_writes_no_state(dp: Datapath, lab: Lab) -> None:
 
 def test_every_xdp_call_chain_fits_older_kernels_stack(tc_object: Path) -> None:
     """The verifier adds the frames of a call chain, each rounded up to 32 bytes before kernel 6.9 (16
-    after): kp_xdp (with kp_xdp4) and kp_xdp6 (a program of its own, by tail call) must fit 512 bytes
-    rounded the old way, or the whole object fails to load on such a node even with acceleration off."""
+    after): kp_xdp (with kp_xdp4), kp_xdp6 and the first packets' kp_xdp_new and kp_xdp_new6 (programs of
+    their own, by tail call) must fit 512 bytes rounded the old way, or the whole object fails to load on
+    such a node even with acceleration off."""
     import re
 
     from kproxy.bpf import libbpf as lb
@@ -367,7 +558,7 @@ def test_every_xdp_call_chain_fits_older_kernels_stack(tc_object: Path) -> None:
     libbpf.bpf_program__set_log_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     with lb.BpfObject.open(tc_object) as obj:
         bufs = {}
-        for name in ("kp_xdp", "kp_xdp6"):
+        for name in ("kp_xdp", "kp_xdp6", "kp_xdp_new", "kp_xdp_new6"):
             prog = libbpf.bpf_object__find_program_by_name(obj.ptr, name.encode())
             bufs[name] = ctypes.create_string_buffer(1 << 20)
             libbpf.bpf_program__set_log_level(prog, 4)  # statistics: "stack depth A+B+..."

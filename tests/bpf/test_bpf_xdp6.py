@@ -1,7 +1,8 @@
-"""PROG_TEST_RUN tables for kp_xdp's IPv6 half (lib/xdp.h kp_xdp6), as test_bpf_xdp.py's for IPv4: a flow
-set up through kp_from_netdev, its later packets through kp_xdp and through kp_from_netdev give the same
-bytes (addresses, ports, checksums, hop limit, DSR's destination options header, the IPv6-in-IPv6
-header, MACs), and what kp_xdp leaves alone comes out unchanged with XDP_PASS. Runs happen in
+"""PROG_TEST_RUN tables for kp_xdp's IPv6 half (lib/xdp.h kp_xdp6, kp_xdp_new6), as test_bpf_xdp.py's
+for IPv4: a flow's first packet opens it through kp_xdp as through kp_from_netdev; a flow set up through
+kp_from_netdev, its later packets through kp_xdp and through kp_from_netdev give the same bytes
+(addresses, ports, checksums, hop limit, DSR's destination options header, the IPv6-in-IPv6 header,
+MACs), and what kp_xdp leaves alone comes out unchanged with XDP_PASS. Runs happen in
 test_bpf_external6.py's FIB namespace."""
 
 # ruff: noqa: F811  (`lab` is the imported fixture, taken as a parameter by name)
@@ -14,7 +15,7 @@ from functools import partial
 import pytest
 import test_bpf_xdp as xdp4
 from datapath import TC_ACT_REDIRECT, Datapath, ct6_key
-from frames import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
+from frames import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from frames6 import IPPROTO_DSTOPTS, ext, tcp6, udp6
 from test_bpf_external6 import (
     BE_LOCAL,
@@ -50,6 +51,7 @@ def udp_frame(payload: bytes = b"q", sport: int = CPORT) -> bytes:
 # test_bpf_xdp.py's checks, in the IPv6 counters
 same_as_tc = partial(xdp4.same_as_tc, family=6)
 untouched = partial(xdp4.untouched, family=6)
+opened_as_tc = partial(xdp4.opened_as_tc, family=6)
 
 
 DSR = [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP]
@@ -58,21 +60,32 @@ DSR = [DsrMode.OFF, DsrMode.OPT, DsrMode.IPIP]
 @pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
 def test_tcp_segments_of_a_tracked_flow(dp: Datapath, lab: Lab6, dsr: DsrMode) -> None:
     setup(dp, dsr=dsr)
-    untouched(dp, lab, client_syn())
     assert tc(dp, lab, client_syn()).retval == TC_ACT_REDIRECT
     stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_FWD, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
     same_as_tc(dp, lab, client_syn(TCP_ACK | TCP_PSH, payload=b"GET / HTTP/1.1\r\n"), stat)
-    assert dp.stat(Stat.FROM_XDP, family=6)[0] == 2
+    assert dp.stat(Stat.FROM_XDP, family=6)[0] == 1
 
 
 @pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
 def test_udp_datagrams_of_a_tracked_flow(dp: Datapath, lab: Lab6, dsr: DsrMode) -> None:
     setup(dp, proto=IPPROTO_UDP, dsr=dsr)
-    untouched(dp, lab, udp_frame())
     tc(dp, lab, udp_frame())
     stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
     same_as_tc(dp, lab, udp_frame(b"a longer datagram, " * 20), stat)
     same_as_tc(dp, lab, udp_frame(b""), stat)
+
+
+@pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_first_packet_opens_the_flow_as_tc_would(dp: Datapath, lab: Lab6, dsr: DsrMode, proto: str) -> None:
+    p = IPPROTO_TCP if proto == "tcp" else IPPROTO_UDP
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+    f = client_syn() if proto == "tcp" else udp_frame()
+    opened_as_tc(dp, lab, lambda: setup(dp, proto=p, dsr=dsr), f, stat)
+
+
+def test_first_packet_to_a_local_backend(dp: Datapath, lab: Lab6) -> None:
+    opened_as_tc(dp, lab, lambda: setup(dp, be=BE_LOCAL), client_syn(), Stat.DNAT, XDP_PASS)
 
 
 def test_local_backend_is_dnated_and_handed_to_the_stack(dp: Datapath, lab: Lab6) -> None:

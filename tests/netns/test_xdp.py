@@ -113,6 +113,7 @@ def test_matrix_accelerated(
     if not served_as_expected(got, want, place, f"{addr}:{port}", where, d1, d2, True):
         return
     assert d1.get("XDP_FWD", 0) + d1.get("XDP_LOCAL", 0) >= 1, f"{where}: no packet took kp_xdp: n1 {d1}"
+    assert d1.get("XDP_NEW", 0) >= 1, f"{where}: kp_xdp opened no flow: n1 {d1}"
     if want["replies"] == "local":
         assert d1.get("XDP_LOCAL", 0) >= 1, f"{where}: n1 {d1}"
     if want["replies"] == "backend-node":

@@ -282,6 +282,7 @@ enum kp_stat {
 	                                 * yet, a terminating backend): a random slot */
 	KP_STAT_XDP_FWD = 56,           /* packets kp_xdp sent out itself (to a remote backend, back to a client) */
 	KP_STAT_XDP_LOCAL = 57,         /* packets kp_xdp DNATed for a local backend and handed to the stack */
+	KP_STAT_XDP_NEW = 58,           /* flows kp_xdp opened itself (backend picked, tracked) on their first packet */
 	KP_STAT_MAX = 64,
 };
 
