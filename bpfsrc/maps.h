@@ -212,6 +212,19 @@ struct kp_maglev_inner {
 	__uint(max_entries, 1);
 };
 
+/*
+ * The netdevs kp_xdp runs on in native mode (ifindex -> 0), written by the agent as it attaches and
+ * removes XDP: a packet kp_xdp forwards whose route leaves by one of them is redirected there in XDP
+ * (XDP_REDIRECT; that driver takes XDP frames), one leaving by any other device goes to TC.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, KP_XDEVS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kp_xdevs_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
 	__type(key, __u32);

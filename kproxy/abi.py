@@ -41,12 +41,14 @@ MAP_XPROGS = "kp_xprogs_v1"  # the same for kp_xdp's IPv6 program (kp_xdp6)
 MAP_XNEW = "kp_xnew_v1"  # kp_xdp's programs for a flow's first packet (kp_xdp_new, kp_xdp_new6)
 # Maglev tables (a hash of maps: its values are inner maps, see MaglevHdr): no ctypes value layout.
 MAP_MAGLEV = "kp_maglev_v1"
+# The netdevs kp_xdp runs on natively (ifindex -> 0): kp_xdp redirects to them (XDP_REDIRECT).
+MAP_XDEVS = "kp_xdevs_v1"
 PROG_MAPS = (MAP_PROGS6, MAP_XPROGS, MAP_XNEW)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
     MAP_SVC6, MAP_BE6, MAP_CT6, MAP_AFF6, MAP_CFG6, MAP_LBSRC6, MAP_FRAG6, MAP_SNAT6, MAP_SVCNET6,
-    MAP_SVCNET6_SPAN, MAP_STATS6, MAP_MAGLEV,
+    MAP_SVCNET6_SPAN, MAP_STATS6, MAP_MAGLEV, MAP_XDEVS,
 )  # fmt: skip
 
 # ---- default capacities ----
@@ -67,6 +69,15 @@ FRAG6_MAX = 8192
 SNAT6_MAX = 65536
 SVCNET6_MAX = 16384
 MAGLEV_MAX = 65536
+XDEVS_MAX = 256
+
+
+class XdevVal(ctypes.Structure):
+    """kp_xdevs_v1 value (key: the netdev's ifindex, u32 HBO)."""
+
+    _fields_ = [("flags", ctypes.c_uint32)]  # reserved, 0
+
+
 MAGLEV_ROW = 64  # bytes a row of a Maglev table's inner array
 # Backend and service-port ids of IPv6 start here (abi.h KP_ID6_BASE): one id names one thing.
 ID6_BASE = 0x80000000
@@ -214,6 +225,7 @@ class Stat(enum.IntEnum):
     XDP_FWD = 56
     XDP_LOCAL = 57
     XDP_NEW = 58
+    XDP_REDIRECT = 59
 
 
 STAT_MAX = 64

@@ -104,16 +104,21 @@ static __always_inline __u32 kp_xiplen4(const struct kp_xpkt4 *x) { return bpf_n
 
 /*
  * Route a packet kp_xdp sends out itself; 0 when XDP can send it: the route is complete (fib holds the
- * MACs) and leaves by the interface the frame came in by. No neighbour yet, too big for the route
- * (frag needed), no route, another device (one that takes no XDP frames: a bridge, a VLAN, a tunnel
- * would drop it): the stack's to handle.
+ * MACs) and leaves by the interface the frame came in by (XDP_TX) or by another netdev kp_xdp runs on
+ * natively (kp_xdevs_v1: XDP_REDIRECT, that driver takes XDP frames). No neighbour yet, too big for the
+ * route (frag needed), no route, another device (one that takes no XDP frames: a bridge, a VLAN, a
+ * tunnel would drop it): the stack's to handle.
  */
 static __always_inline int kp_xfib_run(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 tot_len)
 {
+	__u32 out;
+
 	fib->ifindex = ctx->ingress_ifindex;
 	fib->tot_len = tot_len;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS &&
-			       fib->ifindex == ctx->ingress_ifindex ? 0 : -1;
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	out = fib->ifindex;
+	return out == ctx->ingress_ifindex || bpf_map_lookup_elem(&kp_xdevs_v1, &out) ? 0 : -1;
 }
 
 static __always_inline int kp_xfib4(struct xdp_md *ctx, struct bpf_fib_lookup *fib, const __be32 *src,
@@ -126,7 +131,9 @@ static __always_inline int kp_xfib4(struct xdp_md *ctx, struct bpf_fib_lookup *f
 	return kp_xfib_run(ctx, fib, tot_len);
 }
 
-static __always_inline int kp_xsend(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+/* Send a packet kp_xfib_run routed: back out where it came in, or out the accelerated netdev of its
+ * route. Counted in FAM's counters (XDP_REDIRECT). */
+static __always_inline int kp_xsend(struct xdp_md *ctx, struct bpf_fib_lookup *fib, int fam, __u32 len)
 {
 	void *data = (void *)(long)ctx->data;
 	struct ethhdr *eth = data;
@@ -135,7 +142,10 @@ static __always_inline int kp_xsend(struct xdp_md *ctx, struct bpf_fib_lookup *f
 		return XDP_DROP;
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	return XDP_TX;   /* the route leaves by the interface the frame came in by (checked before) */
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	kp_count_fam(fam, KP_STAT_XDP_REDIRECT, len);
+	return bpf_redirect(fib->ifindex, 0);
 }
 
 /* Whether the flow entry v (state for this packet unchanged) needs no write now: kp_from_netdev writes

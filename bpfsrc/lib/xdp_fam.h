@@ -205,7 +205,7 @@ static __always_inline int KP_F(kp_xdp_forward)(struct xdp_md *ctx, struct KP_F(
 		KP_F(kp_count)(tunnel ? KP_STAT_DSR_IPIP_TX : opt ? KP_STAT_DSR_OPT_TX : KP_STAT_DSR_FWD, len);
 	}
 	KP_F(kp_count)(KP_STAT_XDP_FWD, len);
-	return kp_xsend(ctx, fib);
+	return kp_xsend(ctx, fib, KP_FAM, x->len);
 fail:
 	KP_F(kp_count)(KP_DROP_ENCAP_FAILED, len);
 	return XDP_DROP;
@@ -252,7 +252,7 @@ static __always_inline int KP_F(kp_xdp_snat_reply)(struct xdp_md *ctx, struct KP
 	KP_F(kp_xttl_dec)(x);
 	KP_F(kp_count)(KP_STAT_SNAT_REVNAT, x->len);
 	KP_F(kp_count)(KP_STAT_XDP_FWD, x->len);
-	return kp_xsend(ctx, fib);
+	return kp_xsend(ctx, fib, KP_FAM, x->len);
 }
 
 /*

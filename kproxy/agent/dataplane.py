@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import socket
 import time
 from typing import Any
 
+from kproxy import abi
 from kproxy.bpf import teardown
 from kproxy.bpf.libbpf import LibbpfError
 from kproxy.bpf.loader import (
@@ -111,6 +114,7 @@ class Dataplane:
                 raise AgentError(f"cannot attach to netdev {dev}: {e}") from e
             log.info("attached %s/%s to netdev %s", PROG_FROM_NETDEV, PROG_TO_NETDEV, dev)
             self.accelerate(dev)
+        self.sync_xdevs()
         if self.cfg.socket_lb_cgroup:
             self.setup_socket_lb(self.cfg.socket_lb_cgroup)
 
@@ -122,6 +126,8 @@ class Dataplane:
         assert loader is not None, "accelerate after load"
         mode = self.cfg.acceleration
         if mode == "off":
+            self.acceleration[dev] = "off"
+            self.sync_xdevs()  # no redirect to it before its XDP program goes
             try:
                 if loader.detach_xdp(dev):
                     log.info("acceleration off: removed the XDP program of netdev %s", dev)
@@ -143,6 +149,31 @@ class Dataplane:
             raise AgentError(f"cannot attach XDP to netdev {dev}: {e}") from e
         self.acceleration[dev] = "xdp"
         log.info("netdev %s accelerated: %s runs as native XDP", dev, PROG_XDP)
+
+    def sync_xdevs(self) -> None:
+        """kp_xdevs_v1 (the netdevs kp_xdp may redirect packets to) as the netdevs it runs on natively now.
+        An entry only while its netdev has the program: a driver takes XDP frames only then (mlx5, i40e
+        and veth make their XDP queues for it). Entries of netdevs no longer accelerated or gone (an
+        earlier agent's; an ifindex a new device could take) are removed. At start and every sweep."""
+        xdevs = self.maps.xdevs if self.maps is not None else None
+        if xdevs is None:
+            return
+        want: set[int] = set()
+        for dev, how in self.acceleration.items():
+            if how != "xdp":
+                continue
+            with contextlib.suppress(OSError):  # gone: its XDP link went with it
+                want.add(socket.if_nametoindex(dev))
+        try:
+            have = {k.value for k, _ in xdevs.items()}
+            stale = sorted(have - want)
+            if stale:
+                xdevs.delete_many([ctypes.c_uint32(i) for i in stale])
+            new = sorted(want - have)
+            if new:
+                xdevs.put_many([(ctypes.c_uint32(i), abi.XdevVal(0)) for i in new])
+        except (LibbpfError, OSError) as e:
+            log.warning("cannot update %s (XDP redirect targets): %s", xdevs.name, e)
 
     def check_forwarding(self) -> list[str]:
         """Netdevs on which forwarding is off, as "FAMILY DEV" ("IPv4 eth0", "IPv6 eth0"), logged when

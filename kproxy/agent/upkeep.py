@@ -131,6 +131,7 @@ class Sweeper:
             await asyncio.sleep(self.cfg.sweep_interval)
             await self.read_host_addresses(store)
             self.dataplane.check_forwarding()
+            self.dataplane.sync_xdevs()
             try:
                 n = upkeep.sweep_conntrack(maps.ct4) + upkeep.sweep_conntrack(maps.ct6)
                 ns = upkeep.sweep_snat(maps.snat4) + upkeep.sweep_snat(maps.snat6)

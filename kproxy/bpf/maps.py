@@ -470,14 +470,16 @@ MAP_LAYOUT: dict[str, tuple[str, int, Any, Any]] = {
     abi.MAP_STATS6: ("stats6", lb.BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, abi.Counter),
     # values are inner maps (MaglevMap), read as their u32 ids
     abi.MAP_MAGLEV: ("maglev", lb.BPF_MAP_TYPE_HASH_OF_MAPS, ctypes.c_uint32, ctypes.c_uint32),
+    abi.MAP_XDEVS: ("xdevs", lb.BPF_MAP_TYPE_HASH, ctypes.c_uint32, abi.XdevVal),
 }
 
-# Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15, kp_maglev_v1 with issue 16.
+# Maps an older agent's bpffs may lack: the IPv6 ones came with issue 15, kp_maglev_v1 and kp_xdevs_v1 with
+# issue 16.
 # KproxyMaps.open leaves their attributes None there, so this version's CLI still reads an older agent's
 # IPv4 maps; every other map is required.
 OPTIONAL_MAPS = frozenset({
     abi.MAP_SVC6, abi.MAP_BE6, abi.MAP_CT6, abi.MAP_AFF6, abi.MAP_CFG6, abi.MAP_LBSRC6, abi.MAP_FRAG6,
-    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN, abi.MAP_STATS6, abi.MAP_MAGLEV,
+    abi.MAP_SNAT6, abi.MAP_SVCNET6, abi.MAP_SVCNET6_SPAN, abi.MAP_STATS6, abi.MAP_MAGLEV, abi.MAP_XDEVS,
 })  # fmt: skip
 
 
@@ -510,6 +512,7 @@ class KproxyMaps:
     svcnet6_span: PinnedMap[ctypes.c_uint32, abi.Svcnet6Span]
     stats6: PerCpuArray[abi.Counter]
     maglev: MaglevMap
+    xdevs: PinnedMap[ctypes.c_uint32, abi.XdevVal]
 
     def __init__(self, bpffs_dir: str, maps: dict[str, Any]) -> None:
         self.bpffs_dir = bpffs_dir

@@ -11,6 +11,9 @@
                      the node side (found by neighbour discovery, as any IPv6 router), a /128 route back
     ext            : eth0 = 192.168.77.100/24 and fd00:77::100/64, LoadBalancer/external IPs
                      (192.168.78.0/24, fd00:78::/64) via node 1
+    with ext_link  : a second link, ext's eth1 = 192.168.79.100/24 to node 1's eth1 = 192.168.79.1/24,
+                     node 1's second netdev (--netdev eth0,eth1): traffic from outside that enters one
+                     netdev and leaves by the other (XDP_REDIRECT with acceleration)
 
 Every pod and node has both families; the IPv6 plan repeats the IPv4 one digit for digit (the IPv4
 octets are written as IPv6 hex groups: 10.244.1.11 -> fd00:10:244:1::11). IPv6 addresses are added
@@ -56,6 +59,7 @@ GATEWAY = "169.254.1.1"
 POD_PORTS = (8080, 9090)
 EXT_IP = f"{LAN_PREFIX}.100"
 LAN6_PREFIX = "fd00:77::"  # /64: node n<i> is fd00:77::<10+i>
+EXT_LINK_PREFIX = "192.168.79"  # ext_link: ext .100, node 1 .1
 LB6_CIDR = "fd00:78::/64"  # IPv6 LoadBalancer ingress and external IPs, routed by ext via node 1
 GATEWAY6 = "fe80::1"  # every pod's IPv6 gateway: a link-local address of the node side of its veth
 EXT_IP6 = f"{LAN6_PREFIX}100"
@@ -104,6 +108,7 @@ class LabState:
     nodes: list[Node] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
     ext: Host | None = None
+    ext_link: bool = False  # node 1's second netdev eth1, linked to ext's eth1
 
     @classmethod
     def load(cls, path: Path) -> LabState:
@@ -116,6 +121,7 @@ class LabState:
         st.nodes = [Node(**n) for n in raw.get("nodes", [])]
         st.pods = [Pod(**p) for p in raw.get("pods", [])]
         st.ext = Host(**raw["ext"]) if raw.get("ext") else None
+        st.ext_link = bool(raw.get("ext_link", False))
         return st
 
     def save(self) -> None:
@@ -176,6 +182,7 @@ class Lab:
         socket_lb: bool = False,
         agent_node_ip6: bool = True,
         xdp_lan: bool | None = None,
+        ext_link: bool = False,
     ) -> None:
         if not 1 <= nodes <= 9 or not 0 <= pods_per_node <= 9:
             raise LabError(
@@ -198,6 +205,7 @@ class Lab:
             or any(a.startswith("--acceleration=") and not a.endswith("=off") for a in self.agent_args)
         )
         self.state_root = state_root
+        self.ext_link = ext_link
         # One child cgroup per node under the cgroup2 mount (never its root), its agent's --socket-lb-cgroup:
         # processes run in it with run_in(node, ..., cgroup=node.cgroup) are the node's own clients.
         self.socket_lb = socket_lb
@@ -360,6 +368,8 @@ class Lab:
         self._lan_port(lan, "ext", ext_ns, EXT_IP, EXT_IP6)
         ip(ext_ns, "route", "add", LB_CIDR, "via", self.nodes[0].ip)
         ip(ext_ns, "-6", "route", "add", LB6_CIDR, "via", self.nodes[0].ip6)
+        if self.ext_link:
+            self._ext_link(ext_ns, self.nodes[0])
         self.state.save()
 
         for node in self.nodes:
@@ -403,6 +413,18 @@ class Lab:
         ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
         ip(ns, "-6", "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
         ip(ns, "link", "set", "eth0", "up")
+
+    def _ext_link(self, ext_ns: str, node: Node) -> None:
+        """ext's eth1 to NODE's eth1, a second netdev of the node (EXT_LINK_PREFIX.0/24), made ready for
+        XDP as the LAN ports are (_lan_port) when the agents accelerate."""
+        ip(ext_ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", node.ns)
+        for ns, host in ((ext_ns, 100), (node.ns, 1)):
+            ip(ns, "addr", "add", f"{EXT_LINK_PREFIX}.{host}/24", "dev", "eth1")
+            ip(ns, "link", "set", "eth1", "up")
+        if self.xdp_lan:
+            run(["nsenter", f"--net={netns_path(ext_ns)}", "ethtool", "-K", "eth1", "tx", "off"], check=False)
+            in_netns(ext_ns, lambda: lb.xdp_pass_everywhere(socket.if_nametoindex("eth1")))
+        self.state.ext_link = True
 
     def _make_pod(self, node: Node) -> Pod:
         j = 1 + len(self.pods_on(node.name))
@@ -512,7 +534,7 @@ class Lab:
             "--source", f"file:{self.manifests_dir}",
             "--node-name", node.name,
             "--node-ip", self.node_ips_arg(node),
-            "--netdev", "eth0",
+            "--netdev", "eth0,eth1" if self.state.ext_link and node.index == 1 else "eth0",
             "--pod-ifaces", self.pod_ifaces_glob,
             "--bpffs", node.bpffs,
             "--log-level", "debug",

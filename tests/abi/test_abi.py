@@ -50,6 +50,7 @@ MAP_DEFAULTS = {
     abi.MAP_SVCNET6: (abi.SVCNET6_MAX, BPF_F_NO_PREALLOC),
     abi.MAP_SVCNET6_SPAN: (1, 0),
     abi.MAP_MAGLEV: (abi.MAGLEV_MAX, BPF_F_NO_PREALLOC),
+    abi.MAP_XDEVS: (abi.XDEVS_MAX, 0),
 }
 ENUMS: dict[str, Any] = {
     "kp_scope": abi.Scope,

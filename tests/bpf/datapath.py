@@ -87,6 +87,7 @@ class Datapath:
         self.lbsrc4 = obj.map(abi.MAP_LBSRC4)
         self.lbsrc6 = obj.map(abi.MAP_LBSRC6)
         self.xnew = obj.map(abi.MAP_XNEW)
+        self.xdevs = obj.map(abi.MAP_XDEVS)
         self.frag6 = obj.map(abi.MAP_FRAG6)
         self.snat6 = obj.map(abi.MAP_SNAT6)
         self.svcnet6 = obj.map(abi.MAP_SVCNET6)
@@ -99,7 +100,7 @@ class Datapath:
     # ---- set-up ----
     def reset(self) -> None:
         for m in (
-            self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4, self.lbsrc4,
+            self.svc4, self.be4, self.ct4, self.aff4, self.snat4, self.svcnet4, self.lbsrc4, self.xdevs,
             self.svc6, self.be6, self.ct6_map, self.aff6_map, self.lbsrc6, self.frag6, self.snat6,
             self.svcnet6,
         ):  # fmt: skip

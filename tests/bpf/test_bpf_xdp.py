@@ -13,6 +13,7 @@ kpe0 is the netdev, the route to NODE2 leaves through it (XDP_TX).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,7 @@ from kproxy.abi import (
     Stat,
     Svc4Val,
     SvcFlag,
+    XdevVal,
     ip_to_nbo,
     port_to_nbo,
 )
@@ -73,7 +75,8 @@ NODE3_MAC = bytes.fromhex("020000000030")
 
 
 class XLab(Lab):
-    """test_bpf_external's namespace, plus a second interface kpx0 (192.168.2.10/24) with NODE3 behind it."""
+    """test_bpf_external's namespace, plus a second interface kpx0 (192.168.2.10/24) with NODE3 behind it,
+    and NODE3's pods (10.244.9.0/24) routed there."""
 
     def setup(self) -> None:
         super().setup()
@@ -82,6 +85,8 @@ class XLab(Lab):
         self.ip("link", "set", "kpx1", "up")
         self.ip("addr", "add", "192.168.2.10/24", "dev", "kpx0")
         self.ip("neigh", "replace", NODE3, "lladdr", NODE3_MAC.hex(":"), "dev", "kpx0", "nud", "permanent")
+        self.ip("route", "add", "10.244.9.0/24", "via", NODE3, "dev", "kpx0")  # pods of NODE3
+        self.kpx0 = int(json.loads(self.ip("-j", "link", "show", "kpx0"))[0]["ifindex"])
 
 
 @pytest.fixture(scope="module")
@@ -451,15 +456,37 @@ def test_a_dsr_backend_nodes_flow_is_not_forwarded(dp: Datapath, lab: Lab) -> No
 
 
 def test_another_egress_device_is_left_to_tc(dp: Datapath, lab: Lab) -> None:
-    """XDP sends frames back out where they came in only: a device that takes no XDP frames (a bridge,
-    a VLAN, a tunnel) would drop a redirected one. TC redirects it as an skb."""
+    """XDP sends frames out another device only where kp_xdp runs natively too (kp_xdevs_v1): a device
+    that takes no XDP frames (a bridge, a VLAN, a tunnel, a NIC without an XDP program) would drop a
+    redirected one. TC redirects it as an skb."""
     set_cfg(dp, dsr=DsrMode.IPIP)
     far = Backend(9, "10.244.9.9", 8080)
     nodeport(dp, far, IPPROTO_UDP)
     add_be(dp, far, IPPROTO_UDP, node=NODE3)
     assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
     untouched(dp, lab, udp_frame())
+    dp.xdevs.update(ctypes.c_uint32(lab.ifindex + 1), XdevVal(0))  # another device in the map
+    untouched(dp, lab, udp_frame())
     assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
+
+
+@pytest.mark.parametrize("dsr", MODES, ids=MODE_IDS)
+def test_redirect_to_another_accelerated_netdev(dp: Datapath, lab: XLab, dsr: DsrMode) -> None:
+    """The route to the backend's node leaves by kpx0, where kp_xdp runs natively (in kp_xdevs_v1): the
+    packet leaves there in XDP (XDP_REDIRECT), its bytes those TC sends, first packet and later ones."""
+    far = Backend(9, "10.244.9.9", 8080)
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+
+    def setup() -> None:
+        set_cfg(dp, dsr=dsr)
+        nodeport(dp, far, IPPROTO_UDP)
+        add_be(dp, far, IPPROTO_UDP, node=NODE3)
+        dp.xdevs.update(ctypes.c_uint32(lab.kpx0), XdevVal(0))
+
+    x = opened_as_tc(dp, lab, setup, udp_frame(), stat, XDP_REDIRECT)
+    assert x.data_out[:6] == NODE3_MAC
+    same_as_tc(dp, lab, udp_frame(b"later"), stat, XDP_REDIRECT)
+    assert dp.stat(Stat.XDP_REDIRECT)[0] == 2  # the first packet and the later one (TC's runs aside)
 
 
 def test_a_reply_before_the_flow_saw_one_is_left_to_tc(dp: Datapath, lab: Lab) -> None:

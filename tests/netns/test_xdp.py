@@ -28,6 +28,7 @@ from test_external import (
     addr_of,
     counters,
     delta,
+    ensure_mode,
     expectation,
     node_port,
     request,
@@ -37,8 +38,11 @@ from test_external import (
     target,
 )
 
+from kproxy.bpf.maps import KproxyMaps
 from kproxy.lab import Lab
-from kproxy.lab.netns import in_netns
+from kproxy.lab import manifests as mf
+from kproxy.lab.cluster import EXT_LINK_PREFIX
+from kproxy.lab.netns import in_netns, ip
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -48,7 +52,9 @@ FAMILIES = ("4", "6")
 
 @pytest.fixture(scope="module")
 def alab(tc_object: Path) -> Iterator[Lab]:
-    with Lab(nodes=2, pods_per_node=2, agent_args=[*AGENT_ARGS, "--acceleration", "native"]) as lab:
+    # ext_link: n1's second netdev eth1, linked to ext (test_redirect_between_netdevs)
+    args = [*AGENT_ARGS, "--acceleration", "native"]
+    with Lab(nodes=2, pods_per_node=2, agent_args=args, ext_link=True) as lab:
         add_matrix_services(lab)
         yield lab
 
@@ -218,8 +224,51 @@ def test_status_says_which_netdevs_run_xdp(alab: Lab) -> None:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["acceleration"] == {"mode": "native", "netdevs": {"eth0": "xdp"}}
+        devs = {"eth0": "xdp", "eth1": "xdp"} if node.name == "n1" else {"eth0": "xdp"}
+        assert json.loads(out.stdout)["acceleration"] == {"mode": "native", "netdevs": devs}
         text = subprocess.run(
             [sys.executable, "-m", "kproxy", "status", "--bpffs", node.bpffs], capture_output=True, text=True
         ).stdout
         assert "acceleration: native, eth0 xdp" in text, text
+
+
+def test_redirect_between_netdevs(alab: Lab) -> None:
+    """n1's second netdev eth1 leads to ext (the lab's ext_link): a flow from ext that enters n1 by eth1
+    and leaves by eth0 for its backend on n2, and the replies the other way, cross from netdev to netdev
+    in XDP (XDP_REDIRECT: both run kp_xdp natively, both are in n1's kp_xdevs_v1), first packets included.
+    SNAT: with DSR the replies would go from n2 to ext directly, and n2 has no route to ext's eth1."""
+    lab = alab
+    ensure_mode(lab, "snat")
+    name, lb, cip = "redirect", "192.168.78.200", "10.96.40.200"
+    pod = lab.pod("n2p1")
+    ports = [mf.Port("tcp", 80, 8080, "TCP"), mf.Port("udp", 53, 9090, "UDP")]
+    lab.write_manifest(
+        name,
+        [
+            mf.service(name, ports, cip, type="LoadBalancer", lb_ips=[lb]),
+            *mf.endpoint_slices(name, [(pod.ip, pod.node)], ports),
+        ],
+    )
+    lab.wait_programmed(lb, 80, [pod.ip], nodes=["n1"])
+    lab.wait_programmed(lb, 53, [pod.ip], "UDP", nodes=["n1"])
+    with KproxyMaps.open(lab.node("n1").bpffs) as m:
+        xdevs = {k.value for k, _ in m.xdevs.items()}
+    n1_ifindexes = in_netns(lab.node("n1").ns, lambda: {socket.if_nametoindex(d) for d in ("eth0", "eth1")})
+    assert xdevs == n1_ifindexes
+    ip(lab.ext.ns, "route", "add", f"{lb}/32", "via", f"{EXT_LINK_PREFIX}.1", "dev", "eth1")
+    try:
+        before = counters(lab, "n1")
+        tcp = request(lab, lab.ext, lb, 80, "TCP", None, timeout=8.0)
+        udp = udp_exchange(lab, lb, 53, count=5)
+        d = delta(before, counters(lab, "n1"))
+    finally:
+        ip(lab.ext.ns, "route", "del", f"{lb}/32")
+        lab.remove_manifest(name)
+    assert tcp.get("pod") == "n2p1" and tcp.get("client", "").startswith(lab.node("n1").ip), tcp
+    assert udp.get("pod") == "n2p1" and "error" not in udp, udp
+    assert udp["peer"] == f"{lb}:53", udp
+    # the SYN and the first datagram opened their flows in XDP; the five datagrams, the answers after
+    # the first (which marks the flow SEEN_REPLY: TC's) and at least the SYN crossed in XDP
+    assert d.get("XDP_NEW", 0) >= 2, d
+    assert d.get("XDP_REDIRECT", 0) >= 5 + 4 + 1, d
+    assert d.get("SNAT_REVNAT", 0) >= 5, d

@@ -283,6 +283,7 @@ enum kp_stat {
 	KP_STAT_XDP_FWD = 56,           /* packets kp_xdp sent out itself (to a remote backend, back to a client) */
 	KP_STAT_XDP_LOCAL = 57,         /* packets kp_xdp DNATed for a local backend and handed to the stack */
 	KP_STAT_XDP_NEW = 58,           /* flows kp_xdp opened itself (backend picked, tracked) on their first packet */
+	KP_STAT_XDP_REDIRECT = 59,      /* packets kp_xdp sent out another accelerated netdev (XDP_REDIRECT) */
 	KP_STAT_MAX = 64,
 };
 
@@ -599,6 +600,8 @@ struct kp_frag4_val {
  * The flow hash (lib/maglev.h kp_maglev_hash) covers the client address and port, the frontend port
  * and the protocol, not the frontend address: the NodePorts of every node agree too.
  */
+#define KP_MAP_XDEVS    kp_xdevs_v1    /* hash: ifindex -> 0, the netdevs kp_xdp runs on natively (the agent's) */
+#define KP_XDEVS_MAX    256
 #define KP_MAP_MAGLEV   kp_maglev_v1   /* hash of maps: svc_id -> its Maglev table (inner array) */
 #define KP_MAGLEV_MAX   65536          /* tables (service ports with Maglev) */
 #define KP_MAGLEV_ROW   64             /* bytes a row */
