@@ -5,8 +5,8 @@
  *   a flow's first packet to a frontend       the flow opened as kp_lb_forward opens it (kp_xdp_open, in
  *   (a TCP SYN, a first UDP datagram)           the tail-called kp_xdp_new: the same kp_lb_pick,
  *                                               kp_lb_snat, kp_lb_commit), then handled as below
- *   to a backend on another node (SNAT, DSR    rewritten, encapsulated, sent back out (XDP_TX)
- *   option, DSR IPIP)
+ *   to a backend on another node (SNAT, DSR    rewritten, encapsulated, sent back out (XDP_TX), or out
+ *   option, DSR IPIP)                           another netdev of kp_xdevs_v1 (XDP_REDIRECT)
  *   to a backend on this node (plain DNAT)     DNATed, handed to the stack: kp_from_netdev finds no
  *                                               frontend and passes it
  *   a backend's reply to a SNATed flow          translated back, sent to the client
@@ -15,9 +15,9 @@
  * packets it leaves to the stack (XDP_PASS, untouched) are every packet that changes or ends a flow
  * (TCP FIN, RST, a SYN of a tracked flow; a backend's first reply), a first packet kp_from_netdev
  * answers itself (no backends, a closed ClusterIP), one of a flow whose frontend or backend is gone,
- * one whose route needs a neighbour lookup, is too small, or leaves by another device (XDP can only
- * send back out where the frame came in: a first packet goes so once its flow is opened, and
- * kp_from_netdev follows the entry), IPv4 with options or fragments, IPv6 with extension headers, and
+ * one whose route needs a neighbour lookup, is too small, or leaves by a device that takes no XDP
+ * frames (any but the one it came in by and those of kp_xdevs_v1: a first packet goes so once its flow
+ * is opened, and kp_from_netdev follows the entry), IPv4 with options or fragments, IPv6 with extension headers, and
  * anything that is not a Service's. Turning acceleration on or off, or restarting the agent, moves no
  * flow: both paths read and write the same entries.
  */
@@ -104,21 +104,24 @@ static __always_inline __u32 kp_xiplen4(const struct kp_xpkt4 *x) { return bpf_n
 
 /*
  * Route a packet kp_xdp sends out itself; 0 when XDP can send it: the route is complete (fib holds the
- * MACs) and leaves by the interface the frame came in by (XDP_TX) or by another netdev kp_xdp runs on
- * natively (kp_xdevs_v1: XDP_REDIRECT, that driver takes XDP frames). No neighbour yet, too big for the
- * route (frag needed), no route, another device (one that takes no XDP frames: a bridge, a VLAN, a
- * tunnel would drop it): the stack's to handle.
+ * MACs) and leaves by the interface the frame came in by (XDP_TX), or by another netdev while both are
+ * in kp_xdevs_v1 (XDP_REDIRECT: the agent lists the netdevs kp_xdp runs on whose drivers carry out a
+ * redirect and take redirected frames). No neighbour yet, too big for the route (frag needed), no
+ * route, another device (one that takes no XDP frames: a bridge, a VLAN, a tunnel would drop it): the
+ * stack's to handle.
  */
 static __always_inline int kp_xfib_run(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __u32 tot_len)
 {
-	__u32 out;
+	__u32 in = ctx->ingress_ifindex, out;
 
-	fib->ifindex = ctx->ingress_ifindex;
+	fib->ifindex = in;
 	fib->tot_len = tot_len;
 	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return -1;
 	out = fib->ifindex;
-	return out == ctx->ingress_ifindex || bpf_map_lookup_elem(&kp_xdevs_v1, &out) ? 0 : -1;
+	if (out == in)
+		return 0;
+	return bpf_map_lookup_elem(&kp_xdevs_v1, &out) && bpf_map_lookup_elem(&kp_xdevs_v1, &in) ? 0 : -1;
 }
 
 static __always_inline int kp_xfib4(struct xdp_md *ctx, struct bpf_fib_lookup *fib, const __be32 *src,

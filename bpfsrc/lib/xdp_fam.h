@@ -261,9 +261,10 @@ static __always_inline int KP_F(kp_xdp_snat_reply)(struct xdp_md *ctx, struct KP
  * ranges, affinity, Maglev, DSR or SNAT, a SNAT port by the same TIME_WAIT rules), then sent as a
  * tracked flow's packet. What kp_from_netdev would answer itself (no backends: a reject; a ClusterIP
  * closed to the outside) is passed to it untouched, as is a packet whose flow another CPU opened
- * meanwhile. A packet XDP cannot send (no neighbour, another device, too big for the route) goes to the
- * stack once its flow is tracked: kp_from_netdev follows the entry, with no second pick. p and sk: room
- * the caller gives (kp_xdp_new6's in kp_scratch6) for the packet's parsed view and its frontend's key.
+ * meanwhile. A packet XDP cannot send (no neighbour, a device that takes no XDP frames, too big for the
+ * route) goes to the stack once its flow is tracked: kp_from_netdev follows the entry, with no second
+ * pick. p and sk: room the caller gives (kp_xdp_new6's in kp_scratch6) for the packet's parsed view and
+ * its frontend's key.
  */
 static __always_inline int KP_F(kp_xdp_open)(struct xdp_md *ctx, struct KP_F(kp_xpkt) *x, KP_PKT *p,
 					    KP_SVC_KEY *sk)

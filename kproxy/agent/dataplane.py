@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -36,13 +35,16 @@ from kproxy.bpf.loader import (
     XdpUnsupported,
 )
 from kproxy.bpf.maps import KproxyMaps
-from kproxy.bpf.netlink import follow
+from kproxy.bpf.netlink import XDP_ACT_NDO_XMIT, XDP_ACT_REDIRECT, follow, xdp_features
 from kproxy.bpf.socklb import SocketLB, find_cgroup2
 from kproxy.config import AgentConfig
 from kproxy.observe import metadata
 
 from .errors import AgentError
 from .netdevs import detect_netdevs, forwarding_off
+
+# what a netdev's driver must do for kp_xdp to redirect packets from it and to it (kp_xdevs_v1)
+XDP_REDIRECT_BOTH = XDP_ACT_REDIRECT | XDP_ACT_NDO_XMIT
 
 log = logging.getLogger("kproxy.agent")
 
@@ -60,6 +62,8 @@ class Dataplane:
         self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
         self.netdevs: list[str] = list(cfg.netdevs)
         self.attached_pods: set[str] = set()
+        self.xdevs_said: set[int] | None = None  # the redirect set last logged
+        self.redirect_netdevs: list[str] = []  # the netdevs in kp_xdevs_v1, for `kproxy status`
         self.acceleration: dict[str, str] = {}  # netdev -> "xdp", "off", "tc (best-effort: why)"
 
     @property
@@ -151,19 +155,37 @@ class Dataplane:
         log.info("netdev %s accelerated: %s runs as native XDP", dev, PROG_XDP)
 
     def sync_xdevs(self) -> None:
-        """kp_xdevs_v1 (the netdevs kp_xdp may redirect packets to) as the netdevs it runs on natively now.
-        An entry only while its netdev has the program: a driver takes XDP frames only then (mlx5, i40e
-        and veth make their XDP queues for it). Entries of netdevs no longer accelerated or gone (an
-        earlier agent's; an ifindex a new device could take) are removed. At start and every sweep."""
+        """kp_xdevs_v1: the netdevs kp_xdp may redirect packets between (XDP_REDIRECT), those where its
+        native XDP link runs now and whose driver the kernel says carries out XDP_REDIRECT and takes
+        redirected frames at this moment (netdev netlink xdp-features REDIRECT and NDO_XMIT: a veth takes
+        them only while its peer runs XDP, mlx5 or i40e only with their XDP queues). A kernel without
+        that report (before 6.3) gets none: XDP_TX only. Entries of netdevs no longer so (acceleration
+        off, a netdev gone or re-created under its name, an earlier agent's) are removed. At start, before
+        a netdev's XDP program is removed, and every sweep."""
         xdevs = self.maps.xdevs if self.maps is not None else None
-        if xdevs is None:
+        loader = self.loader
+        if xdevs is None or loader is None:
             return
         want: set[int] = set()
-        for dev, how in self.acceleration.items():
+        names: list[str] = []
+        for dev, how in sorted(self.acceleration.items()):
             if how != "xdp":
                 continue
-            with contextlib.suppress(OSError):  # gone: its XDP link went with it
-                want.add(socket.if_nametoindex(dev))
+            ifindex = loader.xdp_ifindex(dev)
+            try:
+                features = xdp_features(ifindex) if ifindex else None
+            except OSError as e:
+                log.debug("xdp-features of %s: %s", dev, e)
+                features = None
+            if ifindex and features is not None and features & XDP_REDIRECT_BOTH == XDP_REDIRECT_BOTH:
+                want.add(ifindex)
+                names.append(dev)
+        self.redirect_netdevs = names
+        if want != self.xdevs_said:
+            log.info("XDP_REDIRECT between netdevs: %s", ", ".join(names) or "none")
+            if self.xdevs_said is not None:
+                self.write_status()  # a change after start (a peer or driver ready, a netdev gone)
+            self.xdevs_said = want
         try:
             have = {k.value for k, _ in xdevs.items()}
             stale = sorted(have - want)
@@ -261,7 +283,11 @@ class Dataplane:
             "pid": os.getpid(),
             "netdevs": list(self.netdevs),
             # netdev -> "xdp", "off" or "tc (best-effort: why)" (--acceleration)
-            "acceleration": {"mode": self.cfg.acceleration, "netdevs": dict(self.acceleration)},
+            "acceleration": {
+                "mode": self.cfg.acceleration,
+                "netdevs": dict(self.acceleration),
+                "redirect": list(self.redirect_netdevs),  # netdevs kp_xdp redirects between (kp_xdevs_v1)
+            },
             "socket_lb": {
                 "wanted": bool(self.cfg.socket_lb_cgroup),
                 "attached": self.socklb is not None,

@@ -501,6 +501,29 @@ class Loader:
         self._detach_pin(pin)
         return True
 
+    def _forget_xdevs(self) -> None:
+        """Empty kp_xdevs_v1 before XDP programs go: kp_xdp still running on one netdev must not redirect
+        to another whose program was removed (its driver drops such frames)."""
+        path = os.path.join(self.bpffs_dir, abi.MAP_XDEVS)
+        if not os.path.exists(path):
+            return
+        try:
+            with lb.Map.open_pinned(path) as m:
+                for key in list(m.iter_keys()):
+                    m.delete(key)
+        except (lb.LibbpfError, OSError) as e:
+            log.warning("cannot empty %s before removing the XDP programs: %s", path, e)
+
+    def xdp_ifindex(self, ifname: str) -> int | None:
+        """The ifindex kproxy's XDP link of interface IFNAME runs on now, or None: no pinned link, or
+        one whose interface is gone (its link died with it, also when a new interface took the name)."""
+        pin = self.link_pin(ifname, XDP)
+        try:
+            att = self._describe_pin(pin, ifname, XDP)
+        except (lb.LibbpfError, OSError):
+            return None
+        return att.ifindex or None
+
     def _describe_pin(self, pin: str, ifname: str, d: Direction | Literal["xdp"]) -> Attachment:
         with lb.Fd(lb.obj_get(pin), f"link {pin}") as link:
             info = lb.link_info(link.fd, f"pinned link {pin}")
@@ -615,6 +638,7 @@ class Loader:
 
     def cleanup(self) -> None:
         """Detach every program, unpin every link and map, remove the directories kproxy made."""
+        self._forget_xdevs()
         for att in self.attached():
             if att.pin is not None:
                 self._detach_pin(att.pin)

@@ -245,3 +245,73 @@ def usable_host_addresses(addrs: Iterable[tuple[int, Any]]) -> list[str]:
 
 # The name kproxy.agent.upkeep imports: it lists both families now (see host_addresses).
 ipv4_addresses = host_addresses
+
+
+# ---- the netdev generic netlink family: what a driver's XDP can do (kernel 6.3 and later) ----
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+NETDEV_CMD_DEV_GET = 1
+NETDEV_A_DEV_IFINDEX = 1
+NETDEV_A_DEV_XDP_FEATURES = 3
+XDP_ACT_BASIC = 1 << 0  # XDP_PASS, XDP_DROP, XDP_TX
+XDP_ACT_REDIRECT = 1 << 1  # the driver carries out XDP_REDIRECT for frames it received
+XDP_ACT_NDO_XMIT = 1 << 2  # the driver takes frames redirected to it (ndo_xdp_xmit), now
+_NLM_F_REQUEST = 1
+_GENLMSGHDR = struct.Struct("=BBH")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    data = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _genl_request(sock: socket.socket, family: int, cmd: int, attrs: bytes, seq: int) -> dict[int, bytes]:
+    """One generic netlink request; the attributes of its answer (type -> payload)."""
+    body = _GENLMSGHDR.pack(cmd, 1, 0) + attrs
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), family, _NLM_F_REQUEST, seq, 0) + body)
+    data = sock.recv(65536)
+    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
+    if kind == NLMSG_ERROR:
+        err = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
+        raise OSError(
+            err, f"generic netlink request {cmd} to family {family}: {errno.errorcode.get(err, err)}"
+        )
+    out: dict[int, bytes] = {}
+    at = _NLMSGHDR.size + _GENLMSGHDR.size
+    while at + _RTATTR.size <= length:
+        alen, atype = _RTATTR.unpack_from(data, at)
+        if alen < _RTATTR.size:
+            break
+        out[atype & 0x3FFF] = data[at + _RTATTR.size : at + alen]
+        at += (alen + 3) & ~3
+    return out
+
+
+def xdp_features(ifindex: int) -> int | None:
+    """The XDP_ACT_* bits the kernel reports for interface IFINDEX of the calling thread's namespace
+    (netdev family, NETDEV_CMD_DEV_GET), or None where the kernel has no such report (before 6.3) or no
+    such interface."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
+        sock.settimeout(2.0)
+        try:
+            ctrl = _genl_request(
+                sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, _nla(CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1
+            )
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None  # no netdev family
+            raise
+        family = struct.unpack_from("=H", ctrl[CTRL_ATTR_FAMILY_ID])[0]
+        try:
+            dev = _genl_request(
+                sock, family, NETDEV_CMD_DEV_GET, _nla(NETDEV_A_DEV_IFINDEX, struct.pack("=I", ifindex)), 2
+            )
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+    raw = dev.get(NETDEV_A_DEV_XDP_FEATURES)
+    return struct.unpack_from("=Q", raw)[0] if raw is not None and len(raw) >= 8 else None

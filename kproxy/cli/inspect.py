@@ -191,7 +191,8 @@ def status(cli: Cli) -> None:
             "running": bool(pid) and os.path.exists(f"/proc/{pid}"),
             "netdevs": agent.get("netdevs", []),
         },
-        # --acceleration: its mode and, per netdev, "xdp", "off" or "tc (best-effort: why)"
+        # --acceleration: its mode and, per netdev, "xdp", "off" or "tc (best-effort: why)"; "redirect":
+        # the netdevs kp_xdp redirects packets between (an older agent's status has no such key)
         "acceleration": agent.get("acceleration") or {"mode": None, "netdevs": {}},
         "dsr_mode": mode_name(cfg.dsr_mode),
         # the datapath's node address of each family (SNAT source, NodePorts, DSR's tunnel); None: none
@@ -215,7 +216,12 @@ def status(cli: Cli) -> None:
             f"dsr mode: {i['dsr_mode']}",
             "acceleration: "
             + (i["acceleration"]["mode"] or "?")
-            + "".join(f", {dev} {how}" for dev, how in sorted(i["acceleration"]["netdevs"].items())),
+            + "".join(f", {dev} {how}" for dev, how in sorted(i["acceleration"]["netdevs"].items()))
+            + (
+                f"; XDP_REDIRECT between {', '.join(i['acceleration']['redirect'])}"
+                if len(i["acceleration"].get("redirect") or []) > 1
+                else ""
+            ),
             "node addresses: "
             + (", ".join(a for a in i["node_addresses"].values() if a) or "none (no --node-ip)"),
         ]

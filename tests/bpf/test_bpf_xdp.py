@@ -455,17 +455,21 @@ def test_a_dsr_backend_nodes_flow_is_not_forwarded(dp: Datapath, lab: Lab) -> No
     untouched(dp, lab, udp_frame())
 
 
-def test_another_egress_device_is_left_to_tc(dp: Datapath, lab: Lab) -> None:
-    """XDP sends frames out another device only where kp_xdp runs natively too (kp_xdevs_v1): a device
-    that takes no XDP frames (a bridge, a VLAN, a tunnel, a NIC without an XDP program) would drop a
-    redirected one. TC redirects it as an skb."""
+def test_another_egress_device_is_left_to_tc(dp: Datapath, lab: XLab) -> None:
+    """XDP sends frames out another device only when both devices are in kp_xdevs_v1 (the agent's list of
+    netdevs running kp_xdp whose drivers redirect and take redirected frames): a device that takes no XDP
+    frames (a bridge, a VLAN, a tunnel, a NIC without an XDP program) would drop a redirected one, and a
+    driver that cannot redirect drops the frame it was told to. TC redirects it as an skb."""
     set_cfg(dp, dsr=DsrMode.IPIP)
     far = Backend(9, "10.244.9.9", 8080)
     nodeport(dp, far, IPPROTO_UDP)
     add_be(dp, far, IPPROTO_UDP, node=NODE3)
     assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
     untouched(dp, lab, udp_frame())
-    dp.xdevs.update(ctypes.c_uint32(lab.ifindex + 1), XdevVal(0))  # another device in the map
+    dp.xdevs.update(ctypes.c_uint32(lab.kpx0), XdevVal(0))  # the egress device listed, not the ingress one
+    untouched(dp, lab, udp_frame())
+    dp.xdevs.delete(ctypes.c_uint32(lab.kpx0))
+    dp.xdevs.update(ctypes.c_uint32(lab.ifindex), XdevVal(0))  # the ingress device listed, not the egress
     untouched(dp, lab, udp_frame())
     assert tc(dp, lab, udp_frame()).retval == TC_ACT_REDIRECT
 
@@ -481,7 +485,8 @@ def test_redirect_to_another_accelerated_netdev(dp: Datapath, lab: XLab, dsr: Ds
         set_cfg(dp, dsr=dsr)
         nodeport(dp, far, IPPROTO_UDP)
         add_be(dp, far, IPPROTO_UDP, node=NODE3)
-        dp.xdevs.update(ctypes.c_uint32(lab.kpx0), XdevVal(0))
+        for ifindex in (lab.ifindex, lab.kpx0):
+            dp.xdevs.update(ctypes.c_uint32(ifindex), XdevVal(0))
 
     x = opened_as_tc(dp, lab, setup, udp_frame(), stat, XDP_REDIRECT)
     assert x.data_out[:6] == NODE3_MAC

@@ -9,12 +9,14 @@ test_bpf_external6.py's FIB namespace."""
 from __future__ import annotations
 
 import ctypes
+import json
 import time
+from collections.abc import Iterator
 from functools import partial
 
 import pytest
 import test_bpf_xdp as xdp4
-from datapath import TC_ACT_REDIRECT, Datapath, ct6_key
+from datapath import TC_ACT_REDIRECT, Backend, Datapath, ct6_key, in6
 from frames import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from frames6 import IPPROTO_DSTOPTS, ext, tcp6, udp6
 from test_bpf_external6 import (
@@ -31,13 +33,13 @@ from test_bpf_external6 import (
     setup,
 )
 
-from kproxy.abi import CtDir, CtState, DsrMode, Stat
+from kproxy.abi import ID6_BASE, Be6Val, CtDir, CtState, DsrMode, Stat, XdevVal, port_to_nbo
 from kproxy.bpf.libbpf import TestRun
 
 pytestmark = pytest.mark.root
 
 IPV6_ONLY = True  # conftest.ipv6_counts_in_kp_stats6: nothing of these counts in kp_stats_v1
-XDP_PASS, XDP_TX = 2, 3
+XDP_PASS, XDP_TX, XDP_REDIRECT = 2, 3, 4
 
 
 def tc(dp: Datapath, lab: Lab6, f: bytes) -> TestRun:
@@ -175,3 +177,54 @@ def test_only_what_tc_would_follow_is_followed(dp: Datapath, lab: Lab6) -> None:
     untouched(
         dp, lab, frame(BE_REMOTE.addr, NODE, tcp6(BE_REMOTE.addr, NODE, 8080, port, TCP_ACK), hop_limit=63)
     )
+
+
+NODE3, NODE3_MAC = "fd00:b::30", bytes.fromhex("020000000030")  # a node behind this one's second netdev
+FAR = Backend(ID6_BASE + 9, "fd00:10:244:9::9", 8080)  # a pod of NODE3
+
+
+class XLab6(Lab6):
+    """Lab6 plus a second netdev kpx0 (fd00:b::10/64) with NODE3 behind it and NODE3's pods routed there."""
+
+    prefix = "kpx6"
+
+    def setup(self) -> None:
+        super().setup()
+        self.ip("link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1")
+        self.ip("link", "set", "kpx0", "up")
+        self.ip("link", "set", "kpx1", "up")
+        self.ip("-6", "addr", "add", "fd00:b::10/64", "dev", "kpx0", "nodad")
+        self.ip(
+            "-6", "neigh", "replace", NODE3, "lladdr", NODE3_MAC.hex(":"), "dev", "kpx0", "nud", "permanent"
+        )
+        self.ip("-6", "route", "add", "fd00:10:244:9::/64", "via", NODE3, "dev", "kpx0")
+        self.kpx0 = int(json.loads(self.ip("-j", "link", "show", "kpx0"))[0]["ifindex"])
+
+
+@pytest.fixture(scope="module")
+def xlab6() -> Iterator[XLab6]:
+    lab = XLab6()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+@pytest.mark.parametrize("dsr", DSR, ids=["snat", "dsr-opt", "dsr-ip6ip6"])
+def test_redirect_to_another_accelerated_netdev(dp: Datapath, xlab6: XLab6, dsr: DsrMode) -> None:
+    """As test_bpf_xdp.py's: the route leaves by kpx0, both netdevs are in kp_xdevs_v1: XDP_REDIRECT with
+    the bytes TC sends, first packet and later ones, counted in the IPv6 counters."""
+    stat = {DsrMode.OFF: Stat.SNAT, DsrMode.OPT: Stat.DSR_OPT_TX, DsrMode.IPIP: Stat.DSR_IPIP_TX}[dsr]
+
+    def set_up() -> None:
+        setup(dp, be=FAR, proto=IPPROTO_UDP, dsr=dsr)
+        dp.be6.update(
+            ctypes.c_uint32(FAR.id), Be6Val(in6(FAR.addr), port_to_nbo(FAR.port), IPPROTO_UDP, 0, in6(NODE3))
+        )
+        for ifindex in (xlab6.ifindex, xlab6.kpx0):
+            dp.xdevs.update(ctypes.c_uint32(ifindex), XdevVal(0))
+
+    x = opened_as_tc(dp, xlab6, set_up, udp_frame(), stat, XDP_REDIRECT)
+    assert x.data_out[:6] == NODE3_MAC
+    same_as_tc(dp, xlab6, udp_frame(b"later"), stat, XDP_REDIRECT)
+    assert dp.stat(Stat.XDP_REDIRECT, family=6)[0] == 2

@@ -321,6 +321,56 @@ def test_xdp_attach_upgrade_listing_and_detach(
     assert bpffs_files(bpffs) == set() and "prog/xdp" not in ns.ip("-d", "link", "show", "kpv0").stdout
 
 
+def test_xdp_ifindex_follows_the_live_link_and_cleanup_empties_xdevs_first(
+    netns: Callable[[], Any], bpffs: Path, tc_object: Path
+) -> None:
+    """xdp_ifindex: the interface kproxy's XDP link runs on; None once the interface is gone, also when
+    a new one took its name (the link died with the old one). cleanup empties kp_xdevs_v1 before it
+    removes any XDP program."""
+    ns = netns()
+    ns.veth("kpv0", "kpv1")
+    params = {"bpffs_dir": str(bpffs), "object_path": str(tc_object)}
+    got = in_ns(
+        ns,
+        """
+        import socket
+        loader.load()
+        loader.attach_xdp('kpv0', allow_veth=True)
+        out = [loader.xdp_ifindex('kpv0'), socket.if_nametoindex('kpv0'), loader.xdp_ifindex('kpv1')]
+        """,
+        **params,
+    )
+    assert got[0] == got[1] and got[2] is None
+    ns.ip("link", "del", "kpv0")
+    ns.veth("kpv0", "kpv1")
+    assert in_ns(ns, "out = loader.xdp_ifindex('kpv0')", **params) is None
+    order = in_ns(
+        ns,
+        """
+        import ctypes, socket
+        from kproxy import abi
+        from kproxy.bpf import libbpf as lb
+        loader.load()
+        loader.attach_xdp('kpv0', allow_veth=True)
+        maps = loader.open_maps()
+        maps.xdevs.put(ctypes.c_uint32(socket.if_nametoindex('kpv0')), abi.XdevVal(0))
+        maps.close()
+        seen = []
+        real = loader._detach_pin
+        def detach(pin):
+            with lb.Map.open_pinned(loader.bpffs_dir + '/' + abi.MAP_XDEVS) as m:
+                seen.append(len(list(m.iter_keys())))
+            real(pin)
+        loader._detach_pin = detach
+        loader.cleanup()
+        out = seen
+        """,
+        **params,
+    )
+    assert order and set(order) == {0}, order
+    assert bpffs_files(bpffs) == set()
+
+
 def test_xdp_on_a_device_without_native_xdp_is_refused_clearly(
     netns: Callable[[], Any], bpffs: Path, tc_object: Path
 ) -> None:

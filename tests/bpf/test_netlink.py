@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from kproxy.bpf.netlink import IFLA_IFNAME, RTM_DELLINK, RTM_NEWLINK, LinkFollower, parse_link_messages
+from kproxy.bpf.netlink import (
+    IFLA_IFNAME,
+    RTM_DELLINK,
+    RTM_NEWLINK,
+    XDP_ACT_NDO_XMIT,
+    XDP_ACT_REDIRECT,
+    LinkFollower,
+    parse_link_messages,
+)
 
 
 def link_msg(mtype: int, index: int, name: str | None) -> bytes:
@@ -105,3 +113,28 @@ def test_follow_in_thread(netns: Callable[[], Any]) -> None:
 def test_follow_async_stops_cleanly(netns: Callable[[], Any]) -> None:
     ns = netns()
     assert json.loads(ns.python(FOLLOW_ASYNC).stdout) == [["added", "kpc0"], ["added", "kpc1"]]
+
+
+@pytest.mark.root
+def test_xdp_features_of_a_veth_follow_its_peer(netns: Callable[[], Any]) -> None:
+    """The kernel's netdev xdp-features (6.3+): a veth carries out redirects and takes redirected frames
+    (NDO_XMIT) only while its peer runs XDP, what kproxy's kp_xdevs_v1 relies on."""
+    ns = netns()
+    ns.veth("kpf0", "kpf1")
+    code = textwrap.dedent(
+        """
+        import json, socket
+        from kproxy.bpf import libbpf as lb
+        from kproxy.bpf.netlink import xdp_features
+        a, b = socket.if_nametoindex("kpf0"), socket.if_nametoindex("kpf1")
+        before = xdp_features(a)
+        lb.xdp_pass_everywhere(b)
+        print(json.dumps([before, xdp_features(a), xdp_features(b), xdp_features(10**6)]))
+        """
+    )
+    proc = ns.python(code)
+    before, after, peer, missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert before & XDP_ACT_REDIRECT and not before & XDP_ACT_NDO_XMIT, before
+    assert after & XDP_ACT_REDIRECT and after & XDP_ACT_NDO_XMIT, after
+    assert not peer & XDP_ACT_NDO_XMIT, peer  # kpf1's own peer runs none
+    assert missing is None

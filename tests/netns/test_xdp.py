@@ -224,12 +224,20 @@ def test_status_says_which_netdevs_run_xdp(alab: Lab) -> None:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        devs = {"eth0": "xdp", "eth1": "xdp"} if node.name == "n1" else {"eth0": "xdp"}
-        assert json.loads(out.stdout)["acceleration"] == {"mode": "native", "netdevs": devs}
+        n1 = node.name == "n1"  # n1 has a second netdev, eth1 (the lab's ext_link): XDP_REDIRECT between them
+        devs = {"eth0": "xdp", "eth1": "xdp"} if n1 else {"eth0": "xdp"}
+        redirect = ["eth0", "eth1"] if n1 else ["eth0"]
+        got = json.loads(out.stdout)["acceleration"]
+        assert got == {"mode": "native", "netdevs": devs, "redirect": redirect}
         text = subprocess.run(
             [sys.executable, "-m", "kproxy", "status", "--bpffs", node.bpffs], capture_output=True, text=True
         ).stdout
-        assert "acceleration: native, eth0 xdp" in text, text
+        want = (
+            "acceleration: native, eth0 xdp, eth1 xdp; XDP_REDIRECT between eth0, eth1"
+            if n1
+            else "acceleration: native, eth0 xdp"
+        )
+        assert want in text.splitlines(), text
 
 
 def test_redirect_between_netdevs(alab: Lab) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import socket
 
 import pytest
 
 from kproxy import abi
+from kproxy.agent import dataplane as dataplane_mod
 from kproxy.agent.dataplane import Dataplane
 from kproxy.agent.errors import AgentError
 from kproxy.bpf.loader import XdpUnsupported
 from kproxy.bpf.mapapi import MemoryMap
+from kproxy.bpf.netlink import XDP_ACT_BASIC, XDP_ACT_NDO_XMIT, XDP_ACT_REDIRECT
 from kproxy.config import AgentConfig
 
 
@@ -44,7 +45,7 @@ def dataplane(acceleration: str, loader: FakeLoader) -> Dataplane:
 def test_native_attaches_and_says_so() -> None:
     dp = dataplane("native", FakeLoader())
     dp.accelerate("eth0")
-    assert dp.status()["acceleration"] == {"mode": "native", "netdevs": {"eth0": "xdp"}}
+    assert dp.status()["acceleration"] == {"mode": "native", "netdevs": {"eth0": "xdp"}, "redirect": []}
 
 
 def test_native_refuses_a_netdev_without_native_xdp() -> None:
@@ -75,7 +76,7 @@ def test_the_flag_takes_only_known_modes() -> None:
         AgentConfig(node_name="n1", acceleration="generic")  # type: ignore[arg-type]
 
 
-# ---- kp_xdevs_v1: the netdevs kp_xdp may redirect to ----
+# ---- kp_xdevs_v1: the netdevs kp_xdp may redirect between ----
 class XdevMaps:
     def __init__(self) -> None:
         self.xdevs = MemoryMap(abi.MAP_XDEVS, ctypes.c_uint32, abi.XdevVal, abi.XDEVS_MAX)
@@ -84,26 +85,65 @@ class XdevMaps:
         return {int.from_bytes(k, "little") for k in self.xdevs.data}
 
 
-def test_xdevs_list_the_accelerated_netdevs_only() -> None:
-    """Entries of netdevs running kp_xdp natively; an earlier agent's stale entry, a netdev gone and one
-    left to TC are not there."""
-    dp = dataplane("native", FakeLoader())
+REDIRECT_BOTH = XDP_ACT_BASIC | XDP_ACT_REDIRECT | XDP_ACT_NDO_XMIT
+
+
+class XdevLoader(FakeLoader):
+    """Where kproxy's XDP links run now (netdev -> ifindex; None: no live link)."""
+
+    def __init__(self, links: dict[str, int | None]) -> None:
+        super().__init__()
+        self.links = links
+
+    def xdp_ifindex(self, ifname: str) -> int | None:
+        return self.links.get(ifname)
+
+
+def xdev_dataplane(
+    monkeypatch: pytest.MonkeyPatch, links: dict[str, int | None], features: dict[int, int | None]
+) -> tuple[Dataplane, XdevMaps]:
+    dp = dataplane("native", XdevLoader(links))
     maps = XdevMaps()
-    maps.xdevs.put_many([(ctypes.c_uint32(999_999), abi.XdevVal(0))])  # an earlier agent's ifindex
     dp.maps = maps  # type: ignore[assignment]
-    dp.acceleration = {"lo": "xdp", "kp-no-such-dev": "xdp", "eth9": "tc (best-effort: no)"}
+    monkeypatch.setattr(dataplane_mod, "xdp_features", lambda ifindex: features.get(ifindex))
+    return dp, maps
+
+
+def test_xdevs_are_the_netdevs_that_run_kp_xdp_and_can_redirect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listed: a netdev whose XDP link runs and whose driver carries out redirects and takes redirected
+    frames now. Not: one whose driver takes none (a veth whose peer runs no XDP), one whose link died
+    with it (deleted, or re-created under its name), one left to TC, an earlier agent's entry."""
+    links = {"eth0": 10, "eth1": 11, "eth2": None, "eth3": 13}
+    dp, maps = xdev_dataplane(
+        monkeypatch, links, {10: REDIRECT_BOTH, 11: XDP_ACT_BASIC | XDP_ACT_REDIRECT, 13: 0}
+    )
+    maps.xdevs.put_many([(ctypes.c_uint32(999), abi.XdevVal(0))])
+    dp.acceleration = {"eth0": "xdp", "eth1": "xdp", "eth2": "xdp", "eth3": "tc (best-effort: no)"}
     dp.sync_xdevs()
-    assert maps.ifindexes() == {socket.if_nametoindex("lo")}
+    assert maps.ifindexes() == {10}
+    # the peer of eth1 starts running XDP: its driver takes redirected frames from then on
+    monkeypatch.setattr(dataplane_mod, "xdp_features", lambda ifindex: REDIRECT_BOTH)
+    dp.sync_xdevs()
+    assert maps.ifindexes() == {10, 11}
+    assert dp.status()["acceleration"]["redirect"] == ["eth0", "eth1"]
 
 
-def test_turning_acceleration_off_removes_the_entry_before_the_program() -> None:
+def test_a_kernel_without_xdp_features_gets_no_redirect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 6.3 the kernel does not say what a driver's XDP can do: XDP_TX only."""
+    dp, maps = xdev_dataplane(monkeypatch, {"eth0": 10, "eth1": 11}, {})
+    dp.acceleration = {"eth0": "xdp", "eth1": "xdp"}
+    dp.sync_xdevs()
+    assert maps.ifindexes() == set()
+
+
+def test_turning_acceleration_off_removes_the_entry_before_the_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A driver takes redirected XDP frames only while it runs an XDP program: the entry goes first."""
-    maps = XdevMaps()
-    dp = dataplane("native", FakeLoader())
-    dp.maps = maps  # type: ignore[assignment]
-    dp.accelerate("lo")
+    dp, maps = xdev_dataplane(monkeypatch, {"eth0": 10}, {10: REDIRECT_BOTH})
+    dp.accelerate("eth0")
     dp.sync_xdevs()
-    assert maps.ifindexes() == {socket.if_nametoindex("lo")}
+    assert maps.ifindexes() == {10}
     dp.cfg = dp.cfg.model_copy(update={"acceleration": "off"})
     seen_at_detach: list[set[int]] = []
     loader = dp.loader
@@ -114,5 +154,5 @@ def test_turning_acceleration_off_removes_the_entry_before_the_program() -> None
         return real_detach(dev)
 
     loader.detach_xdp = detach  # type: ignore[union-attr,method-assign]
-    dp.accelerate("lo")
+    dp.accelerate("eth0")
     assert seen_at_detach == [set()] and maps.ifindexes() == set()
