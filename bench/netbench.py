@@ -330,11 +330,15 @@ def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return {k: round(after[k] - before[k], 3) for k in ("system", "softirq", "irq", "user")}
 
 
-def loadgen(topo: Topology, addr: str, port: int, duration: float, conc: int, warmup: float = 0.5) -> dict:
+def loadgen(
+    topo: Topology, addr: str, port: int, duration: float, conc: int, warmup: float = 0.5, total: int = 0
+) -> dict:
+    """Short connections for DURATION s after WARMUP s; with TOTAL, ended as soon as TOTAL connections
+    begun after the warm-up are done (kp-loadgen -n), if that comes first."""
     before = cpu_times()
     out = topo.ns(
         topo.client, str(LOADGEN), "-a", addr, "-p", str(port), "-c", str(conc), "-d", str(duration),
-        "-w", str(warmup), "-i",
+        "-w", str(warmup), "-i", *(["-n", str(total)] if total else []),
     ).stdout  # fmt: skip
     res = json.loads(out)
     cpu = _cpu_delta(before, cpu_times())

@@ -63,6 +63,7 @@ DIRECT_PORT = 8081  # backends' second kp-echo port, for the direct path
 class Settings:
     services: list[int]
     duration: float = 5.0
+    connections: int = 0  # short connections end after this many per path, or after `duration` (0: duration)
     warmup: float = 0.5
     concurrency: int = 32
     iperf_seconds: float = 3.0
@@ -83,7 +84,7 @@ def measure_path(
     topo: nb.Topology, st: Settings, echo: tuple[str, int], iperf_addr: str, fam: nb.Family
 ) -> dict[str, Any]:
     addr, port = echo
-    lg = nb.loadgen(topo, addr, port, st.duration, st.concurrency, st.warmup)
+    lg = nb.loadgen(topo, addr, port, st.duration, st.concurrency, st.warmup, st.connections)
     bad = [r for r in lg.get("replies", {}) if nb.reply_addr(r) not in fam.backends]
     if bad or not lg["connections"]:
         raise RuntimeError(
@@ -537,7 +538,8 @@ def run_external(st: Settings) -> dict[str, Any]:
             res = json.loads(
                 nb.run(
                     ["nsenter", f"--net={netns_path(ext.ns)}", str(nb.LOADGEN), "-a", addr, "-p", str(port),
-                     "-c", str(st.concurrency), "-d", str(st.duration), "-w", str(st.warmup), "-i"]
+                     "-c", str(st.concurrency), "-d", str(st.duration), "-w", str(st.warmup), "-i",
+                     *(["-n", str(st.connections)] if st.connections else [])]
                 ).stdout
             )  # fmt: skip
             cpu = nb._cpu_delta(before, nb.cpu_times())
@@ -1027,6 +1029,17 @@ def main(argv: list[str] | None = None) -> int:
         help="address families to measure: 4, 6 or both (default: both)",
     )
     ap.add_argument("--duration", type=float, help="seconds of short connections per path")
+    ap.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="end a path's short connections after this many, if before --duration [0: --duration alone]",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of connections not recorded before each path's [0.5, at most a quarter of --duration]",
+    )
     ap.add_argument("--iperf-seconds", type=float, help="seconds per iperf3 run (0 skips iperf3)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument(
@@ -1062,9 +1075,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is not None:
         st.duration = args.duration
         st.warmup = min(st.warmup, args.duration / 4)
+    if args.warmup is not None:
+        st.warmup = args.warmup
     if args.iperf_seconds is not None:
         st.iperf_seconds = args.iperf_seconds
     st.concurrency = args.concurrency
+    st.connections = args.connections
     st.direct_after_service = args.direct_after_service
     st.agent_args = tuple(args.agent_arg)
     with _sigterm_as_interrupt():

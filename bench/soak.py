@@ -26,7 +26,10 @@ Checks (see `Soak.report`):
   agents              RSS and CPU from /proc, sampled every second (PNG plot);
   maps                svc4/be4/ct4/aff4 and svc6/be6/ct6/aff6 entries per node over time, back to
                       baseline once churn ends and conntrack expired (short --ct-timeout-* for the soak).
-Both agents are killed with SIGKILL twice and restarted, while churn and probes go on.
+Both agents are killed with SIGKILL twice and restarted, while churn and probes go on. A probe that starts
+during a restart (kill -9 until both agents re-synced, plus W) is not judged as strictly as the others;
+with --judged-s J > 0 each kill waits until J s of strictly judged churn followed the previous restart
+(or the start), and the churn goes on until J s followed the last one, however long the restarts take.
 """
 
 from __future__ import annotations
@@ -254,12 +257,35 @@ class Soak:
         self.write(s)
         self.changes += 1
 
+    def judged_from(self) -> float:
+        """When the strictly judged churn after the last restart (or the start) began: its end plus
+        the window."""
+        return self.restarts[-1][1] + self.a.window_ms / 1000 if self.restarts else self.t_start
+
+    def kill_due(self, now: float, at: float) -> bool:
+        """Whether to kill the agents now, the kill being planned at AT: with --judged-s, not while a
+        restart is under way nor before that long of strictly judged churn followed the last one."""
+        if now < at:
+            return False
+        if self.a.judged_s <= 0:
+            return True
+        return not any(k.is_alive() for k in self.killers) and now >= self.judged_from() + self.a.judged_s
+
+    def churn_until(self, until: float, kills_left: int) -> float:
+        """When the churn ends: UNTIL; with --judged-s, not before every kill was made and that long of
+        strictly judged churn followed the last restart."""
+        if self.a.judged_s <= 0:
+            return until
+        if kills_left or any(k.is_alive() for k in self.killers):
+            return float("inf")
+        return max(until, self.judged_from() + self.a.judged_s)
+
     def churn(self, until: float) -> None:
         period = 1.0 / self.a.rate
         nxt = time.monotonic()
         kill_at = [self.t_start + self.a.duration * f for f in (1 / 3, 2 / 3)]
-        while (now := time.monotonic()) < until:
-            if kill_at and now >= kill_at[0]:
+        while (now := time.monotonic()) < self.churn_until(until, len(kill_at)):
+            if kill_at and self.kill_due(now, kill_at[0]):
                 kill_at.pop(0)
                 killer = threading.Thread(target=self.kill_agents_guarded, daemon=True)
                 killer.start()
@@ -596,6 +622,7 @@ class Soak:
         res: dict[str, Any] = {
             "config": {
                 "duration_s": self.a.duration,
+                "judged_s": self.a.judged_s,
                 "rate_target": self.a.rate,
                 "services": self.a.services,
                 "window_ms": self.a.window_ms,
@@ -604,6 +631,7 @@ class Soak:
                 "seed": self.a.seed,
                 "families": [FAMILY_LABEL[f] for f in self.a.families],
             },
+            "churn_s": dur,
             "changes": self.changes,
             "rate_reached": self.changes / dur,
             **total,  # both families together; by_family has the same checks per family
@@ -743,7 +771,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| changes (rate reached) | {res['changes']} ({res['rate_reached']:.0f}/s) |",
+        f"| changes in {res.get('churn_s', res['config']['duration_s']):.1f} s (rate reached) | "
+        f"{res['changes']} ({res['rate_reached']:.0f}/s) |",
         f"| probes (rate) | {res['probes']} ({res['probe_rate']:.0f}/s) |",
         f"| wrong answers (beyond {res['config']['window_ms']} ms window) | **{res['wrong_answers']}** |",
         f"| in-window answers (lag p50/p99/max) | {res['in_window_answers']} "
@@ -827,6 +856,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # and the client's retransmit draws again. A probe fails when it has no answer after 2.5 s.
     ap.add_argument("--probe-timeout", type=float, default=2.5, help="seconds [2.5]")
     ap.add_argument("--streams", type=int, default=2, help="long-lived streams per source [2]")
+    ap.add_argument(
+        "--judged-s",
+        type=float,
+        default=0,
+        help="seconds of strictly judged churn before each kill and after the last restart, the churn "
+        "lasting longer than --duration if need be [0: kills at 1/3 and 2/3 of --duration]",
+    )
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument(
         "--families", type=int, nargs="+", choices=(4, 6), default=[4, 6], help="probed families [4 6]"

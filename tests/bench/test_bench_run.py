@@ -47,6 +47,10 @@ def test_harness_at_one_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             "1",
             "--duration",
             "1.0",  # long enough for a first connection on a busy machine
+            "--connections",
+            "200",  # but a path ends once 200 are done, if sooner (16 paths of 1 s were half the test's time)
+            "--warmup",
+            "0.05",  # unrecorded connections first: this test only checks that the numbers exist
             "--iperf-seconds",
             "0",
             "--concurrency",

