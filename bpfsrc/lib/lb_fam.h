@@ -5,18 +5,24 @@
  */
 
 /* Slot 0 of the frontend the packet is addressed to, or NULL. *key is left at that slot-0 key. */
+/* The slot-0 EXT key of the frontend addr:port/proto (kp_svc_lookup; kp_xdp's kp_xfrontend). */
+static __always_inline void KP_F(kp_svc_key_ext)(KP_SVC_KEY *key, KP_ADDR addr, __be16 port, __u8 proto)
+{
+	key->addr = addr;
+	key->port = port;
+	key->slot = 0;
+	key->proto = proto;
+	key->scope = KP_SCOPE_EXT;
+	key->pad[0] = 0;
+	key->pad[1] = 0;
+}
+
 static __always_inline struct kp_svc4_val *KP_F(kp_svc_lookup)(const KP_PKT *p, int origin,
 							 KP_SVC_KEY *key)
 {
 	struct kp_svc4_val *svc, *svc_int;
 
-	key->addr = p->daddr;
-	key->port = p->dport;
-	key->slot = 0;
-	key->proto = p->proto;
-	key->scope = KP_SCOPE_EXT;
-	key->pad[0] = 0;
-	key->pad[1] = 0;
+	KP_F(kp_svc_key_ext)(key, p->daddr, p->dport, p->proto);
 	svc = bpf_map_lookup_elem(&KP_SVC_MAP, key);
 	if (!svc)
 		return NULL;

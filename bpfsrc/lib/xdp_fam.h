@@ -86,13 +86,7 @@ static __always_inline struct kp_svc4_val *KP_F(kp_xfrontend)(const struct KP_F(
 {
 	struct kp_svc4_val *svc;
 
-	sk->addr = KP_F(kp_xdaddr)(x);
-	sk->port = x->ports[1];
-	sk->slot = 0;
-	sk->proto = x->proto;
-	sk->scope = KP_SCOPE_EXT;
-	sk->pad[0] = 0;
-	sk->pad[1] = 0;
+	KP_F(kp_svc_key_ext)(sk, KP_F(kp_xdaddr)(x), x->ports[1], x->proto);
 	svc = bpf_map_lookup_elem(&KP_SVC_MAP, sk);
 	if (!svc || !svc->count)
 		return NULL;
