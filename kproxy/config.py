@@ -41,6 +41,8 @@ MAP_SIZE_MAX = 1 << 26
 # (kubelet probes, node processes talking to pods) would be taken for a SNATed flow's reply. Ports
 # are per (backend address, backend port): 28,976 concurrent flows per backend and ingress node.
 SNAT_PORT_RANGE_DEFAULT = (1024, 29999)
+# The API server's --service-node-port-range default: the ports NodePorts are allocated from.
+NODE_PORT_RANGE_DEFAULT = (30000, 32767)
 
 DsrModeName = Literal["off", "opt", "ipip"]
 LbAlgorithmName = Literal["random", "maglev"]
@@ -134,6 +136,14 @@ def parse_snat_port_range(value: str) -> dict[str, Any]:
     if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
         raise ValueError(f"--snat-port-range {value!r} must be MIN-MAX, e.g. 1024-29999")
     return {"snat_port_min": int(lo), "snat_port_max": int(hi)}
+
+
+def parse_node_port_range(value: str) -> dict[str, Any]:
+    """--node-port-range MIN-MAX as the config's node_port_min and node_port_max."""
+    lo, sep, hi = value.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ValueError(f"--node-port-range {value!r} must be MIN-MAX, e.g. 30000-32767")
+    return {"node_port_min": int(lo), "node_port_max": int(hi)}
 
 
 def configmap_ref(namespace: str, name: str) -> dict[str, Any]:
@@ -308,6 +318,24 @@ class AgentConfig(BaseModel):
         "NodePort range and of net.ipv4.ip_local_port_range.",
     )  # fmt: skip
     snat_port_max: Annotated[int, Flag(skip=True)] = Field(default=SNAT_PORT_RANGE_DEFAULT[1], ge=1, le=65535)
+    node_port_min: Annotated[
+        int,
+        Flag(
+            "--node-port-range", metavar="MIN-MAX", into=parse_node_port_range,
+            default=f"{NODE_PORT_RANGE_DEFAULT[0]}-{NODE_PORT_RANGE_DEFAULT[1]}",
+        ),
+    ] = Field(
+        default=NODE_PORT_RANGE_DEFAULT[0], ge=1, le=65535,
+        description="The cluster's NodePort range (the API server's --service-node-port-range), kept out "
+        "of this node's ephemeral ports by --protect-node-port-range.",
+    )  # fmt: skip
+    node_port_max: Annotated[int, Flag(skip=True)] = Field(default=NODE_PORT_RANGE_DEFAULT[1], ge=1, le=65535)
+    protect_node_port_range: bool = Field(
+        default=True,
+        description="Add --node-port-range to net.ipv4.ip_local_reserved_ports of the agent's network "
+        "namespace (merged with what is there; IPv6 sockets too), so no node process gets a NodePort as its "
+        "ephemeral port and takes a Service's traffic.",
+    )
     lan_mtu: Annotated[int, Flag(metavar="BYTES")] = Field(
         default=0, ge=0, le=65535,  # 0: the MTU of the first netdev
         description="MTU between nodes, for the DSR IPIP MSS clamp; 0: the MTU of the first netdev.",
@@ -352,6 +380,10 @@ class AgentConfig(BaseModel):
         if self.snat_port_min > self.snat_port_max:
             raise ValueError(
                 f"--snat-port-range {self.snat_port_min}-{self.snat_port_max}: MIN must not exceed MAX"
+            )
+        if self.node_port_min > self.node_port_max:
+            raise ValueError(
+                f"--node-port-range {self.node_port_min}-{self.node_port_max}: MIN must not exceed MAX"
             )
         return self
 

@@ -112,6 +112,7 @@ class Agent:
     # ---- what the parts do, called by the agent (and by tests, on a partly set up agent) ----
     def setup_dataplane(self) -> None:
         self.dataplane.load()
+        self.dataplane.protect_node_ports()
         # Before any attach: the lan MTU comes from the netdevs, and the programs read the config.
         self.datapath_config.write()
         self.dataplane.check_forwarding()

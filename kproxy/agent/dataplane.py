@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from kproxy import abi
-from kproxy.bpf import teardown
+from kproxy.bpf import reserved_ports, teardown
 from kproxy.bpf.libbpf import LibbpfError
 from kproxy.bpf.loader import (
     PROG_FROM_NETDEV,
@@ -60,6 +60,7 @@ class Dataplane:
         self.forwarding_off: list[str] = []  # "FAMILY DEV" with forwarding off, as last checked
         self.socket_lb_cgroup: str | None = None  # the cgroup socket LB is (to be) attached to
         self.socket_lb_problem: str | None = None  # why socket LB is not attached, when wanted
+        self.node_ports_problem: str | None = None  # why the NodePort range is not reserved, when wanted
         self.netdevs: list[str] = list(cfg.netdevs)
         self.attached_pods: set[str] = set()
         self.xdevs_said: set[int] | None = None  # the redirect set last logged
@@ -213,6 +214,39 @@ class Dataplane:
                 log.info("%s forwarding is on now on %s", family, ",".join(devs))
         self.forwarding_off = off
         return off
+
+    def protect_node_ports(self) -> None:
+        """--protect-node-port-range: the NodePort range in ip_local_reserved_ports of this network
+        namespace (kproxy.bpf.reserved_ports); off: what an earlier agent recorded adding is taken out.
+        A failure is a warning: Services work without it, an unlucky ephemeral port aside."""
+        cfg = self.cfg
+        want = (cfg.node_port_min, cfg.node_port_max)
+        state = metadata.state_dir(cfg.bpffs)
+        try:
+            if not cfg.protect_node_port_range:
+                removed = reserved_ports.release(state)
+                if removed:
+                    log.info(
+                        "NodePort range protection off: removed %s from net.ipv4.ip_local_reserved_ports",
+                        reserved_ports.render(removed),
+                    )
+                return
+            added = reserved_ports.reserve(want, state)
+        except (OSError, ValueError) as e:
+            self.node_ports_problem = str(e)
+            log.warning(
+                "cannot keep the NodePort range %d-%d out of ephemeral ports "
+                "(net.ipv4.ip_local_reserved_ports at %s): %s. A node process may get a NodePort as its "
+                "source port; add the range there yourself or pass --no-protect-node-port-range",
+                *want, reserved_ports.sysctl_path(), e,
+            )  # fmt: skip
+            return
+        self.node_ports_problem = None
+        if added:
+            log.info(
+                "net.ipv4.ip_local_reserved_ports: added %s (the NodePort range)",
+                reserved_ports.render(added),
+            )
 
     def setup_socket_lb(self, cgroup: str) -> None:
         """Attach socket load balancing to CGROUP, or to the cgroup2 mount below it (hybrid cgroup

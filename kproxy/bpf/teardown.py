@@ -1,8 +1,9 @@
 """Remove a whole kproxy dataplane: what `kproxy cleanup` and an agent being uninstalled do.
 
 TC programs (tcx links and cls_bpf fallback filters, in the calling thread's network namespace), the
-socket load balancing cgroup links, every pinned map and link under the bpffs directory, and the
-agent's state directory. Traffic then falls back to whatever else handles Services.
+socket load balancing cgroup links, every pinned map and link under the bpffs directory, the ports the
+agent recorded adding to net.ipv4.ip_local_reserved_ports, and the agent's state directory. Traffic then
+falls back to whatever else handles Services.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 
+from kproxy.bpf import reserved_ports
 from kproxy.bpf.loader import Loader
 from kproxy.bpf.socklb import SocketLB
 from kproxy.observe.metadata import state_dir
@@ -31,5 +33,10 @@ def remove_dataplane(bpffs: str, loader: Loader | None = None) -> list[str]:
         loader.cleanup()
     finally:
         loader.close()
+    # only what the agent recorded adding (in this network namespace); see kproxy.bpf.reserved_ports
+    with contextlib.suppress(OSError, ValueError):
+        released = reserved_ports.release(state_dir(bpffs))
+        if released:
+            detached.append("ip_local_reserved_ports " + reserved_ports.render(released))
     shutil.rmtree(state_dir(bpffs), ignore_errors=True)
     return detached

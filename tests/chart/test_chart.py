@@ -21,6 +21,8 @@ K8S_SCHEMA_VERSION = "1.35.0"
 # Every flag of `kproxy agent` the chart may pass (stream D's CLI implements them).
 AGENT_FLAGS = {
     "--source",
+    "--node-port-range",
+    "--no-protect-node-port-range",
     "--lb-algorithm",
     "--maglev-table-size",
     "--acceleration",
@@ -226,6 +228,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--map-size=kp_svc4_v1=262144",
         "--map-size=kp_svc6_v1=65536",
         "--metrics-bind-address=127.0.0.1:10249",
+        "--node-port-range=30000-32767",
         "--pod-ifaces=veth*",
         "--socket-lb-cgroup=/run/kproxy/cgroupv2",
         "--socket-lb-allow-root-cgroup",
@@ -413,7 +416,31 @@ def _conntrack(docs: list[dict[str, Any]]) -> None:
         assert flag_values(args, f"--ct-timeout-{flag}") == [value]
 
 
+def _node_port_protect(docs: list[dict[str, Any]]) -> None:
+    spec = pod_spec(docs)
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    assert {"name": "KPROXY_PROC_SYS_NET", "value": "/host/proc/sys/net"} in agent["env"]
+    assert {"name": "proc-sys-net", "mountPath": "/host/proc/sys/net"} in agent["volumeMounts"]
+    assert {"name": "proc-sys-net", "hostPath": {"path": "/proc/sys/net", "type": "Directory"}} in spec[
+        "volumes"
+    ]
+    assert "--no-protect-node-port-range" not in agent_args(docs)
+
+
+def _node_port_unprotected(docs: list[dict[str, Any]]) -> None:
+    spec = pod_spec(docs)
+    assert "--no-protect-node-port-range" in agent_args(docs)
+    assert "proc-sys-net" not in {v["name"] for v in spec["volumes"]}
+    _flag("--node-port-range", "20000-22767")(docs)
+
+
 OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
+    ("node-port-protect-default", {}, _node_port_protect),
+    (
+        "node-port-range-unprotected",
+        {"nodePort": {"range": "20000-22767", "protectRange": False}},
+        _node_port_unprotected,
+    ),
     ("dsr-opt", {"dsr": {"enabled": True, "mode": "opt"}}, _dsr("opt")),
     ("dsr-ipip", {"dsr": {"enabled": True, "mode": "ipip"}}, _dsr("ipip")),
     ("dsr-disabled-keeps-mode-off", {"dsr": {"enabled": False, "mode": "ipip"}}, _dsr("off")),
@@ -734,6 +761,7 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("bad-cidr", {"nodePortAddresses": ["10.0.0.1"]}, "nodePortAddresses"),
     ("bad-map-name", {"mapSizes": {"svc": 10}}, "mapSizes"),
     ("zero-timeout", {"conntrack": {"udpTimeout": 0}}, "udpTimeout"),
+    ("node-port-range-not-a-range", {"nodePort": {"range": "30000"}}, "range"),
     ("relative-cgroup", {"socketLB": {"cgroupPath": "sys/fs/cgroup"}}, "cgroupPath"),
     ("netdev-with-comma", {"interfaces": {"netdevs": ["eth0,eth1"]}}, "netdevs"),
     (

@@ -60,6 +60,7 @@ service-cidr: {{ join "," . | quote }}
 {{- with .Values.hairpinAddresses }}
 hairpin-address: {{ join "," . | quote }}
 {{- end }}
+node-port-range: {{ .Values.nodePort.range | quote }}
 lb-algorithm: {{ .Values.loadBalancer.algorithm | quote }}
 acceleration: {{ .Values.loadBalancer.acceleration | quote }}
 maglev-table-size: {{ int64 .Values.loadBalancer.maglevTableSize | toString | quote }}
