@@ -182,6 +182,53 @@ static __always_inline int kp_sock_v6only(struct bpf_sock_addr *ctx, __u8 proto)
 }
 
 /*
+ * kube-proxy's localhost NodePorts (--iptables-localhost-nodeports, on by default; IPv4 only, never
+ * ::1): a node process asking for 127.0.0.0/8:<nodePort> is served as if it had asked for the node's
+ * address (kp_config.node_addr), when the agent set KP_CFG_F_LOCALHOST_NODEPORTS. Only a frontend the
+ * agent flagged KP_SVC_F_NODEPORT there matches: a LoadBalancer or external IP that happens to be
+ * the node address, or a ClusterIP port, does not. Backend choice is the node address's (INT scope
+ * for two-scope services). The slot 0 the lookup found, key left at it, as kp_svc_lookup4; NULL: no
+ * localhost NodePort. p is not changed: the reverse entry keeps the loopback address the socket asked
+ * for.
+ */
+static __always_inline struct kp_svc4_val *kp_sock_localhost_nodeport4(const struct kp_pkt *p,
+									struct kp_svc4_key *key)
+{
+	struct kp_config *cfg = kp_config();
+	struct kp_svc4_val *ext;
+	struct kp_pkt q;
+
+	if (!cfg || !(cfg->flags & KP_CFG_F_LOCALHOST_NODEPORTS) || !cfg->node_addr)
+		return NULL;
+	if ((bpf_ntohl(p->daddr) >> 24) != 127)
+		return NULL;
+	kp_svc_key_ext4(key, cfg->node_addr, p->dport, p->proto);
+	ext = bpf_map_lookup_elem(&kp_svc4_v1, key);
+	if (!ext || !(ext->flags & KP_SVC_F_NODEPORT))
+		return NULL;
+	q = *p;
+	q.daddr = cfg->node_addr;
+	return kp_svc_lookup4(&q, KP_ORIGIN_POD, key);
+}
+
+/*
+ * Whether the socket's network namespace is one the forward hooks translate. With
+ * KP_CFG_F_SOCK_HOST_NETNS_ONLY (Cilium's socketLB.hostNamespaceOnly) only the agent's own (the node's,
+ * kp_config.host_netns_cookie): a pod's sockets are left to the TC programs on its veth, which translate
+ * after the pod's own netfilter OUTPUT (a service mesh sidecar's REDIRECT then sees the Service address,
+ * and SO_ORIGINAL_DST gives it). The reverse hooks need no check: only translated sockets have entries.
+ */
+static __always_inline int kp_sock_netns_wanted(struct bpf_sock_addr *ctx)
+{
+	struct kp_config *cfg = kp_config();
+
+	if (!cfg || !(cfg->flags & KP_CFG_F_SOCK_HOST_NETNS_ONLY))
+		return 1;
+	/* An unknown cookie (0: an agent that could not read it) translates nothing rather than pods. */
+	return cfg->host_netns_cookie && bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+}
+
+/*
  * kp_sock_xlate4 / kp_sock_xlate6 (lib/sock_fam.h): the frontend *daddr:*dport a socket asks for -> a
  * backend, written back, and the socket's reverse entry (kp_sknat4_v1 / kp_sknat6_v1).
  */
@@ -237,6 +284,8 @@ static __always_inline int kp_sock4_fwd(struct bpf_sock_addr *ctx, int sendmsg)
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return KP_SOCK_PASS;
+	if (!kp_sock_netns_wanted(ctx))
+		return KP_SOCK_PASS;
 	v = kp_sock_xlate4(ctx, &addr, &port, proto, sendmsg);
 	if (v == KP_SOCK_XLATED) {
 		ctx->user_ip4 = addr;
@@ -275,6 +324,8 @@ static __always_inline int kp_sock6_fwd(struct bpf_sock_addr *ctx, int sendmsg, 
 	int v;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return KP_SOCK_PASS;
+	if (!kp_sock_netns_wanted(ctx))
 		return KP_SOCK_PASS;
 	if (kp_in6_is_v4mapped(&addr)) {
 		/* sendmsg6 never sees one (udpv6_sendmsg() passes it to udp_sendmsg(), i.e. sendmsg4,

@@ -136,6 +136,8 @@ class CtFlag(enum.IntFlag):
 
 class ConfigFlag(enum.IntFlag):
     NO_EXTERNAL_CLUSTER_IP = 0x1  # drop packets to ClusterIPs from outside the node
+    LOCALHOST_NODEPORTS = 0x2  # socket LB: a NodePort on 127.0.0.0/8 is served as on node_addr
+    SOCK_HOST_NETNS_ONLY = 0x4  # socket LB: only sockets of host_netns_cookie's network namespace
 
 
 class SvcnetAction(enum.IntEnum):
@@ -321,7 +323,8 @@ class Config(ctypes.Structure):
         ("pad2", ctypes.c_uint32),
         # CLOCK_MONOTONIC ns: until then, TCP from a netdev to no frontend is looked up in conntrack
         ("orphan_until_ns", ctypes.c_uint64),
-        ("reserved", ctypes.c_uint64),
+        # HBO the agent's network namespace cookie (SO_NETNS_COOKIE), for SOCK_HOST_NETNS_ONLY; 0 = unknown
+        ("host_netns_cookie", ctypes.c_uint64),
     ]
 
 

@@ -285,6 +285,19 @@ class AgentConfig(BaseModel):
         description="cgroup v2 directory (never a hierarchy root) whose processes get socket-level load "
         "balancing; absent: off.",
     )
+    socket_lb_host_netns_only: bool = Field(
+        default=False,
+        description="Socket-level load balancing for sockets of the agent's own network namespace only (the "
+        "node's: node processes, hostNetwork pods), as Cilium's socketLB.hostNamespaceOnly: pods' sockets "
+        "are left to the TC programs on their veth, which translate after the pod's own iptables, so a "
+        "service mesh sidecar that redirects outbound traffic sees the Service address. Kernel >= 5.14.",
+    )
+    localhost_nodeports: bool = Field(
+        default=True,
+        description="Serve NodePorts on 127.0.0.0/8 to the node's own processes, as kube-proxy's "
+        "--iptables-localhost-nodeports (IPv4 only; needs socket-level load balancing). Off as well when "
+        "--nodeport-addresses has IPv4 CIDRs none of which holds 127.0.0.0, as kube-proxy does.",
+    )
     # Production opt-in: attach the socket programs to the root of a cgroup2 hierarchy (every process
     # of the node), as Cilium does; refused without it (tests on a shared machine use a child cgroup).
     socket_lb_allow_root_cgroup: bool = Field(
@@ -483,6 +496,19 @@ class AgentConfig(BaseModel):
                 if ipaddress.ip_address(a).version == 6
             ),
             None,
+        )
+
+    @property
+    def localhost_nodeports_served(self) -> bool:
+        """--localhost-nodeports as kube-proxy applies it: --nodeport-addresses with IPv4 CIDRs must have
+        one holding 127.0.0.0 or starting in 127.0.0.0/8 (its NodePortAddresses.ContainsIPv4Loopback;
+        no CIDR of the family matches everything)."""
+        if not self.localhost_nodeports:
+            return False
+        nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
+        nets4 = [n for n in nets if n.version == 4]
+        return not nets4 or any(
+            n.network_address.is_loopback or ipaddress.ip_address("127.0.0.0") in n for n in nets4
         )
 
     @property

@@ -26,6 +26,10 @@ static __always_inline int KP_F(kp_sock_xlate)(struct bpf_sock_addr *ctx, KP_ADD
 	p.proto = proto;
 	/* As a pod: INT scope for two-scope services; ClusterIP and typed frontends alike. */
 	svc = KP_F(kp_svc_lookup)(&p, KP_ORIGIN_POD, &svc_key);
+#if KP_FAM == 4
+	if (!svc)
+		svc = kp_sock_localhost_nodeport4(&p, &svc_key);
+#endif
 	if (!svc)
 		return kp_sock_svcnet(KP_FAM, KP_F(kp_svcnet_action)(p.daddr));
 	svc_copy = *svc;

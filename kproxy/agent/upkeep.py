@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 
 from kproxy import abi
-from kproxy.bpf import upkeep
+from kproxy.bpf import socklb, upkeep
 from kproxy.bpf.netlink import ipv4_addresses
 from kproxy.config import DSR_MODES, AgentConfig
 from kproxy.store import ClusterStore
 from kproxy.sync import Syncer
 
 from .dataplane import Dataplane
+from .errors import AgentError
 
 log = logging.getLogger("kproxy.agent")
 
@@ -35,6 +36,28 @@ class DatapathConfig:
         self.dsr_mode: str = cfg.dsr_mode
         # CLOCK_MONOTONIC ns until which connections of deleted TCP frontends may still be alive
         self.orphan_until_ns = 0
+        self._netns_cookie: int | None = None  # the agent's network namespace's, once read
+        if cfg.localhost_nodeports and not cfg.localhost_nodeports_served:
+            log.info(
+                "localhost NodePorts are off: --nodeport-addresses %s holds no 127.0.0.0 (as kube-proxy)",
+                ",".join(cfg.nodeport_addresses),
+            )
+
+    def host_netns_cookie(self) -> int:
+        """--socket-lb-host-netns-only: this agent's network namespace cookie (the node's), which the
+        socket programs compare each socket's with; 0 without the flag."""
+        if not self.cfg.socket_lb_host_netns_only:
+            return 0
+        if self._netns_cookie is None:
+            try:
+                self._netns_cookie = socklb.netns_cookie()
+            except OSError as e:
+                raise AgentError(
+                    f"--socket-lb-host-netns-only needs the network namespace cookie (SO_NETNS_COOKIE, "
+                    f"kernel >= 5.14): {e}. Run without it (socketLB.hostNamespaceOnly=false)"
+                ) from e
+            log.info("socket LB for this network namespace only (cookie %d)", self._netns_cookie)
+        return self._netns_cookie
 
     def write(self) -> None:
         cfg = self.cfg
@@ -47,6 +70,8 @@ class DatapathConfig:
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_ipv4,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
+            localhost_nodeports=cfg.localhost_nodeports_served, host_netns_only=cfg.socket_lb_host_netns_only,
+            host_netns_cookie=self.host_netns_cookie(),
         )  # fmt: skip
         # a predecessor's window (write_config keeps the later one) is this agent's to keep open
         self.orphan_until_ns = maps.read_config().orphan_until_ns

@@ -22,6 +22,8 @@ import errno
 import importlib.resources
 import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 from kproxy import abi
@@ -55,6 +57,18 @@ HOOKS: dict[str, tuple[str, int]] = {
     "getpeername6": ("kp_sock_getpeername6", BPF_CGROUP_INET6_GETPEERNAME),
 }
 PIN_PREFIX = "cgroup:"
+
+
+# uapi asm-generic/socket.h (kernel >= 5.14); Python's socket module has no name for it
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace, as bpf_get_netns_cookie() gives it to the
+    socket programs (what kp_cfg_v1.host_netns_cookie holds for --socket-lb-host-netns-only). Raises
+    OSError on kernels before 5.14 (ENOPROTOOPT)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
 
 
 class SocketLBError(LoaderError):

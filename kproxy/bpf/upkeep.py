@@ -69,6 +69,9 @@ def write_config(
     lan_mtu: int = 0,
     external_cluster_ip: bool = True,
     orphan_until_ns: int = 0,
+    localhost_nodeports: bool = False,
+    host_netns_only: bool = False,
+    host_netns_cookie: int = 0,
 ) -> bool:
     """Write kp_cfg_v1 whole from these settings (0 / None = the datapath default). Of the previous
     contents only a later orphan_until_ns is kept (CLOCK_MONOTONIC: until then kp_from_netdev looks
@@ -87,7 +90,12 @@ def write_config(
     cfg.snat_port_min = snat_port_min
     cfg.snat_port_max = snat_port_max
     cfg.lan_mtu = lan_mtu
-    cfg.flags = 0 if external_cluster_ip else int(abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP)
+    cfg.flags = (
+        (0 if external_cluster_ip else abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP)
+        | (abi.ConfigFlag.LOCALHOST_NODEPORTS if localhost_nodeports else 0)
+        | (abi.ConfigFlag.SOCK_HOST_NETNS_ONLY if host_netns_only else 0)
+    )
+    cfg.host_netns_cookie = host_netns_cookie
     old = maps.read_config()
     cfg.orphan_until_ns = max(orphan_until_ns, old.orphan_until_ns)
     if bytes(old) == bytes(cfg):

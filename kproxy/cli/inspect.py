@@ -205,6 +205,9 @@ def status(cli: Cli) -> None:
             "attached": [a.hook for a in links if a.alive],
             "cgroup": want.get("cgroup"),
             "problem": want.get("problem"),
+            # kp_cfg_v1's bits: what the socket programs do now
+            "host_netns_only": bool(cfg.flags & abi.ConfigFlag.SOCK_HOST_NETNS_ONLY),
+            "localhost_nodeports": bool(cfg.flags & abi.ConfigFlag.LOCALHOST_NODEPORTS),
         },
     }
 
@@ -226,7 +229,11 @@ def status(cli: Cli) -> None:
             + (", ".join(a for a in i["node_addresses"].values() if a) or "none (no --node-ip)"),
         ]
         if slb["attached"]:
-            lines.append(f"socket LB: on, cgroup {slb['cgroup'] or '?'} ({', '.join(slb['attached'])})")
+            lines.append(
+                f"socket LB: on, cgroup {slb['cgroup'] or '?'} ({', '.join(slb['attached'])}); "
+                + ("node network namespace only" if slb["host_netns_only"] else "every network namespace")
+                + ("; localhost NodePorts" if slb["localhost_nodeports"] else "")
+            )
         elif slb["wanted"]:
             lines.append(f"socket LB: OFF (wanted, not attached): {slb['problem'] or 'links missing'}")
         else:

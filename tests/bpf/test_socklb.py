@@ -757,3 +757,73 @@ def test_upgrade_from_a_pinned_set_without_ipv6_hooks(socklab: SockLab) -> None:
         {"backend": BACKENDS[0], "peer": [VIP, 80]},
         {"backend": BACKENDS6[0], "peer": [VIP6, 80]},
     ]
+
+
+# ---- localhost NodePorts, host-namespace-only mode (kp_cfg_v1 flags) ----
+SO_NETNS_COOKIE = 71  # uapi asm-generic/socket.h; Python's socket module has no name for it
+
+
+def set_config(socklab: SockLab, flags: int, node_addr: str = NODE_ADDR, cookie: int = 0) -> None:
+    cfg = socklab.maps.read_config()
+    cfg.node_addr = abi.ip_to_nbo(node_addr)
+    cfg.flags = flags
+    cfg.host_netns_cookie = cookie
+    socklab.maps.write_config(cfg)
+
+
+@pytest.mark.root
+def test_localhost_nodeport_is_served_as_on_the_node_address(socklab: SockLab) -> None:
+    """kube-proxy's --iptables-localhost-nodeports: 127.0.0.0/8:<nodePort> reaches the NodePort's
+    backends; the socket keeps seeing the loopback address it asked for (getpeername, UDP sources)."""
+    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS)
+    socklab.service(NODE_ADDR, 30080, TCP, BACKENDS[:1], svc_id=3, flags=abi.SvcFlag.NODEPORT)
+    socklab.service(NODE_ADDR, 30053, UDP, BACKENDS[1:2], svc_id=4, flags=abi.SvcFlag.NODEPORT)
+    r = socklab.client(
+        "[tcp('127.0.0.1', 30080), tcp('127.3.2.1', 30080), udp('127.0.0.1', 30053),"
+        " udp('127.0.0.1', 30053, connected=True), tcp('::ffff:127.0.0.1', 30080, v6only=False)]"
+    )
+    assert r[0] == {"backend": BACKENDS[0], "peer": ["127.0.0.1", 30080]}
+    assert r[1] == {"backend": BACKENDS[0], "peer": ["127.3.2.1", 30080]}  # all of 127.0.0.0/8
+    assert r[2] == {"backend": BACKENDS[1], "src": ["127.0.0.1", 30053], "peer": None}
+    assert r[3] == {"backend": BACKENDS[1], "src": ["127.0.0.1", 30053], "peer": ["127.0.0.1", 30053]}
+    # a dual-stack socket's mapped loopback is an IPv4 flow, as kube-proxy's iptables sees it
+    assert r[4] == {"backend": BACKENDS[0], "peer": ["::ffff:127.0.0.1", 30080]}
+    svc_ids = {(abi.nbo_to_ip(v.addr), v.svc_id) for _, v in socklab.sknat.items()}
+    assert svc_ids == {("127.0.0.1", 3), ("127.3.2.1", 3), ("127.0.0.1", 4)}
+    # outside the cgroup nothing is translated: nothing listens on the loopback port
+    assert socklab.outsider("tcp('127.0.0.1', 30080)") == {"error": "ECONNREFUSED"}
+
+
+@pytest.mark.root
+def test_localhost_nodeports_off_ipv6_and_non_nodeport_frontends(socklab: SockLab) -> None:
+    socklab.service(NODE_ADDR, 30080, TCP, BACKENDS[:1], flags=abi.SvcFlag.NODEPORT)
+    # a LoadBalancer IP or external IP that is the node's address is no NodePort: not on loopback
+    socklab.service(NODE_ADDR, 443, TCP, BACKENDS[:1], svc_id=2, flags=abi.SvcFlag.EXTERNAL_IP)
+    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS)
+    r = socklab.client("[tcp('::1', 30080), tcp('127.0.0.1', 443), tcp('127.0.0.1', 30081)]")
+    assert r == [{"error": "ECONNREFUSED"}] * 3  # ::1 never (kube-proxy: IPv6 has no route_localnet)
+    set_config(socklab, 0)  # --no-localhost-nodeports
+    assert socklab.client("tcp('127.0.0.1', 30080)") == {"error": "ECONNREFUSED"}
+    assert socklab.client(f"tcp({NODE_ADDR!r}, 30080)")["backend"] == BACKENDS[0]
+    assert len([1 for _, v in socklab.sknat.items() if abi.nbo_to_ip(v.addr).startswith("127.")]) == 0
+
+
+@pytest.mark.root
+def test_host_netns_only_translates_sockets_of_that_namespace_only(socklab: SockLab) -> None:
+    """KP_CFG_F_SOCK_HOST_NETNS_ONLY: only sockets whose network namespace cookie is host_netns_cookie
+    are translated (the agent writes its own); the others are left alone, as are all with cookie 0."""
+    cookie = socklab.client(f"socket.socket().getsockopt(socket.SOL_SOCKET, {SO_NETNS_COOKIE}, 8).hex()")
+    here = int.from_bytes(bytes.fromhex(cookie), "little")
+    assert here
+    socklab.service(VIP, 80, TCP, BACKENDS[:1])
+    socklab.service(VIP6, 80, TCP, BACKENDS6[:1], svc_id=abi.ID6_BASE + 1)
+    both = f"[tcp({VIP!r}, 80), tcp({VIP6!r}, 80), udp({VIP!r}, 80)]"
+    set_config(socklab, abi.ConfigFlag.SOCK_HOST_NETNS_ONLY, cookie=here)
+    r = socklab.client(both)
+    assert r[0] == {"backend": BACKENDS[0], "peer": [VIP, 80]} and r[1]["backend"] == BACKENDS6[0], r
+    for other in (here + 1, 0):
+        set_config(socklab, abi.ConfigFlag.SOCK_HOST_NETNS_ONLY, cookie=other)
+        r = socklab.client(both)
+        assert all(x.get("error") in ("ENETUNREACH", "EHOSTUNREACH", "timeout") for x in r), r
+    set_config(socklab, 0, cookie=here + 1)  # the flag alone decides: off, every namespace
+    assert socklab.client(f"tcp({VIP!r}, 80)")["backend"] == BACKENDS[0]

@@ -1,0 +1,70 @@
+"""kp_cfg_v1 bits of socket LB: localhost NodePorts (kube-proxy's rules for when they apply) and the
+host-namespace-only mode with its network namespace cookie."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from kproxy import abi
+from kproxy.bpf import socklb, upkeep
+from kproxy.config import AgentConfig
+
+
+def cfg(**kw: object) -> AgentConfig:
+    return AgentConfig(node_name="n1", node_ips=["192.0.2.1"], **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "served"),
+    [
+        ({}, True),  # kube-proxy's default: --iptables-localhost-nodeports=true, all addresses
+        ({"localhost_nodeports": False}, False),
+        ({"nodeport_addresses": ["10.0.0.0/8"]}, False),  # no loopback among the IPv4 CIDRs
+        ({"nodeport_addresses": ["10.0.0.0/8", "127.0.0.0/8"]}, True),
+        ({"nodeport_addresses": ["127.0.0.1/32"]}, True),  # a loopback CIDR (kube-proxy: IP.IsLoopback)
+        ({"nodeport_addresses": ["0.0.0.0/0"]}, True),
+        ({"nodeport_addresses": ["fd00::/8"]}, True),  # no IPv4 CIDR: IPv4 matches everything
+        ({"nodeport_addresses": ["127.0.0.0/8"], "localhost_nodeports": False}, False),
+    ],
+)
+def test_localhost_nodeports_follow_kube_proxy(kw: dict[str, object], served: bool) -> None:
+    assert cfg(**kw).localhost_nodeports_served is served
+
+
+def test_defaults() -> None:
+    c = cfg()
+    assert c.localhost_nodeports and not c.socket_lb_host_netns_only
+
+
+class ConfigMemory:
+    def __init__(self) -> None:
+        self.cfg = abi.Config()
+
+    def read_config(self) -> abi.Config:
+        return abi.Config.from_buffer_copy(bytes(self.cfg))
+
+    def write_config(self, config: abi.Config) -> None:
+        self.cfg = abi.Config.from_buffer_copy(bytes(config))
+
+
+def test_write_config_flags_and_cookie() -> None:
+    m = ConfigMemory()
+    upkeep.write_config(
+        m, "192.0.2.1", localhost_nodeports=True, host_netns_only=True, host_netns_cookie=4097
+    )
+    assert m.cfg.flags == abi.ConfigFlag.LOCALHOST_NODEPORTS | abi.ConfigFlag.SOCK_HOST_NETNS_ONLY
+    assert m.cfg.host_netns_cookie == 4097
+    upkeep.write_config(m, "192.0.2.1", external_cluster_ip=False)  # rewritten whole: bits and cookie go
+    assert m.cfg.flags == abi.ConfigFlag.NO_EXTERNAL_CLUSTER_IP and m.cfg.host_netns_cookie == 0
+
+
+def test_netns_cookie_is_this_namespaces() -> None:
+    if sys.platform != "linux":
+        pytest.skip("Linux only")
+    try:
+        cookie = socklb.netns_cookie()
+    except OSError:
+        pytest.skip("no SO_NETNS_COOKIE (kernel < 5.14)")
+    assert cookie > 0 and cookie == socklb.netns_cookie()  # stable for one namespace
