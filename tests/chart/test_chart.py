@@ -23,6 +23,8 @@ AGENT_FLAGS = {
     "--source",
     "--node-port-range",
     "--no-protect-node-port-range",
+    "--no-localhost-nodeports",
+    "--socket-lb-host-netns-only",
     "--lb-algorithm",
     "--maglev-table-size",
     "--acceleration",
@@ -416,6 +418,10 @@ def _conntrack(docs: list[dict[str, Any]]) -> None:
         assert flag_values(args, f"--ct-timeout-{flag}") == [value]
 
 
+def _assert(ok: bool) -> None:
+    assert ok
+
+
 def _node_port_protect(docs: list[dict[str, Any]]) -> None:
     spec = pod_spec(docs)
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
@@ -425,6 +431,8 @@ def _node_port_protect(docs: list[dict[str, Any]]) -> None:
         "volumes"
     ]
     assert "--no-protect-node-port-range" not in agent_args(docs)
+    assert "--no-localhost-nodeports" not in agent_args(docs)
+    assert "--socket-lb-host-netns-only" not in agent_args(docs)
 
 
 def _node_port_unprotected(docs: list[dict[str, Any]]) -> None:
@@ -436,6 +444,21 @@ def _node_port_unprotected(docs: list[dict[str, Any]]) -> None:
 
 OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
     ("node-port-protect-default", {}, _node_port_protect),
+    (
+        "localhost-nodeports-off",
+        {"nodePort": {"localhost": False}},
+        lambda docs: _assert("--no-localhost-nodeports" in agent_args(docs)),
+    ),
+    (
+        "socket-lb-host-namespace-only",
+        {"socketLB": {"hostNamespaceOnly": True}},
+        lambda docs: _assert("--socket-lb-host-netns-only" in agent_args(docs)),
+    ),
+    (
+        "socket-lb-off-ignores-host-namespace-only",
+        {"socketLB": {"enabled": False, "hostNamespaceOnly": True}},
+        lambda docs: _assert("--socket-lb-host-netns-only" not in agent_args(docs)),
+    ),
     (
         "node-port-range-unprotected",
         {"nodePort": {"range": "20000-22767", "protectRange": False}},
