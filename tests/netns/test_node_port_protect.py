@@ -102,3 +102,14 @@ def test_protection_off_removes_what_the_agent_added_only(lab: Lab) -> None:
     assert "NodePort range protection off: removed 30000-32767" in lab.log("agent-n1")
     restart(lab)  # back on: added again, and the others kept
     assert node_read(lab, RESERVED) == "8080,30000-32767,40000-40010"
+
+
+def test_cleanup_removes_what_the_agent_added_only(lab: Lab) -> None:
+    """`kproxy cleanup` (run in the node's namespace, as an uninstall's agent would) takes the recorded
+    range out and leaves the others'. (The record names its namespace: elsewhere it removes nothing.)"""
+    lab.stop_agent("n1")
+    bpffs = lab.node("n1").bpffs
+    r = lab.run_in(lab.node("n1"), [sys.executable, "-m", "kproxy", "cleanup", "--bpffs", bpffs])
+    assert r.returncode == 0, r.stderr
+    assert "ip_local_reserved_ports 30000-32767" in r.stdout, r.stdout
+    assert node_read(lab, RESERVED) == "8080,40000-40010"
