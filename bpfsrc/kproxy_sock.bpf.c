@@ -186,21 +186,25 @@ static __always_inline int kp_sock_v6only(struct bpf_sock_addr *ctx, __u8 proto)
  * ::1): a node process asking for 127.0.0.0/8:<nodePort> is served as if it had asked for the node's
  * address (kp_config.node_addr), when the agent set KP_CFG_F_LOCALHOST_NODEPORTS. Only a frontend the
  * agent flagged KP_SVC_F_NODEPORT there matches: a LoadBalancer or external IP that happens to be
- * the node address, or a ClusterIP port, does not. Backend choice is the node address's (INT scope
- * for two-scope services). The slot 0 the lookup found, key left at it, as kp_svc_lookup4; NULL: no
- * localhost NodePort. p is not changed: the reverse entry keeps the loopback address the socket asked
- * for.
+ * the node address, or a ClusterIP port, does not. Only sockets of the node's own network namespace
+ * (kp_config.host_netns_cookie): a pod's loopback is its own, which kube-proxy's rules never see either.
+ * Backend choice is the node address's (INT scope for two-scope services). The slot 0 the lookup
+ * found, key left at it, as kp_svc_lookup4; NULL: no localhost NodePort. p is not changed: the reverse
+ * entry keeps the loopback address the socket asked for.
  */
-static __always_inline struct kp_svc4_val *kp_sock_localhost_nodeport4(const struct kp_pkt *p,
+static __always_inline struct kp_svc4_val *kp_sock_localhost_nodeport4(struct bpf_sock_addr *ctx,
+									const struct kp_pkt *p,
 									struct kp_svc4_key *key)
 {
 	struct kp_config *cfg = kp_config();
 	struct kp_svc4_val *ext;
 	struct kp_pkt q;
 
+	if ((bpf_ntohl(p->daddr) >> 24) != 127)
+		return NULL;
 	if (!cfg || !(cfg->flags & KP_CFG_F_LOCALHOST_NODEPORTS) || !cfg->node_addr)
 		return NULL;
-	if ((bpf_ntohl(p->daddr) >> 24) != 127)
+	if (!cfg->host_netns_cookie || bpf_get_netns_cookie(ctx) != cfg->host_netns_cookie)
 		return NULL;
 	kp_svc_key_ext4(key, cfg->node_addr, p->dport, p->proto);
 	ext = bpf_map_lookup_elem(&kp_svc4_v1, key);

@@ -28,7 +28,7 @@ static __always_inline int KP_F(kp_sock_xlate)(struct bpf_sock_addr *ctx, KP_ADD
 	svc = KP_F(kp_svc_lookup)(&p, KP_ORIGIN_POD, &svc_key);
 #if KP_FAM == 4
 	if (!svc)
-		svc = kp_sock_localhost_nodeport4(&p, &svc_key);
+		svc = kp_sock_localhost_nodeport4(ctx, &p, &svc_key);
 #endif
 	if (!svc)
 		return kp_sock_svcnet(KP_FAM, KP_F(kp_svcnet_action)(p.daddr));

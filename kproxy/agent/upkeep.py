@@ -44,19 +44,28 @@ class DatapathConfig:
             )
 
     def host_netns_cookie(self) -> int:
-        """--socket-lb-host-netns-only: this agent's network namespace cookie (the node's), which the
-        socket programs compare each socket's with; 0 without the flag."""
-        if not self.cfg.socket_lb_host_netns_only:
+        """This agent's network namespace cookie (the node's), which the socket programs compare each
+        socket's with: for --socket-lb-host-netns-only, and for localhost NodePorts (a pod's loopback
+        is its own). 0 when neither is wanted or the kernel cannot say (before 5.14: SO_NETNS_COOKIE)."""
+        cfg = self.cfg
+        if not cfg.socket_lb_host_netns_only and not cfg.localhost_nodeports_served:
             return 0
         if self._netns_cookie is None:
             try:
                 self._netns_cookie = socklb.netns_cookie()
             except OSError as e:
-                raise AgentError(
-                    f"--socket-lb-host-netns-only needs the network namespace cookie (SO_NETNS_COOKIE, "
-                    f"kernel >= 5.14): {e}. Run without it (socketLB.hostNamespaceOnly=false)"
-                ) from e
-            log.info("socket LB for this network namespace only (cookie %d)", self._netns_cookie)
+                if cfg.socket_lb_host_netns_only:
+                    raise AgentError(
+                        f"--socket-lb-host-netns-only needs the network namespace cookie (SO_NETNS_COOKIE, "
+                        f"kernel >= 5.14): {e}. Run without it (socketLB.hostNamespaceOnly=false)"
+                    ) from e
+                log.warning(
+                    "localhost NodePorts are off: this kernel does not give the network namespace cookie "
+                    "(SO_NETNS_COOKIE, kernel >= 5.14) that tells node sockets from pods': %s", e,
+                )  # fmt: skip
+                self._netns_cookie = 0
+            if cfg.socket_lb_host_netns_only:
+                log.info("socket LB for this network namespace only (cookie %d)", self._netns_cookie)
         return self._netns_cookie
 
     def write(self) -> None:
@@ -70,8 +79,8 @@ class DatapathConfig:
             udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_ipv4,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
-            localhost_nodeports=cfg.localhost_nodeports_served, host_netns_only=cfg.socket_lb_host_netns_only,
-            host_netns_cookie=self.host_netns_cookie(),
+            localhost_nodeports=cfg.localhost_nodeports_served and self.host_netns_cookie() != 0,
+            host_netns_only=cfg.socket_lb_host_netns_only, host_netns_cookie=self.host_netns_cookie(),
         )  # fmt: skip
         # a predecessor's window (write_config keeps the later one) is this agent's to keep open
         self.orphan_until_ns = maps.read_config().orphan_until_ns

@@ -771,11 +771,19 @@ def set_config(socklab: SockLab, flags: int, node_addr: str = NODE_ADDR, cookie:
     socklab.maps.write_config(cfg)
 
 
+def ns_cookie(socklab: SockLab) -> int:
+    """The network namespace cookie of the clients' namespace (what the agent writes for its own)."""
+    raw = socklab.client(f"socket.socket().getsockopt(socket.SOL_SOCKET, {SO_NETNS_COOKIE}, 8).hex()")
+    cookie = int.from_bytes(bytes.fromhex(raw), "little")
+    assert cookie
+    return cookie
+
+
 @pytest.mark.root
 def test_localhost_nodeport_is_served_as_on_the_node_address(socklab: SockLab) -> None:
     """kube-proxy's --iptables-localhost-nodeports: 127.0.0.0/8:<nodePort> reaches the NodePort's
     backends; the socket keeps seeing the loopback address it asked for (getpeername, UDP sources)."""
-    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS)
+    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS, cookie=ns_cookie(socklab))
     socklab.service(NODE_ADDR, 30080, TCP, BACKENDS[:1], svc_id=3, flags=abi.SvcFlag.NODEPORT)
     socklab.service(NODE_ADDR, 30053, UDP, BACKENDS[1:2], svc_id=4, flags=abi.SvcFlag.NODEPORT)
     r = socklab.client(
@@ -799,10 +807,15 @@ def test_localhost_nodeports_off_ipv6_and_non_nodeport_frontends(socklab: SockLa
     socklab.service(NODE_ADDR, 30080, TCP, BACKENDS[:1], flags=abi.SvcFlag.NODEPORT)
     # a LoadBalancer IP or external IP that is the node's address is no NodePort: not on loopback
     socklab.service(NODE_ADDR, 443, TCP, BACKENDS[:1], svc_id=2, flags=abi.SvcFlag.EXTERNAL_IP)
-    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS)
+    cookie = ns_cookie(socklab)
+    set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS, cookie=cookie)
     r = socklab.client("[tcp('::1', 30080), tcp('127.0.0.1', 443), tcp('127.0.0.1', 30081)]")
     assert r == [{"error": "ECONNREFUSED"}] * 3  # ::1 never (kube-proxy: IPv6 has no route_localnet)
-    set_config(socklab, 0)  # --no-localhost-nodeports
+    # another namespace's loopback (a pod's) is its own; an unknown cookie serves no namespace
+    for other in (cookie + 1, 0):
+        set_config(socklab, abi.ConfigFlag.LOCALHOST_NODEPORTS, cookie=other)
+        assert socklab.client("tcp('127.0.0.1', 30080)") == {"error": "ECONNREFUSED"}
+    set_config(socklab, 0, cookie=cookie)  # --no-localhost-nodeports
     assert socklab.client("tcp('127.0.0.1', 30080)") == {"error": "ECONNREFUSED"}
     assert socklab.client(f"tcp({NODE_ADDR!r}, 30080)")["backend"] == BACKENDS[0]
     assert len([1 for _, v in socklab.sknat.items() if abi.nbo_to_ip(v.addr).startswith("127.")]) == 0
@@ -812,9 +825,7 @@ def test_localhost_nodeports_off_ipv6_and_non_nodeport_frontends(socklab: SockLa
 def test_host_netns_only_translates_sockets_of_that_namespace_only(socklab: SockLab) -> None:
     """KP_CFG_F_SOCK_HOST_NETNS_ONLY: only sockets whose network namespace cookie is host_netns_cookie
     are translated (the agent writes its own); the others are left alone, as are all with cookie 0."""
-    cookie = socklab.client(f"socket.socket().getsockopt(socket.SOL_SOCKET, {SO_NETNS_COOKIE}, 8).hex()")
-    here = int.from_bytes(bytes.fromhex(cookie), "little")
-    assert here
+    here = ns_cookie(socklab)
     socklab.service(VIP, 80, TCP, BACKENDS[:1])
     socklab.service(VIP6, 80, TCP, BACKENDS6[:1], svc_id=abi.ID6_BASE + 1)
     both = f"[tcp({VIP!r}, 80), tcp({VIP6!r}, 80), udp({VIP!r}, 80)]"

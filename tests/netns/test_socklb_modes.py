@@ -177,6 +177,9 @@ def test_localhost_nodeports_reach_the_backend(lab: Lab, services: None) -> None
     assert not slb["host_netns_only"] and slb["localhost_nodeports"], slb
     # outside the socket-LB cgroup nothing translates loopback (TC never sees it)
     assert "error" in run(lab, lab.node("n1"), TCP_CLIENT, "127.0.0.1", NODE_PORT, in_cgroup=False)
+    # a pod's loopback is its own, in the cgroup too (kube-proxy's rules are the node's only)
+    assert "error" in run(lab, lab.pod("n1p2"), TCP_CLIENT, "127.0.0.1", NODE_PORT)
+    assert run(lab, lab.pod("n1p2"), TCP_CLIENT, CLUSTER_IP, 80).get("reply", {}).get("pod") == "n1p1"
 
 
 def test_full_mode_rewrites_before_the_sidecar_sees_it(lab: Lab, services: None) -> None:
@@ -195,6 +198,7 @@ def test_host_netns_only_mode_leaves_pods_to_tc(lab: Lab, services: None) -> Non
     assert r["original_dst"] == f"{CLUSTER_IP}:80", r  # the sidecar sees the Service
     assert r["reply"]["pod"] == "n1p1", r  # forwarded to the ClusterIP, TC's from-pod DNAT balanced it
     assert r["upstream_peer"] == f"{CLUSTER_IP}:80", r
+    assert r["app_peer"] == f"{CLUSTER_IP}:80", r
     # node processes keep socket LB, localhost NodePorts included
     node_checks(lab)
     slb = status(lab)

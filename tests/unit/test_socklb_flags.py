@@ -68,3 +68,40 @@ def test_netns_cookie_is_this_namespaces() -> None:
     except OSError:
         pytest.skip("no SO_NETNS_COOKIE (kernel < 5.14)")
     assert cookie > 0 and cookie == socklb.netns_cookie()  # stable for one namespace
+
+
+def _cookie_of(monkeypatch: pytest.MonkeyPatch, cookie: int | None) -> None:
+    def fake() -> int:
+        if cookie is None:
+            raise OSError(92, "Protocol not available")  # ENOPROTOOPT: a kernel before 5.14
+        return cookie
+
+    monkeypatch.setattr(socklb, "netns_cookie", fake)
+
+
+def test_agent_writes_its_cookie_for_localhost_nodeports_and_host_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kproxy.agent.dataplane import Dataplane
+    from kproxy.agent.upkeep import DatapathConfig
+
+    _cookie_of(monkeypatch, 77)
+    assert DatapathConfig(cfg(), Dataplane(cfg())).host_netns_cookie() == 77
+    off = cfg(localhost_nodeports=False)
+    assert DatapathConfig(off, Dataplane(off)).host_netns_cookie() == 0  # nothing needs it
+    only = cfg(localhost_nodeports=False, socket_lb_host_netns_only=True)
+    assert DatapathConfig(only, Dataplane(only)).host_netns_cookie() == 77
+
+
+def test_without_a_cookie_localhost_nodeports_go_and_host_only_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kproxy.agent.dataplane import Dataplane
+    from kproxy.agent.errors import AgentError
+    from kproxy.agent.upkeep import DatapathConfig
+
+    _cookie_of(monkeypatch, None)
+    assert DatapathConfig(cfg(), Dataplane(cfg())).host_netns_cookie() == 0
+    only = cfg(socket_lb_host_netns_only=True)
+    with pytest.raises(AgentError, match="SO_NETNS_COOKIE"):
+        DatapathConfig(only, Dataplane(only)).host_netns_cookie()

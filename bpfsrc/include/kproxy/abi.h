@@ -165,13 +165,15 @@ struct kp_config {
 	__u64  orphan_until_ns;  /* CLOCK_MONOTONIC: until then, TCP packets from a netdev to no frontend are
 				  * looked up in conntrack (a frontend was deleted while its flows lived);
 				  * 0 = never */
-	__u64  host_netns_cookie; /* HBO the agent's network namespace cookie (SO_NETNS_COOKIE), for
-				   * KP_CFG_F_SOCK_HOST_NETNS_ONLY; 0 = unknown. Was "reserved" (zero): same layout */
+	__u64  host_netns_cookie; /* HBO the agent's network namespace cookie (SO_NETNS_COOKIE): the node's,
+				   * for KP_CFG_F_SOCK_HOST_NETNS_ONLY and KP_CFG_F_LOCALHOST_NODEPORTS; 0 =
+				   * unknown. Was "reserved" (zero): same layout */
 };
 
 /* kp_config.flags */
 #define KP_CFG_F_NO_EXTERNAL_CLUSTER_IP 0x1  /* drop packets to ClusterIPs from outside the node */
-#define KP_CFG_F_LOCALHOST_NODEPORTS    0x2  /* socket LB: a NodePort on 127.0.0.0/8 is served as on node_addr */
+#define KP_CFG_F_LOCALHOST_NODEPORTS    0x2  /* socket LB: a NodePort on 127.0.0.0/8 is served as on
+					      * node_addr, to sockets of host_netns_cookie's namespace */
 #define KP_CFG_F_SOCK_HOST_NETNS_ONLY   0x4  /* socket LB: only sockets of host_netns_cookie's namespace */
 
 #define KP_CT_SYN_TIMEOUT_DEFAULT  60
