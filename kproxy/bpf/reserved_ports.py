@@ -31,6 +31,7 @@ log = logging.getLogger("kproxy.reserved_ports")
 PROC_SYS_NET_ENV = "KPROXY_PROC_SYS_NET"  # a host's /proc/sys/net mounted writable into the container
 DEFAULT_PROC_SYS_NET = "/proc/sys/net"
 SYSCTL = "ipv4/ip_local_reserved_ports"
+PORT_RANGE_SYSCTL = "ipv4/ip_local_port_range"  # the ephemeral ports: "32768\t60999"
 RECORD_FILE = "reserved-ports.json"
 PORT_MAX = 65535
 
@@ -100,6 +101,15 @@ def sysctl_path() -> Path:
     return Path(os.environ.get(PROC_SYS_NET_ENV, DEFAULT_PROC_SYS_NET)) / SYSCTL
 
 
+def ephemeral_range() -> Range:
+    """net.ipv4.ip_local_port_range of this network namespace, as (first, last)."""
+    path = sysctl_path().parent.parent / PORT_RANGE_SYSCTL
+    fields = path.read_text().split()
+    if len(fields) != 2 or not all(f.isdigit() for f in fields):
+        raise ValueError(f"{path}: {' '.join(fields)!r} is not FIRST LAST")
+    return int(fields[0]), int(fields[1])
+
+
 def netns_id() -> int:
     """The inode of the calling thread's network namespace: a record is valid only there."""
     return os.stat("/proc/thread-self/ns/net").st_ino
@@ -129,12 +139,21 @@ def _write_record(state_dir: Path, added: Sequence[Range]) -> None:
 def reserve(want: Range, state_dir: Path) -> list[Range]:
     """Merge WANT into the sysctl; return the ranges added now (empty: covered already). The additions
     join the record in STATE_DIR. Raises OSError (cannot read or write the sysctl) or ValueError (its
-    value is not understood: nothing is written)."""
+    value is not understood, or the merge would leave no ephemeral port: nothing is written)."""
     path = sysctl_path()
     have = parse(path.read_text())
     add = missing(have, want)
     if not add:
         return []
+    # Every ephemeral port reserved: each connect() without a bound source port, and bind() to port 0,
+    # would fail with EADDRNOTAVAIL on the whole node (kubelet, the runtime, this agent).
+    first, last = ephemeral_range()
+    if not subtract([(first, last)], [*have, *add]):
+        raise ValueError(
+            f"adding {render(add)} to {path} ({render(have) or 'empty'}) would leave no port of "
+            f"net.ipv4.ip_local_port_range {first}-{last} for ephemeral use; nothing written. Move "
+            f"ip_local_port_range off the NodePort range"
+        )
     path.write_text(render([*have, *add]) + "\n")
     _write_record(state_dir, normalize([*_read_record(state_dir), *add]))
     return add

@@ -72,6 +72,7 @@ def sysctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "proc-sys-net"
     (root / "ipv4").mkdir(parents=True)
     monkeypatch.setenv(rp.PROC_SYS_NET_ENV, str(root))
+    (root / "ipv4/ip_local_port_range").write_text("32768\t60999\n")  # the kernel's default
     path = root / rp.SYSCTL
     path.write_text("\n")
     return path
@@ -105,6 +106,32 @@ def test_malformed_content_is_never_rewritten(sysctl: Path, tmp_path: Path) -> N
     with pytest.raises(ValueError):
         rp.reserve(NODE_PORTS, tmp_path / "state")
     assert sysctl.read_text() == "garbage\n"
+
+
+@pytest.mark.parametrize(
+    ("port_range", "have"),
+    [
+        ("30000\t32767\n", "\n"),  # ip_local_port_range inside the NodePort range
+        ("31000\t33000\n", "32768-33000\n"),  # with others' entries, nothing would be left either
+    ],
+)
+def test_a_merge_that_would_leave_no_ephemeral_port_is_refused(
+    sysctl: Path, tmp_path: Path, port_range: str, have: str
+) -> None:
+    """Every ephemeral port reserved fails each connect() without a bound port on the node
+    (EADDRNOTAVAIL): the agent must refuse, write nothing and record nothing."""
+    (sysctl.parent / "ip_local_port_range").write_text(port_range)
+    sysctl.write_text(have)
+    with pytest.raises(ValueError, match="ip_local_port_range .* ephemeral"):
+        rp.reserve(NODE_PORTS, tmp_path / "state")
+    assert sysctl.read_text() == have
+    assert rp.release(tmp_path / "state") == []
+
+
+def test_a_merge_that_leaves_some_ephemeral_ports_is_written(sysctl: Path, tmp_path: Path) -> None:
+    (sysctl.parent / "ip_local_port_range").write_text("32000\t60999\n")  # overlaps, ports remain
+    assert rp.reserve(NODE_PORTS, tmp_path / "state") == [NODE_PORTS]
+    assert sysctl.read_text() == "30000-32767\n"
 
 
 def test_node_port_range_flag() -> None:
