@@ -233,11 +233,19 @@ class Dataplane:
                 return
             added = reserved_ports.reserve(want, state)
         except (OSError, ValueError) as e:
+            if not cfg.protect_node_port_range:
+                log.warning(
+                    "--no-protect-node-port-range: cannot take the ports an earlier agent added out of "
+                    "net.ipv4.ip_local_reserved_ports at %s: %s. They stay reserved (only ephemeral port "
+                    "selection skips them); the next start tries again",
+                    reserved_ports.sysctl_path(), e,
+                )  # fmt: skip
+                return
             self.node_ports_problem = str(e)
             log.warning(
                 "cannot keep the NodePort range %d-%d out of ephemeral ports "
                 "(net.ipv4.ip_local_reserved_ports at %s): %s. A node process may get a NodePort as its "
-                "source port; add the range there yourself or pass --no-protect-node-port-range",
+                "source port; fix that, or pass --no-protect-node-port-range",
                 *want, reserved_ports.sysctl_path(), e,
             )  # fmt: skip
             return

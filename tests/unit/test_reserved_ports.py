@@ -139,3 +139,30 @@ def test_node_port_range_flag() -> None:
     assert (cfg.node_port_min, cfg.node_port_max, cfg.protect_node_port_range) == (30000, 32767, True)
     with pytest.raises(ValueError, match="node-port-range"):
         AgentConfig(node_name="n", node_ips=["192.0.2.1"], node_port_min=32000, node_port_max=31000)
+
+
+def _protect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protect: bool) -> None:
+    from kproxy.agent.dataplane import Dataplane
+    from kproxy.observe import metadata
+
+    monkeypatch.setenv(metadata.STATE_ROOT_ENV, str(tmp_path / "run"))
+    c = AgentConfig(
+        node_name="n", node_ips=["192.0.2.1"], bpffs=str(tmp_path / "bpffs"), protect_node_port_range=protect
+    )
+    Dataplane(c).protect_node_ports()
+
+
+def test_agent_warnings_say_what_failed(
+    sysctl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure to take the agent's own range out (--no-protect-node-port-range) is reported as that,
+    not as a failure to protect the range the flag turned off."""
+    _protect(tmp_path, monkeypatch, True)
+    assert sysctl.read_text() == "30000-32767\n"
+    sysctl.write_text("garbage\n")
+    caplog.clear()
+    _protect(tmp_path, monkeypatch, False)
+    msg = caplog.text
+    assert "--no-protect-node-port-range: cannot take the ports" in msg and "garbage" in msg, msg
+    assert "cannot keep the NodePort range" not in msg, msg
+    assert sysctl.read_text() == "garbage\n"
