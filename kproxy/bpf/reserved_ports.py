@@ -115,6 +115,11 @@ def netns_id() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
+def recorded(state_dir: Path) -> list[Range]:
+    """The ranges the record in STATE_DIR says the agent added in this network namespace."""
+    return _read_record(state_dir)
+
+
 def _read_record(state_dir: Path) -> list[Range]:
     try:
         rec = json.loads((state_dir / RECORD_FILE).read_text())

@@ -9,12 +9,15 @@ falls back to whatever else handles Services.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 
 from kproxy.bpf import reserved_ports
 from kproxy.bpf.loader import Loader
 from kproxy.bpf.socklb import SocketLB
 from kproxy.observe.metadata import state_dir
+
+log = logging.getLogger("kproxy.teardown")
 
 
 def remove_dataplane(bpffs: str, loader: Loader | None = None) -> list[str]:
@@ -34,9 +37,16 @@ def remove_dataplane(bpffs: str, loader: Loader | None = None) -> list[str]:
     finally:
         loader.close()
     # only what the agent recorded adding (in this network namespace); see kproxy.bpf.reserved_ports
-    with contextlib.suppress(OSError, ValueError):
+    try:
         released = reserved_ports.release(state_dir(bpffs))
         if released:
             detached.append("ip_local_reserved_ports " + reserved_ports.render(released))
+    except (OSError, ValueError) as e:
+        # the record goes with the state directory below: say what stays reserved
+        log.warning(
+            "cannot take %s out of net.ipv4.ip_local_reserved_ports at %s: %s; they stay reserved "
+            "(only ephemeral port selection skips them) until removed by hand or a reboot",
+            reserved_ports.render(reserved_ports.recorded(state_dir(bpffs))), reserved_ports.sysctl_path(), e,
+        )  # fmt: skip
     shutil.rmtree(state_dir(bpffs), ignore_errors=True)
     return detached

@@ -166,3 +166,30 @@ def test_agent_warnings_say_what_failed(
     assert "--no-protect-node-port-range: cannot take the ports" in msg and "garbage" in msg, msg
     assert "cannot keep the NodePort range" not in msg, msg
     assert sysctl.read_text() == "garbage\n"
+
+
+class _NoLoader:
+    def attached(self) -> list[object]:
+        return []
+
+    def cleanup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_cleanup_names_the_ports_it_could_not_release(
+    sysctl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`kproxy cleanup` / an uninstall deletes the record with the state directory: a failed release
+    must say which ports stay reserved, not pass in silence."""
+    from kproxy.bpf.teardown import remove_dataplane
+
+    _protect(tmp_path, monkeypatch, True)
+    sysctl.write_text("garbage\n")
+    caplog.clear()
+    detached = remove_dataplane(str(tmp_path / "bpffs"), _NoLoader())  # type: ignore[arg-type]
+    assert detached == []
+    assert "cannot take 30000-32767 out of net.ipv4.ip_local_reserved_ports" in caplog.text, caplog.text
+    assert "garbage" in caplog.text
