@@ -499,17 +499,35 @@ class AgentConfig(BaseModel):
         )
 
     @property
-    def localhost_nodeports_served(self) -> bool:
-        """--localhost-nodeports as kube-proxy applies it: --nodeport-addresses with IPv4 CIDRs must have
-        one holding 127.0.0.0 or starting in 127.0.0.0/8 (its NodePortAddresses.ContainsIPv4Loopback;
-        no CIDR of the family matches everything)."""
+    def localhost_nodeports_off(self) -> str | None:
+        """Why --localhost-nodeports serves nothing on this node (None: it serves). As kube-proxy applies
+        it: --nodeport-addresses with IPv4 CIDRs must have one holding 127.0.0.0 or starting in 127.0.0.0/8
+        (its NodePortAddresses.ContainsIPv4Loopback; no CIDR of the family matches everything). And as
+        kproxy serves it: a loopback NodePort is the primary IPv4 address's (kp_cfg_v1.node_addr), so that
+        address must carry NodePorts, i.e. be in an IPv4 CIDR of --nodeport-addresses when there are any."""
         if not self.localhost_nodeports:
-            return False
+            return "--no-localhost-nodeports"
         nets = [ipaddress.ip_network(c, strict=False) for c in self.nodeport_addresses]
         nets4 = [n for n in nets if n.version == 4]
-        return not nets4 or any(
+        cidrs = ",".join(self.nodeport_addresses)
+        if nets4 and not any(
             n.network_address.is_loopback or ipaddress.ip_address("127.0.0.0") in n for n in nets4
-        )
+        ):
+            return f"--nodeport-addresses {cidrs} holds no 127.0.0.0 (as kube-proxy)"
+        primary = self.primary_ipv4
+        if primary is None:
+            return "no IPv4 --node-ip (a loopback NodePort is served as on the primary IPv4 address)"
+        if nets4 and not any(ipaddress.ip_address(primary) in n for n in nets4):
+            return (
+                f"the primary node address {primary} is outside --nodeport-addresses {cidrs}, so it has no "
+                "NodePorts, and a loopback NodePort is served as on it (kube-proxy would serve 127.0.0.1)"
+            )
+        return None
+
+    @property
+    def localhost_nodeports_served(self) -> bool:
+        """--localhost-nodeports in effect (localhost_nodeports_off says why not)."""
+        return self.localhost_nodeports_off is None
 
     @property
     def dsr_mode_value(self) -> abi.DsrMode:

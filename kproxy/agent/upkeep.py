@@ -38,10 +38,7 @@ class DatapathConfig:
         self.orphan_until_ns = 0
         self._netns_cookie: int | None = None  # the agent's network namespace's, once read
         if cfg.localhost_nodeports and not cfg.localhost_nodeports_served:
-            log.info(
-                "localhost NodePorts are off: --nodeport-addresses %s holds no 127.0.0.0 (as kube-proxy)",
-                ",".join(cfg.nodeport_addresses),
-            )
+            log.info("localhost NodePorts are off: %s", cfg.localhost_nodeports_off)
 
     def host_netns_cookie(self) -> int:
         """This agent's network namespace cookie (the node's), which the socket programs compare each

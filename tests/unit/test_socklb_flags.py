@@ -13,7 +13,7 @@ from kproxy.config import AgentConfig
 
 
 def cfg(**kw: object) -> AgentConfig:
-    return AgentConfig(node_name="n1", node_ips=["192.0.2.1"], **kw)  # type: ignore[arg-type]
+    return AgentConfig(**{"node_name": "n1", "node_ips": ["192.0.2.1"], **kw})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -22,8 +22,13 @@ def cfg(**kw: object) -> AgentConfig:
         ({}, True),  # kube-proxy's default: --iptables-localhost-nodeports=true, all addresses
         ({"localhost_nodeports": False}, False),
         ({"nodeport_addresses": ["10.0.0.0/8"]}, False),  # no loopback among the IPv4 CIDRs
-        ({"nodeport_addresses": ["10.0.0.0/8", "127.0.0.0/8"]}, True),
-        ({"nodeport_addresses": ["127.0.0.1/32"]}, True),  # a loopback CIDR (kube-proxy: IP.IsLoopback)
+        ({"nodeport_addresses": ["192.0.2.0/24", "127.0.0.0/8"]}, True),
+        ({"nodeport_addresses": ["192.0.2.0/24", "127.0.0.1/32"]}, True),  # kube-proxy: IP.IsLoopback
+        # kube-proxy would serve 127.0.0.1 here; kproxy serves a loopback NodePort as on the primary
+        # address (kp_cfg_v1.node_addr), which these leave without NodePorts: nothing would match
+        ({"nodeport_addresses": ["10.0.0.0/8", "127.0.0.0/8"]}, False),
+        ({"nodeport_addresses": ["127.0.0.0/8"]}, False),
+        ({"node_ips": ["2001:db8::1"]}, False),  # no IPv4 node address
         ({"nodeport_addresses": ["0.0.0.0/0"]}, True),
         ({"nodeport_addresses": ["fd00::/8"]}, True),  # no IPv4 CIDR: IPv4 matches everything
         ({"nodeport_addresses": ["127.0.0.0/8"], "localhost_nodeports": False}, False),
@@ -31,6 +36,12 @@ def cfg(**kw: object) -> AgentConfig:
 )
 def test_localhost_nodeports_follow_kube_proxy(kw: dict[str, object], served: bool) -> None:
     assert cfg(**kw).localhost_nodeports_served is served
+
+
+def test_why_localhost_nodeports_are_off_is_said() -> None:
+    assert "holds no 127.0.0.0" in str(cfg(nodeport_addresses=["10.0.0.0/8"]).localhost_nodeports_off)
+    off = cfg(nodeport_addresses=["127.0.0.0/8"]).localhost_nodeports_off
+    assert off is not None and "192.0.2.1 is outside --nodeport-addresses 127.0.0.0/8" in off
 
 
 def test_defaults() -> None:
