@@ -320,6 +320,11 @@ class AgentConfig(BaseModel):
     object_path: Annotated[str | None, Flag("--object", file=True)] = Field(
         default=None, description="BPF object to load instead of the packaged one (upgrades are atomic)."
     )
+    socket_lb_iter_object: Annotated[str | None, Flag(file=True)] = Field(
+        default=None,
+        description="BPF object of the socket iterators (connected UDP sockets follow their backend's "
+        "removal) to load instead of the packaged kproxy_iter.bpf.o.",
+    )
 
     @field_validator("node_ips")
     @classmethod

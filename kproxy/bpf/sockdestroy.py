@@ -248,8 +248,11 @@ class SockDestroyer:
             missing = missing_kernel_feature()
             if missing is not None:
                 raise SockDestroyUnavailable(missing) from e
-            msgs = "; ".join(m.strip() for m in getattr(e, "libbpf_messages", [])[-3:])
-            raise SockDestroyUnavailable(f"{e}{f' ({msgs})' if msgs else ''}") from e
+            # one line for the log: the error's first, and what libbpf said besides "failed to load"
+            said = [m.strip() for m in getattr(e, "libbpf_messages", []) if "failed to load object" not in m]
+            first = (str(e).splitlines() or [""])[0]
+            more = f" ({'; '.join(said[-2:])})" if said else ""
+            raise SockDestroyUnavailable(first + more) from e
         self.obj = obj
 
     def sknat_map(self, name: str) -> lb.Map:
