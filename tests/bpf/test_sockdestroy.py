@@ -206,3 +206,59 @@ def test_an_object_whose_kfunc_the_kernel_lacks_does_not_load(
     assert d.obj is None and d.link is None
     assert missing_kernel_feature() is None  # this kernel (>= 6.5) has what the real object needs
     assert lb.vmlinux_btf_has("kproxy_test_absent_kfunc", lb.BTF_KIND_FUNC) is False
+
+
+MANY = r"""
+import json, resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", 5001))
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", 5001))
+    socks.append(s)
+cookies = [int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little") for s in socks]
+print(json.dumps(cookies), flush=True)
+sys.stdin.readline()
+aborted = 0
+for s in socks:
+    try:
+        s.recv(100, socket.MSG_DONTWAIT)
+    except OSError as e:
+        aborted += e.errno == 103  # ECONNABORTED
+print(aborted, flush=True)
+"""
+
+
+def test_every_destroyed_socket_is_reported_however_many(
+    destroyer: SockDestroyer, netns: Callable[[], Any]
+) -> None:
+    """1,500 matching sockets: more records (40 bytes each) than the kernel's 32 KiB iterator buffer
+    holds, so the output spans reads; every socket is destroyed and every one is reported."""
+    n = 1500
+    ns = netns()
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={ns.path}", sys.executable, "-c", MANY, str(n)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        cookies = json.loads(proc.stdout.readline() or "null")
+        assert cookies and len(cookies) == n, proc.stderr.read() if proc.stderr else ""
+        for c in cookies:
+            write_entry(destroyer, c, 4, "127.0.0.1", 5001, 7)
+        spaces = [open_ns(ns.path)]
+        try:
+            run = destroyer.run([Removal(4, 7, socket.inet_aton("127.0.0.1"), 5001)], spaces)
+        finally:
+            close_namespaces(spaces)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        aborted = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert aborted == n
+    assert run.destroyed == n and sorted(s.cookie for s in run.sockets) == sorted(cookies)
