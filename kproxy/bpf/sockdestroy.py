@@ -188,6 +188,11 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
 
 
+def _ns_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -314,17 +319,24 @@ class SockDestroyer:
     def _walk(self, namespaces: Sequence[Netns], result: DestroyRun) -> None:
         assert self.link is not None
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home_id = _ns_id(home)
+        here = home_id
         try:
             for ns in namespaces:
                 try:
-                    _setns(ns.fd)
+                    # setns needs CAP_SYS_ADMIN even into the namespace the thread is in: not for that
+                    # one (an agent without it still walks its own, the node's, namespace)
+                    if _ns_id(ns.fd) != here:
+                        _setns(ns.fd)
+                        here = _ns_id(ns.fd)
                     with lb.iter_create(self.link.fd, f"iter/udp in netns {ns.ino}") as it:
                         result.sockets.extend(self._read(it.fd))
                 except (OSError, lb.LibbpfError) as e:
                     result.failed_namespaces.append(f"netns {ns.ino} ({ns.what}): {e}")
         finally:
             try:
-                _setns(home)
+                if here != home_id:
+                    _setns(home)
             finally:
                 os.close(home)
 

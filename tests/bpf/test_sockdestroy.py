@@ -8,7 +8,6 @@ is a removed backend reached through the Service it left are destroyed.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import socket
@@ -163,30 +162,6 @@ def test_the_calling_thread_keeps_its_namespace(destroyer: SockDestroyer, netns:
         close_namespaces(spaces)
     assert run.sockets == [] and run.failed_namespaces == []
     assert os.stat("/proc/thread-self/ns/net").st_ino == before
-
-
-def test_skd_layout_matches_btf() -> None:
-    if not ITER_OBJECT.exists():
-        pytest.fail(f"{ITER_OBJECT} is missing: run `make bpf`")
-    out = subprocess.run(
-        ["bpftool", "-j", "btf", "dump", "file", str(ITER_OBJECT)], capture_output=True, text=True, check=True
-    ).stdout
-    types = {t["id"]: t for t in json.loads(out)["types"]}
-
-    def size(type_id: int) -> int:
-        t = types[type_id]
-        if t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
-            return size(t["type_id"])
-        if t["kind"] == "ARRAY":
-            return int(t["nr_elems"]) * size(t["type_id"])
-        return int(t["size"])
-
-    for name, mirror in abi.ITER_BTF_NAMES.items():
-        (struct,) = [t for t in types.values() if t["kind"] == "STRUCT" and t.get("name") == name]
-        assert struct["size"] == ctypes.sizeof(mirror), name
-        c_members = [(m["name"], m["bits_offset"] // 8, size(m["type_id"])) for m in struct["members"]]
-        py_members = [(f, getattr(mirror, f).offset, getattr(mirror, f).size) for f, *_ in mirror._fields_]
-        assert py_members == c_members, name
 
 
 def test_an_object_whose_kfunc_the_kernel_lacks_does_not_load(
