@@ -1,0 +1,116 @@
+"""The agent's queue of removed UDP backends (kproxy.agent.udpsockets) and the namespace walk of a cgroup,
+without the kernel: a stand-in destroyer records what it is asked (tests/bpf/test_sockdestroy.py and
+tests/netns/test_udp_destroy.py run the real one)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from kproxy.agent.udpsockets import ConnectedUdp
+from kproxy.bpf.sockdestroy import Destroyed, DestroyRun, Netns, Removal, cgroup_namespaces, close_namespaces
+from kproxy.observe.metrics import Metrics, scrape_value
+
+ADDR = socket.inet_aton("10.244.1.11")
+LEFT = [
+    (4, 7, ADDR, socket.htons(53)),
+    (6, 0x80000001, socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.htons(53)),
+]
+
+
+class FakeDestroyer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Removal], list[Netns]]] = []
+
+    def run(self, removals: Sequence[Removal], namespaces: Sequence[Netns]) -> DestroyRun:
+        self.calls.append((list(removals), list(namespaces)))
+        r = DestroyRun(removals=len(removals), namespaces=len(namespaces))
+        r.sockets = [
+            Destroyed(1, 4, 7, ADDR, 53, 0),
+            Destroyed(2, 6, 7, bytes(16), 53, 0),
+            Destroyed(3, 4, 7, ADDR, 53, -16),
+        ]
+        return r
+
+    def close(self) -> None:
+        pass
+
+
+def agent_part(attached: bool, cgroup: str | None = None) -> tuple[ConnectedUdp, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    dp = SimpleNamespace(socklb=object() if attached else None, socket_lb_cgroup=cgroup, cfg=None)
+    return ConnectedUdp(dp, lambda: metrics), metrics  # type: ignore[arg-type]
+
+
+def value(m: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    return scrape_value(m.render().decode(), name, labels) or 0.0
+
+
+def test_nothing_happens_without_socket_lb() -> None:
+    part, m = agent_part(attached=False)
+    part.removed(LEFT)
+    assert not part._pending
+    assert value(m, "kproxy_socket_lb_udp_removals_unhandled_total", {"reason": "unsupported"}) == 0
+
+
+def test_without_the_iterator_each_removal_is_counted_unhandled() -> None:
+    part, m = agent_part(attached=True)
+    part.problem = "this kernel has no bpf_sock_destroy kfunc (Linux >= 6.5)"
+    part.removed(LEFT)
+    part.removed(LEFT[:1])
+    assert not part._pending
+    assert value(m, "kproxy_socket_lb_udp_removals_unhandled_total", {"reason": "unsupported"}) == 3
+
+
+def test_removals_are_queued_and_one_run_counts_what_it_destroyed(tmp_path: Path) -> None:
+    part, m = agent_part(attached=True, cgroup=str(tmp_path))
+    fake = FakeDestroyer()
+    part.destroyer = fake  # type: ignore[assignment]
+    part.removed(LEFT)
+    part.removed(LEFT[:1])  # a second sync before the run: one run for both
+    assert part._wake.is_set() and len(part._pending) == 3
+    batch, part._pending = part._pending, []
+    assert part.run_once(batch) is not None
+    ((removals, spaces),) = fake.calls
+    assert removals[0] == Removal(4, 7, ADDR, 53) and removals[1].family == 6 and removals[1].port == 53
+    assert len(spaces) == 1 and spaces[0].what == "agent"  # an empty cgroup: the agent's own namespace
+    assert value(m, "kproxy_socket_lb_udp_sockets_destroyed_total", {"family": "IPv4"}) == 1
+    assert value(m, "kproxy_socket_lb_udp_sockets_destroyed_total", {"family": "IPv6"}) == 1
+    assert value(m, "kproxy_socket_lb_udp_destroy_errors_total") == 1
+
+
+def test_a_failed_run_counts_its_removals_as_unhandled() -> None:
+    part, m = agent_part(attached=True)
+
+    class Broken(FakeDestroyer):
+        def run(self, removals: Sequence[Removal], namespaces: Sequence[Netns]) -> Any:
+            raise OSError(1, "Operation not permitted")
+
+    part.destroyer = Broken()  # type: ignore[assignment]
+    assert part.run_once([Removal(4, 7, ADDR, 53)]) is None
+    assert value(m, "kproxy_socket_lb_udp_removals_unhandled_total", {"reason": "error"}) == 1
+
+
+def test_cgroup_namespaces_are_deduplicated(tmp_path: Path) -> None:
+    """Every process of a cgroup tree, each namespace once: here the test's own process, listed twice and
+    in a child cgroup, is the agent's namespace too; a gone pid is skipped."""
+    (tmp_path / "child").mkdir()
+    (tmp_path / "cgroup.procs").write_text(f"{os.getpid()}\n999999999\n")
+    (tmp_path / "child" / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    found = cgroup_namespaces(str(tmp_path))
+    try:
+        assert [n.what for n in found] == ["agent"]
+        assert found[0].ino == os.stat("/proc/self/ns/net").st_ino
+    finally:
+        close_namespaces(found)
+    found = cgroup_namespaces(str(tmp_path), include_self=False)
+    try:
+        assert [n.what for n in found] == [f"pid {os.getpid()}"]
+    finally:
+        close_namespaces(found)
