@@ -59,7 +59,7 @@ class Agent:
         self.sweeper = Sweeper(cfg, self.dataplane, self.datapath_config)
         self.servers = Servers(cfg)
         self.connected_udp = ConnectedUdp(
-            self.dataplane, lambda: self.servers.metrics, cfg.socket_lb_iter_object
+            self.dataplane, lambda: self.servers.metrics, cfg.socket_lb_iter_object, self._slot_backends
         )
         self.syncloop = SyncLoop(
             cfg,
@@ -95,6 +95,10 @@ class Agent:
     @syncer.setter
     def syncer(self, syncer: Syncer | None) -> None:
         self.syncloop.syncer = syncer
+
+    def _slot_backends(self, family: int, svc_id: int) -> set[tuple[bytes, int]]:
+        syncer = self.syncer
+        return syncer.slot_backends(family, svc_id) if syncer is not None else set()
 
     @property
     def health(self) -> HealthServer | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Sequence
 
 from kproxy.bpf.sockdestroy import (
@@ -33,17 +34,24 @@ from .dataplane import Dataplane
 log = logging.getLogger("kproxy.agent")
 
 UdpLeft = Sequence[tuple[int, int, bytes, int]]  # ApplyReport.udp_left
+SlotBackends = Callable[[int, int], set[tuple[bytes, int]]]  # Syncer.slot_backends
 
 
 class ConnectedUdp:
     """Destroys the connected UDP sockets of removed backends (when socket LB is attached)."""
 
     def __init__(
-        self, dataplane: Dataplane, metrics: Callable[[], Metrics | None], object_path: str | None = None
+        self,
+        dataplane: Dataplane,
+        metrics: Callable[[], Metrics | None],
+        object_path: str | None = None,
+        slot_backends: SlotBackends | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.object_path = object_path
+        # the backends a service port has now (Syncer.slot_backends), to drop the removals undone since
+        self.slot_backends = slot_backends
         self.destroyer: SockDestroyer | None = None
         self.problem: str | None = None  # why sockets cannot be destroyed on this node
         self._pending: list[Removal] = []
@@ -90,8 +98,27 @@ class ConnectedUdp:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
+            batch = self.still_removed(batch)
             if batch:
                 await asyncio.to_thread(self.run_once, batch)
+
+    def still_removed(self, removals: Sequence[Removal]) -> list[Removal]:
+        """REMOVALS less those whose backend is back in the slots of the service port it left (a later
+        sync re-added it, or the port's id went to a Service that has it): their sockets are connected
+        to a live backend of that port. Called on the sync's thread, just before a run."""
+        if self.slot_backends is None:
+            return list(removals)
+        now: dict[tuple[int, int], set[tuple[bytes, int]]] = {}
+        out = []
+        for r in removals:
+            have = now.get((r.family, r.svc_id))
+            if have is None:
+                have = now[(r.family, r.svc_id)] = self.slot_backends(r.family, r.svc_id)
+            if (r.addr, socket.htons(r.port)) in have:
+                log.debug("UDP backend %s is back in its service port: its sockets stay", r)
+            else:
+                out.append(r)
+        return out
 
     def run_once(self, removals: Sequence[Removal]) -> DestroyRun | None:
         """One run over every namespace of the socket-LB cgroup (blocks: a worker thread's)."""

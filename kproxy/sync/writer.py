@@ -247,15 +247,19 @@ def free_and_flush(
         run_flush(fm, flush, report)
 
 
+def address_and_port(fam: Family, w: int) -> tuple[bytes, int]:
+    """A BVal's address and port (BVAL & (1 << proto_shift) - 1) as the maps hold them: the address's
+    bytes in network order, the port a network-order int (ApplyReport.udp_left's form)."""
+    addr = w & fam.addr_mask
+    raw = addr.to_bytes(4, sys.byteorder) if fam.version == 4 else addr.to_bytes(fam.addr_bits // 8, "big")
+    return raw, (w >> fam.port_shift) & 0xFFFF
+
+
 def run_flush(fm: FamilyMaps, flush: Flush, report: ApplyReport) -> None:
     if flush.udp_left:
         fam = fm.fam
-        port_shift, nbytes = fam.port_shift, fam.addr_bits // 8
-        addr_mask = fam.addr_mask
         for sid, w in sorted(flush.udp_left):
-            addr = w & addr_mask
-            raw = addr.to_bytes(4, sys.byteorder) if fam.version == 4 else addr.to_bytes(nbytes, "big")
-            report.udp_left.append((fam.version, sid, raw, (w >> port_shift) & 0xFFFF))
+            report.udp_left.append((fam.version, sid, *address_and_port(fam, w)))
         flush.udp_left.clear()
     if flush.udp_freed or flush.udp_pairs:
         report.ct_flushed += flush_udp_conntrack(fm.ct, flush.udp_freed, flush.udp_pairs)

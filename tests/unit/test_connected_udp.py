@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from kproxy.abi import Scope
 from kproxy.agent.udpsockets import ConnectedUdp
 from kproxy.bpf.sockdestroy import Destroyed, DestroyRun, Netns, Removal, cgroup_namespaces, close_namespaces
 from kproxy.observe.metrics import Metrics, scrape_value
@@ -114,3 +115,50 @@ def test_cgroup_namespaces_are_deduplicated(tmp_path: Path) -> None:
         assert [n.what for n in found] == [f"pid {os.getpid()}"]
     finally:
         close_namespaces(found)
+
+
+# ---- a removal undone before its run (the syncer's view at run time) ----
+def _syncer_and_part() -> tuple[Any, ConnectedUdp]:
+    from kproxy.bpf.mapapi import MemoryMapSet
+    from kproxy.sync import Syncer
+
+    syncer = Syncer(MemoryMapSet())
+    metrics = Metrics(CollectorRegistry())
+    dp = SimpleNamespace(socklb=object(), socket_lb_cgroup=None, cfg=None)
+    part = ConnectedUdp(dp, lambda: metrics, slot_backends=syncer.slot_backends)  # type: ignore[arg-type]
+    part.destroyer = FakeDestroyer()  # type: ignore[assignment]
+    return syncer, part
+
+
+def _dns(service: str, vip: str, addrs: list[str]) -> Any:
+    from kproxy.desired import BackendRef, Frontend
+
+    backends = tuple(BackendRef(a, 5353, "UDP") for a in addrs)
+    return [Frontend(service, "dns", "ClusterIP", vip, 53, "UDP", Scope.EXT, 0, 0, backends, ())]
+
+
+def test_a_backend_back_in_its_service_port_before_the_run_keeps_its_sockets() -> None:
+    """Removed in one sync, re-added in the next before the queued run: the run must not destroy the
+    sockets connected to it (some connected after it came back); the other removal still runs."""
+    syncer, part = _syncer_and_part()
+    cases = (("10.96.0.10", "10.244.1.1", "10.244.1.2"), ("fd00:96::a", "fd00:244::1", "fd00:244::2"))
+    for vip, a, b in cases:
+        syncer.apply({"kube-system/dns": _dns("kube-system/dns", vip, [a, b])})
+        r = syncer.apply({"kube-system/dns": _dns("kube-system/dns", vip, [])})
+        assert len(r.udp_left) == 2
+        part.removed(r.udp_left)
+        syncer.apply({"kube-system/dns": _dns("kube-system/dns", vip, [a])})  # a is back, b is not
+        left = part.still_removed(part._pending)
+        part._pending.clear()
+        fam = 6 if ":" in vip else 4
+        af = socket.AF_INET6 if fam == 6 else socket.AF_INET
+        assert [(x.family, socket.inet_ntop(af, x.addr), x.port) for x in left] == [(fam, b, 5353)]
+
+
+def test_the_removals_of_a_deleted_service_stay() -> None:
+    """A Service deleted: no port has its id any more, its backends' sockets are destroyed."""
+    syncer, part = _syncer_and_part()
+    syncer.apply({"a/dns": _dns("a/dns", "10.96.0.10", ["10.244.1.1"])})
+    part.removed(syncer.apply({"a/dns": []}).udp_left)
+    syncer.apply({"b/dns": _dns("b/dns", "10.96.0.11", ["10.244.1.1"])})  # the pod in another Service
+    assert len(part._pending) == 1 and part.still_removed(part._pending) == part._pending
