@@ -59,7 +59,11 @@ class Agent:
         self.sweeper = Sweeper(cfg, self.dataplane, self.datapath_config)
         self.servers = Servers(cfg)
         self.connected_udp = ConnectedUdp(
-            self.dataplane, lambda: self.servers.metrics, cfg.socket_lb_iter_object, self._slot_backends
+            self.dataplane,
+            lambda: self.servers.metrics,
+            cfg.socket_lb_iter_object,
+            self._slot_backends,
+            enabled=cfg.socket_lb_destroy_connected_udp,
         )
         self.syncloop = SyncLoop(
             cfg,

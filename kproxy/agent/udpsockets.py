@@ -9,6 +9,7 @@ backend, as kube-proxy's conntrack flush of removed UDP endpoints moves the flow
 
 Without bpf_sock_destroy (Linux < 6.5) or UDP socket iterators the agent says so once at start and
 counts each removal it could not act on (kproxy_socket_lb_udp_removals_unhandled{reason="unsupported"}).
+With --no-socket-lb-destroy-connected-udp nothing is loaded and no namespace entered (reason="disabled").
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class ConnectedUdp:
         metrics: Callable[[], Metrics | None],
         object_path: str | None = None,
         slot_backends: SlotBackends | None = None,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled  # --socket-lb-destroy-connected-udp
         self.dataplane = dataplane
         self.metrics = metrics
         self.object_path = object_path
@@ -62,6 +65,14 @@ class ConnectedUdp:
         """Load the iterator object, once socket LB is attached; one warning when this kernel cannot."""
         dp = self.dataplane
         if dp.socklb is None or self.destroyer is not None:
+            return
+        if not self.enabled:
+            self.problem = "off (--no-socket-lb-destroy-connected-udp)"
+            log.info(
+                "connected UDP sockets are not moved off removed backends: "
+                "--no-socket-lb-destroy-connected-udp; removals are counted in "
+                'kproxy_socket_lb_udp_removals_unhandled_total{reason="disabled"}'
+            )
             return
         destroyer = SockDestroyer(self.dataplane.cfg.bpffs, self.object_path)
         try:
@@ -88,7 +99,8 @@ class ConnectedUdp:
         if self.destroyer is None:
             m = self.metrics()
             if m is not None:
-                m.udp_removals_unhandled.labels("unsupported").inc(len(udp_left))
+                reason = "unsupported" if self.enabled else "disabled"
+                m.udp_removals_unhandled.labels(reason).inc(len(udp_left))
             return
         self._pending.extend(removal_of(*r) for r in udp_left)
         self._wake.set()

@@ -202,7 +202,8 @@ class Metrics:
             "kproxy_socket_lb_udp_removals_unhandled",
             "UDP backends that left a Service port whose connected sockets were not looked for, by reason: "
             "unsupported (the kernel has no bpf_sock_destroy, Linux >= 6.5, or no UDP socket iterator), "
-            "error (a run of the iterator failed; the log says why).",
+            "error (a run of the iterator failed; the log says why), disabled "
+            "(--no-socket-lb-destroy-connected-udp).",
             ["reason"],
             registry=r,
         )

@@ -162,3 +162,39 @@ def test_the_removals_of_a_deleted_service_stay() -> None:
     part.removed(syncer.apply({"a/dns": []}).udp_left)
     syncer.apply({"b/dns": _dns("b/dns", "10.96.0.11", ["10.244.1.1"])})  # the pod in another Service
     assert len(part._pending) == 1 and part.still_removed(part._pending) == part._pending
+
+
+# ---- --no-socket-lb-destroy-connected-udp ----
+def test_switched_off_nothing_is_loaded_and_removals_are_counted_disabled(monkeypatch: Any) -> None:
+    from kproxy.agent import udpsockets
+
+    def no_load(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("the iterator object is loaded although the feature is off")
+
+    monkeypatch.setattr(udpsockets, "SockDestroyer", no_load)
+    metrics = Metrics(CollectorRegistry())
+    dp = SimpleNamespace(socklb=object(), socket_lb_cgroup="/nonexistent", cfg=SimpleNamespace(bpffs="/x"))
+    part = ConnectedUdp(dp, lambda: metrics, enabled=False)  # type: ignore[arg-type]
+    part.setup()
+    assert part.destroyer is None and part.problem is not None
+    part.removed(LEFT)
+    assert not part._pending and not part._wake.is_set()
+    assert value(metrics, "kproxy_socket_lb_udp_removals_unhandled_total", {"reason": "disabled"}) == 2
+    assert value(metrics, "kproxy_socket_lb_udp_removals_unhandled_total", {"reason": "unsupported"}) == 0
+
+
+def test_the_agent_flag_reaches_the_agent_part() -> None:
+    from kproxy.agent.core import Agent
+    from kproxy.cli.agent import agent, config_values
+    from kproxy.config import AgentConfig
+
+    def cfg(*args: str) -> AgentConfig:
+        ctx = agent.make_context("agent", ["--node-ip", "192.0.2.1", *args])
+        return AgentConfig.model_validate(config_values(ctx.params))
+
+    assert cfg().socket_lb_destroy_connected_udp is True
+    off = cfg("--no-socket-lb-destroy-connected-udp")
+    assert off.socket_lb_destroy_connected_udp is False
+    assert Agent(off).connected_udp.enabled is False
+    on = Agent(cfg())
+    assert on.connected_udp.enabled is True and on.connected_udp.slot_backends is not None
