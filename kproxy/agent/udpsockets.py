@@ -60,6 +60,7 @@ class ConnectedUdp:
         self._pending: list[Removal] = []
         self._wake = asyncio.Event()
         self.runs = 0  # runs done, for tests
+        self._said_denied = False
 
     def setup(self) -> None:
         """Load the iterator object, once socket LB is attached; one warning when this kernel cannot."""
@@ -138,7 +139,16 @@ class ConnectedUdp:
         if destroyer is None:
             return None
         m = self.metrics()
-        namespaces = cgroup_namespaces(self.dataplane.socket_lb_cgroup)
+        denied: list[str] = []
+        namespaces = cgroup_namespaces(self.dataplane.socket_lb_cgroup, denied=denied)
+        if denied and not self._said_denied:
+            self._said_denied = True  # once: host processes an LSM hides are mostly in the agent's namespace
+            log.warning(
+                "cannot open the network namespace of %d processes of the socket-LB cgroup (%s%s): connected "
+                "UDP sockets in namespaces only they are in are not looked for; the agent needs the host's "
+                "PID namespace and CAP_SYS_PTRACE (an AppArmor or SELinux ptrace rule may deny it too). "
+                "Said once", len(denied), ", ".join(denied[:3]), ", ..." if len(denied) > 3 else "",
+            )  # fmt: skip
         try:
             result = destroyer.run(removals, namespaces)
         except Exception as e:  # the kernel refused a map write or an iterator: counted, said, go on

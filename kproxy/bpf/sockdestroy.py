@@ -153,14 +153,22 @@ def _cgroup_pids(cgroup: str) -> Iterator[int]:
                 yield int(line)
 
 
-def cgroup_namespaces(cgroup: str | None, include_self: bool = True) -> list[Netns]:
+def cgroup_namespaces(
+    cgroup: str | None, include_self: bool = True, denied: list[str] | None = None
+) -> list[Netns]:
     """The distinct network namespaces of the processes in CGROUP and its descendants (and the agent's
-    own, with INCLUDE_SELF), each opened once. The caller closes them (close_namespaces)."""
+    own, with INCLUDE_SELF), each opened once. The caller closes them (close_namespaces). A process whose
+    namespace the agent may not open (no CAP_SYS_PTRACE, an LSM's ptrace rule) is skipped and, with
+    DENIED, listed there ("pid N: why"); one that exited is skipped."""
     found: dict[tuple[int, int], Netns] = {}
 
     def add(path: str, what: str) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError as e:
+            if denied is not None:
+                denied.append(f"{what}: {e.strerror}")
+            return
         except OSError:
             return  # the process exited
         st = os.fstat(fd)
@@ -271,13 +279,16 @@ class SockDestroyer:
         return self.obj.map(name)
 
     def close(self) -> None:
-        if self.link is not None:
-            self.link.close()
-            self.link = None
-        self.filter = None
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None
+        """Unload; waits for a run in progress (an agent stopping while a worker thread runs): its fds
+        closed under it would be numbers the process may give to anything next."""
+        with self._lock:
+            if self.link is not None:
+                self.link.close()
+                self.link = None
+            self.filter = None
+            if self.obj is not None:
+                self.obj.close()
+                self.obj = None
 
     # ---- runs ----
     def run(self, removals: Sequence[Removal], namespaces: Sequence[Netns]) -> DestroyRun:

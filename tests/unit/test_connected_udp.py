@@ -198,3 +198,65 @@ def test_the_agent_flag_reaches_the_agent_part() -> None:
     assert Agent(off).connected_udp.enabled is False
     on = Agent(cfg())
     assert on.connected_udp.enabled is True and on.connected_udp.slot_backends is not None
+
+
+def test_a_namespace_the_agent_may_not_open_is_said_once(
+    tmp_path: Path, monkeypatch: Any, caplog: Any
+) -> None:
+    """No CAP_SYS_PTRACE (or an LSM's ptrace rule): opening /proc/PID/ns/net fails with EACCES. Not taken
+    for an exited process: listed, and the agent warns once, naming what it needs."""
+    import errno
+    import logging
+
+    (tmp_path / "cgroup.procs").write_text(f"{os.getpid()}\n1\n")
+    real_open = os.open
+
+    def deny(path: Any, *a: Any, **kw: Any) -> int:
+        if str(path) == "/proc/1/ns/net":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", deny)
+    denied: list[str] = []
+    close_namespaces(cgroup_namespaces(str(tmp_path), denied=denied))
+    assert denied == ["pid 1: Permission denied"]
+    part, _ = agent_part(attached=True, cgroup=str(tmp_path))
+    part.destroyer = FakeDestroyer()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="kproxy.agent"):
+        part.run_once([Removal(4, 7, ADDR, 53)])
+        part.run_once([Removal(4, 7, ADDR, 53)])
+    said = [r.getMessage() for r in caplog.records if "cannot open the network namespace" in r.getMessage()]
+    assert len(said) == 1 and "pid 1: Permission denied" in said[0] and "CAP_SYS_PTRACE" in said[0]
+
+
+def test_closing_waits_for_the_run_in_progress(monkeypatch: Any) -> None:
+    """The agent stops (tasks cancelled, then close) while a worker thread still runs the iterator: the
+    object's fds must not be closed under it."""
+    import threading
+    import time
+
+    from kproxy.bpf.sockdestroy import SockDestroyer
+
+    d = SockDestroyer(None, "/nonexistent.o")
+    closed: list[str] = []
+    d.link = SimpleNamespace(close=lambda: closed.append("link"), fd=-1)  # type: ignore[assignment]
+    d.filter = SimpleNamespace(update_batch=lambda *a: None, delete_batch=lambda *a: None)  # type: ignore[assignment]
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(namespaces: Any, result: Any) -> None:
+        entered.set()
+        release.wait(5)
+        assert not closed, "closed during the run"
+
+    monkeypatch.setattr(d, "_in_thread", slow)
+    runner = threading.Thread(target=d.run, args=([Removal(4, 7, ADDR, 53)], []))
+    runner.start()
+    assert entered.wait(5)
+    closer = threading.Thread(target=d.close)
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive() and not closed
+    release.set()
+    runner.join(5)
+    closer.join(5)
+    assert closed == ["link"] and d.link is None
