@@ -787,3 +787,35 @@ SOCK_BTF_NAMES: dict[str, type[ctypes.Structure]] = {
     "kp_sknat6_key": Sknat6Key,
     "kp_sknat6_val": Sknat6Val,
 }
+
+
+# ---- connected UDP sockets of removed backends (bpfsrc/kproxy_iter.bpf.c) ----
+# Not pinned: the filter of one iterator run, private to the agent's loaded iterator object.
+MAP_SKD = "kp_skd_v1"
+SKD_MAX = 4096
+
+
+class SkdKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", In6),  # NBO backend address; IPv4: word 0, the rest zero
+        ("svc_id", ctypes.c_uint32),  # HBO service-port id the backend left
+        ("port", ctypes.c_uint16),  # NBO backend port
+        ("family", ctypes.c_uint8),  # 4 or 6 (the flow's: a v4-mapped peer is 4)
+        ("proto", ctypes.c_uint8),  # IPPROTO_UDP
+    ]
+
+
+class SkdEvent(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),  # HBO socket cookie
+        ("addr", In6),  # NBO backend (peer) address; IPv4: word 0
+        ("svc_id", ctypes.c_uint32),
+        ("err", ctypes.c_int32),  # bpf_sock_destroy() result: 0 or -errno
+        ("port", ctypes.c_uint16),  # NBO backend port
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+# Checked against the BTF of kproxy_iter.bpf.o (tests/abi/test_abi.py).
+ITER_BTF_NAMES: dict[str, type[ctypes.Structure]] = {"kp_skd_key": SkdKey, "kp_skd_event": SkdEvent}

@@ -361,6 +361,19 @@ class AgentConfig(BaseModel):
     object_path: Annotated[str | None, Flag("--object", file=True)] = Field(
         default=None, description="BPF object to load instead of the packaged one (upgrades are atomic)."
     )
+    socket_lb_destroy_connected_udp: bool = Field(
+        default=True,
+        description="With socket LB, destroy the connected UDP sockets it sent to a backend that left the "
+        "Service (ECONNABORTED: the application connects again and gets a live backend; Linux >= 6.5), in "
+        "every network namespace of the socket-LB cgroup's processes: other namespaces than the agent's "
+        "need CAP_SYS_ADMIN (setns), CAP_SYS_PTRACE and the host's PID namespace. Off: such sockets keep "
+        "their backend, and no namespace is entered.",
+    )
+    socket_lb_iter_object: Annotated[str | None, Flag(file=True)] = Field(
+        default=None,
+        description="BPF object of the socket iterators (connected UDP sockets follow their backend's "
+        "removal) to load instead of the packaged kproxy_iter.bpf.o.",
+    )
 
     @field_validator("node_ips")
     @classmethod

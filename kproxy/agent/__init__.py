@@ -12,6 +12,7 @@ One module per part; the Agent (core) owns them and runs them:
   sources    Sources: the file or Kubernetes source (kproxy.sources.kube, and so kopf, imported only
              for --source kubernetes), and whether SIGTERM is an uninstall
   serve      Servers: /healthz, healthCheckNodePorts and /metrics
+  udpsockets ConnectedUdp: socket LB's connected UDP sockets of removed backends destroyed after each sync
   errors     AgentError
 
 Pod interfaces are followed through netlink link events; a conntrack sweeper deletes expired entries.

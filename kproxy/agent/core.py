@@ -35,6 +35,7 @@ from .errors import AgentError
 from .serve import Servers
 from .sources import Sources
 from .syncloop import SyncLoop
+from .udpsockets import ConnectedUdp
 from .upkeep import DatapathConfig, Sweeper
 
 if TYPE_CHECKING:
@@ -57,8 +58,18 @@ class Agent:
         self.datapath_config = DatapathConfig(cfg, self.dataplane)
         self.sweeper = Sweeper(cfg, self.dataplane, self.datapath_config)
         self.servers = Servers(cfg)
+        self.connected_udp = ConnectedUdp(
+            self.dataplane,
+            lambda: self.servers.metrics,
+            cfg.socket_lb_iter_object,
+            self._slot_backends,
+            enabled=cfg.socket_lb_destroy_connected_udp,
+        )
         self.syncloop = SyncLoop(
-            cfg, self.servers, on_frontends_removed=self.datapath_config.frontends_removed
+            cfg,
+            self.servers,
+            on_frontends_removed=self.datapath_config.frontends_removed,
+            on_udp_left=self.connected_udp.removed,
         )
         self.sources = Sources(
             cfg,
@@ -89,6 +100,10 @@ class Agent:
     def syncer(self, syncer: Syncer | None) -> None:
         self.syncloop.syncer = syncer
 
+    def _slot_backends(self, family: int, svc_id: int) -> set[tuple[bytes, int]]:
+        syncer = self.syncer
+        return syncer.slot_backends(family, svc_id) if syncer is not None else set()
+
     @property
     def health(self) -> HealthServer | None:
         return self.servers.health
@@ -117,6 +132,7 @@ class Agent:
         self.datapath_config.write()
         self.dataplane.check_forwarding()
         self.dataplane.attach()
+        self.connected_udp.setup()  # after socket LB: its kp_sknat maps are pinned
 
     def apply_settings(self, settings: dict[str, str]) -> None:
         self.datapath_config.apply_settings(settings)
@@ -213,6 +229,7 @@ class Agent:
             asyncio.create_task(self._guard("pod follower", lambda: self.dataplane.follow_pods(self.stop))),
             asyncio.create_task(self._guard("source", lambda: self.sources.run(store))),
             asyncio.create_task(self._guard("sync", lambda: self.syncloop.run(store, maps))),
+            asyncio.create_task(self._guard("connected UDP sockets", self.connected_udp.run)),
             asyncio.create_task(
                 self._guard(
                     "conntrack sweeper",
@@ -226,6 +243,7 @@ class Agent:
         self.syncloop.close()
         self.sources.close()
         await self.servers.stop()
+        self.connected_udp.close()
         self.dataplane.close(remove=uninstall)
 
     async def _guard(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:

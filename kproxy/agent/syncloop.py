@@ -33,11 +33,17 @@ class SyncLoop:
     """Owns the Syncer (made when the loop starts) and the Event set after the first full apply."""
 
     def __init__(
-        self, cfg: AgentConfig, servers: Servers, *, on_frontends_removed: Callable[[], None]
+        self,
+        cfg: AgentConfig,
+        servers: Servers,
+        *,
+        on_frontends_removed: Callable[[], None],
+        on_udp_left: Callable[[list[tuple[int, int, bytes, int]]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.servers = servers
         self.on_frontends_removed = on_frontends_removed
+        self.on_udp_left = on_udp_left  # UDP backends left service ports (ApplyReport.udp_left)
         self.syncer: Syncer | None = None
         self.synced = asyncio.Event()  # first full apply done
         self.metadata = ServiceMetadata(cfg)
@@ -82,6 +88,8 @@ class SyncLoop:
         ms = (time.monotonic() - t0) * 1000
         if report.tcp_frontends_removed:
             self.on_frontends_removed()
+        if report.udp_left and self.on_udp_left is not None:
+            self.on_udp_left(report.udp_left)  # queued: destroyed off the sync's path
         if report.changed or full:
             # One line per sync would be one line per watch event under steady churn: the small ones
             # are debug (kproxy_sync_duration_seconds and kproxy_services_changed count them all).

@@ -46,6 +46,7 @@ PERCPU_MAP_TYPES = frozenset(
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
 BPF_XDP = 37  # attach type of an XDP link
+BPF_TRACE_ITER = 28  # attach type of an iterator link (iter/udp...)
 XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP in the driver; without it the kernel may pick generic (skb) XDP
 BPF_LINK_TYPE_TCX = 11
 BPF_LINK_TYPE_XDP = 6
@@ -259,6 +260,10 @@ _PROTOS: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_create": (_c_int, [_c_int, _c_int, _c_int, _c_void_p]),
     "bpf_link_update": (_c_int, [_c_int, _c_int, ctypes.POINTER(_LinkUpdateOpts)]),
     "bpf_link_detach": (_c_int, [_c_int]),
+    "bpf_iter_create": (_c_int, [_c_int]),
+    "btf__load_vmlinux_btf": (_c_void_p, []),
+    "btf__find_by_name_kind": (_c_int, [_c_void_p, _c_char_p, ctypes.c_uint32]),
+    "btf__free": (None, [_c_void_p]),
     "bpf_prog_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
     "bpf_map_get_fd_by_id": (_c_int, [ctypes.c_uint32]),
     "bpf_prog_load": (_c_int, [_c_int, _c_char_p, _c_char_p, _c_void_p, _c_size_t, _c_void_p]),
@@ -934,6 +939,30 @@ def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int = 0, what: str 
 
 def link_detach(link_fd: int, what: str = "") -> None:
     _check(lib().bpf_link_detach(link_fd), f"detach link {what or link_fd}")
+
+
+def iter_create(link_fd: int, what: str = "") -> Fd:
+    """A new iterator of an iterator link (BPF_TRACE_ITER): read it to the end to run its program. A
+    network iterator (iter/udp, iter/tcp) walks the network namespace of the thread calling this."""
+    fd = _check(lib().bpf_iter_create(link_fd), f"create iterator {what or link_fd}")
+    return Fd(fd, f"iterator {what}")
+
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_FUNC = 12
+
+
+def vmlinux_btf_has(name: str, kind: int) -> bool | None:
+    """Whether the running kernel's BTF has a type NAME of KIND (BTF_KIND_FUNC: a kfunc or kernel
+    function); None when the kernel's BTF cannot be read."""
+    lb = lib()
+    btf = lb.btf__load_vmlinux_btf()
+    if not btf:  # libbpf 1.x: NULL and errno on failure
+        return None
+    try:
+        return bool(lb.btf__find_by_name_kind(btf, name.encode(), kind) > 0)
+    finally:
+        lb.btf__free(btf)
 
 
 # ---- test runs ----

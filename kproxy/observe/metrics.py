@@ -186,6 +186,27 @@ class Metrics:
             "be (the log and `kproxy status` say why).",
             registry=r,
         )
+        self.udp_sockets_destroyed = Counter(
+            "kproxy_socket_lb_udp_sockets_destroyed",
+            "Connected UDP sockets of socket load balancing destroyed (ECONNABORTED) because their backend "
+            "left the Service they reached it through, by IP family of the flow.",
+            ["family"],
+            registry=r,
+        )
+        self.udp_destroy_errors = Counter(
+            "kproxy_socket_lb_udp_destroy_errors",
+            "Connected UDP sockets of a removed backend that bpf_sock_destroy could not destroy.",
+            registry=r,
+        )
+        self.udp_removals_unhandled = Counter(
+            "kproxy_socket_lb_udp_removals_unhandled",
+            "UDP backends that left a Service port whose connected sockets were not looked for, by reason: "
+            "unsupported (the kernel has no bpf_sock_destroy, Linux >= 6.5, or no UDP socket iterator), "
+            "error (a run of the iterator failed; the log says why), disabled "
+            "(--no-socket-lb-destroy-connected-udp).",
+            ["reason"],
+            registry=r,
+        )
         self.maps: Any = None
         self.store: Any = None
         self.registry.register(_MapCollector(self))

@@ -169,6 +169,9 @@ class ApplyReport:
     ct_flushed: int = 0
     aff_flushed: int = 0
     tcp_frontends_removed: int = 0  # deleted while their connections may live on (orphan_until_ns)
+    # UDP backends that left a service port: (family 4|6, svc_id, address NBO bytes, port NBO), for the
+    # agent to destroy the connected sockets socket LB sent there (kproxy.bpf.sockdestroy)
+    udp_left: list[tuple[int, int, bytes, int]] = field(default_factory=list)
     services: int = 0  # services applied (planned), changed or not
     # sync_dirty: monotonic time of each synced Service's first change (network programming latency)
     first_change: dict[str, float] = field(default_factory=dict)
@@ -201,3 +204,4 @@ class ApplyReport:
         self.ct_flushed += other.ct_flushed
         self.aff_flushed += other.aff_flushed
         self.tcp_frontends_removed += other.tcp_frontends_removed
+        self.udp_left.extend(other.udp_left)

@@ -105,6 +105,22 @@ class FamilySyncer:
     def svc_id(self, service: str, port_name: str, protocol: str) -> int | None:
         return self._svc_ids.ids.get((service, port_name, PROTO[protocol]))
 
+    def slot_backends(self, svc_id: int) -> set[tuple[bytes, int]]:
+        """The backends in SVC_ID's slots now, as ApplyReport.udp_left names them: (address bytes in
+        network order, port a network-order int). Empty when no Service port has that id."""
+        sp = self._svc_ids.owner.get(svc_id)
+        svc = self._services.get(sp[0]) if sp is not None else None
+        if svc is None:
+            return set()
+        where = (1 << self.fam.proto_shift) - 1
+        vals = self._backends.vals
+        out: set[tuple[bytes, int]] = set()
+        for b in svc.active_ids().get(svc_id, ()):
+            val = vals.get(b)
+            if val is not None:
+                out.add(writer.address_and_port(self.fam, val & where))
+        return out
+
     @property
     def svc_ids_version(self) -> int:
         """Bumped whenever a service port gets or loses its id (service_ports())."""
@@ -486,6 +502,11 @@ class Syncer:
     def svc_id(self, service: str, port_name: str, protocol: str, family: int = 4) -> int | None:
         """The service-port id of the port's frontends of FAMILY (4 or 6)."""
         return (self.v6 if family == 6 else self.v4).svc_id(service, port_name, protocol)
+
+    def slot_backends(self, family: int, svc_id: int) -> set[tuple[bytes, int]]:
+        """The backends in the slots of FAMILY's service port SVC_ID now, as ApplyReport.udp_left names
+        them (address bytes, network-order port): a backend reported as left may be back since."""
+        return (self.v6 if family == 6 else self.v4).slot_backends(svc_id)
 
     @property
     def svc_ids_version(self) -> int:

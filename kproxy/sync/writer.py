@@ -7,6 +7,7 @@ joined into one buffer per map that the map writes in kernel-sized batches: no p
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -170,6 +171,9 @@ class Flush:
     aff_freed: set[int] = field(default_factory=set)
     udp_pairs: set[tuple[int, int]] = field(default_factory=set)
     aff_pairs: set[tuple[int, int]] = field(default_factory=set)
+    # (svc_id, BVal's address and port) of UDP backends that left a service port, whether their id was
+    # freed or not, unless the same address and port is in that port's slots under another id
+    udp_left: set[tuple[int, int]] = field(default_factory=set)
 
 
 def free_and_flush(
@@ -202,8 +206,10 @@ def free_and_flush(
                 if sid in affinity_sids:
                     aff_backends.update(ids)
     bval_proto = fm.fam.bval_proto
+    freed_vals: dict[int, int] = {}
     if freed:
-        for b, freed_val in backends.release(freed).items():
+        freed_vals = backends.release(freed)
+        for b, freed_val in freed_vals.items():
             if bval_proto(freed_val) == abi.IPPROTO_UDP:
                 udp_freed.add(b)
         aff_freed.update(aff_backends.intersection(freed))
@@ -213,23 +219,48 @@ def free_and_flush(
     udp_pairs = flush.udp_pairs
     aff_pairs = flush.aff_pairs
     vals = backends.vals
+    where = (1 << fm.fam.proto_shift) - 1  # a BVal's address and port
     for p in plans:
         new_active = p.new.active_ids()
         for sid, ids in p.old.active_ids().items():
-            gone = set(ids).difference(new_active.get(sid, ()))
+            stay = new_active.get(sid, ())
+            gone = set(ids).difference(stay)
+            left: set[int] = set()
             for b in gone:
+                val = freed_vals.get(b) if b in freed else vals.get(b)
+                udp = val is not None and bval_proto(val) == abi.IPPROTO_UDP
+                if udp and val is not None:
+                    left.add(val & where)
                 if b in freed:
                     continue
-                val = vals.get(b)
-                if val is not None and bval_proto(val) == abi.IPPROTO_UDP:
+                if udp:
                     udp_pairs.add((b, sid))
                 if sid in affinity_sids:
                     aff_pairs.add((b, sid))
+            if left:
+                for b in stay:
+                    val = vals.get(b)
+                    if val is not None:
+                        left.discard(val & where)
+                flush.udp_left.update((sid, w) for w in left)
     if not later:
         run_flush(fm, flush, report)
 
 
+def address_and_port(fam: Family, w: int) -> tuple[bytes, int]:
+    """A BVal's address and port (BVAL & (1 << proto_shift) - 1) as the maps hold them: the address's
+    bytes in network order, the port a network-order int (ApplyReport.udp_left's form)."""
+    addr = w & fam.addr_mask
+    raw = addr.to_bytes(4, sys.byteorder) if fam.version == 4 else addr.to_bytes(fam.addr_bits // 8, "big")
+    return raw, (w >> fam.port_shift) & 0xFFFF
+
+
 def run_flush(fm: FamilyMaps, flush: Flush, report: ApplyReport) -> None:
+    if flush.udp_left:
+        fam = fm.fam
+        for sid, w in sorted(flush.udp_left):
+            report.udp_left.append((fam.version, sid, *address_and_port(fam, w)))
+        flush.udp_left.clear()
     if flush.udp_freed or flush.udp_pairs:
         report.ct_flushed += flush_udp_conntrack(fm.ct, flush.udp_freed, flush.udp_pairs)
     if flush.aff_freed or flush.aff_pairs:

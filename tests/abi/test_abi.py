@@ -186,8 +186,18 @@ def test_skb_ctx_size_matches_kernel() -> None:
 # docs/install.md: 5.10 and later). A newer helper (bpf_xdp_load_bytes, 5.18, was one) makes the verifier
 # refuse the whole object on older nodes, whatever the agent's flags. kproxy_sock.bpf.o: bpf_set_retval
 # (5.18; docs/socket-lb.md: without it the agent runs without socket load balancing and says so).
+# kproxy_iter.bpf.o: bpf_seq_write (5.7), but it needs 6.5 for its kfunc (KFUNCS; docs/socket-lb.md:
+# without it the agent keeps socket LB, warns that connected UDP sockets keep their backend, and counts).
 SOCK_OBJECT = TC_OBJECT.with_name("kproxy_sock.bpf.o")
-NEWEST_HELPER = {TC_OBJECT: (152, "5.10"), SOCK_OBJECT: (187, "5.18")}  # redirect_neigh, set_retval
+ITER_OBJECT = TC_OBJECT.with_name("kproxy_iter.bpf.o")
+NEWEST_HELPER = {
+    TC_OBJECT: (152, "5.10"),  # redirect_neigh
+    SOCK_OBJECT: (187, "5.18"),  # set_retval
+    ITER_OBJECT: (127, "5.7"),  # seq_write
+}
+# The kfuncs each object may call (extern functions in its BTF), and the kernel that has them. An object
+# calling one its kernel lacks does not load at all: only an object whose loss the agent survives may.
+KFUNCS = {TC_OBJECT: {}, SOCK_OBJECT: {}, ITER_OBJECT: {"bpf_sock_destroy": "6.5"}}
 
 
 def helper_calls(path: Path) -> dict[str, set[int]]:
@@ -211,7 +221,30 @@ def helper_calls(path: Path) -> dict[str, set[int]]:
     return calls
 
 
-@pytest.mark.parametrize("path", [TC_OBJECT, SOCK_OBJECT], ids=["tc", "sock"])
+@pytest.mark.parametrize("path", [TC_OBJECT, SOCK_OBJECT, ITER_OBJECT], ids=["tc", "sock", "iter"])
+def test_objects_call_no_kfunc_but_their_own(path: Path) -> None:
+    if not path.exists():
+        pytest.skip("make bpf first")
+    externs = {
+        t["name"] for t in Btf(path).types.values() if t["kind"] == "FUNC" and t.get("linkage") == "extern"
+    }
+    assert externs == set(KFUNCS[path]), f"{path.name} calls kfuncs {externs}, expected {set(KFUNCS[path])}"
+
+
+@pytest.mark.parametrize("name", sorted(abi.ITER_BTF_NAMES))
+def test_iter_struct_layout_matches_btf(name: str) -> None:
+    if not ITER_OBJECT.exists():
+        pytest.skip("make bpf first")
+    btf = Btf(ITER_OBJECT)
+    mirror = abi.ITER_BTF_NAMES[name]
+    struct = btf.named("STRUCT", name)
+    assert struct["size"] == ctypes.sizeof(mirror), f"struct {name}: C size vs ctypes {mirror.__name__}"
+    c_members = [(m["name"], m["bits_offset"] // 8, btf.size(m["type_id"])) for m in struct["members"]]
+    py_members = [(f, getattr(mirror, f).offset, getattr(mirror, f).size) for f, *_ in mirror._fields_]
+    assert py_members == c_members, f"struct {name}: (field, offset, size) differ between abi.h and abi.py"
+
+
+@pytest.mark.parametrize("path", [TC_OBJECT, SOCK_OBJECT, ITER_OBJECT], ids=["tc", "sock", "iter"])
 def test_objects_call_no_helper_newer_than_the_oldest_kernel(path: Path) -> None:
     if not path.exists():
         pytest.skip("make bpf first")

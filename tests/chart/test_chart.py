@@ -49,11 +49,16 @@ AGENT_FLAGS = {
     "--dsr-mode",
     "--socket-lb-cgroup",
     "--socket-lb-allow-root-cgroup",
+    "--socket-lb-destroy-connected-udp",
+    "--no-socket-lb-destroy-connected-udp",
     "--daemonset",
     "--keep-dataplane-on-uninstall",
 }
 
 AGENT_CAPS = ["BPF", "NET_ADMIN", "PERFMON"]
+# socketLB.destroyConnectedUDP (on by default, with socket LB): setns into pod network namespaces, and
+# opening /proc/PID/ns/net of their processes (with hostPID)
+UDP_DESTROY_CAPS = ["SYS_ADMIN", "SYS_PTRACE"]
 MOUNT_BPFFS_CAPS = ["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"]
 CLEANUP_CAPS = ["NET_ADMIN", "NET_RAW"]
 
@@ -234,6 +239,7 @@ def test_default_agent_flags(render: Renderer) -> None:
         "--pod-ifaces=veth*",
         "--socket-lb-cgroup=/run/kproxy/cgroupv2",
         "--socket-lb-allow-root-cgroup",
+        "--socket-lb-destroy-connected-udp",
     ]
 
 
@@ -304,8 +310,22 @@ def _dsr(mode: str) -> Any:
 
 def _socket_lb_off(docs: list[dict[str, Any]]) -> None:
     _no_flag("--socket-lb-cgroup")(docs)
-    assert "--socket-lb-allow-root-cgroup" not in agent_args(docs)
+    args = agent_args(docs)
+    assert "--socket-lb-allow-root-cgroup" not in args
+    assert not [a for a in args if "destroy-connected-udp" in a]
     assert "cgroup" not in {v["name"] for v in pod_spec(docs)["volumes"]}
+    # nothing to destroy without socket LB: no host PIDs, no setns
+    assert "hostPID" not in pod_spec(docs)
+    assert not set(UDP_DESTROY_CAPS) & set(caps(container(docs, "agent")))
+
+
+def _udp_destroy_off(docs: list[dict[str, Any]]) -> None:
+    args = agent_args(docs)
+    assert "--no-socket-lb-destroy-connected-udp" in args and "--socket-lb-destroy-connected-udp" not in args
+    _flag("--socket-lb-cgroup", "/run/kproxy/cgroupv2")(docs)
+    assert "hostPID" not in pod_spec(docs)
+    assert caps(container(docs, "agent")) == AGENT_CAPS
+    assert container(docs, "agent")["securityContext"]["allowPrivilegeEscalation"] is False
 
 
 def _cgroup_path(docs: list[dict[str, Any]]) -> None:
@@ -374,7 +394,8 @@ def _privileged(docs: list[dict[str, Any]]) -> None:
 
 
 def _legacy_memlock(docs: list[dict[str, Any]]) -> None:
-    assert caps(container(docs, "agent")) == [*AGENT_CAPS, "SYS_RESOURCE"]
+    more = UDP_DESTROY_CAPS if "--socket-lb-destroy-connected-udp" in agent_args(docs) else []
+    assert caps(container(docs, "agent")) == [*AGENT_CAPS, "SYS_RESOURCE", *more]
 
 
 def _cleanup(docs: list[dict[str, Any]]) -> None:
@@ -495,6 +516,12 @@ OPTIONS: list[tuple[str, dict[str, Any], Any]] = [
         _conntrack,
     ),
     ("socket-lb-off", {"socketLB": {"enabled": False}}, _socket_lb_off),
+    (
+        "socket-lb-off-destroy-on",
+        {"socketLB": {"enabled": False, "destroyConnectedUDP": True}},
+        _socket_lb_off,
+    ),
+    ("udp-destroy-off", {"socketLB": {"destroyConnectedUDP": False}}, _udp_destroy_off),
     ("socket-lb-cgroup", {"socketLB": {"cgroupPath": "/sys/fs/cgroup/unified"}}, _cgroup_path),
     ("log-level", {"logLevel": "debug"}, _flag("--log-level", "debug")),
     (
@@ -627,24 +654,59 @@ def test_rbac_is_exactly_read_services_slices_nodes_service_cidrs_own_configmap_
 
 def test_capabilities_are_exactly_the_documented_ones(render: Renderer) -> None:
     docs = render({"cleanupKubeProxy": {"enabled": True}})
-    expected = {"agent": AGENT_CAPS, "mount-bpf-fs": MOUNT_BPFFS_CAPS, "cleanup-kube-proxy": CLEANUP_CAPS}
+    expected = {
+        "agent": [*AGENT_CAPS, *UDP_DESTROY_CAPS],
+        "mount-bpf-fs": MOUNT_BPFFS_CAPS,
+        "cleanup-kube-proxy": CLEANUP_CAPS,
+    }
     for name, want in expected.items():
         sc = container(docs, name)["securityContext"]
         assert sc["privileged"] is False
         assert sc["capabilities"] == {"drop": ["ALL"], "add": want}, name
-    assert container(docs, "agent")["securityContext"]["allowPrivilegeEscalation"] is False
     assert container(docs, "cleanup-kube-proxy")["securityContext"]["allowPrivilegeEscalation"] is False
     # The API refuses allowPrivilegeEscalation: false next to SYS_ADMIN; mount(2) also needs AppArmor off.
     assert "allowPrivilegeEscalation" not in container(docs, "mount-bpf-fs")["securityContext"]
+    assert "allowPrivilegeEscalation" not in container(docs, "agent")["securityContext"]
     assert container(docs, "mount-bpf-fs")["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
     spec = pod_spec(docs)
-    assert not spec.get("hostPID") and not spec.get("hostIPC")
+    assert spec["hostPID"] is True and not spec.get("hostIPC")  # socketLB.destroyConnectedUDP
+    assert "appArmorProfile" not in container(docs, "agent")["securityContext"]
+
+
+@pytest.mark.parametrize(
+    ("socket_lb", "destroy", "needed"),
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, False)],
+)
+def test_host_pids_and_setns_capabilities_exactly_when_udp_sockets_are_destroyed(
+    render: Renderer, socket_lb: bool, destroy: bool, needed: bool
+) -> None:
+    """hostPID, SYS_ADMIN and SYS_PTRACE only when socket LB is on and socketLB.destroyConnectedUDP: the
+    agent then walks the network namespaces of the socket-LB cgroup's processes; otherwise it never
+    enters a namespace, and the flag it gets says so."""
+    docs = render({"socketLB": {"enabled": socket_lb, "destroyConnectedUDP": destroy}})
+    validate_k8s(docs)
+    spec = pod_spec(docs)
+    agent = container(docs, "agent")
+    args = agent_args(docs)
+    assert spec.get("hostPID", False) is needed
+    assert caps(agent) == (AGENT_CAPS + UDP_DESTROY_CAPS if needed else AGENT_CAPS)
+    assert ("allowPrivilegeEscalation" in agent["securityContext"]) is not needed
+    flags = [a for a in args if a.endswith("socket-lb-destroy-connected-udp")]
+    if not socket_lb:
+        assert flags == []
+    else:
+        assert flags == (
+            ["--socket-lb-destroy-connected-udp"] if destroy else ["--no-socket-lb-destroy-connected-udp"]
+        )
 
 
 def test_every_capability_is_justified_in_a_comment() -> None:
     text = (CHART / "templates" / "agent" / "daemonset.yaml").read_text()
     for cap in {*AGENT_CAPS, *MOUNT_BPFFS_CAPS, *CLEANUP_CAPS, "SYS_RESOURCE"}:
         assert re.search(rf"^\s*{cap}( \(.*\))?: \S", text, re.M), f"no comment justifying {cap}"
+    for cap in UDP_DESTROY_CAPS:  # the agent container's own reasons, not the init container's
+        assert re.search(rf"^\s*{cap} \(socketLB.destroyConnectedUDP only\): \S", text, re.M), cap
+    assert re.search(r"^\s*# socketLB.destroyConnectedUDP: .*\n(\s*#.*\n)*\s*hostPID: true", text, re.M)
 
 
 @pytest.mark.parametrize("health_port", [10256, 20256])

@@ -848,7 +848,7 @@ def test_work_after_restarting_proxy(k8s: Cluster, it: str) -> None:
 
 # ---- conntrack.go: UDP flows while endpoints change ----
 PROBER = r"""
-import json, select, socket, sys, time
+import errno, json, select, socket, sys, time
 p = json.loads(sys.argv[1])
 def new_sock():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -884,6 +884,14 @@ while True:
         out.update(pod=msg["pod"], port=msg["port"], client=msg["client"])
     except OSError as e:
         out["error"] = "%s: %s" % (type(e).__name__, e)
+        # socket LB destroyed the socket (its backend left the Service): it is no longer connected, and
+        # an application connects it again, as a resolver or a Go client does (not after a timeout)
+        if one is not None and e.errno in (errno.ECONNABORTED, errno.EDESTADDRREQ, errno.ENOTCONN):
+            try:
+                one.connect((p["addr"], p["port"]))
+                out["reconnected"] = True
+            except OSError as e2:
+                out["reconnect_error"] = str(e2)
     finally:
         if one is None and s is not None:
             s.close()
@@ -995,15 +1003,17 @@ CYCLES = {
 }
 
 
-# A connected UDP socket of a node process keeps the backend socket LB gave it at connect(): kproxy
-# does not destroy such sockets yet (issue 17), a documented gap.
-GAP_CONNECTED_UDP = "docs/kube-proxy-differences.md#not-yet-the-same-open-work (socket LB, connected UDP)"
+# A connected UDP socket of a node process keeps the backend socket LB gave it at connect() unless the
+# agent can destroy it when that backend leaves (issue 17: bpf_sock_destroy, Linux >= 6.5); without it,
+# a documented gap.
+GAP_CONNECTED_UDP = "docs/socket-lb.md#connected-udp-sockets (a kernel without bpf_sock_destroy)"
 
 
 def _cycle_param(t: str, v: Cycle) -> Any:
-    marks = (
-        [pytest.mark.xfail(strict=True, reason=GAP_CONNECTED_UDP)] if v.src == "node" and v.one_socket else []
-    )
+    from kproxy.bpf.sockdestroy import missing_kernel_feature
+
+    gap = v.src == "node" and v.one_socket and missing_kernel_feature() is not None
+    marks = [pytest.mark.xfail(strict=True, reason=GAP_CONNECTED_UDP)] if gap else []
     return pytest.param(v, id=f"{CONNTRACK_GO}: {t}", marks=marks)
 
 

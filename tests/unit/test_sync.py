@@ -816,3 +816,40 @@ def test_two_services_wanting_one_new_frontend_in_one_batch_the_first_wins():
     assert s.apply({"a/x": []}).retry == {"a/y"}
     s.apply({"a/y": [fe([be("10.0.0.2")], service="a/y")]})
     assert slots(maps) == ["10.0.0.2"]
+
+
+# ---- UDP backends that left a service port, for socket LB's connected sockets (issue 17) ----
+def _left(r: Any) -> set[tuple[int, int, str, int]]:
+    import socket
+
+    return {(f, sid, socket.inet_ntoa(a), socket.ntohs(p)) for f, sid, a, p in r.udp_left}
+
+
+def test_udp_backends_leaving_a_service_port_are_reported_tcp_ones_not():
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    udp = [be("10.0.0.1", 53, "UDP"), be("10.0.0.2", 53, "UDP")]
+    tcp = [be("10.0.0.1"), be("10.0.0.2")]
+    r = s.apply({"default/web": [fe(udp, port=53, proto="UDP", port_name="dns"), fe(tcp)]})
+    assert r.udp_left == []
+    usid = s.svc_id("default/web", "dns", "UDP")
+    # 10.0.0.2 leaves both ports (its UDP id is freed); only the UDP one is reported
+    r = s.apply({"default/web": [fe(udp[:1], port=53, proto="UDP", port_name="dns"), fe(tcp[:1])]})
+    assert _left(r) == {(4, usid, "10.0.0.2", 53)}
+    # the Service goes: its last backend left too
+    r = s.apply({"default/web": []})
+    assert _left(r) == {(4, usid, "10.0.0.1", 53)}
+
+
+def test_udp_backend_kept_by_a_service_port_and_left_by_another_is_reported_for_that_one():
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    udp = [be("10.0.0.1", 53, "UDP"), be("10.0.0.2", 53, "UDP")]
+    dns: dict[str, Any] = {"port": 53, "proto": "UDP", "port_name": "dns"}
+    s.apply({
+        "default/a": [fe(udp, service="default/a", **dns)],
+        "default/b": [fe(udp, service="default/b", address="10.96.0.11", **dns)],
+    })  # fmt: skip
+    a, b = s.svc_id("default/a", "dns", "UDP"), s.svc_id("default/b", "dns", "UDP")
+    r = s.apply({"default/a": [fe(udp[:1], service="default/a", port=53, proto="UDP", port_name="dns")]})
+    assert _left(r) == {(4, a, "10.0.0.2", 53)} and a != b

@@ -678,3 +678,18 @@ def test_services_json_names_both_families_ids(tmp_path: Any, monkeypatch: pytes
     agent.syncer.apply({"default/web": [fe([be("10.0.0.1")], address=VIP4)]})  # the IPv6 port goes
     agent.syncloop.metadata.write(agent.syncer)
     assert read_metadata(agent.cfg.bpffs) == {sid4: entry}
+
+
+def test_udp_backend_leaving_an_ipv6_service_port_is_reported_with_its_address():
+    import socket
+
+    maps = MemoryMapSet()
+    s = Syncer(maps)
+    udp = [be("fd00:10::1", 53, "UDP"), be("fd00:10::2", 53, "UDP")]
+    s.apply({"default/dns": [fe(udp, service="default/dns", port=53, proto="UDP", port_name="dns")]})
+    sid = s.svc_id("default/dns", "dns", "UDP", family=6)
+    r = s.apply({"default/dns": [fe(udp[:1], service="default/dns", port=53, proto="UDP", port_name="dns")]})
+    assert [(f, i, socket.inet_ntop(socket.AF_INET6, a), socket.ntohs(p)) for f, i, a, p in r.udp_left] == [
+        (6, sid, "fd00:10::2", 53)
+    ]
+    assert sid >= ID6_BASE

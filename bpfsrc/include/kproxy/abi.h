@@ -496,6 +496,36 @@ struct kp_sknat6_val {
 	__u32  backend_id;  /* HBO backend id chosen (kp_be6_v1 key) */
 };
 
+/* ---- connected UDP sockets of removed backends (kproxy_iter.bpf.c, iter/udp + bpf_sock_destroy) ---- */
+#define KP_MAP_SKD      kp_skd_v1    /* hash: (family, svc_id, backend) that left a Service, for one iteration */
+#define KP_SKD_MAX      4096         /* entries per iteration; the agent runs more iterations for more */
+
+/*
+ * A backend that left a Service in one sync. The agent fills kp_skd_v1 with them, runs the UDP socket
+ * iterator in each network namespace of the socket-LB cgroup, then empties it. A connected UDP socket
+ * whose peer is ADDR:PORT and whose reverse entry (kp_sknat4_v1 / kp_sknat6_v1: same cookie, same
+ * backend) names SVC_ID is destroyed (ECONNABORTED): it reached that backend through that Service.
+ * Not pinned: it lives as long as the agent's iterator.
+ */
+struct kp_skd_key {
+	union kp_in6 addr;  /* NBO backend address; IPv4: w[0], words 1..3 zero */
+	__u32  svc_id;      /* HBO service-port id the backend left */
+	__be16 port;        /* NBO backend port */
+	__u8   family;      /* 4 or 6: the flow's family (a v4-mapped peer of an AF_INET6 socket is 4) */
+	__u8   proto;       /* IPPROTO_UDP */
+};
+
+/* What the iterator writes (bpf_seq_write) for each socket it matched, destroyed or not. */
+struct kp_skd_event {
+	__u64  cookie;      /* HBO socket cookie */
+	union kp_in6 addr;  /* NBO backend (peer) address; IPv4: w[0] */
+	__u32  svc_id;      /* HBO service-port id (kp_sknat*_val.svc_id) */
+	__s32  err;         /* HBO bpf_sock_destroy() result: 0, or -errno */
+	__be16 port;        /* NBO backend port */
+	__u8   family;      /* 4 or 6, as kp_skd_key.family */
+	__u8   pad[5];      /* zero */
+};
+
 /* ---- loadBalancerSourceRanges (LPM trie) ---- */
 #define KP_MAP_LBSRC4   kp_lbsrc4_v1 /* LPM trie (svc_id, source prefix) -> allowed, for KP_SVC_F_SRC_RANGES */
 #define KP_LBSRC4_MAX   65536

@@ -37,6 +37,15 @@ never the bpffs root, where other tools (Cilium, Calico, systemd) keep their pin
 */}}
 {{- define "kproxy.pinDir" -}}/sys/fs/bpf/kproxy{{- end -}}
 
+{{/*
+"true" when the agent destroys connected UDP sockets of removed backends in every network namespace (the
+pod gets hostPID, the agent SYS_ADMIN and SYS_PTRACE), "" otherwise: socket LB on and
+socketLB.destroyConnectedUDP.
+*/}}
+{{- define "kproxy.destroyConnectedUDP" -}}
+{{- if and .Values.socketLB.enabled .Values.socketLB.destroyConnectedUDP -}}true{{- end -}}
+{{- end -}}
+
 {{/* Where the host's cgroup v2 directory is mounted inside the agent container. */}}
 {{- define "kproxy.cgroupMountPath" -}}/run/kproxy/cgroupv2{{- end -}}
 
