@@ -140,7 +140,10 @@ class ConnectedUdp:
             return None
         m = self.metrics()
         denied: list[str] = []
-        namespaces = cgroup_namespaces(self.dataplane.socket_lb_cgroup, denied=denied)
+        # --socket-lb-host-netns-only: the hooks translate only sockets of the agent's own namespace, so
+        # no other namespace holds a socket to look for (nor needs the host's PIDs and CAP_SYS_PTRACE)
+        cgroup = None if self.dataplane.cfg.socket_lb_host_netns_only else self.dataplane.socket_lb_cgroup
+        namespaces = cgroup_namespaces(cgroup, denied=denied)
         if denied and not self._said_denied:
             self._said_denied = True  # once: host processes an LSM hides are mostly in the agent's namespace
             log.warning(

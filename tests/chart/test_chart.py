@@ -674,16 +674,25 @@ def test_capabilities_are_exactly_the_documented_ones(render: Renderer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("socket_lb", "destroy", "needed"),
-    [(True, True, True), (True, False, False), (False, True, False), (False, False, False)],
+    ("socket_lb", "destroy", "host_only", "needed"),
+    [
+        (True, True, False, True),
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, False, False),
+        (True, True, True, False),
+    ],
 )
 def test_host_pids_and_setns_capabilities_exactly_when_udp_sockets_are_destroyed(
-    render: Renderer, socket_lb: bool, destroy: bool, needed: bool
+    render: Renderer, socket_lb: bool, destroy: bool, host_only: bool, needed: bool
 ) -> None:
     """hostPID, SYS_ADMIN and SYS_PTRACE only when socket LB is on and socketLB.destroyConnectedUDP: the
     agent then walks the network namespaces of the socket-LB cgroup's processes; otherwise it never
-    enters a namespace, and the flag it gets says so."""
-    docs = render({"socketLB": {"enabled": socket_lb, "destroyConnectedUDP": destroy}})
+    enters a namespace, and the flag it gets says so. socketLB.hostNamespaceOnly: pod sockets are not
+    balanced at the socket, so only the agent's own namespace is walked and none of them is needed."""
+    docs = render(
+        {"socketLB": {"enabled": socket_lb, "destroyConnectedUDP": destroy, "hostNamespaceOnly": host_only}}
+    )
     validate_k8s(docs)
     spec = pod_spec(docs)
     agent = container(docs, "agent")

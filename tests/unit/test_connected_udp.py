@@ -43,9 +43,12 @@ class FakeDestroyer:
         pass
 
 
-def agent_part(attached: bool, cgroup: str | None = None) -> tuple[ConnectedUdp, Metrics]:
+def agent_part(
+    attached: bool, cgroup: str | None = None, host_only: bool = False
+) -> tuple[ConnectedUdp, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    dp = SimpleNamespace(socklb=object() if attached else None, socket_lb_cgroup=cgroup, cfg=None)
+    cfg = SimpleNamespace(socket_lb_host_netns_only=host_only)
+    dp = SimpleNamespace(socklb=object() if attached else None, socket_lb_cgroup=cgroup, cfg=cfg)
     return ConnectedUdp(dp, lambda: metrics), metrics  # type: ignore[arg-type]
 
 
@@ -260,3 +263,28 @@ def test_closing_waits_for_the_run_in_progress(monkeypatch: Any) -> None:
     runner.join(5)
     closer.join(5)
     assert closed == ["link"] and d.link is None
+
+
+def test_host_namespace_only_walks_the_agents_namespace_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    """--socket-lb-host-netns-only: the hooks translate only the agent's namespace's sockets, so the
+    cgroup's other processes are not even looked at (no hostPID or CAP_SYS_PTRACE needed)."""
+    (tmp_path / "cgroup.procs").write_text(f"{os.getpid()}\n1\n")
+    opened: list[str] = []
+    real_open = os.open
+
+    def record(path: Any, *a: Any, **kw: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", record)
+    cgroup_pids = [f"/proc/{os.getpid()}/ns/net", "/proc/1/ns/net"]
+    for host_only in (True, False):
+        opened.clear()
+        part, _ = agent_part(attached=True, cgroup=str(tmp_path), host_only=host_only)
+        fake = FakeDestroyer()
+        part.destroyer = fake  # type: ignore[assignment]
+        part.run_once([Removal(4, 7, ADDR, 53)])
+        walked = [p for p in opened if p.endswith("/ns/net")]
+        assert walked == ["/proc/self/ns/net"] + ([] if host_only else cgroup_pids)
+        ((_, spaces),) = fake.calls
+        assert [n.what for n in spaces][:1] == ["agent"]

@@ -39,11 +39,12 @@ never the bpffs root, where other tools (Cilium, Calico, systemd) keep their pin
 
 {{/*
 "true" when the agent destroys connected UDP sockets of removed backends in every network namespace (the
-pod gets hostPID, the agent SYS_ADMIN and SYS_PTRACE), "" otherwise: socket LB on and
-socketLB.destroyConnectedUDP.
+pod gets hostPID, the agent SYS_ADMIN and SYS_PTRACE), "" otherwise: socket LB on,
+socketLB.destroyConnectedUDP, and not socketLB.hostNamespaceOnly (pod sockets are then not balanced at the
+socket: only the agent's own namespace can hold one to destroy).
 */}}
 {{- define "kproxy.destroyConnectedUDP" -}}
-{{- if and .Values.socketLB.enabled .Values.socketLB.destroyConnectedUDP -}}true{{- end -}}
+{{- if and .Values.socketLB.enabled .Values.socketLB.destroyConnectedUDP (not .Values.socketLB.hostNamespaceOnly) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Where the host's cgroup v2 directory is mounted inside the agent container. */}}
