@@ -48,6 +48,12 @@ KFUNC = "bpf_sock_destroy"
 # output of the socket being shown and shows it again on the next read, but a destroyed socket has left
 # its hash bucket by then: its record would be lost (measured: 1 in 1,000 with 64 KiB reads).
 READ_CHUNK = 4096
+# Walks of one namespace while the last one destroyed sockets and took more than one read. Linux 6.5 to
+# 6.15 resume a UDP iterator inside a hash bucket by counting sockets: when a read ends mid-bucket after
+# sockets of that bucket were destroyed (they left it), the next read skips as many live ones. A walk
+# that fits in one read never resumes; another walk finds the skipped ones (later kernels resume by
+# socket cookie, and the extra walk finds nothing).
+MAX_WALKS = 4
 
 
 def default_object_path() -> str:
@@ -340,8 +346,12 @@ class SockDestroyer:
                     if _ns_id(ns.fd) != here:
                         _setns(ns.fd)
                         here = _ns_id(ns.fd)
-                    with lb.iter_create(self.link.fd, f"iter/udp in netns {ns.ino}") as it:
-                        result.sockets.extend(self._read(it.fd))
+                    for _ in range(MAX_WALKS):
+                        with lb.iter_create(self.link.fd, f"iter/udp in netns {ns.ino}") as it:
+                            found, reads = self._read(it.fd)
+                        result.sockets.extend(found)
+                        if not found or reads <= 1:
+                            break
                 except (OSError, lb.LibbpfError) as e:
                     result.failed_namespaces.append(f"netns {ns.ino} ({ns.what}): {e}")
         finally:
@@ -352,9 +362,11 @@ class SockDestroyer:
                 os.close(home)
 
     @staticmethod
-    def _read(fd: int) -> list[Destroyed]:
+    def _read(fd: int) -> tuple[list[Destroyed], int]:
+        """The records of one iterator, and how many reads returned some."""
         size = ctypes.sizeof(abi.SkdEvent)
         buf = bytearray()
+        reads = 0
         while True:
             try:
                 chunk = os.read(fd, READ_CHUNK)
@@ -366,8 +378,10 @@ class SockDestroyer:
                 raise
             if not chunk:
                 break
+            reads += 1
             buf += chunk
-        return [Destroyed.parse(bytes(buf[i : i + size])) for i in range(0, len(buf) - size + 1, size)]
+        found = [Destroyed.parse(bytes(buf[i : i + size])) for i in range(0, len(buf) - size + 1, size)]
+        return found, reads
 
 
 def removal_of(family: int, svc_id: int, addr: bytes, port_nbo: int) -> Removal:

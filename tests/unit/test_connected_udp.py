@@ -288,3 +288,41 @@ def test_host_namespace_only_walks_the_agents_namespace_alone(tmp_path: Path, mo
         assert walked == ["/proc/self/ns/net"] + ([] if host_only else cgroup_pids)
         ((_, spaces),) = fake.calls
         assert [n.what for n in spaces][:1] == ["agent"]
+
+
+def test_a_namespace_is_walked_again_while_a_walk_destroyed_sockets_over_several_reads(
+    monkeypatch: Any,
+) -> None:
+    """Linux 6.5 to 6.15 resume a UDP iterator in a bucket by count, so a walk whose output took several
+    reads may have skipped live sockets behind destroyed ones: another walk, until one destroys nothing
+    or fits one read (bounded)."""
+    import contextlib
+
+    from kproxy.bpf import libbpf as lb
+    from kproxy.bpf import sockdestroy as sd
+
+    walks: list[tuple[list[Destroyed], int]] = [
+        ([Destroyed(1, 4, 7, ADDR, 53, 0)] * 200, 3),  # several reads: a skip may have happened
+        ([Destroyed(2, 4, 7, ADDR, 53, 0)], 1),  # the skipped one, in one read: done
+        ([Destroyed(3, 4, 7, ADDR, 53, 0)], 1),  # never reached
+    ]
+    monkeypatch.setattr(lb, "iter_create", lambda fd, what: contextlib.nullcontext(SimpleNamespace(fd=-1)))
+    monkeypatch.setattr(sd.SockDestroyer, "_read", staticmethod(lambda fd: walks.pop(0)))
+    d = sd.SockDestroyer.__new__(sd.SockDestroyer)
+    d.link = SimpleNamespace(fd=-1)  # type: ignore[assignment]
+    spaces = cgroup_namespaces(None)
+    try:
+        result = DestroyRun(removals=1, namespaces=1)
+        d._walk(spaces, result)
+    finally:
+        close_namespaces(spaces)
+    assert result.destroyed == 201 and [w[0][0].cookie for w in walks] == [3]
+
+    walks[:] = [([Destroyed(1, 4, 7, ADDR, 53, 0)] * 200, 3)] * (sd.MAX_WALKS + 1)
+    result = DestroyRun(removals=1, namespaces=1)
+    spaces = cgroup_namespaces(None)
+    try:
+        d._walk(spaces, result)
+    finally:
+        close_namespaces(spaces)
+    assert result.destroyed == 200 * sd.MAX_WALKS and len(walks) == 1  # bounded
