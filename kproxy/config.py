@@ -200,6 +200,12 @@ class AgentConfig(BaseModel):
         description=f"Directory on a bpf filesystem for the pinned maps and links; created if missing. Under "
         f"{BPFFS_ROOT} (the default), a bpf filesystem is first mounted at {BPFFS_ROOT} when none is.",
     )
+    bpffs_mount: bool = Field(
+        default=True,
+        description=f"Mount a bpf filesystem at {BPFFS_ROOT} when --bpffs is under it and none is. Off: exit "
+        "instead (a containerised agent's mount would be its container's, and its pins would go with it; "
+        "the chart mounts in the host's mount namespace and passes --no-bpffs-mount).",
+    )
     map_sizes: Annotated[
         dict[str, int], Flag("--map-size", metavar="NAME=N", into=lambda v: {"map_sizes": parse_map_sizes(v)})
     ] = Field(

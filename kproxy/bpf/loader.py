@@ -212,7 +212,9 @@ def _mount_bpffs(root: str) -> None:
         )
 
 
-def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROOT) -> list[str]:
+def prepare_pin_dir(
+    pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROOT, mount: bool = True
+) -> list[str]:
     """Make PIN_DIR a directory on a bpf filesystem, as the agent needs it on a fresh host. Returns what
     was done, in the words it was logged with ("mounted a bpf filesystem at /sys/fs/bpf", "created
     /sys/fs/bpf/kproxy"); nothing when PIN_DIR already is one.
@@ -221,7 +223,8 @@ def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROO
     there (it is still the kernel's empty sysfs directory), mount one; then create PIN_DIR (mode 0700)
     when its closest existing parent is on a bpf filesystem. Nothing is ever mounted over a directory
     of another filesystem: those cases raise BpffsError naming the path and the fix. Acts in the
-    calling process's mount namespace. Read-only commands must not call this.
+    calling process's mount namespace. Read-only commands must not call this. MOUNT false
+    (--no-bpffs-mount): raise BpffsError where a mount would be needed.
     """
     d = os.path.abspath(os.fspath(pin_dir))
     root = os.path.abspath(bpffs_root)
@@ -231,6 +234,12 @@ def prepare_pin_dir(pin_dir: str | os.PathLike[str], bpffs_root: str = BPFFS_ROO
     if os.path.lexists(d) and not os.path.isdir(d):
         raise BpffsError(f"--bpffs {d} is not a directory: pass a directory on a bpf filesystem")
     if _under(d, root) and not _on_bpffs(root):
+        if not mount:
+            raise BpffsError(
+                f"no bpf filesystem is mounted at {root} and --no-bpffs-mount: mount one on the host "
+                f"(`mount -t bpf bpf {root}`, or the chart's bpffs.autoMount=true) or pass --bpffs a "
+                "directory on a bpf filesystem"
+            )
         _mount_bpffs(root)
         done.append(f"mounted a bpf filesystem at {root}")
         log.info("%s", done[-1])

@@ -58,7 +58,7 @@ def agent(**values: Any) -> None:
     from kproxy.agent import AgentError, run_agent
 
     try:
-        prepare_pin_dir(cfg.bpffs)
+        prepare_pin_dir(cfg.bpffs, mount=cfg.bpffs_mount)
     except BpffsError as e:
         raise CliError(str(e), EXIT_NO_BPFFS) from e
     try:

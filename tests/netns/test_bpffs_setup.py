@@ -51,7 +51,7 @@ out["mounts_after_stats"] = bpf_mounts()
 log = open(args["log"], "w")
 agent = subprocess.Popen(
     [*kproxy, "agent", "--source", "file:" + args["manifests"], "--node-name", "n1",
-     "--node-ip", "192.0.2.1", "--netdev", "lo"],
+     "--node-ip", "192.0.2.1", "--netdev", "lo", *args.get("agent_args", [])],
     stdout=log, stderr=subprocess.STDOUT,
 )
 try:
@@ -91,7 +91,9 @@ def root_bpffs_state() -> tuple[list[str], list[str]]:
     return mounts, sorted(os.listdir("/sys/fs/bpf")) if os.path.isdir("/sys/fs/bpf") else []
 
 
-def run_fresh_host(netns_path: str, tmp_path: Path, setup: list[list[str]], timeout: float = 30) -> Any:
+def run_fresh_host(
+    netns_path: str, tmp_path: Path, setup: list[list[str]], timeout: float = 30, agent_args: Any = ()
+) -> Any:
     """Run the driver in a private mount namespace inside NETNS_PATH; kill its whole process group
     (the agent included) if it overruns, so no namespace outlives the test."""
     manifests = tmp_path / "manifests"
@@ -102,6 +104,7 @@ def run_fresh_host(netns_path: str, tmp_path: Path, setup: list[list[str]], time
         "manifests": str(manifests),
         "log": str(tmp_path / "agent.log"),
         "timeout": timeout,
+        "agent_args": list(agent_args),
     }
     env = {**os.environ, "KPROXY_STATE_ROOT": str(state)}
     cmd = ["unshare", "--mount", "--propagation", "private", "--", "nsenter", f"--net={netns_path}"]
@@ -148,6 +151,19 @@ def test_agent_mounts_bpffs_and_creates_its_directory_on_a_fresh_host(
     assert {"kp_svc4_v1", "kp_be4_v1", "kp_ct4_v1", "links"} <= set(got["pins"])
     assert got["pins_mode"] == "0o700"
     assert got["stats_after"] == 0
+
+
+@pytest.mark.root
+def test_without_bpffs_mount_the_agent_mounts_nothing_and_exits_saying_so(
+    tc_object: Path, netns: Callable[[], Any], tmp_path: Path, untouched_root: None
+) -> None:
+    """--no-bpffs-mount (the chart's: a containerised agent's mount would be its container's, its pins
+    gone with the pod): a fresh host gets no mount, and the agent exits 3 naming the fix."""
+    got = run_fresh_host(netns().path, tmp_path, setup=[], agent_args=["--no-bpffs-mount"])
+    assert not got["ready"] and got["exit"] == 3, got["log"][-3000:]
+    assert got["mounts"] == [] and got["pins"] is None
+    assert "no bpf filesystem is mounted at /sys/fs/bpf and --no-bpffs-mount" in got["log"]
+    assert "mount -t bpf bpf /sys/fs/bpf" in got["log"]
 
 
 @pytest.mark.root
