@@ -227,7 +227,8 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 			kp_count4(KP_DROP_ENCAP_FAILED, p.len);
 			return TC_ACT_SHOT;
 		}
-		if (kp_parse4(skb, &p) != KP_PARSE_L4)
+		/* SCTP never takes DSR (kp_flow_mode) */
+		if (kp_parse4(skb, &p) != KP_PARSE_L4 || p.proto == KP_IPPROTO_SCTP)
 			return TC_ACT_OK;
 		ret = kp_dsr_rx4(skb, &p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
@@ -433,7 +434,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 			kp_count6(KP_DROP_ENCAP_FAILED, s6->p.len);
 			return TC_ACT_SHOT;
 		}
-		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4)
+		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4 || s6->p.proto == KP_IPPROTO_SCTP)
 			return TC_ACT_OK;
 		ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
@@ -461,7 +462,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
-		if (s6->p.ip_hlen > KP_IP6_HLEN) {
+		if (s6->p.ip_hlen > KP_IP6_HLEN && s6->p.proto != KP_IPPROTO_SCTP) {
 			ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_OPT);
 			if (ret >= 0)
 				return ret;
