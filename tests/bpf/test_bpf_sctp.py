@@ -14,9 +14,10 @@ import time
 
 import pytest
 import test_bpf_external as ext
+import test_bpf_external6 as ext6
 from datapath import TC_ACT_OK, TC_ACT_REDIRECT, Backend, Datapath, ct6_key, ct_key
 from frames import IPPROTO_ICMP, checksum_errors, ether, icmp, ipv4, parse, swap_macs
-from frames6 import ETH_P_IPV6, ipv6, parse6
+from frames6 import ETH_P_IPV6, ICMP6_PKT_TOOBIG, IPPROTO_ICMPV6, checksum_errors6, icmp6, ipv6, parse6
 from test_bpf_external import (
     BE_REMOTE,
     GW_MAC,
@@ -44,7 +45,8 @@ from kproxy.abi import (
 from kproxy.lab import sctp
 
 pytestmark = pytest.mark.root
-lab = ext.lab  # the netns fixture bpf_fib_lookup needs (module scope)
+lab = ext.lab  # the netns fixtures bpf_fib_lookup needs (module scope)
+lab6 = ext6.lab
 EXT_CLIENT = ext.CLIENT
 ext_frame = ext.frame
 
@@ -265,6 +267,21 @@ def test_ipv6_crc_and_zero_checksum(dp: Datapath, size: int) -> None:
     assert sctp.checksum_field(sctp_of(out.data_out)) == 0 and parse6(out.data_out).dst == BE6.addr
 
 
+@pytest.mark.parametrize("prog", ["kp_from_pod", "kp_to_pod"])
+def test_ipv6_packet_too_big_quoting_sctp_is_reverse_translated(dp: Datapath, prog: str) -> None:
+    router = "fd00:a::fe"
+    dp.add_service6(SVC6, SPORT, IPPROTO_SCTP, [BE6])
+    client_init = sctp6_frame(CLIENT6, SVC6, CPORT, SPORT, sctp.init_chunk())
+    quote = dp.run("kp_from_pod", client_init).data_out[14 : 14 + 40 + 12]
+    msg = icmp6(router, CLIENT6, ICMP6_PKT_TOOBIG, 0, 1280, quote)
+    out = dp.run(prog, ether(ipv6(router, CLIENT6, IPPROTO_ICMPV6, msg), ETH_P_IPV6))
+    assert out.retval == TC_ACT_OK
+    assert checksum_errors6(out.data_out) == []
+    inner, orig = parse6(out.data_out).l4[8:], client_init[14:]
+    assert inner[:40] == orig[:40] and inner[40:44] == orig[40:44]  # client -> frontend again
+    assert dp.stat(Stat.ICMP_REVNAT, family=6)[0] == 1
+
+
 def test_ipv6_no_endpoints_is_rejected(dp: Datapath) -> None:
     dp.add_service6(SVC6, SPORT, IPPROTO_SCTP, [])
     out = dp.run("kp_from_pod", sctp6_frame(CLIENT6, SVC6, CPORT, SPORT, sctp.init_chunk()))
@@ -301,3 +318,40 @@ def test_nodeport_snat_rewrites_ports_with_a_valid_crc(dp: Datapath, lab: Lab) -
     assert dp.stat(Stat.SNAT_REVNAT)[0] == 1
     fwd = dp.ct(ct_key(EXT_CLIENT, NODE, 40000, NODEPORT, IPPROTO_SCTP, CtDir.FWD))
     assert fwd is not None and fwd.state == CtState.ESTABLISHED and fwd.flags & CtFlag.SNAT
+
+
+# ---- XDP acceleration leaves SCTP to TC ----
+@pytest.mark.parametrize("prog", ["kp_xdp", "kp_xdp_new"])
+def test_xdp_passes_sctp_untouched(dp: Datapath, lab: Lab, prog: str) -> None:  # noqa: F811
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_SCTP, flags=SvcFlag.NODEPORT)
+    init_frame = ext_frame(EXT_CLIENT, NODE, sctp.packet(40000, NODEPORT, 0, sctp.init_chunk()), IPPROTO_SCTP)
+    x = lab.run_xdp(dp, init_frame, prog=prog)
+    assert (x.retval, x.data_out.hex()) == (2, init_frame.hex())  # XDP_PASS, as it came
+    ok(run_in(dp, lab, "kp_from_netdev", init_frame), TC_ACT_REDIRECT)  # TC opens the flow
+    data = ext_frame(EXT_CLIENT, NODE, sctp.packet(40000, NODEPORT, 5, data_chunk(100)), IPPROTO_SCTP)
+    x = lab.run_xdp(dp, data, prog=prog)
+    assert (x.retval, x.data_out.hex()) == (2, data.hex())
+    assert dp.stat(Stat.XDP_FWD)[0] == 0 and dp.stat(Stat.XDP_LOCAL)[0] == 0
+
+
+def test_ipv6_nodeport_snat_rewrites_ports_with_a_valid_crc(dp: Datapath, lab6: ext6.Lab6) -> None:
+    ext6.setup(dp, proto=IPPROTO_SCTP)
+    client, node, be = ext6.CLIENT, ext6.NODE, ext6.BE_REMOTE
+    chunks = sctp.init_chunk()
+    first = ext6.frame(client, node, sctp.packet(40000, ext6.NODEPORT, 0, chunks), IPPROTO_SCTP)
+    out = ext6.run_in(dp, lab6, "kp_from_netdev", first)
+    assert out.retval == TC_ACT_REDIRECT
+    port = struct.unpack("!H", sctp_of(out.data_out)[:2])[0]
+    expected = ext6.frame(node, be.addr, sctp.packet(port, be.port, 0, chunks), IPPROTO_SCTP, hop_limit=63,
+                          macs=(ext6.NODE2_MAC, lab6.mac))  # fmt: skip
+    assert out.data_out.hex() == expected.hex()
+    assert_sctp(out.data_out, node, be.addr, port, be.port)
+    ack = sctp.init_ack_chunk()
+    reply = ext6.frame(be.addr, node, sctp.packet(be.port, port, 0x11223344, ack), IPPROTO_SCTP)
+    out = ext6.run_in(dp, lab6, "kp_from_netdev", reply)
+    assert out.retval == TC_ACT_REDIRECT
+    expected = ext6.frame(node, client, sctp.packet(ext6.NODEPORT, 40000, 0x11223344, ack), IPPROTO_SCTP,
+                          hop_limit=63, macs=(ext6.GW_MAC, lab6.mac))  # fmt: skip
+    assert out.data_out.hex() == expected.hex()
+    assert dp.stat(Stat.SNAT_REVNAT, family=6)[0] == 1
