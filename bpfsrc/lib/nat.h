@@ -35,7 +35,7 @@ static __always_inline int kp_nat_sctp_port(struct __sk_buff *skb, __u32 l4_off,
 		return 0;
 	if (kp_sctp_csum_port(skb, l4_off, sctp_len, side == KP_NAT_DST, old_port, new_port))
 		return -1;
-	return bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0) ? -1 : 0;
+	return bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), BPF_F_RECOMPUTE_CSUM) ? -1 : 0;
 }
 
 /*
@@ -158,8 +158,9 @@ static __always_inline int kp_nat6(struct __sk_buff *skb, const struct kp_pkt6 *
 	__s64 diff;
 
 	if (p->proto == KP_IPPROTO_SCTP) {
+		/* in no checksum: skb->csum follows (CHECKSUM_COMPLETE), as in kp_nat_sctp_port */
 		if (!kp_in6_eq(old_addr, new_addr) &&
-		    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+		    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), BPF_F_RECOMPUTE_CSUM))
 			return -1;
 		return kp_nat_sctp_port(skb, p->l4_off, ETH_HLEN + p->tot_len - p->l4_off, side, old_port, new_port);
 	}

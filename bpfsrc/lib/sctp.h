@@ -13,6 +13,9 @@
  * pass over the packet. kproxy/lab/sctp.py is the same arithmetic in Python, proven against a plain
  * bitwise CRC32c (tests/unit/test_sctp_crc.py).
  *
+ * Every byte SCTP's rewrites store goes with BPF_F_RECOMPUTE_CSUM: nothing compensates a port's or the
+ * CRC's change in a ones-complement sum, so a CHECKSUM_COMPLETE skb's (a NIC's) skb->csum must follow.
+ *
  * A checksum field of zero is left zero: a local pod's stack sends SCTP as CHECKSUM_PARTIAL (veth
  * offers tx-checksum-sctp) with the field zero, and the CRC is computed later over the rewritten
  * packet; TC BPF cannot read ip_summed. A real CRC of exactly 0 (probability 2^-32) is then left
@@ -119,8 +122,8 @@ __attribute__((noinline)) __u32 kp_sctp_crc_delta(__u32 d, __u32 sctp_len)
  * outside the packet). Call before storing the new port or after: only the ports' xor counts. 0: done
  * or nothing to do (checksum 0, see above; length unknown: a BIG TCP-style length of 0 is not SCTP's).
  */
-static __always_inline int kp_sctp_csum_port(struct __sk_buff *skb, __u32 l4_off, __u32 sctp_len, int side_dst,
-					     __be16 old_port, __be16 new_port)
+static __always_inline int kp_sctp_csum_port(struct __sk_buff *skb, __u32 l4_off, __u32 sctp_len,
+					     int side_dst, __be16 old_port, __be16 new_port)
 {
 	__u32 crc, d;
 
@@ -137,7 +140,9 @@ static __always_inline int kp_sctp_csum_port(struct __sk_buff *skb, __u32 l4_off
 		d <<= 16;
 	crc = kp_le32_to_cpu(crc) ^ kp_sctp_crc_delta(d, sctp_len);
 	crc = kp_le32_to_cpu(crc);
-	return bpf_skb_store_bytes(skb, l4_off + KP_SCTP_CSUM_OFF, &crc, sizeof(crc), 0) ? -1 : 0;
+	if (bpf_skb_store_bytes(skb, l4_off + KP_SCTP_CSUM_OFF, &crc, sizeof(crc), BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	return 0;
 }
 
 #endif /* KPROXY_LIB_SCTP_H */

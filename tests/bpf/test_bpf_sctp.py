@@ -42,6 +42,7 @@ from kproxy.abi import (
     Stat,
     SvcFlag,
 )
+from kproxy.bpf.libbpf import BPF_F_TEST_SKB_CHECKSUM_COMPLETE
 from kproxy.lab import sctp
 
 pytestmark = pytest.mark.root
@@ -355,3 +356,26 @@ def test_ipv6_nodeport_snat_rewrites_ports_with_a_valid_crc(dp: Datapath, lab6: 
                           hop_limit=63, macs=(ext6.GW_MAC, lab6.mac))  # fmt: skip
     assert out.data_out.hex() == expected.hex()
     assert dp.stat(Stat.SNAT_REVNAT, family=6)[0] == 1
+
+
+# ---- CHECKSUM_COMPLETE (a NIC's skb): skb->csum must follow every byte kproxy rewrites ----
+@pytest.mark.parametrize("local", [False, True], ids=["remote-backend", "local-backend"])
+def test_checksum_complete_skb_stays_valid(dp: Datapath, lab: Lab, lab6: ext6.Lab6, local: bool) -> None:  # noqa: F811
+    """PROG_TEST_RUN checks skb->csum after the program: the port rewrites change the CRC (and IPv6's
+    addresses no checksum of theirs), which nothing compensates in a ones-complement sum."""
+    set_cfg(dp)
+    be = ext.BE_LOCAL if local else BE_REMOTE
+    nodeport(dp, be, IPPROTO_SCTP, flags=SvcFlag.NODEPORT)
+    f = ext_frame(EXT_CLIENT, NODE, sctp.packet(40000, NODEPORT, 0, data_chunk(50)), IPPROTO_SCTP)
+    out = lab.run(dp, "kp_from_netdev", f, flags=BPF_F_TEST_SKB_CHECKSUM_COMPLETE)
+    assert out.retval == (TC_ACT_OK if local else TC_ACT_REDIRECT)
+    assert sctp.crc_valid(sctp_of(out.data_out))
+    dp.reset()
+    be6 = ext6.BE_LOCAL if local else ext6.BE_REMOTE
+    ext6.setup(dp, be=be6, proto=IPPROTO_SCTP)
+    f6 = ext6.frame(
+        ext6.CLIENT, ext6.NODE, sctp.packet(40000, ext6.NODEPORT, 0, data_chunk(50)), IPPROTO_SCTP
+    )
+    out = lab6.run(dp, "kp_from_netdev", f6, flags=BPF_F_TEST_SKB_CHECKSUM_COMPLETE)
+    assert out.retval == (TC_ACT_OK if local else TC_ACT_REDIRECT)
+    assert sctp.crc_valid(sctp_of(out.data_out)) and parse6(out.data_out).dst == be6.addr
