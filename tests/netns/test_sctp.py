@@ -16,9 +16,12 @@ to TC: the TC programs still serve it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,6 +120,18 @@ def test_cluster_ip_init_and_init_ack(slab: Lab) -> None:
     client = slab.pod("n1p2")
     src, sport = association(slab, client, CLUSTER_IP, PORT, 40001)
     assert (src, sport) == (client.ip, 40001)  # a pod client keeps its address and port
+    # the CLI shows the association (and the Service) as SCTP
+    bpffs = slab.node("n1").bpffs
+    out = subprocess.run([sys.executable, "-m", "kproxy", "conntrack", "--bpffs", bpffs, "-o", "json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    (flow,) = [r for r in json.loads(out.stdout) if r["src"] == f"{client.ip}:40001"]
+    assert (flow["dst"], flow["nat"], flow["protocol"], flow["state"]) == (
+        f"{CLUSTER_IP}:{PORT}", f"{slab.pod('n2p1').ip}:{TARGET}", "SCTP", "ESTABLISHED",
+    )  # fmt: skip
+    assert 0 < flow["seconds_left"] <= 210
+    out = subprocess.run([sys.executable, "-m", "kproxy", "services", "--bpffs", bpffs, "-o", "json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert any(r.get("protocol") == "SCTP" for r in json.loads(out.stdout)), out.stdout
 
 
 def test_nodeport_from_outside_is_snated(slab: Lab) -> None:
