@@ -9,7 +9,7 @@
  * CRC is linear over GF(2): for packets of the same length L, crc(M') = crc(M) ^ crc0(M ^ M'), and a
  * change of the ports only is 4 bytes d followed by L - 4 zero bytes, whose crc0 is d * x^(8L) mod P in
  * the reflected representation (bit 31 = x^0). x^(8L) is a product of the powers x^(8*2^k) whose k are
- * the set bits of L (kp_sctp_x8 table): at most 16 carry-less products of KP_GF2_MUL_STEPS steps, no
+ * the set bits of L (the x8 table): one carry-less product of KP_GF2_MUL_STEPS steps per set bit, no
  * pass over the packet. kproxy/lab/sctp.py is the same arithmetic in Python, proven against a plain
  * bitwise CRC32c (tests/unit/test_sctp_crc.py).
  *
@@ -90,9 +90,12 @@ static __always_inline __u32 kp_gf2_mul(__u32 a, __u32 b)
 
 /*
  * The change of the CRC32c of an sctp_len-byte SCTP packet whose first 4 bytes change by d (their xor,
- * as a little-endian word). A global function: the verifier checks it once, not once per call site
- * (about 9k instructions with its loops), and every program calls it with scalars only (kernel >= 5.6).
- * x^(8 * 2^k) mod P for k = 0..15 are immediates of the unrolled outer loop.
+ * as a little-endian word). A global function: the verifier checks it once per program, not once per
+ * call site, and every program calls it with scalars only (global functions: kernel >= 5.6).
+ * x^(8 * 2^k) mod P for k = 0..15 are immediates of the unrolled outer loop, which multiplies only for
+ * L's set bits: about 0.26 us for a 1114-byte packet here (5 set bits, 6 products), where a branch-free
+ * loop (16 products) took 0.89 us. The inner loop stays a loop: unrolled, the verifier follows the
+ * products' partly known values down every combination of L's bits and gives up.
  */
 __attribute__((noinline)) __u32 kp_sctp_crc_delta(__u32 d, __u32 sctp_len)
 {
@@ -103,10 +106,11 @@ __attribute__((noinline)) __u32 kp_sctp_crc_delta(__u32 d, __u32 sctp_len)
 	__u32 p = KP_GF2_X0;
 	int k;
 
-	/* branch-free: a factor of 1 (KP_GF2_X0) where L's bit k is clear */
+	/* only L's set bits cost a product (about 6 for a 1000-byte packet) */
 #pragma unroll
 	for (k = 0; k < KP_SCTP_X8_BITS; k++)
-		p = kp_gf2_mul(((sctp_len >> k) & 1) ? x8[k] : KP_GF2_X0, p);
+		if ((sctp_len >> k) & 1)
+			p = kp_gf2_mul(x8[k], p);
 	return kp_gf2_mul(d, p);
 }
 
