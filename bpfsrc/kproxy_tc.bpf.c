@@ -169,6 +169,39 @@ static __always_inline int kp_netdev_svcnet6(struct __sk_buff *skb, const struct
 	return kp_svcnet_enforce6(skb, p, action);
 }
 
+/* kp_from_netdev4's TCP, UDP and SCTP packets (p: parsed, KP_PARSE_L4). */
+static __always_inline int kp_netdev_l4_4(struct __sk_buff *skb, struct kp_pkt *p)
+{
+	struct kp_svc4_key svc_key;
+	struct kp_svc4_val *svc;
+	int ret;
+
+	svc = kp_svc_lookup4(p, KP_ORIGIN_NETDEV, &svc_key);
+	if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
+		kp_count4(KP_DROP_CLUSTER_IP_EXTERNAL, p->len);
+		return TC_ACT_SHOT;
+	}
+	if (svc || kp_netdev_orphan_possible(p->proto, p->tcp_flags)) {
+		ret = kp_lb_forward4(skb, p, &svc_key, svc, KP_ORIGIN_NETDEV);
+		if (ret >= 0)
+			return ret;
+	}
+	if (kp_svcnet_opens_flow(p, KP_PARSE_L4)) {
+		ret = kp_netdev_svcnet(skb, p);
+		if (ret >= 0)
+			return ret;
+	}
+	/* SCTP never takes DSR (kp_flow_mode): no option to look for */
+	if (p->ip_hlen > sizeof(struct iphdr) && p->proto != KP_IPPROTO_SCTP) {
+		ret = kp_dsr_rx4(skb, p, KP_CT_F_DSR_OPT);
+		if (ret >= 0)
+			return ret;
+	}
+	kp_ct_direct_syn4(p, bpf_ktime_get_ns());
+	ret = kp_snat_revnat4(skb, p);
+	return ret < 0 ? TC_ACT_OK : ret;
+}
+
 /*
  * Hook: tc ingress of a node's external interface. Direction: outside -> node.
  *   NodePort / LoadBalancer / ExternalIP frontends (scope EXT): DNAT, and SNAT or DSR to remote backends
@@ -181,8 +214,6 @@ static __always_inline int kp_netdev_svcnet6(struct __sk_buff *skb, const struct
  */
 static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 {
-	struct kp_svc4_key svc_key;
-	struct kp_svc4_val *svc;
 	struct kp_config *cfg;
 	struct kp_pkt p;
 	int ret;
@@ -196,7 +227,8 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 			kp_count4(KP_DROP_ENCAP_FAILED, p.len);
 			return TC_ACT_SHOT;
 		}
-		if (kp_parse4(skb, &p) != KP_PARSE_L4)
+		/* SCTP never takes DSR (kp_flow_mode) */
+		if (kp_parse4(skb, &p) != KP_PARSE_L4 || p.proto == KP_IPPROTO_SCTP)
 			return TC_ACT_OK;
 		ret = kp_dsr_rx4(skb, &p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
@@ -209,29 +241,12 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 		ret = kp_icmp_snat_forward(skb, &p);
 		return ret < 0 ? TC_ACT_OK : ret;
 	case KP_PARSE_L4:
-		svc = kp_svc_lookup4(&p, KP_ORIGIN_NETDEV, &svc_key);
-		if (svc && !(svc->flags & KP_SVC_F_TYPED) && kp_no_external_cluster_ip()) {
-			kp_count4(KP_DROP_CLUSTER_IP_EXTERNAL, p.len);
-			return TC_ACT_SHOT;
-		}
-		if (svc || kp_netdev_orphan_possible(p.proto, p.tcp_flags)) {
-			ret = kp_lb_forward4(skb, &p, &svc_key, svc, KP_ORIGIN_NETDEV);
-			if (ret >= 0)
-				return ret;
-		}
-		if (kp_svcnet_opens_flow(&p, KP_PARSE_L4)) {
-			ret = kp_netdev_svcnet(skb, &p);
-			if (ret >= 0)
-				return ret;
-		}
-		if (p.ip_hlen > sizeof(struct iphdr)) {
-			ret = kp_dsr_rx4(skb, &p, KP_CT_F_DSR_OPT);
-			if (ret >= 0)
-				return ret;
-		}
-		kp_ct_direct_syn4(&p, bpf_ktime_get_ns());
-		ret = kp_snat_revnat4(skb, &p);
-		return ret < 0 ? TC_ACT_OK : ret;
+		/* SCTP has a program of its own (kp_netdev_sctp4, tail-called by kp_from_netdev): beside TCP and
+		 * UDP it would take this one past the verifier's 1M processed instructions (the verifier walks
+		 * the path once per protocol). Here only when that call failed (an empty slot): passed. */
+		if (p.proto == KP_IPPROTO_SCTP)
+			return TC_ACT_OK;
+		return kp_netdev_l4_4(skb, &p);
 	}
 	return TC_ACT_OK;
 }
@@ -419,7 +434,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 			kp_count6(KP_DROP_ENCAP_FAILED, s6->p.len);
 			return TC_ACT_SHOT;
 		}
-		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4)
+		if (kp_parse6(skb, &s6->p) != KP_PARSE_L4 || s6->p.proto == KP_IPPROTO_SCTP)
 			return TC_ACT_OK;
 		ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_IPIP);
 		return ret < 0 ? TC_ACT_OK : ret;
@@ -447,7 +462,7 @@ int kp_from_netdev6(struct __sk_buff *skb)
 			if (ret >= 0)
 				return ret;
 		}
-		if (s6->p.ip_hlen > KP_IP6_HLEN) {
+		if (s6->p.ip_hlen > KP_IP6_HLEN && s6->p.proto != KP_IPPROTO_SCTP) {
 			ret = kp_dsr_rx6(skb, &s6->p, KP_CT_F_DSR_OPT);
 			if (ret >= 0)
 				return ret;
@@ -539,10 +554,46 @@ int kp_to_pod(struct __sk_buff *skb)
 	return kp_enter(skb, KP_STAT_TO_POD, KP_PROG6_TO_POD) ? TC_ACT_OK : kp_to_pod4(skb);
 }
 
+/*
+ * kp_from_netdev's SCTP packets (IPv4), tail-called through kp_sctp_v1: verified on its own, with its own
+ * budget, as the IPv6 programs are. The packet was counted by kp_from_netdev.
+ */
+SEC("tc")
+int kp_netdev_sctp4(struct __sk_buff *skb)
+{
+	struct kp_pkt p;
+
+	if (kp_parse4(skb, &p) != KP_PARSE_L4 || p.proto != KP_IPPROTO_SCTP)
+		return TC_ACT_OK;
+	return kp_netdev_l4_4(skb, &p);
+}
+
+/* kp_netdev_sctp4, filled by libbpf at each load and pinned, as kp_progs6_v1. An empty slot: passed. */
+#define KP_SCTP_NETDEV4 0
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));   /* not __type: the kernel takes no BTF for a program array */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, int(struct __sk_buff *));
+} kp_sctp_v1 SEC(".maps") = {
+	.values = {
+		[KP_SCTP_NETDEV4] = (void *)&kp_netdev_sctp4,
+	},
+};
+
 SEC("tc")
 int kp_from_netdev(struct __sk_buff *skb)
 {
-	return kp_enter(skb, KP_STAT_FROM_NETDEV, KP_PROG6_FROM_NETDEV) ? TC_ACT_OK : kp_from_netdev4(skb);
+	__u8 proto;
+
+	if (kp_enter(skb, KP_STAT_FROM_NETDEV, KP_PROG6_FROM_NETDEV))
+		return TC_ACT_OK;
+	/* an IPv4 packet (kp_enter): its protocol byte decides before any parsing */
+	if (!bpf_skb_load_bytes(skb, KP_IP_OFF + offsetof(struct iphdr, protocol), &proto, sizeof(proto)) &&
+	    proto == KP_IPPROTO_SCTP)
+		bpf_tail_call(skb, &kp_sctp_v1, KP_SCTP_NETDEV4);
+	return kp_from_netdev4(skb);
 }
 
 SEC("tc")

@@ -39,11 +39,12 @@ MAP_SVCNET6_SPAN = "kp_svcnet6_span_v1"
 MAP_PROGS6 = "kp_progs6_v1"
 MAP_XPROGS = "kp_xprogs_v1"  # the same for kp_xdp's IPv6 program (kp_xdp6)
 MAP_XNEW = "kp_xnew_v1"  # kp_xdp's programs for a flow's first packet (kp_xdp_new, kp_xdp_new6)
+MAP_SCTP = "kp_sctp_v1"  # kp_from_netdev's IPv4 SCTP program (kp_netdev_sctp4)
 # Maglev tables (a hash of maps: its values are inner maps, see MaglevHdr): no ctypes value layout.
 MAP_MAGLEV = "kp_maglev_v1"
 # The netdevs kp_xdp runs on natively (ifindex -> 0): kp_xdp redirects to them (XDP_REDIRECT).
 MAP_XDEVS = "kp_xdevs_v1"
-PROG_MAPS = (MAP_PROGS6, MAP_XPROGS, MAP_XNEW)
+PROG_MAPS = (MAP_PROGS6, MAP_XPROGS, MAP_XNEW, MAP_SCTP)
 ALL_MAPS = (
     MAP_SVC4, MAP_BE4, MAP_CT4, MAP_AFF4, MAP_CFG, MAP_STATS, MAP_SNAT4, MAP_LBSRC4, MAP_SVCNET4,
     MAP_SVCNET_SPAN, MAP_FRAG4,
@@ -85,6 +86,7 @@ ID6_BASE = 0x80000000
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMP = 1
+IPPROTO_SCTP = 132
 
 
 class Scope(enum.IntEnum):
@@ -157,6 +159,9 @@ CT_SYN_TIMEOUT_DEFAULT = 60
 CT_TCP_TIMEOUT_DEFAULT = 21600
 CT_FIN_TIMEOUT_DEFAULT = 10
 CT_UDP_TIMEOUT_DEFAULT = 60
+CT_SCTP_INIT_TIMEOUT_DEFAULT = 3
+CT_SCTP_TIMEOUT_DEFAULT = 210
+CT_SCTP_CLOSE_TIMEOUT_DEFAULT = 10
 HAIRPIN_ADDR_DEFAULT = "169.254.42.1"
 SNAT_PORT_MIN_DEFAULT = 32768
 SNAT_PORT_MAX_DEFAULT = 65535
@@ -315,12 +320,13 @@ class Config(ctypes.Structure):
         ("ct_tcp_timeout", ctypes.c_uint32),
         ("ct_fin_timeout", ctypes.c_uint32),
         ("ct_udp_timeout", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("ct_sctp_timeout", ctypes.c_uint32),  # established SCTP (was padding)
         ("hairpin_addr", ctypes.c_uint32),  # NBO, 0 = HAIRPIN_ADDR_DEFAULT
         ("snat_port_min", ctypes.c_uint16),  # HBO, 0 = SNAT_PORT_MIN_DEFAULT
         ("snat_port_max", ctypes.c_uint16),  # HBO, 0 = SNAT_PORT_MAX_DEFAULT
         ("lan_mtu", ctypes.c_uint32),  # HBO, 0 = LAN_MTU_DEFAULT
-        ("pad2", ctypes.c_uint32),
+        ("ct_sctp_init_timeout", ctypes.c_uint16),  # HBO seconds, SCTP before a reply (was padding)
+        ("ct_sctp_close_timeout", ctypes.c_uint16),  # HBO seconds, SCTP after SHUTDOWN/ABORT/SHUTDOWN_COMPL.
         # CLOCK_MONOTONIC ns: until then, TCP from a netdev to no frontend is looked up in conntrack
         ("orphan_until_ns", ctypes.c_uint64),
         # HBO the agent's network namespace cookie (SO_NETNS_COOKIE), for SOCK_HOST_NETNS_ONLY; 0 = unknown

@@ -94,6 +94,16 @@ class ConntrackTimeouts(BaseModel):
     tcp: Annotated[int, SECONDS] = Field(default=0, ge=0, description="Established TCP; 0: default (21600).")
     fin: Annotated[int, SECONDS] = Field(default=0, ge=0, description="TCP after FIN/RST; 0: default (10).")
     udp: Annotated[int, SECONDS] = Field(default=0, ge=0, description="UDP; 0: default (60).")
+    sctp_init: Annotated[int, SECONDS] = Field(
+        default=0, ge=0, le=65535, description="SCTP before a reply (INIT sent); 0: default (3)."
+    )
+    sctp: Annotated[int, SECONDS] = Field(default=0, ge=0, description="Established SCTP; 0: default (210).")
+    sctp_close: Annotated[int, SECONDS] = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="SCTP after SHUTDOWN, ABORT or SHUTDOWN COMPLETE; 0: default (10).",
+    )
 
 
 def _check_hostport(value: str, what: str) -> str:

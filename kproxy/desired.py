@@ -18,7 +18,7 @@ class BackendRef(NamedTuple):
 
     address: str
     port: int
-    protocol: str  # "TCP" | "UDP"
+    protocol: str  # "TCP" | "UDP" | "SCTP"
     node_name: str | None = None
     local: bool = False
     terminating: bool = False
@@ -41,7 +41,7 @@ class Frontend:
     type: FrontendType
     address: str
     port: int
-    protocol: str  # "TCP" | "UDP"
+    protocol: str  # "TCP" | "UDP" | "SCTP"
     scope: int  # kproxy.abi.Scope
     flags: int  # kproxy.abi.SvcFlag
     affinity_timeout: int

@@ -602,9 +602,6 @@ def translate_service(
     out: list[Frontend] = []
     seen: set[tuple[str, int, str, int]] = set()
     for sp in plan.spec.ports:
-        if sp.protocol == "SCTP":
-            skipped["sctp_port"] += 1
-            continue
         for fam in families:
             eps = _endpoints_for_port(sp, by_family[_FAMILY_INDEX[fam.address_type]], node)
             for fe in _port_frontends(plan, fam, svc, sp, eps, node, skipped):

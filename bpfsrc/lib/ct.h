@@ -29,11 +29,32 @@ static __always_inline struct kp_config *kp_config(void)
 	return bpf_map_lookup_elem(&kp_cfg_v1, &zero);
 }
 
-static __always_inline __u64 kp_ct_timeout_ns(__u8 state)
+/* SCTP's timeouts (nf_conntrack_proto_sctp's): a flow's TCP-like state (kp_sctp_flags) picks one. */
+static __always_inline __u32 kp_ct_sctp_timeout(const struct kp_config *cfg, __u8 state)
+{
+	__u32 secs;
+
+	switch (state) {
+	case KP_CT_SYN_SENT:
+		secs = cfg ? cfg->ct_sctp_init_timeout : 0;
+		return secs ? secs : KP_CT_SCTP_INIT_TIMEOUT_DEFAULT;
+	case KP_CT_CLOSING:
+	case KP_CT_CLOSED:
+		secs = cfg ? cfg->ct_sctp_close_timeout : 0;
+		return secs ? secs : KP_CT_SCTP_CLOSE_TIMEOUT_DEFAULT;
+	default:
+		secs = cfg ? cfg->ct_sctp_timeout : 0;
+		return secs ? secs : KP_CT_SCTP_TIMEOUT_DEFAULT;
+	}
+}
+
+static __always_inline __u64 kp_ct_timeout_ns(__u8 state, __u8 proto)
 {
 	struct kp_config *cfg = kp_config();
 	__u32 secs = 0;
 
+	if (proto == KP_IPPROTO_SCTP)
+		return (__u64)kp_ct_sctp_timeout(cfg, state) * KP_NS_PER_SEC;
 	switch (state) {
 	case KP_CT_SYN_SENT:
 		secs = cfg ? cfg->ct_syn_timeout : 0;
@@ -73,9 +94,16 @@ static __always_inline int kp_ct_closing(__u8 state)
 	return state == KP_CT_CLOSING || state == KP_CT_CLOSED;
 }
 
+/* The state a new flow starts in: TCP and SCTP (whose chunks kp_sctp_flags maps onto TCP flags) wait for
+ * a reply in SYN_SENT, UDP has one state. */
+static __always_inline __u8 kp_ct_open_state(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == KP_IPPROTO_SCTP ? KP_CT_SYN_SENT : KP_CT_UDP;
+}
+
 static __always_inline __u8 kp_ct_next_state(__u8 state, __u8 proto, __u8 tcp_flags, int reply)
 {
-	if (proto != IPPROTO_TCP)
+	if (proto != IPPROTO_TCP && proto != KP_IPPROTO_SCTP)
 		return KP_CT_UDP;
 	if (tcp_flags & KP_TCP_RST)
 		return KP_CT_CLOSED;

@@ -299,7 +299,7 @@ static __always_inline __u8 KP_F(kp_snat_fin_state)(const KP_CT_VAL *fv, __u8 ne
 static __always_inline void KP_F(kp_ct_touch_tw)(const KP_CT_KEY *fk, KP_CT_VAL *fv, __u8 state,
 					   __u8 flags, __u16 tw_key, __u64 now)
 {
-	__u64 expires = now + kp_ct_timeout_ns(state);
+	__u64 expires = now + kp_ct_timeout_ns(state, fk->proto);
 
 	if (state == fv->state && flags == fv->flags && tw_key == fv->tw_key &&
 	    (__s64)(expires - fv->expires_ns) <= (__s64)KP_CT_REFRESH_NS)

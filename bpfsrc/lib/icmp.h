@@ -54,10 +54,18 @@ static __always_inline int kp_icmp_send_back(struct __sk_buff *skb, const struct
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* How much of the L4 header an ICMP error quotes: UDP's 8 bytes, TCP's and SCTP's headers up to and with
+ * their checksum field (see kp_icmp_send_error; SCTP: ports and verification tag, which the sender's
+ * stack matches, RFC 9260 appendix C). */
+static __always_inline __u32 kp_icmp_quote_l4(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? 20 : proto == KP_IPPROTO_SCTP ? KP_SCTP_HLEN : 8;
+}
+
 /*
  * Turn the packet in place into ICMP port unreachable from the service address back to the sender
  * and send it out of the interface it came in on. The quote is the original IP header plus 8 bytes
- * of UDP or 20 bytes of TCP: a TCP packet from a local pod is CHECKSUM_PARTIAL, and
+ * of UDP, 12 of SCTP or 20 bytes of TCP: a TCP (or SCTP) packet from a local pod is CHECKSUM_PARTIAL, and
  * bpf_skb_change_tail() refuses to cut into the checksum field that csum_start/csum_offset point
  * at (TCP check is at +16). The receiver accepts the CHECKSUM_PARTIAL skb as already verified;
  * our ICMP checksum is complete anyway.
@@ -81,7 +89,7 @@ static __always_inline int kp_icmp_send_error(struct __sk_buff *skb, const struc
 	 * an unbounded length. Hide the value from clang, then bound it where the verifier sees it. */
 	kp_barrier_var(quote_len);
 	quote_len &= 0x3c;
-	quote_len += p->proto == IPPROTO_TCP ? 20 : 8;
+	quote_len += kp_icmp_quote_l4(p->proto);
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)))
 		goto fail;
 	if (bpf_skb_load_bytes(skb, KP_IP_OFF, quote, quote_len))
@@ -192,7 +200,7 @@ static __always_inline int kp_icmp_snat(struct __sk_buff *skb, const struct kp_p
 		return 0;
 	if (inner.version != 4 || inner.ihl < 5)
 		return 0;
-	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP)
+	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP && inner.protocol != KP_IPPROTO_SCTP)
 		return 0;
 	inner_l4_off = inner_ip_off + inner.ihl * 4;
 	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
@@ -247,7 +255,7 @@ static __always_inline int kp_icmp_revnat(struct __sk_buff *skb, const struct kp
 		return TC_ACT_OK;
 	if (inner.version != 4 || inner.ihl < 5)
 		return TC_ACT_OK;
-	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP)
+	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP && inner.protocol != KP_IPPROTO_SCTP)
 		return TC_ACT_OK;
 	inner_l4_off = inner_ip_off + inner.ihl * 4;
 	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
@@ -345,7 +353,7 @@ static __always_inline int kp_icmp6_send_error(struct __sk_buff *skb, const stru
 		kp_count6(KP_DROP_FRAGMENT, p->len);
 		return TC_ACT_SHOT;
 	}
-	quote_len = p->ip_hlen + (p->proto == IPPROTO_TCP ? 20 : 8);
+	quote_len = p->ip_hlen + kp_icmp_quote_l4(p->proto);
 	kp_barrier_var(quote_len);
 	if (quote_len > sizeof(s->quote6))
 		quote_len = sizeof(s->quote6);
@@ -442,7 +450,8 @@ static __always_inline int kp_icmp_revnat6(struct __sk_buff *skb, const struct k
 	inner_l4_off = inner_ip_off + KP_IP6_HLEN;
 	proto = kp_ip6_skip_ext(skb, inner.nexthdr, &inner_l4_off, &frag_off, &frag_id, &frag_nh);
 	/* a quoted later fragment has no ports (Linux's icmpv6_notify ignores such errors too) */
-	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP) || (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
+	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != KP_IPPROTO_SCTP) ||
+	    (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
 		return TC_ACT_OK;
 	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
 		return TC_ACT_OK;
@@ -508,7 +517,8 @@ static __always_inline int kp_icmp_snat6(struct __sk_buff *skb, const struct kp_
 	inner_l4_off = inner_ip_off + KP_IP6_HLEN;
 	proto = kp_ip6_skip_ext(skb, inner.nexthdr, &inner_l4_off, &frag_off, &frag_id, &frag_nh);
 	/* a quoted later fragment has no ports (Linux's icmpv6_notify ignores such errors too) */
-	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP) || (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
+	if ((proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != KP_IPPROTO_SCTP) ||
+	    (frag_off & bpf_htons(KP_IP6_FRAG_OFFSET)))
 		return 0;
 	if (bpf_skb_load_bytes(skb, inner_l4_off, ports, sizeof(ports)))
 		return 0;

@@ -123,7 +123,8 @@ static __always_inline __u8 KP_F(kp_flow_mode)(const KP_PKT *p, const struct kp_
 	/* DSR only to a backend whose node is known (its EndpointSlice names a node in the node table, with
 	 * an address of the flow's family): that node's kproxy must take the flow. Any other backend is
 	 * SNATed, which works wherever it runs, this node included (kp_from_pod translates the replies). */
-	if (KP_ADDR_IS_ZERO(be->node_addr) || kp_frag_get())
+	/* SCTP: DSR's backend side (kp_dsr_rx, the IPIP tunnel's reply path) knows TCP and UDP only */
+	if (KP_ADDR_IS_ZERO(be->node_addr) || kp_frag_get() || p->proto == KP_IPPROTO_SCTP)
 		return KP_CT_F_SNAT;   /* a flow that starts fragmented: no room for DSR's bytes either */
 #if KP_FAM == 6
 	/* the option header goes right after the fixed one: a flow opened with extension headers (a
@@ -183,8 +184,8 @@ static __always_inline int KP_F(kp_lb_pick)(const KP_PKT *p, const KP_SVC_KEY *s
 		if (tries >= KP_HELD_TRIES - 1)
 			return -KP_DROP_TUPLE_HELD;
 	}
-	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	fv->expires_ns = now + kp_ct_timeout_ns(state);
+	state = kp_ct_open_state(p->proto);
+	fv->expires_ns = now + kp_ct_timeout_ns(state, p->proto);
 	fv->backend_id = backend_id;
 	fv->svc_id = svc->svc_id;
 	fv->nat_addr = be.addr;
@@ -454,8 +455,8 @@ static __always_inline int KP_F(kp_dsr_rx)(struct __sk_buff *skb, KP_PKT *p, __u
 		KP_F(kp_count)(KP_STAT_DSR_RX, p->len);
 		return TC_ACT_OK;
 	}
-	state = p->proto == IPPROTO_TCP ? KP_CT_SYN_SENT : KP_CT_UDP;
-	fv.expires_ns = now + kp_ct_timeout_ns(state);
+	state = kp_ct_open_state(p->proto);
+	fv.expires_ns = now + kp_ct_timeout_ns(state, p->proto);
 	fv.nat_addr = p->daddr;
 	fv.nat_port = p->dport;
 	fv.state = state;

@@ -22,11 +22,28 @@ enum kp_nat_side {
 };
 
 /*
- * Rewrite one address and port of a parsed TCP/UDP packet.
+ * SCTP's port rewrite: the CRC32c follows incrementally (lib/sctp.h); no address is in it. sctp_len: from
+ * the IP header's length (kp_parse4/kp_parse6 pass SCTP only with it known).
+ */
+static __always_inline int kp_nat_sctp_port(struct __sk_buff *skb, __u32 l4_off, __u32 sctp_len, int side,
+					    __be16 old_port, __be16 new_port)
+{
+	__u32 port_off = l4_off + (side == KP_NAT_DST ? offsetof(struct kp_sctphdr, dest)
+						     : offsetof(struct kp_sctphdr, source));
+
+	if (old_port == new_port)
+		return 0;
+	if (kp_sctp_csum_port(skb, l4_off, sctp_len, side == KP_NAT_DST, old_port, new_port))
+		return -1;
+	return bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), BPF_F_RECOMPUTE_CSUM) ? -1 : 0;
+}
+
+/*
+ * Rewrite one address and port of a parsed TCP/UDP/SCTP packet.
  * The address is in the L4 pseudo-header, hence BPF_F_PSEUDO_HDR: with CHECKSUM_PARTIAL (packets
  * from a local pod) only the pseudo-header part of the checksum field must change. The port is not
  * (plain replace, a no-op under CHECKSUM_PARTIAL). UDP: BPF_F_MARK_MANGLED_0 keeps a zero ("no
- * checksum") field zero and turns a computed zero into 0xffff.
+ * checksum") field zero and turns a computed zero into 0xffff. SCTP: kp_nat_sctp_port.
  */
 static __always_inline int kp_nat4(struct __sk_buff *skb, const struct kp_pkt *p, int side, __be32 new_addr,
 				   __be16 new_port)
@@ -46,6 +63,13 @@ static __always_inline int kp_nat4(struct __sk_buff *skb, const struct kp_pkt *p
 		     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
 			return -1;
 		return 0;
+	}
+	if (p->proto == KP_IPPROTO_SCTP) {
+		if (old_addr != new_addr &&
+		    (bpf_l3_csum_replace(skb, KP_IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+		     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
+			return -1;
+		return kp_nat_sctp_port(skb, p->l4_off, ETH_HLEN + p->tot_len - p->l4_off, side, old_port, new_port);
 	}
 	if (old_addr != new_addr) {
 		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
@@ -118,8 +142,8 @@ static __always_inline int kp_is_node_addr6(const struct kp_config *cfg, union k
 
 /*
  * kp_nat4 for IPv6: no header checksum; the addresses are in the L4 pseudo-header (TCP, UDP and ICMPv6
- * alike), so one checksum difference over the 16 bytes goes into the L4 checksum (BPF_F_PSEUDO_HDR
- * with CHECKSUM_PARTIAL, as kp_nat4). A later fragment has no L4 header: only the address changes.
+ * alike; not SCTP's CRC32c), so one checksum difference over the 16 bytes goes into the L4 checksum
+ * (BPF_F_PSEUDO_HDR with CHECKSUM_PARTIAL, as kp_nat4). A later fragment has no L4 header: only the address changes.
  */
 static __always_inline int kp_nat6(struct __sk_buff *skb, const struct kp_pkt6 *p, int side, union kp_in6 new_addr,
 				   __be16 new_port)
@@ -133,6 +157,13 @@ static __always_inline int kp_nat6(struct __sk_buff *skb, const struct kp_pkt6 *
 	__u64 l4_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__s64 diff;
 
+	if (p->proto == KP_IPPROTO_SCTP) {
+		/* in no checksum: skb->csum follows (CHECKSUM_COMPLETE), as in kp_nat_sctp_port */
+		if (!kp_in6_eq(old_addr, new_addr) &&
+		    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), BPF_F_RECOMPUTE_CSUM))
+			return -1;
+		return kp_nat_sctp_port(skb, p->l4_off, ETH_HLEN + p->tot_len - p->l4_off, side, old_port, new_port);
+	}
 	if (!kp_in6_eq(old_addr, new_addr)) {
 		if (kp_frag_get() != KP_FRAG_LATER) {
 			diff = bpf_csum_diff(old_addr.w, sizeof(old_addr), new_addr.w, sizeof(new_addr), 0);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Ethernet + IPv4 + TCP/UDP/ICMP header parsing. One bounds-check idiom: `(void *)(hdr + 1) > data_end`
+ * Ethernet + IPv4 + TCP/UDP/SCTP/ICMP header parsing. One bounds-check idiom: `(void *)(hdr + 1) > data_end`
  * (the cast keeps clang-19 -Wcompare-distinct-pointer-types quiet).
  * The parser only reads; what it learns goes into struct kp_pkt as offsets and values, because
  * every packet-rewriting helper invalidates packet pointers.
@@ -49,10 +49,12 @@ struct kp_icmphdr {
 #define KP_TCP_RST 0x04
 #define KP_TCP_ACK 0x10
 
+#include "lib/sctp.h"
+
 enum kp_parse_result {
 	KP_PARSE_PASS = 0,   /* not ours: non-IPv4, truncated, other protocol */
 	KP_PARSE_FRAG = 1,   /* IPv4 fragment whose datagram's ports are unknown: passed untouched */
-	KP_PARSE_L4 = 2,     /* TCP or UDP, ports valid (of the datagram, for a later fragment) */
+	KP_PARSE_L4 = 2,     /* TCP, UDP or SCTP, ports valid (of the datagram, for a later fragment) */
 	KP_PARSE_ICMP = 3,   /* ICMP, type/code valid */
 	KP_PARSE_IPIP = 4,   /* IPv4-in-IPv4 or IPv6-in-IPv6 (DSR dispatch), outer header fields valid */
 };
@@ -65,10 +67,10 @@ struct kp_pkt {
 	__u32  ip_hlen;    /* HBO IPv4 header length in bytes, 20..60 */
 	__be32 saddr;      /* NBO */
 	__be32 daddr;      /* NBO */
-	__be16 sport;      /* NBO TCP/UDP only */
-	__be16 dport;      /* NBO TCP/UDP only */
+	__be16 sport;      /* NBO TCP/UDP/SCTP only */
+	__be16 dport;      /* NBO TCP/UDP/SCTP only */
 	__u8   proto;      /* IPPROTO_* */
-	__u8   tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
+	__u8   tcp_flags;  /* byte 13 of the TCP header; SCTP: its first chunk as TCP flags (kp_sctp_flags) */
 	__u8   icmp_type;  /* ICMP only */
 	__u8   icmp_code;  /* ICMP only */
 	__u8   ttl;        /* IPv4 TTL */
@@ -84,10 +86,10 @@ struct kp_pkt6 {
 	__u32  ip_hlen;    /* HBO IPv6 header and extension headers in bytes (40..) */
 	union kp_in6 saddr;   /* NBO */
 	union kp_in6 daddr;   /* NBO */
-	__be16 sport;      /* NBO TCP/UDP only */
-	__be16 dport;      /* NBO TCP/UDP only */
+	__be16 sport;      /* NBO TCP/UDP/SCTP only */
+	__be16 dport;      /* NBO TCP/UDP/SCTP only */
 	__u8   proto;      /* IPPROTO_* of the upper-layer header (after the extension headers) */
-	__u8   tcp_flags;  /* byte 13 of the TCP header, 0 otherwise */
+	__u8   tcp_flags;  /* byte 13 of the TCP header; SCTP: its first chunk as TCP flags (kp_sctp_flags) */
 	__u8   icmp_type;  /* ICMPv6 only */
 	__u8   icmp_code;  /* ICMPv6 only */
 	__u8   ttl;        /* hop limit */
@@ -247,6 +249,18 @@ static __always_inline int kp_parse4(struct __sk_buff *skb, struct kp_pkt *p)
 		p->dport = udp->dest;
 		if (frag == KP_FRAG_FIRST)
 			kp_frag_record(ip, p);
+		return KP_PARSE_L4;
+	}
+	case KP_IPPROTO_SCTP: {
+		/* never a fragment here (SCTP fragments are KP_PARSE_FRAG above: the CRC covers the whole
+		 * packet, which no fragment holds), so its length is known */
+		struct kp_sctphdr *sh = l4;
+
+		if ((void *)(sh + 1) > data_end || !tot_len || tot_len < ip_hlen + sizeof(*sh))
+			return KP_PARSE_PASS;
+		p->sport = sh->source;
+		p->dport = sh->dest;
+		p->tcp_flags = kp_sctp_flags(sh->chunk_type);
 		return KP_PARSE_L4;
 	}
 	case IPPROTO_ICMP: {

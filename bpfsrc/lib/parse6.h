@@ -2,7 +2,7 @@
 /*
  * Ethernet + IPv6 parsing: the fixed header, then the extension headers a router or host may meet
  * before the upper layer (hop-by-hop options, routing, destination options, fragment), then
- * TCP/UDP/ICMPv6. As lib/parse.h, it only reads and reports offsets and values in struct kp_pkt6.
+ * TCP/UDP/SCTP/ICMPv6. As lib/parse.h, it only reads and reports offsets and values in struct kp_pkt6.
  * Everything past the fixed header is read with bpf_skb_load_bytes (its offsets vary).
  */
 #ifndef KPROXY_LIB_PARSE6_H
@@ -205,6 +205,19 @@ static __always_inline int kp_parse6(struct __sk_buff *skb, struct kp_pkt6 *p)
 		p->sport = udp.source;
 		p->dport = udp.dest;
 		break;
+	}
+	case KP_IPPROTO_SCTP: {
+		struct kp_sctphdr sh;
+
+		/* never a fragment (KP_PARSE_FRAG above); a jumbogram's length is unknown: not translated */
+		if (frag != KP_FRAG_NONE || !payload || bpf_skb_load_bytes(skb, off, &sh, sizeof(sh)))
+			return KP_PARSE_PASS;
+		if (off + sizeof(sh) > ETH_HLEN + KP_IP6_HLEN + payload)
+			return KP_PARSE_PASS;
+		p->sport = sh.source;
+		p->dport = sh.dest;
+		p->tcp_flags = kp_sctp_flags(sh.chunk_type);
+		return KP_PARSE_L4;
 	}
 	case IPPROTO_ICMPV6: {
 		__u8 tc[2];

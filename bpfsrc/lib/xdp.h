@@ -153,9 +153,9 @@ static __always_inline int kp_xsend(struct xdp_md *ctx, struct bpf_fib_lookup *f
 
 /* Whether the flow entry v (state for this packet unchanged) needs no write now: kp_from_netdev writes
  * entries at most once a KP_CT_REFRESH_NS, so a packet past that is left to it. */
-static __always_inline int kp_xfresh(__u8 state, __u64 expires_ns, __u64 now)
+static __always_inline int kp_xfresh(__u8 state, __u8 proto, __u64 expires_ns, __u64 now)
 {
-	return (__s64)(now + kp_ct_timeout_ns(state) - expires_ns) <= (__s64)KP_CT_REFRESH_NS;
+	return (__s64)(now + kp_ct_timeout_ns(state, proto) - expires_ns) <= (__s64)KP_CT_REFRESH_NS;
 }
 
 /*

@@ -113,7 +113,7 @@ static __always_inline void KP_F(kp_xrefresh)(const KP_CT_KEY *fk, const KP_CT_V
 {
 	KP_CT_VAL *fv;
 
-	if (kp_xfresh(v->state, v->expires_ns, now))
+	if (kp_xfresh(v->state, fk->proto, v->expires_ns, now))
 		return;
 	fv = KP_F(kp_xscratch)();
 	if (!fv)

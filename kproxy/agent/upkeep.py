@@ -73,7 +73,8 @@ class DatapathConfig:
         # Every field of kp_cfg_v1 comes from here: the map is rewritten whole, nothing is kept.
         upkeep.write_config(
             maps, cfg.primary_ipv4, syn_timeout=t.syn, tcp_timeout=t.tcp, fin_timeout=t.fin,
-            udp_timeout=t.udp, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_ipv4,
+            udp_timeout=t.udp, sctp_init_timeout=t.sctp_init, sctp_timeout=t.sctp,
+            sctp_close_timeout=t.sctp_close, dsr_mode=DSR_MODES[self.dsr_mode], hairpin_addr=cfg.hairpin_ipv4,
             snat_port_min=cfg.snat_port_min, snat_port_max=cfg.snat_port_max, lan_mtu=self.dataplane.lan_mtu,
             external_cluster_ip=cfg.external_cluster_ip, orphan_until_ns=self.orphan_until_ns,
             localhost_nodeports=cfg.localhost_nodeports_served and self.host_netns_cookie() != 0,

@@ -62,6 +62,9 @@ def write_config(
     tcp_timeout: int = 0,
     fin_timeout: int = 0,
     udp_timeout: int = 0,
+    sctp_init_timeout: int = 0,
+    sctp_timeout: int = 0,
+    sctp_close_timeout: int = 0,
     dsr_mode: int = abi.DsrMode.OFF,
     hairpin_addr: str | None = None,
     snat_port_min: int = 0,
@@ -86,6 +89,9 @@ def write_config(
     cfg.ct_tcp_timeout = tcp_timeout
     cfg.ct_fin_timeout = fin_timeout
     cfg.ct_udp_timeout = udp_timeout
+    cfg.ct_sctp_init_timeout = sctp_init_timeout
+    cfg.ct_sctp_timeout = sctp_timeout
+    cfg.ct_sctp_close_timeout = sctp_close_timeout
     cfg.hairpin_addr = abi.ip_to_nbo(hairpin_addr) if hairpin_addr else 0
     cfg.snat_port_min = snat_port_min
     cfg.snat_port_max = snat_port_max

@@ -20,7 +20,12 @@ from kproxy import abi
 from kproxy.abi import BackendFlag, CtDir, CtFlag, CtState, Scope, Stat, SvcFlag, nbo_to_ip, nbo_to_port
 from kproxy.bpf.mapapi import MapOps
 
-PROTOCOLS = {abi.IPPROTO_TCP: "TCP", abi.IPPROTO_UDP: "UDP", abi.IPPROTO_ICMP: "ICMP"}
+PROTOCOLS = {
+    abi.IPPROTO_TCP: "TCP",
+    abi.IPPROTO_UDP: "UDP",
+    abi.IPPROTO_SCTP: "SCTP",
+    abi.IPPROTO_ICMP: "ICMP",
+}
 
 
 def proto_name(proto: int) -> str:

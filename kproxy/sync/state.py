@@ -57,7 +57,7 @@ def pack_be4(val: BVal) -> bytes:
 
 SvcPort = tuple[str, str, int]  # (service, port name, proto)
 
-PROTO = {"TCP": abi.IPPROTO_TCP, "UDP": abi.IPPROTO_UDP}
+PROTO = {"TCP": abi.IPPROTO_TCP, "UDP": abi.IPPROTO_UDP, "SCTP": abi.IPPROTO_SCTP}
 ORPHANS = ""  # pseudo-service owning what adopt() found and no Service has claimed yet
 
 

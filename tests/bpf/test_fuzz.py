@@ -6,7 +6,7 @@ traffic and raw random bytes, and mutates a share of them (truncation, bad tot_l
 fragment bits, odd protocols, flipped bytes, trailing garbage). Invariants:
   - a frame that is not for kproxy (no address of a frontend, backend, client, node; no IPIP; no DSR
     option) comes out byte-for-byte unchanged with TC_ACT_OK;
-  - truncated frames, and fragments of protocols other than TCP and UDP, come out unchanged;
+  - truncated frames, and fragments of protocols other than TCP and UDP (SCTP's too), come out unchanged;
   - a TCP/UDP fragment may be translated (a first fragment as its datagram, a later one as the first
     fragment of its datagram was, addresses only): its IPv4 header checksum stays valid;
   - every frame a program rewrote, whose input checksums were valid, has valid IP/L4/ICMP checksums
@@ -98,6 +98,7 @@ SEED = int(os.environ.get("KPROXY_FUZZ_SEED", str(int.from_bytes(os.urandom(4), 
 MAX_REPORT = 10
 DSR_OPT_TYPE = 0x9A
 IPPROTO_IPIP = 4
+IPPROTO_SCTP = 132
 
 NODE = "192.168.1.10"
 CLIENTS = [f"10.244.1.{i}" for i in range(5, 13)]
@@ -345,7 +346,11 @@ def is_truncated_or_fragment(frame: bytes) -> bool:
             return True
         if ff & 0x1FFF:
             return len(frame) < 14 + ihl  # a later fragment: no L4 header to need
-    need = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_ICMP: 8}.get(proto, 0)
+    # SCTP: the common header and a chunk's type, within tot_len (0 is no length: passed)
+    need = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_ICMP: 8, IPPROTO_SCTP: 16}.get(proto, 0)
+    if proto == IPPROTO_SCTP:
+        (tot_len,) = struct.unpack_from("!H", frame, 16)
+        return len(frame) < 14 + ihl + need or tot_len < ihl + need
     return len(frame) < 14 + ihl + need
 
 
@@ -876,9 +881,11 @@ def walk6(frame: bytes) -> Walk6:
         if nxt not in (IPPROTO_TCP, IPPROTO_UDP):
             return Walk6(True)
         frag = 1
-    need = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_ICMPV6: 2}.get(nxt)
+    need = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_ICMPV6: 2, IPPROTO_SCTP: 16}.get(nxt)
     if need is None or off + need > len(frame) or (nxt != IPPROTO_ICMPV6 and off + need > end):
         return Walk6(True)
+    if nxt == IPPROTO_SCTP and not plen:
+        return Walk6(True)  # SCTP needs its length (its CRC covers the packet): not a jumbogram's
     if nxt == IPPROTO_ICMPV6 and 133 <= frame[off] <= 137:
         return Walk6(True)
     return Walk6(False, nxt, off, frag, plen)

@@ -90,7 +90,7 @@ DIFF_POD_EXT = f"{DOC}#pods-reaching-a-nodeport-loadbalancer-ip-or-external-ip-k
 DIFF_HAIRPIN = f"{DOC}#a-pod-balanced-to-itself-sees-a-link-local-source"
 DIFF_CIP_OUTSIDE = f"{DOC}#clusterips-from-outside-the-node-kube-proxys-behaviour-by-default-and-a-switch"
 DIFF_NODE_SOCKET = f"{DOC}#processes-of-the-node-are-balanced-at-the-socket-not-per-packet"
-GAP_SCTP = f"{DOC}#not-yet-the-same-open-work"
+DIFF_SCTP = f"{DOC}#sctp-served-in-the-tc-path-never-by-socket-lb-never-with-dsr"
 
 
 # ---- Services: one table per upstream set-up ----
@@ -235,7 +235,7 @@ add(
         Flow(T, "clusterIP with TCP, UDP, and SCTP on same port (UDP)", "pod", cip(_s2, 53),
              (ep(L1), ep(R1)), proto="UDP"),
         Flow(T, "clusterIP with TCP, UDP, and SCTP on same port (SCTP)", "pod", cip(_s2, 53),
-             (ep(L1), ep(R1)), proto="SCTP", gap=GAP_SCTP, needs_sctp=True),
+             (ep(L1), ep(R1)), proto="SCTP", diff=DIFF_SCTP, needs_sctp=True),
         Flow(T, "TCP-only port does not match UDP traffic", "pod", cip(_s2), "REJECT", proto="UDP"),
         Flow(T, "svc1 does not accept svc2's ports", "pod", cip(_s1, 443), "REJECT"),
         Flow(T, "packet to unallocated cluster ip", "pod", (UNALLOCATED_CLUSTER_IP, 80), "DROP"),
@@ -700,7 +700,10 @@ def _param(f: Flow) -> Any:
 def test_flow(world: World, flow: Flow) -> None:
     lab = world.lab
     if flow.needs_sctp and not _sctp_available():
-        pytest.skip(f"this kernel has no SCTP sockets (kproxy does not serve SCTP either: {GAP_SCTP})")
+        pytest.skip(
+            "this kernel has no SCTP sockets (no sctp module); kproxy serves SCTP "
+            f"({DIFF_SCTP}): tests/bpf/test_bpf_sctp.py and tests/netns/test_sctp.py test it with raw sockets"
+        )
     world.ensure(flow)
     addr, port = flow.dst
     # a case that asserts what did not happen waits until earlier connections' late packets stopped

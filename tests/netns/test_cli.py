@@ -615,7 +615,8 @@ def test_agent_accepts_every_flag_the_chart_passes() -> None:
 
     chart_flags = {
         "--source", "--node-name", "--node-ip", "--netdev", "--pod-ifaces", "--bpffs", "--map-size",
-        "--ct-timeout-syn", "--ct-timeout-tcp", "--ct-timeout-fin", "--ct-timeout-udp", "--log-level",
+        "--ct-timeout-syn", "--ct-timeout-tcp", "--ct-timeout-fin", "--ct-timeout-udp",
+        "--ct-timeout-sctp-init", "--ct-timeout-sctp", "--ct-timeout-sctp-close", "--log-level",
         "--k8s-api-server", "--kubeconfig", "--nodeport-addresses", "--metrics-bind-address",
         "--health-bind-address", "--dsr-mode", "--socket-lb-cgroup", "--service-cidr", "--hairpin-address",
     }  # fmt: skip

@@ -90,3 +90,13 @@ def test_hairpin_addresses_one_per_family():
     assert (c.hairpin_ipv4, c.hairpin_ipv6) == ("169.254.1.1", "fd00::a")
     c = AgentConfig(node_name="n1")
     assert (c.hairpin_ipv4, c.hairpin_ipv6) == (None, None)  # the datapath defaults
+
+
+@pytest.mark.parametrize("field", ["sctp_init", "sctp_close"])
+def test_sctp_short_timeouts_fit_their_16_bit_config_fields(field: str) -> None:
+    """kp_cfg_v1 holds the SCTP INIT and close timeouts in 16 bits (the former padding): a larger value
+    is refused by name, never truncated."""
+    ok = AgentConfig(node_name="n1", node_ips=["192.0.2.1"], conntrack={field: 65535})
+    assert getattr(ok.conntrack, field) == 65535
+    with pytest.raises(ValidationError, match=field):
+        AgentConfig(node_name="n1", node_ips=["192.0.2.1"], conntrack={field: 65536})

@@ -264,11 +264,52 @@ def test_headless_label_filters_endpointslices_not_services():
     assert skipped["endpointslice_headless"] == 1
 
 
-def test_sctp_port_skipped_and_counted():
-    s = svc(ports=[{"name": "http", "port": 80}, {"name": "sctp", "port": 9, "protocol": "SCTP"}])
+def test_sctp_port_served_with_its_endpoint_slice_port():
+    # issue 17: SCTP is served as TCP and UDP are (kube-proxy since 1.20); the slice's port is SCTP too
+    s = svc(
+        ports=[
+            {"name": "http", "port": 80},
+            {"name": "sctp", "port": 9, "targetPort": 9999, "protocol": "SCTP"},
+        ]
+    )
+    slices = [
+        es(
+            ports=[
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "sctp", "port": 9999, "protocol": "SCTP"},
+            ]
+        )
+    ]
     skipped: Counter[str] = Counter()
-    fes = tr(s, [es()], skipped=skipped)
-    assert [f.port_name for f in fes] == ["http"] and skipped["sctp_port"] == 1
+    fes = tr(s, slices, skipped=skipped)
+    assert [(f.port_name, f.port, f.protocol) for f in fes] == [("http", 80, "TCP"), ("sctp", 9, "SCTP")]
+    assert addrs(fes[1]) == [("10.0.0.1", 9999), ("10.0.0.2", 9999)]
+    assert all(b.protocol == "SCTP" for b in fes[1].backends)
+    assert not skipped
+
+
+def test_tcp_udp_and_sctp_on_the_same_port_are_three_frontends():
+    ports = [
+        {"name": n.lower(), "port": 53, "targetPort": 5353, "protocol": n} for n in ("TCP", "UDP", "SCTP")
+    ]
+    slice_ports = [{"name": n.lower(), "port": 5353, "protocol": n} for n in ("TCP", "UDP", "SCTP")]
+    skipped: Counter[str] = Counter()
+    fes = tr(svc(ports=ports), [es(ports=slice_ports)], skipped=skipped)
+    assert [(f.port, f.protocol) for f in fes] == [(53, "TCP"), (53, "UDP"), (53, "SCTP")]
+    assert [{(b.port, b.protocol) for b in f.backends} for f in fes] == [
+        {(5353, "TCP")}, {(5353, "UDP")}, {(5353, "SCTP")},
+    ]  # fmt: skip
+    assert not skipped
+
+
+def test_sctp_nodeport_and_load_balancer():
+    s = svc(type="LoadBalancer", ports=[{"name": "s", "port": 9, "targetPort": 99, "nodePort": 30009,
+                                          "protocol": "SCTP"}],
+            lb_ips=["203.0.113.9"])  # fmt: skip
+    fes = tr(s, [es(ports=[{"name": "s", "port": 99, "protocol": "SCTP"}])])
+    assert {(f.type, f.protocol) for f in fes} == {("ClusterIP", "SCTP"), ("NodePort", "SCTP"),
+                                                    ("LoadBalancer", "SCTP")}  # fmt: skip
+    assert all(addrs(f) == [("10.0.0.1", 99), ("10.0.0.2", 99)] for f in fes)
 
 
 # ---- affinity ----

@@ -86,10 +86,12 @@ enum kp_ct_dir {
 };
 
 enum kp_ct_state {
-	KP_CT_SYN_SENT = 1,     /* TCP: SYN seen, no reply yet */
-	KP_CT_ESTABLISHED = 2,  /* TCP: reply seen */
-	KP_CT_CLOSING = 3,      /* TCP: FIN seen */
-	KP_CT_CLOSED = 4,       /* TCP: RST seen; SNAT: also FIN seen from both ends (kp_snat_fin_state) */
+	/* SCTP flows use the TCP states, their chunks mapped onto TCP flags (lib/sctp.h: kp_sctp_flags) */
+	KP_CT_SYN_SENT = 1,     /* TCP: SYN seen, no reply yet; SCTP: no reply yet (INIT sent) */
+	KP_CT_ESTABLISHED = 2,  /* TCP: reply seen; SCTP: reply seen (INIT ACK onwards) */
+	KP_CT_CLOSING = 3,      /* TCP: FIN seen; SCTP: SHUTDOWN or SHUTDOWN ACK seen */
+	KP_CT_CLOSED = 4,       /* TCP: RST seen; SNAT: also FIN seen from both ends (kp_snat_fin_state);
+				 * SCTP: ABORT or SHUTDOWN COMPLETE seen */
 	KP_CT_UDP = 5,          /* UDP flow */
 };
 
@@ -156,12 +158,13 @@ struct kp_config {
 	__u32  ct_tcp_timeout;   /* HBO seconds, established TCP */
 	__u32  ct_fin_timeout;   /* HBO seconds, TCP after FIN or RST */
 	__u32  ct_udp_timeout;   /* HBO seconds, UDP */
-	__u32  pad;              /* zero */
+	__u32  ct_sctp_timeout;  /* HBO seconds, established SCTP (was zero padding: same layout) */
 	__be32 hairpin_addr;     /* NBO source of a pod's packets balanced to itself; 0 = KP_HAIRPIN_ADDR_DEFAULT */
 	__u16  snat_port_min;    /* HBO first SNAT source port; 0 = KP_SNAT_PORT_MIN_DEFAULT */
 	__u16  snat_port_max;    /* HBO last SNAT source port; 0 = KP_SNAT_PORT_MAX_DEFAULT */
 	__u32  lan_mtu;          /* HBO MTU between nodes, for the DSR IPIP MSS clamp; 0 = KP_LAN_MTU_DEFAULT */
-	__u32  pad2;             /* zero */
+	__u16  ct_sctp_init_timeout;  /* HBO seconds, SCTP before a reply is seen (was zero padding: same layout) */
+	__u16  ct_sctp_close_timeout; /* HBO seconds, SCTP after SHUTDOWN, ABORT or SHUTDOWN COMPLETE (idem) */
 	__u64  orphan_until_ns;  /* CLOCK_MONOTONIC: until then, TCP packets from a netdev to no frontend are
 				  * looked up in conntrack (a frontend was deleted while its flows lived);
 				  * 0 = never */
@@ -180,6 +183,10 @@ struct kp_config {
 #define KP_CT_TCP_TIMEOUT_DEFAULT  21600
 #define KP_CT_FIN_TIMEOUT_DEFAULT  10
 #define KP_CT_UDP_TIMEOUT_DEFAULT  60
+/* SCTP as nf_conntrack_proto_sctp: COOKIE_WAIT 3 s, ESTABLISHED 210 s, CLOSED 10 s */
+#define KP_CT_SCTP_INIT_TIMEOUT_DEFAULT  3
+#define KP_CT_SCTP_TIMEOUT_DEFAULT       210
+#define KP_CT_SCTP_CLOSE_TIMEOUT_DEFAULT 10
 #define KP_HAIRPIN_ADDR_DEFAULT    0xa9fe2a01  /* HBO 169.254.42.1 */
 #define KP_SNAT_PORT_MIN_DEFAULT   32768
 #define KP_SNAT_PORT_MAX_DEFAULT   65535

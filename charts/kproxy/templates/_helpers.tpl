@@ -81,6 +81,9 @@ ct-timeout-syn: {{ int64 .Values.conntrack.synTimeout | toString | quote }}
 ct-timeout-tcp: {{ int64 .Values.conntrack.tcpTimeout | toString | quote }}
 ct-timeout-fin: {{ int64 .Values.conntrack.finTimeout | toString | quote }}
 ct-timeout-udp: {{ int64 .Values.conntrack.udpTimeout | toString | quote }}
+ct-timeout-sctp-init: {{ int64 .Values.conntrack.sctpInitTimeout | toString | quote }}
+ct-timeout-sctp: {{ int64 .Values.conntrack.sctpTimeout | toString | quote }}
+ct-timeout-sctp-close: {{ int64 .Values.conntrack.sctpCloseTimeout | toString | quote }}
 log-level: {{ .Values.logLevel | quote }}
 metrics-bind-address: {{ include "kproxy.hostPort" (list .Values.metrics.bindAddress .Values.metrics.port) | quote }}
 health-bind-address: {{ include "kproxy.hostPort" (list "0.0.0.0" .Values.healthPort) | quote }}
