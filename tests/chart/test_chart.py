@@ -903,3 +903,18 @@ def test_uninstall_removes_the_dataplane_unless_kept(render: Renderer) -> None:
         "verbs": ["get", "list", "watch"],
     } in rules
     assert "--keep-dataplane-on-uninstall" in agent_args(render({"uninstall": {"keepDataplane": True}}))
+
+
+def test_the_agents_state_directory_is_the_hosts(render: Renderer) -> None:
+    """The state root (service names for the CLI, the NodePort range the agent reserved) is the host's
+    /run/kproxy, through KPROXY_STATE_ROOT: a restarted or upgraded agent, an uninstall and `kproxy
+    cleanup` on the host find what an earlier agent recorded."""
+    from kproxy.observe.metadata import DEFAULT_STATE_ROOT, STATE_ROOT_ENV
+
+    docs = render()
+    agent = container(docs, "agent")
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    volume = {v["name"]: v for v in pod_spec(docs)["volumes"]}["state"]
+    assert volume["hostPath"] == {"path": DEFAULT_STATE_ROOT, "type": "DirectoryOrCreate"}
+    assert env[STATE_ROOT_ENV] == mounts["state"]["mountPath"]
