@@ -284,24 +284,37 @@ add(
 _s = Svc("np", 5, p80(5), (Ep(R1), Ep(L1)), type="NodePort")
 _e2 = (ep(R1), ep(L1))
 _multi = ("--nodeport-addresses", "192.168.77.0/24,192.168.79.0/24")
-for _sub, _args in (("ipv4", ()), ("ipv4, multiple nodeport-addresses", _multi)):
+_no_localhost = ("--no-localhost-nodeports",)
+# localhost to a NodePort: IPv4 only, unless --localhost-nodeports is off or --nodeport-addresses has
+# IPv4 CIDRs none of which holds 127.0.0.1 (then "ignored": nothing listens on the node's loopback)
+for _sub, _args in (
+    ("ipv4", ()),
+    ("ipv4, multiple nodeport-addresses", _multi),
+    ("ipv4, localhost-nodeports disabled", _no_localhost),
+):
     T = f"TestNodePorts/{_sub}"
+    _localhost = nodeport(_s, addr="127.0.0.1")
     FLOWS.extend(
         [
             Flow(T, "pod to cluster IP", "pod", cip(_s), _e2, agent_args=_args),
             Flow(T, "external to nodePort", "ext", nodeport(_s), _e2, masq=True, agent_args=_args,
                  diff=DIFF_EXT_LOCAL),
             Flow(T, "node to nodePort", "node", nodeport(_s), _e2, masq=True, agent_args=_args),
+            Flow(T, "localhost to nodePort gets masqueraded", "node", _localhost, _e2, masq=True,
+                 agent_args=_args)
+            if not _args else
+            Flow(T, "localhost to nodePort is ignored", "node", _localhost, "PASS", agent_args=_args),
         ]
     )
-    if _args:
+    if _args == _multi:
         FLOWS.append(
             Flow(T, "external to nodePort on secondary IP", "ext", nodeport(_s, addr=NODE_ALT_IP), _e2,
                  masq=True, agent_args=_args, diff=DIFF_EXT_LOCAL)
         )
     else:
         FLOWS.append(
-            Flow(T, "secondary nodeIP ignores NodePorts", "ext", nodeport(_s, addr=NODE_ALT_IP), "PASS")
+            Flow(T, "secondary nodeIP ignores NodePorts", "ext", nodeport(_s, addr=NODE_ALT_IP), "PASS",
+                 agent_args=_args)
         )
 SERVICES.append(_s)
 
@@ -426,6 +439,7 @@ add(
         Flow(T, "pod to LB", "pod", lb(_m1), _b1, masq=True, diff=_P),
         Flow(T, "node to ClusterIP", "node", cip(_m1), _b1, masq=True),
         Flow(T, "node to NodePort", "node", nodeport(_m1), _b1, masq=True),
+        Flow(T, "localhost to NodePort", "node", nodeport(_m1, addr="127.0.0.1"), _b1, masq=True),
         Flow(T, "node to LB", "node", lb(_m1), _b1, masq=True),
         Flow(T, "external to ClusterIP", "ext", cip(_m1), _b1, masq=True, diff=_O),
         Flow(T, "external to NodePort", "ext", nodeport(_m1), _b1, masq=True, diff=_X),
@@ -436,6 +450,9 @@ add(
         Flow(T, "node to ClusterIP with eTP:Local", "node", cip(_m2), _b2, masq=True),
         # upstream sends this one to svc1's NodePort (3001), and expects svc1's endpoints
         Flow(T, "node to NodePort with eTP:Local", "node", nodeport(_m1), _b1, masq=True),
+        # short-circuited, ignoring externalTrafficPolicy: every endpoint
+        Flow(T, "localhost to NodePort with eTP:Local", "node", nodeport(_m2, addr="127.0.0.1"), _b2,
+             masq=True),
         Flow(T, "node to LB with eTP:Local", "node", lb(_m2), _b2, masq=True),
         Flow(T, "external to ClusterIP with eTP:Local", "ext", cip(_m2), _b2, masq=True, diff=_O),
         Flow(T, "external to NodePort with eTP:Local", "ext", nodeport(_m2), (ep(L2),)),
@@ -445,6 +462,9 @@ add(
         Flow(T, "pod to LB with iTP:Local", "pod", lb(_m3), _b3, masq=True, diff=_P),
         Flow(T, "node to ClusterIP with iTP:Local", "node", cip(_m3), (ep(L3),), masq=True),
         Flow(T, "node to NodePort with iTP:Local", "node", nodeport(_m3), _b3, masq=True),
+        # internalTrafficPolicy does not apply to NodePort traffic
+        Flow(T, "localhost to NodePort with iTP:Local", "node", nodeport(_m3, addr="127.0.0.1"), _b3,
+             masq=True),
         Flow(T, "node to LB with iTP:Local", "node", lb(_m3), _b3, masq=True),
         Flow(T, "external to ClusterIP with iTP:Local", "ext", cip(_m3), (ep(L3),), masq=True, diff=_O),
         Flow(T, "external to NodePort with iTP:Local", "ext", nodeport(_m3), _b3, masq=True, diff=_X),
