@@ -61,22 +61,8 @@ extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 #define KP_TCP_ESTABLISHED 1  /* sk_state of a connected UDP socket */
 
 /* ---- maps ---- */
-/* Reverse entries of the socket-LB object, re-used by their pins (same definitions as there). */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kp_sknat4_key);
-	__type(value, struct kp_sknat4_val);
-	__uint(max_entries, KP_SKNAT4_MAX);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kp_sknat4_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kp_sknat6_key);
-	__type(value, struct kp_sknat6_val);
-	__uint(max_entries, KP_SKNAT6_MAX);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kp_sknat6_v1 SEC(".maps");
+/* Reverse entries of the socket-LB object, re-used by their pins. */
+#include "sknat_maps.h"
 
 /* Backends that left a Service, filled by the agent for one run of the iterator (struct kp_skd_key). */
 struct {

@@ -33,26 +33,7 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/*
- * Socket reverse NAT: per client socket, the frontend each backend stands for. Declared here, not in
- * maps.h: only this object uses them, and an LRU map preallocates all its entries, which agents without
- * socket LB should not pay for. Pinned by name next to the shared maps.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kp_sknat4_key);
-	__type(value, struct kp_sknat4_val);
-	__uint(max_entries, KP_SKNAT4_MAX);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kp_sknat4_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct kp_sknat6_key);
-	__type(value, struct kp_sknat6_val);
-	__uint(max_entries, KP_SKNAT6_MAX);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kp_sknat6_v1 SEC(".maps");
+#include "sknat_maps.h"
 
 /* sock_addr verdicts: 0 makes the syscall fail (EPERM unless bpf_set_retval said otherwise). */
 #define KP_SYS_REJECT  0

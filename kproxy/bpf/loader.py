@@ -19,8 +19,9 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kproxy import abi
 from kproxy.bpf import BPFFS_ROOT
@@ -306,6 +307,30 @@ def migrate_legacy_pins(pin_dir: str) -> list[str]:
     return [done]
 
 
+def pinned_param_diffs(
+    obj: lb.BpfObject, bpffs_dir: str, names: Iterable[str], sizes: bool, ours: str = ""
+) -> Iterator[tuple[str, str, Any, list[str]]]:
+    """For each of NAMES pinned in BPFFS_DIR: (name, pin path, the pin's parameters, how OBJ's
+    definition differs: type, key and value sizes, flags, and with SIZES max_entries). libbpf refuses a
+    pin whose parameters differ with a bare EINVAL: callers say which, and what to do. OURS names OBJ's
+    side ("in <object path>" when empty)."""
+    ours = ours or f"in {obj.path}"
+    fields = ("type", "key_size", "value_size", *(("max_entries",) if sizes else ()), "map_flags")
+    for name in names:
+        path = os.path.join(bpffs_dir, name)
+        if not os.path.exists(path):
+            continue
+        want = obj.map_params(name)
+        with lb.Map.open_pinned(path) as pinned:
+            have = pinned.info()
+        diffs = [
+            f"{f} {getattr(have, f)} pinned vs {getattr(want, f)} {ours}"
+            for f in fields
+            if getattr(have, f) != getattr(want, f)
+        ]
+        yield name, path, have, diffs
+
+
 class Loader:
     """Loads the TC object with maps pinned under `bpffs_dir`, and manages its attachments."""
 
@@ -345,18 +370,9 @@ class Loader:
 
     def _check_pinned_params(self, obj: lb.BpfObject) -> None:
         # libbpf refuses a pinned map whose parameters differ with a bare EINVAL; say which and how.
-        for name in obj.map_names():
-            path = os.path.join(self.bpffs_dir, name)
-            if not os.path.exists(path):
-                continue
-            want = obj.map_params(name)
-            with lb.Map.open_pinned(path) as pinned:
-                have = pinned.info()
-            diffs = [
-                f"{field} {getattr(have, field)} pinned vs {getattr(want, field)} requested"
-                for field in ("type", "key_size", "value_size", "max_entries", "map_flags")
-                if getattr(have, field) != getattr(want, field)
-            ]
+        for name, path, have, diffs in pinned_param_diffs(
+            obj, self.bpffs_dir, obj.map_names(), sizes=True, ours="requested"
+        ):
             if diffs:
                 raise MapParamsMismatch(
                     f"pinned map {name} at {path} does not match the object: {', '.join(diffs)}. "

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from kproxy import abi
 from kproxy.bpf import libbpf as lb
-from kproxy.bpf.loader import LoaderError, MapParamsMismatch
+from kproxy.bpf.loader import LoaderError, MapParamsMismatch, pinned_param_diffs
 
 log = logging.getLogger("kproxy.sockdestroy")
 
@@ -231,25 +231,13 @@ class SockDestroyer:
         """Size the kp_sknat maps like their pins (the socket object's); another layout fails clearly."""
         if self.bpffs_dir is None:
             return
-        for name in abi.SOCK_MAPS:
-            path = os.path.join(self.bpffs_dir, name)
-            if not os.path.exists(path):
-                continue
-            want = obj.map_params(name)
-            with lb.Map.open_pinned(path) as pinned:
-                have = pinned.info()
-            diffs = [
-                f"{f} {getattr(have, f)} pinned vs {getattr(want, f)} in {self.object_path}"
-                for f in ("type", "key_size", "value_size", "map_flags")
-                if getattr(have, f) != getattr(want, f)
-            ]
+        for name, path, have, diffs in pinned_param_diffs(obj, self.bpffs_dir, abi.SOCK_MAPS, sizes=False):
             if diffs:
                 raise MapParamsMismatch(
                     f"pinned map {name} at {path} does not match the iterator object: {', '.join(diffs)}. "
                     "Both objects must come from the same kproxy build"
                 )
-            if have.max_entries != want.max_entries:
-                obj.set_max_entries(name, have.max_entries)
+            obj.set_max_entries(name, have.max_entries)
 
     def load(self) -> None:
         """Load the object and create its iterator link. SockDestroyUnavailable when this kernel (or this

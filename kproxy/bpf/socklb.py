@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from kproxy import abi
 from kproxy.bpf import libbpf as lb
-from kproxy.bpf.loader import LINKS_DIR, LoaderError, MapParamsMismatch
+from kproxy.bpf.loader import LINKS_DIR, LoaderError, MapParamsMismatch, pinned_param_diffs
 from kproxy.bpf.maps import _statfs_type, is_bpffs
 
 log = logging.getLogger("kproxy.socklb")
@@ -198,26 +198,14 @@ class SocketLB:
     def _adopt_pinned_params(self, obj: lb.BpfObject) -> None:
         """Size every map like its pin, so this object re-uses the TC object's maps whatever
         --map-size the agent gave; any other difference is a different layout and fails clearly."""
-        for name in obj.map_names():
-            path = os.path.join(self.bpffs_dir, name)
-            if not os.path.exists(path):
-                continue
-            want = obj.map_params(name)
-            with lb.Map.open_pinned(path) as pinned:
-                have = pinned.info()
-            diffs = [
-                f"{field} {getattr(have, field)} pinned vs {getattr(want, field)} in {self.object_path}"
-                for field in ("type", "key_size", "value_size", "map_flags")
-                if getattr(have, field) != getattr(want, field)
-            ]
+        for name, path, have, diffs in pinned_param_diffs(obj, self.bpffs_dir, obj.map_names(), sizes=False):
             if diffs:
                 raise MapParamsMismatch(
                     f"pinned map {name} at {path} does not match the socket object: {', '.join(diffs)}. "
                     f"Both objects must come from the same kproxy build; remove the pins "
                     f"(`kproxy cleanup --bpffs {self.bpffs_dir}`) and restart"
                 )
-            if have.max_entries != want.max_entries:
-                obj.set_max_entries(name, have.max_entries)
+            obj.set_max_entries(name, have.max_entries)
 
     def load(self) -> lb.BpfObject:
         if self.obj is not None:
