@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_socklb_agent import TCP_CLIENT, UDP_CLIENT
 
 from kproxy.lab import Lab
 from kproxy.lab.cluster import Host
@@ -29,32 +30,6 @@ CLUSTER_IP = "10.96.8.1"
 NODE_PORT = 30081
 UDP_CLUSTER_IP = "10.96.8.2"
 UDP_NODE_PORT = 30053
-
-TCP_CLIENT = """
-import json, socket, sys
-addr, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-s.settimeout(3)
-try:
-    s.connect((addr, port))
-except OSError as e:
-    print(json.dumps({"error": e.strerror or str(e)}))
-    raise SystemExit(0)
-buf = b""
-while not buf.endswith(b"\\n"):
-    buf += s.recv(4096)
-print(json.dumps({"reply": json.loads(buf), "peer": "%s:%d" % s.getpeername()[:2]}))
-"""
-
-UDP_CLIENT = """
-import json, socket, sys
-addr, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.sendto(b"hello", (addr, port))
-data, src = s.recvfrom(65536)
-print(json.dumps({"reply": json.loads(data), "src": "%s:%d" % src[:2]}))
-"""
 
 # The application connects to ADDR:PORT; the pod's nat OUTPUT sends it to the sidecar on 15001, which
 # reads SO_ORIGINAL_DST and forwards to it from a socket marked 1337 (which the REDIRECT skips).
