@@ -556,14 +556,15 @@ int kp_to_pod(struct __sk_buff *skb)
 
 /*
  * kp_from_netdev's SCTP packets (IPv4), tail-called through kp_sctp_v1: verified on its own, with its own
- * budget, as the IPv6 programs are. The packet was counted by kp_from_netdev.
+ * budget, as the IPv6 programs are. The packet was counted by kp_from_netdev; a fragment is counted here
+ * (pass_fragment), as kp_from_netdev4 counts other protocols' fragments.
  */
 SEC("tc")
 int kp_netdev_sctp4(struct __sk_buff *skb)
 {
 	struct kp_pkt p;
 
-	if (kp_parse4(skb, &p) != KP_PARSE_L4 || p.proto != KP_IPPROTO_SCTP)
+	if (kp_parse_counted(skb, &p) != KP_PARSE_L4 || p.proto != KP_IPPROTO_SCTP)
 		return TC_ACT_OK;
 	return kp_netdev_l4_4(skb, &p);
 }

@@ -321,6 +321,17 @@ def test_nodeport_snat_rewrites_ports_with_a_valid_crc(dp: Datapath, lab: Lab) -
     assert fwd is not None and fwd.state == CtState.ESTABLISHED and fwd.flags & CtFlag.SNAT
 
 
+def test_fragment_from_a_netdev_is_counted_as_passed(dp: Datapath, lab: Lab) -> None:  # noqa: F811
+    # as kp_from_pod counts it, and as kp_from_netdev counts other protocols' fragments
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_SCTP, flags=SvcFlag.NODEPORT)
+    pkt = sctp.packet(40000, NODEPORT, 1, data_chunk(64))
+    frame = ext_frame(EXT_CLIENT, NODE, pkt[:40], IPPROTO_SCTP, flags_frag=0x2000)
+    out = run_in(dp, lab, "kp_from_netdev", frame)
+    assert (out.retval, out.data_out.hex()) == (TC_ACT_OK, frame.hex())
+    assert dp.stat(Stat.PASS_FRAGMENT)[0] == 1
+
+
 # ---- XDP acceleration leaves SCTP to TC ----
 @pytest.mark.parametrize("prog", ["kp_xdp", "kp_xdp_new"])
 def test_xdp_passes_sctp_untouched(dp: Datapath, lab: Lab, prog: str) -> None:  # noqa: F811
