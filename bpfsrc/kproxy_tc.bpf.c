@@ -243,7 +243,7 @@ static __always_inline int kp_from_netdev4(struct __sk_buff *skb)
 	case KP_PARSE_L4:
 		/* SCTP has a program of its own (kp_netdev_sctp4, tail-called by kp_from_netdev): beside TCP and
 		 * UDP it would take this one past the verifier's 1M processed instructions (the verifier walks
-		 * the path once per protocol). Here only when that call failed (an empty slot): passed. */
+		 * the path once per protocol). Not here (kp_from_netdev passes it when that call fails). */
 		if (p.proto == KP_IPPROTO_SCTP)
 			return TC_ACT_OK;
 		return kp_netdev_l4_4(skb, &p);
@@ -528,8 +528,8 @@ struct {
 
 /*
  * Count the packet in its family's counters (stat); an IPv6 one is handed to its program (prog6) and 1
- * returned only if that call failed (an empty slot: the packet passes); 0 for an IPv4 packet, whose
- * path the caller runs.
+ * returned only if that call failed (an empty slot: the packet passes, counted as pass_no_prog); 0 for an
+ * IPv4 packet, whose path the caller runs.
  */
 static __always_inline int kp_enter(struct __sk_buff *skb, __u32 stat, __u32 prog6)
 {
@@ -539,6 +539,7 @@ static __always_inline int kp_enter(struct __sk_buff *skb, __u32 stat, __u32 pro
 	}
 	kp_count6(stat, skb->len);
 	bpf_tail_call(skb, &kp_progs6_v1, prog6);
+	kp_count6(KP_STAT_PASS_NO_PROG, skb->len);
 	return 1;
 }
 
@@ -556,19 +557,21 @@ int kp_to_pod(struct __sk_buff *skb)
 
 /*
  * kp_from_netdev's SCTP packets (IPv4), tail-called through kp_sctp_v1: verified on its own, with its own
- * budget, as the IPv6 programs are. The packet was counted by kp_from_netdev.
+ * budget, as the IPv6 programs are. The packet was counted by kp_from_netdev; a fragment is counted here
+ * (pass_fragment), as kp_from_netdev4 counts other protocols' fragments.
  */
 SEC("tc")
 int kp_netdev_sctp4(struct __sk_buff *skb)
 {
 	struct kp_pkt p;
 
-	if (kp_parse4(skb, &p) != KP_PARSE_L4 || p.proto != KP_IPPROTO_SCTP)
+	if (kp_parse_counted(skb, &p) != KP_PARSE_L4 || p.proto != KP_IPPROTO_SCTP)
 		return TC_ACT_OK;
 	return kp_netdev_l4_4(skb, &p);
 }
 
-/* kp_netdev_sctp4, filled by libbpf at each load and pinned, as kp_progs6_v1. An empty slot: passed. */
+/* kp_netdev_sctp4, filled by libbpf at each load and pinned, as kp_progs6_v1. An empty slot: passed,
+ * counted (pass_no_prog). */
 #define KP_SCTP_NETDEV4 0
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
@@ -589,10 +592,15 @@ int kp_from_netdev(struct __sk_buff *skb)
 
 	if (kp_enter(skb, KP_STAT_FROM_NETDEV, KP_PROG6_FROM_NETDEV))
 		return TC_ACT_OK;
-	/* an IPv4 packet (kp_enter): its protocol byte decides before any parsing */
-	if (!bpf_skb_load_bytes(skb, KP_IP_OFF + offsetof(struct iphdr, protocol), &proto, sizeof(proto)) &&
-	    proto == KP_IPPROTO_SCTP)
+	/* not IPv6 (kp_enter): an IPv4 packet's protocol byte decides before any parsing */
+	if (skb->protocol == bpf_htons(ETH_P_IP) &&
+	    !bpf_skb_load_bytes(skb, KP_IP_OFF + offsetof(struct iphdr, protocol), &proto, sizeof(proto)) &&
+	    proto == KP_IPPROTO_SCTP) {
 		bpf_tail_call(skb, &kp_sctp_v1, KP_SCTP_NETDEV4);
+		/* an empty slot: passed untranslated, counted (kp_from_netdev4 has no SCTP path) */
+		kp_count4(KP_STAT_PASS_NO_PROG, skb->len);
+		return TC_ACT_OK;
+	}
 	return kp_from_netdev4(skb);
 }
 

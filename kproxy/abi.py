@@ -233,6 +233,7 @@ class Stat(enum.IntEnum):
     XDP_LOCAL = 57
     XDP_NEW = 58
     XDP_REDIRECT = 59
+    PASS_NO_PROG = 60
 
 
 STAT_MAX = 64

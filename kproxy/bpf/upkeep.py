@@ -82,6 +82,13 @@ def write_config(
     predecessor's deletions left. Return whether it changed."""
     if not 0 <= snat_port_min <= snat_port_max <= 65535:
         raise ValueError(f"SNAT port range {snat_port_min}-{snat_port_max}: need 0 <= MIN <= MAX <= 65535")
+    # kp_cfg_v1's fields are u32 but for SCTP's INIT and close timeouts (u16): ctypes would keep the low bits
+    timeouts = {"syn": (syn_timeout, 32), "tcp": (tcp_timeout, 32), "fin": (fin_timeout, 32),
+                "udp": (udp_timeout, 32), "sctp init": (sctp_init_timeout, 16), "sctp": (sctp_timeout, 32),
+                "sctp close": (sctp_close_timeout, 16)}  # fmt: skip
+    for what, (secs, bits) in timeouts.items():
+        if not 0 <= secs < 1 << bits:
+            raise ValueError(f"{what} conntrack timeout {secs} s: need 0 <= SECONDS <= {(1 << bits) - 1}")
     cfg = abi.Config()
     cfg.node_addr = abi.ip_to_nbo(node_addr) if node_addr else 0
     cfg.dsr_mode = int(dsr_mode)

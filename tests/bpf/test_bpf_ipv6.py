@@ -63,6 +63,7 @@ from frames6 import (
 
 from kproxy.abi import (
     ID6_BASE,
+    MAP_PROGS6,
     Config,
     ConfigFlag,
     CtDir,
@@ -104,6 +105,21 @@ def syn6(src: str = CLIENT, dst: str = SVC, sport: int = CPORT, dport: int = SPO
 def unchanged(dp: Datapath, prog: str, frame: bytes) -> None:
     out = dp.run(prog, frame)
     assert (out.retval, out.data_out) == (TC_ACT_OK, frame)
+
+
+def test_empty_ipv6_slot_passes_untouched_and_counts(dp: Datapath) -> None:
+    """The entry points reach their IPv6 halves through kp_progs6_v1; with a slot empty the packet passes
+    untranslated, counted as pass_no_prog (IPv6's counters)."""
+    dp.add_service6(SVC, SPORT, IPPROTO_TCP, [BE1])
+    progs6 = dp.obj.map(MAP_PROGS6)
+    progs6.delete(ctypes.c_uint32(0))  # KP_PROG6_FROM_POD
+    try:
+        unchanged(dp, "kp_from_pod", syn6())
+    finally:
+        progs6.update(ctypes.c_uint32(0), ctypes.c_uint32(dp.obj.program("kp_from_pod6").fd))
+    assert dp.stat(Stat.PASS_NO_PROG, family=6)[0] == 1 and dp.stat(Stat.FROM_POD, family=6)[0] == 1
+    assert parse6(dp.run("kp_from_pod", syn6()).data_out).dst == BE1.addr
+    assert dp.stat(Stat.PASS_NO_PROG, family=6)[0] == 1
 
 
 # ---- DNAT and reverse NAT ----

@@ -35,6 +35,7 @@ from test_bpf_external import (
 from kproxy.abi import (
     ID6_BASE,
     IPPROTO_SCTP,
+    MAP_SCTP,
     Config,
     CtDir,
     CtFlag,
@@ -319,6 +320,37 @@ def test_nodeport_snat_rewrites_ports_with_a_valid_crc(dp: Datapath, lab: Lab) -
     assert dp.stat(Stat.SNAT_REVNAT)[0] == 1
     fwd = dp.ct(ct_key(EXT_CLIENT, NODE, 40000, NODEPORT, IPPROTO_SCTP, CtDir.FWD))
     assert fwd is not None and fwd.state == CtState.ESTABLISHED and fwd.flags & CtFlag.SNAT
+
+
+def test_empty_sctp_slot_passes_untouched_and_counts(dp: Datapath, lab: Lab) -> None:  # noqa: F811
+    """kp_from_netdev's IPv4 SCTP program is reached through kp_sctp_v1; with its slot empty (an object
+    that did not fill it, an array emptied under the attached programs) the packet passes untranslated,
+    counted as pass_no_prog so that SCTP NodePorts failing shows somewhere."""
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_SCTP, flags=SvcFlag.NODEPORT)
+    first = ext_frame(EXT_CLIENT, NODE, sctp.packet(40000, NODEPORT, 0, sctp.init_chunk()), IPPROTO_SCTP)
+    progs = dp.obj.map(MAP_SCTP)
+    progs.delete(ctypes.c_uint32(0))
+    try:
+        out = run_in(dp, lab, "kp_from_netdev", first)
+    finally:
+        progs.update(ctypes.c_uint32(0), ctypes.c_uint32(dp.obj.program("kp_netdev_sctp4").fd))
+    assert (out.retval, out.data_out.hex()) == (TC_ACT_OK, first.hex())
+    assert dp.stat(Stat.PASS_NO_PROG)[0] == 1 and dp.stat(Stat.FROM_NETDEV)[0] == 1
+    assert dp.ct_entries() == {}
+    ok(run_in(dp, lab, "kp_from_netdev", first), TC_ACT_REDIRECT)  # the slot back: translated
+    assert dp.stat(Stat.PASS_NO_PROG)[0] == 1
+
+
+def test_fragment_from_a_netdev_is_counted_as_passed(dp: Datapath, lab: Lab) -> None:  # noqa: F811
+    # as kp_from_pod counts it, and as kp_from_netdev counts other protocols' fragments
+    set_cfg(dp)
+    nodeport(dp, BE_REMOTE, IPPROTO_SCTP, flags=SvcFlag.NODEPORT)
+    pkt = sctp.packet(40000, NODEPORT, 1, data_chunk(64))
+    frame = ext_frame(EXT_CLIENT, NODE, pkt[:40], IPPROTO_SCTP, flags_frag=0x2000)
+    out = run_in(dp, lab, "kp_from_netdev", frame)
+    assert (out.retval, out.data_out.hex()) == (TC_ACT_OK, frame.hex())
+    assert dp.stat(Stat.PASS_FRAGMENT)[0] == 1
 
 
 # ---- XDP acceleration leaves SCTP to TC ----

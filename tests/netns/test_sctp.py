@@ -88,17 +88,32 @@ def ports(pkt: bytes) -> tuple[int, int]:
     return struct.unpack("!HH", pkt[:4])  # type: ignore[return-value]
 
 
+def quoted_ports(icmp_msg: bytes) -> tuple[int, int]:
+    """The ports of the packet an ICMPv4 error quotes (its IP header, then the L4 header)."""
+    inner = icmp_msg[8:]
+    return ports(inner[(inner[0] & 0x0F) * 4 :])
+
+
 def association(lab: Lab, client: Host, dst: str, dport: int, cport: int) -> tuple[str, int]:
     """INIT from client to dst:dport, seen by the backend n2p1 at TARGET with a valid CRC; its INIT ACK
-    seen by the client from dst:dport with a valid CRC. Returns the source the backend saw."""
+    seen by the client from dst:dport with a valid CRC. Returns the source the backend saw. Each call's
+    initiate tag is its own (ITAG ^ cport): a late INIT of an earlier call (a retry that waited for a
+    neighbour) is never taken for this one's, whose source port SNAT may have changed."""
     be = lab.pod("n2p1")
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    itag = ITAG ^ cport
     with raw(lab, be, family=fam) as srv, raw(lab, client, family=fam) as cli:
-        init = sctp.packet(cport, dport, 0, sctp.init_chunk(itag=ITAG))
+        init = sctp.packet(cport, dport, 0, sctp.init_chunk(itag=itag))
         for _ in range(3):  # the first may meet an unresolved neighbour
             cli.sendto(init, (dst, 0))
             try:
-                src, got = receive(srv, lambda _s, p: p[4:8] == b"\0\0\0\0" and p[12] == sctp.INIT, 3.0)
+                src, got = receive(
+                    srv,
+                    lambda _s, p: (
+                        p[4:8] == b"\0\0\0\0" and p[12] == sctp.INIT and p[16:20] == struct.pack("!I", itag)
+                    ),
+                    3.0,
+                )
                 break
             except AssertionError:
                 continue
@@ -107,10 +122,9 @@ def association(lab: Lab, client: Host, dst: str, dport: int, cport: int) -> tup
         sport, bport = ports(got)
         assert bport == TARGET, f"backend saw destination port {bport}"
         assert sctp.crc_valid(got), f"CRC32c {sctp.checksum_field(got):#x} invalid at the backend"
-        assert got[16:20] == struct.pack("!I", ITAG)
         # the backend answers whoever it saw, with the client's tag
-        srv.sendto(sctp.packet(TARGET, sport, ITAG, sctp.init_ack_chunk(itag=ITAG_BACK)), (src, 0))
-        rsrc, reply = receive(cli, lambda _s, p: p[12] == sctp.INIT_ACK and p[4:8] == struct.pack("!I", ITAG))
+        srv.sendto(sctp.packet(TARGET, sport, itag, sctp.init_ack_chunk(itag=ITAG_BACK)), (src, 0))
+        rsrc, reply = receive(cli, lambda _s, p: p[12] == sctp.INIT_ACK and p[4:8] == struct.pack("!I", itag))
         assert (rsrc, ports(reply)) == (ipaddress.ip_address(dst).compressed, (dport, cport))
         assert sctp.crc_valid(reply), f"CRC32c {sctp.checksum_field(reply):#x} invalid at the client"
         return src, sport
@@ -153,8 +167,9 @@ def test_no_endpoints_is_port_unreachable(slab: Lab) -> None:
     client = slab.pod("n1p2")
     with raw(slab, client, socket.IPPROTO_ICMP) as icmp, raw(slab, client) as cli:
         cli.sendto(sctp.packet(40003, PORT, 0, sctp.init_chunk(itag=ITAG)), (EMPTY_IP, 0))
-        src, msg = receive(icmp, lambda _s, p: p[0] == 3)
+        # this INIT's error only: the quote (IP header, then SCTP) names its ports
+        src, msg = receive(
+            icmp, lambda _s, p: p[0] == 3 and len(p) >= 8 + 20 + 4 and quoted_ports(p) == (40003, PORT)
+        )
         assert (src, msg[0], msg[1]) == (EMPTY_IP, 3, 3)  # destination unreachable, port unreachable
-        inner = msg[8:]
-        ihl = (inner[0] & 0x0F) * 4
-        assert inner[9] == sctp.IPPROTO_SCTP and ports(inner[ihl:]) == (40003, PORT)
+        assert msg[8 + 9] == sctp.IPPROTO_SCTP

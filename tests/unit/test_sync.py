@@ -462,6 +462,24 @@ def test_write_config_only_when_changed():
     assert maps.cfg.writes == writes
 
 
+@pytest.mark.parametrize(
+    ("field", "top"),
+    [("sctp_init_timeout", 0xFFFF), ("sctp_close_timeout", 0xFFFF), ("sctp_timeout", 0xFFFFFFFF),
+     ("udp_timeout", 0xFFFFFFFF)],
+)  # fmt: skip
+def test_write_config_refuses_a_timeout_its_field_cannot_hold(field: str, top: int) -> None:
+    """kp_cfg_v1's SCTP INIT and close timeouts are u16 (the former padding), the others u32: ctypes
+    would keep the low bits of a larger value (70000 s as 4464 s) without a word."""
+    maps = MemoryMapSet()
+    assert write_config(maps, "192.168.1.10", **{field: top})
+    assert getattr(maps.read_config(), "ct_" + field) == top
+    with pytest.raises(ValueError, match=field.removesuffix("_timeout").replace("_", " ")):
+        write_config(maps, "192.168.1.10", **{field: top + 1})
+    with pytest.raises(ValueError):
+        write_config(maps, "192.168.1.10", **{field: -1})
+    assert getattr(maps.read_config(), "ct_" + field) == top  # nothing written
+
+
 def test_deleted_tcp_frontends_are_reported():
     """The agent opens kp_config.orphan_until_ns when TCP frontends go (their connections live on);
     a UDP frontend, a changed backend set or a Service without endpoints is no such deletion."""

@@ -296,6 +296,8 @@ enum kp_stat {
 	KP_STAT_XDP_LOCAL = 57,         /* packets kp_xdp DNATed for a local backend and handed to the stack */
 	KP_STAT_XDP_NEW = 58,           /* flows kp_xdp opened itself (backend picked, tracked) on their first packet */
 	KP_STAT_XDP_REDIRECT = 59,      /* packets kp_xdp sent out another accelerated netdev (XDP_REDIRECT) */
+	KP_STAT_PASS_NO_PROG = 60,      /* packets a TC entry point passed untranslated because the program
+	                                 * array slot it tail-calls was empty (kp_progs6_v1, kp_sctp_v1) */
 	KP_STAT_MAX = 64,
 };
 
